@@ -1,0 +1,101 @@
+"""Child-process helpers shared by the embedded servers and `tally up`."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+class StartupError(RuntimeError):
+    """A server did not become ready; the message says which and where its log is."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGTERM if the process that started it dies (even by SIGKILL),
+    # so a killed `tally up` leaves no orphan broker or database behind.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def spawn(argv: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None,
+          user: str | None = None) -> subprocess.Popen[bytes]:
+    """Start a child whose stdout/stderr go to `log_path`, tied to our lifetime."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, user=user, preexec_fn=_die_with_parent)
+    finally:
+        log.close()
+
+
+def stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    """Signal a child, wait for it, and kill it if it does not exit in time."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(sig)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    except ProcessLookupError:
+        pass
+
+
+def wait_until(check: Callable[[], bool], *, what: str, timeout: float, log_path: Path | None = None,
+               proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll `check` until it is true; raise StartupError naming `what` on timeout or early exit."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise StartupError(f"{what} exited with code {proc.returncode} during start-up"
+                               + (f"; see {log_path}:\n{tail(log_path)}" if log_path else ""))
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - any failure of the probe means "not ready yet"
+            pass
+        if time.monotonic() > deadline:
+            raise StartupError(f"{what} was not ready after {timeout:.0f}s"
+                               + (f"; see {log_path}:\n{tail(log_path)}" if log_path else ""))
+        time.sleep(0.05)
+
+
+def tcp_open(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def tail(path: Path | None, lines: int = 20) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

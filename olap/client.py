@@ -1,0 +1,29 @@
+"""One way to reach ClickHouse: clickhouse-connect, with a chdb:// (embedded) or http(s):// DSN.
+
+chDB allows one engine per directory per process, so embedded clients are
+shared per path inside a process.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+_CHDB_CLIENTS: dict[str, Client] = {}
+_LOCK = threading.Lock()
+
+
+def connect(dsn: str) -> Client:
+    if dsn.startswith("chdb://"):
+        path = dsn[len("chdb://"):]
+        with _LOCK:
+            client = _CHDB_CLIENTS.get(path)
+            if client is None:
+                Path(path).mkdir(parents=True, exist_ok=True)
+                client = clickhouse_connect.get_client(dsn=dsn)
+                _CHDB_CLIENTS[path] = client
+            return client
+    return clickhouse_connect.get_client(dsn=dsn, connect_timeout=5, send_receive_timeout=60)

@@ -1,0 +1,114 @@
+"""Writes consumer batches into the PostgreSQL 15-minute rollups.
+
+Contract of `write`: when it returns, the rollup increments for every *new*
+event hash in the batch, the rejected records and the partition offsets are
+committed in ONE transaction. If it raises, nothing from the batch is visible.
+Events whose hash is already in `seen_events` (redelivery, shipper retries,
+client retries with the same id) add nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+
+from workers.batch import Batch
+
+REJECTED_CAP = 10_000  # rows kept in rejected_records; older ones are pruned
+
+_CREATE_STAGE = """
+CREATE TEMP TABLE IF NOT EXISTS stage_events (
+    hash uuid, domain text, event_type text, ts timestamptz, value numeric(24, 6)
+) ON COMMIT DELETE ROWS
+"""
+
+_APPLY = """
+WITH batch AS (
+    SELECT DISTINCT ON (hash) hash, domain, event_type, ts, value FROM stage_events ORDER BY hash
+), fresh AS (
+    INSERT INTO seen_events (hash, ts) SELECT hash, ts FROM batch
+    ON CONFLICT (hash) DO NOTHING
+    RETURNING hash
+)
+INSERT INTO rollup_15m AS r (domain, event_type, bucket_start, events, valued, value_sum, value_min, value_max)
+SELECT b.domain, b.event_type, date_bin('15 minutes', b.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
+       count(*), count(b.value), sum(b.value), min(b.value), max(b.value)
+FROM batch b JOIN fresh f ON f.hash = b.hash
+GROUP BY 1, 2, 3
+ON CONFLICT (domain, event_type, bucket_start) DO UPDATE SET
+    events    = r.events + EXCLUDED.events,
+    valued    = r.valued + EXCLUDED.valued,
+    value_sum = CASE WHEN EXCLUDED.valued = 0 THEN r.value_sum ELSE COALESCE(r.value_sum, 0) + EXCLUDED.value_sum END,
+    value_min = LEAST(r.value_min, EXCLUDED.value_min),
+    value_max = GREATEST(r.value_max, EXCLUDED.value_max)
+"""
+
+# Offsets only move forward here; `replay` resets them explicitly.
+_STORE_OFFSET = """
+INSERT INTO consumer_offsets AS o (consumer_group, topic, partition, next_offset)
+VALUES (%s, %s, %s, %s)
+ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+    SET next_offset = EXCLUDED.next_offset, updated_at = now()
+    WHERE o.next_offset < EXCLUDED.next_offset
+"""
+
+
+class RollupSink:
+    """Sink for the rollup worker; owns one connection (temp tables are per connection)."""
+
+    name = "postgres"
+
+    def __init__(self, dsn: str, group: str) -> None:
+        self.dsn = dsn
+        self.group = group
+        self._conn: psycopg.Connection | None = None
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = psycopg.connect(self.dsn, connect_timeout=5)
+            self._conn.execute(_CREATE_STAGE)
+            self._conn.commit()
+        return self._conn
+
+    def committed(self, topic: str, partitions: list[int]) -> dict[int, int]:
+        """Next offset to read per partition, as stored by earlier batches (absent = never stored)."""
+        conn = self._connection()
+        with conn.transaction():
+            rows = conn.execute(
+                "SELECT partition, next_offset FROM consumer_offsets"
+                " WHERE consumer_group = %s AND topic = %s AND partition = ANY(%s)",
+                (self.group, topic, partitions)).fetchall()
+        return {p: o for p, o in rows}
+
+    def write(self, batch: Batch) -> None:
+        conn = self._connection()
+        try:
+            with conn.transaction():
+                if batch.events:
+                    with conn.cursor().copy(
+                            "COPY stage_events (hash, domain, event_type, ts, value) FROM STDIN") as copy:
+                        for e in batch.events:
+                            copy.write_row((uuid.UUID(e.hash), e.domain, e.type, e.ts, e.value))
+                    conn.execute(_APPLY)
+                if batch.rejected:
+                    with conn.cursor() as cur:
+                        cur.executemany(
+                            "INSERT INTO rejected_records (consumer_group, topic, partition, \"offset\", error, payload)"
+                            " VALUES (%s, %s, %s, %s, %s, %s)",
+                            [(self.group, batch.topic, r.partition, r.offset, r.error[:1000],
+                              r.payload[:4096].decode("utf-8", "replace").replace("\x00", "\ufffd"))
+                             for r in batch.rejected])
+                    conn.execute("DELETE FROM rejected_records WHERE id <= (SELECT max(id) FROM rejected_records) - %s",
+                                 (REJECTED_CAP,))
+                with conn.cursor() as cur:
+                    cur.executemany(_STORE_OFFSET, [(self.group, batch.topic, p, o)
+                                                    for p, o in sorted(batch.next_offsets.items())])
+        except psycopg.OperationalError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -1,0 +1,197 @@
+"""`tally`: one entry point for every process and tool. Settings come from TALLY_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+from tally.config import ConfigError, Settings
+
+log = logging.getLogger("tally")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tally", description="Dual-store web analytics. "
+                                     "Configure with TALLY_* environment variables (see README.md).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    up = sub.add_parser("up", help="run the whole platform on the embedded stack (PostgreSQL, tansu, chDB)")
+    up.add_argument("--demo", action="store_true", help="also send synthetic traffic so numbers move")
+    sub.add_parser("collector", help="serve POST /collect (gunicorn)")
+    sub.add_parser("shipper", help="forward sealed spool segments to Kafka")
+    sub.add_parser("rollup-worker", help="Kafka -> PostgreSQL 15-minute rollups")
+    sub.add_parser("loader-worker", help="Kafka -> ClickHouse raw events")
+    api = sub.add_parser("api", help="serve the query API and dashboard")
+    api.add_argument("--with-loader", action="store_true",
+                     help="also run the loader worker in this process (required with an embedded chdb:// DSN)")
+    sub.add_parser("init", help="create the topic and both schemas on the configured servers")
+    sql = sub.add_parser("sql", help="run analyst SQL through the API (read-only, limited)")
+    sql.add_argument("query")
+    sql.add_argument("--api-url", default=None, help="default: http://TALLY_BIND_HOST:TALLY_API_PORT")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    try:
+        settings = Settings.from_env(os.environ)
+        return COMMANDS[args.command](settings, args)
+    except ConfigError as exc:
+        print(f"tally: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.processes import StartupError
+    from infra.stack import Platform, check_ports
+    from tally.demo import DEMO_DOMAINS, run_demo
+    from tally.roots import stop_on_signals
+
+    stop = stop_on_signals()
+    try:
+        check_ports(settings)
+        platform = Platform(settings)
+        print(f"tally: starting the embedded stack in {settings.home} ...", flush=True)
+        platform.start()
+    except StartupError as exc:
+        print(f"tally: start-up failed: {exc}", file=sys.stderr)
+        return 1
+    try:
+        domain = DEMO_DOMAINS[0] if args.demo else "example.com"
+        print(f"""
+tally is up.
+  collector   {platform.collector_url}/collect
+  api         {platform.api_url}/api/v1/domains/{domain}/impressions?granularity=15m
+  analyst SQL {platform.api_url}/api/v1/sql      (or: tally sql "SELECT count() FROM tally.events")
+  dashboard   {platform.api_url}/?domain={domain}
+  logs        {settings.home / 'logs'}
+Press Ctrl-C to stop.""", flush=True)
+        if args.demo:
+            threading.Thread(target=run_demo, args=(platform.collector_url, stop), daemon=True).start()
+        platform.supervise(stop)
+    finally:
+        print("tally: stopping ...", flush=True)
+        platform.stop()
+    return 0
+
+
+def cmd_collector(settings: Settings, args: argparse.Namespace) -> int:
+    from collector.server import serve
+
+    if not settings.secret:
+        raise ConfigError("TALLY_SECRET", "is required for the collector (16+ random characters)")
+    serve(settings, settings.bind_host, settings.collector_port, settings.collector_workers)
+    return 0
+
+
+def cmd_shipper(settings: Settings, args: argparse.Namespace) -> int:
+    from tally.roots import build_shipper, run_loop_forever
+
+    run_loop_forever(build_shipper, settings)
+    return 0
+
+
+def cmd_rollup_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from tally.roots import build_rollup_loop, run_loop_forever
+
+    run_loop_forever(build_rollup_loop, settings)
+    return 0
+
+
+def cmd_loader_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from tally.roots import build_loader_loop, run_loop_forever
+
+    run_loop_forever(build_loader_loop, settings)
+    return 0
+
+
+def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    import waitress
+
+    from tally.roots import build_api, build_loader_loop, stop_on_signals
+
+    app = build_api(settings)
+    loader_thread = None
+    if args.with_loader:
+        loop = build_loader_loop(settings)
+        stop = threading.Event()
+        loader_thread = threading.Thread(target=loop.run, args=(stop,), name="loader", daemon=True)
+        loader_thread.start()
+    elif settings.clickhouse_dsn.startswith("chdb://"):
+        log.warning("api: embedded chDB DSN without --with-loader; run the loader in this process, "
+                    "chDB allows one engine per directory")
+    server = waitress.create_server(app, host=settings.bind_host, port=settings.api_port, threads=8)
+    signals = stop_on_signals()
+    threading.Thread(target=lambda: (signals.wait(), server.close()), daemon=True).start()
+    try:
+        server.run()
+    except (OSError, ValueError):
+        if not signals.is_set():
+            raise
+    if loader_thread is not None:
+        stop.set()
+        loader_thread.join(timeout=15)
+    return 0
+
+
+def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
+    from olap.client import connect
+    from olap.schema import ensure_schema as ensure_ch
+    from oltp.schema import ensure_schema as ensure_pg
+    from tally.roots import require_bootstrap, require_pg
+    from workers.kafka_io import ensure_topic
+
+    ensure_topic(require_bootstrap(settings), settings.topic, settings.partitions)
+    ensure_pg(require_pg(settings))
+    ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database)
+    print("tally: topic and schemas are in place")
+    return 0
+
+
+def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
+    url = (args.api_url or f"http://{settings.bind_host}:{settings.api_port}").rstrip("/") + "/api/v1/sql"
+    headers = {"Content-Type": "application/json"}
+    if settings.analyst_token:
+        headers["Authorization"] = f"Bearer {settings.analyst_token}"
+    req = urllib.request.Request(url, data=json.dumps({"sql": args.query}).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=settings.sql_max_execution_s + 10) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        print(f"tally sql: {json.loads(exc.read()).get('error', {}).get('message', exc)}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as exc:
+        print(f"tally sql: cannot reach the API at {url} ({exc.reason}); is `tally up` running?", file=sys.stderr)
+        return 1
+    print("\t".join(body["columns"]))
+    for row in body["rows"]:
+        print("\t".join("" if v is None else str(v) for v in row))
+    return 0
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "collector": cmd_collector,
+    "shipper": cmd_shipper,
+    "rollup-worker": cmd_rollup_worker,
+    "loader-worker": cmd_loader_worker,
+    "api": cmd_api,
+    "init": cmd_init,
+    "sql": cmd_sql,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

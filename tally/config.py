@@ -1,0 +1,200 @@
+"""One frozen, validated settings object, built once per process from TALLY_* variables.
+
+Nothing else in the code base reads the environment: each process builds a
+`Settings` in its composition root (the CLI) and passes it down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting the platform reads. Build with `Settings.from_env`."""
+
+    home: Path
+    # Kafka. `None` means "start the embedded broker" (only `tally up` does that).
+    kafka_bootstrap: tuple[str, ...] | None
+    topic: str
+    partitions: int
+    # PostgreSQL. `None` means "start embedded PostgreSQL under home".
+    pg_dsn: str | None
+    # ClickHouse: chdb:///abs/path or http(s)://host:port[/database]
+    clickhouse_dsn: str
+    clickhouse_database: str
+    spool_dir: Path
+    secret: str | None
+    bind_host: str
+    collector_port: int
+    api_port: int
+    collector_workers: int
+    max_body_bytes: int
+    max_batch_events: int
+    max_future_skew_s: int
+    max_past_age_s: int
+    spool_segment_bytes: int
+    spool_segment_age_s: float
+    analyst_token: str | None
+    sql_max_execution_s: int
+    sql_max_memory_bytes: int
+    sql_max_result_rows: int
+    consumer_session_timeout_ms: int
+    raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Settings":
+        """Build and validate settings; raises ConfigError naming the first bad variable."""
+        r = _Reader(env)
+        home = r.path("TALLY_HOME", Path(".tally"))
+        ch_default = f"chdb://{(home / 'chdb').resolve()}"
+        settings = cls(
+            home=home,
+            kafka_bootstrap=r.bootstrap("TALLY_KAFKA_BOOTSTRAP"),
+            topic=r.match("TALLY_KAFKA_TOPIC", "tally.events", r"[A-Za-z0-9._-]{1,249}",
+                          "must be 1-249 characters of letters, digits, '.', '_' or '-'"),
+            partitions=r.integer("TALLY_KAFKA_PARTITIONS", 4, 1, 1024),
+            pg_dsn=r.dsn("TALLY_PG_DSN", None, ("postgresql", "postgres")),
+            clickhouse_dsn=r.dsn("TALLY_CLICKHOUSE_DSN", ch_default, ("chdb", "http", "https"))
+            or ch_default,
+            clickhouse_database=r.match("TALLY_CLICKHOUSE_DATABASE", "tally", r"[A-Za-z_][A-Za-z0-9_]{0,63}",
+                                        "must be an identifier (letters, digits, '_')"),
+            spool_dir=r.path("TALLY_SPOOL_DIR", home / "spool"),
+            secret=r.text("TALLY_SECRET", None, min_len=16),
+            bind_host=r.text("TALLY_BIND_HOST", "127.0.0.1", min_len=1) or "127.0.0.1",
+            collector_port=r.integer("TALLY_COLLECTOR_PORT", 8700, 0, 65535),
+            api_port=r.integer("TALLY_API_PORT", 8701, 0, 65535),
+            collector_workers=r.integer("TALLY_COLLECTOR_WORKERS", 2, 1, 64),
+            max_body_bytes=r.integer("TALLY_MAX_BODY_BYTES", 256 * 1024, 1024, 64 * 1024 * 1024),
+            max_batch_events=r.integer("TALLY_MAX_BATCH_EVENTS", 500, 1, 100_000),
+            max_future_skew_s=r.integer("TALLY_MAX_FUTURE_SKEW_S", 300, 0, 86_400),
+            max_past_age_s=r.integer("TALLY_MAX_PAST_AGE_S", 7 * 86_400, 60, 400 * 86_400),
+            spool_segment_bytes=r.integer("TALLY_SPOOL_SEGMENT_BYTES", 4 * 1024 * 1024, 4096, 1 << 30),
+            spool_segment_age_s=r.number("TALLY_SPOOL_SEGMENT_AGE_S", 1.0, 0.05, 3600.0),
+            analyst_token=r.text("TALLY_ANALYST_TOKEN", None, min_len=16),
+            sql_max_execution_s=r.integer("TALLY_SQL_MAX_EXECUTION_S", 30, 1, 3600),
+            sql_max_memory_bytes=r.integer("TALLY_SQL_MAX_MEMORY_BYTES", 2 << 30, 1 << 20, 1 << 40),
+            sql_max_result_rows=r.integer("TALLY_SQL_MAX_RESULT_ROWS", 10_000, 1, 10_000_000),
+            consumer_session_timeout_ms=r.integer("TALLY_CONSUMER_SESSION_TIMEOUT_MS", 6000, 1000, 300_000),
+            raw={k: v for k, v in env.items() if k.startswith("TALLY_")},
+        )
+        unknown = sorted(set(settings.raw) - _KNOWN)
+        if unknown:
+            raise ConfigError(unknown[0], "unknown setting (typo?); known settings are listed in README.md")
+        return settings
+
+    def with_overrides(self, **changes: object) -> "Settings":
+        """A copy with some fields replaced (used by `tally up` once embedded servers are up)."""
+        return dataclasses.replace(self, **changes)
+
+
+_KNOWN = {
+    "TALLY_HOME", "TALLY_KAFKA_BOOTSTRAP", "TALLY_KAFKA_TOPIC", "TALLY_KAFKA_PARTITIONS", "TALLY_PG_DSN",
+    "TALLY_CLICKHOUSE_DSN", "TALLY_CLICKHOUSE_DATABASE", "TALLY_SPOOL_DIR", "TALLY_SECRET", "TALLY_BIND_HOST",
+    "TALLY_COLLECTOR_PORT", "TALLY_API_PORT", "TALLY_COLLECTOR_WORKERS", "TALLY_MAX_BODY_BYTES",
+    "TALLY_MAX_BATCH_EVENTS", "TALLY_MAX_FUTURE_SKEW_S", "TALLY_MAX_PAST_AGE_S", "TALLY_SPOOL_SEGMENT_BYTES",
+    "TALLY_SPOOL_SEGMENT_AGE_S", "TALLY_ANALYST_TOKEN", "TALLY_SQL_MAX_EXECUTION_S",
+    "TALLY_SQL_MAX_MEMORY_BYTES", "TALLY_SQL_MAX_RESULT_ROWS", "TALLY_CONSUMER_SESSION_TIMEOUT_MS",
+}
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def _get(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def text(self, name: str, default: str | None, *, min_len: int) -> str | None:
+        value = self._get(name)
+        if value is None:
+            return default
+        if len(value) < min_len:
+            raise ConfigError(name, f"must be at least {min_len} characters long")
+        return value
+
+    def match(self, name: str, default: str, pattern: str, explain: str) -> str:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not re.fullmatch(pattern, value):
+            raise ConfigError(name, f"{value!r} {explain}")
+        return value
+
+    def integer(self, name: str, default: int, lo: int, hi: int) -> int:
+        value = self._get(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(name, f"{value!r} is not an integer") from None
+        if not lo <= number <= hi:
+            raise ConfigError(name, f"{number} is out of range [{lo}, {hi}]")
+        return number
+
+    def number(self, name: str, default: float, lo: float, hi: float) -> float:
+        value = self._get(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(name, f"{value!r} is not a number") from None
+        if not lo <= number <= hi:
+            raise ConfigError(name, f"{number} is out of range [{lo}, {hi}]")
+        return number
+
+    def path(self, name: str, default: Path) -> Path:
+        value = self._get(name)
+        path = Path(value) if value is not None else default
+        return path.expanduser().resolve()
+
+    def bootstrap(self, name: str) -> tuple[str, ...] | None:
+        value = self._get(name)
+        if value is None:
+            return None
+        servers = tuple(part.strip() for part in value.split(",") if part.strip())
+        for server in servers:
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(name, f"{server!r} is not host:port (comma-separate several brokers)")
+        if not servers:
+            raise ConfigError(name, "lists no broker")
+        return servers
+
+    def dsn(self, name: str, default: str | None, schemes: tuple[str, ...]) -> str | None:
+        value = self._get(name)
+        if value is None:
+            return default
+        parts = urlsplit(value)
+        if parts.scheme not in schemes:
+            raise ConfigError(name, f"scheme {parts.scheme or '(none)'!r} is not one of {', '.join(schemes)}")
+        if parts.scheme == "chdb":
+            if not parts.path.startswith("/") or parts.netloc:
+                raise ConfigError(name, "a chDB DSN is chdb:///absolute/path/to/dir")
+        elif parts.scheme in ("http", "https", "postgresql", "postgres") and not parts.hostname \
+                and "host=" not in parts.query:
+            raise ConfigError(name, "names no host")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ConfigError(name, "has an invalid port") from None
+        return value

@@ -1,0 +1,52 @@
+"""Synthetic traffic for `tally up --demo`: real HTTP hits against the running collector."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import urllib.request
+from datetime import datetime, timedelta, timezone
+
+log = logging.getLogger(__name__)
+
+DEMO_DOMAINS = ("demo.tally.test", "shop.tally.test", "blog.tally.test")
+_UAS = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0 Safari/537.36",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:131.0) Gecko/20100101 Firefox/131.0",
+)
+
+
+def demo_batch(rng: random.Random, size: int, now: datetime) -> list[dict]:
+    events = []
+    for _ in range(size):
+        domain = rng.choice(DEMO_DOMAINS)
+        ts = now - timedelta(seconds=rng.randint(0, 6 * 3600) if rng.random() < 0.5 else rng.randint(0, 60))
+        event = {"domain": domain, "url": f"https://{domain}/p/{rng.randint(1, 40)}",
+                 "type": "impression" if rng.random() < 0.7 else "pageview",
+                 "ts": ts.isoformat().replace("+00:00", "Z")}
+        if rng.random() < 0.2:
+            event["value"] = f"{rng.randint(1, 500) / 100:.2f}"
+        events.append(event)
+    return events
+
+
+def send(collector_url: str, events: list[dict], user_agent: str) -> int:
+    req = urllib.request.Request(collector_url + "/collect", data=json.dumps(events).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "User-Agent": user_agent})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read())["accepted"]
+
+
+def run_demo(collector_url: str, stop: threading.Event, *, period_s: float = 0.5, seed: int = 7) -> None:
+    rng = random.Random(seed)
+    sent = 0
+    while not stop.wait(period_s):
+        try:
+            sent += send(collector_url, demo_batch(rng, rng.randint(5, 40), datetime.now(timezone.utc)),
+                         rng.choice(_UAS))
+        except OSError as exc:
+            log.warning("demo: collector not reachable (%s)", exc)
+    log.info("demo: sent %d events", sent)

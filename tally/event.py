@@ -1,0 +1,281 @@
+"""The event contract: one shape, its validation and its JSON encoding.
+
+Every stage imports this module. The collector builds events with
+`event_from_hit`; the spool, Kafka and both stores carry `Event.to_json()`
+bytes; consumers decode with `Event.from_json`, which re-validates so that a
+broken record on the topic is rejected with a named reason instead of being
+half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+EVENT_TYPES = ("impression", "pageview")
+SCHEMA_VERSION = 1
+
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
+_HASH_RE = re.compile(r"^[0-9a-f]{32}$")
+_MAX_URL = 2048
+_MAX_UA = 512
+_MAX_ID = 128
+_MAX_VALUE = Decimal("1000000000")
+_VALUE_QUANTUM = Decimal("0.000001")
+_CLIENT_FIELDS = {"id", "domain", "url", "ts", "type", "value", "referrer"}
+
+
+class EventError(ValueError):
+    """An event is invalid. `field` names the offending field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+    def as_dict(self) -> dict[str, str]:
+        return {"field": self.field, "problem": self.problem}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    hash: str
+    domain: str
+    url: str
+    ts: datetime  # client event time, UTC
+    received_at: datetime  # collector time, UTC
+    type: str
+    value: Decimal | None = None
+    referrer: str | None = None
+    user_agent: str | None = None
+    browser: str | None = None
+    os: str | None = None
+    device: str | None = None
+    country: str | None = None
+    visitor: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": SCHEMA_VERSION,
+            "hash": self.hash,
+            "domain": self.domain,
+            "url": self.url,
+            "ts": _iso(self.ts),
+            "received_at": _iso(self.received_at),
+            "type": self.type,
+            "value": None if self.value is None else str(self.value),
+            "referrer": self.referrer,
+            "user_agent": self.user_agent,
+            "browser": self.browser,
+            "os": self.os,
+            "device": self.device,
+            "country": self.country,
+            "visitor": self.visitor,
+        }
+
+    def to_json(self) -> bytes:
+        """One line of JSON, no trailing newline."""
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "Event":
+        """Decode and re-validate a stored event; raises EventError on anything malformed."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise EventError("$", f"not valid JSON ({exc})") from None
+        if not isinstance(obj, dict):
+            raise EventError("$", "must be a JSON object")
+        if obj.get("v") != SCHEMA_VERSION:
+            raise EventError("v", f"unsupported schema version {obj.get('v')!r}")
+        h = obj.get("hash")
+        if not isinstance(h, str) or not _HASH_RE.match(h):
+            raise EventError("hash", "must be 32 lowercase hex characters")
+        return cls(
+            hash=h,
+            domain=normalize_domain(obj.get("domain")),
+            url=_url(obj.get("url"), "url", required=True),
+            ts=_stored_time(obj.get("ts"), "ts"),
+            received_at=_stored_time(obj.get("received_at"), "received_at"),
+            type=_type(obj.get("type")),
+            value=_value(obj.get("value")),
+            referrer=_url(obj.get("referrer"), "referrer", required=False),
+            user_agent=_opt_str(obj.get("user_agent"), "user_agent", _MAX_UA),
+            browser=_opt_str(obj.get("browser"), "browser", 64),
+            os=_opt_str(obj.get("os"), "os", 64),
+            device=_opt_str(obj.get("device"), "device", 32),
+            country=_opt_str(obj.get("country"), "country", 2),
+            visitor=_opt_str(obj.get("visitor"), "visitor", 32),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HitContext:
+    """What the collector knows about the request, besides the body."""
+
+    received_at: datetime
+    user_agent: str | None = None
+    client_ip: str | None = None
+    country: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_future_skew: timedelta = timedelta(minutes=5)
+    max_past_age: timedelta = timedelta(days=7)
+
+
+def event_hash(domain: str, client_id: str | None) -> str:
+    """Client-supplied ids hash deterministically (retries dedup); otherwise a random 128-bit id."""
+    if client_id is None:
+        return uuid.uuid4().hex
+    return hashlib.blake2b(f"{domain}\x00{client_id}".encode(), digest_size=16).hexdigest()
+
+
+def visitor_key(secret: bytes, day: str, domain: str, ip: str | None, ua: str | None) -> str | None:
+    """An anonymised visitor key that rotates daily; the raw IP never leaves this function."""
+    if not ip:
+        return None
+    msg = f"{day}\x00{domain}\x00{ip}\x00{ua or ''}".encode()
+    return hmac.new(secret, msg, hashlib.blake2b).hexdigest()[:32]
+
+
+def event_from_hit(body: Any, ctx: HitContext, limits: Limits, secret: bytes,
+                   classify_ua: Any = None) -> Event:
+    """Validate one client hit and stamp it. Raises EventError naming the first bad field."""
+    if not isinstance(body, Mapping):
+        raise EventError("$", "each event must be a JSON object")
+    unknown = sorted(set(body) - _CLIENT_FIELDS)
+    if unknown:
+        raise EventError(unknown[0], f"unknown field (allowed: {', '.join(sorted(_CLIENT_FIELDS))})")
+    domain = normalize_domain(body.get("domain"))
+    client_id = body.get("id")
+    if client_id is not None and (not isinstance(client_id, str) or not 0 < len(client_id) <= _MAX_ID):
+        raise EventError("id", f"must be a non-empty string of at most {_MAX_ID} characters")
+    received = ctx.received_at
+    ts = _client_time(body.get("ts"), received, limits)
+    ua = ctx.user_agent[:_MAX_UA] if ctx.user_agent else None
+    browser = os_name = device = None
+    if ua and classify_ua is not None:
+        browser, os_name, device = classify_ua(ua)
+    return Event(
+        hash=event_hash(domain, client_id),
+        domain=domain,
+        url=_url(body.get("url"), "url", required=True),
+        ts=ts,
+        received_at=received,
+        type=_type(body.get("type", "pageview")),
+        value=_value(body.get("value")),
+        referrer=_url(body.get("referrer"), "referrer", required=False),
+        user_agent=ua,
+        browser=browser,
+        os=os_name,
+        device=device,
+        country=ctx.country if ctx.country and re.fullmatch(r"[A-Z]{2}", ctx.country) else None,
+        visitor=visitor_key(secret, received.strftime("%Y-%m-%d"), domain, ctx.client_ip, ua),
+    )
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def normalize_domain(value: Any) -> str:
+    if not isinstance(value, str):
+        raise EventError("domain", "is required and must be a string")
+    domain = value.strip().lower().rstrip(".")
+    if not _DOMAIN_RE.match(domain) or "." not in domain and domain != "localhost":
+        raise EventError("domain", f"{value[:80]!r} is not a valid host name")
+    return domain
+
+
+def _url(value: Any, name: str, *, required: bool) -> str | None:
+    if value is None or value == "":
+        if required:
+            raise EventError(name, "is required")
+        return None
+    if not isinstance(value, str):
+        raise EventError(name, "must be a string")
+    if len(value) > _MAX_URL:
+        raise EventError(name, f"is longer than {_MAX_URL} characters")
+    if not (value.startswith("http://") or value.startswith("https://")):
+        raise EventError(name, "must be an absolute http(s) URL")
+    return value
+
+
+def _type(value: Any) -> str:
+    if value not in EVENT_TYPES:
+        raise EventError("type", f"must be one of {', '.join(EVENT_TYPES)}")
+    return value
+
+
+def _value(value: Any) -> Decimal | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise EventError("value", "must be a decimal number or a string holding one")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EventError("value", "must be finite")
+    try:
+        dec = Decimal(str(value))
+    except InvalidOperation:
+        raise EventError("value", f"{str(value)[:40]!r} is not a decimal number") from None
+    if not dec.is_finite() or dec < 0 or dec > _MAX_VALUE:
+        raise EventError("value", f"must be between 0 and {_MAX_VALUE}")
+    if dec != dec.quantize(_VALUE_QUANTUM):
+        raise EventError("value", "has more than 6 decimal places")
+    return dec.quantize(_VALUE_QUANTUM).normalize() if dec else Decimal(0)
+
+
+def _opt_str(value: Any, name: str, max_len: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > max_len:
+        raise EventError(name, f"must be a string of at most {max_len} characters")
+    return value
+
+
+def _parse_time(value: Any, name: str) -> datetime:
+    if isinstance(value, bool):
+        raise EventError(name, "must be an ISO-8601 time with offset or epoch milliseconds")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or not 0 <= value < 32503680000000:
+            raise EventError(name, "epoch milliseconds out of range")
+        return datetime.fromtimestamp(value / 1000.0, tz=timezone.utc)
+    if isinstance(value, str) and 10 <= len(value) <= 40:
+        try:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            pass
+        else:
+            if dt.tzinfo is None:
+                raise EventError(name, "must carry a UTC offset (e.g. 2026-01-01T10:00:00Z)")
+            return dt.astimezone(timezone.utc)
+    raise EventError(name, "must be an ISO-8601 time with offset or epoch milliseconds")
+
+
+def _client_time(value: Any, received: datetime, limits: Limits) -> datetime:
+    if value is None:
+        return received
+    ts = _parse_time(value, "ts")
+    if ts > received + limits.max_future_skew:
+        raise EventError("ts", f"is more than {int(limits.max_future_skew.total_seconds())}s in the future")
+    if ts < received - limits.max_past_age:
+        raise EventError("ts", f"is older than {int(limits.max_past_age.total_seconds())}s")
+    return ts
+
+
+def _stored_time(value: Any, name: str) -> datetime:
+    if not isinstance(value, str):
+        raise EventError(name, "must be an ISO-8601 string")
+    return _parse_time(value, name)

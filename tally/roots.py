@@ -1,0 +1,101 @@
+"""Composition roots: each process is built here from one frozen Settings, and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+from tally.config import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+ROLLUP_GROUP = "tally-rollups"
+LOADER_GROUP = "tally-loader"
+
+
+def require_bootstrap(settings: Settings) -> tuple[str, ...]:
+    if not settings.kafka_bootstrap:
+        raise ConfigError("TALLY_KAFKA_BOOTSTRAP", "is required for this command (e.g. kafka1:9092,kafka2:9092)")
+    return settings.kafka_bootstrap
+
+
+def require_pg(settings: Settings) -> str:
+    if not settings.pg_dsn:
+        raise ConfigError("TALLY_PG_DSN", "is required for this command (postgresql://user@host:5432/db)")
+    return settings.pg_dsn
+
+
+def stop_on_signals() -> threading.Event:
+    """An Event set by SIGTERM or SIGINT, for loops that must finish their current batch first."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("received signal %d, stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def build_shipper(settings: Settings):  # -> workers.shipper.Shipper
+    from workers.kafka_io import ensure_topic, make_producer
+    from workers.shipper import Shipper
+
+    bootstrap = require_bootstrap(settings)
+    ensure_topic(bootstrap, settings.topic, settings.partitions)
+    return Shipper(settings.spool_dir, make_producer(bootstrap), settings.topic)
+
+
+def build_rollup_loop(settings: Settings):  # -> workers.consumer.ConsumerLoop
+    from oltp.rollup_sink import RollupSink
+    from oltp.schema import ensure_schema
+    from workers.consumer import ConsumerLoop
+    from workers.kafka_io import ensure_topic, make_consumer
+
+    bootstrap, dsn = require_bootstrap(settings), require_pg(settings)
+    ensure_topic(bootstrap, settings.topic, settings.partitions)
+    ensure_schema(dsn)
+    consumer = make_consumer(bootstrap, ROLLUP_GROUP, session_timeout_ms=settings.consumer_session_timeout_ms)
+    return ConsumerLoop(consumer, RollupSink(dsn, ROLLUP_GROUP), settings.topic)
+
+
+def build_loader_loop(settings: Settings):  # -> workers.consumer.ConsumerLoop
+    from olap.client import connect
+    from olap.loader_sink import LoaderSink
+    from olap.schema import ensure_schema
+    from workers.consumer import ConsumerLoop
+    from workers.kafka_io import ensure_topic, make_consumer
+
+    bootstrap = require_bootstrap(settings)
+    ensure_topic(bootstrap, settings.topic, settings.partitions)
+    client = connect(settings.clickhouse_dsn)
+    ensure_schema(client, settings.clickhouse_database)
+    consumer = make_consumer(bootstrap, LOADER_GROUP, session_timeout_ms=settings.consumer_session_timeout_ms)
+    return ConsumerLoop(consumer, LoaderSink(client, settings.clickhouse_database, LOADER_GROUP), settings.topic)
+
+
+def build_api(settings: Settings):  # -> flask.Flask
+    from psycopg_pool import ConnectionPool
+
+    from api.app import Backends, create_app
+    from olap.analyst import SqlLimits
+    from olap.client import connect
+    from olap.schema import ensure_schema as ensure_ch
+    from oltp.queries import RollupReader
+    from oltp.schema import ensure_schema as ensure_pg
+
+    dsn = require_pg(settings)
+    ensure_pg(dsn)
+    client = connect(settings.clickhouse_dsn)
+    ensure_ch(client, settings.clickhouse_database)
+    pool = ConnectionPool(dsn, min_size=1, max_size=8, open=True, kwargs={"connect_timeout": 5})
+    limits = SqlLimits(settings.sql_max_execution_s, settings.sql_max_memory_bytes, settings.sql_max_result_rows)
+    return create_app(settings, Backends(RollupReader(pool), client, limits))
+
+
+def run_loop_forever(build: Callable[[Settings], object], settings: Settings) -> None:
+    loop = build(settings)
+    loop.run(stop_on_signals())  # type: ignore[attr-defined]

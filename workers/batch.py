@@ -1,0 +1,34 @@
+"""What a consumer hands to a sink: decoded events, rejected records and the offsets they end at."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tally.event import Event
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    partition: int
+    offset: int
+    error: str
+    payload: bytes
+
+
+@dataclass(slots=True)
+class Batch:
+    topic: str
+    events: list[Event] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    # partition -> offset of the next record to read once this batch is stored
+    next_offsets: dict[int, int] = field(default_factory=dict)
+    # partition -> first offset in this batch (for idempotency tokens)
+    first_offsets: dict[int, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.rejected)
+
+    def token(self, group: str) -> str:
+        """A deterministic id for exactly this span of the log (same span -> same token)."""
+        spans = ",".join(f"{p}:{self.first_offsets[p]}-{self.next_offsets[p]}" for p in sorted(self.next_offsets))
+        return f"{group}/{self.topic}/{spans}"

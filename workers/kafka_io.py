@@ -1,0 +1,60 @@
+"""Kafka clients configured the way the contracts require (acks=all, idempotent, manual offsets)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+log = logging.getLogger(__name__)
+
+
+def make_producer(bootstrap: Sequence[str], **overrides: object) -> KafkaProducer:
+    config: dict[str, object] = dict(
+        bootstrap_servers=list(bootstrap),
+        acks="all",
+        enable_idempotence=True,
+        max_in_flight_requests_per_connection=5,
+        linger_ms=5,
+        batch_size=256 * 1024,
+        compression_type="lz4",
+        retries=2_147_483_647,
+        delivery_timeout_ms=30_000,
+        request_timeout_ms=10_000,
+    )
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+def make_consumer(bootstrap: Sequence[str], group: str, *, session_timeout_ms: int,
+                  **overrides: object) -> KafkaConsumer:
+    config: dict[str, object] = dict(
+        bootstrap_servers=list(bootstrap),
+        group_id=group,
+        enable_auto_commit=False,  # offsets live in the store we write, in the same commit
+        auto_offset_reset="earliest",
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=max(100, session_timeout_ms // 6),
+        max_poll_records=5000,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    config.update(overrides)
+    return KafkaConsumer(**config)
+
+
+def ensure_topic(bootstrap: Sequence[str], topic: str, partitions: int) -> None:
+    """Create the raw-events topic if it does not exist (idempotent, safe to race)."""
+    admin = KafkaAdminClient(bootstrap_servers=list(bootstrap), request_timeout_ms=10_000)
+    try:
+        if topic in admin.list_topics():
+            return
+        try:
+            admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+            log.info("created topic %s with %d partitions", topic, partitions)
+        except TopicAlreadyExistsError:
+            pass
+    finally:
+        admin.close()

@@ -1,0 +1,104 @@
+"""The shipper: forwards sealed spool segments to Kafka.
+
+Contract: a segment is deleted only after Kafka acknowledged (acks=all) every
+record in it. A crash at any point re-sends the whole segment on restart; the
+stores dedup on the event hash, so a re-send is never counted twice. Lines
+that are not an event (corruption) are moved to a bounded quarantine file
+instead of blocking the segment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import orjson
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from collector.spool import recover_orphans, sealed_segments
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_MAX_BYTES = 64 * 1024 * 1024
+
+
+class ShipError(RuntimeError):
+    """Kafka did not acknowledge a segment; it stays in the spool and is retried."""
+
+
+class Shipper:
+    def __init__(self, spool_dir: Path, producer: KafkaProducer, topic: str, *,
+                 ack_timeout_s: float = 30.0) -> None:
+        self.spool_dir = spool_dir
+        self.producer = producer
+        self.topic = topic
+        self.ack_timeout_s = ack_timeout_s
+        self.shipped = 0
+        self.quarantined = 0
+        spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def ship_once(self) -> int:
+        """Ship every sealed segment present now. Returns the number of records acknowledged."""
+        recover_orphans(self.spool_dir)
+        total = 0
+        for segment in sealed_segments(self.spool_dir):
+            total += self.ship_segment(segment)
+        return total
+
+    def ship_segment(self, segment: Path) -> int:
+        futures = []
+        bad: list[bytes] = []
+        for line in segment.read_bytes().splitlines():
+            if not line:
+                continue
+            try:
+                key = orjson.loads(line)["domain"].encode()
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+                bad.append(line)
+                continue
+            futures.append(self.producer.send(self.topic, key=key, value=line))
+        self.producer.flush(timeout=self.ack_timeout_s)
+        try:
+            for future in futures:
+                future.get(timeout=self.ack_timeout_s)
+        except KafkaError as exc:
+            raise ShipError(f"{segment.name}: Kafka did not acknowledge ({exc}); will retry") from exc
+        if bad:
+            self._quarantine(segment.name, bad)
+        segment.unlink()
+        self.shipped += len(futures)
+        return len(futures)
+
+    def _quarantine(self, name: str, lines: list[bytes]) -> None:
+        qdir = self.spool_dir / "quarantine"
+        qdir.mkdir(exist_ok=True)
+        used = sum(p.stat().st_size for p in qdir.iterdir())
+        self.quarantined += len(lines)
+        if used > QUARANTINE_MAX_BYTES:
+            log.error("shipper: quarantine is full (%d bytes); dropping %d corrupt lines from %s",
+                      used, len(lines), name)
+            return
+        with open(qdir / f"{name}.bad", "ab") as fh:
+            fh.write(b"".join(line + b"\n" for line in lines))
+            fh.flush()
+            os.fsync(fh.fileno())
+        log.warning("shipper: quarantined %d corrupt lines from %s", len(lines), name)
+
+    def run(self, stop: threading.Event, idle_wait_s: float = 0.2) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                shipped = self.ship_once()
+                backoff = 0.5
+            except (ShipError, KafkaError) as exc:
+                log.error("shipper: %s; retrying in %.1fs", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if not shipped:
+                stop.wait(idle_wait_s)
+        self.producer.flush(timeout=self.ack_timeout_s)
+        self.producer.close(timeout=self.ack_timeout_s)

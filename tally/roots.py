@@ -49,7 +49,7 @@ def build_shipper(settings: Settings):  # -> workers.shipper.Shipper
     return Shipper(settings.spool_dir, make_producer(bootstrap), settings.topic)
 
 
-def build_rollup_loop(settings: Settings):  # -> workers.consumer.ConsumerLoop
+def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP):  # -> workers.consumer.ConsumerLoop
     from oltp.rollup_sink import RollupSink
     from oltp.schema import ensure_schema
     from workers.consumer import ConsumerLoop
@@ -58,11 +58,11 @@ def build_rollup_loop(settings: Settings):  # -> workers.consumer.ConsumerLoop
     bootstrap, dsn = require_bootstrap(settings), require_pg(settings)
     ensure_topic(bootstrap, settings.topic, settings.partitions)
     ensure_schema(dsn)
-    consumer = make_consumer(bootstrap, ROLLUP_GROUP, session_timeout_ms=settings.consumer_session_timeout_ms)
-    return ConsumerLoop(consumer, RollupSink(dsn, ROLLUP_GROUP), settings.topic)
+    consumer = make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
+    return ConsumerLoop(consumer, RollupSink(dsn, group), settings.topic)
 
 
-def build_loader_loop(settings: Settings):  # -> workers.consumer.ConsumerLoop
+def build_loader_loop(settings: Settings, group: str = LOADER_GROUP):  # -> workers.consumer.ConsumerLoop
     from olap.client import connect
     from olap.loader_sink import LoaderSink
     from olap.schema import ensure_schema
@@ -73,8 +73,8 @@ def build_loader_loop(settings: Settings):  # -> workers.consumer.ConsumerLoop
     ensure_topic(bootstrap, settings.topic, settings.partitions)
     client = connect(settings.clickhouse_dsn)
     ensure_schema(client, settings.clickhouse_database)
-    consumer = make_consumer(bootstrap, LOADER_GROUP, session_timeout_ms=settings.consumer_session_timeout_ms)
-    return ConsumerLoop(consumer, LoaderSink(client, settings.clickhouse_database, LOADER_GROUP), settings.topic)
+    consumer = make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
+    return ConsumerLoop(consumer, LoaderSink(client, settings.clickhouse_database, group), settings.topic)
 
 
 def build_api(settings: Settings):  # -> flask.Flask

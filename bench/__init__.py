@@ -1,0 +1,1 @@
+"""Benchmark suite: `python -m bench.run [--quick]` (never part of the tests)."""

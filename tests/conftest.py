@@ -1,0 +1,75 @@
+"""Fixtures: one real embedded PostgreSQL, one real tansu broker and one chDB directory per test session.
+
+Tests isolate themselves with a fresh topic, consumer groups and domain names,
+so they share the servers without sharing state.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from infra.broker import EmbeddedBroker
+from infra.postgres import EmbeddedPostgres
+from tally.config import Settings
+
+SECRET = "test-secret-0123456789abcdef"
+
+
+@dataclass(frozen=True)
+class Servers:
+    bootstrap: str
+    pg_dsn: str
+    chdb_dsn: str
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    home = tmp_path_factory.mktemp("servers")
+    broker = EmbeddedBroker(home / "tansu.log").start()
+    postgres = EmbeddedPostgres(home / "pg" / "data", durable=False)
+    try:
+        postgres.start()
+        from oltp.schema import ensure_schema
+
+        ensure_schema(postgres.dsn)
+        yield Servers(broker.bootstrap, postgres.dsn, f"chdb://{home / 'chdb'}")
+    finally:
+        postgres.stop()
+        broker.stop()
+
+
+@pytest.fixture()
+def make_settings(servers: Servers, tmp_path: Path):
+    """Settings for one test: a fresh topic and spool, the session's servers."""
+
+    def build(**env: str) -> Settings:
+        base = {
+            "TALLY_HOME": str(tmp_path / "home"),
+            "TALLY_KAFKA_BOOTSTRAP": servers.bootstrap,
+            "TALLY_KAFKA_TOPIC": f"t-{uuid.uuid4().hex[:12]}",
+            "TALLY_KAFKA_PARTITIONS": "3",
+            "TALLY_PG_DSN": servers.pg_dsn,
+            "TALLY_CLICKHOUSE_DSN": servers.chdb_dsn,
+            "TALLY_SPOOL_DIR": str(tmp_path / "spool"),
+            "TALLY_SECRET": SECRET,
+            "TALLY_CONSUMER_SESSION_TIMEOUT_MS": "2000",
+        }
+        base.update(env)
+        return Settings.from_env(base)
+
+    return build
+
+
+@pytest.fixture()
+def settings(make_settings) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture()
+def domain() -> str:
+    return f"d{uuid.uuid4().hex[:10]}.example.com"

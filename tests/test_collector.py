@@ -1,0 +1,134 @@
+"""The collector over Flask's test client, writing a real spool on disk."""
+
+import errno
+import os
+from pathlib import Path
+
+import orjson
+import pytest
+
+from collector import spool as spool_module
+from collector.app import create_app
+from collector.spool import SpoolWriter, recover_orphans, sealed_segments
+from tally.event import Event
+
+
+@pytest.fixture()
+def spool(settings):
+    writer = SpoolWriter(settings.spool_dir, max_bytes=1 << 20, max_age_s=3600)
+    yield writer
+    writer.close()
+
+
+@pytest.fixture()
+def client(settings, spool):
+    return create_app(settings, spool, start_sealer=False).test_client()
+
+
+def spooled(settings) -> list[Event]:
+    lines = []
+    for path in sorted(Path(settings.spool_dir).glob("*")):
+        if path.is_file():
+            lines += [Event.from_json(line) for line in path.read_bytes().splitlines()]
+    return lines
+
+
+def test_single_event_is_spooled_before_202(client, settings, domain):
+    resp = client.post("/collect", json={"domain": domain, "url": f"https://{domain}/", "type": "impression"},
+                       headers={"User-Agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile"})
+    assert resp.status_code == 202, resp.json
+    assert resp.json["accepted"] == 1
+    events = spooled(settings)
+    assert [e.hash for e in events] == resp.json["hashes"]
+    assert events[0].domain == domain and events[0].device == "mobile" and events[0].os == "iOS"
+
+
+def test_batch_is_spooled_whole(client, settings, domain):
+    batch = [{"domain": domain, "url": f"https://{domain}/{i}"} for i in range(25)]
+    resp = client.post("/collect", json=batch)
+    assert resp.status_code == 202
+    assert resp.json["accepted"] == 25
+    assert len(spooled(settings)) == 25
+
+
+@pytest.mark.parametrize("body, content_type, status, code", [
+    (b"{not json", "application/json", 400, "malformed_json"),
+    (b"[]", "application/json", 400, "empty_batch"),
+    (b'"just a string"', "application/json", 400, "invalid_event"),
+    (b'{"domain": "example.com"}', "text/plain", 415, "unsupported_media_type"),
+    (b'{"domain": "example.com", "url": "https://example.com/", "type": 7}', "application/json", 400,
+     "invalid_event"),
+])
+def test_bad_bodies_get_named_errors_and_spool_nothing(client, settings, body, content_type, status, code):
+    resp = client.post("/collect", data=body, content_type=content_type)
+    assert resp.status_code == status
+    assert resp.json["error"]["code"] == code
+    assert resp.json["error"]["message"]
+    assert spooled(settings) == []
+
+
+def test_one_bad_event_rejects_the_whole_batch(client, settings, domain):
+    batch = [{"domain": domain, "url": f"https://{domain}/"}] * 3 + [{"domain": domain, "url": "nope"}]
+    resp = client.post("/collect", json=batch)
+    assert resp.status_code == 400
+    assert resp.json["error"]["index"] == 3 and resp.json["error"]["field"] == "url"
+    assert spooled(settings) == []
+    # and the collector keeps serving
+    assert client.post("/collect", json=batch[0]).status_code == 202
+
+
+def test_oversized_body_and_batch(make_settings, spool):
+    settings = make_settings(TALLY_MAX_BODY_BYTES="2048", TALLY_MAX_BATCH_EVENTS="5")
+    client = create_app(settings, spool, start_sealer=False).test_client()
+    big = client.post("/collect", data=b"[" + b" " * 4000 + b"]", content_type="application/json")
+    assert big.status_code == 413 and big.json["error"]["code"] == "request_entity_too_large"
+    many = client.post("/collect", json=[{"domain": "example.com", "url": "https://example.com/"}] * 6)
+    assert many.status_code == 413 and many.json["error"]["code"] == "batch_too_large"
+    assert spooled(settings) == []
+
+
+def test_disk_full_answers_503_and_leaves_no_partial_line(client, settings, domain, monkeypatch):
+    event = {"domain": domain, "url": f"https://{domain}/"}
+    assert client.post("/collect", json=event).status_code == 202
+    real_write = os.write
+
+    def full_disk(fd, data):
+        real_write(fd, data[: len(data) // 2])  # a torn write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module.os, "write", full_disk)
+    resp = client.post("/collect", json=[event] * 10)
+    assert resp.status_code == 503
+    assert resp.headers["Retry-After"] == "30"
+    assert resp.json["error"]["code"] == "spool_full"
+    monkeypatch.undo()
+    assert len(spooled(settings)) == 1  # the torn half-batch was truncated away
+    assert client.post("/collect", json=event).status_code == 202  # recovers by itself
+    assert len(spooled(settings)) == 2
+
+
+def test_unknown_route_is_json_404(client):
+    resp = client.get("/nope")
+    assert resp.status_code == 404 and resp.json["error"]["code"] == "not_found"
+
+
+def test_orphaned_open_segment_is_sealed_without_its_torn_tail(tmp_path):
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    dead_pid = 2_000_000_000  # above pid_max: never alive
+    orphan = spool_dir / f"{os.uname().nodename}-{dead_pid}-1-1.open"
+    good = b'{"a": 1}\n{"a": 2}\n'
+    orphan.write_bytes(good + b'{"a": 3, "torn')
+    assert recover_orphans(spool_dir, host=os.uname().nodename) == 1
+    segments = sealed_segments(spool_dir)
+    assert len(segments) == 1 and segments[0].read_bytes() == good
+    assert [orjson.loads(x)["a"] for x in segments[0].read_bytes().splitlines()] == [1, 2]
+
+
+def test_live_writers_segment_is_left_alone(settings):
+    writer = SpoolWriter(settings.spool_dir, max_bytes=1 << 20, max_age_s=3600)
+    writer.append([b'{"x": 1}'])
+    assert recover_orphans(settings.spool_dir) == 0
+    assert sealed_segments(settings.spool_dir) == []
+    writer.close()
+    assert len(sealed_segments(settings.spool_dir)) == 1

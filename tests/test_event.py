@@ -1,0 +1,97 @@
+"""Unit tests of the event contract (pure logic, no servers)."""
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from tally.event import Event, EventError, HitContext, Limits, event_from_hit, event_hash
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+CTX = HitContext(received_at=NOW, user_agent="Mozilla/5.0 (X11; Linux x86_64) Firefox/131.0", client_ip="203.0.113.9")
+SECRET = b"k" * 32
+
+
+def hit(**fields):
+    body = {"domain": "Example.COM", "url": "https://example.com/a", "type": "impression"}
+    body.update(fields)
+    return event_from_hit(body, CTX, Limits(), SECRET, lambda ua: ("Firefox", "Linux", "desktop"))
+
+
+def test_valid_hit_is_normalised_and_stamped():
+    e = hit(ts="2026-11-21T11:59:00+01:00", value="1.50", referrer="https://ref.example/")
+    assert e.domain == "example.com"
+    assert e.ts == datetime(2026, 11, 21, 10, 59, tzinfo=timezone.utc)
+    assert e.received_at == NOW
+    assert e.value == Decimal("1.5")
+    assert len(e.hash) == 32 and int(e.hash, 16) >= 0
+    assert (e.browser, e.os, e.device) == ("Firefox", "Linux", "desktop")
+    assert e.visitor and "203.0.113.9" not in e.to_json().decode()
+
+
+def test_missing_ts_defaults_to_received_time_and_epoch_ms_is_accepted():
+    assert hit().ts == NOW
+    assert hit(ts=int((NOW - timedelta(minutes=1)).timestamp() * 1000)).ts == NOW - timedelta(minutes=1)
+
+
+def test_client_id_makes_the_hash_deterministic_per_domain():
+    assert hit(id="abc").hash == hit(id="abc").hash == event_hash("example.com", "abc")
+    assert hit(id="abc").hash != event_hash("other.com", "abc")
+    assert hit().hash != hit().hash
+
+
+def test_json_round_trip():
+    e = hit(value=3, referrer="https://r.example/x")
+    back = Event.from_json(e.to_json())
+    assert back == e
+
+
+@pytest.mark.parametrize("fields, field, words", [
+    ({"domain": None}, "domain", "required"),
+    ({"domain": "not a host"}, "domain", "not a valid host"),
+    ({"domain": "nodots"}, "domain", "not a valid host"),
+    ({"url": None}, "url", "required"),
+    ({"url": "javascript:alert(1)"}, "url", "absolute http"),
+    ({"url": "https://x/" + "a" * 3000}, "url", "longer than"),
+    ({"type": "click"}, "type", "impression, pageview"),
+    ({"ts": "2026-11-21T12:30:00Z"}, "ts", "future"),
+    ({"ts": "2026-10-01T00:00:00Z"}, "ts", "older than"),
+    ({"ts": "2026-11-21T11:00:00"}, "ts", "UTC offset"),
+    ({"ts": "yesterday"}, "ts", "ISO-8601"),
+    ({"ts": True}, "ts", "ISO-8601"),
+    ({"value": -1}, "value", "between 0"),
+    ({"value": "1.0000001"}, "value", "6 decimal places"),
+    ({"value": "NaN"}, "value", "between 0"),
+    ({"value": float("inf")}, "value", "finite"),
+    ({"value": "ten"}, "value", "not a decimal"),
+    ({"value": [1]}, "value", "decimal number"),
+    ({"id": ""}, "id", "non-empty"),
+    ({"id": 5}, "id", "non-empty"),
+    ({"colour": "red"}, "colour", "unknown field"),
+    ({"referrer": "ftp://x"}, "referrer", "absolute http"),
+])
+def test_bad_fields_are_named(fields, field, words):
+    with pytest.raises(EventError) as info:
+        hit(**fields)
+    assert info.value.field == field
+    assert words in info.value.problem
+
+
+def test_non_object_hit_is_rejected():
+    with pytest.raises(EventError) as info:
+        event_from_hit(["x"], CTX, Limits(), SECRET)
+    assert info.value.field == "$"
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b"not json", "$"),
+    (b"[1, 2]", "$"),
+    (b'{"v": 99}', "v"),
+    (b'{"v": 1, "hash": "xyz"}', "hash"),
+    (b'{"v": 1, "hash": "' + b"a" * 32 + b'", "domain": "example.com", "url": "https://e.com/",'
+     b' "ts": 5, "received_at": "2026-01-01T00:00:00Z", "type": "pageview"}', "ts"),
+])
+def test_stored_records_are_revalidated(raw, field):
+    with pytest.raises(EventError) as info:
+        Event.from_json(raw)
+    assert info.value.field == field

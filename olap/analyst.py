@@ -1,8 +1,22 @@
 """Analyst SQL: read-only ClickHouse queries with time, memory and result-size limits.
 
-Queries run with `readonly = 1` (no writes, no DDL, no changing settings from
-inside the query) and `final = 1`, so ReplacingMergeTree duplicates are never
-visible and analysts need not remember FINAL.
+Three layers keep analysts read-only:
+
+0. One statement only: chDB executes `;`-separated statements one after the
+   other (a SETTINGS clause would only cover the last). The text is handed to
+   ClickHouse's own parser as a bound string (`formatQuery`, which executes
+   nothing and refuses multi-statements), and only its canonical single
+   statement is ever run.
+
+1. ClickHouse's own parser (`EXPLAIN AST`, which executes nothing) must say the
+   statement is a SELECT. This is not optional hardening: in chDB a non-SELECT
+   statement carrying a SETTINGS clause leaves those settings on the shared
+   session (seen with chDB 4.4 / clickhouse-connect 1.12), so a refused
+   `DROP TABLE` would otherwise leave the loader's session read-only.
+2. The SELECT runs with `readonly = 1` (no writes, no table functions, no
+   changing settings from inside the query), time, memory and row limits, and
+   `final = 1`, so ReplacingMergeTree duplicates are never visible and analysts
+   need not remember FINAL.
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 MAX_SQL_CHARS = 100_000
+_SELECT_ROOTS = ("SelectWithUnionQuery", "SelectIntersectExceptQuery")
 
 
 class AnalystQueryError(ValueError):
@@ -43,14 +58,17 @@ def run_query(client: Client, sql: Any, limits: SqlLimits) -> QueryResult:
         raise AnalystQueryError("'sql' must be a non-empty string")
     if len(sql) > MAX_SQL_CHARS:
         raise AnalystQueryError(f"the query is longer than {MAX_SQL_CHARS} characters")
-    text = sql.strip().rstrip(";").strip()
+    text = single_statement(client, sql)
+    kind = statement_kind(client, text)
+    if kind not in _SELECT_ROOTS:
+        raise AnalystQueryError(f"only SELECT queries are allowed (this is a {kind}); analyst SQL is readonly")
     settings = {
-        "readonly": 1,
         "final": 1,
         "max_execution_time": limits.max_execution_s,
         "max_memory_usage": limits.max_memory_bytes,
         "max_result_rows": limits.max_result_rows,
         "result_overflow_mode": "throw",
+        "readonly": 1,  # last: once it applies, no later setting in the clause may change
     }
     try:
         result = client.query(text, settings=settings)
@@ -59,6 +77,26 @@ def run_query(client: Client, sql: Any, limits: SqlLimits) -> QueryResult:
     return QueryResult(columns=list(result.column_names),
                        types=[t.name for t in result.column_types],
                        rows=[[_jsonable(v) for v in row] for row in result.result_rows])
+
+
+def single_statement(client: Client, sql: str) -> str:
+    """ClickHouse's canonical form of `sql` if it is exactly one statement (parsing only)."""
+    try:
+        rows = client.query("SELECT formatQuery({q:String})", parameters={"q": sql}).result_rows
+    except ClickHouseError as exc:
+        raise AnalystQueryError(_short(str(exc))) from None
+    return str(rows[0][0])
+
+
+def statement_kind(client: Client, text: str) -> str:
+    """The root AST node ClickHouse parses `text` into (parsing only; nothing is executed)."""
+    try:
+        rows = client.query(f"EXPLAIN AST {text}").result_rows
+    except ClickHouseError as exc:
+        raise AnalystQueryError(_short(str(exc))) from None
+    if not rows:
+        raise AnalystQueryError("the query could not be parsed")
+    return str(rows[0][0]).split()[0]
 
 
 def _short(message: str) -> str:

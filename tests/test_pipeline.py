@@ -27,7 +27,8 @@ class Pipeline:
         suffix = uuid.uuid4().hex[:8]
         self.rollups = build_rollup_loop(settings, group=f"rollups-{suffix}")
         self.loader = build_loader_loop(settings, group=f"loader-{suffix}")
-        self.api = build_api(settings).test_client()
+        self.api_app = build_api(settings)
+        self.api = self.api_app.test_client()
 
     def post(self, events, **headers):
         resp = self.collector.post("/collect", json=events, headers=headers)
@@ -58,6 +59,7 @@ class Pipeline:
         self.loader.consumer.close()
         self.rollups.sink.close()
         self.shipper.producer.close()
+        self.api_app.extensions["tally_backends"].rollups.pool.close()
 
 
 @pytest.fixture()

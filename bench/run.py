@@ -1,0 +1,608 @@
+"""Throughput benchmarks for tally: each pipeline stage against the raw floor beneath it.
+
+Run: `python -m bench.run [--quick]` (needs `wrk` on PATH). One run starts its own
+servers in temporary directories (tansu, durable embedded PostgreSQL, chDB on
+disk, gunicorn / granian), measures, stops them, prints one table and writes
+the same rows to bench/results/latest.json.
+
+FLOORS use no project code in the hot path: a bare Flask POST endpoint under
+gunicorn (sync, 2 workers) and granian (wsgi, 2 workers) driven by wrk (32
+connections, 2 threads); raw kafka-python produce (acks=all, idempotent, lz4,
+linger 5 ms) and consume (manual assign, seek_to_beginning); raw psycopg COPY
+into a plain table; one raw clickhouse-connect insert into a chDB MergeTree
+table; write + fdatasync per line and per 100 lines, on the repo's filesystem.
+All floors carry the same event JSON lines (~400 bytes) the stages carry.
+
+STAGES run the product code: the collector (POST /collect, 1 and 50 events per
+request) under the same servers, SpoolWriter.append (1 and 100 lines per call),
+Shipper.ship_once over sealed segments, and the rollup (-> PostgreSQL) and
+loader (-> chDB) consumer loops draining the topic the shipper filled.
+The worker figures exclude the consumer-group join (~half the session
+timeout): they are timed from partition assignment to the end of the last
+sink write; the join time and the whole drain() wall time are in the note.
+
+RATIO = stage figure / floor figure. 1.0 means the stage costs nothing beyond
+the floor; 0.5 means it reaches half the floor's rate. A "x50" floor is the
+bare endpoint's req/s times 50 events, the ceiling if the app were free. A
+ratio above 1 means the stage batches better than the raw floor does (e.g. the
+shipper's producer uses bigger batches). Numbers are noisy on a 2-core box:
+read orders of magnitude, not percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import orjson
+
+from infra.processes import free_port, spawn, stop, tcp_open, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SECRET = "bench-secret-0123456789abcdef"
+UA = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+TOPIC, RAW_TOPIC, PARTITIONS = "tally.events", "bench.raw", 4
+HIT = {"domain": "bench.example.com", "url": "https://bench.example.com/p", "type": "impression"}
+
+F_GUNICORN, F_GRANIAN = "flask bare / gunicorn", "flask bare / granian"
+F_FSYNC1, F_FSYNC100 = "disk write+fdatasync x1", "disk write+fdatasync x100"
+F_PRODUCE, F_CONSUME = "kafka raw produce", "kafka raw consume"
+F_COPY, F_CH_INSERT = "pg raw COPY", "chdb raw insert"
+
+
+@dataclass
+class Result:
+    name: str
+    value: float | None
+    unit: str
+    floor: str | None = None  # name of the floor row this stage is compared with
+    floor_scale: int = 1  # the floor figure is multiplied by this (x50 events per request)
+    ratio: float | None = None
+    note: str = ""
+    error: str | None = None
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.n = 20_000 if quick else 200_000  # events through the Kafka / store stages
+        self.n_single = 3_000 if quick else 20_000  # one-fsync-per-line writes
+        self.http_s = 5 if quick else 15
+        self.results: list[Result] = []
+
+    def add(self, name: str, value: float, unit: str, floor: str | None = None, *, scale: int = 1,
+            note: str = "") -> None:
+        self.results.append(Result(name, value, unit, floor, scale, note=note))
+        say(f"  {name}: {value:,.0f} {unit}" + (f"  ({note})" if note else ""))
+
+    def measure(self, label: str, fn: Callable[..., None], *args: object) -> bool:
+        """Run one measurement; a failure becomes an ERROR row (and a traceback on stderr), not a crash."""
+        say(f"[bench] {label} ...")
+        try:
+            fn(self, *args)
+            return True
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next measurement
+            traceback.print_exc()
+            self.results.append(Result(label, None, "", error=f"{type(exc).__name__}: {exc}"[:300]))
+            return False
+
+    def resolve_ratios(self) -> None:
+        floors = {r.name: r.value for r in self.results if r.floor is None and r.value}
+        for r in self.results:
+            if r.floor and r.value is not None and floors.get(r.floor):
+                r.ratio = r.value / (floors[r.floor] * r.floor_scale)
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("inf")
+
+
+# ---------------------------------------------------------------- test data
+
+
+def make_events(n: int) -> list:
+    """N valid events (40 domains, 4 partitions, ts spread over two days, some with a value)."""
+    from collector.app import classify_user_agent
+    from tally.event import HitContext, Limits, event_from_hit
+
+    now = datetime.now(timezone.utc)
+    rng = random.Random(7)
+    domains = [f"site{i}.bench.example.com" for i in range(40)]
+    limits, secret, events = Limits(), SECRET.encode(), []
+    for i in range(n):
+        domain = domains[i % len(domains)]
+        body = {"domain": domain, "url": f"https://{domain}/p/{i % 100}", "type": ("impression", "pageview")[i % 2],
+                "ts": int((now - timedelta(seconds=rng.randint(0, 2 * 86_400))).timestamp() * 1000)}
+        if i % 10 == 0:
+            body["value"] = "0.25"
+        ctx = HitContext(received_at=now, user_agent=UA, client_ip=f"10.0.{i % 250}.{i % 97}")
+        events.append(event_from_hit(body, ctx, limits, secret, classify_user_agent))
+    return events
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+# ---------------------------------------------------------------- disk: fsync floors and the spool
+
+
+def bench_fsync(b: Bench, work: Path, lines: list[bytes]) -> None:
+    for per_sync, count, name in ((1, b.n_single, F_FSYNC1), (100, b.n, F_FSYNC100)):
+        path = work / f"fsync-{per_sync}.log"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            t0 = time.perf_counter()
+            for chunk in chunks(lines[:count], per_sync):
+                os.write(fd, b"".join(line + b"\n" for line in chunk))
+                os.fdatasync(fd)
+            b.add(name, rate(count, time.perf_counter() - t0), "lines/s")
+        finally:
+            os.close(fd)
+            path.unlink()
+
+
+def bench_spool(b: Bench, work: Path, lines: list[bytes], settings) -> None:  # noqa: ANN001
+    from collector.spool import SpoolWriter
+
+    for per_call, count, floor in ((1, b.n_single, F_FSYNC1), (100, b.n, F_FSYNC100)):
+        spool_dir = work / f"spool-append-{per_call}"
+        writer = SpoolWriter(spool_dir, max_bytes=settings.spool_segment_bytes,
+                             max_age_s=settings.spool_segment_age_s)
+        try:
+            t0 = time.perf_counter()
+            for chunk in chunks(lines[:count], per_call):
+                writer.append(chunk)
+            b.add(f"spool append x{per_call}", rate(count, time.perf_counter() - t0), "lines/s", floor,
+                  note=f"{settings.spool_segment_bytes >> 20} MiB / {settings.spool_segment_age_s:g}s segments")
+        finally:
+            writer.close()
+            shutil.rmtree(spool_dir)
+
+
+# ---------------------------------------------------------------- HTTP: wrk against gunicorn / granian
+
+WRK_LUA = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["User-Agent"] = "%s"
+wrk.body = [==[%s]==]
+"""
+
+
+def wrk(url: str, body: bytes, seconds: int, script: Path) -> tuple[float, str]:
+    """Run wrk (2 threads, 32 connections); return (req/s, note). Raises if >1% of answers are not 2xx."""
+    script.write_text(WRK_LUA % (UA, body.decode()))
+    argv = ["wrk", "-t2", "-c32", f"-d{seconds}s", "-s", str(script), url]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    m_rps = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
+    m_total = re.search(r"(\d+) requests in", out.stdout)
+    if not m_rps or not m_total:
+        raise RuntimeError(f"cannot parse wrk output:\n{out.stdout}")
+    total = int(m_total.group(1))
+    m_bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out.stdout)
+    bad = int(m_bad.group(1)) if m_bad else 0
+    if total == 0 or bad > total * 0.01:
+        raise RuntimeError(f"{bad} of {total} responses were not 2xx")
+    m_sock = re.search(r"Socket errors: (.*)", out.stdout)
+    note = f"{total} req" + (f"; socket errors: {m_sock.group(1)}" if m_sock else "")
+    return float(m_rps.group(1)), note
+
+
+def server_argv(server: str, target: str, port: int, *, factory: bool = False) -> list[str]:
+    if server == "gunicorn":  # the options collector/server.py uses
+        return [sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "sync",
+                "--bind", f"127.0.0.1:{port}", "--backlog", "2048", "--keep-alive", "5", "--timeout", "30",
+                target + ("()" if factory else "")]
+    granian = shutil.which("granian", path=str(Path(sys.executable).parent)) or "granian"
+    return [granian, "--interface", "wsgi", "--workers", "2", "--host", "127.0.0.1", "--port", str(port),
+            "--no-access-log", *(["--factory"] if factory else []), target]
+
+
+@contextmanager
+def http_server(argv: list[str], port: int, env: dict[str, str], log_path: Path) -> Iterator[str]:
+    proc = spawn(argv, log_path, env=env)
+    try:
+        wait_until(lambda: tcp_open("127.0.0.1", port), what=" ".join(argv[:3]), timeout=60,
+                   log_path=log_path, proc=proc)
+        yield f"http://127.0.0.1:{port}/collect"
+    finally:
+        stop(proc, timeout=20)
+
+
+def check_post(url: str, body: bytes) -> None:
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "User-Agent": UA})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            status, text = resp.status, resp.read()[:300]
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read()[:300]
+    if status != 202:
+        raise RuntimeError(f"POST {url} answered {status}: {text!r}")
+
+
+def bench_http_bare(b: Bench, server: str, work: Path, env: dict[str, str]) -> None:
+    port = free_port()
+    body = orjson.dumps(HIT)
+    with http_server(server_argv(server, "bench.apps:bare_app", port), port, env, work / f"{server}-bare.log") as url:
+        check_post(url, body)
+        wrk(url, body, 1, work / "warmup.lua")
+        rps, note = wrk(url, body, b.http_s, work / "bare.lua")
+    b.add(F_GUNICORN if server == "gunicorn" else F_GRANIAN, rps, "req/s", note=note)
+
+
+def bench_http_collector(b: Bench, server: str, work: Path, env: dict[str, str]) -> None:
+    port = free_port()
+    spool_dir = work / f"collector-spool-{server}"
+    env = {**env, "TALLY_HOME": str(work / "home"), "TALLY_SPOOL_DIR": str(spool_dir), "TALLY_SECRET": SECRET,
+           "TALLY_BIND_HOST": "127.0.0.1", "TALLY_COLLECTOR_PORT": str(port), "TALLY_COLLECTOR_WORKERS": "2"}
+    if server == "gunicorn":  # exactly what ships: `tally collector`
+        argv = [sys.executable, "-m", "tally.cli", "collector"]
+    else:
+        argv = server_argv("granian", "bench.apps:collector_app", port, factory=True)
+    floor = F_GUNICORN if server == "gunicorn" else F_GRANIAN
+    one, fifty = orjson.dumps(HIT), orjson.dumps([{**HIT, "url": f"{HIT['url']}/{i}"} for i in range(50)])
+    try:
+        with http_server(argv, port, env, work / f"{server}-collector.log") as url:
+            check_post(url, one)
+            check_post(url, fifty)
+            wrk(url, one, 1, work / "warmup.lua")
+            rps, note = wrk(url, one, b.http_s, work / "one.lua")
+            b.add(f"collector / {server}, 1 ev/req", rps, "req/s", floor, note=note)
+            rps, note = wrk(url, fifty, b.http_s, work / "fifty.lua")
+            b.add(f"collector / {server}, 50 ev/req", rps * 50, "events/s", floor, scale=50, note=note)
+        spooled = sum(p.read_bytes().count(b"\n") for p in spool_dir.glob("*.*") if p.is_file())
+        b.results[-1].note += f"; {spooled} lines spooled in both runs"
+    finally:
+        shutil.rmtree(spool_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- Kafka floors and the shipper
+
+
+def bench_kafka_raw(b: Bench, bootstrap: str, events: list) -> None:
+    from kafka import KafkaConsumer, KafkaProducer
+
+    from workers.kafka_io import ensure_topic
+
+    ensure_topic([bootstrap], RAW_TOPIC, PARTITIONS)
+    records = [(e.domain.encode(), e.to_json()) for e in events]
+    producer = KafkaProducer(bootstrap_servers=[bootstrap], acks="all", enable_idempotence=True,
+                             compression_type="lz4", linger_ms=5)
+    try:
+        producer.partitions_for(RAW_TOPIC)  # metadata outside the timing
+        t0 = time.perf_counter()
+        futures = [producer.send(RAW_TOPIC, key=k, value=v) for k, v in records]
+        producer.flush(timeout=120)
+        for f in futures:
+            f.get(timeout=30)
+        b.add(F_PRODUCE, rate(len(records), time.perf_counter() - t0), "msgs/s", note="default batch_size 16 KiB")
+    finally:
+        producer.close(timeout=10)
+
+    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=None, enable_auto_commit=False,
+                             max_poll_records=5000, max_partition_fetch_bytes=4 * 1024 * 1024)
+    try:
+        tps = topic_partitions(consumer, RAW_TOPIC)
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        got, t0, deadline = 0, time.perf_counter(), time.monotonic() + 120
+        while got < len(records):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"consumed {got} of {len(records)}")
+            got += sum(len(msgs) for msgs in consumer.poll(timeout_ms=500).values())
+        b.add(F_CONSUME, rate(got, time.perf_counter() - t0), "msgs/s", note="manual assign, 5000/poll")
+    finally:
+        consumer.close()
+
+
+def bench_shipper(b: Bench, bootstrap: str, work: Path, lines: list[bytes], settings) -> None:  # noqa: ANN001
+    from collector.spool import SpoolWriter, sealed_segments
+    from workers.kafka_io import ensure_topic, make_producer
+    from workers.shipper import Shipper
+
+    spool_dir = work / "ship-spool"
+    writer = SpoolWriter(spool_dir, max_bytes=settings.spool_segment_bytes, max_age_s=3600)
+    for chunk in chunks(lines, 100):
+        writer.append(chunk)
+    writer.close()
+    segments = len(sealed_segments(spool_dir))
+    ensure_topic([bootstrap], TOPIC, PARTITIONS)
+    producer = make_producer([bootstrap])
+    try:
+        producer.partitions_for(TOPIC)
+        shipper = Shipper(spool_dir, producer, TOPIC)
+        t0 = time.perf_counter()
+        shipped = shipper.ship_once()
+        seconds = time.perf_counter() - t0
+    finally:
+        producer.close(timeout=10)
+        shutil.rmtree(spool_dir, ignore_errors=True)
+    if shipped != len(lines):
+        raise RuntimeError(f"shipped {shipped} of {len(lines)} events")
+    b.add("shipper ship_once", rate(shipped, seconds), "events/s", F_PRODUCE, note=f"{segments} segments")
+
+
+def topic_partitions(consumer, topic: str) -> list:  # noqa: ANN001 - KafkaConsumer -> [TopicPartition]
+    from kafka import TopicPartition
+
+    deadline = time.monotonic() + 30
+    while not consumer.partitions_for_topic(topic):  # None until the first metadata response
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no metadata for topic {topic}")
+        time.sleep(0.05)
+    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+
+
+def topic_size(bootstrap: str, topic: str) -> int:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=None)
+    try:
+        return sum(consumer.end_offsets(topic_partitions(consumer, topic)).values())
+    finally:
+        consumer.close()
+
+
+def ensure_events_on_topic(bootstrap: str, events: list) -> None:
+    """If the shipper failed, put the events on the topic directly so the workers can still be measured."""
+    from workers.kafka_io import ensure_topic, make_producer
+
+    ensure_topic([bootstrap], TOPIC, PARTITIONS)
+    if topic_size(bootstrap, TOPIC) >= len(events):
+        return
+    say(f"[bench] {TOPIC} is short of events (shipper failed?); producing them directly")
+    producer = make_producer([bootstrap])
+    try:
+        for e in events:
+            producer.send(TOPIC, key=e.domain.encode(), value=e.to_json())
+        producer.flush(timeout=120)
+    finally:
+        producer.close(timeout=10)
+
+
+# ---------------------------------------------------------------- stores: floors and the workers
+
+
+def bench_pg_copy(b: Bench, dsn: str, events: list) -> None:
+    import psycopg
+
+    rows = [(uuid.UUID(e.hash), e.domain, e.type, e.ts, e.value) for e in events]
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_copy"
+                     " (hash uuid, domain text, event_type text, ts timestamptz, value numeric(24, 6))")
+        conn.commit()
+        t0 = time.perf_counter()
+        with conn.cursor().copy("COPY bench_copy (hash, domain, event_type, ts, value) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        conn.commit()
+        b.add(F_COPY, rate(len(rows), time.perf_counter() - t0), "rows/s", note="one COPY, durable server")
+        conn.execute("DROP TABLE bench_copy")
+
+
+CH_FLOOR_DDL = """CREATE TABLE IF NOT EXISTS bench_floor.events (
+    hash FixedString(32), domain LowCardinality(String), url String, ts DateTime64(3, 'UTC'),
+    received_at DateTime64(3, 'UTC'), type LowCardinality(String), value Nullable(Decimal(18, 6)),
+    referrer Nullable(String), user_agent Nullable(String), browser LowCardinality(Nullable(String)),
+    os LowCardinality(Nullable(String)), device LowCardinality(Nullable(String)),
+    country LowCardinality(Nullable(String)), visitor Nullable(String)
+) ENGINE = MergeTree ORDER BY (toDate(ts), domain, hash)"""
+
+
+def bench_ch_insert(b: Bench, ch_dsn: str, events: list) -> None:
+    from olap.client import connect
+    from olap.schema import EVENT_COLUMNS
+
+    client = connect(ch_dsn)  # the same cached engine the loader uses (one chDB engine per directory)
+    client.command("CREATE DATABASE IF NOT EXISTS bench_floor")
+    client.command(CH_FLOOR_DDL)
+    rows = [[e.hash, e.domain, e.url, e.ts, e.received_at, e.type, e.value, e.referrer, e.user_agent,
+             e.browser, e.os, e.device, e.country, e.visitor] for e in events]
+    client.insert("bench_floor.events", rows[:1000], column_names=EVENT_COLUMNS)  # the first insert is cold
+    t0 = time.perf_counter()
+    client.insert("bench_floor.events", rows, column_names=EVENT_COLUMNS)
+    b.add(F_CH_INSERT, rate(len(rows), time.perf_counter() - t0), "rows/s",
+          note=f"one {len(rows)}-row insert, after a warm-up insert")
+    client.command("DROP DATABASE bench_floor")
+
+
+def drain_timed(loop, n: int) -> tuple[float, str]:  # noqa: ANN001 - a workers.consumer.ConsumerLoop
+    """Drain `loop`; return (events/s from partition assignment to the last sink write, note)."""
+    marks: dict[str, float] = {}
+    seek, write = loop.seek_to_stored, loop.sink.write
+
+    def timed_seek(partitions):  # noqa: ANN001, ANN202 - runs at the end of the group join
+        seek(partitions)
+        marks.setdefault("assigned", time.perf_counter())
+
+    def timed_write(batch):  # noqa: ANN001, ANN202
+        write(batch)
+        marks["last_write"] = time.perf_counter()
+
+    loop.seek_to_stored, loop.sink.write = timed_seek, timed_write
+    t0 = time.perf_counter()
+    loop.drain(timeout_s=600)
+    total = time.perf_counter() - t0
+    if loop.stored_events != n or loop.stored_rejects:
+        raise RuntimeError(f"stored {loop.stored_events} events and {loop.stored_rejects} rejects, expected {n}")
+    steady = marks["last_write"] - marks["assigned"]
+    note = f"excl. {marks['assigned'] - t0:.1f}s group join; drain() total {total:.1f}s"
+    return rate(n, steady), note
+
+
+def bench_rollup(b: Bench, settings, n: int) -> None:  # noqa: ANN001
+    import psycopg
+
+    from tally.roots import build_rollup_loop
+
+    loop = build_rollup_loop(settings)
+    try:
+        eps, note = drain_timed(loop, n)
+    finally:
+        loop.consumer.close()
+        loop.sink.close()
+    with psycopg.connect(settings.pg_dsn) as conn:
+        counted = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0]
+    if counted != n:
+        raise RuntimeError(f"rollups count {counted} events, expected {n}")
+    b.add("rollup drain -> PG", eps, "events/s", F_COPY, note=note)
+    b.add("rollup drain -> PG", eps, "events/s", F_CONSUME, note="same run, vs consume floor")
+
+
+def bench_loader(b: Bench, settings, n: int) -> None:  # noqa: ANN001
+    from olap.client import connect
+    from tally.roots import build_loader_loop
+
+    loop = build_loader_loop(settings)
+    try:
+        eps, note = drain_timed(loop, n)
+    finally:
+        loop.consumer.close()
+        loop.sink.close()
+    counted = connect(settings.clickhouse_dsn).command(
+        f"SELECT count() FROM {settings.clickhouse_database}.events FINAL")
+    if int(counted) != n:
+        raise RuntimeError(f"ClickHouse counts {counted} events, expected {n}")
+    b.add("loader drain -> chDB", eps, "events/s", F_CH_INSERT, note=note)
+    b.add("loader drain -> chDB", eps, "events/s", F_CONSUME, note="same run, vs consume floor")
+
+
+# ---------------------------------------------------------------- orchestration and report
+
+
+def start_servers(_b: Bench, work: Path, cleanup: ExitStack, out: dict[str, object]) -> None:
+    from infra.broker import EmbeddedBroker
+    from infra.postgres import EmbeddedPostgres
+
+    broker = EmbeddedBroker(work / "tansu.log")
+    cleanup.callback(broker.stop)
+    broker.start()
+    postgres = EmbeddedPostgres(work / "pg" / "data", durable=True)
+    cleanup.callback(postgres.stop)
+    postgres.start()
+    out.update(bootstrap=broker.bootstrap, dsn=postgres.dsn)
+
+
+def run_all(b: Bench) -> dict[str, object]:
+    from tally.config import Settings
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as cleanup:
+        # Spool and fsync files live on the repo's filesystem (bench/results/ is gitignored);
+        # the servers' data goes to /tmp.
+        disk = Path(tempfile.mkdtemp(prefix="tmp-", dir=RESULTS_DIR))
+        cleanup.callback(shutil.rmtree, disk, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix="tally-bench-"))
+        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+
+        say(f"[bench] building {b.n} events ...")
+        events = make_events(b.n)
+        lines = [e.to_json() for e in events]
+        base = {"TALLY_HOME": str(work / "home"), "TALLY_SECRET": SECRET, "TALLY_SPOOL_DIR": str(disk / "spool")}
+        settings = Settings.from_env(base)
+
+        b.measure("disk fsync floors", bench_fsync, disk, lines)
+        b.measure("spool append", bench_spool, disk, lines, settings)
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        for server in ("gunicorn", "granian"):
+            b.measure(f"http bare / {server}", bench_http_bare, server, work, env)
+            b.measure(f"collector / {server}", bench_http_collector, server, disk, env)
+
+        servers: dict[str, object] = {}
+        if b.measure("start tansu + PostgreSQL", start_servers, work, cleanup, servers):
+            bootstrap, dsn = servers["bootstrap"], servers["dsn"]
+            settings = Settings.from_env({
+                **base, "TALLY_KAFKA_BOOTSTRAP": bootstrap, "TALLY_PG_DSN": dsn,
+                "TALLY_CLICKHOUSE_DSN": f"chdb://{work / 'chdb'}", "TALLY_KAFKA_TOPIC": TOPIC,
+                "TALLY_KAFKA_PARTITIONS": str(PARTITIONS), "TALLY_CONSUMER_SESSION_TIMEOUT_MS": "6000"})
+            b.measure("kafka raw produce/consume", bench_kafka_raw, bootstrap, events)
+            b.measure("shipper ship_once", bench_shipper, bootstrap, disk, lines, settings)
+            if b.measure("events on topic", lambda _b: ensure_events_on_topic(bootstrap, events)):
+                b.measure(F_COPY, bench_pg_copy, dsn, events)
+                b.measure("rollup drain -> PG", bench_rollup, settings, b.n)
+                b.measure(F_CH_INSERT, bench_ch_insert, settings.clickhouse_dsn, events)
+                b.measure("loader drain -> chDB", bench_loader, settings, b.n)
+        say("[bench] stopping servers ...")
+    return {"events": b.n, "single_fsync_lines": b.n_single, "http_seconds": b.http_s,
+            "mean_event_bytes": round(sum(map(len, lines)) / len(lines))}
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def print_table(results: list[Result]) -> None:
+    header = ("name", "figure", "unit", "floor", "ratio", "note")
+    rows = [(r.name, "ERROR" if r.error else fmt(r.value), r.unit,
+             (r.floor or "-") + (f" x{r.floor_scale}" if r.floor_scale != 1 else ""),
+             fmt(r.ratio, 2), r.error or r.note) for r in results]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(5)]
+    line = lambda row: "  ".join(  # noqa: E731
+        str(c).rjust(w) if i in (1, 4) else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))) \
+        + "  " + row[5]
+    print(line(header))
+    print("  ".join("-" * w for w in widths) + "  " + "-" * 4)
+    for row in rows:
+        print(line(row))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller N and 5 s HTTP runs (~2-3 minutes)")
+    args = parser.parse_args(argv)
+    if not shutil.which("wrk"):
+        print("bench: `wrk` is not on PATH; install it (Debian: apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+
+    b = Bench(args.quick)
+    started, t0 = datetime.now(timezone.utc), time.monotonic()
+    params = run_all(b)
+    b.resolve_ratios()
+    print_table(b.results)
+    report = {
+        "mode": "quick" if args.quick else "full", "started_at": started.isoformat(timespec="seconds"),
+        "wall_s": round(time.monotonic() - t0, 1), "params": params,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "results": [asdict(r) for r in b.results],
+    }
+    out = RESULTS_DIR / "latest.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    errors = sum(1 for r in b.results if r.error)
+    say(f"[bench] done in {report['wall_s']}s; {errors} error(s); results in {out.relative_to(ROOT)}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

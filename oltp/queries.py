@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 from psycopg_pool import ConnectionPool
@@ -32,35 +32,29 @@ def bucket_bounds(start: datetime, end: datetime, granularity: str, tz: ZoneInfo
         raise QueryError(f"granularity must be one of {', '.join(GRANULARITIES)}")
     if end <= start:
         raise QueryError("'to' must be after 'from'")
-    if granularity == "15m":
-        epoch = int(start.timestamp())
-        first = datetime.fromtimestamp(epoch - epoch % 900, tz=timezone.utc)
-        step = timedelta(minutes=15)
-        bounds = [first]
-        while bounds[-1] < end:
-            bounds.append(bounds[-1] + step)
-            if len(bounds) > MAX_BUCKETS + 1:
-                raise QueryError(f"the range spans more than {MAX_BUCKETS} buckets; pick a coarser granularity")
-        return bounds
-    local = start.astimezone(tz)
-    if granularity == "1h":
-        # floor to the hour on the UTC timeline (offsets like +05:45 keep their :45 hour start)
-        offset_s = int(local.utcoffset().total_seconds())  # type: ignore[union-attr]
+    if granularity == "1d":
+        day = start.astimezone(tz).date()
+
+        def midnight(d: date) -> datetime:
+            return datetime(d.year, d.month, d.day, tzinfo=tz).astimezone(timezone.utc)
+
+        def step(bound: datetime) -> datetime:
+            return midnight(bound.astimezone(tz).date() + timedelta(days=1))
+
+        bounds = [midnight(day)]
+    else:
+        # Floor on the UTC timeline shifted by the zone's offset, so an hour in +05:45 starts at :45.
+        seconds = 900 if granularity == "15m" else 3600
+        offset_s = int(start.astimezone(tz).utcoffset().total_seconds())  # type: ignore[union-attr]
         epoch = int(start.timestamp()) + offset_s
-        first = datetime.fromtimestamp(epoch - epoch % 3600 - offset_s, tz=timezone.utc)
-        bounds = [first]
-        while bounds[-1] < end:
-            bounds.append(bounds[-1] + timedelta(hours=1))
-            if len(bounds) > MAX_BUCKETS + 1:
-                raise QueryError(f"the range spans more than {MAX_BUCKETS} buckets; pick a coarser granularity")
-        return bounds
-    day = local.date()
-    bounds = [datetime(day.year, day.month, day.day, tzinfo=tz).astimezone(timezone.utc)]
+        bounds = [datetime.fromtimestamp(epoch - epoch % seconds - offset_s, tz=timezone.utc)]
+
+        def step(bound: datetime) -> datetime:
+            return bound + timedelta(seconds=seconds)
     while bounds[-1] < end:
-        day += timedelta(days=1)
-        bounds.append(datetime(day.year, day.month, day.day, tzinfo=tz).astimezone(timezone.utc))
+        bounds.append(step(bounds[-1]))
         if len(bounds) > MAX_BUCKETS + 1:
-            raise QueryError(f"the range spans more than {MAX_BUCKETS} buckets")
+            raise QueryError(f"the range spans more than {MAX_BUCKETS} buckets; pick a coarser granularity")
     return bounds
 
 

@@ -26,6 +26,7 @@ test: $(STAMP)
 
 ## Benchmarks (never part of the tests): floors and stage ratios. ARGS=--quick for a short run.
 bench: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python -m bench.run $(ARGS)
 

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from collector.spool import SpoolFull, SpoolWriter
 from tally.config import Settings
-from tally.event import EventError, HitContext, Limits, event_from_hit
+from tally.event import EventError, HitContext, Limits, event_from_hit, mac_key
 
 log = logging.getLogger(__name__)
 bp = Blueprint("collector", __name__)
@@ -102,7 +102,7 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
         raise ValueError("TALLY_SECRET must be set for the collector")
     app = Flask(__name__)
     app.config["TALLY"] = settings
-    app.config["TALLY_SECRET"] = settings.secret.encode()
+    app.config["TALLY_SECRET"] = mac_key(settings.secret)
     app.config["TALLY_LIMITS"] = Limits(max_future_skew=timedelta(seconds=settings.max_future_skew_s),
                                         max_past_age=timedelta(seconds=settings.max_past_age_s))
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = sub.add_parser("up", help="run the whole platform on the embedded stack (PostgreSQL, tansu, chDB)")
     up.add_argument("--demo", action="store_true", help="also send synthetic traffic so numbers move")
-    sub.add_parser("collector", help="serve POST /collect (gunicorn)")
+    sub.add_parser("collector", help="serve POST /collect (granian)")
     sub.add_parser("shipper", help="forward sealed spool segments to Kafka")
     sub.add_parser("rollup-worker", help="Kafka -> PostgreSQL 15-minute rollups")
     sub.add_parser("loader-worker", help="Kafka -> ClickHouse raw events")

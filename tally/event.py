@@ -10,7 +10,6 @@ half-written.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import math
 import re
 import uuid
@@ -142,12 +141,20 @@ def event_hash(domain: str, client_id: str | None) -> str:
     return hashlib.blake2b(f"{domain}\x00{client_id}".encode(), digest_size=16).hexdigest()
 
 
-def visitor_key(secret: bytes, day: str, domain: str, ip: str | None, ua: str | None) -> str | None:
-    """An anonymised visitor key that rotates daily; the raw IP never leaves this function."""
+def visitor_key(key: bytes, day: str, domain: str, ip: str | None, ua: str | None) -> str | None:
+    """An anonymised visitor key that rotates daily; the raw IP never leaves this function.
+
+    `key` is a keyed-BLAKE2b MAC key of at most 64 bytes (see `mac_key`).
+    """
     if not ip:
         return None
     msg = f"{day}\x00{domain}\x00{ip}\x00{ua or ''}".encode()
-    return hmac.new(secret, msg, hashlib.blake2b).hexdigest()[:32]
+    return hashlib.blake2b(msg, key=key, digest_size=16).hexdigest()
+
+
+def mac_key(secret: str) -> bytes:
+    """Derive the 32-byte visitor MAC key from TALLY_SECRET (any length)."""
+    return hashlib.blake2b(secret.encode(), digest_size=32, person=b"tally-visitor").digest()
 
 
 def event_from_hit(body: Any, ctx: HitContext, limits: Limits, secret: bytes,

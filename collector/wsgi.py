@@ -1,0 +1,20 @@
+"""WSGI entry point for a collector worker process: its composition root."""
+
+from __future__ import annotations
+
+import os
+
+from flask import Flask
+
+from collector.app import create_app
+from tally.config import Settings
+
+
+def create_app_from_env() -> Flask:
+    """Build one worker's app from the TALLY_* variables the parent already validated.
+
+    granian ends its workers without running atexit handlers, so a worker's open
+    spool segment is sealed by the shipper once that worker's pid is gone
+    (collector.spool.recover_orphans), or by the spool's age-based sealer before that.
+    """
+    return create_app(Settings.from_env(os.environ))

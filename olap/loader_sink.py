@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from clickhouse_connect.driver.client import Client
 
 from olap.schema import EVENT_COLUMNS
-from workers.batch import Batch
+from workers.batch import Batch, same_incarnation
 
 
 class LoaderSink:
@@ -26,12 +26,14 @@ class LoaderSink:
         self.db = db
         self.group = group
 
-    def committed(self, topic: str, partitions: list[int]) -> dict[int, int]:
+    def committed(self, topic: str, topic_id: str, partitions: list[int]) -> dict[int, int]:
         result = self.client.query(
-            f"SELECT partition, argMax(next_offset, written_at) FROM {self.db}.consumer_offsets"
+            f"SELECT partition, argMax(next_offset, written_at), argMax(topic_id, written_at)"
+            f" FROM {self.db}.consumer_offsets"
             " WHERE consumer_group = {g:String} AND topic = {t:String} GROUP BY partition",
             parameters={"g": self.group, "t": topic})
-        return {int(p): int(o) for p, o in result.result_rows if int(p) in partitions}
+        return {int(p): int(o) for p, o, stored_id in result.result_rows
+                if int(p) in partitions and same_incarnation(stored_id, topic_id)}
 
     def write(self, batch: Batch) -> None:
         if batch.events:
@@ -48,8 +50,8 @@ class LoaderSink:
                 column_names=("consumer_group", "topic", "partition", "offset", "error", "payload", "rejected_at"))
         self.client.insert(
             f"{self.db}.consumer_offsets",
-            [[self.group, batch.topic, p, o, now] for p, o in sorted(batch.next_offsets.items())],
-            column_names=("consumer_group", "topic", "partition", "next_offset", "written_at"))
+            [[self.group, batch.topic, p, batch.topic_id, o, now] for p, o in sorted(batch.next_offsets.items())],
+            column_names=("consumer_group", "topic", "partition", "topic_id", "next_offset", "written_at"))
 
     def close(self) -> None:
         pass

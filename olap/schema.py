@@ -37,6 +37,7 @@ def statements(db: str, ttl_days: int = 400) -> list[str]:
             consumer_group String,
             topic          String,
             partition      UInt32,
+            topic_id       String,
             next_offset    UInt64,
             written_at     DateTime64(6, 'UTC')
         ) ENGINE = ReplacingMergeTree(written_at)

@@ -13,7 +13,7 @@ import uuid
 
 import psycopg
 
-from workers.batch import Batch
+from workers.batch import Batch, same_incarnation
 
 REJECTED_CAP = 10_000  # rows kept in rejected_records; older ones are pruned
 
@@ -44,13 +44,13 @@ ON CONFLICT (domain, event_type, bucket_start) DO UPDATE SET
     value_max = GREATEST(r.value_max, EXCLUDED.value_max)
 """
 
-# Offsets only move forward here; `replay` resets them explicitly.
+# Offsets only move forward within one incarnation of the topic; a recreated topic starts over.
 _STORE_OFFSET = """
-INSERT INTO consumer_offsets AS o (consumer_group, topic, partition, next_offset)
-VALUES (%s, %s, %s, %s)
+INSERT INTO consumer_offsets AS o (consumer_group, topic, partition, topic_id, next_offset)
+VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT (consumer_group, topic, partition) DO UPDATE
-    SET next_offset = EXCLUDED.next_offset, updated_at = now()
-    WHERE o.next_offset < EXCLUDED.next_offset
+    SET next_offset = EXCLUDED.next_offset, topic_id = EXCLUDED.topic_id, updated_at = now()
+    WHERE o.next_offset < EXCLUDED.next_offset OR o.topic_id <> EXCLUDED.topic_id
 """
 
 
@@ -71,15 +71,15 @@ class RollupSink:
             self._conn.commit()
         return self._conn
 
-    def committed(self, topic: str, partitions: list[int]) -> dict[int, int]:
-        """Next offset to read per partition, as stored by earlier batches (absent = never stored)."""
+    def committed(self, topic: str, topic_id: str, partitions: list[int]) -> dict[int, int]:
+        """Next offset to read per partition, as stored by earlier batches of this topic incarnation."""
         conn = self._connection()
         with conn.transaction():
             rows = conn.execute(
-                "SELECT partition, next_offset FROM consumer_offsets"
+                "SELECT partition, next_offset, topic_id FROM consumer_offsets"
                 " WHERE consumer_group = %s AND topic = %s AND partition = ANY(%s)",
                 (self.group, topic, partitions)).fetchall()
-        return {p: o for p, o in rows}
+        return {p: o for p, o, stored_id in rows if same_incarnation(stored_id, topic_id)}
 
     def write(self, batch: Batch) -> None:
         conn = self._connection()
@@ -102,7 +102,7 @@ class RollupSink:
                     conn.execute("DELETE FROM rejected_records WHERE id <= (SELECT max(id) FROM rejected_records) - %s",
                                  (REJECTED_CAP,))
                 with conn.cursor() as cur:
-                    cur.executemany(_STORE_OFFSET, [(self.group, batch.topic, p, o)
+                    cur.executemany(_STORE_OFFSET, [(self.group, batch.topic, p, batch.topic_id, o)
                                                     for p, o in sorted(batch.next_offsets.items())])
         except psycopg.OperationalError:
             self.close()

@@ -9,6 +9,7 @@ CREATE TABLE IF NOT EXISTS consumer_offsets (
     consumer_group text    NOT NULL,
     topic          text    NOT NULL,
     partition      integer NOT NULL,
+    topic_id       text    NOT NULL DEFAULT '',  -- Kafka topic id of the incarnation these offsets belong to
     next_offset    bigint  NOT NULL CHECK (next_offset >= 0),
     updated_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer_group, topic, partition)

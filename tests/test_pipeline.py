@@ -214,3 +214,35 @@ def test_rollup_worker_pauses_while_postgres_is_down_then_resumes_exactly(pipeli
     assert not worker.is_alive()
     assert loop.stored_events == 12
     assert pipeline.impressions(domain, at(60), datetime.now(timezone.utc), metric="pageviews")["total"] == 12
+
+
+def test_a_recreated_topic_is_read_from_its_start_not_from_old_offsets(pipeline, domain, settings):
+    """tansu keeps topics in memory, so every `tally up` restart recreates the topic; the stores still
+    hold the old incarnation's offsets, which must not be used to skip records of the new one."""
+    from kafka import KafkaAdminClient
+
+    from workers.kafka_io import ensure_topic
+
+    pipeline.post([{"domain": domain, "url": f"https://{domain}/"}] * 4)
+    pipeline.ship()
+    pipeline.drain()
+    old_topic_id = pipeline.rollups.topic_id
+    assert old_topic_id
+    group_r, group_l = pipeline.rollups.sink.group, pipeline.loader.sink.group
+    pipeline.rollups.consumer.close()
+    pipeline.loader.consumer.close()
+    admin = KafkaAdminClient(bootstrap_servers=list(settings.kafka_bootstrap))
+    admin.delete_topics([settings.topic])
+    admin.close()
+    ensure_topic(settings.kafka_bootstrap, settings.topic, settings.partitions)
+    pipeline.shipper.close()
+
+    pipeline.post([{"domain": domain, "url": f"https://{domain}/"}] * 10)  # offsets 0..9 of the new topic
+    pipeline.ship()
+    pipeline.rollups = build_rollup_loop(settings, group=group_r)
+    pipeline.loader = build_loader_loop(settings, group=group_l)
+    pipeline.drain()
+    assert pipeline.rollups.topic_id not in ("", old_topic_id)
+    assert pipeline.rollups.stored_events == 10 and pipeline.loader.stored_events == 10
+    assert pipeline.impressions(domain, at(60), datetime.now(timezone.utc), metric="pageviews")["total"] == 14
+    assert pipeline.sql(f"SELECT count() FROM tally.events WHERE domain = '{domain}'") == [[14]]

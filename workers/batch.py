@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from tally.event import Event
 
 
+def same_incarnation(stored_topic_id: str, current_topic_id: str) -> bool:
+    """Stored offsets apply unless both ids are known and differ (the topic was recreated)."""
+    return not stored_topic_id or not current_topic_id or stored_topic_id == current_topic_id
+
+
 @dataclass(frozen=True, slots=True)
 class Rejected:
     partition: int
@@ -18,6 +23,9 @@ class Rejected:
 @dataclass(slots=True)
 class Batch:
     topic: str
+    # Kafka's id of this incarnation of the topic ("" if the broker has none): offsets stored with
+    # one incarnation's id are never used to seek in another (a recreated topic restarts at 0).
+    topic_id: str = ""
     events: list[Event] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     # partition -> offset of the next record to read once this batch is stored

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class Sink(Protocol):
     name: str
 
-    def committed(self, topic: str, partitions: list[int]) -> dict[int, int]: ...
+    def committed(self, topic: str, topic_id: str, partitions: list[int]) -> dict[int, int]: ...
     def write(self, batch: Batch) -> None: ...
     def close(self) -> None: ...
 
@@ -46,9 +46,9 @@ class _SeekToStored(ConsumerRebalanceListener):
             self.loop._needs_seek = True
 
 
-def decode(topic: str, records: dict[TopicPartition, list]) -> Batch:
+def decode(topic: str, topic_id: str, records: dict[TopicPartition, list]) -> Batch:
     """Pure transform from polled records to a Batch."""
-    batch = Batch(topic=topic)
+    batch = Batch(topic=topic, topic_id=topic_id)
     for tp, messages in records.items():
         for msg in messages:
             batch.first_offsets.setdefault(tp.partition, msg.offset)
@@ -72,13 +72,21 @@ class ConsumerLoop:
         self.stored_events = 0
         self.stored_rejects = 0
         self.failures = 0
+        self.topic_id = ""
         self._needs_seek = False
 
     def subscribe(self) -> None:
         self.consumer.subscribe([self.topic], listener=_SeekToStored(self))
 
+    def current_topic_id(self) -> str:
+        # kafka-python keeps topic ids (KIP-516) from metadata on its cluster object; there is no
+        # public accessor in 3.0.12. "" when the broker does not send ids.
+        topic_id = self.consumer._client.cluster.topic_id(self.topic)  # noqa: SLF001
+        return str(topic_id) if topic_id else ""
+
     def seek_to_stored(self, partitions: list[TopicPartition]) -> None:
-        stored = self.sink.committed(self.topic, [tp.partition for tp in partitions])
+        self.topic_id = self.current_topic_id()
+        stored = self.sink.committed(self.topic, self.topic_id, [tp.partition for tp in partitions])
         for tp in partitions:
             if tp.partition in stored:
                 self.consumer.seek(tp, stored[tp.partition])
@@ -97,7 +105,7 @@ class ConsumerLoop:
             return 0
         if self._needs_seek:  # assigned during this poll while the store was down: discard, re-seek
             return 0
-        batch = decode(self.topic, records)
+        batch = decode(self.topic, self.topic_id, records)
         self.sink.write(batch)
         self.stored_events += len(batch.events)
         self.stored_rejects += len(batch.rejected)

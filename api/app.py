@@ -49,6 +49,8 @@ def _parse_time(name: str, value: str | None, default: datetime) -> datetime:
         raise QueryError(f"'{name}' is not an ISO-8601 time: {value[:40]!r}") from None
     if parsed.tzinfo is None:
         raise QueryError(f"'{name}' must carry a UTC offset, e.g. 2026-01-01T00:00:00Z")
+    if not 1970 <= parsed.year <= 9000:
+        raise QueryError(f"'{name}' must be between the years 1970 and 9000")
     return parsed.astimezone(timezone.utc)
 
 
@@ -70,7 +72,7 @@ def domain_series(domain: str, metric: str) -> Response:
         return error(400, "invalid_granularity", f"granularity must be one of {', '.join(GRANULARITIES)}")
     try:
         tz = ZoneInfo(args.get("tz", "UTC"))
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: 'America' is a directory, names too long
         return error(400, "invalid_tz", f"unknown time zone {args.get('tz', '')[:64]!r}")
     now = datetime.now(timezone.utc)
     try:
@@ -122,6 +124,11 @@ def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
+def _handle_internal_error(exc: Exception) -> Response:
+    # Unexpected bugs still answer JSON; Flask has already logged the traceback.
+    return error(500, "internal_error", "unexpected error; it was logged")
+
+
 def _handle_http_error(exc: HTTPException) -> Response:
     return error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or "")
 
@@ -133,4 +140,5 @@ def create_app(settings: Settings, backends: Backends) -> Flask:
     app.extensions["tally_backends"] = backends
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _handle_http_error)
+    app.register_error_handler(500, _handle_internal_error)
     return app

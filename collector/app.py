@@ -91,6 +91,11 @@ def healthz() -> Response:
     return json_response({"status": "ok"}, 200)
 
 
+def _handle_internal_error(exc: Exception) -> Response:
+    # Unexpected bugs still answer JSON; Flask has already logged the traceback.
+    return error(500, "internal_error", "unexpected error; it was logged")
+
+
 def _handle_http_error(exc: HTTPException) -> Response:
     code = (exc.name or "error").lower().replace(" ", "_")
     return error(exc.code or 500, code, exc.description or exc.name or "error")
@@ -111,6 +116,7 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
     app.extensions["tally_spool"] = spool
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _handle_http_error)
+    app.register_error_handler(500, _handle_internal_error)
     if start_sealer:
         _start_sealer(spool, settings.spool_segment_age_s)
     return app

@@ -1,6 +1,6 @@
 """Analyst SQL: read-only ClickHouse queries with time, memory and result-size limits.
 
-Three layers keep analysts read-only:
+Four layers keep analysts read-only:
 
 0. One statement only: chDB executes `;`-separated statements one after the
    other (a SETTINGS clause would only cover the last). The text is handed to
@@ -13,7 +13,10 @@ Three layers keep analysts read-only:
    statement carrying a SETTINGS clause leaves those settings on the shared
    session (seen with chDB 4.4 / clickhouse-connect 1.12), so a refused
    `DROP TABLE` would otherwise leave the loader's session read-only.
-2. The SELECT runs with `readonly = 1` (no writes, no table functions, no
+2. No `INTO OUTFILE`: chDB writes the file even under `readonly = 1`, i.e.
+   anything the process may write (found in review). Refused on the
+   canonical text, conservatively: a string literal saying it is refused too.
+3. The SELECT runs with `readonly = 1` (no writes, no table functions, no
    changing settings from inside the query), time, memory and row limits, and
    `final = 1`, so ReplacingMergeTree duplicates are never visible and analysts
    need not remember FINAL.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import ipaddress
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +37,8 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 
 MAX_SQL_CHARS = 100_000
 _SELECT_ROOTS = ("SelectWithUnionQuery", "SelectIntersectExceptQuery")
+_INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
+_INT64_RANGE = range(-(2**63), 2**63)
 
 
 class AnalystQueryError(ValueError):
@@ -62,6 +68,8 @@ def run_query(client: Client, sql: Any, limits: SqlLimits) -> QueryResult:
     kind = statement_kind(client, text)
     if kind not in _SELECT_ROOTS:
         raise AnalystQueryError(f"only SELECT queries are allowed (this is a {kind}); analyst SQL is readonly")
+    if _INTO_OUTFILE.search(text):
+        raise AnalystQueryError("INTO OUTFILE is not allowed: analyst SQL returns rows, it writes no files")
     settings = {
         "final": 1,
         "max_execution_time": limits.max_execution_s,
@@ -112,6 +120,8 @@ def _jsonable(value: Any) -> Any:
         return str(value)
     if isinstance(value, (uuid.UUID, ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return str(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64_RANGE:
+        return str(value)  # (U)Int128/256: JSON readers lose precision past 64 bits
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, (list, tuple)):

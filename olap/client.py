@@ -26,4 +26,6 @@ def connect(dsn: str) -> Client:
                 client = clickhouse_connect.get_client(dsn=dsn)
                 _CHDB_CLIENTS[path] = client
             return client
-    return clickhouse_connect.get_client(dsn=dsn, connect_timeout=5, send_receive_timeout=60)
+    # No session id: one client serves the API's threads, and a ClickHouse session runs one query at a time.
+    return clickhouse_connect.get_client(dsn=dsn, connect_timeout=5, send_receive_timeout=60,
+                                         autogenerate_session_id=False)

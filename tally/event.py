@@ -170,6 +170,9 @@ def event_from_hit(body: Any, ctx: HitContext, limits: Limits, secret: bytes,
     if client_id is not None and (not isinstance(client_id, str) or not 0 < len(client_id) <= _MAX_ID):
         raise EventError("id", f"must be a non-empty string of at most {_MAX_ID} characters")
     received = ctx.received_at
+    if client_id is not None and body.get("ts") is None:
+        # A retry must be the same event: without its own time it would land in another bucket/day.
+        raise EventError("ts", "is required when 'id' is sent, so that retries carry the same event time")
     ts = _client_time(body.get("ts"), received, limits)
     ua = ctx.user_agent[:_MAX_UA] if ctx.user_agent else None
     browser = os_name = device = None
@@ -267,6 +270,8 @@ def _parse_time(value: Any, name: str) -> datetime:
         else:
             if dt.tzinfo is None:
                 raise EventError(name, "must carry a UTC offset (e.g. 2026-01-01T10:00:00Z)")
+            if not 1970 <= dt.year <= 2999:  # also keeps astimezone() away from year 1 / 9999 overflows
+                raise EventError(name, "must be between the years 1970 and 2999")
             return dt.astimezone(timezone.utc)
     raise EventError(name, "must be an ISO-8601 time with offset or epoch milliseconds")
 

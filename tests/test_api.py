@@ -23,6 +23,10 @@ def api(make_settings):
     ("/api/v1/domains/example.com/impressions", {"granularity": "5m"}, 400, "invalid_granularity"),
     ("/api/v1/domains/example.com/impressions", {"tz": "Mars/Olympus"}, 400, "invalid_tz"),
     ("/api/v1/domains/example.com/impressions", {"tz": "../../etc/passwd"}, 400, "invalid_tz"),
+    ("/api/v1/domains/example.com/impressions", {"tz": "America"}, 400, "invalid_tz"),
+    ("/api/v1/domains/example.com/impressions", {"tz": "Europe/" + "x" * 300}, 400, "invalid_tz"),
+    ("/api/v1/domains/example.com/impressions", {"to": "9999-12-31T23:00:00-05:00"}, 400, "invalid_range"),
+    ("/api/v1/domains/example.com/impressions", {"from": "0001-01-01T00:00:00+01:00"}, 400, "invalid_range"),
     ("/api/v1/domains/example.com/impressions", {"from": "last tuesday"}, 400, "invalid_range"),
     ("/api/v1/domains/example.com/impressions", {"from": "2026-01-01T00:00:00"}, 400, "invalid_range"),
     ("/api/v1/domains/example.com/impressions",
@@ -75,6 +79,8 @@ def test_analyst_sql_returns_columns_and_rows(api):
     ({"sql": "SELECT $$it's$$; DROP TABLE tally.events; SELECT '$$'"}, "Multi-statements are not allowed"),
     ({"sql": "SELECT 1 # it's\n; DROP TABLE tally.events; SELECT '"}, "Multi-statements are not allowed"),
     ({"sql": "SELECT * FROM file('/etc/passwd', 'LineAsString')"}, "readonly"),
+    ({"sql": "SELECT 'x' INTO OUTFILE '/tmp/tally-should-not-exist' APPEND"}, "INTO OUTFILE"),
+    ({"sql": "select 1 into   outfile '/tmp/tally-should-not-exist'"}, "INTO OUTFILE"),
     ({"sql": "SELECT 1 SETTINGS final = 0"}, "readonly"),
     ({"sql": "SELECT number FROM numbers(100000)"}, "max rows"),
     ({"sql": "SELECT 1", "extra": True}, "JSON object"),
@@ -88,6 +94,20 @@ def test_bad_or_unsafe_sql_is_refused_with_the_reason(api, body, words):
     assert api.post("/api/v1/sql", json={"sql": "SELECT 2"}).json["rows"] == [[2]]
     assert api.post("/api/v1/sql", json={"sql": "EXISTS TABLE tally.events"}).status_code == 400
     assert api.post("/api/v1/sql", json={"sql": "SELECT count() > -1 FROM tally.events"}).json["rows"] == [[True]]
+
+
+def test_into_outfile_writes_no_file(api, tmp_path):
+    target = tmp_path / "owned.txt"
+    resp = api.post("/api/v1/sql", json={"sql": f"SELECT 'pwned' INTO OUTFILE '{target}'"})
+    assert resp.status_code == 400
+    assert not target.exists()
+
+
+def test_wide_integers_come_back_as_exact_strings(api):
+    resp = api.post("/api/v1/sql", json={"sql": "SELECT toUInt256('340282366920938463463374607431768211457') AS big,"
+                                                " toInt64(-9223372036854775808) AS small"})
+    assert resp.status_code == 200
+    assert resp.json["rows"] == [["340282366920938463463374607431768211457", -9223372036854775808]]
 
 
 def test_refused_statements_leave_the_shared_chdb_session_writable(api, settings, domain):

@@ -35,8 +35,9 @@ def test_missing_ts_defaults_to_received_time_and_epoch_ms_is_accepted():
 
 
 def test_client_id_makes_the_hash_deterministic_per_domain():
-    assert hit(id="abc").hash == hit(id="abc").hash == event_hash("example.com", "abc")
-    assert hit(id="abc").hash != event_hash("other.com", "abc")
+    ts = "2026-11-21T11:00:00Z"
+    assert hit(id="abc", ts=ts).hash == hit(id="abc", ts=ts).hash == event_hash("example.com", "abc")
+    assert hit(id="abc", ts=ts).hash != event_hash("other.com", "abc")
     assert hit().hash != hit().hash
 
 
@@ -59,6 +60,8 @@ def test_json_round_trip():
     ({"ts": "2026-11-21T11:00:00"}, "ts", "UTC offset"),
     ({"ts": "yesterday"}, "ts", "ISO-8601"),
     ({"ts": True}, "ts", "ISO-8601"),
+    ({"ts": "0001-01-01T00:00:00+01:00"}, "ts", "between the years"),
+    ({"ts": "9999-12-31T23:59:59-05:00"}, "ts", "between the years"),
     ({"value": -1}, "value", "between 0"),
     ({"value": "1.0000001"}, "value", "6 decimal places"),
     ({"value": "NaN"}, "value", "between 0"),
@@ -66,6 +69,7 @@ def test_json_round_trip():
     ({"value": "ten"}, "value", "not a decimal"),
     ({"value": [1]}, "value", "decimal number"),
     ({"id": ""}, "id", "non-empty"),
+    ({"id": "evt-1"}, "ts", "required when 'id'"),
     ({"id": 5}, "id", "non-empty"),
     ({"colour": "red"}, "colour", "unknown field"),
     ({"referrer": "ftp://x"}, "referrer", "absolute http"),
@@ -90,6 +94,8 @@ def test_non_object_hit_is_rejected():
     (b'{"v": 1, "hash": "xyz"}', "hash"),
     (b'{"v": 1, "hash": "' + b"a" * 32 + b'", "domain": "example.com", "url": "https://e.com/",'
      b' "ts": 5, "received_at": "2026-01-01T00:00:00Z", "type": "pageview"}', "ts"),
+    (b'{"v": 1, "hash": "' + b"a" * 32 + b'", "domain": "example.com", "url": "https://e.com/",'
+     b' "ts": "0001-01-01T00:00:00+01:00", "received_at": "2026-01-01T00:00:00Z", "type": "pageview"}', "ts"),
 ])
 def test_stored_records_are_revalidated(raw, field):
     with pytest.raises(EventError) as info:

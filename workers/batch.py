@@ -39,4 +39,4 @@ class Batch:
     def token(self, group: str) -> str:
         """A deterministic id for exactly this span of the log (same span -> same token)."""
         spans = ",".join(f"{p}:{self.first_offsets[p]}-{self.next_offsets[p]}" for p in sorted(self.next_offsets))
-        return f"{group}/{self.topic}/{spans}"
+        return f"{group}/{self.topic}/{self.topic_id}/{spans}"

@@ -59,6 +59,9 @@ def decode(topic: str, topic_id: str, records: dict[TopicPartition, list]) -> Ba
                 batch.events.append(Event.from_json(msg.value))
             except EventError as exc:
                 batch.rejected.append(Rejected(tp.partition, msg.offset, str(exc), msg.value or b""))
+            except Exception as exc:  # noqa: BLE001 - a record must never stall its partition
+                batch.rejected.append(Rejected(tp.partition, msg.offset, f"undecodable: {type(exc).__name__}: {exc}",
+                                               msg.value or b""))
     return batch
 
 

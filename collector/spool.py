@@ -1,9 +1,14 @@
 """The spool: local append-only segment files, one event JSON per line.
 
-Writers (one per collector process) append to `<host>-<pid>-<n>.open` and seal
-a segment by renaming it to `.seg` once it is big or old enough. The shipper
-only reads sealed segments and deletes one after Kafka acknowledged every
-record in it. File names sort by creation order within a writer.
+Writers (one per collector process) append to `<host>-<pid>-<time>-<n>.open`
+and seal a segment by renaming it to `.seg` once it is big or old enough. The
+shipper only reads sealed segments and deletes one after Kafka acknowledged
+every record in it. File names sort by creation order within a writer.
+
+A writer holds an exclusive `flock` on its open segment for as long as it
+owns it; the kernel drops the lock when the process dies however it dies. So
+"is the writer gone?" never depends on host names or pids (which differ or
+repeat across containers and pid namespaces sharing one spool volume).
 
 Contract of `SpoolWriter.append`: when it returns, the lines are on disk
 (written and fdatasync'd). If it raises, none of the lines are in the segment
@@ -13,6 +18,7 @@ Contract of `SpoolWriter.append`: when it returns, the lines are on disk
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -20,8 +26,6 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-
-from infra.processes import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +65,14 @@ class SpoolWriter:
             return
         with self._lock:
             self._check_fork()
-            if self._fd is not None and (self._size >= self.max_bytes
-                                         or time.monotonic() - self._opened_at >= self.max_age_s):
-                self._seal()
-            if self._fd is None:
-                self._open()
+            try:
+                if self._fd is not None and (self._size >= self.max_bytes
+                                             or time.monotonic() - self._opened_at >= self.max_age_s):
+                    self._seal()
+                if self._fd is None:
+                    self._open()
+            except OSError as exc:
+                raise _classify(exc) from exc
             assert self._fd is not None
             start = self._size
             try:
@@ -75,9 +82,7 @@ class SpoolWriter:
                 os.fdatasync(self._fd)
             except OSError as exc:
                 self._undo(start)
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise SpoolFull(exc.errno, "spool disk is full") from exc
-                raise
+                raise _classify(exc) from exc
             self._size = start + len(data)
 
     def seal_if_stale(self) -> None:
@@ -93,29 +98,40 @@ class SpoolWriter:
                 self._seal()
 
     def _check_fork(self) -> None:
-        # A forked worker must not share its parent's segment.
+        # A forked worker must not share its parent's segment (nor keep its lock alive).
         if os.getpid() != self._pid:
+            if self._fd is not None:
+                os.close(self._fd)
             self._fd, self._path, self._size = None, None, 0
             self._pid = os.getpid()
             self._prefix = f"{socket.gethostname()}-{self._pid}"
 
     def _open(self) -> None:
         self._seq += 1
-        self._path = self.directory / f"{self._prefix}-{time.time_ns():020d}-{self._seq:06d}{OPEN}"
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        _fsync_dir(self.directory)
-        self._size = 0
+        path = self.directory / f"{self._prefix}-{time.time_ns():020d}-{self._seq:06d}{OPEN}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file: nobody else can hold it
+            _fsync_dir(self.directory)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self._fd, self._path, self._size = fd, path, 0
         self._opened_at = time.monotonic()
 
     def _seal(self) -> None:
         assert self._fd is not None and self._path is not None
-        os.close(self._fd)
-        if self._size:
-            self._path.rename(self._path.with_suffix(SEALED))
-        else:
-            self._path.unlink(missing_ok=True)
-        _fsync_dir(self.directory)
-        self._fd, self._path, self._size = None, None, 0
+        fd, path, size = self._fd, self._path, self._size
+        self._fd, self._path, self._size = None, None, 0  # whatever happens next, this segment is done
+        try:
+            if size:
+                path.rename(path.with_suffix(SEALED))  # renamed while still locked: recovery never races us
+            else:
+                path.unlink(missing_ok=True)
+            _fsync_dir(self.directory)
+        finally:
+            os.close(fd)
 
     def _undo(self, size: int) -> None:
         assert self._fd is not None
@@ -127,35 +143,44 @@ class SpoolWriter:
             self._fd, self._path, self._size = None, None, 0
 
 
+def _classify(exc: OSError) -> OSError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFull(exc.errno, "spool disk is full")
+    return exc
+
+
 def sealed_segments(directory: Path) -> list[Path]:
     return sorted(directory.glob(f"*{SEALED}"))
 
 
-def recover_orphans(directory: Path, host: str | None = None) -> int:
-    """Seal `.open` segments of dead writers on this host, dropping a torn final line.
+def recover_orphans(directory: Path) -> int:
+    """Seal `.open` segments whose writer is gone (nobody holds their lock), dropping a torn final line.
 
     A torn line was never acknowledged (fdatasync happens before the 2xx), so
     dropping it loses nothing that was accepted.
     """
-    host = host or socket.gethostname()
     recovered = 0
-    for path in sorted(directory.glob(f"{host}-*{OPEN}")):
+    for path in sorted(directory.glob(f"*{OPEN}")):
         try:
-            pid = int(path.name[len(host) + 1:].split("-", 1)[0])
-        except ValueError:
+            fh = open(path, "r+b")
+        except FileNotFoundError:  # sealed by its writer meanwhile
             continue
-        if pid_alive(pid):
-            continue
-        data = path.read_bytes()
-        keep = data[: data.rfind(b"\n") + 1]
-        if keep:
-            if len(keep) != len(data):
-                with open(path, "r+b") as fh:
-                    fh.truncate(len(keep))
+        with fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer owns it
+            if not path.exists():  # sealed between our open and our lock
+                continue
+            data = fh.read()
+            keep = len(data[: data.rfind(b"\n") + 1])
+            if keep:
+                if keep != len(data):
+                    fh.truncate(keep)
                     os.fsync(fh.fileno())
-            path.rename(path.with_suffix(SEALED))
-        else:
-            path.unlink()
+                path.rename(path.with_suffix(SEALED))
+            else:
+                path.unlink()
         recovered += 1
     if recovered:
         _fsync_dir(directory)

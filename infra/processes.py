@@ -38,8 +38,9 @@ def spawn(argv: Sequence[str], log_path: Path, *, env: dict[str, str] | None = N
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")
     try:
+        # Own session: a terminal's Ctrl-C reaches only `tally up`, which then stops children in order.
         return subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, user=user, preexec_fn=_die_with_parent)
+                                env=env, user=user, preexec_fn=_die_with_parent, start_new_session=True)
     finally:
         log.close()
 

@@ -150,15 +150,22 @@ class Platform:
                 restarts[name] = time.monotonic()
                 self._spawn(name)
 
+    # Stop in pipeline order, so that what was accepted is spooled, shipped and consumed before the
+    # (memory-only) embedded broker goes away: collector, then shipper (final ship), then both workers
+    # (they drain until a poll comes back empty), then the servers.
+    STOP_ORDER = (("collector",), ("shipper",), ("rollup-worker", "api"))
+
     def stop(self) -> None:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        for proc in self.children.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.children.values():
-            stop(proc, timeout=15)
+        for group in self.STOP_ORDER:
+            procs = [self.children[name] for name in group if name in self.children]
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                stop(proc, timeout=40)  # workers may spend up to 20 s draining
         self.stack.stop()
 
 
@@ -167,6 +174,7 @@ def check_ports(settings: Settings) -> None:
 
     for var, port in (("TALLY_COLLECTOR_PORT", settings.collector_port), ("TALLY_API_PORT", settings.api_port)):
         with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is fine
             try:
                 sock.bind((settings.bind_host, port))
             except OSError as exc:

@@ -142,7 +142,7 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
             raise
     if loader_thread is not None:
         stop.set()
-        loader_thread.join(timeout=15)
+        loader_thread.join(timeout=30)  # it drains what is left on the topic first
     return 0
 
 

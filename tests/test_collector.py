@@ -2,6 +2,8 @@
 
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -112,23 +114,53 @@ def test_unknown_route_is_json_404(client):
     assert resp.status_code == 404 and resp.json["error"]["code"] == "not_found"
 
 
-def test_orphaned_open_segment_is_sealed_without_its_torn_tail(tmp_path):
+WRITER = """
+import os, sys, time
+from pathlib import Path
+from collector.spool import SpoolWriter
+w = SpoolWriter(Path(sys.argv[1]), max_bytes=1 << 20, max_age_s=3600)
+w.append([b'{"a": 1}', b'{"a": 2}'])
+os.write(w._fd, b'{"a": 3, "torn')  # a write that was cut off: never acknowledged
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_segment_of_a_killed_writer_is_sealed_without_its_torn_tail(tmp_path):
     spool_dir = tmp_path / "spool"
-    spool_dir.mkdir()
-    dead_pid = 2_000_000_000  # above pid_max: never alive
-    orphan = spool_dir / f"{os.uname().nodename}-{dead_pid}-1-1.open"
-    good = b'{"a": 1}\n{"a": 2}\n'
-    orphan.write_bytes(good + b'{"a": 3, "torn')
-    assert recover_orphans(spool_dir, host=os.uname().nodename) == 1
-    segments = sealed_segments(spool_dir)
-    assert len(segments) == 1 and segments[0].read_bytes() == good
-    assert [orjson.loads(x)["a"] for x in segments[0].read_bytes().splitlines()] == [1, 2]
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(spool_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert recover_orphans(spool_dir) == 0  # alive: its lock is held, leave it alone
+        assert sealed_segments(spool_dir) == []
+    finally:
+        proc.kill()  # SIGKILL: no chance to seal
+        proc.wait()
+    assert recover_orphans(spool_dir) == 1
+    (segment,) = sealed_segments(spool_dir)
+    assert [orjson.loads(x)["a"] for x in segment.read_bytes().splitlines()] == [1, 2]
+    assert list(spool_dir.glob("*.open")) == []
 
 
-def test_live_writers_segment_is_left_alone(settings):
+def test_live_writers_segment_is_left_alone_even_in_the_same_process(settings):
     writer = SpoolWriter(settings.spool_dir, max_bytes=1 << 20, max_age_s=3600)
     writer.append([b'{"x": 1}'])
     assert recover_orphans(settings.spool_dir) == 0
     assert sealed_segments(settings.spool_dir) == []
     writer.close()
     assert len(sealed_segments(settings.spool_dir)) == 1
+
+
+def test_disk_full_when_opening_a_segment_is_a_503(client, settings, domain, monkeypatch):
+    real_open = os.open
+
+    def full_disk(path, *args, **kwargs):
+        if str(path).endswith(".open"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(spool_module.os, "open", full_disk)
+    resp = client.post("/collect", json={"domain": domain, "url": f"https://{domain}/"})
+    assert resp.status_code == 503 and resp.json["error"]["code"] == "spool_full"
+    monkeypatch.undo()
+    assert client.post("/collect", json={"domain": domain, "url": f"https://{domain}/"}).status_code == 202

@@ -64,3 +64,54 @@ def test_up_demo_shows_impressions_then_stops_cleanly(tmp_path):
     # every server it started is gone
     assert not (home / "postgres" / "data" / "postmaster.pid").exists()
     assert not tcp_open("127.0.0.1", collector_port) and not tcp_open("127.0.0.1", api_port)
+
+
+def start_up(env: dict[str, str], *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "up", *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "Press Ctrl-C" in line:
+            return proc
+    raise AssertionError(f"tally up exited with {proc.wait()}: {''.join(seen)}")
+
+
+@pytest.mark.slow
+def test_events_accepted_just_before_a_stop_are_counted_after_a_restart(tmp_path):
+    """Stop right after the 202s: the ordered shutdown must spool, ship and consume them before the
+    memory-only broker goes away, and a restart (new, empty topic) must neither lose nor recount them."""
+    collector_port, api_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env.update(TALLY_HOME=str(tmp_path / "home"), TALLY_COLLECTOR_PORT=str(collector_port),
+               TALLY_API_PORT=str(api_port))
+    domain = "restart.example.com"
+    proc = start_up(env)
+    try:
+        for i in range(20):
+            body = json.dumps([{"domain": domain, "url": f"https://{domain}/{i}", "type": "impression"}] * 10)
+            req = urllib.request.Request(f"http://127.0.0.1:{collector_port}/collect", data=body.encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                assert resp.status == 202
+    finally:
+        proc.send_signal(signal.SIGTERM)  # at once: nothing has had time to ship or load
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+
+    proc = start_up(env)
+    try:
+        url = f"http://127.0.0.1:{api_port}/api/v1/domains/{domain}/impressions?granularity=1h"
+        deadline, total = time.monotonic() + 30, None
+        while time.monotonic() < deadline and total != 200:
+            total = get_json(url)["total"]
+            time.sleep(0.5)
+        assert total == 200
+        sql = subprocess.run([sys.executable, "-m", "tally.cli", "sql",
+                              f"SELECT count() FROM tally.events WHERE domain = '{domain}'"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert sql.stdout.strip().splitlines()[1] == "200", sql.stdout + sql.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    assert proc.returncode == 0

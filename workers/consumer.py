@@ -117,7 +117,10 @@ class ConsumerLoop:
                         len(batch.rejected), batch.rejected[0].error)
         return len(batch)
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, drain_on_stop_s: float = 20.0) -> None:
+        """Consume until `stop` is set, then drain what is on the topic (at most `drain_on_stop_s`,
+        including a group join still in progress): on the embedded broker, records left unconsumed
+        at shutdown are gone. `tally up` stops the collector and the shipper first."""
         self.subscribe()
         backoff = 0.2
         while not stop.is_set():
@@ -131,6 +134,10 @@ class ConsumerLoop:
                 self._needs_seek = True
                 stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
+        try:
+            self.drain(timeout_s=drain_on_stop_s, idle_polls=1)
+        except Exception as exc:  # noqa: BLE001 - stopping anyway; the stored offsets say where to resume
+            log.warning("%s: could not drain before stopping (%s)", self.sink.name, exc)
         self.consumer.close()
         self.sink.close()
 

@@ -134,4 +134,8 @@ class Shipper:
                 continue
             if not shipped:
                 stop.wait(idle_wait_s)
+        try:  # what the (already stopped) collector spooled last, including its open segments
+            self.ship_once()
+        except ShipError as exc:
+            log.warning("shipper: final ship failed (%s); the spool keeps it for next time", exc)
         self.close()

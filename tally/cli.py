@@ -153,7 +153,8 @@ def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
     from tally.roots import require_bootstrap, require_pg
     from workers.kafka_io import ensure_topic
 
-    ensure_topic(require_bootstrap(settings), settings.topic, settings.partitions)
+    ensure_topic(require_bootstrap(settings), settings.topic, settings.partitions,
+                 settings.replication_factor)
     ensure_pg(require_pg(settings))
     ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database)
     print("tally: topic and schemas are in place")

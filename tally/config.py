@@ -32,6 +32,7 @@ class Settings:
     kafka_bootstrap: tuple[str, ...] | None
     topic: str
     partitions: int
+    replication_factor: int
     # PostgreSQL. `None` means "start embedded PostgreSQL under home".
     pg_dsn: str | None
     # ClickHouse: chdb:///abs/path or http(s)://host:port[/database]
@@ -68,6 +69,7 @@ class Settings:
             topic=r.match("TALLY_KAFKA_TOPIC", "tally.events", r"[A-Za-z0-9._-]{1,249}",
                           "must be 1-249 characters of letters, digits, '.', '_' or '-'"),
             partitions=r.integer("TALLY_KAFKA_PARTITIONS", 4, 1, 1024),
+            replication_factor=r.integer("TALLY_KAFKA_REPLICATION_FACTOR", 1, 1, 7),
             pg_dsn=r.dsn("TALLY_PG_DSN", None, ("postgresql", "postgres")),
             clickhouse_dsn=r.dsn("TALLY_CLICKHOUSE_DSN", ch_default, ("chdb", "http", "https"))
             or ch_default,
@@ -103,7 +105,8 @@ class Settings:
 
 
 _KNOWN = {
-    "TALLY_HOME", "TALLY_KAFKA_BOOTSTRAP", "TALLY_KAFKA_TOPIC", "TALLY_KAFKA_PARTITIONS", "TALLY_PG_DSN",
+    "TALLY_HOME", "TALLY_KAFKA_BOOTSTRAP", "TALLY_KAFKA_TOPIC", "TALLY_KAFKA_PARTITIONS",
+    "TALLY_KAFKA_REPLICATION_FACTOR", "TALLY_PG_DSN",
     "TALLY_CLICKHOUSE_DSN", "TALLY_CLICKHOUSE_DATABASE", "TALLY_SPOOL_DIR", "TALLY_SECRET", "TALLY_BIND_HOST",
     "TALLY_COLLECTOR_PORT", "TALLY_API_PORT", "TALLY_COLLECTOR_WORKERS", "TALLY_MAX_BODY_BYTES",
     "TALLY_MAX_BATCH_EVENTS", "TALLY_MAX_FUTURE_SKEW_S", "TALLY_MAX_PAST_AGE_S", "TALLY_SPOOL_SEGMENT_BYTES",

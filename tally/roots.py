@@ -47,7 +47,7 @@ def build_shipper(settings: Settings):  # -> workers.shipper.Shipper
     bootstrap = require_bootstrap(settings)
 
     def producer():  # called again after any failure; Kafka may be down when we start
-        ensure_topic(bootstrap, settings.topic, settings.partitions)
+        ensure_topic(bootstrap, settings.topic, settings.partitions, settings.replication_factor)
         return make_producer(bootstrap)
 
     return Shipper(settings.spool_dir, producer, settings.topic)
@@ -60,7 +60,7 @@ def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP):  # -> work
     from workers.kafka_io import ensure_topic, make_consumer
 
     bootstrap, dsn = require_bootstrap(settings), require_pg(settings)
-    ensure_topic(bootstrap, settings.topic, settings.partitions)
+    ensure_topic(bootstrap, settings.topic, settings.partitions, settings.replication_factor)
     ensure_schema(dsn)
     consumer = make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
     return ConsumerLoop(consumer, RollupSink(dsn, group), settings.topic)
@@ -74,7 +74,7 @@ def build_loader_loop(settings: Settings, group: str = LOADER_GROUP):  # -> work
     from workers.kafka_io import ensure_topic, make_consumer
 
     bootstrap = require_bootstrap(settings)
-    ensure_topic(bootstrap, settings.topic, settings.partitions)
+    ensure_topic(bootstrap, settings.topic, settings.partitions, settings.replication_factor)
     client = connect(settings.clickhouse_dsn)
     ensure_schema(client, settings.clickhouse_database)
     consumer = make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)

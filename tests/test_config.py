@@ -30,6 +30,7 @@ def test_valid_production_values():
 @pytest.mark.parametrize("variable, value, words", [
     ("TALLY_KAFKA_PARTITIONS", "many", "not an integer"),
     ("TALLY_KAFKA_PARTITIONS", "0", "out of range"),
+    ("TALLY_KAFKA_REPLICATION_FACTOR", "0", "out of range"),
     ("TALLY_COLLECTOR_PORT", "70000", "out of range"),
     ("TALLY_KAFKA_BOOTSTRAP", "localhost", "not host:port"),
     ("TALLY_KAFKA_BOOTSTRAP", "host:port", "not host:port"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,8 +62,11 @@ def test_up_demo_shows_impressions_then_stops_cleanly(tmp_path):
         rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
     assert "stopping" in rest
-    # every server it started is gone
+    # every server it started is gone: PostgreSQL, the broker, the collector's and the API's listeners
     assert not (home / "postgres" / "data" / "postmaster.pid").exists()
+    broker_port = int(re.search(r"listening on: tcp://127\.0\.0\.1:(\d+)",
+                                (home / "logs" / "tansu.log").read_text()).group(1))
+    assert not tcp_open("127.0.0.1", broker_port)
     assert not tcp_open("127.0.0.1", collector_port) and not tcp_open("127.0.0.1", api_port)
 
 

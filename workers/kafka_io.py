@@ -45,15 +45,20 @@ def make_consumer(bootstrap: Sequence[str], group: str, *, session_timeout_ms: i
     return KafkaConsumer(**config)
 
 
-def ensure_topic(bootstrap: Sequence[str], topic: str, partitions: int) -> None:
-    """Create the raw-events topic if it does not exist (idempotent, safe to race)."""
+def ensure_topic(bootstrap: Sequence[str], topic: str, partitions: int, replication_factor: int = 1) -> None:
+    """Create the raw-events topic if it does not exist (idempotent, safe to race).
+
+    With several replicas, min.insync.replicas = 2 makes acks=all mean "on two brokers".
+    """
     admin = KafkaAdminClient(bootstrap_servers=list(bootstrap), request_timeout_ms=10_000)
     try:
         if topic in admin.list_topics():
             return
         try:
-            admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
-            log.info("created topic %s with %d partitions", topic, partitions)
+            configs = {"min.insync.replicas": str(min(2, replication_factor))}
+            admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor,
+                                          topic_configs=configs if replication_factor > 1 else {})])
+            log.info("created topic %s with %d partitions x %d replicas", topic, partitions, replication_factor)
         except TopicAlreadyExistsError:
             pass
     finally:

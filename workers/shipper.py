@@ -127,7 +127,7 @@ class Shipper:
             try:
                 shipped = self.ship_once()
                 backoff = 0.5
-            except ShipError as exc:
+            except (ShipError, OSError) as exc:  # OSError: the spool or quarantine disk
                 log.error("shipper: %s; retrying in %.1fs", exc, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)

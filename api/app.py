@@ -8,15 +8,14 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import orjson
 import psycopg
 from flask import Blueprint, Flask, Response, current_app, render_template, request
-from werkzeug.exceptions import HTTPException
 
 from olap.analyst import AnalystQueryError, SqlLimits, run_query
 from oltp.queries import GRANULARITIES, QueryError, RollupReader
 from tally.event import EVENT_TYPES, EventError, normalize_domain
 from tally.config import Settings
+from tally.http import error, install_json_errors, json_response
 
 bp = Blueprint("api", __name__)
 
@@ -26,14 +25,6 @@ class Backends:
     rollups: RollupReader
     clickhouse: Any  # clickhouse_connect Client
     sql_limits: SqlLimits
-
-
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status=status, mimetype="application/json")
-
-
-def error(status: int, code: str, message: str) -> Response:
-    return json_response({"error": {"code": code, "message": message}}, status)
 
 
 def _backends() -> Backends:
@@ -124,21 +115,11 @@ def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-def _handle_internal_error(exc: Exception) -> Response:
-    # Unexpected bugs still answer JSON; Flask has already logged the traceback.
-    return error(500, "internal_error", "unexpected error; it was logged")
-
-
-def _handle_http_error(exc: HTTPException) -> Response:
-    return error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or "")
-
-
 def create_app(settings: Settings, backends: Backends) -> Flask:
     app = Flask(__name__)
     app.config["TALLY"] = settings
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     app.extensions["tally_backends"] = backends
     app.register_blueprint(bp)
-    app.register_error_handler(HTTPException, _handle_http_error)
-    app.register_error_handler(500, _handle_internal_error)
+    install_json_errors(app)
     return app

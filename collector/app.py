@@ -6,26 +6,16 @@ import logging
 import threading
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
-from typing import Any
-
 import orjson
 from flask import Blueprint, Flask, Response, current_app, request
-from werkzeug.exceptions import HTTPException
 
 from collector.spool import SpoolFull, SpoolWriter
 from tally.config import Settings
+from tally.http import error, install_json_errors, json_response
 from tally.event import EventError, HitContext, Limits, event_from_hit, mac_key
 
 log = logging.getLogger(__name__)
 bp = Blueprint("collector", __name__)
-
-
-def json_response(body: Any, status: int, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status=status, mimetype="application/json", headers=headers)
-
-
-def error(status: int, code: str, message: str, **extra: Any) -> Response:
-    return json_response({"error": {"code": code, "message": message, **extra}}, status)
 
 
 @lru_cache(maxsize=4096)
@@ -68,11 +58,11 @@ def collect() -> Response:
         client_ip=request.remote_addr,
     )
     limits: Limits = current_app.config["TALLY_LIMITS"]
-    secret: bytes = current_app.config["TALLY_SECRET"]
+    visitor_key: bytes = current_app.config["TALLY_VISITOR_KEY"]
     events = []
     for index, item in enumerate(items):
         try:
-            events.append(event_from_hit(item, ctx, limits, secret, classify_user_agent))
+            events.append(event_from_hit(item, ctx, limits, visitor_key, classify_user_agent))
         except EventError as exc:
             # All or nothing: one bad event rejects the whole request, nothing is spooled.
             return error(400, "invalid_event", f"event {index}: {exc}", index=index, **exc.as_dict())
@@ -91,23 +81,13 @@ def healthz() -> Response:
     return json_response({"status": "ok"}, 200)
 
 
-def _handle_internal_error(exc: Exception) -> Response:
-    # Unexpected bugs still answer JSON; Flask has already logged the traceback.
-    return error(500, "internal_error", "unexpected error; it was logged")
-
-
-def _handle_http_error(exc: HTTPException) -> Response:
-    code = (exc.name or "error").lower().replace(" ", "_")
-    return error(exc.code or 500, code, exc.description or exc.name or "error")
-
-
 def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_sealer: bool = True) -> Flask:
     """Build a collector app. `settings.secret` must be set (it keys the anonymised visitor hash)."""
     if not settings.secret:
         raise ValueError("TALLY_SECRET must be set for the collector")
     app = Flask(__name__)
     app.config["TALLY"] = settings
-    app.config["TALLY_SECRET"] = mac_key(settings.secret)
+    app.config["TALLY_VISITOR_KEY"] = mac_key(settings.secret)
     app.config["TALLY_LIMITS"] = Limits(max_future_skew=timedelta(seconds=settings.max_future_skew_s),
                                         max_past_age=timedelta(seconds=settings.max_past_age_s))
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -115,8 +95,7 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
                                  max_age_s=settings.spool_segment_age_s)
     app.extensions["tally_spool"] = spool
     app.register_blueprint(bp)
-    app.register_error_handler(HTTPException, _handle_http_error)
-    app.register_error_handler(500, _handle_internal_error)
+    install_json_errors(app)
     if start_sealer:
         _start_sealer(spool, settings.spool_segment_age_s)
     return app

@@ -14,7 +14,7 @@ def create_app_from_env() -> Flask:
     """Build one worker's app from the TALLY_* variables the parent already validated.
 
     granian ends its workers without running atexit handlers, so a worker's open
-    spool segment is sealed by the shipper once that worker's pid is gone
-    (collector.spool.recover_orphans), or by the spool's age-based sealer before that.
+    spool segment is sealed by the spool's age-based sealer while it runs, or by the
+    shipper once the worker is gone and its lock with it (collector.spool.recover_orphans).
     """
     return create_app(Settings.from_env(os.environ))

@@ -47,16 +47,23 @@ def spawn(argv: Sequence[str], log_path: Path, *, env: dict[str, str] | None = N
 
 def stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
     """Signal a child, wait for it, and kill it if it does not exit in time."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(sig)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-    except ProcessLookupError:
-        pass
+    stop_all([proc] if proc is not None else [], sig, timeout)
+
+
+def stop_all(procs: Sequence[subprocess.Popen[bytes]], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    """Signal every child once (so they stop in parallel), then wait for each; kill the ones that hang."""
+    running = [p for p in procs if p.poll() is None]
+    for proc in running:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+    for proc in running:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def wait_until(check: Callable[[], bool], *, what: str, timeout: float, log_path: Path | None = None,

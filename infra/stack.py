@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from infra.broker import EmbeddedBroker
 from infra.postgres import EmbeddedPostgres
-from infra.processes import StartupError, spawn, stop, tail, wait_until
+from infra.processes import StartupError, spawn, stop_all, tail, wait_until
 from tally.config import Settings
 
 log = logging.getLogger(__name__)
@@ -160,12 +159,8 @@ class Platform:
             return
         self._stopping.set()
         for group in self.STOP_ORDER:
-            procs = [self.children[name] for name in group if name in self.children]
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                stop(proc, timeout=40)  # workers may spend up to 20 s draining
+            # workers may spend up to 20 s draining
+            stop_all([self.children[name] for name in group if name in self.children], timeout=40)
         self.stack.stop()
 
 

@@ -87,24 +87,24 @@ def run_query(client: Client, sql: Any, limits: SqlLimits) -> QueryResult:
                        rows=[[_jsonable(v) for v in row] for row in result.result_rows])
 
 
-def single_statement(client: Client, sql: str) -> str:
-    """ClickHouse's canonical form of `sql` if it is exactly one statement (parsing only)."""
+def _first_cell(client: Client, query: str, parameters: dict[str, str] | None = None) -> str:
     try:
-        rows = client.query("SELECT formatQuery({q:String})", parameters={"q": sql}).result_rows
-    except ClickHouseError as exc:
-        raise AnalystQueryError(_short(str(exc))) from None
-    return str(rows[0][0])
-
-
-def statement_kind(client: Client, text: str) -> str:
-    """The root AST node ClickHouse parses `text` into (parsing only; nothing is executed)."""
-    try:
-        rows = client.query(f"EXPLAIN AST {text}").result_rows
+        rows = client.query(query, parameters=parameters).result_rows
     except ClickHouseError as exc:
         raise AnalystQueryError(_short(str(exc))) from None
     if not rows:
         raise AnalystQueryError("the query could not be parsed")
-    return str(rows[0][0]).split()[0]
+    return str(rows[0][0])
+
+
+def single_statement(client: Client, sql: str) -> str:
+    """ClickHouse's canonical form of `sql` if it is exactly one statement (parsing only)."""
+    return _first_cell(client, "SELECT formatQuery({q:String})", {"q": sql})
+
+
+def statement_kind(client: Client, text: str) -> str:
+    """The root AST node ClickHouse parses `text` into (parsing only; nothing is executed)."""
+    return _first_cell(client, f"EXPLAIN AST {text}").split()[0]
 
 
 def _short(message: str) -> str:

@@ -150,11 +150,9 @@ def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
     from olap.client import connect
     from olap.schema import ensure_schema as ensure_ch
     from oltp.schema import ensure_schema as ensure_pg
-    from tally.roots import require_bootstrap, require_pg
-    from workers.kafka_io import ensure_topic
+    from tally.roots import ensure_configured_topic, require_pg
 
-    ensure_topic(require_bootstrap(settings), settings.topic, settings.partitions,
-                 settings.replication_factor)
+    ensure_configured_topic(settings)
     ensure_pg(require_pg(settings))
     ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database)
     print("tally: topic and schemas are in place")

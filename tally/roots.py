@@ -27,6 +27,15 @@ def require_pg(settings: Settings) -> str:
     return settings.pg_dsn
 
 
+def ensure_configured_topic(settings: Settings) -> tuple[str, ...]:
+    """Create the configured topic if missing (idempotent); returns the bootstrap servers."""
+    from workers.kafka_io import ensure_topic
+
+    bootstrap = require_bootstrap(settings)
+    ensure_topic(bootstrap, settings.topic, settings.partitions, settings.replication_factor)
+    return bootstrap
+
+
 def stop_on_signals() -> threading.Event:
     """An Event set by SIGTERM or SIGINT, for loops that must finish their current batch first."""
     stop = threading.Event()
@@ -41,14 +50,13 @@ def stop_on_signals() -> threading.Event:
 
 
 def build_shipper(settings: Settings):  # -> workers.shipper.Shipper
-    from workers.kafka_io import ensure_topic, make_producer
+    from workers.kafka_io import make_producer
     from workers.shipper import Shipper
 
-    bootstrap = require_bootstrap(settings)
+    require_bootstrap(settings)  # a missing setting fails now, not on the first segment
 
     def producer():  # called again after any failure; Kafka may be down when we start
-        ensure_topic(bootstrap, settings.topic, settings.partitions, settings.replication_factor)
-        return make_producer(bootstrap)
+        return make_producer(ensure_configured_topic(settings))
 
     return Shipper(settings.spool_dir, producer, settings.topic)
 
@@ -57,10 +65,9 @@ def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP):  # -> work
     from oltp.rollup_sink import RollupSink
     from oltp.schema import ensure_schema
     from workers.consumer import ConsumerLoop
-    from workers.kafka_io import ensure_topic, make_consumer
+    from workers.kafka_io import make_consumer
 
-    bootstrap, dsn = require_bootstrap(settings), require_pg(settings)
-    ensure_topic(bootstrap, settings.topic, settings.partitions, settings.replication_factor)
+    bootstrap, dsn = ensure_configured_topic(settings), require_pg(settings)
     ensure_schema(dsn)
     consumer = make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
     return ConsumerLoop(consumer, RollupSink(dsn, group), settings.topic)
@@ -71,10 +78,9 @@ def build_loader_loop(settings: Settings, group: str = LOADER_GROUP):  # -> work
     from olap.loader_sink import LoaderSink
     from olap.schema import ensure_schema
     from workers.consumer import ConsumerLoop
-    from workers.kafka_io import ensure_topic, make_consumer
+    from workers.kafka_io import make_consumer
 
-    bootstrap = require_bootstrap(settings)
-    ensure_topic(bootstrap, settings.topic, settings.partitions, settings.replication_factor)
+    bootstrap = ensure_configured_topic(settings)
     client = connect(settings.clickhouse_dsn)
     ensure_schema(client, settings.clickhouse_database)
     consumer = make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)

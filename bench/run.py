@@ -421,7 +421,7 @@ def bench_ch_insert(b: Bench, ch_dsn: str, events: list) -> None:
 
 
 def drain_timed(loop, n: int) -> tuple[float, str]:  # noqa: ANN001 - a workers.consumer.ConsumerLoop
-    """Drain `loop`; return (events/s from partition assignment to the last sink write, note)."""
+    """Drain `loop`, then close it; return (events/s from partition assignment to the last sink write, note)."""
     marks: dict[str, float] = {}
     seek, write = loop.seek_to_stored, loop.sink.write
 
@@ -435,8 +435,12 @@ def drain_timed(loop, n: int) -> tuple[float, str]:  # noqa: ANN001 - a workers.
 
     loop.seek_to_stored, loop.sink.write = timed_seek, timed_write
     t0 = time.perf_counter()
-    loop.drain(timeout_s=600)
-    total = time.perf_counter() - t0
+    try:
+        loop.drain(timeout_s=600)
+        total = time.perf_counter() - t0
+    finally:
+        loop.consumer.close()
+        loop.sink.close()
     if loop.stored_events != n or loop.stored_rejects:
         raise RuntimeError(f"stored {loop.stored_events} events and {loop.stored_rejects} rejects, expected {n}")
     steady = marks["last_write"] - marks["assigned"]
@@ -449,12 +453,7 @@ def bench_rollup(b: Bench, settings, n: int) -> None:  # noqa: ANN001
 
     from tally.roots import build_rollup_loop
 
-    loop = build_rollup_loop(settings)
-    try:
-        eps, note = drain_timed(loop, n)
-    finally:
-        loop.consumer.close()
-        loop.sink.close()
+    eps, note = drain_timed(build_rollup_loop(settings), n)
     with psycopg.connect(settings.pg_dsn) as conn:
         counted = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0]
     if counted != n:
@@ -467,12 +466,7 @@ def bench_loader(b: Bench, settings, n: int) -> None:  # noqa: ANN001
     from olap.client import connect
     from tally.roots import build_loader_loop
 
-    loop = build_loader_loop(settings)
-    try:
-        eps, note = drain_timed(loop, n)
-    finally:
-        loop.consumer.close()
-        loop.sink.close()
+    eps, note = drain_timed(build_loader_loop(settings), n)
     counted = connect(settings.clickhouse_dsn).command(
         f"SELECT count() FROM {settings.clickhouse_database}.events FINAL")
     if int(counted) != n:

@@ -127,7 +127,7 @@ def rate(count: int, seconds: float) -> float:
 def make_events(n: int) -> list:
     """N valid events (40 domains, 4 partitions, ts spread over two days, some with a value)."""
     from collector.app import classify_user_agent
-    from tally.event import HitContext, Limits, event_from_hit
+    from core.event import HitContext, Limits, event_from_hit
 
     now = datetime.now(timezone.utc)
     rng = random.Random(7)
@@ -492,7 +492,7 @@ def start_servers(_b: Bench, work: Path, cleanup: ExitStack, out: dict[str, obje
 
 
 def run_all(b: Bench) -> dict[str, object]:
-    from tally.config import Settings
+    from core.config import Settings
 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     with ExitStack() as cleanup:

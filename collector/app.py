@@ -10,9 +10,9 @@ import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 
 from collector.spool import SpoolFull, SpoolWriter
-from tally.config import Settings
-from tally.http import error, install_json_errors, json_response
-from tally.event import EventError, HitContext, Limits, event_from_hit, mac_key
+from core.config import Settings
+from core.http import error, install_json_errors, json_response
+from core.event import EventError, HitContext, Limits, event_from_hit, mac_key
 
 log = logging.getLogger(__name__)
 bp = Blueprint("collector", __name__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from granian import Granian
 from granian.constants import Interfaces
 
-from tally.config import Settings
+from core.config import Settings
 
 
 def serve(settings: Settings, host: str, port: int, workers: int) -> None:

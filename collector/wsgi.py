@@ -7,7 +7,7 @@ import os
 from flask import Flask
 
 from collector.app import create_app
-from tally.config import Settings
+from core.config import Settings
 
 
 def create_app_from_env() -> Flask:

@@ -12,9 +12,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
-from tally.config import ConfigError, Settings
+from core.config import ConfigError, Settings
 
 log = logging.getLogger("tally")
+
+
+# Command groups that live in their own modules; each has `register(sub)` adding its subparsers with
+# `set_defaults(func=handler)`, handler(settings, args) -> exit code.
+COMMAND_MODULES = ()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,17 +29,25 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = sub.add_parser("up", help="run the whole platform on the embedded stack (PostgreSQL, tansu, chDB)")
     up.add_argument("--demo", action="store_true", help="also send synthetic traffic so numbers move")
-    sub.add_parser("collector", help="serve POST /collect (granian)")
-    sub.add_parser("shipper", help="forward sealed spool segments to Kafka")
-    sub.add_parser("rollup-worker", help="Kafka -> PostgreSQL 15-minute rollups")
-    sub.add_parser("loader-worker", help="Kafka -> ClickHouse raw events")
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("collector", help="serve POST /collect (granian)").set_defaults(func=cmd_collector)
+    sub.add_parser("shipper", help="forward sealed spool segments to Kafka").set_defaults(func=cmd_shipper)
+    sub.add_parser("rollup-worker", help="Kafka -> PostgreSQL rollups").set_defaults(func=cmd_rollup_worker)
+    sub.add_parser("loader-worker", help="Kafka -> ClickHouse raw events").set_defaults(func=cmd_loader_worker)
     api = sub.add_parser("api", help="serve the query API and dashboard")
     api.add_argument("--with-loader", action="store_true",
                      help="also run the loader worker in this process (required with an embedded chdb:// DSN)")
-    sub.add_parser("init", help="create the topic and both schemas on the configured servers")
+    api.set_defaults(func=cmd_api)
+    sub.add_parser("init", help="create the topic and both schemas on the configured servers").set_defaults(
+        func=cmd_init)
     sql = sub.add_parser("sql", help="run analyst SQL through the API (read-only, limited)")
     sql.add_argument("query")
     sql.add_argument("--api-url", default=None, help="default: http://TALLY_BIND_HOST:TALLY_API_PORT")
+    sql.set_defaults(func=cmd_sql)
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -45,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         settings = Settings.from_env(os.environ)
-        return COMMANDS[args.command](settings, args)
+        return args.func(settings, args)
     except ConfigError as exc:
         print(f"tally: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -55,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from infra.processes import StartupError
-    from infra.stack import Platform, check_ports
+    from infra.stack import check_ports
+    from tally.platform import Platform
     from tally.demo import DEMO_DOMAINS, run_demo
     from tally.roots import stop_on_signals
 
@@ -161,9 +175,12 @@ def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
     url = (args.api_url or f"http://{settings.bind_host}:{settings.api_port}").rstrip("/") + "/api/v1/sql"
+    from tally.roots import cli_token
+
     headers = {"Content-Type": "application/json"}
-    if settings.analyst_token:
-        headers["Authorization"] = f"Bearer {settings.analyst_token}"
+    token = cli_token(settings)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url, data=json.dumps({"sql": args.query}).encode(), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=settings.sql_max_execution_s + 10) as resp:
@@ -178,19 +195,6 @@ def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
     for row in body["rows"]:
         print("\t".join("" if v is None else str(v) for v in row))
     return 0
-
-
-COMMANDS = {
-    "up": cmd_up,
-    "collector": cmd_collector,
-    "shipper": cmd_shipper,
-    "rollup-worker": cmd_rollup_worker,
-    "loader-worker": cmd_loader_worker,
-    "api": cmd_api,
-    "init": cmd_init,
-    "sql": cmd_sql,
-}
-
 
 if __name__ == "__main__":
     sys.exit(main())

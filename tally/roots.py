@@ -6,8 +6,9 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
-from tally.config import ConfigError, Settings
+from core.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +22,41 @@ def require_bootstrap(settings: Settings) -> tuple[str, ...]:
     return settings.kafka_bootstrap
 
 
+RUN_STATE = "run/stack.json"  # under TALLY_HOME: where a running `tally up` says its embedded servers are
+
+
 def require_pg(settings: Settings) -> str:
-    if not settings.pg_dsn:
-        raise ConfigError("TALLY_PG_DSN", "is required for this command (postgresql://user@host:5432/db)")
-    return settings.pg_dsn
+    """TALLY_PG_DSN, or the embedded PostgreSQL of a `tally up` running with the same TALLY_HOME."""
+    if settings.pg_dsn:
+        return settings.pg_dsn
+    state = read_run_state(settings.home)
+    if state.get("pg_dsn"):
+        return str(state["pg_dsn"])
+    raise ConfigError("TALLY_PG_DSN", "is required for this command (postgresql://user@host:5432/db), "
+                      f"or start `tally up` with TALLY_HOME={settings.home} first")
+
+
+ADMIN_TOKEN_FILE = "admin-token"  # under TALLY_HOME, mode 0600, written by the first `tally up`
+
+
+def cli_token(settings: Settings) -> str | None:
+    """The API token CLI commands send: TALLY_TOKEN, else the admin token `tally up` wrote under TALLY_HOME."""
+    if settings.cli_token:
+        return settings.cli_token
+    try:
+        return (settings.home / ADMIN_TOKEN_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def read_run_state(home: Path) -> dict[str, object]:
+    """What a running `tally up` wrote about its embedded servers ({} when none is running)."""
+    import orjson
+
+    try:
+        return dict(orjson.loads((home / RUN_STATE).read_bytes()))
+    except (FileNotFoundError, orjson.JSONDecodeError, TypeError, ValueError):
+        return {}
 
 
 def ensure_configured_topic(settings: Settings) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ import pytest
 
 from infra.broker import EmbeddedBroker
 from infra.postgres import EmbeddedPostgres
-from tally.config import Settings
+from core.config import Settings
 
 SECRET = "test-secret-0123456789abcdef"
 

@@ -12,7 +12,7 @@ import pytest
 from collector import spool as spool_module
 from collector.app import create_app
 from collector.spool import SpoolWriter, recover_orphans, sealed_segments
-from tally.event import Event
+from core.event import Event
 
 
 @pytest.fixture()

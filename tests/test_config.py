@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from tally.config import ConfigError, Settings
+from core.config import ConfigError, Settings
 
 
 def test_defaults_are_valid_and_frozen(tmp_path):

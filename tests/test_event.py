@@ -5,7 +5,7 @@ from decimal import Decimal
 
 import pytest
 
-from tally.event import Event, EventError, HitContext, Limits, event_from_hit, event_hash
+from core.event import Event, EventError, HitContext, Limits, event_from_hit, event_hash
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
 CTX = HitContext(received_at=NOW, user_agent="Mozilla/5.0 (X11; Linux x86_64) Firefox/131.0", client_ip="203.0.113.9")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tally.event import Event
+from core.event import Event
 
 
 def same_incarnation(stored_topic_id: str, current_topic_id: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Protocol
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
-from tally.event import Event, EventError
+from core.event import Event, EventError
 from workers.batch import Batch, Rejected
 
 log = logging.getLogger(__name__)

@@ -34,12 +34,12 @@ class Settings:
     partitions: int
     replication_factor: int
     # PostgreSQL. `None` means "start embedded PostgreSQL under home".
-    pg_dsn: str | None
+    pg_dsn: str | None = field(repr=False)  # may carry a password: never printed
     # ClickHouse: chdb:///abs/path or http(s)://host:port[/database]
-    clickhouse_dsn: str
+    clickhouse_dsn: str = field(repr=False)
     clickhouse_database: str
     spool_dir: Path
-    secret: str | None
+    secret: str | None = field(repr=False)
     bind_host: str
     collector_port: int
     api_port: int
@@ -50,11 +50,27 @@ class Settings:
     max_past_age_s: int
     spool_segment_bytes: int
     spool_segment_age_s: float
-    analyst_token: str | None
     sql_max_execution_s: int
     sql_max_memory_bytes: int
     sql_max_result_rows: int
+    sql_max_result_bytes: int
+    sql_max_concurrent: int
     consumer_session_timeout_ms: int
+    # Host header allowlist for both HTTP apps (DNS rebinding); names compared without the port.
+    # A leading dot allows every subdomain (".example.com").
+    allowed_hosts: tuple[str, ...]
+    # Per-token API limit, in the `limits` library's notation ("1200/minute;50/second").
+    api_rate_limit: str
+    # The analyst-SQL process (owns ClickHouse/chDB access; the API forwards to it).
+    analyst_port: int
+    analyst_url: str
+    # Collector: per-site default rate (events/s) and burst, unless the site sets its own.
+    site_rate_per_s: float
+    site_burst: int
+    # How often the collector refreshes its in-memory copy of the sites registry.
+    registry_refresh_s: float
+    # The API token CLI commands send (`tally sql`, ...); default: $TALLY_HOME/admin-token.
+    cli_token: str | None = field(repr=False)
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -63,6 +79,8 @@ class Settings:
         r = _Reader(env)
         home = r.path("TALLY_HOME", Path(".tally"))
         ch_default = f"chdb://{(home / 'chdb').resolve()}"
+        bind_host = r.text("TALLY_BIND_HOST", "127.0.0.1", min_len=1) or "127.0.0.1"
+        analyst_port = r.integer("TALLY_ANALYST_PORT", 8702, 0, 65535)
         settings = cls(
             home=home,
             kafka_bootstrap=r.bootstrap("TALLY_KAFKA_BOOTSTRAP"),
@@ -77,7 +95,7 @@ class Settings:
                                         "must be an identifier (letters, digits, '_')"),
             spool_dir=r.path("TALLY_SPOOL_DIR", home / "spool"),
             secret=r.text("TALLY_SECRET", None, min_len=16),
-            bind_host=r.text("TALLY_BIND_HOST", "127.0.0.1", min_len=1) or "127.0.0.1",
+            bind_host=bind_host,
             collector_port=r.integer("TALLY_COLLECTOR_PORT", 8700, 0, 65535),
             api_port=r.integer("TALLY_API_PORT", 8701, 0, 65535),
             collector_workers=r.integer("TALLY_COLLECTOR_WORKERS", 2, 1, 64),
@@ -87,11 +105,21 @@ class Settings:
             max_past_age_s=r.integer("TALLY_MAX_PAST_AGE_S", 7 * 86_400, 60, 400 * 86_400),
             spool_segment_bytes=r.integer("TALLY_SPOOL_SEGMENT_BYTES", 4 * 1024 * 1024, 4096, 1 << 30),
             spool_segment_age_s=r.number("TALLY_SPOOL_SEGMENT_AGE_S", 1.0, 0.05, 3600.0),
-            analyst_token=r.text("TALLY_ANALYST_TOKEN", None, min_len=16),
             sql_max_execution_s=r.integer("TALLY_SQL_MAX_EXECUTION_S", 30, 1, 3600),
             sql_max_memory_bytes=r.integer("TALLY_SQL_MAX_MEMORY_BYTES", 2 << 30, 1 << 20, 1 << 40),
             sql_max_result_rows=r.integer("TALLY_SQL_MAX_RESULT_ROWS", 10_000, 1, 10_000_000),
+            sql_max_result_bytes=r.integer("TALLY_SQL_MAX_RESULT_BYTES", 64 << 20, 1024, 1 << 34),
+            sql_max_concurrent=r.integer("TALLY_SQL_MAX_CONCURRENT", 2, 1, 64),
             consumer_session_timeout_ms=r.integer("TALLY_CONSUMER_SESSION_TIMEOUT_MS", 6000, 1000, 300_000),
+            allowed_hosts=r.hosts("TALLY_ALLOWED_HOSTS", bind_host),
+            api_rate_limit=r.match("TALLY_API_RATE_LIMIT", "1200/minute;100/second", _RATE_RE,
+                                   "must look like '1200/minute' or '100/second;5000/hour'"),
+            analyst_port=analyst_port,
+            analyst_url=r.dsn("TALLY_ANALYST_URL", None, ("http", "https")) or f"http://127.0.0.1:{analyst_port}",
+            site_rate_per_s=r.number("TALLY_SITE_RATE_PER_S", 1000.0, 0.01, 1e7),
+            site_burst=r.integer("TALLY_SITE_BURST", 20_000, 1, 100_000_000),
+            registry_refresh_s=r.number("TALLY_REGISTRY_REFRESH_S", 2.0, 0.1, 3600.0),
+            cli_token=r.text("TALLY_TOKEN", None, min_len=16),
             raw={k: v for k, v in env.items() if k.startswith("TALLY_")},
         )
         unknown = sorted(set(settings.raw) - _KNOWN)
@@ -110,9 +138,26 @@ _KNOWN = {
     "TALLY_CLICKHOUSE_DSN", "TALLY_CLICKHOUSE_DATABASE", "TALLY_SPOOL_DIR", "TALLY_SECRET", "TALLY_BIND_HOST",
     "TALLY_COLLECTOR_PORT", "TALLY_API_PORT", "TALLY_COLLECTOR_WORKERS", "TALLY_MAX_BODY_BYTES",
     "TALLY_MAX_BATCH_EVENTS", "TALLY_MAX_FUTURE_SKEW_S", "TALLY_MAX_PAST_AGE_S", "TALLY_SPOOL_SEGMENT_BYTES",
-    "TALLY_SPOOL_SEGMENT_AGE_S", "TALLY_ANALYST_TOKEN", "TALLY_SQL_MAX_EXECUTION_S",
-    "TALLY_SQL_MAX_MEMORY_BYTES", "TALLY_SQL_MAX_RESULT_ROWS", "TALLY_CONSUMER_SESSION_TIMEOUT_MS",
+    "TALLY_SPOOL_SEGMENT_AGE_S", "TALLY_SQL_MAX_EXECUTION_S",
+    "TALLY_SQL_MAX_MEMORY_BYTES", "TALLY_SQL_MAX_RESULT_ROWS", "TALLY_SQL_MAX_RESULT_BYTES",
+    "TALLY_SQL_MAX_CONCURRENT", "TALLY_CONSUMER_SESSION_TIMEOUT_MS", "TALLY_ALLOWED_HOSTS",
+    "TALLY_API_RATE_LIMIT", "TALLY_ANALYST_PORT", "TALLY_ANALYST_URL", "TALLY_SITE_RATE_PER_S",
+    "TALLY_SITE_BURST", "TALLY_REGISTRY_REFRESH_S", "TALLY_TOKEN",
 }
+
+_RATE_RE = r"\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?(\s*[;,]\s*\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?)*"
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+_HOST_RE = re.compile(r"\.?(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*")
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class _Reader:
@@ -169,6 +214,26 @@ class _Reader:
         value = self._get(name)
         path = Path(value) if value is not None else default
         return path.expanduser().resolve()
+
+    def hosts(self, name: str, bind_host: str) -> tuple[str, ...]:
+        """Host names allowed in the Host header; default: the loopback names and the bound host."""
+        value = self._get(name)
+        if value is None:
+            names = [*LOOPBACK_HOSTS, bind_host.lower()]
+            return tuple(dict.fromkeys(h for h in names if h not in ("0.0.0.0", "::")))
+        hosts = []
+        for part in value.split(","):
+            host = part.strip().lower().strip("[]")
+            if not host:
+                continue
+            if host == "*":
+                raise ConfigError(name, "'*' would allow DNS rebinding; list the host names this server answers to")
+            if not (_HOST_RE.fullmatch(host) or _is_ip(host)):
+                raise ConfigError(name, f"{part.strip()!r} is not a host name or IP address (no port, no scheme)")
+            hosts.append(host)
+        if not hosts:
+            raise ConfigError(name, "lists no host")
+        return tuple(dict.fromkeys(hosts))
 
     def bootstrap(self, name: str) -> tuple[str, ...] | None:
         value = self._get(name)

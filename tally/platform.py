@@ -1,0 +1,140 @@
+"""`tally up`: the embedded stack plus one supervised child process per component (a composition root)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+
+from core.config import Settings
+from infra.processes import spawn, stop_all, tail, wait_until
+from infra.stack import EmbeddedStack, load_or_create_secret
+from tally.roots import RUN_STATE
+
+log = logging.getLogger(__name__)
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env.update(settings.raw)
+    env.update({
+        "TALLY_HOME": str(settings.home),
+        "TALLY_KAFKA_BOOTSTRAP": ",".join(settings.kafka_bootstrap or ()),
+        "TALLY_PG_DSN": settings.pg_dsn or "",
+        "TALLY_SECRET": settings.secret or "",
+        "TALLY_CLICKHOUSE_DSN": settings.clickhouse_dsn,
+        "TALLY_SPOOL_DIR": str(settings.spool_dir),
+        "TALLY_COLLECTOR_PORT": str(settings.collector_port),
+        "TALLY_API_PORT": str(settings.api_port),
+    })
+    return env
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as resp:
+        return resp.status == 200
+
+
+class Platform:
+    """`tally up`: the embedded stack plus one child process per component, restarted if it dies."""
+
+    COMPONENTS = {
+        "collector": ["collector"],
+        "shipper": ["shipper"],
+        "rollup-worker": ["rollup-worker"],
+        # chDB allows one engine per directory per process: the loader runs inside the API process.
+        "api": ["api", "--with-loader"],
+    }
+
+    def __init__(self, settings: Settings, *, durable: bool = True) -> None:
+        self.base = settings
+        self.stack = EmbeddedStack(settings.home, durable=durable)
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.settings: Settings | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def collector_url(self) -> str:
+        return f"http://{self.base.bind_host}:{self.base.collector_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.base.bind_host}:{self.base.api_port}"
+
+    def start(self, timeout: float = 90.0) -> None:
+        from oltp.schema import ensure_schema
+        from workers.kafka_io import ensure_topic
+
+        self.stack.start()
+        secret = self.base.secret or load_or_create_secret(self.base.home)
+        self.settings = self.stack.settings_for(self.base).with_overrides(secret=secret)
+        try:
+            ensure_topic(self.settings.kafka_bootstrap or (), self.settings.topic, self.settings.partitions)
+            ensure_schema(self.settings.pg_dsn or "")
+            self._write_run_state()
+            for name in self.COMPONENTS:
+                self._spawn(name)
+            wait_until(lambda: _http_ok(self.collector_url + "/healthz"), what="collector", timeout=timeout,
+                       log_path=self._log(name="collector"), proc=self.children["collector"])
+            wait_until(lambda: _http_ok(self.api_url + "/healthz"), what="api", timeout=timeout,
+                       log_path=self._log(name="api"), proc=self.children["api"])
+        except BaseException:
+            self.stop()
+            raise
+
+    def _write_run_state(self) -> None:
+        """Tell admin commands in another terminal (same TALLY_HOME) where the embedded servers are."""
+        assert self.settings is not None
+        path = self.base.home / RUN_STATE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"pid": os.getpid(), "pg_dsn": self.settings.pg_dsn,
+                 "kafka_bootstrap": ",".join(self.settings.kafka_bootstrap or ()),
+                 "collector_url": self.collector_url, "api_url": self.api_url}
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(orjson.dumps(state))
+        tmp.replace(path)
+
+    def _log(self, name: str) -> Path:
+        return self.base.home / "logs" / f"{name}.log"
+
+    def _spawn(self, name: str) -> None:
+        assert self.settings is not None
+        argv = [sys.executable, "-m", "tally.cli", *self.COMPONENTS[name]]
+        self.children[name] = spawn(argv, self._log(name), env=_child_env(self.settings))
+
+    def supervise(self, stop_event: threading.Event) -> None:
+        """Restart any child that dies, until `stop_event` is set."""
+        restarts: dict[str, float] = {}
+        while not stop_event.wait(0.5):
+            for name, proc in list(self.children.items()):
+                if proc.poll() is None:
+                    continue
+                log.error("%s exited with %s; last log lines:\n%s", name, proc.returncode, tail(self._log(name)))
+                if time.monotonic() - restarts.get(name, 0.0) < 5.0:
+                    stop_event.wait(5.0)
+                restarts[name] = time.monotonic()
+                self._spawn(name)
+
+    # Stop in pipeline order, so that what was accepted is spooled, shipped and consumed before the
+    # (memory-only) embedded broker goes away: collector, then shipper (final ship), then both workers
+    # (they drain until a poll comes back empty), then the servers.
+    STOP_ORDER = (("collector",), ("shipper",), ("rollup-worker", "api"))
+
+    def stop(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        for group in self.STOP_ORDER:
+            # workers may spend up to 20 s draining
+            stop_all([self.children[name] for name in group if name in self.children], timeout=40)
+        self.stack.stop()
+        (self.base.home / RUN_STATE).unlink(missing_ok=True)

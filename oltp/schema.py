@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psycopg
 
-SCHEMA = """
+CORE = """
 CREATE TABLE IF NOT EXISTS consumer_offsets (
     consumer_group text    NOT NULL,
     topic          text    NOT NULL,
@@ -46,6 +46,17 @@ CREATE TABLE IF NOT EXISTS rejected_records (
     rejected_at    timestamptz NOT NULL DEFAULT now()
 );
 """
+
+# API tokens (owned by oltp/tokens.py).
+TOKENS = ""
+
+# The sites registry (owned by oltp/sites.py).
+SITES = ""
+
+# The analyst-SQL audit log (owned by oltp/audit.py).
+AUDIT = ""
+
+SCHEMA = "\n".join(part for part in (CORE, TOKENS, SITES, AUDIT) if part)
 
 
 def ensure_schema(dsn: str) -> None:

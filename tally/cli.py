@@ -13,13 +13,14 @@ import urllib.request
 from collections.abc import Sequence
 
 from core.config import ConfigError, Settings
+from tally import cmd_sites, cmd_sqllog, cmd_tokens
 
 log = logging.getLogger("tally")
 
 
 # Command groups that live in their own modules; each has `register(sub)` adding its subparsers with
 # `set_defaults(func=handler)`, handler(settings, args) -> exit code.
-COMMAND_MODULES = ()
+COMMAND_MODULES = (cmd_tokens, cmd_sites, cmd_sqllog)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,10 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     sql.add_argument("query")
     sql.add_argument("--api-url", default=None, help="default: http://TALLY_BIND_HOST:TALLY_API_PORT")
     sql.set_defaults(func=cmd_sql)
-    import importlib
-
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 

@@ -31,9 +31,14 @@ class Pipeline:
         self.loader = build_loader_loop(settings, group=f"loader-{suffix}")
         self.api_app = build_api(settings)
         self.api = self.api_app.test_client()
+        self.api_headers: dict[str, str] = {}  # Authorization for the API (tokens)
+
+    def site_query(self, events) -> dict[str, str]:
+        """Query parameters that authenticate `events` at the collector (site keys)."""
+        return {}
 
     def post(self, events, **headers):
-        resp = self.collector.post("/collect", json=events, headers=headers)
+        resp = self.collector.post("/collect", json=events, headers=headers, query_string=self.site_query(events))
         assert resp.status_code == 202, resp.json
         return resp.json["hashes"]
 
@@ -47,12 +52,13 @@ class Pipeline:
 
     def impressions(self, domain, start, end, granularity="15m", tz="UTC", metric="impressions"):
         resp = self.api.get(f"/api/v1/domains/{domain}/{metric}", query_string={
-            "from": start.isoformat(), "to": end.isoformat(), "granularity": granularity, "tz": tz})
+            "from": start.isoformat(), "to": end.isoformat(), "granularity": granularity, "tz": tz},
+            headers=self.api_headers)
         assert resp.status_code == 200, resp.json
         return resp.json
 
     def sql(self, query):
-        resp = self.api.post("/api/v1/sql", json={"sql": query})
+        resp = self.api.post("/api/v1/sql", json={"sql": query}, headers=self.api_headers)
         assert resp.status_code == 200, resp.json
         return resp.json["rows"]
 

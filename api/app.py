@@ -14,7 +14,7 @@ from olap.analyst import AnalystQueryError, SqlLimits, run_query
 from oltp.queries import GRANULARITIES, QueryError, RollupReader
 from core.event import EVENT_TYPES, EventError, normalize_domain
 from core.config import Settings
-from core.http import error, install_json_errors, json_response
+from core.http import error, install_host_check, install_json_errors, json_response
 
 bp = Blueprint("api", __name__)
 
@@ -114,6 +114,7 @@ def create_app(settings: Settings, backends: Backends) -> Flask:
     app.config["TALLY"] = settings
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     app.extensions["tally_backends"] = backends
+    install_host_check(app, settings.allowed_hosts)
     app.register_blueprint(bp)
     install_json_errors(app)
     return app

@@ -11,7 +11,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 
 from collector.spool import SpoolFull, SpoolWriter
 from core.config import Settings
-from core.http import error, install_json_errors, json_response
+from core.http import error, install_host_check, install_json_errors, json_response
 from core.event import EventError, HitContext, Limits, event_from_hit, mac_key
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
     spool = spool or SpoolWriter(settings.spool_dir, max_bytes=settings.spool_segment_bytes,
                                  max_age_s=settings.spool_segment_age_s)
     app.extensions["tally_spool"] = spool
+    install_host_check(app, settings.allowed_hosts)
     app.register_blueprint(bp)
     install_json_errors(app)
     if start_sealer:

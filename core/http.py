@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from flask import Flask, Response
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 
@@ -26,6 +26,37 @@ def _http_error(exc: HTTPException) -> Response:
 def _internal_error(_exc: Exception) -> Response:
     # Unexpected bugs still answer JSON; Flask has already logged the traceback.
     return error(500, "internal_error", "unexpected error; it was logged")
+
+
+def host_allowed(host_header: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a Host header names one of `allowed` (exact names, or ".example.com" for any subdomain).
+
+    The port is ignored; IPv6 literals come bracketed ("[::1]:8701").
+    """
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    host = host.rstrip(".")
+    if not host:
+        return False
+    for name in allowed:
+        if host == name or (name.startswith(".") and (host.endswith(name) or host == name[1:])):
+            return True
+    return False
+
+
+def install_host_check(app: Flask, allowed_hosts: tuple[str, ...]) -> None:
+    """Answer 400 to any request whose Host is not allowed (closes DNS rebinding), before any route runs."""
+
+    def check() -> Response | None:
+        if host_allowed(request.host, allowed_hosts):
+            return None
+        return error(400, "host_not_allowed", "this server does not answer to that Host name; "
+                     "its operator can add it to TALLY_ALLOWED_HOSTS")
+
+    app.before_request(check)
 
 
 def install_json_errors(app: Flask) -> None:

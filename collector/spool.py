@@ -12,7 +12,8 @@ repeat across containers and pid namespaces sharing one spool volume).
 
 Contract of `SpoolWriter.append`: when it returns, the lines are on disk
 (written and fdatasync'd). If it raises, none of the lines are in the segment
-(a partial write is truncated away).
+(a partial write is truncated away). Concurrent appends in one process share
+one write and one fdatasync (group commit), without weakening that contract.
 """
 
 from __future__ import annotations
@@ -49,7 +50,14 @@ class SpoolWriter:
         self.directory = directory
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # owns the file: open, write + fdatasync, seal
+        self._cond = threading.Condition()  # group commit: pending lines and which batch is durable
+        self._pending: list[bytes] = []
+        self._open_batch = 1  # the batch that arriving lines join
+        self._done_batch = 0  # every batch up to this one has been flushed (or failed)
+        self._flushing = False
+        self._failures: dict[int, OSError] = {}
+        self.flushes = 0  # write + fdatasync calls so far (how well group commit groups)
         self._fd: int | None = None
         self._path: Path | None = None
         self._size = 0
@@ -60,9 +68,45 @@ class SpoolWriter:
         directory.mkdir(parents=True, exist_ok=True)
 
     def append(self, lines: Iterable[bytes]) -> None:
+        """Append `lines` durably; returns once they are written and fdatasync'd. Group commit: callers
+        that arrive while a flush is under way wait for the next one, which writes all of their lines
+        with one write and one fdatasync (leader/follower). If the flush fails, every caller in it gets
+        the error and none of its lines stay in the segment."""
         data = b"".join(line + b"\n" for line in lines)
         if not data:
             return
+        with self._cond:
+            batch = self._open_batch
+            self._pending.append(data)
+            while self._done_batch < batch:
+                if self._flushing:
+                    self._cond.wait()
+                    continue
+                # Leader: take everything pending (ours included) and flush it while others queue up.
+                buffer, self._pending = b"".join(self._pending), []
+                self._open_batch += 1
+                self._flushing = True
+                self._cond.release()
+                failure: OSError | None = None
+                try:
+                    self._write_durably(buffer)
+                except OSError as exc:
+                    failure = exc
+                finally:
+                    self._cond.acquire()
+                    self._flushing = False
+                    self._done_batch = batch
+                    if failure is not None:
+                        self._failures[batch] = failure
+                        for old in [b for b in self._failures if b < batch - 64]:
+                            del self._failures[old]
+                    self._cond.notify_all()
+            failure = self._failures.get(batch)
+        if failure is not None:
+            raise failure
+
+    def _write_durably(self, data: bytes) -> None:
+        """One write + fdatasync of `data` at the end of the open segment (sealing it first if due)."""
         with self._lock:
             self._check_fork()
             try:
@@ -84,6 +128,7 @@ class SpoolWriter:
                 self._undo(start)
                 raise _classify(exc) from exc
             self._size = start + len(data)
+        self.flushes += 1
 
     def seal_if_stale(self) -> None:
         """Seal the open segment if it is old enough; called by a timer so idle spools still ship."""

@@ -1,0 +1,68 @@
+"""Signed pixel URLs: `GET /i.gif?site=…&domain=…&url=…&type=…&exp=…&sig=…`.
+
+The rule, which a customer's server can follow without our code:
+`sig` = hex HMAC-SHA256, keyed with the site's secret, over the canonical query string:
+every parameter except `sig`, sorted by name, each `name=value` percent-encoded
+(RFC 3986: only letters, digits and `-._~` stay as they are), joined with `&`.
+In Python: `urllib.parse.urlencode(sorted(params.items()), quote_via=urllib.parse.quote, safe="")`.
+`exp` is the expiry in Unix seconds; a parameter may appear only once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from urllib.parse import quote, urlencode
+
+PARAMS = ("site", "domain", "url", "type", "exp", "value", "referrer")  # what a pixel may carry besides sig
+REQUIRED = ("site", "domain", "url", "exp")
+
+
+class PixelError(ValueError):
+    """The pixel URL is unusable; `field` names the parameter at fault."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def canonical(params: Mapping[str, str]) -> str:
+    """The string that is signed: every parameter but `sig`, sorted, RFC 3986 percent-encoded."""
+    return urlencode(sorted((k, v) for k, v in params.items() if k != "sig"), quote_via=quote, safe="")
+
+
+def signature(secret: str, params: Mapping[str, str]) -> str:
+    return hmac.new(secret.encode(), canonical(params).encode(), hashlib.sha256).hexdigest()
+
+
+def signed_query(secret: str, params: Mapping[str, str]) -> str:
+    """The query string of a signed pixel URL (canonical order, `sig` last)."""
+    return f"{canonical(params)}&sig={signature(secret, params)}"
+
+
+def check_shape(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """The pixel's parameters as a dict, refusing repeats, unknown names and missing ones (no secret needed)."""
+    params: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in PARAMS and name != "sig":
+            raise PixelError(name, f"unknown parameter (allowed: {', '.join(PARAMS)}, sig)")
+        if name in params:
+            raise PixelError(name, "appears more than once")
+        params[name] = value
+    for name in (*REQUIRED, "sig"):
+        if not params.get(name):
+            raise PixelError(name, "is required")
+    if not params["exp"].isascii() or not params["exp"].isdigit() or len(params["exp"]) > 12:
+        raise PixelError("exp", "must be the expiry in Unix seconds (ASCII digits)")
+    return params
+
+
+def verify(secret: str, params: Mapping[str, str], now_s: float) -> None:
+    """Raise PixelError unless `sig` is right for `secret` and `exp` has not passed."""
+    expected = signature(secret, params)
+    if not hmac.compare_digest(expected.encode(), params.get("sig", "").lower().encode()):
+        raise PixelError("sig", "does not match the site's secret over the canonical query string")
+    if int(params["exp"]) < now_s:
+        raise PixelError("exp", "the signed URL has expired")

@@ -133,7 +133,10 @@ def build_api(settings: Settings):  # -> flask.Flask
     ensure_pg(dsn)
     client = connect(settings.clickhouse_dsn)
     ensure_ch(client, settings.clickhouse_database)
-    pool = ConnectionPool(dsn, min_size=1, max_size=8, open=True, kwargs={"connect_timeout": 5})
+    # prepare_threshold=None: no server-side prepared statements, so PostgreSQL plans every customer
+    # query for its own range instead of switching to a generic plan after a few executions.
+    pool = ConnectionPool(dsn, min_size=1, max_size=8, open=True,
+                          kwargs={"connect_timeout": 5, "prepare_threshold": None})
     limits = SqlLimits(settings.sql_max_execution_s, settings.sql_max_memory_bytes, settings.sql_max_result_rows)
     return create_app(settings, Backends(RollupReader(pool), client, limits))
 

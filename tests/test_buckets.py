@@ -45,3 +45,112 @@ def test_bad_ranges_are_refused(start, end, granularity, words):
     with pytest.raises(QueryError) as info:
         bucket_bounds(start, end, granularity, UTC)
     assert words in str(info.value)
+
+
+# ---- the bucket rule (docs/adr/0012-bucket-rule.md) at clock changes ----------------------------
+
+def local_labels(bounds, tz):
+    """Each bucket as 'start(+offset)/minutes'."""
+    return [f"{a.astimezone(tz).strftime('%d %H:%M%z')}/{int((b - a).total_seconds() // 60)}"
+            for a, b in zip(bounds, bounds[1:])]
+
+
+def test_a_repeated_hour_is_two_buckets_each_with_its_own_offset():
+    berlin = ZoneInfo("Europe/Berlin")
+    bounds = bucket_bounds(utc(2026, 10, 24, 23, 0), utc(2026, 10, 25, 3, 0), "1h", berlin)
+    assert local_labels(bounds, berlin) == ["25 01:00+0200/60", "25 02:00+0200/60", "25 02:00+0100/60",
+                                            "25 03:00+0100/60"]
+
+
+def test_a_skipped_hour_has_no_bucket():
+    berlin = ZoneInfo("Europe/Berlin")
+    bounds = bucket_bounds(utc(2026, 3, 29, 0, 0), utc(2026, 3, 29, 2, 0), "1h", berlin)
+    assert local_labels(bounds, berlin) == ["29 01:00+0100/60", "29 03:00+0200/60"]
+
+
+def test_lord_howe_hours_across_its_30_minute_changes():
+    """Old behaviour was wrong here: hours after the change started at :30 local."""
+    lord_howe = ZoneInfo("Australia/Lord_Howe")  # +10:30 standard, +11:00 summer
+    spring = bucket_bounds(utc(2026, 10, 3, 13, 30), utc(2026, 10, 3, 17, 0), "1h", lord_howe)
+    # 02:00 -> 02:30: local 02:00-02:29 never happens; the hour-2 bucket is the 30 minutes 02:30-03:00.
+    assert local_labels(spring, lord_howe) == ["04 00:00+1030/60", "04 01:00+1030/60", "04 02:30+1100/30",
+                                               "04 03:00+1100/60"]
+    autumn = bucket_bounds(utc(2026, 4, 4, 13, 0), utc(2026, 4, 4, 17, 0), "1h", lord_howe)
+    # 02:00 -> 01:30: local 01:30-01:59 happens twice; no hour boundary repeats, so hour 1 lasts 90 minutes.
+    assert local_labels(autumn, lord_howe) == ["05 00:00+1100/60", "05 01:00+1100/90", "05 02:00+1030/60",
+                                               "05 03:00+1030/60"]
+    quarters = bucket_bounds(utc(2026, 4, 4, 14, 30), utc(2026, 4, 4, 15, 30), "15m", lord_howe)
+    assert local_labels(quarters, lord_howe) == ["05 01:30+1100/15", "05 01:45+1100/15", "05 01:30+1030/15",
+                                                 "05 01:45+1030/15"]
+    assert all(b.astimezone(lord_howe).minute in (0, 30) for b in spring + autumn)
+
+
+def test_a_day_whose_midnight_is_skipped_starts_at_the_first_local_time():
+    sao_paulo = ZoneInfo("America/Sao_Paulo")  # 2018-11-04 00:00 -> 01:00
+    bounds = bucket_bounds(utc(2018, 11, 3, 12), utc(2018, 11, 5, 12), "1d", sao_paulo)
+    assert local_labels(bounds, sao_paulo) == ["03 00:00-0300/1440", "04 01:00-0200/1380", "05 00:00-0200/1440"]
+
+
+def test_a_skipped_day_has_no_bucket():
+    apia = ZoneInfo("Pacific/Apia")  # 2011-12-29 24:00 -10:00 -> 2011-12-31 00:00 +14:00
+    bounds = bucket_bounds(utc(2011, 12, 29, 12), utc(2011, 12, 30, 12), "1d", apia)
+    assert local_labels(bounds, apia) == ["29 00:00-1000/1440", "31 00:00+1400/1440"]
+
+
+def test_hours_in_odd_offset_zones_start_at_local_hours_every_season():
+    for key, minute in (("Asia/Kathmandu", 15), ("Pacific/Chatham", 15), ("Australia/Eucla", 15),
+                        ("Asia/Kolkata", 30), ("America/St_Johns", 30)):
+        tz = ZoneInfo(key)
+        for month in (1, 7):
+            bounds = bucket_bounds(utc(2026, month, 1), utc(2026, month, 2), "1h", tz)
+            assert all(b.astimezone(tz).minute == 0 for b in bounds), key
+            assert all(b.minute == minute for b in bounds), key  # ...which are :15 / :30 / :45 UTC
+
+
+@pytest.mark.parametrize("key, start, end, granularity", [
+    ("America/St_Johns", utc(2010, 3, 14, 2), utc(2010, 3, 14, 6), "1h"),  # changed at 00:01 local until 2011
+    ("America/St_Johns", utc(2010, 11, 7, 2), utc(2010, 11, 7, 6), "15m"),
+    ("Asia/Gaza", utc(2011, 3, 31, 20), utc(2011, 4, 1, 2), "1h"),
+    ("Africa/Monrovia", utc(1971, 6, 1), utc(1971, 6, 2), "1d"),  # -00:44:30 until 1972
+    ("Pacific/Kiritimati", utc(1975, 1, 1), utc(1975, 1, 2), "1h"),  # -10:40 until 1979
+])
+def test_boundaries_off_the_utc_quarter_hours_are_refused(key, start, end, granularity):
+    with pytest.raises(QueryError, match="not on a UTC quarter hour"):
+        bucket_bounds(start, end, granularity, ZoneInfo(key))
+
+
+def test_days_in_newfoundland_are_fine_even_when_its_hours_are_not():
+    st_johns = ZoneInfo("America/St_Johns")  # the 00:01 change moves no midnight
+    bounds = bucket_bounds(utc(2010, 3, 13, 12), utc(2010, 3, 15, 12), "1d", st_johns)
+    assert local_labels(bounds, st_johns) == ["13 00:00-0330/1440", "14 00:00-0330/1380", "15 00:00-0230/1440"]
+
+
+def test_ranges_before_1970_are_refused():
+    with pytest.raises(QueryError, match="1970"):
+        bucket_bounds(utc(1969, 12, 31, 23), utc(1970, 1, 1, 1), "1h", UTC)
+
+
+def test_max_buckets_counts_real_buckets():
+    start = utc(2026, 1, 1)
+    ok = bucket_bounds(start, start + (utc(2026, 1, 2) - start) * MAX_BUCKETS / 96, "15m", UTC)
+    assert len(ok) == MAX_BUCKETS + 1
+    with pytest.raises(QueryError, match=str(MAX_BUCKETS)):
+        bucket_bounds(start, ok[-1] + (ok[1] - ok[0]) / 2, "15m", UTC)
+
+
+def test_offset_changes_are_further_apart_than_the_scan_step():
+    """bucket_bounds finds clock changes by sampling every _SCAN_S seconds: check that assumption
+    against every zone's transition table since 1970 (read from the pure-Python zoneinfo)."""
+    import zoneinfo
+    from zoneinfo import _zoneinfo
+
+    from oltp.queries import _SCAN_S
+
+    closest = None
+    for key in zoneinfo.available_timezones():
+        tz = ZoneInfo(key)
+        real = [t for t in _zoneinfo.ZoneInfo.no_cache(key)._trans_utc
+                if t > 0 and datetime.fromtimestamp(t - 1, tz).utcoffset() != datetime.fromtimestamp(t, tz).utcoffset()]
+        for a, b in zip(real, real[1:]):
+            closest = b - a if closest is None else min(closest, b - a)
+    assert closest is not None and closest > 4 * _SCAN_S

@@ -1,4 +1,7 @@
-"""The query API: customer rollups from PostgreSQL, analyst SQL on ClickHouse, and the dashboard."""
+"""The query API: customer rollups from PostgreSQL, analyst SQL relayed to the analyst server, the dashboard.
+
+This process holds no ClickHouse client: analyst SQL runs in `tally analyst-server` (ADR 10), so
+nothing here ever waits on ClickHouse but the one thread relaying an analyst's own answer."""
 
 from __future__ import annotations
 
@@ -10,11 +13,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import psycopg
 from flask import Blueprint, Flask, Response, current_app, render_template, request
 
-from olap.analyst import AnalystQueryError, SqlLimits, run_query
+from api.analyst_proxy import AnalystService, AnalystUnavailable
 from oltp.queries import GRANULARITIES, QueryError, RollupReader
 from core.event import EVENT_TYPES, EventError, normalize_domain
 from core.config import Settings
 from core.http import error, install_host_check, install_json_errors, json_response
+from api.auth import allow, current_principal, install_auth, probe, public
 
 bp = Blueprint("api", __name__)
 
@@ -22,8 +26,7 @@ bp = Blueprint("api", __name__)
 @dataclass(frozen=True, slots=True)
 class Backends:
     rollups: RollupReader
-    clickhouse: Any  # clickhouse_connect Client
-    sql_limits: SqlLimits
+    analyst: AnalystService
 
 
 def _backends() -> Backends:
@@ -45,6 +48,7 @@ def _parse_time(name: str, value: str | None, default: datetime) -> datetime:
 
 
 @bp.get("/api/v1/domains/<domain>/<metric>")
+@allow("admin", "analyst", "customer", domain_arg="domain")
 def domain_series(domain: str, metric: str) -> Response:
     metrics = {f"{t}s": t for t in EVENT_TYPES}  # impressions, pageviews
     if metric not in metrics:
@@ -86,25 +90,54 @@ def domain_series(domain: str, metric: str) -> Response:
 
 
 @bp.post("/api/v1/sql")
+@allow("admin", "analyst")
 def analyst_sql() -> Response:
+    """Relay one analyst query to the analyst server; `?format=` (or Accept) picks json, csv, tsv or jsonl."""
     body = request.get_json(silent=True)
-    if not isinstance(body, dict) or set(body) - {"sql"}:
+    if not isinstance(body, dict) or set(body) - {"sql"} or not isinstance(body.get("sql"), str):
         return error(400, "invalid_body", 'send a JSON object {"sql": "SELECT ..."}')
-    backends = _backends()
+    fmt = _result_format()
+    if fmt is None:
+        return error(400, "invalid_format", f"format must be one of {', '.join(RESULT_FORMATS)} "
+                     "(?format=csv, or an Accept header naming one)")
+    principal = current_principal()
     try:
-        result = run_query(backends.clickhouse, body.get("sql"), backends.sql_limits)
-    except AnalystQueryError as exc:
-        return error(400, "query_failed", str(exc))
-    return json_response({"columns": result.columns, "types": result.types, "rows": result.rows,
-                          "row_count": len(result.rows)})
+        upstream = _backends().analyst.query(body["sql"], fmt, principal.token_id if principal else None)
+    except AnalystUnavailable:
+        resp = error(503, "analyst_unavailable", "the analyst server is unavailable; retry shortly")
+        resp.headers["Retry-After"] = "5"
+        return resp
+    resp = Response(upstream.body, status=upstream.status, content_type=upstream.content_type)
+    if upstream.retry_after:
+        resp.headers["Retry-After"] = upstream.retry_after
+    return resp
+
+
+RESULT_FORMATS = {"json": "application/json", "csv": "text/csv", "tsv": "text/tab-separated-values",
+                  "jsonl": "application/x-ndjson"}
+
+
+def _result_format() -> str | None:
+    """`?format=` wins; else the first Accept type we serve; else json."""
+    if "format" in request.args:
+        fmt = request.args["format"].lower()
+        return fmt if fmt in RESULT_FORMATS else None
+    by_type = {mime: name for name, mime in RESULT_FORMATS.items()}
+    by_type["application/jsonl"] = "jsonl"
+    for mime, _quality in request.accept_mimetypes:
+        if mime in by_type:
+            return by_type[mime]
+    return "json"
 
 
 @bp.get("/")
+@public
 def dashboard() -> str:
     return render_template("dashboard.html")
 
 
 @bp.get("/healthz")
+@probe
 def healthz() -> Response:
     return json_response({"status": "ok"})
 
@@ -115,6 +148,8 @@ def create_app(settings: Settings, backends: Backends) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     app.extensions["tally_backends"] = backends
     install_host_check(app, settings.allowed_hosts)
+    # Tokens live in PostgreSQL next to the rollups: the API reads them through the same pool.
+    install_auth(app, lambda: backends.rollups.pool, settings.api_rate_limit)
     app.register_blueprint(bp)
     install_json_errors(app)
     return app

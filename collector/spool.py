@@ -1,4 +1,10 @@
-"""The spool: local append-only segment files, one event JSON per line.
+"""The spool: local append-only segment files, one framed record per line.
+
+A record is `<payload>\t<crc32c of payload, 8 hex digits>\n`; the payload is one event's JSON
+(which never holds a raw tab or newline). `read_record` checks the frame, so a torn or
+corrupted record is detected on read and set aside with its reason, without blocking the
+records behind it. Lines without a frame (written before framing existed) are read as bare
+JSON objects.
 
 Writers (one per collector process) append to `<host>-<pid>-<time>-<n>.open`
 and seal a segment by renaming it to `.seg` once it is big or old enough. The
@@ -25,12 +31,52 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import crc32c
 
 log = logging.getLogger(__name__)
 
 OPEN, SEALED = ".open", ".seg"
+
+
+class CorruptRecord(ValueError):
+    """A spool line that is not an intact record; `reason` is a short counter label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def frame(payload: bytes) -> bytes:
+    """One spool line for `payload` (no newline in it): payload, tab, CRC32C in hex, newline."""
+    return b"%s\t%08x\n" % (payload, crc32c.crc32c(payload))
+
+
+def read_record(line: bytes) -> bytes:
+    """The payload of one spool line (without its newline); raises CorruptRecord naming the problem."""
+    payload, tab, check = line.rpartition(b"\t")
+    if not tab:  # unframed: only whole JSON objects written before framing existed
+        if line.startswith(b"{") and line.endswith(b"}"):
+            return line
+        raise CorruptRecord("unframed", "no checksum and not a JSON object")
+    if len(check) != 8:
+        raise CorruptRecord("torn", f"checksum field is {len(check)} bytes, not 8")
+    try:
+        expected = int(check, 16)
+    except ValueError:
+        raise CorruptRecord("torn", "checksum field is not hex") from None
+    if crc32c.crc32c(payload) != expected:
+        raise CorruptRecord("checksum", "CRC32C does not match the record")
+    return payload
+
+
+def segment_records(data: bytes) -> Iterator[bytes]:
+    """Every line of a segment's bytes (without newlines), empty lines skipped; a torn tail included."""
+    for line in data.split(b"\n"):
+        if line:
+            yield line
 
 
 class SpoolFull(OSError):
@@ -68,11 +114,11 @@ class SpoolWriter:
         directory.mkdir(parents=True, exist_ok=True)
 
     def append(self, lines: Iterable[bytes]) -> None:
-        """Append `lines` durably; returns once they are written and fdatasync'd. Group commit: callers
+        """Append `lines` (payloads, each framed with its checksum) durably; returns once they are written and fdatasync'd. Group commit: callers
         that arrive while a flush is under way wait for the next one, which writes all of their lines
         with one write and one fdatasync (leader/follower). If the flush fails, every caller in it gets
         the error and none of its lines stay in the segment."""
-        data = b"".join(line + b"\n" for line in lines)
+        data = b"".join(frame(line) for line in lines)
         if not data:
             return
         with self._cond:

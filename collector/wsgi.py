@@ -17,4 +17,7 @@ def create_app_from_env() -> Flask:
     spool segment is sealed by the spool's age-based sealer while it runs, or by the
     shipper once the worker is gone and its lock with it (collector.spool.recover_orphans).
     """
-    return create_app(Settings.from_env(os.environ))
+    settings = Settings.from_env(os.environ)
+    # Each worker process has its own sites-registry copy and rate-limit memory: it enforces
+    # 1/TALLY_COLLECTOR_WORKERS of every site's limit (docs/adr/0011-sites-registry.md).
+    return create_app(settings, workers=settings.collector_workers)

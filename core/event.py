@@ -31,7 +31,9 @@ _MAX_UA = 512
 _MAX_ID = 128
 _MAX_VALUE = Decimal("1000000000")
 _VALUE_QUANTUM = Decimal("0.000001")
-_CLIENT_FIELDS = {"id", "domain", "url", "ts", "type", "value", "referrer"}
+# `site` (the site key) is read by the collector to authenticate the event; it is not stored in it.
+_CLIENT_FIELDS = {"id", "domain", "url", "ts", "type", "value", "referrer", "site"}
+_MAX_SITE_KEY = 128
 
 
 class EventError(ValueError):
@@ -166,6 +168,9 @@ def event_from_hit(body: Any, ctx: HitContext, limits: Limits, secret: bytes,
     if unknown:
         raise EventError(unknown[0], f"unknown field (allowed: {', '.join(sorted(_CLIENT_FIELDS))})")
     domain = normalize_domain(body.get("domain"))
+    site = body.get("site")
+    if site is not None and (not isinstance(site, str) or not 0 < len(site) <= _MAX_SITE_KEY):
+        raise EventError("site", f"must be a site key string of at most {_MAX_SITE_KEY} characters")
     client_id = body.get("id")
     if client_id is not None and (not isinstance(client_id, str) or not 0 < len(client_id) <= _MAX_ID):
         raise EventError("id", f"must be a non-empty string of at most {_MAX_ID} characters")

@@ -56,7 +56,8 @@ def load_or_create_secret(home: Path) -> str:
 def check_ports(settings: Settings) -> None:
     import socket
 
-    for var, port in (("TALLY_COLLECTOR_PORT", settings.collector_port), ("TALLY_API_PORT", settings.api_port)):
+    for var, port in (("TALLY_COLLECTOR_PORT", settings.collector_port), ("TALLY_API_PORT", settings.api_port),
+                      ("TALLY_ANALYST_PORT", settings.analyst_port)):
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is fine
             try:

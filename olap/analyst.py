@@ -1,131 +1,408 @@
-"""Analyst SQL: read-only ClickHouse queries with time, memory and result-size limits.
+"""Analyst SQL: one SELECT over the analyst tables, checked by allowlist on ClickHouse's own parse tree,
+run with limits that ClickHouse enforces, and encoded here as json, csv, tsv or jsonl.
 
-Four layers keep analysts read-only:
+`prepare` parses only; it executes nothing the analyst wrote:
 
-0. One statement only: chDB executes `;`-separated statements one after the
-   other (a SETTINGS clause would only cover the last). The text is handed to
-   ClickHouse's own parser as a bound string (`formatQuery`, which executes
-   nothing and refuses multi-statements), and only its canonical single
-   statement is ever run.
+1. `formatQuerySingleLine` of the text, passed as a bound string: ClickHouse's parser, one statement
+   only (chDB would otherwise run `;`-separated statements one after the other), comments dropped.
+   That canonical text is the only thing ever run.
+2. `parseQueryToJSON` of the canonical text gives the parse tree as data, and
+   `formatQueryFromJSON` of that tree must give the canonical text back: the tree holds the whole
+   query, so a check of the tree is a check of what runs. All three are one round trip.
+3. `olap.allowlist.check` walks the tree: a SELECT, tables `<db>.events` and CTEs in scope,
+   allowlisted table functions and functions, no SETTINGS / FORMAT / INTO OUTFILE.
 
-1. ClickHouse's own parser (`EXPLAIN AST`, which executes nothing) must say the
-   statement is a SELECT. This is not optional hardening: in chDB a non-SELECT
-   statement carrying a SETTINGS clause leaves those settings on the shared
-   session (seen with chDB 4.4 / clickhouse-connect 1.12), so a refused
-   `DROP TABLE` would otherwise leave the loader's session read-only.
-2. No `INTO OUTFILE`: chDB writes the file even under `readonly = 1`, i.e.
-   anything the process may write (found in review). Refused on the
-   canonical text, conservatively: a string literal saying it is refused too.
-3. The SELECT runs with `readonly = 1` (no writes, no table functions, no
-   changing settings from inside the query), time, memory and row limits, and
-   `final = 1`, so ReplacingMergeTree duplicates are never visible and analysts
-   need not remember FINAL.
+The text form of `EXPLAIN AST` is not used: it prints aliases and identifiers raw, so a quoted alias
+holding a newline adds made-up lines to the dump (seen with chDB 4.4: `1 AS `a\\n  Function file``),
+and it does not print CTE names at all (`WithElement (children 1)`), so `FROM name` could not be
+told apart from a table of that name. `parseQueryToJSON` needs ClickHouse 26.8+; on an older
+server every query is refused with a message saying so (fail closed).
+
+`stream` runs the canonical text with ClickHouse-side limits (`max_execution_time`,
+`max_memory_usage`, `max_result_rows`, `max_result_bytes` with `result_overflow_mode = 'throw'`,
+`max_threads`, `final = 1`, `readonly = 1` last on a writable session) and counts the rows and the
+encoded bytes it produces itself; closing the generator closes the ClickHouse stream, which cancels
+the query.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import decimal
+import io
 import ipaddress
+import json
+import math
 import re
+import time
 import uuid
-from dataclasses import dataclass
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
+from olap.allowlist import Refused, check
+
 MAX_SQL_CHARS = 100_000
-_SELECT_ROOTS = ("SelectWithUnionQuery", "SelectIntersectExceptQuery")
-_INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
 _INT64_RANGE = range(-(2**63), 2**63)
+
+FORMATS: dict[str, str] = {
+    "json": "application/json",
+    "csv": "text/csv; charset=utf-8",
+    "tsv": "text/tab-separated-values; charset=utf-8",
+    "jsonl": "application/x-ndjson",
+}
+
+# ClickHouse error codes that mean something to the caller.
+_TIMEOUT_CODES = {159: "TIMEOUT_EXCEEDED", 160: "TOO_SLOW"}
+_TOO_LARGE_CODES = {396: "TOO_MANY_ROWS_OR_BYTES"}
+_REFUSED_CODES = {164: "READONLY", 497: "ACCESS_DENIED", 62: "SYNTAX_ERROR"}
+_UNKNOWN_FUNCTION = 46
+_NO_JSON = re.compile(r"AST node of type '(\w+)' does not support JSON serialization")
 
 
 class AnalystQueryError(ValueError):
-    """The query was refused or failed; the message is ClickHouse's (or ours)."""
+    """A refused or failed analyst query. `code`: refused | failed | timeout | too_large."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
 class SqlLimits:
-    max_execution_s: int
+    max_execution_s: float
     max_memory_bytes: int
     max_result_rows: int
+    max_result_bytes: int = 64 << 20
+    max_threads: int = 2
+
+
+@dataclass
+class QueryStats:
+    rows: int = 0
+    bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class QueryResult:
     columns: list[str]
     types: list[str]
-    rows: list[list[Any]]
+    rows: list[list[Any]] = field(default_factory=list)
 
 
-def run_query(client: Client, sql: Any, limits: SqlLimits) -> QueryResult:
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def prepare(client: Client, sql: object, database: str) -> str:
+    """The canonical single statement for `sql`, if analysts may run it. Parsing only.
+
+    Raises AnalystQueryError(code="refused") naming the table, function or clause refused.
+    """
     if not isinstance(sql, str) or not sql.strip():
-        raise AnalystQueryError("'sql' must be a non-empty string")
+        raise AnalystQueryError("refused", "'sql' must be a non-empty string")
     if len(sql) > MAX_SQL_CHARS:
-        raise AnalystQueryError(f"the query is longer than {MAX_SQL_CHARS} characters")
-    text = single_statement(client, sql)
-    kind = statement_kind(client, text)
-    if kind not in _SELECT_ROOTS:
-        raise AnalystQueryError(f"only SELECT queries are allowed (this is a {kind}); analyst SQL is readonly")
-    if _INTO_OUTFILE.search(text):
-        raise AnalystQueryError("INTO OUTFILE is not allowed: analyst SQL returns rows, it writes no files")
-    settings = {
-        "final": 1,
+        raise AnalystQueryError("refused", f"the query is longer than {MAX_SQL_CHARS} characters")
+    try:
+        rows = client.query(
+            "SELECT formatQuerySingleLine({q:String}) AS text, parseQueryToJSON(text) AS tree, "
+            "formatQueryFromJSON(tree) = text AS faithful", parameters={"q": sql}).result_rows
+    except ClickHouseError as exc:
+        if _code_of(exc) == _UNKNOWN_FUNCTION and "parseQueryToJSON" in str(exc):
+            raise AnalystQueryError("refused", "analyst SQL needs ClickHouse 26.8 or later (parseQueryToJSON); "
+                                               "this server is older, so every query is refused") from None
+        unserialisable = _NO_JSON.search(str(exc))
+        if unserialisable:  # DESCRIBE, SHOW, ...: statements the JSON form does not cover
+            raise AnalystQueryError("refused", f"only SELECT queries are allowed, and ClickHouse cannot show this "
+                                               f"one ({unserialisable.group(1)}) as a parse tree to check") from None
+        raise AnalystQueryError("refused", _short(str(exc))) from None
+    if not rows:
+        raise AnalystQueryError("refused", "the query could not be parsed")
+    text, tree_json, faithful = rows[0]
+    if not faithful:
+        raise AnalystQueryError("refused", "the query uses syntax whose parse tree ClickHouse cannot represent "
+                                           "faithfully, so it cannot be checked; rewrite it")
+    try:
+        tree = json.loads(tree_json)
+        check(tree, database)
+    except Refused as exc:
+        raise AnalystQueryError("refused", str(exc)) from None
+    except (ValueError, RecursionError):
+        raise AnalystQueryError("refused", "the query could not be checked (nested too deeply?)") from None
+    return str(text)
+
+
+# --- running -----------------------------------------------------------------------------------
+
+_SESSION_READONLY: "weakref.WeakKeyDictionary[Client, int]" = weakref.WeakKeyDictionary()
+
+
+def _session_readonly(client: Client) -> int:
+    """The `readonly` value the client's session starts with (asked once per client)."""
+    try:
+        return _SESSION_READONLY[client]
+    except KeyError:
+        pass
+    try:
+        value = int(client.query("SELECT getSetting('readonly')").result_rows[0][0])
+    except ClickHouseError as exc:
+        raise AnalystQueryError("failed", _short(str(exc))) from None
+    _SESSION_READONLY[client] = value
+    return value
+
+
+def _settings(client: Client, limits: SqlLimits) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "final": 1,  # ReplacingMergeTree duplicates are never visible
         "max_execution_time": limits.max_execution_s,
+        "timeout_overflow_mode": "throw",
         "max_memory_usage": limits.max_memory_bytes,
         "max_result_rows": limits.max_result_rows,
+        "max_result_bytes": limits.max_result_bytes,
         "result_overflow_mode": "throw",
-        "readonly": 1,  # last: once it applies, no later setting in the clause may change
+        "max_threads": limits.max_threads,
+        "allow_introspection_functions": 0,
     }
+    readonly = _session_readonly(client)
+    if readonly == 0:
+        settings["readonly"] = 1  # last: once it applies, no later setting may change anything
+    elif readonly == 1:
+        # Under readonly = 1 ClickHouse refuses every per-query setting, limits included.
+        raise AnalystQueryError("failed", "the ClickHouse user for analyst SQL has readonly = 1, so per-query "
+                                          "limits cannot be set; give it readonly = 2 with constraints "
+                                          "(docs/clickhouse-analyst-user.sql)")
+    return settings
+
+
+def stream(client: Client, text: str, limits: SqlLimits, fmt: str, stats: QueryStats) -> Iterator[bytes]:
+    """Run `text` (what `prepare` returned) and yield it encoded as `fmt`; json is one document.
+
+    Updates `stats` as it goes. Raises AnalystQueryError on overflow, timeout or failure, possibly
+    after some chunks (never for json, which is yielded whole at the end). Nothing is yielded before
+    the first rows arrive (or the query ends), so errors ClickHouse raises early come before any output.
+    Closing the generator cancels the query.
+    """
+    if fmt not in FORMATS:
+        raise AnalystQueryError("refused", f"format must be one of {', '.join(FORMATS)}")
+    settings = _settings(client, limits)
+    encoder = _ENCODERS[fmt]()
+    deadline = time.monotonic() + float(limits.max_execution_s) + 1.0
+    pending: list[bytes] = []  # json: the document's parts; others: output not yielded yet
+    started = False
+
+    produced = 0  # bytes encoded so far; stats.bytes counts what was handed out
+
+    def emit(chunk: bytes) -> None:
+        nonlocal produced
+        if produced + len(chunk) > limits.max_result_bytes:
+            raise AnalystQueryError("too_large", f"the result is larger than {limits.max_result_bytes} bytes "
+                                                 f"(max result bytes); aggregate more or add a LIMIT")
+        produced += len(chunk)
+        pending.append(chunk)
+
+    def flush() -> bytes:
+        out = b"".join(pending)
+        pending.clear()
+        stats.bytes += len(out)
+        return out
+
     try:
-        result = client.query(text, settings=settings)
+        with client.query_row_block_stream(text, settings=settings) as blocks:
+            names = list(blocks.source.column_names)
+            types = [t.name for t in blocks.source.column_types]
+            for block in blocks:
+                if not started:
+                    emit(encoder.start(names, types))
+                    started = True
+                stats.rows += len(block)
+                if stats.rows > limits.max_result_rows:
+                    raise AnalystQueryError("too_large", f"the result has more than {limits.max_result_rows} rows "
+                                                         f"(max rows: {limits.max_result_rows}); aggregate more or "
+                                                         f"add a LIMIT")
+                emit(encoder.rows(block))
+                if time.monotonic() > deadline:
+                    raise AnalystQueryError("timeout", f"the query ran longer than {limits.max_execution_s} s "
+                                                       f"(max execution time)")
+                if fmt != "json":
+                    yield flush()
+        if not started:
+            if not names:  # chDB sends no header block for an empty result; a server does
+                names, types = _describe(client, text, settings)
+            emit(encoder.start(names, types))
+        emit(encoder.end())
     except ClickHouseError as exc:
-        raise AnalystQueryError(_short(str(exc))) from None
-    return QueryResult(columns=list(result.column_names),
-                       types=[t.name for t in result.column_types],
-                       rows=[[_jsonable(v) for v in row] for row in result.result_rows])
+        raise _classify(exc) from None
+    if pending:
+        yield flush()
 
 
-def _first_cell(client: Client, query: str, parameters: dict[str, str] | None = None) -> str:
-    try:
-        rows = client.query(query, parameters=parameters).result_rows
-    except ClickHouseError as exc:
-        raise AnalystQueryError(_short(str(exc))) from None
-    if not rows:
-        raise AnalystQueryError("the query could not be parsed")
-    return str(rows[0][0])
+def _describe(client: Client, text: str, settings: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Column names and types of a query that returned no rows (chDB sends no header block then)."""
+    rows = client.query(f"DESCRIBE TABLE ({text})", settings=settings).result_rows
+    return [str(r[0]) for r in rows], [str(r[1]) for r in rows]
 
 
-def single_statement(client: Client, sql: str) -> str:
-    """ClickHouse's canonical form of `sql` if it is exactly one statement (parsing only)."""
-    return _first_cell(client, "SELECT formatQuery({q:String})", {"q": sql})
+def run_query(client: Client, sql: Any, limits: SqlLimits, database: str = "tally") -> QueryResult:
+    """prepare + run, as columns/types/rows (the json format's values), for the JSON path and tests."""
+    text = prepare(client, sql, database)
+    document = orjson.loads(b"".join(stream(client, text, limits, "json", QueryStats())))
+    return QueryResult(columns=document["columns"], types=document["types"], rows=document["rows"])
 
 
-def statement_kind(client: Client, text: str) -> str:
-    """The root AST node ClickHouse parses `text` into (parsing only; nothing is executed)."""
-    return _first_cell(client, f"EXPLAIN AST {text}").split()[0]
+def _code_of(exc: BaseException) -> int | None:
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    match = re.search(r"Code: (\d+)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+def _classify(exc: ClickHouseError) -> AnalystQueryError:
+    code, message = _code_of(exc), _short(str(exc))
+    if code in _TIMEOUT_CODES:
+        return AnalystQueryError("timeout", message)
+    if code in _TOO_LARGE_CODES:
+        return AnalystQueryError("too_large", message)
+    if code in _REFUSED_CODES:
+        return AnalystQueryError("refused", message)
+    return AnalystQueryError("failed", message)
 
 
 def _short(message: str) -> str:
-    # ClickHouse messages repeat the query and a long hint list; keep the useful head.
+    # ClickHouse messages repeat the query ("In scope ...") and a long hint list; keep the useful head.
     message = message.replace("\n", " ").strip()
+    for cut in (". In scope ", ": In scope "):
+        head, sep, _ = message.partition(cut)
+        if sep:
+            message = head.rstrip(" .:") + "."
     return message[:600]
 
 
+# --- encoding ----------------------------------------------------------------------------------
+
+
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, (dt.datetime, dt.date)):
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
         return str(value)
     if isinstance(value, (uuid.UUID, ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return str(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64_RANGE:
-        return str(value)  # (U)Int128/256: JSON readers lose precision past 64 bits
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value not in _INT64_RANGE:
+        return str(value)  # (U)Int128/256 and big UInt64: JSON readers lose precision past 64 bits
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
     return value
+
+
+def _text(value: Any) -> str:
+    """One value as csv/tsv text: JSON for arrays, maps and tuples; ISO 8601 for times."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple, dict)):
+        return orjson.dumps(_jsonable(value)).decode()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    return str(value)
+
+
+class _Json:
+    """{"columns", "types", "rows", "row_count"}: one document, built from per-block parts."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
+        return b'{"columns":' + orjson.dumps(list(names)) + b',"types":' + orjson.dumps(list(types)) + b',"rows":['
+
+    def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
+        if not block:
+            return b""
+        body = orjson.dumps([[_jsonable(v) for v in row] for row in block])[1:-1]
+        sep = b"," if self.count else b""
+        self.count += len(block)
+        return sep + body
+
+    def end(self) -> bytes:
+        return b'],"row_count":' + str(self.count).encode() + b"}"
+
+
+class _Jsonl:
+    """One JSON object per row, keyed by column name."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
+        duplicates = sorted({n for n in names if list(names).count(n) > 1})
+        if duplicates:
+            raise AnalystQueryError("failed", f"column name {duplicates[0]!r} appears twice; give the columns "
+                                              "distinct aliases for jsonl")
+        self.names = list(names)
+        return b""
+
+    def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
+        names = self.names
+        return b"".join(orjson.dumps({n: _jsonable(v) for n, v in zip(names, row)}) + b"\n" for row in block)
+
+    def end(self) -> bytes:
+        return b""
+
+
+class _Csv:
+    """RFC 4180: a header row, CRLF line ends, fields quoted when they hold a comma, quote or line break.
+    NULL is an empty field."""
+
+    def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
+        return self._write([list(names)])
+
+    def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
+        return self._write([["" if v is None else _text(v) for v in row] for row in block])
+
+    def end(self) -> bytes:
+        return b""
+
+    @staticmethod
+    def _write(rows: list[list[str]]) -> bytes:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\r\n").writerows(rows)
+        return buffer.getvalue().encode()
+
+
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0"})
+
+
+class _Tsv:
+    """ClickHouse's TabSeparatedWithNames: a header row; backslash, tab, newline, CR and NUL escaped
+    with a backslash; NULL is \\N."""
+
+    def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
+        return ("\t".join(n.translate(_TSV_ESCAPES) for n in names) + "\n").encode()
+
+    def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
+        return "".join("\t".join("\\N" if v is None else _text(v).translate(_TSV_ESCAPES) for v in row) + "\n"
+                       for row in block).encode()
+
+    def end(self) -> bytes:
+        return b""
+
+
+_ENCODERS = {"json": _Json, "jsonl": _Jsonl, "csv": _Csv, "tsv": _Tsv}

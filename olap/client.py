@@ -29,3 +29,15 @@ def connect(dsn: str) -> Client:
     # No session id: one client serves the API's threads, and a ClickHouse session runs one query at a time.
     return clickhouse_connect.get_client(dsn=dsn, connect_timeout=5, send_receive_timeout=60,
                                          autogenerate_session_id=False)
+
+
+def new_client(dsn: str) -> Client:
+    """A client of its own (not shared): for work that must run beside other queries, e.g. one analyst query.
+
+    chDB runs queries from separate clients in one process concurrently; a shared client serialises them.
+    """
+    if dsn.startswith("chdb://"):
+        Path(dsn[len("chdb://"):]).mkdir(parents=True, exist_ok=True)
+        return clickhouse_connect.get_client(dsn=dsn)
+    return clickhouse_connect.get_client(dsn=dsn, connect_timeout=5, send_receive_timeout=3600,
+                                         autogenerate_session_id=False)

@@ -48,13 +48,57 @@ CREATE TABLE IF NOT EXISTS rejected_records (
 """
 
 # API tokens (owned by oltp/tokens.py).
-TOKENS = ""
+TOKENS = """
+-- Who may call the API. The secret is never stored: only the SHA-256 of its 256 random bits.
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id            text        PRIMARY KEY CHECK (id ~ '^tok_[0-9a-f]{10}$'),
+    name          text        NOT NULL DEFAULT '' CHECK (length(name) <= 200),
+    role          text        NOT NULL CHECK (role IN ('admin', 'analyst', 'customer')),
+    domains       text[]      NOT NULL DEFAULT '{}',  -- normalised; customers only (at least one)
+    secret_sha256 bytea       NOT NULL CHECK (length(secret_sha256) = 32),
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    revoked_at    timestamptz,
+    CHECK ((role = 'customer') = (cardinality(domains) > 0))
+);
+"""
 
 # The sites registry (owned by oltp/sites.py).
-SITES = ""
+SITES = """
+-- Who may send events: one row per site (domain). site_key is public (it goes into the page tag);
+-- secret stays on the customer's server and signs pixel URLs (HMAC), so it is stored retrievably.
+CREATE TABLE IF NOT EXISTS sites (
+    domain      text        PRIMARY KEY,
+    tz          text        NOT NULL DEFAULT 'UTC',
+    origins     text[]      NOT NULL DEFAULT '{}',
+    site_key    text        NOT NULL UNIQUE CHECK (site_key ~ '^pk_[A-Za-z0-9_-]{22,}$'),
+    secret      text        NOT NULL CHECK (secret ~ '^sk_[A-Za-z0-9_-]{43,}$'),
+    rate_per_s  double precision CHECK (rate_per_s IS NULL OR rate_per_s > 0),
+    burst       integer     CHECK (burst IS NULL OR burst >= 1),
+    respect_dnt boolean     NOT NULL DEFAULT false,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+"""
 
 # The analyst-SQL audit log (owned by oltp/audit.py).
-AUDIT = ""
+AUDIT = """
+-- One row per analyst query, refused and failed ones included. token_id is not a foreign key:
+-- the record outlives the token.
+CREATE TABLE IF NOT EXISTS analyst_queries (
+    id          bigserial   PRIMARY KEY,
+    token_id    text,
+    started_at  timestamptz NOT NULL,
+    sql         text        NOT NULL,
+    format      text        NOT NULL,
+    status      text        NOT NULL
+                CHECK (status IN ('ok', 'refused', 'failed', 'timeout', 'too_large', 'busy', 'cancelled')),
+    rows        bigint      NOT NULL DEFAULT 0 CHECK (rows >= 0),
+    bytes       bigint      NOT NULL DEFAULT 0 CHECK (bytes >= 0),
+    duration_ms integer     NOT NULL DEFAULT 0 CHECK (duration_ms >= 0),
+    error       text
+);
+CREATE INDEX IF NOT EXISTS analyst_queries_started_at ON analyst_queries (started_at);
+"""
 
 SCHEMA = "\n".join(part for part in (CORE, TOKENS, SITES, AUDIT) if part)
 

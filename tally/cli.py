@@ -10,6 +10,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 from collections.abc import Sequence
 
 from core.config import ConfigError, Settings
@@ -35,10 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("shipper", help="forward sealed spool segments to Kafka").set_defaults(func=cmd_shipper)
     sub.add_parser("rollup-worker", help="Kafka -> PostgreSQL rollups").set_defaults(func=cmd_rollup_worker)
     sub.add_parser("loader-worker", help="Kafka -> ClickHouse raw events").set_defaults(func=cmd_loader_worker)
-    api = sub.add_parser("api", help="serve the query API and dashboard")
-    api.add_argument("--with-loader", action="store_true",
-                     help="also run the loader worker in this process (required with an embedded chdb:// DSN)")
-    api.set_defaults(func=cmd_api)
+    sub.add_parser("api", help="serve the query API and dashboard").set_defaults(func=cmd_api)
+    analyst = sub.add_parser("analyst-server", help="run analyst SQL on ClickHouse for the API (internal port)")
+    analyst.add_argument("--with-loader", action="store_true",
+                         help="also run the loader worker in this process (required with an embedded chdb:// DSN)")
+    analyst.set_defaults(func=cmd_analyst_server)
     sub.add_parser("init", help="create the topic and both schemas on the configured servers").set_defaults(
         func=cmd_init)
     sql = sub.add_parser("sql", help="run analyst SQL through the API (read-only, limited)")
@@ -69,8 +71,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from infra.processes import StartupError
     from infra.stack import check_ports
     from tally.platform import Platform
-    from tally.demo import DEMO_DOMAINS, run_demo
-    from tally.roots import stop_on_signals
+    from tally.demo import DEMO_DOMAINS, register_demo_sites, run_demo
+    from tally.roots import ADMIN_TOKEN_FILE, stop_on_signals
 
     stop = stop_on_signals()
     try:
@@ -83,6 +85,11 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     try:
         domain = DEMO_DOMAINS[0] if args.demo else "example.com"
+        token_file = settings.home / ADMIN_TOKEN_FILE
+        if platform.admin_token_created:  # shown once; later starts name the file only
+            admin = f"  admin token {platform.admin_token}\n              (saved in {token_file}, mode 0600)"
+        else:
+            admin = f"  admin token in {token_file}"
         print(f"""
 tally is up.
   collector   {platform.collector_url}/collect
@@ -90,9 +97,12 @@ tally is up.
   analyst SQL {platform.api_url}/api/v1/sql      (or: tally sql "SELECT count() FROM tally.events")
   dashboard   {platform.api_url}/?domain={domain}
   logs        {settings.home / 'logs'}
+{admin}
 Press Ctrl-C to stop.""", flush=True)
         if args.demo:
-            threading.Thread(target=run_demo, args=(platform.collector_url, stop), daemon=True).start()
+            keys = register_demo_sites(platform.settings.pg_dsn or "")  # the collector needs their site keys
+            threading.Thread(target=run_demo, args=(platform.collector_url, stop), kwargs={"keys": keys},
+                             daemon=True).start()
         platform.supervise(stop)
     finally:
         print("tally: stopping ...", flush=True)
@@ -105,6 +115,8 @@ def cmd_collector(settings: Settings, args: argparse.Namespace) -> int:
 
     if not settings.secret:
         raise ConfigError("TALLY_SECRET", "is required for the collector (16+ random characters)")
+    if not settings.pg_dsn:
+        raise ConfigError("TALLY_PG_DSN", "is required for the collector (it reads the sites registry)")
     serve(settings, settings.bind_host, settings.collector_port, settings.collector_workers)
     return 0
 
@@ -131,21 +143,41 @@ def cmd_loader_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    import waitress
+    from tally.roots import build_api
 
-    from tally.roots import build_api, build_loader_loop, stop_on_signals
+    _serve(build_api(settings), settings.bind_host, settings.api_port, threads=16)
+    return 0
 
-    app = build_api(settings)
-    loader_thread = None
+
+def cmd_analyst_server(settings: Settings, args: argparse.Namespace) -> int:
+    from tally.roots import build_analyst_server, build_loader_loop
+
+    app = build_analyst_server(settings)
+    loader_thread, stop = None, threading.Event()
     if args.with_loader:
         loop = build_loader_loop(settings)
-        stop = threading.Event()
         loader_thread = threading.Thread(target=loop.run, args=(stop,), name="loader", daemon=True)
         loader_thread.start()
     elif settings.clickhouse_dsn.startswith("chdb://"):
-        log.warning("api: embedded chDB DSN without --with-loader; run the loader in this process, "
+        log.warning("analyst-server: embedded chDB DSN without --with-loader; run the loader in this process, "
                     "chDB allows one engine per directory")
-    server = waitress.create_server(app, host=settings.bind_host, port=settings.api_port, threads=8)
+    # It listens where TALLY_ANALYST_URL points (loopback by default), not on TALLY_BIND_HOST: only the API calls it.
+    url = urlsplit(settings.analyst_url)
+    _serve(app, url.hostname or "127.0.0.1", url.port or settings.analyst_port,
+           threads=settings.sql_max_concurrent + 4)
+    if loader_thread is not None:
+        stop.set()
+        loader_thread.join(timeout=30)  # it drains what is left on the topic first
+    return 0
+
+
+def _serve(app, host: str, port: int, *, threads: int) -> None:
+    """Serve a WSGI app under waitress until SIGTERM/SIGINT."""
+    import waitress
+
+    from tally.roots import stop_on_signals
+
+    server = waitress.create_server(app, host=host, port=port, threads=threads)
     signals = stop_on_signals()
     threading.Thread(target=lambda: (signals.wait(), server.close()), daemon=True).start()
     try:
@@ -153,10 +185,6 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         if not signals.is_set():
             raise
-    if loader_thread is not None:
-        stop.set()
-        loader_thread.join(timeout=30)  # it drains what is left on the topic first
-    return 0
 
 
 def cmd_init(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,9 +1,63 @@
-"""`tally sql-log`: admin commands against PostgreSQL (TALLY_PG_DSN or a running `tally up`)."""
+"""`tally sql-log`: the analyst-SQL audit log, newest first, from PostgreSQL (TALLY_PG_DSN or a running `tally up`).
+
+Exit codes: 0 done, 1 PostgreSQL unreachable.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from datetime import timezone
+
+import psycopg
+
+from core.config import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this group's subparsers; each sets `func=handler(settings, args) -> exit code`."""
+    log = sub.add_parser("sql-log", help="show the newest analyst SQL queries from the audit log (admin)",
+                         description="The analyst-SQL audit log: who ran what, in which format, with what "
+                         "outcome (ok, refused, failed, timeout, too_large, busy, cancelled), rows, bytes, time.")
+    log.add_argument("--last", type=_positive, default=20, metavar="N", help="how many (default 20)")
+    log.add_argument("--json", action="store_true", help="print a JSON array")
+    log.set_defaults(func=cmd_sql_log)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError("must be between 1 and 100000")
+    return value
+
+
+def cmd_sql_log(settings: Settings, args: argparse.Namespace) -> int:
+    from oltp import audit
+    from oltp.schema import ensure_schema
+    from tally.roots import require_pg
+
+    dsn = require_pg(settings)
+    try:
+        ensure_schema(dsn)
+        records = audit.last(dsn, args.last)
+    except psycopg.OperationalError as exc:
+        print(f"tally sql-log: PostgreSQL is unreachable: {str(exc).strip()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([r.as_json() for r in records]))
+        return 0
+    print(f"{'started (UTC)':<19} {'token':<15} {'status':<9} {'format':<6} {'rows':>8} {'bytes':>10} "
+          f"{'ms':>7}  sql / error")
+    for r in records:
+        started = r.started_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        sql = " ".join(r.sql.split())
+        line = (f"{started:<19} {r.token_id or '-':<15} {r.status:<9} {r.format:<6} {r.rows:>8} {r.bytes:>10} "
+                f"{r.duration_ms:>7}  {sql[:120]}")
+        print(line)
+        if r.error:
+            print(f"{'':<19} {'':<15} {'':<9} {'':<6} {'':>8} {'':>10} {'':>7}  ! {' '.join(r.error.split())[:200]}")
+    return 0

@@ -1,4 +1,4 @@
-"""Synthetic traffic for `tally up --demo`: real HTTP hits against the running collector."""
+"""Synthetic traffic for `tally up --demo`: real HTTP hits, with the demo sites' keys, against the running collector."""
 
 from __future__ import annotations
 
@@ -19,7 +19,25 @@ _UAS = (
 )
 
 
-def demo_batch(rng: random.Random, size: int, now: datetime) -> list[dict]:
+def register_demo_sites(dsn: str) -> dict[str, str]:
+    """Register each demo domain unless it already is (idempotent); returns {domain: site key}."""
+    from oltp import sites
+
+    keys = {}
+    for domain in DEMO_DOMAINS:
+        site = sites.get(dsn, domain)
+        if site is None:
+            try:
+                site = sites.add(dsn, domain, origins=[f"https://{domain}"])
+            except sites.SiteError:  # registered meanwhile by another process
+                site = sites.get(dsn, domain)
+        assert site is not None
+        keys[domain] = site.site_key
+    return keys
+
+
+def demo_batch(rng: random.Random, size: int, now: datetime, keys: dict[str, str] | None = None) -> list[dict]:
+    """`size` random events over the demo domains; each carries its site's key (`site`) when `keys` has it."""
     events = []
     for _ in range(size):
         domain = rng.choice(DEMO_DOMAINS)
@@ -29,6 +47,8 @@ def demo_batch(rng: random.Random, size: int, now: datetime) -> list[dict]:
                  "ts": ts.isoformat().replace("+00:00", "Z")}
         if rng.random() < 0.2:
             event["value"] = f"{rng.randint(1, 500) / 100:.2f}"
+        if keys and domain in keys:
+            event["site"] = keys[domain]
         events.append(event)
     return events
 
@@ -40,12 +60,17 @@ def send(collector_url: str, events: list[dict], user_agent: str) -> int:
         return json.loads(resp.read())["accepted"]
 
 
-def run_demo(collector_url: str, stop: threading.Event, *, period_s: float = 0.5, seed: int = 7) -> None:
+def run_demo(collector_url: str, stop: threading.Event, *, period_s: float = 0.5, seed: int = 7,
+             keys: dict[str, str] | None = None) -> None:
+    """Send a batch every `period_s` until `stop`; `keys` ({domain: site key}) from `register_demo_sites`.
+
+    The collector learns new sites within TALLY_REGISTRY_REFRESH_S, so the first batches may be refused (logged).
+    """
     rng = random.Random(seed)
     sent = 0
     while not stop.wait(period_s):
         try:
-            sent += send(collector_url, demo_batch(rng, rng.randint(5, 40), datetime.now(timezone.utc)),
+            sent += send(collector_url, demo_batch(rng, rng.randint(5, 40), datetime.now(timezone.utc), keys),
                          rng.choice(_UAS))
         except OSError as exc:
             log.warning("demo: collector not reachable (%s)", exc)

@@ -33,6 +33,8 @@ def _child_env(settings: Settings) -> dict[str, str]:
         "TALLY_SPOOL_DIR": str(settings.spool_dir),
         "TALLY_COLLECTOR_PORT": str(settings.collector_port),
         "TALLY_API_PORT": str(settings.api_port),
+        "TALLY_ANALYST_PORT": str(settings.analyst_port),
+        "TALLY_ANALYST_URL": settings.analyst_url,
     })
     return env
 
@@ -49,8 +51,10 @@ class Platform:
         "collector": ["collector"],
         "shipper": ["shipper"],
         "rollup-worker": ["rollup-worker"],
-        # chDB allows one engine per directory per process: the loader runs inside the API process.
-        "api": ["api", "--with-loader"],
+        # chDB allows one engine per directory per process: the loader runs inside the analyst server,
+        # which the API reaches over loopback, so no analyst query ever waits in the API process.
+        "analyst": ["analyst-server", "--with-loader"],
+        "api": ["api"],
     }
 
     def __init__(self, settings: Settings, *, durable: bool = True) -> None:
@@ -59,6 +63,9 @@ class Platform:
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.settings: Settings | None = None
         self._stopping = threading.Event()
+        # The admin token in $TALLY_HOME/admin-token (0600); True when this start minted it.
+        self.admin_token: str | None = None
+        self.admin_token_created = False
 
     @property
     def collector_url(self) -> str:
@@ -78,6 +85,10 @@ class Platform:
         try:
             ensure_topic(self.settings.kafka_bootstrap or (), self.settings.topic, self.settings.partitions)
             ensure_schema(self.settings.pg_dsn or "")
+            from tally.cmd_tokens import ensure_admin_token_file
+
+            self.admin_token, self.admin_token_created = ensure_admin_token_file(self.settings.pg_dsn or "",
+                                                                                 self.base.home)
             self._write_run_state()
             for name in self.COMPONENTS:
                 self._spawn(name)
@@ -85,6 +96,8 @@ class Platform:
                        log_path=self._log(name="collector"), proc=self.children["collector"])
             wait_until(lambda: _http_ok(self.api_url + "/healthz"), what="api", timeout=timeout,
                        log_path=self._log(name="api"), proc=self.children["api"])
+            wait_until(lambda: _http_ok(self.settings.analyst_url + "/healthz"), what="analyst server",
+                       timeout=timeout, log_path=self._log(name="analyst"), proc=self.children["analyst"])
         except BaseException:
             self.stop()
             raise
@@ -127,7 +140,7 @@ class Platform:
     # Stop in pipeline order, so that what was accepted is spooled, shipped and consumed before the
     # (memory-only) embedded broker goes away: collector, then shipper (final ship), then both workers
     # (they drain until a poll comes back empty), then the servers.
-    STOP_ORDER = (("collector",), ("shipper",), ("rollup-worker", "api"))
+    STOP_ORDER = (("collector",), ("shipper",), ("rollup-worker", "analyst", "api"))
 
     def stop(self) -> None:
         if self._stopping.is_set():

@@ -7,6 +7,7 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from core.config import ConfigError, Settings
 
@@ -120,25 +121,60 @@ def build_loader_loop(settings: Settings, group: str = LOADER_GROUP):  # -> work
 
 
 def build_api(settings: Settings):  # -> flask.Flask
+    """The API: PostgreSQL for rollups and tokens; analyst SQL relayed to the analyst server (no ClickHouse here)."""
     from psycopg_pool import ConnectionPool
 
+    from api.analyst_proxy import AnalystService
     from api.app import Backends, create_app
-    from olap.analyst import SqlLimits
-    from olap.client import connect
-    from olap.schema import ensure_schema as ensure_ch
+    from core.keys import internal_token
     from oltp.queries import RollupReader
     from oltp.schema import ensure_schema as ensure_pg
 
+    secret = require_secret(settings, "the API (it authenticates to the analyst server)")
     dsn = require_pg(settings)
     ensure_pg(dsn)
-    client = connect(settings.clickhouse_dsn)
-    ensure_ch(client, settings.clickhouse_database)
     # prepare_threshold=None: no server-side prepared statements, so PostgreSQL plans every customer
     # query for its own range instead of switching to a generic plan after a few executions.
     pool = ConnectionPool(dsn, min_size=1, max_size=8, open=True,
                           kwargs={"connect_timeout": 5, "prepare_threshold": None})
-    limits = SqlLimits(settings.sql_max_execution_s, settings.sql_max_memory_bytes, settings.sql_max_result_rows)
-    return create_app(settings, Backends(RollupReader(pool), client, limits))
+    analyst = AnalystService(settings.analyst_url, internal_token(secret), timeout_s=settings.sql_max_execution_s + 15)
+    return create_app(settings, Backends(RollupReader(pool), analyst))
+
+
+def build_analyst_server(settings: Settings):  # -> flask.Flask
+    """The analyst server: parses, checks and runs analyst SQL on its own ClickHouse clients, audits to PG."""
+    from psycopg_pool import ConnectionPool
+
+    from core.keys import internal_token
+    from olap.analyst import SqlLimits
+    from olap.client import connect, new_client
+    from olap.schema import ensure_schema as ensure_ch
+    from olap.server import AnalystConfig, AuditEntry, QuerySlots, create_analyst_app
+    from oltp import audit
+    from oltp.schema import ensure_schema as ensure_pg
+
+    secret = require_secret(settings, "the analyst server")
+    dsn = require_pg(settings)
+    ensure_pg(dsn)
+    ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database)
+    pool = ConnectionPool(dsn, min_size=1, max_size=2, open=True, kwargs={"connect_timeout": 5})
+
+    def record(entry: AuditEntry) -> None:
+        with pool.connection() as conn:
+            audit.record(conn, entry)
+
+    limits = SqlLimits(settings.sql_max_execution_s, settings.sql_max_memory_bytes, settings.sql_max_result_rows,
+                       settings.sql_max_result_bytes, settings.sql_max_threads)
+    config = AnalystConfig(settings.clickhouse_database, limits, internal_token(secret))
+    slots = QuerySlots(lambda: new_client(settings.clickhouse_dsn), settings.sql_max_concurrent)
+    own_host = (urlsplit(settings.analyst_url).hostname or "127.0.0.1").lower()
+    return create_analyst_app(config, slots, record, (*settings.allowed_hosts, own_host))
+
+
+def require_secret(settings: Settings, who: str) -> str:
+    if not settings.secret:
+        raise ConfigError("TALLY_SECRET", f"is required for {who} (16+ random characters, the same on every host)")
+    return settings.secret
 
 
 def run_loop_forever(build: Callable[[Settings], object], settings: Settings) -> None:

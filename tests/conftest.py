@@ -43,8 +43,40 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         broker.stop()
 
 
+def serve_in_thread(app, port: int, threads: int = 6):
+    """A real waitress server for `app` on 127.0.0.1:`port`, in a daemon thread; returns it (call .close())."""
+    import threading
+
+    import waitress
+
+    server = waitress.create_server(app, host="127.0.0.1", port=port, threads=threads)
+    threading.Thread(target=server.run, daemon=True).start()
+    return server
+
+
+def start_analyst_server(servers: Servers, **env: str):
+    """A real analyst server (its own ClickHouse clients, audit to PostgreSQL) on a free port: (url, server)."""
+    from infra.processes import free_port, tcp_open, wait_until
+    from tally.roots import build_analyst_server
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    settings = Settings.from_env({"TALLY_PG_DSN": servers.pg_dsn, "TALLY_CLICKHOUSE_DSN": servers.chdb_dsn,
+                                  "TALLY_SECRET": SECRET, "TALLY_ANALYST_URL": url, **env})
+    server = serve_in_thread(build_analyst_server(settings), port)
+    wait_until(lambda: tcp_open("127.0.0.1", port), what="analyst server", timeout=10)
+    return url, server
+
+
+@pytest.fixture(scope="session")
+def analyst_url(servers: Servers) -> Iterator[str]:
+    url, server = start_analyst_server(servers)
+    yield url
+    server.close()
+
+
 @pytest.fixture()
-def make_settings(servers: Servers, tmp_path: Path):
+def make_settings(servers: Servers, analyst_url: str, tmp_path: Path):
     """Settings for one test: a fresh topic and spool, the session's servers."""
 
     def build(**env: str) -> Settings:
@@ -58,6 +90,7 @@ def make_settings(servers: Servers, tmp_path: Path):
             "TALLY_SPOOL_DIR": str(tmp_path / "spool"),
             "TALLY_SECRET": SECRET,
             "TALLY_CONSUMER_SESSION_TIMEOUT_MS": "2000",
+            "TALLY_ANALYST_URL": analyst_url,  # the session's analyst server (API tests relay SQL to it)
         }
         base.update(env)
         return Settings.from_env(base)

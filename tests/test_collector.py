@@ -1,4 +1,4 @@
-"""The collector over Flask's test client, writing a real spool on disk."""
+"""The collector over Flask's test client, writing a real spool on disk (sites registered in the real PostgreSQL)."""
 
 import errno
 import os
@@ -11,8 +11,10 @@ import pytest
 
 from collector import spool as spool_module
 from collector.app import create_app
-from collector.spool import SpoolWriter, recover_orphans, sealed_segments
+from collector.registry import SiteRegistry
+from collector.spool import SpoolWriter, read_record, recover_orphans, sealed_segments, segment_records
 from core.event import Event
+from oltp import sites
 
 
 @pytest.fixture()
@@ -23,20 +25,37 @@ def spool(settings):
 
 
 @pytest.fixture()
-def client(settings, spool):
-    return create_app(settings, spool, start_sealer=False).test_client()
+def registry(settings):
+    """The sites registry copy from the session's PostgreSQL, refreshed by hand (no thread)."""
+    reg = SiteRegistry.from_settings(settings).start(background=False)
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture()
+def key(settings, registry, domain) -> str:
+    """`domain` registered as a site; its site key (the collector's copy already knows it)."""
+    site = sites.add(settings.pg_dsn, domain)
+    assert registry.refresh()
+    return site.site_key
+
+
+@pytest.fixture()
+def client(settings, spool, registry):
+    return create_app(settings, spool, start_sealer=False, registry=registry).test_client()
 
 
 def spooled(settings) -> list[Event]:
     lines = []
     for path in sorted(Path(settings.spool_dir).glob("*")):
         if path.is_file():
-            lines += [Event.from_json(line) for line in path.read_bytes().splitlines()]
+            lines += [Event.from_json(read_record(line)) for line in segment_records(path.read_bytes())]
     return lines
 
 
-def test_single_event_is_spooled_before_202(client, settings, domain):
+def test_single_event_is_spooled_before_202(client, settings, domain, key):
     resp = client.post("/collect", json={"domain": domain, "url": f"https://{domain}/", "type": "impression"},
+                       query_string={"site": key},
                        headers={"User-Agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile"})
     assert resp.status_code == 202, resp.json
     assert resp.json["accepted"] == 1
@@ -45,9 +64,9 @@ def test_single_event_is_spooled_before_202(client, settings, domain):
     assert events[0].domain == domain and events[0].device == "mobile" and events[0].os == "iOS"
 
 
-def test_batch_is_spooled_whole(client, settings, domain):
+def test_batch_is_spooled_whole(client, settings, domain, key):
     batch = [{"domain": domain, "url": f"https://{domain}/{i}"} for i in range(25)]
-    resp = client.post("/collect", json=batch)
+    resp = client.post("/collect", json=batch, query_string={"site": key})
     assert resp.status_code == 202
     assert resp.json["accepted"] == 25
     assert len(spooled(settings)) == 25
@@ -69,19 +88,19 @@ def test_bad_bodies_get_named_errors_and_spool_nothing(client, settings, body, c
     assert spooled(settings) == []
 
 
-def test_one_bad_event_rejects_the_whole_batch(client, settings, domain):
+def test_one_bad_event_rejects_the_whole_batch(client, settings, domain, key):
     batch = [{"domain": domain, "url": f"https://{domain}/"}] * 3 + [{"domain": domain, "url": "nope"}]
-    resp = client.post("/collect", json=batch)
+    resp = client.post("/collect", json=batch, query_string={"site": key})
     assert resp.status_code == 400
     assert resp.json["error"]["index"] == 3 and resp.json["error"]["field"] == "url"
     assert spooled(settings) == []
     # and the collector keeps serving
-    assert client.post("/collect", json=batch[0]).status_code == 202
+    assert client.post("/collect", json=batch[0], query_string={"site": key}).status_code == 202
 
 
-def test_oversized_body_and_batch(make_settings, spool):
+def test_oversized_body_and_batch(make_settings, spool, registry):
     settings = make_settings(TALLY_MAX_BODY_BYTES="2048", TALLY_MAX_BATCH_EVENTS="5")
-    client = create_app(settings, spool, start_sealer=False).test_client()
+    client = create_app(settings, spool, start_sealer=False, registry=registry).test_client()
     big = client.post("/collect", data=b"[" + b" " * 4000 + b"]", content_type="application/json")
     assert big.status_code == 413 and big.json["error"]["code"] == "request_entity_too_large"
     many = client.post("/collect", json=[{"domain": "example.com", "url": "https://example.com/"}] * 6)
@@ -89,8 +108,8 @@ def test_oversized_body_and_batch(make_settings, spool):
     assert spooled(settings) == []
 
 
-def test_disk_full_answers_503_and_leaves_no_partial_line(client, settings, domain, monkeypatch):
-    event = {"domain": domain, "url": f"https://{domain}/"}
+def test_disk_full_answers_503_and_leaves_no_partial_line(client, settings, domain, key, monkeypatch):
+    event = {"domain": domain, "url": f"https://{domain}/", "site": key}
     assert client.post("/collect", json=event).status_code == 202
     real_write = os.write
 
@@ -138,7 +157,7 @@ def test_segment_of_a_killed_writer_is_sealed_without_its_torn_tail(tmp_path):
         proc.wait()
     assert recover_orphans(spool_dir) == 1
     (segment,) = sealed_segments(spool_dir)
-    assert [orjson.loads(x)["a"] for x in segment.read_bytes().splitlines()] == [1, 2]
+    assert [orjson.loads(read_record(x))["a"] for x in segment_records(segment.read_bytes())] == [1, 2]
     assert list(spool_dir.glob("*.open")) == []
 
 
@@ -151,7 +170,7 @@ def test_live_writers_segment_is_left_alone_even_in_the_same_process(settings):
     assert len(sealed_segments(settings.spool_dir)) == 1
 
 
-def test_disk_full_when_opening_a_segment_is_a_503(client, settings, domain, monkeypatch):
+def test_disk_full_when_opening_a_segment_is_a_503(client, settings, domain, key, monkeypatch):
     real_open = os.open
 
     def full_disk(path, *args, **kwargs):
@@ -160,7 +179,8 @@ def test_disk_full_when_opening_a_segment_is_a_503(client, settings, domain, mon
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(spool_module.os, "open", full_disk)
-    resp = client.post("/collect", json={"domain": domain, "url": f"https://{domain}/"})
+    resp = client.post("/collect", json={"domain": domain, "url": f"https://{domain}/"}, query_string={"site": key})
     assert resp.status_code == 503 and resp.json["error"]["code"] == "spool_full"
     monkeypatch.undo()
-    assert client.post("/collect", json={"domain": domain, "url": f"https://{domain}/"}).status_code == 202
+    assert client.post("/collect", json={"domain": domain, "url": f"https://{domain}/"},
+                       query_string={"site": key}).status_code == 202

@@ -6,10 +6,12 @@ import shutil
 import threading
 from datetime import datetime, timedelta, timezone
 
+import psycopg
 import pytest
 import waitress
 
 from infra.processes import free_port
+from oltp import tokens
 from tests.test_pipeline import Pipeline
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -43,6 +45,23 @@ def test_dashboard_shows_the_domains_impressions(settings, domain, browser, tmp_
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"http://127.0.0.1:{port}/?domain={domain}")
+            # No token yet: the page asks for one and shows no numbers.
+            page.wait_for_function("document.getElementById('error').textContent.includes('API token')",
+                                   timeout=15_000)
+            page.fill("#token", "tly_tok_ffffffffff_" + "A" * 43)
+            page.click("button[type=submit]")
+            page.wait_for_function("document.getElementById('error').textContent.includes('revoked')",
+                                   timeout=15_000)
+            assert page.locator("#total").inner_text() == "–"
+            # A customer token for this domain, sent as a Bearer header and kept for the tab only.
+            with psycopg.connect(settings.pg_dsn, autocommit=True) as conn:
+                _, token = tokens.create(conn, "customer", [domain], "dashboard test")
+            page.fill("#token", token)
+            page.click("button[type=submit]")
+            page.wait_for_function("document.getElementById('total').textContent === '17'", timeout=15_000)
+            assert page.evaluate("sessionStorage.getItem('tally-token')") == token
+            assert token not in page.url
+            page.reload()
             page.wait_for_function("document.getElementById('total').textContent === '17'", timeout=15_000)
             assert page.locator("#chart rect.bar").count() >= 24  # one bar per bucket, zero-filled
             assert domain in page.locator("#caption").inner_text()

@@ -31,11 +31,30 @@ class Pipeline:
         self.loader = build_loader_loop(settings, group=f"loader-{suffix}")
         self.api_app = build_api(settings)
         self.api = self.api_app.test_client()
-        self.api_headers: dict[str, str] = {}  # Authorization for the API (tokens)
+        from oltp.tokens import create as create_token
+
+        with psycopg.connect(settings.pg_dsn, autocommit=True) as conn:
+            _, self.admin_token = create_token(conn, "admin", name="test pipeline")
+        self.api_headers: dict[str, str] = {"Authorization": f"Bearer {self.admin_token}"}
 
     def site_query(self, events) -> dict[str, str]:
-        """Query parameters that authenticate `events` at the collector (site keys)."""
-        return {}
+        """Query parameters that authenticate `events` at the collector (site keys).
+
+        Registers each domain of the batch once (in the real sites registry), makes the collector's
+        copy reload, and returns `?site=` with the key; one `?site=` covers one domain per batch.
+        """
+        from oltp import sites
+
+        domains = {e["domain"] for e in ([events] if isinstance(events, dict) else events)}
+        keys = self.__dict__.setdefault("_site_keys", {})
+        new = [d for d in domains if d not in keys]
+        for d in new:
+            site = sites.get(self.settings.pg_dsn, d) or sites.add(self.settings.pg_dsn, d)
+            keys[d] = site.site_key
+        if new:
+            assert self.collector.application.extensions["tally_registry"].refresh()
+        assert len(domains) == 1, "one ?site= authenticates one domain; put a 'site' field in each event instead"
+        return {"site": keys[domains.pop()]}
 
     def post(self, events, **headers):
         resp = self.collector.post("/collect", json=events, headers=headers, query_string=self.site_query(events))
@@ -67,6 +86,7 @@ class Pipeline:
         self.loader.consumer.close()
         self.rollups.sink.close()
         self.shipper.close()
+        self.collector.application.extensions["tally_registry"].stop()
         self.api_app.extensions["tally_backends"].rollups.pool.close()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from collector.spool import SpoolWriter, sealed_segments
+from collector.spool import SpoolWriter, read_record, sealed_segments, segment_records
 from infra.broker import EmbeddedBroker
 from workers.kafka_io import ensure_topic, make_producer
 from workers.shipper import Shipper, ShipError
@@ -74,6 +74,40 @@ def test_corrupt_spool_lines_are_quarantined_not_shipped(servers, tmp_path):
     assert shipper.ship_once() == 1
     assert shipper.quarantined == 2
     (bad,) = (tmp_path / "spool" / "quarantine").iterdir()
-    assert bad.read_bytes().splitlines() == [b"\x00\x01 torn", b'{"no": "domain"}']
+    assert [read_record(x) for x in segment_records(bad.read_bytes())] == [b"\x00\x01 torn", b'{"no": "domain"}']
+    assert shipper.quarantined_by_reason == {"not_an_event": 2}
     assert sealed_segments(tmp_path / "spool") == []
+    shipper.close()
+
+
+def test_torn_and_flipped_records_are_quarantined_by_reason_and_never_block_the_rest(servers, tmp_path):
+    """A record whose bytes changed on disk fails its CRC32C; a torn one has no whole checksum. Both are set
+    aside with their reason, and every intact record before and after them is shipped."""
+    spool_dir = tmp_path / "spool"
+    ensure_topic([servers.bootstrap], "crc-test", 1)
+    write_segment(spool_dir, [b'{"domain": "a.example", "n": %d}' % i for i in range(6)])
+    (segment,) = sealed_segments(spool_dir)
+    lines = segment.read_bytes().split(b"\n")[:-1]
+    flipped = bytearray(lines[1])
+    flipped[5] ^= 0x01  # one bit flipped inside the JSON payload
+    lines[1] = bytes(flipped)
+    lines[3] = lines[3][: len(lines[3]) - 4]  # torn: the checksum is cut short
+    lines[4] = lines[4].split(b"\t")[0] + b"\tzzzzzzzz"  # a checksum field that is not hex
+    segment.write_bytes(b"\n".join(lines) + b"\n")
+    shipper = Shipper(spool_dir, lambda: make_producer([servers.bootstrap]), "crc-test")
+    assert shipper.ship_once() == 3  # records 0, 2 and 5
+    assert shipper.quarantined_by_reason == {"checksum": 1, "torn": 2}
+    assert topic_size(servers.bootstrap, "crc-test") == 3
+    assert sealed_segments(spool_dir) == []
+    shipper.close()
+
+
+def test_unframed_lines_from_before_checksums_still_ship(servers, tmp_path):
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    ensure_topic([servers.bootstrap], "legacy-test", 1)
+    (spool_dir / "old-0001.seg").write_bytes(b'{"domain": "a.example"}\n{"domain": "b.example"}\nnot json\n')
+    shipper = Shipper(spool_dir, lambda: make_producer([servers.bootstrap]), "legacy-test")
+    assert shipper.ship_once() == 2
+    assert shipper.quarantined_by_reason == {"unframed": 1}
     shipper.close()

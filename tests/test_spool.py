@@ -9,14 +9,14 @@ import threading
 import pytest
 
 from collector import spool as spool_module
-from collector.spool import SpoolFull, SpoolWriter
+from collector.spool import SpoolFull, SpoolWriter, read_record, segment_records
 
 
 def read_lines(directory) -> list[bytes]:
     lines = []
     for path in sorted(directory.glob("*")):
         if path.is_file():
-            lines += path.read_bytes().splitlines()
+            lines += [read_record(line) for line in segment_records(path.read_bytes())]
     return lines
 
 

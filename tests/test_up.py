@@ -6,9 +6,11 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -16,9 +18,23 @@ import pytest
 from infra.processes import free_port, tcp_open
 
 
-def get_json(url: str):
-    with urllib.request.urlopen(url, timeout=5) as resp:
+def get_json(url: str, token: str | None = None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
         return json.loads(resp.read())
+
+
+def admin_token(home) -> str:
+    """The admin token the first `tally up` wrote: readable by its owner only."""
+    path = home / "admin-token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    return path.read_text().strip()
+
+
+def refused_without_token(url: str) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        get_json(url)
+    assert refused.value.code == 401 and refused.value.headers["WWW-Authenticate"].startswith("Bearer")
 
 
 @pytest.mark.slow
@@ -26,7 +42,8 @@ def test_up_demo_shows_impressions_then_stops_cleanly(tmp_path):
     home = tmp_path / "home"
     collector_port, api_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
-    env.update(TALLY_HOME=str(home), TALLY_COLLECTOR_PORT=str(collector_port), TALLY_API_PORT=str(api_port))
+    env.update(TALLY_HOME=str(home), TALLY_COLLECTOR_PORT=str(collector_port), TALLY_API_PORT=str(api_port),
+               TALLY_ANALYST_PORT=str(free_port()))
     proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "up", "--demo"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -38,13 +55,26 @@ def test_up_demo_shows_impressions_then_stops_cleanly(tmp_path):
         text = "".join(banner)
         assert f"http://127.0.0.1:{collector_port}/collect" in text, text
         assert f"http://127.0.0.1:{api_port}/?domain=demo.tally.test" in text, text
+        token = admin_token(home)  # first start: minted, printed once, saved 0600
+        assert f"admin token {token}" in text and str(home / "admin-token") in text, text
 
         url = f"http://127.0.0.1:{api_port}/api/v1/domains/demo.tally.test/impressions?granularity=1h"
+        refused_without_token(url)
         deadline, total = time.monotonic() + 90, 0
         while time.monotonic() < deadline and total == 0:
-            total = get_json(url)["total"]
+            total = get_json(url, token)["total"]
             time.sleep(0.5)
         assert total > 0, "no impressions reached the API"
+
+        # A second terminal with the same TALLY_HOME: a customer token for the demo domain only.
+        made = subprocess.run([sys.executable, "-m", "tally.cli", "tokens", "create", "--role", "customer",
+                               "--domain", "demo.tally.test"], env=env, capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        customer = made.stdout.strip().splitlines()[-1]
+        assert get_json(url, customer)["total"] > 0
+        with pytest.raises(urllib.error.HTTPError) as other:
+            get_json(url.replace("demo.tally.test", "other.example.com"), customer)
+        assert other.value.code == 403
 
         # The loader fills ClickHouse independently of the rollups: poll until it caught up too.
         deadline, count = time.monotonic() + 60, 0
@@ -70,14 +100,15 @@ def test_up_demo_shows_impressions_then_stops_cleanly(tmp_path):
     assert not tcp_open("127.0.0.1", collector_port) and not tcp_open("127.0.0.1", api_port)
 
 
-def start_up(env: dict[str, str], *extra: str) -> subprocess.Popen:
+def start_up(env: dict[str, str], *extra: str) -> tuple[subprocess.Popen, str]:
+    """A running `tally up` and the banner it printed."""
     proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "up", *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:
         seen.append(line)
         if "Press Ctrl-C" in line:
-            return proc
+            return proc, "".join(seen)
     raise AssertionError(f"tally up exited with {proc.wait()}: {''.join(seen)}")
 
 
@@ -88,27 +119,46 @@ def test_events_accepted_just_before_a_stop_are_counted_after_a_restart(tmp_path
     collector_port, api_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env.update(TALLY_HOME=str(tmp_path / "home"), TALLY_COLLECTOR_PORT=str(collector_port),
-               TALLY_API_PORT=str(api_port))
+               TALLY_API_PORT=str(api_port), TALLY_ANALYST_PORT=str(free_port()))
     domain = "restart.example.com"
-    proc = start_up(env)
+    proc, first_banner = start_up(env)
+    token = admin_token(tmp_path / "home")
+    assert token in first_banner
     try:
+        added = subprocess.run([sys.executable, "-m", "tally.cli", "sites", "add", domain, "--json"], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert added.returncode == 0, added.stderr
+        site_key = json.loads(added.stdout)["site_key"]
+        deadline = time.monotonic() + 30  # collectors reload the registry every TALLY_REGISTRY_REFRESH_S
         for i in range(20):
             body = json.dumps([{"domain": domain, "url": f"https://{domain}/{i}", "type": "impression"}] * 10)
-            req = urllib.request.Request(f"http://127.0.0.1:{collector_port}/collect", data=body.encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                assert resp.status == 202
+            while True:  # a refused batch writes nothing: retry it until the collector knows the new key
+                req = urllib.request.Request(f"http://127.0.0.1:{collector_port}/collect?site={site_key}",
+                                             data=body.encode(), headers={"Content-Type": "application/json"},
+                                             method="POST")
+                try:
+                    with urllib.request.urlopen(req, timeout=5) as resp:
+                        assert resp.status == 202
+                    break
+                except urllib.error.HTTPError as exc:
+                    if exc.code != 401 or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)  # at once: nothing has had time to ship or load
         out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
 
-    proc = start_up(env)
+    proc, banner = start_up(env)
+    # Later starts reuse the token and print only where it is.
+    assert admin_token(tmp_path / "home") == token
+    assert token not in banner and f"admin token in {tmp_path / 'home' / 'admin-token'}" in banner, banner
     try:
         url = f"http://127.0.0.1:{api_port}/api/v1/domains/{domain}/impressions?granularity=1h"
+        refused_without_token(url)
         deadline, total = time.monotonic() + 30, None
         while time.monotonic() < deadline and total != 200:
-            total = get_json(url)["total"]
+            total = get_json(url, token)["total"]
             time.sleep(0.5)
         assert total == 200
         sql = subprocess.run([sys.executable, "-m", "tally.cli", "sql",

@@ -6,7 +6,8 @@ made for the next attempt: an idempotent producer can end in a fatal state
 (e.g. the broker lost its producer id) from which it never recovers. A crash at any point re-sends the whole segment on restart; the
 stores dedup on the event hash, so a re-send is never counted twice. Lines
 that are not an event (corruption) are moved to a bounded quarantine file
-instead of blocking the segment.
+instead of blocking the segment; each spool record carries a CRC32C, so a torn or flipped
+record is caught here, counted by reason, and never blocks the records behind it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import orjson
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from collector.spool import recover_orphans, sealed_segments
+from collector.spool import CorruptRecord, read_record, recover_orphans, sealed_segments, segment_records
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class Shipper:
         self.ack_timeout_s = ack_timeout_s
         self.shipped = 0
         self.quarantined = 0
+        self.quarantined_by_reason: Counter[str] = Counter()  # torn | checksum | unframed | not_an_event
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     def ship_once(self) -> int:
@@ -70,16 +73,18 @@ class Shipper:
 
     def _ship_segment(self, segment: Path) -> int:
         futures = []
-        bad: list[bytes] = []
-        for line in segment.read_bytes().splitlines():
-            if not line:
-                continue
+        bad: list[tuple[str, bytes]] = []
+        for line in segment_records(segment.read_bytes()):
             try:
-                key = orjson.loads(line)["domain"].encode()
-            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-                bad.append(line)
+                payload = read_record(line)
+                key = orjson.loads(payload)["domain"].encode()
+            except CorruptRecord as exc:
+                bad.append((exc.reason, line))
                 continue
-            futures.append(self.producer.send(self.topic, key=key, value=line))
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+                bad.append(("not_an_event", line))
+                continue
+            futures.append(self.producer.send(self.topic, key=key, value=payload))
         self.producer.flush(timeout=self.ack_timeout_s)
         try:
             for future in futures:
@@ -92,11 +97,13 @@ class Shipper:
         self.shipped += len(futures)
         return len(futures)
 
-    def _quarantine(self, name: str, lines: list[bytes]) -> None:
+    def _quarantine(self, name: str, bad: list[tuple[str, bytes]]) -> None:
         qdir = self.spool_dir / "quarantine"
         qdir.mkdir(exist_ok=True)
         used = sum(p.stat().st_size for p in qdir.iterdir())
-        self.quarantined += len(lines)
+        self.quarantined += len(bad)
+        self.quarantined_by_reason.update(reason for reason, _ in bad)
+        lines = [line for _, line in bad]
         if used > QUARANTINE_MAX_BYTES:
             log.error("shipper: quarantine is full (%d bytes); dropping %d corrupt lines from %s",
                       used, len(lines), name)
@@ -105,7 +112,8 @@ class Shipper:
             fh.write(b"".join(line + b"\n" for line in lines))
             fh.flush()
             os.fsync(fh.fileno())
-        log.warning("shipper: quarantined %d corrupt lines from %s", len(lines), name)
+        log.warning("shipper: quarantined %d corrupt lines from %s (%s)", len(lines), name,
+                    ", ".join(sorted({reason for reason, _ in bad})))
 
     def _discard_producer(self) -> None:
         if self._producer is not None:

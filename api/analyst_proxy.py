@@ -1,0 +1,67 @@
+"""The API's client for the analyst server: forwards analyst SQL and streams the answer back.
+
+The API process holds no ClickHouse client at all: a slow analyst query
+occupies one API thread while its bytes are relayed, never a lock that the
+customer API or the health checks need.
+"""
+
+from __future__ import annotations
+
+import http.client
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import orjson
+
+_CHUNK = 64 * 1024
+
+
+class AnalystUnavailable(OSError):
+    """The analyst server could not be reached (the API answers 503)."""
+
+
+@dataclass
+class Upstream:
+    status: int
+    content_type: str
+    retry_after: str | None
+    body: Iterator[bytes]
+
+
+class AnalystService:
+    def __init__(self, base_url: str, token: str, *, timeout_s: float) -> None:
+        parts = urlsplit(base_url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if self._https else 80)
+        self._path = parts.path.rstrip("/") + "/v1/query"
+        self._token = token
+        self.timeout_s = timeout_s
+
+    def query(self, sql: str, fmt: str, token_id: str | None) -> Upstream:
+        """Send one query; the returned body must be consumed or closed (it holds the connection)."""
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=self.timeout_s)
+        try:
+            conn.request("POST", self._path, body=orjson.dumps({"sql": sql, "format": fmt, "token_id": token_id}),
+                         headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._token}"})
+            resp = conn.getresponse()
+        except OSError as exc:
+            conn.close()
+            raise AnalystUnavailable(f"the analyst server at {self._host}:{self._port} is unreachable ({exc})") from exc
+
+        def relay() -> Iterator[bytes]:
+            try:
+                while True:
+                    chunk = resp.read1(_CHUNK) if hasattr(resp, "read1") else resp.read(_CHUNK)
+                    if not chunk:
+                        break
+                    yield chunk
+                # http.client raises IncompleteRead when the server cut a chunked body short: re-raised here,
+                # so our server cuts the client's response short too instead of ending it cleanly.
+            finally:
+                conn.close()
+
+        return Upstream(resp.status, resp.getheader("Content-Type", "application/json"),
+                        resp.getheader("Retry-After"), relay())

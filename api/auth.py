@@ -1,0 +1,265 @@
+"""Who may call which API route: bearer tokens, roles, domain scoping and per-token rate limits.
+
+Every request to a route must carry `Authorization: Bearer <token>`, exactly that form (the scheme
+is matched case-sensitively, one space, then the token), unless the route is marked `public`
+(health checks, the dashboard page, static files). Routes declare who may call them:
+
+    @bp.get("/api/v1/domains/<domain>/<metric>")
+    @allow("admin", "analyst", "customer", domain_arg="domain")   # customers: only their domains
+    def domain_series(domain, metric): ...
+
+A route that declares nothing is admin-only, so a forgotten declaration fails closed.
+
+Answers: no header, a malformed header, or an unknown / revoked / malformed token -> 401 with
+`WWW-Authenticate: Bearer ...` (RFC 6750; `error="invalid_token"` for bad tokens); a valid token
+without the right -> 403; PostgreSQL unreachable while checking -> 503. All in the JSON error shape.
+
+Rate limits (flask-limiter, in-memory, per process): `Settings.api_rate_limit` shared by every route,
+keyed by the token id, or by the client address for requests without a valid token (so guessing
+tokens is throttled too); exceeding it -> 429 with `Retry-After`. Probes (`probe`) are exempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import psycopg
+from flask import Blueprint, Flask, Response, current_app, g, request
+from flask_limiter import Limiter, RateLimitExceeded, RequestLimit
+from psycopg_pool import ConnectionPool
+
+from core.event import EventError, normalize_domain
+from core.http import error, json_response
+from oltp import tokens
+from oltp.tokens import Principal, verify
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., object])
+
+# RFC 6750 section 2.1: "Bearer" 1*SP b64token; we accept exactly one space.
+_BEARER_RE = re.compile(r"Bearer ([A-Za-z0-9._~+/-]+=*)")
+REALM = "tally"
+# Always public, even if a route forgets to say so: load balancers' probes carry no token
+# ("api.readyz" is reserved for a readiness probe; it does not exist yet).
+_PUBLIC_ENDPOINTS = frozenset({"static", "api.healthz", "api.readyz"})
+_PROBE_ENDPOINTS = frozenset({"api.healthz", "api.readyz"})
+
+
+def public(view: F) -> F:
+    """Mark a route as callable without a token (it still passes the Host check and the rate limit)."""
+    view.tally_access = "public"  # type: ignore[attr-defined]
+    return view
+
+
+def probe(view: F) -> F:
+    """A health probe: public and exempt from rate limits."""
+    view.tally_access = "public"  # type: ignore[attr-defined]
+    view.tally_probe = True  # type: ignore[attr-defined]
+    return view
+
+
+def allow(*roles: str, domain_arg: str | None = None) -> Callable[[F], F]:
+    """Let tokens of `roles` call the route; with `domain_arg`, a customer token must list that URL
+    argument's domain (an invalid domain is left to the route, which answers 400)."""
+    unknown = set(roles) - {"admin", "analyst", "customer"}
+    if unknown or not roles:
+        raise ValueError(f"unknown roles {sorted(unknown)}")
+
+    def mark(view: F) -> F:
+        view.tally_access = frozenset(roles)  # type: ignore[attr-defined]
+        view.tally_domain_arg = domain_arg  # type: ignore[attr-defined]
+        return view
+
+    return mark
+
+
+@dataclass(frozen=True, slots=True)
+class _Auth:
+    principal: Principal | None
+    problem: str | None  # missing | malformed | invalid | store
+
+
+def _resolve(pool_of: Callable[[], ConnectionPool]) -> _Auth:
+    """This request's token, checked once per request (cached on flask.g)."""
+    cached = g.get("tally_auth")
+    if cached is not None:
+        return cached
+    header = request.headers.get("Authorization")
+    if header is None:
+        result = _Auth(None, "missing")
+    elif (match := _BEARER_RE.fullmatch(header)) is None:
+        result = _Auth(None, "malformed")
+    else:
+        try:
+            principal = verify(pool_of(), match.group(1))
+        except psycopg.Error as exc:  # PoolTimeout is an OperationalError too
+            log.warning("token check failed, PostgreSQL error: %s", type(exc).__name__)  # never the token
+            result = _Auth(None, "store")
+        else:
+            result = _Auth(principal, None if principal else "invalid")
+    g.tally_auth = result
+    return result
+
+
+def current_principal() -> Principal | None:
+    """The verified token of this request (None on public routes called without one)."""
+    auth = g.get("tally_auth")
+    return auth.principal if auth is not None else None
+
+
+def _unauthorized(code: str, message: str, rfc_error: str | None) -> Response:
+    resp = error(401, code, message)
+    challenge = f'Bearer realm="{REALM}"'
+    if rfc_error:
+        challenge += f', error="{rfc_error}"'
+    resp.headers["WWW-Authenticate"] = challenge
+    return resp
+
+
+def _forbidden(code: str, message: str) -> Response:
+    resp = error(403, code, message)
+    resp.headers["WWW-Authenticate"] = f'Bearer realm="{REALM}", error="insufficient_scope"'
+    return resp
+
+
+def _view_attr(name: str, default: object) -> object:
+    view = current_app.view_functions.get(request.endpoint or "")
+    return getattr(view, name, default)
+
+
+def _is_public() -> bool:
+    return request.endpoint in _PUBLIC_ENDPOINTS or _view_attr("tally_access", None) == "public"
+
+
+def _is_probe() -> bool:
+    return request.endpoint in _PROBE_ENDPOINTS or bool(_view_attr("tally_probe", False))
+
+
+def _enforce(pool_of: Callable[[], ConnectionPool]) -> Response | None:
+    if request.endpoint is None or _is_public():  # unknown URL or method: Flask answers 404 / 405
+        return None
+    auth = _resolve(pool_of)
+    if auth.problem == "missing":
+        return _unauthorized("missing_token", "this endpoint needs 'Authorization: Bearer <token>' "
+                             "(an admin creates tokens with `tally tokens create`)", None)
+    if auth.problem == "malformed":
+        return _unauthorized("malformed_authorization",
+                             "the Authorization header must be exactly 'Bearer <token>'", "invalid_request")
+    if auth.problem == "invalid":
+        return _unauthorized("invalid_token", "the token is unknown, malformed or revoked", "invalid_token")
+    if auth.problem == "store" or auth.principal is None:
+        return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
+    principal = auth.principal
+    roles = _view_attr("tally_access", frozenset({"admin"}))
+    if principal.role not in roles:  # type: ignore[operator]
+        return _forbidden("forbidden", f"a {principal.role} token may not call this endpoint")
+    domain_arg = _view_attr("tally_domain_arg", None)
+    if domain_arg and not principal.is_admin:
+        raw = (request.view_args or {}).get(str(domain_arg))
+        try:
+            domain = normalize_domain(raw)
+        except EventError:
+            return None  # the route names the bad domain (400)
+        if not principal.can_read(domain):
+            return _forbidden("forbidden_domain", f"this token may not read {domain}")
+    return None
+
+
+def _rate_key(pool_of: Callable[[], ConnectionPool]) -> str:
+    auth = _resolve(pool_of)
+    if auth.principal is not None:
+        return f"token:{auth.principal.token_id}"
+    return f"addr:{request.remote_addr or 'unknown'}"
+
+
+def _too_many(limit: RequestLimit) -> Response:
+    retry_after = max(1, math.ceil(limit.reset_at - time.time()))
+    resp = error(429, "rate_limited", f"rate limit exceeded ({limit.limit}); retry in {retry_after} s",
+                 retry_after_s=retry_after)
+    resp.headers["Retry-After"] = str(retry_after)
+    return resp
+
+
+def install_auth(app: Flask, pool_of: Callable[[], ConnectionPool], rate_limit: str) -> Limiter:
+    """Install the rate limiter, then token checks, as before-request hooks (after the Host check).
+
+    `pool_of` returns the PostgreSQL pool holding `api_tokens`. Order matters: the limiter counts
+    every request, refused ones included, before the token check may refuse it.
+    """
+    limiter = Limiter(
+        key_func=lambda: _rate_key(pool_of),
+        app=app,
+        application_limits=[rate_limit],  # one budget per token across every route
+        storage_uri="memory://",
+        strategy="sliding-window-counter",
+        headers_enabled=False,  # it would put Retry-After on every answer; 429s set their own
+        on_breach=_too_many,
+        key_prefix="tally-api",
+    )
+    limiter.request_filter(_is_probe)
+    app.register_error_handler(RateLimitExceeded, lambda exc: exc.get_response())
+    app.before_request(lambda: _enforce(pool_of))
+    app.extensions["tally_token_pool"] = pool_of
+    app.register_blueprint(tokens_bp)
+    return limiter
+
+
+# The token admin API: admin only (analysts and customers get 403; nobody can write without admin).
+tokens_bp = Blueprint("tokens", __name__)
+
+
+def _pool() -> ConnectionPool:
+    return current_app.extensions["tally_token_pool"]()
+
+
+def _no_store(resp: Response) -> Response:
+    resp.headers["Cache-Control"] = "no-store"  # the answer may carry a token
+    return resp
+
+
+@tokens_bp.post("/api/v1/tokens")
+@allow("admin")
+def create_token() -> Response:
+    """Body {"role": ..., "domains": [...], "name": ...}; answers 201 with the token, shown only this once."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or set(body) - {"role", "domains", "name"}:
+        return error(400, "invalid_body", 'send a JSON object {"role": "customer", "domains": ["example.com"], '
+                     '"name": "..."}')
+    domains = body.get("domains") or []
+    if not isinstance(domains, list):
+        return error(400, "invalid_token_request", "domains must be a list of domain names")
+    try:
+        info, token = tokens.create(_pool(), body.get("role"), domains, body.get("name") or "")
+    except tokens.TokenError as exc:
+        return error(400, "invalid_token_request", str(exc))
+    except psycopg.OperationalError:
+        return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
+    return _no_store(json_response({**info.as_json(), "token": token}, 201))
+
+
+@tokens_bp.get("/api/v1/tokens")
+@allow("admin")
+def list_tokens() -> Response:
+    try:
+        rows = tokens.list_tokens(_pool())
+    except psycopg.OperationalError:
+        return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
+    return _no_store(json_response({"tokens": [row.as_json() for row in rows]}))
+
+
+@tokens_bp.delete("/api/v1/tokens/<token_id>")
+@allow("admin")
+def revoke_token(token_id: str) -> Response:
+    try:
+        found = tokens.revoke(_pool(), token_id)
+    except psycopg.OperationalError:
+        return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
+    if not found:
+        return error(404, "unknown_token", f"no token {token_id[:40]!r}")
+    return Response(status=204)

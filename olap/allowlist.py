@@ -1,0 +1,534 @@
+"""What analyst SQL may touch, decided by allowlist over ClickHouse's own parse tree.
+
+The tree is `parseQueryToJSON` of the canonical statement (see olap/analyst.py for how it is
+obtained and why the text form of `EXPLAIN AST` is not used). `check(tree, database)` walks it
+and raises `Refused` naming the first table, table function, function, clause or construct that
+is not allowed:
+
+- the statement is a SELECT (UNION / INTERSECT / EXCEPT included); no SETTINGS, FORMAT,
+  INTO OUTFILE or query parameters anywhere;
+- every table is `<database>.events` or a CTE (`WITH name AS (subquery)`) in scope: the
+  SELECT that defines it, later CTEs of the same WITH, and subqueries nested inside (a CTE's
+  own definition sees itself only with WITH RECURSIVE; the other branches of a UNION do not
+  see it); `IN name` is checked the same way;
+- table functions are `TABLE_FUNCTIONS` only;
+- every function (also `APPLY(f)` column transformers) is allowed by the reviewed table in
+  `olap/allowed_functions.py`, which `python -m olap.allowlist --write` generates from
+  `system.functions` with the rules below; aggregate combinators (`sumIf`, `uniqState`,
+  `groupArrayIf`, ...) are allowed when every way ClickHouse could split the name gives an
+  allowed aggregate and allowed combinators;
+- every node type, and every key of every node, is one this module knows; anything new in a
+  later ClickHouse is refused until it is reviewed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+# Tables analysts read, inside settings.clickhouse_database.
+ANALYST_TABLES = frozenset({"events"})
+
+# Generators of numbers and inline rows; nothing that reads files, URLs, other tables or
+# databases, programs or the request body. `zeros`/`zeros_mt` are left out: ClickHouse refuses
+# them under readonly = 1 (they need CREATE TEMPORARY TABLE), and `SELECT 0 FROM numbers(n)` does
+# the same.
+TABLE_FUNCTIONS = frozenset({"numbers", "numbers_mt", "generateSeries", "generate_series", "values"})
+
+# Function nodes the parser makes from syntax, which system.functions does not list.
+SYNTAX_FUNCTIONS = frozenset({"lambda", "exists", "grouping"})
+
+# `x IN <identifier>` reads the table of that name: the identifier is checked as a table.
+IN_FUNCTIONS = frozenset({"in", "notIn", "globalIn", "globalNotIn", "nullIn", "notNullIn", "globalNullIn",
+                          "globalNotNullIn"})
+
+# --- the rules `--write` applies to system.functions -------------------------------------------
+
+# Categories whose functions compute only on their arguments.
+ALLOWED_CATEGORIES = frozenset({
+    "Aggregate Functions", "Arithmetic", "Arrays", "Bit", "Bitmap", "Comparison", "Conditional",
+    "Dates and Times", "Distance", "Encoding", "Encryption", "Financial", "Geo", "Geo Polygon", "Hash",
+    "IP Address", "JSON", "Logical", "Map", "Mathematical", "Null", "NumericIndexedVector", "QBit",
+    "Random Number", "Rounding", "String", "String Replacement", "String Search", "String Splitting",
+    "Time Series", "Time Window", "Tuple", "Type Conversion", "URL", "UUID",
+})
+# Everything else is denied unless listed in PURE_OTHERS: in this ClickHouse that is "Other" (server
+# and session state, files, settings, sleeping), "Internal", "Dictionary", "Embedded Dictionary"
+# (server-side data), "Introspection", "Machine Learning" (models from server files), "AI" (calls
+# out to a model provider), and any category a later version adds.
+
+# Reviewed one by one from "Other" and "Internal": they compute only on their arguments.
+PURE_OTHERS = frozenset({
+    "MACNumToString", "MACStringToNum", "MACStringToOUI", "bar", "blockNumber", "blockSerializedSize",
+    "blockSize", "byteSize", "caseWithExpression", "colorOKLABToSRGB", "colorOKLCHToSRGB", "colorSRGBToOKLAB",
+    "colorSRGBToOKLCH", "countDigits", "defaultValueOfArgumentType", "defaultValueOfTypeName", "digits",
+    "dumpColumnStructure", "errorCodeToName", "finalizeAggregation", "flipCoordinates", "formatQuery",
+    "formatQueryOrNull", "formatQuerySingleLine", "formatQuerySingleLineOrNull", "formatReadableDecimalSize",
+    "formatReadableQuantity", "formatReadableSize", "formatReadableTimeDelta", "getSizeOfEnumType",
+    "getSubcolumn", "icebergBucket", "icebergTruncate", "identity", "ignore", "indexHint",
+    "initializeAggregation", "isConstant", "isDecimalOverflow", "lowCardinalityIndices", "lowCardinalityKeys",
+    "materialize", "minSampleSizeContinuous", "minSampleSizeConversion", "neighbor", "normalizeQuery",
+    "normalizeQueryKeepNames", "normalizedQueryHash", "normalizedQueryHashKeepNames", "parseISO8601Duration",
+    "parseReadableSize", "parseReadableSizeOrNull", "parseReadableSizeOrZero", "parseTimeDelta",
+    "rowNumberInAllBlocks", "rowNumberInBlock", "runningAccumulate", "runningConcurrency", "runningDifference",
+    "runningDifferenceStartingWithFirstValue", "throwIf", "toColumnTypeName", "toTypeName", "transform",
+    "variantElement", "variantType", "visibleWidth",
+})
+
+# Denied although their category is allowed.
+DENIED = {
+    "flameGraph": "symbolises server stack addresses (introspection)",
+    "inIgnoreSet": "internal", "notInIgnoreSet": "internal", "globalInIgnoreSet": "internal",
+    "globalNotInIgnoreSet": "internal", "nullInIgnoreSet": "internal", "notNullInIgnoreSet": "internal",
+    "globalNullInIgnoreSet": "internal", "globalNotNullInIgnoreSet": "internal",
+}
+
+DATA_FILE = Path(__file__).with_name("allowed_functions.py")
+
+
+class Refused(ValueError):
+    """The query uses something analysts may not; the message names it."""
+
+
+# --- the function table ------------------------------------------------------------------------
+
+
+class FunctionTable:
+    """The reviewed verdict for every function name, with ClickHouse's lookup rules."""
+
+    def __init__(self, functions: Mapping[str, tuple[str, str, bool, str]], combinators: Mapping[str, str]):
+        self.functions = dict(functions)  # name -> (verdict, kind, case_insensitive, why)
+        self.combinators = dict(combinators)  # suffix -> verdict
+        self._ci: dict[str, tuple[str, str, bool, str]] = {}
+        for name, entry in self.functions.items():
+            if entry[2]:
+                other = self._ci.get(name.lower())
+                # two case-insensitive names that fold together: the stricter verdict wins
+                self._ci[name.lower()] = entry if other is None or entry[0] != "allow" else other
+
+    def _lookup(self, name: str) -> tuple[str, str, bool, str] | None:
+        # ClickHouse: the exact name first, then the case-insensitive registry.
+        return self.functions.get(name) or self._ci.get(name.lower())
+
+    def allows(self, name: str) -> bool:
+        entry = self._lookup(name)
+        if entry is not None:
+            return entry[0] == "allow"
+        if name in SYNTAX_FUNCTIONS:
+            return True
+        verdicts = list(self._combinator_splits(name, 0))
+        return bool(verdicts) and all(verdicts)
+
+    def _combinator_splits(self, name: str, depth: int) -> Iterator[bool]:
+        """One verdict per way of reading `name` as <aggregate><combinator>...; nothing if none."""
+        if depth > 8:
+            yield False
+            return
+        for suffix, verdict in self.combinators.items():
+            if not name.endswith(suffix) or len(name) == len(suffix):
+                continue
+            base = name[: -len(suffix)]
+            entry = self._lookup(base)
+            if entry is not None:
+                yield verdict == "allow" and entry[0] == "allow" and entry[1] == "aggregate"
+            else:
+                for inner in self._combinator_splits(base, depth + 1):
+                    yield verdict == "allow" and inner
+
+
+_TABLE: FunctionTable | None = None
+
+
+def function_table() -> FunctionTable:
+    global _TABLE
+    if _TABLE is None:
+        from olap import allowed_functions as data
+
+        _TABLE = FunctionTable(data.FUNCTIONS, data.COMBINATORS)
+    return _TABLE
+
+
+# --- the tree walk -----------------------------------------------------------------------------
+
+# Node type -> (keys holding plain values, keys holding child nodes). Anything else is refused.
+_PLAIN_ALIAS = frozenset({"alias"})
+_NODES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "ExpressionList": (frozenset(), frozenset({"children"})),
+    "Identifier": (frozenset({"name", "name_parts", "alias"}), frozenset()),
+    "Literal": (frozenset({"value", "alias"}), frozenset()),
+    "Asterisk": (frozenset(), frozenset({"transformers"})),
+    "QualifiedAsterisk": (frozenset(), frozenset({"qualifier", "transformers"})),
+    "ColumnsRegexpMatcher": (frozenset({"pattern"}), frozenset({"transformers"})),
+    "ColumnsListMatcher": (frozenset(), frozenset({"column_list", "transformers"})),
+    "QualifiedColumnsRegexpMatcher": (frozenset({"pattern"}), frozenset({"qualifier", "transformers"})),
+    "QualifiedColumnsListMatcher": (frozenset(), frozenset({"qualifier", "column_list", "transformers"})),
+    "ColumnsTransformerList": (frozenset(), frozenset({"children"})),
+    "ColumnsExceptTransformer": (frozenset({"pattern", "is_strict"}), frozenset({"children"})),
+    "ColumnsReplaceTransformer": (frozenset({"is_strict"}), frozenset({"children"})),
+    "ColumnsReplaceTransformerReplacement": (frozenset({"name"}), frozenset({"children"})),
+    "OrderByElement": (frozenset({"direction", "nulls_direction", "with_fill"}),
+                       frozenset({"expression", "collation", "fill_from", "fill_to", "fill_step", "fill_staleness"})),
+    "InterpolateElement": (frozenset({"column"}), frozenset({"expr"})),
+    "WindowDefinition": (frozenset({"frame_is_default", "frame_type", "frame_begin_type", "frame_begin_preceding",
+                                    "frame_end_type", "frame_end_preceding", "parent_window_name"}),
+                         frozenset({"partition_by", "order_by", "frame_begin_offset", "frame_end_offset"})),
+    "WindowListElement": (frozenset({"name"}), frozenset({"definition"})),
+    "TablesInSelectQuery": (frozenset(), frozenset({"children"})),
+    "TablesInSelectQueryElement": (frozenset(), frozenset({"table_expression", "table_join", "array_join"})),
+    "TableJoin": (frozenset({"kind", "strictness", "locality", "is_natural"}),
+                  frozenset({"on_expression", "using_expression_list"})),
+    "ArrayJoin": (frozenset({"kind"}), frozenset({"expression_list"})),
+    "SampleRatio": (frozenset({"numerator", "denominator"}), frozenset()),
+    "Subquery": (frozenset({"alias"}), frozenset({"children"})),
+}
+_FUNCTION_PLAIN = frozenset({"name", "alias", "is_operator", "is_lambda_function", "is_window_function", "kind",
+                             "nulls_action", "window_name"})
+_FUNCTION_KINDS = frozenset({"ORDINARY_FUNCTION", "LAMBDA_FUNCTION", "WINDOW_FUNCTION"})
+_SELECT_PLAIN = frozenset({"distinct", "group_by_with_totals", "group_by_with_rollup", "group_by_with_cube",
+                           "group_by_with_grouping_sets", "group_by_all", "order_by_all", "limit_with_ties",
+                           "recursive_with"})
+_SELECT_CHILDREN = frozenset({"select", "tables", "prewhere", "where", "group_by", "having", "window", "qualify",
+                              "order_by", "interpolate", "limit_by_offset", "limit_by_length", "limit_by",
+                              "limit_offset", "limit_length"})
+_UNION_PLAIN = frozenset({"union_mode", "list_of_modes", "is_outfile_append", "is_outfile_truncate",
+                          "is_into_outfile_with_stdout"})
+_TABLE_EXPRESSION_PLAIN = frozenset({"final"})
+
+_CLAUSES = {  # keys that carry a clause refused by name
+    "settings": "SETTINGS clauses are not allowed: limits are set by the server",
+    "settings_ast": "SETTINGS clauses are not allowed: limits are set by the server",
+    "format_ast": "FORMAT clauses are not allowed: ask for csv, tsv, jsonl or json with ?format=",
+    "format": "FORMAT clauses are not allowed: ask for csv, tsv, jsonl or json with ?format=",
+    "out_file": "INTO OUTFILE is not allowed: analyst SQL returns rows, it writes no files",
+    "compression": "INTO OUTFILE is not allowed: analyst SQL returns rows, it writes no files",
+}
+_NODE_REFUSALS = {
+    "SetQuery": "SETTINGS clauses are not allowed: limits are set by the server",
+    "QueryParameter": "query parameters ({name:Type}) are not supported in analyst SQL",
+    "WithElement": "a CTE is only allowed in a WITH clause",
+}
+
+
+def check(tree: Any, database: str) -> None:
+    """Raise Refused unless `tree` (parseQueryToJSON output) is a SELECT analysts may run."""
+    if not isinstance(tree, dict):
+        raise Refused("the query could not be parsed")
+    kind = tree.get("type")
+    if kind != "SelectWithUnionQuery":
+        raise Refused(f"only SELECT queries are allowed (this is a {kind}); analyst SQL is read-only")
+    _Walker(database, function_table()).select_union(tree, frozenset())
+
+
+class _Walker:
+    def __init__(self, database: str, functions: FunctionTable) -> None:
+        self.database = database
+        self.functions = functions
+
+    # statements
+
+    def select_union(self, node: dict[str, Any], ctes: frozenset[str]) -> None:
+        self._expect(node, "SelectWithUnionQuery")
+        for key, value in node.items():
+            if key == "type":
+                continue
+            if key in _CLAUSES:
+                raise Refused(_CLAUSES[key])
+            if key in ("is_outfile_append", "is_outfile_truncate", "is_into_outfile_with_stdout") and value:
+                raise Refused(_CLAUSES["out_file"])
+            if key in _UNION_PLAIN:
+                self._plain(node, key, value)
+            elif key == "list_of_selects":
+                for child in self._list(value, "ExpressionList"):
+                    if child.get("type") == "SelectWithUnionQuery":
+                        self.select_union(child, ctes)
+                    else:
+                        self.select(child, ctes)
+            else:
+                self._unknown(node, key)
+
+    def select(self, node: dict[str, Any], ctes: frozenset[str]) -> None:
+        self._expect(node, "SelectQuery")
+        if "with" in node:
+            ctes = self._with(node["with"], ctes, bool(node.get("recursive_with")))
+        for key, value in node.items():
+            if key in ("type", "with"):
+                continue
+            if key in _CLAUSES:
+                raise Refused(_CLAUSES[key])
+            if key in _SELECT_PLAIN:
+                self._plain(node, key, value)
+            elif key == "tables":
+                self._tables(value, ctes)
+            elif key in _SELECT_CHILDREN:
+                self.expr(value, ctes)
+            else:
+                self._unknown(node, key)
+
+    def _with(self, value: Any, outer: frozenset[str], recursive: bool) -> frozenset[str]:
+        defined: set[str] = set()
+        for element in self._list(value, "ExpressionList"):
+            if element.get("type") != "WithElement":
+                self.expr(element, outer | defined)  # `expr AS name`: a value, not a table
+                continue
+            name = element.get("name")
+            if not isinstance(name, str) or set(element) - {"type", "name", "subquery"}:
+                raise Refused("unsupported WITH element")
+            # Earlier CTEs are visible; its own name only WITH RECURSIVE (otherwise ClickHouse reads
+            # a real table of that name).
+            visible = outer | defined | ({name} if recursive else set())
+            self.expr(element.get("subquery"), frozenset(visible))
+            defined.add(name)
+        return outer | defined
+
+    def _tables(self, value: Any, ctes: frozenset[str]) -> None:
+        for element in self._list(value, "TablesInSelectQuery"):
+            self._expect(element, "TablesInSelectQueryElement")
+            for key, child in element.items():
+                if key == "type":
+                    continue
+                if key == "table_expression":
+                    self._table_expression(child, ctes)
+                elif key in ("table_join", "array_join"):
+                    self.expr(child, ctes)
+                else:
+                    self._unknown(element, key)
+
+    def _table_expression(self, node: Any, ctes: frozenset[str]) -> None:
+        self._expect(node, "TableExpression")
+        for key, value in node.items():
+            if key == "type":
+                continue
+            if key in _TABLE_EXPRESSION_PLAIN:
+                self._plain(node, key, value)
+            elif key == "database_and_table_name":
+                self._table(value, ctes)
+            elif key == "table_function":
+                self._table_function(value)
+            elif key in ("subquery", "sample_size", "sample_offset"):
+                self.expr(value, ctes)
+            else:
+                self._unknown(node, key)
+
+    def _table_function(self, node: Any) -> None:
+        self._expect(node, "Function")
+        name = node.get("name")
+        if name not in TABLE_FUNCTIONS:
+            raise Refused(f"table function {name} is not allowed; analysts may use {', '.join(sorted(TABLE_FUNCTIONS))}")
+        for key, value in node.items():
+            if key in ("type", "name", "alias"):
+                continue
+            if key == "arguments":
+                # CTE names are not passed in: whether ClickHouse resolves them inside table
+                # function arguments is not something to rely on.
+                self.expr(value, frozenset())
+            else:
+                self._unknown(node, key)
+
+    def _table(self, node: Any, ctes: frozenset[str]) -> None:
+        if not isinstance(node, dict) or node.get("type") not in ("TableIdentifier", "Identifier"):
+            raise Refused("unsupported table reference")
+        if set(node) - {"type", "name", "name_parts", "alias"}:
+            raise Refused(f"unsupported table reference {node.get('name')!r}")
+        parts = node.get("name_parts") or [node.get("name")]
+        if not all(isinstance(p, str) for p in parts):
+            raise Refused("unsupported table reference")
+        allowed = ", ".join(f"{self.database}.{t}" for t in sorted(ANALYST_TABLES))
+        if len(parts) == 2 and parts[0] == self.database and parts[1] in ANALYST_TABLES:
+            return
+        if len(parts) == 1 and parts[0] in ctes:
+            return
+        shown = ".".join(parts)
+        hint = f"; name it {self.database}.{parts[0]}" if len(parts) == 1 and parts[0] in ANALYST_TABLES else ""
+        raise Refused(f"table {shown} is not available to analysts (allowed: {allowed}, and CTEs defined "
+                      f"in the query){hint}")
+
+    # expressions
+
+    def expr(self, node: Any, ctes: frozenset[str]) -> None:
+        if isinstance(node, list):
+            for child in node:
+                self.expr(child, ctes)
+            return
+        if not isinstance(node, dict):
+            raise Refused("the query could not be parsed")
+        kind = node.get("type")
+        if kind in _NODE_REFUSALS:
+            raise Refused(_NODE_REFUSALS[kind])
+        if kind == "SelectWithUnionQuery":
+            self.select_union(node, ctes)
+        elif kind == "Function":
+            self._function(node, ctes)
+        elif kind == "TableIdentifier":
+            self._table(node, ctes)
+        elif kind == "ColumnsApplyTransformer":
+            self._apply(node, ctes)
+        elif kind in _NODES:
+            plain, children = _NODES[kind]
+            for key, value in node.items():
+                if key == "type":
+                    continue
+                if key in plain:
+                    self._plain(node, key, value)
+                elif key in children:
+                    self.expr(value, ctes)
+                else:
+                    self._unknown(node, key)
+        else:
+            raise Refused(f"unsupported construct {kind}")
+
+    def _function(self, node: dict[str, Any], ctes: frozenset[str]) -> None:
+        name = node.get("name")
+        if not isinstance(name, str) or not self.functions.allows(name):
+            raise Refused(f"function {name} is not allowed in analyst SQL")
+        if node.get("kind", "ORDINARY_FUNCTION") not in _FUNCTION_KINDS:
+            raise Refused(f"unsupported use of function {name}")
+        for key, value in node.items():
+            if key == "type":
+                continue
+            if key in _FUNCTION_PLAIN:
+                self._plain(node, key, value)
+            elif key == "arguments":
+                arguments = self._list(value, "ExpressionList")
+                if name in IN_FUNCTIONS and len(arguments) == 2 and arguments[1].get("type") == "Identifier":
+                    self.expr(arguments[0], ctes)
+                    self._table(arguments[1], ctes)
+                else:
+                    self.expr(arguments, ctes)
+            elif key in ("parameters", "window_definition"):
+                self.expr(value, ctes)
+            else:
+                self._unknown(node, key)
+
+    def _apply(self, node: dict[str, Any], ctes: frozenset[str]) -> None:
+        for key, value in node.items():
+            if key == "type":
+                continue
+            if key == "func_name":
+                if not isinstance(value, str) or not self.functions.allows(value):
+                    raise Refused(f"function {value} is not allowed in analyst SQL")
+            elif key in ("lambda_arg", "column_name_prefix"):
+                self._plain(node, key, value)
+            elif key in ("lambda", "parameters"):
+                self.expr(value, ctes)
+            else:
+                self._unknown(node, key)
+
+    # helpers
+
+    @staticmethod
+    def _expect(node: Any, kind: str) -> None:
+        if not isinstance(node, dict) or node.get("type") != kind:
+            found = node.get("type") if isinstance(node, dict) else type(node).__name__
+            raise Refused(f"unsupported construct {found} (expected {kind})")
+
+    def _list(self, value: Any, kind: str) -> list[dict[str, Any]]:
+        self._expect(value, kind)
+        if set(value) - {"type", "children"}:
+            raise Refused(f"unsupported construct {kind}")
+        children = value.get("children", [])
+        if not isinstance(children, list) or not all(isinstance(c, dict) for c in children):
+            raise Refused(f"unsupported construct {kind}")
+        return children
+
+    @staticmethod
+    def _plain(node: dict[str, Any], key: str, value: Any) -> None:
+        # A key that should hold a plain value must not hide a node.
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)):
+            if not (key == "value" and node.get("type") == "Literal"):  # literal data: {"field_type", "value"}
+                raise Refused(f"unsupported construct {node.get('type')}.{key}")
+
+    @staticmethod
+    def _unknown(node: dict[str, Any], key: str) -> None:
+        raise Refused(f"unsupported part of the query: {node.get('type')}.{key}")
+
+
+# --- generating the function table -------------------------------------------------------------
+
+
+def verdict(row: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
+    """('allow'|'deny', why) for one system.functions row, by the rules above."""
+    name = row["name"]
+    target_name = row["alias_to"] or name
+    for candidate in (name, target_name):
+        if candidate in DENIED:
+            return "deny", DENIED[candidate]
+    if name in PURE_OTHERS or target_name in PURE_OTHERS:
+        return "allow", "reviewed: computes on its arguments only"
+    target = rows.get(target_name)
+    if target is None:
+        return "deny", f"alias of {target_name}, which system.functions does not list"
+    categories = {c.strip() for c in str(target["categories"]).split(",") if c.strip()}
+    if not categories:
+        return "deny", "no category: not reviewed"
+    outside = sorted(categories - ALLOWED_CATEGORIES)
+    if outside:
+        return "deny", f"category {', '.join(outside)}"
+    return "allow", ", ".join(sorted(categories))
+
+
+def generate(client: Any) -> tuple[str, dict[str, tuple[str, str, bool, str]], dict[str, str]]:
+    """(version, functions, combinators) from a live ClickHouse, by the rules above."""
+    version = str(client.query("SELECT version()").result_rows[0][0])
+    result = client.query("SELECT name, is_aggregate, case_insensitive, alias_to, categories FROM system.functions")
+    rows = {r[0]: dict(zip(("name", "is_aggregate", "case_insensitive", "alias_to", "categories"), r))
+            for r in result.result_rows}
+    functions: dict[str, tuple[str, str, bool, str]] = {}
+    for name in sorted(rows):
+        row = rows[name]
+        target = rows.get(row["alias_to"]) if row["alias_to"] else row
+        aggregate = bool(row["is_aggregate"] or (target is not None and target["is_aggregate"]))
+        decision, why = verdict(row, rows)
+        functions[name] = (decision, "aggregate" if aggregate else "function", bool(row["case_insensitive"]), why)
+    combinators = {str(r[0]): "allow" for r in
+                   client.query("SELECT name FROM system.aggregate_function_combinators").result_rows}
+    return version, functions, combinators
+
+
+def render(version: str, functions: Mapping[str, tuple[str, str, bool, str]], combinators: Mapping[str, str]) -> str:
+    lines = [
+        '"""Generated by `python -m olap.allowlist --write` from system.functions; do not edit by hand.',
+        "",
+        "Change the rules in olap/allowlist.py, regenerate, and review the diff: every new function of a",
+        "ClickHouse upgrade shows up here with its verdict. tests/test_analyst.py fails while this file",
+        'is not what the rules give for the ClickHouse the tests run on.',
+        '"""',
+        "",
+        f"VERSION = {version!r}",
+        "",
+        "# name: (verdict, kind, case_insensitive, why)",
+        "FUNCTIONS = {",
+    ]
+    lines += [f"    {name!r}: {tuple(entry)!r}," for name, entry in sorted(functions.items())]
+    lines += ["}", "", "# aggregate function combinators (system.aggregate_function_combinators)", "COMBINATORS = {"]
+    lines += [f"    {name!r}: {v!r}," for name, v in sorted(combinators.items())]
+    lines += ["}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m olap.allowlist",
+                                     description="Regenerate olap/allowed_functions.py from system.functions.")
+    parser.add_argument("--dsn", default="chdb:///tmp/tally-allowlist-chdb",
+                        help="ClickHouse to read system.functions from (default: a scratch chDB directory)")
+    parser.add_argument("--write", action="store_true", help="write the file (default: report whether it is current)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    from olap.client import connect
+
+    text = render(*generate(connect(args.dsn)))
+    current = DATA_FILE.read_text() if DATA_FILE.exists() else ""
+    if args.write:
+        DATA_FILE.write_text(text)
+        print(f"wrote {DATA_FILE}")
+        return 0
+    if text == current:
+        print(f"{DATA_FILE} is current")
+        return 0
+    print(f"{DATA_FILE} differs from what the rules give; run with --write and review the diff", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""The analyst server: the one process that runs analyst SQL against ClickHouse.
+
+The API never talks to ClickHouse itself: it forwards `POST /api/v1/sql` here
+(over loopback HTTP, with a bearer token both derive from TALLY_SECRET), so a
+slow analyst query can hold at most one of this process's query slots and
+none of the API's customer or health paths. With an embedded `chdb://` DSN
+this process also runs the loader (chDB allows one engine per directory per
+process); chDB runs queries from separate clients concurrently, so each query
+slot has its own client and the loader keeps its own.
+
+Contract of `POST /v1/query` (JSON `{"sql", "format", "token_id"}`):
+- at most `slots` queries run at once; the next waits up to `wait_s`, then gets
+  429 `analyst_busy` with Retry-After;
+- a query refused or failing before its first output byte gets a 400 JSON error
+  (`query_refused`, `query_failed`, `query_timeout`, `result_too_large`);
+- `json` answers one document; `csv`/`tsv`/`jsonl` stream. A streamed result
+  that fails later (time or byte cap reached) is cut by closing the connection
+  without the final chunk, so a client never mistakes it for a complete file;
+- every query, refused ones included, is handed to `audit` once it ends.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, request
+
+from core.http import error, install_host_check, install_json_errors, json_response
+from olap.analyst import FORMATS, AnalystQueryError, QueryStats, SqlLimits, prepare, stream
+
+log = logging.getLogger(__name__)
+bp = Blueprint("analyst_server", __name__)
+
+_ERROR_CODES = {"refused": "query_refused", "failed": "query_failed", "timeout": "query_timeout",
+                "too_large": "result_too_large"}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    token_id: str | None
+    started_at: datetime
+    sql: str
+    format: str
+    status: str  # ok | refused | failed | timeout | too_large | busy | cancelled
+    rows: int
+    bytes: int
+    duration_ms: float
+    error: str | None
+
+
+class Busy(Exception):
+    """Every query slot stayed taken for the whole wait."""
+
+
+class QuerySlots:
+    """At most `size` analyst queries at once, each with its own ClickHouse client (made on first use)."""
+
+    def __init__(self, make_client: Callable[[], Any], size: int) -> None:
+        self._make_client = make_client
+        self._free: queue.LifoQueue[Any] = queue.LifoQueue()
+        for _ in range(size):
+            self._free.put(None)
+        self.size = size
+
+    def take(self, wait_s: float) -> tuple[Any, Callable[[], None]]:
+        """A free slot's client, and release() to hand it back (idempotent). Raises Busy after `wait_s`."""
+        try:
+            client = self._free.get(timeout=wait_s)
+        except queue.Empty:
+            raise Busy from None
+        if client is None:
+            try:
+                client = self._make_client()
+            except BaseException:
+                self._free.put(None)
+                raise
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                self._free.put(client)
+
+        return client, release
+
+
+@dataclass(frozen=True, slots=True)
+class AnalystConfig:
+    database: str
+    limits: SqlLimits
+    token: str  # what the API must present
+    wait_s: float = 2.0
+
+
+def _cfg() -> AnalystConfig:
+    return current_app.config["TALLY_ANALYST"]
+
+
+def _slots() -> QuerySlots:
+    return current_app.extensions["tally_query_slots"]
+
+
+def _audit(sink: Callable[[AuditEntry], None], entry: AuditEntry) -> None:
+    try:
+        sink(entry)
+    except Exception:  # noqa: BLE001 - the audit store being down must not fail the answer already given
+        log.exception("analyst: could not write the audit record")
+
+
+def _authorised() -> bool:
+    supplied = request.headers.get("Authorization", "")
+    expected = f"Bearer {_cfg().token}"
+    return hmac.compare_digest(supplied.encode(), expected.encode())
+
+
+@bp.post("/v1/query")
+def query() -> Response:
+    if not _authorised():
+        resp = error(401, "unauthorized", "the analyst server answers the API only")
+        resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("sql"), str):
+        return error(400, "invalid_body", 'send a JSON object {"sql": "SELECT ...", "format": "json"}')
+    sql, fmt = body["sql"], body.get("format", "json")
+    token_id = body.get("token_id") if isinstance(body.get("token_id"), str) else None
+    if fmt not in FORMATS:
+        return error(400, "invalid_format", f"format must be one of {', '.join(FORMATS)}")
+    cfg, started, t0 = _cfg(), datetime.now(timezone.utc), time.monotonic()
+    stats, sink = QueryStats(), current_app.extensions["tally_audit"]  # the stream outlives the app context
+
+    def audit(status: str, message: str | None) -> None:
+        _audit(sink, AuditEntry(token_id, started, sql[:100_000], fmt, status, stats.rows, stats.bytes,
+                                (time.monotonic() - t0) * 1000.0, message))
+
+    slots = _slots()
+    try:
+        client, release = slots.take(cfg.wait_s)
+    except Busy:
+        audit("busy", "every analyst query slot was taken")
+        resp = error(429, "analyst_busy", f"{slots.size} analyst queries are already running; retry shortly")
+        resp.headers["Retry-After"] = "1"
+        return resp
+    try:
+        text = prepare(client, sql, cfg.database)
+        chunks = stream(client, text, cfg.limits, fmt, stats)
+        if fmt == "json":
+            payload = b"".join(chunks)
+        else:
+            first = next(chunks, b"")
+    except AnalystQueryError as exc:
+        release()
+        audit(exc.code, exc.message)
+        return error(400, _ERROR_CODES.get(exc.code, "query_failed"), exc.message)
+    except BaseException:
+        release()
+        audit("failed", "internal error")
+        raise
+    if fmt == "json":
+        release()
+        audit("ok", None)
+        return Response(payload, status=200, mimetype="application/json")
+
+    def rest() -> Iterator[bytes]:
+        status, message = "cancelled", "the client went away"
+        try:
+            if first:
+                yield first
+            yield from chunks
+            status, message = "ok", None
+        except AnalystQueryError as exc:
+            status, message = exc.code, exc.message
+            log.warning("analyst: streamed query cut after %d bytes: %s", stats.bytes, exc.message)
+            raise  # the server drops the connection: no final chunk, so the client sees an incomplete body
+        finally:
+            chunks.close()
+            release()
+            audit(status, message)
+
+    resp = Response(rest(), status=200, content_type=FORMATS[fmt])
+    resp.headers["X-Tally-Format"] = fmt
+    return resp
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+def create_analyst_app(config: AnalystConfig, slots: QuerySlots, audit: Callable[[AuditEntry], None],
+                       allowed_hosts: tuple[str, ...]) -> Flask:
+    app = Flask(__name__)
+    app.config["TALLY_ANALYST"] = config
+    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    app.extensions["tally_query_slots"] = slots
+    app.extensions["tally_audit"] = audit
+    install_host_check(app, allowed_hosts)
+    app.register_blueprint(bp)
+    install_json_errors(app)
+    return app

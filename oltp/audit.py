@@ -1,0 +1,104 @@
+"""The analyst-SQL audit log: one row per query in `analyst_queries` (schema in oltp/schema.py, AUDIT).
+
+`record` takes a psycopg Connection, a psycopg_pool ConnectionPool or a DSN, and the entry either
+as an object with the fields as attributes (the analyst server's AuditEntry), a mapping, or
+keywords. `last(dsn, n)` returns the newest n, newest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator, Union
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+STATUSES = ("ok", "refused", "failed", "timeout", "too_large", "busy", "cancelled")
+FIELDS = ("token_id", "started_at", "sql", "format", "status", "rows", "bytes", "duration_ms", "error")
+MAX_SQL_CHARS = 100_000
+MAX_ERROR_CHARS = 2_000
+
+Target = Union[str, psycopg.Connection, ConnectionPool]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    id: int
+    token_id: str | None
+    started_at: datetime
+    sql: str
+    format: str
+    status: str
+    rows: int
+    bytes: int
+    duration_ms: int
+    error: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "token_id": self.token_id,
+                "started_at": self.started_at.astimezone(timezone.utc).isoformat(), "sql": self.sql,
+                "format": self.format, "status": self.status, "rows": self.rows, "bytes": self.bytes,
+                "duration_ms": self.duration_ms, "error": self.error}
+
+
+@contextmanager
+def _connection(target: Target) -> Iterator[psycopg.Connection]:
+    if isinstance(target, ConnectionPool):
+        with target.connection() as conn:
+            yield conn
+    elif isinstance(target, psycopg.Connection):
+        yield target
+    else:
+        with psycopg.connect(target, connect_timeout=5) as conn:
+            yield conn
+
+
+def _fields(entry: object | None, values: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in FIELDS:
+        if name in values:
+            out[name] = values[name]
+        elif isinstance(entry, Mapping) and name in entry:
+            out[name] = entry[name]
+        elif entry is not None and not isinstance(entry, Mapping) and hasattr(entry, name):
+            out[name] = getattr(entry, name)
+    missing = [n for n in ("sql", "format", "status") if out.get(n) is None]
+    if missing:
+        raise ValueError(f"audit record needs {', '.join(missing)}")
+    if out["status"] not in STATUSES:
+        raise ValueError(f"audit status must be one of {', '.join(STATUSES)}, not {out['status']!r}")
+    out.setdefault("token_id", None)
+    out["started_at"] = out.get("started_at") or datetime.now(timezone.utc)
+    out["sql"] = str(out["sql"])[:MAX_SQL_CHARS]
+    out["rows"] = max(0, int(out.get("rows") or 0))
+    out["bytes"] = max(0, int(out.get("bytes") or 0))
+    out["duration_ms"] = max(0, round(float(out.get("duration_ms") or 0)))
+    error = out.get("error")
+    out["error"] = None if error is None else str(error)[:MAX_ERROR_CHARS]
+    return out
+
+
+def record(target: Target, entry: object | None = None, /, **values: Any) -> int:
+    """Store one analyst query; returns its id."""
+    row = _fields(entry, values)
+    with _connection(target) as conn:
+        with conn.transaction():
+            cur = conn.execute(
+                "INSERT INTO analyst_queries (token_id, started_at, sql, format, status, rows, bytes, duration_ms,"
+                " error) VALUES (%(token_id)s, %(started_at)s, %(sql)s, %(format)s, %(status)s, %(rows)s,"
+                " %(bytes)s, %(duration_ms)s, %(error)s) RETURNING id", row)
+            return int(cur.fetchone()[0])
+
+
+def last(target: Target, n: int = 20) -> list[AuditRecord]:
+    """The newest `n` records, newest first."""
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    with _connection(target) as conn:
+        rows = conn.execute(
+            "SELECT id, token_id, started_at, sql, format, status, rows, bytes, duration_ms, error"
+            " FROM analyst_queries ORDER BY started_at DESC, id DESC LIMIT %s", (n,)).fetchall()
+    return [AuditRecord(*row) for row in rows]

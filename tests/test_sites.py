@@ -1,0 +1,192 @@
+"""The sites registry (oltp/sites.py) against the session's real PostgreSQL, and `tally sites` as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+
+import psycopg
+import pytest
+
+from oltp import sites
+from oltp.schema import ensure_schema
+from oltp.sites import SiteError
+
+
+@pytest.fixture()
+def dsn(servers) -> str:
+    return servers.pg_dsn
+
+
+def test_add_get_list_rotate_remove(dsn, domain):
+    site = sites.add(dsn, domain.upper() + ".", tz="Europe/Berlin",
+                     origins=["https://Example.com:443/", "http://localhost:3000", "https://example.com"],
+                     rate_per_s=50, burst=500)
+    assert site.domain == domain  # normalised
+    assert site.tz == "Europe/Berlin"
+    assert site.origins == ("https://example.com", "http://localhost:3000")  # normalised, deduplicated
+    assert re.fullmatch(r"pk_[A-Za-z0-9_-]{22}", site.site_key)
+    assert re.fullmatch(r"sk_[A-Za-z0-9_-]{43}", site.secret)
+    assert (site.rate_per_s, site.burst, site.respect_dnt) == (50.0, 500, False)
+    assert site.secret not in repr(site)
+
+    assert sites.get(dsn, domain) == site
+    listed = {s.domain: s for s in sites.list(dsn)}
+    assert listed[domain].site_key == site.site_key
+    assert "secret" not in listed[domain].public_dict()
+
+    new = sites.rotate_secret(dsn, domain)
+    assert new != site.secret and re.fullmatch(r"sk_[A-Za-z0-9_-]{43}", new)
+    again = sites.get(dsn, domain)
+    assert again.secret == new and again.site_key == site.site_key and again.updated_at > site.updated_at
+
+    sites.remove(dsn, domain)
+    assert sites.get(dsn, domain) is None
+    assert domain not in {s.domain for s in sites.load_all(dsn)}
+
+
+def test_defaults_and_unique_keys(dsn):
+    a, b = (sites.add(dsn, f"s{uuid.uuid4().hex[:8]}.example.org") for _ in range(2))
+    assert a.tz == "UTC" and a.origins == () and a.rate_per_s is None and a.burst is None
+    assert a.site_key != b.site_key and a.secret != b.secret
+
+
+@pytest.mark.parametrize("kwargs, code", [
+    ({"tz": "Mars/Olympus"}, "invalid_tz"),
+    ({"tz": "../../etc/passwd"}, "invalid_tz"),
+    ({"tz": ""}, "invalid_tz"),
+    ({"origins": ["ftp://example.com"]}, "invalid_origin"),
+    ({"origins": ["https://example.com/path"]}, "invalid_origin"),
+    ({"origins": ["example.com"]}, "invalid_origin"),
+    ({"origins": ["https://user:pw@example.com"]}, "invalid_origin"),
+    ({"origins": ["https://example.com:99999"]}, "invalid_origin"),
+    ({"origins": ["https://exa mple.com"]}, "invalid_origin"),
+    ({"rate_per_s": 0}, "invalid_rate"),
+    ({"rate_per_s": float("nan")}, "invalid_rate"),
+    ({"burst": 0}, "invalid_burst"),
+])
+def test_bad_input_is_refused_and_writes_nothing(dsn, domain, kwargs, code):
+    with pytest.raises(SiteError) as info:
+        sites.add(dsn, domain, **kwargs)
+    assert info.value.code == code and info.value.message
+    assert sites.get(dsn, domain) is None
+
+
+def test_bad_domain_duplicate_and_unknown(dsn, domain):
+    with pytest.raises(SiteError) as info:
+        sites.add(dsn, "not a domain")
+    assert info.value.code == "invalid_domain"
+    sites.add(dsn, domain)
+    with pytest.raises(SiteError) as info:
+        sites.add(dsn, domain.upper())
+    assert info.value.code == "duplicate_domain"
+    other = f"x{uuid.uuid4().hex[:8]}.example.com"
+    for call in (sites.rotate_secret, sites.remove):
+        with pytest.raises(SiteError) as info:
+            call(dsn, other)
+        assert info.value.code == "unknown_domain"
+
+
+def test_schema_is_idempotent(dsn):
+    ensure_schema(dsn)
+    ensure_schema(dsn)
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT to_regclass('sites')").fetchone()[0] == "sites"
+
+
+# --- the CLI, as a user runs it ------------------------------------------------------------------
+
+def tally(dsn: str, home, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env.update(TALLY_PG_DSN=dsn, TALLY_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "tally.cli", "sites", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_cli_add_json_list_rotate_remove(dsn, domain, tmp_path):
+    out = tally(dsn, tmp_path, "add", domain, "--tz", "Asia/Kathmandu", "--origin", "https://example.com",
+                "--origin", "http://localhost:8080", "--rate", "5", "--burst", "50", "--json")
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    key_fields = [k for k in body if re.search(r"(site.?)?key$", k)]
+    assert key_fields == ["site_key"]  # a black-box check finds the key by this pattern
+    assert body["domain"] == domain and body["tz"] == "Asia/Kathmandu"
+    assert body["origins"] == ["https://example.com", "http://localhost:8080"]
+    assert (body["rate_per_s"], body["burst"]) == (5.0, 50)
+    assert re.fullmatch(r"pk_[A-Za-z0-9_-]{22}", body["site_key"])
+    assert re.fullmatch(r"sk_[A-Za-z0-9_-]{43}", body["secret"])
+    assert f'data-site="{body["site_key"]}"' in body["tag"] and "/tag.js" in body["tag"]
+    assert sites.get(dsn, domain).secret == body["secret"]
+
+    listed = tally(dsn, tmp_path, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["domain"]: r for r in json.loads(listed.stdout)}
+    assert rows[domain]["site_key"] == body["site_key"]
+    assert body["secret"] not in listed.stdout and "secret" not in rows[domain]
+    text = tally(dsn, tmp_path, "list")
+    assert domain in text.stdout and body["secret"] not in text.stdout
+
+    rotated = tally(dsn, tmp_path, "rotate-secret", domain)
+    assert rotated.returncode == 0, rotated.stderr
+    (new,) = re.findall(r"sk_[A-Za-z0-9_-]{43}", rotated.stdout)
+    assert new != body["secret"] and sites.get(dsn, domain).secret == new
+
+    removed = tally(dsn, tmp_path, "remove", domain)
+    assert removed.returncode == 0, removed.stderr
+    assert sites.get(dsn, domain) is None
+
+
+def test_cli_add_prints_key_secret_and_tag(dsn, domain, tmp_path):
+    out = tally(dsn, tmp_path, "add", domain)
+    assert out.returncode == 0, out.stderr
+    site = sites.get(dsn, domain)
+    assert site.site_key in out.stdout and site.secret in out.stdout
+    assert f'<script defer src="http://127.0.0.1:8700/tag.js" data-site="{site.site_key}"></script>' in out.stdout
+    assert f"/collect?site={site.site_key}" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("add", "{d}", "--tz", "Nowhere/Land"), "time zone"),
+    (("add", "{d}", "--origin", "ftp://x.example.com"), "origin"),
+    (("add", "{d}", "--rate", "0"), "rate"),
+    (("add", "not_a domain"), "not a valid domain"),
+    (("rotate-secret", "{d}"), "not registered"),
+    (("remove", "{d}"), "not registered"),
+])
+def test_cli_refusals_exit_non_zero_with_a_message(dsn, domain, tmp_path, args, message):
+    out = tally(dsn, tmp_path, *(a.format(d=domain) for a in args))
+    assert out.returncode == 1
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert sites.get(dsn, domain) is None
+
+
+def test_cli_duplicate_domain(dsn, domain, tmp_path):
+    assert tally(dsn, tmp_path, "add", domain).returncode == 0
+    out = tally(dsn, tmp_path, "add", domain)
+    assert out.returncode == 1 and "already registered" in out.stderr
+
+
+def test_cli_without_postgres_says_so(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env.update(TALLY_HOME=str(tmp_path))  # no TALLY_PG_DSN and no running `tally up`
+    out = subprocess.run([sys.executable, "-m", "tally.cli", "sites", "list"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "TALLY_PG_DSN" in out.stderr
+    dead = tally("postgresql://postgres@127.0.0.1:1/postgres", tmp_path, "list")
+    assert dead.returncode == 1 and "cannot reach PostgreSQL" in dead.stderr
+
+
+def test_cli_uses_a_running_tally_up(dsn, domain, tmp_path):
+    """From a second terminal: no TALLY_PG_DSN, the DSN comes from $TALLY_HOME/run/stack.json."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "stack.json").write_text(json.dumps({"pg_dsn": dsn, "collector_url": "http://127.0.0.1:9999"}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env.update(TALLY_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "tally.cli", "sites", "add", domain, "--json"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["tag"].startswith('<script defer src="http://127.0.0.1:9999/tag.js"')

@@ -22,6 +22,7 @@ log = logging.getLogger("tally")
 # Command groups that live in their own modules; each has `register(sub)` adding its subparsers with
 # `set_defaults(func=handler)`, handler(settings, args) -> exit code.
 COMMAND_MODULES = (cmd_tokens, cmd_sites, cmd_sqllog)
+ANALYST_NICE = 10  # the analyst server's CPU priority offset (see cmd_analyst_server)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -152,6 +153,9 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_analyst_server(settings: Settings, args: argparse.Namespace) -> int:
     from tally.roots import build_analyst_server, build_loader_loop
 
+    # Below everything else on the machine: an analyst query (chDB runs it in this process) yields the CPU
+    # to the collector, the API and the workers whenever they need it (ADR 10).
+    os.nice(ANALYST_NICE)
     app = build_analyst_server(settings)
     loader_thread, stop = None, threading.Event()
     if args.with_loader:

@@ -107,7 +107,7 @@ class Settings:
             spool_segment_bytes=r.integer("TALLY_SPOOL_SEGMENT_BYTES", 4 * 1024 * 1024, 4096, 1 << 30),
             spool_segment_age_s=r.number("TALLY_SPOOL_SEGMENT_AGE_S", 1.0, 0.05, 3600.0),
             sql_max_execution_s=r.integer("TALLY_SQL_MAX_EXECUTION_S", 30, 1, 3600),
-            sql_max_memory_bytes=r.integer("TALLY_SQL_MAX_MEMORY_BYTES", 2 << 30, 1 << 20, 1 << 40),
+            sql_max_memory_bytes=r.integer("TALLY_SQL_MAX_MEMORY_BYTES", 512 << 20, 1 << 20, 1 << 40),
             sql_max_result_rows=r.integer("TALLY_SQL_MAX_RESULT_ROWS", 10_000, 1, 10_000_000),
             sql_max_result_bytes=r.integer("TALLY_SQL_MAX_RESULT_BYTES", 64 << 20, 1024, 1 << 34),
             sql_max_concurrent=r.integer("TALLY_SQL_MAX_CONCURRENT", 2, 1, 64),

@@ -163,6 +163,9 @@ def _settings(client: Client, limits: SqlLimits) -> dict[str, Any]:
         "max_execution_time": limits.max_execution_s,
         "timeout_overflow_mode": "throw",
         "max_memory_usage": limits.max_memory_bytes,
+        # Big GROUP BY / ORDER BY spill to disk at half the memory cap instead of failing.
+        "max_bytes_before_external_group_by": limits.max_memory_bytes // 2,
+        "max_bytes_before_external_sort": limits.max_memory_bytes // 2,
         "max_result_rows": limits.max_result_rows,
         "max_result_bytes": limits.max_result_bytes,
         "result_overflow_mode": "throw",

@@ -202,3 +202,17 @@ def test_api_picks_the_format_from_the_query_or_accept(make_settings, servers, q
         assert bad.status_code == 400 and bad.json["error"]["code"] == "invalid_format"
     finally:
         app.extensions["tally_backends"].rollups.pool.close()
+
+
+def test_a_huge_constant_column_is_stopped_by_the_default_memory_cap_not_materialised_here(analyst_url):
+    """1,000 rows of 1 MB each once took the API to 4.87 GB RSS. ClickHouse counts a constant column once in
+    max_result_bytes, so the default memory cap (512 MiB) is what stops it, inside ClickHouse."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for fmt in ("json", "csv"):
+        status, _, body = query(analyst_url, "SELECT repeat('x', 1000000) AS s FROM numbers(1000)", fmt=fmt)
+        assert status == 400, body[:200]
+        assert json.loads(body)["error"]["code"] in ("query_failed", "result_too_large")
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 700, f"this process grew by {grown_mb:.0f} MB"

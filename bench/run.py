@@ -16,7 +16,9 @@ All floors carry the same event JSON lines (~450 bytes) the stages carry.
 STAGES run the product code: the collector (POST /collect, 1 and 50 events per
 request) under the same servers, SpoolWriter.append (1 and 100 lines per call),
 Shipper.ship_once over sealed segments, and the rollup (-> PostgreSQL) and
-loader (-> chDB) consumer loops draining the topic the shipper filled.
+loader (-> chDB) consumer loops draining the topic the shipper filled (those,
+with their store floors, are bench/workers.py, also runnable alone:
+`python -m bench.workers --quick`).
 The worker figures exclude the consumer-group join (~half the session
 timeout): they are timed from partition assignment to the end of the last
 sink write; the join time and the whole drain() wall time are in the note.
@@ -36,117 +38,45 @@ import json
 import logging
 import os
 import platform
-import random
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import urllib.error
 import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
 
+from bench.common import (HIT, PARTITIONS, RAW_TOPIC, RESULTS_DIR, SECRET, TOPIC, UA, Bench, chunks, make_events, print_table, rate, say, start_servers, topic_partitions)
 from infra.processes import free_port, spawn, stop, tcp_open, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SECRET = "bench-secret-0123456789abcdef"
-UA = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
-TOPIC, RAW_TOPIC, PARTITIONS = "tally.events", "bench.raw", 4
-HIT = {"domain": "bench.example.com", "url": "https://bench.example.com/p", "type": "impression"}
 
 F_GUNICORN, F_GRANIAN = "flask bare / gunicorn", "flask bare / granian"
 F_FSYNC1, F_FSYNC100 = "disk write+fdatasync x1", "disk write+fdatasync x100"
 F_PRODUCE, F_CONSUME = "kafka raw produce", "kafka raw consume"
-F_COPY, F_CH_INSERT = "pg raw COPY", "chdb raw insert"
 
 
-@dataclass
-class Result:
-    name: str
-    value: float | None
-    unit: str
-    floor: str | None = None  # name of the floor row this stage is compared with
-    floor_scale: int = 1  # the floor figure is multiplied by this (x50 events per request)
-    ratio: float | None = None
-    note: str = ""
-    error: str | None = None
 
 
-class Bench:
-    def __init__(self, quick: bool) -> None:
-        self.quick = quick
-        self.n = 20_000 if quick else 200_000  # events through the Kafka / store stages
-        self.n_single = 3_000 if quick else 20_000  # one-fsync-per-line writes
-        self.http_s = 5 if quick else 15
-        self.results: list[Result] = []
-
-    def add(self, name: str, value: float, unit: str, floor: str | None = None, *, scale: int = 1,
-            note: str = "") -> None:
-        self.results.append(Result(name, value, unit, floor, scale, note=note))
-        say(f"  {name}: {value:,.0f} {unit}" + (f"  ({note})" if note else ""))
-
-    def measure(self, label: str, fn: Callable[..., None], *args: object) -> bool:
-        """Run one measurement; a failure becomes an ERROR row (and a traceback on stderr), not a crash."""
-        say(f"[bench] {label} ...")
-        try:
-            fn(self, *args)
-            return True
-        except Exception as exc:  # noqa: BLE001 - report and go on with the next measurement
-            traceback.print_exc()
-            self.results.append(Result(label, None, "", error=f"{type(exc).__name__}: {exc}"[:300]))
-            return False
-
-    def resolve_ratios(self) -> None:
-        floors = {r.name: r.value for r in self.results if r.floor is None and r.value}
-        for r in self.results:
-            if r.floor and r.value is not None and floors.get(r.floor):
-                r.ratio = r.value / (floors[r.floor] * r.floor_scale)
 
 
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
-def rate(count: int, seconds: float) -> float:
-    return count / seconds if seconds > 0 else float("inf")
 
 
 # ---------------------------------------------------------------- test data
 
 
-def make_events(n: int) -> list:
-    """N valid events (40 domains, 4 partitions, ts spread over two days, some with a value)."""
-    from collector.app import classify_user_agent
-    from core.event import HitContext, Limits, event_from_hit
-
-    now = datetime.now(timezone.utc)
-    rng = random.Random(7)
-    domains = [f"site{i}.bench.example.com" for i in range(40)]
-    limits, secret, events = Limits(), SECRET.encode(), []
-    for i in range(n):
-        domain = domains[i % len(domains)]
-        body = {"domain": domain, "url": f"https://{domain}/p/{i % 100}", "type": ("impression", "pageview")[i % 2],
-                "ts": int((now - timedelta(seconds=rng.randint(0, 2 * 86_400))).timestamp() * 1000)}
-        if i % 10 == 0:
-            body["value"] = "0.25"
-        ctx = HitContext(received_at=now, user_agent=UA, client_ip=f"10.0.{i % 250}.{i % 97}")
-        events.append(event_from_hit(body, ctx, limits, secret, classify_user_agent))
-    return events
 
 
-def chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 # ---------------------------------------------------------------- disk: fsync floors and the spool
@@ -348,15 +278,6 @@ def bench_shipper(b: Bench, work: Path, lines: list[bytes], settings) -> None:  
     b.add("shipper ship_once", rate(shipped, seconds), "events/s", F_PRODUCE, note=f"{segments} segments")
 
 
-def topic_partitions(consumer, topic: str) -> list:  # noqa: ANN001 - KafkaConsumer -> [TopicPartition]
-    from kafka import TopicPartition
-
-    deadline = time.monotonic() + 30
-    while not consumer.partitions_for_topic(topic):  # None until the first metadata response
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no metadata for topic {topic}")
-        time.sleep(0.05)
-    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
 
 
 def produce_directly(_b: Bench, bootstrap: str, topic: str, events: list) -> None:
@@ -377,118 +298,12 @@ def produce_directly(_b: Bench, bootstrap: str, topic: str, events: list) -> Non
 # ---------------------------------------------------------------- stores: floors and the workers
 
 
-def bench_pg_copy(b: Bench, dsn: str, events: list) -> None:
-    import psycopg
-
-    rows = [(uuid.UUID(e.hash), e.domain, e.type, e.ts, e.value) for e in events]
-    with psycopg.connect(dsn) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS bench_copy"
-                     " (hash uuid, domain text, event_type text, ts timestamptz, value numeric(24, 6))")
-        conn.commit()
-        t0 = time.perf_counter()
-        with conn.cursor().copy("COPY bench_copy (hash, domain, event_type, ts, value) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-        conn.commit()
-        b.add(F_COPY, rate(len(rows), time.perf_counter() - t0), "rows/s", note="one COPY, durable server")
-        conn.execute("DROP TABLE bench_copy")
-
-
-CH_FLOOR_DDL = """CREATE TABLE IF NOT EXISTS bench_floor.events (
-    hash FixedString(32), domain LowCardinality(String), url String, ts DateTime64(3, 'UTC'),
-    received_at DateTime64(3, 'UTC'), type LowCardinality(String), value Nullable(Decimal(18, 6)),
-    referrer Nullable(String), user_agent Nullable(String), browser LowCardinality(Nullable(String)),
-    os LowCardinality(Nullable(String)), device LowCardinality(Nullable(String)),
-    country LowCardinality(Nullable(String)), visitor Nullable(String)
-) ENGINE = MergeTree ORDER BY (toDate(ts), domain, hash)"""
-
-
-def bench_ch_insert(b: Bench, ch_dsn: str, events: list) -> None:
-    from olap.client import connect
-    from olap.schema import EVENT_COLUMNS
-
-    client = connect(ch_dsn)  # the same cached engine the loader uses (one chDB engine per directory)
-    client.command("CREATE DATABASE IF NOT EXISTS bench_floor")
-    client.command(CH_FLOOR_DDL)
-    rows = [[e.hash, e.domain, e.url, e.ts, e.received_at, e.type, e.value, e.referrer, e.user_agent,
-             e.browser, e.os, e.device, e.country, e.visitor] for e in events]
-    client.insert("bench_floor.events", rows[:1000], column_names=EVENT_COLUMNS)  # the first insert is cold
-    t0 = time.perf_counter()
-    client.insert("bench_floor.events", rows, column_names=EVENT_COLUMNS)
-    b.add(F_CH_INSERT, rate(len(rows), time.perf_counter() - t0), "rows/s",
-          note=f"one {len(rows)}-row insert, after a warm-up insert")
-    client.command("DROP DATABASE bench_floor")
-
-
-def drain_timed(loop, n: int) -> tuple[float, str]:  # noqa: ANN001 - a workers.consumer.ConsumerLoop
-    """Drain `loop`, then close it; return (events/s from partition assignment to the last sink write, note)."""
-    marks: dict[str, float] = {}
-    seek, write = loop.seek_to_stored, loop.sink.write
-
-    def timed_seek(partitions):  # noqa: ANN001, ANN202 - runs at the end of the group join
-        seek(partitions)
-        marks.setdefault("assigned", time.perf_counter())
-
-    def timed_write(batch):  # noqa: ANN001, ANN202
-        write(batch)
-        marks["last_write"] = time.perf_counter()
-
-    loop.seek_to_stored, loop.sink.write = timed_seek, timed_write
-    t0 = time.perf_counter()
-    try:
-        loop.drain(timeout_s=600)
-        total = time.perf_counter() - t0
-    finally:
-        loop.consumer.close()
-        loop.sink.close()
-    if loop.stored_events != n or loop.stored_rejects:
-        raise RuntimeError(f"stored {loop.stored_events} events and {loop.stored_rejects} rejects, expected {n}")
-    steady = marks["last_write"] - marks["assigned"]
-    note = f"excl. {marks['assigned'] - t0:.1f}s group join; drain() total {total:.1f}s"
-    return rate(n, steady), note
-
-
-def bench_rollup(b: Bench, settings, n: int) -> None:  # noqa: ANN001
-    import psycopg
-
-    from tally.roots import build_rollup_loop
-
-    eps, note = drain_timed(build_rollup_loop(settings), n)
-    with psycopg.connect(settings.pg_dsn) as conn:
-        counted = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0]
-    if counted != n:
-        raise RuntimeError(f"rollups count {counted} events, expected {n}")
-    b.add("rollup drain -> PG", eps, "events/s", F_COPY, note=note)
-    b.add("rollup drain -> PG", eps, "events/s", F_CONSUME, note="same run, vs consume floor")
-
-
-def bench_loader(b: Bench, settings, n: int) -> None:  # noqa: ANN001
-    from olap.client import connect
-    from tally.roots import build_loader_loop
-
-    eps, note = drain_timed(build_loader_loop(settings), n)
-    counted = connect(settings.clickhouse_dsn).command(
-        f"SELECT count() FROM {settings.clickhouse_database}.events FINAL")
-    if int(counted) != n:
-        raise RuntimeError(f"ClickHouse counts {counted} events, expected {n}")
-    b.add("loader drain -> chDB", eps, "events/s", F_CH_INSERT, note=note)
-    b.add("loader drain -> chDB", eps, "events/s", F_CONSUME, note="same run, vs consume floor")
+# The worker benchmarks (rollup, loader) and their store floors live in bench/workers.py.
 
 
 # ---------------------------------------------------------------- orchestration and report
 
 
-def start_servers(_b: Bench, work: Path, cleanup: ExitStack, out: dict[str, object]) -> None:
-    from infra.broker import EmbeddedBroker
-    from infra.postgres import EmbeddedPostgres
-
-    broker = EmbeddedBroker(work / "tansu.log")
-    cleanup.callback(broker.stop)
-    broker.start()
-    postgres = EmbeddedPostgres(work / "pg" / "data", durable=True)
-    cleanup.callback(postgres.stop)
-    postgres.start()
-    out.update(bootstrap=broker.bootstrap, dsn=postgres.dsn)
 
 
 def run_all(b: Bench) -> dict[str, object]:
@@ -532,32 +347,16 @@ def run_all(b: Bench) -> dict[str, object]:
             if not shipped:
                 settings = Settings.from_env({**env, "TALLY_KAFKA_TOPIC": TOPIC + ".direct"})
             if shipped or b.measure("produce events directly", produce_directly, bootstrap, settings.topic, events):
-                b.measure(F_COPY, bench_pg_copy, dsn, events)
-                b.measure("rollup drain -> PG", bench_rollup, settings, b.n)
-                b.measure(F_CH_INSERT, bench_ch_insert, settings.clickhouse_dsn, events)
-                b.measure("loader drain -> chDB", bench_loader, settings, b.n)
+                from bench.workers import run_worker_benches  # one bench module per stage
+
+                run_worker_benches(b, settings, dsn, bootstrap, events)
         say("[bench] stopping servers ...")
     return {"events": b.n, "single_fsync_lines": b.n_single, "http_seconds": b.http_s,
             "mean_event_bytes": round(sum(map(len, lines)) / len(lines))}
 
 
-def fmt(value: float | None, digits: int = 0) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def print_table(results: list[Result]) -> None:
-    header = ("name", "figure", "unit", "floor", "ratio", "note")
-    rows = [(r.name, "ERROR" if r.error else fmt(r.value), r.unit,
-             (r.floor or "-") + (f" x{r.floor_scale}" if r.floor_scale != 1 else ""),
-             fmt(r.ratio, 2), r.error or r.note) for r in results]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(5)]
-    line = lambda row: "  ".join(  # noqa: E731
-        str(c).rjust(w) if i in (1, 4) else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))) \
-        + "  " + row[5]
-    print(line(header))
-    print("  ".join("-" * w for w in widths) + "  " + "-" * 4)
-    for row in rows:
-        print(line(row))
 
 
 def main(argv: list[str] | None = None) -> int:

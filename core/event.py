@@ -2,9 +2,9 @@
 
 Every stage imports this module. The collector builds events with
 `event_from_hit`; the spool, Kafka and both stores carry `Event.to_json()`
-bytes; consumers decode with `Event.from_json`, which re-validates so that a
-broken record on the topic is rejected with a named reason instead of being
-half-written.
+bytes; the workers decode with `decode_stored` (shape, types and store limits
+checked in C, so that a broken record on the topic is rejected with a named
+reason instead of being half-written); `Event.from_json` re-validates fully.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
 
 EVENT_TYPES = ("impression", "pageview")
@@ -136,11 +137,22 @@ class Limits:
     max_past_age: timedelta = timedelta(days=7)
 
 
-def event_hash(domain: str, client_id: str | None) -> str:
-    """Client-supplied ids hash deterministically (retries dedup); otherwise a random 128-bit id."""
+def event_hash(domain: str, client_id: str | None, *, ts: datetime | None = None, type: str | None = None,
+               url: str | None = None, value: Decimal | None = None, referrer: str | None = None) -> str:
+    """The event's unique hash (ADR 14). Without a client id: a random 128-bit id.
+
+    With a client id: a digest of the id AND everything else the client sent that is stored
+    (domain, ts to the millisecond as stored, type, url, value, referrer), all validated and
+    normalised. An exact resend (a retry) gets the same hash and is counted once by both stores;
+    the same id with any difference is a different event, in both stores.
+    """
     if client_id is None:
         return uuid.uuid4().hex
-    return hashlib.blake2b(f"{domain}\x00{client_id}".encode(), digest_size=16).hexdigest()
+    if ts is None or type is None or url is None:
+        raise TypeError("event_hash: a client id needs the event's ts, type and url")
+    content = orjson.dumps(["v2", domain, client_id, _iso(ts), type, url,
+                            None if value is None else str(value), referrer])
+    return hashlib.blake2b(content, digest_size=16).hexdigest()
 
 
 def visitor_key(key: bytes, day: str, domain: str, ip: str | None, ua: str | None) -> str | None:
@@ -179,19 +191,34 @@ def event_from_hit(body: Any, ctx: HitContext, limits: Limits, secret: bytes,
         # A retry must be the same event: without its own time it would land in another bucket/day.
         raise EventError("ts", "is required when 'id' is sent, so that retries carry the same event time")
     ts = _client_time(body.get("ts"), received, limits)
+    url = _url(body.get("url"), "url", required=True)
+    event_type = _type(body.get("type", "pageview"))
+    raw_value = body.get("value")
+    # A string value is plain ASCII decimal only (Decimal() would also take '١٢٣', '1_000', ' 1', '1e3').
+    if isinstance(raw_value, str) and not re.fullmatch(r"[0-9]{1,40}(?:\.[0-9]{1,40})?", raw_value):
+        raise EventError("value", f"{raw_value[:40]!r} is not a decimal number between 0 and {_MAX_VALUE} "
+                         "in plain ASCII digits (optionally '.' and decimals), nor a JSON number")
+    value = _value(raw_value)
+    referrer = _url(body.get("referrer"), "referrer", required=False)
+    for name, text in (("url", url), ("referrer", referrer)):
+        if text is not None and re.search(r"[\x00-\x1f\x7f-\x9f]", text):
+            raise EventError(name, "contains control characters (percent-encode them, as browsers do)")
     ua = ctx.user_agent[:_MAX_UA] if ctx.user_agent else None
     browser = os_name = device = None
     if ua and classify_ua is not None:
         browser, os_name, device = classify_ua(ua)
+        # Cut to what both stores hold (see StoredEvent): never acknowledged here and refused later.
+        browser, os_name, device = (browser or None) and browser[:64], (os_name or None) and os_name[:64], \
+            (device or None) and device[:32]
     return Event(
-        hash=event_hash(domain, client_id),
+        hash=event_hash(domain, client_id, ts=ts, type=event_type, url=url, value=value, referrer=referrer),
         domain=domain,
-        url=_url(body.get("url"), "url", required=True),
+        url=url,
         ts=ts,
         received_at=received,
-        type=_type(body.get("type", "pageview")),
-        value=_value(body.get("value")),
-        referrer=_url(body.get("referrer"), "referrer", required=False),
+        type=event_type,
+        value=value,
+        referrer=referrer,
         user_agent=ua,
         browser=browser,
         os=os_name,
@@ -211,6 +238,8 @@ def normalize_domain(value: Any) -> str:
     domain = value.strip().lower().rstrip(".")
     if not _DOMAIN_RE.match(domain) or "." not in domain and domain != "localhost":
         raise EventError("domain", f"{value[:80]!r} is not a valid host name")
+    if domain.rsplit(".", 1)[-1].isdigit():  # as in the WHATWG URL host parser: an IPv4 address
+        raise EventError("domain", f"{value[:80]!r} is an IP address; sites are registered by host name")
     return domain
 
 
@@ -267,7 +296,7 @@ def _parse_time(value: Any, name: str) -> datetime:
         if not math.isfinite(value) or not 0 <= value < 32503680000000:
             raise EventError(name, "epoch milliseconds out of range")
         return datetime.fromtimestamp(value / 1000.0, tz=timezone.utc)
-    if isinstance(value, str) and 10 <= len(value) <= 40:
+    if isinstance(value, str) and 10 <= len(value) <= 40 and value.isascii():
         try:
             dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
@@ -296,3 +325,69 @@ def _stored_time(value: Any, name: str) -> datetime:
     if not isinstance(value, str):
         raise EventError(name, "must be an ISO-8601 string")
     return _parse_time(value, name)
+
+
+# ---------------------------------------------------------------- the consumers' decoder (ADR 14)
+#
+# What the workers run on every record of the topic. It is not `Event.from_json`: the collector has
+# already made the semantic checks, so this one checks shape and types (in C, msgspec) plus what a
+# store would choke on, and names the field when it refuses. Unknown fields are ignored (newer
+# writers may add some). Both workers use it, so both set aside exactly the same records.
+
+
+def _limited(max_len: int, min_len: int = 0) -> Any:
+    return Annotated[str, msgspec.Meta(min_length=min_len, max_length=max_len)]
+
+
+class StoredEvent(msgspec.Struct, gc=False):
+    """One event as read back from the topic. `value` is a Decimal (or None) once decoded."""
+
+    v: Literal[1]
+    hash: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
+    domain: _limited(253, 1)
+    url: _limited(_MAX_URL, 1)
+    ts: Annotated[datetime, msgspec.Meta(tz=True)]
+    received_at: Annotated[datetime, msgspec.Meta(tz=True)]
+    type: Literal["impression", "pageview"]
+    value: str | int | float | None = None
+    referrer: _limited(_MAX_URL) | None = None
+    user_agent: _limited(_MAX_UA) | None = None
+    browser: _limited(64) | None = None
+    os: _limited(64) | None = None
+    device: _limited(32) | None = None
+    country: _limited(2) | None = None
+    visitor: _limited(32) | None = None
+
+
+_STORED = msgspec.json.Decoder(StoredEvent)
+# Times both stores hold: PostgreSQL timestamptz and ClickHouse DateTime64(3) (up to 2299).
+_STORE_MIN_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_STORE_MAX_TIME = datetime(2299, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
+_MISSING_RE = re.compile(r"Object missing required field `(\w+)`")
+_checked_domains: set[str] = set()  # host names already found normal: checked once per process
+
+
+def decode_stored(data: bytes) -> StoredEvent:
+    """Decode one record value for the stores; raises EventError naming the field on anything malformed."""
+    try:
+        e = _STORED.decode(data)
+    except msgspec.ValidationError as exc:
+        problem, at, where = str(exc).partition(" - at `$.")
+        field = where.rstrip("`").split("[", 1)[0].split(".", 1)[0] if at else "$"
+        missing = _MISSING_RE.match(problem)
+        raise EventError(missing.group(1) if missing and field == "$" else field, problem) from None
+    except msgspec.DecodeError as exc:
+        raise EventError("$", f"not valid JSON ({exc})") from None
+    if e.domain not in _checked_domains:
+        if normalize_domain(e.domain) != e.domain:
+            raise EventError("domain", f"{e.domain[:80]!r} is not a normalised host name")
+        if len(_checked_domains) >= 100_000:
+            _checked_domains.clear()
+        _checked_domains.add(e.domain)
+    if not _STORE_MIN_TIME <= e.ts <= _STORE_MAX_TIME:
+        raise EventError("ts", "must be between the years 1970 and 2299")
+    if not _STORE_MIN_TIME <= e.received_at <= _STORE_MAX_TIME:
+        raise EventError("received_at", "must be between the years 1970 and 2299")
+    if e.value is not None:
+        e.value = _value(e.value)
+    return e

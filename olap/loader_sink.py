@@ -10,12 +10,27 @@ hash collapses any other duplicate, which analysts never see (reads use final).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from clickhouse_connect.driver.client import Client
 
 from olap.schema import EVENT_COLUMNS
-from workers.batch import Batch, same_incarnation
+from core.batch import Batch, same_incarnation
+
+_EPOCH, _MS = datetime(1970, 1, 1, tzinfo=timezone.utc), timedelta(milliseconds=1)
+
+
+def event_columns(events: list) -> list[list]:
+    """The events as columns in EVENT_COLUMNS order; times as epoch milliseconds (DateTime64(3)).
+
+    Column-oriented with integer times is the fastest insert measured on chDB (ADR 14): no
+    per-row transposition and no per-value datetime conversion inside clickhouse-connect.
+    """
+    return [[e.hash for e in events], [e.domain for e in events], [e.url for e in events],
+            [(e.ts - _EPOCH) // _MS for e in events], [(e.received_at - _EPOCH) // _MS for e in events],
+            [e.type for e in events], [e.value for e in events], [e.referrer for e in events],
+            [e.user_agent for e in events], [e.browser for e in events], [e.os for e in events],
+            [e.device for e in events], [e.country for e in events], [e.visitor for e in events]]
 
 
 class LoaderSink:
@@ -37,9 +52,8 @@ class LoaderSink:
 
     def write(self, batch: Batch) -> None:
         if batch.events:
-            rows = [[e.hash, e.domain, e.url, e.ts, e.received_at, e.type, e.value, e.referrer, e.user_agent,
-                     e.browser, e.os, e.device, e.country, e.visitor] for e in batch.events]
-            self.client.insert(f"{self.db}.events", rows, column_names=EVENT_COLUMNS,
+            self.client.insert(f"{self.db}.events", event_columns(batch.events), column_names=EVENT_COLUMNS,
+                               column_oriented=True,
                                settings={"insert_deduplication_token": batch.token(self.group)})
         now = datetime.now(timezone.utc)
         if batch.rejected:

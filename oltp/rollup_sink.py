@@ -9,11 +9,9 @@ client retries with the same id) add nothing.
 
 from __future__ import annotations
 
-import uuid
-
 import psycopg
 
-from workers.batch import Batch, same_incarnation
+from core.batch import Batch, same_incarnation
 
 REJECTED_CAP = 10_000  # rows kept in rejected_records; older ones are pruned
 
@@ -88,8 +86,10 @@ class RollupSink:
                 if batch.events:
                     with conn.cursor().copy(
                             "COPY stage_events (hash, domain, event_type, ts, value) FROM STDIN") as copy:
+                        # hash: 32 hex digits, which uuid's text input takes as they are
+                        write_row = copy.write_row
                         for e in batch.events:
-                            copy.write_row((uuid.UUID(e.hash), e.domain, e.type, e.ts, e.value))
+                            write_row((e.hash, e.domain, e.type, e.ts, e.value))
                     conn.execute(_APPLY)
                 if batch.rejected:
                     with conn.cursor() as cur:

@@ -36,9 +36,32 @@ def test_missing_ts_defaults_to_received_time_and_epoch_ms_is_accepted():
 
 def test_client_id_makes_the_hash_deterministic_per_domain():
     ts = "2026-11-21T11:00:00Z"
-    assert hit(id="abc", ts=ts).hash == hit(id="abc", ts=ts).hash == event_hash("example.com", "abc")
-    assert hit(id="abc", ts=ts).hash != event_hash("other.com", "abc")
+    e = hit(id="abc", ts=ts)
+    assert e.hash == hit(id="abc", ts=ts).hash == event_hash(
+        "example.com", "abc", ts=e.ts, type="impression", url="https://example.com/a")
+    assert e.hash != event_hash("other.com", "abc", ts=e.ts, type="impression", url="https://example.com/a")
     assert hit().hash != hit().hash
+
+
+def test_a_client_id_hash_covers_the_whole_client_content():
+    """ADR 14: an exact resend is the same event; the same id with any other difference is another."""
+    ts = "2026-11-21T11:00:00Z"
+    base = dict(id="abc", ts=ts, value="1.5", referrer="https://r.example/")
+    same = hit(**base).hash
+    # the same content written differently is the same event (normalised before hashing)
+    assert hit(**{**base, "value": "1.500000", "ts": "2026-11-21T12:00:00+01:00"}).hash == same
+    assert hit(**{**base, "domain": "EXAMPLE.com."}).hash == same
+    assert hit(**{**base, "ts": "2026-11-21T11:00:00.0004Z"}).hash == same  # stored to the millisecond
+    for change in ({"ts": "2026-11-21T11:00:00.001Z"}, {"type": "pageview"}, {"url": "https://example.com/b"},
+                   {"value": "1.6"}, {"value": None}, {"referrer": None}, {"referrer": "https://r.example/x"},
+                   {"id": "abd"}, {"domain": "other.com"}):
+        assert hit(**{**base, **change}).hash != same, change
+    # what the collector adds itself (receive time, user agent, visitor) is not client content
+    later = HitContext(received_at=NOW + timedelta(seconds=30), user_agent="curl/8", client_ip="198.51.100.1")
+    body = {"domain": "example.com", "url": "https://example.com/a", "type": "impression", **base}
+    assert event_from_hit(body, later, Limits(), SECRET).hash == same
+    with pytest.raises(TypeError):
+        event_hash("example.com", "abc")  # a client id without its content: refused, never the old rule
 
 
 def test_json_round_trip():

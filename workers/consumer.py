@@ -5,6 +5,15 @@ retried) -> sink.write (data, rejects and offsets stored together). Offsets
 are never committed to Kafka as the source of truth: on assignment we seek to
 what the sink stored. A temporary store failure pauses the loop with backoff
 and rewinds to the stored offsets, so nothing is skipped or counted twice.
+
+Writes are pipelined one deep (ADR 14): while one writer thread stores batch N
+(in order, one at a time, each with its own offsets), the loop polls and
+decodes what follows, merging polls into the next batch while the writer is
+busy (up to `max_batch` records), so a slower store gets bigger, cheaper
+batches. A failed write is reported by the next step, which drops what it
+holds and rewinds to the stored offsets; a rebalance or a rewind first waits
+for the write in flight and drops what was not handed over; an empty poll
+(and so the end of a drain) stores everything first.
 """
 
 from __future__ import annotations
@@ -12,13 +21,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
-from core.event import Event, EventError
-from workers.batch import Batch, Rejected
+from core.event import EventError, decode_stored
+from core.batch import Batch, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +46,9 @@ class _SeekToStored(ConsumerRebalanceListener):
         self.loop = loop
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        pass  # every batch is stored before the next poll; nothing pending to flush
+        # Let the write in flight finish before another consumer reads the stored offsets. If it
+        # failed, the next step reports it and rewinds.
+        self.loop.settle()
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         try:
@@ -47,36 +59,44 @@ class _SeekToStored(ConsumerRebalanceListener):
 
 
 def decode(topic: str, topic_id: str, records: dict[TopicPartition, list]) -> Batch:
-    """Pure transform from polled records to a Batch."""
+    """Pure transform from polled records to a Batch (core.event.decode_stored on every value)."""
     batch = Batch(topic=topic, topic_id=topic_id)
+    append, rejected = batch.events.append, batch.rejected
     for tp, messages in records.items():
+        if not messages:
+            continue
+        partition = tp.partition
+        batch.first_offsets.setdefault(partition, messages[0].offset)
+        batch.next_offsets[partition] = messages[-1].offset + 1
         for msg in messages:
-            batch.first_offsets.setdefault(tp.partition, msg.offset)
-            batch.next_offsets[tp.partition] = msg.offset + 1
             try:
-                if msg.value is None:
-                    raise EventError("$", "empty record value")
-                batch.events.append(Event.from_json(msg.value))
+                append(decode_stored(msg.value))
             except EventError as exc:
-                batch.rejected.append(Rejected(tp.partition, msg.offset, str(exc), msg.value or b""))
+                rejected.append(Rejected(partition, msg.offset, str(exc), msg.value))
             except Exception as exc:  # noqa: BLE001 - a record must never stall its partition
-                batch.rejected.append(Rejected(tp.partition, msg.offset, f"undecodable: {type(exc).__name__}: {exc}",
-                                               msg.value or b""))
+                error = "$: empty record value" if msg.value is None else \
+                    f"undecodable: {type(exc).__name__}: {exc}"
+                rejected.append(Rejected(partition, msg.offset, error, msg.value or b""))
     return batch
 
 
 class ConsumerLoop:
     def __init__(self, consumer: KafkaConsumer, sink: Sink, topic: str, *,
-                 max_backoff_s: float = 10.0) -> None:
+                 max_backoff_s: float = 10.0, pipelined: bool = True, max_batch: int = 25_000) -> None:
         self.consumer = consumer
         self.sink = sink
         self.topic = topic
         self.max_backoff_s = max_backoff_s
+        self.pipelined = pipelined
+        self.max_batch = max_batch  # records per write at most (bounds memory with max_poll_records)
         self.stored_events = 0
         self.stored_rejects = 0
         self.failures = 0
         self.topic_id = ""
         self._needs_seek = False
+        self._writer: ThreadPoolExecutor | None = None
+        self._in_flight: tuple[Batch, Future] | None = None
+        self._gathering: Batch | None = None  # polled and decoded, not yet handed to the writer
 
     def subscribe(self) -> None:
         self.consumer.subscribe([self.topic], listener=_SeekToStored(self))
@@ -88,6 +108,8 @@ class ConsumerLoop:
         return str(topic_id) if topic_id else ""
 
     def seek_to_stored(self, partitions: list[TopicPartition]) -> None:
+        self.settle()  # the stored offsets must include the write in flight, if it succeeds
+        self._gathering = None  # re-read from the stored offsets instead
         self.topic_id = self.current_topic_id()
         stored = self.sink.committed(self.topic, self.topic_id, [tp.partition for tp in partitions])
         for tp in partitions:
@@ -99,23 +121,85 @@ class ConsumerLoop:
                  [tp.partition for tp in partitions], stored)
 
     def step(self, timeout_ms: int = 500) -> int:
-        """Poll once and store what came back. Returns the number of records handled."""
+        """Poll once and hand what came back to the writer. Returns the number of records handled.
+
+        Raises the failure of the previous write, if any (the records of this poll are then
+        dropped; the caller marks a rewind). Not pipelined, the batch is stored before returning.
+        """
         if self._needs_seek:
             self.seek_to_stored(sorted(self.consumer.assignment()))
             self._needs_seek = False
         records = self.consumer.poll(timeout_ms=timeout_ms)
-        if not records:
+        if self._needs_seek:  # assigned during this poll while the store was down: re-seek first
+            self._gathering = None
+            self.finish()
             return 0
-        if self._needs_seek:  # assigned during this poll while the store was down: discard, re-seek
+        if not records:
+            self.flush()
             return 0
         batch = decode(self.topic, self.topic_id, records)
-        self.sink.write(batch)
+        if self._gathering is None:
+            self._gathering = batch
+        else:
+            self._gathering.merge(batch)
+        busy = self._in_flight is not None and not self._in_flight[1].done()
+        if not busy or len(self._gathering) >= self.max_batch or not self.pipelined:
+            self._hand_over()
+        return len(batch)
+
+    def _hand_over(self) -> None:
+        self.finish()  # one write in flight at most, in log order
+        batch, self._gathering = self._gathering, None
+        if batch is None:
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.sink.name}-writer")
+        self._in_flight = (batch, self._writer.submit(self.sink.write, batch))
+        if not self.pipelined:
+            self.finish()
+
+    def flush(self) -> None:
+        """Store everything polled so far; raise the failure of any write."""
+        self._hand_over()
+        self.finish()
+
+    def finish(self) -> None:
+        """Wait for the write in flight; count it, or raise its failure (dropping what was gathered since)."""
+        if self._in_flight is None:
+            return
+        batch, future = self._in_flight
+        try:
+            future.result()
+        except BaseException:
+            self._gathering = None  # polled after the failed batch: re-read after the rewind
+            raise
+        finally:
+            self._in_flight = None
         self.stored_events += len(batch.events)
         self.stored_rejects += len(batch.rejected)
         if batch.rejected:
             log.warning("%s: rejected %d malformed records (first: %s)", self.sink.name,
                         len(batch.rejected), batch.rejected[0].error)
-        return len(batch)
+
+    def settle(self) -> None:
+        """Wait for the write in flight; a failure only marks a rewind to the stored offsets."""
+        try:
+            self.finish()
+        except Exception as exc:  # noqa: BLE001 - reported here; the rewind makes it harmless
+            self.failures += 1
+            self._needs_seek = True
+            log.error("%s: store write failed (%s: %s); resuming from stored offsets",
+                      self.sink.name, type(exc).__name__, exc)
+
+    def close(self) -> None:
+        """Wait for the write in flight, stop the writer thread, close the consumer and the sink."""
+        self.settle()
+        self._gathering = None
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        self.consumer.close()
+        self.sink.close()
 
     def run(self, stop: threading.Event, drain_on_stop_s: float = 20.0) -> None:
         """Consume until `stop` is set, then drain what is on the topic (at most `drain_on_stop_s`,
@@ -138,8 +222,7 @@ class ConsumerLoop:
             self.drain(timeout_s=drain_on_stop_s, idle_polls=1)
         except Exception as exc:  # noqa: BLE001 - stopping anyway; the stored offsets say where to resume
             log.warning("%s: could not drain before stopping (%s)", self.sink.name, exc)
-        self.consumer.close()
-        self.sink.close()
+        self.close()
 
     def drain(self, timeout_s: float = 60.0, idle_polls: int = 3) -> int:
         """Consume until `idle_polls` consecutive empty polls after reaching the log end (tests, backfills)."""
@@ -148,11 +231,12 @@ class ConsumerLoop:
         deadline = time.monotonic() + timeout_s
         handled = idle = 0
         while time.monotonic() < deadline:
-            n = self.step(timeout_ms=300)
+            n = self.step(timeout_ms=300)  # an empty poll also waits for the write in flight
             handled += n
             idle = idle + 1 if n == 0 and self.consumer.assignment() else 0
             if idle >= idle_polls and self._at_end():
                 return handled
+        self.flush()
         raise TimeoutError(f"{self.sink.name}: not drained after {timeout_s}s ({handled} records handled)")
 
     def _at_end(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.event import Event
+from core.event import StoredEvent
 
 
 def same_incarnation(stored_topic_id: str, current_topic_id: str) -> bool:
@@ -26,7 +26,7 @@ class Batch:
     # Kafka's id of this incarnation of the topic ("" if the broker has none): offsets stored with
     # one incarnation's id are never used to seek in another (a recreated topic restarts at 0).
     topic_id: str = ""
-    events: list[Event] = field(default_factory=list)
+    events: list[StoredEvent] = field(default_factory=list)  # decoded by core.event.decode_stored
     rejected: list[Rejected] = field(default_factory=list)
     # partition -> offset of the next record to read once this batch is stored
     next_offsets: dict[int, int] = field(default_factory=dict)
@@ -35,6 +35,14 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.events) + len(self.rejected)
+
+    def merge(self, later: "Batch") -> None:
+        """Append the batch polled right after this one (same topic incarnation, no seek in between)."""
+        self.events.extend(later.events)
+        self.rejected.extend(later.rejected)
+        for partition, offset in later.first_offsets.items():
+            self.first_offsets.setdefault(partition, offset)
+        self.next_offsets.update(later.next_offsets)
 
     def token(self, group: str) -> str:
         """A deterministic id for exactly this span of the log (same span -> same token)."""

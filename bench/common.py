@@ -1,0 +1,140 @@
+"""What every benchmark module shares: results, the table, event factories, the embedded servers."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SECRET = "bench-secret-0123456789abcdef"
+UA = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+TOPIC, RAW_TOPIC, PARTITIONS = "tally.events", "bench.raw", 4
+HIT = {"domain": "bench.example.com", "url": "https://bench.example.com/p", "type": "impression"}
+
+
+@dataclass
+class Result:
+    name: str
+    value: float | None
+    unit: str
+    floor: str | None = None  # name of the floor row this stage is compared with
+    floor_scale: int = 1  # the floor figure is multiplied by this (x50 events per request)
+    ratio: float | None = None
+    note: str = ""
+    error: str | None = None
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.n = 20_000 if quick else 200_000  # events through the Kafka / store stages
+        self.n_single = 3_000 if quick else 20_000  # one-fsync-per-line writes
+        self.http_s = 5 if quick else 15
+        self.results: list[Result] = []
+
+    def add(self, name: str, value: float, unit: str, floor: str | None = None, *, scale: int = 1,
+            note: str = "") -> None:
+        self.results.append(Result(name, value, unit, floor, scale, note=note))
+        say(f"  {name}: {value:,.0f} {unit}" + (f"  ({note})" if note else ""))
+
+    def measure(self, label: str, fn: Callable[..., None], *args: object) -> bool:
+        """Run one measurement; a failure becomes an ERROR row (and a traceback on stderr), not a crash."""
+        say(f"[bench] {label} ...")
+        try:
+            fn(self, *args)
+            return True
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next measurement
+            traceback.print_exc()
+            self.results.append(Result(label, None, "", error=f"{type(exc).__name__}: {exc}"[:300]))
+            return False
+
+    def resolve_ratios(self) -> None:
+        floors = {r.name: r.value for r in self.results if r.floor is None and r.value}
+        for r in self.results:
+            if r.floor and r.value is not None and floors.get(r.floor):
+                r.ratio = r.value / (floors[r.floor] * r.floor_scale)
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("inf")
+
+
+def make_events(n: int) -> list:
+    """N valid events (40 domains, 4 partitions, ts spread over two days, some with a value)."""
+    from collector.app import classify_user_agent
+    from core.event import HitContext, Limits, event_from_hit
+
+    now = datetime.now(timezone.utc)
+    rng = random.Random(7)
+    domains = [f"site{i}.bench.example.com" for i in range(40)]
+    limits, secret, events = Limits(), SECRET.encode(), []
+    for i in range(n):
+        domain = domains[i % len(domains)]
+        body = {"domain": domain, "url": f"https://{domain}/p/{i % 100}", "type": ("impression", "pageview")[i % 2],
+                "ts": int((now - timedelta(seconds=rng.randint(0, 2 * 86_400))).timestamp() * 1000)}
+        if i % 10 == 0:
+            body["value"] = "0.25"
+        ctx = HitContext(received_at=now, user_agent=UA, client_ip=f"10.0.{i % 250}.{i % 97}")
+        events.append(event_from_hit(body, ctx, limits, secret, classify_user_agent))
+    return events
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def topic_partitions(consumer, topic: str) -> list:  # noqa: ANN001 - KafkaConsumer -> [TopicPartition]
+    from kafka import TopicPartition
+
+    deadline = time.monotonic() + 30
+    while not consumer.partitions_for_topic(topic):  # None until the first metadata response
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no metadata for topic {topic}")
+        time.sleep(0.05)
+    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+
+
+def start_servers(_b: Bench, work: Path, cleanup: ExitStack, out: dict[str, object]) -> None:
+    from infra.broker import EmbeddedBroker
+    from infra.postgres import EmbeddedPostgres
+
+    broker = EmbeddedBroker(work / "tansu.log")
+    cleanup.callback(broker.stop)
+    broker.start()
+    postgres = EmbeddedPostgres(work / "pg" / "data", durable=True)
+    cleanup.callback(postgres.stop)
+    postgres.start()
+    out.update(bootstrap=broker.bootstrap, dsn=postgres.dsn)
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def print_table(results: list[Result]) -> None:
+    header = ("name", "figure", "unit", "floor", "ratio", "note")
+    rows = [(r.name, "ERROR" if r.error else fmt(r.value), r.unit,
+             (r.floor or "-") + (f" x{r.floor_scale}" if r.floor_scale != 1 else ""),
+             fmt(r.ratio, 2), r.error or r.note) for r in results]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(5)]
+    line = lambda row: "  ".join(  # noqa: E731
+        str(c).rjust(w) if i in (1, 4) else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))) \
+        + "  " + row[5]
+    print(line(header))
+    print("  ".join("-" * w for w in widths) + "  " + "-" * 4)
+    for row in rows:
+        print(line(row))

@@ -1,0 +1,348 @@
+"""Worker benchmarks: the rollup and loader consumer loops against the raw floors beneath them.
+
+Run: `python -m bench.workers [--quick] [--memory] [--profile rollup|loader]`. One run starts its
+own tansu and durable embedded PostgreSQL (chDB on disk in a temporary directory), measures,
+stops them and prints one table (also written to bench/results/workers.json).
+`python -m bench.run` runs the same measurements as part of the whole-platform table.
+
+FLOORS use no project code in the hot path, on the same events (~450-byte JSON values):
+- kafka raw consume: kafka-python, manual assign, seek_to_beginning, 5000 records per poll (the
+  workers' consumer settings), values not even parsed, on the very topic the workers drain; best
+  of 3 passes (single passes swing 80k-160k msgs/s on a 2-core box);
+- pg raw COPY: one psycopg COPY of the (hash, domain, type, ts, value) rows, built beforehand,
+  into a plain table of a durable server;
+- chdb raw insert: one clickhouse-connect insert of the pre-built columns (column_oriented,
+  DateTime64 as epoch milliseconds: the fastest form measured on chDB, see ADR 14) into a
+  MergeTree table shaped like tally.events.
+
+STAGES run the product code, built as `tally rollup-worker` / `tally loader-worker` build them
+(tally.roots), draining a topic that holds the same events (produced beforehand). They are timed
+from partition assignment to the end of the last sink write (the group join, ~half the session
+timeout, is excluded and shown in the note).
+
+RATIOS: rollup / consume floor (target >= 0.8); loader / min(consume floor, chdb floor) (target
+>= 0.8). Also rollup / COPY and loader / chdb insert, for where the time goes.
+
+--memory drains a backlog 10x the size of the main run with both workers and reports their
+peak RSS (VmHWM, reset before each drain), next to the peak for the main run's backlog: a flat
+figure means memory is bounded by the poll size, not the backlog.
+--profile runs one worker's drain under cProfile and prints the top functions (cumulative).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import json
+import logging
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable
+from contextlib import ExitStack
+from dataclasses import asdict
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from bench.common import RESULTS_DIR, Bench, make_events, print_table, rate, say, start_servers
+
+F_CONSUME, F_COPY, F_CH_INSERT = "kafka raw consume, workers' topic", "pg raw COPY", "chdb raw insert"
+F_LOADER_FLOOR = "loader floor: min(consume, chdb insert)"
+TOPIC, PARTITIONS = "tally.events", 4
+_EPOCH, _MS = datetime(1970, 1, 1, tzinfo=timezone.utc), timedelta(milliseconds=1)
+
+CH_FLOOR_DDL = """CREATE TABLE IF NOT EXISTS bench_floor.events (
+    hash FixedString(32), domain LowCardinality(String), url String, ts DateTime64(3, 'UTC'),
+    received_at DateTime64(3, 'UTC'), type LowCardinality(String), value Nullable(Decimal(18, 6)),
+    referrer Nullable(String), user_agent Nullable(String), browser LowCardinality(Nullable(String)),
+    os LowCardinality(Nullable(String)), device LowCardinality(Nullable(String)),
+    country LowCardinality(Nullable(String)), visitor Nullable(String)
+) ENGINE = MergeTree ORDER BY (toDate(ts), domain, hash)"""
+
+
+# ---------------------------------------------------------------- floors
+
+
+def bench_pg_copy(b: Bench, dsn: str, events: list) -> None:
+    import psycopg
+
+    rows = [(uuid.UUID(e.hash), e.domain, e.type, e.ts, e.value) for e in events]
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_copy"
+                     " (hash uuid, domain text, event_type text, ts timestamptz, value numeric(24, 6))")
+        conn.commit()
+        t0 = time.perf_counter()
+        with conn.cursor().copy("COPY bench_copy (hash, domain, event_type, ts, value) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        conn.commit()
+        b.add(F_COPY, rate(len(rows), time.perf_counter() - t0), "rows/s", note="one COPY, durable server")
+        conn.execute("DROP TABLE bench_copy")
+
+
+def _ms(dt: datetime) -> int:
+    return (dt - _EPOCH) // _MS
+
+
+def bench_ch_insert(b: Bench, ch_dsn: str, events: list) -> None:
+    from olap.client import connect
+    from olap.schema import EVENT_COLUMNS
+
+    client = connect(ch_dsn)  # the same cached engine the loader uses (one chDB engine per directory)
+    client.command("CREATE DATABASE IF NOT EXISTS bench_floor")
+    client.command(CH_FLOOR_DDL)
+    columns = [[e.hash for e in events], [e.domain for e in events], [e.url for e in events],
+               [_ms(e.ts) for e in events], [_ms(e.received_at) for e in events], [e.type for e in events],
+               [e.value for e in events], [e.referrer for e in events], [e.user_agent for e in events],
+               [e.browser for e in events], [e.os for e in events], [e.device for e in events],
+               [e.country for e in events], [e.visitor for e in events]]
+    warm = [c[:1000] for c in columns]
+    client.insert("bench_floor.events", warm, column_names=EVENT_COLUMNS, column_oriented=True)  # cold first insert
+    t0 = time.perf_counter()
+    client.insert("bench_floor.events", columns, column_names=EVENT_COLUMNS, column_oriented=True)
+    b.add(F_CH_INSERT, rate(len(events), time.perf_counter() - t0), "rows/s",
+          note=f"one {len(events)}-row columnar insert, after a warm-up insert")
+    client.command("DROP DATABASE bench_floor")
+
+
+def bench_consume(b: Bench, bootstrap: str, topic: str, n: int, passes: int = 3) -> None:
+    """Raw kafka-python consume of the workers' own topic (same records, same batches): best of `passes`."""
+    from kafka import KafkaConsumer
+
+    from bench.common import topic_partitions
+
+    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=None, enable_auto_commit=False,
+                             max_poll_records=5000, max_partition_fetch_bytes=4 * 1024 * 1024)
+    figures = []
+    try:
+        tps = topic_partitions(consumer, topic)
+        consumer.assign(tps)
+        for _ in range(passes):
+            consumer.seek_to_beginning(*tps)
+            got, t0, deadline = 0, time.perf_counter(), time.monotonic() + 300
+            while got < n:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"consumed {got} of {n}")
+                got += sum(len(msgs) for msgs in consumer.poll(timeout_ms=500).values())
+            figures.append(rate(got, time.perf_counter() - t0))
+    finally:
+        consumer.close()
+    b.add(F_CONSUME, max(figures), "msgs/s",
+          note=f"manual assign, 5000/poll, the workers' topic; best of {', '.join(f'{f:,.0f}' for f in figures)}")
+
+
+def produce(bootstrap: str, topic: str, records: "Iterable[tuple[bytes, bytes]]") -> int:
+    """Put (key, value) records on a fresh topic, as the shipper would (make_producer: acks=all, lz4)."""
+    from workers.kafka_io import ensure_topic, make_producer
+
+    ensure_topic([bootstrap], topic, PARTITIONS)
+    producer = make_producer([bootstrap])
+    errors: list[BaseException] = []
+    sent = 0
+    try:
+        for k, v in records:
+            producer.send(topic, key=k, value=v).add_errback(errors.append)
+            sent += 1
+            if sent % 50_000 == 0:
+                producer.flush(timeout=300)
+        producer.flush(timeout=300)
+    finally:
+        producer.close(timeout=10)
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {sent} records not acknowledged: {errors[0]!r}")
+    return sent
+
+
+# ---------------------------------------------------------------- the workers
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def drain_timed(loop, n: int, profile: bool = False) -> tuple[float, str]:  # noqa: ANN001 - a ConsumerLoop
+    """Drain `loop`, then close it; return (events/s from partition assignment to the last sink write, note)."""
+    marks: dict[str, float] = {}
+    seek, write = loop.seek_to_stored, loop.sink.write
+
+    def timed_seek(partitions):  # noqa: ANN001, ANN202 - runs at the end of the group join
+        seek(partitions)
+        marks.setdefault("assigned", time.perf_counter())
+
+    def timed_write(batch):  # noqa: ANN001, ANN202
+        write(batch)
+        marks["last_write"] = time.perf_counter()
+
+    loop.seek_to_stored, loop.sink.write = timed_seek, timed_write
+    profiler = cProfile.Profile() if profile else None
+    _reset_peak_rss()
+    start_mib = _status_kib("VmRSS") / 1024
+    t0 = time.perf_counter()
+    try:
+        if profiler:
+            profiler.enable()
+        loop.drain(timeout_s=900)
+        total = time.perf_counter() - t0
+    finally:
+        if profiler:
+            profiler.disable()
+        loop.close()
+    peak_mib = _status_kib("VmHWM") / 1024
+    if loop.stored_events != n or loop.stored_rejects:
+        raise RuntimeError(f"stored {loop.stored_events} events and {loop.stored_rejects} rejects, expected {n}")
+    if profiler:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(30)
+        out.write("\n--- by own time ---\n")
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+        print(out.getvalue(), file=sys.stderr)
+    steady = marks["last_write"] - marks["assigned"]
+    note = (f"excl. {marks['assigned'] - t0:.1f}s group join; drain() total {total:.1f}s; "
+            f"RSS {start_mib:,.0f} MiB before, peak {peak_mib:,.0f} MiB (+{peak_mib - start_mib:,.0f})")
+    return rate(n, steady), note
+
+
+def bench_rollup(b: Bench, settings, n: int, *, profile: bool = False, label: str = "rollup drain -> PG") -> None:  # noqa: ANN001
+    import psycopg
+
+    from tally.roots import build_rollup_loop
+
+    loop = build_rollup_loop(settings, group=f"rollups-{uuid.uuid4().hex[:8]}")
+    with psycopg.connect(settings.pg_dsn) as conn:
+        before = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0]
+    eps, note = drain_timed(loop, n, profile)
+    with psycopg.connect(settings.pg_dsn) as conn:
+        counted = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0] - before
+    if counted != n:
+        raise RuntimeError(f"rollups count {counted} new events, expected {n}")
+    b.add(label, eps, "events/s", F_CONSUME, note=note)
+    b.add(label, eps, "events/s", F_COPY, note="same run, vs COPY floor")
+
+
+def bench_loader(b: Bench, settings, n: int, *, profile: bool = False, label: str = "loader drain -> chDB") -> None:  # noqa: ANN001
+    from olap.client import connect
+    from tally.roots import build_loader_loop
+
+    loop = build_loader_loop(settings, group=f"loader-{uuid.uuid4().hex[:8]}")
+    client = connect(settings.clickhouse_dsn)
+    db = settings.clickhouse_database
+    before = int(client.command(f"SELECT count() FROM {db}.events FINAL"))
+    eps, note = drain_timed(loop, n, profile)
+    counted = int(client.command(f"SELECT count() FROM {db}.events FINAL")) - before
+    if counted != n:
+        raise RuntimeError(f"ClickHouse counts {counted} new events, expected {n}")
+    b.add(label, eps, "events/s", F_LOADER_FLOOR, note=note)
+    b.add(label, eps, "events/s", F_CONSUME, note="same run, vs consume floor")
+    b.add(label, eps, "events/s", F_CH_INSERT, note="same run, vs chdb insert floor")
+
+
+def add_loader_floor(b: Bench) -> None:
+    floors = {r.name: r.value for r in b.results if r.floor is None and r.value}
+    if F_CONSUME in floors and F_CH_INSERT in floors:
+        b.add(F_LOADER_FLOOR, min(floors[F_CONSUME], floors[F_CH_INSERT]), "events/s")
+
+
+def bench_memory(b: Bench, settings, events: list, factor: int) -> None:  # noqa: ANN001
+    """Both workers drain a backlog `factor` x the main run's; peak RSS is reported per worker."""
+    n = len(events) * factor
+    topic = f"{TOPIC}.x{factor}"
+    base = [e.to_json() for e in events]
+    say(f"[bench] producing a {n}-event backlog ...")
+
+    def records():
+        for i in range(n):
+            e, line = events[i % len(events)], base[i % len(events)]
+            # a fresh hash per copy, so that both stores count every one of them
+            yield e.domain.encode(), line.replace(e.hash.encode(), uuid.uuid4().hex.encode(), 1)
+
+    produce(settings.kafka_bootstrap[0], topic, records())
+    s = settings.with_overrides(topic=topic)
+    bench_rollup(b, s, n, label=f"rollup drain, {factor}x backlog")
+    bench_loader(b, s, n, label=f"loader drain, {factor}x backlog")
+
+
+def run(b: Bench, profile: str | None, memory: bool) -> dict[str, object]:
+    from core.config import Settings
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as cleanup:
+        work = Path(tempfile.mkdtemp(prefix="tally-bench-workers-"))
+        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+        say(f"[bench] building {b.n} events ...")
+        events = make_events(b.n)
+        # The bench's own heap (the events above) is not the workers': keep the cyclic GC from
+        # re-scanning it during every measurement, floors and stages alike.
+        gc.collect()
+        gc.freeze()
+        servers: dict[str, object] = {}
+        if not b.measure("start tansu + PostgreSQL", start_servers, work, cleanup, servers):
+            return {}
+        bootstrap, dsn = servers["bootstrap"], servers["dsn"]
+        settings = Settings.from_env({
+            "TALLY_HOME": str(work / "home"), "TALLY_SECRET": "bench-secret-0123456789abcdef",
+            "TALLY_SPOOL_DIR": str(work / "spool"), "TALLY_KAFKA_BOOTSTRAP": bootstrap, "TALLY_PG_DSN": dsn,
+            "TALLY_CLICKHOUSE_DSN": f"chdb://{work / 'chdb'}", "TALLY_KAFKA_TOPIC": TOPIC,
+            "TALLY_KAFKA_PARTITIONS": str(PARTITIONS), "TALLY_CONSUMER_SESSION_TIMEOUT_MS": "6000"})
+        if not b.measure("fill the topic", lambda _b: produce(bootstrap, TOPIC,
+                                                               ((e.domain.encode(), e.to_json()) for e in events))):
+            return {}
+        run_worker_benches(b, settings, dsn, bootstrap, events, profile=profile)
+        if memory:
+            b.measure("memory, 10x backlog", bench_memory, settings, events, 10)
+        say("[bench] stopping servers ...")
+    return {"events": b.n, "partitions": PARTITIONS}
+
+
+def run_worker_benches(b: Bench, settings, dsn: str, bootstrap: str, events: list, *,  # noqa: ANN001
+                       profile: str | None = None) -> None:
+    """The floors and both workers, on a topic that already holds `events` (also called by bench.run)."""
+    b.measure(F_CONSUME, bench_consume, bootstrap, settings.topic, len(events))
+    b.measure(F_COPY, bench_pg_copy, dsn, events)
+    b.measure(F_CH_INSERT, bench_ch_insert, settings.clickhouse_dsn, events)
+    add_loader_floor(b)
+    b.measure("rollup drain -> PG", lambda bb: bench_rollup(bb, settings, len(events), profile=profile == "rollup"))
+    b.measure("loader drain -> chDB", lambda bb: bench_loader(bb, settings, len(events), profile=profile == "loader"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="200k events instead of 500k (a few minutes)")
+    parser.add_argument("--n", type=int, help="number of events (overrides --quick)")
+    parser.add_argument("--memory", action="store_true", help="also drain a 10x backlog and report peak RSS")
+    parser.add_argument("--profile", choices=("rollup", "loader"), help="cProfile one worker's drain")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+
+    b = Bench(args.quick)
+    b.n = args.n or (200_000 if args.quick else 500_000)
+    started, t0 = datetime.now(timezone.utc), time.monotonic()
+    params = run(b, args.profile, args.memory)
+    b.resolve_ratios()
+    print_table(b.results)
+    report = {"mode": "quick" if args.quick else "full", "started_at": started.isoformat(timespec="seconds"),
+              "wall_s": round(time.monotonic() - t0, 1), "params": params,
+              "results": [asdict(r) for r in b.results]}
+    (RESULTS_DIR / "workers.json").write_text(json.dumps(report, indent=2) + "\n")
+    errors = sum(1 for r in b.results if r.error)
+    say(f"[bench] done in {report['wall_s']}s; {errors} error(s)")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python -m bench.run $(ARGS)
+	$(BIN)/python -m bench.collector $(ARGS)
+	$(BIN)/python -m bench.isolation $(ARGS)
 
 clean:
 	rm -rf $(VENV) .tally .pytest_cache

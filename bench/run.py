@@ -1,20 +1,19 @@
 """Throughput benchmarks for tally: each pipeline stage against the raw floor beneath it.
 
-Run: `python -m bench.run [--quick]` (needs `wrk` on PATH). One run starts its own
-servers in temporary directories (tansu, durable embedded PostgreSQL, chDB on
-disk, gunicorn / granian), measures, stops them, prints one table and writes
-the same rows to bench/results/latest.json.
+Run: `python -m bench.run [--quick]`; `make bench` runs it and then the other stage
+modules: `bench.collector` (the collector over HTTP against a bare endpoint, wrk) and
+`bench.isolation` (analyst queries against the customer API). One run starts its own
+servers in temporary directories (tansu, durable embedded PostgreSQL, chDB on disk),
+measures, stops them, prints one table and writes the same rows to
+bench/results/latest.json.
 
-FLOORS use no project code in the hot path: a bare Flask POST endpoint under
-gunicorn (sync, 2 workers) and granian (wsgi, 2 workers) driven by wrk (32
-connections, 2 threads); raw kafka-python produce (acks=all, idempotent, lz4,
-linger 5 ms) and consume (manual assign, seek_to_beginning); raw psycopg COPY
-into a plain table; one raw clickhouse-connect insert into a chDB MergeTree
-table; write + fdatasync per line and per 100 lines, on the repo's filesystem.
-All floors carry the same event JSON lines (~450 bytes) the stages carry.
+FLOORS use no project code in the hot path: raw kafka-python produce (acks=all,
+idempotent, lz4, linger 5 ms) and consume (manual assign, seek_to_beginning); raw
+psycopg COPY into a plain table; one raw clickhouse-connect insert into a chDB
+MergeTree table; write + fdatasync per line and per 100 lines, on the repo's
+filesystem. All floors carry the same event JSON lines (~450 bytes) the stages carry.
 
-STAGES run the product code: the collector (POST /collect, 1 and 50 events per
-request) under the same servers, SpoolWriter.append (1 and 100 lines per call),
+STAGES run the product code: SpoolWriter.append (1 and 100 lines per call),
 Shipper.ship_once over sealed segments, and the rollup (-> PostgreSQL) and
 loader (-> chDB) consumer loops draining the topic the shipper filled (those,
 with their store floors, are bench/workers.py, also runnable alone:
@@ -38,45 +37,25 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-import orjson
 
-from bench.common import (HIT, PARTITIONS, RAW_TOPIC, RESULTS_DIR, SECRET, TOPIC, UA, Bench, chunks, make_events, print_table, rate, say, start_servers, topic_partitions)
-from infra.processes import free_port, spawn, stop, tcp_open, wait_until
+from bench.common import (PARTITIONS, RAW_TOPIC, RESULTS_DIR, SECRET, TOPIC, Bench, chunks, make_events, print_table, rate, say, start_servers, topic_partitions)
 
 ROOT = Path(__file__).resolve().parent.parent
 
-F_GUNICORN, F_GRANIAN = "flask bare / gunicorn", "flask bare / granian"
 F_FSYNC1, F_FSYNC100 = "disk write+fdatasync x1", "disk write+fdatasync x100"
 F_PRODUCE, F_CONSUME = "kafka raw produce", "kafka raw consume"
 
 
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------- test data
-
-
-
-
 
 
 # ---------------------------------------------------------------- disk: fsync floors and the spool
@@ -113,102 +92,6 @@ def bench_disk(b: Bench, work: Path, lines: list[bytes], settings, per_call: int
 
 
 # ---------------------------------------------------------------- HTTP: wrk against gunicorn / granian
-
-WRK_LUA = """wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["User-Agent"] = "%s"
-wrk.body = [==[%s]==]
-"""
-
-
-def wrk(url: str, body: bytes, seconds: int, script: Path) -> tuple[float, str]:
-    """Run wrk (2 threads, 32 connections); return (req/s, note). Raises if >1% of answers are not 2xx."""
-    script.write_text(WRK_LUA % (UA, body.decode()))
-    argv = ["wrk", "-t2", "-c32", f"-d{seconds}s", "-s", str(script), url]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    if out.returncode != 0:
-        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip()[-500:]}")
-    m_rps = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
-    m_total = re.search(r"(\d+) requests in", out.stdout)
-    if not m_rps or not m_total:
-        raise RuntimeError(f"cannot parse wrk output:\n{out.stdout}")
-    total = int(m_total.group(1))
-    m_bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out.stdout)
-    bad = int(m_bad.group(1)) if m_bad else 0
-    if total == 0 or bad > total * 0.01:
-        raise RuntimeError(f"{bad} of {total} responses were not 2xx")
-    m_sock = re.search(r"Socket errors: (.*)", out.stdout)
-    note = f"{total} req" + (f"; socket errors: {m_sock.group(1)}" if m_sock else "")
-    return float(m_rps.group(1)), note
-
-
-def server_argv(server: str, target: str, port: int, *, factory: bool = False) -> list[str]:
-    if server == "gunicorn":  # the options the collector used before it moved to granian (ADR 4)
-        return [sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "sync",
-                "--bind", f"127.0.0.1:{port}", "--backlog", "2048", "--keep-alive", "5", "--timeout", "30",
-                target + ("()" if factory else "")]
-    granian = shutil.which("granian", path=str(Path(sys.executable).parent)) or "granian"
-    return [granian, "--interface", "wsgi", "--workers", "2", "--host", "127.0.0.1", "--port", str(port),
-            "--no-access-log", *(["--factory"] if factory else []), target]
-
-
-@contextmanager
-def http_server(argv: list[str], port: int, env: dict[str, str], log_path: Path) -> Iterator[str]:
-    proc = spawn(argv, log_path, env=env)
-    try:
-        wait_until(lambda: tcp_open("127.0.0.1", port), what=" ".join(argv[:3]), timeout=60,
-                   log_path=log_path, proc=proc)
-        yield f"http://127.0.0.1:{port}/collect"
-    finally:
-        stop(proc, timeout=20)
-
-
-def check_post(url: str, body: bytes) -> None:
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": "application/json", "User-Agent": UA})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            status, text = resp.status, resp.read()[:300]
-    except urllib.error.HTTPError as exc:
-        status, text = exc.code, exc.read()[:300]
-    if status != 202:
-        raise RuntimeError(f"POST {url} answered {status}: {text!r}")
-
-
-def bench_http_bare(b: Bench, server: str, work: Path, env: dict[str, str]) -> None:
-    port = free_port()
-    body = orjson.dumps(HIT)
-    with http_server(server_argv(server, "bench.apps:bare_app", port), port, env, work / f"{server}-bare.log") as url:
-        check_post(url, body)
-        wrk(url, body, 1, work / "warmup.lua")
-        rps, note = wrk(url, body, b.http_s, work / "bare.lua")
-    b.add(F_GUNICORN if server == "gunicorn" else F_GRANIAN, rps, "req/s", note=note)
-
-
-def bench_http_collector(b: Bench, server: str, work: Path, env: dict[str, str]) -> None:
-    port = free_port()
-    spool_dir = work / f"collector-spool-{server}"
-    env = {**env, "TALLY_HOME": str(work / "home"), "TALLY_SPOOL_DIR": str(spool_dir), "TALLY_SECRET": SECRET,
-           "TALLY_BIND_HOST": "127.0.0.1", "TALLY_COLLECTOR_PORT": str(port), "TALLY_COLLECTOR_WORKERS": "2"}
-    if server == "granian":  # exactly what ships: `tally collector` (collector/server.py)
-        argv = [sys.executable, "-m", "tally.cli", "collector"]
-    else:
-        argv = server_argv("gunicorn", "collector.wsgi:create_app_from_env", port, factory=True)
-    floor = F_GUNICORN if server == "gunicorn" else F_GRANIAN
-    one, fifty = orjson.dumps(HIT), orjson.dumps([{**HIT, "url": f"{HIT['url']}/{i}"} for i in range(50)])
-    try:
-        with http_server(argv, port, env, work / f"{server}-collector.log") as url:
-            check_post(url, one)
-            check_post(url, fifty)
-            wrk(url, one, 1, work / "warmup.lua")
-            rps, note = wrk(url, one, b.http_s, work / "one.lua")
-            b.add(f"collector / {server}, 1 ev/req", rps, "req/s", floor, note=note)
-            rps, note = wrk(url, fifty, b.http_s, work / "fifty.lua")
-            b.add(f"collector / {server}, 50 ev/req", rps * 50, "events/s", floor, scale=50, note=note)
-        spooled = sum(p.read_bytes().count(b"\n") for p in spool_dir.glob("*.*") if p.is_file())
-        b.results[-1].note += f"; {spooled} lines spooled in both runs"
-    finally:
-        shutil.rmtree(spool_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- Kafka floors and the shipper
@@ -278,8 +161,6 @@ def bench_shipper(b: Bench, work: Path, lines: list[bytes], settings) -> None:  
     b.add("shipper ship_once", rate(shipped, seconds), "events/s", F_PRODUCE, note=f"{segments} segments")
 
 
-
-
 def produce_directly(_b: Bench, bootstrap: str, topic: str, events: list) -> None:
     """Put the events on a fresh topic so the workers can be measured even when the shipper failed."""
     from workers.kafka_io import ensure_topic, make_producer
@@ -304,8 +185,6 @@ def produce_directly(_b: Bench, bootstrap: str, topic: str, events: list) -> Non
 # ---------------------------------------------------------------- orchestration and report
 
 
-
-
 def run_all(b: Bench) -> dict[str, object]:
     from core.config import Settings
 
@@ -327,11 +206,7 @@ def run_all(b: Bench) -> dict[str, object]:
         for per_call in (1, 100):
             b.measure(f"disk + spool append x{per_call}", bench_disk, disk, lines, settings, per_call)
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        for server in ("gunicorn", "granian"):
-            b.measure(f"http bare / {server}", bench_http_bare, server, work, env)
-            b.measure(f"collector / {server}", bench_http_collector, server, disk, env)
+        # The collector over HTTP is bench/collector.py; analyst isolation is bench/isolation.py.
 
         servers: dict[str, object] = {}
         if b.measure("start tansu + PostgreSQL", start_servers, work, cleanup, servers):
@@ -353,10 +228,6 @@ def run_all(b: Bench) -> dict[str, object]:
         say("[bench] stopping servers ...")
     return {"events": b.n, "single_fsync_lines": b.n_single, "http_seconds": b.http_s,
             "mean_event_bytes": round(sum(map(len, lines)) / len(lines))}
-
-
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,25 +1,31 @@
-"""The collector: `POST /collect` validates hits, checks their site keys and rate limits, stamps them,
-and spools them before answering 202."""
+"""The collector: `POST /collect` validates hits, checks their site keys, page origins and rate limits,
+stamps them, and spools them before answering 202; `GET /i.gif` does the same for one signed pixel;
+`GET /tag.js` serves the JS tag (docs/adr/0011-sites-registry.md, 0015-browser-edge.md)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import threading
+import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Any
 
-import orjson
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 
+from collector.body import ACCEPTED_TEXT, ACCEPTED_TYPES, BodyError, content_type_ok, parse_events
+from collector.edge import (GIF, TAG_CACHE_CONTROL, PixelRefusal, TagAsset, cors_headers, etag_matches,
+                            origin_allowed, pixel_event, pixel_params, preflight_headers, request_origin,
+                            unrequested_headers)
 from collector.registry import SiteRegistry
 from collector.site_limits import RefusalCounter, SiteLimiter
 from collector.spool import SpoolFull, SpoolWriter
 from core.config import Settings
 from core.http import error, install_host_check, install_json_errors, json_response
-from core.event import EventError, HitContext, Limits, event_from_hit, mac_key, normalize_domain
+from core.event import Event, EventError, HitContext, Limits, event_from_hit, mac_key, normalize_domain
+from oltp.sites import Site
 
 log = logging.getLogger(__name__)
 bp = Blueprint("collector", __name__)
@@ -66,25 +72,17 @@ def _refuse(items: list[Any] | None, reason: str, resp: Response) -> Response:
     return resp
 
 
-@bp.post("/collect")
-def collect() -> Response:
-    """Accept a batch only if every event is valid, carries a registered site key for its own domain
-    (`site` field, else `?site=`) and every site is within its rate limit; then spool it (fsync) and 202.
+def admit(items: list[Any], url_key: str | None, *, origin: str | None = None,
+          cors_origin: str | None = None) -> Response | list[Event]:
+    """The one admission path of `/collect` and `/i.gif`: every event valid, with a registered site key
+    for its own domain (`site` field, else `url_key`), every site allowing the page origin (when the
+    request has an `Origin`) and within its rate limit; then spooled (fsync). Returns the spooled events,
+    or the refusal to answer (counted; nothing of the request is written).
 
-    Refusals (nothing of the request is written): 400 invalid_event / malformed_json / empty_batch,
-    401 missing_site_key / unknown_site_key, 403 site_mismatch, 413, 415, 429 rate_limited,
-    503 registry_unavailable / spool_full (with Retry-After).
+    `origin`: the raw `Origin` header (None: not a browser's cross-origin request); `cors_origin`: its
+    normalised form when it is readable at all (None for `null` or garbage).
     """
     cfg: Settings = current_app.config["TALLY"]
-    if not request.is_json:
-        return _refuse(None, "unsupported_media_type",
-                       error(415, "unsupported_media_type", "send Content-Type: application/json"))
-    raw = request.get_data(cache=False)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return _refuse(None, "malformed_json", error(400, "malformed_json", f"body is not valid JSON: {exc}"))
-    items = body if isinstance(body, list) else [body]
     if not items:
         return _refuse(None, "empty_batch", error(400, "empty_batch", "the batch holds no events"))
     if len(items) > cfg.max_batch_events:
@@ -93,9 +91,23 @@ def collect() -> Response:
     registry: SiteRegistry = current_app.extensions["tally_registry"]
     sites = registry.snapshot()  # one consistent copy for the whole request
     if sites is None:
-        resp = error(503, "registry_unavailable", "the collector cannot read the sites registry yet; retry later")
-        resp.headers["Retry-After"] = str(max(1, math.ceil(registry.refresh_s)))
-        return _refuse(items, "registry_unavailable", resp)
+        g.tally_cors = None  # the origin cannot be checked: the answer is not readable by a page
+        return _refuse(items, "registry_unavailable", _registry_unavailable(registry))
+    if origin is not None:
+        # Before anything else: a page origin a site did not register learns nothing and writes nothing.
+        known = 0
+        for index, item in enumerate(items):
+            key = (item.get("site") if isinstance(item, dict) else None) or url_key
+            site = sites.by_key.get(key) if isinstance(key, str) else None
+            known += site is not None
+            if site is not None and not origin_allowed(cors_origin, site):
+                g.tally_cors = None
+                return _refuse(items, "origin_not_allowed", error(
+                    403, "origin_not_allowed", f"event {index}: origin {origin[:200]!r} is not registered for "
+                    f"{site.domain} (`tally sites add --origin`)", index=index, field="Origin",
+                    origin=origin[:200], domain=site.domain))
+        if known == len(items):  # every event's site registered it: every answer is the page's to read
+            g.tally_cors = cors_origin
     ctx = HitContext(
         received_at=datetime.now(timezone.utc),
         user_agent=request.headers.get("User-Agent"),
@@ -103,7 +115,6 @@ def collect() -> Response:
     )
     limits: Limits = current_app.config["TALLY_LIMITS"]
     visitor_key: bytes = current_app.config["TALLY_VISITOR_KEY"]
-    url_key = request.args.get("site")
     events = []
     for index, item in enumerate(items):
         try:
@@ -144,7 +155,140 @@ def collect() -> Response:
         resp = error(503, "spool_full", "the collector's disk is full; retry later")
         resp.headers["Retry-After"] = "30"
         return _refuse(items, "spool_full", resp)
-    return json_response({"accepted": len(events), "hashes": [e.hash for e in events]}, 202)
+    if origin is not None:
+        g.tally_cors = cors_origin  # every event's site registered this origin (checked above)
+    return events
+
+
+def _registry_unavailable(registry: SiteRegistry) -> Response:
+    resp = error(503, "registry_unavailable", "the collector cannot read the sites registry yet; retry later")
+    resp.headers["Retry-After"] = str(max(1, math.ceil(registry.refresh_s)))
+    return resp
+
+
+def _url_site(sites: Any, key: str | None) -> Site | None:
+    return sites.by_key.get(key) if sites is not None and key else None
+
+
+@bp.post("/collect", provide_automatic_options=False)
+def collect() -> Response:
+    """Accept a batch only if every event is valid, carries a registered site key for its own domain
+    (`site` field, else `?site=`), every site registered the page's `Origin` (if any) and is within its
+    rate limit; then spool it (fsync) and 202.
+
+    Bodies: `application/json` or `text/plain` (what the tag and sendBeacon send), UTF-8 JSON.
+    Refusals (nothing of the request is written): 400 invalid_event / malformed_json / invalid_encoding /
+    empty_batch, 401 missing_site_key / unknown_site_key, 403 site_mismatch / origin_not_allowed, 413,
+    415, 429 rate_limited, 503 registry_unavailable / spool_full (with Retry-After).
+    """
+    url_key = request.args.get("site")
+    origin = request.headers.get("Origin")
+    cors_origin = request_origin(origin)
+    if origin is not None:
+        # Until the events are checked, an answer is readable by the page only if the ?site= site
+        # registered its origin (so the tag can read a 400's index or a 429's Retry-After).
+        site = _url_site(current_app.extensions["tally_registry"].snapshot(), url_key)
+        g.tally_cors = cors_origin if site is not None and origin_allowed(cors_origin, site) else None
+    if not content_type_ok(request.mimetype, request.mimetype_params):
+        return _refuse(None, "unsupported_media_type",
+                       error(415, "unsupported_media_type", f"send Content-Type: {ACCEPTED_TEXT}",
+                             accepted=list(ACCEPTED_TYPES)))
+    try:
+        items = parse_events(request.get_data(cache=False))
+    except BodyError as exc:
+        return _refuse(None, exc.code, error(exc.status, exc.code, exc.message, **exc.extra))
+    result = admit(items, url_key, origin=origin, cors_origin=cors_origin)
+    if isinstance(result, Response):
+        return result
+    return json_response({"accepted": len(result), "hashes": [e.hash for e in result]}, 202)
+
+
+@bp.route("/collect", methods=["OPTIONS"])
+def preflight() -> Response:
+    """The CORS preflight of a page that sends `application/json` (the tag sends text/plain: none).
+
+    Allowed only for an origin the `?site=` site registered, for POST with at most Content-Type;
+    otherwise 403 without any CORS header. Without an Origin it is a plain OPTIONS: 204 with Allow.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        resp = Response(status=204)
+        resp.headers["Allow"] = "POST, OPTIONS"
+        return resp
+    registry: SiteRegistry = current_app.extensions["tally_registry"]
+    sites = registry.snapshot()
+    if sites is None:
+        return _registry_unavailable(registry)
+    site = _url_site(sites, request.args.get("site"))
+    if site is None or not origin_allowed(request_origin(origin), site):
+        why = "its ?site= key is not registered" if site is None else f"it is not registered for {site.domain}"
+        return error(403, "origin_not_allowed", f"origin {origin[:200]!r} may not send here: {why} "
+                     "(`tally sites add --origin`)", field="Origin", origin=origin[:200])
+    method = request.headers.get("Access-Control-Request-Method", "")
+    if method != "POST":
+        return error(403, "method_not_allowed", f"only POST may be sent, not {method[:20]!r}",
+                     field="Access-Control-Request-Method")
+    extra = unrequested_headers(request.headers.get("Access-Control-Request-Headers"))
+    if extra:
+        return error(403, "header_not_allowed", f"only Content-Type may be sent, not {extra[0][:40]!r}",
+                     field="Access-Control-Request-Headers", header=extra[0][:40])
+    resp = Response(status=204)
+    resp.headers.update(preflight_headers(request_origin(origin) or ""))
+    return resp
+
+
+@bp.after_request
+def _edge_headers(resp: Response) -> Response:
+    """/collect: Vary: Origin always, the CORS headers when the answer is the page's to read.
+    /i.gif: never cached (every fetch must reach us to count), refusals included."""
+    if request.path == "/collect":
+        resp.vary.add("Origin")
+        origin = g.pop("tally_cors", None)
+        if origin and request.method == "POST":
+            resp.headers.update(cors_headers(origin))
+    elif request.path == "/i.gif":
+        resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+@bp.get("/tag.js")
+def tag() -> Response:
+    """The JS tag: precompressed, one strong ETag per encoding, cached for an hour (ADR 15)."""
+    asset: TagAsset = current_app.extensions["tally_tag"]
+    body, etag = asset.pick(request.accept_encodings["gzip"] > 0)
+    if etag_matches(request.headers.get("If-None-Match"), etag):
+        resp = Response(status=304)
+    else:
+        resp = Response(body, status=200, content_type="text/javascript; charset=utf-8")
+        if body is asset.gzipped:
+            resp.headers["Content-Encoding"] = "gzip"
+    resp.headers["ETag"] = etag
+    resp.headers["Cache-Control"] = TAG_CACHE_CONTROL
+    resp.headers["Vary"] = "Accept-Encoding"
+    resp.headers["Access-Control-Allow-Origin"] = "*"  # a public script (lets pages use SRI / crossorigin)
+    resp.headers["Cross-Origin-Resource-Policy"] = "cross-origin"  # loadable by pages with COEP
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    return resp
+
+
+@bp.get("/i.gif")
+def pixel() -> Response:
+    """A signed pixel (core/pixel.py): one event, admitted like /collect's, answered with a 1x1 GIF once
+    it is in the spool. 400 malformed, 401 unknown key, 403 wrong domain / bad or expired signature."""
+    if request.method != "GET":  # HEAD (prefetchers, link checkers) must not count a hit
+        return error(405, "method_not_allowed", "fetch the pixel with GET")
+    registry: SiteRegistry = current_app.extensions["tally_registry"]
+    sites = registry.snapshot()
+    if sites is None:
+        return _refuse(None, "registry_unavailable", _registry_unavailable(registry))
+    try:
+        site, params = pixel_params(request.query_string, sites.by_key, time.time())
+    except PixelRefusal as exc:
+        return _refuse(None, exc.code, error(exc.status, exc.code, exc.message, field=exc.field))
+    result = admit([pixel_event(params)], site.site_key)  # the pixel is signed: no Origin check
+    if isinstance(result, Response):
+        return result
+    return Response(GIF, status=200, content_type="image/gif")
 
 
 @bp.get("/healthz")
@@ -172,6 +316,7 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
     app.extensions["tally_registry"] = registry or SiteRegistry.from_settings(settings).start()
     app.extensions["tally_limiter"] = SiteLimiter(settings.site_rate_per_s, settings.site_burst, workers=workers)
     app.extensions["tally_refusals"] = RefusalCounter()
+    app.extensions["tally_tag"] = TagAsset.load()  # read and gzip-compressed once per worker
     spool = spool or SpoolWriter(settings.spool_dir, max_bytes=settings.spool_segment_bytes,
                                  max_age_s=settings.spool_segment_age_s)
     app.extensions["tally_spool"] = spool

@@ -1,4 +1,4 @@
-"""`tally sites add|list|rotate-secret|remove`: admin commands against PostgreSQL (TALLY_PG_DSN or a running `tally up`).
+"""`tally sites add|list|rotate-secret|remove|sign-pixel`: admin commands against PostgreSQL (TALLY_PG_DSN or a running `tally up`).
 
 Exit codes: 0 done, 1 refused (duplicate domain, bad time zone or origin, unknown domain,
 PostgreSQL unreachable) with a message on stderr, 2 configuration error (from `tally.cli`).
@@ -49,6 +49,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     rm.add_argument("domain")
     rm.set_defaults(func=cmd_remove)
 
+    sign = cmds.add_parser("sign-pixel", help="print a signed pixel URL (/i.gif) for a site (README: Signed pixels)")
+    sign.add_argument("domain")
+    sign.add_argument("--url", required=True, help="the page or message the pixel counts (absolute http(s) URL)")
+    sign.add_argument("--ttl", required=True, metavar="DURATION",
+                      help="how long the URL is valid: a number with s, m, h or d (e.g. 30d)")
+    sign.add_argument("--type", default="pageview", choices=("pageview", "impression"),
+                      help="the event type (default pageview)")
+    sign.add_argument("--value", default=None, help="a decimal value for the event (optional)")
+    sign.add_argument("--referrer", default=None, help="a referrer URL for the event (optional)")
+    sign.add_argument("--collector-url", default=None, metavar="URL",
+                      help="the collector's base URL (default: the running `tally up`'s, else "
+                           "http://TALLY_BIND_HOST:TALLY_COLLECTOR_PORT)")
+    sign.add_argument("--json", action="store_true", help="print one JSON object (url, exp)")
+    sign.set_defaults(func=cmd_sign_pixel)
+
 
 def collector_url(settings: Settings) -> str:
     """The running `tally up`'s collector URL, else the one TALLY_BIND_HOST / TALLY_COLLECTOR_PORT give."""
@@ -97,7 +112,7 @@ def cmd_add(settings: Settings, args: argparse.Namespace) -> int:
         print(f"""registered {site.domain} (time zone {site.tz})
   site key  {site.site_key}      (public: goes into the page tag and every hit)
   secret    {site.secret}      (private: keep it on your server; it signs pixel URLs)
-  origins   {', '.join(site.origins) or '(none)'}
+  origins   {', '.join(site.origins) or '(none: the collector refuses the tag on any page; add --origin)'}
 
 Put this tag on your pages:
   {tag}
@@ -150,6 +165,66 @@ def cmd_remove(settings: Settings, args: argparse.Namespace) -> int:
         sites.remove(dsn, args.domain)
         print(f"removed {sites.check_domain(args.domain)}; collectors refuse its key within "
               f"{settings.registry_refresh_s:g} s")
+        return 0
+
+    return _run(settings, action)
+
+
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_TTL_S = 10 * 365 * 86400
+
+
+def parse_ttl(text: str) -> int:
+    """`30d`, `12h`, `15m`, `90s` as seconds (ASCII digits, 1 s .. 10 years); ValueError otherwise."""
+    text = text.strip()
+    unit = _TTL_UNITS.get(text[-1:])
+    digits = text[:-1]
+    if unit is None or not digits.isascii() or not digits.isdigit() or len(digits) > 9:
+        raise ValueError(f"--ttl {text!r} is not a duration like 30d, 12h, 15m or 90s")
+    seconds = int(digits) * unit
+    if not 0 < seconds <= MAX_TTL_S:
+        raise ValueError(f"--ttl {text!r} must be between 1s and 3650d")
+    return seconds
+
+
+def pixel_url(base: str, secret: str, params: dict[str, str]) -> str:
+    """`<base>/i.gif?<signed query>` (core/pixel.py's rule)."""
+    from core.pixel import signed_query
+
+    return f"{base.rstrip('/')}/i.gif?{signed_query(secret, params)}"
+
+
+def cmd_sign_pixel(settings: Settings, args: argparse.Namespace) -> int:
+    import time
+    from datetime import datetime, timezone
+
+    from core.event import EventError, HitContext, Limits, event_from_hit
+    from oltp import sites
+
+    try:
+        ttl = parse_ttl(args.ttl)
+    except ValueError as exc:
+        return _fail(str(exc))
+    base = args.collector_url or collector_url(settings)
+    if not base.startswith(("http://", "https://")) or any(c.isspace() for c in base):
+        return _fail(f"--collector-url {base!r} must be an http(s) URL")
+
+    def action(dsn: str) -> int:
+        site = sites.get(dsn, args.domain)
+        if site is None:
+            return _fail(f"{sites.check_domain(args.domain)} is not registered (see `tally sites list`)")
+        event = {"domain": site.domain, "url": args.url, "type": args.type}
+        if args.value is not None:
+            event["value"] = args.value
+        if args.referrer is not None:
+            event["referrer"] = args.referrer
+        try:  # exactly what the collector will check, so that a signed URL is never refused as invalid
+            event_from_hit(event, HitContext(received_at=datetime.now(timezone.utc)), Limits(), b"check")
+        except EventError as exc:
+            return _fail(f"--{exc.field}: {exc.problem}")
+        exp = int(time.time()) + ttl
+        url = pixel_url(base, site.secret, {"site": site.site_key, **event, "exp": str(exp)})
+        print(json.dumps({"url": url, "exp": exp}) if args.json else url)
         return 0
 
     return _run(settings, action)

@@ -76,7 +76,12 @@ def test_batch_is_spooled_whole(client, settings, domain, key):
     (b"{not json", "application/json", 400, "malformed_json"),
     (b"[]", "application/json", 400, "empty_batch"),
     (b'"just a string"', "application/json", 400, "invalid_event"),
-    (b'{"domain": "example.com"}', "text/plain", 415, "unsupported_media_type"),
+    (b'{"domain": "example.com"}', "application/xml", 415, "unsupported_media_type"),
+    (b'{"domain": "example.com"}', "text/plain; charset=ISO-8859-1", 415, "unsupported_media_type"),
+    (b'{"domain": "example.com"}', "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
+    (b'{"domain": "example.com"}', "application/ld+json", 415, "unsupported_media_type"),
+    (b'{"domain": "example.com"}', "", 415, "unsupported_media_type"),
+    (b'{"domain": "\xe9xample.com"}', "text/plain", 400, "invalid_encoding"),
     (b'{"domain": "example.com", "url": "https://example.com/", "type": 7}', "application/json", 400,
      "invalid_event"),
 ])

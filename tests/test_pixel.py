@@ -1,0 +1,228 @@
+"""Signed pixels: `GET /i.gif` (admitted like /collect, answered with a GIF) and `tally sites sign-pixel`.
+
+Real PostgreSQL for the registry, a real spool on disk; the CLI runs as a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from collector.app import create_app
+from collector.edge import GIF
+from collector.registry import SiteRegistry
+from collector.spool import SpoolWriter
+from core.event import decode_stored
+from core.pixel import signed_query
+from oltp import sites
+from tests.test_collector import spooled
+
+UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Firefox/128.0"
+
+
+@pytest.fixture()
+def spool(settings):
+    writer = SpoolWriter(settings.spool_dir, max_bytes=1 << 20, max_age_s=3600)
+    yield writer
+    writer.close()
+
+
+@pytest.fixture()
+def registry(settings):
+    reg = SiteRegistry.from_settings(settings).start(background=False)
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture()
+def app(settings, spool, registry):
+    return create_app(settings, spool, start_sealer=False, registry=registry)
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture()
+def site(settings, registry, domain):
+    s = sites.add(settings.pg_dsn, domain, rate_per_s=1, burst=3)
+    assert registry.refresh()
+    return s
+
+
+def params(s, **extra) -> dict[str, str]:
+    return {"site": s.site_key, "domain": s.domain, "url": f"https://{s.domain}/newsletter",
+            "exp": str(int(time.time()) + 3600), **extra}
+
+
+def get(client, query: str, **headers):
+    return client.get(f"/i.gif?{query}", headers={"User-Agent": UA, **headers})
+
+
+def test_a_signed_pixel_is_spooled_then_answered_with_a_gif(client, settings, site):
+    resp = get(client, signed_query(site.secret, params(site, type="impression", value="2.5",
+                                                        referrer="https://mail.example.net/")))
+    assert resp.status_code == 200, resp.data
+    assert resp.data == GIF and resp.data.startswith(b"GIF89a") and len(resp.data) == 43
+    assert resp.headers["Content-Type"] == "image/gif"
+    assert resp.headers["Cache-Control"] == "no-store"
+    (event,) = spooled(settings)
+    assert (event.domain, event.url, event.type, str(event.value), event.referrer) == \
+        (site.domain, f"https://{site.domain}/newsletter", "impression", "2.5", "https://mail.example.net/")
+    assert event.user_agent == UA and event.browser == "Firefox" and event.ts == event.received_at
+    decode_stored(event.to_json())
+
+
+def test_type_defaults_to_pageview_and_each_fetch_counts(client, settings, site):
+    query = signed_query(site.secret, params(site))
+    assert get(client, query).status_code == 200 and get(client, query).status_code == 200
+    events = spooled(settings)
+    assert [e.type for e in events] == ["pageview", "pageview"] and events[0].hash != events[1].hash
+
+
+def test_bad_signature_tampering_and_expiry_are_403_and_write_nothing(app, client, settings, site, registry):
+    good = signed_query(site.secret, params(site))
+    other = sites.add(settings.pg_dsn, "x" + site.domain)
+    assert registry.refresh()
+    cases = [
+        (good.replace("newsletter", "newsletteX"), "invalid_signature", "sig"),
+        (good.replace("&sig=", "&sig=0"), "invalid_signature", "sig"),
+        (good[:-1] + ("0" if good[-1] != "0" else "1"), "invalid_signature", "sig"),
+        (good.replace("&sig=", "&type=impression&sig="), "invalid_signature", "sig"),
+        (signed_query("sk_not-the-secret", params(site)), "invalid_signature", "sig"),
+        (signed_query(site.secret, params(site, exp=str(int(time.time()) - 5))), "invalid_signature", "exp"),
+        (signed_query(site.secret, params(site, domain=other.domain)), "site_mismatch", "domain"),
+        (signed_query(other.secret, params(site, domain=other.domain)), "site_mismatch", "domain"),
+    ]
+    for query, code, field in cases:
+        resp = get(client, query)
+        assert resp.status_code == 403, (query, resp.json)
+        assert resp.json["error"]["code"] == code and resp.json["error"]["field"] == field, query
+        assert resp.headers["Cache-Control"] == "no-store"
+    assert spooled(settings) == []
+    assert get(client, good).status_code == 200  # the untouched URL still works
+
+
+@pytest.mark.parametrize("query, field", [
+    ("", "site"),
+    ("site=a&domain=b&url=c&exp=1", "sig"),
+    ("site=a&domain=b&url=c&exp=1&sig=x&sig=y", "sig"),
+    ("site=a&domain=b&url=c&exp=1&sig=x&admin=1", "admin"),
+    ("site=a&domain=b&url=c&exp=1e9&sig=x", "exp"),
+    ("site=a&domain=b&url=c&exp=%D9%A1&sig=x", "exp"),
+    ("site=a&domain=b&url=%ff&exp=1&sig=x", "query"),
+    ("site=a&&domain=b", "query"),
+])
+def test_malformed_pixels_are_400_naming_the_parameter(client, settings, site, query, field):
+    resp = get(client, query)
+    assert resp.status_code == 400, resp.json
+    assert resp.json["error"]["code"] == "invalid_pixel" and resp.json["error"]["field"] == field
+    assert spooled(settings) == []
+
+
+def test_unknown_key_is_401(client, settings, site):
+    resp = get(client, signed_query(site.secret, params(site, site="pk_" + "z" * 22)))
+    assert resp.status_code == 401 and resp.json["error"]["field"] == "site"
+    assert spooled(settings) == []
+
+
+def test_a_signed_but_invalid_event_is_refused_like_collect(client, settings, site):
+    for extra, field in (({"url": "javascript:alert(1)"}, "url"), ({"value": "١٢٣"}, "value"),
+                         ({"type": "click"}, "type")):
+        resp = get(client, signed_query(site.secret, params(site, **extra)))
+        assert resp.status_code == 400 and resp.json["error"]["field"] == field, resp.json
+    assert spooled(settings) == []
+
+
+def test_pixels_share_the_sites_rate_limit(app, client, settings, site):
+    query = signed_query(site.secret, params(site))
+    assert [get(client, query).status_code for _ in range(4)] == [200, 200, 200, 429]
+    assert len(spooled(settings)) == 3
+    assert app.extensions["tally_refusals"].snapshot() == {(site.domain, "rate_limited"): 1}
+
+
+def test_head_counts_nothing(client, settings, site):
+    assert client.head(f"/i.gif?{signed_query(site.secret, params(site))}").status_code == 405
+    assert spooled(settings) == []
+
+
+# --- `tally sites sign-pixel` ----------------------------------------------------------------------
+
+def cli(settings, tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env.update(TALLY_PG_DSN=settings.pg_dsn, TALLY_HOME=str(tmp_path / "cli-home"))
+    return subprocess.run([sys.executable, "-m", "tally.cli", "sites", "sign-pixel", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_sign_pixel_prints_a_url_the_collector_accepts(client, settings, site, tmp_path):
+    before = int(time.time())
+    out = cli(settings, tmp_path, site.domain, "--url", f"https://{site.domain}/newsletter", "--ttl", "30d",
+              "--type", "impression")
+    assert out.returncode == 0, out.stderr
+    (url,) = re.findall(r"(?:https?://[^ ]+)?/i\.gif\?[^ \n]+", out.stdout)  # what a black-box check greps
+    assert url.startswith("http://127.0.0.1:8700/i.gif?")  # default: TALLY_BIND_HOST:TALLY_COLLECTOR_PORT
+    query = urlsplit(url).query
+    exp = int(re.search(r"exp=(\d+)", query).group(1))
+    assert before + 30 * 86400 <= exp <= int(time.time()) + 30 * 86400  # signed between the two readings
+    resp = get(client, query)
+    assert resp.status_code == 200 and resp.headers["Content-Type"] == "image/gif"
+    (event,) = spooled(settings)
+    assert event.type == "impression" and event.url == f"https://{site.domain}/newsletter"
+    tampered = get(client, query.replace("newsletter", "newsletteX"))
+    assert tampered.status_code == 403 and len(spooled(settings)) == 1
+
+
+def test_sign_pixel_collector_url_from_flag_and_running_platform(settings, site, tmp_path):
+    out = cli(settings, tmp_path, site.domain, "--url", f"https://{site.domain}/", "--ttl", "90s",
+              "--collector-url", "https://c.example.org/")
+    assert out.returncode == 0 and out.stdout.startswith("https://c.example.org/i.gif?domain="), out.stderr
+    run = tmp_path / "cli-home" / "run"
+    run.mkdir(parents=True)
+    (run / "stack.json").write_text('{"collector_url": "http://127.0.0.1:9911"}')
+    out = cli(settings, tmp_path, site.domain, "--url", f"https://{site.domain}/", "--ttl", "2h", "--json")
+    assert out.returncode == 0, out.stderr
+    assert '"url": "http://127.0.0.1:9911/i.gif?' in out.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--ttl", "30x"), "--ttl"), (("--ttl", "0d"), "--ttl"), (("--ttl", "١d"), "--ttl"), (("--ttl", "99999d"), "--ttl"),
+    (("--ttl", "1d", "--url", "ftp://x"), "--url"), (("--ttl", "1d", "--value", "1e3"), "--value"),
+])
+def test_sign_pixel_refusals(settings, site, tmp_path, args, words):
+    base = ["--url", f"https://{site.domain}/"] if "--url" not in args else []
+    out = cli(settings, tmp_path, site.domain, *base, *args)
+    assert out.returncode == 1 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert out.stdout == ""
+
+
+def test_sign_pixel_for_an_unregistered_domain(settings, tmp_path, domain):
+    out = cli(settings, tmp_path, "nobody-" + domain, "--url", "https://x.example.com/", "--ttl", "1d")
+    assert out.returncode == 1 and "not registered" in out.stderr
+
+
+def test_the_readme_example_signs_what_the_collector_verifies():
+    from pathlib import Path
+    from urllib.parse import parse_qsl
+
+    from core.pixel import check_shape, verify
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Signed pixels"):readme.index("## 4. Reading")]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")]
+    assert len(code.strip().splitlines()) <= 6
+    secret = "sk_readme-test-secret"
+    scope: dict = {}
+    exec(code.replace("b\"sk_YOUR_SECRET\"", repr(secret.encode())), scope)  # noqa: S102 (our own README)
+    query = urlsplit(scope["url"]).query
+    params = check_shape(parse_qsl(query, keep_blank_values=True, strict_parsing=True))
+    verify(secret, params, time.time())
+    assert query == signed_query(secret, {k: v for k, v in params.items() if k != "sig"})

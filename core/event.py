@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -35,6 +36,8 @@ _VALUE_QUANTUM = Decimal("0.000001")
 # `site` (the site key) is read by the collector to authenticate the event; it is not stored in it.
 _CLIENT_FIELDS = {"id", "domain", "url", "ts", "type", "value", "referrer", "site"}
 _MAX_SITE_KEY = 128
+_ASCII_DECIMAL_RE = re.compile(r"[0-9]{1,40}(?:\.[0-9]{1,40})?")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class EventError(ValueError):
@@ -147,7 +150,7 @@ def event_hash(domain: str, client_id: str | None, *, ts: datetime | None = None
     the same id with any difference is a different event, in both stores.
     """
     if client_id is None:
-        return uuid.uuid4().hex
+        return os.urandom(16).hex()  # as uuid4().hex, without building a UUID object per event
     if ts is None or type is None or url is None:
         raise TypeError("event_hash: a client id needs the event's ts, type and url")
     content = orjson.dumps(["v2", domain, client_id, _iso(ts), type, url,
@@ -155,6 +158,7 @@ def event_hash(domain: str, client_id: str | None, *, ts: datetime | None = None
     return hashlib.blake2b(content, digest_size=16).hexdigest()
 
 
+@lru_cache(maxsize=8192)  # a batch repeats it for every event (same key, day, domain, address, agent)
 def visitor_key(key: bytes, day: str, domain: str, ip: str | None, ua: str | None) -> str | None:
     """An anonymised visitor key that rotates daily; the raw IP never leaves this function.
 
@@ -176,9 +180,9 @@ def event_from_hit(body: Any, ctx: HitContext, limits: Limits, secret: bytes,
     """Validate one client hit and stamp it. Raises EventError naming the first bad field."""
     if not isinstance(body, Mapping):
         raise EventError("$", "each event must be a JSON object")
-    unknown = sorted(set(body) - _CLIENT_FIELDS)
+    unknown = body.keys() - _CLIENT_FIELDS
     if unknown:
-        raise EventError(unknown[0], f"unknown field (allowed: {', '.join(sorted(_CLIENT_FIELDS))})")
+        raise EventError(min(unknown), f"unknown field (allowed: {', '.join(sorted(_CLIENT_FIELDS))})")
     domain = normalize_domain(body.get("domain"))
     site = body.get("site")
     if site is not None and (not isinstance(site, str) or not 0 < len(site) <= _MAX_SITE_KEY):
@@ -195,13 +199,13 @@ def event_from_hit(body: Any, ctx: HitContext, limits: Limits, secret: bytes,
     event_type = _type(body.get("type", "pageview"))
     raw_value = body.get("value")
     # A string value is plain ASCII decimal only (Decimal() would also take '١٢٣', '1_000', ' 1', '1e3').
-    if isinstance(raw_value, str) and not re.fullmatch(r"[0-9]{1,40}(?:\.[0-9]{1,40})?", raw_value):
+    if isinstance(raw_value, str) and not _ASCII_DECIMAL_RE.fullmatch(raw_value):
         raise EventError("value", f"{raw_value[:40]!r} is not a decimal number between 0 and {_MAX_VALUE} "
                          "in plain ASCII digits (optionally '.' and decimals), nor a JSON number")
     value = _value(raw_value)
     referrer = _url(body.get("referrer"), "referrer", required=False)
     for name, text in (("url", url), ("referrer", referrer)):
-        if text is not None and re.search(r"[\x00-\x1f\x7f-\x9f]", text):
+        if text is not None and _CONTROL_RE.search(text):
             raise EventError(name, "contains control characters (percent-encode them, as browsers do)")
     ua = ctx.user_agent[:_MAX_UA] if ctx.user_agent else None
     browser = os_name = device = None
@@ -224,17 +228,28 @@ def event_from_hit(body: Any, ctx: HitContext, limits: Limits, secret: bytes,
         os=os_name,
         device=device,
         country=ctx.country if ctx.country and re.fullmatch(r"[A-Z]{2}", ctx.country) else None,
-        visitor=visitor_key(secret, received.strftime("%Y-%m-%d"), domain, ctx.client_ip, ua),
+        visitor=visitor_key(secret, _day(received), domain, ctx.client_ip, ua),
     )
 
 
+@lru_cache(maxsize=1024)  # the receive time repeats for every event of a request, and often as its ts
 def _iso(dt: datetime) -> str:
     return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@lru_cache(maxsize=64)
+def _day(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%d")
 
 
 def normalize_domain(value: Any) -> str:
     if not isinstance(value, str):
         raise EventError("domain", "is required and must be a string")
+    return _normal_domain(value)
+
+
+@lru_cache(maxsize=65536)  # host names repeat across events; refusals raise and are never cached
+def _normal_domain(value: str) -> str:
     domain = value.strip().lower().rstrip(".")
     if not _DOMAIN_RE.match(domain) or "." not in domain and domain != "localhost":
         raise EventError("domain", f"{value[:80]!r} is not a valid host name")

@@ -5,20 +5,24 @@ nothing here ever waits on ClickHouse but the one thread relaying an analyst's o
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
-from flask import Blueprint, Flask, Response, current_app, render_template, request
+from flask import Blueprint, Flask, Response, current_app, redirect, render_template, request
 
 from api.analyst_proxy import AnalystService, AnalystUnavailable
-from oltp.queries import GRANULARITIES, QueryError, RollupReader
+from oltp.queries import GRANULARITIES, Bucket, QueryError, RollupReader, SiteRow, Totals
 from core.event import EVENT_TYPES, EventError, normalize_domain
 from core.config import Settings
 from core.http import error, install_host_check, install_json_errors, json_response
 from api.auth import allow, current_principal, install_auth, probe, public
+from oltp import tokens
 
 bp = Blueprint("api", __name__)
 
@@ -47,27 +51,195 @@ def _parse_time(name: str, value: str | None, default: datetime) -> datetime:
     return parsed.astimezone(timezone.utc)
 
 
+def _tz_arg(args) -> ZoneInfo | Response:
+    try:
+        return ZoneInfo(args.get("tz", "UTC"))
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: 'America' is a directory, names too long
+        return error(400, "invalid_tz", f"unknown time zone {args.get('tz', '')[:64]!r}")
+
+
+def _domain_arg(domain: str) -> str | Response:
+    try:
+        return normalize_domain(domain)
+    except EventError as exc:
+        return error(400, "invalid_domain", str(exc))
+
+
+def _decimal(value: Decimal | None) -> str | None:
+    return None if value is None else f"{value:.6f}"
+
+
+def _totals_json(t: Totals) -> dict[str, Any]:
+    return {"total": t.events, "valued": t.valued, "value_sum": _decimal(t.value_sum),
+            "value_avg": _decimal(t.value_avg)}
+
+
+def _collector_url() -> str:
+    """Where pages send their hits: the host this API was reached on, with the collector's port."""
+    host = request.host
+    if host.startswith("["):
+        name = host[: host.index("]") + 1] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return f"{request.scheme}://{name}:{current_app.config['TALLY'].collector_port}"
+
+
+def _tag(site_key: str) -> str:
+    return f'<script defer src="{_collector_url()}/tag.js" data-site="{site_key}"></script>'
+
+
+@bp.get("/api/v1/domains")
+@allow("admin", "analyst", "customer")
+def list_domains() -> Response:
+    """The domains the caller may read: a customer token's own, every registered site for admins and analysts.
+    ---
+    get:
+      summary: List the caller's domains
+      description: >
+        Customers get the domains their token lists (registered or not); admins and analysts get every
+        registered site. Each registered domain carries its site key and the page tag to install; the
+        collector URL is the host this API was reached on with the collector's port (TALLY_COLLECTOR_PORT).
+      tags: [customers]
+      responses:
+        200:
+          description: the domains
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/DomainList'}
+    """
+    principal = current_principal()
+    assert principal is not None
+    reader = _backends().rollups
+    try:
+        if principal.role == "customer":
+            found = {row.domain: row for row in reader.sites(list(principal.domains))}
+            rows = [found.get(d) or SiteRow(d, "UTC", "", reader.has_events(d)) for d in principal.domains]
+        else:
+            rows = reader.sites()
+    except psycopg.OperationalError:
+        return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
+    return json_response({
+        "role": principal.role,
+        "collector_url": _collector_url(),
+        "domains": [{"domain": r.domain, "tz": r.tz, "registered": bool(r.site_key),
+                     "site_key": r.site_key or None, "tag": _tag(r.site_key) if r.site_key else None,
+                     "has_events": r.has_events} for r in rows],
+    })
+
+
+SUMMARY_PERIODS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
+
+
+@bp.get("/api/v1/domains/<domain>/summary")
+@allow("admin", "analyst", "customer", domain_arg="domain")
+def domain_summary(domain: str) -> Response:
+    """Totals of the last hour, day or week, with the previous period of the same length.
+    ---
+    get:
+      summary: Totals and the change from the previous period
+      description: >
+        The period is made of whole UTC quarter hours (the 15-minute tier) and ends with the quarter hour
+        holding `as_of`, which is still filling: it counts what has arrived so far. The previous period
+        is the same number of quarter hours just before, all complete. `change_pct` is
+        (total - previous_total) / previous_total * 100, null when the previous total is 0.
+      tags: [customers]
+      parameters:
+        - {name: last, in: query, required: false, schema: {type: string, enum: ['1h', '24h', '7d'], default: '24h'}}
+      responses:
+        200:
+          description: the summary
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/Summary'}
+    """
+    domain = _domain_arg(domain)
+    if isinstance(domain, Response):
+        return domain
+    unknown = sorted(set(request.args) - {"last"})
+    if unknown:
+        return error(400, "unknown_parameter", f"unknown query parameter {unknown[0]!r}")
+    last = request.args.get("last", "24h")
+    if last not in SUMMARY_PERIODS:
+        return error(400, "invalid_period", f"last must be one of {', '.join(SUMMARY_PERIODS)}")
+    try:
+        summary = _backends().rollups.summary(domain, SUMMARY_PERIODS[last], datetime.now(timezone.utc))
+    except psycopg.OperationalError:
+        return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
+    w = summary.window
+    metrics = {}
+    for event_type in EVENT_TYPES:
+        cur, prev = summary.current[event_type], summary.previous[event_type]
+        change = None if prev.events == 0 else round((cur.events - prev.events) / prev.events * 100, 2)
+        metrics[f"{event_type}s"] = {**_totals_json(cur), "previous_total": prev.events,
+                                     "previous_value_sum": _decimal(prev.value_sum), "change_pct": change}
+    return json_response({
+        "domain": domain, "last": last, "from": w.start.isoformat(), "to": w.end.isoformat(),
+        "as_of": w.as_of.isoformat(), "partial_bucket_start": w.partial_start.isoformat(),
+        "previous_from": w.previous_start.isoformat(), "previous_to": w.start.isoformat(),
+        "metrics": metrics,
+    })
+
+
+SERIES_FORMATS = ("json", "csv")
+CSV_COLUMNS = ("start", "end", "count", "valued", "value_sum", "length_s")
+
+
 @bp.get("/api/v1/domains/<domain>/<metric>")
 @allow("admin", "analyst", "customer", domain_arg="domain")
 def domain_series(domain: str, metric: str) -> Response:
+    """Every bucket of a range, zero-filled, in a time zone (docs/adr/0012-bucket-rule.md).
+    ---
+    get:
+      summary: Impressions or page views per bucket
+      description: >
+        Buckets start at local bucket boundaries of `tz` (days follow DST); a bucket whose length differs
+        from the nominal one (a 23- or 25-hour day, a Lord Howe half hour) carries `length_s`. `value_sum`
+        and `valued` sum the values of the events that carried one. `?format=csv` answers text/csv with a
+        header row (start, end, count, valued, value_sum, length_s) and one row per bucket.
+      tags: [customers]
+      parameters:
+        - {name: metric, in: path, required: true, schema: {type: string, enum: [impressions, pageviews]}}
+        - {name: from, in: query, required: false, description: 'ISO-8601 with offset; default: 24 hours before to',
+           schema: {type: string, format: date-time}}
+        - {name: to, in: query, required: false, description: 'ISO-8601 with offset; default: now',
+           schema: {type: string, format: date-time}}
+        - {name: granularity, in: query, required: false,
+           schema: {type: string, enum: ['15m', '1h', '1d'], default: '15m'}}
+        - {name: tz, in: query, required: false, description: IANA time zone name, schema: {type: string, default: UTC}}
+        - {name: format, in: query, required: false, schema: {type: string, enum: [json, csv], default: json}}
+      responses:
+        200:
+          description: the series
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/Series'}
+            text/csv:
+              schema: {type: string}
+        404:
+          description: unknown metric
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/Error'}
+    """
     metrics = {f"{t}s": t for t in EVENT_TYPES}  # impressions, pageviews
     if metric not in metrics:
         return error(404, "unknown_metric", f"metric must be one of {', '.join(sorted(metrics))}")
-    try:
-        domain = normalize_domain(domain)
-    except EventError as exc:
-        return error(400, "invalid_domain", str(exc))
+    domain = _domain_arg(domain)
+    if isinstance(domain, Response):
+        return domain
     args = request.args
-    unknown = sorted(set(args) - {"from", "to", "granularity", "tz"})
+    unknown = sorted(set(args) - {"from", "to", "granularity", "tz", "format"})
     if unknown:
         return error(400, "unknown_parameter", f"unknown query parameter {unknown[0]!r}")
+    fmt = args.get("format", "json")
+    if fmt not in SERIES_FORMATS:
+        return error(400, "invalid_format", f"format must be one of {', '.join(SERIES_FORMATS)}")
     granularity = args.get("granularity", "15m")
     if granularity not in GRANULARITIES:
         return error(400, "invalid_granularity", f"granularity must be one of {', '.join(GRANULARITIES)}")
-    try:
-        tz = ZoneInfo(args.get("tz", "UTC"))
-    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: 'America' is a directory, names too long
-        return error(400, "invalid_tz", f"unknown time zone {args.get('tz', '')[:64]!r}")
+    tz = _tz_arg(args)
+    if isinstance(tz, Response):
+        return tz
     now = datetime.now(timezone.utc)
     try:
         end = _parse_time("to", args.get("to"), now)
@@ -77,6 +249,10 @@ def domain_series(domain: str, metric: str) -> Response:
         return error(400, "invalid_range", str(exc))
     except psycopg.OperationalError:
         return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
+    if fmt == "csv":
+        return _series_csv(domain, metric, granularity, tz, buckets)
+    valued = sum(b.valued for b in buckets)
+    value_sum = sum((b.value_sum for b in buckets), Decimal("0.000000"))
     return json_response({
         "domain": domain,
         "metric": metric,
@@ -84,15 +260,58 @@ def domain_series(domain: str, metric: str) -> Response:
         "tz": tz.key,
         "from": start.isoformat(),
         "to": end.isoformat(),
-        "total": sum(b.count for b in buckets),
-        "buckets": [{"start": b.start.astimezone(tz).isoformat(), "count": b.count} for b in buckets],
+        **_totals_json(Totals(sum(b.count for b in buckets), valued, value_sum)),
+        "buckets": [_bucket_json(b, tz) for b in buckets],
     })
+
+
+def _bucket_json(b: Bucket, tz: ZoneInfo) -> dict[str, Any]:
+    out: dict[str, Any] = {"start": b.start.astimezone(tz).isoformat(),
+                           "end": b.end.astimezone(tz).isoformat() if b.end else None,
+                           "count": b.count, "valued": b.valued, "value_sum": _decimal(b.value_sum)}
+    if b.length_s is not None:
+        out["length_s"] = b.length_s
+    return out
+
+
+def _series_csv(domain: str, metric: str, granularity: str, tz: ZoneInfo, buckets: list[Bucket]) -> Response:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    for b in buckets:
+        row = _bucket_json(b, tz)
+        writer.writerow([row["start"], row["end"], row["count"], row["valued"], row["value_sum"],
+                         row.get("length_s", "")])
+    resp = Response(out.getvalue(), mimetype="text/csv")
+    resp.headers["Content-Disposition"] = f'attachment; filename="{domain}-{metric}-{granularity}.csv"'
+    return resp
 
 
 @bp.post("/api/v1/sql")
 @allow("admin", "analyst")
 def analyst_sql() -> Response:
-    """Relay one analyst query to the analyst server; `?format=` (or Accept) picks json, csv, tsv or jsonl."""
+    """Relay one analyst query to the analyst server; `?format=` (or Accept) picks json, csv, tsv or jsonl.
+    ---
+    post:
+      summary: Run one read-only analyst SELECT over tally.events (ClickHouse)
+      tags: [analysts]
+      parameters:
+        - {name: format, in: query, required: false, schema: {type: string, enum: [json, csv, tsv, jsonl]}}
+      requestBody:
+        required: true
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/SqlRequest'}
+      responses:
+        200:
+          description: the result; csv, tsv and jsonl stream
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/SqlResult'}
+            text/csv: {schema: {type: string}}
+            text/tab-separated-values: {schema: {type: string}}
+            application/x-ndjson: {schema: {type: string}}
+    """
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or set(body) - {"sql"} or not isinstance(body.get("sql"), str):
         return error(400, "invalid_body", 'send a JSON object {"sql": "SELECT ..."}')
@@ -130,23 +349,222 @@ def _result_format() -> str | None:
     return "json"
 
 
+# --- the dashboard: login, logout, the page ------------------------------------------------------
+
+# The pages load scripts and styles from this origin only (uPlot is vendored under /static/vendor).
+_PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+             "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+def _page(html: str, status: int = 200) -> Response:
+    resp = Response(html, status=status, mimetype="text/html")
+    resp.headers["Content-Security-Policy"] = _PAGE_CSP
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Referrer-Policy"] = "same-origin"
+    return resp
+
+
+def _session_principal():
+    """The dashboard session's principal on a public page (None: not logged in)."""
+    from api import session
+
+    if not session.has_cookie(request):
+        return None
+    return session.principal(current_app, lambda: _backends().rollups.pool)
+
+
+def _domain_hint() -> str:
+    value = request.values.get("domain", "")
+    try:
+        return normalize_domain(value) if value else ""
+    except EventError:
+        return ""
+
+
+def _login_page(message: str = "", status: int = 200) -> Response:
+    return _page(render_template("login.html", message=message, domain=_domain_hint()), status)
+
+
 @bp.get("/")
 @public
-def dashboard() -> str:
-    return render_template("dashboard.html")
+def dashboard() -> Response:
+    """The dashboard, or the login form when this browser has no valid session.
+    ---
+    get:
+      summary: The dashboard page (HTML)
+      tags: [dashboard]
+      parameters:
+        - {name: domain, in: query, required: false, schema: {type: string}}
+      responses:
+        200:
+          description: the dashboard, or the login form
+          content: {text/html: {schema: {type: string}}}
+    """
+    try:
+        principal = _session_principal()
+    except psycopg.OperationalError:
+        return _login_page("PostgreSQL is unavailable; retry shortly", 503)
+    if principal is None:
+        return _login_page()
+    return _page(render_template("dashboard.html", role=principal.role, token_id=principal.token_id))
+
+
+def _same_origin_form() -> bool:
+    """A login or logout form posted from this origin (login CSRF: a cross-site page must not log you in)."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("Origin")
+    return origin is None or origin == request.host_url.rstrip("/")
+
+
+@bp.get("/login")
+@public
+def login_form() -> Response:
+    """The login form.
+    ---
+    get:
+      summary: The login page (HTML)
+      tags: [dashboard]
+      parameters:
+        - {name: domain, in: query, required: false, schema: {type: string}}
+      responses:
+        200:
+          description: the login form
+          content: {text/html: {schema: {type: string}}}
+        303:
+          description: this browser is already logged in; redirects to the dashboard
+          headers:
+            Location: {schema: {type: string}}
+    """
+    try:
+        logged_in = _session_principal() is not None
+    except psycopg.OperationalError:
+        logged_in = False
+    if logged_in:
+        domain = _domain_hint()
+        return redirect(f"/?domain={domain}" if domain else "/", 303)
+    return _login_page()
+
+
+@bp.post("/login")
+@public
+def login() -> Response:
+    """Check a pasted token and start a session cookie that names it (api/session.py).
+    ---
+    post:
+      summary: Log in with an API token (sets the HttpOnly, SameSite=Strict session cookie)
+      tags: [dashboard]
+      requestBody:
+        required: true
+        content:
+          application/x-www-form-urlencoded:
+            schema:
+              type: object
+              properties:
+                token: {type: string}
+                domain: {type: string}
+              required: [token]
+      responses:
+        303:
+          description: logged in; redirects to the dashboard
+          headers:
+            Location: {schema: {type: string}}
+            Set-Cookie: {schema: {type: string}}
+        401:
+          description: unknown, malformed or revoked token (the login form again)
+          content: {text/html: {schema: {type: string}}}
+        403:
+          description: the form was posted from another site
+          content: {text/html: {schema: {type: string}}}
+    """
+    from api import session
+
+    if not _same_origin_form():
+        return _login_page("log in from this site's own login page", 403)
+    token = request.form.get("token", "").strip()
+    try:
+        principal = tokens.verify(_backends().rollups.pool, token) if token else None
+        if principal is not None:
+            session.start(current_app, _backends().rollups.pool, principal)
+    except psycopg.OperationalError:
+        return _login_page("PostgreSQL is unavailable; retry shortly", 503)
+    if principal is None:
+        return _login_page("that token is unknown, malformed or revoked", 401)
+    domain = _domain_hint()
+    return redirect(f"/?domain={domain}" if domain else "/", 303)
+
+
+@bp.post("/logout")
+@public
+def logout() -> Response:
+    """End this browser's session.
+    ---
+    post:
+      summary: Log out (clears the session cookie)
+      tags: [dashboard]
+      responses:
+        303:
+          description: logged out; redirects to the login page
+          headers:
+            Location: {schema: {type: string}}
+    """
+    from api import session
+
+    session.end()
+    return redirect("/login", 303)
 
 
 @bp.get("/healthz")
 @probe
 def healthz() -> Response:
+    """Liveness probe.
+    ---
+    get:
+      summary: Health probe (no token, no rate limit)
+      tags: [operations]
+      responses:
+        200:
+          description: the process answers
+          content:
+            application/json:
+              schema:
+                type: object
+                properties: {status: {type: string, const: ok}}
+                required: [status]
+    """
     return json_response({"status": "ok"})
 
 
+@bp.get("/api/v1/openapi.json")
+@public
+def openapi_document() -> Response:
+    """This API's OpenAPI 3.1 document, generated from the routes.
+    ---
+    get:
+      summary: The OpenAPI 3.1 document (public, no token needed)
+      tags: [operations]
+      responses:
+        200:
+          description: the document
+          content: {application/json: {schema: {type: object}}}
+    """
+    from api.openapi import spec_for
+
+    return json_response(spec_for(current_app))
+
+
 def create_app(settings: Settings, backends: Backends) -> Flask:
+    from api.session import install_sessions
+
     app = Flask(__name__)
     app.config["TALLY"] = settings
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     app.extensions["tally_backends"] = backends
+    if not settings.secret:
+        raise ValueError("the API needs TALLY_SECRET (it keys the dashboard's session cookies)")
+    install_sessions(app, settings.secret)
     install_host_check(app, settings.allowed_hosts)
     # Tokens live in PostgreSQL next to the rollups: the API reads them through the same pool.
     install_auth(app, lambda: backends.rollups.pool, settings.api_rate_limit)

@@ -2,7 +2,9 @@
 
 Every request to a route must carry `Authorization: Bearer <token>`, exactly that form (the scheme
 is matched case-sensitively, one space, then the token), unless the route is marked `public`
-(health checks, the dashboard page, static files). Routes declare who may call them:
+(health checks, the dashboard and login pages, static files). Without the header, the dashboard's
+session cookie (api/session.py) is accepted instead for same-origin GET/HEAD requests.
+Routes declare who may call them:
 
     @bp.get("/api/v1/domains/<domain>/<metric>")
     @allow("admin", "analyst", "customer", domain_arg="domain")   # customers: only their domains
@@ -36,6 +38,7 @@ from psycopg_pool import ConnectionPool
 
 from core.event import EventError, normalize_domain
 from core.http import error, json_response
+from api import session
 from oltp import tokens
 from oltp.tokens import Principal, verify
 
@@ -82,7 +85,7 @@ def allow(*roles: str, domain_arg: str | None = None) -> Callable[[F], F]:
 @dataclass(frozen=True, slots=True)
 class _Auth:
     principal: Principal | None
-    problem: str | None  # missing | malformed | invalid | store
+    problem: str | None  # missing | malformed | invalid | session | cookie_refused | store
 
 
 def _resolve(pool_of: Callable[[], ConnectionPool]) -> _Auth:
@@ -91,7 +94,20 @@ def _resolve(pool_of: Callable[[], ConnectionPool]) -> _Auth:
     if cached is not None:
         return cached
     header = request.headers.get("Authorization")
-    if header is None:
+    if header is None and session.has_cookie(request) and not _is_public():
+        # (Public routes - pages, static files - are limited by address: no token lookup for each file.)
+        # The dashboard's session cookie (api/session.py): GET/HEAD from the same origin only.
+        if not session.cookie_allowed(request):
+            result = _Auth(None, "cookie_refused")
+        else:
+            try:
+                principal = session.principal(current_app, pool_of)
+            except psycopg.Error as exc:
+                log.warning("session check failed, PostgreSQL error: %s", type(exc).__name__)
+                result = _Auth(None, "store")
+            else:
+                result = _Auth(principal, None if principal else "session")
+    elif header is None:
         result = _Auth(None, "missing")
     elif (match := _BEARER_RE.fullmatch(header)) is None:
         result = _Auth(None, "malformed")
@@ -128,6 +144,14 @@ def _forbidden(code: str, message: str) -> Response:
     return resp
 
 
+def declared_access(endpoint: str, view: object) -> tuple[str | frozenset[str], bool]:
+    """What a route declares, as `_enforce` reads it: ("public" or the roles, whether it is a probe).
+    For the OpenAPI document (api/openapi.py), so it cannot disagree with the checks."""
+    public_ = endpoint in _PUBLIC_ENDPOINTS or getattr(view, "tally_access", None) == "public"
+    probe_ = endpoint in _PROBE_ENDPOINTS or bool(getattr(view, "tally_probe", False))
+    return ("public" if public_ else getattr(view, "tally_access", frozenset({"admin"}))), probe_
+
+
 def _view_attr(name: str, default: object) -> object:
     view = current_app.view_functions.get(request.endpoint or "")
     return getattr(view, name, default)
@@ -151,6 +175,12 @@ def _enforce(pool_of: Callable[[], ConnectionPool]) -> Response | None:
     if auth.problem == "malformed":
         return _unauthorized("malformed_authorization",
                              "the Authorization header must be exactly 'Bearer <token>'", "invalid_request")
+    if auth.problem == "cookie_refused":
+        return _unauthorized("cookie_not_accepted", "the dashboard's session cookie is accepted for same-origin "
+                             "GET requests only; send 'Authorization: Bearer <token>'", None)
+    if auth.problem == "session":
+        return _unauthorized("invalid_session", "the dashboard session expired or its token was revoked; "
+                             "log in again at /login", "invalid_token")
     if auth.problem == "invalid":
         return _unauthorized("invalid_token", "the token is unknown, malformed or revoked", "invalid_token")
     if auth.problem == "store" or auth.principal is None:
@@ -226,7 +256,23 @@ def _no_store(resp: Response) -> Response:
 @tokens_bp.post("/api/v1/tokens")
 @allow("admin")
 def create_token() -> Response:
-    """Body {"role": ..., "domains": [...], "name": ...}; answers 201 with the token, shown only this once."""
+    """Body {"role": ..., "domains": [...], "name": ...}; answers 201 with the token, shown only this once.
+    ---
+    post:
+      summary: Create a token (admin)
+      tags: [tokens]
+      requestBody:
+        required: true
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/TokenRequest'}
+      responses:
+        201:
+          description: the new token; its secret is shown only in this answer
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/CreatedToken'}
+    """
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or set(body) - {"role", "domains", "name"}:
         return error(400, "invalid_body", 'send a JSON object {"role": "customer", "domains": ["example.com"], '
@@ -246,6 +292,18 @@ def create_token() -> Response:
 @tokens_bp.get("/api/v1/tokens")
 @allow("admin")
 def list_tokens() -> Response:
+    """Every token, without secrets.
+    ---
+    get:
+      summary: List tokens (admin)
+      tags: [tokens]
+      responses:
+        200:
+          description: every token, oldest first
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/TokenList'}
+    """
     try:
         rows = tokens.list_tokens(_pool())
     except psycopg.OperationalError:
@@ -256,6 +314,22 @@ def list_tokens() -> Response:
 @tokens_bp.delete("/api/v1/tokens/<token_id>")
 @allow("admin")
 def revoke_token(token_id: str) -> Response:
+    """Revoke a token at once.
+    ---
+    delete:
+      summary: Revoke a token (admin)
+      tags: [tokens]
+      parameters:
+        - {name: token_id, in: path, required: true, schema: {type: string, pattern: '^tok_[0-9a-f]{10}$'}}
+      responses:
+        204:
+          description: revoked (idempotent)
+        404:
+          description: no such token
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/Error'}
+    """
     try:
         found = tokens.revoke(_pool(), token_id)
     except psycopg.OperationalError:

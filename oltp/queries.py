@@ -12,10 +12,13 @@ nominal one (DST days, Lord Howe hours) say so in `Bucket.length_s`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from psycopg_pool import ConnectionPool
+
+from core.event import EVENT_TYPES
 
 GRANULARITIES = ("15m", "1h", "1d")
 NOMINAL_S = {"15m": 900, "1h": 3600, "1d": 86400}
@@ -46,6 +49,8 @@ class Bucket:
     count: int
     end: datetime | None = None  # first instant of the next bucket
     length_s: int | None = None  # set only when the bucket's length differs from the nominal one
+    valued: int = 0  # events in the bucket that carried a value
+    value_sum: Decimal = Decimal("0.000000")  # the sum of those values (exact, 6 decimal places)
 
 
 def _offset(tz: ZoneInfo, t: int) -> int:
@@ -139,7 +144,8 @@ def bucket_bounds(start: datetime, end: datetime, granularity: str, tz: ZoneInfo
 # on the primary key); width_bucket assigns each row to its bucket by binary search over the bucket
 # starts. Empty buckets are filled in Python.
 _SERIES = """
-SELECT width_bucket(r.bucket_start, %(starts)s::timestamptz[]) AS i, sum(r.events)::bigint
+SELECT width_bucket(r.bucket_start, %(starts)s::timestamptz[]) AS i, sum(r.events)::bigint,
+       sum(r.valued)::bigint, coalesce(sum(r.value_sum), 0)::numeric(24, 6)
 FROM rollup_15m r
 WHERE r.domain = %(domain)s AND r.event_type = %(type)s
   AND r.bucket_start >= %(lo)s AND r.bucket_start < %(hi)s
@@ -158,11 +164,114 @@ class RollupReader:
         starts = bounds[:-1]
         params = {"starts": starts, "domain": domain, "type": event_type, "lo": bounds[0], "hi": bounds[-1]}
         with self.pool.connection() as conn:
-            counts = dict(conn.execute(_SERIES, params).fetchall())
+            rows = {row[0]: row[1:] for row in conn.execute(_SERIES, params).fetchall()}
         nominal = NOMINAL_S[granularity]
         buckets = []
+        empty = (0, 0, Decimal("0.000000"))
         for i, (s, e) in enumerate(zip(starts, bounds[1:]), start=1):
             length = int((e - s).total_seconds())
-            buckets.append(Bucket(start=s, count=counts.get(i, 0), end=e,
-                                  length_s=None if length == nominal else length))
+            count, valued, value_sum = rows.get(i, empty)
+            buckets.append(Bucket(start=s, count=count, end=e, length_s=None if length == nominal else length,
+                                  valued=valued, value_sum=value_sum))
         return buckets
+
+    def totals(self, domain: str, start: datetime, end: datetime) -> dict[str, Totals]:
+        """Per event type, the events, valued events and value sum of rollup rows in [start, end)
+        (both on UTC quarter hours); every type of core.event.EVENT_TYPES is present, zero if none."""
+        with self.pool.connection() as conn:
+            rows = conn.execute(_TOTALS, {"domain": domain, "lo": start, "hi": end}).fetchall()
+        out = {t: Totals() for t in EVENT_TYPES}
+        for event_type, events, valued, value_sum in rows:
+            out[event_type] = Totals(events, valued, value_sum)
+        return out
+
+    def summary(self, domain: str, last_s: int, now: datetime) -> Summary:
+        """Totals of the last `last_s` seconds (the current, partial quarter hour included) and of the
+        period of the same length just before; see `summary_window`."""
+        window = summary_window(now, last_s)
+        return Summary(window, self.totals(domain, window.start, window.end),
+                       self.totals(domain, window.previous_start, window.start))
+
+    def sites(self, domains: list[str] | None = None) -> list[SiteRow]:
+        """Registered sites (all, or those among `domains`), each with whether it has any rollup row."""
+        where = "" if domains is None else " WHERE s.domain = ANY(%(domains)s)"
+        with self.pool.connection() as conn:
+            rows = conn.execute(_SITES.format(where=where), {"domains": domains or []}).fetchall()
+        return [SiteRow(*row) for row in rows]
+
+    def has_events(self, domain: str) -> bool:
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT EXISTS (SELECT 1 FROM rollup_15m WHERE domain = %s)", (domain,)).fetchone()
+        return bool(row and row[0])
+
+
+_TOTALS = """
+SELECT event_type, sum(events)::bigint, sum(valued)::bigint, coalesce(sum(value_sum), 0)::numeric(24, 6)
+FROM rollup_15m
+WHERE domain = %(domain)s AND bucket_start >= %(lo)s AND bucket_start < %(hi)s
+GROUP BY event_type
+"""
+
+_SITES = """
+SELECT s.domain, s.tz, s.site_key, EXISTS (SELECT 1 FROM rollup_15m r WHERE r.domain = s.domain)
+FROM sites s{where}
+ORDER BY s.domain
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    events: int = 0
+    valued: int = 0
+    value_sum: Decimal = Decimal("0.000000")
+
+    @property
+    def value_avg(self) -> Decimal | None:
+        """The mean value of the valued events (6 decimal places), None when none carried a value."""
+        if not self.valued:
+            return None
+        return (self.value_sum / self.valued).quantize(Decimal("0.000001"))
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryWindow:
+    start: datetime  # first instant of the period: a UTC quarter hour
+    end: datetime  # end of the current (partial) quarter hour: `as_of` lies in [end - 15 min, end)
+    as_of: datetime  # the instant the summary was taken
+    previous_start: datetime  # the previous period is [previous_start, start), of the same length
+
+    @property
+    def partial_start(self) -> datetime:
+        return self.end - timedelta(seconds=QUARTER_S)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    window: SummaryWindow
+    current: dict[str, Totals]
+    previous: dict[str, Totals]
+
+
+@dataclass(frozen=True, slots=True)
+class SiteRow:
+    domain: str
+    tz: str
+    site_key: str
+    has_events: bool
+
+
+def summary_window(now: datetime, last_s: int) -> SummaryWindow:
+    """The last `last_s` seconds as whole UTC quarter hours of the 15-minute tier, ending with the
+    quarter hour that holds `now` (still partial: it counts what has arrived so far).
+
+    `last_s` must be a positive multiple of 900. The previous period is the `last_s` seconds just
+    before, all complete; so `change` compares a period whose last quarter is still filling with a
+    complete one (the answer says how far the partial quarter has got).
+    """
+    if last_s <= 0 or last_s % QUARTER_S:
+        raise QueryError("the summary period must be a positive number of quarter hours")
+    t = int(now.timestamp())
+    end = t - t % QUARTER_S + QUARTER_S
+    start = end - last_s
+    as_dt = lambda s: datetime.fromtimestamp(s, timezone.utc)  # noqa: E731
+    return SummaryWindow(as_dt(start), as_dt(end), now.astimezone(timezone.utc), as_dt(start - last_s))

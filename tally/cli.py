@@ -14,14 +14,14 @@ from urllib.parse import urlsplit
 from collections.abc import Sequence
 
 from core.config import ConfigError, Settings
-from tally import cmd_sites, cmd_sqllog, cmd_tokens
+from tally import cmd_sites, cmd_sqllog, cmd_stats, cmd_tokens
 
 log = logging.getLogger("tally")
 
 
 # Command groups that live in their own modules; each has `register(sub)` adding its subparsers with
 # `set_defaults(func=handler)`, handler(settings, args) -> exit code.
-COMMAND_MODULES = (cmd_tokens, cmd_sites, cmd_sqllog)
+COMMAND_MODULES = (cmd_tokens, cmd_sites, cmd_sqllog, cmd_stats)
 ANALYST_NICE = 10  # the analyst server's CPU priority offset (see cmd_analyst_server)
 
 

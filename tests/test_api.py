@@ -132,10 +132,151 @@ def test_refused_statements_leave_the_shared_chdb_session_writable(api, settings
     ch.command("DROP TABLE tally.scratch_write_probe")
 
 
-def test_dashboard_page_is_served(api):
-    resp = api.get("/")
+def test_dashboard_without_a_session_is_the_login_form(api):
+    client = api.application.test_client()  # no bearer header, no cookie
+    resp = client.get("/")
+    assert resp.status_code == 200 and b'action="/login"' in resp.data and b'name="token"' in resp.data
+    assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+
+
+@pytest.mark.parametrize("template", ["dashboard.html", "login.html", "_logo.html"])
+def test_pages_load_no_script_or_style_from_another_host(template):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "api" / "templates" / template).read_text()
+    assert not re.search(r"""<script[^>]+src=["']?(https?:)?//""", text, re.I)
+    assert not re.search(r"""<link[^>]+href=["']?(https?:)?//""", text, re.I)
+    assert "https://" not in text and "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def _put_rollup(servers, domain, event_type, start, events, valued=0, value_sum=None):
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO rollup_15m (domain, event_type, bucket_start, events, valued, value_sum)"
+                     " VALUES (%s, %s, %s, %s, %s, %s)", (domain, event_type, start, events, valued, value_sum))
+
+
+def test_series_carries_values_and_the_length_of_dst_days(api, servers, domain):
+    from datetime import datetime, timezone
+
+    _put_rollup(servers, domain, "impression", datetime(2026, 3, 29, 10, 0, tzinfo=timezone.utc), 4, 2, "1.500000")
+    _put_rollup(servers, domain, "impression", datetime(2026, 3, 30, 10, 0, tzinfo=timezone.utc), 3)
+    resp = api.get(f"/api/v1/domains/{domain}/impressions", query_string={
+        "from": "2026-03-28T00:00:00+01:00", "to": "2026-03-31T00:00:00+02:00", "granularity": "1d",
+        "tz": "Europe/Berlin"})
     assert resp.status_code == 200
-    assert b"/api/v1/domains/" in resp.data and b"<svg" in resp.data
+    body = resp.json
+    assert [(b["start"], b["count"], b["valued"], b["value_sum"], b.get("length_s")) for b in body["buckets"]] == [
+        ("2026-03-28T00:00:00+01:00", 0, 0, "0.000000", None),
+        ("2026-03-29T00:00:00+01:00", 4, 2, "1.500000", 23 * 3600),  # the spring-forward day: 23 hours
+        ("2026-03-30T00:00:00+02:00", 3, 0, "0.000000", None)]
+    assert body["buckets"][1]["end"] == "2026-03-30T00:00:00+02:00"
+    assert (body["total"], body["valued"], body["value_sum"], body["value_avg"]) == (7, 2, "1.500000", "0.750000")
+
+
+def test_series_as_csv_has_a_header_and_one_row_per_bucket(api, servers, domain):
+    import csv
+    from datetime import datetime, timezone
+
+    _put_rollup(servers, domain, "pageview", datetime(2026, 10, 25, 1, 15, tzinfo=timezone.utc), 5, 1, "2.000000")
+    query = {"from": "2026-10-25T00:00:00+02:00", "to": "2026-10-26T00:00:00+01:00", "granularity": "1d",
+             "tz": "Europe/Berlin"}
+    resp = api.get(f"/api/v1/domains/{domain}/pageviews", query_string={**query, "format": "csv"})
+    assert resp.status_code == 200 and resp.mimetype == "text/csv"
+    assert f'filename="{domain}-pageviews-1d.csv"' in resp.headers["Content-Disposition"]
+    rows = list(csv.reader(resp.get_data(as_text=True).splitlines()))
+    assert rows == [["start", "end", "count", "valued", "value_sum", "length_s"],
+                    ["2026-10-25T00:00:00+02:00", "2026-10-26T00:00:00+01:00", "5", "1", "2.000000", "90000"]]
+    as_json = api.get(f"/api/v1/domains/{domain}/pageviews", query_string=query).json
+    assert len(rows) - 1 == len(as_json["buckets"])
+    bad = api.get(f"/api/v1/domains/{domain}/pageviews", query_string={**query, "format": "xml"})
+    assert bad.status_code == 400 and bad.json["error"]["code"] == "invalid_format"
+
+
+def test_domains_lists_registered_sites_for_admins_and_own_domains_for_customers(api, servers, domain):
+    from oltp import sites
+
+    site = sites.add(servers.pg_dsn, domain, tz="Asia/Kathmandu")
+    listing = api.get("/api/v1/domains")
+    assert listing.status_code == 200 and listing.json["role"] == "admin"
+    mine = {d["domain"]: d for d in listing.json["domains"]}[domain]
+    assert mine["tz"] == "Asia/Kathmandu" and mine["registered"] and mine["site_key"] == site.site_key
+    assert mine["has_events"] is False
+    assert mine["tag"] == f'<script defer src="http://localhost:8700/tag.js" data-site="{site.site_key}"></script>'
+    assert listing.json["collector_url"] == "http://localhost:8700"
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+        _, customer = tokens.create(conn, "customer", [domain, "unregistered.example.org"])
+    resp = api.get("/api/v1/domains", headers={"Authorization": f"Bearer {customer}"})
+    assert resp.status_code == 200 and resp.json["role"] == "customer"
+    assert [(d["domain"], d["registered"], d["tz"]) for d in resp.json["domains"]] == [
+        (domain, True, "Asia/Kathmandu"), ("unregistered.example.org", False, "UTC")]
+
+
+def test_login_sets_a_session_cookie_that_does_not_hold_the_token(api, servers, domain):
+    client = api.application.test_client()
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+        info, token = tokens.create(conn, "customer", [domain])
+    bad = client.post("/login", data={"token": "tly_tok_ffffffffff_" + "A" * 43})
+    assert bad.status_code == 401 and b"unknown, malformed or revoked" in bad.data
+    assert client.get_cookie("tally_session") is None
+    resp = client.post("/login", data={"token": token, "domain": domain})
+    assert resp.status_code == 303 and resp.headers["Location"] == f"/?domain={domain}"
+    set_cookie = resp.headers["Set-Cookie"]
+    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie and "Path=/" in set_cookie
+    assert "Secure" not in set_cookie  # plain http here; https requests get Secure
+    value = client.get_cookie("tally_session").value
+    app = api.application
+    decoded = app.session_interface.get_signing_serializer(app).loads(value)  # readable by anyone (signed only)
+    assert set(decoded) == {"tid", "exp", "mac"} and decoded["tid"] == info.id
+    assert token.split("_", 3)[3] not in str(decoded) and token.split("_", 3)[3] not in value
+    # the cookie reads this customer's domain (GET, same origin), and nothing else
+    assert client.get("/").status_code == 200 and b'id="chart"' in client.get("/").data
+    assert client.get(f"/api/v1/domains/{domain}/impressions").status_code == 200
+    assert client.get(f"/api/v1/domains/{domain}/summary", headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
+    other = client.get("/api/v1/domains/other.example.com/impressions")
+    assert other.status_code == 403 and other.json["error"]["code"] == "forbidden_domain"
+    # never cross-site, never for writes
+    cross = client.get(f"/api/v1/domains/{domain}/impressions", headers={"Sec-Fetch-Site": "cross-site"})
+    assert cross.status_code == 401 and cross.json["error"]["code"] == "cookie_not_accepted"
+    foreign = client.get(f"/api/v1/domains/{domain}/impressions", headers={"Origin": "https://evil.example"})
+    assert foreign.status_code == 401
+    write = client.post("/api/v1/sql", json={"sql": "SELECT 1"})
+    assert write.status_code == 401 and write.json["error"]["code"] == "cookie_not_accepted"
+    # a forged cookie for another token id is refused
+    with client.session_transaction() as sess:
+        sess["tid"] = "tok_ffffffffff"
+    assert client.get(f"/api/v1/domains/{domain}/impressions").json["error"]["code"] == "invalid_session"
+    # revoking the token ends the session at once
+    client.post("/login", data={"token": token})
+    assert client.get(f"/api/v1/domains/{domain}/impressions").status_code == 200
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+        tokens.revoke(conn, info.id)
+    assert client.get(f"/api/v1/domains/{domain}/impressions").status_code == 401
+    assert b'action="/login"' in client.get("/").data
+
+
+def test_login_from_another_site_and_logout(api, servers):
+    client = api.application.test_client()
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+        _, token = tokens.create(conn, "analyst")
+    forged = client.post("/login", data={"token": token}, headers={"Origin": "https://evil.example"})
+    assert forged.status_code == 403 and client.get_cookie("tally_session") is None
+    assert client.post("/login", data={"token": token}).status_code == 303
+    assert client.get("/api/v1/domains").status_code == 200
+    again = client.get("/login?domain=example.com")
+    assert again.status_code == 303 and again.headers["Location"] == "/?domain=example.com"
+    out = client.post("/logout")
+    assert out.status_code == 303 and out.headers["Location"] == "/login"
+    assert client.get_cookie("tally_session") is None
+    assert client.get("/api/v1/domains").status_code == 401
+
+
+def test_https_requests_get_a_secure_cookie(api, servers):
+    client = api.application.test_client()
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+        _, token = tokens.create(conn, "analyst")
+    resp = client.post("/login", data={"token": token}, base_url="https://localhost")
+    assert resp.status_code == 303 and "Secure" in resp.headers["Set-Cookie"]
 
 
 # A PostgreSQL outage answers 503: tests/test_auth.py::test_token_store_outage_is_a_503_not_a_401

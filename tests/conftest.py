@@ -106,3 +106,48 @@ def settings(make_settings) -> Settings:
 @pytest.fixture()
 def domain() -> str:
     return f"d{uuid.uuid4().hex[:10]}.example.com"
+
+
+# ---------------------------------------------------------------- the collector over Flask's test client
+# A real spool on disk and the sites-registry copy loaded from the session's PostgreSQL (refreshed by
+# hand, no thread). A module may override `settings` (e.g. a short TALLY_REGISTRY_REFRESH_S).
+
+
+@pytest.fixture()
+def spool(settings: Settings):
+    from collector.spool import SpoolWriter
+
+    writer = SpoolWriter(settings.spool_dir, max_bytes=1 << 20, max_age_s=3600)
+    yield writer
+    writer.close()
+
+
+@pytest.fixture()
+def registry(settings: Settings):
+    """The sites registry copy from the session's PostgreSQL, refreshed by hand (no thread)."""
+    from collector.registry import SiteRegistry
+
+    reg = SiteRegistry.from_settings(settings).start(background=False)
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture()
+def app(settings: Settings, spool, registry):
+    from collector.app import create_app
+
+    return create_app(settings, spool, start_sealer=False, registry=registry)
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+def register(settings: Settings, registry, domain: str, **kwargs) -> str:
+    """Register `domain` as a site (kwargs as oltp.sites.add) and refresh the collector's copy: its key."""
+    from oltp import sites
+
+    key = sites.add(settings.pg_dsn, domain, **kwargs).site_key
+    assert registry.refresh()
+    return key

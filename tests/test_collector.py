@@ -11,25 +11,9 @@ import pytest
 
 from collector import spool as spool_module
 from collector.app import create_app
-from collector.registry import SiteRegistry
 from collector.spool import SpoolWriter, read_record, recover_orphans, sealed_segments, segment_records
 from core.event import Event
 from oltp import sites
-
-
-@pytest.fixture()
-def spool(settings):
-    writer = SpoolWriter(settings.spool_dir, max_bytes=1 << 20, max_age_s=3600)
-    yield writer
-    writer.close()
-
-
-@pytest.fixture()
-def registry(settings):
-    """The sites registry copy from the session's PostgreSQL, refreshed by hand (no thread)."""
-    reg = SiteRegistry.from_settings(settings).start(background=False)
-    yield reg
-    reg.stop()
 
 
 @pytest.fixture()
@@ -38,11 +22,6 @@ def key(settings, registry, domain) -> str:
     site = sites.add(settings.pg_dsn, domain)
     assert registry.refresh()
     return site.site_key
-
-
-@pytest.fixture()
-def client(settings, spool, registry):
-    return create_app(settings, spool, start_sealer=False, registry=registry).test_client()
 
 
 def spooled(settings) -> list[Event]:

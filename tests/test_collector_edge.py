@@ -15,43 +15,13 @@ import pytest
 
 from collector.app import create_app
 from collector.registry import SiteRegistry
-from collector.spool import SpoolWriter
 from core.event import decode_stored
 from oltp import sites
+from tests.conftest import register
 from tests.test_collector import spooled
 
 ORIGIN = "https://shop.example.com"
 TAG_MIN = Path(__file__).resolve().parent.parent / "collector" / "static" / "tag.min.js"
-
-
-@pytest.fixture()
-def spool(settings):
-    writer = SpoolWriter(settings.spool_dir, max_bytes=1 << 20, max_age_s=3600)
-    yield writer
-    writer.close()
-
-
-@pytest.fixture()
-def registry(settings):
-    reg = SiteRegistry.from_settings(settings).start(background=False)
-    yield reg
-    reg.stop()
-
-
-@pytest.fixture()
-def app(settings, spool, registry):
-    return create_app(settings, spool, start_sealer=False, registry=registry)
-
-
-@pytest.fixture()
-def client(app):
-    return app.test_client()
-
-
-def register(settings, registry, domain: str, **kwargs) -> str:
-    key = sites.add(settings.pg_dsn, domain, **kwargs).site_key
-    assert registry.refresh()
-    return key
 
 
 @pytest.fixture()

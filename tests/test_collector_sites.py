@@ -21,12 +21,11 @@ import pytest
 from collector.app import create_app
 from collector.registry import SiteRegistry
 from collector.site_limits import SiteLimiter
-from collector.spool import SpoolWriter
 from infra.postgres import EmbeddedPostgres
 from infra.processes import free_port
 from oltp import sites
 from oltp.schema import ensure_schema
-from tests.conftest import SECRET
+from tests.conftest import SECRET, register
 from tests.test_collector import spooled
 
 
@@ -35,38 +34,8 @@ def new_domain() -> str:
 
 
 @pytest.fixture()
-def fast(make_settings):
+def settings(make_settings):
     return make_settings(TALLY_REGISTRY_REFRESH_S="0.2")
-
-
-@pytest.fixture()
-def spool(fast):
-    writer = SpoolWriter(fast.spool_dir, max_bytes=1 << 20, max_age_s=3600)
-    yield writer
-    writer.close()
-
-
-@pytest.fixture()
-def registry(fast):
-    reg = SiteRegistry.from_settings(fast).start(background=False)
-    yield reg
-    reg.stop()
-
-
-@pytest.fixture()
-def app(fast, spool, registry):
-    return create_app(fast, spool, start_sealer=False, registry=registry)
-
-
-@pytest.fixture()
-def client(app):
-    return app.test_client()
-
-
-def register(settings, registry, domain: str, **kwargs) -> str:
-    key = sites.add(settings.pg_dsn, domain, **kwargs).site_key
-    assert registry.refresh()
-    return key
 
 
 def hit(domain: str, **extra) -> dict:
@@ -79,17 +48,17 @@ def refusals(app) -> dict:
 
 # --- keys -------------------------------------------------------------------------------------------
 
-def test_key_in_the_url_or_in_the_event(client, fast, registry, domain):
-    key = register(fast, registry, domain)
+def test_key_in_the_url_or_in_the_event(client, settings, registry, domain):
+    key = register(settings, registry, domain)
     assert client.post("/collect", json=hit(domain), query_string={"site": key}).status_code == 202
     assert client.post("/collect", json=[hit(domain, site=key)] * 3).status_code == 202
-    events = spooled(fast)
+    events = spooled(settings)
     assert len(events) == 4
     assert all("site" not in e.to_dict() and key not in e.to_json().decode() for e in events)  # not stored
 
 
-def test_unknown_key_is_401_and_writes_nothing(app, client, fast, registry, domain):
-    register(fast, registry, domain)
+def test_unknown_key_is_401_and_writes_nothing(app, client, settings, registry, domain):
+    register(settings, registry, domain)
     for kwargs in ({"query_string": {"site": "pk_" + "x" * 22}}, {}):
         batch = [hit(domain, site="pk_nope")] if not kwargs else [hit(domain)] * 2
         resp = client.post("/collect", json=batch, **kwargs)
@@ -97,19 +66,19 @@ def test_unknown_key_is_401_and_writes_nothing(app, client, fast, registry, doma
         assert resp.json["error"]["code"] == "unknown_site_key" and resp.json["error"]["index"] == 0
     missing = client.post("/collect", json=[hit(domain)])
     assert missing.status_code == 401 and missing.json["error"]["code"] == "missing_site_key"
-    assert spooled(fast) == []
+    assert spooled(settings) == []
     assert refusals(app) == {(domain, "unknown_site_key"): 3, (domain, "missing_site_key"): 1}
 
 
-def test_key_of_another_domain_is_403_naming_the_event(app, client, fast, registry):
+def test_key_of_another_domain_is_403_naming_the_event(app, client, settings, registry):
     a, b = new_domain(), new_domain()
-    key_a, key_b = register(fast, registry, a), register(fast, registry, b)
+    key_a, key_b = register(settings, registry, a), register(settings, registry, b)
     batch = [hit(a), hit(a), hit(b), hit(a)]
     resp = client.post("/collect", json=batch, query_string={"site": key_a})
     assert resp.status_code == 403, resp.json
     err = resp.json["error"]
     assert err["code"] == "site_mismatch" and err["index"] == 2 and err["domain"] == b
-    assert spooled(fast) == []
+    assert spooled(settings) == []
     assert refusals(app) == {(a, "site_mismatch"): 3, (b, "site_mismatch"): 1}
     # www. is another site: its events need their own registration
     www = client.post("/collect", json=hit("www." + a), query_string={"site": key_a})
@@ -117,35 +86,35 @@ def test_key_of_another_domain_is_403_naming_the_event(app, client, fast, regist
     # a mixed-domain batch works when each event names its site; the event's field beats ?site=
     ok = client.post("/collect", json=[hit(a), hit(b, site=key_b), hit(a)], query_string={"site": key_a})
     assert ok.status_code == 202, ok.json
-    assert sorted(e.domain for e in spooled(fast)) == sorted([a, a, b])
+    assert sorted(e.domain for e in spooled(settings)) == sorted([a, a, b])
 
 
-def test_invalid_event_is_counted_and_a_bad_site_field_is_named(app, client, fast, registry, domain):
-    key = register(fast, registry, domain)
+def test_invalid_event_is_counted_and_a_bad_site_field_is_named(app, client, settings, registry, domain):
+    key = register(settings, registry, domain)
     resp = client.post("/collect", json=[hit(domain), hit(domain, site=7)], query_string={"site": key})
     assert resp.status_code == 400 and resp.json["error"]["field"] == "site" and resp.json["error"]["index"] == 1
     resp = client.post("/collect", json=[hit(domain), {"domain": "bad domain", "url": "x"}], query_string={"site": key})
     assert resp.status_code == 400 and resp.json["error"]["code"] == "invalid_event"
     client.post("/collect", data=b"{nope", content_type="application/json")
-    assert spooled(fast) == []
+    assert spooled(settings) == []
     assert refusals(app) == {(domain, "invalid_event"): 3, (None, "invalid_event"): 1, (None, "malformed_json"): 1}
 
 
-def test_removed_site_is_refused_after_a_refresh(client, fast, registry, domain):
-    key = register(fast, registry, domain)
+def test_removed_site_is_refused_after_a_refresh(client, settings, registry, domain):
+    key = register(settings, registry, domain)
     assert client.post("/collect", json=hit(domain, site=key)).status_code == 202
-    sites.remove(fast.pg_dsn, domain)
+    sites.remove(settings.pg_dsn, domain)
     assert registry.refresh()
     assert client.post("/collect", json=hit(domain, site=key)).status_code == 401
 
 
-def test_a_new_site_is_accepted_within_seconds(fast, spool, domain):
-    registry = SiteRegistry.from_settings(fast).start()  # with its background thread (0.2 s)
+def test_a_new_site_is_accepted_within_seconds(settings, spool, domain):
+    registry = SiteRegistry.from_settings(settings).start()  # with its background thread (0.2 s)
     try:
-        client = create_app(fast, spool, start_sealer=False, registry=registry).test_client()
+        client = create_app(settings, spool, start_sealer=False, registry=registry).test_client()
         key = "pk_" + "a" * 22
         assert client.post("/collect", json=hit(domain, site=key)).status_code == 401
-        key = sites.add(fast.pg_dsn, domain).site_key
+        key = sites.add(settings.pg_dsn, domain).site_key
         started, status = time.monotonic(), 401
         while status == 401 and time.monotonic() - started < 5:
             time.sleep(0.05)
@@ -158,8 +127,8 @@ def test_a_new_site_is_accepted_within_seconds(fast, spool, domain):
 
 # --- rate limits ------------------------------------------------------------------------------------
 
-def test_over_the_site_limit_is_429_and_writes_nothing(app, client, fast, registry, domain):
-    key = register(fast, registry, domain, rate_per_s=1, burst=5)
+def test_over_the_site_limit_is_429_and_writes_nothing(app, client, settings, registry, domain):
+    key = register(settings, registry, domain, rate_per_s=1, burst=5)
     assert client.post("/collect", json=[hit(domain)] * 5, query_string={"site": key}).status_code == 202
     resp = client.post("/collect", json=[hit(domain)] * 2, query_string={"site": key})
     assert resp.status_code == 429, resp.json
@@ -167,7 +136,7 @@ def test_over_the_site_limit_is_429_and_writes_nothing(app, client, fast, regist
     assert 1 <= int(resp.headers["Retry-After"]) <= 5
     too_big = client.post("/collect", json=[hit(domain)] * 6, query_string={"site": key})
     assert too_big.status_code == 429 and "smaller batches" in too_big.json["error"]["message"]
-    assert len(spooled(fast)) == 5
+    assert len(spooled(settings)) == 5
     assert refusals(app) == {(domain, "rate_limited"): 8}
 
 
@@ -179,10 +148,10 @@ def test_defaults_come_from_settings(make_settings, spool, domain):
     assert [client.post("/collect", json=hit(domain, site=key)).status_code for _ in range(4)] == [202] * 3 + [429]
 
 
-def test_a_refused_mixed_batch_charges_no_site(client, fast, registry):
+def test_a_refused_mixed_batch_charges_no_site(client, settings, registry):
     a, b = new_domain(), new_domain()
-    key_a = register(fast, registry, a, rate_per_s=1, burst=4)
-    key_b = register(fast, registry, b, rate_per_s=1, burst=4)
+    key_a = register(settings, registry, a, rate_per_s=1, burst=4)
+    key_b = register(settings, registry, b, rate_per_s=1, burst=4)
     assert client.post("/collect", json=[hit(b)] * 4, query_string={"site": key_b}).status_code == 202
     resp = client.post("/collect", json=[hit(a, site=key_a)] * 3 + [hit(b, site=key_b)])
     assert resp.status_code == 429 and resp.json["error"]["domain"] == b
@@ -328,15 +297,15 @@ def test_tally_collector_accepts_a_site_added_from_the_cli(servers, tmp_path, do
         proc.wait(timeout=30)
 
 
-def test_demo_traffic_carries_the_demo_sites_keys(client, fast, registry):
+def test_demo_traffic_carries_the_demo_sites_keys(client, settings, registry):
     """`tally up --demo` registers its sites (idempotently) and every demo batch is accepted."""
     import random
     from datetime import datetime, timezone
 
     from tally.demo import DEMO_DOMAINS, demo_batch, register_demo_sites
 
-    keys = register_demo_sites(fast.pg_dsn)
-    assert register_demo_sites(fast.pg_dsn) == keys and set(keys) == set(DEMO_DOMAINS)
+    keys = register_demo_sites(settings.pg_dsn)
+    assert register_demo_sites(settings.pg_dsn) == keys and set(keys) == set(DEMO_DOMAINS)
     assert registry.refresh()
     rng = random.Random(1)
     for _ in range(5):

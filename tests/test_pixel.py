@@ -14,40 +14,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from collector.app import create_app
 from collector.edge import GIF
-from collector.registry import SiteRegistry
-from collector.spool import SpoolWriter
 from core.event import decode_stored
 from core.pixel import signed_query
 from oltp import sites
 from tests.test_collector import spooled
 
 UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Firefox/128.0"
-
-
-@pytest.fixture()
-def spool(settings):
-    writer = SpoolWriter(settings.spool_dir, max_bytes=1 << 20, max_age_s=3600)
-    yield writer
-    writer.close()
-
-
-@pytest.fixture()
-def registry(settings):
-    reg = SiteRegistry.from_settings(settings).start(background=False)
-    yield reg
-    reg.stop()
-
-
-@pytest.fixture()
-def app(settings, spool, registry):
-    return create_app(settings, spool, start_sealer=False, registry=registry)
-
-
-@pytest.fixture()
-def client(app):
-    return app.test_client()
 
 
 @pytest.fixture()

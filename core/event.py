@@ -38,6 +38,7 @@ _CLIENT_FIELDS = {"id", "domain", "url", "ts", "type", "value", "referrer", "sit
 _MAX_SITE_KEY = 128
 _ASCII_DECIMAL_RE = re.compile(r"[0-9]{1,40}(?:\.[0-9]{1,40})?")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NUMERIC_LABEL_RE = re.compile(r"[0-9]+|0x[0-9a-f]*")
 
 
 class EventError(ValueError):
@@ -253,7 +254,9 @@ def _normal_domain(value: str) -> str:
     domain = value.strip().lower().rstrip(".")
     if not _DOMAIN_RE.match(domain) or "." not in domain and domain != "localhost":
         raise EventError("domain", f"{value[:80]!r} is not a valid host name")
-    if domain.rsplit(".", 1)[-1].isdigit():  # as in the WHATWG URL host parser: an IPv4 address
+    # As the WHATWG URL host parser reads it ("ends in a number"): a last label of decimal digits or of
+    # 0x-hex digits makes the host an IPv4 address (Chromium reads http://1.0x7f/ as 1.0.0.127).
+    if _NUMERIC_LABEL_RE.fullmatch(domain.rsplit(".", 1)[-1]):
         raise EventError("domain", f"{value[:80]!r} is an IP address; sites are registered by host name")
     return domain
 

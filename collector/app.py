@@ -89,7 +89,8 @@ def admit(items: list[Any], url_key: str | None, *, origin: str | None = None,
         return _refuse(items, "batch_too_large",
                        error(413, "batch_too_large", f"at most {cfg.max_batch_events} events per request"))
     registry: SiteRegistry = current_app.extensions["tally_registry"]
-    sites = registry.snapshot()  # one consistent copy for the whole request
+    keys = [url_key, *(item.get("site") for item in items if isinstance(item, dict))]
+    sites = registry.snapshot_knowing(keys)  # one consistent copy for the whole request
     if sites is None:
         g.tally_cors = None  # the origin cannot be checked: the answer is not readable by a page
         return _refuse(items, "registry_unavailable", _registry_unavailable(registry))
@@ -187,7 +188,7 @@ def collect() -> Response:
     if origin is not None:
         # Until the events are checked, an answer is readable by the page only if the ?site= site
         # registered its origin (so the tag can read a 400's index or a 429's Retry-After).
-        site = _url_site(current_app.extensions["tally_registry"].snapshot(), url_key)
+        site = _url_site(current_app.extensions["tally_registry"].snapshot_knowing([url_key]), url_key)
         g.tally_cors = cors_origin if site is not None and origin_allowed(cors_origin, site) else None
     if not content_type_ok(request.mimetype, request.mimetype_params):
         return _refuse(None, "unsupported_media_type",
@@ -216,7 +217,7 @@ def preflight() -> Response:
         resp.headers["Allow"] = "POST, OPTIONS"
         return resp
     registry: SiteRegistry = current_app.extensions["tally_registry"]
-    sites = registry.snapshot()
+    sites = registry.snapshot_knowing([request.args.get("site")])
     if sites is None:
         return _registry_unavailable(registry)
     site = _url_site(sites, request.args.get("site"))
@@ -278,7 +279,7 @@ def pixel() -> Response:
     if request.method != "GET":  # HEAD (prefetchers, link checkers) must not count a hit
         return error(405, "method_not_allowed", "fetch the pixel with GET")
     registry: SiteRegistry = current_app.extensions["tally_registry"]
-    sites = registry.snapshot()
+    sites = registry.snapshot_knowing(request.args.getlist("site")[:1])
     if sites is None:
         return _refuse(None, "registry_unavailable", _registry_unavailable(registry))
     try:

@@ -18,7 +18,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,9 @@ class SiteRegistry:
         self._written: bytes | None = None
         self._failing = False
         self._stop = threading.Event()
+        self._miss_lock = threading.Lock()
+        self._last_miss_refresh = float("-inf")
+        self.miss_refresh_s = 1.0
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -73,6 +76,24 @@ class SiteRegistry:
     def snapshot(self) -> Snapshot | None:
         """The current copy (replaced whole on refresh; read it once per request)."""
         return self._snapshot
+
+    def snapshot_knowing(self, keys: Iterable[object]) -> Snapshot | None:
+        """The current copy, reloaded first if it lacks one of `keys` (a site added since the last refresh)
+        and no such reload ran in the last `miss_refresh_s`: a new site's first hit is accepted at once,
+        and random keys cost PostgreSQL at most one query per `miss_refresh_s` per process."""
+        snap = self._snapshot
+        wanted = [k for k in keys if isinstance(k, str) and k]
+        if snap is None or all(k in snap.by_key for k in wanted):
+            return snap
+        with self._miss_lock:
+            snap = self._snapshot
+            if snap is None or all(k in snap.by_key for k in wanted):
+                return snap
+            if time.monotonic() - self._last_miss_refresh < self.miss_refresh_s:
+                return snap
+            self._last_miss_refresh = time.monotonic()
+            self.refresh()
+            return self._snapshot
 
     def start(self, *, background: bool = True) -> "SiteRegistry":
         """Load once (PostgreSQL, else the disk copy), then keep refreshing in a daemon thread."""

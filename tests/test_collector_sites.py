@@ -311,3 +311,31 @@ def test_demo_traffic_carries_the_demo_sites_keys(client, settings, registry):
     for _ in range(5):
         resp = client.post("/collect", json=demo_batch(rng, 30, datetime.now(timezone.utc), keys))
         assert resp.status_code == 202, resp.json
+
+
+def test_a_site_added_a_moment_ago_is_accepted_on_its_first_hit(client, settings, registry):
+    """The copy lacks the new key: the collector reloads it once, there and then, instead of refusing."""
+    domain = new_domain()
+    key = sites.add(settings.pg_dsn, domain).site_key  # no registry.refresh(): the copy does not know it yet
+    assert key not in registry.snapshot().by_key
+    registry._last_miss_refresh = float("-inf")  # noqa: SLF001 - no other miss in this test's last second
+    resp = client.post("/collect", json=hit(domain), query_string={"site": key})
+    assert resp.status_code == 202, resp.json
+    assert key in registry.snapshot().by_key
+
+
+def test_unknown_keys_reload_the_registry_at_most_once_a_second(settings):
+    calls = []
+    site = sites.add(settings.pg_dsn, new_domain())
+
+    def loader():
+        calls.append(time.monotonic())
+        return sites.load_all(settings.pg_dsn)
+
+    reg = SiteRegistry(loader, None, refresh_s=3600).start(background=False)
+    assert len(calls) == 1 and site.site_key in reg.snapshot().by_key
+    for i in range(50):  # a flood of made-up keys
+        assert reg.snapshot_knowing([f"pk_made_up_{i}"]) is not None
+    assert len(calls) == 2  # one reload for the whole flood
+    assert reg.snapshot_knowing([site.site_key, None, 7]) is reg.snapshot()  # known keys never reload
+    assert len(calls) == 2

@@ -65,3 +65,18 @@ class AnalystService:
 
         return Upstream(resp.status, resp.getheader("Content-Type", "application/json"),
                         resp.getheader("Retry-After"), relay())
+
+    def loader_written_at(self) -> str | None:
+        """When the loader last wrote to ClickHouse (ISO time), or None if unknown or unreachable (2 s)."""
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=2)
+        try:
+            conn.request("GET", self._path.rsplit("/", 1)[0] + "/freshness",
+                         headers={"Authorization": f"Bearer {self._token}"})
+            resp = conn.getresponse()
+            body = resp.read()
+            return orjson.loads(body).get("loader_written_at") if resp.status == 200 else None
+        except (OSError, ValueError):
+            return None
+        finally:
+            conn.close()

@@ -23,6 +23,7 @@ from core.config import Settings
 from core.http import error, install_host_check, install_json_errors, json_response
 from api.auth import allow, current_principal, install_auth, probe, public
 from oltp import tokens
+from oltp.ingestion import ingestion_status
 
 bp = Blueprint("api", __name__)
 
@@ -177,6 +178,49 @@ def domain_summary(domain: str) -> Response:
         "as_of": w.as_of.isoformat(), "partial_bucket_start": w.partial_start.isoformat(),
         "previous_from": w.previous_start.isoformat(), "previous_to": w.start.isoformat(),
         "metrics": metrics,
+    })
+
+
+@bp.get("/api/v1/domains/<domain>/status")
+@allow("admin", "analyst", "customer", domain_arg="domain")
+def domain_status(domain: str) -> Response:
+    """Ingestion status: what arrived, what the collectors refused and why, and how fresh each store is.
+    ---
+    get:
+      summary: Ingestion status (accepted, refused by reason, bots, late, last event, freshness)
+      description: >
+        For the last hour and the last 24 hours, by the UTC quarter hour events arrived in (the current one
+        included): events accepted, events the collectors refused by reason, bots, late events (arrived more
+        than 5 minutes after their quarter hour); when the newest event arrived; when each store was last
+        written. Tells "no traffic" from "the tag is broken": refusals show why events did not count.
+      tags: [customers]
+      responses:
+        200:
+          description: the status
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/IngestionStatus'}
+    """
+    domain = _domain_arg(domain)
+    if isinstance(domain, Response):
+        return domain
+    if request.args:
+        return error(400, "unknown_parameter", f"unknown query parameter {sorted(request.args)[0]!r}")
+    now = datetime.now(timezone.utc)
+    backends = _backends()
+    try:
+        status = ingestion_status(backends.rollups.pool, domain, now)
+    except psycopg.OperationalError:
+        return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
+    iso = lambda t: t.isoformat() if t is not None else None  # noqa: E731
+    return json_response({
+        "domain": domain, "as_of": now.isoformat(),
+        "periods": {name: {"since": p.since.isoformat(), "accepted": p.accepted, "refused": p.refused,
+                           "refused_total": sum(p.refused.values()), "bots": p.bots, "late": p.late}
+                    for name, p in status.periods.items()},
+        "last_event_at": iso(status.last_event_at),
+        "freshness": {"customer_store_written_at": iso(status.customer_store_written_at),
+                      "analyst_store_written_at": backends.analyst.loader_written_at()},
     })
 
 

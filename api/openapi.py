@@ -117,6 +117,48 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                      "previous_to", "metrics"],
         "additionalProperties": False,
     },
+    "IngestionPeriod": {
+        "type": "object",
+        "properties": {
+            "since": {**_TIME, "description": "start of the first UTC quarter hour counted (by arrival time)"},
+            "accepted": {"type": "integer", "minimum": 0, "description": "events acknowledged and stored"},
+            "refused": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+                        "description": "events the collectors refused, by reason (bad body, site key, origin, "
+                                       "signature, rate limit, too old, ...)"},
+            "refused_total": {"type": "integer", "minimum": 0},
+            "bots": {"type": "integer", "minimum": 0, "description": "accepted events from bot user agents"},
+            "late": {"type": "integer", "minimum": 0,
+                     "description": "accepted events that arrived more than 5 minutes after their quarter hour"},
+        },
+        "required": ["since", "accepted", "refused", "refused_total", "bots", "late"],
+        "additionalProperties": False,
+    },
+    "IngestionStatus": {
+        "type": "object",
+        "properties": {
+            "domain": {"type": "string"},
+            "as_of": _TIME,
+            "periods": {"type": "object",
+                        "properties": {"1h": {"$ref": "#/components/schemas/IngestionPeriod"},
+                                       "24h": {"$ref": "#/components/schemas/IngestionPeriod"}},
+                        "required": ["1h", "24h"], "additionalProperties": False},
+            "last_event_at": {"type": ["string", "null"], "format": "date-time",
+                              "description": "when the newest accepted event arrived (null: none yet)"},
+            "freshness": {
+                "type": "object",
+                "properties": {
+                    "customer_store_written_at": {"type": ["string", "null"], "format": "date-time",
+                                                  "description": "the rollup worker's last write to PostgreSQL"},
+                    "analyst_store_written_at": {"type": ["string", "null"], "format": "date-time",
+                                                 "description": "the loader's last write to ClickHouse"},
+                },
+                "required": ["customer_store_written_at", "analyst_store_written_at"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["domain", "as_of", "periods", "last_event_at", "freshness"],
+        "additionalProperties": False,
+    },
     "Domain": {
         "type": "object",
         "properties": {

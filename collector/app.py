@@ -24,7 +24,8 @@ from collector.site_limits import RefusalCounter, SiteLimiter
 from collector.spool import SpoolFull, SpoolWriter
 from core.config import Settings
 from core.http import error, install_host_check, install_json_errors, json_response
-from core.event import Event, EventError, HitContext, Limits, event_from_hit, mac_key, normalize_domain
+from core.event import (Event, EventError, HitContext, Limits, event_from_hit, mac_key, normalize_domain,
+                        refusal_count_json)
 from oltp.sites import Site
 
 log = logging.getLogger(__name__)
@@ -325,17 +326,47 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
     app.register_blueprint(bp)
     install_json_errors(app)
     if start_sealer:
-        _start_sealer(spool, settings.spool_segment_age_s)
+        _start_sealer(app, spool, settings.spool_segment_age_s)
     return app
 
 
-def _start_sealer(spool: SpoolWriter, period_s: float) -> None:
+REFUSALS_FLUSH_S = 5.0  # how often each collector process spools its refusal counts
+
+
+def flush_refusals(app: Flask) -> int:
+    """Spool this process's refusal counts as count records (core.event.refusal_count_json), for the
+    registered domains only (a made-up domain is nobody's to see); returns how many were written.
+    If the spool refuses them, they are kept for the next flush."""
+    refusals: RefusalCounter = app.extensions["tally_refusals"]
+    counts = refusals.take()
+    sites = app.extensions["tally_registry"].snapshot()
+    known = sites.by_domain if sites is not None else {}
+    now = datetime.now(timezone.utc)
+    mine = {k: n for k, n in counts.items() if k[0] in known}
+    if not mine:
+        return 0
+    try:
+        app.extensions["tally_spool"].append(
+            refusal_count_json(domain, reason, n, now) for (domain, reason), n in sorted(mine.items()))
+    except OSError:
+        for (domain, reason), n in mine.items():
+            refusals.add(domain, reason, n)
+        raise
+    return len(mine)
+
+
+def _start_sealer(app: Flask, spool: SpoolWriter, period_s: float) -> None:
+    """Seal idle segments so they ship, and spool the refusal counts every REFUSALS_FLUSH_S."""
     def loop() -> None:
+        last_flush = time.monotonic()
         while True:
-            threading.Event().wait(period_s / 2)
+            threading.Event().wait(min(period_s / 2, REFUSALS_FLUSH_S))
             try:
+                if time.monotonic() - last_flush >= REFUSALS_FLUSH_S:
+                    last_flush = time.monotonic()
+                    flush_refusals(app)
                 spool.seal_if_stale()
             except OSError:
-                log.exception("spool: sealing failed")
+                log.exception("spool: sealing or spooling refusal counts failed")
 
     threading.Thread(target=loop, name="spool-sealer", daemon=True).start()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.event import StoredEvent
+from core.event import RefusalCount, StoredEvent
 
 
 def same_incarnation(stored_topic_id: str, current_topic_id: str) -> bool:
@@ -28,18 +28,20 @@ class Batch:
     topic_id: str = ""
     events: list[StoredEvent] = field(default_factory=list)  # decoded by core.event.decode_stored
     rejected: list[Rejected] = field(default_factory=list)
+    counts: list[RefusalCount] = field(default_factory=list)  # the collectors' refusal counts (rollup only)
     # partition -> offset of the next record to read once this batch is stored
     next_offsets: dict[int, int] = field(default_factory=dict)
     # partition -> first offset in this batch (for idempotency tokens)
     first_offsets: dict[int, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.events) + len(self.rejected)
+        return len(self.events) + len(self.rejected) + len(self.counts)
 
     def merge(self, later: "Batch") -> None:
         """Append the batch polled right after this one (same topic incarnation, no seek in between)."""
         self.events.extend(later.events)
         self.rejected.extend(later.rejected)
+        self.counts.extend(later.counts)
         for partition, offset in later.first_offsets.items():
             self.first_offsets.setdefault(partition, offset)
         self.next_offsets.update(later.next_offsets)

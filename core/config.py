@@ -14,6 +14,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 
+# The two consumer groups: every process that reads or writes their offsets names them from here.
+ROLLUP_GROUP = "tally-rollups"
+LOADER_GROUP = "tally-loader"
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the variable."""
 

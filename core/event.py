@@ -409,3 +409,47 @@ def decode_stored(data: bytes) -> StoredEvent:
     if e.value is not None:
         e.value = _value(e.value)
     return e
+
+
+# ---------------------------------------------------------------- refusal counts (ingestion status)
+#
+# The collector does not talk to PostgreSQL, yet a customer must see what it refused. So each
+# collector process appends, every few seconds, one count record per (domain, reason) to its spool:
+# it travels with the events (spool -> shipper -> topic, same partition key) and the rollup worker
+# adds it to `collector_refusals` in the same transaction as its offsets, deduplicated by `hash`
+# like an event. The loader skips them. They are told apart from events by `"kind":"refusals"`.
+
+REFUSALS_KIND = "refusals"
+REFUSALS_MARK = b'"kind":"refusals"'  # as orjson writes it (no spaces): the consumers' cheap test
+
+
+class RefusalCount(msgspec.Struct, gc=False):
+    """`count` events for `domain` refused for `reason` by one collector process up to `window_end`."""
+
+    v: Literal[1]
+    kind: Literal["refusals"]
+    hash: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
+    domain: _limited(253, 1)
+    reason: Annotated[str, msgspec.Meta(pattern="^[a-z_]{1,40}$")]
+    count: Annotated[int, msgspec.Meta(ge=1, le=10**12)]
+    window_end: Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+_REFUSALS = msgspec.json.Decoder(RefusalCount)
+
+
+def refusal_count_json(domain: str, reason: str, count: int, window_end: datetime) -> bytes:
+    """One count record, as the collector spools it."""
+    return orjson.dumps({"v": SCHEMA_VERSION, "kind": REFUSALS_KIND, "hash": os.urandom(16).hex(),
+                         "domain": domain, "reason": reason, "count": count, "window_end": _iso(window_end)})
+
+
+def decode_refusal_count(data: bytes) -> RefusalCount:
+    """Decode one count record; raises EventError naming the field on anything malformed."""
+    try:
+        return _REFUSALS.decode(data)
+    except msgspec.ValidationError as exc:
+        problem, at, where = str(exc).partition(" - at `$.")
+        raise EventError(where.rstrip("`").split(".", 1)[0] if at else "$", problem) from None
+    except msgspec.DecodeError as exc:
+        raise EventError("$", f"not valid JSON ({exc})") from None

@@ -33,6 +33,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
+from core.config import LOADER_GROUP
 from core.http import error, install_host_check, install_json_errors, json_response
 from olap.analyst import FORMATS, AnalystQueryError, QueryStats, SqlLimits, prepare, stream
 
@@ -193,6 +194,25 @@ def query() -> Response:
 @bp.get("/healthz")
 def healthz() -> Response:
     return json_response({"status": "ok"})
+
+
+@bp.get("/v1/freshness")
+def freshness() -> Response:
+    """When the loader last wrote to ClickHouse (its offsets' newest `written_at`), for the ingestion status."""
+    if not _authorised():
+        return error(401, "unauthorized", "the analyst server answers the API only")
+    slots = _slots()
+    try:
+        client, release = slots.take(_cfg().wait_s)
+    except Busy:
+        return error(429, "analyst_busy", "every analyst query slot is taken; retry shortly")
+    try:
+        rows = client.query(f"SELECT max(written_at) FROM {_cfg().database}.consumer_offsets"
+                            " WHERE consumer_group = {g:String}", parameters={"g": LOADER_GROUP}).result_rows
+    finally:
+        release()
+    written = rows[0][0] if rows and rows[0][0] and rows[0][0].year > 1970 else None
+    return json_response({"loader_written_at": written.isoformat() if written else None})
 
 
 def create_analyst_app(config: AnalystConfig, slots: QuerySlots, audit: Callable[[AuditEntry], None],

@@ -4,7 +4,9 @@ Contract of `write`: when it returns, the rollup increments for every *new*
 event hash in the batch, the rejected records and the partition offsets are
 committed in ONE transaction. If it raises, nothing from the batch is visible.
 Events whose hash is already in `seen_events` (redelivery, shipper retries,
-client retries with the same id) add nothing.
+client retries with the same id) add nothing. The same transaction keeps the ingestion status
+(`ingestion_15m`: accepted, bots, late, last arrival) and adds the collectors' refusal counts
+(`collector_refusals`), each once.
 """
 
 from __future__ import annotations
@@ -17,17 +19,30 @@ REJECTED_CAP = 10_000  # rows kept in rejected_records; older ones are pruned
 
 _CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS stage_events (
-    hash uuid, domain text, event_type text, ts timestamptz, value numeric(24, 6)
+    hash uuid, domain text, event_type text, ts timestamptz, value numeric(24, 6),
+    received_at timestamptz, bot boolean
 ) ON COMMIT DELETE ROWS
 """
 
 _APPLY = """
 WITH batch AS (
-    SELECT DISTINCT ON (hash) hash, domain, event_type, ts, value FROM stage_events ORDER BY hash
+    SELECT DISTINCT ON (hash) hash, domain, event_type, ts, value, received_at, bot FROM stage_events ORDER BY hash
 ), fresh AS (
     INSERT INTO seen_events (hash, ts) SELECT hash, ts FROM batch
     ON CONFLICT (hash) DO NOTHING
     RETURNING hash
+), ingestion AS (
+    INSERT INTO ingestion_15m AS i (domain, bucket_start, accepted, bots, late, last_received_at)
+    SELECT b.domain, date_bin('15 minutes', b.received_at, TIMESTAMPTZ '2000-01-01 00:00:00+00'), count(*),
+           count(*) FILTER (WHERE b.bot),
+           count(*) FILTER (WHERE b.received_at > date_bin('15 minutes', b.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00')
+                                                  + INTERVAL '20 minutes'),
+           max(b.received_at)
+    FROM batch b JOIN fresh f ON f.hash = b.hash
+    GROUP BY 1, 2
+    ON CONFLICT (domain, bucket_start) DO UPDATE SET
+        accepted = i.accepted + EXCLUDED.accepted, bots = i.bots + EXCLUDED.bots, late = i.late + EXCLUDED.late,
+        last_received_at = GREATEST(i.last_received_at, EXCLUDED.last_received_at)
 )
 INSERT INTO rollup_15m AS r (domain, event_type, bucket_start, events, valued, value_sum, value_min, value_max)
 SELECT b.domain, b.event_type, date_bin('15 minutes', b.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
@@ -40,6 +55,21 @@ ON CONFLICT (domain, event_type, bucket_start) DO UPDATE SET
     value_sum = CASE WHEN EXCLUDED.valued = 0 THEN r.value_sum ELSE COALESCE(r.value_sum, 0) + EXCLUDED.value_sum END,
     value_min = LEAST(r.value_min, EXCLUDED.value_min),
     value_max = GREATEST(r.value_max, EXCLUDED.value_max)
+"""
+
+_APPLY_COUNTS = """
+WITH batch AS (
+    SELECT DISTINCT ON (hash) hash, domain, reason, window_end, events FROM stage_counts ORDER BY hash
+), fresh AS (
+    INSERT INTO seen_events (hash, ts) SELECT hash, window_end FROM batch
+    ON CONFLICT (hash) DO NOTHING
+    RETURNING hash
+)
+INSERT INTO collector_refusals AS r (domain, reason, bucket_start, events)
+SELECT b.domain, b.reason, date_bin('15 minutes', b.window_end, TIMESTAMPTZ '2000-01-01 00:00:00+00'), sum(b.events)
+FROM batch b JOIN fresh f ON f.hash = b.hash
+GROUP BY 1, 2, 3
+ON CONFLICT (domain, reason, bucket_start) DO UPDATE SET events = r.events + EXCLUDED.events
 """
 
 # Offsets only move forward within one incarnation of the topic; a recreated topic starts over.
@@ -85,12 +115,15 @@ class RollupSink:
             with conn.transaction():
                 if batch.events:
                     with conn.cursor().copy(
-                            "COPY stage_events (hash, domain, event_type, ts, value) FROM STDIN") as copy:
+                            "COPY stage_events (hash, domain, event_type, ts, value, received_at, bot)"
+                            " FROM STDIN") as copy:
                         # hash: 32 hex digits, which uuid's text input takes as they are
                         write_row = copy.write_row
                         for e in batch.events:
-                            write_row((e.hash, e.domain, e.type, e.ts, e.value))
+                            write_row((e.hash, e.domain, e.type, e.ts, e.value, e.received_at, e.device == "bot"))
                     conn.execute(_APPLY)
+                if batch.counts:
+                    self._apply_counts(conn, batch)
                 if batch.rejected:
                     with conn.cursor() as cur:
                         cur.executemany(
@@ -107,6 +140,16 @@ class RollupSink:
         except psycopg.OperationalError:
             self.close()
             raise
+
+    @staticmethod
+    def _apply_counts(conn: psycopg.Connection, batch: Batch) -> None:
+        """Add the collectors' refusal counts, each once (its hash joins the dedup window like an event's)."""
+        with conn.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE IF NOT EXISTS stage_counts (hash uuid, domain text, reason text,"
+                        " window_end timestamptz, events bigint) ON COMMIT DELETE ROWS")
+            cur.executemany("INSERT INTO stage_counts VALUES (%s, %s, %s, %s, %s)",
+                            [(c.hash, c.domain, c.reason, c.window_end, c.count) for c in batch.counts])
+            cur.execute(_APPLY_COUNTS)
 
     def close(self) -> None:
         if self._conn is not None:

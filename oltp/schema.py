@@ -100,7 +100,29 @@ CREATE TABLE IF NOT EXISTS analyst_queries (
 CREATE INDEX IF NOT EXISTS analyst_queries_started_at ON analyst_queries (started_at);
 """
 
-SCHEMA = "\n".join(part for part in (CORE, TOKENS, SITES, AUDIT) if part)
+# Ingestion status per domain (owned by oltp/rollup_sink.py, read by oltp/ingestion.py), by the UTC
+# quarter hour the events ARRIVED in (not their event time): what the collectors refused (their count
+# records, carried through the spool and the topic), and what was accepted, of it bots and late events.
+INGESTION = """
+CREATE TABLE IF NOT EXISTS collector_refusals (
+    domain       text        NOT NULL,
+    reason       text        NOT NULL,
+    bucket_start timestamptz NOT NULL,
+    events       bigint      NOT NULL,
+    PRIMARY KEY (domain, reason, bucket_start)
+);
+CREATE TABLE IF NOT EXISTS ingestion_15m (
+    domain           text        NOT NULL,
+    bucket_start     timestamptz NOT NULL,
+    accepted         bigint      NOT NULL DEFAULT 0,
+    bots             bigint      NOT NULL DEFAULT 0,
+    late             bigint      NOT NULL DEFAULT 0,  -- arrived after their event-time quarter hour + 5 min
+    last_received_at timestamptz,
+    PRIMARY KEY (domain, bucket_start)
+);
+"""
+
+SCHEMA = "\n".join(part for part in (CORE, TOKENS, SITES, AUDIT, INGESTION) if part)
 
 
 def ensure_schema(dsn: str) -> None:

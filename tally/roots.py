@@ -9,12 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from core.config import ConfigError, Settings
+from core.config import LOADER_GROUP, ROLLUP_GROUP, ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
-ROLLUP_GROUP = "tally-rollups"
-LOADER_GROUP = "tally-loader"
 
 
 def require_bootstrap(settings: Settings) -> tuple[str, ...]:

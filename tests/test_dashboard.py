@@ -143,7 +143,17 @@ def test_dashboard_end_to_end(settings, domain, browser, tmp_path):
             assert page.inner_text("#value-sum") == "21.25" and page.inner_text("#value-avg") == "1.25"
             assert "last 24 hours: 31" in page.inner_text("#delta-impressions")
             assert page.locator("#empty").is_hidden()
-            assert page.locator("#ingestion-status").get_attribute("data-status") == "not-available"
+            # The ingestion panel shows the status endpoint's numbers (accepted by arrival time, refusals).
+            page.wait_for_function("document.getElementById('ingestion-status').dataset.status !== 'loading'")
+            st = page.evaluate(f"() => fetch('/api/v1/domains/{domain}/status').then(r => r.json())")
+            assert page.locator("#ingestion-status").get_attribute("data-status") == "ok"
+            cells = page.evaluate("() => [...document.querySelectorAll('#ingestion-table tbody tr')]"
+                                  ".map(tr => [...tr.children].map(c => c.textContent.trim()))")
+            h, d = st["periods"]["1h"], st["periods"]["24h"]
+            assert d["accepted"] > 0
+            assert cells[0] == ["accepted", f"{h['accepted']:,}", f"{d['accepted']:,}"]
+            assert cells[1] == ["refused", f"{h['refused_total']:,}", f"{d['refused_total']:,}"]
+            assert "last event" in page.inner_text("#ingestion-facts")
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
             if os.environ.get("TALLY_UPDATE_SCREENSHOT") == "1":
                 page.screenshot(path=str(ROOT / "docs" / "dashboard.png"), full_page=True)

@@ -27,7 +27,7 @@ from typing import Protocol
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
-from core.event import EventError, decode_stored
+from core.event import REFUSALS_MARK, EventError, decode_refusal_count, decode_stored
 from core.batch import Batch, Rejected
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class _SeekToStored(ConsumerRebalanceListener):
 def decode(topic: str, topic_id: str, records: dict[TopicPartition, list]) -> Batch:
     """Pure transform from polled records to a Batch (core.event.decode_stored on every value)."""
     batch = Batch(topic=topic, topic_id=topic_id)
-    append, rejected = batch.events.append, batch.rejected
+    append, rejected, count = batch.events.append, batch.rejected, batch.counts.append
     for tp, messages in records.items():
         if not messages:
             continue
@@ -70,7 +70,10 @@ def decode(topic: str, topic_id: str, records: dict[TopicPartition, list]) -> Ba
         batch.next_offsets[partition] = messages[-1].offset + 1
         for msg in messages:
             try:
-                append(decode_stored(msg.value))
+                if REFUSALS_MARK in msg.value:  # a collector's refusal count, not an event
+                    count(decode_refusal_count(msg.value))
+                else:
+                    append(decode_stored(msg.value))
             except EventError as exc:
                 rejected.append(Rejected(partition, msg.offset, str(exc), msg.value))
             except Exception as exc:  # noqa: BLE001 - a record must never stall its partition

@@ -228,6 +228,40 @@
     $("caption").textContent = `${state.domain}: ${imp.buckets.length} buckets of ${imp.granularity} in ${tz}, ` +
       `${fmtTime(Date.parse(imp.from) / 1000, tz)} to ${fmtTime(Date.parse(imp.to) / 1000, tz)}`;
     setState("ready");
+    loadStatus(state.domain, tz).catch(() => {});
+  }
+
+  // The ingestion status panel: accepted, refused by reason, bots, late, last event, store freshness.
+  async function loadStatus(domain, tz) {
+    const panel = $("ingestion-status");
+    let s;
+    try {
+      s = await getJSON(`/api/v1/domains/${encodeURIComponent(domain)}/status`);
+    } catch (e) {
+      panel.dataset.status = "error";
+      $("ingestion-facts").textContent = `ingestion status unavailable (${e.message})`;
+      return;
+    }
+    if (domain !== state.domain) return;
+    const h = s.periods["1h"], d = s.periods["24h"];
+    const reasons = [...new Set([...Object.keys(h.refused), ...Object.keys(d.refused)])].sort();
+    const rows = [["accepted", h.accepted, d.accepted], ["refused", h.refused_total, d.refused_total],
+                  ...reasons.map((r) => [`  refused: ${r.replaceAll("_", " ")}`, h.refused[r] || 0, d.refused[r] || 0]),
+                  ["bots", h.bots, d.bots], ["late", h.late, d.late]];
+    const body = $("ingestion-table").tBodies[0];
+    body.replaceChildren(...rows.map(([label, a, b]) => {
+      const tr = document.createElement("tr");
+      for (const [i, v] of [label, a, b].entries()) {
+        const td = document.createElement(i ? "td" : "th");
+        td.textContent = i ? num.format(v) : v;
+        tr.appendChild(td);
+      }
+      return tr;
+    }));
+    const when = (t) => (t ? fmtTime(Date.parse(t) / 1000, tz) : "never");
+    $("ingestion-facts").textContent = `last event ${when(s.last_event_at)}; customer store written ` +
+      `${when(s.freshness.customer_store_written_at)}, analyst store written ${when(s.freshness.analyst_store_written_at)}`;
+    panel.dataset.status = d.accepted || d.refused_total ? "ok" : "quiet";
   }
 
   function pickDomain(domain) {

@@ -1,0 +1,60 @@
+"""The ingestion status of a domain: what arrived, what the collectors refused and why, how fresh.
+
+Read from what the rollup worker keeps in PostgreSQL in the same transaction as its rollups:
+`ingestion_15m` (accepted events, bots, late events, last arrival, by the UTC quarter hour they
+arrived in) and `collector_refusals` (the collectors' refusal counts, carried through the spool and
+the topic as count records). A period of "the last hour" is the quarter hours whose start is within
+it, the current (filling) one included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from psycopg_pool import ConnectionPool
+
+from core.config import ROLLUP_GROUP
+
+PERIODS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}
+_QUARTER = 900
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodStatus:
+    since: datetime
+    accepted: int
+    bots: int
+    late: int
+    refused: dict[str, int] = field(default_factory=dict)  # reason -> events
+
+
+@dataclass(frozen=True, slots=True)
+class IngestionStatus:
+    periods: dict[str, PeriodStatus]
+    last_event_at: datetime | None  # when the newest accepted event of the domain arrived
+    customer_store_written_at: datetime | None  # the rollup worker's last commit
+
+
+def _floor_quarter(t: datetime) -> datetime:
+    return datetime.fromtimestamp(int(t.timestamp()) // _QUARTER * _QUARTER, tz=t.tzinfo)
+
+
+def ingestion_status(pool: ConnectionPool, domain: str, now: datetime) -> IngestionStatus:
+    periods: dict[str, PeriodStatus] = {}
+    with pool.connection() as conn:
+        for name, length in PERIODS.items():
+            since = _floor_quarter(now - length) + timedelta(seconds=_QUARTER)
+            accepted, bots, late = conn.execute(
+                "SELECT COALESCE(sum(accepted), 0), COALESCE(sum(bots), 0), COALESCE(sum(late), 0)"
+                " FROM ingestion_15m WHERE domain = %s AND bucket_start >= %s", (domain, since)).fetchone()
+            refused = dict(conn.execute(
+                "SELECT reason, sum(events)::bigint FROM collector_refusals"
+                " WHERE domain = %s AND bucket_start >= %s GROUP BY reason ORDER BY reason",
+                (domain, since)).fetchall())
+            periods[name] = PeriodStatus(since, int(accepted), int(bots), int(late), refused)
+        (last,) = conn.execute("SELECT max(last_received_at) FROM ingestion_15m WHERE domain = %s",
+                               (domain,)).fetchone()
+        (written,) = conn.execute("SELECT max(updated_at) FROM consumer_offsets WHERE consumer_group = %s",
+                                  (ROLLUP_GROUP,)).fetchone()
+    return IngestionStatus(periods, last, written)

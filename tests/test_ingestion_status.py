@@ -1,0 +1,101 @@
+"""Ingestion status through the real pipeline: refusals counted at the collector travel as count records
+(spool -> tansu -> rollup worker -> PostgreSQL), once each, next to accepted events, bots and late events."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+
+from collector.app import flush_refusals
+from collector.spool import read_record, sealed_segments, segment_records
+from core.event import REFUSALS_MARK, decode_refusal_count
+from tests.test_pipeline import pipeline  # noqa: F401 - the fixture
+
+
+def status(pipeline, domain):  # noqa: F811
+    resp = pipeline.api.get(f"/api/v1/domains/{domain}/status", headers=pipeline.api_headers)
+    assert resp.status_code == 200, resp.json
+    return resp.json
+
+
+def test_status_counts_accepted_bots_late_and_refusals_by_reason_once(pipeline, domain):  # noqa: F811
+    now = datetime.now(timezone.utc)
+    ev = {"domain": domain, "url": f"https://{domain}/", "type": "pageview"}
+    pipeline.post([ev] * 3)
+    pipeline.post(ev, **{"User-Agent": "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"})
+    pipeline.post({**ev, "ts": (now - timedelta(hours=2)).isoformat()})  # arrives long after its quarter hour
+    collector = pipeline.collector
+    key = pipeline.site_query(ev)["site"]
+    bad = collector.post("/collect", json={**ev, "type": "click"}, query_string={"site": key})
+    assert bad.status_code == 400
+    unknown = collector.post("/collect", json=[ev, ev], query_string={"site": "pk_not_a_registered_key_00"})
+    assert unknown.status_code == 401
+    stranger = collector.post("/collect", json={**ev, "domain": "never-registered.example"},
+                              query_string={"site": key})
+    assert stranger.status_code == 403  # counted under its own domain, which nobody registered: never spooled
+
+    assert flush_refusals(collector.application) == 2  # (domain, invalid_event), (domain, unknown_site_key)
+    pipeline.spool.close()
+    (segment,) = sealed_segments(pipeline.settings.spool_dir)
+    counts = [decode_refusal_count(read_record(line)) for line in segment_records(segment.read_bytes())
+              if REFUSALS_MARK in line]
+    assert {(c.domain, c.reason, c.count) for c in counts} == {
+        (domain, "invalid_event", 1), (domain, "unknown_site_key", 2)}
+    backup = segment.with_suffix(".bak")
+    shutil.copy(segment, backup)
+    assert pipeline.shipper.ship_once() == 7  # 5 events + 2 count records
+    backup.rename(segment)  # shipped twice, as after a shipper crash: every record counted once anyway
+    assert pipeline.shipper.ship_once() == 7
+    pipeline.drain()
+
+    body = status(pipeline, domain)
+    for period in ("1h", "24h"):
+        p = body["periods"][period]
+        assert p["accepted"] == 5 and p["bots"] == 1 and p["late"] == 1
+        assert p["refused"] == {"invalid_event": 1, "unknown_site_key": 2}
+        assert p["refused_total"] == 3
+    assert datetime.fromisoformat(body["last_event_at"]) >= now - timedelta(minutes=1)
+    assert pipeline.loader.stored_rejects == 0 and pipeline.rollups.stored_rejects == 0  # counts are not events
+    # ClickHouse holds the 5 events and no count record
+    assert pipeline.sql(f"SELECT count() FROM tally.events WHERE domain = '{domain}'") == [[5]]
+    with psycopg.connect(pipeline.settings.pg_dsn) as conn:
+        (n,) = conn.execute("SELECT count(*) FROM collector_refusals WHERE domain = 'never-registered.example'"
+                            ).fetchone()
+    assert n == 0
+
+
+def test_status_of_a_quiet_domain_and_refusals(pipeline, domain):  # noqa: F811
+    body = status(pipeline, domain)
+    assert body["periods"]["1h"] == {"since": body["periods"]["1h"]["since"], "accepted": 0, "refused": {},
+                                     "refused_total": 0, "bots": 0, "late": 0}
+    assert body["last_event_at"] is None
+    assert set(body["freshness"]) == {"customer_store_written_at", "analyst_store_written_at"}
+    bad = pipeline.api.get(f"/api/v1/domains/{domain}/status?last=1h", headers=pipeline.api_headers)
+    assert bad.status_code == 400 and bad.json["error"]["code"] == "unknown_parameter"
+    assert pipeline.api.get(f"/api/v1/domains/{domain}/status").status_code == 401
+
+
+def test_a_spool_that_refuses_the_counts_keeps_them_for_the_next_flush(pipeline, domain, monkeypatch):  # noqa: F811
+    from collector.spool import SpoolFull
+
+    ev = {"domain": domain, "url": f"https://{domain}/", "type": "pageview"}
+    pipeline.post(ev)  # registers the site
+    key = pipeline.site_query(ev)["site"]
+    assert pipeline.collector.post("/collect", json={**ev, "type": "x"}, query_string={"site": key}).status_code == 400
+    app = pipeline.collector.application
+
+    def full(_lines):
+        raise SpoolFull(28, "spool disk is full")
+
+    monkeypatch.setattr(app.extensions["tally_spool"], "append", full)
+    try:
+        flush_refusals(app)
+    except SpoolFull:
+        pass
+    else:
+        raise AssertionError("the spool's refusal must reach the caller")
+    monkeypatch.undo()
+    assert app.extensions["tally_refusals"].snapshot() == {(domain, "invalid_event"): 1}
+    assert flush_refusals(app) == 1

@@ -8,6 +8,7 @@ from flask import Flask
 
 from collector.app import create_app
 from core.config import Settings
+from infra.processes import die_with_parent
 
 
 def create_app_from_env() -> Flask:
@@ -17,6 +18,9 @@ def create_app_from_env() -> Flask:
     spool segment is sealed by the spool's age-based sealer while it runs, or by the
     shipper once the worker is gone and its lock with it (collector.spool.recover_orphans).
     """
+    # Die with the granian master, however it dies: an orphaned worker would keep answering 202 into a
+    # spool nobody ships and hold the port against the next start (ADR 16).
+    die_with_parent()
     settings = Settings.from_env(os.environ)
     # Each worker process has its own sites-registry copy and rate-limit memory: it enforces
     # 1/TALLY_COLLECTOR_WORKERS of every site's limit (docs/adr/0011-sites-registry.md).

@@ -77,6 +77,11 @@ class Settings:
     registry_refresh_s: float
     # The API token CLI commands send (`tally sql`, ...); default: $TALLY_HOME/admin-token.
     cli_token: str | None = field(repr=False)
+    # Shipped spool segments are kept (spool/shipped/) until every consumer group stored them; the
+    # groups the shipper cannot check (the ClickHouse loader) are covered for this long after the last
+    # ship, and retained bytes are capped (0 = no cap). ADR 16.
+    spool_retain_s: float
+    spool_retain_bytes: int
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -127,6 +132,8 @@ class Settings:
             site_burst=r.integer("TALLY_SITE_BURST", 20_000, 1, 100_000_000),
             registry_refresh_s=r.number("TALLY_REGISTRY_REFRESH_S", 2.0, 0.1, 3600.0),
             cli_token=r.text("TALLY_TOKEN", None, min_len=16),
+            spool_retain_s=r.number("TALLY_SPOOL_RETAIN_S", 3600.0, 0.0, 30 * 86_400.0),
+            spool_retain_bytes=r.integer("TALLY_SPOOL_RETAIN_BYTES", 1 << 30, 0, 1 << 44),
             raw={k: v for k, v in env.items() if k.startswith("TALLY_")},
         )
         unknown = sorted(set(settings.raw) - _KNOWN)
@@ -149,7 +156,8 @@ _KNOWN = {
     "TALLY_SQL_MAX_MEMORY_BYTES", "TALLY_SQL_MAX_RESULT_ROWS", "TALLY_SQL_MAX_RESULT_BYTES",
     "TALLY_SQL_MAX_CONCURRENT", "TALLY_SQL_MAX_THREADS", "TALLY_CONSUMER_SESSION_TIMEOUT_MS", "TALLY_ALLOWED_HOSTS",
     "TALLY_API_RATE_LIMIT", "TALLY_ANALYST_PORT", "TALLY_ANALYST_URL", "TALLY_SITE_RATE_PER_S",
-    "TALLY_SITE_BURST", "TALLY_REGISTRY_REFRESH_S", "TALLY_TOKEN",
+    "TALLY_SITE_BURST", "TALLY_REGISTRY_REFRESH_S", "TALLY_TOKEN", "TALLY_SPOOL_RETAIN_S",
+    "TALLY_SPOOL_RETAIN_BYTES",
 }
 
 _RATE_RE = r"\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?(\s*[;,]\s*\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?)*"

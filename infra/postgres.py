@@ -93,3 +93,8 @@ class EmbeddedPostgres:
             return
         if pid_alive(pid):
             self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
+        else:
+            # Killed (or a zombie nobody reaped yet, which postgres's own kill(pid, 0) check would take
+            # for a running postmaster): the lock file is stale. Live backends of a killed postmaster
+            # still hold its shared memory, and postgres refuses to start until they are gone.
+            pid_file.unlink(missing_ok=True)

@@ -32,6 +32,21 @@ def _die_with_parent() -> None:
         pass
 
 
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Call early in a process someone else forks (granian's workers): get `sig` when the parent dies,
+    even by SIGKILL, instead of living on as an orphan that keeps the port. If the parent is already
+    gone (it died before this call), exit now. Linux only; elsewhere nothing happens."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    if libc.prctl(1, sig) != 0:  # PR_SET_PDEATHSIG
+        return
+    if os.getppid() != parent:  # reparented already: the signal will never come
+        os.kill(os.getpid(), sig)
+
+
 def spawn(argv: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None,
           user: str | None = None) -> subprocess.Popen[bytes]:
     """Start a child whose stdout/stderr go to `log_path`, tied to our lifetime."""
@@ -100,10 +115,16 @@ def tail(path: Path | None, lines: int = 20) -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """True if `pid` runs. A zombie (dead, not yet reaped: its parent was killed and the container's
+    init reaps late) counts as dead, although it still answers kill(pid, 0)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (not Linux): trust kill(pid, 0)
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")

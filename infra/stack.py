@@ -53,15 +53,24 @@ def load_or_create_secret(home: Path) -> str:
     return value
 
 
-def check_ports(settings: Settings) -> None:
+def check_ports(settings: Settings, wait_s: float = 15.0) -> None:
+    """Fail with a clear message if a fixed port is taken. A port still held while the processes of a
+    crashed run exit (children get SIGTERM when `tally up` dies) is waited for, up to `wait_s`."""
     import socket
+    import time
 
+    deadline = time.monotonic() + wait_s
     for var, port in (("TALLY_COLLECTOR_PORT", settings.collector_port), ("TALLY_API_PORT", settings.api_port),
                       ("TALLY_ANALYST_PORT", settings.analyst_port)):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is fine
-            try:
-                sock.bind((settings.bind_host, port))
-            except OSError as exc:
-                raise StartupError(f"{var}={port}: cannot listen on {settings.bind_host}:{port} ({exc.strerror}); "
-                                   f"set {var} to a free port") from None
+        while True:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is fine
+                try:
+                    sock.bind((settings.bind_host, port))
+                    break
+                except OSError as exc:
+                    if time.monotonic() < deadline:
+                        time.sleep(0.2)
+                        continue
+                    raise StartupError(f"{var}={port}: cannot listen on {settings.bind_host}:{port} "
+                                       f"({exc.strerror}); set {var} to a free port") from None

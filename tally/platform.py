@@ -1,4 +1,11 @@
-"""`tally up`: the embedded stack plus one supervised child process per component (a composition root)."""
+"""`tally up`: the embedded stack plus one supervised child process per component (a composition root).
+
+Every process is supervised (infra/supervisor.py), the embedded broker and PostgreSQL
+included: a dead one is restarted with backoff, on the same port (children got the DSN and
+bootstrap address at spawn); a restarted broker (memory storage) gets its topic back at once,
+and the shipper ships the segments it retained to that new incarnation (ADR 16). A child that
+keeps crashing stops the whole platform with a non-zero exit and its log tail.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,15 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import orjson
 
 from core.config import Settings
-from infra.processes import spawn, stop_all, tail, wait_until
+from infra.processes import StartupError, spawn, stop, stop_all, wait_until
 from infra.stack import EmbeddedStack, load_or_create_secret
+from infra.supervisor import CrashLoop, Supervisor
 from tally.roots import RUN_STATE
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,10 @@ def _child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+class GaveUp(SystemExit):
+    """A child kept crashing: exit status 1, with the message (and the child's log tail) on stderr."""
+
+
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=1) as resp:
         return resp.status == 200
@@ -60,12 +71,18 @@ class Platform:
     def __init__(self, settings: Settings, *, durable: bool = True) -> None:
         self.base = settings
         self.stack = EmbeddedStack(settings.home, durable=durable)
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.supervisor = Supervisor()
         self.settings: Settings | None = None
         self._stopping = threading.Event()
         # The admin token in $TALLY_HOME/admin-token (0600); True when this start minted it.
         self.admin_token: str | None = None
         self.admin_token_created = False
+
+    @property
+    def children(self) -> dict[str, subprocess.Popen[bytes]]:
+        """The component processes now running (the embedded servers not included)."""
+        return {name: child.proc for name, child in self.supervisor.children.items()
+                if name in self.COMPONENTS and child.proc is not None}
 
     @property
     def collector_url(self) -> str:
@@ -89,9 +106,15 @@ class Platform:
 
             self.admin_token, self.admin_token_created = ensure_admin_token_file(self.settings.pg_dsn or "",
                                                                                  self.base.home)
-            self._write_run_state()
+            # The servers are up already: register them as they are, to be restarted if they die.
+            self.supervisor.add("postgres", self._restart_postgres, self.stack.postgres.log_path,
+                                proc=self.stack.postgres.proc)
+            self.supervisor.add("broker", self._restart_broker, self.stack.broker.log_path,
+                                proc=self.stack.broker.proc)
+            self.supervisor.on_restart = lambda child: self._write_run_state()
             for name in self.COMPONENTS:
-                self._spawn(name)
+                self.supervisor.add(name, lambda name=name: self._spawn(name), self._log(name))
+            self._write_run_state()
             wait_until(lambda: _http_ok(self.collector_url + "/healthz"), what="collector", timeout=timeout,
                        log_path=self._log(name="collector"), proc=self.children["collector"])
             wait_until(lambda: _http_ok(self.api_url + "/healthz"), what="api", timeout=timeout,
@@ -109,7 +132,9 @@ class Platform:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {"pid": os.getpid(), "pg_dsn": self.settings.pg_dsn,
                  "kafka_bootstrap": ",".join(self.settings.kafka_bootstrap or ()),
-                 "collector_url": self.collector_url, "api_url": self.api_url}
+                 "collector_url": self.collector_url, "api_url": self.api_url,
+                 "pids": {name: child.proc.pid for name, child in self.supervisor.children.items()
+                          if child.proc is not None}}
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
@@ -119,23 +144,53 @@ class Platform:
     def _log(self, name: str) -> Path:
         return self.base.home / "logs" / f"{name}.log"
 
-    def _spawn(self, name: str) -> None:
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
         assert self.settings is not None
         argv = [sys.executable, "-m", "tally.cli", *self.COMPONENTS[name]]
-        self.children[name] = spawn(argv, self._log(name), env=_child_env(self.settings))
+        return spawn(argv, self._log(name), env=_child_env(self.settings))
+
+    def _restart_postgres(self) -> subprocess.Popen[bytes]:
+        """Same data directory, same port: the children's TALLY_PG_DSN stays valid."""
+        pg = self.stack.postgres
+        try:
+            pg.start()
+        except BaseException:
+            stop(pg.proc, timeout=10)
+            pg.proc = None
+            raise
+        assert pg.proc is not None
+        return pg.proc
+
+    def _restart_broker(self) -> subprocess.Popen[bytes]:
+        """Same port; memory storage, so the topic is created again at once, with the configured partitions,
+        before a client's metadata request can auto-create it with the broker's default."""
+        from workers.kafka_io import ensure_topic
+
+        assert self.settings is not None
+        broker = self.stack.broker
+        try:
+            broker.start()
+            ensure_topic(self.settings.kafka_bootstrap or (), self.settings.topic, self.settings.partitions)
+        except BaseException as exc:
+            stop(broker.proc, timeout=10)
+            broker.proc = None
+            if isinstance(exc, Exception) and not isinstance(exc, StartupError):
+                raise StartupError(f"broker restarted but the topic could not be created: {exc}") from exc
+            raise
+        assert broker.proc is not None
+        return broker.proc
 
     def supervise(self, stop_event: threading.Event) -> None:
-        """Restart any child that dies, until `stop_event` is set."""
-        restarts: dict[str, float] = {}
-        while not stop_event.wait(0.5):
-            for name, proc in list(self.children.items()):
-                if proc.poll() is None:
-                    continue
-                log.error("%s exited with %s; last log lines:\n%s", name, proc.returncode, tail(self._log(name)))
-                if time.monotonic() - restarts.get(name, 0.0) < 5.0:
-                    stop_event.wait(5.0)
-                restarts[name] = time.monotonic()
-                self._spawn(name)
+        """Restart any child that dies, the broker and PostgreSQL included, until `stop_event` is set.
+
+        Runs on the main thread (children die with the thread that forked them, PR_SET_PDEATHSIG).
+        A child that crashes 5 times within 60 s ends it: the platform is stopped and the process exits
+        with status 1 after printing that child's log tail.
+        """
+        try:
+            self.supervisor.run(stop_event)
+        except CrashLoop as exc:  # printed once, last, by the interpreter: after the "stopping" lines
+            raise GaveUp(f"tally: {exc}") from None
 
     # Stop in pipeline order, so that what was accepted is spooled, shipped and consumed before the
     # (memory-only) embedded broker goes away: collector, then shipper (final ship), then both workers
@@ -146,8 +201,9 @@ class Platform:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        children = self.children
         for group in self.STOP_ORDER:
             # workers may spend up to 20 s draining
-            stop_all([self.children[name] for name in group if name in self.children], timeout=40)
+            stop_all([children[name] for name in group if name in children], timeout=40)
         self.stack.stop()
         (self.base.home / RUN_STATE).unlink(missing_ok=True)

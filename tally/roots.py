@@ -89,7 +89,13 @@ def build_shipper(settings: Settings):  # -> workers.shipper.Shipper
     def producer():  # called again after any failure; Kafka may be down when we start
         return make_producer(ensure_configured_topic(settings))
 
-    return Shipper(settings.spool_dir, producer, settings.topic)
+    # Shipped segments are kept until the rollup group stored them (checked in PostgreSQL when the
+    # shipper can reach it) and, for the loader (offsets in ClickHouse), for TALLY_SPOOL_RETAIN_S (ADR 16).
+    from workers.retention import postgres_offsets
+
+    readers = {ROLLUP_GROUP: postgres_offsets(settings.pg_dsn, ROLLUP_GROUP)} if settings.pg_dsn else {}
+    return Shipper(settings.spool_dir, producer, settings.topic, retain_s=settings.spool_retain_s,
+                   retain_bytes=settings.spool_retain_bytes, offset_readers=readers, unchecked_groups=True)
 
 
 def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP):  # -> workers.consumer.ConsumerLoop

@@ -166,7 +166,9 @@ class Site:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        # `localhost`, not 127.0.0.1: the tag sends location.hostname as the domain, and the collector
+        # refuses IP literals as domains (ADR 15).
+        self.origin = f"http://localhost:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def add(self, path: str, collector: StandInCollector | None, *, attrs: str = 'data-flush-ms="50"',
@@ -279,7 +281,7 @@ def test_pageview_on_load(collector, site, tab):
     assert post["content_type"] == "text/plain" and post["mode"] == "cors"
     assert isinstance(post["body"], list)
     assert set(view) == {"id", "ts", "domain", "url", "type", "referrer"}
-    assert view["url"] == landing and view["referrer"] == start and view["domain"] == "127.0.0.1"
+    assert view["url"] == landing and view["referrer"] == start and view["domain"] == "localhost"
     assert UUID_RE.match(view["id"])
     assert t0 - 1000 <= view["ts"] <= t1
     assert tab.page.evaluate("typeof tally") == "function"
@@ -332,7 +334,7 @@ def test_queue_before_load_and_custom_events(collector, site, tab):
     assert [(e["type"], e.get("value")) for e in events] == [
         ("pageview", None), ("impression", 2), ("impression", None), ("impression", 1.5),
         ("impression", 0.123457)]
-    assert all(e["url"] == url and e["domain"] == "127.0.0.1" for e in events)
+    assert all(e["url"] == url and e["domain"] == "localhost" for e in events)
     assert "referrer" not in events[1]
 
 

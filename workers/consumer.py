@@ -29,6 +29,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from core.event import REFUSALS_MARK, EventError, decode_refusal_count, decode_stored
 from core.batch import Batch, Rejected
+from workers.isolate import is_permanent, write_isolating
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,12 @@ class ConsumerLoop:
         self.failures = 0
         self.topic_id = ""
         self._needs_seek = False
+        # The topic may be recreated under a running consumer (a restarted memory-only broker; ADR 16):
+        # fresh metadata every `incarnation_check_s`, and a changed topic id means seeking again.
+        self.incarnation_check_s = 1.0
+        self._next_incarnation_check = 0.0
+        self._ids_seen = False  # the broker sends topic ids: never store offsets under an unknown one
+        self.incarnations = 0  # topic id changes noticed while running
         self._writer: ThreadPoolExecutor | None = None
         self._in_flight: tuple[Batch, Future] | None = None
         self._gathering: Batch | None = None  # polled and decoded, not yet handed to the writer
@@ -114,6 +121,7 @@ class ConsumerLoop:
         self.settle()  # the stored offsets must include the write in flight, if it succeeds
         self._gathering = None  # re-read from the stored offsets instead
         self.topic_id = self.current_topic_id()
+        self._ids_seen = self._ids_seen or bool(self.topic_id)
         stored = self.sink.committed(self.topic, self.topic_id, [tp.partition for tp in partitions])
         for tp in partitions:
             if tp.partition in stored:
@@ -132,6 +140,18 @@ class ConsumerLoop:
         if self._needs_seek:
             self.seek_to_stored(sorted(self.consumer.assignment()))
             self._needs_seek = False
+        if self._incarnation_changed():
+            self.incarnations += 1
+            log.warning("%s: topic %s was recreated (topic id %s -> %s); resuming from the new incarnation's "
+                        "stored offsets", self.sink.name, self.topic, self.topic_id or "unknown",
+                        self.current_topic_id())
+            self.seek_to_stored(sorted(self.consumer.assignment()))
+        if self._ids_seen and not self.topic_id:
+            # Seeked while the topic was missing from the metadata (a broker restart): its offsets must
+            # not be stored under no id. Keep the client going (poll) but drop what comes back; the
+            # next step seeks again once the new incarnation's id is known.
+            self.consumer.poll(timeout_ms=min(timeout_ms, 200))
+            return 0
         records = self.consumer.poll(timeout_ms=timeout_ms)
         if self._needs_seek:  # assigned during this poll while the store was down: re-seek first
             self._gathering = None
@@ -150,6 +170,23 @@ class ConsumerLoop:
             self._hand_over()
         return len(batch)
 
+    def _incarnation_changed(self) -> bool:
+        """True when the metadata names another topic id than the one we seeked with. No rebalance need
+        happen when a broker loses and recreates the topic, so positions (and the stored offsets they
+        came from) of the old incarnation would skip the new one's first records."""
+        now = time.monotonic()
+        if now >= self._next_incarnation_check:
+            self._next_incarnation_check = now + self.incarnation_check_s
+            self.consumer._client.cluster.request_update()  # noqa: SLF001 - answered in the background
+        current = self.current_topic_id()
+        if not current or current == self.topic_id or not self.consumer.assignment():
+            return False
+        return True
+
+    def _write(self, batch: Batch) -> Batch:
+        """Store `batch`; records the store refuses for good are set aside (workers/isolate.py)."""
+        return write_isolating(self.sink.write, batch, permanent=getattr(self.sink, "is_permanent", is_permanent))
+
     def _hand_over(self) -> None:
         self.finish()  # one write in flight at most, in log order
         batch, self._gathering = self._gathering, None
@@ -157,7 +194,7 @@ class ConsumerLoop:
             return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.sink.name}-writer")
-        self._in_flight = (batch, self._writer.submit(self.sink.write, batch))
+        self._in_flight = (batch, self._writer.submit(self._write, batch))
         if not self.pipelined:
             self.finish()
 
@@ -172,7 +209,7 @@ class ConsumerLoop:
             return
         batch, future = self._in_flight
         try:
-            future.result()
+            batch = future.result() or batch  # what was stored, refused records set aside included
         except BaseException:
             self._gathering = None  # polled after the failed batch: re-read after the rewind
             raise

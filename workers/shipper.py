@@ -1,11 +1,20 @@
-"""The shipper: forwards sealed spool segments to Kafka.
+"""The shipper: forwards sealed spool segments to Kafka, and keeps them until it is safe to drop them.
 
-Contract: a segment is deleted only after Kafka acknowledged (acks=all) every
-record in it. After any failure the producer is thrown away and a new one is
-made for the next attempt: an idempotent producer can end in a fatal state
-(e.g. the broker lost its producer id) from which it never recovers. A crash at any point re-sends the whole segment on restart; the
-stores dedup on the event hash, so a re-send is never counted twice. Lines
-that are not an event (corruption) are moved to a bounded quarantine file
+Contract: a segment leaves the spool only after Kafka acknowledged (acks=all) every
+record in it, and even then it is not deleted: it moves to `spool/shipped/` with the
+topic incarnation (Kafka's topic id) and per-partition offsets it reached
+(workers/retention.py, ADR 16). If the topic id changes (the memory-only embedded broker
+restarted, or the topic was recreated), every retained segment is shipped again to the
+new incarnation. A retained segment is deleted once the consumer groups that can be
+checked from here (the rollup group's offsets in PostgreSQL) stored offsets past it and,
+for those that cannot (the loader's, in ClickHouse), `retain_s` has passed since its last
+ship; `retain_bytes` caps the disk they take.
+
+After any failure the producer is thrown away and a new one is made for the next
+attempt: an idempotent producer can end in a fatal state (e.g. the broker lost its
+producer id) from which it never recovers. A crash at any point re-sends the whole
+segment on restart; the stores dedup on the event hash, so a re-send is never counted
+twice. Lines that are not an event (corruption) are moved to a bounded quarantine file
 instead of blocking the segment; each spool record carries a CRC32C, so a torn or flipped
 record is caught here, counted by reason, and never blocks the records behind it.
 """
@@ -15,15 +24,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from collector.spool import CorruptRecord, read_record, recover_orphans, sealed_segments, segment_records
+from workers.retention import OffsetReader, RetainedSegments, Shipment, decide
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +47,143 @@ class ShipError(RuntimeError):
 
 class Shipper:
     def __init__(self, spool_dir: Path, make_producer: Callable[[], KafkaProducer], topic: str, *,
-                 ack_timeout_s: float = 30.0) -> None:
+                 ack_timeout_s: float = 30.0, retain_s: float = 3600.0, retain_bytes: int = 1 << 30,
+                 offset_readers: dict[str, OffsetReader] | None = None, unchecked_groups: bool = True,
+                 topic_id_probe: Callable[[], str | None] | None = None, retention_interval_s: float = 2.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.spool_dir = spool_dir
         self.make_producer = make_producer
         self._producer: KafkaProducer | None = None
         self.topic = topic
         self.ack_timeout_s = ack_timeout_s
         self.shipped = 0
+        self.reshipped = 0  # records shipped again to a new topic incarnation
+        self.dropped_segments = 0  # retained segments deleted because every group has them
+        self.evicted_segments = 0  # retained segments deleted by the byte cap although maybe needed
         self.quarantined = 0
         self.quarantined_by_reason: Counter[str] = Counter()  # torn | checksum | unframed | not_an_event
+        self.retain_s = retain_s
+        self.retain_bytes = retain_bytes
+        # consumer groups whose stored offsets we can read (name -> reader); the others are covered by retain_s
+        self.offset_readers = dict(offset_readers or {})
+        self.unchecked_groups = unchecked_groups
+        self._probe = topic_id_probe
+        self._admin: KafkaAdminClient | None = None
+        # The topic incarnation the current producer has sent to: a producer id from a broker that has since
+        # restarted is unknown to the new one, and kafka-python retries into it until the delivery timeout.
+        self._producer_incarnation: str | None = None
+        self._bootstrap: list[str] | None = None  # from the first producer's config, for the admin client
+        self.retention_interval_s = retention_interval_s
+        self._next_retention = 0.0
+        self.clock = clock
         spool_dir.mkdir(parents=True, exist_ok=True)
+        self.retained = RetainedSegments(spool_dir)
+        self.retained.remove_orphan_sidecars()
 
     def ship_once(self) -> int:
-        """Ship every sealed segment present now. Returns the number of records acknowledged."""
+        """Re-ship retained segments if the topic incarnation changed, ship every sealed segment present
+        now, then drop the retained segments that are safe to drop. Returns the number of new records
+        acknowledged (re-shipped ones are counted in `reshipped`)."""
         recover_orphans(self.spool_dir)
+        topic_id = self.topic_id()
+        if topic_id:
+            self._reship_stale(topic_id)
         total = 0
         for segment in sealed_segments(self.spool_dir):
             total += self.ship_segment(segment)
+        if time.monotonic() >= self._next_retention:
+            self.apply_retention()
+            self._next_retention = time.monotonic() + self.retention_interval_s
         return total
+
+    # -- topic incarnation ------------------------------------------------------------------------
+
+    def topic_id(self) -> str | None:
+        """Kafka's id of the topic's current incarnation, fresh from the broker; None if unreachable.
+
+        Raises ShipError when the broker answers that the topic does not exist: the producer factory
+        creates it with the configured partitions (a send would auto-create it with the broker's)."""
+        if self._probe is not None:
+            return self._probe()
+        for attempt in (1, 2):  # a broker restart breaks the admin client's connection: make a new one
+            fresh = self._admin is None
+            try:
+                if self._admin is None:
+                    if self._bootstrap is None:
+                        self._bootstrap = list(self.producer.config["bootstrap_servers"])
+                    bootstrap = self._bootstrap
+                    self._admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000,
+                                                   bootstrap_timeout_ms=2000)
+                (described,) = self._admin.describe_topics([self.topic])
+            except (KafkaError, OSError, ValueError) as exc:
+                self._close_admin()
+                if attempt == 2 or fresh:
+                    log.debug("shipper: cannot read the topic id (%s)", exc)
+                    return None
+                continue
+            if described.get("error_code") == 3:  # UNKNOWN_TOPIC_OR_PARTITION
+                self._discard_producer()
+                raise ShipError(f"topic {self.topic} does not exist (broker restarted?); will create it and retry")
+            return str(described.get("topic_id") or "")
+        return None
+
+    def _close_admin(self) -> None:
+        if self._admin is not None:
+            try:
+                self._admin.close()
+            except Exception:  # noqa: BLE001 - it is being thrown away
+                pass
+            self._admin = None
+
+    def _reship_stale(self, topic_id: str) -> None:
+        stale = [seg for seg in self.retained.list()
+                 if seg.shipment is None or seg.shipment.topic != self.topic or seg.shipment.topic_id != topic_id]
+        if stale:
+            log.warning("shipper: topic %s is a new incarnation (%s); shipping %d retained segments again",
+                        self.topic, topic_id, len(stale))
+        for seg in stale:
+            try:
+                count, offsets, shipped_to = self._send(seg.path)
+            except ShipError:
+                self._discard_producer()
+                raise
+            except KafkaError as exc:
+                self._discard_producer()
+                raise ShipError(f"{seg.path.name}: Kafka is unavailable ({exc}); will retry") from exc
+            ships = seg.shipment.ships + 1 if seg.shipment else 1
+            self.retained.update(seg, Shipment(self.topic, shipped_to, offsets, self.clock(), count, ships))
+            self.reshipped += count
+
+    # -- retention --------------------------------------------------------------------------------
+
+    def apply_retention(self) -> None:
+        """Delete the retained segments every consumer group has stored (see workers/retention.py)."""
+        retained = self.retained.list()
+        if not retained:
+            return
+        try:
+            topic_id = self.topic_id() or ""
+        except ShipError:
+            topic_id = ""
+        stored: dict[str, dict[int, int]] | None = {}
+        if topic_id:
+            try:
+                stored = {group: read(self.topic, topic_id) for group, read in self.offset_readers.items()}
+            except Exception as exc:  # noqa: BLE001 - store unreachable: nothing is known to be stored
+                log.info("shipper: cannot read stored offsets (%s); keeping shipped segments", exc)
+                stored = None
+        decision = decide(retained, topic=self.topic, topic_id=topic_id, now=self.clock(), stored=stored,
+                          unchecked_groups=self.unchecked_groups, retain_s=self.retain_s,
+                          retain_bytes=self.retain_bytes)
+        self.dropped_segments += self.retained.remove(decision.drop)
+        if decision.evict:
+            records = sum(seg.shipment.records if seg.shipment else 0 for seg in decision.evict)
+            level = logging.ERROR if decision.evict_unconfirmed else logging.WARNING
+            log.log(level, "shipper: shipped segments exceed TALLY_SPOOL_RETAIN_BYTES=%d; dropping the %d oldest "
+                    "(%d records; %d of them not yet stored by every group checked here, the others within "
+                    "TALLY_SPOOL_RETAIN_S for the loader): if the broker lost its topic now, they would be lost",
+                    self.retain_bytes, len(decision.evict), records, decision.evict_unconfirmed)
+            self.evicted_segments += self.retained.remove(decision.evict)
 
     @property
     def producer(self) -> KafkaProducer:
@@ -72,6 +202,22 @@ class Shipper:
             raise ShipError(f"{segment.name}: Kafka is unavailable ({exc}); will retry") from exc
 
     def _ship_segment(self, segment: Path) -> int:
+        count, offsets, shipped_to = self._send(segment, quarantine=True)
+        self.retained.keep(segment, Shipment(self.topic, shipped_to, offsets, self.clock(), count))
+        self.shipped += count
+        return count
+
+    def _send(self, segment: Path, *, quarantine: bool = False) -> tuple[int, dict[int, int], str]:
+        """Send every intact record of `segment` and wait for all acks. Returns (records, end offset per
+        partition, topic id the records went to; "" when it changed during the send, i.e. unknown)."""
+        before = self.topic_id()
+        if before is None:  # not sending blind: the incarnation it would reach must be named (ADR 16)
+            raise ShipError(f"{segment.name}: Kafka is unreachable (no topic metadata); will retry")
+        if self._producer_incarnation != before:
+            # A producer that never sent to this incarnation may hold a producer id from a broker that has
+            # restarted since; a fresh one is made for it (once per incarnation, and after any failure).
+            self._discard_producer()
+            self._producer_incarnation = before
         futures = []
         bad: list[tuple[str, bytes]] = []
         for line in segment_records(segment.read_bytes()):
@@ -85,17 +231,40 @@ class Shipper:
                 bad.append(("not_an_event", line))
                 continue
             futures.append(self.producer.send(self.topic, key=key, value=payload))
-        self.producer.flush(timeout=self.ack_timeout_s)
+        self._flush(before)
+        offsets: dict[int, int] = {}
         try:
             for future in futures:
-                future.get(timeout=self.ack_timeout_s)
+                meta = future.get(timeout=self.ack_timeout_s)
+                offsets[meta.partition] = max(offsets.get(meta.partition, 0), meta.offset + 1)
         except KafkaError as exc:
             raise ShipError(f"{segment.name}: Kafka did not acknowledge ({exc}); will retry") from exc
-        if bad:
+        if bad and quarantine:
             self._quarantine(segment.name, bad)
-        segment.unlink()
-        self.shipped += len(futures)
-        return len(futures)
+        try:
+            after = self.topic_id()
+        except ShipError:
+            after = None
+        # Acknowledged by an incarnation we cannot name for sure: ship it again to the next one we see.
+        shipped_to = before if before and before == after else ""
+        return len(futures), offsets, shipped_to
+
+    def _flush(self, topic_id: str | None) -> None:
+        """Wait for every ack, up to `ack_timeout_s`; give up at once if the topic is recreated meanwhile
+        (a restarted broker: the producer would retry into it until its delivery timeout)."""
+        deadline = time.monotonic() + self.ack_timeout_s
+        while True:
+            try:
+                self.producer.flush(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+                return
+            except KafkaTimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+            now_id = self.topic_id()
+            topic_id = topic_id or now_id
+            if topic_id and now_id and now_id != topic_id:
+                raise ShipError(f"topic {self.topic} was recreated while records were in flight; "
+                                "shipping again to the new incarnation")
 
     def _quarantine(self, name: str, bad: list[tuple[str, bytes]]) -> None:
         qdir = self.spool_dir / "quarantine"
@@ -116,6 +285,7 @@ class Shipper:
                     ", ".join(sorted({reason for reason, _ in bad})))
 
     def _discard_producer(self) -> None:
+        self._producer_incarnation = None
         if self._producer is not None:
             try:
                 self._producer.close(timeout=0)
@@ -124,6 +294,7 @@ class Shipper:
             self._producer = None
 
     def close(self) -> None:
+        self._close_admin()
         if self._producer is not None:
             self._producer.flush(timeout=self.ack_timeout_s)
             self._producer.close(timeout=self.ack_timeout_s)

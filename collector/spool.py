@@ -83,7 +83,8 @@ class SpoolFull(OSError):
     """The spool disk is full (or over quota); the caller should answer 503 + Retry-After."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (created, renamed, deleted files) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -203,7 +204,7 @@ class SpoolWriter:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file: nobody else can hold it
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -220,7 +221,7 @@ class SpoolWriter:
                 path.rename(path.with_suffix(SEALED))  # renamed while still locked: recovery never races us
             else:
                 path.unlink(missing_ok=True)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         finally:
             os.close(fd)
 
@@ -274,5 +275,5 @@ def recover_orphans(directory: Path) -> int:
                 path.unlink()
         recovered += 1
     if recovered:
-        _fsync_dir(directory)
+        fsync_dir(directory)
     return recovered

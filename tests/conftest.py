@@ -6,8 +6,10 @@ so they share the servers without sharing state.
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,3 +153,23 @@ def register(settings: Settings, registry, domain: str, **kwargs) -> str:
     key = sites.add(settings.pg_dsn, domain, **kwargs).site_key
     assert registry.refresh()
     return key
+
+
+# ---------------------------------------------------------------- Debian's Chromium, driven by Playwright
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Without the background-networking flags Chromium keeps calling hosts this closed network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@contextmanager
+def chromium(*extra_args: str):
+    """A headless Chromium (Debian's, as `make test` installs it) for one module or test."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[*CHROMIUM_ARGS, *extra_args])
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -37,9 +37,9 @@ from collector.registry import SiteRegistry
 from infra.processes import free_port, tcp_open, wait_until
 from olap.client import connect
 from oltp import sites
-from tests.conftest import serve_in_thread
+from tests.conftest import chromium, serve_in_thread
 from tests.test_pipeline import Pipeline
-from tests.test_tag import BROWSER_NETWORK_LOG, CHROMIUM, CHROMIUM_ARGS, SNIPPET
+from tests.test_tag import BROWSER_NETWORK_LOG, SNIPPET
 
 PAGE_ZONE = "tally-e2e.test"  # each run's page is <run>.tally-e2e.test: a fresh domain per run
 COLLECTOR_HOST = "collector-e2e.test"
@@ -137,12 +137,8 @@ class Page:
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[*CHROMIUM_ARGS, RESOLVER])
+    with chromium(RESOLVER) as browser:
         yield browser
-        browser.close()
 
 
 class Run:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,24 +18,17 @@ import requests
 
 from infra.processes import free_port, tcp_open, wait_until
 from oltp import sites, tokens
-from tests.conftest import serve_in_thread
+from tests.conftest import chromium, serve_in_thread
 from tests.test_pipeline import Pipeline
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ROOT = Path(__file__).resolve().parent.parent
 READY = "document.body.dataset.state === 'ready' || document.body.dataset.state === 'error'"
 
 
 @pytest.fixture()
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 def chart(page) -> dict:

@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import json
 import re
-import shutil
 import threading
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from core.event import EventError, HitContext, Limits, event_from_hit, mac_key
+from tests.conftest import chromium
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG_SRC = ROOT / "collector" / "static" / "tag.js"
@@ -31,10 +31,6 @@ TAG_MIN = ROOT / "collector" / "static" / "tag.min.js"
 SITE_KEY = "pk_test-0123456789abcdef"  # the public site key (`tally sites add` prints it)
 SNIPPET = "window.tally = window.tally || function () { (tally.q = tally.q || []).push(arguments) };"
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-# Same browser and flags as tests/test_dashboard.py.
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # The browser itself logs a failed request ("Failed to load resource: ... 503"); the tests that make the
 # stand-in fail on purpose allow exactly that line, which no script can suppress. Nothing else, ever.
 BROWSER_NETWORK_LOG = "Failed to load resource"
@@ -187,12 +183,8 @@ class Site:
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture()

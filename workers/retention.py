@@ -31,6 +31,8 @@ from pathlib import Path
 
 import orjson
 
+from collector.spool import fsync_dir
+
 log = logging.getLogger(__name__)
 
 SHIPPED_DIR = "shipped"
@@ -76,14 +78,6 @@ class Retained:
 
 def sidecar_of(segment: Path) -> Path:
     return segment.with_name(segment.name + SIDECAR)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_sidecar(segment_in_shipped: Path, shipment: Shipment) -> None:
@@ -161,8 +155,8 @@ class RetainedSegments:
         target = self.directory / segment.name
         write_sidecar(target, shipment)
         segment.rename(target)
-        _fsync_dir(self.directory)
-        _fsync_dir(segment.parent)
+        fsync_dir(self.directory)
+        fsync_dir(segment.parent)
         return target
 
     def update(self, seg: Retained, shipment: Shipment) -> None:
@@ -193,7 +187,7 @@ class RetainedSegments:
             seg.sidecar.unlink(missing_ok=True)
             n += 1
         if n:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return n
 
     def remove_orphan_sidecars(self) -> None:

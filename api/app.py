@@ -581,6 +581,37 @@ def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
+@bp.get("/readyz")
+@probe
+def readyz() -> Response:
+    """Readiness probe: PostgreSQL answers (the API's store for rollups and tokens).
+    ---
+    get:
+      summary: Readiness probe (no token, no rate limit)
+      tags: [operations]
+      responses:
+        200:
+          description: the API can serve
+          content:
+            application/json:
+              schema:
+                type: object
+                properties: {status: {type: string, const: ready}}
+                required: [status]
+        503:
+          description: PostgreSQL is unreachable (the JSON error shape, code `not_ready`)
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/Error'}
+    """
+    try:
+        with _backends().rollups.pool.connection(timeout=2) as conn:
+            conn.execute("SELECT 1")
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", with its kind
+        return error(503, "not_ready", f"PostgreSQL is unreachable ({type(exc).__name__})")
+    return json_response({"status": "ready"})
+
+
 @bp.get("/api/v1/openapi.json")
 @public
 def openapi_document() -> Response:

@@ -298,6 +298,22 @@ def healthz() -> Response:
     return json_response({"status": "ok"}, 200)
 
 
+@bp.get("/readyz")
+def readyz() -> Response:
+    """Whether this process can do its job: the spool takes appends, and the sites registry is loaded."""
+    problems = []
+    spool_problem = current_app.extensions["tally_spool"].readiness()
+    if spool_problem:
+        problems.append(spool_problem)
+    if current_app.extensions["tally_registry"].snapshot() is None:
+        problems.append("the sites registry has never been loaded (PostgreSQL unreachable and no disk copy)")
+    if problems:
+        resp = error(503, "not_ready", "; ".join(problems), problems=problems)
+        resp.headers["Retry-After"] = "30"
+        return resp
+    return json_response({"status": "ready"}, 200)
+
+
 def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_sealer: bool = True,
                registry: SiteRegistry | None = None, workers: int = 1) -> Flask:
     """Build a collector app. `settings.secret` must be set (it keys the anonymised visitor hash).

@@ -105,6 +105,7 @@ class SpoolWriter:
         self._flushing = False
         self._failures: dict[int, OSError] = {}
         self.flushes = 0  # write + fdatasync calls so far (how well group commit groups)
+        self.full_at = float("-inf")  # time.monotonic() of the last append refused for a full disk
         self._fd: int | None = None
         self._path: Path | None = None
         self._size = 0
@@ -150,6 +151,8 @@ class SpoolWriter:
                     self._cond.notify_all()
             failure = self._failures.get(batch)
         if failure is not None:
+            if isinstance(failure, SpoolFull):
+                self.full_at = time.monotonic()
             raise failure
 
     def _write_durably(self, data: bytes) -> None:
@@ -176,6 +179,21 @@ class SpoolWriter:
                 raise _classify(exc) from exc
             self._size = start + len(data)
         self.flushes += 1
+
+    def readiness(self, *, recent_full_s: float = 30.0) -> str | None:
+        """None if appends can be expected to succeed; else why not (for /readyz): the disk refused an
+        append in the last `recent_full_s`, or it has less free space than two segments."""
+        if time.monotonic() - self.full_at < recent_full_s:
+            return "the spool disk refused an append for lack of space in the last 30 s"
+        try:
+            st = os.statvfs(self.directory)
+        except OSError as exc:
+            return f"the spool directory cannot be read ({exc.strerror})"
+        if st.f_bavail * st.f_frsize < 2 * self.max_bytes:
+            return "the spool disk has less free space than two segments"
+        if not os.access(self.directory, os.W_OK):
+            return "the spool directory is not writable"
+        return None
 
     def seal_if_stale(self) -> None:
         """Seal the open segment if it is old enough; called by a timer so idle spools still ship."""

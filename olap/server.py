@@ -196,6 +196,23 @@ def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
+@bp.get("/readyz")
+def readyz() -> Response:
+    """Whether a query slot's ClickHouse client answers `SELECT 1` (waits for a free slot up to wait_s)."""
+    slots = _slots()
+    try:
+        client, release = slots.take(_cfg().wait_s)
+    except Busy:
+        return json_response({"status": "ready", "note": "every query slot is busy"}, 200)
+    try:
+        client.query("SELECT 1")
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", with its reason
+        return error(503, "not_ready", f"ClickHouse does not answer ({type(exc).__name__})")
+    finally:
+        release()
+    return json_response({"status": "ready"}, 200)
+
+
 @bp.get("/v1/freshness")
 def freshness() -> Response:
     """When the loader last wrote to ClickHouse (its offsets' newest `written_at`), for the ingestion status."""

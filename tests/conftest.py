@@ -173,3 +173,20 @@ def chromium(*extra_args: str):
             yield browser
         finally:
             browser.close()
+
+
+def until(page, what: str, predicate, timeout: float = 15.0):
+    """Poll `predicate` until it is truthy, keeping Playwright's event loop turning while `page` is open."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        if page is not None and not page.is_closed():
+            page.wait_for_timeout(25)
+        else:
+            time.sleep(0.025)

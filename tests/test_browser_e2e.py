@@ -37,7 +37,7 @@ from collector.registry import SiteRegistry
 from infra.processes import free_port, tcp_open, wait_until
 from olap.client import connect
 from oltp import sites
-from tests.conftest import chromium, serve_in_thread
+from tests.conftest import chromium, serve_in_thread, until
 from tests.test_pipeline import Pipeline
 from tests.test_tag import BROWSER_NETWORK_LOG, SNIPPET
 
@@ -183,20 +183,6 @@ def run_factory(make_settings):
     yield make
     for r in runs:
         r.close()
-
-
-def until(page, what: str, predicate, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        if page is not None and not page.is_closed():
-            page.wait_for_timeout(25)
-        else:
-            time.sleep(0.025)
 
 
 @pytest.mark.parametrize("failure", [None, "refused", "answer_lost"], ids=["clean", "refused", "answer_lost"])

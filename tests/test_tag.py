@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from core.event import EventError, HitContext, Limits, event_from_hit, mac_key
-from tests.conftest import chromium
+from tests.conftest import chromium, until
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG_SRC = ROOT / "collector" / "static" / "tag.js"
@@ -220,14 +220,7 @@ class Tab:
 
     def until(self, what: str, predicate, timeout: float = 10.0):
         """Poll `predicate` (keeping Playwright's event loop turning) until it is truthy."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            self.page.wait_for_timeout(25)
+        return until(self.page, what, predicate, timeout)
 
     def check_clean(self) -> None:
         """(g) no cookies, no localStorage, nothing in the console, no page errors."""

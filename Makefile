@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up demo test bench clean
+.PHONY: up demo test bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "tally needs Python 3.11+")'
@@ -24,6 +24,10 @@ test: $(STAMP)
 	./scripts/ensure-chromium
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+## Kill and restart processes under load for 10 minutes; compare both stores with what was acknowledged.
+chaos: $(STAMP)
+	$(BIN)/tally chaos --minutes 10 $(ARGS)
+
 ## Benchmarks (never part of the tests): floors and stage ratios. ARGS=--quick for a short run.
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
@@ -31,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run $(ARGS)
 	$(BIN)/python -m bench.collector $(ARGS)
 	$(BIN)/python -m bench.isolation $(ARGS)
+	$(BIN)/python -m bench.queries $(ARGS)
 
 clean:
 	rm -rf $(VENV) .tally .pytest_cache

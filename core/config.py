@@ -82,6 +82,22 @@ class Settings:
     # ship, and retained bytes are capped (0 = no cap). ADR 16.
     spool_retain_s: float
     spool_retain_bytes: int
+    # Retention per rollup tier in days, enforced by dropping whole partitions (0 = kept forever),
+    # the ClickHouse raw-event TTL (0 = no TTL) and the seen_events dedup window. ADR 18.
+    retention_15m_days: int = 90
+    retention_1h_days: int = 730
+    retention_1d_days: int = 0
+    raw_retention_days: int = 400
+    dedup_window_days: int = 9
+    # Process logs (core/logs.py): json | text, the directory (None = stderr, TALLY_LOG_DIR=-), rotation.
+    log_format: str = "json"
+    log_dir: Path | None = None
+    log_max_bytes: int = 50 * 1024 * 1024
+    log_backups: int = 5
+    # Client networks that may read /metrics on the collector and the API without a token (ADR 21).
+    metrics_allowed_nets: tuple[object, ...] = ()  # ipaddress.IPv4Network | IPv6Network
+    # How often the analyst server reconciles the last settled hours of both stores (0 = never). ADR 20.
+    reconcile_interval_s: float = 900.0
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -134,11 +150,23 @@ class Settings:
             cli_token=r.text("TALLY_TOKEN", None, min_len=16),
             spool_retain_s=r.number("TALLY_SPOOL_RETAIN_S", 3600.0, 0.0, 30 * 86_400.0),
             spool_retain_bytes=r.integer("TALLY_SPOOL_RETAIN_BYTES", 1 << 30, 0, 1 << 44),
+            retention_15m_days=r.integer("TALLY_RETENTION_15M_DAYS", 90, 0, 100_000),
+            retention_1h_days=r.integer("TALLY_RETENTION_1H_DAYS", 730, 0, 100_000),
+            retention_1d_days=r.integer("TALLY_RETENTION_1D_DAYS", 0, 0, 100_000),
+            raw_retention_days=r.integer("TALLY_RAW_RETENTION_DAYS", 400, 0, 100_000),
+            dedup_window_days=r.integer("TALLY_DEDUP_WINDOW_DAYS", _default_dedup_days(env), 1, 10_000),
+            log_format=r.match("TALLY_LOG_FORMAT", "json", r"json|text", "must be json or text"),
+            log_dir=None if (env.get("TALLY_LOG_DIR") or "").strip() == "-" else r.path("TALLY_LOG_DIR", home / "logs"),
+            log_max_bytes=r.integer("TALLY_LOG_MAX_BYTES", 50 * 1024 * 1024, 4096, 1 << 40),
+            log_backups=r.integer("TALLY_LOG_BACKUPS", 5, 1, 1000),
+            metrics_allowed_nets=r.networks("TALLY_METRICS_ALLOWED_NETS", "127.0.0.0/8,::1/128"),
+            reconcile_interval_s=r.number("TALLY_RECONCILE_INTERVAL_S", 900.0, 0.0, 7 * 86_400.0),
             raw={k: v for k, v in env.items() if k.startswith("TALLY_")},
         )
         unknown = sorted(set(settings.raw) - _KNOWN)
         if unknown:
             raise ConfigError(unknown[0], "unknown setting (typo?); known settings are listed in README.md")
+        _check_retention(settings)
         return settings
 
     def with_overrides(self, **changes: object) -> "Settings":
@@ -157,8 +185,50 @@ _KNOWN = {
     "TALLY_SQL_MAX_CONCURRENT", "TALLY_SQL_MAX_THREADS", "TALLY_CONSUMER_SESSION_TIMEOUT_MS", "TALLY_ALLOWED_HOSTS",
     "TALLY_API_RATE_LIMIT", "TALLY_ANALYST_PORT", "TALLY_ANALYST_URL", "TALLY_SITE_RATE_PER_S",
     "TALLY_SITE_BURST", "TALLY_REGISTRY_REFRESH_S", "TALLY_TOKEN", "TALLY_SPOOL_RETAIN_S",
-    "TALLY_SPOOL_RETAIN_BYTES",
+    "TALLY_SPOOL_RETAIN_BYTES", "TALLY_METRICS_ALLOWED_NETS",
+    "TALLY_RETENTION_15M_DAYS", "TALLY_RETENTION_1H_DAYS", "TALLY_RETENTION_1D_DAYS",
+    "TALLY_RAW_RETENTION_DAYS", "TALLY_DEDUP_WINDOW_DAYS",
+    "TALLY_LOG_FORMAT", "TALLY_LOG_DIR", "TALLY_LOG_MAX_BYTES", "TALLY_LOG_BACKUPS",
+    "TALLY_RECONCILE_INTERVAL_S",
 }
+
+def _default_dedup_days(env: Mapping[str, str]) -> int:
+    """Default dedup window: the collector's max past age in whole days, rounded up, plus 2 (more if
+    the spool keeps shipped segments, which a recreated topic gets again, longer than a day)."""
+    try:
+        past_age_s = int((env.get("TALLY_MAX_PAST_AGE_S") or "").strip() or 7 * 86_400)
+        retain_s = float((env.get("TALLY_SPOOL_RETAIN_S") or "").strip() or 3600.0)
+    except ValueError:  # reported by the variables' own readers
+        past_age_s, retain_s = 7 * 86_400, 3600.0
+    past_age_s, retain_s = max(past_age_s, 0), min(max(retain_s, 0.0), 30 * 86_400.0)
+    return max(-(-past_age_s // 86_400) + 2, -int(-(past_age_s + retain_s + 86_400) // 86_400))
+
+
+def _check_retention(s: "Settings") -> None:
+    """Cross-setting rules (ADR 18); raises ConfigError naming the variable to change.
+
+    The dedup window must cover the max accepted past age plus a day (a late duplicate must still
+    find its twin in seen_events), plus how long the spool keeps shipped segments (ADR 16), and a finer tier may not be kept longer than a coarser one
+    unless the coarser one is kept forever (0).
+    """
+    if s.dedup_window_days * 86_400 < s.max_past_age_s + 86_400:
+        raise ConfigError("TALLY_DEDUP_WINDOW_DAYS",
+                          f"{s.dedup_window_days} days does not cover TALLY_MAX_PAST_AGE_S "
+                          f"({s.max_past_age_s} s) plus one day; a late duplicate could be counted twice")
+    if s.dedup_window_days * 86_400 < s.max_past_age_s + s.spool_retain_s + 86_400:
+        raise ConfigError("TALLY_DEDUP_WINDOW_DAYS",
+                          f"{s.dedup_window_days} days does not cover TALLY_MAX_PAST_AGE_S ({s.max_past_age_s} s)"
+                          f" + TALLY_SPOOL_RETAIN_S ({s.spool_retain_s:g} s) plus one day; an event the spool"
+                          " ships again to a recreated topic could be counted twice")
+    tiers = [("TALLY_RETENTION_15M_DAYS", s.retention_15m_days),
+             ("TALLY_RETENTION_1H_DAYS", s.retention_1h_days),
+             ("TALLY_RETENTION_1D_DAYS", s.retention_1d_days)]
+    for i, (fine_name, fine) in enumerate(tiers):
+        for coarse_name, coarse in tiers[i + 1:]:
+            if coarse and (fine == 0 or fine > coarse):
+                raise ConfigError(fine_name, f"{f'{fine} days' if fine else 'forever'} exceeds {coarse_name} ({coarse} days); "
+                                  "a finer tier cannot be kept longer than a coarser one")
+
 
 _RATE_RE = r"\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?(\s*[;,]\s*\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?)*"
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -249,6 +319,23 @@ class _Reader:
         if not hosts:
             raise ConfigError(name, "lists no host")
         return tuple(dict.fromkeys(hosts))
+
+    def networks(self, name: str, default: str) -> tuple[object, ...]:
+        """Comma-separated IP networks in CIDR notation (a bare address is its /32 or /128)."""
+        import ipaddress
+
+        value = self._get(name) or default
+        nets = []
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            try:
+                nets.append(ipaddress.ip_network(part.strip(), strict=False))
+            except ValueError:
+                raise ConfigError(name, f"{part.strip()[:60]!r} is not an IP network (e.g. 10.0.0.0/8, ::1/128)") from None
+        if not nets:
+            raise ConfigError(name, "lists no network")
+        return tuple(nets)
 
     def bootstrap(self, name: str) -> tuple[str, ...] | None:
         value = self._get(name)

@@ -1,14 +1,37 @@
-"""ClickHouse schema for raw events (idempotent). Works on chDB and on a ClickHouse server."""
+"""ClickHouse schema for raw events, by versioned migrations (ADR 18). Works on chDB and on a server.
+
+`ensure_schema(client, db, ttl_days)` applies, in order, every migration in MIGRATIONS not yet
+recorded in `<db>.schema_migrations`, then makes the events TTL match `ttl_days`
+(TALLY_RAW_RETENTION_DAYS; 0 = no TTL) with ALTER TABLE ... MODIFY TTL / REMOVE TTL when it differs.
+Raw events stay partitioned by toYYYYMM(ts). chDB is owned by one process (ADR 3): run this where
+that process starts. Every migration must be idempotent (IF NOT EXISTS ...): two servers-side
+processes starting at once may both apply one, and a crash between a migration and its record
+re-applies it.
+"""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from clickhouse_connect.driver.client import Client
 
 EVENT_COLUMNS = ("hash", "domain", "url", "ts", "received_at", "type", "value", "referrer", "user_agent",
                  "browser", "os", "device", "country", "visitor")
 
+DEFAULT_TTL_DAYS = 400
 
-def statements(db: str, ttl_days: int = 400) -> list[str]:
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: Callable[[str], list[str]]  # database name -> DDL statements
+
+
+def _baseline(db: str) -> list[str]:
+    """The release before migrations, verbatim (its default 400-day TTL included): adopts its databases."""
     return [
         f"CREATE DATABASE IF NOT EXISTS {db}",
         # ReplacingMergeTree on the sort key (day, domain, hash): duplicates of one event collapse on
@@ -31,7 +54,7 @@ def statements(db: str, ttl_days: int = 400) -> list[str]:
         ) ENGINE = ReplacingMergeTree
         PARTITION BY toYYYYMM(ts)
         ORDER BY (toDate(ts), domain, hash)
-        TTL toDateTime(ts) + INTERVAL {ttl_days} DAY
+        TTL toDateTime(ts) + INTERVAL 400 DAY
         SETTINGS non_replicated_deduplication_window = 1000""",
         f"""CREATE TABLE IF NOT EXISTS {db}.consumer_offsets (
             consumer_group String,
@@ -56,6 +79,85 @@ def statements(db: str, ttl_days: int = 400) -> list[str]:
     ]
 
 
-def ensure_schema(client: Client, db: str) -> None:
-    for statement in statements(db):
-        client.command(statement)
+# Ordered; append only, never edit a shipped one.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "baseline", _baseline),
+)
+
+
+def _ledger(db: str) -> str:
+    return f"""CREATE TABLE IF NOT EXISTS {db}.schema_migrations (
+        version    UInt32,
+        name       String,
+        applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+    ) ENGINE = ReplacingMergeTree(applied_at)
+    ORDER BY version"""
+
+
+def applied_versions(client: Client, db: str) -> set[int]:
+    """Versions recorded in `<db>.schema_migrations` (empty when the ledger does not exist yet)."""
+    exists = client.command(f"EXISTS TABLE {db}.schema_migrations")
+    if str(exists).strip() != "1":
+        return set()
+    return {int(r[0]) for r in client.query(f"SELECT DISTINCT version FROM {db}.schema_migrations").result_rows}
+
+
+def _check_db(db: str) -> None:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", db):
+        raise ValueError(f"{db!r} is not a database identifier")
+
+
+def events_ttl_days(client: Client, db: str) -> int | None:
+    """The events table's current TTL in days (0 = none; None = a TTL this code did not set, which
+    `apply_ttl` replaces). Raises ValueError when the table does not exist."""
+    row = client.query("SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = 'events'",
+                       parameters={"db": db}).result_rows
+    if not row:
+        raise ValueError(f"{db}.events does not exist")
+    engine_full = str(row[0][0])
+    if " TTL " not in f" {engine_full} ":
+        return 0
+    match = re.search(r"TTL toDateTime\(ts\) \+ toIntervalDay\((\d+)\)", engine_full)
+    return None if match is None else int(match.group(1))
+
+
+def apply_ttl(client: Client, db: str, ttl_days: int) -> bool:
+    """Make the events TTL `ttl_days` (0 = remove it); True when it had to change.
+
+    MODIFY TTL drops expired rows from existing parts in the background (a mutation), whole
+    monthly partitions at a time where they are entirely expired.
+    """
+    if ttl_days < 0:
+        raise ValueError("ttl_days must be >= 0")
+    current = events_ttl_days(client, db)
+    if current == ttl_days:
+        return False
+    if ttl_days == 0:
+        client.command(f"ALTER TABLE {db}.events REMOVE TTL")
+    else:
+        client.command(f"ALTER TABLE {db}.events MODIFY TTL toDateTime(ts) + INTERVAL {int(ttl_days)} DAY")
+    return True
+
+
+def ensure_schema(client: Client, db: str, ttl_days: int = DEFAULT_TTL_DAYS) -> list[int]:
+    """Apply the missing migrations in order, then the TTL; returns the versions applied now.
+
+    When it returns, every migration is applied and recorded and the TTL is `ttl_days`. If a
+    statement raises, the migrations before it stay applied and recorded; the failing one is not
+    recorded and is re-applied (idempotently) next time.
+    """
+    _check_db(db)
+    client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+    client.command(_ledger(db))
+    done = applied_versions(client, db)
+    applied = []
+    for migration in MIGRATIONS:
+        if migration.version in done:
+            continue
+        for statement in migration.statements(db):
+            client.command(statement)
+        client.insert(f"{db}.schema_migrations", [[migration.version, migration.name]],
+                      column_names=["version", "name"])
+        applied.append(migration.version)
+    apply_ttl(client, db, ttl_days)
+    return applied

@@ -1,135 +1,300 @@
-"""PostgreSQL schema for customer rollups, consumer offsets and the dedup window (idempotent)."""
+"""PostgreSQL schema: SQLAlchemy Core metadata of the head revision, built by Alembic migrations.
+
+`ensure_schema(dsn)` is what every process calls at start-up (and `tally migrate`): it upgrades the
+database to the newest revision in oltp/migrations/versions/ under an advisory lock, so concurrent
+first starts are safe and a database at head costs one small query. `metadata` describes the
+head schema; tests/test_migrations.py checks that the migrations produce exactly it. To change the
+schema: add a revision AND update `metadata` (ADR 18). Sections, by owner:
+
+- CORE (oltp/rollup_sink.py): consumer offsets, the dedup window, the 15-minute tier, rejected records
+- TIERS (oltp/rollup_sink.py): the 1-hour and 1-day tiers
+- TOKENS (oltp/tokens.py), SITES (oltp/sites.py), AUDIT (oltp/audit.py)
+- INGESTION (oltp/rollup_sink.py, read by oltp/ingestion.py)
+- RECONCILE (oltp/reconcile.py), REWINDS (oltp/rewinds.py)
+
+rollup_15m, rollup_1h, rollup_1d and seen_events are range-partitioned by time (oltp/partitions.py).
+"""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import psycopg
+from sqlalchemy import (ARRAY, BigInteger, Boolean, CheckConstraint, Column, DateTime, Double, Index, Integer,
+                        LargeBinary, MetaData, Numeric, PrimaryKeyConstraint, Table, Text, Uuid, text)
 
-CORE = """
-CREATE TABLE IF NOT EXISTS consumer_offsets (
-    consumer_group text    NOT NULL,
-    topic          text    NOT NULL,
-    partition      integer NOT NULL,
-    topic_id       text    NOT NULL DEFAULT '',  -- Kafka topic id of the incarnation these offsets belong to
-    next_offset    bigint  NOT NULL CHECK (next_offset >= 0),
-    updated_at     timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (consumer_group, topic, partition)
-);
-
--- Dedup window: every event hash counted so far, with its event time for pruning.
-CREATE TABLE IF NOT EXISTS seen_events (
-    hash uuid        PRIMARY KEY,
-    ts   timestamptz NOT NULL
-);
-
--- 15-minute tier: quarter-hour buckets are aligned for every UTC offset (+05:45, +12:45 too).
-CREATE TABLE IF NOT EXISTS rollup_15m (
-    domain       text        NOT NULL,
-    event_type   text        NOT NULL,
-    bucket_start timestamptz NOT NULL,
-    events       bigint      NOT NULL,
-    valued       bigint      NOT NULL DEFAULT 0,   -- events that carried a value (avg = value_sum / valued)
-    value_sum    numeric(24, 6),
-    value_min    numeric(24, 6),
-    value_max    numeric(24, 6),
-    PRIMARY KEY (domain, event_type, bucket_start)
-);
-
--- Records that could not be decoded: kept for inspection, capped (see oltp.rollup_sink).
-CREATE TABLE IF NOT EXISTS rejected_records (
-    id             bigserial PRIMARY KEY,
-    consumer_group text        NOT NULL,
-    topic          text        NOT NULL,
-    partition      integer     NOT NULL,
-    "offset"       bigint      NOT NULL,
-    error          text        NOT NULL,
-    payload        text        NOT NULL,
-    rejected_at    timestamptz NOT NULL DEFAULT now()
-);
-"""
-
-# API tokens (owned by oltp/tokens.py).
-TOKENS = """
--- Who may call the API. The secret is never stored: only the SHA-256 of its 256 random bits.
-CREATE TABLE IF NOT EXISTS api_tokens (
-    id            text        PRIMARY KEY CHECK (id ~ '^tok_[0-9a-f]{10}$'),
-    name          text        NOT NULL DEFAULT '' CHECK (length(name) <= 200),
-    role          text        NOT NULL CHECK (role IN ('admin', 'analyst', 'customer')),
-    domains       text[]      NOT NULL DEFAULT '{}',  -- normalised; customers only (at least one)
-    secret_sha256 bytea       NOT NULL CHECK (length(secret_sha256) = 32),
-    created_at    timestamptz NOT NULL DEFAULT now(),
-    revoked_at    timestamptz,
-    CHECK ((role = 'customer') = (cardinality(domains) > 0))
-);
-"""
-
-# The sites registry (owned by oltp/sites.py).
-SITES = """
--- Who may send events: one row per site (domain). site_key is public (it goes into the page tag);
--- secret stays on the customer's server and signs pixel URLs (HMAC), so it is stored retrievably.
-CREATE TABLE IF NOT EXISTS sites (
-    domain      text        PRIMARY KEY,
-    tz          text        NOT NULL DEFAULT 'UTC',
-    origins     text[]      NOT NULL DEFAULT '{}',
-    site_key    text        NOT NULL UNIQUE CHECK (site_key ~ '^pk_[A-Za-z0-9_-]{22,}$'),
-    secret      text        NOT NULL CHECK (secret ~ '^sk_[A-Za-z0-9_-]{43,}$'),
-    rate_per_s  double precision CHECK (rate_per_s IS NULL OR rate_per_s > 0),
-    burst       integer     CHECK (burst IS NULL OR burst >= 1),
-    respect_dnt boolean     NOT NULL DEFAULT false,
-    created_at  timestamptz NOT NULL DEFAULT now(),
-    updated_at  timestamptz NOT NULL DEFAULT now()
-);
-"""
-
-# The analyst-SQL audit log (owned by oltp/audit.py).
-AUDIT = """
--- One row per analyst query, refused and failed ones included. token_id is not a foreign key:
--- the record outlives the token.
-CREATE TABLE IF NOT EXISTS analyst_queries (
-    id          bigserial   PRIMARY KEY,
-    token_id    text,
-    started_at  timestamptz NOT NULL,
-    sql         text        NOT NULL,
-    format      text        NOT NULL,
-    status      text        NOT NULL
-                CHECK (status IN ('ok', 'refused', 'failed', 'timeout', 'too_large', 'busy', 'cancelled')),
-    rows        bigint      NOT NULL DEFAULT 0 CHECK (rows >= 0),
-    bytes       bigint      NOT NULL DEFAULT 0 CHECK (bytes >= 0),
-    duration_ms integer     NOT NULL DEFAULT 0 CHECK (duration_ms >= 0),
-    error       text
-);
-CREATE INDEX IF NOT EXISTS analyst_queries_started_at ON analyst_queries (started_at);
-"""
-
-# Ingestion status per domain (owned by oltp/rollup_sink.py, read by oltp/ingestion.py), by the UTC
-# quarter hour the events ARRIVED in (not their event time): what the collectors refused (their count
-# records, carried through the spool and the topic), and what was accepted, of it bots and late events.
-INGESTION = """
-CREATE TABLE IF NOT EXISTS collector_refusals (
-    domain       text        NOT NULL,
-    reason       text        NOT NULL,
-    bucket_start timestamptz NOT NULL,
-    events       bigint      NOT NULL,
-    PRIMARY KEY (domain, reason, bucket_start)
-);
-CREATE TABLE IF NOT EXISTS ingestion_15m (
-    domain           text        NOT NULL,
-    bucket_start     timestamptz NOT NULL,
-    accepted         bigint      NOT NULL DEFAULT 0,
-    bots             bigint      NOT NULL DEFAULT 0,
-    late             bigint      NOT NULL DEFAULT 0,  -- arrived after their event-time quarter hour + 5 min
-    last_received_at timestamptz,
-    PRIMARY KEY (domain, bucket_start)
-);
-"""
-
-SCHEMA = "\n".join(part for part in (CORE, TOKENS, SITES, AUDIT, INGESTION) if part)
+log = logging.getLogger(__name__)
+metadata = MetaData()
+_NOW = text("now()")
 
 
-def ensure_schema(dsn: str) -> None:
-    """Create every table if missing. Safe to run concurrently from several processes."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(7201)")  # serialise concurrent first starts
-        try:
-            conn.execute(SCHEMA)
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(7201)")
+def _tz() -> DateTime:
+    return DateTime(timezone=True)
+
+
+# --- CORE -----------------------------------------------------------------------------------------
+consumer_offsets = Table(
+    "consumer_offsets", metadata,
+    Column("consumer_group", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("topic_id", Text, nullable=False, server_default=text("''")),  # the topic incarnation's id
+    Column("next_offset", BigInteger, CheckConstraint("next_offset >= 0"), nullable=False),
+    Column("updated_at", _tz(), nullable=False, server_default=_NOW),
+    PrimaryKeyConstraint("consumer_group", "topic", "partition"),
+)
+
+# Dedup window: every event hash counted within TALLY_DEDUP_WINDOW_DAYS, partitioned by event day.
+seen_events = Table(
+    "seen_events", metadata,
+    Column("hash", Uuid(as_uuid=False), nullable=False),
+    Column("ts", _tz(), nullable=False),
+    PrimaryKeyConstraint("hash", "ts"),
+    postgresql_partition_by="RANGE (ts)",
+)
+
+
+def _rollup_columns() -> list[Column]:
+    return [
+        Column("events", BigInteger, nullable=False),
+        Column("valued", BigInteger, nullable=False, server_default=text("0")),  # events that carried a value
+        Column("value_sum", Numeric(24, 6)),
+        Column("value_min", Numeric(24, 6)),
+        Column("value_max", Numeric(24, 6)),
+    ]
+
+
+# 15-minute tier: quarter-hour buckets are aligned for every UTC offset (+05:45, +12:45 too).
+rollup_15m = Table(
+    "rollup_15m", metadata,
+    Column("domain", Text, nullable=False),
+    Column("event_type", Text, nullable=False),
+    Column("bucket_start", _tz(), nullable=False),
+    *_rollup_columns(),
+    PrimaryKeyConstraint("domain", "event_type", "bucket_start"),
+    postgresql_partition_by="RANGE (bucket_start)",
+)
+
+# Records that could not be decoded: kept for inspection, capped (see oltp.rollup_sink).
+rejected_records = Table(
+    "rejected_records", metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("consumer_group", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("rejected_at", _tz(), nullable=False, server_default=_NOW),
+)
+
+# --- TIERS ----------------------------------------------------------------------------------------
+rollup_1h = Table(
+    "rollup_1h", metadata,
+    Column("domain", Text, nullable=False),
+    Column("event_type", Text, nullable=False),
+    Column("bucket_start", _tz(), nullable=False),  # the UTC hour
+    *_rollup_columns(),
+    PrimaryKeyConstraint("domain", "event_type", "bucket_start"),
+    postgresql_partition_by="RANGE (bucket_start)",
+)
+
+rollup_1d = Table(
+    "rollup_1d", metadata,
+    Column("domain", Text, nullable=False),
+    Column("tz", Text, nullable=False),
+    Column("event_type", Text, nullable=False),
+    Column("bucket_start", _tz(), nullable=False),  # the UTC instant of local midnight in `tz`
+    *_rollup_columns(),
+    PrimaryKeyConstraint("domain", "tz", "event_type", "bucket_start"),
+    postgresql_partition_by="RANGE (bucket_start)",
+)
+
+# The zone each domain's rollup_1d rows are written in and the first day from which they hold every
+# event (ADR 19; kept by oltp/rollup_sink.py and oltp/tiers.py, read by oltp/queries.py).
+rollup_1d_coverage = Table(
+    "rollup_1d_coverage", metadata,
+    Column("domain", Text, primary_key=True),
+    Column("tz", Text, nullable=False),
+    Column("complete_from", _tz(), nullable=False),
+    Column("updated_at", _tz(), nullable=False, server_default=_NOW),
+)
+
+# --- TOKENS: who may call the API. The secret is never stored, only the SHA-256 of its 256 bits. -----
+api_tokens = Table(
+    "api_tokens", metadata,
+    Column("id", Text, CheckConstraint("id ~ '^tok_[0-9a-f]{10}$'"), primary_key=True),
+    Column("name", Text, CheckConstraint("length(name) <= 200"), nullable=False, server_default=text("''")),
+    Column("role", Text, CheckConstraint("role IN ('admin', 'analyst', 'customer')"), nullable=False),
+    Column("domains", ARRAY(Text), nullable=False, server_default=text("'{}'")),  # customers only
+    Column("secret_sha256", LargeBinary, CheckConstraint("length(secret_sha256) = 32"), nullable=False),
+    Column("created_at", _tz(), nullable=False, server_default=_NOW),
+    Column("revoked_at", _tz()),
+    CheckConstraint("(role = 'customer') = (cardinality(domains) > 0)"),
+)
+
+# --- SITES: who may send events. site_key is public; secret signs pixel URLs (stored retrievably). ---
+sites = Table(
+    "sites", metadata,
+    Column("domain", Text, primary_key=True),
+    Column("tz", Text, nullable=False, server_default=text("'UTC'")),
+    Column("origins", ARRAY(Text), nullable=False, server_default=text("'{}'")),
+    Column("site_key", Text, CheckConstraint("site_key ~ '^pk_[A-Za-z0-9_-]{22,}$'"), nullable=False, unique=True),
+    Column("secret", Text, CheckConstraint("secret ~ '^sk_[A-Za-z0-9_-]{43,}$'"), nullable=False),
+    Column("rate_per_s", Double, CheckConstraint("rate_per_s IS NULL OR rate_per_s > 0")),
+    Column("burst", Integer, CheckConstraint("burst IS NULL OR burst >= 1")),
+    Column("respect_dnt", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", _tz(), nullable=False, server_default=_NOW),
+    Column("updated_at", _tz(), nullable=False, server_default=_NOW),
+)
+
+# --- AUDIT: one row per analyst query, refused and failed ones included (token_id outlives tokens). --
+analyst_queries = Table(
+    "analyst_queries", metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("token_id", Text),
+    Column("started_at", _tz(), nullable=False),
+    Column("sql", Text, nullable=False),
+    Column("format", Text, nullable=False),
+    Column("status", Text, CheckConstraint(
+        "status IN ('ok', 'refused', 'failed', 'timeout', 'too_large', 'busy', 'cancelled')"), nullable=False),
+    Column("rows", BigInteger, CheckConstraint("rows >= 0"), nullable=False, server_default=text("0")),
+    Column("bytes", BigInteger, CheckConstraint("bytes >= 0"), nullable=False, server_default=text("0")),
+    Column("duration_ms", Integer, CheckConstraint("duration_ms >= 0"), nullable=False, server_default=text("0")),
+    Column("error", Text),
+    Index("analyst_queries_started_at", "started_at"),
+)
+
+# --- INGESTION: per domain and UTC quarter hour of ARRIVAL: refusals, accepted, bots, late. ----------
+collector_refusals = Table(
+    "collector_refusals", metadata,
+    Column("domain", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("bucket_start", _tz(), nullable=False),
+    Column("events", BigInteger, nullable=False),
+    PrimaryKeyConstraint("domain", "reason", "bucket_start"),
+)
+
+ingestion_15m = Table(
+    "ingestion_15m", metadata,
+    Column("domain", Text, nullable=False),
+    Column("bucket_start", _tz(), nullable=False),
+    Column("accepted", BigInteger, nullable=False, server_default=text("0")),
+    Column("bots", BigInteger, nullable=False, server_default=text("0")),
+    Column("late", BigInteger, nullable=False, server_default=text("0")),  # after their quarter hour + 5 min
+    Column("last_received_at", _tz()),
+    PrimaryKeyConstraint("domain", "bucket_start"),
+)
+
+
+# --- RECONCILE (oltp/reconcile.py): results of reconcile runs, read by the metrics endpoint (ADR 20). --
+reconcile_runs = Table(
+    "reconcile_runs", metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("ran_at", _tz(), nullable=False, server_default=_NOW),
+    Column("source", Text, CheckConstraint("source IN ('schedule', 'cli')"), nullable=False),
+    Column("range_from", _tz(), nullable=False),
+    Column("range_to", _tz(), nullable=False),
+    Column("domain", Text),
+    Column("buckets", Integer, CheckConstraint("buckets >= 0"), nullable=False, server_default=text("0")),
+    Column("mismatches", Integer, CheckConstraint("mismatches >= 0"), nullable=False, server_default=text("0")),
+    Column("status", Text, CheckConstraint("status IN ('ok', 'differences', 'failed')"), nullable=False),
+    Column("error", Text),
+    Index("reconcile_runs_ran_at", "source", "ran_at"),
+)
+
+# --- REWINDS (oltp/rewinds.py): how `tally replay` asks running consumer groups to re-read (ADR 23). --
+consumer_rewinds = Table(
+    "consumer_rewinds", metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("request_id", Uuid(as_uuid=False), nullable=False),
+    Column("consumer_group", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("topic_id", Text, nullable=False, server_default=text("''")),  # '' = any incarnation
+    Column("partition", Integer, CheckConstraint("partition >= 0"), nullable=False),
+    Column("next_offset", BigInteger, CheckConstraint("next_offset >= 0"), nullable=False),
+    Column("requested_at", _tz(), nullable=False, server_default=_NOW),
+    Column("reread_until", BigInteger),  # the group's position when applied
+    Column("done_at", _tz()),  # set once, with the outcome
+    Column("outcome", Text),
+    Index("consumer_rewinds_pending", "consumer_group", "topic", postgresql_where=text("done_at IS NULL")),
+)
+
+
+# --- migrations -----------------------------------------------------------------------------------
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+_LOCK_KEY = 7201  # pg_advisory_lock key serialising concurrent migrations
+
+
+def _alembic_config():  # -> alembic.config.Config
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its import-time chatter; ensure_schema logs changes
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def head_revisions() -> tuple[str, ...]:
+    """The newest revision(s) shipped with this code (one, unless two branches await a merge revision)."""
+    config = _alembic_config()  # first: it quiets Alembic's logger before Alembic is imported
+    from alembic.script import ScriptDirectory
+
+    return tuple(sorted(ScriptDirectory.from_config(config).get_heads()))
+
+
+def current_revisions(dsn: str) -> tuple[str, ...]:
+    """The revision(s) the database is at; () when never migrated (empty, or made by the release
+    before migrations, whose tables revision 0001 adopts)."""
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        if conn.execute("SELECT to_regclass('alembic_version')").fetchone()[0] is None:  # type: ignore[index]
+            return ()
+        return tuple(sorted(r[0] for r in conn.execute("SELECT version_num FROM alembic_version")))
+
+
+def ensure_schema(dsn: str, revision: str = "heads") -> None:
+    """Upgrade the database to `revision` (default: every head, i.e. the newest). Idempotent; safe to run concurrently
+    from several processes (an advisory lock serialises them; the later ones find nothing to do).
+
+    Each revision is applied in its own transaction: when this returns, the database is at
+    `revision`; if it raises (psycopg / SQLAlchemy errors), the database is at the last revision that
+    completed, never half way through one.
+    """
+    config = _alembic_config()  # first: it quiets Alembic's logger before Alembic is imported
+    from alembic import command
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn, connect_timeout=10),
+                           poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f"SELECT pg_advisory_lock({_LOCK_KEY})")
+            conn.commit()
+            try:
+                before = _versions(conn)
+                conn.commit()  # Alembic then runs each revision in a transaction of its own
+                config.attributes["connection"] = conn
+                command.upgrade(config, revision)
+                conn.commit()
+                after = _versions(conn)
+                if after != before:
+                    log.info("PostgreSQL schema migrated from %s to %s", ", ".join(before) or "(none)", ", ".join(after))
+            finally:
+                conn.rollback()
+                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK_KEY})")
+                conn.commit()
+    except DBAPIError as exc:  # callers handle psycopg's errors (e.g. OperationalError: unreachable)
+        if isinstance(exc.orig, psycopg.Error):
+            raise exc.orig from exc
+        raise
+    finally:
+        engine.dispose()
+
+
+def _versions(conn) -> tuple[str, ...]:  # conn: sqlalchemy.Connection
+    if conn.exec_driver_sql("SELECT to_regclass('alembic_version')").scalar() is None:
+        return ()
+    return tuple(sorted(r[0] for r in conn.exec_driver_sql("SELECT version_num FROM alembic_version")))

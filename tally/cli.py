@@ -15,13 +15,19 @@ from collections.abc import Sequence
 
 from core.config import ConfigError, Settings
 from tally import cmd_sites, cmd_sqllog, cmd_stats, cmd_tokens
+from tally import cmd_chaos
+from tally import cmd_migrate, cmd_retention
+from tally import cmd_status
+from tally import cmd_rebuild, cmd_reconcile
+from tally import cmd_backfill, cmd_replay
 
 log = logging.getLogger("tally")
 
 
 # Command groups that live in their own modules; each has `register(sub)` adding its subparsers with
 # `set_defaults(func=handler)`, handler(settings, args) -> exit code.
-COMMAND_MODULES = (cmd_tokens, cmd_sites, cmd_sqllog, cmd_stats)
+COMMAND_MODULES = (cmd_tokens, cmd_sites, cmd_sqllog, cmd_stats, cmd_chaos, cmd_status, cmd_migrate, cmd_retention,
+                   cmd_reconcile, cmd_rebuild, cmd_replay, cmd_backfill)
 ANALYST_NICE = 10  # the analyst server's CPU priority offset (see cmd_analyst_server)
 
 
@@ -60,12 +66,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         settings = Settings.from_env(os.environ)
+        if args.command in SERVICES:
+            _setup_service_logging(settings, args)
         return args.func(settings, args)
     except ConfigError as exc:
         print(f"tally: configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+# Long-running processes: they log JSON lines to $TALLY_LOG_DIR/<command>.log (core/logs.py); one-shot
+# commands keep logging text to stderr.
+SERVICES = ("up", "collector", "shipper", "rollup-worker", "loader-worker", "api", "analyst-server")
+
+
+def _setup_service_logging(settings: Settings, args: argparse.Namespace) -> None:
+    from core.logs import setup_logging
+
+    # `tally up` keeps its terminal short: warnings only (the banner is printed, not logged).
+    try:
+        setup_logging(settings, args.command, level=logging.DEBUG if args.verbose else logging.INFO,
+                      terminal_level=logging.WARNING if args.command == "up" else logging.INFO,
+                      stream=sys.stderr if args.command == "up" else None)
+    except OSError as exc:
+        raise ConfigError("TALLY_LOG_DIR", f"cannot write logs in {settings.log_dir} ({exc.strerror or exc}); "
+                          "set TALLY_LOG_DIR to a writable directory, or - for stderr") from None
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    log.info("tally %s starting", args.command, extra={"command": args.command})
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
@@ -97,7 +125,7 @@ tally is up.
   api         {platform.api_url}/api/v1/domains/{domain}/impressions?granularity=15m
   analyst SQL {platform.api_url}/api/v1/sql      (or: tally sql "SELECT count() FROM tally.events")
   dashboard   {platform.api_url}/?domain={domain}
-  logs        {settings.home / 'logs'}
+  logs        {settings.log_dir or 'stderr (TALLY_LOG_DIR=-)'}
 {admin}
 Press Ctrl-C to stop.""", flush=True)
         if args.demo:
@@ -118,6 +146,9 @@ def cmd_collector(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigError("TALLY_SECRET", "is required for the collector (16+ random characters)")
     if not settings.pg_dsn:
         raise ConfigError("TALLY_PG_DSN", "is required for the collector (it reads the sites registry)")
+    from tally.roots import own_metrics_dir
+
+    own_metrics_dir(settings, os.environ)  # before granian forks its workers (they inherit it)
     serve(settings, settings.bind_host, settings.collector_port, settings.collector_workers)
     return 0
 
@@ -165,6 +196,7 @@ def cmd_analyst_server(settings: Settings, args: argparse.Namespace) -> int:
     elif settings.clickhouse_dsn.startswith("chdb://"):
         log.warning("analyst-server: embedded chDB DSN without --with-loader; run the loader in this process, "
                     "chDB allows one engine per directory")
+    cmd_reconcile.start_schedule(settings, stop)  # TALLY_RECONCILE_INTERVAL_S; results in reconcile_runs (ADR 20)
     # It listens where TALLY_ANALYST_URL points (loopback by default), not on TALLY_BIND_HOST: only the API calls it.
     url = urlsplit(settings.analyst_url)
     _serve(app, url.hostname or "127.0.0.1", url.port or settings.analyst_port,
@@ -199,7 +231,7 @@ def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
 
     ensure_configured_topic(settings)
     ensure_pg(require_pg(settings))
-    ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database)
+    ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database, settings.raw_retention_days)
     print("tally: topic and schemas are in place")
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,6 +22,43 @@ def require_bootstrap(settings: Settings) -> tuple[str, ...]:
 
 
 RUN_STATE = "run/stack.json"  # under TALLY_HOME: where a running `tally up` says its embedded servers are
+METRICS_DIR = "run/metrics"  # under TALLY_HOME: `tally up`'s PROMETHEUS_MULTIPROC_DIR, wiped at each start
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # as core.metrics names it (not imported here: see below)
+
+
+def reset_metrics_dir(path: Path) -> Path:
+    """Empty (or create) a multiprocess metrics directory; done by whoever starts the processes that share
+    it, before starting them. Returns `path`. (Here, not in core.metrics: importing that would make this
+    process write metric files of its own, wherever its own environment says.)"""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, mode=0o700)
+    return path
+
+
+def forget_metrics_of(pid: int, path: Path) -> None:
+    """Drop a dead process's live gauges from a multiprocess directory (prometheus_client's
+    `mark_process_dead`); its counters stay in the sums, as counters must."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    if path.is_dir():
+        mark_process_dead(pid, str(path))
+
+
+def own_metrics_dir(settings: Settings, environ: MutableMapping[str, str]) -> str | None:
+    """For `tally collector` run on its own with several granian workers and no PROMETHEUS_MULTIPROC_DIR:
+    make a private one (`$TALLY_HOME/run/metrics-collector-<port>`, emptied) and set it in `environ`, so
+    /metrics sums every worker instead of showing whichever answered. Returns the directory, or None when
+    the variable was given (it is then never emptied here) or one worker needs none.
+
+    Must run before anything in this process imports prometheus_client: granian forks its workers, and
+    the library picks its value storage on import (docs/adr/0021-metrics.md)."""
+    if environ.get(MULTIPROC_ENV) or settings.collector_workers < 2:
+        return None
+    path = reset_metrics_dir(settings.home / f"{METRICS_DIR}-collector-{settings.collector_port}")
+    environ[MULTIPROC_ENV] = str(path)
+    return str(path)
 
 
 def require_pg(settings: Settings) -> str:
@@ -106,8 +143,43 @@ def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP):  # -> work
 
     bootstrap, dsn = ensure_configured_topic(settings), require_pg(settings)
     ensure_schema(dsn)
+    start_partition_maintenance(settings, dsn)  # hourly: partitions ahead, retention (ADR 18)
     consumer = make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
-    return ConsumerLoop(consumer, RollupSink(dsn, group), settings.topic)
+    # Re-read events older than the dedup window (less a day of margin) are not counted again (ADR 23).
+    return with_rewinds(ConsumerLoop(consumer, RollupSink(dsn, group), settings.topic), dsn, group,
+                        reread_floor_days=max(1, settings.dedup_window_days - 1))
+
+
+PARTITION_MAINTENANCE_S = 3600.0  # how often the rollup worker creates partitions ahead and drops expired ones
+
+
+def start_partition_maintenance(settings: Settings, dsn: str,
+                                interval_s: float = PARTITION_MAINTENANCE_S) -> threading.Event:
+    """A daemon thread running `oltp.partitions.maintain` now and every `interval_s`; set the returned
+    Event to stop it. A failed pass is logged and retried at the next one (nothing half-dropped)."""
+    from datetime import UTC, datetime
+
+    import psycopg
+
+    from oltp import partitions
+
+    stop = threading.Event()
+    keep = partitions.keep_days_from(settings)
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                with psycopg.connect(dsn, connect_timeout=10) as conn:
+                    plans = partitions.maintain(conn, keep, datetime.now(UTC))
+                dropped = [p.name for plan in plans for p in plan.expired]
+                if dropped:
+                    log.info("retention dropped %d partitions: %s", len(dropped), ", ".join(dropped))
+            except Exception as exc:  # noqa: BLE001 - retried at the next pass
+                log.warning("partition maintenance failed (retrying in %.0f s): %s", interval_s, exc)
+            stop.wait(interval_s)
+
+    threading.Thread(target=run, name="partition-maintenance", daemon=True).start()
+    return stop
 
 
 def build_loader_loop(settings: Settings, group: str = LOADER_GROUP):  # -> workers.consumer.ConsumerLoop
@@ -119,9 +191,24 @@ def build_loader_loop(settings: Settings, group: str = LOADER_GROUP):  # -> work
 
     bootstrap = ensure_configured_topic(settings)
     client = connect(settings.clickhouse_dsn)
-    ensure_schema(client, settings.clickhouse_database)
+    ensure_schema(client, settings.clickhouse_database, settings.raw_retention_days)
     consumer = make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
-    return ConsumerLoop(consumer, LoaderSink(client, settings.clickhouse_database, group), settings.topic)
+    loop = ConsumerLoop(consumer, LoaderSink(client, settings.clickhouse_database, group), settings.topic)
+    try:
+        dsn = require_pg(settings)
+    except ConfigError:
+        log.warning("loader: no TALLY_PG_DSN, so `tally replay` rewind requests are not seen by this worker")
+        return loop
+    return with_rewinds(loop, dsn, group)
+
+
+def with_rewinds(loop, dsn: str, group: str, *, reread_floor_days: float | None = None):
+    """Give `loop` a Rewinder reading `tally replay`'s requests from PostgreSQL (workers/rewind.py)."""
+    from oltp.rewinds import PostgresRewinds
+    from workers.rewind import Rewinder
+
+    loop.rewinder = Rewinder(PostgresRewinds(dsn), group, reread_floor_days=reread_floor_days)
+    return loop
 
 
 def build_api(settings: Settings):  # -> flask.Flask
@@ -131,7 +218,7 @@ def build_api(settings: Settings):  # -> flask.Flask
     from api.analyst_proxy import AnalystService
     from api.app import Backends, create_app
     from core.keys import internal_token
-    from oltp.queries import RollupReader
+    from oltp.queries import Retention, RollupReader
     from oltp.schema import ensure_schema as ensure_pg
 
     secret = require_secret(settings, "the API (it authenticates to the analyst server)")
@@ -142,7 +229,7 @@ def build_api(settings: Settings):  # -> flask.Flask
     pool = ConnectionPool(dsn, min_size=1, max_size=8, open=True,
                           kwargs={"connect_timeout": 5, "prepare_threshold": None})
     analyst = AnalystService(settings.analyst_url, internal_token(secret), timeout_s=settings.sql_max_execution_s + 15)
-    return create_app(settings, Backends(RollupReader(pool), analyst))
+    return create_app(settings, Backends(RollupReader(pool, Retention.from_settings(settings)), analyst))
 
 
 def build_analyst_server(settings: Settings):  # -> flask.Flask
@@ -160,7 +247,7 @@ def build_analyst_server(settings: Settings):  # -> flask.Flask
     secret = require_secret(settings, "the analyst server")
     dsn = require_pg(settings)
     ensure_pg(dsn)
-    ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database)
+    ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database, settings.raw_retention_days)
     pool = ConnectionPool(dsn, min_size=1, max_size=2, open=True, kwargs={"connect_timeout": 5})
 
     def record(entry: AuditEntry) -> None:

@@ -1,0 +1,108 @@
+"""`tally migrate`: bring the PostgreSQL and ClickHouse schemas to this release's newest version.
+
+Every process already does this at start-up (idempotently, ADR 18); the command is for doing it
+ahead of a rollout, or checking where a database stands (`--status`). PostgreSQL: TALLY_PG_DSN or
+a running `tally up`'s. ClickHouse: TALLY_CLICKHOUSE_DSN; an embedded chDB directory can only be
+opened by one process (ADR 3), so while `tally up` runs on it this command leaves it alone (that
+process migrated it when it started). Exit codes: 0 done, 1 a store unreachable or a migration
+failed (message on stderr; the database stays at the last revision that completed), 2 configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import psycopg
+
+from core.config import Settings
+from tally.roots import read_run_state, require_pg
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the subparser; it sets `func=handler(settings, args) -> exit code`."""
+    p = sub.add_parser("migrate", help="migrate the PostgreSQL and ClickHouse schemas to this release",
+                       description="Upgrade PostgreSQL (Alembic) and ClickHouse (versioned statements) to the "
+                       "newest schema, and apply TALLY_RAW_RETENTION_DAYS as the raw events' TTL.")
+    p.add_argument("--status", action="store_true", help="only show the current and newest versions")
+    p.add_argument("--skip-clickhouse", action="store_true", help="migrate PostgreSQL only")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_migrate)
+
+
+def _fail(message: str) -> int:
+    print(f"tally migrate: {message}", file=sys.stderr)
+    return 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from oltp.schema import current_revisions, ensure_schema, head_revisions
+
+    dsn = require_pg(settings)
+    out: dict[str, object] = {"postgresql": {}, "clickhouse": {}}
+    try:
+        before = current_revisions(dsn)
+        if not args.status:
+            ensure_schema(dsn)
+        out["postgresql"] = {"before": list(before), "now": list(current_revisions(dsn)), "head": list(head_revisions())}
+    except psycopg.OperationalError as exc:
+        return _fail(f"cannot reach PostgreSQL ({_first_line(exc)}); is `tally up` running, or TALLY_PG_DSN right?")
+    except Exception as exc:  # noqa: BLE001 - a failed revision: say which error, keep the exit code
+        return _fail(f"PostgreSQL migration failed: {_first_line(exc)}")
+    out["clickhouse"] = _clickhouse(settings, args)
+    ch = out["clickhouse"]
+    if isinstance(ch, dict) and ch.get("error"):
+        _print(out, args)
+        return _fail(f"ClickHouse: {ch['error']}")
+    _print(out, args)
+    return 0
+
+
+def _clickhouse(settings: Settings, args: argparse.Namespace) -> dict[str, object]:
+    from olap import schema as ch_schema
+
+    if args.skip_clickhouse:
+        return {"skipped": "--skip-clickhouse"}
+    if settings.clickhouse_dsn.startswith("chdb://") and read_run_state(settings.home):
+        return {"skipped": "chDB is owned by the running `tally up`; it migrated it when it started"}
+    latest = max(m.version for m in ch_schema.MIGRATIONS)
+    try:
+        from olap.client import connect
+
+        client = connect(settings.clickhouse_dsn)
+        db = settings.clickhouse_database
+        before = sorted(ch_schema.applied_versions(client, db))
+        applied: list[int] = []
+        if not args.status:
+            applied = ch_schema.ensure_schema(client, db, settings.raw_retention_days)
+        ttl = ch_schema.events_ttl_days(client, db) if (not args.status or before) else None
+        return {"before": max(before, default=None), "applied": applied, "head": latest, "ttl_days": ttl}
+    except Exception as exc:  # noqa: BLE001 - unreachable server, refused statement: reported, exit 1
+        return {"error": _first_line(exc)}
+
+
+def _print(out: dict[str, object], args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(out))
+        return
+    pg = out["postgresql"]
+    assert isinstance(pg, dict)
+    def revs(key: str) -> str:
+        return ", ".join(pg.get(key) or []) or "(none)"
+
+    print(f"postgresql  revision {revs('now')} (was {revs('before')}, newest {revs('head')})")
+    ch = out["clickhouse"]
+    assert isinstance(ch, dict)
+    if "skipped" in ch:
+        print(f"clickhouse  skipped: {ch['skipped']}")
+    elif "error" not in ch:
+        ttl = ch.get("ttl_days")
+        print(f"clickhouse  version {max([ch.get('before') or 0, *ch.get('applied', [])]) or '(none)'} "
+              f"(applied now: {ch.get('applied') or 'nothing'}, newest {ch.get('head')}), "
+              f"raw events TTL: {'none' if ttl == 0 else (f'{ttl} days' if ttl else '?')}")

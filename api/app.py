@@ -17,7 +17,7 @@ import psycopg
 from flask import Blueprint, Flask, Response, current_app, redirect, render_template, request
 
 from api.analyst_proxy import AnalystService, AnalystUnavailable
-from oltp.queries import GRANULARITIES, Bucket, QueryError, RollupReader, SiteRow, Totals
+from oltp.queries import GRANULARITIES, Bucket, OutsideRetention, QueryError, RollupReader, SiteRow, Totals
 from core.event import EVENT_TYPES, EventError, normalize_domain
 from core.config import Settings
 from core.http import error, install_host_check, install_json_errors, json_response
@@ -164,6 +164,9 @@ def domain_summary(domain: str) -> Response:
         return error(400, "invalid_period", f"last must be one of {', '.join(SUMMARY_PERIODS)}")
     try:
         summary = _backends().rollups.summary(domain, SUMMARY_PERIODS[last], datetime.now(timezone.utc))
+    except OutsideRetention as exc:
+        return error(400, "outside_retention", str(exc), tier=exc.tier, retention_days=exc.retention_days,
+                     retained_from=exc.retained_from.isoformat(), alternatives=exc.alternatives)
     except psycopg.OperationalError:
         return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
     w = summary.window
@@ -174,7 +177,7 @@ def domain_summary(domain: str) -> Response:
         metrics[f"{event_type}s"] = {**_totals_json(cur), "previous_total": prev.events,
                                      "previous_value_sum": _decimal(prev.value_sum), "change_pct": change}
     return json_response({
-        "domain": domain, "last": last, "from": w.start.isoformat(), "to": w.end.isoformat(),
+        "domain": domain, "last": last, "tier": "15m", "from": w.start.isoformat(), "to": w.end.isoformat(),
         "as_of": w.as_of.isoformat(), "partial_bucket_start": w.partial_start.isoformat(),
         "previous_from": w.previous_start.isoformat(), "previous_to": w.start.isoformat(),
         "metrics": metrics,
@@ -239,7 +242,12 @@ def domain_series(domain: str, metric: str) -> Response:
         Buckets start at local bucket boundaries of `tz` (days follow DST); a bucket whose length differs
         from the nominal one (a 23- or 25-hour day, a Lord Howe half hour) carries `length_s`. `value_sum`
         and `valued` sum the values of the events that carried one. `?format=csv` answers text/csv with a
-        header row (start, end, count, valued, value_sum, length_s) and one row per bucket.
+        header row (start, end, count, valued, value_sum, length_s) and one row per bucket. `tier` (the
+        `X-Tally-Tier` header for CSV) names the rollup tier that served the answer: the coarsest that aligns
+        exactly with the buckets (1d: daily buckets in the site's registered zone; 1h: every boundary a UTC
+        whole hour; else 15m) and still keeps the range; the numbers are the same whichever serves. A range
+        no aligned tier keeps any more (TALLY_RETENTION_15M/1H/1D_DAYS) is refused with 400
+        `outside_retention`, naming the retention and the granularities that can answer.
       tags: [customers]
       parameters:
         - {name: metric, in: path, required: true, schema: {type: string, enum: [impressions, pageviews]}}
@@ -259,6 +267,14 @@ def domain_series(domain: str, metric: str) -> Response:
               schema: {$ref: '#/components/schemas/Series'}
             text/csv:
               schema: {type: string}
+        400:
+          description: >
+            a bad parameter or range (`invalid_range`, ...), or `outside_retention`: no tier that aligns with these
+            buckets still keeps the range; the error also has `tier`, `retention_days`, `retained_from` and
+            `alternatives` (granularities that can answer it)
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/Error'}
         404:
           description: unknown metric
           content:
@@ -288,13 +304,19 @@ def domain_series(domain: str, metric: str) -> Response:
     try:
         end = _parse_time("to", args.get("to"), now)
         start = _parse_time("from", args.get("from"), end - timedelta(hours=24))
-        buckets = _backends().rollups.series(domain, metrics[metric], start, end, granularity, tz)
+        served = _backends().rollups.serve(domain, metrics[metric], start, end, granularity, tz)
+    except OutsideRetention as exc:
+        return error(400, "outside_retention", str(exc), tier=exc.tier, retention_days=exc.retention_days,
+                     retained_from=exc.retained_from.isoformat(), alternatives=exc.alternatives)
     except QueryError as exc:
         return error(400, "invalid_range", str(exc))
     except psycopg.OperationalError:
         return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
+    buckets = served.buckets
     if fmt == "csv":
-        return _series_csv(domain, metric, granularity, tz, buckets)
+        resp = _series_csv(domain, metric, granularity, tz, buckets)
+        resp.headers["X-Tally-Tier"] = served.tier
+        return resp
     valued = sum(b.valued for b in buckets)
     value_sum = sum((b.value_sum for b in buckets), Decimal("0.000000"))
     return json_response({
@@ -302,6 +324,7 @@ def domain_series(domain: str, metric: str) -> Response:
         "metric": metric,
         "granularity": granularity,
         "tz": tz.key,
+        "tier": served.tier,
         "from": start.isoformat(),
         "to": end.isoformat(),
         **_totals_json(Totals(sum(b.count for b in buckets), valued, value_sum)),
@@ -644,5 +667,8 @@ def create_app(settings: Settings, backends: Backends) -> Flask:
     # Tokens live in PostgreSQL next to the rollups: the API reads them through the same pool.
     install_auth(app, lambda: backends.rollups.pool, settings.api_rate_limit)
     app.register_blueprint(bp)
+    from api.metrics import install as install_metrics
+
+    install_metrics(app)  # GET /metrics (allowlisted networks) and requests by route and status
     install_json_errors(app)
     return app

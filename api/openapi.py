@@ -68,6 +68,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "metric": {"type": "string", "enum": ["impressions", "pageviews"]},
             "granularity": {"type": "string", "enum": ["15m", "1h", "1d"]},
             "tz": {"type": "string"},
+            "tier": {"type": "string", "enum": ["15m", "1h", "1d"],
+                     "description": "the rollup tier that served the answer (ADR 19); the numbers are the same "
+                                    "whichever tier serves"},
             "from": _TIME,
             "to": _TIME,
             "total": {"type": "integer", "minimum": 0},
@@ -76,8 +79,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "value_avg": _DECIMAL_OR_NULL,
             "buckets": {"type": "array", "items": {"$ref": "#/components/schemas/Bucket"}},
         },
-        "required": ["domain", "metric", "granularity", "tz", "from", "to", "total", "valued", "value_sum",
-                     "value_avg", "buckets"],
+        "required": ["domain", "metric", "granularity", "tz", "tier", "from", "to", "total", "valued",
+                     "value_sum", "value_avg", "buckets"],
         "additionalProperties": False,
     },
     "SummaryMetric": {
@@ -102,6 +105,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {
             "domain": {"type": "string"},
             "last": {"type": "string", "enum": ["1h", "24h", "7d"]},
+            "tier": {"type": "string", "enum": ["15m"], "description": "the rollup tier that served it"},
             "from": {**_TIME, "description": "start of the period (a UTC quarter hour)"},
             "to": {**_TIME, "description": "end of the current quarter hour (after as_of)"},
             "as_of": {**_TIME, "description": "when the summary was taken"},
@@ -113,7 +117,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                        "pageviews": {"$ref": "#/components/schemas/SummaryMetric"}},
                         "required": ["impressions", "pageviews"], "additionalProperties": False},
         },
-        "required": ["domain", "last", "from", "to", "as_of", "partial_bucket_start", "previous_from",
+        "required": ["domain", "last", "tier", "from", "to", "as_of", "partial_bucket_start", "previous_from",
                      "previous_to", "metrics"],
         "additionalProperties": False,
     },

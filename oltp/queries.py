@@ -7,11 +7,18 @@ grid time (hh:00, hh:15, ..., or midnight) - so a repeated hour at a DST change 
 buckets, a skipped hour none, and a partly skipped hour (Lord Howe's 30-minute change) a short
 bucket that starts at the first local time that exists. Buckets whose length differs from the
 nominal one (DST days, Lord Howe hours) say so in `Bucket.length_s`.
+
+Tiers (docs/adr/0019-tiers-and-routing.md): a series is read from the coarsest rollup tier whose
+rows align exactly with its buckets - `rollup_1d` for daily buckets in the site's registered zone
+(from the first day that tier is complete), `rollup_1h` when every boundary is a UTC whole hour,
+else `rollup_15m` - and that still keeps the range (per-tier retention); `choose_tier` decides and
+`OutsideRetention` refuses, naming the retention and the granularities that can answer (only for a
+domain whose history reaches back past the cutoff: for one without, retention dropped nothing).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -41,6 +48,85 @@ _MARGIN_S = 3 * 86400
 
 class QueryError(ValueError):
     """The request cannot be answered as asked; the message says why."""
+
+
+TIERS = ("15m", "1h", "1d")  # finest first
+TIER_NAMES = {"15m": "15-minute", "1h": "hourly", "1d": "daily"}
+
+
+class OutsideRetention(QueryError):
+    """Every tier that could answer the range exactly has already dropped its start.
+
+    `tier` is the coarsest tier that aligns with the buckets, `retention_days` how long it keeps
+    rows, `retained_from` the oldest instant it still holds, and `alternatives` the granularities
+    (in the same zone) that could answer the range.
+    """
+
+    def __init__(self, tier: str, retention_days: int, retained_from: datetime, alternatives: list[str]) -> None:
+        self.tier, self.retention_days, self.retained_from = tier, retention_days, retained_from
+        self.alternatives = alternatives
+        ask = (f"ask granularity={' or '.join(alternatives)}" if alternatives
+               else "ask a range that starts later")
+        super().__init__(f"{TIER_NAMES[tier]} data is kept {retention_days} days (from "
+                         f"{retained_from.replace(microsecond=0).isoformat()}); {ask}")
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """Days each tier keeps its rows (0 = forever): TALLY_RETENTION_15M/1H/1D_DAYS."""
+
+    days_15m: int = 90
+    days_1h: int = 730
+    days_1d: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: object) -> "Retention":
+        return cls(getattr(settings, "retention_15m_days", 90), getattr(settings, "retention_1h_days", 730),
+                   getattr(settings, "retention_1d_days", 0))
+
+    def days(self, tier: str) -> int:
+        return {"15m": self.days_15m, "1h": self.days_1h, "1d": self.days_1d}[tier]
+
+    def keeps(self, tier: str, start: datetime, now: datetime) -> bool:
+        """Whether `tier` still holds rows from `start` on."""
+        days = self.days(tier)
+        return days == 0 or start >= now - timedelta(days=days)
+
+
+@dataclass(frozen=True, slots=True)
+class DailyZone:
+    """Which zone rollup_1d holds a domain's days in, and from when it is complete."""
+
+    registered_tz: str  # the sites registry's tz (UTC for an unregistered domain)
+    written_tz: str | None = None  # rollup_1d_coverage.tz: the zone the sink writes (None: no daily rows)
+    complete_from: datetime | None = None
+
+
+def aligned_tiers(bounds: list[datetime], granularity: str, tz_key: str, daily: DailyZone | None) -> list[str]:
+    """The tiers whose rows fall exactly into these buckets, coarsest first (15m always: the bounds
+    are UTC quarter hours, which `bucket_bounds` checks)."""
+    out = []
+    if (granularity == "1d" and daily is not None and daily.written_tz == tz_key == daily.registered_tz
+            and daily.complete_from is not None and bounds[0] >= daily.complete_from):
+        out.append("1d")
+    if all(int(b.timestamp()) % 3600 == 0 for b in bounds):
+        out.append("1h")
+    out.append("15m")
+    return out
+
+
+def choose_tier(bounds: list[datetime], granularity: str, tz_key: str, daily: DailyZone | None,
+                retention: Retention, now: datetime) -> str:
+    """The coarsest aligned tier that still keeps the first bucket. A finer tier never outlives a
+    coarser one (core.config checks), so when the coarsest aligned tier has dropped the range every
+    finer one has too: raises OutsideRetention (its alternatives are filled in by the caller)."""
+    tiers = aligned_tiers(bounds, granularity, tz_key, daily)
+    for tier in tiers:
+        if retention.keeps(tier, bounds[0], now):
+            return tier
+    coarsest = tiers[0]
+    days = retention.days(coarsest)
+    raise OutsideRetention(coarsest, days, now - timedelta(days=days), [])
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +189,12 @@ def _boundaries(tz: ZoneInfo, lo: int, hi: int, step: int) -> list[int]:
     return sorted(found)
 
 
+def boundaries(tz: ZoneInfo, lo: int, hi: int, step: int) -> list[int]:
+    """Bucket boundaries (UTC epoch seconds) in [lo, hi) for `step` wall-clock seconds (900, 3600 or
+    86400): the ADR 12 rule, shared with the sink's daily tier (oltp/tiers.py)."""
+    return _boundaries(tz, lo, hi, step)
+
+
 def bucket_bounds(start: datetime, end: datetime, granularity: str, tz: ZoneInfo) -> list[datetime]:
     """Bucket boundaries (UTC) covering [start, end): the first is the start of the bucket holding
     `start`, the last is the first boundary at or after `end`; bucket i is [bounds[i], bounds[i+1]).
@@ -140,9 +232,10 @@ def bucket_bounds(start: datetime, end: datetime, granularity: str, tz: ZoneInfo
     return [datetime.fromtimestamp(b, timezone.utc) for b in bounds]
 
 
-# Only the domain's 15-minute rows inside [first bound, last bound) are read (an index range scan
+# Only the domain's rows of one tier inside [first bound, last bound) are read (an index range scan
 # on the primary key); width_bucket assigns each row to its bucket by binary search over the bucket
-# starts. Empty buckets are filled in Python.
+# starts. Empty buckets are filled in Python. Every tier's rows lie wholly inside one bucket (that is
+# what choosing an aligned tier means), so each tier gives the same sums.
 _SERIES = """
 SELECT width_bucket(r.bucket_start, %(starts)s::timestamptz[]) AS i, sum(r.events)::bigint,
        sum(r.valued)::bigint, coalesce(sum(r.value_sum), 0)::numeric(24, 6)
@@ -151,20 +244,74 @@ WHERE r.domain = %(domain)s AND r.event_type = %(type)s
   AND r.bucket_start >= %(lo)s AND r.bucket_start < %(hi)s
 GROUP BY 1
 """
+_SERIES_BY_TIER = {
+    "15m": _SERIES,
+    "1h": _SERIES.replace("FROM rollup_15m r", "FROM rollup_1h r"),
+    "1d": _SERIES.replace("FROM rollup_15m r", "FROM rollup_1d r").replace(
+        "WHERE r.domain = %(domain)s AND", "WHERE r.domain = %(domain)s AND r.tz = %(tz)s AND"),
+}
+
+# A domain without a coverage row has never had an event counted since the tiers exist (revision 0004
+# gave every domain with rows one): its daily tier is complete, all zeros, in its registered zone.
+_DAILY_ZONE = """
+SELECT r.tz, coalesce(c.tz, r.tz), coalesce(c.complete_from, TIMESTAMPTZ '1970-01-01 00:00:00+00')
+FROM (SELECT coalesce((SELECT tz FROM sites WHERE domain = %(domain)s), 'UTC') AS tz) r
+LEFT JOIN rollup_1d_coverage c ON c.domain = %(domain)s
+"""
+
+
+_COUNTED_BEFORE = """
+SELECT EXISTS (SELECT 1 FROM rollup_1d WHERE domain = %(domain)s AND bucket_start < %(cutoff)s)
+    OR EXISTS (SELECT 1 FROM rollup_1h WHERE domain = %(domain)s AND bucket_start < %(cutoff)s)
+    OR EXISTS (SELECT 1 FROM rollup_15m WHERE domain = %(domain)s AND bucket_start < %(cutoff)s)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    tier: str  # the rollup tier that served it: 15m, 1h or 1d
+    buckets: list[Bucket] = field(default_factory=list)
 
 
 class RollupReader:
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, retention: Retention | None = None) -> None:
         self.pool = pool
+        self.retention = retention or Retention()
 
     def series(self, domain: str, event_type: str, start: datetime, end: datetime, granularity: str,
                tz: ZoneInfo) -> list[Bucket]:
-        """Every bucket in the range, zero-filled, from the 15-minute tier."""
+        """Every bucket in the range, zero-filled (see `serve`)."""
+        return self.serve(domain, event_type, start, end, granularity, tz).buckets
+
+    def serve(self, domain: str, event_type: str, start: datetime, end: datetime, granularity: str,
+              tz: ZoneInfo, *, tier: str | None = None, now: datetime | None = None) -> Series:
+        """Every bucket in the range, zero-filled, read from the coarsest tier that aligns with the
+        buckets and keeps the range (`choose_tier`). `tier` forces one (tests and the bench): it
+        must align, retention aside. Raises QueryError for a bad range, OutsideRetention when no
+        aligned tier keeps the range and the domain has rows from before that tier's cutoff (without
+        any, nothing was dropped and the range is answered), psycopg errors when PostgreSQL fails."""
         bounds = bucket_bounds(start, end, granularity, tz)
-        starts = bounds[:-1]
-        params = {"starts": starts, "domain": domain, "type": event_type, "lo": bounds[0], "hi": bounds[-1]}
+        now = now or datetime.now(timezone.utc)
         with self.pool.connection() as conn:
-            rows = {row[0]: row[1:] for row in conn.execute(_SERIES, params).fetchall()}
+            daily = self._daily_zone(conn, domain) if granularity == "1d" else None
+            if tier is None:
+                try:
+                    tier = choose_tier(bounds, granularity, tz.key, daily, self.retention, now)
+                except OutsideRetention as exc:
+                    if not self._counted_before(conn, domain, exc.retained_from):
+                        # Nothing of this domain was counted before the cutoff: retention dropped nothing
+                        # of it, and the aligned tier's answer is complete (ADR 19).
+                        tier = exc.tier
+                    else:
+                        alternatives = self._alternatives(conn, domain, start, end, granularity, tz, now)
+                        raise OutsideRetention(exc.tier, exc.retention_days, exc.retained_from,
+                                               alternatives) from None
+            elif tier not in aligned_tiers(bounds, granularity, tz.key, daily):
+                raise QueryError(f"the {tier} tier does not align with {granularity} buckets in {tz.key} here")
+            starts = bounds[:-1]
+            params = {"starts": starts, "domain": domain, "type": event_type, "lo": bounds[0], "hi": bounds[-1],
+                      "tz": tz.key}
+            rows = {row[0]: row[1:] for row in conn.execute(_SERIES_BY_TIER[tier], params).fetchall()}
         nominal = NOMINAL_S[granularity]
         buckets = []
         empty = (0, 0, Decimal("0.000000"))
@@ -173,7 +320,40 @@ class RollupReader:
             count, valued, value_sum = rows.get(i, empty)
             buckets.append(Bucket(start=s, count=count, end=e, length_s=None if length == nominal else length,
                                   valued=valued, value_sum=value_sum))
-        return buckets
+        return Series(tier, buckets)
+
+    @staticmethod
+    def _counted_before(conn, domain: str, cutoff: datetime) -> bool:
+        """Whether any tier holds a row of the domain from before `cutoff` (its history reaches back
+        past a retention horizon, so a tier that keeps less has dropped some of it)."""
+        row = conn.execute(_COUNTED_BEFORE, {"domain": domain, "cutoff": cutoff}).fetchone()
+        return bool(row and row[0])
+
+    @staticmethod
+    def _daily_zone(conn, domain: str) -> DailyZone:
+        registered, written, complete_from = conn.execute(_DAILY_ZONE, {"domain": domain}).fetchone()
+        return DailyZone(registered, written, complete_from)
+
+    def _alternatives(self, conn, domain: str, start: datetime, end: datetime, granularity: str, tz: ZoneInfo,
+                      now: datetime) -> list[str]:
+        """The coarser granularities that could answer [start, end) in the same zone; failing those,
+        daily buckets in the site's registered zone (as "1d&tz=<zone>")."""
+        out = []
+        daily = self._daily_zone(conn, domain)
+        for g in GRANULARITIES[GRANULARITIES.index(granularity) + 1:]:
+            try:
+                choose_tier(bucket_bounds(start, end, g, tz), g, tz.key, daily, self.retention, now)
+            except QueryError:
+                continue
+            out.append(g)
+        if not out and daily.registered_tz != tz.key:
+            try:
+                site_zone = ZoneInfo(daily.registered_tz)
+                choose_tier(bucket_bounds(start, end, "1d", site_zone), "1d", site_zone.key, daily, self.retention, now)
+                out.append(f"1d&tz={site_zone.key}")
+            except (QueryError, ValueError, OSError):
+                pass
+        return out
 
     def totals(self, domain: str, start: datetime, end: datetime) -> dict[str, Totals]:
         """Per event type, the events, valued events and value sum of rollup rows in [start, end)
@@ -187,8 +367,15 @@ class RollupReader:
 
     def summary(self, domain: str, last_s: int, now: datetime) -> Summary:
         """Totals of the last `last_s` seconds (the current, partial quarter hour included) and of the
-        period of the same length just before; see `summary_window`."""
+        period of the same length just before, from the 15-minute tier; see `summary_window`. Raises
+        OutsideRetention when that tier no longer keeps the start of the previous period."""
         window = summary_window(now, last_s)
+        if not self.retention.keeps("15m", window.previous_start, now):  # the 15-minute tier dropped part of it
+            days = self.retention.days_15m
+            cutoff = now - timedelta(days=days)
+            with self.pool.connection() as conn:
+                if self._counted_before(conn, domain, cutoff):
+                    raise OutsideRetention("15m", days, cutoff, [])
         return Summary(window, self.totals(domain, window.start, window.end),
                        self.totals(domain, window.previous_start, window.start))
 

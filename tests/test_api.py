@@ -151,9 +151,17 @@ def test_pages_load_no_script_or_style_from_another_host(template):
 
 
 def _put_rollup(servers, domain, event_type, start, events, valued=0, value_sum=None):
+    from datetime import timedelta
+
+    from oltp.partitions import ensure_partitions
+    from oltp.tiers import rederive
+
     with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+        ensure_partitions(conn, "rollup_15m", start, start)
         conn.execute("INSERT INTO rollup_15m (domain, event_type, bucket_start, events, valued, value_sum)"
                      " VALUES (%s, %s, %s, %s, %s, %s)", (domain, event_type, start, events, valued, value_sum))
+    with psycopg.connect(servers.pg_dsn) as conn:  # the coarser tiers, as the rollup sink writes them
+        rederive(conn, start, start + timedelta(minutes=15), domain)
 
 
 def test_series_carries_values_and_the_length_of_dst_days(api, servers, domain):

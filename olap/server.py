@@ -33,8 +33,10 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
+from core import metrics
 from core.config import LOADER_GROUP
 from core.http import error, install_host_check, install_json_errors, json_response
+from olap.aggregates import ClickHouseAggregates, TooManyRows, encode_answer, parse_request
 from olap.analyst import FORMATS, AnalystQueryError, QueryStats, SqlLimits, prepare, stream
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ def _slots() -> QuerySlots:
 
 
 def _audit(sink: Callable[[AuditEntry], None], entry: AuditEntry) -> None:
+    metrics.count_analyst_query(entry.status, entry.duration_ms / 1000.0)  # every query ends here, once
     try:
         sink(entry)
     except Exception:  # noqa: BLE001 - the audit store being down must not fail the answer already given
@@ -223,13 +226,58 @@ def freshness() -> Response:
         client, release = slots.take(_cfg().wait_s)
     except Busy:
         return error(429, "analyst_busy", "every analyst query slot is taken; retry shortly")
+    db = _cfg().database
     try:
-        rows = client.query(f"SELECT max(written_at) FROM {_cfg().database}.consumer_offsets"
+        rows = client.query(f"SELECT max(written_at) FROM {db}.consumer_offsets"
                             " WHERE consumer_group = {g:String}", parameters={"g": LOADER_GROUP}).result_rows
+        # For `tally status`: the loader's stored offsets (lag = end offset - next_offset) and the newest
+        # event it loaded (among events of the last 8 days: what arrives now has a `ts` within
+        # TALLY_MAX_PAST_AGE_S, 7 days by default; the day key prunes the scan to those parts).
+        offsets = client.query(
+            f"SELECT topic, partition, argMax(topic_id, written_at), argMax(next_offset, written_at),"
+            f" max(written_at) FROM {db}.consumer_offsets WHERE consumer_group = {{g:String}}"
+            " GROUP BY topic, partition ORDER BY topic, partition", parameters={"g": LOADER_GROUP}).result_rows
+        newest = client.query(f"SELECT max(received_at) FROM {db}.events"
+                              " WHERE toDate(ts) >= today() - 8").result_rows
     finally:
         release()
-    written = rows[0][0] if rows and rows[0][0] and rows[0][0].year > 1970 else None
-    return json_response({"loader_written_at": written.isoformat() if written else None})
+
+    def iso(value):  # ClickHouse answers the epoch for max() over no rows
+        return value.isoformat() if value and value.year > 1970 else None
+
+    return json_response({
+        "loader_written_at": iso(rows[0][0] if rows else None),
+        "newest_received_at": iso(newest[0][0] if newest else None),
+        "loader_offsets": [{"topic": t, "partition": int(p), "topic_id": tid, "next_offset": int(o),
+                            "written_at": iso(w)} for t, p, tid, o, w in offsets]})
+
+
+@bp.post("/v1/internal/aggregates")
+def internal_aggregates() -> Response:
+    """Reconcile and rebuild (ADR 20): fixed, parameterised questions about `tally.events FINAL` and the loader's
+    offsets (olap/aggregates.py validates the body by allowlist); never SQL from the caller. The API's token only."""
+    if not _authorised():
+        return error(401, "unauthorized", "the analyst server answers the API only")
+    try:
+        op, kwargs = parse_request(request.get_json(silent=True))
+    except ValueError as exc:
+        return error(400, "invalid_body", str(exc))
+    try:
+        client, release = _slots().take(30.0)
+    except Busy:
+        return error(429, "analyst_busy", "every analyst query slot is taken; retry shortly")
+    try:
+        source = ClickHouseAggregates(client, _cfg().database)
+        result = {"aggregates": source.aggregates, "events": source.events,
+                  "offsets": source.loader_offsets}[op](**kwargs)
+    except TooManyRows as exc:
+        return error(413, "too_many_rows", str(exc))
+    except Exception as exc:  # the caller gets the kind of failure, the log the details
+        log.exception("analyst: internal %s query failed", op)
+        return error(503, "clickhouse_failed", f"ClickHouse could not answer ({type(exc).__name__})")
+    finally:
+        release()
+    return Response(encode_answer(op, result), status=200, mimetype="application/json")
 
 
 def create_analyst_app(config: AnalystConfig, slots: QuerySlots, audit: Callable[[AuditEntry], None],

@@ -23,7 +23,7 @@ from core.config import Settings
 from infra.processes import StartupError, spawn, stop, stop_all, wait_until
 from infra.stack import EmbeddedStack, load_or_create_secret
 from infra.supervisor import CrashLoop, Supervisor
-from tally.roots import RUN_STATE
+from tally.roots import METRICS_DIR, MULTIPROC_ENV, RUN_STATE, forget_metrics_of, reset_metrics_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ def _child_env(settings: Settings) -> dict[str, str]:
         "TALLY_API_PORT": str(settings.api_port),
         "TALLY_ANALYST_PORT": str(settings.analyst_port),
         "TALLY_ANALYST_URL": settings.analyst_url,
+        # One multiprocess metrics directory for the stack: /metrics sums every process (ADR 21).
+        MULTIPROC_ENV: str(settings.home / METRICS_DIR),
     })
     return env
 
@@ -112,6 +114,7 @@ class Platform:
             self.supervisor.add("broker", self._restart_broker, self.stack.broker.log_path,
                                 proc=self.stack.broker.proc)
             self.supervisor.on_restart = lambda child: self._write_run_state()
+            reset_metrics_dir(self.base.home / METRICS_DIR)  # no values of an earlier start's processes
             for name in self.COMPONENTS:
                 self.supervisor.add(name, lambda name=name: self._spawn(name), self._log(name))
             self._write_run_state()
@@ -133,6 +136,8 @@ class Platform:
         state = {"pid": os.getpid(), "pg_dsn": self.settings.pg_dsn,
                  "kafka_bootstrap": ",".join(self.settings.kafka_bootstrap or ()),
                  "collector_url": self.collector_url, "api_url": self.api_url,
+                 "analyst_url": self.settings.analyst_url, "spool_dir": str(self.settings.spool_dir),
+                 "log_dir": str(self.base.log_dir) if self.base.log_dir else None,
                  "pids": {name: child.proc.pid for name, child in self.supervisor.children.items()
                           if child.proc is not None}}
         tmp = path.with_suffix(".tmp")
@@ -142,12 +147,23 @@ class Platform:
         tmp.replace(path)
 
     def _log(self, name: str) -> Path:
-        return self.base.home / "logs" / f"{name}.log"
+        """A child's raw stdout/stderr (tracebacks, granian's own lines): the tail shown when it crashes.
+        Its log proper is `<TALLY_LOG_DIR>/<command>.log`, JSON lines it writes and rotates itself."""
+        return (self.base.log_dir or self.base.home / "logs") / f"{self.COMPONENTS[name][0]}.out"
 
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:
         assert self.settings is not None
+        old = self.supervisor.proc(name)
+        if old is not None and old.poll() is not None:  # a restart: drop the dead one's live gauges
+            forget_metrics_of(old.pid, self.base.home / METRICS_DIR)
         argv = [sys.executable, "-m", "tally.cli", *self.COMPONENTS[name]]
-        return spawn(argv, self._log(name), env=_child_env(self.settings))
+        out = self._log(name)
+        try:  # rotated once per start: it only grows with what bypasses logging
+            if out.stat().st_size > self.base.log_max_bytes:
+                out.replace(out.with_name(out.name + ".1"))
+        except FileNotFoundError:
+            pass
+        return spawn(argv, out, env=_child_env(self.settings))
 
     def _restart_postgres(self) -> subprocess.Popen[bytes]:
         """Same data directory, same port: the children's TALLY_PG_DSN stays valid."""

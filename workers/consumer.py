@@ -27,9 +27,11 @@ from typing import Protocol
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
+from core import metrics
 from core.event import REFUSALS_MARK, EventError, decode_refusal_count, decode_stored
 from core.batch import Batch, Rejected
 from workers.isolate import is_permanent, write_isolating
+from workers.rewind import Rewinder
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +106,12 @@ class ConsumerLoop:
         self._next_incarnation_check = 0.0
         self._ids_seen = False  # the broker sends topic ids: never store offsets under an unknown one
         self.incarnations = 0  # topic id changes noticed while running
+        self._next_lag_report = 0.0  # monotonic time of the next tally_consumer_lag_records update
         self._writer: ThreadPoolExecutor | None = None
         self._in_flight: tuple[Batch, Future] | None = None
         self._gathering: Batch | None = None  # polled and decoded, not yet handed to the writer
+        # Applies `tally replay`'s rewind requests and marks re-read batches (workers/rewind.py); None: off.
+        self.rewinder: Rewinder | None = None
 
     def subscribe(self) -> None:
         self.consumer.subscribe([self.topic], listener=_SeekToStored(self))
@@ -152,7 +157,10 @@ class ConsumerLoop:
             # next step seeks again once the new incarnation's id is known.
             self.consumer.poll(timeout_ms=min(timeout_ms, 200))
             return 0
+        if self.rewinder is not None and self.rewinder.due():
+            self.rewinder.check(self)
         records = self.consumer.poll(timeout_ms=timeout_ms)
+        self._report_lag()
         if self._needs_seek:  # assigned during this poll while the store was down: re-seek first
             self._gathering = None
             self.finish()
@@ -160,7 +168,8 @@ class ConsumerLoop:
         if not records:
             self.flush()
             return 0
-        batch = decode(self.topic, self.topic_id, records)
+        batch = decode(self.topic, self.topic_id, records) if self.rewinder is None else \
+            self.rewinder.decode(decode, self.topic, self.topic_id, records)
         if self._gathering is None:
             self._gathering = batch
         else:
@@ -183,9 +192,41 @@ class ConsumerLoop:
             return False
         return True
 
+    LAG_REPORT_S = 1.0  # how often the lag gauges are refreshed (after a poll)
+
+    def _report_lag(self) -> None:
+        """Set tally_consumer_lag_records per assigned partition: highwater (from the last fetch, no
+        round trip) minus position; partitions not fetched yet are left out."""
+        now = time.monotonic()
+        if now < self._next_lag_report:
+            return
+        self._next_lag_report = now + self.LAG_REPORT_S
+        group = getattr(self.sink, "group", self.sink.name)
+        try:
+            for tp in self.consumer.assignment():
+                high = self.consumer.highwater(tp)
+                if high is None:
+                    continue
+                position = self.consumer.position(tp, timeout_ms=0)
+                if position is not None:
+                    metrics.set_lag(group, tp.partition, high - position)
+        except Exception:  # noqa: BLE001 - a metric must never stop the loop (e.g. revoked meanwhile)
+            log.debug("%s: could not read the lag", self.sink.name, exc_info=True)
+
     def _write(self, batch: Batch) -> Batch:
-        """Store `batch`; records the store refuses for good are set aside (workers/isolate.py)."""
-        return write_isolating(self.sink.write, batch, permanent=getattr(self.sink, "is_permanent", is_permanent))
+        """Store `batch`; records the store refuses for good are set aside (workers/isolate.py).
+        Logs one line per committed batch (group, offsets per partition, events, rejected, duration)."""
+        t0 = time.monotonic()
+        stored = write_isolating(self.sink.write, batch,
+                                 permanent=getattr(self.sink, "is_permanent", is_permanent)) or batch
+        metrics.observe_write(getattr(self.sink, "group", self.sink.name), len(batch), time.monotonic() - t0)
+        log.info("%s: committed batch", self.sink.name, extra={
+            "group": getattr(self.sink, "group", self.sink.name), "store": self.sink.name, "topic": batch.topic,
+            "topic_id": batch.topic_id,
+            "offsets": {p: [stored.first_offsets.get(p), o] for p, o in sorted(stored.next_offsets.items())},
+            "events": len(stored.events), "rejected": len(stored.rejected), "counts": len(stored.counts),
+            "duration_ms": round((time.monotonic() - t0) * 1000, 2)})
+        return stored
 
     def _hand_over(self) -> None:
         self.finish()  # one write in flight at most, in log order
@@ -240,6 +281,8 @@ class ConsumerLoop:
             self._writer = None
         self.consumer.close()
         self.sink.close()
+        if self.rewinder is not None:
+            self.rewinder.close()
 
     def run(self, stop: threading.Event, drain_on_stop_s: float = 20.0) -> None:
         """Consume until `stop` is set, then drain what is on the topic (at most `drain_on_stop_s`,

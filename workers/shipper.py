@@ -33,6 +33,7 @@ import orjson
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
+from core import metrics
 from collector.spool import CorruptRecord, read_record, recover_orphans, sealed_segments, segment_records
 from workers.retention import OffsetReader, RetainedSegments, Shipment, decide
 
@@ -153,6 +154,7 @@ class Shipper:
             ships = seg.shipment.ships + 1 if seg.shipment else 1
             self.retained.update(seg, Shipment(self.topic, shipped_to, offsets, self.clock(), count, ships))
             self.reshipped += count
+            metrics.RESHIPPED.inc(count)
 
     # -- retention --------------------------------------------------------------------------------
 
@@ -202,9 +204,14 @@ class Shipper:
             raise ShipError(f"{segment.name}: Kafka is unavailable ({exc}); will retry") from exc
 
     def _ship_segment(self, segment: Path) -> int:
+        t0 = time.monotonic()
         count, offsets, shipped_to = self._send(segment, quarantine=True)
         self.retained.keep(segment, Shipment(self.topic, shipped_to, offsets, self.clock(), count))
         self.shipped += count
+        metrics.SHIPPED.inc(count)
+        log.info("shipper: shipped segment %s", segment.name, extra={
+            "segment": segment.name, "records": count, "topic": self.topic, "topic_id": shipped_to,
+            "end_offsets": offsets, "duration_ms": round((time.monotonic() - t0) * 1000, 2)})
         return count
 
     def _send(self, segment: Path, *, quarantine: bool = False) -> tuple[int, dict[int, int], str]:
@@ -272,6 +279,7 @@ class Shipper:
         used = sum(p.stat().st_size for p in qdir.iterdir())
         self.quarantined += len(bad)
         self.quarantined_by_reason.update(reason for reason, _ in bad)
+        metrics.count_quarantined(reason for reason, _ in bad)
         lines = [line for _, line in bad]
         if used > QUARANTINE_MAX_BYTES:
             log.error("shipper: quarantine is full (%d bytes); dropping %d corrupt lines from %s",
@@ -308,6 +316,7 @@ class Shipper:
                 backoff = 0.5
             except (ShipError, OSError) as exc:  # OSError: the spool or quarantine disk
                 log.error("shipper: %s; retrying in %.1fs", exc, backoff)
+                metrics.SHIP_RETRIES.inc()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue

@@ -8,6 +8,7 @@ from flask import Flask
 
 from collector.app import create_app
 from core.config import Settings
+from core.logs import setup_logging
 from infra.processes import die_with_parent
 
 
@@ -22,6 +23,8 @@ def create_app_from_env() -> Flask:
     # spool nobody ships and hold the port against the next start (ADR 16).
     die_with_parent()
     settings = Settings.from_env(os.environ)
+    # Each worker writes the collector's log file too (core/logs.py: safe across processes).
+    setup_logging(settings, "collector", terminal_level=None)
     # Each worker process has its own sites-registry copy and rate-limit memory: it enforces
     # 1/TALLY_COLLECTOR_WORKERS of every site's limit (docs/adr/0011-sites-registry.md).
     return create_app(settings, workers=settings.collector_workers)

@@ -50,8 +50,8 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 def spawn(argv: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None,
           user: str | None = None) -> subprocess.Popen[bytes]:
     """Start a child whose stdout/stderr go to `log_path`, tied to our lifetime."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "ab")
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log = open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")  # owner only
     try:
         # Own session: a terminal's Ctrl-C reaches only `tally up`, which then stops children in order.
         return subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -33,6 +33,9 @@ class Batch:
     next_offsets: dict[int, int] = field(default_factory=dict)
     # partition -> first offset in this batch (for idempotency tokens)
     first_offsets: dict[int, int] = field(default_factory=dict)
+    # Set when the batch holds records read again after a rewind (`tally replay`, workers/rewind.py): it
+    # makes the insert-deduplication token differ from the first read's, so deleted rows come back.
+    replay: str = ""
 
     def __len__(self) -> int:
         return len(self.events) + len(self.rejected) + len(self.counts)
@@ -45,8 +48,10 @@ class Batch:
         for partition, offset in later.first_offsets.items():
             self.first_offsets.setdefault(partition, offset)
         self.next_offsets.update(later.next_offsets)
+        self.replay = self.replay or later.replay
 
     def token(self, group: str) -> str:
         """A deterministic id for exactly this span of the log (same span -> same token)."""
         spans = ",".join(f"{p}:{self.first_offsets[p]}-{self.next_offsets[p]}" for p in sorted(self.next_offsets))
-        return f"{group}/{self.topic}/{self.topic_id}/{spans}"
+        token = f"{group}/{self.topic}/{self.topic_id}/{spans}"
+        return f"{token}/{self.replay}" if self.replay else token

@@ -67,5 +67,12 @@ class LoaderSink:
             [[self.group, batch.topic, p, batch.topic_id, o, now] for p, o in sorted(batch.next_offsets.items())],
             column_names=("consumer_group", "topic", "partition", "topic_id", "next_offset", "written_at"))
 
+    def store_rewound_offsets(self, topic: str, topic_id: str, offsets: dict[int, int]) -> None:
+        """Store LOWER offsets for a rewind (`tally replay`, workers/rewind.py): a newer `written_at` wins."""
+        now = datetime.now(timezone.utc)
+        self.client.insert(
+            f"{self.db}.consumer_offsets", [[self.group, topic, p, topic_id, o, now] for p, o in sorted(offsets.items())],
+            column_names=("consumer_group", "topic", "partition", "topic_id", "next_offset", "written_at"))
+
     def close(self) -> None:
         pass

@@ -1,0 +1,176 @@
+"""A chaos run: plan, schedule, faults under load, settle, compare, report (ADR 24).
+
+`ChaosRun(plan, home).run()` starts the stack, starts the load, runs the faults at seeded random points
+until the plan's load time is over, stops the load (letting the batch in flight get its 202), waits for
+both stores to settle and compares them with the ledger. It returns a `ChaosReport`; a fault that went
+wrong or a platform that died is in the report, never an exception.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tally.chaos.faults import FAULTS, FaultRecord
+from tally.chaos.load import Ledger, LoadGenerator
+from tally.chaos.stack import DOMAIN, ChaosError, ChaosStack
+from tally.chaos.verdict import StoreCheck, compare, settle
+
+
+@dataclass(frozen=True)
+class ChaosPlan:
+    """What to run. `faults` are cycled through in a seeded order (each round shuffled) until the load has
+    run `load_s` (or `fault_count` faults ran); the gap before each fault is uniform in `gap_s`."""
+
+    seed: int
+    load_s: float
+    faults: tuple[str, ...] = tuple(FAULTS)
+    gap_s: tuple[float, float] = (5.0, 25.0)
+    outage_s: float = 60.0
+    pause_s: float = 120.0
+    rate: float = 8.0
+    settle_timeout_s: float = 600.0
+    restart_timeout_s: float = 120.0
+    fault_count: int | None = None  # set: exactly this many faults (the load still runs at least load_s)
+
+    @classmethod
+    def long_form(cls, minutes: float, seed: int, faults: Iterable[str] | None = None) -> "ChaosPlan":
+        """`tally chaos --minutes N`: 60 s outages, the worker paused for a fifth of the run (1-3 minutes)."""
+        if minutes <= 0:
+            raise ValueError("--minutes must be more than 0")
+        return cls(seed=seed, load_s=minutes * 60, faults=tuple(faults or FAULTS),
+                   pause_s=min(180.0, max(60.0, minutes * 60 / 5)))
+
+    def order(self) -> list[str]:
+        """The first rounds of fault names in the order they will run (the schedule without times)."""
+        rng = random.Random(self.seed)
+        out: list[str] = []
+        while len(out) < 200:
+            names = list(self.faults)
+            rng.shuffle(names)
+            out.extend(names)
+        return out
+
+
+@dataclass
+class ChaosReport:
+    """What a run did and found; `passed` only if both stores lost nothing and counted nothing twice, every
+    fault ran and the load saw no answer it did not expect."""
+
+    plan: ChaosPlan
+    faults: list[FaultRecord]
+    ledger: Ledger
+    pg: "StoreCheck | None" = None
+    ch: "StoreCheck | None" = None
+    settle_s: float | None = None
+    startup_s: float = 0.0
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return (self.error is None and self.pg is not None and self.ch is not None and self.pg.ok and self.ch.ok
+                and not self.ledger.errors and all(f.error is None for f in self.faults))
+
+
+class ChaosRun:
+    """Runs a plan against a fresh stack under `home`; `run()` returns the report (it never raises for a
+    fault that went wrong: that is in the report)."""
+
+    def __init__(self, plan: ChaosPlan, home: Path, *, progress: Callable[[str], None] | None = None) -> None:
+        self.plan = plan
+        self.stack = ChaosStack(home)
+        self.rng = random.Random(plan.seed + 1)
+        self.ledger = Ledger()
+        self.progress = progress or (lambda line: None)
+        self.outage_s = plan.outage_s
+        self.pause_s = plan.pause_s
+        self.restart_timeout_s = plan.restart_timeout_s
+        self.t0 = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but fail early if `tally up` exited by itself (a crash loop)."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self.stack.proc is not None and self.stack.proc.poll() is not None:
+                raise ChaosError(f"tally up exited with {self.stack.proc.returncode}:\n"
+                                 + "".join(self.stack.output[-30:]))
+            time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+
+    def run(self) -> ChaosReport:
+        report = ChaosReport(self.plan, [], self.ledger)
+        load = None
+        try:
+            report.startup_s = self.stack.up()
+            self.stack.add_site(DOMAIN)
+            load = LoadGenerator(self.stack, self.ledger, seed=self.plan.seed, rate=self.plan.rate)
+            self.t0 = time.monotonic()
+            load.start()
+            self.progress(f"tally up in {report.startup_s:.1f}s ({self.stack.home}); load started")
+            order = iter(self.plan.order())
+            while True:
+                gap = self.rng.uniform(*self.plan.gap_s)
+                if self.plan.fault_count is not None:  # exactly that many, however long they take
+                    if len(report.faults) >= self.plan.fault_count:
+                        break
+                elif time.monotonic() - self.t0 + gap >= self.plan.load_s:
+                    break
+                self.sleep(gap)
+                name = next(order)
+                rec = FaultRecord(name, at_s=time.monotonic() - self.t0, acked_before=self.ledger.acked_count())
+                if name in ("broker-down", "postgres-down", "pause-then-kill-all"):  # these take minutes
+                    self.progress(f"[{rec.at_s:7.1f}s] {name}: {FAULTS[name].description} ...")
+                report.faults.append(rec)
+                try:
+                    FAULTS[name].run(self, rec)
+                except Exception as exc:  # noqa: BLE001 - in the report; the run goes on if the platform does
+                    rec.error = f"{type(exc).__name__}: {exc}"
+                    if not self.stack.alive():
+                        raise ChaosError(f"{name}: {rec.error}") from exc
+                if rec.killed_at is not None:
+                    rec.next_ack_s = _wait_next_ack(self.ledger, rec.killed_at, self.plan.restart_timeout_s, self)
+                self.progress(_describe(rec))
+                if load.failure is not None:
+                    raise ChaosError(f"the load generator failed: {load.failure!r}")
+            self.sleep(max(0.0, self.plan.load_s - (time.monotonic() - self.t0)))
+            load.stop.set()
+            load.join(self.plan.restart_timeout_s + 200)
+            if load.failure is not None:
+                raise ChaosError(f"the load generator failed: {load.failure!r}")
+            self.progress(f"load stopped: {self.ledger.acked_count()} events acknowledged; settling")
+            report.settle_s = settle(self.stack, self.ledger, self.plan.settle_timeout_s)
+            report.pg, report.ch = compare(self.stack, self.ledger)
+        except (ChaosError, OSError, subprocess.SubprocessError) as exc:
+            report.error = f"{exc}"[:4000] + self.stack.log_tails(10)
+            if load is not None:
+                load.stop.set()
+            if report.pg is None and self.stack.alive():
+                try:  # what is there, as far as it can be read
+                    report.pg, report.ch = compare(self.stack, self.ledger)
+                except Exception:  # noqa: BLE001 - the error above is the report
+                    pass
+        finally:
+            if load is not None:
+                load.stop.set()
+            self.stack.down()
+        return report
+
+
+def _wait_next_ack(ledger: Ledger, t: float, timeout_s: float, chaos: ChaosRun) -> float | None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        got = ledger.first_ack_after(t)
+        if got is not None:
+            return got
+        chaos.sleep(0.2)
+    return None
+
+
+def _describe(rec: FaultRecord) -> str:
+    restart = "not restarted" if rec.restart_s is None else f"restarted in {rec.restart_s:.1f}s"
+    ack = "-" if rec.next_ack_s is None else f"{rec.next_ack_s:.1f}s"
+    return (f"[{rec.at_s:7.1f}s] {rec.name}: {rec.target}; {restart}; next 202 after {ack}"
+            + (f"; ERROR {rec.error[:300]}" if rec.error else ""))

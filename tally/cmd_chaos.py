@@ -1,0 +1,117 @@
+"""`tally chaos --minutes N [--seed S] [--faults a,b]`: the long chaos run (issue 9 §2, ADR 24).
+
+Starts its own `tally up` (a new TALLY_HOME, free ports: it never touches a running platform), sends a
+seeded load with retries and duplicates, kills and restarts processes at random points for N minutes,
+waits for both stores to settle, and prints one row per fault and a summary (tally/chaos/ does the work).
+
+Exit codes: 0 nothing acknowledged lost and nothing counted twice in either store; 1 a loss, a double
+count, or a run that could not finish (the summary says which); 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from core.config import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `tally chaos`; it sets `func=cmd_chaos(settings, args) -> exit code`."""
+    from tally.chaos import FAULTS
+
+    chaos = sub.add_parser(
+        "chaos", help="kill and restart the platform's processes under load; check nothing is lost or counted twice",
+        description="Runs its own `tally up` (new TALLY_HOME, free ports) under a seeded load with client retries "
+        "and duplicates, kills processes at random points, then compares both stores with every acknowledged "
+        "event. Faults: " + "; ".join(f"{f.name}: {f.description}" for f in FAULTS.values()))
+    chaos.add_argument("--minutes", type=float, default=10.0, help="how long the load and the faults run "
+                       "(default 10; settling comes after)")
+    chaos.add_argument("--seed", type=int, default=None, help="seed of the load and the fault schedule "
+                       "(default: random, printed)")
+    chaos.add_argument("--faults", default=None, metavar="LIST",
+                       help="comma-separated fault names to cycle through (default: all)")
+    chaos.add_argument("--home", default=None, metavar="DIR",
+                       help="TALLY_HOME of the run (a new, empty directory; default: a temporary one, "
+                       "removed after a passing run)")
+    chaos.set_defaults(func=cmd_chaos)
+
+
+def cmd_chaos(settings: Settings, args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tally.chaos import ChaosPlan, ChaosRun, parse_faults
+
+    err = Console(stderr=True)
+    try:
+        faults = parse_faults(args.faults) if args.faults is not None else None
+        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
+        plan = ChaosPlan.long_form(args.minutes, seed, faults)
+    except ValueError as exc:
+        print(f"tally chaos: {exc}", file=sys.stderr)
+        return 2
+    if args.home is not None:
+        home = Path(args.home)
+        if home.exists() and any(home.iterdir()):
+            print(f"tally chaos: --home {home} is not empty (the run needs a fresh TALLY_HOME)", file=sys.stderr)
+            return 2
+        keep = True
+    else:
+        home = Path(tempfile.mkdtemp(prefix="tally-chaos-")) / "home"
+        keep = False
+    err.print(f"tally chaos: seed {seed}, {args.minutes:g} min, faults {', '.join(plan.faults)}; home {home}")
+    report = ChaosRun(plan, home, progress=lambda line: err.print(line, markup=False, highlight=False)).run()
+    Console().print(*render(report))
+    if report.passed and not keep:
+        shutil.rmtree(home.parent, ignore_errors=True)
+    elif not report.passed:
+        err.print(f"logs kept in {home / 'logs'}", markup=False)
+    return 0 if report.passed else 1
+
+
+def render(report) -> list:
+    """Rich renderables: the table per fault, then the summary table (and the error, if any)."""
+    from rich.table import Table
+
+    faults = Table(title=f"Faults (seed {report.plan.seed})")
+    for column in ("#", "fault", "what was killed", "at", "held", "restart", "next 202", "result"):
+        faults.add_column(column, justify="right" if column in ("#", "at", "held", "restart", "next 202") else "left")
+    for i, f in enumerate(report.faults, 1):
+        faults.add_row(str(i), f.name, f.target, f"{f.at_s:.0f}s", f"{f.held_s:.0f}s" if f.held_s else "-",
+                       "-" if f.restart_s is None else f"{f.restart_s:.1f}s",
+                       "-" if f.next_ack_s is None else f"{f.next_ack_s:.1f}s",
+                       "ok" if f.error is None else f"error: {f.error[:200]}")
+    ledger = report.ledger
+    summary = Table(title="Summary: " + ("PASS" if report.passed else "FAIL"))
+    summary.add_column("")
+    summary.add_column("value", justify="right")
+    rows = [
+        ("tally up started in", f"{report.startup_s:.1f}s"),
+        ("requests sent / with 202 / failed", f"{ledger.requests} / {ledger.accepted_requests} / "
+                                              f"{ledger.failed_requests}"),
+        ("client retries / exact duplicates sent", f"{ledger.retries} / {ledger.duplicates}"),
+        ("events acknowledged (expected)", str(len(ledger.acked))),
+        ("settled in", "-" if report.settle_s is None else f"{report.settle_s:.1f}s"),
+    ]
+    for check in (report.pg, report.ch):
+        if check is None:
+            continue
+        rows += [(f"in {check.store}", str(check.stored)),
+                 (f"{check.store}: lost / counted twice", f"{check.lost} / {check.duplicated}"),
+                 (f"{check.store}: unacknowledged attempts stored", str(check.maybe))]
+    for name, value in rows:
+        summary.add_row(name, value)
+    out: list = [faults, summary]
+    notes = [line for check in (report.pg, report.ch) if check is not None for line in check.detail]
+    notes += ledger.errors[:10]
+    if report.error:
+        notes.append(f"run error: {report.error}")
+    if notes:
+        from rich.text import Text
+
+        out.append(Text("\n".join(notes)))
+    return out

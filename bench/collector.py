@@ -8,7 +8,12 @@ STAGE: `tally collector` (granian, TALLY_COLLECTOR_WORKERS=2), exactly what ship
 check against the registry (embedded PostgreSQL), validation, stamping, the spool with group
 commit (one write + fdatasync per group of concurrent requests) before every 202.
 LOAD: wrk, a separate process written in C (2 threads, 64 connections); its own CPU time is
-reported, since it shares the machine's 2 cores with the server under test.
+reported, since it shares the machine's 2 cores with the server under test, and so is the CPU
+the server's processes (granian master and workers) used per request, and the CPU that other
+processes on the machine took during the row (on a shared machine: how noisy the row was).
+DISK: a write + fdatasync loop in the spool's directory, run before and after the collector rows:
+a collector that must fdatasync before its 202 cannot beat what the disk gives (with every one of
+the 64 connections waiting in one group commit per worker, at most 64 / fdatasync-latency req/s).
 Rows: 1 event per request (req/s and p99) and 50 events per request (events/s and p99).
 Targets (issue 7): 1 event/request >= 0.8 of the floor with p99 <= 20 ms; 50 events/request
 >= 150,000 events/s.
@@ -67,15 +72,71 @@ def wrk(url: str, body: bytes, seconds: int, script: Path) -> dict[str, float]:
             "wrk_cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1)}
 
 
+def fdatasync_latency(directory: Path, seconds: float = 2.0) -> dict[str, float]:
+    """p50 / p99 ms of one 200-byte append + fdatasync in `directory` (as one event's spool write)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "fdatasync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    lat: list[float] = []
+    try:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            os.write(fd, b"x" * 199 + b"\n")
+            os.fdatasync(fd)
+            lat.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        path.unlink()
+    lat.sort()
+    return {"p50_ms": lat[len(lat) // 2] * 1e3, "p99_ms": lat[int(len(lat) * 0.99)] * 1e3, "n": len(lat)}
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by process `pid` and its direct children (granian workers)."""
+    def cpu(p: str) -> tuple[int, float]:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid, seconds = cpu(entry)
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+            if int(entry) == pid or ppid == pid:
+                total += seconds
+    return total
+
+
 @contextmanager
-def http_server(argv: list[str], port: int, env: dict[str, str], log_path: Path) -> Iterator[str]:
+def http_server(argv: list[str], port: int, env: dict[str, str], log_path: Path) -> Iterator[tuple[str, int]]:
+    """The server's /collect URL and its pid, while it runs."""
     proc = spawn(argv, log_path, env=env)
     try:
         wait_until(lambda: tcp_open("127.0.0.1", port), what=" ".join(argv[:3]), timeout=60,
                    log_path=log_path, proc=proc)
-        yield f"http://127.0.0.1:{port}/collect"
+        yield f"http://127.0.0.1:{port}/collect", proc.pid
     finally:
         stop(proc, timeout=20)
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent busy so far (/proc/stat: everything but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(pid: int, url: str, body: bytes, seconds: int, script: Path) -> dict[str, float]:
+    """wrk's figures plus the server's CPU microseconds per request, and the CPU seconds that other
+    processes (neither the server nor wrk) took meanwhile: on a shared machine, the noise."""
+    before, busy = tree_cpu_s(pid), machine_busy_s()
+    row = wrk(url, body, seconds, script)
+    server_s = tree_cpu_s(pid) - before
+    row["server_cpu_us"] = round(server_s / row["requests"] * 1e6, 1)
+    row["others_cpu_s"] = round(max(0.0, machine_busy_s() - busy - server_s - row["wrk_cpu_s"]), 1)
+    return row
 
 
 def check_post(url: str, body: bytes) -> None:
@@ -86,14 +147,36 @@ def check_post(url: str, body: bytes) -> None:
             raise RuntimeError(f"POST {url} answered {resp.status}")
 
 
+def wait_accepting(url: str, body: bytes, timeout: float = 30.0) -> None:
+    """Until the collector at `url` answers 202 (its workers load the registry as they start)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check_post(url, body)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.collector", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 s runs instead of 15 s")
+    parser.add_argument("--rsgi", action="store_true",
+                        help="also measure the collector served through granian's RSGI interface (async /collect)")
+    parser.add_argument("--pairs", type=int, default=0, metavar="N",
+                        help="with --rsgi: then N alternating 5 s runs of the bare endpoint and the RSGI collector "
+                             "(1 ev/req), both servers up, for ratios less skewed by other load on the machine")
+    parser.add_argument("--serve-rsgi", action="store_true", help=argparse.SUPPRESS)  # the --rsgi rows' server
     args = parser.parse_args(argv)
+    if args.serve_rsgi:
+        return serve_rsgi()
     seconds = 5 if args.quick else 15
     one = orjson.dumps(HIT)
     fifty = orjson.dumps([{**HIT, "url": f"{HIT['url']}/{i}"} for i in range(50)])
     rows: dict[str, dict[str, float]] = {}
+    pairs: dict[str, list[dict[str, float]]] = {}  # --pairs: alternating bare / RSGI runs, 1 ev/req
     with ExitStack() as cleanup:
         from infra.postgres import EmbeddedPostgres
         from oltp import sites
@@ -115,12 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         bare = [granian, "--interface", "wsgi", "--workers", str(WORKERS), "--host", "127.0.0.1", "--port",
                 str(port), "--no-access-log", "bench.apps:bare_app"]
-        with http_server(bare, port, env, work / "bare.log") as url:
+        with http_server(bare, port, env, work / "bare.log") as (url, pid):
             check_post(url, one)
             wrk(url, one, 1, work / "warm.lua")
             say("[collector] bare Flask / granian ...")
-            rows["bare, 1 ev/req"] = wrk(url, one, seconds, work / "one.lua")
-            rows["bare, 50 ev/req"] = wrk(url, fifty, seconds, work / "fifty.lua")
+            rows["bare, 1 ev/req"] = measured(pid, url, one, seconds, work / "one.lua")
+            rows["bare, 50 ev/req"] = measured(pid, url, fifty, seconds, work / "fifty.lua")
 
         port = free_port()
         spool = work / "spool"
@@ -128,36 +211,83 @@ def main(argv: list[str] | None = None) -> int:
                 "TALLY_PG_DSN": postgres.dsn, "TALLY_COLLECTOR_PORT": str(port),
                 "TALLY_COLLECTOR_WORKERS": str(WORKERS), "TALLY_SITE_RATE_PER_S": "10000000",
                 "TALLY_SITE_BURST": "100000000"}
-        with http_server([sys.executable, "-m", "tally.cli", "collector"], port, cenv, work / "collector.log") as url:
-            url = f"{url}?site={site.site_key}"
-            deadline = time.monotonic() + 30
-            while True:  # the workers load the registry as they start
-                try:
-                    check_post(url, one)
-                    break
-                except Exception:  # noqa: BLE001
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
-            wrk(url, one, 1, work / "warm.lua")
-            say("[collector] tally collector ...")
-            rows["collector, 1 ev/req"] = wrk(url, one, seconds, work / "one.lua")
-            rows["collector, 50 ev/req"] = wrk(url, fifty, seconds, work / "fifty.lua")
+        say("[collector] fdatasync latency in the spool directory ...")
+        disk = {"before": fdatasync_latency(spool)}
+        servers = [("collector", [sys.executable, "-m", "tally.cli", "collector"])]
+        if args.rsgi:
+            servers.append(("rsgi", [sys.executable, "-m", "bench.collector", "--serve-rsgi"]))
+        for name, server_argv in servers:
+            port = free_port()
+            cenv["TALLY_COLLECTOR_PORT"] = str(port)
+            with http_server(server_argv, port, cenv, work / f"{name}.log") as (url, pid):
+                url = f"{url}?site={site.site_key}"
+                wait_accepting(url, one)
+                wrk(url, one, 1, work / "warm.lua")
+                say(f"[collector] tally collector ({name}) ...")
+                rows[f"{name}, 1 ev/req"] = measured(pid, url, one, seconds, work / "one.lua")
+                rows[f"{name}, 50 ev/req"] = measured(pid, url, fifty, seconds, work / "fifty.lua")
+        if args.rsgi and args.pairs:
+            say(f"[collector] bare and RSGI, {args.pairs} alternating pairs of 5 s runs ...")
+            bare_port, rsgi_port = free_port(), free_port()
+            bare[bare.index("--port") + 1] = str(bare_port)
+            cenv["TALLY_COLLECTOR_PORT"] = str(rsgi_port)
+            with http_server(bare, bare_port, env, work / "bare-paired.log") as (bare_url, bare_pid), \
+                    http_server([sys.executable, "-m", "bench.collector", "--serve-rsgi"], rsgi_port, cenv,
+                                work / "rsgi-paired.log") as (rsgi_url, rsgi_pid):
+                rsgi_url = f"{rsgi_url}?site={site.site_key}"
+                wait_accepting(rsgi_url, one)
+                check_post(bare_url, one)
+                wrk(bare_url, one, 1, work / "warm.lua")
+                wrk(rsgi_url, one, 1, work / "warm.lua")
+                order = [("bare", bare_url, bare_pid), ("rsgi", rsgi_url, rsgi_pid)]
+                for i in range(args.pairs):
+                    for name, url, pid in (order if i % 2 == 0 else order[::-1]):
+                        pairs.setdefault(name, []).append(measured(pid, url, one, 5, work / "one.lua"))
         lines = sum(p.read_bytes().count(b"\n") for p in spool.glob("*.*") if p.is_file())
+        disk["after"] = fdatasync_latency(spool)
 
     ratio1 = rows["collector, 1 ev/req"]["rps"] / rows["bare, 1 ev/req"]["rps"]
     ratio50 = rows["collector, 50 ev/req"]["rps"] / rows["bare, 50 ev/req"]["rps"]
-    print(f"\n{'row':<22} {'req/s':>9} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'wrk CPU s':>10}")
+    print(f"\n{'row':<22} {'req/s':>9} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'wrk CPU s':>10} "
+          f"{'server CPU us/req':>18} {'others CPU s':>13}")
     for name, r in rows.items():
         per = 50 if "50 ev" in name else 1
         print(f"{name:<22} {r['rps']:>9,.0f} {r['rps'] * per:>10,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-              f"{r['wrk_cpu_s']:>10}")
+              f"{r['wrk_cpu_s']:>10} {r['server_cpu_us']:>18,.0f} {r['others_cpu_s']:>13}")
+    for when, d in disk.items():
+        print(f"fdatasync {when} the collector rows: p50 {d['p50_ms']:.3f} ms, p99 {d['p99_ms']:.3f} ms "
+              f"(at most {CONNECTIONS / (d['p50_ms'] / 1e3):,.0f} req/s with all {CONNECTIONS} connections "
+              "in one group commit per flush)")
     print(f"\nratio to the bare endpoint: 1 ev/req {ratio1:.2f}, 50 ev/req {ratio50:.2f}; "
           f"{rows['collector, 50 ev/req']['rps'] * 50:,.0f} events/s batched; {lines:,} lines spooled "
           f"({CONNECTIONS} connections, {WORKERS} granian workers each, {seconds} s runs)")
+    if args.rsgi:
+        print(f"RSGI (async /collect): 1 ev/req {rows['rsgi, 1 ev/req']['rps'] / rows['bare, 1 ev/req']['rps']:.2f} "
+              f"of the bare endpoint, p99 {rows['rsgi, 1 ev/req']['p99_ms']:.1f} ms; "
+              f"{rows['rsgi, 50 ev/req']['rps'] * 50:,.0f} events/s batched")
+    if pairs:
+        ratios = sorted(r["rps"] / b["rps"] for b, r in zip(pairs["bare"], pairs["rsgi"]))
+        print("RSGI / bare, alternating 5 s pairs (1 ev/req): ratios " + ", ".join(f"{x:.2f}" for x in ratios)
+              + f"; median {ratios[len(ratios) // 2]:.2f}; RSGI p99 ms "
+              + ", ".join(f"{r['p99_ms']:.1f}" for r in pairs["rsgi"]) + "; others CPU s (bare / RSGI) "
+              + ", ".join(f"{b['others_cpu_s']}/{r['others_cpu_s']}" for b, r in zip(pairs["bare"], pairs["rsgi"])))
     RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "collector.json").write_text(json.dumps({"rows": rows, "ratio_1": ratio1, "ratio_50": ratio50},
-                                                           indent=2))
+    (RESULTS_DIR / "collector.json").write_text(json.dumps({"rows": rows, "ratio_1": ratio1, "ratio_50": ratio50,
+                                                            "fdatasync": disk, "pairs": pairs}, indent=2))
+    return 0
+
+
+def serve_rsgi() -> int:
+    """What `tally collector` does, with granian's RSGI interface (the --rsgi rows' server)."""
+    from collector.server import serve
+    from core.config import Settings
+    from tally.roots import own_metrics_dir
+
+    settings = Settings.from_env(os.environ)
+    own_metrics_dir(settings, os.environ)
+    options = json.loads(os.environ.get("BENCH_GRANIAN_OPTIONS", "{}"))  # e.g. {"task_impl": "rust"}
+    serve(settings, settings.bind_host, settings.collector_port, settings.collector_workers, interface="rsgi",
+          **options)
     return 0
 
 

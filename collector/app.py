@@ -16,12 +16,15 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, g, request
 
 from collector.body import ACCEPTED_TEXT, ACCEPTED_TYPES, BodyError, content_type_ok, parse_events
+from collector import metrics as edge_metrics
 from collector.edge import (GIF, TAG_CACHE_CONTROL, PixelRefusal, TagAsset, cors_headers, etag_matches,
                             origin_allowed, pixel_event, pixel_params, preflight_headers, request_origin,
                             unrequested_headers)
+from collector.fast_path import CollectFastPath
 from collector.registry import SiteRegistry
 from collector.site_limits import RefusalCounter, SiteLimiter
 from collector.spool import SpoolFull, SpoolWriter
+from core import metrics
 from core.config import Settings
 from core.http import error, install_host_check, install_json_errors, json_response
 from core.event import (Event, EventError, HitContext, Limits, event_from_hit, mac_key, normalize_domain,
@@ -65,23 +68,63 @@ def _domains(items: list[Any]) -> list[str | None]:
 def _refuse(items: list[Any] | None, reason: str, resp: Response) -> Response:
     """Count every event of a refused request under (its domain, reason), and answer `resp`."""
     refusals: RefusalCounter = current_app.extensions["tally_refusals"]
+    sites = current_app.extensions["tally_registry"].snapshot()
+    registered = sites.by_domain if sites is not None else ()  # only these name a `site` label
     if items is None:
         refusals.add(None, reason)
+        metrics.count_refused(None, reason, 1, registered)
     else:
         for domain, n in Counter(_domains(items)).items():
             refusals.add(domain, reason, n)
+            metrics.count_refused(domain, reason, n, registered)
     return resp
 
 
 def admit(items: list[Any], url_key: str | None, *, origin: str | None = None,
-          cors_origin: str | None = None) -> Response | list[Event]:
-    """The one admission path of `/collect` and `/i.gif`: every event valid, with a registered site key
-    for its own domain (`site` field, else `url_key`), every site allowing the page origin (when the
-    request has an `Origin`) and within its rate limit; then spooled (fsync). Returns the spooled events,
-    or the refusal to answer (counted; nothing of the request is written).
+          cors_origin: str | None = None, peer: tuple[str | None, str | None] | None = None
+          ) -> Response | list[Event]:
+    """The one admission path of `/collect` and `/i.gif`: `screen`, then the spool (write + fdatasync,
+    blocking this thread until it is durable), then `admitted`. Returns the spooled events, or the
+    refusal to answer (counted; nothing of the request is written). Arguments as `screen`'s."""
+    result = screen(items, url_key, origin=origin, cors_origin=cors_origin, peer=peer)
+    if isinstance(result, Response):
+        return result
+    spool: SpoolWriter = current_app.extensions["tally_spool"]
+    try:
+        spool.append(e.to_json() for e in result)
+    except SpoolFull:
+        return spool_full(items)
+    return admitted(result, origin=origin, cors_origin=cors_origin)
+
+
+def spool_full(items: list[Any]) -> Response:
+    """The refusal of a request whose events the spool's full disk refused (counted)."""
+    resp = error(503, "spool_full", "the collector's disk is full; retry later")
+    resp.headers["Retry-After"] = "30"
+    return _refuse(items, "spool_full", resp)
+
+
+def admitted(events: list[Event], *, origin: str | None = None, cors_origin: str | None = None) -> list[Event]:
+    """Count a request's events as accepted, once they are durable in the spool; returns `events`."""
+    metrics.count_accepted(Counter(e.domain for e in events))  # one update per domain, after the fsync
+    if origin is not None:
+        g.tally_cors = cors_origin  # every event's site registered this origin (checked by screen)
+    return events
+
+
+def screen(items: list[Any], url_key: str | None, *, origin: str | None = None,
+           cors_origin: str | None = None, peer: tuple[str | None, str | None] | None = None
+           ) -> Response | list[Event]:
+    """Admission short of the spool: every event valid, with a registered site key for its own domain
+    (`site` field, else `url_key`), every site allowing the page origin (when the request has an
+    `Origin`) and within its rate limit (charged here). Returns the stamped events, to be spooled and
+    then passed to `admitted`, or the refusal to answer (counted; nothing is written). Never blocks on
+    the spool; it may query PostgreSQL once for a site key the registry copy lacks (rate-limited there).
 
     `origin`: the raw `Origin` header (None: not a browser's cross-origin request); `cors_origin`: its
-    normalised form when it is readable at all (None for `null` or garbage).
+    normalised form when it is readable at all (None for `null` or garbage). `peer`: the request's
+    (User-Agent, client address), default Flask's current request (collector/fast_path.py passes them:
+    it runs admit in an app context without a request context).
     """
     cfg: Settings = current_app.config["TALLY"]
     if not items:
@@ -93,7 +136,8 @@ def admit(items: list[Any], url_key: str | None, *, origin: str | None = None,
     keys = [url_key, *(item.get("site") for item in items if isinstance(item, dict))]
     sites = registry.snapshot_knowing(keys)  # one consistent copy for the whole request
     if sites is None:
-        g.tally_cors = None  # the origin cannot be checked: the answer is not readable by a page
+        if origin is not None:
+            g.tally_cors = None  # the origin cannot be checked: the answer is not readable by a page
         return _refuse(items, "registry_unavailable", _registry_unavailable(registry))
     if origin is not None:
         # Before anything else: a page origin a site did not register learns nothing and writes nothing.
@@ -110,11 +154,8 @@ def admit(items: list[Any], url_key: str | None, *, origin: str | None = None,
                     origin=origin[:200], domain=site.domain))
         if known == len(items):  # every event's site registered it: every answer is the page's to read
             g.tally_cors = cors_origin
-    ctx = HitContext(
-        received_at=datetime.now(timezone.utc),
-        user_agent=request.headers.get("User-Agent"),
-        client_ip=request.remote_addr,
-    )
+    user_agent, client_ip = peer if peer is not None else (request.headers.get("User-Agent"), request.remote_addr)
+    ctx = HitContext(received_at=datetime.now(timezone.utc), user_agent=user_agent, client_ip=client_ip)
     limits: Limits = current_app.config["TALLY_LIMITS"]
     visitor_key: bytes = current_app.config["TALLY_VISITOR_KEY"]
     events = []
@@ -150,15 +191,6 @@ def admit(items: list[Any], url_key: str | None, *, origin: str | None = None,
         resp = error(429, "rate_limited", message, domain=over.domain)
         resp.headers["Retry-After"] = str(over.retry_after)
         return _refuse(items, "rate_limited", resp)
-    spool: SpoolWriter = current_app.extensions["tally_spool"]
-    try:
-        spool.append(e.to_json() for e in events)
-    except SpoolFull:
-        resp = error(503, "spool_full", "the collector's disk is full; retry later")
-        resp.headers["Retry-After"] = "30"
-        return _refuse(items, "spool_full", resp)
-    if origin is not None:
-        g.tally_cors = cors_origin  # every event's site registered this origin (checked above)
     return events
 
 
@@ -340,6 +372,8 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
     app.extensions["tally_spool"] = spool
     install_host_check(app, settings.allowed_hosts)
     app.register_blueprint(bp)
+    app.wsgi_app = CollectFastPath(app, app.wsgi_app, admit)  # type: ignore[method-assign] # POST /collect, lean
+    edge_metrics.install(app)  # GET /metrics (allowlisted networks) and requests by route and status
     install_json_errors(app)
     if start_sealer:
         _start_sealer(app, spool, settings.spool_segment_age_s)

@@ -20,6 +20,7 @@ ACCEPTED_TEXT = "application/json or text/plain (charset UTF-8, or none)"
 # refused as unknown anyway, repeated or not).
 _FIELDS = ("id", "domain", "url", "ts", "type", "value", "referrer", "site")
 _QUOTED = {name: f'"{name}"'.encode() for name in _FIELDS}
+_FIELD_SET = frozenset(_FIELDS)
 
 
 class BodyError(ValueError):
@@ -86,12 +87,10 @@ def repeated_key(raw: bytes, items: list[Any]) -> tuple[int, str | None]:
     a `"field"` appears more often in the bytes than the parsed events have that field, or a key
     may be spelled with `\\u` escapes. Ordinary tag and server traffic never takes the slow path.
     """
-    suspicious = b"\\u" in raw
-    if not suspicious:
-        for name, quoted in _QUOTED.items():
-            if raw.count(quoted) > sum(1 for item in items if isinstance(item, dict) and name in item):
-                suspicious = True
-                break
+    # Each field an event object holds appears in the bytes at least once as `"field"`, so some field
+    # appears more often than the objects hold it exactly when the totals over all fields differ.
+    suspicious = b"\\u" in raw or sum([raw.count(quoted) for quoted in _QUOTED.values()]) > sum(
+        [len(item.keys() & _FIELD_SET) for item in items if isinstance(item, dict)])
     if not suspicious:
         return 0, None
     try:

@@ -92,18 +92,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _Group:
+    """One group commit: the framed lines of its members, set `done` once they are durable or failed."""
+
+    __slots__ = ("done", "failure", "parts")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.done = threading.Event()
+        self.failure: OSError | None = None
+
+
 class SpoolWriter:
     def __init__(self, directory: Path, *, max_bytes: int, max_age_s: float) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self._lock = threading.Lock()  # owns the file: open, write + fdatasync, seal
-        self._cond = threading.Condition()  # group commit: pending lines and which batch is durable
-        self._pending: list[bytes] = []
-        self._open_batch = 1  # the batch that arriving lines join
-        self._done_batch = 0  # every batch up to this one has been flushed (or failed)
-        self._flushing = False
-        self._failures: dict[int, OSError] = {}
+        # Group commit: `_batch` is the group arriving appends join; its first member leads it, waiting
+        # on `_flush_lock` for the group before to be durable, then closing and flushing it.
+        self._batch_lock = threading.Lock()
+        self._batch = _Group()
+        self._flush_lock = threading.Lock()
         self.flushes = 0  # write + fdatasync calls so far (how well group commit groups)
         self.full_at = float("-inf")  # time.monotonic() of the last append refused for a full disk
         self._fd: int | None = None
@@ -116,47 +126,46 @@ class SpoolWriter:
         directory.mkdir(parents=True, exist_ok=True)
 
     def append(self, lines: Iterable[bytes]) -> None:
-        """Append `lines` (payloads, each framed with its checksum) durably; returns once they are written and fdatasync'd. Group commit: callers
-        that arrive while a flush is under way wait for the next one, which writes all of their lines
-        with one write and one fdatasync (leader/follower). If the flush fails, every caller in it gets
-        the error and none of its lines stay in the segment."""
-        data = b"".join(frame(line) for line in lines)
+        """Append `lines` (payloads, each framed with its checksum) durably; returns once they are written
+        and fdatasync'd. Raises OSError (SpoolFull for a full disk) if they could not be, and then none
+        of them are in the segment.
+
+        Group commit (leader/follower): the first caller to join a group leads it; while the group
+        before is being flushed, later callers join this group; the leader then closes the group and
+        writes all of its lines with one write and one fdatasync, and wakes its members once (each
+        group has its own Event, so nobody is woken for another group's flush). If the flush fails,
+        every caller in the group gets the error and none of its lines stay in the segment."""
+        data = b"".join([frame(line) for line in lines])
         if not data:
             return
-        with self._cond:
-            batch = self._open_batch
-            self._pending.append(data)
-            while self._done_batch < batch:
-                if self._flushing:
-                    self._cond.wait()
-                    continue
-                # Leader: take everything pending (ours included) and flush it while others queue up.
-                buffer, self._pending = b"".join(self._pending), []
-                self._open_batch += 1
-                self._flushing = True
-                self._cond.release()
-                failure: OSError | None = None
+        with self._batch_lock:
+            group = self._batch
+            group.parts.append(data)
+            leader = len(group.parts) == 1
+        if leader:
+            with self._flush_lock:  # the group before is durable (or failed) when we get it
+                with self._batch_lock:
+                    self._batch = _Group()  # close ours: later appends join the next group
                 try:
-                    self._write_durably(buffer)
+                    self.write_durably(b"".join(group.parts))
                 except OSError as exc:
-                    failure = exc
+                    group.failure = exc
+                except BaseException as exc:  # a bug, an interrupt: the members must not take it for success
+                    group.failure = OSError(f"the spool flush failed: {exc!r}")
+                    raise
                 finally:
-                    self._cond.acquire()
-                    self._flushing = False
-                    self._done_batch = batch
-                    if failure is not None:
-                        self._failures[batch] = failure
-                        for old in [b for b in self._failures if b < batch - 64]:
-                            del self._failures[old]
-                    self._cond.notify_all()
-            failure = self._failures.get(batch)
-        if failure is not None:
-            if isinstance(failure, SpoolFull):
+                    group.done.set()
+        else:
+            group.done.wait()
+        if group.failure is not None:
+            if isinstance(group.failure, SpoolFull):
                 self.full_at = time.monotonic()
-            raise failure
+            raise group.failure
 
-    def _write_durably(self, data: bytes) -> None:
-        """One write + fdatasync of `data` at the end of the open segment (sealing it first if due)."""
+    def write_durably(self, data: bytes) -> None:
+        """One write + fdatasync of `data` (framed lines) at the end of the open segment (sealing it first
+        if due); blocks until durable. Raises OSError (SpoolFull for a full disk) and then none of `data`
+        is in the segment. The group commits (`append`, collector.async_spool) call it once per group."""
         with self._lock:
             self._check_fork()
             try:

@@ -169,6 +169,33 @@ def test_limits_are_shared_out_between_worker_processes():
     assert refused is not None and refused.domain == "x.example.com" and refused.retry_after >= 1
 
 
+def test_the_sliding_window_weights_the_window_before_and_a_refusal_charges_nothing():
+    now = [1000.0]
+    limiter = SiteLimiter(10, 10, clock=lambda: now[0])  # 10 events per 1 s window
+    assert limiter.hit({"a.example.com": 10}, {}) is None
+    over = limiter.hit({"a.example.com": 1}, {})
+    assert over is not None and over.domain == "a.example.com" and over.retry_after == 1 and not over.too_big
+    now[0] = 1001.5  # half the previous window still counts: 10 * 0.5 = 5 events
+    assert limiter.hit({"a.example.com": 6}, {}) is not None
+    assert limiter.hit({"a.example.com": 5}, {}) is None  # the refused 6 were not charged
+    assert limiter.hit({"a.example.com": 1}, {}) is not None
+    now[0] = 1003.0  # two windows on: nothing left of either
+    assert limiter.hit({"a.example.com": 10}, {}) is None
+    too_big = limiter.hit({"b.example.com": 11}, {})
+    assert too_big is not None and too_big.too_big and too_big.domain == "b.example.com"
+
+
+def test_a_request_over_one_sites_limit_charges_none_of_its_sites():
+    now = [50.0]
+    limiter = SiteLimiter(10, 10, clock=lambda: now[0])
+    assert limiter.hit({"b.example.com": 8}, {}) is None
+    refused = limiter.hit({"a.example.com": 4, "b.example.com": 4}, {})
+    assert refused is not None and refused.domain == "b.example.com"
+    assert limiter.hit({"a.example.com": 10}, {}) is None  # a's 4 were not charged
+    # a site whose limit changed starts a fresh window under its new limit
+    assert limiter.hit({"b.example.com": 20}, {"b.example.com": (20, 20)}) is None
+
+
 # --- the registry copy: PostgreSQL outages, the disk copy -------------------------------------------
 
 @pytest.fixture(scope="module")

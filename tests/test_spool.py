@@ -48,7 +48,7 @@ def test_appends_that_arrive_during_a_flush_share_the_next_one(tmp_path, monkeyp
                  for i in range(1, 21)]
     for t in followers:
         t.start()
-    while len(writer._pending) < 20:  # noqa: SLF001 - all twenty are queued behind the leader
+    while len(writer._batch.parts) < 20:  # all twenty joined the group behind the flush
         threading.Event().wait(0.01)
     assert done == []  # nobody returned before their bytes were durable
     release.set()
@@ -87,7 +87,7 @@ def test_a_failed_group_flush_fails_every_caller_in_it_and_leaves_none_of_their_
     followers = [threading.Thread(target=follower, args=(i,)) for i in range(8)]
     for t in followers:
         t.start()
-    while len(writer._pending) < 8:  # noqa: SLF001
+    while len(writer._batch.parts) < 8:
         threading.Event().wait(0.01)
     monkeypatch.setattr(spool_module.os, "write", torn_then_full)
     release.set()
@@ -119,3 +119,36 @@ def test_many_concurrent_appends_are_all_written_once(tmp_path, threads):
     lines = read_lines(tmp_path)
     assert len(lines) == len(set(lines)) == threads * 100
     assert writer.flushes <= threads * 100
+
+
+def test_an_unexpected_error_in_a_group_flush_fails_every_member_and_none_returns_success(tmp_path, monkeypatch):
+    writer = SpoolWriter(tmp_path, max_bytes=1 << 20, max_age_s=3600)
+    entered, release = hold_first_fdatasync(monkeypatch)
+    leader = threading.Thread(target=writer.append, args=([b'{"kept": 1}'],))
+    leader.start()
+    assert entered.wait(10)
+    outcomes: list[object] = []
+
+    def member(i: int) -> None:
+        try:
+            writer.append([f'{{"lost": {i}}}'.encode()])
+            outcomes.append("returned")
+        except BaseException as exc:  # noqa: BLE001 - what each member saw is the point
+            outcomes.append(exc)
+
+    members = [threading.Thread(target=member, args=(i,)) for i in range(4)]
+    for t in members:
+        t.start()
+    while len(writer._batch.parts) < 4:
+        threading.Event().wait(0.01)
+    monkeypatch.setattr(writer, "write_durably", lambda data: (_ for _ in ()).throw(RuntimeError("bug")))
+    release.set()
+    leader.join(10)
+    for t in members:
+        t.join(10)
+    assert "returned" not in outcomes and len(outcomes) == 4
+    assert all(isinstance(o, (OSError, RuntimeError)) for o in outcomes)
+    assert any("the spool flush failed" in str(o) for o in outcomes)  # the group's leader re-raised the bug
+    monkeypatch.undo()
+    assert read_lines(tmp_path) == [b'{"kept": 1}']
+    writer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 from flask import Flask
 
@@ -21,7 +22,9 @@ def create_app_from_env() -> Flask:
     """
     # Die with the granian master, however it dies: an orphaned worker would keep answering 202 into a
     # spool nobody ships and hold the port against the next start (ADR 16).
-    die_with_parent()
+    # SIGKILL: with its master gone nobody coordinates a graceful drain, and everything the worker
+    # acknowledged is already fdatasync'd; the shipper recovers its open segment once the lock is gone.
+    die_with_parent(signal.SIGKILL)
     settings = Settings.from_env(os.environ)
     # Each worker writes the collector's log file too (core/logs.py: safe across processes).
     setup_logging(settings, "collector", terminal_level=None)

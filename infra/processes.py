@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,19 +33,33 @@ def _die_with_parent() -> None:
         pass
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
+def die_with_parent(sig: int = signal.SIGTERM, watch_s: float = 0.5) -> None:
     """Call early in a process someone else forks (granian's workers): get `sig` when the parent dies,
     even by SIGKILL, instead of living on as an orphan that keeps the port. If the parent is already
-    gone (it died before this call), exit now. Linux only; elsewhere nothing happens."""
+    gone (it died before this call), exit now. Linux only; elsewhere nothing happens.
+
+    Two mechanisms: PR_SET_PDEATHSIG, and a daemon thread that checks every `watch_s` seconds whether we
+    were reparented. The watch is needed because a worker granian *respawned* was seen living on after
+    `kill -9` of its master despite PR_SET_PDEATHSIG (why is not pinned down), holding its open spool
+    segment's lock, so the shipper never shipped what it had acknowledged (the chaos test found it;
+    tests/test_collector_orphans.py reproduces it)."""
     parent = os.getppid()
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
         return
-    if libc.prctl(1, sig) != 0:  # PR_SET_PDEATHSIG
-        return
+    libc.prctl(1, sig)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # reparented already: the signal will never come
         os.kill(os.getpid(), sig)
+
+    def watch() -> None:
+        while True:
+            time.sleep(watch_s)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), sig)
+                return
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def spawn(argv: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None,

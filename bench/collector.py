@@ -4,7 +4,8 @@ Run: `python -m bench.collector [--quick]` (needs `wrk` on PATH: `make bench` in
 
 FLOOR: `bench.apps:bare_app` (a Flask POST endpoint that reads the body and answers 202,
 no project code) under granian with the same worker count as the collector.
-STAGE: `tally collector` (granian, TALLY_COLLECTOR_WORKERS=2), exactly what ships: site key
+STAGE: `tally collector` (granian, TALLY_COLLECTOR_WORKERS=2; the "collector" rows with
+TALLY_COLLECTOR_INTERFACE=wsgi, the "rsgi" rows of `--rsgi` with the default, rsgi), exactly what ships: site key
 check against the registry (embedded PostgreSQL), validation, stamping, the spool with group
 commit (one write + fdatasync per group of concurrent requests) before every 202.
 LOAD: wrk, a separate process written in C (2 threads, 64 connections); its own CPU time is
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.collector", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 s runs instead of 15 s")
     parser.add_argument("--rsgi", action="store_true",
-                        help="also measure the collector served through granian's RSGI interface (async /collect)")
+                        help="also measure `tally collector` as it ships by default: granian's RSGI interface "
+                             "(async /collect); the plain rows are its WSGI interface")
     parser.add_argument("--pairs", type=int, default=0, metavar="N",
                         help="with --rsgi: then N alternating 5 s runs of the bare endpoint and the RSGI collector "
                              "(1 ev/req), both servers up, for ratios less skewed by other load on the machine")
@@ -213,13 +215,17 @@ def main(argv: list[str] | None = None) -> int:
                 "TALLY_SITE_BURST": "100000000"}
         say("[collector] fdatasync latency in the spool directory ...")
         disk = {"before": fdatasync_latency(spool)}
-        servers = [("collector", [sys.executable, "-m", "tally.cli", "collector"])]
+        # `tally collector` as it ships, in each interface (TALLY_COLLECTOR_INTERFACE; rsgi is the default).
+        rsgi_argv = ([sys.executable, "-m", "bench.collector", "--serve-rsgi"] if os.environ.get("BENCH_GRANIAN_OPTIONS")
+                     else [sys.executable, "-m", "tally.cli", "collector"])
+        servers = [("collector", "wsgi", [sys.executable, "-m", "tally.cli", "collector"])]
         if args.rsgi:
-            servers.append(("rsgi", [sys.executable, "-m", "bench.collector", "--serve-rsgi"]))
-        for name, server_argv in servers:
+            servers.append(("rsgi", "rsgi", rsgi_argv))
+        for name, interface, server_argv in servers:
             port = free_port()
             cenv["TALLY_COLLECTOR_PORT"] = str(port)
-            with http_server(server_argv, port, cenv, work / f"{name}.log") as (url, pid):
+            with http_server(server_argv, port, {**cenv, "TALLY_COLLECTOR_INTERFACE": interface},
+                             work / f"{name}.log") as (url, pid):
                 url = f"{url}?site={site.site_key}"
                 wait_accepting(url, one)
                 wrk(url, one, 1, work / "warm.lua")
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             bare[bare.index("--port") + 1] = str(bare_port)
             cenv["TALLY_COLLECTOR_PORT"] = str(rsgi_port)
             with http_server(bare, bare_port, env, work / "bare-paired.log") as (bare_url, bare_pid), \
-                    http_server([sys.executable, "-m", "bench.collector", "--serve-rsgi"], rsgi_port, cenv,
+                    http_server(rsgi_argv, rsgi_port, {**cenv, "TALLY_COLLECTOR_INTERFACE": "rsgi"},
                                 work / "rsgi-paired.log") as (rsgi_url, rsgi_pid):
                 rsgi_url = f"{rsgi_url}?site={site.site_key}"
                 wait_accepting(rsgi_url, one)
@@ -278,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_rsgi() -> int:
-    """What `tally collector` does, with granian's RSGI interface (the --rsgi rows' server)."""
+    """What `tally collector` does (RSGI), plus the Granian arguments in BENCH_GRANIAN_OPTIONS (JSON): the
+    --rsgi rows' server when that is set, otherwise they run `tally collector` itself."""
     from collector.server import serve
     from core.config import Settings
     from tally.roots import own_metrics_dir

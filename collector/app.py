@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from collector.body import ACCEPTED_TEXT, ACCEPTED_TYPES, BodyError, content_type_ok, parse_events
 from collector import metrics as edge_metrics
@@ -227,14 +228,23 @@ def collect() -> Response:
         return _refuse(None, "unsupported_media_type",
                        error(415, "unsupported_media_type", f"send Content-Type: {ACCEPTED_TEXT}",
                              accepted=list(ACCEPTED_TYPES)))
+    body = request.get_data(cache=False)
+    if request.content_length is None and _cut_at_the_limit(body):
+        raise RequestEntityTooLarge()  # the 413 a Content-Length beyond the limit gets
     try:
-        items = parse_events(request.get_data(cache=False))
+        items = parse_events(body)
     except BodyError as exc:
         return _refuse(None, exc.code, error(exc.status, exc.code, exc.message, **exc.extra))
     result = admit(items, url_key, origin=origin, cors_origin=cors_origin)
     if isinstance(result, Response):
         return result
     return json_response({"accepted": len(result), "hashes": [e.hash for e in result]}, 202)
+
+
+def _cut_at_the_limit(body: bytes) -> bool:
+    """Whether a body sent without Content-Length (chunked) was longer than TALLY_MAX_BODY_BYTES: werkzeug
+    stops reading it at the limit without an error, which would make a too-large batch a parse error."""
+    return len(body) >= current_app.config["MAX_CONTENT_LENGTH"] and bool(request.environ["wsgi.input"].read(1))
 
 
 @bp.route("/collect", methods=["OPTIONS"])

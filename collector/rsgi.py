@@ -1,7 +1,7 @@
 """The collector as a granian RSGI app: `POST /collect` (no `Origin`) natively async, the rest via Flask.
 
-A prototype: `tally collector` serves WSGI (collector.wsgi); this is served by
-`python -m bench.collector --rsgi` and tests/test_collector_rsgi.py until it is chosen (ADR 25).
+What `tally collector` serves by default (TALLY_COLLECTOR_INTERFACE=rsgi; `wsgi` serves the Flask app,
+collector.wsgi, directly). Both answer every request alike (tests/test_collector_rsgi.py).
 
 Why (docs/adr/0025-collector-speed.md, "async /collect"): under WSGI each /collect request is a
 thread that blocks until its group's fdatasync, so every request passes the worker's GIL between
@@ -13,12 +13,19 @@ no Origin, allowed Host, query at most `site=<key>`, a plain Content-Length with
 TALLY_MAX_BODY_BYTES, an accepted Content-Type, a body that parses) and runs the same admission
 (`collector.app.screen`, the spool, `collector.app.admitted`). Every other request, and a body that
 does not parse, goes to the Flask app through `collector.wsgi_bridge` (a thread pool), unchanged.
+
+Stopping (SIGTERM: granian's graceful shutdown, or the parent's death via die_with_parent): granian
+calls `__rsgi_del__` once the worker stops serving; it lets the flush under way finish and seals the
+worker's open spool segment, so the shipper ships it without waiting for orphan recovery.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
+import signal
 from typing import Any
 
 import orjson
@@ -32,6 +39,7 @@ from collector.spool import SpoolFull
 from collector.wsgi_bridge import WSGIBridge
 from core import metrics
 from core.http import error, host_allowed
+from infra.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +58,33 @@ class CollectorRSGI:
         self._blocking = self.bridge.executor  # for what may block (a registry lookup): never on the loop
         self.spool = AsyncSpool(app.extensions["tally_spool"])
 
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        """granian has installed the worker's loop signal handlers: from now on the master's death may
+        stop this worker with SIGTERM (a graceful stop that ends in `__rsgi_del__`, which seals the
+        spool) instead of the SIGKILL collector.wsgi asked for. Not earlier: a SIGTERM before these
+        handlers exist reaches a handler inherited from the master that only sets a flag, and the
+        orphan would live on (tests/test_collector_orphans.py). If the master is already gone (it may
+        die while this worker starts, before any death signal was asked for), this stops the worker
+        now, gracefully: granian's workers are multiprocessing children, which know their parent's pid."""
+        die_with_parent(signal.SIGTERM)
+        master = multiprocessing.parent_process()
+        if master is not None and master.pid != os.getppid():
+            log.warning("collector: the granian master died while this worker started; stopping")
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The worker is stopping: finish the flush under way, stop the bridge, seal the open segment.
+        A request still waiting then is never answered 2xx (its lines may be in the sealed segment:
+        at-least-once, deduplicated downstream); a Flask request still running may open a new segment,
+        which orphan recovery seals once this process is gone."""
         self.spool.close()
         self.bridge.close()
+        try:
+            self.app.extensions["tally_spool"].close()
+        except OSError:
+            log.exception("collector: sealing the spool segment at shutdown failed (orphan recovery will)")
+        else:
+            log.info("collector: worker stopping, spool segment sealed")
 
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
         if scope.proto != "http":  # websockets are not served: closed at once

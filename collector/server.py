@@ -17,10 +17,11 @@ TARGETS = {"wsgi": ("collector.wsgi:create_app_from_env", Interfaces.WSGI),
            "rsgi": ("collector.rsgi:create_app_from_env", Interfaces.RSGI)}
 
 
-def serve(settings: Settings, host: str, port: int, workers: int, *, interface: str = "wsgi",
+def serve(settings: Settings, host: str, port: int, workers: int, *, interface: str | None = None,
           **options: object) -> None:
-    """Run granian until it is stopped; `options`: further Granian arguments (the bench tries some)."""
-    target, kind = TARGETS[interface]
+    """Run granian until it is stopped. `interface`: "rsgi" or "wsgi" (default: TALLY_COLLECTOR_INTERFACE,
+    itself rsgi by default); `options`: further Granian arguments (the bench tries some)."""
+    target, kind = TARGETS[interface or settings.collector_interface]
     Granian(
         target,
         factory=True,

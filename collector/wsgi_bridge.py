@@ -1,10 +1,17 @@
 """Serve a WSGI app (the collector's Flask app) from an RSGI server: the request runs in a thread pool.
 
 `WSGIBridge(app)(scope, proto)` builds the WSGI environ from the RSGI scope the way granian's own
-WSGI interface builds it (so the Flask app sees the same request either way), reads the body
-(at most `max_body + 1` bytes: the Flask app refuses anything larger, as under WSGI), calls the app
-in one of the bridge's threads, and sends its status, headers and body as one response.
+WSGI interface builds it (so the Flask app sees the same request either way), reads the body,
+calls the app in one of the bridge's threads, and sends its status, headers and body as one response.
 The event loop never blocks on the app.
+
+Bodies are bounded, not streamed: with `max_body` set, a chunked body is read only up to `max_body + 1`
+bytes (enough for the app to see it is too large and refuse it), and a declared Content-Length above
+`max_body` is never kept: the app sees the length and refuses it (413, as Flask's MAX_CONTENT_LENGTH
+does under WSGI). Such a body is read and dropped chunk by chunk first if it declares at most
+`2 * max_body` (so the client, still sending, gets the 413 rather than a reset connection), and not
+read at all beyond that. So a request holds at most `max_body + 1` bytes of body in memory here;
+granian's own WSGI interface reads a whole body, however large, before calling the app.
 """
 
 from __future__ import annotations
@@ -70,21 +77,27 @@ class WSGIBridge:
     async def __call__(self, scope: Any, proto: Any, *, body: bytes | None = None) -> None:
         """Answer the request with the app's response; `body`: the request's body if already read."""
         if body is None:
-            body = await self._read_body(proto)
+            body = await self._read_body(scope, proto)
         environ = environ_from_scope(scope, body)
         loop = asyncio.get_running_loop()
         status, headers, data = await loop.run_in_executor(self.executor, self._run, environ)
         proto.response_bytes(status, headers, data)
 
-    async def _read_body(self, proto: Any) -> bytes:
+    async def _read_body(self, scope: Any, proto: Any) -> bytes:
         if self.max_body is None:
             return await proto()
+        length = scope.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:  # refused by its declared length: never kept
+            if int(length) <= 2 * self.max_body:
+                async for _ in proto:  # dropped as it arrives (at most 2 * max_body bytes)
+                    pass
+            return b""
         parts, size = [], 0
         async for chunk in proto:
-            parts.append(chunk)
-            size += len(chunk)
+            parts.append(chunk[:self.max_body + 1 - size])  # kept: at most max_body + 1 bytes in all
+            size += len(parts[-1])
             if size > self.max_body:
-                break
+                break  # nothing more is taken from the connection
         return b"".join(parts)
 
     def _run(self, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:

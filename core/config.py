@@ -98,6 +98,8 @@ class Settings:
     metrics_allowed_nets: tuple[object, ...] = ()  # ipaddress.IPv4Network | IPv6Network
     # How often the analyst server reconciles the last settled hours of both stores (0 = never). ADR 20.
     reconcile_interval_s: float = 900.0
+    # How granian serves the collector: rsgi (POST /collect natively async) or wsgi. ADR 25.
+    collector_interface: str = "rsgi"
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -161,6 +163,7 @@ class Settings:
             log_backups=r.integer("TALLY_LOG_BACKUPS", 5, 1, 1000),
             metrics_allowed_nets=r.networks("TALLY_METRICS_ALLOWED_NETS", "127.0.0.0/8,::1/128"),
             reconcile_interval_s=r.number("TALLY_RECONCILE_INTERVAL_S", 900.0, 0.0, 7 * 86_400.0),
+            collector_interface=r.match("TALLY_COLLECTOR_INTERFACE", "rsgi", r"rsgi|wsgi", "must be rsgi or wsgi"),
             raw={k: v for k, v in env.items() if k.startswith("TALLY_")},
         )
         unknown = sorted(set(settings.raw) - _KNOWN)
@@ -189,7 +192,7 @@ _KNOWN = {
     "TALLY_RETENTION_15M_DAYS", "TALLY_RETENTION_1H_DAYS", "TALLY_RETENTION_1D_DAYS",
     "TALLY_RAW_RETENTION_DAYS", "TALLY_DEDUP_WINDOW_DAYS",
     "TALLY_LOG_FORMAT", "TALLY_LOG_DIR", "TALLY_LOG_MAX_BYTES", "TALLY_LOG_BACKUPS",
-    "TALLY_RECONCILE_INTERVAL_S",
+    "TALLY_RECONCILE_INTERVAL_S", "TALLY_COLLECTOR_INTERFACE",
 }
 
 def _default_dedup_days(env: Mapping[str, str]) -> int:

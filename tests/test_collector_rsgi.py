@@ -1,13 +1,15 @@
-"""The async (granian RSGI) collector prototype: collector/async_spool.py, collector/rsgi.py,
-collector/wsgi_bridge.py (docs/adr/0025-collector-speed.md, "async /collect").
+"""The async (granian RSGI) collector, `tally collector`'s default interface: collector/async_spool.py,
+collector/rsgi.py, collector/wsgi_bridge.py (docs/adr/0025-collector-speed.md, "async /collect").
 
 - AsyncSpool keeps SpoolWriter.append's contract for coroutines: durable (written + fdatasync'd)
   when `append` returns, nothing of a failed flush left in the segment, every member of a failed
   group told so; concurrent appends share flushes.
 - CollectorRSGI answers every request as the Flask-only collector does (status, headers, body,
   refusal counts, spooled events), the hot `POST /collect` natively, everything else through the
-  WSGI bridge; in-process with a stand-in for granian's scope/protocol, and once under real granian
-  against `tally collector` (WSGI) on the wire.
+  WSGI bridge; in-process with a stand-in for granian's scope/protocol, and under real granian:
+  `tally collector` with TALLY_COLLECTOR_INTERFACE=wsgi and =rsgi answer the same requests alike on
+  the wire; oversized bodies are refused without being kept; SIGTERM, and the master's death
+  (die_with_parent), stop RSGI workers with their spool segments sealed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collector import spool as spool_module
 from collector.app import create_app
 from collector.async_spool import AsyncSpool
 from collector.rsgi import CollectorRSGI, _client_ip
-from collector.spool import SpoolFull, SpoolWriter, read_record, segment_records
+from collector.spool import SpoolFull, SpoolWriter, read_record, recover_orphans, segment_records
 from tests.conftest import SECRET, register
 from tests.test_collector_fast_path import hit, spooled
 
@@ -340,6 +342,59 @@ def test_refusals_answer_alike_count_alike_and_spool_nothing(rsgi_pair, settings
     assert len(bridged) == 6
 
 
+class ChunkedProto(FakeProto):
+    """A body arriving in `size`-byte chunks; counts the bytes the bridge took from the connection."""
+
+    def __init__(self, body: bytes, size: int = 1000) -> None:
+        super().__init__(body)
+        self.size, self.taken = size, 0
+
+    async def __call__(self) -> bytes:
+        raise AssertionError("the bridge must read a body chunk by chunk, bounded")
+
+    def __aiter__(self):
+        async def chunks():
+            for i in range(0, len(self.body), self.size):
+                self.taken += len(self.body[i:i + self.size])
+                yield self.body[i:i + self.size]
+        return chunks()
+
+
+@pytest.mark.parametrize("declared, sent, kept, taken", [
+    (None, 8000, 4001, 5000),    # chunked, too large: kept up to max + 1, no chunk taken after (app refuses)
+    (None, 3000, 3000, 3000),    # chunked within the limit: all of it
+    (6000, 6000, 0, 6000),       # declared too large, at most 2 * max: dropped as it arrives, never kept
+    (9000, 9000, 0, 0),          # declared beyond 2 * max: not one byte read
+    (4000, 4000, 4000, 4000),    # declared within the limit: all of it
+])
+def test_the_bridge_bounds_what_it_reads_of_a_body(declared, sent, kept, taken):
+    from collector.wsgi_bridge import WSGIBridge
+
+    seen: list[tuple[bytes, str | None]] = []
+
+    def app(environ, start_response):
+        seen.append((environ["wsgi.input"].read(), environ.get("CONTENT_LENGTH")))
+        start_response("413 REQUEST ENTITY TOO LARGE", [("Content-Type", "text/plain")])
+        return [b"too large"]
+
+    environ = EnvironBuilder(path="/collect", method="POST", headers={"Content-Type": "application/json"},
+                             environ_base={"REMOTE_ADDR": "203.0.113.9"}).get_environ()
+    environ.pop("CONTENT_LENGTH", None)
+    if declared is None:
+        environ["HTTP_TRANSFER_ENCODING"] = "chunked"
+    else:
+        environ["CONTENT_LENGTH"] = str(declared)
+    proto = ChunkedProto(b"x" * sent)
+    bridge = WSGIBridge(app, threads=1, max_body=4000)
+    try:
+        asyncio.run(bridge(FakeScope(environ), proto))
+    finally:
+        bridge.close()
+    assert proto.answer == (413, [("Content-Type", "text/plain")], b"too large")
+    assert len(seen[0][0]) == kept and proto.taken == taken
+    assert seen[0][1] == (str(declared) if declared is not None else None)  # the app sees the declared length
+
+
 def test_other_routes_go_through_the_bridge_unchanged(rsgi_pair, settings, registry, domain):
     *_, bridged = rsgi_pair
     assert alike(rsgi_pair, "GET", "/healthz")[0] == 200
@@ -378,12 +433,15 @@ def test_the_client_address_is_the_host_part(client, address):
     assert _client_ip(client) == address
 
 
-# --- under real granian: RSGI against `tally collector` (WSGI), on the wire ----------------------
+# --- under real granian: `tally collector` in both interfaces, on the wire -----------------------
 
-def _call(base: str, path: str, method: str = "GET", data: bytes | None = None, **headers: str):
+MAX_BODY = 16384  # TALLY_MAX_BODY_BYTES for the servers below: oversized bodies stay small
+
+
+def _call(base: str, path: str, method: str = "GET", data: Any = None, **headers: str):
     req = urllib.request.Request(base + path, method=method, data=data, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=15) as resp:
             return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers, exc.read()
@@ -395,66 +453,229 @@ def _wait_healthy(base: str, proc: subprocess.Popen, log: Path) -> None:
         try:
             if _call(base, "/healthz")[0] == 200:
                 return
-        except urllib.error.URLError:
+        except (urllib.error.URLError, ConnectionError):
             pass
         assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-2000:]
         time.sleep(0.2)
 
 
-def test_under_granian_rsgi_answers_as_the_wsgi_collector(servers, tmp_path, domain):
+def _collector(servers, tmp_path: Path, name: str, interface: str | None, workers: int = 1
+               ) -> tuple[subprocess.Popen, str, Path]:
+    """`tally collector` with TALLY_COLLECTOR_INTERFACE=`interface` (None: unset, the default), healthy."""
     from infra.processes import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(TALLY_HOME=str(tmp_path / f"{name}-home"), TALLY_PG_DSN=servers.pg_dsn, TALLY_SECRET=SECRET,
+               TALLY_SPOOL_DIR=str(tmp_path / f"{name}-spool"), TALLY_COLLECTOR_PORT=str(port),
+               TALLY_COLLECTOR_WORKERS=str(workers), TALLY_MAX_BODY_BYTES=str(MAX_BODY),
+               TALLY_SPOOL_SEGMENT_AGE_S="3600",  # nothing sealed by age: only shutdown seals
+               TALLY_ALLOWED_HOSTS="127.0.0.1,localhost", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    if interface is not None:
+        env["TALLY_COLLECTOR_INTERFACE"] = interface
+    log = tmp_path / f"{name}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "collector"], env=env, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, proc, log)
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
+    return proc, base, tmp_path / f"{name}-spool"
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def _raw_answer(base: str, head: bytes, timeout: float = 15.0) -> bytes:
+    """Send `head` (request line and headers, no body) on a fresh socket; what the server answers."""
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def test_both_interfaces_answer_alike_on_the_wire(servers, tmp_path, domain):
+    """`tally collector` under TALLY_COLLECTOR_INTERFACE=wsgi and =rsgi (real granian, one worker each):
+    the same requests (accepted, refused, bridged, CORS, pixel, tag, oversized, rate-limited, foreign
+    Host) get the same status, headers and body; both spool the same events; both stop on SIGTERM."""
+    import http.client
+
+    from core.pixel import signed_query
     from oltp import sites
 
-    site = sites.add(servers.pg_dsn, domain)
-    bases, procs = {}, []
+    origin = "https://shop.example.org"
+    site = sites.add(servers.pg_dsn, domain, origins=[origin])
+    tight = sites.add(servers.pg_dsn, f"tight-{domain}", rate_per_s=0.01, burst=3)
+    procs, bases, spools = [], {}, {}
     try:
         for name in ("wsgi", "rsgi"):
-            port = free_port()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
-            env.update(TALLY_HOME=str(tmp_path / f"{name}-home"), TALLY_PG_DSN=servers.pg_dsn, TALLY_SECRET=SECRET,
-                       TALLY_SPOOL_DIR=str(tmp_path / f"{name}-spool"), TALLY_COLLECTOR_PORT=str(port),
-                       TALLY_COLLECTOR_WORKERS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-            argv = ([sys.executable, "-m", "tally.cli", "collector"] if name == "wsgi" else
-                    [sys.executable, "-m", "bench.collector", "--serve-rsgi"])
-            log = tmp_path / f"{name}.log"
-            proc = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+            proc, bases[name], spools[name] = _collector(servers, tmp_path, name, name)
             procs.append(proc)
-            bases[name] = f"http://127.0.0.1:{port}"
-            _wait_healthy(bases[name], proc, log)
         one = orjson.dumps(hit(domain))
         fifty = orjson.dumps([hit(domain, url=f"https://{domain}/{i}") for i in range(50)])
-        requests = [  # (path, method, body, headers)
-            (f"/collect?site={site.site_key}", "POST", one, {"Content-Type": "application/json"}),
-            (f"/collect?site={site.site_key}", "POST", fifty, {"Content-Type": "text/plain;charset=UTF-8"}),
-            ("/collect?site=nope", "POST", one, {"Content-Type": "application/json"}),
-            (f"/collect?site={site.site_key}", "POST", b"{bad", {"Content-Type": "application/json"}),
-            (f"/collect?site={site.site_key}", "POST", one, {"Content-Type": "text/html"}),
-            (f"/collect?site={site.site_key}", "POST", one, {"Content-Type": "application/json",
-                                                             "Origin": "https://x.example"}),
-            ("/collect", "OPTIONS", None, {}),
-            ("/tag.js", "GET", None, {"Accept-Encoding": "gzip"}),
-            ("/readyz", "GET", None, {}),
-            ("/nothing-here", "GET", None, {}),
+        too_big = orjson.dumps([hit(domain, url=f"https://{domain}/{'x' * 200}/{i}") for i in range(100)])
+        assert len(fifty) < MAX_BODY < len(too_big) <= 2 * MAX_BODY  # read and dropped, then refused: a clean 413
+        key = f"/collect?site={site.site_key}"
+        etag = _call(bases["wsgi"], "/tag.js", **{"Accept-Encoding": "gzip"})[1]["ETag"]
+        pixel = signed_query(site.secret, {"site": site.site_key, "domain": domain, "url": f"https://{domain}/n",
+                                           "exp": str(int(time.time()) + 300)})
+
+        def chunked(body: bytes):  # urllib sends an iterable without Content-Length chunked
+            return iter([body[i:i + 1000] for i in range(0, len(body), 1000)])
+
+        json_ct = {"Content-Type": "application/json"}
+        requests = [  # (what, path, method, body, headers, expected status)
+            ("accepted", key, "POST", one, json_ct, 202),
+            ("accepted 50", key, "POST", fifty, {"Content-Type": "text/plain;charset=UTF-8"}, 202),
+            ("accepted chunked", key, "POST", lambda: chunked(one), json_ct, 202),
+            ("unknown key", "/collect?site=nope", "POST", one, json_ct, 401),
+            ("no key", "/collect", "POST", one, json_ct, 401),
+            ("bad json", key, "POST", b"{bad", json_ct, 400),
+            ("media type", key, "POST", one, {"Content-Type": "text/html"}, 415),
+            ("other query", f"{key}&x=1", "POST", one, json_ct, 202),
+            ("rate limited", f"/collect?site={tight.site_key}", "POST",
+             orjson.dumps([hit(f"tight-{domain}")] * 5), json_ct, 429),
+            ("cors accepted", key, "POST", one, {"Content-Type": "text/plain", "Origin": origin}, 202),
+            ("cors refused", key, "POST", one, {"Content-Type": "text/plain", "Origin": "https://evil.example"}, 403),
+            ("preflight", key, "OPTIONS", None, {"Origin": origin, "Access-Control-Request-Method": "POST",
+                                                 "Access-Control-Request-Headers": "content-type"}, 204),
+            ("preflight refused", key, "OPTIONS", None, {"Origin": "https://evil.example",
+                                                         "Access-Control-Request-Method": "POST"}, 403),
+            ("oversized", key, "POST", too_big, json_ct, 413),
+            ("oversized chunked", key, "POST", lambda: chunked(too_big), json_ct, 413),
+            ("foreign host", key, "POST", one, {**json_ct, "Host": "evil.example"}, 400),
+            ("foreign host, tag", "/tag.js", "GET", None, {"Host": "evil.example"}, 400),
+            ("wrong method", "/collect", "GET", None, {}, 405),
+            ("tag", "/tag.js", "GET", None, {"Accept-Encoding": "gzip"}, 200),
+            ("tag, plain", "/tag.js", "GET", None, {}, 200),
+            ("tag, unchanged", "/tag.js", "GET", None, {"Accept-Encoding": "gzip", "If-None-Match": etag}, 304),
+            ("pixel", f"/i.gif?{pixel}", "GET", None, {}, 200),
+            ("pixel, tampered", f"/i.gif?{pixel.replace('%2Fn', '%2Fm')}", "GET", None, {}, 403),
+            ("readyz", "/readyz", "GET", None, {}, 200),
+            ("healthz", "/healthz", "GET", None, {}, 200),
+            ("not found", "/nothing-here", "GET", None, {}, 404),
         ]
-        for path, method, body, headers in requests:
+        for what, path, method, body, headers, expected in requests:
             answers = []
             for name in ("wsgi", "rsgi"):
-                status, got_headers, data = _call(bases[name], path, method, body, **headers)
+                data = body() if callable(body) else body
+                status, got_headers, got = _call(bases[name], path, method, data, **headers)
                 hdrs = {k.lower(): v for k, v in got_headers.items() if k.lower() != "date"}
-                answers.append(normalised(status, list(hdrs.items()), data) + (hdrs.get("content-length"),))
-            assert answers[0] == answers[1], (path, method, headers)
-        assert answers[0][0] == 404
-        events = {name: [e for e in spooled(tmp_path / f"{name}-spool") if "kind" not in e]  # not refusal counts
-                  for name in ("wsgi", "rsgi")}
-        assert len(events["wsgi"]) == len(events["rsgi"]) == 51
+                answers.append(normalised(status, list(hdrs.items()), got) + (hdrs.get("content-length"),))
+            assert answers[0] == answers[1], what
+            assert answers[0][0] == expected, (what, answers[0])
+            if expected == 413:
+                assert answers[0][2]["error"]["code"] == "request_entity_too_large", (what, answers[0])
+        for name in ("wsgi", "rsgi"):  # /metrics: the same families either way (counts differ by timing)
+            status, got_headers, got = _call(bases[name], "/metrics")
+            assert status == 200 and got_headers["Content-Type"].startswith("text/plain"), (name, status)
+            assert b'tally_collector_requests_total{endpoint="collector.collect",status="202"}' in got, name
+        events = {name: [e for e in spooled(spools[name]) if "kind" not in e] for name in ("wsgi", "rsgi")}
+        assert len(events["wsgi"]) == len(events["rsgi"]) == 1 + 50 + 1 + 1 + 1 + 1  # pixel too
+        assert sorted(e["url"] for e in events["wsgi"]) == sorted(e["url"] for e in events["rsgi"])
+
+        # A declared Content-Length beyond the limit: RSGI answers 413 without reading a byte of it.
+        head = (f"POST {key} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {50 * 1024 * 1024}\r\n\r\n").encode()
+        answer = _raw_answer(bases["rsgi"], head)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        conn = http.client.HTTPConnection(bases["rsgi"].removeprefix("http://"), timeout=15)
+        conn.request("POST", key, body=one, headers=json_ct)  # the server still serves
+        assert conn.getresponse().status == 202
+        conn.close()
+
         for proc in procs:  # both stop cleanly on SIGTERM (granian's graceful shutdown)
             proc.terminate()
         assert [proc.wait(timeout=30) for proc in procs] == [0, 0]
+        # RSGI seals its worker's segment as it stops: nothing left open, every event in a sealed one.
+        assert list(spools["rsgi"].glob("*.open")) == [], sorted(spools["rsgi"].iterdir())
+        sealed = [e for e in spooled(spools["rsgi"]) if "kind" not in e]
+        assert len(sealed) == len(events["rsgi"]) + 1
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
+        _stop(procs)
+
+
+def test_rsgi_is_the_default_and_an_unknown_interface_is_refused(servers, tmp_path):
+    from core.config import ConfigError, Settings
+
+    assert Settings.from_env({}).collector_interface == "rsgi"
+    assert Settings.from_env({"TALLY_COLLECTOR_INTERFACE": "wsgi"}).collector_interface == "wsgi"
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"TALLY_COLLECTOR_INTERFACE": "asgi"})
+    assert "TALLY_COLLECTOR_INTERFACE" in str(caught.value) and "rsgi or wsgi" in str(caught.value)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env.update(TALLY_HOME=str(tmp_path / "home"), TALLY_PG_DSN=servers.pg_dsn, TALLY_SECRET=SECRET,
+               TALLY_COLLECTOR_INTERFACE="asgi")
+    out = subprocess.run([sys.executable, "-m", "tally.cli", "collector"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0 and "TALLY_COLLECTOR_INTERFACE" in out.stderr, (out.returncode, out.stderr[-500:])
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_default_collector_workers_die_with_the_master_and_keep_every_acknowledged_event(servers, tmp_path,
+                                                                                        domain):
+    """`tally collector` (default: RSGI, two workers) killed with SIGKILL: its workers stop (SIGTERM from
+    PR_SET_PDEATHSIG, which seals their segments, unless collector.wsgi's parent watch's SIGKILL comes
+    first); the port is free again, no segment is left locked, and after orphan recovery (what the
+    shipper runs) every acknowledged event is in a sealed segment."""
+    import signal
+
+    from infra.processes import tcp_open
+    from oltp import sites
+
+    site = sites.add(servers.pg_dsn, domain)
+    proc, base, spool_dir = _collector(servers, tmp_path, "default", None, workers=2)
+    try:
+        for i in range(8):
+            status, _, body = _call(base, f"/collect?site={site.site_key}", "POST",
+                                    orjson.dumps(hit(domain, url=f"https://{domain}/{i}")),
+                                    **{"Content-Type": "application/json"})
+            assert status == 202, body
+        assert list(spool_dir.glob("*.open")), "nothing spooled into an open segment"
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(w) for w in workers):
+            assert time.monotonic() < deadline, "a worker outlived its master"
+            time.sleep(0.1)
+        recover_orphans(spool_dir)  # seals what a worker could not (a segment still locked is left alone)
+        assert list(spool_dir.glob("*.open")) == [], sorted(spool_dir.iterdir())
+        assert len([e for e in spooled(spool_dir) if "kind" not in e]) == 8
+        port = int(base.rsplit(":", 1)[1])
+        assert not tcp_open("127.0.0.1", port)
+    finally:
+        _stop([proc])
 
 
 def test_a_key_the_copy_lacks_is_looked_up_off_the_event_loop(rsgi_pair, settings, registry, domain, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
 import socket
@@ -43,7 +44,10 @@ def die_with_parent(sig: int = signal.SIGTERM, watch_s: float = 0.5) -> None:
     `kill -9` of its master despite PR_SET_PDEATHSIG (why is not pinned down), holding its open spool
     segment's lock, so the shipper never shipped what it had acknowledged (the chaos test found it;
     tests/test_collector_orphans.py reproduces it)."""
-    parent = os.getppid()
+    # The process that forked us, as multiprocessing knows it (granian's workers): getppid() here would
+    # already name init if the master died before this call, and nothing would ever fire.
+    known = multiprocessing.parent_process()
+    parent = known.pid if known is not None and known.pid is not None else os.getppid()
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:

@@ -14,7 +14,7 @@ TALLY_MAX_BODY_BYTES, an accepted Content-Type, a body that parses) and runs the
 (`collector.app.screen`, the spool, `collector.app.admitted`). Every other request, and a body that
 does not parse, goes to the Flask app through `collector.wsgi_bridge` (a thread pool), unchanged.
 
-Stopping (SIGTERM: granian's graceful shutdown, or the parent's death via die_with_parent): granian
+Stopping (SIGTERM from the master: granian's graceful shutdown; the master's death: SIGKILL, see __rsgi_init__): granian
 calls `__rsgi_del__` once the worker stops serving; it lets the flush under way finish and seals the
 worker's open spool segment, so the shipper ships it without waiting for orphan recovery.
 """
@@ -39,7 +39,6 @@ from collector.spool import SpoolFull
 from collector.wsgi_bridge import WSGIBridge
 from core import metrics
 from core.http import error, host_allowed
-from infra.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +58,17 @@ class CollectorRSGI:
         self.spool = AsyncSpool(app.extensions["tally_spool"])
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        """granian has installed the worker's loop signal handlers: from now on the master's death may
-        stop this worker with SIGTERM (a graceful stop that ends in `__rsgi_del__`, which seals the
-        spool) instead of the SIGKILL collector.wsgi asked for. Not earlier: a SIGTERM before these
-        handlers exist reaches a handler inherited from the master that only sets a flag, and the
-        orphan would live on (tests/test_collector_orphans.py). If the master is already gone (it may
-        die while this worker starts, before any death signal was asked for), this stops the worker
-        now, gracefully: granian's workers are multiprocessing children, which know their parent's pid."""
-        die_with_parent(signal.SIGTERM)
+        """The master's death stops this worker with SIGKILL (collector.wsgi's die_with_parent: the
+        parent-death signal and a watch thread). A graceful SIGTERM here was tried and dropped: a worker
+        in granian's graceful stop was seen outliving its master in the full suite, watch thread
+        included (tests/test_collector_orphans.py). Nothing is lost by the hard stop: everything
+        acknowledged is fdatasync'd and the shipper recovers the open segment. If the master is already
+        gone (it may die while this worker starts), stop now: granian's workers are multiprocessing
+        children, which know their parent's pid."""
         master = multiprocessing.parent_process()
         if master is not None and master.pid != os.getppid():
             log.warning("collector: the granian master died while this worker started; stopping")
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         """The worker is stopping: finish the flush under way, stop the bridge, seal the open segment.

@@ -46,7 +46,7 @@ def cmd_chaos(settings: Settings, args: argparse.Namespace) -> int:
 
     from tally.chaos import ChaosPlan, ChaosRun, parse_faults
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # paths stay whole, whatever the terminal width
     try:
         faults = parse_faults(args.faults) if args.faults is not None else None
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from infra.processes import free_port, pid_alive, tcp_open
+from tally.chaos.stack import children_of
 
 
 class Stack:
@@ -142,19 +143,6 @@ class Stack:
             except ProcessLookupError:
                 pass
         self.proc.wait(10)
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
 
 
 def wait_gone(pids: list[int], timeout_s: float = 10) -> list[int]:

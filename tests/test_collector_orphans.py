@@ -18,20 +18,8 @@ import pytest
 
 from infra.processes import free_port, pid_alive
 from oltp import sites
+from tally.chaos.stack import children_of
 from tests.conftest import SECRET
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def post(conn: http.client.HTTPConnection, key: str, domain: str) -> int:
@@ -68,11 +56,11 @@ def test_every_worker_a_respawned_one_included_dies_with_a_killed_master(servers
                 pass
             conn.close()
             time.sleep(0.2)
-        first = children(master.pid)
+        first = children_of(master.pid)
         assert len(first) == 2, first
         # as in the chaos run that found it: one worker killed and respawned by granian first
         os.kill(first[0], signal.SIGKILL)
-        while len(workers := [w for w in children(master.pid) if w != first[0]]) < 2:
+        while len(workers := [w for w in children_of(master.pid) if w != first[0]]) < 2:
             assert time.monotonic() < deadline, "granian did not respawn the worker"
             time.sleep(0.1)
         for _ in range(20):  # the respawned worker is serving too

@@ -71,7 +71,8 @@ def _partition(conn, table: str) -> None:
         wanted.setdefault(p.name, p)
     for p in sorted(wanted.values(), key=lambda p: p.start):
         conn.exec_driver_sql(create_statement(p))
-    conn.exec_driver_sql(f'INSERT INTO "{table}" SELECT * FROM "{old}"')
+    # seen_events' old key is the hash alone: a hash stored at two instants (foreign records) keeps one row
+    conn.exec_driver_sql(f'INSERT INTO "{table}" SELECT * FROM "{old}" ON CONFLICT DO NOTHING')
     conn.exec_driver_sql(f'DROP TABLE "{old}"')
     for ddl in indexes:
         conn.exec_driver_sql(ddl)
@@ -87,7 +88,8 @@ def _unpartition(conn, table: str, pk_cols: list[str]) -> None:
                          f' INCLUDING STORAGE INCLUDING COMMENTS)')
     cols = ", ".join(f'"{c}"' for c in pk_cols)
     conn.exec_driver_sql(f'ALTER TABLE "{table}" ADD CONSTRAINT "{table}_pkey" PRIMARY KEY ({cols})')
-    conn.exec_driver_sql(f'INSERT INTO "{table}" SELECT * FROM "{old}"')
+    # seen_events' old key is the hash alone: a hash stored at two instants (foreign records) keeps one row
+    conn.exec_driver_sql(f'INSERT INTO "{table}" SELECT * FROM "{old}" ON CONFLICT DO NOTHING')
     conn.exec_driver_sql(f'DROP TABLE "{old}"')  # its partitions go with it
 
 

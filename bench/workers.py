@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import io
 import json
 import logging
@@ -50,6 +49,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from bench.common import RESULTS_DIR, Bench, make_events, print_table, rate, say, start_servers
+from workers.gc_policy import tune_for_streaming
 
 F_CONSUME, F_COPY, F_CH_INSERT = "kafka raw consume, workers' topic", "pg raw COPY", "chdb raw insert"
 F_LOADER_FLOOR = "loader floor: min(consume, chdb insert)"
@@ -286,9 +286,10 @@ def run(b: Bench, profile: str | None, memory: bool) -> dict[str, object]:
         say(f"[bench] building {b.n} events ...")
         events = make_events(b.n)
         # The bench's own heap (the events above) is not the workers': keep the cyclic GC from
-        # re-scanning it during every measurement, floors and stages alike.
-        gc.collect()
-        gc.freeze()
+        # re-scanning it during every measurement. And measure floors and stages alike under the GC
+        # policy the worker processes run with (workers/gc_policy.py, ADR 27), so that no ratio
+        # comes from a GC setting only one side has.
+        tune_for_streaming()
         servers: dict[str, object] = {}
         if not b.measure("start tansu + PostgreSQL", start_servers, work, cleanup, servers):
             return {}

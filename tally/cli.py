@@ -190,7 +190,10 @@ def cmd_analyst_server(settings: Settings, args: argparse.Namespace) -> int:
     app = build_analyst_server(settings)
     loader_thread, stop = None, threading.Event()
     if args.with_loader:
+        from workers.gc_policy import tune_for_streaming
+
         loop = build_loader_loop(settings)
+        tune_for_streaming()  # the loader's per-record allocations, not the analyst app, set this process's GC
         loader_thread = threading.Thread(target=loop.run, args=(stop,), name="loader", daemon=True)
         loader_thread.start()
     elif settings.clickhouse_dsn.startswith("chdb://"):

@@ -269,5 +269,8 @@ def require_secret(settings: Settings, who: str) -> str:
 
 
 def run_loop_forever(build: Callable[[Settings], object], settings: Settings) -> None:
+    from workers.gc_policy import tune_for_streaming
+
     loop = build(settings)
+    tune_for_streaming()  # after start-up: the built clients are frozen, not rescanned (ADR 27)
     loop.run(stop_on_signals())  # type: ignore[attr-defined]

@@ -28,6 +28,8 @@ from kafka.record.util import decode_varint
 
 __all__ = ["LeanPartitionRecords", "use_lean_records"]
 
+_NO_HEADERS: list = []  # shared by every record without headers (one allocation fewer per record; never mutated)
+
 
 def use_lean_records(consumer: object) -> None:
     """Make `consumer` (a KafkaConsumer) parse fetched v2 batches with `LeanPartitionRecords`."""
@@ -112,7 +114,7 @@ def _records_v2(batch, tp, leader_epoch: int, parts):  # noqa: ANN001, ANN202 - 
             b = data[pos]
             if b == 0:
                 pos += 1
-                headers: list = []
+                headers = _NO_HEADERS
                 header_size = -1
             else:
                 headers, pos = _headers(data, pos)

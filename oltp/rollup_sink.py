@@ -7,47 +7,80 @@ Events whose hash is already in `seen_events` (redelivery, shipper retries,
 client retries with the same id) add nothing. The same transaction keeps the ingestion status
 (`ingestion_15m`: accepted, bots, late, last arrival) and adds the collectors' refusal counts
 (`collector_refusals`), each once.
+
+How (ADR 26): Python touches the batch's domains and zones, not its events. Each column the statement
+reads is handed over as one array literal written by msgspec in C (`_columns`); per zone present, the
+day starts covering the batch (`DayStarts.covering`) travel as a small array, and PostgreSQL puts every
+event in its day with `width_bucket` (ADR 12's days, exact to the second, Monrovia's 00:44:30 too). One
+statement parses, deduplicates against `seen_events`, aggregates the fresh events once and upserts the
+three tiers and `ingestion_15m` from that aggregate; it is first tried as "every event is new" (a plain
+insert into seen_events, in a savepoint) and, if a hash was already seen, run in its deduplicating form.
+Before the batch transaction, each in its own short transaction: the zone registry read, the partitions
+of the UTC days holding events (`_prepare`), the coverage plan (`plan_zones`; `note_zones` writes it
+after the rollup upserts, rederive's lock order, ADR 19).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
+import msgspec
 import psycopg
 
 from core.batch import Batch, same_incarnation
-from oltp.tiers import DayStarts, SiteZones, ensure_tier_partitions, note_zones, plan_zones
-
-try:  # helper "schema" (ADR 18): time partitions; until then the tables are plain
-    from oltp.partitions import ensure_partitions
-    from oltp.partitions import forget as _forget_partitions
-except ImportError:  # pragma: no cover
-    ensure_partitions = _forget_partitions = None
+from core.event import StoredEvent
+from oltp.partitions import ensure_partitions, ensure_partitions_for
+from oltp.partitions import forget as _forget_partitions
+from oltp.tiers import (
+    DAY_S,
+    DayStarts,
+    SiteZones,
+    ensure_tier_partitions,
+    note_zones,
+    plan_zones,
+)
 
 REJECTED_CAP = 10_000  # rows kept in rejected_records; older ones are pruned
 
-_CREATE_STAGE = """
-CREATE TEMP TABLE IF NOT EXISTS stage_events (
-    hash uuid, domain text, event_type text, ts timestamptz, value numeric(24, 6),
-    received_at timestamptz, bot boolean, tz text, day_start timestamptz
-) ON COMMIT DELETE ROWS
-"""
-
-_APPLY = """
-WITH batch AS (
-    SELECT DISTINCT ON (hash) hash, domain, event_type, ts, value, received_at, bot, tz, day_start
-    FROM stage_events ORDER BY hash
+# The batch's events arrive as one array literal per column (`_columns`, ADR 26), unnested here;
+# `zone_days` holds, per zone in the batch, the day starts covering its events (`DayStarts.covering`),
+# `site` each domain's zone. `counted` aggregates the fresh events once, finely enough that every tier
+# and the ingestion status are sums of its rows. `batch` is sorted by hash: the seen_events index is
+# then written in key order (measured cheaper than in arrival order).
+_APPLY_TEMPLATE = """
+WITH zone_days AS (
+    SELECT tz, array_agg(to_timestamp(s) ORDER BY s) AS starts
+    FROM unnest(%(zone_tz)s::text[], %(zone_start)s::bigint[]) AS z(tz, s)
+    GROUP BY tz
+), site AS (
+    SELECT m.domain, m.tz, z.starts
+    FROM unnest(%(domains)s::text[], %(tzs)s::text[]) AS m(domain, tz) JOIN zone_days z ON z.tz = m.tz
+), parsed AS (
+    SELECT * FROM unnest(%(hash)s::uuid[], %(domain)s::text[], %(type)s::text[], %(ts)s::timestamptz[],
+                         %(value)s::numeric(24, 6)[], %(received_at)s::timestamptz[], %(bot)s::boolean[])
+        AS x(hash, domain, type, ts, value, received_at, bot)
+), batch AS (
+    {batch}
 ), fresh AS (
-    INSERT INTO seen_events (hash, ts) SELECT hash, ts FROM batch
-    ON CONFLICT (hash, ts) DO NOTHING
-    RETURNING hash
-), fresh_events AS (
-    SELECT b.* FROM batch b JOIN fresh f ON f.hash = b.hash
+    {fresh}
+), counted AS (
+    SELECT b.domain, b.type AS event_type, date_bin('15 minutes', b.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS quarter,
+           s.tz, s.starts[width_bucket(b.ts, s.starts)] AS day_start,
+           date_bin('15 minutes', b.received_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS arrived,
+           count(*) AS events, count(b.value) AS valued, sum(b.value) AS value_sum, min(b.value) AS value_min,
+           max(b.value) AS value_max, count(*) FILTER (WHERE b.bot) AS bots,
+           count(*) FILTER (WHERE b.received_at > date_bin('15 minutes', b.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00')
+                                                  + INTERVAL '20 minutes') AS late,
+           max(b.received_at) AS last_received_at
+    FROM {counted_from} JOIN site s ON s.domain = b.domain
+    GROUP BY 1, 2, 3, 4, 5, 6
 ), hourly AS (
     INSERT INTO rollup_1h AS r (domain, event_type, bucket_start, events, valued, value_sum, value_min, value_max)
-    SELECT domain, event_type, date_bin('1 hour', ts, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
-           count(*), count(value), sum(value), min(value), max(value)
-    FROM fresh_events
+    SELECT domain, event_type, date_bin('1 hour', quarter, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
+           sum(events), sum(valued), sum(value_sum), min(value_min), max(value_max)
+    FROM counted
     GROUP BY 1, 2, 3
     ON CONFLICT (domain, event_type, bucket_start) DO UPDATE SET
         events    = r.events + EXCLUDED.events,
@@ -57,8 +90,8 @@ WITH batch AS (
         value_max = GREATEST(r.value_max, EXCLUDED.value_max)
 ), daily AS (
     INSERT INTO rollup_1d AS r (domain, tz, event_type, bucket_start, events, valued, value_sum, value_min, value_max)
-    SELECT domain, tz, event_type, day_start, count(*), count(value), sum(value), min(value), max(value)
-    FROM fresh_events
+    SELECT domain, tz, event_type, day_start, sum(events), sum(valued), sum(value_sum), min(value_min), max(value_max)
+    FROM counted
     GROUP BY 1, 2, 3, 4
     ON CONFLICT (domain, tz, event_type, bucket_start) DO UPDATE SET
         events    = r.events + EXCLUDED.events,
@@ -68,21 +101,16 @@ WITH batch AS (
         value_max = GREATEST(r.value_max, EXCLUDED.value_max)
 ), ingestion AS (
     INSERT INTO ingestion_15m AS i (domain, bucket_start, accepted, bots, late, last_received_at)
-    SELECT b.domain, date_bin('15 minutes', b.received_at, TIMESTAMPTZ '2000-01-01 00:00:00+00'), count(*),
-           count(*) FILTER (WHERE b.bot),
-           count(*) FILTER (WHERE b.received_at > date_bin('15 minutes', b.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00')
-                                                  + INTERVAL '20 minutes'),
-           max(b.received_at)
-    FROM batch b JOIN fresh f ON f.hash = b.hash
+    SELECT domain, arrived, sum(events), sum(bots), sum(late), max(last_received_at)
+    FROM counted
     GROUP BY 1, 2
     ON CONFLICT (domain, bucket_start) DO UPDATE SET
         accepted = i.accepted + EXCLUDED.accepted, bots = i.bots + EXCLUDED.bots, late = i.late + EXCLUDED.late,
         last_received_at = GREATEST(i.last_received_at, EXCLUDED.last_received_at)
 )
 INSERT INTO rollup_15m AS r (domain, event_type, bucket_start, events, valued, value_sum, value_min, value_max)
-SELECT b.domain, b.event_type, date_bin('15 minutes', b.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
-       count(*), count(b.value), sum(b.value), min(b.value), max(b.value)
-FROM batch b JOIN fresh f ON f.hash = b.hash
+SELECT domain, event_type, quarter, sum(events), sum(valued), sum(value_sum), min(value_min), max(value_max)
+FROM counted
 GROUP BY 1, 2, 3
 ON CONFLICT (domain, event_type, bucket_start) DO UPDATE SET
     events    = r.events + EXCLUDED.events,
@@ -91,6 +119,25 @@ ON CONFLICT (domain, event_type, bucket_start) DO UPDATE SET
     value_min = LEAST(r.value_min, EXCLUDED.value_min),
     value_max = GREATEST(r.value_max, EXCLUDED.value_max)
 """
+
+def _apply_statement(batch: str, fresh: str, counted_from: str) -> str:
+    return _APPLY_TEMPLATE.replace("{batch}", batch).replace("{fresh}", fresh).replace("{counted_from}", counted_from)
+
+
+# The general statement: every hash once (a batch with a hash twice counts it once; which copy is kept
+# is arbitrary, the copies of one hash being the same event), and only the hashes not yet in
+# seen_events count (the dedup window, ADR 14).
+_APPLY_DEDUP = _apply_statement(
+    "SELECT DISTINCT ON (hash) * FROM parsed ORDER BY hash",
+    "INSERT INTO seen_events (hash, ts) SELECT hash, ts FROM batch ON CONFLICT (hash, ts) DO NOTHING RETURNING hash",
+    "batch b JOIN fresh f ON f.hash = b.hash")
+# The common case, tried first: every event of the batch is new. A plain insert into seen_events (no
+# speculative insertion, no join back to what it returned) raises unique_violation if that is not so,
+# and the batch is applied again with _APPLY_DEDUP (`RollupSink._apply_events`).
+_APPLY_ALL_NEW = _apply_statement(
+    "SELECT * FROM parsed ORDER BY hash",
+    "INSERT INTO seen_events (hash, ts) SELECT hash, ts FROM batch",
+    "batch b")
 
 _APPLY_COUNTS = """
 WITH batch AS (
@@ -117,8 +164,74 @@ ON CONFLICT (consumer_group, topic, partition) DO UPDATE
 """
 
 
+# A batch whose events span more than this is handled per UTC day holding events (partitions, day
+# starts), not as one range: a replayed batch with one event from last year creates no empty partitions.
+WIDE_SPAN_S = 2 * DAY_S
+# After a batch holding an already seen hash, this many batches skip the all-new attempt.
+DEDUP_AFTER_REDELIVERY = 8
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What the sink needs to know of a batch's events in Python (a few passes of builtins; arithmetic
+    per event only for a batch spanning more than WIDE_SPAN_S): its domains, whether every hash is distinct, and the spans of UTC epoch seconds
+    [lo, hi] (inclusive, ascending, disjoint) that hold every event's `ts` (floored to the second)."""
+
+    domains: set[str]
+    unique: bool
+    spans: list[tuple[int, int]]
+
+
+def _shape(events: Sequence[StoredEvent]) -> _Shape:
+    ts = [e.ts for e in events]
+    lo, hi = int(min(ts).timestamp() // 1), int(max(ts).timestamp() // 1)
+    if hi - lo <= WIDE_SPAN_S:
+        spans = [(lo, hi)]
+    else:
+        spans = []
+        for day in sorted({int(t.timestamp()) // DAY_S for t in ts}):
+            if spans and spans[-1][1] + 1 == day * DAY_S:
+                spans[-1] = (spans[-1][0], (day + 1) * DAY_S - 1)
+            else:
+                spans.append((day * DAY_S, (day + 1) * DAY_S - 1))
+    return _Shape({e.domain for e in events}, len({e.hash for e in events}) == len(events), spans)
+
+
+_ENCODE = msgspec.json.Encoder(decimal_format="string").encode
+
+
+def _array(values: list) -> str | list:
+    """`values` as a PostgreSQL array literal, written by msgspec in C (~15 ns per element).
+
+    A JSON array of strings, numbers, booleans and nulls reads as the same PostgreSQL array once its
+    brackets become braces, as long as no string holds a backslash escape (JSON's `\\n`, `\\u0001` mean
+    something else in an array literal): then the list itself is returned, for psycopg to adapt."""
+    data = _ENCODE(values)
+    if b"\\" in data:
+        return values
+    return "{" + data[1:-1].decode() + "}"
+
+
+def _columns(events: Sequence[StoredEvent]) -> dict[str, str | list]:
+    """The parameters `hash` .. `bot` of the apply statements: one array literal per column the statement reads."""
+    return {
+        "hash": _array([e.hash for e in events]),
+        "domain": _array([e.domain for e in events]),
+        "type": _array([e.type for e in events]),
+        "ts": _array([e.ts for e in events]),
+        "value": _array([e.value for e in events]),
+        "received_at": _array([e.received_at for e in events]),
+        "bot": _array([e.device == "bot" for e in events]),
+    }
+
+
+def _at(s: int) -> datetime:
+    return datetime.fromtimestamp(s, UTC)
+
+
 class RollupSink:
-    """Sink for the rollup worker; owns one connection (temp tables are per connection)."""
+    """Sink for the rollup worker; owns one connection (the refusal counts' temp table is per connection).
+    Not thread-safe: calls must not overlap (the consumer loop writes from one thread, workers/consumer.py)."""
 
     name = "postgres"
 
@@ -129,12 +242,11 @@ class RollupSink:
         self._zones = SiteZones()
         self._days = DayStarts()
         self._noted: dict[str, str] = {}  # domain -> zone recorded in rollup_1d_coverage (committed)
+        self._dedup_next = 0  # batches left to apply with _APPLY_DEDUP directly (after a redelivery)
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = psycopg.connect(self.dsn, connect_timeout=5)
-            self._conn.execute(_CREATE_STAGE)
-            self._conn.commit()
         return self._conn
 
     def committed(self, topic: str, topic_id: str, partitions: list[int]) -> dict[int, int]:
@@ -153,7 +265,7 @@ class RollupSink:
         except psycopg.errors.CheckViolation as exc:
             # A partition this process believed in was dropped meanwhile (retention in another process):
             # forget what the cache knows and try once more, rather than let the batch look refused.
-            if "no partition of relation" not in str(exc) or _forget_partitions is None:
+            if "no partition of relation" not in str(exc):
                 raise
             _forget_partitions()
             self._write(batch)
@@ -161,25 +273,17 @@ class RollupSink:
     def _write(self, batch: Batch) -> None:
         conn = self._connection()
         try:
-            zones = {d: self._zones.get(conn, d) for d in {e.domain for e in batch.events}}
+            events = batch.events
+            shape = _shape(events) if events else None
+            zones = {d: self._zones.get(conn, d) for d in sorted(shape.domains)} if shape else {}
             conn.commit()  # the registry read above must not hold a transaction open
-            day_of = self._days.start
-            rows = [(e.hash, e.domain, e.type, e.ts, e.value, e.received_at, e.device == "bot", zones[e.domain],
-                     day_of(zones[e.domain], e.ts)) for e in batch.events]
-            self._ensure_partitions(conn, batch, rows)
+            apply = self._prepare(conn, batch, shape, zones)
             noting = {d: z for d, z in zones.items() if self._noted.get(d) != z}
             plan = plan_zones(conn, noting, self._days)
             conn.commit()  # the plan's reads hold nothing into the batch transaction
             with conn.transaction():
-                if batch.events:
-                    with conn.cursor().copy(
-                            "COPY stage_events (hash, domain, event_type, ts, value, received_at, bot, tz, day_start)"
-                            " FROM STDIN") as copy:
-                        # hash: 32 hex digits, which uuid's text input takes as they are
-                        write_row = copy.write_row
-                        for row in rows:
-                            write_row(row)
-                    conn.execute(_APPLY)
+                if apply is not None:
+                    self._apply_events(conn, *apply)
                     note_zones(conn, plan)  # after the rollup writes: rederive's lock order (ADR 19)
                 if batch.counts:
                     self._apply_counts(conn, batch)
@@ -201,19 +305,56 @@ class RollupSink:
             self.close()
             raise
 
-    @staticmethod
-    def _ensure_partitions(conn: psycopg.Connection, batch: Batch, rows: list[tuple]) -> None:
+    def _apply_events(self, conn: psycopg.Connection, distinct: bool, params: dict[str, object]) -> None:
+        """Apply the batch's events inside the caller's transaction: first as all new (`_APPLY_ALL_NEW`,
+        in a savepoint), and if some hash was already seen, deduplicated (`_APPLY_DEDUP`). After a batch
+        that held a seen hash (a redelivery usually spans several batches) the next few go straight to
+        the deduplicating statement. Statements are never prepared: each is planned for its batch."""
+        if distinct and self._dedup_next == 0:
+            try:
+                with conn.transaction():
+                    conn.execute(_APPLY_ALL_NEW, params, prepare=False)
+                return
+            except psycopg.errors.UniqueViolation as exc:
+                if not (exc.diag.table_name or "").startswith("seen_events"):
+                    raise
+                self._dedup_next = DEDUP_AFTER_REDELIVERY
+        elif self._dedup_next:
+            self._dedup_next -= 1
+        conn.execute(_APPLY_DEDUP, params, prepare=False)
+
+    def _prepare(self, conn: psycopg.Connection, batch: Batch, shape: _Shape | None,
+                 zones: dict[str, str]) -> tuple[bool, dict[str, object]] | None:
         """Create the partitions this batch writes into (ADR 18), each in its own short transaction
-        before the batch's (a no-op while the tables are not partitioned)."""
-        if ensure_partitions is None:
-            return
-        instants: list[datetime] = [r[3] for r in rows] + [c.window_end for c in batch.counts]
-        if instants:
-            ensure_partitions(conn, "seen_events", min(instants), max(instants))
-        if rows:
-            ts = [r[3] for r in rows]
-            days = [r[8] for r in rows]
-            ensure_tier_partitions(conn, min(ts), max(ts), min(days), max(days))
+        before the batch's, and return for `_apply_events` whether every hash in the batch is distinct
+        and the statement's parameters (None without events).
+
+        Per zone in the batch, the day starts covering each span of `shape.spans`; per span the
+        partitions of seen_events and the tiers holding it (rollup_1d from the earliest day start)."""
+        if batch.counts:
+            ensure_partitions_for(conn, "seen_events", [c.window_end for c in batch.counts])
+        if shape is None:
+            return None
+        tzs = sorted(set(zones.values()))
+        starts: dict[str, list[int]] = {tz: [] for tz in tzs}
+        covering = self._days.covering
+        for lo, hi in shape.spans:
+            first = lo
+            for tz in tzs:
+                days = covering(tz, lo, hi)
+                starts[tz].extend(days)
+                first = min(first, days[0])
+            ensure_partitions(conn, "seen_events", _at(lo), _at(hi))
+            ensure_tier_partitions(conn, _at(lo), _at(hi), _at(first), _at(hi))
+        zone_tz: list[str] = []
+        zone_start: list[int] = []
+        for tz in tzs:
+            days = sorted(set(starts[tz])) if len(shape.spans) > 1 else starts[tz]
+            zone_tz += [tz] * len(days)
+            zone_start += days
+        return shape.unique, {
+            "zone_tz": zone_tz, "zone_start": zone_start, "domains": list(zones), "tzs": list(zones.values()),
+            **_columns(batch.events)}
 
     def store_rewound_offsets(self, topic: str, topic_id: str, offsets: dict[int, int]) -> None:
         """Store LOWER offsets for a rewind (`tally replay`, workers/rewind.py); committed when it returns.

@@ -86,6 +86,23 @@ class DayStarts:
         found = self._bounds_around(tz, s)
         return _at(found[bisect_right(found, s)])
 
+    def covering(self, tz: str, lo: int, hi: int) -> list[int]:
+        """Day starts (UTC epoch seconds, ascending) from the start of the day holding second `lo`
+        through the start of the day holding second `hi` (lo <= hi): every instant in [lo, hi + 1)
+        finds its own day start as the greatest element at or before it (the sink's `width_bucket`)."""
+        found = self._bounds_around(tz, lo)
+        i = bisect_right(found, lo) - 1
+        out: list[int] = []
+        while True:
+            j = bisect_right(found, hi)
+            if j < len(found):  # found[j] > hi: nothing beyond it is wanted
+                out.extend(found[i:j])
+                return out
+            out.extend(found[i:])
+            last = found[-1]
+            found = self._bounds_around(tz, last)  # a window around the last start seen
+            i = bisect_right(found, last)
+
     def span(self, tz: str, lo: datetime, hi: datetime) -> list[datetime]:
         """Day starts from the start of the day holding `lo` to the first day start at or after `hi`."""
         a, b = int(lo.timestamp() // 1), -int(-hi.timestamp() // 1)

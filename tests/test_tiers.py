@@ -21,6 +21,7 @@ from core.batch import Batch
 from core.event import StoredEvent
 from oltp import sites, tiers
 from oltp.queries import DailyZone, OutsideRetention, QueryError, Retention, RollupReader, bucket_bounds, choose_tier
+from oltp.partitions import ensure_partitions
 from oltp.rollup_sink import RollupSink
 
 UTC = timezone.utc
@@ -173,6 +174,8 @@ def test_a_partition_dropped_behind_the_sinks_back_is_created_again_not_a_refuse
 
 def put_15m(dsn: str, domain: str, rows: list[tuple[datetime, int, str | None]], type: str = "impression") -> None:
     with psycopg.connect(dsn) as conn:
+        for t, _, _ in rows:  # its own partitions: the sink creates only those of days holding events
+            ensure_partitions(conn, "rollup_15m", t, t)
         conn.cursor().executemany(
             "INSERT INTO rollup_15m (domain, event_type, bucket_start, events, valued, value_sum, value_min, value_max)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",

@@ -174,6 +174,7 @@ collector_refusals = Table(
     Column("bucket_start", _tz(), nullable=False),
     Column("events", BigInteger, nullable=False),
     PrimaryKeyConstraint("domain", "reason", "bucket_start"),
+    Index("collector_refusals_bucket_start", "bucket_start"),  # retention (oltp/prune.py)
 )
 
 ingestion_15m = Table(
@@ -185,6 +186,7 @@ ingestion_15m = Table(
     Column("late", BigInteger, nullable=False, server_default=text("0")),  # after their quarter hour + 5 min
     Column("last_received_at", _tz()),
     PrimaryKeyConstraint("domain", "bucket_start"),
+    Index("ingestion_15m_bucket_start", "bucket_start"),  # retention (oltp/prune.py)
 )
 
 

@@ -3,6 +3,8 @@
 Per tier (TALLY_RETENTION_15M_DAYS, _1H_DAYS, _1D_DAYS; 0 = forever) and for the dedup window
 (seen_events, TALLY_DEDUP_WINDOW_DAYS), a partition is dropped when its whole range ended at or
 before now minus the retention. Also creates the partitions for now and the next two periods.
+The ingestion status tables (ingestion_15m, collector_refusals) follow the 15-minute tier: their
+expired rows are deleted (oltp/prune.py).
 The rollup worker does the same every hour; this command is for doing it now, or looking
 (`--dry-run` changes nothing). PostgreSQL: TALLY_PG_DSN or a running `tally up`'s.
 Exit codes: 0 done (also when nothing expired), 1 PostgreSQL unreachable or a drop failed, 2 configuration.
@@ -31,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
-    from oltp import partitions
+    from oltp import partitions, prune
 
     dsn = require_pg(settings)
     now = datetime.now(UTC)
@@ -39,6 +41,7 @@ def cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
     try:
         with psycopg.connect(dsn, connect_timeout=10) as conn:
             plans = partitions.maintain(conn, keep, now, dry_run=args.dry_run)
+            status = prune.prune_status(conn, settings.retention_15m_days, now, dry_run=args.dry_run)
     except psycopg.Error as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"tally retention: cannot reach PostgreSQL or drop a partition ({reason})", file=sys.stderr)
@@ -49,7 +52,9 @@ def cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
              "partitioned": p.partitioned, "partitions": len(p.partitions),
              "expired": [
                  {"name": x.name, "start": x.start.isoformat(), "end": x.end.isoformat()} for x in p.expired]}
-            for p in plans]}))
+            for p in plans], "status_tables": [
+            {"table": r.table, "keep_days": r.keep_days, "cutoff": r.cutoff.isoformat() if r.cutoff else None,
+             "expired_rows": r.expired_rows} for r in status]}))
         return 0
     verb = "would drop" if args.dry_run else "dropped"
     print(f"{'table':<12} {'keep':>10} {'cutoff (UTC)':<17} {'partitions':>10} {verb:>10}  names")
@@ -59,4 +64,8 @@ def cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
         count = str(len(p.partitions)) if p.partitioned else "(plain)"
         names = ", ".join(x.name for x in p.expired[:6]) + (" ..." if len(p.expired) > 6 else "")
         print(f"{p.table:<12} {keep_s:>10} {cutoff:<17} {count:>10} {len(p.expired):>10}  {names or '-'}")
+    for r in status:  # rows, not partitions
+        keep_s = "forever" if r.keep_days == 0 else f"{r.keep_days} d"
+        cutoff = r.cutoff.strftime("%Y-%m-%d %H:%M") if r.cutoff else "-"
+        print(f"{r.table:<12} {keep_s:>10} {cutoff:<17} {'(rows)':>10} {r.expired_rows:>10}  -")
     return 0

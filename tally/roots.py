@@ -155,13 +155,13 @@ PARTITION_MAINTENANCE_S = 3600.0  # how often the rollup worker creates partitio
 
 def start_partition_maintenance(settings: Settings, dsn: str,
                                 interval_s: float = PARTITION_MAINTENANCE_S) -> threading.Event:
-    """A daemon thread running `oltp.partitions.maintain` now and every `interval_s`; set the returned
+    """A daemon thread running `oltp.partitions.maintain` (and `oltp.prune.prune_status`) now and every `interval_s`; set the returned
     Event to stop it. A failed pass is logged and retried at the next one (nothing half-dropped)."""
     from datetime import UTC, datetime
 
     import psycopg
 
-    from oltp import partitions
+    from oltp import partitions, prune
 
     stop = threading.Event()
     keep = partitions.keep_days_from(settings)
@@ -170,10 +170,15 @@ def start_partition_maintenance(settings: Settings, dsn: str,
         while not stop.is_set():
             try:
                 with psycopg.connect(dsn, connect_timeout=10) as conn:
-                    plans = partitions.maintain(conn, keep, datetime.now(UTC))
+                    now = datetime.now(UTC)
+                    plans = partitions.maintain(conn, keep, now)
+                    status = prune.prune_status(conn, settings.retention_15m_days, now)
                 dropped = [p.name for plan in plans for p in plan.expired]
                 if dropped:
                     log.info("retention dropped %d partitions: %s", len(dropped), ", ".join(dropped))
+                for r in status:
+                    if r.expired_rows:
+                        log.info("retention deleted %d rows of %s before %s", r.expired_rows, r.table, r.cutoff)
             except Exception as exc:  # noqa: BLE001 - retried at the next pass
                 log.warning("partition maintenance failed (retrying in %.0f s): %s", interval_s, exc)
             stop.wait(interval_s)

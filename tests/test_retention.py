@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from core.config import ConfigError, Settings
-from oltp import partitions
+from oltp import partitions, prune
 from oltp.partitions import ensure_partitions, keep_days_from, maintain, partition_for
 from oltp.schema import ensure_schema
 
@@ -217,3 +217,69 @@ def test_worker_maintenance_thread_creates_partitions_ahead(db):
                 time.sleep(0.2)
     finally:
         stop.set()
+
+
+# ---------------------------------------------------------------- ingestion status tables (oltp/prune.py)
+
+
+def add_status(conn: psycopg.Connection, t: datetime, domain: str = "r.example") -> None:
+    conn.execute("INSERT INTO ingestion_15m (domain, bucket_start, accepted) VALUES (%s, %s, 1)", (domain, t))
+    conn.execute("INSERT INTO collector_refusals (domain, reason, bucket_start, events) VALUES (%s, 'rate_limited', %s, 2)",
+                 (domain, t))
+    conn.commit()
+
+
+def status_rows(conn: psycopg.Connection) -> dict[str, list[datetime]]:
+    rows = {t: [r[0] for r in conn.execute(f"SELECT bucket_start FROM {t} ORDER BY 1")] for t in prune.STATUS_TABLES}
+    conn.commit()  # leaves no transaction open (prune_status refuses one)
+    return rows
+
+
+def test_status_rows_expire_with_the_15_minute_tier(db, monkeypatch):
+    keep = 90
+    cutoff = NOW - timedelta(days=keep)
+    kept, expired = [cutoff, cutoff + timedelta(minutes=15), NOW], [cutoff - timedelta(minutes=15), NOW - timedelta(days=400)]
+    monkeypatch.setattr(prune, "BATCH_ROWS", 1)  # several delete transactions, as a large backlog would take
+    with psycopg.connect(db) as conn:
+        for t in kept + expired:
+            add_status(conn, t)
+        dry = prune.prune_status(conn, keep, NOW, dry_run=True)
+        assert [(r.table, r.cutoff, r.expired_rows) for r in dry] == [
+            ("ingestion_15m", cutoff, 2), ("collector_refusals", cutoff, 2)]
+        assert status_rows(conn) == {t: sorted(kept + expired) for t in prune.STATUS_TABLES}  # a dry run changes nothing
+        done = prune.prune_status(conn, keep, NOW)
+        assert [r.expired_rows for r in done] == [2, 2]
+        assert status_rows(conn) == {t: sorted(kept) for t in prune.STATUS_TABLES}
+        assert [r.expired_rows for r in prune.prune_status(conn, keep, NOW)] == [0, 0]  # idempotent
+        forever = prune.prune_status(conn, 0, NOW + timedelta(days=5000))
+        assert [(r.cutoff, r.expired_rows) for r in forever] == [(None, 0), (None, 0)]
+        assert status_rows(conn) == {t: sorted(kept) for t in prune.STATUS_TABLES}
+
+
+def test_status_pruning_refuses_bad_calls(db):
+    with psycopg.connect(db) as conn:
+        with pytest.raises(ValueError, match="keep_days"):
+            prune.prune_status(conn, -1, NOW)
+        with pytest.raises(ValueError, match="timezone-aware"):
+            prune.prune_status(conn, 5, NOW.replace(tzinfo=None))
+        conn.execute("SELECT 1")  # a transaction is open now
+        with pytest.raises(ValueError, match="outside any transaction"):
+            prune.prune_status(conn, 5, NOW)
+
+
+def test_tally_retention_cli_prunes_the_status_tables(db, tmp_path):
+    old, recent = datetime.now(UTC) - timedelta(days=100), datetime.now(UTC) - timedelta(days=1)
+    with psycopg.connect(db) as conn:
+        add_status(conn, old)
+        add_status(conn, recent)
+    env = {"TALLY_HOME": str(tmp_path), "TALLY_PG_DSN": db}
+    dry = _tally(["retention", "--dry-run", "--json"], env)
+    assert dry.returncode == 0, dry.stderr
+    assert {r["table"]: (r["keep_days"], r["expired_rows"]) for r in json.loads(dry.stdout)["status_tables"]} == {
+        "ingestion_15m": (90, 1), "collector_refusals": (90, 1)}
+    done = _tally(["retention"], env)
+    assert done.returncode == 0, done.stderr
+    assert any(line.split()[:1] == ["ingestion_15m"] and line.split()[-3:] == ["(rows)", "1", "-"]
+               for line in done.stdout.splitlines()), done.stdout
+    with psycopg.connect(db) as conn:
+        assert [len(v) for v in status_rows(conn).values()] == [1, 1]

@@ -446,7 +446,8 @@ class StoredEvent(msgspec.Struct, gc=False):
     """One event as read back from the topic. `value` is a Decimal (or None) once decoded."""
 
     v: Literal[1]
-    hash: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
+    # 32 lowercase hex digits: the length here, the digits by `_check_hex` (one regex per batch, ADR 27)
+    hash: Annotated[str, msgspec.Meta(min_length=32, max_length=32)]
     domain: _limited(253, 1)
     url: _limited(_MAX_URL, 1)
     ts: Annotated[datetime, msgspec.Meta(tz=True)]
@@ -470,10 +471,39 @@ _MISSING_RE = re.compile(r"Object missing required field `(\w+)`")
 _checked_domains: set[str] = set()  # host names already found normal: checked once per process
 
 
+_HEX_RUN = re.compile("[0-9a-f]*").fullmatch
+_BAD_HASH = "Expected `str` matching regex '^[0-9a-f]{32}$'"
+
+
 def decode_stored(data: bytes) -> StoredEvent:
     """Decode one record value for the stores; raises EventError naming the field on anything malformed."""
+    e = _decode_struct(data)
+    if not _HEX_RUN(e.hash):
+        raise EventError("hash", _BAD_HASH)
+    return _checked(e)
+
+
+def decode_stored_many(values: list[bytes]) -> list[StoredEvent] | None:
+    """Decode every value as `decode_stored` would, or return None if any of them is malformed (the
+    caller then decodes them one by one, to learn which and why). The same checks, fewer Python steps:
+    the hashes' digits are checked by one regex over all of them."""
     try:
-        e = _STORED.decode(data)
+        events = [_STORED.decode(v) for v in values]
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    if not _HEX_RUN("".join([e.hash for e in events])):  # every hash is 32 long: all 32 hex digits
+        return None
+    try:
+        for e in events:
+            _checked(e)
+    except EventError:
+        return None
+    return events
+
+
+def _decode_struct(data: bytes) -> StoredEvent:
+    try:
+        return _STORED.decode(data)
     except msgspec.ValidationError as exc:
         problem, at, where = str(exc).partition(" - at `$.")
         field = where.rstrip("`").split("[", 1)[0].split(".", 1)[0] if at else "$"
@@ -481,6 +511,10 @@ def decode_stored(data: bytes) -> StoredEvent:
         raise EventError(missing.group(1) if missing and field == "$" else field, problem) from None
     except msgspec.DecodeError as exc:
         raise EventError("$", f"not valid JSON ({exc})") from None
+
+
+def _checked(e: StoredEvent) -> StoredEvent:
+    """What msgspec's types cannot say: a normalised host name, times both stores hold, a decimal value."""
     if e.domain not in _checked_domains:
         if normalize_domain(e.domain) != e.domain:
             raise EventError("domain", f"{e.domain[:80]!r} is not a normalised host name")

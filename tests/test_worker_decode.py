@@ -12,17 +12,22 @@ import time
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
+from types import SimpleNamespace
 
 import orjson
 import psycopg
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from kafka import TopicPartition
 import pytest
 from kafka import KafkaProducer
 
-from core.event import Event, EventError, HitContext, Limits, decode_stored, event_from_hit
+from core.event import Event, EventError, HitContext, Limits, decode_stored, decode_stored_many, event_from_hit
 from olap.client import connect
 from olap.loader_sink import LoaderSink
 from tests.test_pipeline import Pipeline, at
-from workers.consumer import ConsumerLoop
+from workers.consumer import ConsumerLoop, decode
 from workers.kafka_io import make_consumer
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
@@ -81,6 +86,35 @@ def test_malformed_records_are_refused_with_the_field_named(value, field):
         decode_stored(value)
     assert info.value.field == field, str(info.value)
     assert str(info.value)  # a reason for rejected_records
+
+
+_MUTATIONS = [{}, {}, {}, {"hash": "g" * 32}, {"hash": "A" * 32}, {"hash": "\u00e9" * 32}, {"hash": "0" * 31},
+              {"domain": "Example.com"}, {"ts": "2500-01-01T00:00:00Z"}, {"value": "0.1234567"}, {"value": "7"},
+              {"type": "click"}, {"url": ""}, {"user_agent": None}, {"country": "DE"}]
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_MUTATIONS).map(lambda m: good(hash=uuid.uuid4().hex, **{
+    k: v for k, v in m.items() if k != "hash"}) if "hash" not in m else good(**m)),
+    st.sampled_from([b"", b"{", b"null", b'{"v":1,"kind":"refusals"}'])), min_size=1, max_size=8))
+def test_decoding_many_at_once_is_decoding_each(values):
+    """decode_stored_many gives what decode_stored gives one by one, or None when any one of them is refused;
+    the consumer's decode gives the same batch whichever way it went."""
+    one_by_one, refused = [], False
+    for v in values:
+        try:
+            one_by_one.append(decode_stored(v))
+        except EventError:
+            refused = True
+    many = decode_stored_many(values)
+    assert (many is None) == refused
+    if many is not None:
+        assert many == one_by_one
+    records = {TopicPartition("t", 0): [SimpleNamespace(offset=i, value=v) for i, v in enumerate(values)]}
+    batch = decode("t", "x", records)
+    assert len(batch.events) + len(batch.rejected) + len(batch.counts) == len(values)
+    assert batch.events == [e for e in one_by_one]  # refusal-count records are neither events nor refused
+    assert batch.next_offsets == {0: len(values)}
 
 
 def test_values_are_normalised_as_the_collector_stores_them():

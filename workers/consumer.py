@@ -28,7 +28,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from core import metrics
-from core.event import REFUSALS_MARK, EventError, decode_refusal_count, decode_stored
+from core.event import REFUSALS_MARK, EventError, decode_refusal_count, decode_stored, decode_stored_many
 from core.batch import Batch, Rejected
 from workers.isolate import is_permanent, write_isolating
 from workers.rewind import Rewinder
@@ -62,7 +62,10 @@ class _SeekToStored(ConsumerRebalanceListener):
 
 
 def decode(topic: str, topic_id: str, records: dict[TopicPartition, list]) -> Batch:
-    """Pure transform from polled records to a Batch (core.event.decode_stored on every value)."""
+    """Pure transform from polled records to a Batch (core.event.decode_stored on every value).
+
+    A partition's records that are all well-formed events (the usual case) are decoded in one
+    `decode_stored_many` call; otherwise one by one, which sets the malformed ones apart."""
     batch = Batch(topic=topic, topic_id=topic_id)
     append, rejected, count = batch.events.append, batch.rejected, batch.counts.append
     for tp, messages in records.items():
@@ -71,6 +74,12 @@ def decode(topic: str, topic_id: str, records: dict[TopicPartition, list]) -> Ba
         partition = tp.partition
         batch.first_offsets.setdefault(partition, messages[0].offset)
         batch.next_offsets[partition] = messages[-1].offset + 1
+        values = [msg.value for msg in messages]
+        if None not in values and not any(REFUSALS_MARK in v for v in values):
+            events = decode_stored_many(values)
+            if events is not None:
+                batch.events.extend(events)
+                continue
         for msg in messages:
             try:
                 if REFUSALS_MARK in msg.value:  # a collector's refusal count, not an event

@@ -18,7 +18,9 @@ FLOORS use no project code in the hot path, on the same events (~450-byte JSON v
 STAGES run the product code, built as `tally rollup-worker` / `tally loader-worker` build them
 (tally.roots), draining a topic that holds the same events (produced beforehand). They are timed
 from partition assignment to the end of the last sink write (the group join, ~half the session
-timeout, is excluded and shown in the note).
+timeout, is excluded and shown in the note). Each stage runs STAGE_PASSES times on emptied tables and
+its best pass is reported, as the consume floor reports its best of 3 (every pass is in the note).
+The whole process runs under the workers' GC policy (workers/gc_policy.py), floors included.
 
 RATIOS: rollup / consume floor (target >= 0.8); loader / min(consume floor, chdb floor) (target
 >= 0.8). Also rollup / COPY and loader / chdb insert, for where the time goes.
@@ -217,35 +219,68 @@ def drain_timed(loop, n: int, profile: bool = False) -> tuple[float, str]:  # no
     return rate(n, steady), note
 
 
-def bench_rollup(b: Bench, settings, n: int, *, profile: bool = False, label: str = "rollup drain -> PG") -> None:  # noqa: ANN001
+# Stage passes: each stage is measured `STAGE_PASSES` times and its best pass reported, the statistic the
+# consume floor uses (best of 3): single drains on this 2-core box swing by +-15% like single consumes.
+# Before every pass but the first, the stage's tables are emptied, so every pass does the same work
+# (except creating time partitions, which exist after the first).
+STAGE_PASSES = 3
+_ROLLUP_STATE = ("seen_events", "rollup_15m", "rollup_1h", "rollup_1d", "rollup_1d_coverage", "ingestion_15m",
+                 "collector_refusals")
+
+
+def _best(figures: list[float], notes: list[str]) -> tuple[float, str]:
+    best = max(figures)
+    if len(figures) == 1:
+        return best, notes[0]
+    return best, f"best of {', '.join(f'{f:,.0f}' for f in figures)}; " + notes[figures.index(best)]
+
+
+def bench_rollup(b: Bench, settings, n: int, *, profile: bool = False, label: str = "rollup drain -> PG",  # noqa: ANN001
+                 passes: int = STAGE_PASSES) -> None:
     import psycopg
 
     from tally.roots import build_rollup_loop
 
-    loop = build_rollup_loop(settings, group=f"rollups-{uuid.uuid4().hex[:8]}")
-    with psycopg.connect(settings.pg_dsn) as conn:
-        before = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0]
-    eps, note = drain_timed(loop, n, profile)
-    with psycopg.connect(settings.pg_dsn) as conn:
-        counted = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0] - before
-    if counted != n:
-        raise RuntimeError(f"rollups count {counted} new events, expected {n}")
+    figures, notes = [], []
+    for i in range(passes):
+        if i:
+            with psycopg.connect(settings.pg_dsn) as conn:
+                conn.execute(f"TRUNCATE {', '.join(_ROLLUP_STATE)}")
+        loop = build_rollup_loop(settings, group=f"rollups-{uuid.uuid4().hex[:8]}")
+        with psycopg.connect(settings.pg_dsn) as conn:
+            before = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0]
+        eps, note = drain_timed(loop, n, profile and i == 0)
+        with psycopg.connect(settings.pg_dsn) as conn:
+            counted = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0] - before
+        if counted != n:
+            raise RuntimeError(f"rollups count {counted} new events, expected {n}")
+        figures.append(eps)
+        notes.append(note)
+    eps, note = _best(figures, notes)
     b.add(label, eps, "events/s", F_CONSUME, note=note)
     b.add(label, eps, "events/s", F_COPY, note="same run, vs COPY floor")
 
 
-def bench_loader(b: Bench, settings, n: int, *, profile: bool = False, label: str = "loader drain -> chDB") -> None:  # noqa: ANN001
+def bench_loader(b: Bench, settings, n: int, *, profile: bool = False, label: str = "loader drain -> chDB",  # noqa: ANN001
+                 passes: int = STAGE_PASSES) -> None:
     from olap.client import connect
     from tally.roots import build_loader_loop
 
-    loop = build_loader_loop(settings, group=f"loader-{uuid.uuid4().hex[:8]}")
     client = connect(settings.clickhouse_dsn)
     db = settings.clickhouse_database
-    before = int(client.command(f"SELECT count() FROM {db}.events FINAL"))
-    eps, note = drain_timed(loop, n, profile)
-    counted = int(client.command(f"SELECT count() FROM {db}.events FINAL")) - before
-    if counted != n:
-        raise RuntimeError(f"ClickHouse counts {counted} new events, expected {n}")
+    figures, notes = [], []
+    for i in range(passes):
+        if i:
+            client.command(f"TRUNCATE TABLE {db}.events")
+        loop = build_loader_loop(settings, group=f"loader-{uuid.uuid4().hex[:8]}")
+        before = int(client.command(f"SELECT count() FROM {db}.events FINAL"))
+        eps, note = drain_timed(loop, n, profile and i == 0)
+        counted = int(client.command(f"SELECT count() FROM {db}.events FINAL")) - before
+        if counted != n:
+            raise RuntimeError(f"ClickHouse counts {counted} new events, expected {n}")
+        figures.append(eps)
+        notes.append(note)
+    eps, note = _best(figures, notes)
     b.add(label, eps, "events/s", F_LOADER_FLOOR, note=note)
     b.add(label, eps, "events/s", F_CONSUME, note="same run, vs consume floor")
     b.add(label, eps, "events/s", F_CH_INSERT, note="same run, vs chdb insert floor")
@@ -272,8 +307,8 @@ def bench_memory(b: Bench, settings, events: list, factor: int) -> None:  # noqa
 
     produce(settings.kafka_bootstrap[0], topic, records())
     s = settings.with_overrides(topic=topic)
-    bench_rollup(b, s, n, label=f"rollup drain, {factor}x backlog")
-    bench_loader(b, s, n, label=f"loader drain, {factor}x backlog")
+    bench_rollup(b, s, n, label=f"rollup drain, {factor}x backlog", passes=1)
+    bench_loader(b, s, n, label=f"loader drain, {factor}x backlog", passes=1)
 
 
 def run(b: Bench, profile: str | None, memory: bool) -> dict[str, object]:

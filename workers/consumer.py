@@ -36,6 +36,9 @@ from workers.rewind import Rewinder
 log = logging.getLogger(__name__)
 
 
+GATHER_POLL_MS = 10  # poll timeout while records wait for the writer (`ConsumerLoop.step`)
+
+
 class Sink(Protocol):
     name: str
 
@@ -168,7 +171,13 @@ class ConsumerLoop:
             return 0
         if self.rewinder is not None and self.rewinder.due():
             self.rewinder.check(self)
-        records = self.consumer.poll(timeout_ms=timeout_ms)
+        if self._gathering is not None and (self._in_flight is None or self._in_flight[1].done()):
+            # Gathered while the writer was busy, and the writer is free now: store it before this
+            # poll blocks (up to timeout_ms when the topic is quiet), not after.
+            self._hand_over()
+        # Holding records for a busy writer: come back soon to hand them over, rather than block in a
+        # poll of a quiet topic for the whole timeout while the writer finishes and idles.
+        records = self.consumer.poll(timeout_ms=timeout_ms if self._gathering is None else min(timeout_ms, GATHER_POLL_MS))
         self._report_lag()
         if self._needs_seek:  # assigned during this poll while the store was down: re-seek first
             self._gathering = None

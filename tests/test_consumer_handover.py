@@ -1,0 +1,85 @@
+"""The consumer loop hands records gathered for a busy writer over as soon as the writer is free
+(workers/consumer.py, ADR 27): it polls with a short timeout while it holds such records, and hands
+them over before its next poll, instead of blocking in a poll of a quiet topic meanwhile.
+
+A scripted consumer and a sink whose writes are released by the test: no broker, no clock."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from types import SimpleNamespace
+
+import orjson
+from kafka import TopicPartition
+
+from workers.consumer import GATHER_POLL_MS, ConsumerLoop
+
+TP = TopicPartition("t", 0)
+
+
+def record(offset: int) -> SimpleNamespace:
+    value = orjson.dumps({"v": 1, "hash": uuid.uuid4().hex, "domain": "example.com", "url": "https://example.com/",
+                          "ts": "2026-11-23T10:00:00Z", "received_at": "2026-11-23T10:00:01Z", "type": "pageview"})
+    return SimpleNamespace(offset=offset, value=value)
+
+
+class ScriptedConsumer:
+    """Returns the scripted polls in turn (then nothing) and notes each poll's timeout and when it came."""
+
+    def __init__(self, polls: list[dict], sink: "GatedSink") -> None:
+        self.polls, self.sink, self.calls, self.loop = list(polls), sink, [], None
+        self._client = SimpleNamespace(cluster=SimpleNamespace(topic_id=lambda topic: "", request_update=lambda: None))
+
+    def assignment(self) -> set:
+        return {TP}
+
+    def poll(self, timeout_ms: int) -> dict:
+        # the timeout, and how many events the loop still held back from the writer at this poll
+        held = self.loop._gathering  # noqa: SLF001
+        self.calls.append((timeout_ms, 0 if held is None else len(held)))
+        return self.polls.pop(0) if self.polls else {}
+
+    def highwater(self, tp):  # noqa: ANN001, ANN201
+        return None
+
+
+class GatedSink:
+    name, group = "gated", "gated"
+
+    def __init__(self) -> None:
+        self.started: list[int] = []  # events per write, as each write starts
+        self.gate = threading.Event()
+
+    def committed(self, *args) -> dict:
+        return {}
+
+    def write(self, batch) -> None:  # noqa: ANN001
+        self.started.append(len(batch.events))
+        assert self.gate.wait(30), "the test never released the write"
+
+    def close(self) -> None:
+        pass
+
+
+def test_records_gathered_for_a_busy_writer_go_to_it_before_the_next_poll():
+    sink = GatedSink()
+    consumer = ScriptedConsumer([{TP: [record(0), record(1)]}, {TP: [record(2), record(3), record(4)]},
+                                 {TP: [record(5)]}], sink)
+    loop = consumer.loop = ConsumerLoop(consumer, sink, "t")
+    try:
+        assert loop.step(timeout_ms=500) == 2  # handed to the idle writer at once; its write now blocks
+        assert loop.step(timeout_ms=500) == 3  # gathered: the writer is busy
+        assert loop.step(timeout_ms=500) == 1  # holding records for the busy writer: a short poll
+        assert consumer.calls[:3] == [(500, 0), (500, 0), (min(500, GATHER_POLL_MS), 3)]
+        sink.gate.set()
+        loop._in_flight[1].result(timeout=30)  # noqa: SLF001 - the first write is done
+        loop.step(timeout_ms=500)
+        # the gathered records were handed over before that poll, and the poll was a full one again
+        assert consumer.calls[3] == (500, 0)
+        assert sink.started == [2, 4]
+        loop.finish()
+        assert loop.stored_events == 6
+    finally:
+        sink.gate.set()
+        loop.settle()

@@ -7,8 +7,8 @@ stops them and prints one table (also written to bench/results/workers.json).
 
 FLOORS use no project code in the hot path, on the same events (~450-byte JSON values):
 - kafka raw consume: kafka-python, manual assign, seek_to_beginning, 5000 records per poll (the
-  workers' consumer settings), values not even parsed, on the very topic the workers drain; best
-  of 3 passes (single passes swing 80k-160k msgs/s on a 2-core box);
+  workers' consumer settings), values not even parsed, on the very topic the workers drain; a new
+  consumer each round, best of ROUNDS (single passes swing by +-15%, and the box drifts over minutes);
 - pg raw COPY: one psycopg COPY of the (hash, domain, type, ts, value) rows, built beforehand,
   into a plain table of a durable server;
 - chdb raw insert: one clickhouse-connect insert of the pre-built columns (column_oriented,
@@ -18,8 +18,8 @@ FLOORS use no project code in the hot path, on the same events (~450-byte JSON v
 STAGES run the product code, built as `tally rollup-worker` / `tally loader-worker` build them
 (tally.roots), draining a topic that holds the same events (produced beforehand). They are timed
 from partition assignment to the end of the last sink write (the group join, ~half the session
-timeout, is excluded and shown in the note). Each stage runs STAGE_PASSES times on emptied tables and
-its best pass is reported, as the consume floor reports its best of 3 (every pass is in the note).
+timeout, is excluded and shown in the note). The consume floor and both stages run in ROUNDS
+interleaved rounds (the stages on emptied tables) and each reports its best (all are in the notes).
 The whole process runs under the workers' GC policy (workers/gc_policy.py), floors included.
 
 RATIOS: rollup / consume floor (target >= 0.8); loader / min(consume floor, chdb floor) (target
@@ -112,30 +112,30 @@ def bench_ch_insert(b: Bench, ch_dsn: str, events: list) -> None:
     client.command("DROP DATABASE bench_floor")
 
 
-def bench_consume(b: Bench, bootstrap: str, topic: str, n: int, passes: int = 3) -> None:
-    """Raw kafka-python consume of the workers' own topic (same records, same batches): best of `passes`."""
+def consume_once(bootstrap: str, topic: str, n: int) -> float:
+    """One raw kafka-python consume of the workers' own topic (same records, same batches), msgs/s.
+
+    A new consumer, timed from its seek to the beginning (metadata already loaded) to the last
+    record, as a worker stage is timed from its assignment: a reused consumer would first wait for
+    the fetch it left in flight at the end of the log (up to fetch_max_wait_ms, 500 ms)."""
     from kafka import KafkaConsumer
 
     from bench.common import topic_partitions
 
     consumer = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=None, enable_auto_commit=False,
                              max_poll_records=5000, max_partition_fetch_bytes=4 * 1024 * 1024)
-    figures = []
     try:
         tps = topic_partitions(consumer, topic)
         consumer.assign(tps)
-        for _ in range(passes):
-            consumer.seek_to_beginning(*tps)
-            got, t0, deadline = 0, time.perf_counter(), time.monotonic() + 300
-            while got < n:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"consumed {got} of {n}")
-                got += sum(len(msgs) for msgs in consumer.poll(timeout_ms=500).values())
-            figures.append(rate(got, time.perf_counter() - t0))
+        consumer.seek_to_beginning(*tps)
+        got, t0, deadline = 0, time.perf_counter(), time.monotonic() + 300
+        while got < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"consumed {got} of {n}")
+            got += sum(len(msgs) for msgs in consumer.poll(timeout_ms=500).values())
+        return rate(got, time.perf_counter() - t0)
     finally:
         consumer.close()
-    b.add(F_CONSUME, max(figures), "msgs/s",
-          note=f"manual assign, 5000/poll, the workers' topic; best of {', '.join(f'{f:,.0f}' for f in figures)}")
 
 
 def produce(bootstrap: str, topic: str, records: "Iterable[tuple[bytes, bytes]]") -> int:
@@ -219,11 +219,12 @@ def drain_timed(loop, n: int, profile: bool = False) -> tuple[float, str]:  # no
     return rate(n, steady), note
 
 
-# Stage passes: each stage is measured `STAGE_PASSES` times and its best pass reported, the statistic the
-# consume floor uses (best of 3): single drains on this 2-core box swing by +-15% like single consumes.
-# Before every pass but the first, the stage's tables are emptied, so every pass does the same work
+# Rounds: the consume floor and both stages are measured ROUNDS times, interleaved (consume, rollup,
+# loader, consume, ...), and each reports its best: this box's speed drifts by up to 2x over minutes
+# (other tenants), so a floor measured in one minute and a stage in another would compare the drift.
+# Before every drain but the first, the stage's tables are emptied, so every drain does the same work
 # (except creating time partitions, which exist after the first).
-STAGE_PASSES = 3
+ROUNDS = 3
 _ROLLUP_STATE = ("seen_events", "rollup_15m", "rollup_1h", "rollup_1d", "rollup_1d_coverage", "ingestion_15m",
                  "collector_refusals")
 
@@ -235,55 +236,74 @@ def _best(figures: list[float], notes: list[str]) -> tuple[float, str]:
     return best, f"best of {', '.join(f'{f:,.0f}' for f in figures)}; " + notes[figures.index(best)]
 
 
-def bench_rollup(b: Bench, settings, n: int, *, profile: bool = False, label: str = "rollup drain -> PG",  # noqa: ANN001
-                 passes: int = STAGE_PASSES) -> None:
+def rollup_once(settings, n: int, *, profile: bool = False, empty_first: bool = False) -> tuple[float, str]:  # noqa: ANN001
+    """One drain of the topic by the rollup worker's loop (a new group); checks every event was counted."""
     import psycopg
 
     from tally.roots import build_rollup_loop
 
-    figures, notes = [], []
-    for i in range(passes):
-        if i:
-            with psycopg.connect(settings.pg_dsn) as conn:
-                conn.execute(f"TRUNCATE {', '.join(_ROLLUP_STATE)}")
-        loop = build_rollup_loop(settings, group=f"rollups-{uuid.uuid4().hex[:8]}")
+    if empty_first:
         with psycopg.connect(settings.pg_dsn) as conn:
-            before = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0]
-        eps, note = drain_timed(loop, n, profile and i == 0)
-        with psycopg.connect(settings.pg_dsn) as conn:
-            counted = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0] - before
-        if counted != n:
-            raise RuntimeError(f"rollups count {counted} new events, expected {n}")
-        figures.append(eps)
-        notes.append(note)
-    eps, note = _best(figures, notes)
-    b.add(label, eps, "events/s", F_CONSUME, note=note)
-    b.add(label, eps, "events/s", F_COPY, note="same run, vs COPY floor")
+            conn.execute(f"TRUNCATE {', '.join(_ROLLUP_STATE)}")
+    loop = build_rollup_loop(settings, group=f"rollups-{uuid.uuid4().hex[:8]}")
+    with psycopg.connect(settings.pg_dsn) as conn:
+        before = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0]
+    eps, note = drain_timed(loop, n, profile)
+    with psycopg.connect(settings.pg_dsn) as conn:
+        counted = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0] - before
+    if counted != n:
+        raise RuntimeError(f"rollups count {counted} new events, expected {n}")
+    return eps, note
 
 
-def bench_loader(b: Bench, settings, n: int, *, profile: bool = False, label: str = "loader drain -> chDB",  # noqa: ANN001
-                 passes: int = STAGE_PASSES) -> None:
+def loader_once(settings, n: int, *, profile: bool = False, empty_first: bool = False) -> tuple[float, str]:  # noqa: ANN001
+    """One drain of the topic by the loader's loop (a new group); checks every event was stored."""
     from olap.client import connect
     from tally.roots import build_loader_loop
 
     client = connect(settings.clickhouse_dsn)
     db = settings.clickhouse_database
-    figures, notes = [], []
-    for i in range(passes):
-        if i:
-            client.command(f"TRUNCATE TABLE {db}.events")
-        loop = build_loader_loop(settings, group=f"loader-{uuid.uuid4().hex[:8]}")
-        before = int(client.command(f"SELECT count() FROM {db}.events FINAL"))
-        eps, note = drain_timed(loop, n, profile and i == 0)
-        counted = int(client.command(f"SELECT count() FROM {db}.events FINAL")) - before
-        if counted != n:
-            raise RuntimeError(f"ClickHouse counts {counted} new events, expected {n}")
-        figures.append(eps)
-        notes.append(note)
-    eps, note = _best(figures, notes)
+    if empty_first:
+        client.command(f"TRUNCATE TABLE {db}.events")
+    loop = build_loader_loop(settings, group=f"loader-{uuid.uuid4().hex[:8]}")
+    before = int(client.command(f"SELECT count() FROM {db}.events FINAL"))
+    eps, note = drain_timed(loop, n, profile)
+    counted = int(client.command(f"SELECT count() FROM {db}.events FINAL")) - before
+    if counted != n:
+        raise RuntimeError(f"ClickHouse counts {counted} new events, expected {n}")
+    return eps, note
+
+
+def add_rollup(b: Bench, label: str, eps: float, note: str) -> None:
+    b.add(label, eps, "events/s", F_CONSUME, note=note)
+    b.add(label, eps, "events/s", F_COPY, note="same run, vs COPY floor")
+
+
+def add_loader(b: Bench, label: str, eps: float, note: str) -> None:
     b.add(label, eps, "events/s", F_LOADER_FLOOR, note=note)
     b.add(label, eps, "events/s", F_CONSUME, note="same run, vs consume floor")
     b.add(label, eps, "events/s", F_CH_INSERT, note="same run, vs chdb insert floor")
+
+
+def bench_rounds(b: Bench, settings, bootstrap: str, n: int, profile: str | None = None,  # noqa: ANN001
+                 rounds: int = ROUNDS) -> None:
+    """The consume floor, the rollup worker and the loader, interleaved `rounds` times; best of each."""
+    consumed: list[float] = []
+    rollup: tuple[list[float], list[str]] = ([], [])
+    loader: tuple[list[float], list[str]] = ([], [])
+    for i in range(rounds):
+        say(f"[bench] round {i + 1} of {rounds}: consume, rollup drain, loader drain ...")
+        consumed.append(consume_once(bootstrap, settings.topic, n))
+        for (figures, notes), once, name in ((rollup, rollup_once, "rollup"), (loader, loader_once, "loader")):
+            eps, note = once(settings, n, profile=profile == name and i == 0, empty_first=i > 0)
+            figures.append(eps)
+            notes.append(note)
+    b.add(F_CONSUME, max(consumed), "msgs/s",
+          note=f"manual assign, 5000/poll, the workers' topic; a new consumer each round; best of "
+               f"{', '.join(f'{f:,.0f}' for f in consumed)}")
+    add_loader_floor(b)
+    add_rollup(b, "rollup drain -> PG", *_best(*rollup))
+    add_loader(b, "loader drain -> chDB", *_best(*loader))
 
 
 def add_loader_floor(b: Bench) -> None:
@@ -307,8 +327,8 @@ def bench_memory(b: Bench, settings, events: list, factor: int) -> None:  # noqa
 
     produce(settings.kafka_bootstrap[0], topic, records())
     s = settings.with_overrides(topic=topic)
-    bench_rollup(b, s, n, label=f"rollup drain, {factor}x backlog", passes=1)
-    bench_loader(b, s, n, label=f"loader drain, {factor}x backlog", passes=1)
+    add_rollup(b, f"rollup drain, {factor}x backlog", *rollup_once(s, n))
+    add_loader(b, f"loader drain, {factor}x backlog", *loader_once(s, n))
 
 
 def run(b: Bench, profile: str | None, memory: bool) -> dict[str, object]:
@@ -347,12 +367,9 @@ def run(b: Bench, profile: str | None, memory: bool) -> dict[str, object]:
 def run_worker_benches(b: Bench, settings, dsn: str, bootstrap: str, events: list, *,  # noqa: ANN001
                        profile: str | None = None) -> None:
     """The floors and both workers, on a topic that already holds `events` (also called by bench.run)."""
-    b.measure(F_CONSUME, bench_consume, bootstrap, settings.topic, len(events))
     b.measure(F_COPY, bench_pg_copy, dsn, events)
     b.measure(F_CH_INSERT, bench_ch_insert, settings.clickhouse_dsn, events)
-    add_loader_floor(b)
-    b.measure("rollup drain -> PG", lambda bb: bench_rollup(bb, settings, len(events), profile=profile == "rollup"))
-    b.measure("loader drain -> chDB", lambda bb: bench_loader(bb, settings, len(events), profile=profile == "loader"))
+    b.measure("consume floor and both workers, interleaved", bench_rounds, settings, bootstrap, len(events), profile)
 
 
 def main(argv: list[str] | None = None) -> int:

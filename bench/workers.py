@@ -42,6 +42,7 @@ import pstats
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -177,36 +178,61 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def drain_timed(loop, n: int, profile: bool = False) -> tuple[float, str]:  # noqa: ANN001 - a ConsumerLoop
-    """Drain `loop`, then close it; return (events/s from partition assignment to the last sink write, note)."""
+def drain_timed(loops, n: int, profile: bool = False) -> tuple[float, str]:  # noqa: ANN001 - ConsumerLoop(s)
+    """Drain the loop(s) (several: each in its own thread, as `tally rollup-worker` runs them), then
+    close them; return (events/s from the first partition assignment to the last sink write, note)."""
+    loops = loops if isinstance(loops, list) else [loops]
     marks: dict[str, float] = {}
-    seek, write = loop.seek_to_stored, loop.sink.write
+    lock = threading.Lock()
+    for loop in loops:
+        seek, write = loop.seek_to_stored, loop.sink.write
 
-    def timed_seek(partitions):  # noqa: ANN001, ANN202 - runs at the end of the group join
-        seek(partitions)
-        marks.setdefault("assigned", time.perf_counter())
+        def timed_seek(partitions, _seek=seek):  # noqa: ANN001, ANN202 - runs at the end of a group join
+            _seek(partitions)
+            with lock:
+                marks.setdefault("assigned", time.perf_counter())
 
-    def timed_write(batch):  # noqa: ANN001, ANN202
-        write(batch)
-        marks["last_write"] = time.perf_counter()
+        def timed_write(batch, _write=write):  # noqa: ANN001, ANN202
+            _write(batch)
+            with lock:
+                marks["last_write"] = max(marks.get("last_write", 0.0), time.perf_counter())
 
-    loop.seek_to_stored, loop.sink.write = timed_seek, timed_write
-    profiler = cProfile.Profile() if profile else None
+        loop.seek_to_stored, loop.sink.write = timed_seek, timed_write
+    profiler = cProfile.Profile() if profile and len(loops) == 1 else None
+    errors: list[BaseException] = []
+
+    def drain(loop) -> None:  # noqa: ANN001
+        try:
+            loop.drain(timeout_s=900)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
     _reset_peak_rss()
     start_mib = _status_kib("VmRSS") / 1024
     t0 = time.perf_counter()
     try:
         if profiler:
             profiler.enable()
-        loop.drain(timeout_s=900)
+        if len(loops) == 1:
+            loops[0].drain(timeout_s=900)
+        else:
+            threads = [threading.Thread(target=drain, args=(loop,)) for loop in loops]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
         total = time.perf_counter() - t0
     finally:
         if profiler:
             profiler.disable()
-        loop.close()
+        for loop in loops:
+            loop.close()
     peak_mib = _status_kib("VmHWM") / 1024
-    if loop.stored_events != n or loop.stored_rejects:
-        raise RuntimeError(f"stored {loop.stored_events} events and {loop.stored_rejects} rejects, expected {n}")
+    stored, rejects = sum(lp.stored_events for lp in loops), sum(lp.stored_rejects for lp in loops)
+    if stored != n or rejects:
+        raise RuntimeError(f"stored {stored} events and {rejects} rejects, expected {n}")
     if profiler:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(30)
@@ -214,8 +240,9 @@ def drain_timed(loop, n: int, profile: bool = False) -> tuple[float, str]:  # no
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
         print(out.getvalue(), file=sys.stderr)
     steady = marks["last_write"] - marks["assigned"]
-    note = (f"excl. {marks['assigned'] - t0:.1f}s group join; drain() total {total:.1f}s; "
-            f"RSS {start_mib:,.0f} MiB before, peak {peak_mib:,.0f} MiB (+{peak_mib - start_mib:,.0f})")
+    note = (f"{len(loops)} consumer loop(s); " if len(loops) > 1 else "") + (
+        f"excl. {marks['assigned'] - t0:.1f}s group join; drain() total {total:.1f}s; "
+        f"RSS {start_mib:,.0f} MiB before, peak {peak_mib:,.0f} MiB (+{peak_mib - start_mib:,.0f})")
     return rate(n, steady), note
 
 
@@ -240,15 +267,15 @@ def rollup_once(settings, n: int, *, profile: bool = False, empty_first: bool = 
     """One drain of the topic by the rollup worker's loop (a new group); checks every event was counted."""
     import psycopg
 
-    from tally.roots import build_rollup_loop
+    from tally.roots import build_rollup_loops
 
     if empty_first:
         with psycopg.connect(settings.pg_dsn) as conn:
             conn.execute(f"TRUNCATE {', '.join(_ROLLUP_STATE)}")
-    loop = build_rollup_loop(settings, group=f"rollups-{uuid.uuid4().hex[:8]}")
+    loops = build_rollup_loops(settings, group=f"rollups-{uuid.uuid4().hex[:8]}")  # as `tally rollup-worker`
     with psycopg.connect(settings.pg_dsn) as conn:
         before = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0]
-    eps, note = drain_timed(loop, n, profile)
+    eps, note = drain_timed(loops, n, profile)
     with psycopg.connect(settings.pg_dsn) as conn:
         counted = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0] - before
     if counted != n:

@@ -62,6 +62,7 @@ class Settings:
     sql_max_concurrent: int
     sql_max_threads: int
     consumer_session_timeout_ms: int
+    rollup_consumers: int  # consumer loops (group members, each with its own PostgreSQL writer) per rollup worker
     # Host header allowlist for both HTTP apps (DNS rebinding); names compared without the port.
     # A leading dot allows every subdomain (".example.com").
     allowed_hosts: tuple[str, ...]
@@ -141,6 +142,7 @@ class Settings:
             sql_max_concurrent=r.integer("TALLY_SQL_MAX_CONCURRENT", 2, 1, 64),
             sql_max_threads=r.integer("TALLY_SQL_MAX_THREADS", 1, 1, 256),
             consumer_session_timeout_ms=r.integer("TALLY_CONSUMER_SESSION_TIMEOUT_MS", 6000, 1000, 300_000),
+            rollup_consumers=r.integer("TALLY_ROLLUP_CONSUMERS", 2, 1, 16),
             allowed_hosts=r.hosts("TALLY_ALLOWED_HOSTS", bind_host),
             api_rate_limit=r.match("TALLY_API_RATE_LIMIT", "1200/minute;100/second", _RATE_RE,
                                    "must look like '1200/minute' or '100/second;5000/hour'"),
@@ -185,7 +187,7 @@ _KNOWN = {
     "TALLY_MAX_BATCH_EVENTS", "TALLY_MAX_FUTURE_SKEW_S", "TALLY_MAX_PAST_AGE_S", "TALLY_SPOOL_SEGMENT_BYTES",
     "TALLY_SPOOL_SEGMENT_AGE_S", "TALLY_SQL_MAX_EXECUTION_S",
     "TALLY_SQL_MAX_MEMORY_BYTES", "TALLY_SQL_MAX_RESULT_ROWS", "TALLY_SQL_MAX_RESULT_BYTES",
-    "TALLY_SQL_MAX_CONCURRENT", "TALLY_SQL_MAX_THREADS", "TALLY_CONSUMER_SESSION_TIMEOUT_MS", "TALLY_ALLOWED_HOSTS",
+    "TALLY_SQL_MAX_CONCURRENT", "TALLY_SQL_MAX_THREADS", "TALLY_CONSUMER_SESSION_TIMEOUT_MS", "TALLY_ROLLUP_CONSUMERS", "TALLY_ALLOWED_HOSTS",
     "TALLY_API_RATE_LIMIT", "TALLY_ANALYST_PORT", "TALLY_ANALYST_URL", "TALLY_SITE_RATE_PER_S",
     "TALLY_SITE_BURST", "TALLY_REGISTRY_REFRESH_S", "TALLY_TOKEN", "TALLY_SPOOL_RETAIN_S",
     "TALLY_SPOOL_RETAIN_BYTES", "TALLY_METRICS_ALLOWED_NETS",

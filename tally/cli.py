@@ -161,9 +161,9 @@ def cmd_shipper(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_rollup_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from tally.roots import build_rollup_loop, run_loop_forever
+    from tally.roots import build_rollup_loops, run_loops_forever
 
-    run_loop_forever(build_rollup_loop, settings)
+    run_loops_forever(build_rollup_loops, settings)
     return 0
 
 

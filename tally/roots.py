@@ -135,7 +135,8 @@ def build_shipper(settings: Settings):  # -> workers.shipper.Shipper
                    retain_bytes=settings.spool_retain_bytes, offset_readers=readers, unchecked_groups=True)
 
 
-def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP):  # -> workers.consumer.ConsumerLoop
+def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP, *,
+                      maintenance: bool = True):  # -> workers.consumer.ConsumerLoop
     from oltp.rollup_sink import RollupSink
     from oltp.schema import ensure_schema
     from workers.consumer import ConsumerLoop
@@ -143,11 +144,19 @@ def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP):  # -> work
 
     bootstrap, dsn = ensure_configured_topic(settings), require_pg(settings)
     ensure_schema(dsn)
-    start_partition_maintenance(settings, dsn)  # hourly: partitions ahead, retention (ADR 18)
+    if maintenance:
+        start_partition_maintenance(settings, dsn)  # hourly: partitions ahead, retention (ADR 18)
     consumer = make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
     # Re-read events older than the dedup window (less a day of margin) are not counted again (ADR 23).
     return with_rewinds(ConsumerLoop(consumer, RollupSink(dsn, group), settings.topic), dsn, group,
                         reread_floor_days=max(1, settings.dedup_window_days - 1))
+
+
+def build_rollup_loops(settings: Settings, group: str = ROLLUP_GROUP) -> list:  # -> [ConsumerLoop]
+    """The rollup worker's `TALLY_ROLLUP_CONSUMERS` loops: members of one consumer group, each with its
+    own Kafka consumer and PostgreSQL connection, so the group's partitions are written by that many
+    transactions at once (ADR 27). One partition maintenance thread for all of them."""
+    return [build_rollup_loop(settings, group, maintenance=i == 0) for i in range(settings.rollup_consumers)]
 
 
 PARTITION_MAINTENANCE_S = 3600.0  # how often the rollup worker creates partitions ahead and drops expired ones
@@ -279,3 +288,33 @@ def run_loop_forever(build: Callable[[Settings], object], settings: Settings) ->
     loop = build(settings)
     tune_for_streaming()  # after start-up: the built clients are frozen, not rescanned (ADR 27)
     loop.run(stop_on_signals())  # type: ignore[attr-defined]
+
+
+def run_loops_forever(build: Callable[[Settings], list], settings: Settings) -> None:
+    """Run several consumer loops of one process, each in its own thread, until SIGTERM/SIGINT; if one
+    of them ends otherwise (it should not: a loop pauses on store failures), all stop and the process
+    exits non-zero, for its supervisor to start it again."""
+    from workers.gc_policy import tune_for_streaming
+
+    loops = build(settings)
+    tune_for_streaming()
+    stop = stop_on_signals()
+    ended = threading.Event()
+
+    def run(loop) -> None:  # noqa: ANN001
+        try:
+            loop.run(stop)
+        finally:
+            ended.set()
+
+    threads = [threading.Thread(target=run, args=(loop,), name=f"consumer-{i}") for i, loop in enumerate(loops)]
+    for t in threads:
+        t.start()
+    while not (stop.is_set() or ended.is_set()):
+        ended.wait(1.0)
+    unexpected = ended.is_set() and not stop.is_set()
+    stop.set()
+    for t in threads:
+        t.join()
+    if unexpected:
+        raise RuntimeError("a consumer loop ended without being asked to stop")

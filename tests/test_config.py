@@ -44,6 +44,8 @@ def test_valid_production_values():
     ("TALLY_SPOOL_SEGMENT_AGE_S", "fast", "not a number"),
     ("TALLY_CLICKHOUSE_DATABASE", "1; DROP", "identifier"),
     ("TALLY_KAFKA_PARTITONS", "4", "unknown setting"),
+    ("TALLY_ROLLUP_CONSUMERS", "0", "out of range"),
+    ("TALLY_ROLLUP_CONSUMERS", "two", "not an integer"),
 ])
 def test_bad_values_name_the_variable(variable, value, words):
     with pytest.raises(ConfigError) as info:

@@ -43,7 +43,11 @@ class Stack:
 
     def secrets(self) -> list[str]:
         """What must never appear in a report or a log line."""
-        return [self.token, self.token.rsplit("_", 1)[1], self.secret, internal_token(self.secret)]
+        # `tly_tok_<id>_<secret>`: the secret is base64url and may itself hold "_" (a CI run once split
+        # off "g" as "the secret" and found it in every log), so split from the left.
+        token_secret = self.token.split("_", 3)[3]
+        assert len(token_secret) == 43, self.token
+        return [self.token, token_secret, self.secret, internal_token(self.secret)]
 
 
 def run_status(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.CompletedProcess:

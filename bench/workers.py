@@ -25,9 +25,10 @@ The whole process runs under the workers' GC policy (workers/gc_policy.py), floo
 RATIOS: rollup / consume floor (target >= 0.8); loader / min(consume floor, chdb floor) (target
 >= 0.8). Also rollup / COPY and loader / chdb insert, for where the time goes.
 
---memory drains a backlog 10x the size of the main run with both workers and reports their
-peak RSS (VmHWM, reset before each drain), next to the peak for the main run's backlog: a flat
-figure means memory is bounded by the poll size, not the backlog.
+--memory has each worker drain a backlog of the main run's size and one 10x larger, each drain in
+a fresh process built as the worker is (bench/worker_memory.py), and reports their peak RSS
+(VmHWM) with the ratio 10x / 1x: about 1 means memory is bounded by the poll and batch sizes, not
+by the backlog.
 --profile runs one worker's drain under cProfile and prints the top functions (cumulative).
 """
 
@@ -339,23 +340,33 @@ def add_loader_floor(b: Bench) -> None:
         b.add(F_LOADER_FLOOR, min(floors[F_CONSUME], floors[F_CH_INSERT]), "events/s")
 
 
-def bench_memory(b: Bench, settings, events: list, factor: int) -> None:  # noqa: ANN001
-    """Both workers drain a backlog `factor` x the main run's; peak RSS is reported per worker."""
-    n = len(events) * factor
-    topic = f"{TOPIC}.x{factor}"
+def bench_memory(b: Bench, env: dict[str, str], events: list, factor: int, work: Path) -> None:
+    """Each worker drains a backlog of the main run's size, then one `factor` x larger, each drain in a
+    fresh child process built as the worker is (bench/worker_memory.py); peak RSS of each, and the
+    ratio of the larger backlog's peak to the smaller's (flat: about 1)."""
+    from bench.worker_memory import measure_in_child
+
     base = [e.to_json() for e in events]
-    say(f"[bench] producing a {n}-event backlog ...")
+    chdb = f"chdb://{work / 'chdb-memory'}"  # the children's own: chDB opens a path in one process only
+    for f in (1, factor):
+        n, topic = len(events) * f, f"{TOPIC}.memory{f}"
+        say(f"[bench] producing a {n:,}-event backlog ...")
 
-    def records():
-        for i in range(n):
-            e, line = events[i % len(events)], base[i % len(events)]
-            # a fresh hash per copy, so that both stores count every one of them
-            yield e.domain.encode(), line.replace(e.hash.encode(), uuid.uuid4().hex.encode(), 1)
+        def records(n: int = n):  # noqa: ANN202
+            for i in range(n):
+                e, line = events[i % len(events)], base[i % len(events)]
+                # a fresh hash per copy, so that both stores count every one of them
+                yield e.domain.encode(), line.replace(e.hash.encode(), uuid.uuid4().hex.encode(), 1)
 
-    produce(settings.kafka_bootstrap[0], topic, records())
-    s = settings.with_overrides(topic=topic)
-    add_rollup(b, f"rollup drain, {factor}x backlog", *rollup_once(s, n))
-    add_loader(b, f"loader drain, {factor}x backlog", *loader_once(s, n))
+        produce(env["TALLY_KAFKA_BOOTSTRAP"], topic, records())
+        for which in ("rollup", "loader"):
+            say(f"[bench] {which} drains {n:,} events in a fresh process ...")
+            r = measure_in_child(which, n, {**env, "TALLY_KAFKA_TOPIC": topic, "TALLY_CLICKHOUSE_DSN": chdb})
+            label = f"{which} peak RSS, {f}x backlog"
+            b.add(label, float(r["peak_mib"]), "MiB", None if f == 1 else f"{which} peak RSS, 1x backlog",
+                  note=f"{n:,} events in {r['drain_s']}s ({r['loops']} loop(s)); RSS {r['started_mib']} MiB after "
+                       f"start-up, {r['end_mib']} at the end; at each tenth of the drain: "
+                       + " ".join(str(x) for x in r["rss_at_tenths_mib"]))
 
 
 def run(b: Bench, profile: str | None, memory: bool) -> dict[str, object]:
@@ -376,17 +387,18 @@ def run(b: Bench, profile: str | None, memory: bool) -> dict[str, object]:
         if not b.measure("start tansu + PostgreSQL", start_servers, work, cleanup, servers):
             return {}
         bootstrap, dsn = servers["bootstrap"], servers["dsn"]
-        settings = Settings.from_env({
+        env = {
             "TALLY_HOME": str(work / "home"), "TALLY_SECRET": "bench-secret-0123456789abcdef",
             "TALLY_SPOOL_DIR": str(work / "spool"), "TALLY_KAFKA_BOOTSTRAP": bootstrap, "TALLY_PG_DSN": dsn,
             "TALLY_CLICKHOUSE_DSN": f"chdb://{work / 'chdb'}", "TALLY_KAFKA_TOPIC": TOPIC,
-            "TALLY_KAFKA_PARTITIONS": str(PARTITIONS), "TALLY_CONSUMER_SESSION_TIMEOUT_MS": "6000"})
+            "TALLY_KAFKA_PARTITIONS": str(PARTITIONS), "TALLY_CONSUMER_SESSION_TIMEOUT_MS": "6000"}
+        settings = Settings.from_env(env)
         if not b.measure("fill the topic", lambda _b: produce(bootstrap, TOPIC,
                                                                ((e.domain.encode(), e.to_json()) for e in events))):
             return {}
         run_worker_benches(b, settings, dsn, bootstrap, events, profile=profile)
         if memory:
-            b.measure("memory, 10x backlog", bench_memory, settings, events, 10)
+            b.measure("memory, 1x and 10x backlog", bench_memory, env, events, 10, work)
         say("[bench] stopping servers ...")
     return {"events": b.n, "partitions": PARTITIONS}
 
@@ -403,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="200k events instead of 500k (a few minutes)")
     parser.add_argument("--n", type=int, help="number of events (overrides --quick)")
-    parser.add_argument("--memory", action="store_true", help="also drain a 10x backlog and report peak RSS")
+    parser.add_argument("--memory", action="store_true", help="also report each worker's peak RSS draining a 1x and a 10x backlog")
     parser.add_argument("--profile", choices=("rollup", "loader"), help="cProfile one worker's drain")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

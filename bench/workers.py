@@ -330,6 +330,15 @@ def bench_rounds(b: Bench, settings, bootstrap: str, n: int, profile: str | None
           note=f"manual assign, 5000/poll, the workers' topic; a new consumer each round; best of "
                f"{', '.join(f'{f:,.0f}' for f in consumed)}")
     add_loader_floor(b)
+    # The ratio is best stage / best floor. Each round's own ratio (the stage against the floor measured
+    # a minute before it) is shown too: when the box's speed drifts within the run, the bests can come
+    # from different minutes.
+    ch_floor = next((r.value for r in b.results if r.name == F_CH_INSERT and r.value), None)
+    loader_floors = [min(c, ch_floor) if ch_floor else c for c in consumed]
+    for (figures, notes), floors in ((rollup, consumed), (loader, loader_floors)):
+        paired = sorted(f / floor for f, floor in zip(figures, floors))
+        notes[:] = [f"round ratios {', '.join(f'{f / fl:.2f}' for f, fl in zip(figures, floors))} "
+                    f"(median {paired[len(paired) // 2]:.2f}); {note}" for note in notes]
     add_rollup(b, "rollup drain -> PG", *_best(*rollup))
     add_loader(b, "loader drain -> chDB", *_best(*loader))
 

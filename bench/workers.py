@@ -19,7 +19,8 @@ STAGES run the product code, built as `tally rollup-worker` / `tally loader-work
 (tally.roots), draining a topic that holds the same events (produced beforehand). They are timed
 from partition assignment to the end of the last sink write (the group join, ~half the session
 timeout, is excluded and shown in the note). The consume floor and both stages run in ROUNDS
-interleaved rounds (the stages on emptied tables) and each reports its best (all are in the notes).
+interleaved rounds (the stages on emptied tables) and each reports its best (all are in the notes);
+before each, PostgreSQL checkpoints and chDB's background merges end (`settle`).
 The whole process runs under the workers' GC policy (workers/gc_policy.py), floors included.
 
 RATIOS: rollup / consume floor (target >= 0.8); loader / min(consume floor, chdb floor) (target
@@ -264,6 +265,21 @@ def _best(figures: list[float], notes: list[str]) -> tuple[float, str]:
     return best, f"best of {', '.join(f'{f:,.0f}' for f in figures)}; " + notes[figures.index(best)]
 
 
+def settle(settings) -> None:  # noqa: ANN001
+    """Let what the previous measurement left running finish before the next one starts: PostgreSQL
+    writes its dirty pages now (CHECKPOINT), and chDB's background merges (in this process) end, so
+    that no measurement pays for the one before it (a stage's own checkpoints and merges it pays)."""
+    import psycopg
+
+    from olap.client import connect
+
+    with psycopg.connect(settings.pg_dsn, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+    client, deadline = connect(settings.clickhouse_dsn), time.monotonic() + 60
+    while int(client.command("SELECT count() FROM system.merges")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def rollup_once(settings, n: int, *, profile: bool = False, empty_first: bool = False) -> tuple[float, str]:  # noqa: ANN001
     """One drain of the topic by the rollup worker's loop (a new group); checks every event was counted."""
     import psycopg
@@ -273,6 +289,7 @@ def rollup_once(settings, n: int, *, profile: bool = False, empty_first: bool = 
     if empty_first:
         with psycopg.connect(settings.pg_dsn) as conn:
             conn.execute(f"TRUNCATE {', '.join(_ROLLUP_STATE)}")
+    settle(settings)
     loops = build_rollup_loops(settings, group=f"rollups-{uuid.uuid4().hex[:8]}")  # as `tally rollup-worker`
     with psycopg.connect(settings.pg_dsn) as conn:
         before = conn.execute("SELECT coalesce(sum(events), 0) FROM rollup_15m").fetchone()[0]
@@ -293,6 +310,7 @@ def loader_once(settings, n: int, *, profile: bool = False, empty_first: bool = 
     db = settings.clickhouse_database
     if empty_first:
         client.command(f"TRUNCATE TABLE {db}.events")
+    settle(settings)
     loop = build_loader_loop(settings, group=f"loader-{uuid.uuid4().hex[:8]}")
     before = int(client.command(f"SELECT count() FROM {db}.events FINAL"))
     eps, note = drain_timed(loop, n, profile)
@@ -321,6 +339,7 @@ def bench_rounds(b: Bench, settings, bootstrap: str, n: int, profile: str | None
     loader: tuple[list[float], list[str]] = ([], [])
     for i in range(rounds):
         say(f"[bench] round {i + 1} of {rounds}: consume, rollup drain, loader drain ...")
+        settle(settings)
         consumed.append(consume_once(bootstrap, settings.topic, n))
         for (figures, notes), once, name in ((rollup, rollup_once, "rollup"), (loader, loader_once, "loader")):
             eps, note = once(settings, n, profile=profile == name and i == 0, empty_first=i > 0)

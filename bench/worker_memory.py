@@ -87,8 +87,10 @@ def drain_and_report(which: str, n: int) -> dict[str, object]:
 def measure_in_child(which: str, n: int, env: dict[str, str], timeout_s: float = 1200) -> dict[str, object]:
     """Run one drain in a fresh process with `env` (TALLY_* settings); its report, or RuntimeError."""
     root = Path(__file__).resolve().parents[1]
+    # Only the bench's settings: a TALLY_* variable of the calling shell would measure another worker.
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")} | env
     out = subprocess.run([sys.executable, "-m", "bench.worker_memory", which, str(n)], check=False, cwd=root,
-                         env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout_s)
+                         env=child_env, capture_output=True, text=True, timeout=timeout_s)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"{which} drain of {n} events failed (exit {out.returncode}): {out.stderr[-1500:]}")

@@ -29,7 +29,8 @@ RATIOS: rollup / consume floor (target >= 0.8); loader / min(consume floor, chdb
 --memory has each worker drain a backlog of the main run's size and one 10x larger, each drain in
 a fresh process built as the worker is (bench/worker_memory.py), and reports their peak RSS
 (VmHWM) with the ratio 10x / 1x: about 1 means memory is bounded by the poll and batch sizes, not
-by the backlog.
+by the backlog. (Below ~100k events, as with `--n 30000`, the 1x drain never fills a whole batch and
+the ratio overstates: 2.18 there, 1.07-1.21 at 200k and 500k.)
 --profile runs one worker's drain under cProfile and prints the top functions (cumulative).
 """
 

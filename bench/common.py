@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -70,6 +71,37 @@ def say(msg: str) -> None:
 
 def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
+
+
+def proc_status_kib(key: str) -> int:
+    """A figure of this process from /proc/self/status (VmRSS, VmHWM, ...) in KiB; 0 where there is none."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def drain_loops(loops: list, timeout_s: float = 900) -> None:
+    """Drain consumer loops as `tally rollup-worker` runs them: one in this thread (so cProfile sees
+    it), several each in its own thread; re-raises the first failure once all have ended."""
+    if len(loops) == 1:
+        loops[0].drain(timeout_s=timeout_s)
+        return
+    errors: list[BaseException] = []
+
+    def drain(loop) -> None:  # noqa: ANN001 - ConsumerLoop
+        try:
+            loop.drain(timeout_s=timeout_s)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drain, args=(loop,)) for loop in loops]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def make_events(n: int) -> list:

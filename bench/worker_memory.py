@@ -20,14 +20,13 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.common import drain_loops, proc_status_kib
+
 SAMPLE_S = 0.25
 
 
 def _status_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return proc_status_kib(key) / 1024
 
 
 def drain_and_report(which: str, n: int) -> dict[str, object]:
@@ -49,30 +48,18 @@ def drain_and_report(which: str, n: int) -> dict[str, object]:
             samples.append((sum(lp.stored_events for lp in loops), _status_mib("VmRSS")))
             time.sleep(SAMPLE_S)
 
-    errors: list[BaseException] = []
-
-    def drain(loop) -> None:  # noqa: ANN001 - ConsumerLoop
-        try:
-            loop.drain(timeout_s=900)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    threads = [threading.Thread(target=drain, args=(loop,)) for loop in loops]
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-    end_mib = _status_mib("VmRSS")
-    for loop in loops:
-        loop.close()
-    if errors:
-        raise errors[0]
+    try:
+        drain_loops(loops)
+    finally:
+        seconds = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+        end_mib = _status_mib("VmRSS")
+        for loop in loops:
+            loop.close()
     stored, rejects = sum(lp.stored_events for lp in loops), sum(lp.stored_rejects for lp in loops)
     if stored != n or rejects:
         raise RuntimeError(f"{which}: stored {stored} events and {rejects} rejects, expected {n}")

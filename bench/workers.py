@@ -54,7 +54,8 @@ from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from bench.common import RESULTS_DIR, Bench, make_events, print_table, rate, say, start_servers
+from bench.common import (RESULTS_DIR, Bench, drain_loops, make_events, print_table, proc_status_kib, rate, say,
+                          start_servers)
 from workers.gc_policy import tune_for_streaming
 
 F_CONSUME, F_COPY, F_CH_INSERT = "kafka raw consume, workers' topic", "pg raw COPY", "chdb raw insert"
@@ -167,13 +168,6 @@ def produce(bootstrap: str, topic: str, records: "Iterable[tuple[bytes, bytes]]"
 # ---------------------------------------------------------------- the workers
 
 
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def _reset_peak_rss() -> None:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
@@ -202,37 +196,20 @@ def drain_timed(loops, n: int, profile: bool = False) -> tuple[float, str]:  # n
 
         loop.seek_to_stored, loop.sink.write = timed_seek, timed_write
     profiler = cProfile.Profile() if profile and len(loops) == 1 else None
-    errors: list[BaseException] = []
-
-    def drain(loop) -> None:  # noqa: ANN001
-        try:
-            loop.drain(timeout_s=900)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            errors.append(exc)
-
     _reset_peak_rss()
-    start_mib = _status_kib("VmRSS") / 1024
+    start_mib = proc_status_kib("VmRSS") / 1024
     t0 = time.perf_counter()
     try:
         if profiler:
             profiler.enable()
-        if len(loops) == 1:
-            loops[0].drain(timeout_s=900)
-        else:
-            threads = [threading.Thread(target=drain, args=(loop,)) for loop in loops]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            if errors:
-                raise errors[0]
+        drain_loops(loops)
         total = time.perf_counter() - t0
     finally:
         if profiler:
             profiler.disable()
         for loop in loops:
             loop.close()
-    peak_mib = _status_kib("VmHWM") / 1024
+    peak_mib = proc_status_kib("VmHWM") / 1024
     stored, rejects = sum(lp.stored_events for lp in loops), sum(lp.stored_rejects for lp in loops)
     if stored != n or rejects:
         raise RuntimeError(f"stored {stored} events and {rejects} rejects, expected {n}")

@@ -378,7 +378,7 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
     app.extensions["tally_refusals"] = RefusalCounter()
     app.extensions["tally_tag"] = TagAsset.load()  # read and gzip-compressed once per worker
     spool = spool or SpoolWriter(settings.spool_dir, max_bytes=settings.spool_segment_bytes,
-                                 max_age_s=settings.spool_segment_age_s)
+                                 max_age_s=settings.spool_segment_age_s, reserve_bytes=settings.spool_reserve_bytes)
     app.extensions["tally_spool"] = spool
     install_host_check(app, settings.allowed_hosts)
     app.register_blueprint(bp)

@@ -6,20 +6,21 @@ corrupted record is detected on read and set aside with its reason, without bloc
 records behind it. Lines without a frame (written before framing existed) are read as bare
 JSON objects.
 
-Writers (one per collector process) append to `<host>-<pid>-<time>-<n>.open`
-and seal a segment by renaming it to `.seg` once it is big or old enough. The
-shipper only reads sealed segments and deletes one after Kafka acknowledged
-every record in it. File names sort by creation order within a writer.
+The file protocol (who creates, locks, seals, ships, recovers and deletes what, and why no
+interleaving loses an acknowledged line) is docs/adr/0028-spool-protocol.md. In short: a writer
+(one per collector process) creates `<host>-<pid>-<time>-<n>.new`, takes an exclusive `flock` on
+it, and only then renames it to `.open`, so a `.open` name never exists without its writer's lock
+while the writer lives; it appends (write + fdatasync, and checks the file still has a name) before
+anything is acknowledged, and seals by renaming to `.seg` while still holding the lock. Orphan
+recovery (collector/spool_recovery.py) seals only `.open` files whose lock it holds itself and
+whose writer process is gone, and deletes only `.new` files (which never hold a line).
 
-A writer holds an exclusive `flock` on its open segment for as long as it
-owns it; the kernel drops the lock when the process dies however it dies. So
-"is the writer gone?" never depends on host names or pids (which differ or
-repeat across containers and pid namespaces sharing one spool volume).
-
-Contract of `SpoolWriter.append`: when it returns, the lines are on disk
-(written and fdatasync'd). If it raises, none of the lines are in the segment
-(a partial write is truncated away). Concurrent appends in one process share
-one write and one fdatasync (group commit), without weakening that contract.
+Contract of `SpoolWriter.append`: when it returns, the lines are on disk (written and
+fdatasync'd) in a file that has a name in the spool directory. If it raises, none of the lines
+are in the segment (a partial write is truncated away). Concurrent appends in one process share
+one write and one fdatasync (group commit), without weakening that contract. An append is refused
+(SpoolFull, before anything is written) when it would leave less than `reserve_bytes` free on the
+spool's filesystem: that room belongs to the shipper, whose bookkeeping must go on on a full disk.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import crc32c
 
 log = logging.getLogger(__name__)
 
-OPEN, SEALED = ".open", ".seg"
+NEW, OPEN, SEALED = ".new", ".open", ".seg"
 
 
 class CorruptRecord(ValueError):
@@ -103,8 +104,22 @@ class _Group:
         self.failure: OSError | None = None
 
 
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use on `directory`'s filesystem."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def effective_reserve(directory: Path, configured: int) -> int:
+    """The free space the collector leaves on the spool's filesystem for the shipper: `configured`
+    (TALLY_SPOOL_RESERVE_BYTES), but at most an eighth of the filesystem, so a small disk still takes
+    events (a 3 MiB tmpfs keeps 384 KiB)."""
+    st = os.statvfs(directory)
+    return max(0, min(configured, st.f_blocks * st.f_frsize // 8))
+
+
 class SpoolWriter:
-    def __init__(self, directory: Path, *, max_bytes: int, max_age_s: float) -> None:
+    def __init__(self, directory: Path, *, max_bytes: int, max_age_s: float, reserve_bytes: int = 0) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
@@ -124,6 +139,7 @@ class SpoolWriter:
         self._pid = os.getpid()
         self._prefix = f"{socket.gethostname()}-{self._pid}"
         directory.mkdir(parents=True, exist_ok=True)
+        self.reserve_bytes = effective_reserve(directory, reserve_bytes)
 
     def append(self, lines: Iterable[bytes]) -> None:
         """Append `lines` (payloads, each framed with its checksum) durably; returns once they are written
@@ -169,6 +185,7 @@ class SpoolWriter:
         with self._lock:
             self._check_fork()
             try:
+                self._check_room(len(data))
                 if self._fd is not None and (self._size >= self.max_bytes
                                              or time.monotonic() - self._opened_at >= self.max_age_s):
                     self._seal()
@@ -187,7 +204,26 @@ class SpoolWriter:
                 self._undo(start)
                 raise _classify(exc) from exc
             self._size = start + len(data)
+            self._check_named()
         self.flushes += 1
+
+    def _check_room(self, size: int) -> None:
+        """Refuse (SpoolFull) an append that would leave less than the shipper's reserve free."""
+        if self.reserve_bytes and free_bytes(self.directory) - size < self.reserve_bytes:
+            raise SpoolFull(errno.ENOSPC, f"spool disk is down to its reserve of {self.reserve_bytes} bytes")
+
+    def _check_named(self) -> None:
+        """After a flush: the segment must still have a name, or the shipper would never see these lines.
+        The protocol keeps every other process off a locked `.open` file (ADR 28); this check turns a
+        breach of it into an error (no 2xx) instead of a silent loss."""
+        assert self._fd is not None
+        if os.fstat(self._fd).st_nlink == 0:
+            path = self._path
+            os.close(self._fd)
+            self._fd, self._path, self._size = None, None, 0
+            log.error("spool: the open segment %s lost its name while this writer held it; its lines are "
+                      "not acknowledged", path)
+            raise OSError(errno.ESTALE, f"spool segment {path} was removed while open")
 
     def readiness(self, *, recent_full_s: float = 30.0) -> str | None:
         """None if appends can be expected to succeed; else why not (for /readyz): the disk refused an
@@ -195,11 +231,11 @@ class SpoolWriter:
         if time.monotonic() - self.full_at < recent_full_s:
             return "the spool disk refused an append for lack of space in the last 30 s"
         try:
-            st = os.statvfs(self.directory)
+            free = free_bytes(self.directory)
         except OSError as exc:
             return f"the spool directory cannot be read ({exc.strerror})"
-        if st.f_bavail * st.f_frsize < 2 * self.max_bytes:
-            return "the spool disk has less free space than two segments"
+        if free < self.reserve_bytes + min(self.max_bytes, self.reserve_bytes or self.max_bytes):
+            return "the spool disk is nearly full (at most one segment above the shipper's reserve)"
         if not os.access(self.directory, os.W_OK):
             return "the spool directory is not writable"
         return None
@@ -225,19 +261,31 @@ class SpoolWriter:
             self._pid = os.getpid()
             self._prefix = f"{socket.gethostname()}-{self._pid}"
 
-    def _open(self) -> None:
-        self._seq += 1
-        path = self.directory / f"{self._prefix}-{time.time_ns():020d}-{self._seq:06d}{OPEN}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file: nobody else can hold it
-            fsync_dir(self.directory)
-        except OSError:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        self._fd, self._path, self._size = fd, path, 0
-        self._opened_at = time.monotonic()
+    def _open(self, attempts: int = 3) -> None:
+        """Create the next segment: `.new`, locked, then renamed to `.open` (ADR 28). Orphan recovery may
+        delete a `.new` it finds unlocked; then the rename fails and another name is tried."""
+        for _ in range(attempts):
+            self._seq += 1
+            stem = f"{self._prefix}-{time.time_ns():020d}-{self._seq:06d}"
+            new, path = self.directory / (stem + NEW), self.directory / (stem + OPEN)
+            fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(new, path)
+                fsync_dir(self.directory)
+            except (BlockingIOError, FileNotFoundError):  # recovery held or removed the `.new`: next name
+                os.close(fd)
+                _unlink_quietly(new)
+                continue
+            except OSError:
+                os.close(fd)
+                _unlink_quietly(new)
+                _unlink_quietly(path)
+                raise
+            self._fd, self._path, self._size = fd, path, 0
+            self._opened_at = time.monotonic()
+            return
+        raise OSError(errno.EAGAIN, f"could not create a spool segment in {attempts} attempts")
 
     def _seal(self) -> None:
         assert self._fd is not None and self._path is not None
@@ -245,7 +293,7 @@ class SpoolWriter:
         self._fd, self._path, self._size = None, None, 0  # whatever happens next, this segment is done
         try:
             if size:
-                path.rename(path.with_suffix(SEALED))  # renamed while still locked: recovery never races us
+                os.rename(path, path.with_suffix(SEALED))  # renamed while still locked: recovery never races us
             else:
                 path.unlink(missing_ok=True)
             fsync_dir(self.directory)
@@ -263,6 +311,8 @@ class SpoolWriter:
 
 
 def _classify(exc: OSError) -> OSError:
+    if isinstance(exc, SpoolFull):
+        return exc
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return SpoolFull(exc.errno, "spool disk is full")
     return exc
@@ -272,35 +322,8 @@ def sealed_segments(directory: Path) -> list[Path]:
     return sorted(directory.glob(f"*{SEALED}"))
 
 
-def recover_orphans(directory: Path) -> int:
-    """Seal `.open` segments whose writer is gone (nobody holds their lock), dropping a torn final line.
-
-    A torn line was never acknowledged (fdatasync happens before the 2xx), so
-    dropping it loses nothing that was accepted.
-    """
-    recovered = 0
-    for path in sorted(directory.glob(f"*{OPEN}")):
-        try:
-            fh = open(path, "r+b")
-        except FileNotFoundError:  # sealed by its writer meanwhile
-            continue
-        with fh:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live writer owns it
-            if not path.exists():  # sealed between our open and our lock
-                continue
-            data = fh.read()
-            keep = len(data[: data.rfind(b"\n") + 1])
-            if keep:
-                if keep != len(data):
-                    fh.truncate(keep)
-                    os.fsync(fh.fileno())
-                path.rename(path.with_suffix(SEALED))
-            else:
-                path.unlink()
-        recovered += 1
-    if recovered:
-        fsync_dir(directory)
-    return recovered
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -83,6 +83,9 @@ class Settings:
     # ship, and retained bytes are capped (0 = no cap). ADR 16.
     spool_retain_s: float
     spool_retain_bytes: int
+    # Free space the collector leaves on the spool's filesystem for the shipper's bookkeeping (at most an
+    # eighth of the filesystem): appends that would eat into it get 503 spool_full. ADR 28.
+    spool_reserve_bytes: int = 64 << 20
     # Retention per rollup tier in days, enforced by dropping whole partitions (0 = kept forever),
     # the ClickHouse raw-event TTL (0 = no TTL) and the seen_events dedup window. ADR 18.
     retention_15m_days: int = 90
@@ -154,6 +157,7 @@ class Settings:
             cli_token=r.text("TALLY_TOKEN", None, min_len=16),
             spool_retain_s=r.number("TALLY_SPOOL_RETAIN_S", 3600.0, 0.0, 30 * 86_400.0),
             spool_retain_bytes=r.integer("TALLY_SPOOL_RETAIN_BYTES", 1 << 30, 0, 1 << 44),
+            spool_reserve_bytes=r.integer("TALLY_SPOOL_RESERVE_BYTES", 64 << 20, 0, 1 << 40),
             retention_15m_days=r.integer("TALLY_RETENTION_15M_DAYS", 90, 0, 100_000),
             retention_1h_days=r.integer("TALLY_RETENTION_1H_DAYS", 730, 0, 100_000),
             retention_1d_days=r.integer("TALLY_RETENTION_1D_DAYS", 0, 0, 100_000),
@@ -190,7 +194,7 @@ _KNOWN = {
     "TALLY_SQL_MAX_CONCURRENT", "TALLY_SQL_MAX_THREADS", "TALLY_CONSUMER_SESSION_TIMEOUT_MS", "TALLY_ROLLUP_CONSUMERS", "TALLY_ALLOWED_HOSTS",
     "TALLY_API_RATE_LIMIT", "TALLY_ANALYST_PORT", "TALLY_ANALYST_URL", "TALLY_SITE_RATE_PER_S",
     "TALLY_SITE_BURST", "TALLY_REGISTRY_REFRESH_S", "TALLY_TOKEN", "TALLY_SPOOL_RETAIN_S",
-    "TALLY_SPOOL_RETAIN_BYTES", "TALLY_METRICS_ALLOWED_NETS",
+    "TALLY_SPOOL_RETAIN_BYTES", "TALLY_SPOOL_RESERVE_BYTES", "TALLY_METRICS_ALLOWED_NETS",
     "TALLY_RETENTION_15M_DAYS", "TALLY_RETENTION_1H_DAYS", "TALLY_RETENTION_1D_DAYS",
     "TALLY_RAW_RETENTION_DAYS", "TALLY_DEDUP_WINDOW_DAYS",
     "TALLY_LOG_FORMAT", "TALLY_LOG_DIR", "TALLY_LOG_MAX_BYTES", "TALLY_LOG_BACKUPS",

@@ -262,8 +262,11 @@ def internal_aggregates() -> Response:
         op, kwargs = parse_request(request.get_json(silent=True))
     except ValueError as exc:
         return error(400, "invalid_body", str(exc))
+    # The loader's offsets (a few rows, asked every few seconds by the shipper to free spool space, ADR 28)
+    # have a client of their own: analysts holding every query slot must not fill the collector's disk.
+    slots = current_app.extensions["tally_offsets_slot"] if op == "offsets" else _slots()
     try:
-        client, release = _slots().take(30.0)
+        client, release = slots.take(30.0)
     except Busy:
         return error(429, "analyst_busy", "every analyst query slot is taken; retry shortly")
     try:
@@ -286,6 +289,7 @@ def create_analyst_app(config: AnalystConfig, slots: QuerySlots, audit: Callable
     app.config["TALLY_ANALYST"] = config
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     app.extensions["tally_query_slots"] = slots
+    app.extensions["tally_offsets_slot"] = QuerySlots(slots.make_client, 1)
     app.extensions["tally_audit"] = audit
     install_host_check(app, allowed_hosts)
     app.register_blueprint(bp)

@@ -65,7 +65,7 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
         return _fail(f"cannot reach PostgreSQL to read the registered sites ({reason}); is `tally up` running, "
                      "or TALLY_PG_DSN right?", 1)
     spool = SpoolWriter(settings.spool_dir, max_bytes=settings.spool_segment_bytes,
-                        max_age_s=settings.spool_segment_age_s)
+                        max_age_s=settings.spool_segment_age_s, reserve_bytes=settings.spool_reserve_bytes)
     started = time.monotonic()
     bar = tqdm(unit=" lines", file=sys.stderr, disable=None, dynamic_ncols=True, desc=args.file.name)
 

@@ -126,13 +126,48 @@ def build_shipper(settings: Settings):  # -> workers.shipper.Shipper
     def producer():  # called again after any failure; Kafka may be down when we start
         return make_producer(ensure_configured_topic(settings))
 
-    # Shipped segments are kept until the rollup group stored them (checked in PostgreSQL when the
-    # shipper can reach it) and, for the loader (offsets in ClickHouse), for TALLY_SPOOL_RETAIN_S (ADR 16).
+    # Shipped segments are kept until both groups stored them: the rollup group's offsets in PostgreSQL,
+    # the loader's in ClickHouse (asked of the analyst server when it is chDB). A group that cannot be
+    # asked is covered by TALLY_SPOOL_RETAIN_S after the last ship instead (ADR 16, ADR 28).
     from workers.retention import postgres_offsets
 
     readers = {ROLLUP_GROUP: postgres_offsets(settings.pg_dsn, ROLLUP_GROUP)} if settings.pg_dsn else {}
+    loader = loader_offsets_reader(settings)
+    if loader is not None:
+        readers[LOADER_GROUP] = loader
     return Shipper(settings.spool_dir, producer, settings.topic, retain_s=settings.spool_retain_s,
-                   retain_bytes=settings.spool_retain_bytes, offset_readers=readers, unchecked_groups=True)
+                   retain_bytes=settings.spool_retain_bytes, offset_readers=readers,
+                   unchecked_groups=set(readers) != {ROLLUP_GROUP, LOADER_GROUP})
+
+
+def loader_offsets_reader(settings: Settings, timeout_s: float = 3.0):  # -> workers.retention.OffsetReader | None
+    """The loader group's stored offsets for the shipper: from ClickHouse directly, or (chDB: one process per
+    directory) from the analyst server's internal route. None when neither can be asked (no secret)."""
+    from olap.aggregates import ClickHouseAggregates, RemoteAggregates
+
+    def connect() -> ClickHouseAggregates | RemoteAggregates:
+        if not settings.clickhouse_dsn.startswith("chdb://"):
+            from olap.client import new_client
+
+            return ClickHouseAggregates(new_client(settings.clickhouse_dsn), settings.clickhouse_database)
+        from core.keys import internal_token
+
+        return RemoteAggregates(settings.analyst_url, internal_token(settings.secret or ""), timeout_s=timeout_s)
+
+    if settings.clickhouse_dsn.startswith("chdb://") and not settings.secret:
+        return None
+    state: dict[str, ClickHouseAggregates | RemoteAggregates] = {}
+
+    def read(topic: str, topic_id: str) -> dict[int, int]:
+        source = state.get("source") or state.setdefault("source", connect())
+        try:
+            stored = source.loader_offsets(LOADER_GROUP, topic)
+        except Exception:
+            state.pop("source", None)  # a new client (connection) next time
+            raise
+        return {p: offset for p, (tid, offset) in stored.items() if tid == topic_id}
+
+    return read
 
 
 def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP, *,

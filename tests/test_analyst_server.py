@@ -110,6 +110,28 @@ def test_a_streamed_result_over_the_byte_cap_is_cut_not_ended_cleanly(servers):
         server.close()
 
 
+def test_the_loader_offsets_answer_while_analysts_hold_every_slot(servers):
+    """The shipper asks for the loader's offsets every few seconds to free spool space (ADR 28): a query
+    holding the only analyst slot must not make it wait, or analysts could fill the collector's disk."""
+    from olap.aggregates import RemoteAggregates
+
+    url, server = start_analyst_server(servers, TALLY_SQL_MAX_CONCURRENT="1", TALLY_SQL_MAX_EXECUTION_S="15")
+    try:
+        token_id = f"tok_{uuid.uuid4().hex[:10]}"
+        slow = threading.Thread(target=lambda: query(url, SLOW_SQL, token_id=token_id))  # holds the slot 15 s
+        slow.start()
+        deadline = time.monotonic() + 10
+        while query(url, "SELECT 1", token_id=token_id)[0] != 429:  # until the slow query holds the slot
+            assert time.monotonic() < deadline and slow.is_alive()
+            time.sleep(0.05)
+        remote = RemoteAggregates(url, internal_token(SECRET), timeout_s=3)
+        assert remote.loader_offsets("tally-loader", f"t-{uuid.uuid4().hex[:8]}") == {}  # answered, not 429
+        assert slow.is_alive()  # and the analyst query still held its slot meanwhile
+        slow.join(30)
+    finally:
+        server.close()
+
+
 def test_more_queries_than_slots_get_429_and_the_slot_comes_back(servers):
     url, server = start_analyst_server(servers, TALLY_SQL_MAX_CONCURRENT="1", TALLY_SQL_MAX_EXECUTION_S="3")
     try:

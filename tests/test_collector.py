@@ -11,7 +11,8 @@ import pytest
 
 from collector import spool as spool_module
 from collector.app import create_app
-from collector.spool import SpoolWriter, read_record, recover_orphans, sealed_segments, segment_records
+from collector.spool import SpoolWriter, read_record, sealed_segments, segment_records
+from collector.spool_recovery import recover_orphans
 from core.event import Event
 from oltp import sites
 
@@ -158,7 +159,7 @@ def test_disk_full_when_opening_a_segment_is_a_503(client, settings, domain, key
     real_open = os.open
 
     def full_disk(path, *args, **kwargs):
-        if str(path).endswith(".open"):
+        if str(path).endswith(".new"):  # a new segment is created as .new (ADR 28)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, *args, **kwargs)
 

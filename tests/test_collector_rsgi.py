@@ -33,7 +33,8 @@ from collector import spool as spool_module
 from collector.app import create_app
 from collector.async_spool import AsyncSpool
 from collector.rsgi import CollectorRSGI, _client_ip
-from collector.spool import SpoolFull, SpoolWriter, read_record, recover_orphans, segment_records
+from collector.spool import SpoolFull, SpoolWriter, read_record, segment_records
+from collector.spool_recovery import recover_orphans
 from tests.conftest import SECRET, register
 from tests.test_collector_fast_path import hit, spooled
 

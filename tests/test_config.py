@@ -25,6 +25,8 @@ def test_valid_production_values():
     })
     assert s.kafka_bootstrap == ("k1:9092", "k2:9093")
     assert s.partitions == 12
+    assert Settings.from_env({"TALLY_SPOOL_RESERVE_BYTES": "1048576"}).spool_reserve_bytes == 1 << 20
+    assert Settings.from_env({}).spool_reserve_bytes == 64 << 20
 
 
 @pytest.mark.parametrize("variable, value, words", [
@@ -46,6 +48,8 @@ def test_valid_production_values():
     ("TALLY_KAFKA_PARTITONS", "4", "unknown setting"),
     ("TALLY_ROLLUP_CONSUMERS", "0", "out of range"),
     ("TALLY_ROLLUP_CONSUMERS", "two", "not an integer"),
+    ("TALLY_SPOOL_RESERVE_BYTES", "-1", "out of range"),
+    ("TALLY_SPOOL_RESERVE_BYTES", "lots", "not an integer"),
 ])
 def test_bad_values_name_the_variable(variable, value, words):
     with pytest.raises(ConfigError) as info:

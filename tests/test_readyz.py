@@ -44,7 +44,7 @@ def test_collector_not_ready_with_a_tiny_disk_or_no_registry(settings, spool, mo
     resp = create_app(settings, spool, start_sealer=False, registry=reg).test_client().get("/readyz")
     assert resp.status_code == 503
     problems = resp.json["error"]["problems"]
-    assert any("two segments" in p for p in problems) and any("registry" in p for p in problems)
+    assert any("nearly full" in p for p in problems) and any("registry" in p for p in problems)
 
 
 def test_api_ready_then_not_ready_without_postgresql(make_settings):

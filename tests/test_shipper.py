@@ -251,3 +251,34 @@ def test_retention_decisions():
     assert young.drop == [] and young.evict == [a] and young.evict_unconfirmed == 0  # stored, window only
     missing = Retained(a.path, None, 10)
     assert decide([missing], stored={"g": {}}, **common).reship == [missing]
+
+
+def test_a_shipped_segment_is_dropped_once_both_real_groups_stored_it(make_settings):
+    """The shipper as `tally shipper` builds it reads both groups' offsets: the rollup group's in PostgreSQL
+    and the loader's in ClickHouse (asked of the analyst server, chDB being one process per directory), and
+    drops a retained segment as soon as both stored past it, without waiting TALLY_SPOOL_RETAIN_S (ADR 28)."""
+    from core.config import LOADER_GROUP, ROLLUP_GROUP
+    from tally.roots import build_loader_loop, build_rollup_loop, build_shipper
+
+    settings = make_settings(TALLY_SPOOL_RETAIN_S="86400")
+    shipper = build_shipper(settings)
+    assert shipper.unchecked_groups is False and set(shipper.offset_readers) == {ROLLUP_GROUP, LOADER_GROUP}
+    shipper.retention_interval_s = 3600  # retention only when this test asks for it
+    write_segment(settings.spool_dir, [b'{"v": 1, "hash": "%032x", "domain": "a.example", "url": "https://a.example/",'
+                                       b' "ts": "2026-12-01T00:00:00Z", "received_at": "2026-12-01T00:00:00Z",'
+                                       b' "type": "pageview"}' % i for i in range(5)])
+    rollups = build_rollup_loop(settings, group=ROLLUP_GROUP, maintenance=False)
+    loader = build_loader_loop(settings, group=LOADER_GROUP)
+    try:
+        assert shipper.ship_once() == 5
+        assert len(retained_names(settings.spool_dir)) == 1
+        rollups.drain()
+        shipper.apply_retention()
+        assert len(retained_names(settings.spool_dir)) == 1  # the loader has not stored it yet
+        loader.drain()
+        shipper.apply_retention()
+        assert retained_names(settings.spool_dir) == [] and shipper.dropped_segments == 1
+    finally:
+        rollups.close()
+        loader.close()
+        shipper.close()

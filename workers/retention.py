@@ -10,9 +10,8 @@ topic id) and the offset each partition reached. Then:
   again to the new one (the stores dedup by event hash, so a repeat counts once);
 - a segment is dropped once every consumer group that can be checked from here has
   stored offsets past it in the same incarnation (PostgreSQL's `consumer_offsets` for
-  the rollup group) AND, for the groups that cannot be checked (the loader, whose
-  offsets live in ClickHouse/chDB, one process per directory), it was last shipped at
-  least `retain_s` ago;
+  the rollup group, ClickHouse's for the loader, asked of the analyst server with chDB)
+  AND, if some group cannot be checked, it was last shipped at least `retain_s` ago;
 - `retain_bytes` caps the disk the retained segments take (0 = no cap): over it the
   oldest are dropped even if still needed, loudly, since the alternative is a full
   spool disk and a collector answering 503 to everyone.

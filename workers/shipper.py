@@ -5,10 +5,11 @@ record in it, and even then it is not deleted: it moves to `spool/shipped/` with
 topic incarnation (Kafka's topic id) and per-partition offsets it reached
 (workers/retention.py, ADR 16). If the topic id changes (the memory-only embedded broker
 restarted, or the topic was recreated), every retained segment is shipped again to the
-new incarnation. A retained segment is deleted once the consumer groups that can be
-checked from here (the rollup group's offsets in PostgreSQL) stored offsets past it and,
-for those that cannot (the loader's, in ClickHouse), `retain_s` has passed since its last
-ship; `retain_bytes` caps the disk they take.
+new incarnation. A retained segment is deleted once the consumer groups stored offsets
+past it (`offset_readers`: the rollup group's in PostgreSQL, the loader's in ClickHouse)
+and, if some group cannot be checked (`unchecked_groups`), `retain_s` has passed since its
+last ship; `retain_bytes` caps the disk they take. On a disk too full for a sidecar, an
+acknowledged segment is deleted instead of retained (ADR 28): the shipper never stops.
 
 After any failure the producer is thrown away and a new one is made for the next
 attempt: an idempotent producer can end in a fatal state (e.g. the broker lost its
@@ -21,6 +22,7 @@ record is caught here, counted by reason, and never blocks the records behind it
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -34,7 +36,8 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from core import metrics
-from collector.spool import CorruptRecord, read_record, recover_orphans, sealed_segments, segment_records
+from collector.spool import CorruptRecord, fsync_dir, read_record, sealed_segments, segment_records
+from collector.spool_recovery import recover_orphans
 from workers.retention import OffsetReader, RetainedSegments, Shipment, decide
 
 log = logging.getLogger(__name__)
@@ -183,7 +186,7 @@ class Shipper:
             level = logging.ERROR if decision.evict_unconfirmed else logging.WARNING
             log.log(level, "shipper: shipped segments exceed TALLY_SPOOL_RETAIN_BYTES=%d; dropping the %d oldest "
                     "(%d records; %d of them not yet stored by every group checked here, the others within "
-                    "TALLY_SPOOL_RETAIN_S for the loader): if the broker lost its topic now, they would be lost",
+                    "TALLY_SPOOL_RETAIN_S for a group that cannot be checked): if the broker lost its topic now, they would be lost",
                     self.retain_bytes, len(decision.evict), records, decision.evict_unconfirmed)
             self.evicted_segments += self.retained.remove(decision.evict)
 
@@ -206,13 +209,38 @@ class Shipper:
     def _ship_segment(self, segment: Path) -> int:
         t0 = time.monotonic()
         count, offsets, shipped_to = self._send(segment, quarantine=True)
-        self.retained.keep(segment, Shipment(self.topic, shipped_to, offsets, self.clock(), count))
+        self._keep(segment, Shipment(self.topic, shipped_to, offsets, self.clock(), count))
         self.shipped += count
         metrics.SHIPPED.inc(count)
         log.info("shipper: shipped segment %s", segment.name, extra={
             "segment": segment.name, "records": count, "topic": self.topic, "topic_id": shipped_to,
             "end_offsets": offsets, "duration_ms": round((time.monotonic() - t0) * 1000, 2)})
         return count
+
+    def _keep(self, segment: Path, shipment: Shipment) -> None:
+        """Move an acknowledged segment into shipped/. Its sidecar needs a little disk: on a full disk the
+        segments both groups stored are dropped first, and if that frees nothing the segment is deleted
+        instead of retained (Kafka acknowledged it; only the protection against a broker that forgets its
+        topic is given up, loudly), so a full disk never stops the shipper (ADR 28)."""
+        try:
+            self.retained.keep(segment, shipment)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+        self.apply_retention()
+        try:
+            self.retained.keep(segment, shipment)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+        self.retained.remove_orphan_sidecars()
+        segment.unlink()
+        fsync_dir(segment.parent)
+        self.evicted_segments += 1
+        log.error("shipper: the spool disk is full; %s (%d records, acknowledged by Kafka) was deleted instead of "
+                  "retained: if the broker lost its topic now, they would be lost", segment.name, shipment.records)
 
     def _send(self, segment: Path, *, quarantine: bool = False) -> tuple[int, dict[int, int], str]:
         """Send every intact record of `segment` and wait for all acks. Returns (records, end offset per

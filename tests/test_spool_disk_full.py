@@ -1,0 +1,112 @@
+"""A full spool disk never deadlocks (ADR 28): the collector stops at a reserve it leaves for the shipper,
+and the shipper ships from a full disk, even one something else filled to the last byte.
+
+The spool lives on a real 3 MiB tmpfs (mounted here: the tests run as root, as CI does); the broker is
+the session's tansu. The consumer groups' stored offsets are given by the test (all stored / none), the
+one thing not run for real: which offsets the stores hold is the workers' business, tested elsewhere."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from collector.spool import SpoolFull, SpoolWriter, free_bytes, sealed_segments
+from workers.kafka_io import ensure_topic, make_producer
+from workers.retention import SHIPPED_DIR
+from workers.shipper import Shipper
+
+from tests.test_shipper import topic_size
+
+MiB = 1 << 20
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, f"cannot mount a tmpfs (the tests need root): {done.stderr}"
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_spool(writer: SpoolWriter, domain: str) -> int:
+    """Append 40-event batches until the writer refuses one; returns the events acknowledged."""
+    acked = 0
+    for i in range(10_000):
+        batch = [b'{"domain": "%s", "url": "https://%s/%s/%d-%d"}' % (domain.encode(), domain.encode(), b"x" * 200, i, j)
+                 for j in range(40)]
+        try:
+            writer.append(batch)
+        except SpoolFull:
+            return acked
+        acked += len(batch)
+    raise AssertionError("the spool never filled")
+
+
+def shipper_for(spool: Path, bootstrap: str, topic: str, *, stored: bool) -> Shipper:
+    everything = {p: 1 << 62 for p in range(2)}
+
+    def read(_topic: str, _topic_id: str) -> dict[int, int]:
+        return dict(everything) if stored else {}
+
+    return Shipper(spool, lambda: make_producer([bootstrap]), topic, offset_readers={"rollup": read, "loader": read},
+                   unchecked_groups=False, retention_interval_s=0.0)
+
+
+def test_the_collector_stops_at_the_reserve_and_shipping_frees_the_disk(servers, small_disk):
+    spool, topic = small_disk / "spool", f"full-{uuid.uuid4().hex[:8]}"
+    ensure_topic([servers.bootstrap], topic, 2)
+    writer = SpoolWriter(spool, max_bytes=256 * 1024, max_age_s=3600, reserve_bytes=64 * MiB)
+    assert writer.reserve_bytes == 3 * MiB // 8  # an eighth of a small disk, not 64 MiB
+    acked = fill_spool(writer, "full.example")
+    assert acked > 1000
+    assert free_bytes(spool) >= writer.reserve_bytes  # the collector left the shipper its room
+    assert "nearly full" in (writer.readiness() or "") or "refused" in (writer.readiness() or "")
+    writer.close()
+    shipper = shipper_for(spool, servers.bootstrap, topic, stored=True)
+    assert shipper.ship_once() == acked
+    assert sealed_segments(spool) == [] and list((spool / SHIPPED_DIR).glob("*.seg")) == []  # both groups have them
+    assert topic_size(servers.bootstrap, topic) == acked
+    writer = SpoolWriter(spool, max_bytes=256 * 1024, max_age_s=3600, reserve_bytes=64 * MiB)
+    writer.append([b'{"domain": "full.example", "url": "https://full.example/again"}'])  # accepting again
+    writer.close()
+    shipper.close()
+
+
+def test_a_disk_filled_to_the_last_byte_by_someone_else_still_ships(servers, small_disk):
+    """Nothing stored by the groups yet, and no byte free: the shipper cannot write its sidecars, so it ships
+    and deletes instead of retaining (loudly), which frees the disk; nothing acknowledged is lost."""
+    spool, topic = small_disk / "spool", f"full-{uuid.uuid4().hex[:8]}"
+    ensure_topic([servers.bootstrap], topic, 2)
+    writer = SpoolWriter(spool, max_bytes=256 * 1024, max_age_s=3600, reserve_bytes=64 * MiB)
+    acked = fill_spool(writer, "full.example")
+    writer.close()
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)  # another process takes every byte that is left
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert free_bytes(spool) < 4096
+    shipper = shipper_for(spool, servers.bootstrap, topic, stored=False)
+    assert shipper.ship_once() == acked
+    assert sealed_segments(spool) == []
+    assert shipper.evicted_segments >= 1  # at least the first could not be retained
+    assert topic_size(servers.bootstrap, topic) == acked
+    assert free_bytes(spool) > 64 * 1024  # what could not be retained is free again, the rest is retained
+    assert len(list((spool / SHIPPED_DIR).glob("*.seg"))) >= 1
+    os.unlink(filler)
+    shipper.close()

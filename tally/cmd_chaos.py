@@ -97,16 +97,22 @@ def render(report) -> list:
         ("events acknowledged (expected)", str(len(ledger.acked))),
         ("settled in", "-" if report.settle_s is None else f"{report.settle_s:.1f}s"),
     ]
+    if report.churn is not None:
+        rows.append(("collector workers killed / paused (churn)", f"{report.churn.kills} / {report.churn.pauses}"))
+    if report.spool is not None:
+        rows.append(("acknowledged events seen in the spool / never there", f"{report.spool.stored} / {report.spool.lost}"))
     for check in (report.pg, report.ch):
         if check is None:
             continue
+        after = "" if check.lost_in_spool is None else f" (of them in the spool: {check.lost_in_spool})"
         rows += [(f"in {check.store}", str(check.stored)),
-                 (f"{check.store}: lost / counted twice", f"{check.lost} / {check.duplicated}"),
+                 (f"{check.store}: lost / counted twice", f"{check.lost}{after} / {check.duplicated}"),
                  (f"{check.store}: unacknowledged attempts stored", str(check.maybe))]
     for name, value in rows:
         summary.add_row(name, value)
     out: list = [faults, summary]
-    notes = [line for check in (report.pg, report.ch) if check is not None for line in check.detail]
+    notes = [line for check in (report.spool, report.pg, report.ch) if check is not None for line in check.detail]
+    notes += report.churn.errors[:5] if report.churn is not None else []
     notes += ledger.errors[:10]
     if report.error:
         notes.append(f"run error: {report.error}")

@@ -96,6 +96,58 @@ def test_an_event_nobody_sent_and_a_count_without_a_hash_are_double_counts():
     assert (check.lost, check.ok) == (1, False) and "counts 4 events but holds 5" in check.detail[-1]
 
 
+def test_the_verdict_names_the_stage_where_an_event_went_missing():
+    """Never in the spool: the collector acknowledged what it did not keep. In the spool but not in a store:
+    lost after the spool. Both are losses; the stage is named."""
+    from tally.chaos.verdict import check_spool
+
+    ledger = _ledger()
+    spooled = set(ledger.acked) - {"c" * 32}
+    spool = check_spool(ledger, spooled)
+    assert (spool.lost, spool.ok) == (1, False) and "never in a spool segment" in spool.detail[0]
+    assert "c" * 32 in spool.detail[0]
+    stored = _stored(ledger)
+    del stored["b" * 32], stored["c" * 32]
+    pg = check_store("PostgreSQL", ledger, stored, spooled=spooled)
+    assert (pg.lost, pg.lost_in_spool) == (2, 1)  # b was spooled, then lost; c never reached the spool
+    assert "1 of them were in the spool" in pg.detail[0]
+    assert check_spool(ledger, set(ledger.acked)).ok
+
+
+def test_the_spool_tap_keeps_every_segment_the_platform_deletes(tmp_path):
+    """The tap's hard links keep what was appended after the link, and survive the seal (rename), shipping
+    (move to shipped/) and deletion of the spool's own names."""
+    import json
+    import time
+
+    from collector.spool import SpoolWriter, sealed_segments
+    from tally.chaos.spool_tap import SpoolTap
+
+    spool = tmp_path / "spool"
+    writer = SpoolWriter(spool, max_bytes=1 << 20, max_age_s=3600)
+    tap = SpoolTap(spool, tmp_path / "tap")
+    event = {"v": 1, "domain": "a.example", "url": "https://a.example/"}
+    writer.append([json.dumps({**event, "hash": "1" * 32}).encode()])
+    tap.scan()  # the open segment is linked here ...
+    writer.append([json.dumps({**event, "hash": "2" * 32}).encode()])  # ... and this is appended after
+    writer.close()
+    (sealed,) = sealed_segments(spool)
+    (spool / "shipped").mkdir()
+    sealed.rename(spool / "shipped" / sealed.name)
+    tap.start()
+    writer = SpoolWriter(spool, max_bytes=1 << 20, max_age_s=3600)
+    writer.append([json.dumps({**event, "hash": "3" * 32}).encode(), b'{"kind": "refusals"}'])
+    writer.close()
+    while tap.scans < 3:
+        time.sleep(0.01)
+    tap.stop.set()
+    tap.join(10)
+    for path in [*spool.glob("*.seg"), *(spool / "shipped").glob("*.seg")]:
+        path.unlink()  # the shipper's retention
+    assert tap.hashes() == {"1" * 32, "2" * 32, "3" * 32}
+    assert tap.errors == []
+
+
 def test_a_202_naming_fewer_hashes_than_events_is_refused():
     ledger = Ledger()
     with pytest.raises(ChaosError, match="1 hashes for 2 events"):
@@ -143,7 +195,10 @@ def test_tally_chaos_refuses_a_home_that_is_not_empty(capsys, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_short_chaos_run_loses_nothing_and_counts_nothing_twice(tmp_path):
-    """A few kill -9s at seeded random points under load (about 3 minutes on a quiet machine)."""
+    """A few kill -9s at seeded random points under load (about 3 minutes on a quiet machine), all of it with
+    collector-worker churn (a kill -9 every 3-6 s, short pauses), single-event requests into segments sealed
+    every 50 ms, and a busy loop taking a core; the verdict also checks the spool (what was acknowledged
+    went through a segment)."""
     from rich.console import Console
 
     from tally.cmd_chaos import render
@@ -163,6 +218,9 @@ def test_short_chaos_run_loses_nothing_and_counts_nothing_twice(tmp_path):
     assert all(f.restart_s is not None and f.error is None for f in report.faults), table
     ledger = report.ledger
     assert ledger.retries > 0 and ledger.duplicates > 0, "the load sent no retries or no duplicates"
+    assert report.churn is not None and report.churn.kills >= 5 and report.churn.pauses > 100, table
+    assert any("/e/s" in url for url in ledger.acked.values()), "no single-event requests were acknowledged"
+    assert report.spool is not None and report.spool.ok and report.spool.stored == len(ledger.acked), table
     assert report.pg is not None and report.ch is not None
     assert report.pg.stored >= len(ledger.acked) > 0 and report.ch.stored >= len(ledger.acked)
     for f in report.faults:

@@ -71,12 +71,15 @@ class Ledger:
 
 class LoadGenerator(threading.Thread):
     """Seeded batches to the collector at about `rate` requests per second until `stop` is set; a batch
-    in flight when it is set is still retried until acknowledged (or `drain_s` passed)."""
+    in flight when it is set is still retried until acknowledged (or `drain_s` passed). `batch_max` caps
+    the events per request (1: single-event requests, which make the collector's segments rotate often);
+    `tag` keeps the URLs and ids of several generators sharing one ledger apart."""
 
     def __init__(self, stack: ChaosStack, ledger: Ledger, *, seed: int, rate: float = 8.0,
-                 drain_s: float = 180.0) -> None:
-        super().__init__(name="chaos-load", daemon=True)
+                 drain_s: float = 180.0, batch_max: int | None = None, tag: str = "") -> None:
+        super().__init__(name=f"chaos-load{tag}", daemon=True)
         self.stack, self.ledger, self.rate, self.drain_s = stack, ledger, rate, drain_s
+        self.batch_max, self.tag = batch_max, tag
         self.rng = random.Random(seed)
         self.seed = seed
         self.stop = threading.Event()
@@ -87,7 +90,7 @@ class LoadGenerator(threading.Thread):
 
     def _next_url(self, path: str, event_type: str) -> str:
         self.sequence += 1
-        url = f"https://{DOMAIN}{path}{self.sequence}"
+        url = f"https://{DOMAIN}{path}{self.tag}{self.sequence}"
         with self.ledger.lock:
             self.ledger.types[url] = event_type
         return url
@@ -95,12 +98,13 @@ class LoadGenerator(threading.Thread):
     def _batch(self, with_ids: bool) -> tuple[bytes, list[str]]:
         ts = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         events, urls = [], []
-        for _ in range(self.rng.randint(1, 10 if with_ids else 5)):
+        most = 10 if with_ids else 5
+        for _ in range(self.rng.randint(1, min(most, self.batch_max or most))):
             event_type = self.rng.choice(("impression", "pageview"))
             url = self._next_url(ID_PATH if with_ids else NOID_PATH, event_type)
             event = {"domain": DOMAIN, "url": url, "type": event_type}
             if with_ids:
-                event.update(id=f"s{self.seed}-{self.sequence}", ts=ts)
+                event.update(id=f"s{self.seed}{self.tag}-{self.sequence}", ts=ts)
             if self.rng.random() < 0.3:
                 event["value"] = f"{self.rng.randint(0, 9999) / 100:.2f}"
             events.append(event)

@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tally.chaos.churn import ChurnStats, CollectorChurn, CpuBurners
 from tally.chaos.faults import FAULTS, FaultRecord
 from tally.chaos.load import Ledger, LoadGenerator
+from tally.chaos.spool_tap import SpoolTap
 from tally.chaos.stack import DOMAIN, ChaosError, ChaosStack
-from tally.chaos.verdict import StoreCheck, compare, settle
+from tally.chaos.verdict import StoreCheck, check_spool, compare, settle
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,15 @@ class ChaosPlan:
     settle_timeout_s: float = 600.0
     restart_timeout_s: float = 120.0
     fault_count: int | None = None  # set: exactly this many faults (the load still runs at least load_s)
+    # Under every fault, all run long (issue 15 §2): a collector worker kill -9'd every `churn_gap_s` (None: no
+    # churn) and paused for 20 ms `pauses_per_s` times a second; single-event requests at `single_rate` per
+    # second, with segments sealed every `segment_age_s`, so new segments open all the time; `burners`
+    # busy-loop processes taking CPU away.
+    churn_gap_s: tuple[float, float] | None = (3.0, 6.0)
+    pauses_per_s: float = 20.0
+    single_rate: float = 20.0
+    segment_age_s: float = 0.05
+    burners: int = 1
 
     @classmethod
     def long_form(cls, minutes: float, seed: int, faults: Iterable[str] | None = None) -> "ChaosPlan":
@@ -69,11 +80,15 @@ class ChaosReport:
     settle_s: float | None = None
     startup_s: float = 0.0
     error: str | None = None
+    spool: "StoreCheck | None" = None  # the acknowledged events against what went through the spool
+    churn: ChurnStats | None = None
+    tap_max_gap_s: float | None = None
 
     @property
     def passed(self) -> bool:
         return (self.error is None and self.pg is not None and self.ch is not None and self.pg.ok and self.ch.ok
-                and not self.ledger.errors and all(f.error is None for f in self.faults))
+                and (self.spool is None or self.spool.ok) and not self.ledger.errors
+                and all(f.error is None for f in self.faults) and not (self.churn and self.churn.errors))
 
 
 class ChaosRun:
@@ -82,7 +97,7 @@ class ChaosRun:
 
     def __init__(self, plan: ChaosPlan, home: Path, *, progress: Callable[[str], None] | None = None) -> None:
         self.plan = plan
-        self.stack = ChaosStack(home)
+        self.stack = ChaosStack(home, settings={"TALLY_SPOOL_SEGMENT_AGE_S": f"{plan.segment_age_s:g}"})
         self.rng = random.Random(plan.seed + 1)
         self.ledger = Ledger()
         self.progress = progress or (lambda line: None)
@@ -102,50 +117,46 @@ class ChaosRun:
 
     def run(self) -> ChaosReport:
         report = ChaosReport(self.plan, [], self.ledger)
-        load = None
+        loads: list[LoadGenerator] = []
+        churn: CollectorChurn | None = None
+        tap: SpoolTap | None = None
+        burners = CpuBurners(self.plan.burners)
         try:
             report.startup_s = self.stack.up()
             self.stack.add_site(DOMAIN)
-            load = LoadGenerator(self.stack, self.ledger, seed=self.plan.seed, rate=self.plan.rate)
+            tap = SpoolTap(self.stack.spool_dir, self.stack.home / "chaos-spool-tap")
+            tap.start()
+            loads = self._loads()
             self.t0 = time.monotonic()
-            load.start()
-            self.progress(f"tally up in {report.startup_s:.1f}s ({self.stack.home}); load started")
-            order = iter(self.plan.order())
-            while True:
-                gap = self.rng.uniform(*self.plan.gap_s)
-                if self.plan.fault_count is not None:  # exactly that many, however long they take
-                    if len(report.faults) >= self.plan.fault_count:
-                        break
-                elif time.monotonic() - self.t0 + gap >= self.plan.load_s:
-                    break
-                self.sleep(gap)
-                name = next(order)
-                rec = FaultRecord(name, at_s=time.monotonic() - self.t0, acked_before=self.ledger.acked_count())
-                if name in ("broker-down", "postgres-down", "pause-then-kill-all"):  # these take minutes
-                    self.progress(f"[{rec.at_s:7.1f}s] {name}: {FAULTS[name].description} ...")
-                report.faults.append(rec)
-                try:
-                    FAULTS[name].run(self, rec)
-                except Exception as exc:  # noqa: BLE001 - in the report; the run goes on if the platform does
-                    rec.error = f"{type(exc).__name__}: {exc}"
-                    if not self.stack.alive():
-                        raise ChaosError(f"{name}: {rec.error}") from exc
-                if rec.killed_at is not None:
-                    rec.next_ack_s = _wait_next_ack(self.ledger, rec.killed_at, self.plan.restart_timeout_s, self)
-                self.progress(_describe(rec))
-                if load.failure is not None:
-                    raise ChaosError(f"the load generator failed: {load.failure!r}")
+            for load in loads:
+                load.start()
+            burners.start()
+            if self.plan.churn_gap_s is not None:
+                churn = CollectorChurn(self.stack, seed=self.plan.seed + 2, kill_gap_s=self.plan.churn_gap_s,
+                                       pauses_per_s=self.plan.pauses_per_s)
+                report.churn = churn.stats
+                churn.start()
+            self.progress(f"tally up in {report.startup_s:.1f}s ({self.stack.home}); load started"
+                          + (f"; collector-worker churn every {churn.kill_gap_s[0]:g}-"
+                             f"{churn.kill_gap_s[1]:g}s" if churn else "")
+                          + (f"; {self.plan.burners} busy CPU loop(s)" if self.plan.burners else ""))
+            self._run_faults(report, loads)
             self.sleep(max(0.0, self.plan.load_s - (time.monotonic() - self.t0)))
-            load.stop.set()
-            load.join(self.plan.restart_timeout_s + 200)
-            if load.failure is not None:
-                raise ChaosError(f"the load generator failed: {load.failure!r}")
-            self.progress(f"load stopped: {self.ledger.acked_count()} events acknowledged; settling")
+            self._stop_loads(loads)
+            _stop_thread(churn)
+            burners.stop()
+            self.progress(f"load stopped: {self.ledger.acked_count()} events acknowledged"
+                          + (f"; churn: {churn.stats.kills} worker kills, {churn.stats.pauses} pauses" if churn else "")
+                          + "; settling")
             report.settle_s = settle(self.stack, self.ledger, self.plan.settle_timeout_s)
-            report.pg, report.ch = compare(self.stack, self.ledger)
+            _stop_thread(tap)
+            spooled = tap.hashes()
+            report.tap_max_gap_s = tap.max_gap_s
+            report.spool = check_spool(self.ledger, spooled, max_gap_s=tap.max_gap_s)
+            report.pg, report.ch = compare(self.stack, self.ledger, spooled)
         except (ChaosError, OSError, subprocess.SubprocessError) as exc:
             report.error = f"{exc}"[:4000] + self.stack.log_tails(10)
-            if load is not None:
+            for load in loads:
                 load.stop.set()
             if report.pg is None and self.stack.alive():
                 try:  # what is there, as far as it can be read
@@ -153,10 +164,63 @@ class ChaosRun:
                 except Exception:  # noqa: BLE001 - the error above is the report
                     pass
         finally:
-            if load is not None:
+            for load in loads:
                 load.stop.set()
+            _stop_thread(churn)
+            burners.stop()
+            _stop_thread(tap)
             self.stack.down()
         return report
+
+    def _loads(self) -> list[LoadGenerator]:
+        """The batch load of ADR 24, and single-event requests (their own URLs and ids) when planned."""
+        loads = [LoadGenerator(self.stack, self.ledger, seed=self.plan.seed, rate=self.plan.rate)]
+        if self.plan.single_rate > 0:
+            loads.append(LoadGenerator(self.stack, self.ledger, seed=self.plan.seed + 3, rate=self.plan.single_rate,
+                                       batch_max=1, tag="s"))
+        return loads
+
+    def _run_faults(self, report: ChaosReport, loads: list[LoadGenerator]) -> None:
+        order = iter(self.plan.order())
+        while True:
+            gap = self.rng.uniform(*self.plan.gap_s)
+            if self.plan.fault_count is not None:  # exactly that many, however long they take
+                if len(report.faults) >= self.plan.fault_count:
+                    return
+            elif time.monotonic() - self.t0 + gap >= self.plan.load_s:
+                return
+            self.sleep(gap)
+            name = next(order)
+            rec = FaultRecord(name, at_s=time.monotonic() - self.t0, acked_before=self.ledger.acked_count())
+            if name in ("broker-down", "postgres-down", "pause-then-kill-all"):  # these take minutes
+                self.progress(f"[{rec.at_s:7.1f}s] {name}: {FAULTS[name].description} ...")
+            report.faults.append(rec)
+            try:
+                FAULTS[name].run(self, rec)
+            except Exception as exc:  # noqa: BLE001 - in the report; the run goes on if the platform does
+                rec.error = f"{type(exc).__name__}: {exc}"
+                if not self.stack.alive():
+                    raise ChaosError(f"{name}: {rec.error}") from exc
+            if rec.killed_at is not None:
+                rec.next_ack_s = _wait_next_ack(self.ledger, rec.killed_at, self.plan.restart_timeout_s, self)
+            self.progress(_describe(rec))
+            failed = [load.failure for load in loads if load.failure is not None]
+            if failed:
+                raise ChaosError(f"the load generator failed: {failed[0]!r}")
+
+    def _stop_loads(self, loads: list[LoadGenerator]) -> None:
+        for load in loads:
+            load.stop.set()
+        for load in loads:
+            load.join(self.plan.restart_timeout_s + 200)
+            if load.failure is not None:
+                raise ChaosError(f"the load generator failed: {load.failure!r}")
+
+
+def _stop_thread(thread: "CollectorChurn | SpoolTap | None") -> None:
+    if thread is not None and thread.is_alive():
+        thread.stop.set()
+        thread.join(30)
 
 
 def _wait_next_ack(ledger: Ledger, t: float, timeout_s: float, chaos: ChaosRun) -> float | None:

@@ -74,7 +74,7 @@ def signal_pid(pid: int, sig: int) -> bool:
 class ChaosStack:
     """A running `tally up` in its own TALLY_HOME on free ports, and the signals a user (or a crash) sends it."""
 
-    def __init__(self, home: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, *, env: dict[str, str] | None = None, settings: dict[str, str] | None = None) -> None:
         self.home = home
         self.collector_port, self.api_port = free_port(), free_port()
         base = os.environ if env is None else env
@@ -82,10 +82,15 @@ class ChaosStack:
         self.env.update(TALLY_HOME=str(home), TALLY_COLLECTOR_PORT=str(self.collector_port),
                         TALLY_API_PORT=str(self.api_port), TALLY_ANALYST_PORT=str(free_port()),
                         TALLY_API_RATE_LIMIT="100000/minute;2000/second")
+        self.env.update(settings or {})  # TALLY_* settings of the run itself (e.g. a short segment age)
         self.proc: subprocess.Popen[str] | None = None
         self.output: list[str] = []
         self.site_key = ""
         self.token = ""
+
+    @property
+    def spool_dir(self) -> Path:
+        return Path(self.env.get("TALLY_SPOOL_DIR") or self.home / "spool")
 
     @property
     def collect_url(self) -> str:

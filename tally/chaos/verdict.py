@@ -55,16 +55,35 @@ class StoreCheck:
     duplicated: int
     maybe: int
     detail: list[str] = field(default_factory=list)
+    lost_in_spool: int | None = None  # of the lost, how many the spool held (lost after it); None: not known
 
     @property
     def ok(self) -> bool:
         return self.lost == 0 and self.duplicated == 0
 
 
-def check_store(store: str, ledger: Ledger, stored: dict[str, str | None], counted: int | None = None) -> StoreCheck:
+def check_spool(ledger: Ledger, spooled: set[str], *, max_gap_s: float | None = None) -> StoreCheck:
+    """The first stage: every acknowledged hash must have been in a spool segment (the tap's copy). Only
+    losses count here; the spool holds retries and duplicates by design. Pure."""
+    with ledger.lock:
+        acked = dict(ledger.acked)
+    missing = [h for h in acked if h not in spooled]
+    detail = []
+    if missing:
+        detail.append(f"spool: {len(missing)} acknowledged events were never in a spool segment (the collector "
+                      "acknowledged what it did not keep), e.g. " + ", ".join(f"{h} ({acked[h]})" for h in missing[:5]))
+        if max_gap_s is not None and max_gap_s > 0.05:
+            detail.append(f"spool: the tap once went {max_gap_s:.2f}s between scans (segments live at least "
+                          "TALLY_SPOOL_SEGMENT_AGE_S): a missed segment is possible")
+    return StoreCheck("spool", len(set(acked) & spooled), len(missing), 0, 0, detail)
+
+
+def check_store(store: str, ledger: Ledger, stored: dict[str, str | None], counted: int | None = None,
+                spooled: set[str] | None = None) -> StoreCheck:
     """Compare `stored` (hash -> url, None when the store does not know the URL) with the ledger. `counted`
     is the store's own count when it is kept apart from the hashes (PostgreSQL's rollup sums); by default
-    the number of stored hashes. Pure: no I/O."""
+    the number of stored hashes. `spooled`: the hashes seen in the spool, to say which losses happened after
+    it. Pure: no I/O."""
     with ledger.lock:
         acked = dict(ledger.acked)
         unacked = Counter(ledger.unacked)
@@ -102,8 +121,11 @@ def check_store(store: str, ledger: Ledger, stored: dict[str, str | None], count
             duplicated += n - 1
             if len(detail) < 10:
                 detail.append(f"{url}: one id event acknowledged and stored under {n} hashes")
+    lost_in_spool = None if spooled is None else sum(h in spooled for h in missing)
     if missing:
-        detail.insert(0, f"{len(missing)} acknowledged events missing, e.g. "
+        stage = "" if spooled is None else (f" ({lost_in_spool} of them were in the spool: lost between the "
+                                             f"spool and {store})")
+        detail.insert(0, f"{store}: {len(missing)} acknowledged events missing{stage}, e.g. "
                       + ", ".join(f"{h} ({acked[h]})" for h in missing[:5]))
     lost = len(missing)
     held = len(stored)
@@ -113,7 +135,7 @@ def check_store(store: str, ledger: Ledger, stored: dict[str, str | None], count
             duplicated += counted - held
         else:
             lost = max(lost, held - counted)
-    return StoreCheck(store, held if counted is None else counted, lost, duplicated, maybe, detail)
+    return StoreCheck(store, held if counted is None else counted, lost, duplicated, maybe, detail, lost_in_spool)
 
 
 def _ch_rows(stack: ChaosStack) -> dict[str, str | None]:
@@ -128,10 +150,10 @@ def _ch_rows(stack: ChaosStack) -> dict[str, str | None]:
     return rows
 
 
-def compare(stack: ChaosStack, ledger: Ledger) -> tuple[StoreCheck, StoreCheck]:
+def compare(stack: ChaosStack, ledger: Ledger, spooled: set[str] | None = None) -> tuple[StoreCheck, StoreCheck]:
     """Both stores against the ledger: (PostgreSQL, ClickHouse). Raises if a store cannot be read."""
     ch_rows = _ch_rows(stack)
-    ch = check_store("ClickHouse", ledger, ch_rows)
+    ch = check_store("ClickHouse", ledger, ch_rows, spooled=spooled)
     others = int(stack.sql(f"SELECT count() FROM tally.events FINAL WHERE domain != '{DOMAIN}'")[0][0])
     if others:
         ch.detail.append(f"{others} events of other domains, which nobody sent")
@@ -143,7 +165,7 @@ def compare(stack: ChaosStack, ledger: Ledger) -> tuple[StoreCheck, StoreCheck]:
     known = {**ch_rows, **{h: u for h, u in ledger.acked.items()}}
     pg_rows = {h: known.get(h) for h in seen if h in known}
     counted = int(stack.pg_query("SELECT coalesce(sum(events), 0) FROM rollup_15m")[0][0])
-    pg = check_store("PostgreSQL", ledger, pg_rows, counted=counted)
+    pg = check_store("PostgreSQL", ledger, pg_rows, counted=counted, spooled=spooled)
     unknown_seen = len(seen) - len(pg_rows)
     if unknown_seen and not refusal_windows:
         pg.detail.append(f"{unknown_seen} hashes in seen_events that neither ClickHouse nor the load knows")

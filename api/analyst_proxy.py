@@ -3,6 +3,11 @@
 The API process holds no ClickHouse client at all: a slow analyst query
 occupies one API thread while its bytes are relayed, never a lock that the
 customer API or the health checks need.
+
+`timeout_s` is Settings.sql_relay_timeout_s: the analyst server's slot wait and
+watchdog deadline (from TALLY_SQL_MAX_EXECUTION_S) plus a margin (ADR 32). The
+analyst server answers within it; if it does not, the caller gets 504
+`analyst_timeout` instead of waiting on.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class AnalystService:
             conn.request("POST", self._path, body=orjson.dumps({"sql": sql, "format": fmt, "token_id": token_id}),
                          headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._token}"})
             resp = conn.getresponse()
+        except TimeoutError:
+            conn.close()
+            return self._timed_out()
         except OSError as exc:
             conn.close()
             raise AnalystUnavailable(f"the analyst server at {self._host}:{self._port} is unreachable ({exc})") from exc
@@ -65,6 +73,12 @@ class AnalystService:
 
         return Upstream(resp.status, resp.getheader("Content-Type", "application/json"),
                         resp.getheader("Retry-After"), relay())
+
+    def _timed_out(self) -> Upstream:
+        body = orjson.dumps({"error": {"code": "analyst_timeout", "message": (
+            f"the analyst server did not answer within {self.timeout_s:g} s (its time limit plus a margin); "
+            "the query was cancelled there or is being cancelled")}})
+        return Upstream(504, "application/json", None, iter((body,)))
 
     def loader_written_at(self) -> str | None:
         """When the loader last wrote to ClickHouse (ISO time), or None if unknown or unreachable (2 s)."""

@@ -18,6 +18,13 @@ from urllib.parse import urlsplit
 ROLLUP_GROUP = "tally-rollups"
 LOADER_GROUP = "tally-loader"
 
+# Analyst SQL is answered by the clock (ADR 32). The analyst server's watchdog cancels a query this long
+# after TALLY_SQL_MAX_EXECUTION_S (ClickHouse's own limit fires first when it can); a query waits up to
+# SQL_SLOT_WAIT_S for a slot; the API's relay waits for both plus a margin. All from the one setting.
+SQL_WATCHDOG_GRACE_S = 1.0
+SQL_SLOT_WAIT_S = 2.0
+SQL_RELAY_MARGIN_S = 2.0
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the variable."""
@@ -181,6 +188,16 @@ class Settings:
     def with_overrides(self, **changes: object) -> "Settings":
         """A copy with some fields replaced (used by `tally up` once embedded servers are up)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def sql_deadline_s(self) -> float:
+        """When the analyst server's watchdog cancels a running analyst query (seconds after it got its slot)."""
+        return self.sql_max_execution_s + SQL_WATCHDOG_GRACE_S
+
+    @property
+    def sql_relay_timeout_s(self) -> float:
+        """How long the API waits for the analyst server's answer: the slot wait, the deadline and a margin."""
+        return SQL_SLOT_WAIT_S + self.sql_deadline_s + SQL_RELAY_MARGIN_S
 
 
 _KNOWN = {

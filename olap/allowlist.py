@@ -17,6 +17,11 @@ is not allowed:
   `system.functions` with the rules below; aggregate combinators (`sumIf`, `uniqState`,
   `groupArrayIf`, ...) are allowed when every way ClickHouse could split the name gives an
   allowed aggregate and allowed combinators;
+- some calls have rules on their arguments (ADR 32): super-linear functions are denied in the
+  table (`COSTLY`); `multiMatch*`/`multiSearch*` take a literal array of at most `MAX_PATTERNS`
+  patterns; aggregates named in strings (`arrayReduce('...')`, `initializeAggregation`, and
+  `AggregateFunction(...)` / `SimpleAggregateFunction(...)` in any string literal, e.g. a CAST
+  type) are checked like calls, and those strings must be literals;
 - every node type, and every key of every node, is one this module knows; anything new in a
   later ClickHouse is refused until it is reviewed here.
 """
@@ -24,6 +29,7 @@ is not allowed:
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -78,13 +84,46 @@ PURE_OTHERS = frozenset({
     "variantElement", "variantType", "visibleWidth",
 })
 
+# Super-linear in the length of one argument (O(n*m) dynamic programming or automata): one call on two
+# 65,000-byte strings takes 4.7 s inside one block, where neither max_execution_time nor KILL QUERY
+# reaches it (ClickHouse checks both between blocks; measured, ADR 32). Aliases follow their target.
+COSTLY = {name: "super-linear in its arguments' length: one call can outrun the time limit inside a block"
+          for name in ("editDistance", "editDistanceUTF8", "damerauLevenshteinDistance", "jaroSimilarity",
+                       "jaroWinklerSimilarity", "arrayLevenshteinDistance", "arrayLevenshteinDistanceWeighted",
+                       "arraySimilarity", "multiFuzzyMatchAny", "multiFuzzyMatchAnyIndex",
+                       "multiFuzzyMatchAllIndices")}
+
 # Denied although their category is allowed.
 DENIED = {
     "flameGraph": "symbolises server stack addresses (introspection)",
     "inIgnoreSet": "internal", "notInIgnoreSet": "internal", "globalInIgnoreSet": "internal",
     "globalNotInIgnoreSet": "internal", "nullInIgnoreSet": "internal", "notNullInIgnoreSet": "internal",
     "globalNullInIgnoreSet": "internal", "globalNotNullInIgnoreSet": "internal",
+    **COSTLY,
 }
+
+# --- rules on arguments, checked on every call (see _Arguments) ----------------------------------
+
+# multiMatch* compile their patterns (vectorscan) per call site: 64 patterns 39 ms, 256: 0.24 s,
+# 1,000: 1.8 s, in one call (measured); multiSearch* cost grows with the needle count too. Their
+# pattern list must be a literal array of at most MAX_PATTERNS strings of at most MAX_PATTERN_BYTES.
+PATTERN_FUNCTION_PREFIXES = ("multimatch", "multisearch")
+MAX_PATTERNS = 64
+MAX_PATTERN_BYTES = 1024
+
+# Functions that take an aggregate function's name (with combinators and parameters) as a string:
+# argument index -> the name must be a string literal naming an allowed aggregate. ClickHouse evaluates
+# the parameters in that string as constant expressions (`arrayReduce('quantile(length(currentDatabase())
+# / 100)', ...)` runs currentDatabase()), so only plain number and string literals may appear there.
+AGGREGATE_NAME_ARGUMENTS = {"arrayreduce": 0, "arrayreduceinranges": 0, "initializeaggregation": 0}
+
+# Functions that take a type name as a string (index; -1: the last argument). The type must be a string
+# literal (ClickHouse folds `concat('Aggregate', 'Function(...)')` into a type otherwise), and every
+# AggregateFunction(...) / SimpleAggregateFunction(...) in any string literal names allowed aggregates.
+TYPE_ARGUMENTS = {"cast": 1, "_cast": 1, "accuratecast": 1, "accuratecastornull": 1, "accuratecastordefault": 1,
+                  "reinterpret": 1, "defaultvalueoftypename": 0, "kqlparametercast": 1, "variantelement": 1,
+                  "dynamicelement": 1, "jsonextract": -1, "jsonextractcaseinsensitive": -1,
+                  "jsonextractkeysandvalues": -1, "jsonextractkeysandvaluescaseinsensitive": -1}
 
 DATA_FILE = Path(__file__).with_name("allowed_functions.py")
 
@@ -119,6 +158,19 @@ class FunctionTable:
             return entry[0] == "allow"
         if name in SYNTAX_FUNCTIONS:
             return True
+        verdicts = list(self._combinator_splits(name, 0))
+        return bool(verdicts) and all(verdicts)
+
+    def why_costly(self, name: str) -> str | None:
+        """The reason a function is denied for its cost (COSTLY), else None."""
+        entry = self._lookup(name)
+        return entry[3] if entry is not None and entry[0] == "deny" and entry[3] in COSTLY.values() else None
+
+    def allows_aggregate(self, name: str) -> bool:
+        """Whether `name` is an allowed aggregate function, alone or with allowed combinators."""
+        entry = self._lookup(name)
+        if entry is not None:
+            return entry[0] == "allow" and entry[1] == "aggregate"
         verdicts = list(self._combinator_splits(name, 0))
         return bool(verdicts) and all(verdicts)
 
@@ -365,6 +417,8 @@ class _Walker:
             self._table(node, ctes)
         elif kind == "ColumnsApplyTransformer":
             self._apply(node, ctes)
+        elif kind == "Literal":
+            check_literal(node, self.functions)
         elif kind in _NODES:
             plain, children = _NODES[kind]
             for key, value in node.items():
@@ -382,7 +436,8 @@ class _Walker:
     def _function(self, node: dict[str, Any], ctes: frozenset[str]) -> None:
         name = node.get("name")
         if not isinstance(name, str) or not self.functions.allows(name):
-            raise Refused(f"function {name} is not allowed in analyst SQL")
+            costly = self.functions.why_costly(name) if isinstance(name, str) else None
+            raise Refused(f"function {name} is not allowed in analyst SQL" + (f" ({costly})" if costly else ""))
         if node.get("kind", "ORDINARY_FUNCTION") not in _FUNCTION_KINDS:
             raise Refused(f"unsupported use of function {name}")
         for key, value in node.items():
@@ -397,6 +452,7 @@ class _Walker:
                     self._table(arguments[1], ctes)
                 else:
                     self.expr(arguments, ctes)
+                check_arguments(name, arguments, self.functions)
             elif key in ("parameters", "window_definition"):
                 self.expr(value, ctes)
             else:
@@ -409,6 +465,8 @@ class _Walker:
             if key == "func_name":
                 if not isinstance(value, str) or not self.functions.allows(value):
                     raise Refused(f"function {value} is not allowed in analyst SQL")
+                if has_argument_rules(value):
+                    raise Refused(f"APPLY({value}) is not allowed: call {value} with its arguments written out")
             elif key in ("lambda_arg", "column_name_prefix"):
                 self._plain(node, key, value)
             elif key in ("lambda", "parameters"):
@@ -443,6 +501,110 @@ class _Walker:
     @staticmethod
     def _unknown(node: dict[str, Any], key: str) -> None:
         raise Refused(f"unsupported part of the query: {node.get('type')}.{key}")
+
+
+# --- rules on arguments ------------------------------------------------------------------------
+
+_AGGREGATE_IN_TYPE = re.compile(r"\b(?:Simple)?AggregateFunction\s*\(\s*(?:\d+\s*,\s*)?([^\s,()]*)", re.IGNORECASE)
+_AGGREGATE_NAME = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*", re.DOTALL)
+_PLAIN_PARAMETER = r"\s*(?:[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|'[^'\\]*')\s*"
+_PLAIN_PARAMETERS = re.compile(rf"(?:{_PLAIN_PARAMETER}(?:,{_PLAIN_PARAMETER})*)?")
+
+
+def has_argument_rules(name: str) -> bool:
+    folded = name.lower()
+    return (folded in AGGREGATE_NAME_ARGUMENTS or folded in TYPE_ARGUMENTS
+            or folded.startswith(PATTERN_FUNCTION_PREFIXES))
+
+
+def check_arguments(name: str, arguments: list[dict[str, Any]], functions: FunctionTable) -> None:
+    """The per-call rules above, for a call of `name` (allowed by the table) with these argument nodes."""
+    folded = name.lower()
+    if folded in AGGREGATE_NAME_ARGUMENTS:
+        text = _string_argument(name, arguments, AGGREGATE_NAME_ARGUMENTS[folded], "the aggregate function's name")
+        check_aggregate_name(text, functions, f"in {name}")
+    if folded in TYPE_ARGUMENTS:
+        index = TYPE_ARGUMENTS[folded]
+        position = index if index >= 0 else len(arguments) - 1
+        if 0 <= position < len(arguments) and (index >= 0 or len(arguments) > 1):  # too few: ClickHouse says so
+            _string_argument(name, arguments, position, "the type name")  # its aggregates: check_literal
+    if folded.startswith(PATTERN_FUNCTION_PREFIXES):
+        _check_patterns(name, arguments)
+
+
+def _string_argument(name: str, arguments: list[dict[str, Any]], index: int, what: str) -> str:
+    node = arguments[index] if -len(arguments) <= index < len(arguments) else None
+    value = node.get("value") if isinstance(node, dict) and node.get("type") == "Literal" else None
+    if not isinstance(value, dict) or value.get("field_type") != "String" or not isinstance(value.get("value"), str):
+        raise Refused(f"{name}: {what} must be written as a string literal ('...'), not computed")
+    return value["value"]
+
+
+def check_aggregate_name(text: str, functions: FunctionTable, where: str) -> None:
+    """`text` is `name` or `name(parameters)`: an allowed aggregate with plain literal parameters."""
+    match = _AGGREGATE_NAME.fullmatch(text)
+    if not match:
+        raise Refused(f"{where}: {text[:80]!r} is not an aggregate function name")
+    name, parameters = match.group(1), match.group(2)
+    if not functions.allows_aggregate(name):
+        raise Refused(f"aggregate function {name} ({where}) is not allowed in analyst SQL")
+    if parameters is not None and not _PLAIN_PARAMETERS.fullmatch(parameters):
+        raise Refused(f"{where}: the parameters of {name} must be plain number or string literals")
+
+
+def check_literal(node: dict[str, Any], functions: FunctionTable) -> None:
+    """Every AggregateFunction(...)/SimpleAggregateFunction(...) type in a string literal names allowed aggregates."""
+    if set(node) - {"type", "value", "alias"}:
+        raise Refused("unsupported construct Literal")
+    for text in _strings(node.get("value")):
+        for match in _AGGREGATE_IN_TYPE.finditer(text):
+            name = match.group(1)
+            if not name or not functions.allows_aggregate(name):
+                raise Refused(f"aggregate function {name or '?'} (in the type {text[:80]!r}) is not allowed in "
+                              "analyst SQL")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """The strings in a parseQueryToJSON literal value ({"field_type", "value"}, nested for arrays and tuples)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        yield from _strings(value.get("value"))
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _check_patterns(name: str, arguments: list[dict[str, Any]]) -> None:
+    patterns = _literal_strings(arguments[1]) if len(arguments) > 1 else None
+    if patterns is None:
+        raise Refused(f"{name}: the patterns must be a literal array of strings (['a', 'b'])")
+    if len(patterns) > MAX_PATTERNS:
+        raise Refused(f"{name}: at most {MAX_PATTERNS} patterns per call ({len(patterns)} given)")
+    if any(len(p.encode()) > MAX_PATTERN_BYTES for p in patterns):
+        raise Refused(f"{name}: each pattern must be at most {MAX_PATTERN_BYTES} bytes")
+
+
+def _literal_strings(node: dict[str, Any]) -> list[str] | None:
+    """The strings of a literal array (`['a', 'b']` or `array('a', 'b')`), or None if it is anything else."""
+    if node.get("type") == "Literal":
+        value = node.get("value")
+        items = value.get("value") if isinstance(value, dict) and value.get("field_type") == "Array" else None
+        if not isinstance(items, list):
+            return None
+        return _all_strings(items)
+    if node.get("type") == "Function" and node.get("name") == "array":
+        children = node.get("arguments", {}).get("children", [])
+        values = [c.get("value") if isinstance(c, dict) and c.get("type") == "Literal" else None for c in children]
+        return _all_strings(values)
+    return None
+
+
+def _all_strings(values: list[Any]) -> list[str] | None:
+    """The strings of literal values ({"field_type": "String", "value": ...}), or None unless all are strings."""
+    out = [v["value"] for v in values if isinstance(v, dict) and v.get("field_type") == "String"
+           and isinstance(v.get("value"), str)]
+    return out if len(out) == len(values) else None
 
 
 # --- generating the function table -------------------------------------------------------------

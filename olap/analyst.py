@@ -46,9 +46,18 @@ import orjson
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from olap.allowlist import Refused, check
+from olap.allowlist import ANALYST_TABLES, Refused, check, function_table
+from olap.schema import EVENT_COLUMNS
 
-MAX_SQL_CHARS = 100_000
+# The longest analyst query text, in bytes of UTF-8. A query's cost inside one block grows with its length
+# (twelve constant terms of one expensive call: twelve times the time), so the cap bounds that too.
+MAX_SQL_BYTES = 16 * 1024
+# Rows per block: ClickHouse checks the time limit (and KILL QUERY) between blocks, so smaller blocks
+# bound the work between two checks (ClickHouse's default is 65,409).
+MAX_BLOCK_ROWS = 8192
+# Result types nested deeper than this (Array(Array(...)), tuples, maps) are refused: the driver's type
+# parser recurses per level (RecursionError near 350) and orjson stops at 255.
+MAX_RESULT_NESTING = 32
 _INT64_RANGE = range(-(2**63), 2**63)
 
 FORMATS: dict[str, str] = {
@@ -82,6 +91,7 @@ class SqlLimits:
     max_result_rows: int
     max_result_bytes: int = 64 << 20
     max_threads: int = 2
+    max_block_rows: int = MAX_BLOCK_ROWS
 
 
 @dataclass
@@ -107,8 +117,10 @@ def prepare(client: Client, sql: object, database: str) -> str:
     """
     if not isinstance(sql, str) or not sql.strip():
         raise AnalystQueryError("refused", "'sql' must be a non-empty string")
-    if len(sql) > MAX_SQL_CHARS:
-        raise AnalystQueryError("refused", f"the query is longer than {MAX_SQL_CHARS} characters")
+    size = len(sql.encode("utf-8", "surrogatepass"))
+    if size > MAX_SQL_BYTES:
+        raise AnalystQueryError("refused", f"the query is {size} bytes long; analyst SQL is limited to "
+                                           f"{MAX_SQL_BYTES} bytes (16 KiB) of UTF-8")
     try:
         rows = client.query(
             "SELECT formatQuerySingleLine({q:String}) AS text, parseQueryToJSON(text) AS tree, "
@@ -157,7 +169,7 @@ def _session_readonly(client: Client) -> int:
     return value
 
 
-def _settings(client: Client, limits: SqlLimits) -> dict[str, Any]:
+def _settings(client: Client, limits: SqlLimits, tag: str | None = None) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "final": 1,  # ReplacingMergeTree duplicates are never visible
         "max_execution_time": limits.max_execution_s,
@@ -170,8 +182,11 @@ def _settings(client: Client, limits: SqlLimits) -> dict[str, Any]:
         "max_result_bytes": limits.max_result_bytes,
         "result_overflow_mode": "throw",
         "max_threads": limits.max_threads,
+        "max_block_size": limits.max_block_rows,
         "allow_introspection_functions": 0,
     }
+    if tag:
+        settings["log_comment"] = tag  # how the watchdog finds the query in system.processes to kill it
     readonly = _session_readonly(client)
     if readonly == 0:
         settings["readonly"] = 1  # last: once it applies, no later setting may change anything
@@ -183,18 +198,19 @@ def _settings(client: Client, limits: SqlLimits) -> dict[str, Any]:
     return settings
 
 
-def stream(client: Client, text: str, limits: SqlLimits, fmt: str, stats: QueryStats) -> Iterator[bytes]:
+def stream(client: Client, text: str, limits: SqlLimits, fmt: str, stats: QueryStats,
+           tag: str | None = None) -> Iterator[bytes]:
     """Run `text` (what `prepare` returned) and yield it encoded as `fmt`; json is one document.
 
     Updates `stats` as it goes. Raises AnalystQueryError on overflow, timeout or failure, possibly
     after some chunks (never for json, which is yielded whole at the end). Nothing is yielded before
     the first rows arrive (or the query ends), so errors ClickHouse raises early come before any output.
-    Closing the generator cancels the query.
+    Closing the generator cancels the query. `tag` goes to ClickHouse as `log_comment` (see olap/watchdog.py).
     """
     if fmt not in FORMATS:
         raise AnalystQueryError("refused", f"format must be one of {', '.join(FORMATS)}")
-    settings = _settings(client, limits)
-    encoder = _ENCODERS[fmt]()
+    settings = _settings(client, limits, tag)
+    encoder: Any = _ENCODERS[fmt]()
     deadline = time.monotonic() + float(limits.max_execution_s) + 1.0
     pending: list[bytes] = []  # json: the document's parts; others: output not yielded yet
     started = False
@@ -219,6 +235,7 @@ def stream(client: Client, text: str, limits: SqlLimits, fmt: str, stats: QueryS
         with client.query_row_block_stream(text, settings=settings) as blocks:
             names = list(blocks.source.column_names)
             types = [t.name for t in blocks.source.column_types]
+            _check_nesting(types)
             for block in blocks:
                 if not started:
                     emit(encoder.start(names, types))
@@ -241,8 +258,32 @@ def stream(client: Client, text: str, limits: SqlLimits, fmt: str, stats: QueryS
         emit(encoder.end())
     except ClickHouseError as exc:
         raise _classify(exc) from None
+    except RecursionError:  # the driver's type parser, on a type nested a few hundred levels deep
+        raise _too_deep() from None
     if pending:
         yield flush()
+
+
+def _too_deep() -> AnalystQueryError:
+    return AnalystQueryError("refused", f"the result's type is nested more than {MAX_RESULT_NESTING} levels deep "
+                                        "(arrays, tuples or maps inside each other); flatten it, e.g. with "
+                                        "arrayFlatten or toString")
+
+
+def _check_nesting(types: Sequence[str]) -> None:
+    for name in types:
+        depth = deepest = 0
+        quoted = escaped = False
+        for char in name:  # parentheses inside quoted Enum labels do not count
+            if quoted:
+                quoted, escaped = (escaped or char != "'"), (not escaped and char == "\\")
+            elif char == "'":
+                quoted = True
+            else:
+                depth += (char == "(") - (char == ")")
+                deepest = max(deepest, depth)
+        if deepest > MAX_RESULT_NESTING:
+            raise _too_deep()
 
 
 def _describe(client: Client, text: str, settings: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -287,6 +328,26 @@ def _short(message: str) -> str:
     return message[:600]
 
 
+_HINT = re.compile(r"\s*Maybe you meant:?\s*(\[[^\]]*\]|\S+?)\s*[.?]?(?=\s|$)")
+
+
+def public_message(message: str, database: str) -> str:
+    """A ClickHouse message as analysts may see it: "Maybe you meant ..." hints are kept only when every
+    name they suggest is one analysts may use (an analyst table or its columns, an allowed function);
+    otherwise the hint is dropped, so it cannot name other tables (`tally.consumer_offsets`) or functions."""
+    table = function_table()
+    tables = set(ANALYST_TABLES) | {f"{database}.{t}" for t in ANALYST_TABLES}
+
+    def safe(name: str) -> bool:
+        return name in tables or name in EVENT_COLUMNS or table.allows(name)
+
+    def keep_or_drop(match: re.Match[str]) -> str:
+        names = [n.strip().strip("'`\"") for n in match.group(1).strip("[]").split(",")]
+        return match.group(0) if names and all(n and safe(n) for n in names) else ""
+
+    return _HINT.sub(keep_or_drop, message)
+
+
 # --- encoding ----------------------------------------------------------------------------------
 
 
@@ -310,6 +371,22 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
     return value
+
+
+# Spreadsheets run a cell that starts with one of these as a formula (OWASP "CSV injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _neutral(text: str) -> str:
+    """A text cell a spreadsheet will not run: one starting with = + - @ TAB or CR gets a leading '."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def _cell(value: Any) -> str:
+    """One csv/tsv cell: string values (String, FixedString, Enum, LowCardinality(String)) neutralised;
+    numbers, dates and the JSON of arrays, maps and tuples as they are (-5 stays -5)."""
+    text = _text(value)
+    return _neutral(text) if isinstance(value, (str, bytes)) else text
 
 
 def _text(value: Any) -> str:
@@ -375,10 +452,10 @@ class _Csv:
     NULL is an empty field."""
 
     def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
-        return self._write([list(names)])
+        return self._write([[_neutral(n) for n in names]])
 
     def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
-        return self._write([["" if v is None else _text(v) for v in row] for row in block])
+        return self._write([["" if v is None else _cell(v) for v in row] for row in block])
 
     def end(self) -> bytes:
         return b""
@@ -398,10 +475,10 @@ class _Tsv:
     with a backslash; NULL is \\N."""
 
     def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
-        return ("\t".join(n.translate(_TSV_ESCAPES) for n in names) + "\n").encode()
+        return ("\t".join(_neutral(n).translate(_TSV_ESCAPES) for n in names) + "\n").encode()
 
     def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
-        return "".join("\t".join("\\N" if v is None else _text(v).translate(_TSV_ESCAPES) for v in row) + "\n"
+        return "".join("\t".join("\\N" if v is None else _cell(v).translate(_TSV_ESCAPES) for v in row) + "\n"
                        for row in block).encode()
 
     def end(self) -> bytes:

@@ -11,8 +11,12 @@ slot has its own client and the loader keeps its own.
 Contract of `POST /v1/query` (JSON `{"sql", "format", "token_id"}`):
 - at most `slots` queries run at once; the next waits up to `wait_s`, then gets
   429 `analyst_busy` with Retry-After;
+- every query is answered by `deadline_s` after it got its slot, whatever ClickHouse is doing:
+  each runs on a thread of its own under olap/watchdog.py, which cancels it at the deadline and
+  hands its slot back (ADR 32);
 - a query refused or failing before its first output byte gets a 400 JSON error
-  (`query_refused`, `query_failed`, `query_timeout`, `result_too_large`);
+  (`query_refused`, `query_failed`, `query_timeout`, `result_too_large`), its message filtered
+  by `public_message` (no hints naming tables or functions analysts cannot use);
 - `json` answers one document; `csv`/`tsv`/`jsonl` stream. A streamed result
   that fails later (time or byte cap reached) is cut by closing the connection
   without the final chunk, so a client never mistakes it for a complete file;
@@ -29,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, current_app, request
 
@@ -37,7 +41,8 @@ from core import metrics
 from core.config import LOADER_GROUP
 from core.http import error, install_host_check, install_json_errors, json_response
 from olap.aggregates import ClickHouseAggregates, TooManyRows, encode_answer, parse_request
-from olap.analyst import FORMATS, AnalystQueryError, QueryStats, SqlLimits, prepare, stream
+from olap.analyst import FORMATS, AnalystQueryError, QueryStats, SqlLimits, prepare, public_message, stream
+from olap.watchdog import DeadlineReached, Run, Watchdog
 
 log = logging.getLogger(__name__)
 bp = Blueprint("analyst_server", __name__)
@@ -73,7 +78,7 @@ class QuerySlots:
             self._free.put(None)
         self.size = size
 
-    def take(self, wait_s: float) -> tuple[Any, Callable[[], None]]:
+    def take(self, wait_s: float) -> tuple[Any, Callable[..., None]]:
         """A free slot's client, and release() to hand it back (idempotent). Raises Busy after `wait_s`."""
         try:
             client = self._free.get(timeout=wait_s)
@@ -87,12 +92,17 @@ class QuerySlots:
                 raise
         released = threading.Event()
 
-        def release() -> None:
+        def release(fresh: bool = False) -> None:
+            """fresh=True: the slot gets a new client (this one is still busy; its owner closes it)."""
             if not released.is_set():
                 released.set()
-                self._free.put(client)
+                self._free.put(None if fresh else client)
 
         return client, release
+
+    def make_client(self) -> Any:
+        """A client of the slots' kind that belongs to no slot (the watchdog's, for KILL QUERY)."""
+        return self._make_client()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +111,12 @@ class AnalystConfig:
     limits: SqlLimits
     token: str  # what the API must present
     wait_s: float = 2.0
+    # When the watchdog cancels a query, counted from when it got its slot; None: the time limit + 1 s.
+    deadline_s: float | None = None
+
+    @property
+    def deadline(self) -> float:
+        return self.deadline_s if self.deadline_s is not None else float(self.limits.max_execution_s) + 1.0
 
 
 def _cfg() -> AnalystConfig:
@@ -127,23 +143,20 @@ def _authorised() -> bool:
 
 @bp.post("/v1/query")
 def query() -> Response:
-    if not _authorised():
-        resp = error(401, "unauthorized", "the analyst server answers the API only")
-        resp.headers["WWW-Authenticate"] = "Bearer"
-        return resp
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("sql"), str):
-        return error(400, "invalid_body", 'send a JSON object {"sql": "SELECT ...", "format": "json"}')
-    sql, fmt = body["sql"], body.get("format", "json")
-    token_id = body.get("token_id") if isinstance(body.get("token_id"), str) else None
-    if fmt not in FORMATS:
-        return error(400, "invalid_format", f"format must be one of {', '.join(FORMATS)}")
+    parsed = _query_request()
+    if isinstance(parsed, Response):
+        return parsed
+    sql, fmt, token_id = parsed
     cfg, started, t0 = _cfg(), datetime.now(timezone.utc), time.monotonic()
     stats, sink = QueryStats(), current_app.extensions["tally_audit"]  # the stream outlives the app context
 
-    def audit(status: str, message: str | None) -> None:
-        _audit(sink, AuditEntry(token_id, started, sql[:100_000], fmt, status, stats.rows, stats.bytes,
-                                (time.monotonic() - t0) * 1000.0, message))
+    audited = threading.Event()
+
+    def audit(status: str, message: str | None) -> None:  # once per query, whichever path ends it first
+        if not audited.is_set():
+            audited.set()
+            _audit(sink, AuditEntry(token_id, started, sql[:100_000], fmt, status, stats.rows, stats.bytes,
+                                    (time.monotonic() - t0) * 1000.0, message))
 
     slots = _slots()
     try:
@@ -153,45 +166,122 @@ def query() -> Response:
         resp = error(429, "analyst_busy", f"{slots.size} analyst queries are already running; retry shortly")
         resp.headers["Retry-After"] = "1"
         return resp
+
+    def work(tag: str) -> Iterator[bytes]:
+        return stream(client, prepare(client, sql, cfg.database), cfg.limits, fmt, stats, tag)
+
+    run = _watchdog().start(work, cfg.deadline, release, lambda: _close_quietly(client))
     try:
-        text = prepare(client, sql, cfg.database)
-        chunks = stream(client, text, cfg.limits, fmt, stats)
         if fmt == "json":
-            payload = b"".join(chunks)
+            payload = b"".join(iter(run.next_chunk, None))
         else:
-            first = next(chunks, b"")
+            first = run.next_chunk() or b""
     except AnalystQueryError as exc:
-        release()
+        run.close()
         audit(exc.code, exc.message)
-        return error(400, _ERROR_CODES.get(exc.code, "query_failed"), exc.message)
+        return error(400, _ERROR_CODES.get(exc.code, "query_failed"), public_message(exc.message, cfg.database))
+    except DeadlineReached:
+        audit("timeout", _cancelled(run, cfg))
+        return error(400, "query_timeout", _timeout_message(cfg))
     except BaseException:
-        release()
+        run.close()
         audit("failed", "internal error")
         raise
     if fmt == "json":
-        release()
+        run.close()
         audit("ok", None)
         return Response(payload, status=200, mimetype="application/json")
-
-    def rest() -> Iterator[bytes]:
-        status, message = "cancelled", "the client went away"
-        try:
-            if first:
-                yield first
-            yield from chunks
-            status, message = "ok", None
-        except AnalystQueryError as exc:
-            status, message = exc.code, exc.message
-            log.warning("analyst: streamed query cut after %d bytes: %s", stats.bytes, exc.message)
-            raise  # the server drops the connection: no final chunk, so the client sees an incomplete body
-        finally:
-            chunks.close()
-            release()
-            audit(status, message)
-
-    resp = Response(rest(), status=200, content_type=FORMATS[fmt])
+    resp = Response(_rest(run, first, stats, audit, cfg), status=200, content_type=FORMATS[fmt])
     resp.headers["X-Tally-Format"] = fmt
+
+    def closed() -> None:  # also when the server never started the body (the caller left before it)
+        run.close()
+        audit("cancelled", "the client went away")
+
+    resp.call_on_close(closed)
     return resp
+
+
+def _query_request() -> tuple[str, str, str | None] | Response:
+    """(sql, format, token_id) of an authorised, well-formed query request, or the error to answer."""
+    if not _authorised():
+        resp = error(401, "unauthorized", "the analyst server answers the API only")
+        resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("sql"), str):
+        return error(400, "invalid_body", 'send a JSON object {"sql": "SELECT ...", "format": "json"}')
+    fmt = body.get("format", "json")
+    if fmt not in FORMATS:
+        return error(400, "invalid_format", f"format must be one of {', '.join(FORMATS)}")
+    token_id = body.get("token_id") if isinstance(body.get("token_id"), str) else None
+    return body["sql"], fmt, token_id
+
+
+def _rest(run: Run, first: bytes, stats: QueryStats, audit: Callable[[str, str | None], None],
+          cfg: AnalystConfig) -> Iterator[bytes]:
+    """A streamed answer after its first chunk. A failure or the deadline cuts it: the server drops the
+    connection without the final chunk, so the client sees an incomplete body, never a short file."""
+    status: str = "cancelled"
+    message: str | None = "the client went away"
+    try:
+        if first:
+            yield first
+        while (chunk := run.next_chunk()) is not None:
+            yield chunk
+        status, message = "ok", None
+    except AnalystQueryError as exc:
+        status, message = exc.code, exc.message
+        log.warning("analyst: streamed query cut after %d bytes: %s", stats.bytes, exc.message)
+        raise
+    except DeadlineReached:
+        status, message = "timeout", _cancelled(run, cfg)
+        log.warning("analyst: streamed query cut after %d bytes at its deadline", stats.bytes)
+        raise
+    finally:
+        run.close()
+        audit(status, message)
+
+
+def _timeout_message(cfg: AnalystConfig) -> str:
+    return (f"the query ran longer than {cfg.limits.max_execution_s} s (max execution time) and was cancelled; "
+            f"aggregate more, add a LIMIT or narrow the time range")
+
+
+def _cancelled(run: Run, cfg: AnalystConfig) -> str:
+    """The audit row's account of a query the watchdog cut at its deadline."""
+    slot = ("its slot was handed back at once" if run.slot_freed else
+            "its slot comes back when that block ends (too many cancelled queries still computing)")
+    return (f"cancelled by the watchdog at the {cfg.deadline:g} s deadline (time limit "
+            f"{cfg.limits.max_execution_s} s): ClickHouse was still inside one block; it was told to stop "
+            f"(KILL QUERY) and {slot}")
+
+
+def _close_quietly(client: Any) -> None:
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001 - a client left behind by a cancelled query: nothing else uses it
+        log.exception("analyst: closing a cancelled query's client failed")
+
+
+def _watchdog() -> Watchdog:
+    return current_app.extensions["tally_watchdog"]
+
+
+def clickhouse_killer(make_client: Callable[[], Any]) -> Callable[[str], None]:
+    """kill(tag): `KILL QUERY ... ASYNC` for the query started with log_comment = tag, on a client of its own."""
+    lock = threading.Lock()
+    holder: list[Any] = []
+
+    def kill(tag: str) -> None:
+        if not tag.replace("-", "").isalnum():
+            raise ValueError(f"unexpected query tag {tag!r}")
+        with lock:
+            if not holder:
+                holder.append(make_client())
+            holder[0].command(f"KILL QUERY WHERE Settings['log_comment'] = '{tag}' ASYNC")
+
+    return kill
 
 
 @bp.get("/healthz")
@@ -271,8 +361,8 @@ def internal_aggregates() -> Response:
         return error(429, "analyst_busy", "every analyst query slot is taken; retry shortly")
     try:
         source = ClickHouseAggregates(client, _cfg().database)
-        result = {"aggregates": source.aggregates, "events": source.events,
-                  "offsets": source.loader_offsets}[op](**kwargs)
+        result = cast(dict[str, Callable[..., Any]], {"aggregates": source.aggregates, "events": source.events,
+                  "offsets": source.loader_offsets})[op](**kwargs)
     except TooManyRows as exc:
         return error(413, "too_many_rows", str(exc))
     except Exception as exc:  # the caller gets the kind of failure, the log the details
@@ -291,6 +381,9 @@ def create_analyst_app(config: AnalystConfig, slots: QuerySlots, audit: Callable
     app.extensions["tally_query_slots"] = slots
     app.extensions["tally_offsets_slot"] = QuerySlots(slots.make_client, 1)
     app.extensions["tally_audit"] = audit
+    # At most as many cancelled queries still computing as there are slots: ClickHouse runs at most twice
+    # TALLY_SQL_MAX_CONCURRENT analyst queries at once.
+    app.extensions["tally_watchdog"] = Watchdog(clickhouse_killer(slots.make_client), max_abandoned=slots.size)
     install_host_check(app, allowed_hosts)
     app.register_blueprint(bp)
     install_json_errors(app)

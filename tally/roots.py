@@ -277,7 +277,8 @@ def build_api(settings: Settings):  # -> flask.Flask
     # query for its own range instead of switching to a generic plan after a few executions.
     pool = ConnectionPool(dsn, min_size=1, max_size=8, open=True,
                           kwargs={"connect_timeout": 5, "prepare_threshold": None})
-    analyst = AnalystService(settings.analyst_url, internal_token(secret), timeout_s=settings.sql_max_execution_s + 15)
+    # the relay's timeout and the analyst server's deadline come from the same setting (ADR 32)
+    analyst = AnalystService(settings.analyst_url, internal_token(secret), timeout_s=settings.sql_relay_timeout_s)
     return create_app(settings, Backends(RollupReader(pool, Retention.from_settings(settings)), analyst))
 
 
@@ -285,6 +286,7 @@ def build_analyst_server(settings: Settings):  # -> flask.Flask
     """The analyst server: parses, checks and runs analyst SQL on its own ClickHouse clients, audits to PG."""
     from psycopg_pool import ConnectionPool
 
+    from core.config import SQL_SLOT_WAIT_S
     from core.keys import internal_token
     from olap.analyst import SqlLimits
     from olap.client import connect, new_client
@@ -305,7 +307,8 @@ def build_analyst_server(settings: Settings):  # -> flask.Flask
 
     limits = SqlLimits(settings.sql_max_execution_s, settings.sql_max_memory_bytes, settings.sql_max_result_rows,
                        settings.sql_max_result_bytes, settings.sql_max_threads)
-    config = AnalystConfig(settings.clickhouse_database, limits, internal_token(secret))
+    config = AnalystConfig(settings.clickhouse_database, limits, internal_token(secret), wait_s=SQL_SLOT_WAIT_S,
+                           deadline_s=settings.sql_deadline_s)
     slots = QuerySlots(lambda: new_client(settings.clickhouse_dsn), settings.sql_max_concurrent)
     own_host = (urlsplit(settings.analyst_url).hostname or "127.0.0.1").lower()
     return create_analyst_app(config, slots, record, (*settings.allowed_hosts, own_host))

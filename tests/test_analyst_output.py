@@ -1,0 +1,131 @@
+"""Item 10 of issue 15: what analysts get back. (a) csv/tsv cells cannot start a spreadsheet formula,
+(b) result types nested too deeply are a 400 naming the problem, not a 500, (c) ClickHouse's hints
+never name tables or functions analysts cannot use."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import clickhouse_connect
+import pytest
+
+from olap.analyst import MAX_RESULT_NESTING, QueryStats, SqlLimits, prepare, public_message, stream
+from olap.client import connect
+from olap.schema import ensure_schema
+from tests.test_analyst_server import query
+
+DB = "tally"
+LIMITS = SqlLimits(max_execution_s=20, max_memory_bytes=1 << 30, max_result_rows=1000, max_result_bytes=1 << 20,
+                   max_threads=1)
+UA = '=HYPERLINK("http://evil.test","x")'
+
+
+@pytest.fixture(scope="module")
+def ch(servers):
+    client = connect(servers.chdb_dsn)
+    ensure_schema(client, DB)
+    return client
+
+
+def output(ch, sql: str, fmt: str) -> str:
+    return b"".join(stream(ch, prepare(ch, sql, DB), LIMITS, fmt, QueryStats())).decode()
+
+
+FORMULAS = ("SELECT s, toInt32(n) AS n, f, toString(n) AS text_n FROM values('s String, n Int32, f Float64', "
+            "('=1+1', -5, -1.5), ('+1', 3, 0.5), ('-2', -7, -0.25), ('@SUM(A1)', 0, 0), ('plain', 1, 1), "
+            "(concat(char(9), 'tab'), 2, 2), (concat(char(13), 'cr'), 4, 4), ('a=b', 5, 5), ('', 6, 6)) ")
+
+
+def test_csv_string_cells_that_start_a_formula_are_neutralised_numbers_are_not(ch):
+    rows = list(csv.reader(io.StringIO(output(ch, FORMULAS, "csv"))))
+    assert rows[0] == ["s", "n", "f", "text_n"]
+    assert [r[0] for r in rows[1:]] == ["'=1+1", "'+1", "'-2", "'@SUM(A1)", "plain", "'\ttab", "'\rcr", "a=b", ""]
+    assert [r[1] for r in rows[1:]] == ["-5", "3", "-7", "0", "1", "2", "4", "5", "6"]  # numbers stay numbers
+    assert [r[2] for r in rows[1:4]] == ["-1.5", "0.5", "-0.25"]
+    assert [r[3] for r in rows[1:4]] == ["'-5", "'3"[1:], "'-7"]  # a number turned into text is text
+
+
+def test_tsv_string_cells_that_start_a_formula_are_neutralised(ch):
+    lines = output(ch, FORMULAS, "tsv").split("\n")
+    cells = [line.split("\t") for line in lines[1:] if line]
+    assert [c[0] for c in cells] == ["'=1+1", "'+1", "'-2", "'@SUM(A1)", "plain", "'\\ttab", "'\\rcr", "a=b", ""]
+    assert [c[1] for c in cells][:3] == ["-5", "3", "-7"]
+
+
+def test_column_names_are_neutralised_too(ch):
+    assert output(ch, "SELECT 1 AS `=cmd`, 2 AS `@x`, 3 AS ok", "csv").splitlines()[0] == "'=cmd,'@x,ok"
+    assert output(ch, "SELECT 1 AS `=cmd`", "tsv").splitlines()[0] == "'=cmd"
+
+
+def test_json_formats_keep_values_as_they_are(ch):
+    assert json.loads(output(ch, "SELECT '=1+1' AS s", "json"))["rows"] == [["=1+1"]]
+    assert json.loads(output(ch, "SELECT '=1+1' AS s", "jsonl")) == {"s": "=1+1"}
+
+
+def test_a_user_agent_formula_does_not_reach_a_spreadsheet(analyst_url):
+    """What ../shared/checks/11-hardening looks at: no line, its quotes stripped, starts with = + - @."""
+    sql = f"SELECT arrayJoin(['{UA}', '-1', '+1', '@a', 'ok']) AS ua"
+    status, _, body = query(analyst_url, sql, fmt="csv")
+    cells = [c.strip('"') for c in body.decode().splitlines()]
+    assert status == 200 and cells[0] == "ua" and cells[1].startswith("'=HYPERLINK(")
+    assert not any(c.startswith(("=", "+", "-", "@")) for c in cells)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT " + "[" * 400 + "1" + "]" * 400,  # the driver's type parser recursed until RecursionError: was 500
+    "SELECT " + "[" * (MAX_RESULT_NESTING + 1) + "1" + "]" * (MAX_RESULT_NESTING + 1),
+    f"SELECT CAST([], '{'Array(' * 40}UInt8{')' * 40}')",
+    "SELECT " + "tuple(" * 40 + "1" + ")" * 40,
+])
+def test_results_nested_too_deeply_are_refused_with_400(analyst_url, sql):
+    status, _, body = query(analyst_url, sql)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["code"] == "query_refused", body[:300]
+    assert f"nested more than {MAX_RESULT_NESTING} levels deep" in error["message"]
+    assert query(analyst_url, "SELECT 1")[0] == 200  # the slot's client still works
+
+
+def test_results_nested_within_the_limit_work(analyst_url):
+    depth = MAX_RESULT_NESTING
+    status, _, body = query(analyst_url, "SELECT " + "[" * depth + "1" + "]" * depth + " AS a, "
+                                         "CAST(1, 'Enum8(''((((((((((((((((((((((((((((((((((('' = 1)') AS e")
+    assert status == 200, body[:300]
+    assert json.loads(body)["rows"][0][1] == "(" * 35
+
+
+def clickhouse_message(servers, sql: str) -> str:
+    """What ClickHouse itself says about `sql`, asked without the allowlist (an operator's session)."""
+    client = clickhouse_connect.get_client(dsn=servers.chdb_dsn)
+    try:
+        client.query(sql)
+    except Exception as exc:  # noqa: BLE001
+        return str(exc)
+    finally:
+        client.close()
+    raise AssertionError(f"{sql} did not fail")
+
+
+def test_hints_naming_tables_or_functions_analysts_cannot_use_are_dropped(ch, servers):
+    message = clickhouse_message(servers, f"SELECT * FROM {DB}.consumer_offset")
+    assert f"Maybe you meant {DB}.consumer_offsets" in message  # what ClickHouse says
+    assert "consumer_offsets" not in public_message(message, DB) and "Maybe" not in public_message(message, DB)
+    message = clickhouse_message(servers, "SELECT fil('x')")  # file() is denied: not a hint to give
+    assert "Maybe you meant: ['file']" in message
+    assert "file" not in public_message(message, DB) and "Maybe" not in public_message(message, DB)
+    assert public_message(message, DB).startswith(message.split(" Maybe")[0])  # the rest is kept
+
+
+def test_hints_naming_what_analysts_may_use_are_kept(ch, servers):
+    message = clickhouse_message(servers, f"SELECT * FROM {DB}.event")
+    assert f"Maybe you meant {DB}.events?" in public_message(message, DB)
+    message = clickhouse_message(servers, f"SELECT domian FROM {DB}.events")
+    assert "Maybe you meant: ['domain']" in public_message(message, DB)
+    message = clickhouse_message(servers, "SELECT sumx(1)")
+    assert "Maybe you meant" in public_message(message, DB)
+
+
+def test_the_server_passes_clickhouse_errors_through_the_filter(analyst_url):
+    status, _, body = query(analyst_url, f"SELECT domian FROM {DB}.events")
+    assert status == 400 and "Maybe you meant: ['domain']" in json.loads(body)["error"]["message"]

@@ -20,6 +20,7 @@ from api.analyst_proxy import AnalystService, AnalystUnavailable
 from oltp.queries import GRANULARITIES, Bucket, OutsideRetention, QueryError, RollupReader, SiteRow, Totals
 from core.event import EVENT_TYPES, EventError, normalize_domain
 from core.config import Settings
+from core.runstate import down_components
 from core.http import error, install_host_check, install_json_errors, json_response
 from api.auth import allow, current_principal, install_auth, probe, public
 from oltp import tokens
@@ -85,8 +86,11 @@ def _collector_url() -> str:
     return f"{request.scheme}://{name}:{current_app.config['TALLY'].collector_port}"
 
 
-def _tag(site_key: str) -> str:
-    return f'<script defer src="{_collector_url()}/tag.js" data-site="{site_key}"></script>'
+def _tag(row: SiteRow) -> str:
+    """The page tag for a site, with its URL rule so the tag keeps what the collector keeps (ADR 30)."""
+    attrs = (' data-raw-urls="true"' if row.raw_urls
+             else f' data-keep-query="{",".join(row.keep_query)}"' if row.keep_query else "")
+    return f'<script defer src="{_collector_url()}/tag.js" data-site="{row.site_key}"{attrs}></script>'
 
 
 @bp.get("/api/v1/domains")
@@ -123,7 +127,7 @@ def list_domains() -> Response:
         "role": principal.role,
         "collector_url": _collector_url(),
         "domains": [{"domain": r.domain, "tz": r.tz, "registered": bool(r.site_key),
-                     "site_key": r.site_key or None, "tag": _tag(r.site_key) if r.site_key else None,
+                     "site_key": r.site_key or None, "tag": _tag(r) if r.site_key else None,
                      "has_events": r.has_events} for r in rows],
     })
 
@@ -438,7 +442,7 @@ def _session_principal():
 
     if not session.has_cookie(request):
         return None
-    return session.principal(current_app, lambda: _backends().rollups.pool)
+    return session.principal(lambda: _backends().rollups.pool)
 
 
 def _domain_hint() -> str:
@@ -478,12 +482,11 @@ def dashboard() -> Response:
 
 
 def _same_origin_form() -> bool:
-    """A login or logout form posted from this origin (login CSRF: a cross-site page must not log you in)."""
-    fetch_site = request.headers.get("Sec-Fetch-Site")
-    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
-        return False
-    origin = request.headers.get("Origin")
-    return origin is None or origin == request.host_url.rstrip("/")
+    """A login or logout form posted from this origin (login CSRF: a cross-site page must not log you in,
+    nor out)."""
+    from api import session
+
+    return session.same_origin(request)
 
 
 @bp.get("/login")
@@ -518,7 +521,7 @@ def login_form() -> Response:
 @bp.post("/login")
 @public
 def login() -> Response:
-    """Check a pasted token and start a session cookie that names it (api/session.py).
+    """Check a pasted token and start a session: a row in PostgreSQL, its random id in the cookie (api/session.py).
     ---
     post:
       summary: Log in with an API token (sets the HttpOnly, SameSite=Strict session cookie)
@@ -553,8 +556,8 @@ def login() -> Response:
     token = request.form.get("token", "").strip()
     try:
         principal = tokens.verify(_backends().rollups.pool, token) if token else None
-        if principal is not None:
-            session.start(current_app, _backends().rollups.pool, principal)
+        if principal is not None and not session.start(_backends().rollups.pool, principal):
+            principal = None  # revoked in between
     except psycopg.OperationalError:
         return _login_page("PostgreSQL is unavailable; retry shortly", 503)
     if principal is None:
@@ -566,20 +569,31 @@ def login() -> Response:
 @bp.post("/logout")
 @public
 def logout() -> Response:
-    """End this browser's session.
+    """End this browser's session on the server (a copy of the cookie stops working too) and clear the cookie.
     ---
     post:
-      summary: Log out (clears the session cookie)
+      summary: Log out (ends the session server-side, clears the session cookie)
       tags: [dashboard]
       responses:
         303:
           description: logged out; redirects to the login page
           headers:
             Location: {schema: {type: string}}
+        403:
+          description: the form was posted from another site; the session goes on
+          content: {text/html: {schema: {type: string}}}
+        503:
+          description: PostgreSQL is unavailable; the session was not ended (retry)
+          content: {text/html: {schema: {type: string}}}
     """
     from api import session
 
-    session.end()
+    if not _same_origin_form():
+        return _login_page("log out from this site's own pages", 403)
+    try:
+        session.end(_backends().rollups.pool)
+    except psycopg.OperationalError:
+        return _login_page("PostgreSQL is unavailable, so the session was not ended; retry", 503)
     return redirect("/login", 303)
 
 
@@ -607,19 +621,23 @@ def healthz() -> Response:
 @bp.get("/readyz")
 @probe
 def readyz() -> Response:
-    """Readiness probe: PostgreSQL answers (the API's store for rollups and tokens).
+    """Readiness probe: PostgreSQL answers (the API's store for rollups and tokens). Under `tally up`, `down`
+    also names the platform's parts its supervisor reports down (restarting with backoff): they do not make
+    the API unready, it serves without them.
     ---
     get:
       summary: Readiness probe (no token, no rate limit)
       tags: [operations]
       responses:
         200:
-          description: the API can serve
+          description: the API can serve (`down`, under `tally up`, lists other parts that are down)
           content:
             application/json:
               schema:
                 type: object
-                properties: {status: {type: string, const: ready}}
+                properties:
+                  status: {type: string, const: ready}
+                  down: {type: object, additionalProperties: {type: string}}
                 required: [status]
         503:
           description: PostgreSQL is unreachable (the JSON error shape, code `not_ready`)
@@ -632,7 +650,8 @@ def readyz() -> Response:
             conn.execute("SELECT 1")
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready", with its kind
         return error(503, "not_ready", f"PostgreSQL is unreachable ({type(exc).__name__})")
-    return json_response({"status": "ready"})
+    down = down_components(current_app.config["TALLY"].home)
+    return json_response({"status": "ready", "down": down} if down else {"status": "ready"})
 
 
 @bp.get("/api/v1/openapi.json")

@@ -10,7 +10,10 @@ Routes declare who may call them:
     @allow("admin", "analyst", "customer", domain_arg="domain")   # customers: only their domains
     def domain_series(domain, metric): ...
 
-A route that declares nothing is admin-only, so a forgotten declaration fails closed.
+A route that declares nothing is admin-only, so a forgotten declaration fails closed. A path under
+/api/ that matches no route (or not with this method) is checked like a route first: 401 without a
+valid token or session, the 404 / 405 only to an authenticated caller (nobody learns which routes
+exist, and an ended session gets 401 on every API path alike).
 
 Answers: no header, a malformed header, or an unknown / revoked / malformed token -> 401 with
 `WWW-Authenticate: Bearer ...` (RFC 6750; `error="invalid_token"` for bad tokens); a valid token
@@ -48,6 +51,7 @@ F = TypeVar("F", bound=Callable[..., object])
 # RFC 6750 section 2.1: "Bearer" 1*SP b64token; we accept exactly one space.
 _BEARER_RE = re.compile(r"Bearer ([A-Za-z0-9._~+/-]+=*)")
 REALM = "tally"
+API_PREFIX = "/api/"  # unknown paths under it answer 401 before 404 (see `_enforce`)
 # Always public, even if a route forgets to say so: load balancers' probes carry no token
 # ("api.readyz" is reserved for a readiness probe; it does not exist yet).
 _PUBLIC_ENDPOINTS = frozenset({"static", "api.healthz", "api.readyz"})
@@ -101,7 +105,7 @@ def _resolve(pool_of: Callable[[], ConnectionPool]) -> _Auth:
             result = _Auth(None, "cookie_refused")
         else:
             try:
-                principal = session.principal(current_app, pool_of)
+                principal = session.principal(pool_of)
             except psycopg.Error as exc:
                 log.warning("session check failed, PostgreSQL error: %s", type(exc).__name__)
                 result = _Auth(None, "store")
@@ -166,9 +170,35 @@ def _is_probe() -> bool:
 
 
 def _enforce(pool_of: Callable[[], ConnectionPool]) -> Response | None:
-    if request.endpoint is None or _is_public():  # unknown URL or method: Flask answers 404 / 405
+    if request.endpoint is None:  # unknown URL or method: Flask answers 404 / 405 ...
+        if request.path.startswith(API_PREFIX):  # ... under /api/ only to a caller who may call the API:
+            return _refusal(_resolve(pool_of))  # a route's existence is not told to anyone (auth first)
+        return None
+    if _is_public():
         return None
     auth = _resolve(pool_of)
+    refused = _refusal(auth)
+    if refused is not None:
+        return refused
+    principal = auth.principal
+    assert principal is not None
+    roles = _view_attr("tally_access", frozenset({"admin"}))
+    if principal.role not in roles:  # type: ignore[operator]
+        return _forbidden("forbidden", f"a {principal.role} token may not call this endpoint")
+    domain_arg = _view_attr("tally_domain_arg", None)
+    if domain_arg and not principal.is_admin:
+        raw = (request.view_args or {}).get(str(domain_arg))
+        try:
+            domain = normalize_domain(raw)
+        except EventError:
+            return None  # the route names the bad domain (400)
+        if not principal.can_read(domain):
+            return _forbidden("forbidden_domain", f"this token may not read {domain}")
+    return None
+
+
+def _refusal(auth: _Auth) -> Response | None:
+    """401 (or 503) for a request without a valid token or session; None when it has one."""
     if auth.problem == "missing":
         return _unauthorized("missing_token", "this endpoint needs 'Authorization: Bearer <token>' "
                              "(an admin creates tokens with `tally tokens create`)", None)
@@ -185,19 +215,6 @@ def _enforce(pool_of: Callable[[], ConnectionPool]) -> Response | None:
         return _unauthorized("invalid_token", "the token is unknown, malformed or revoked", "invalid_token")
     if auth.problem == "store" or auth.principal is None:
         return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
-    principal = auth.principal
-    roles = _view_attr("tally_access", frozenset({"admin"}))
-    if principal.role not in roles:  # type: ignore[operator]
-        return _forbidden("forbidden", f"a {principal.role} token may not call this endpoint")
-    domain_arg = _view_attr("tally_domain_arg", None)
-    if domain_arg and not principal.is_admin:
-        raw = (request.view_args or {}).get(str(domain_arg))
-        try:
-            domain = normalize_domain(raw)
-        except EventError:
-            return None  # the route names the bad domain (400)
-        if not principal.can_read(domain):
-            return _forbidden("forbidden_domain", f"this token may not read {domain}")
     return None
 
 

@@ -19,15 +19,16 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from collector.body import ACCEPTED_TEXT, ACCEPTED_TYPES, BodyError, content_type_ok, parse_events
 from collector import metrics as edge_metrics
 from collector.edge import (GIF, TAG_CACHE_CONTROL, PixelRefusal, TagAsset, cors_headers, etag_matches,
-                            origin_allowed, pixel_event, pixel_params, preflight_headers, request_origin,
+                            origin_allowed, pixel_params, preflight_headers, request_origin,
                             unrequested_headers)
 from collector.fast_path import CollectFastPath
-from collector.registry import SiteRegistry
-from collector.site_limits import RefusalCounter, SiteLimiter
+from collector.registry import SiteRegistry, Snapshot
+from collector.site_limits import RefusalCounter, SiteLimiter, address_key
 from collector.spool import SpoolFull, SpoolWriter
 from core import metrics
 from core.config import Settings
 from core.http import error, install_host_check, install_json_errors, json_response
+from core.pixel import pixel_hit
 from core.event import (Event, EventError, HitContext, Limits, event_from_hit, mac_key, normalize_domain,
                         refusal_count_json)
 from oltp.sites import Site
@@ -66,18 +67,46 @@ def _domains(items: list[Any]) -> list[str | None]:
     return out
 
 
-def _refuse(items: list[Any] | None, reason: str, resp: Response) -> Response:
-    """Count every event of a refused request under (its domain, reason), and answer `resp`."""
+def _key_owners(items: list[Any], url_key: str | None, by_key: dict[str, Site]) -> list[str | None]:
+    """Each item's site as its key names it (own `site` field, else `url_key`): the domain of a registered
+    key, else None. Only a registered key makes a refusal a site's own: anyone can write any domain into
+    an event, so a made-up or missing key never counts against a customer's domain."""
+    out: list[str | None] = []
+    for item in items:
+        key = (item.get("site") if isinstance(item, dict) else None) or url_key
+        site = by_key.get(key) if isinstance(key, str) else None
+        out.append(site.domain if site is not None else None)
+    return out
+
+
+def _refuse(items: list[Any] | None, reason: str, resp: Response, url_key: str | None = None, *,
+            screened: bool = False) -> Response:
+    """Count every event of a refused request under (its site, reason), and answer `resp`.
+
+    Its site is the one its registered key names (`_key_owners`); without one the refusal is counted
+    globally (domain None: the metrics' `unknown` site, never a customer's status). `screened`: the
+    items passed `screen` (every one carries its own domain's key), so their domains are their sites.
+    """
     refusals: RefusalCounter = current_app.extensions["tally_refusals"]
     sites = current_app.extensions["tally_registry"].snapshot()
     registered = sites.by_domain if sites is not None else ()  # only these name a `site` label
     if items is None:
         refusals.add(None, reason)
         metrics.count_refused(None, reason, 1, registered)
-    else:
-        for domain, n in Counter(_domains(items)).items():
-            refusals.add(domain, reason, n)
-            metrics.count_refused(domain, reason, n, registered)
+        return resp
+    owners = _domains(items) if screened else _key_owners(items, url_key, sites.by_key if sites is not None else {})
+    for domain, n in Counter(owners).items():
+        refusals.add(domain, reason, n)
+        metrics.count_refused(domain, reason, n, registered)
+    return resp
+
+
+def _refuse_for(domain: str | None, reason: str, resp: Response) -> Response:
+    """Count one refused request under `domain` (a site whose registered key it carried), or globally."""
+    refusals: RefusalCounter = current_app.extensions["tally_refusals"]
+    sites = current_app.extensions["tally_registry"].snapshot()
+    refusals.add(domain, reason)
+    metrics.count_refused(domain, reason, 1, sites.by_domain if sites is not None else ())
     return resp
 
 
@@ -102,7 +131,7 @@ def spool_full(items: list[Any]) -> Response:
     """The refusal of a request whose events the spool's full disk refused (counted)."""
     resp = error(503, "spool_full", "the collector's disk is full; retry later")
     resp.headers["Retry-After"] = "30"
-    return _refuse(items, "spool_full", resp)
+    return _refuse(items, "spool_full", resp, screened=True)
 
 
 def admitted(events: list[Event], *, origin: str | None = None, cors_origin: str | None = None) -> list[Event]:
@@ -132,7 +161,7 @@ def screen(items: list[Any], url_key: str | None, *, origin: str | None = None,
         return _refuse(None, "empty_batch", error(400, "empty_batch", "the batch holds no events"))
     if len(items) > cfg.max_batch_events:
         return _refuse(items, "batch_too_large",
-                       error(413, "batch_too_large", f"at most {cfg.max_batch_events} events per request"))
+                       error(413, "batch_too_large", f"at most {cfg.max_batch_events} events per request"), url_key)
     registry: SiteRegistry = current_app.extensions["tally_registry"]
     keys = [url_key, *(item.get("site") for item in items if isinstance(item, dict))]
     sites = registry.snapshot_knowing(keys)  # one consistent copy for the whole request
@@ -141,58 +170,91 @@ def screen(items: list[Any], url_key: str | None, *, origin: str | None = None,
             g.tally_cors = None  # the origin cannot be checked: the answer is not readable by a page
         return _refuse(items, "registry_unavailable", _registry_unavailable(registry))
     if origin is not None:
-        # Before anything else: a page origin a site did not register learns nothing and writes nothing.
-        known = 0
-        for index, item in enumerate(items):
-            key = (item.get("site") if isinstance(item, dict) else None) or url_key
-            site = sites.by_key.get(key) if isinstance(key, str) else None
-            known += site is not None
-            if site is not None and not origin_allowed(cors_origin, site):
-                g.tally_cors = None
-                return _refuse(items, "origin_not_allowed", error(
-                    403, "origin_not_allowed", f"event {index}: origin {origin[:200]!r} is not registered for "
-                    f"{site.domain} (`tally sites add --origin`)", index=index, field="Origin",
-                    origin=origin[:200], domain=site.domain))
-        if known == len(items):  # every event's site registered it: every answer is the page's to read
-            g.tally_cors = cors_origin
+        refused = _check_origin(items, url_key, sites, origin, cors_origin)
+        if refused is not None:
+            return refused
     user_agent, client_ip = peer if peer is not None else (request.headers.get("User-Agent"), request.remote_addr)
     ctx = HitContext(received_at=datetime.now(timezone.utc), user_agent=user_agent, client_ip=client_ip)
+    events = _stamp(items, url_key, sites, ctx)
+    if isinstance(events, Response):
+        return events
+    return _charge(events, items, url_key, sites, client_ip, origin is not None)
+
+
+def _check_origin(items: list[Any], url_key: str | None, sites: Snapshot, origin: str,
+                  cors_origin: str | None) -> Response | None:
+    """Before anything else: a page origin a site did not register learns nothing and writes nothing."""
+    known = 0
+    for index, item in enumerate(items):
+        key = (item.get("site") if isinstance(item, dict) else None) or url_key
+        site = sites.by_key.get(key) if isinstance(key, str) else None
+        known += site is not None
+        if site is not None and not origin_allowed(cors_origin, site):
+            g.tally_cors = None
+            return _refuse(items, "origin_not_allowed", error(
+                403, "origin_not_allowed", f"event {index}: origin {origin[:200]!r} is not registered for "
+                f"{site.domain} (`tally sites add --origin`)", index=index, field="Origin",
+                origin=origin[:200], domain=site.domain), url_key)
+    if known == len(items):  # every event's site registered it: every answer is the page's to read
+        g.tally_cors = cors_origin
+    return None
+
+
+def _stamp(items: list[Any], url_key: str | None, sites: Snapshot, ctx: HitContext) -> Response | list[Event]:
+    """Every event validated and stamped under its site's URL rule, with a registered key for its own
+    domain; else the refusal of the first that is not (all or nothing: nothing is spooled)."""
     limits: Limits = current_app.config["TALLY_LIMITS"]
     visitor_key: bytes = current_app.config["TALLY_VISITOR_KEY"]
     events = []
     for index, item in enumerate(items):
+        key = (item.get("site") if isinstance(item, dict) else None) or url_key
+        site = sites.by_key.get(key) if isinstance(key, str) else None
         try:
-            event = event_from_hit(item, ctx, limits, visitor_key, classify_user_agent)
+            event = event_from_hit(item, ctx, limits, visitor_key, classify_user_agent,
+                                   site.url_rule if site is not None else None)
         except EventError as exc:
-            # All or nothing: one bad event rejects the whole request, nothing is spooled.
             return _refuse(items, "invalid_event", error(400, "invalid_event", f"event {index}: {exc}",
-                                                         index=index, **exc.as_dict()))
-        key = item.get("site") or url_key
+                                                         index=index, **exc.as_dict()), url_key)
         if not key:
             return _refuse(items, "missing_site_key", error(
                 401, "missing_site_key", f"event {index}: no site key; send ?site=<key> or a 'site' field "
-                "(`tally sites add DOMAIN` prints the key)", index=index, field="site"))
-        site = sites.by_key.get(key)
+                "(`tally sites add DOMAIN` prints the key)", index=index, field="site"), url_key)
         if site is None:
             return _refuse(items, "unknown_site_key", error(
                 401, "unknown_site_key", f"event {index}: the site key is not registered", index=index,
-                field="site"))
+                field="site"), url_key)
         if site.domain != event.domain:
             return _refuse(items, "site_mismatch", error(
                 403, "site_mismatch", f"event {index}: the site key is not for domain {event.domain} "
                 "(domains match exactly; register www. names separately)", index=index, field="site",
-                domain=event.domain))
+                domain=event.domain), url_key)
         events.append(event)
+    return events
+
+
+def _charge(events: list[Event], items: list[Any], url_key: str | None, sites: Snapshot, client_ip: str | None,
+            origin: bool) -> Response | list[Event]:
+    """Charge the events to their sites' limits and to the client address's share of them (ADR 29);
+    `events`, or the 429 (counted) when a site or this address's share of it has no room."""
     costs = Counter(e.domain for e in events)
     limiter: SiteLimiter = current_app.extensions["tally_limiter"]
-    over = limiter.hit(costs, {d: (sites.by_domain[d].rate_per_s, sites.by_domain[d].burst) for d in costs})
-    if over is not None:
+    over = limiter.hit(costs, {d: (sites.by_domain[d].rate_per_s, sites.by_domain[d].burst) for d in costs},
+                       client_ip, origin)
+    if over is None:
+        return events
+    if over.address:
+        code = "address_rate_limited"
+        message = (f"this batch is larger than what one client address may send at once for {over.domain} "
+                   f"({over.limit} events); send smaller batches" if over.too_big else
+                   f"this client address is over its share of {over.domain}'s event rate limit"
+                   f"{'' if origin else ' (requests without an Origin get a smaller share)'}; retry later")
+    else:
+        code = "rate_limited"
         message = (f"this batch is larger than what {over.domain} may send at once; send smaller batches"
                    if over.too_big else f"{over.domain} is over its event rate limit; retry later")
-        resp = error(429, "rate_limited", message, domain=over.domain)
-        resp.headers["Retry-After"] = str(over.retry_after)
-        return _refuse(items, "rate_limited", resp)
-    return events
+    resp = error(429, code, message, domain=over.domain)
+    resp.headers["Retry-After"] = str(over.retry_after)
+    return _refuse(items, code, resp, url_key)
 
 
 def _registry_unavailable(registry: SiteRegistry) -> Response:
@@ -318,18 +380,24 @@ def tag() -> Response:
 @bp.get("/i.gif")
 def pixel() -> Response:
     """A signed pixel (core/pixel.py): one event, admitted like /collect's, answered with a 1x1 GIF once
-    it is in the spool. 400 malformed, 401 unknown key, 403 wrong domain / bad or expired signature."""
+    it is in the spool. 400 malformed or `exp` beyond TALLY_PIXEL_MAX_TTL_S, 401 unknown key, 403 wrong
+    domain / bad or expired signature. Refetches by one client (address and User-Agent) within a UTC
+    quarter hour are one event (the same id and time: the same hash, ADR 31)."""
     if request.method != "GET":  # HEAD (prefetchers, link checkers) must not count a hit
         return error(405, "method_not_allowed", "fetch the pixel with GET")
     registry: SiteRegistry = current_app.extensions["tally_registry"]
     sites = registry.snapshot_knowing(request.args.getlist("site")[:1])
     if sites is None:
         return _refuse(None, "registry_unavailable", _registry_unavailable(registry))
+    now, max_ttl_s = time.time(), current_app.config["TALLY"].pixel_max_ttl_s
     try:
-        site, params = pixel_params(request.query_string, sites.by_key, time.time())
+        site, params = pixel_params(request.query_string, sites.by_key, now, max_ttl_s)
     except PixelRefusal as exc:
-        return _refuse(None, exc.code, error(exc.status, exc.code, exc.message, field=exc.field))
-    result = admit([pixel_event(params)], site.site_key)  # the pixel is signed: no Origin check
+        return _refuse_for(exc.domain, exc.code, error(exc.status, exc.code, exc.message, field=exc.field))
+    address, user_agent = request.remote_addr, request.headers.get("User-Agent")
+    event = pixel_hit(params, current_app.config["TALLY_VISITOR_KEY"], address and address_key(address),
+                      user_agent, now)
+    result = admit([event], site.site_key)  # the pixel is signed: no Origin check
     if isinstance(result, Response):
         return result
     return Response(GIF, status=200, content_type="image/gif")
@@ -374,7 +442,9 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
                                         max_past_age=timedelta(seconds=settings.max_past_age_s))
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["tally_registry"] = registry or SiteRegistry.from_settings(settings).start()
-    app.extensions["tally_limiter"] = SiteLimiter(settings.site_rate_per_s, settings.site_burst, workers=workers)
+    app.extensions["tally_limiter"] = SiteLimiter(settings.site_rate_per_s, settings.site_burst, workers=workers,
+                                                  address_share=settings.site_address_share,
+                                                  no_origin_share=settings.site_no_origin_share)
     app.extensions["tally_refusals"] = RefusalCounter()
     app.extensions["tally_tag"] = TagAsset.load()  # read and gzip-compressed once per worker
     spool = spool or SpoolWriter(settings.spool_dir, max_bytes=settings.spool_segment_bytes,

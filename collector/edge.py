@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-from core.pixel import PixelError, check_shape, verify
+from core.pixel import PixelError, check_lifetime, check_shape, verify
 from oltp.sites import Site, SiteError, normalize_origin
 
 PREFLIGHT_MAX_AGE_S = 86400  # browsers cap it lower (Chromium 2 h); one preflight a day per page origin at most
@@ -99,18 +99,22 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class PixelRefusal(Exception):
-    """A pixel request refused before admission: HTTP status, error code, the parameter at fault."""
+    """A pixel request refused before admission: HTTP status, error code, the parameter at fault, and
+    the domain of the site whose registered key it carried (None: no such key; counted globally)."""
 
     status: int
     code: str
     field: str
     message: str
+    domain: str | None = None
 
 
-def pixel_params(query_string: bytes, sites_by_key: dict[str, Site], now_s: float) -> tuple[Site, dict[str, str]]:
+def pixel_params(query_string: bytes, sites_by_key: dict[str, Site], now_s: float,
+                 max_ttl_s: int) -> tuple[Site, dict[str, str]]:
     """The pixel's site and parameters, once the URL is well formed, its key registered, its domain the
-    site's and its signature right and unexpired. Raises PixelRefusal: 400 malformed, 401 unknown key,
-    403 wrong domain / bad or expired signature."""
+    site's, its signature right and unexpired and its expiry within `max_ttl_s` (TALLY_PIXEL_MAX_TTL_S).
+    Raises PixelRefusal: 400 malformed or living too long, 401 unknown key, 403 wrong domain / bad or
+    expired signature."""
     try:
         pairs = parse_qsl(query_string.decode("utf-8", "strict"), keep_blank_values=True, strict_parsing=True,
                           errors="strict", max_num_fields=20)
@@ -124,15 +128,13 @@ def pixel_params(query_string: bytes, sites_by_key: dict[str, Site], now_s: floa
         raise PixelRefusal(401, "unknown_site_key", "site", "site: the site key is not registered")
     if params["domain"] != site.domain:
         raise PixelRefusal(403, "site_mismatch", "domain", f"domain: the site key is for {site.domain}, "
-                           "not this domain")
+                           "not this domain", site.domain)
     try:
         verify(site.secret, params, now_s)
     except PixelError as exc:
-        raise PixelRefusal(403, "invalid_signature", exc.field, str(exc)) from None
+        raise PixelRefusal(403, "invalid_signature", exc.field, str(exc), site.domain) from None
+    try:
+        check_lifetime(int(params["exp"]), now_s, max_ttl_s)
+    except PixelError as exc:
+        raise PixelRefusal(400, "invalid_pixel", exc.field, str(exc), site.domain) from None
     return site, params
-
-
-def pixel_event(params: dict[str, str]) -> dict[str, str]:
-    """The event a pixel stands for: what it carries but its key, expiry and signature (no id, no ts:
-    the time it was fetched)."""
-    return {k: v for k, v in params.items() if k not in ("site", "exp", "sig")}

@@ -1,4 +1,4 @@
-"""Per-site event rate limits at the collector, and the counts of refused events.
+"""Per-site event rate limits at the collector, per-address shares of them, and the counts of refused events.
 
 A site's limit is "rate events per second with a burst" (defaults TALLY_SITE_RATE_PER_S and
 TALLY_SITE_BURST, per-site overrides from the registry). It is enforced with a sliding-window
@@ -9,27 +9,44 @@ rate is `rate`. The cost of a request is its number of events. The counter is ou
 entry per site, one lock), not the library's MemoryStorage, which starts a timer thread every
 10 ms while counters live and costs ~30 us per request (docs/adr/0025-collector-speed.md).
 
+Inside a site's budget, one client address may use at most `address_share` of it (window W, at most
+floor(share * A) events), and its requests without an `Origin` header at most `no_origin_share`
+(TALLY_SITE_ADDRESS_SHARE, TALLY_SITE_NO_ORIGIN_SHARE): anyone holding a site's public key can send,
+but one sender can no longer use up the site's limit and starve its browsers. A request is charged
+to the site and to its address only if both have room, so refused requests consume nothing. The
+address is the peer's (IPv4 as is, IPv6 by its /64, the block one subscriber gets); the per-address
+state is an LRU of at most `max_addresses` (domain, address) entries per worker (~0.3 KB each),
+so memory is bounded whatever the number of addresses; an evicted address starts afresh, which
+can only let it send more, never refuse anyone else. See docs/adr/0029-per-address-shares.md.
+
 Each collector worker process has its own memory, so with N workers each enforces 1/N of the
-limit (`workers=N`); see docs/adr/0011-sites-registry.md.
+limit (`workers=N`), and each address's share of that 1/N; see docs/adr/0011-sites-registry.md.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
+
+ADDRESS_SLOTS = 65_536  # (domain, address) entries kept per worker process
 
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """A domain that is over its limit: `retry_after` whole seconds (>= 1)."""
+    """A domain that is over its limit: `retry_after` whole seconds (>= 1). `address`: the request's
+    client address was over its share of the site's limit (the site itself had room)."""
 
     domain: str
     retry_after: int
     too_big: bool  # the request alone is larger than what the window ever holds
+    address: bool = False
+    limit: int = 0  # the events per window the refusing counter allows
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,19 +79,68 @@ class _Counter:
         return self.previous * (1.0 - (now / window) % 1.0) + self.current
 
 
+class _AddressCounter:
+    """One address's use of one site's window: all its events, and those sent without an Origin, with
+    the two shares of the site's `limit` it may use (`share`, `no_origin_share` events per window)."""
+
+    __slots__ = ("current", "index", "limit", "no_origin_current", "no_origin_previous", "no_origin_share",
+                 "previous", "share")
+
+    def __init__(self, limit: WindowLimit, index: int, shares: tuple[int, int]) -> None:
+        self.limit, self.index = limit, index
+        self.share, self.no_origin_share = shares
+        self.previous = self.current = self.no_origin_previous = self.no_origin_current = 0
+
+    def weighted(self, now: float) -> tuple[float, float]:
+        """(all events, events without an Origin) in the sliding window at `now` (as `_Counter.weighted`)."""
+        window = self.limit.window
+        index = int(now // window)
+        if index != self.index:
+            follows = index == self.index + 1
+            self.previous = self.current if follows else 0
+            self.no_origin_previous = self.no_origin_current if follows else 0
+            self.current = self.no_origin_current = 0
+            self.index = index
+        weight = 1.0 - (now / window) % 1.0
+        return (self.previous * weight + self.current, self.no_origin_previous * weight + self.no_origin_current)
+
+
+@lru_cache(maxsize=4096)
+def address_key(address: str) -> str:
+    """The address a share is kept for: an IPv4 address as is, an IPv6 address by its /64 (one
+    subscriber's block: otherwise one sender would have 2^64 addresses), an IPv4-mapped IPv6 address as
+    its IPv4 address. Anything unparsable is kept as given."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
+
+
 class SiteLimiter:
-    """Thread-safe per-domain limiter (one per worker process)."""
+    """Thread-safe per-domain limiter with per-address shares (one per worker process)."""
 
     def __init__(self, default_rate_per_s: float, default_burst: int, *, workers: int = 1,
+                 address_share: float = 1.0, no_origin_share: float = 1.0, max_addresses: int = ADDRESS_SLOTS,
                  clock: Callable[[], float] = time.time) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
+        if not 0 < no_origin_share <= address_share <= 1 or max_addresses < 1:
+            raise ValueError("need 0 < no_origin_share <= address_share <= 1 and max_addresses >= 1")
         self.default_rate_per_s = default_rate_per_s
         self.default_burst = default_burst
         self.workers = workers
+        self.address_share, self.no_origin_share = address_share, no_origin_share
+        self.shares = address_share < 1 or no_origin_share < 1  # False: no per-address state at all
+        self.max_addresses = max_addresses
         self._clock = clock
         self._items: dict[tuple[float | None, int | None], WindowLimit] = {}
         self._counters: dict[str, _Counter] = {}
+        self._addresses: OrderedDict[tuple[str, str], _AddressCounter] = OrderedDict()
         self._lock = threading.Lock()
 
     def item_for(self, rate_per_s: float | None, burst: int | None) -> WindowLimit:
@@ -88,38 +154,82 @@ class SiteLimiter:
             self._items[(rate_per_s, burst)] = item  # a benign race: both threads compute the same item
         return item
 
-    def hit(self, costs: Mapping[str, int], overrides: Mapping[str, tuple[float | None, int | None]]) -> Refused | None:
+    def shares_of(self, item: WindowLimit) -> tuple[int, int]:
+        """(events per window one address may send, of which without an Origin) for a site's `item`."""
+        return (max(1, math.floor(item.amount * self.address_share)),
+                max(1, math.floor(item.amount * self.no_origin_share)))
+
+    def hit(self, costs: Mapping[str, int], overrides: Mapping[str, tuple[float | None, int | None]],
+            address: str | None = None, origin: bool = True) -> Refused | None:
         """Charge `costs` (events per domain); None if every domain had room, else the first that did not.
 
-        All domains are tested and then charged under one lock, so a refused request charges nothing.
-        Only registered domains reach here (the caller checked every event's site), so the counters
-        are bounded by the registry.
+        `address`: the client's address (None: no per-address share is kept); `origin`: whether the
+        request carried an `Origin` header (without one, the smaller share applies). All domains, and
+        the address's share of each, are tested and then charged under one lock, so a refused request
+        charges nothing. Only registered domains reach here (the caller checked every event's site), so
+        the site counters are bounded by the registry and the address counters by `max_addresses`.
         """
         items = {d: self.item_for(*overrides.get(d, (None, None))) for d in costs}
         now = self._clock()
+        key = address_key(address) if address and self.shares else None
         with self._lock:
-            counters = []
+            charges = []
             for domain, cost in costs.items():
                 item = items[domain]
                 counter = self._counters.get(domain)
                 if counter is None or counter.limit != item:  # new site, or its limit changed: start afresh
                     counter = self._counters[domain] = _Counter(item, int(now // item.window))
                 if cost > item.amount or math.floor(counter.weighted(now)) + cost > item.amount:
-                    return self._refused(domain, cost, item)
-                counters.append((counter, cost))
-            for counter, cost in counters:
+                    return self._refused(domain, cost, item.amount, item.window)
+                mine = None if key is None else self._address_counter(domain, key, item, now)
+                if mine is not None:
+                    refused = self._over_share(domain, cost, item, mine, now, origin)
+                    if refused is not None:
+                        return refused
+                charges.append((counter, mine, cost))
+            for counter, mine, cost in charges:
                 counter.current += cost
+                if mine is not None:
+                    mine.current += cost
+                    if not origin:
+                        mine.no_origin_current += cost
+        return None
+
+    def _address_counter(self, domain: str, key: str, item: WindowLimit, now: float) -> _AddressCounter:
+        """The (domain, address) counter, most recently used; the least recently used goes beyond the cap."""
+        slot = (domain, key)
+        mine = self._addresses.get(slot)
+        if mine is None or (mine.limit is not item and mine.limit != item):
+            mine = self._addresses[slot] = _AddressCounter(item, int(now // item.window), self.shares_of(item))
+            if len(self._addresses) > self.max_addresses:
+                self._addresses.popitem(last=False)
+        else:
+            self._addresses.move_to_end(slot)
+        return mine
+
+    def _over_share(self, domain: str, cost: int, item: WindowLimit, mine: _AddressCounter, now: float,
+                    origin: bool) -> Refused | None:
+        share, no_origin_share = mine.share, mine.no_origin_share
+        used, used_no_origin = mine.weighted(now)
+        if cost > share or math.floor(used) + cost > share:
+            return self._refused(domain, cost, share, item.window, address=True)
+        if not origin and (cost > no_origin_share or math.floor(used_no_origin) + cost > no_origin_share):
+            return self._refused(domain, cost, no_origin_share, item.window, address=True)
         return None
 
     @staticmethod
-    def _refused(domain: str, cost: int, item: WindowLimit) -> Refused:
-        window = item.get_expiry()
-        wait = math.ceil(min(cost, item.amount) * window / item.amount)
-        return Refused(domain, max(1, min(window, wait)), cost > item.amount)
+    def _refused(domain: str, cost: int, amount: int, window: int, *, address: bool = False) -> Refused:
+        wait = math.ceil(min(cost, amount) * window / amount)
+        return Refused(domain, max(1, min(window, wait)), cost > amount, address, amount)
+
+    def tracked_addresses(self) -> int:
+        """How many (domain, address) entries this limiter holds now (at most `max_addresses`)."""
+        return len(self._addresses)
 
 
 class RefusalCounter:
-    """Refused events per (domain, reason), thread-safe. The domain is None when it was unreadable."""
+    """Refused events per (domain, reason), thread-safe. The domain is None when the request did not
+    carry a registered key for it: such refusals are nobody's to see (counted in the metrics only)."""
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str | None, str]] = Counter()

@@ -111,6 +111,17 @@ class Settings:
     reconcile_interval_s: float = 900.0
     # How granian serves the collector: rsgi (POST /collect natively async) or wsgi. ADR 25.
     collector_interface: str = "rsgi"
+    # The API's HTTP server (tally/wsgi_server.py, ADR 35): open connections in all and per
+    # client address (0 = no per-address bound, e.g. behind a reverse proxy), idle and request-read timeouts.
+    api_max_connections: int = 2000
+    api_max_connections_per_client: int = 64
+    api_idle_timeout_s: int = 15
+    api_request_timeout_s: int = 15
+    # Collector: the share of a site's limit one client address may use, and without an Origin (ADR 29).
+    site_address_share: float = 0.5
+    site_no_origin_share: float = 0.25
+    # Signed pixel URLs: how far in the future `exp` may be (ADR 31).
+    pixel_max_ttl_s: int = 7 * 86_400
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -177,12 +188,23 @@ class Settings:
             metrics_allowed_nets=r.networks("TALLY_METRICS_ALLOWED_NETS", "127.0.0.0/8,::1/128"),
             reconcile_interval_s=r.number("TALLY_RECONCILE_INTERVAL_S", 900.0, 0.0, 7 * 86_400.0),
             collector_interface=r.match("TALLY_COLLECTOR_INTERFACE", "rsgi", r"rsgi|wsgi", "must be rsgi or wsgi"),
+            api_max_connections=r.integer("TALLY_API_MAX_CONNECTIONS", 2000, 16, 1_000_000),
+            api_max_connections_per_client=r.integer("TALLY_API_MAX_CONNECTIONS_PER_CLIENT", 64, 0, 1_000_000),
+            api_idle_timeout_s=r.integer("TALLY_API_IDLE_TIMEOUT_S", 15, 1, 3600),
+            api_request_timeout_s=r.integer("TALLY_API_REQUEST_TIMEOUT_S", 15, 1, 3600),
+            site_address_share=r.number("TALLY_SITE_ADDRESS_SHARE", 0.5, 0.01, 1.0),
+            site_no_origin_share=r.number("TALLY_SITE_NO_ORIGIN_SHARE", 0.25, 0.01, 1.0),
+            pixel_max_ttl_s=r.integer("TALLY_PIXEL_MAX_TTL_S", 7 * 86_400, 60, 366 * 86_400),
             raw={k: v for k, v in env.items() if k.startswith("TALLY_")},
         )
         unknown = sorted(set(settings.raw) - _KNOWN)
         if unknown:
             raise ConfigError(unknown[0], "unknown setting (typo?); known settings are listed in README.md")
         _check_retention(settings)
+        if settings.site_no_origin_share > settings.site_address_share:
+            raise ConfigError("TALLY_SITE_NO_ORIGIN_SHARE", f"{settings.site_no_origin_share:g} is more than "
+                              f"TALLY_SITE_ADDRESS_SHARE ({settings.site_address_share:g}); requests without an "
+                              "Origin get at most an address's share")
         return settings
 
     def with_overrides(self, **changes: object) -> "Settings":
@@ -216,6 +238,9 @@ _KNOWN = {
     "TALLY_RAW_RETENTION_DAYS", "TALLY_DEDUP_WINDOW_DAYS",
     "TALLY_LOG_FORMAT", "TALLY_LOG_DIR", "TALLY_LOG_MAX_BYTES", "TALLY_LOG_BACKUPS",
     "TALLY_RECONCILE_INTERVAL_S", "TALLY_COLLECTOR_INTERFACE",
+    "TALLY_API_MAX_CONNECTIONS", "TALLY_API_MAX_CONNECTIONS_PER_CLIENT", "TALLY_API_IDLE_TIMEOUT_S",
+    "TALLY_API_REQUEST_TIMEOUT_S",
+    "TALLY_SITE_ADDRESS_SHARE", "TALLY_SITE_NO_ORIGIN_SHARE", "TALLY_PIXEL_MAX_TTL_S",
 }
 
 def _default_dedup_days(env: Mapping[str, str]) -> int:

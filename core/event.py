@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import orjson
 
+from core.urls import UrlRule
+
 EVENT_TYPES = ("impression", "pageview")
 SCHEMA_VERSION = 1
 
@@ -198,8 +200,11 @@ def mac_key(secret: str) -> bytes:
 
 
 def event_from_hit(body: Any, ctx: HitContext, limits: Limits, secret: bytes,
-                   classify_ua: Any = None) -> Event:
+                   classify_ua: Any = None, urls: UrlRule | None = None) -> Event:
     """Validate one client hit and stamp it. Raises EventError naming the first bad field.
+
+    `urls`: the site's URL rule (core/urls.py), applied to `url` and `referrer` once they are valid and
+    before the hash is computed, so the hash covers what is stored; None stores them as sent.
 
     Checks run in a fixed order (shape, unknown fields, domain, site, id, ts, url, type, value,
     referrer, control characters in url then referrer), so a hit with several problems is always
@@ -267,6 +272,10 @@ def event_from_hit(body: Any, ctx: HitContext, limits: Limits, secret: bytes,
         raise EventError("url", "contains control characters (percent-encode them, as browsers do)")
     if not referrer_clean and referrer is not None and _CONTROL_RE.search(referrer):
         raise EventError("referrer", "contains control characters (percent-encode them, as browsers do)")
+    if urls is not None and urls.keep is not None:
+        assert url is not None  # validated above
+        url = urls.page(url)
+        referrer = urls.referrer(referrer, url)
     per_request = _per_request
     if per_request[0] is not ctx or per_request[1] is not classify_ua:
         per_request = _request_fields(ctx, classify_ua)

@@ -88,9 +88,16 @@ ANALYST_QUERY_SECONDS = Histogram("tally_analyst_query_seconds", "Duration of an
                                   registry=REGISTRY, buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60))
 # tally_reconcile_mismatches is read from PostgreSQL at scrape time (api/metrics.py): runs may happen anywhere.
 
+# ---------------------------------------------------------------------------------- `tally up`'s supervisor
+COMPONENT_UP = Gauge("tally_component_up", "1 while `tally up`'s supervisor has the component running, 0 while "
+                     "it is down (exited, waiting for its restart backoff)", ["component"], registry=REGISTRY,
+                     multiprocess_mode="livemostrecent")
+COMPONENT_RESTARTS = Counter("tally_component_restarts", "Restarts of a component by `tally up`'s supervisor",
+                             ["component"], registry=REGISTRY)
+
 # What each endpoint shows (family name prefixes). Everything defined above is in exactly one of them.
 COLLECTOR_FAMILIES = ("tally_collector_", "tally_events_", "tally_spool_", "tally_shipper_")
-API_FAMILIES = ("tally_api_", "tally_consumer_", "tally_analyst_", "tally_reconcile_")
+API_FAMILIES = ("tally_api_", "tally_consumer_", "tally_analyst_", "tally_reconcile_", "tally_component_")
 
 
 class Children:
@@ -158,6 +165,15 @@ def observe_write(group: str, records: int, seconds: float) -> None:
 
 def set_lag(group: str, partition: int, lag: int) -> None:
     _lag(group, str(partition)).set(max(0, lag))
+
+
+def set_component_up(component: str, up: bool) -> None:
+    """`component`: one of the names `tally up` supervises (a fixed set)."""
+    COMPONENT_UP.labels(component).set(1 if up else 0)
+
+
+def count_component_restart(component: str) -> None:
+    COMPONENT_RESTARTS.labels(component).inc()
 
 
 # ---------------------------------------------------------------------------------- the multiprocess dir

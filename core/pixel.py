@@ -5,7 +5,13 @@ The rule, which a customer's server can follow without our code:
 every parameter except `sig`, sorted by name, each `name=value` percent-encoded
 (RFC 3986: only letters, digits and `-._~` stay as they are), joined with `&`.
 In Python: `urllib.parse.urlencode(sorted(params.items()), quote_via=urllib.parse.quote, safe="")`.
-`exp` is the expiry in Unix seconds; a parameter may appear only once.
+`exp` is the expiry in Unix seconds, at most TALLY_PIXEL_MAX_TTL_S (default 7 days) after the fetch;
+a parameter may appear only once.
+
+A fetch counts once per (URL, client) and quarter hour: `pixel_hit` gives the event an id derived
+from the signature and the client (address and User-Agent, keyed so the id reveals neither) and the
+start of the UTC quarter hour as its time, so refetches in the same quarter hour are one event in both
+stores (the event hash, ADR 14). See docs/adr/0031-pixel-lifetime-and-dedup.md.
 """
 
 from __future__ import annotations
@@ -66,3 +72,28 @@ def verify(secret: str, params: Mapping[str, str], now_s: float) -> None:
         raise PixelError("sig", "does not match the site's secret over the canonical query string")
     if int(params["exp"]) < now_s:
         raise PixelError("exp", "the signed URL has expired")
+
+
+def check_lifetime(exp: int, now_s: float, max_ttl_s: int) -> None:
+    """Raise PixelError unless `exp` is at most `max_ttl_s` seconds after `now_s` (TALLY_PIXEL_MAX_TTL_S):
+    a signed URL is a bearer credential that counts events, so it may not live for ever."""
+    if exp > now_s + max_ttl_s:
+        raise PixelError("exp", f"is more than {max_ttl_s} s ({max_ttl_s / 86400:g} days, TALLY_PIXEL_MAX_TTL_S) "
+                         "in the future; sign the URL with a shorter lifetime")
+
+
+QUARTER_S = 900  # a pixel URL counts once per client per UTC quarter hour (the finest rollup tier)
+
+
+def pixel_hit(params: Mapping[str, str], key: bytes, client: str | None, user_agent: str | None,
+              now_s: float) -> dict[str, object]:
+    """The event a verified pixel stands for: what it carries but its key, expiry and signature, plus an
+    `id` and `ts` that make refetches by one client within one quarter hour the same event (ADR 31).
+
+    `key`: a secret MAC key (the collector's visitor key), so the stored hash reveals neither the
+    client's address nor its User-Agent; `client`: its address as the rate limiter keys it."""
+    event: dict[str, object] = {k: v for k, v in params.items() if k not in ("site", "exp", "sig")}
+    msg = "\x00".join((params["sig"].lower(), client or "", user_agent or "")).encode()
+    event["id"] = "px_" + hashlib.blake2b(msg, key=key, digest_size=16, person=b"tally-pixel").hexdigest()
+    event["ts"] = int(now_s) // QUARTER_S * QUARTER_S * 1000  # epoch ms of the quarter hour's start
+    return event

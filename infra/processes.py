@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class StartupError(RuntimeError):
@@ -74,9 +75,19 @@ def spawn(argv: Sequence[str], log_path: Path, *, env: dict[str, str] | None = N
     try:
         # Own session: a terminal's Ctrl-C reaches only `tally up`, which then stops children in order.
         return subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, user=user, preexec_fn=_die_with_parent, start_new_session=True)
+                                env=env, **as_user(user), preexec_fn=_die_with_parent, start_new_session=True)
     finally:
         log.close()
+
+
+def as_user(user: str | None) -> dict[str, Any]:
+    """subprocess arguments to run a child as `user` with that user's own group and no supplementary groups
+    (`user=` alone keeps ours: root's group would then open what is meant for root only)."""
+    if user is None:
+        return {}
+    import pwd
+
+    return {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
 
 
 def stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:

@@ -1,10 +1,18 @@
-"""The embedded servers: PostgreSQL and tansu under TALLY_HOME (chDB lives in-process), and their start-up checks."""
+"""The embedded servers: PostgreSQL and tansu under TALLY_HOME (chDB lives in-process), and their start-up checks.
+
+Private to the user who runs them (docs/adr/0034-embedded-stack-private.md): `make_private` takes group and
+other bits off what tally keeps under TALLY_HOME (homes made by older versions had 0755/0644), `tally up`
+runs with umask 077 so everything made later is 0700/0600, and PostgreSQL wants its password
+(infra/postgres.py). The broker (tansu 0.6) has no usable authentication: any local process can talk to it
+on its loopback port; see the ADR.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from infra.broker import EmbeddedBroker
@@ -24,7 +32,7 @@ class EmbeddedStack:
         self.broker = EmbeddedBroker(home / "logs" / "tansu.log")
 
     def start(self) -> "EmbeddedStack":
-        self.home.mkdir(parents=True, exist_ok=True)
+        make_private(self.home)
         try:
             self.broker.start()
             self.postgres.start()
@@ -39,6 +47,34 @@ class EmbeddedStack:
 
     def settings_for(self, settings: Settings) -> Settings:
         return settings.with_overrides(kafka_bootstrap=(self.broker.bootstrap,), pg_dsn=self.postgres.dsn)
+
+
+# What tally keeps under TALLY_HOME (the directory itself may be the user's, holding other things: those are
+# left alone). Everything in these is the user's only.
+HOME_ENTRIES = ("postgres", "logs", "run", "spool", "chdb", "collector", "backfill", "secret", "admin-token")
+
+
+def make_private(home: Path) -> None:
+    """Create TALLY_HOME (0700) if missing, and take the group and other bits off tally's entries in it and
+    everything below them. Symlinks are left as they are (and not followed)."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name in HOME_ENTRIES:
+        top = home / name
+        if not top.exists() or top.is_symlink():
+            continue
+        _tighten(top)
+        for root, dirs, files in os.walk(top):
+            for entry in dirs + files:
+                _tighten(Path(root) / entry)
+
+
+def _tighten(path: Path) -> None:
+    try:
+        st = path.lstat()
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+            path.chmod(stat.S_IMODE(st.st_mode) & 0o700)
+    except FileNotFoundError:  # gone meanwhile
+        pass
 
 
 def load_or_create_secret(home: Path) -> str:

@@ -1,12 +1,13 @@
-"""Restart dead child processes with backoff; give up, loudly, on a crash loop.
+"""Restart dead child processes with a growing backoff; never take the healthy ones down.
 
 `tally up` registers every process it runs here, the embedded broker and PostgreSQL
-included. A child that exits (for any reason: a crash, `kill -9`, the OOM killer) is
-started again after a backoff that doubles with each recent crash (`backoff_s` up to
-`max_backoff_s`); a start that fails (StartupError) counts as a crash. When one child
-crashed `max_crashes` times within `window_s`, `check` raises CrashLoop naming it, with
-its exit code and the tail of its log: the caller stops everything and exits non-zero
-rather than spin forever.
+included. A child that exits (for any reason: a crash, `kill -9`, the OOM killer) is `down`
+and started again after a backoff that doubles with each crash in a row (`backoff_s`, capped
+at `max_backoff_s`); a child that stayed up `stable_s` before it died starts over at
+`backoff_s`. A start that fails (StartupError, OSError) counts as a crash. A crash-looping
+child therefore costs at most one start per `max_backoff_s`, is reported `down` (`describe`,
+`on_change`) and leaves every other child alone: nothing here ever stops the others
+(docs/adr/0033-supervision-keeps-healthy-parts-up.md).
 
 Call `check` from the thread that will live as long as the children: children get
 PR_SET_PDEATHSIG (infra/processes.py), which Linux fires when the *thread* that forked
@@ -19,26 +20,16 @@ import logging
 import subprocess
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from infra.processes import StartupError, tail
 
 log = logging.getLogger(__name__)
 
-
-class CrashLoop(RuntimeError):
-    """A child kept crashing; the message names it and carries its log tail."""
-
-    def __init__(self, name: str, crashes: int, window_s: float, returncode: int | None, log_tail: str,
-                 log_path: Path | None) -> None:
-        super().__init__(f"{name} crashed {crashes} times within {window_s:.0f}s (last exit code {returncode}); "
-                         f"giving up. Last lines of {log_path or 'its log'}:\n{log_tail}")
-        self.name = name
-        self.returncode = returncode
-        self.log_tail = log_tail
+UP, DOWN = "up", "down"
 
 
 @dataclass
@@ -47,77 +38,110 @@ class Child:
     start: Callable[[], subprocess.Popen[bytes]]  # spawns (and waits until ready, if it wants); may raise
     log_path: Path | None
     proc: subprocess.Popen[bytes] | None = None
-    crashes: deque[float] = field(default_factory=deque)
-    restart_at: float | None = None  # monotonic time of the scheduled restart, while it is down
+    started_at: float | None = None  # clock time of the last successful start
+    crashes: int = 0  # crashes in a row (a stable run resets it): the backoff's exponent
+    restart_at: float | None = None  # clock time of the scheduled restart, while it is down
+    backoff_s: float | None = None  # the wait before that restart
     restarts: int = 0
     last_code: int | None = None
 
+    @property
+    def state(self) -> str:
+        alive = self.restart_at is None and self.proc is not None and self.proc.poll() is None
+        return UP if alive else DOWN
+
+    def describe(self, now: float, stable_s: float) -> dict[str, Any]:
+        """JSON-ready: state, pid, restarts, crashes in a row, last exit code, and a sentence when down
+        (with the next start as a UTC time: it stays true while the file is read later)."""
+        stable = self.state == UP and self.started_at is not None and now - self.started_at >= stable_s
+        out: dict[str, Any] = {"state": self.state, "pid": self.proc.pid if self.proc is not None else None,
+                               "restarts": self.restarts, "crashes_in_a_row": 0 if stable else self.crashes,
+                               "last_exit_code": self.last_code, "detail": None}
+        if out["state"] == DOWN and self.restart_at is None:  # died since the last supervision pass
+            out["detail"] = "exited; restart pending"
+        elif out["state"] == DOWN and self.restart_at is not None:
+            code = "a failed start" if self.last_code is None else f"exit code {self.last_code}"
+            at = time.strftime("%H:%M:%S", time.gmtime(time.time() + max(0.0, self.restart_at - now)))
+            out["detail"] = (f"down: {self.crashes} crash(es) in a row, last {code}; "
+                             f"next start at {at} UTC (backoff {self.backoff_s or 0:g}s)")
+        return out
+
 
 class Supervisor:
-    def __init__(self, *, max_crashes: int = 5, window_s: float = 60.0, backoff_s: float = 0.5,
-                 max_backoff_s: float = 10.0, on_restart: Callable[[Child], None] | None = None,
+    def __init__(self, *, backoff_s: float = 0.5, max_backoff_s: float = 60.0, stable_s: float = 60.0,
+                 on_change: Callable[[Child], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_crashes = max_crashes
-        self.window_s = window_s
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
-        self.on_restart = on_restart
+        self.stable_s = stable_s
+        self.on_change = on_change
         self.clock = clock
         self.children: dict[str, Child] = {}
 
     def add(self, name: str, start: Callable[[], subprocess.Popen[bytes]], log_path: Path | None, *,
             proc: subprocess.Popen[bytes] | None = None) -> Child:
-        """Register a child; start it now unless `proc` (already started) is given."""
+        """Register a child; start it now unless `proc` (already started) is given. A failing first start
+        raises: the caller is starting up and should say so."""
         child = Child(name, start, log_path, proc)
         self.children[name] = child
         if proc is None:
             child.proc = start()
+        child.started_at = self.clock()
         return child
 
     def proc(self, name: str) -> subprocess.Popen[bytes] | None:
         child = self.children.get(name)
         return child.proc if child else None
 
+    def describe(self) -> dict[str, dict[str, Any]]:
+        now = self.clock()
+        return {name: child.describe(now, self.stable_s) for name, child in self.children.items()}
+
     def check(self) -> None:
-        """One supervision pass: notice deaths, restart what is due. Raises CrashLoop."""
+        """One supervision pass: notice deaths, restart what is due. Never raises for a child's sake."""
         for child in list(self.children.values()):
             now = self.clock()
             if child.restart_at is None:
-                if child.proc is None or child.proc.poll() is None:
-                    continue
-                self._crashed(child, child.proc.returncode, now)
-                continue
-            if now < child.restart_at:
-                continue
-            log.warning("restarting %s (restart %d)", child.name, child.restarts + 1)
-            try:
-                child.proc = child.start()
-            except (StartupError, OSError) as exc:
-                log.error("%s failed to start: %s", child.name, exc)
-                child.proc = None
-                self._crashed(child, child.last_code, self.clock(), already_logged=True)
-                continue
-            child.restart_at = None
-            child.restarts += 1
-            if self.on_restart is not None:
-                self.on_restart(child)
+                if child.proc is not None and child.proc.poll() is not None:
+                    self._crashed(child, child.proc.returncode, now)
+            elif now >= child.restart_at:
+                self._restart(child)
+
+    def _restart(self, child: Child) -> None:
+        log.warning("restarting %s (restart %d)", child.name, child.restarts + 1)
+        try:
+            child.proc = child.start()
+        except (StartupError, OSError) as exc:
+            log.error("%s failed to start: %s", child.name, exc)
+            child.proc, child.started_at = None, None  # no uptime: the backoff keeps growing
+            self._crashed(child, None, self.clock(), already_logged=True)
+            return
+        child.restart_at = None
+        child.started_at = self.clock()
+        child.restarts += 1
+        self._changed(child)
 
     def _crashed(self, child: Child, code: int | None, now: float, *, already_logged: bool = False) -> None:
+        if child.started_at is not None and now - child.started_at >= self.stable_s:
+            child.crashes = 0  # it had been up a while: a new incident, not a loop
+        child.crashes += 1
         child.last_code = code
-        child.crashes.append(now)
-        while child.crashes and now - child.crashes[0] > self.window_s:
-            child.crashes.popleft()
-        recent = len(child.crashes)
-        log_tail = tail(child.log_path)
-        if recent >= self.max_crashes:
-            raise CrashLoop(child.name, recent, self.window_s, code, log_tail, child.log_path)
-        delay = min(self.backoff_s * 2 ** (recent - 1), self.max_backoff_s)
+        delay = min(self.backoff_s * 2 ** (child.crashes - 1), self.max_backoff_s)
+        child.restart_at, child.backoff_s = now + delay, delay
         if not already_logged:
-            log.error("%s exited with %s; restarting in %.1fs. Last log lines:\n%s", child.name, code, delay,
-                      log_tail)
-        child.restart_at = now + delay
+            log.error("%s exited with %s (%d in a row); restarting in %.1fs. Last lines of %s:\n%s", child.name,
+                      code, child.crashes, delay, child.log_path or "its log", tail(child.log_path))
+        self._changed(child)
+
+    def _changed(self, child: Child) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(child)
+        except Exception:  # noqa: BLE001 - reporting must never stop supervision
+            log.exception("reporting %s's state failed", child.name)
 
     def run(self, stop: threading.Event, interval_s: float = 0.25) -> None:
-        """Supervise until `stop` is set. Raises CrashLoop."""
+        """Supervise until `stop` is set; only `stop` ends it."""
         while not stop.wait(interval_s):
             self.check()

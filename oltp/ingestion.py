@@ -5,6 +5,11 @@ Read from what the rollup worker keeps in PostgreSQL in the same transaction as 
 arrived in) and `collector_refusals` (the collectors' refusal counts, carried through the spool and
 the topic as count records). A period of "the last hour" is the quarter hours whose start is within
 it, the current (filling) one included.
+
+Refusals count for a domain only when the request carried that site's registered key (ADR 29): the
+collectors no longer spool a domain's `missing_site_key` / `unknown_site_key` / `registry_unavailable`
+counts, and rows of those reasons written before (when anyone could inflate them with a made-up key)
+are not shown (`NOT_A_SITES_REFUSAL`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from psycopg_pool import ConnectionPool
 from core.config import ROLLUP_GROUP
 
 PERIODS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}
+# Reasons no request carrying a site's registered key can have: never that site's refusals.
+NOT_A_SITES_REFUSAL = ("missing_site_key", "unknown_site_key", "registry_unavailable")
 _QUARTER = 900
 
 
@@ -50,8 +57,8 @@ def ingestion_status(pool: ConnectionPool, domain: str, now: datetime) -> Ingest
                 " FROM ingestion_15m WHERE domain = %s AND bucket_start >= %s", (domain, since)).fetchone()
             refused = dict(conn.execute(
                 "SELECT reason, sum(events)::bigint FROM collector_refusals"
-                " WHERE domain = %s AND bucket_start >= %s GROUP BY reason ORDER BY reason",
-                (domain, since)).fetchall())
+                " WHERE domain = %s AND bucket_start >= %s AND reason <> ALL(%s) GROUP BY reason ORDER BY reason",
+                (domain, since, list(NOT_A_SITES_REFUSAL))).fetchall())
             periods[name] = PeriodStatus(since, int(accepted), int(bots), int(late), refused)
         (last,) = conn.execute("SELECT max(last_received_at) FROM ingestion_15m WHERE domain = %s",
                                (domain,)).fetchone()

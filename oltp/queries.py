@@ -384,7 +384,7 @@ class RollupReader:
         where = "" if domains is None else " WHERE s.domain = ANY(%(domains)s)"
         with self.pool.connection() as conn:
             rows = conn.execute(_SITES.format(where=where), {"domains": domains or []}).fetchall()
-        return [SiteRow(*row) for row in rows]
+        return [SiteRow(domain, tz, key, has, tuple(keep or ()), bool(raw)) for domain, tz, key, has, keep, raw in rows]
 
     def has_events(self, domain: str) -> bool:
         with self.pool.connection() as conn:
@@ -400,7 +400,8 @@ GROUP BY event_type
 """
 
 _SITES = """
-SELECT s.domain, s.tz, s.site_key, EXISTS (SELECT 1 FROM rollup_15m r WHERE r.domain = s.domain)
+SELECT s.domain, s.tz, s.site_key, EXISTS (SELECT 1 FROM rollup_15m r WHERE r.domain = s.domain),
+       s.keep_query, s.raw_urls
 FROM sites s{where}
 ORDER BY s.domain
 """
@@ -445,6 +446,8 @@ class SiteRow:
     tz: str
     site_key: str
     has_events: bool
+    keep_query: tuple[str, ...] = ()  # the site's URL rule (core/urls.py), for the tag it is shown
+    raw_urls: bool = False
 
 
 def summary_window(now: datetime, last_s: int) -> SummaryWindow:

@@ -8,7 +8,7 @@ schema: add a revision AND update `metadata` (ADR 18). Sections, by owner:
 
 - CORE (oltp/rollup_sink.py): consumer offsets, the dedup window, the 15-minute tier, rejected records
 - TIERS (oltp/rollup_sink.py): the 1-hour and 1-day tiers
-- TOKENS (oltp/tokens.py), SITES (oltp/sites.py), AUDIT (oltp/audit.py)
+- TOKENS and dashboard sessions (oltp/tokens.py, api/session.py), SITES (oltp/sites.py), AUDIT (oltp/audit.py)
 - INGESTION (oltp/rollup_sink.py, read by oltp/ingestion.py)
 - RECONCILE (oltp/reconcile.py), REWINDS (oltp/rewinds.py)
 
@@ -21,8 +21,8 @@ import logging
 from pathlib import Path
 
 import psycopg
-from sqlalchemy import (ARRAY, BigInteger, Boolean, CheckConstraint, Column, DateTime, Double, Index, Integer,
-                        LargeBinary, MetaData, Numeric, PrimaryKeyConstraint, Table, Text, Uuid, text)
+from sqlalchemy import (ARRAY, BigInteger, Boolean, CheckConstraint, Column, DateTime, Double, ForeignKey, Index,
+                        Integer, LargeBinary, MetaData, Numeric, PrimaryKeyConstraint, Table, Text, Uuid, text)
 
 log = logging.getLogger(__name__)
 metadata = MetaData()
@@ -134,6 +134,17 @@ api_tokens = Table(
     CheckConstraint("(role = 'customer') = (cardinality(domains) > 0)"),
 )
 
+# Dashboard sessions (api/session.py; migration 0007): the cookie carries a random id, only its SHA-256 is here.
+dashboard_sessions = Table(
+    "dashboard_sessions", metadata,
+    Column("id_sha256", LargeBinary, CheckConstraint("length(id_sha256) = 32"), primary_key=True),
+    Column("token_id", Text, ForeignKey("api_tokens.id", ondelete="CASCADE"), nullable=False),
+    Column("created_at", _tz(), nullable=False, server_default=_NOW),
+    Column("expires_at", _tz(), nullable=False),
+    Index("dashboard_sessions_expires_at", "expires_at"),  # pruning (oltp/prune.py)
+    Index("dashboard_sessions_token_id", "token_id"),
+)
+
 # --- SITES: who may send events. site_key is public; secret signs pixel URLs (stored retrievably). ---
 sites = Table(
     "sites", metadata,
@@ -145,6 +156,9 @@ sites = Table(
     Column("rate_per_s", Double, CheckConstraint("rate_per_s IS NULL OR rate_per_s > 0")),
     Column("burst", Integer, CheckConstraint("burst IS NULL OR burst >= 1")),
     Column("respect_dnt", Boolean, nullable=False, server_default=text("false")),
+    # The URL rule (core/urls.py; migration 0008): query parameters kept besides the default, or URLs as sent.
+    Column("keep_query", ARRAY(Text), nullable=False, server_default=text("'{}'")),
+    Column("raw_urls", Boolean, nullable=False, server_default=text("false")),
     Column("created_at", _tz(), nullable=False, server_default=_NOW),
     Column("updated_at", _tz(), nullable=False, server_default=_NOW),
 )

@@ -8,8 +8,9 @@ different site from `example.com`). Each site has
   pixel URLs (HMAC), so it is stored retrievably. It is returned by `add`, `rotate_secret`,
   `get` and `load_all` only; never print it outside the command that created it,
 - `tz` (IANA name), `origins` (allowed page origins `scheme://host[:port]`, http/https only),
-  `rate_per_s` / `burst` (per-site overrides of the collector's limit, `None` = default) and
-  `respect_dnt` (for the tag).
+  `rate_per_s` / `burst` (per-site overrides of the collector's limit, `None` = default),
+  `respect_dnt` (for the tag), and its URL rule (core/urls.py): `keep_query` (query parameters its
+  page URLs keep besides the default campaign tags) or `raw_urls` (URLs stored as sent).
 
 Every function takes a PostgreSQL DSN, opens one short connection and raises `SiteError`
 (with a stable `code`) for anything the caller asked wrongly; nothing is written then.
@@ -30,10 +31,12 @@ import psycopg
 from psycopg.rows import dict_row
 
 from core.event import EventError, normalize_domain
+from core.urls import DEFAULT, UrlRule, check_param_names, rule_for
 
 KEY_PREFIX = "pk_"
 SECRET_PREFIX = "sk_"
-_COLUMNS = "domain, tz, origins, site_key, secret, rate_per_s, burst, respect_dnt, created_at, updated_at"
+_COLUMNS = ("domain, tz, origins, site_key, secret, rate_per_s, burst, respect_dnt, keep_query, raw_urls, "
+            "created_at, updated_at")
 
 
 class SiteError(ValueError):
@@ -57,12 +60,19 @@ class Site:
     respect_dnt: bool = False
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    keep_query: tuple[str, ...] = ()
+    raw_urls: bool = False
+    url_rule: UrlRule = field(default=DEFAULT, init=False, repr=False, compare=False)  # from the two above
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url_rule", rule_for(self.keep_query, self.raw_urls))
 
     def public_dict(self) -> dict[str, Any]:
         """Everything but the secret (for listings)."""
         return {"domain": self.domain, "tz": self.tz, "origins": builtins.list(self.origins),
                 "site_key": self.site_key, "rate_per_s": self.rate_per_s, "burst": self.burst,
-                "respect_dnt": self.respect_dnt,
+                "respect_dnt": self.respect_dnt, "keep_query": builtins.list(self.keep_query),
+                "raw_urls": self.raw_urls,
                 "created_at": self.created_at.isoformat() if self.created_at else None,
                 "updated_at": self.updated_at.isoformat() if self.updated_at else None}
 
@@ -78,6 +88,8 @@ class Site:
                    site_key=str(obj["site_key"]), secret=str(obj["secret"]),
                    rate_per_s=None if rate is None else float(rate), burst=None if burst is None else int(burst),
                    respect_dnt=bool(obj.get("respect_dnt", False)),
+                   keep_query=tuple(str(n) for n in obj.get("keep_query") or ()),
+                   raw_urls=bool(obj.get("raw_urls", False)),
                    created_at=datetime.fromisoformat(obj["created_at"]) if obj.get("created_at") else None,
                    updated_at=datetime.fromisoformat(obj["updated_at"]) if obj.get("updated_at") else None)
 
@@ -149,31 +161,43 @@ def _check_limits(rate_per_s: float | None, burst: int | None) -> None:
 def _site(row: dict[str, Any]) -> Site:
     return Site(domain=row["domain"], tz=row["tz"], origins=tuple(row["origins"] or ()), site_key=row["site_key"],
                 secret=row["secret"], rate_per_s=row["rate_per_s"], burst=row["burst"],
-                respect_dnt=row["respect_dnt"], created_at=row["created_at"], updated_at=row["updated_at"])
+                respect_dnt=row["respect_dnt"], created_at=row["created_at"], updated_at=row["updated_at"],
+                keep_query=tuple(row["keep_query"] or ()), raw_urls=row["raw_urls"])
 
 
 def _connect(dsn: str, connect_timeout: float = 5) -> psycopg.Connection[dict[str, Any]]:
     return psycopg.connect(dsn, autocommit=True, row_factory=dict_row, connect_timeout=max(1, int(connect_timeout)))
 
 
+def check_keep_query(names: Iterable[str]) -> tuple[str, ...]:
+    """Query parameter names a site's URLs keep (core/urls.py), or SiteError(invalid_keep_query)."""
+    try:
+        return check_param_names(builtins.list(names))
+    except ValueError as exc:
+        raise SiteError("invalid_keep_query", f"--keep-query: {exc}") from None
+
+
 def add(dsn: str, domain: str, *, tz: str = "UTC", origins: Iterable[str] = (), rate_per_s: float | None = None,
-        burst: int | None = None, respect_dnt: bool = False) -> Site:
+        burst: int | None = None, respect_dnt: bool = False, keep_query: Iterable[str] = (),
+        raw_urls: bool = False) -> Site:
     """Register a site with a fresh key and secret; returns it (secret included).
 
     Raises SiteError: invalid_domain, invalid_tz, invalid_origin, invalid_rate, invalid_burst,
-    duplicate_domain. Nothing is written unless every argument is valid.
+    invalid_keep_query, duplicate_domain. Nothing is written unless every argument is valid.
     """
     name = check_domain(domain)
     zone = check_tz(tz)
     allowed = tuple(dict.fromkeys(normalize_origin(o) for o in origins))
     _check_limits(rate_per_s, burst)
+    keep = check_keep_query(keep_query)
     with _connect(dsn) as conn:
         try:
             row = conn.execute(
-                f"INSERT INTO sites (domain, tz, origins, site_key, secret, rate_per_s, burst, respect_dnt) "
-                f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
+                f"INSERT INTO sites (domain, tz, origins, site_key, secret, rate_per_s, burst, respect_dnt, keep_query,"
+                f" raw_urls) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
                 (name, zone, builtins.list(allowed), new_site_key(), new_secret(),
-                 None if rate_per_s is None else float(rate_per_s), burst, respect_dnt)).fetchone()
+                 None if rate_per_s is None else float(rate_per_s), burst, respect_dnt, builtins.list(keep),
+                 raw_urls)).fetchone()
         except psycopg.errors.UniqueViolation as exc:
             if exc.diag.constraint_name == "sites_pkey":
                 raise SiteError("duplicate_domain", f"{name} is already registered "
@@ -194,6 +218,21 @@ def get(dsn: str, domain: str) -> Site | None:
 def list_sites(dsn: str) -> builtins.list[Site]:
     """Every site, ordered by domain (secrets included in the objects: print `public_dict()` only)."""
     return load_all(dsn)
+
+
+def set_url_rule(dsn: str, domain: str, *, keep_query: Iterable[str] | None = None,
+                 raw_urls: bool | None = None) -> Site:
+    """Change what `domain`'s event URLs keep (None: unchanged); returns the site. Collectors apply it
+    within TALLY_REGISTRY_REFRESH_S. SiteError: unknown_domain, invalid_keep_query."""
+    name = check_domain(domain)
+    keep = None if keep_query is None else builtins.list(check_keep_query(keep_query))
+    with _connect(dsn) as conn:
+        row = conn.execute(
+            f"UPDATE sites SET keep_query = COALESCE(%s, keep_query), raw_urls = COALESCE(%s, raw_urls),"
+            f" updated_at = now() WHERE domain = %s RETURNING {_COLUMNS}", (keep, raw_urls, name)).fetchone()
+    if row is None:
+        raise SiteError("unknown_domain", f"{name} is not registered (see `tally sites list`)")
+    return _site(row)
 
 
 def rotate_secret(dsn: str, domain: str) -> str:

@@ -184,12 +184,14 @@ def get(source: Source, token_id: str) -> TokenInfo | None:
 
 
 def revoke(source: Source, token_id: str) -> bool:
-    """Revoke a token at once (idempotent; keeps the first revocation time). False if no such token."""
+    """Revoke a token at once (idempotent; keeps the first revocation time), ending its dashboard sessions
+    (api/session.py) in the same transaction. False if no such token."""
     if not is_token_id(token_id):
         return False
     with _connection(source) as conn:
         row = conn.execute("UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s"
                            " RETURNING id", (token_id,)).fetchone()
+        conn.execute("DELETE FROM dashboard_sessions WHERE token_id = %s", (token_id,))
     return row is not None
 
 

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from core.config import ConfigError, Settings
 from tally import cmd_sites, cmd_sqllog, cmd_stats, cmd_tokens
@@ -21,6 +22,9 @@ from tally import cmd_status
 from tally import cmd_rebuild, cmd_reconcile
 from tally import cmd_backfill, cmd_replay
 
+if TYPE_CHECKING:
+    from tally.wsgi_server import ConnectionLimits
+
 log = logging.getLogger("tally")
 
 
@@ -29,6 +33,14 @@ log = logging.getLogger("tally")
 COMMAND_MODULES = (cmd_tokens, cmd_sites, cmd_sqllog, cmd_stats, cmd_chaos, cmd_status, cmd_migrate, cmd_retention,
                    cmd_reconcile, cmd_rebuild, cmd_replay, cmd_backfill)
 ANALYST_NICE = 10  # the analyst server's CPU priority offset (see cmd_analyst_server)
+
+
+def _analyst_limits() -> "ConnectionLimits":
+    # Only the API calls the analyst server (on loopback): one client address, keep-alive connections kept
+    # open as long as waitress's default; the request timeout still holds.
+    from tally.wsgi_server import ConnectionLimits
+
+    return ConnectionLimits(max_connections=256, max_per_client=0, idle_timeout_s=120, request_timeout_s=30)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,8 +188,11 @@ def cmd_loader_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     from tally.roots import build_api
+    from tally.wsgi_server import ConnectionLimits
 
-    _serve(build_api(settings), settings.bind_host, settings.api_port, threads=16)
+    limits = ConnectionLimits(settings.api_max_connections, settings.api_max_connections_per_client,
+                              settings.api_idle_timeout_s, settings.api_request_timeout_s)
+    _serve(build_api(settings), settings.bind_host, settings.api_port, threads=16, limits=limits)
     return 0
 
 
@@ -203,20 +218,20 @@ def cmd_analyst_server(settings: Settings, args: argparse.Namespace) -> int:
     # It listens where TALLY_ANALYST_URL points (loopback by default), not on TALLY_BIND_HOST: only the API calls it.
     url = urlsplit(settings.analyst_url)
     _serve(app, url.hostname or "127.0.0.1", url.port or settings.analyst_port,
-           threads=settings.sql_max_concurrent + 4)
+           threads=settings.sql_max_concurrent + 4, limits=_analyst_limits())
     if loader_thread is not None:
         stop.set()
         loader_thread.join(timeout=30)  # it drains what is left on the topic first
     return 0
 
 
-def _serve(app, host: str, port: int, *, threads: int) -> None:
-    """Serve a WSGI app under waitress until SIGTERM/SIGINT."""
-    import waitress
-
+def _serve(app, host: str, port: int, *, threads: int, limits: "ConnectionLimits") -> None:
+    """Serve a WSGI app under waitress, bounded against idle and slow clients (tally/wsgi_server.py,
+    ADR 35), until SIGTERM/SIGINT."""
     from tally.roots import stop_on_signals
+    from tally.wsgi_server import create_server
 
-    server = waitress.create_server(app, host=host, port=port, threads=threads)
+    server = create_server(app, host, port, threads=threads, limits=limits)
     signals = stop_on_signals()
     threading.Thread(target=lambda: (signals.wait(), server.close()), daemon=True).start()
     try:

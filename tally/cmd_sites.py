@@ -1,7 +1,9 @@
-"""`tally sites add|list|rotate-secret|remove|sign-pixel`: admin commands against PostgreSQL (TALLY_PG_DSN or a running `tally up`).
+"""`tally sites add|list|update|rotate-secret|remove|sign-pixel`: admin commands against PostgreSQL
+(TALLY_PG_DSN or a running `tally up`).
 
-Exit codes: 0 done, 1 refused (duplicate domain, bad time zone or origin, unknown domain,
-PostgreSQL unreachable) with a message on stderr, 2 configuration error (from `tally.cli`).
+Exit codes: 0 done, 1 refused (duplicate domain, bad time zone, origin or query parameter name, unknown
+domain, a pixel lifetime beyond TALLY_PIXEL_MAX_TTL_S, PostgreSQL unreachable) with a message on stderr,
+2 configuration error (from `tally.cli`).
 The secret is printed only by `add` and `rotate-secret`, to stdout, never logged.
 """
 
@@ -33,8 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--burst", type=int, default=None, metavar="N",
                      help="events this site may send at once (default TALLY_SITE_BURST)")
     add.add_argument("--respect-dnt", action="store_true", help="the tag sends nothing when Do Not Track is on")
+    _url_rule_arguments(add)
     add.add_argument("--json", action="store_true", help="print one JSON object")
     add.set_defaults(func=cmd_add)
+
+    update = cmds.add_parser("update", help="change what a site's event URLs keep (README: What URLs keep)")
+    update.add_argument("domain")
+    _url_rule_arguments(update, changing=True)
+    update.add_argument("--json", action="store_true", help="print one JSON object")
+    update.set_defaults(func=cmd_update)
 
     ls = cmds.add_parser("list", help="list the registered sites (no secrets)")
     ls.add_argument("--json", action="store_true", help="print a JSON array")
@@ -53,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sign.add_argument("domain")
     sign.add_argument("--url", required=True, help="the page or message the pixel counts (absolute http(s) URL)")
     sign.add_argument("--ttl", required=True, metavar="DURATION",
-                      help="how long the URL is valid: a number with s, m, h or d (e.g. 30d)")
+                      help="how long the URL is valid: a number with s, m, h or d (e.g. 7d), at most "
+                           "TALLY_PIXEL_MAX_TTL_S (default 7d)")
     sign.add_argument("--type", default="pageview", choices=("pageview", "impression"),
                       help="the event type (default pageview)")
     sign.add_argument("--value", default=None, help="a decimal value for the event (optional)")
@@ -65,14 +75,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     sign.set_defaults(func=cmd_sign_pixel)
 
 
+def _url_rule_arguments(parser: argparse.ArgumentParser, *, changing: bool = False) -> None:
+    """--keep-query / --raw-urls (and, to change a site, --clean-urls): the site's URL rule (core/urls.py)."""
+    parser.add_argument("--keep-query", default=None, metavar="NAME,NAME",
+                        help="query parameters its page URLs keep besides utm_source, utm_medium, utm_campaign, "
+                             "utm_term and utm_content (comma-separated; '' for none)")
+    raw = parser.add_mutually_exclusive_group() if changing else parser
+    raw.add_argument("--raw-urls", action="store_const", const=True, default=None,
+                     help="store page URLs and referrers as sent (query strings, fragments, full referrers)")
+    if changing:
+        raw.add_argument("--clean-urls", dest="raw_urls", action="store_const", const=False,
+                         help="back to the default rule (query strings cut to the kept parameters, no fragments, "
+                              "referrers of other sites as their origin)")
+
+
+def _keep_query(text: str | None) -> list[str] | None:
+    return None if text is None else [n for n in text.split(",") if n.strip()]
+
+
 def collector_url(settings: Settings) -> str:
     """The running `tally up`'s collector URL, else the one TALLY_BIND_HOST / TALLY_COLLECTOR_PORT give."""
     url = read_run_state(settings.home).get("collector_url")
     return str(url) if url else f"http://{settings.bind_host}:{settings.collector_port}"
 
 
-def tag_snippet(settings: Settings, site_key: str) -> str:
-    return f'<script defer src="{collector_url(settings)}/tag.js" data-site="{site_key}"></script>'
+def tag_snippet(settings: Settings, site_key: str, keep_query: tuple[str, ...] = (), raw_urls: bool = False) -> str:
+    """The page tag; with the site's URL rule, so the tag keeps what the collector keeps (core/urls.py)."""
+    attrs = (' data-raw-urls="true"' if raw_urls
+             else f' data-keep-query="{",".join(keep_query)}"' if keep_query else "")
+    return f'<script defer src="{collector_url(settings)}/tag.js" data-site="{site_key}"{attrs}></script>'
 
 
 def _fail(message: str) -> int:
@@ -101,8 +132,9 @@ def cmd_add(settings: Settings, args: argparse.Namespace) -> int:
 
     def action(dsn: str) -> int:
         site = sites.add(dsn, args.domain, tz=args.tz, origins=args.origin, rate_per_s=args.rate,
-                         burst=args.burst, respect_dnt=args.respect_dnt)
-        tag = tag_snippet(settings, site.site_key)
+                         burst=args.burst, respect_dnt=args.respect_dnt, keep_query=_keep_query(args.keep_query) or (),
+                         raw_urls=bool(args.raw_urls))
+        tag = tag_snippet(settings, site.site_key, site.keep_query, site.raw_urls)
         if args.json:
             out = site.public_dict()
             out["secret"] = site.secret
@@ -124,6 +156,33 @@ or send events yourself:
     return _run(settings, action)
 
 
+def cmd_update(settings: Settings, args: argparse.Namespace) -> int:
+    from oltp import sites
+
+    if args.keep_query is None and args.raw_urls is None:
+        return _fail("update: nothing to change; give --keep-query, --raw-urls or --clean-urls")
+
+    def action(dsn: str) -> int:
+        site = sites.set_url_rule(dsn, args.domain, keep_query=_keep_query(args.keep_query), raw_urls=args.raw_urls)
+        tag = tag_snippet(settings, site.site_key, site.keep_query, site.raw_urls)
+        if args.json:
+            print(json.dumps({**site.public_dict(), "tag": tag}))
+            return 0
+        print(f"updated {site.domain}: {_url_rule_text(site.keep_query, site.raw_urls)}\n"
+              f"collectors apply it within {settings.registry_refresh_s:g} s; the page tag for it:\n  {tag}")
+        return 0
+
+    return _run(settings, action)
+
+
+def _url_rule_text(keep_query: tuple[str, ...], raw_urls: bool) -> str:
+    from core.urls import DEFAULT_KEEP_QUERY
+
+    if raw_urls:
+        return "URLs and referrers are stored as sent"
+    return f"page URLs keep the query parameters {', '.join(DEFAULT_KEEP_QUERY + keep_query)}; no fragments"
+
+
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     from oltp import sites
 
@@ -135,11 +194,12 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
         if not rows:
             print("no sites registered; add one with `tally sites add DOMAIN`")
             return 0
-        print("domain\ttz\tsite key\torigins\trate/s\tburst")
+        print("domain\ttz\tsite key\torigins\trate/s\tburst\turls")
         for r in rows:
+            urls = "raw" if r["raw_urls"] else "+" + ",".join(r["keep_query"]) if r["keep_query"] else "default"
             print("\t".join([r["domain"], r["tz"], r["site_key"], ",".join(r["origins"]) or "-",
                              "default" if r["rate_per_s"] is None else f"{r['rate_per_s']:g}",
-                             "default" if r["burst"] is None else str(r["burst"])]))
+                             "default" if r["burst"] is None else str(r["burst"]), urls]))
         return 0
 
     return _run(settings, action)
@@ -171,19 +231,20 @@ def cmd_remove(settings: Settings, args: argparse.Namespace) -> int:
 
 
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-MAX_TTL_S = 10 * 365 * 86400
 
 
-def parse_ttl(text: str) -> int:
-    """`30d`, `12h`, `15m`, `90s` as seconds (ASCII digits, 1 s .. 10 years); ValueError otherwise."""
+def parse_ttl(text: str, max_ttl_s: int) -> int:
+    """`7d`, `12h`, `15m`, `90s` as seconds (ASCII digits, 1 s .. `max_ttl_s`, TALLY_PIXEL_MAX_TTL_S: the
+    collector refuses a URL whose `exp` is further away); ValueError otherwise."""
     text = text.strip()
     unit = _TTL_UNITS.get(text[-1:])
     digits = text[:-1]
     if unit is None or not digits.isascii() or not digits.isdigit() or len(digits) > 9:
-        raise ValueError(f"--ttl {text!r} is not a duration like 30d, 12h, 15m or 90s")
+        raise ValueError(f"--ttl {text!r} is not a duration like 7d, 12h, 15m or 90s")
     seconds = int(digits) * unit
-    if not 0 < seconds <= MAX_TTL_S:
-        raise ValueError(f"--ttl {text!r} must be between 1s and 3650d")
+    if not 0 < seconds <= max_ttl_s:
+        raise ValueError(f"--ttl {text!r} must be between 1s and {max_ttl_s}s ({max_ttl_s / 86400:g}d, "
+                         "TALLY_PIXEL_MAX_TTL_S): the collector refuses pixel URLs that live longer")
     return seconds
 
 
@@ -202,7 +263,7 @@ def cmd_sign_pixel(settings: Settings, args: argparse.Namespace) -> int:
     from oltp import sites
 
     try:
-        ttl = parse_ttl(args.ttl)
+        ttl = parse_ttl(args.ttl, settings.pixel_max_ttl_s)
     except ValueError as exc:
         return _fail(str(exc))
     base = args.collector_url or collector_url(settings)
@@ -219,9 +280,13 @@ def cmd_sign_pixel(settings: Settings, args: argparse.Namespace) -> int:
         if args.referrer is not None:
             event["referrer"] = args.referrer
         try:  # exactly what the collector will check, so that a signed URL is never refused as invalid
-            event_from_hit(event, HitContext(received_at=datetime.now(timezone.utc)), Limits(), b"check")
+            stored = event_from_hit(event, HitContext(received_at=datetime.now(timezone.utc)), Limits(), b"check",
+                                    urls=site.url_rule)
         except EventError as exc:
             return _fail(f"--{exc.field}: {exc.problem}")
+        if stored.url != args.url:
+            print(f"tally sites: note: the collector stores the URL as {stored.url} (the site's URL rule; "
+                  "see `tally sites update --keep-query`)", file=sys.stderr)
         exp = int(time.time()) + ttl
         url = pixel_url(base, site.secret, {"site": site.site_key, **event, "exp": str(exp)})
         print(json.dumps({"url": url, "exp": exp}) if args.json else url)

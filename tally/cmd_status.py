@@ -83,6 +83,7 @@ class Targets:
     internal_token: str | None = field(repr=False)
     spool_dir: Path
     topic: str
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)  # the supervisor's view (stack.json)
 
 
 def _loopback(host: str) -> str:
@@ -123,6 +124,9 @@ def targets(settings: Settings) -> Targets:
         except OSError:
             secret = None
     raw_pids = state.get("pids") if isinstance(state.get("pids"), dict) else {}
+    raw_components = state.get("components")
+    components = ({str(k): v for k, v in raw_components.items() if isinstance(v, dict)}
+                  if isinstance(raw_components, dict) else {})
     return Targets(
         source="tally up" if running else "settings",
         up_pid=up_pid if running else None,
@@ -133,6 +137,7 @@ def targets(settings: Settings) -> Targets:
         internal_token=internal_token(secret) if secret else None,
         spool_dir=Path(str(state.get("spool_dir") or settings.spool_dir)),
         topic=settings.topic,
+        components=components,
     )
 
 
@@ -431,7 +436,10 @@ def collect(settings: Settings, *, timeout_s: float = 5.0) -> dict[str, Any]:
     for name in names:
         pid = t.up_pid if name == "up" else t.pids.get(name)
         entry: dict[str, Any] = {"state": UNKNOWN, "pid": pid, "url": t.urls.get(name), "detail": None}
-        if t.source == "tally up" and pid is not None and not pid_alive(pid):
+        supervised = t.components.get(name, {})
+        if supervised.get("state") == DOWN:  # crashed, waiting for its restart backoff (ADR 33)
+            entry.update(state=DOWN, detail=str(supervised.get("detail") or "down"))
+        elif t.source == "tally up" and pid is not None and not pid_alive(pid):
             entry.update(state=DOWN, detail=f"pid {pid} is not running (being restarted?)")
         elif name in HTTP_COMPONENTS:
             entry.update({k: v for k, v in result(f"http:{name}").items() if k in ("state", "detail")})

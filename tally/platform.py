@@ -4,7 +4,12 @@ Every process is supervised (infra/supervisor.py), the embedded broker and Postg
 included: a dead one is restarted with backoff, on the same port (children got the DSN and
 bootstrap address at spawn); a restarted broker (memory storage) gets its topic back at once,
 and the shipper ships the segments it retained to that new incarnation (ADR 16). A child that
-keeps crashing stops the whole platform with a non-zero exit and its log tail.
+keeps crashing is restarted with a growing backoff (0.5 s doubling to 60 s) and reported down
+(run/stack.json `components`, so `tally status` and the API's /readyz; the metric
+`tally_component_up`); the others keep serving. Only SIGTERM/SIGINT stop the platform (ADR 33).
+
+Everything `tally up` and its children create is private to the user (umask 077, ADR 34); the
+PostgreSQL DSN carries a password and reaches children in their environment only.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import orjson
 from core.config import Settings
 from infra.processes import StartupError, spawn, stop, stop_all, wait_until
 from infra.stack import EmbeddedStack, load_or_create_secret
-from infra.supervisor import CrashLoop, Supervisor
+from infra.supervisor import UP, Child, Supervisor
 from tally.roots import METRICS_DIR, MULTIPROC_ENV, RUN_STATE, forget_metrics_of, reset_metrics_dir
 
 log = logging.getLogger(__name__)
@@ -48,10 +53,6 @@ def _child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-class GaveUp(SystemExit):
-    """A child kept crashing: exit status 1, with the message (and the child's log tail) on stderr."""
-
-
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=1) as resp:
         return resp.status == 200
@@ -73,7 +74,7 @@ class Platform:
     def __init__(self, settings: Settings, *, durable: bool = True) -> None:
         self.base = settings
         self.stack = EmbeddedStack(settings.home, durable=durable)
-        self.supervisor = Supervisor()
+        self.supervisor = Supervisor(on_change=self._changed)
         self.settings: Settings | None = None
         self._stopping = threading.Event()
         # The admin token in $TALLY_HOME/admin-token (0600); True when this start minted it.
@@ -98,6 +99,7 @@ class Platform:
         from oltp.schema import ensure_schema
         from workers.kafka_io import ensure_topic
 
+        os.umask(0o077)  # inherited by every child: spool, chDB data, logs, metrics are 0700/0600 (ADR 34)
         self.stack.start()
         secret = self.base.secret or load_or_create_secret(self.base.home)
         self.settings = self.stack.settings_for(self.base).with_overrides(secret=secret)
@@ -113,10 +115,14 @@ class Platform:
                                 proc=self.stack.postgres.proc)
             self.supervisor.add("broker", self._restart_broker, self.stack.broker.log_path,
                                 proc=self.stack.broker.proc)
-            self.supervisor.on_restart = lambda child: self._write_run_state()
             reset_metrics_dir(self.base.home / METRICS_DIR)  # no values of an earlier start's processes
+            # This process reports its children's state there too (tally_component_up): before core.metrics
+            # is imported, which picks the multiprocess storage from the environment.
+            os.environ[MULTIPROC_ENV] = str(self.base.home / METRICS_DIR)
             for name in self.COMPONENTS:
                 self.supervisor.add(name, lambda name=name: self._spawn(name), self._log(name))
+            for child in self.supervisor.children.values():
+                self._report(child)
             self._write_run_state()
             wait_until(lambda: _http_ok(self.collector_url + "/healthz"), what="collector", timeout=timeout,
                        log_path=self._log(name="collector"), proc=self.children["collector"])
@@ -128,18 +134,34 @@ class Platform:
             self.stop()
             raise
 
+    def _changed(self, child: Child) -> None:
+        """The supervisor saw `child` die or come back: the metric and the run state say so."""
+        self._report(child)
+        if self.settings is not None:
+            self._write_run_state()
+
+    @staticmethod
+    def _report(child: Child) -> None:
+        from core import metrics
+
+        metrics.set_component_up(child.name, child.state == UP)
+        if child.state == UP and child.restarts:
+            metrics.count_component_restart(child.name)
+
     def _write_run_state(self) -> None:
-        """Tell admin commands in another terminal (same TALLY_HOME) where the embedded servers are."""
+        """Tell admin commands in another terminal (same TALLY_HOME) where the embedded servers are and what
+        the supervisor knows of each child (`components`). 0600 in a 0700 directory: it holds the DSN."""
         assert self.settings is not None
         path = self.base.home / RUN_STATE
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         state = {"pid": os.getpid(), "pg_dsn": self.settings.pg_dsn,
                  "kafka_bootstrap": ",".join(self.settings.kafka_bootstrap or ()),
                  "collector_url": self.collector_url, "api_url": self.api_url,
                  "analyst_url": self.settings.analyst_url, "spool_dir": str(self.settings.spool_dir),
                  "log_dir": str(self.base.log_dir) if self.base.log_dir else None,
                  "pids": {name: child.proc.pid for name, child in self.supervisor.children.items()
-                          if child.proc is not None}}
+                          if child.proc is not None},
+                 "components": self.supervisor.describe()}
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
@@ -197,16 +219,12 @@ class Platform:
         return broker.proc
 
     def supervise(self, stop_event: threading.Event) -> None:
-        """Restart any child that dies, the broker and PostgreSQL included, until `stop_event` is set.
+        """Restart any child that dies, the broker and PostgreSQL included, until `stop_event` is set (and only
+        then: a crash-looping child is restarted with backoff and reported down, never a reason to stop).
 
         Runs on the main thread (children die with the thread that forked them, PR_SET_PDEATHSIG).
-        A child that crashes 5 times within 60 s ends it: the platform is stopped and the process exits
-        with status 1 after printing that child's log tail.
         """
-        try:
-            self.supervisor.run(stop_event)
-        except CrashLoop as exc:  # printed once, last, by the interpreter: after the "stopping" lines
-            raise GaveUp(f"tally: {exc}") from None
+        self.supervisor.run(stop_event)
 
     # Stop in pipeline order, so that what was accepted is spooled, shipped and consumed before the
     # (memory-only) embedded broker goes away: collector, then shipper (final ship), then both workers

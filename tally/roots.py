@@ -21,7 +21,7 @@ def require_bootstrap(settings: Settings) -> tuple[str, ...]:
     return settings.kafka_bootstrap
 
 
-RUN_STATE = "run/stack.json"  # under TALLY_HOME: where a running `tally up` says its embedded servers are
+from core.runstate import RUN_STATE  # noqa: E402 - under TALLY_HOME: where a running `tally up` says what it runs
 METRICS_DIR = "run/metrics"  # under TALLY_HOME: `tally up`'s PROMETHEUS_MULTIPROC_DIR, wiped at each start
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # as core.metrics names it (not imported here: see below)
 

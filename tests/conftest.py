@@ -10,7 +10,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ SECRET = "test-secret-0123456789abcdef"
 @dataclass(frozen=True)
 class Servers:
     bootstrap: str
-    pg_dsn: str
+    pg_dsn: str = field(repr=False)  # carries the embedded PostgreSQL's password
     chdb_dsn: str
 
 

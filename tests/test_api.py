@@ -2,6 +2,8 @@
 
 Every call carries an admin token (who may call what is tests/test_auth.py)."""
 
+import uuid
+
 import psycopg
 import pytest
 
@@ -220,6 +222,18 @@ def test_domains_lists_registered_sites_for_admins_and_own_domains_for_customers
         (domain, True, "Asia/Kathmandu"), ("unregistered.example.org", False, "UTC")]
 
 
+def test_the_tag_shown_carries_the_sites_url_rule(api, servers):
+    """The dashboard's tag keeps what the collector keeps (ADR 30): extra query parameters, or raw URLs."""
+    from oltp import sites
+
+    kept, raw = (f"d{uuid.uuid4().hex[:10]}.example.com" for _ in range(2))
+    sites.add(servers.pg_dsn, kept, keep_query=["ref", "lang"])
+    sites.add(servers.pg_dsn, raw, raw_urls=True)
+    tags = {d["domain"]: d["tag"] for d in api.get("/api/v1/domains").json["domains"]}
+    assert tags[kept].endswith(' data-keep-query="ref,lang"></script>')
+    assert tags[raw].endswith(' data-raw-urls="true"></script>')
+
+
 def test_login_sets_a_session_cookie_that_does_not_hold_the_token(api, servers, domain):
     client = api.application.test_client()
     with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
@@ -235,7 +249,7 @@ def test_login_sets_a_session_cookie_that_does_not_hold_the_token(api, servers, 
     value = client.get_cookie("tally_session").value
     app = api.application
     decoded = app.session_interface.get_signing_serializer(app).loads(value)  # readable by anyone (signed only)
-    assert set(decoded) == {"tid", "exp", "mac"} and decoded["tid"] == info.id
+    assert set(decoded) == {"sid"} and info.id not in str(decoded)  # a random session id, not the token
     assert token.split("_", 3)[3] not in str(decoded) and token.split("_", 3)[3] not in value
     # the cookie reads this customer's domain (GET, same origin), and nothing else
     assert client.get("/").status_code == 200 and b'id="chart"' in client.get("/").data
@@ -250,9 +264,9 @@ def test_login_sets_a_session_cookie_that_does_not_hold_the_token(api, servers, 
     assert foreign.status_code == 401
     write = client.post("/api/v1/sql", json={"sql": "SELECT 1"})
     assert write.status_code == 401 and write.json["error"]["code"] == "cookie_not_accepted"
-    # a forged cookie for another token id is refused
+    # a signed cookie with a session id the server never issued is refused
     with client.session_transaction() as sess:
-        sess["tid"] = "tok_ffffffffff"
+        sess["sid"] = "A" * 43
     assert client.get(f"/api/v1/domains/{domain}/impressions").json["error"]["code"] == "invalid_session"
     # revoking the token ends the session at once
     client.post("/login", data={"token": token})

@@ -11,7 +11,8 @@ a site registered in the real PostgreSQL, a real spool on disk). For every reque
 - refused (4xx): nothing was written to the spool;
 - accepted (2xx): the spool holds exactly the acknowledged events (the answer's hashes, in order), each
   decoded by `core.event.decode_stored` (what both workers run) without rejection and re-validated by
-  `Event.from_json`, carrying what was sent (url, type, value, ts to the ms, referrer, domain) and the
+  `Event.from_json`, carrying what was sent (type, value, ts to the ms, domain; url and referrer as the
+  default URL rule of core/urls.py keeps them) and the
   User-Agent fields; then the records go through the real sinks (`RollupSink.write` into PostgreSQL,
   `LoaderSink.write` into chDB, as the consumer loop calls them) and the stored rows must be those
   events: `tally.events FINAL` row by row (url, type, value, ts to the ms, referrer, browser/os/device,
@@ -47,6 +48,7 @@ from collector.spool import SpoolWriter, read_record, segment_records
 from core.batch import Batch
 from core.config import Settings
 from core.event import Event, decode_stored
+from core.urls import DEFAULT
 from olap.client import connect
 from olap.loader_sink import LoaderSink
 from olap.schema import ensure_schema as ensure_ch_schema
@@ -456,9 +458,10 @@ def check(env: Env, req: Request) -> Any:
         full = Event.from_json(rec)  # the full re-validation agrees too
         assert (full.hash, full.url, full.ts, full.value) == (s.hash, s.url, s.ts, s.value)
         assert s.domain == domain
-        assert s.url == sent["url"]
+        # stored as the site's URL rule keeps them (the default: core/urls.py, ADR 30)
+        assert s.url == DEFAULT.page(sent["url"])
         assert s.type == sent.get("type", "pageview")
-        assert s.referrer == (sent.get("referrer") or None)
+        assert s.referrer == DEFAULT.referrer(sent.get("referrer") or None, s.url)
         if sent.get("value") is None:
             assert s.value is None
         else:

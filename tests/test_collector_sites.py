@@ -35,7 +35,8 @@ def new_domain() -> str:
 
 @pytest.fixture()
 def settings(make_settings):
-    return make_settings(TALLY_REGISTRY_REFRESH_S="0.2")
+    # The site limits alone: the per-address shares of them are tests/test_collector_shares.py's.
+    return make_settings(TALLY_REGISTRY_REFRESH_S="0.2", TALLY_SITE_ADDRESS_SHARE="1", TALLY_SITE_NO_ORIGIN_SHARE="1")
 
 
 def hit(domain: str, **extra) -> dict:
@@ -67,7 +68,9 @@ def test_unknown_key_is_401_and_writes_nothing(app, client, settings, registry, 
     missing = client.post("/collect", json=[hit(domain)])
     assert missing.status_code == 401 and missing.json["error"]["code"] == "missing_site_key"
     assert spooled(settings) == []
-    assert refusals(app) == {(domain, "unknown_site_key"): 3, (domain, "missing_site_key"): 1}
+    # Counted globally, never for the domain the events name: anyone can write any domain into an event,
+    # so without that site's registered key a refusal is not the site's (issue 15 item 8).
+    assert refusals(app) == {(None, "unknown_site_key"): 3, (None, "missing_site_key"): 1}
 
 
 def test_key_of_another_domain_is_403_naming_the_event(app, client, settings, registry):
@@ -79,7 +82,7 @@ def test_key_of_another_domain_is_403_naming_the_event(app, client, settings, re
     err = resp.json["error"]
     assert err["code"] == "site_mismatch" and err["index"] == 2 and err["domain"] == b
     assert spooled(settings) == []
-    assert refusals(app) == {(a, "site_mismatch"): 3, (b, "site_mismatch"): 1}
+    assert refusals(app) == {(a, "site_mismatch"): 4}  # the site whose key the request carried
     # www. is another site: its events need their own registration
     www = client.post("/collect", json=hit("www." + a), query_string={"site": key_a})
     assert www.status_code == 403 and www.json["error"]["code"] == "site_mismatch"
@@ -141,7 +144,8 @@ def test_over_the_site_limit_is_429_and_writes_nothing(app, client, settings, re
 
 
 def test_defaults_come_from_settings(make_settings, spool, domain):
-    settings = make_settings(TALLY_SITE_RATE_PER_S="1", TALLY_SITE_BURST="3")
+    settings = make_settings(TALLY_SITE_RATE_PER_S="1", TALLY_SITE_BURST="3", TALLY_SITE_ADDRESS_SHARE="1",
+                             TALLY_SITE_NO_ORIGIN_SHARE="1")
     registry = SiteRegistry.from_settings(settings).start(background=False)
     client = create_app(settings, spool, start_sealer=False, registry=registry).test_client()
     key = register(settings, registry, domain)
@@ -248,7 +252,8 @@ def test_postgres_outage_keeps_accepting_with_the_copy_and_the_disk_copy(own_pg,
                 assert resp.status_code == 503 and resp.json["error"]["code"] == "registry_unavailable"
                 assert int(resp.headers["Retry-After"]) >= 1
                 assert len(spooled(settings)) == before
-                assert app3.extensions["tally_refusals"].snapshot() == {(domain, "registry_unavailable"): 2}
+                # no registry, so no key could be checked: nobody's refusal (counted globally)
+                assert app3.extensions["tally_refusals"].snapshot() == {(None, "registry_unavailable"): 2}
 
                 # PostgreSQL is back: every copy catches up by itself, new sites included
                 own_pg.start()

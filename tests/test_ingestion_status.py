@@ -30,19 +30,23 @@ def test_status_counts_accepted_bots_late_and_refusals_by_reason_once(pipeline, 
     key = pipeline.site_query(ev)["site"]
     bad = collector.post("/collect", json={**ev, "type": "click"}, query_string={"site": key})
     assert bad.status_code == 400
-    unknown = collector.post("/collect", json=[ev, ev], query_string={"site": "pk_not_a_registered_key_00"})
-    assert unknown.status_code == 401
+    # A made-up key naming the domain (2 -> 2,002 refusals on its status in four requests, before issue 15):
+    # not the domain's refusal, it is counted globally (the metrics' `unknown` site) and never spooled.
+    for made_up in ([ev, ev], [ev] * 500, [ev] * 500, {"site": "pk_made_up_in_the_event_000", **ev}):
+        unknown = collector.post("/collect", json=made_up, query_string={"site": "pk_not_a_registered_key_00"})
+        assert unknown.status_code == 401
+    assert collector.post("/collect", json=[ev] * 3).status_code == 401  # no key at all: globally too
     stranger = collector.post("/collect", json={**ev, "domain": "never-registered.example"},
                               query_string={"site": key})
-    assert stranger.status_code == 403  # counted under its own domain, which nobody registered: never spooled
+    assert stranger.status_code == 403  # the key's site's refusal: its key, another domain
 
-    assert flush_refusals(collector.application) == 2  # (domain, invalid_event), (domain, unknown_site_key)
+    assert flush_refusals(collector.application) == 2  # (domain, invalid_event), (domain, site_mismatch)
     pipeline.spool.close()
     (segment,) = sealed_segments(pipeline.settings.spool_dir)
     counts = [decode_refusal_count(read_record(line)) for line in segment_records(segment.read_bytes())
               if REFUSALS_MARK in line]
     assert {(c.domain, c.reason, c.count) for c in counts} == {
-        (domain, "invalid_event", 1), (domain, "unknown_site_key", 2)}
+        (domain, "invalid_event", 1), (domain, "site_mismatch", 1)}
     backup = segment.with_suffix(".bak")
     shutil.copy(segment, backup)
     assert pipeline.shipper.ship_once() == 7  # 5 events + 2 count records
@@ -54,8 +58,8 @@ def test_status_counts_accepted_bots_late_and_refusals_by_reason_once(pipeline, 
     for period in ("1h", "24h"):
         p = body["periods"][period]
         assert p["accepted"] == 5 and p["bots"] == 1 and p["late"] == 1
-        assert p["refused"] == {"invalid_event": 1, "unknown_site_key": 2}
-        assert p["refused_total"] == 3
+        assert p["refused"] == {"invalid_event": 1, "site_mismatch": 1}
+        assert p["refused_total"] == 2
     assert datetime.fromisoformat(body["last_event_at"]) >= now - timedelta(minutes=1)
     assert pipeline.loader.stored_rejects == 0 and pipeline.rollups.stored_rejects == 0  # counts are not events
     # ClickHouse holds the 5 events and no count record
@@ -99,3 +103,18 @@ def test_a_spool_that_refuses_the_counts_keeps_them_for_the_next_flush(pipeline,
     monkeypatch.undo()
     assert app.extensions["tally_refusals"].snapshot() == {(domain, "invalid_event"): 1}
     assert flush_refusals(app) == 1
+
+
+def test_refusals_of_reasons_no_keyed_request_has_are_not_a_sites(pipeline, domain):  # noqa: F811
+    """Rows counted before issue 15 item 8 (a made-up key could put `unknown_site_key` on any domain) are
+    not shown on the domain's status; a keyed refusal of the same quarter hour is."""
+    now = datetime.now(timezone.utc)
+    quarter = datetime.fromtimestamp(int(now.timestamp()) // 900 * 900, tz=timezone.utc)
+    with psycopg.connect(pipeline.settings.pg_dsn, autocommit=True) as conn:
+        for reason, n in (("unknown_site_key", 2000), ("missing_site_key", 5), ("registry_unavailable", 3),
+                          ("rate_limited", 7)):
+            conn.execute("INSERT INTO collector_refusals (domain, reason, bucket_start, events)"
+                         " VALUES (%s, %s, %s, %s)", (domain, reason, quarter, n))
+    pipeline.post({"domain": domain, "url": f"https://{domain}/", "type": "pageview"})  # registers the site
+    body = status(pipeline, domain)
+    assert body["periods"]["1h"]["refused"] == {"rate_limited": 7} and body["periods"]["1h"]["refused_total"] == 7

@@ -120,7 +120,7 @@ def test_collector_counts_accepted_and_refused_events_by_reason_and_site(client,
 
     assert delta("tally_events_accepted_total", site=domain) == 5
     assert delta("tally_events_refused_total", reason="invalid_event", site=domain) == 2
-    assert delta("tally_events_refused_total", reason="site_mismatch", site="unknown") == 4
+    assert delta("tally_events_refused_total", reason="site_mismatch", site=domain) == 4  # the key's site (ADR 29)
     assert delta("tally_events_refused_total", reason="unknown_site_key", site="unknown") == 1
     assert delta("tally_events_refused_total", reason="malformed_json", site="unknown") == 1
     assert not any(dict(labels).get("site") == stranger for _name, labels in after)  # no made-up label values

@@ -395,7 +395,7 @@ def test_downgrades_step_back_and_up_again_keeping_rows(fresh_dsn):
         conn.execute("INSERT INTO seen_events (hash, ts) VALUES (%s, %s), (%s, %s)", (h, t, h, t + timedelta(hours=1)))
         conn.execute("INSERT INTO reconcile_runs (source, range_from, range_to, status) VALUES ('cli', %s, %s, 'ok')",
                      (t, t))
-    steps = [("0004", {"reconcile_runs", "consumer_rewinds"}), ("0003", {"rollup_1d_coverage"}), ("0002", set()),
+    steps = [("0006", {"dashboard_sessions"}), ("0004", {"reconcile_runs", "consumer_rewinds"}), ("0003", {"rollup_1d_coverage"}), ("0002", set()),
              ("0001", {"rollup_1h", "rollup_1d"})]
     for revision, gone in steps:
         downgrade(fresh_dsn, revision)

@@ -35,8 +35,13 @@ def params(s, **extra) -> dict[str, str]:
             "exp": str(int(time.time()) + 3600), **extra}
 
 
-def get(client, query: str, **headers):
-    return client.get(f"/i.gif?{query}", headers={"User-Agent": UA, **headers})
+def get(client, query: str, address: str = "127.0.0.1", **headers):
+    return client.get(f"/i.gif?{query}", headers={"User-Agent": UA, **headers}, environ_base={"REMOTE_ADDR": address})
+
+
+def quarter(t) -> int:
+    """The UTC quarter hour (epoch seconds of its start) that datetime `t` falls in."""
+    return int(t.timestamp()) // 900 * 900
 
 
 def test_a_signed_pixel_is_spooled_then_answered_with_a_gif(client, settings, site):
@@ -49,15 +54,33 @@ def test_a_signed_pixel_is_spooled_then_answered_with_a_gif(client, settings, si
     (event,) = spooled(settings)
     assert (event.domain, event.url, event.type, str(event.value), event.referrer) == \
         (site.domain, f"https://{site.domain}/newsletter", "impression", "2.5", "https://mail.example.net/")
-    assert event.user_agent == UA and event.browser == "Firefox" and event.ts == event.received_at
+    assert event.user_agent == UA and event.browser == "Firefox"
+    assert event.ts.timestamp() == quarter(event.received_at)  # the start of the quarter hour it was fetched in
     decode_stored(event.to_json())
 
 
-def test_type_defaults_to_pageview_and_each_fetch_counts(client, settings, site):
-    query = signed_query(site.secret, params(site))
-    assert get(client, query).status_code == 200 and get(client, query).status_code == 200
-    events = spooled(settings)
-    assert [e.type for e in events] == ["pageview", "pageview"] and events[0].hash != events[1].hash
+def test_a_refetch_by_the_same_client_within_a_quarter_hour_is_the_same_event(client, settings, registry, domain):
+    """An email opened again (same URL, address and User-Agent, same UTC quarter hour) gets the same id and
+    time, so the same hash: both stores count it once (ADR 14, ADR 31). Another address or User-Agent is
+    another event. Today's code gave every fetch a random hash: each fetch counted."""
+    s = sites.add(settings.pg_dsn, domain, rate_per_s=100, burst=1000)
+    assert registry.refresh()
+    query = signed_query(s.secret, params(s))
+    at = query.index("sig=") + 4
+    upper = query[:at] + query[at:].upper()  # the same signature in capitals: still the same URL
+    for _ in range(3):  # a quarter hour may turn between the fetches: then once more
+        before = len(spooled(settings))
+        statuses = [get(client, q).status_code for q in (query, query, upper)]
+        statuses += [get(client, query, address="127.0.0.9").status_code,
+                     get(client, query, **{"User-Agent": "curl/8.0"}).status_code]
+        events = spooled(settings)[before:]
+        if len({quarter(e.received_at) for e in events}) == 1:
+            break
+    assert statuses == [200] * 5 and [e.type for e in events] == ["pageview"] * 5
+    hashes = [e.hash for e in events]
+    assert hashes[0] == hashes[1] == hashes[2]
+    assert len(set(hashes[2:])) == 3
+    assert all(e.ts.timestamp() == quarter(e.received_at) for e in events)
 
 
 def test_bad_signature_tampering_and_expiry_are_403_and_write_nothing(app, client, settings, site, registry):
@@ -116,9 +139,49 @@ def test_a_signed_but_invalid_event_is_refused_like_collect(client, settings, si
 
 def test_pixels_share_the_sites_rate_limit(app, client, settings, site):
     query = signed_query(site.secret, params(site))
-    assert [get(client, query).status_code for _ in range(4)] == [200, 200, 200, 429]
+    statuses = [get(client, query, address=f"127.0.1.{i}").status_code for i in range(4)]
+    assert statuses == [200, 200, 200, 429]  # burst 3, from four addresses
     assert len(spooled(settings)) == 3
     assert app.extensions["tally_refusals"].snapshot() == {(site.domain, "rate_limited"): 1}
+
+
+def test_one_address_gets_its_share_of_the_sites_limit(app, client, settings, registry, domain):
+    """A pixel has no Origin: one address gets TALLY_SITE_NO_ORIGIN_SHARE of the site's limit (ADR 29)."""
+    s = sites.add(settings.pg_dsn, domain, rate_per_s=1, burst=8)  # an address's share: 2 events
+    assert registry.refresh()
+    query = signed_query(s.secret, params(s))
+    statuses = [get(client, query, **{"User-Agent": f"agent {i}"}).status_code for i in range(3)]
+    assert statuses == [200, 200, 429]
+    assert get(client, query, address="127.0.0.2").status_code == 200  # the site itself has room
+    assert app.extensions["tally_refusals"].snapshot() == {(s.domain, "address_rate_limited"): 1}
+
+
+def test_exp_beyond_the_max_ttl_is_400_naming_it(app, client, settings, site):
+    """`exp` at most TALLY_PIXEL_MAX_TTL_S (7 days) ahead; today a URL valid until year ~33658 was accepted."""
+    now = int(time.time())
+    far = signed_query(site.secret, params(site, exp=str(now + 7 * 86400 + 120)))
+    resp = get(client, far)
+    assert resp.status_code == 400, resp.json
+    err = resp.json["error"]
+    assert err["code"] == "invalid_pixel" and err["field"] == "exp" and "TALLY_PIXEL_MAX_TTL_S" in err["message"]
+    forever = get(client, signed_query(site.secret, params(site, exp="999999999999")))
+    assert forever.status_code == 400 and forever.json["error"]["field"] == "exp"
+    assert spooled(settings) == []
+    # a correctly signed URL that lives too long is the site's refusal (its key is registered)
+    assert app.extensions["tally_refusals"].snapshot() == {(site.domain, "invalid_pixel"): 2}
+    assert get(client, signed_query(site.secret, params(site, exp=str(now + 7 * 86400 - 60)))).status_code == 200
+
+
+def test_the_max_ttl_is_a_setting(make_settings, spool, registry, domain):
+    from collector.app import create_app
+
+    settings = make_settings(TALLY_PIXEL_MAX_TTL_S="3600")
+    s = sites.add(settings.pg_dsn, domain)
+    assert registry.refresh()
+    client = create_app(settings, spool, start_sealer=False, registry=registry).test_client()
+    now = int(time.time())
+    assert get(client, signed_query(s.secret, params(s, exp=str(now + 3000)))).status_code == 200
+    assert get(client, signed_query(s.secret, params(s, exp=str(now + 4000)))).status_code == 400
 
 
 def test_head_counts_nothing(client, settings, site):
@@ -137,14 +200,14 @@ def cli(settings, tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_sign_pixel_prints_a_url_the_collector_accepts(client, settings, site, tmp_path):
     before = int(time.time())
-    out = cli(settings, tmp_path, site.domain, "--url", f"https://{site.domain}/newsletter", "--ttl", "30d",
+    out = cli(settings, tmp_path, site.domain, "--url", f"https://{site.domain}/newsletter", "--ttl", "7d",
               "--type", "impression")
     assert out.returncode == 0, out.stderr
     (url,) = re.findall(r"(?:https?://[^ ]+)?/i\.gif\?[^ \n]+", out.stdout)  # what a black-box check greps
     assert url.startswith("http://127.0.0.1:8700/i.gif?")  # default: TALLY_BIND_HOST:TALLY_COLLECTOR_PORT
     query = urlsplit(url).query
     exp = int(re.search(r"exp=(\d+)", query).group(1))
-    assert before + 30 * 86400 <= exp <= int(time.time()) + 30 * 86400  # signed between the two readings
+    assert before + 7 * 86400 <= exp <= int(time.time()) + 7 * 86400  # signed between the two readings
     resp = get(client, query)
     assert resp.status_code == 200 and resp.headers["Content-Type"] == "image/gif"
     (event,) = spooled(settings)
@@ -167,6 +230,8 @@ def test_sign_pixel_collector_url_from_flag_and_running_platform(settings, site,
 
 @pytest.mark.parametrize("args, words", [
     (("--ttl", "30x"), "--ttl"), (("--ttl", "0d"), "--ttl"), (("--ttl", "١d"), "--ttl"), (("--ttl", "99999d"), "--ttl"),
+    (("--ttl", "8d"), "TALLY_PIXEL_MAX_TTL_S"), (("--ttl", "30d"), "TALLY_PIXEL_MAX_TTL_S"),
+    (("--ttl", "604801s"), "TALLY_PIXEL_MAX_TTL_S"),
     (("--ttl", "1d", "--url", "ftp://x"), "--url"), (("--ttl", "1d", "--value", "1e3"), "--value"),
 ])
 def test_sign_pixel_refusals(settings, site, tmp_path, args, words):

@@ -52,8 +52,8 @@ def test_exact_resends_count_once_and_conflicting_reuses_count_apart_in_both_sto
     e4 = {**e2, "type": "pageview", "value": None}               # same id, other type
     e5 = {"domain": domain, "url": f"https://{domain}/y", "id": "b", "ts": recent.isoformat(), "type": "impression"}
     e6 = {**e5, "url": f"https://{domain}/z"}                    # same id, other url
-    e7 = {**e5, "id": "c", "referrer": "https://ref.example/1"}
-    e8 = {**e7, "referrer": "https://ref.example/2"}             # same id, other referrer
+    e7 = {**e5, "id": "c", "referrer": "https://ref.example/"}
+    e8 = {**e7, "referrer": "https://other-ref.example/"}       # same id, other referrer (as stored: ADR 30)
     e9 = {**e5, "id": "d", "ts": (recent + timedelta(milliseconds=1)).isoformat()}
     e10 = {**e9, "ts": (recent + timedelta(milliseconds=2)).isoformat()}  # one millisecond apart
     distinct = [e1, e2, e3, e4, e5, e6, e7, e8, e9, e10]

@@ -164,6 +164,34 @@ def test_cli_refusals_exit_non_zero_with_a_message(dsn, domain, tmp_path, args, 
     assert sites.get(dsn, domain) is None
 
 
+def test_cli_url_rule_add_update_list(dsn, domain, tmp_path):
+    """`--keep-query` / `--raw-urls` on add, `tally sites update` to change them (issue 15 item 11); the
+    printed tag carries the rule, so the tag keeps what the collector keeps."""
+    out = tally(dsn, tmp_path, "add", domain, "--keep-query", "ref, lang", "--json")
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert (body["keep_query"], body["raw_urls"]) == (["ref", "lang"], False)
+    assert 'data-keep-query="ref,lang"></script>' in body["tag"]
+    assert sites.get(dsn, domain).url_rule.page(f"https://{domain}/?lang=de&x=1") == f"https://{domain}/?lang=de"
+    raw = tally(dsn, tmp_path, "update", domain, "--raw-urls")
+    assert raw.returncode == 0, raw.stderr
+    assert "stored as sent" in raw.stdout and 'data-raw-urls="true"' in raw.stdout
+    site = sites.get(dsn, domain)
+    assert (site.keep_query, site.raw_urls) == (("ref", "lang"), True)
+    listed = tally(dsn, tmp_path, "list")
+    assert [line for line in listed.stdout.splitlines() if line.startswith(domain)][0].endswith("\traw")
+    clean = tally(dsn, tmp_path, "update", domain, "--clean-urls", "--keep-query", "", "--json")
+    assert clean.returncode == 0, clean.stderr
+    assert json.loads(clean.stdout)["keep_query"] == [] and json.loads(clean.stdout)["raw_urls"] is False
+    for args, words in ((("update", domain), "nothing to change"), (("update", domain, "--keep-query", "a b"),
+                        "--keep-query"), (("update", "nobody-" + domain, "--raw-urls"), "not registered"),
+                        (("update", domain, "--raw-urls", "--clean-urls"), "not allowed with")):
+        out = tally(dsn, tmp_path, *args)
+        assert out.returncode != 0 and words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+    assert sites.get(dsn, domain).url_rule.keep == frozenset(("utm_source", "utm_medium", "utm_campaign",
+                                                              "utm_term", "utm_content"))
+
+
 def test_cli_duplicate_domain(dsn, domain, tmp_path):
     assert tally(dsn, tmp_path, "add", domain).returncode == 0
     out = tally(dsn, tmp_path, "add", domain)

@@ -152,6 +152,25 @@ def test_targets_come_from_a_live_stack_json_only_and_carry_no_credentials(tmp_p
     assert t.urls["collector"] == "http://127.0.0.1:8700"
 
 
+def test_a_part_the_supervisor_reports_down_is_down_with_its_reason(tmp_path):
+    """Issue 15, item 14: a crash-looping child waits for its backoff; its pid may even be alive again by the
+    time status reads it, so the supervisor's word (stack.json `components`) decides."""
+    from core.config import Settings
+    from tally.cmd_status import collect
+
+    home = tmp_path / "home"
+    (home / "run").mkdir(parents=True)
+    reason = "down: 4 crash(es) in a row, last exit code 3; next start in 3.9s"
+    state = {"pid": os.getpid(), "collector_url": "http://127.0.0.1:1", "api_url": "http://127.0.0.1:2",
+             "analyst_url": "http://127.0.0.1:3", "pids": {"shipper": os.getpid(), "rollup-worker": os.getpid()},
+             "components": {"shipper": {"state": "down", "detail": reason},
+                            "rollup-worker": {"state": "up", "detail": None}}}
+    (home / "run" / "stack.json").write_text(json.dumps(state))
+    report = collect(Settings.from_env({"TALLY_HOME": str(home)}), timeout_s=1)
+    assert report["processes"]["shipper"] == {"state": "down", "pid": os.getpid(), "url": None, "detail": reason}
+    assert report["processes"]["rollup-worker"]["state"] == "up" and report["ok"] is False
+
+
 def test_a_server_that_never_answers_does_not_hang_status(tmp_path):
     """A listening socket nobody accepts on (the kernel completes the handshake): every probe against it hangs."""
     import socket

@@ -273,8 +273,8 @@ def test_pageview_on_load(collector, site, tab):
 
 
 def test_spa_navigations(collector, site, tab):
-    """(b) pushState x2, hashchange, popstate and a URL-changing replaceState each send a page view;
-    replaceState to the same URL sends nothing."""
+    """(b) pushState x2 and a URL-changing replaceState each send a page view; a hashchange alone, popstate
+    back to the same path and replaceState to the same URL send nothing (fragments are never sent)."""
     url = site.add("/spa", collector)
     tab.page.goto(url)
     tab.until("the first view", lambda: pageviews(collector))
@@ -283,18 +283,84 @@ def test_spa_navigations(collector, site, tab):
     tab.page.evaluate("location.hash = 'x'")
     tab.page.wait_for_url(site.origin + "/spa/b#x")
     tab.page.evaluate("history.replaceState({n: 1}, '', location.href)")  # same URL: not a view
-    tab.page.evaluate("history.back()")  # popstate (and hashchange) back to /spa/b: one view
+    tab.page.evaluate("history.back()")  # popstate (and hashchange) back to /spa/b: the same URL sent
     tab.page.wait_for_url(site.origin + "/spa/b")
     tab.page.evaluate("history.replaceState({}, '', '/spa/c')")
     o = site.origin
-    expected = [url, o + "/spa/a", o + "/spa/b", o + "/spa/b#x", o + "/spa/b", o + "/spa/c"]
-    tab.until("six views", lambda: len(pageviews(collector)) >= 6)
+    expected = [url, o + "/spa/a", o + "/spa/b", o + "/spa/c"]
+    tab.until("four views", lambda: len(pageviews(collector)) >= 4)
     time.sleep(0.4)
     tab.page.wait_for_timeout(50)
     views = pageviews(collector)
     assert [v["url"] for v in views] == expected
     assert [v.get("referrer") for v in views[1:]] == expected[:-1]  # an SPA view's referrer: the last URL
-    assert len({v["id"] for v in views}) == 6
+    assert len({v["id"] for v in views}) == 4
+
+
+SECRETS = ("s3cr3t", "t0k3n", "a%40b.c", "pw", "gclid")
+
+
+def test_urls_keep_only_allowlisted_query_parameters_and_referrers_of_other_sites_their_origin(collector, site, tab):
+    """(i) issue 15 item 11: no fragment, no user:password@, only utm_* (and data-keep-query) of the query;
+    a same-origin referrer cut alike, another site's as its origin. The tag used to send location.href
+    and document.referrer whole."""
+    landing = site.add("/land", collector, attrs='data-flush-ms="50" data-keep-query="ref, lang"')
+    start = site.add("/from", None, body='<a id="go" href="/land?utm_source=news&token=s3cr3t&ref=hn&utm_medium=mail'
+                                           '&email=a%40b.c&lang=de&gclid=x1#access_token=t0k3n">go</a>')
+    tab.page.goto(start + "?session=s3cr3t#frag")
+    tab.page.click("#go")
+    tab.until("the page view", lambda: pageviews(collector))
+    tab.page.evaluate("""() => {
+        tally('impression', {referrer: 'https://www.google.com/search?q=s3cr3t#t0k3n'});
+        tally('impression', {url: 'http://user:pw@localhost/x?utm_campaign=c&gclid=1', referrer: 'http://localhost/'});
+        history.pushState({}, '', '/land/next?token=s3cr3t&utm_term=t#t0k3n');
+    }""")
+    tab.until("four events", lambda: len(collector.events()) >= 4)
+    time.sleep(0.3)
+    tab.page.wait_for_timeout(50)
+    events = collector.events()
+    assert landing == site.origin + "/land"
+    kept = f"{landing}?utm_source=news&ref=hn&utm_medium=mail&lang=de"
+    assert [(e["type"], e["url"], e.get("referrer")) for e in events] == [
+        ("pageview", kept, start),  # the same-origin referrer without its ?session= and #frag
+        ("impression", kept, "https://www.google.com/"),
+        ("impression", "http://localhost/x?utm_campaign=c", "http://localhost/"),
+        ("pageview", f"{landing}/next?utm_term=t", kept)]
+    sent = json.dumps([r["body"] for r in collector.posts()])
+    assert not [word for word in SECRETS if word in sent]
+
+
+def test_the_tag_cuts_urls_exactly_as_the_collector_does(collector, site, tab):
+    """(i) the tag's URL rule and core/urls.py agree on a table of URLs and referrers (the collector applies
+    its rule again: a URL the tag sent comes out unchanged, so the event's hash is the tag's content's)."""
+    from core.urls import rule_for
+
+    rule = rule_for(("ref",), False)
+    hosts = ["https://a.example.com", "http://a.example.com:8080", "https://u:p@A.example.com", "https://b.example.org"]
+    tails = ["", "/", "/x/y", "/@me", "?utm_source=1&x=2", "/p?ref=r&gclid=g&utm_term#f?utm_source=9",
+             "/p?=3&&utm_medium=m&a=b=c", "/p#", "/p?", "/p?utm_content=%20c&UTM_CONTENT=d"]
+    urls = [h + t for h in hosts for t in tails]
+    pairs = [(u, urls[(i * 7 + 3) % len(urls)]) for i, u in enumerate(urls)]
+    page = site.add("/same", collector, attrs='data-flush-ms="50" data-keep-query="ref"')
+    tab.page.goto(page)
+    tab.until("the page view", lambda: pageviews(collector))
+    tab.page.evaluate("pairs => pairs.forEach(([url, referrer]) => tally('impression', {url, referrer}))", pairs)
+    tab.until("every event", lambda: len(collector.events()) >= 1 + len(pairs))
+    got = [(e["url"], e.get("referrer")) for e in collector.events() if e["type"] == "impression"]
+    want = [(rule.page(u), rule.referrer(r, rule.page(u))) for u, r in pairs]
+    assert got == want
+    assert all((rule.page(u), rule.referrer(r, u)) == (u, r) for u, r in got)  # the collector keeps them as sent
+
+
+def test_raw_urls_send_what_the_page_says(collector, site, tab):
+    """(i) data-raw-urls="true" (a site registered with --raw-urls): URLs and referrers as they are."""
+    url = site.add("/raw", collector, attrs='data-flush-ms="50" data-raw-urls="true"')
+    tab.page.goto(url + "?token=s3cr3t#t0k3n")
+    tab.until("the page view", lambda: pageviews(collector))
+    tab.page.evaluate("tally('impression', {referrer: 'https://www.google.com/search?q=x'})")
+    tab.until("two events", lambda: len(collector.events()) >= 2)
+    assert [(e["url"], e.get("referrer")) for e in collector.events()] == [
+        (url + "?token=s3cr3t#t0k3n", None), (url + "?token=s3cr3t#t0k3n", "https://www.google.com/search?q=x")]
 
 
 def test_queue_before_load_and_custom_events(collector, site, tab):

@@ -9,6 +9,12 @@
  *   window.tally = window.tally || function () { (tally.q = tally.q || []).push(arguments) }
  * and sent once it has. No cookies, no localStorage, no dependencies, no console output: every error
  * is swallowed. Pending events live in sessionStorage (this tab only) until the collector confirms them.
+ *
+ * URLs (docs/adr/0030-url-privacy.md, the collector's core/urls.py applies the same rule): a page URL is
+ * sent without its fragment, without user:password@ and with only the query parameters utm_source,
+ * utm_medium, utm_campaign, utm_term, utm_content and those named in data-keep-query="a,b"; a referrer
+ * of another origin as its origin only. data-raw-urls="true" sends them as they are (the site must be
+ * registered with --raw-urls too, or the collector cuts them anyway).
  */
 (function () {
   'use strict';
@@ -27,6 +33,9 @@
     if (!script) return;
     var attr = function (name) { return script.getAttribute('data-' + name); };
     var site = attr('site');
+    var raw = attr('raw-urls') === 'true';
+    var keep = ['utm_source', 'utm_medium', 'utm_campaign', 'utm_term', 'utm_content']
+      .concat((attr('keep-query') || '').split(',').map(function (k) { return k.trim(); }));
     var wait = parseInt(attr('flush-ms'), 10);
     if (!(wait >= 0)) wait = 1000;
     var queued = (before && before.q) || [];
@@ -73,14 +82,33 @@
       }
     };
     var cut = function (url) { return url ? String(url).slice(0, 2048) : ''; };
+    // scheme://, user:password@ (dropped), host[:port], path, ?query; never the #fragment
+    var parts = function (url) { return /^(https?:\/\/)(?:[^@\/?#]*@)?([^\/?#]*)([^?#]*)(?:\?([^#]*))?/i.exec(url); };
+    var clean = function (url) {
+      var m = !raw && parts(url);
+      if (!m) return url;
+      var q = (m[4] || '').split('&').filter(function (p) {
+        var name = p.split('=')[0];
+        return name && keep.indexOf(name) >= 0;
+      }).join('&');
+      return m[1] + m[2] + m[3] + (q ? '?' + q : '');
+    };
+    var origin = function (m) { return m && (m[1] + m[2]).toLowerCase(); };
+    // a page of the same origin as url: cut like url; another site's: its origin only
+    var referrer = function (ref, url) {
+      var m = !raw && ref && parts(ref);
+      if (!m) return ref;
+      return origin(m) === origin(parts(url)) ? clean(ref) : m[1] + m[2] + '/';
+    };
 
     var schedule = function (ms) {
       if (!timer) timer = setTimeout(safe(function () { timer = 0; send(); }), ms);
     };
 
     var add = function (type, opts) {
-      var e = { id: uid(), ts: Date.now(), domain: loc.hostname, url: cut(opts.url || loc.href), type: type };
-      var ref = cut(opts.referrer);
+      var url = clean(String(opts.url || loc.href));
+      var e = { id: uid(), ts: Date.now(), domain: loc.hostname, url: cut(url), type: type };
+      var ref = cut(referrer(opts.referrer, url));
       if (ref) e.referrer = ref;
       if (opts.value != null) {
         var v = +opts.value;
@@ -156,12 +184,12 @@
     });
     on(w, 'pagehide', hide);
 
-    var view = function (referrer) {
-      add('pageview', { referrer: referrer });
-      last = loc.href;
+    var view = function (from) {
+      add('pageview', { referrer: from });
+      last = clean(loc.href);
     };
-    var navigated = function (always) {
-      if (always || loc.href !== last) view(last);
+    var navigated = function (always) { // a change of what is sent only: a new #fragment alone is no view
+      if (always || clean(loc.href) !== last) view(last);
     };
     ['pushState', 'replaceState'].forEach(function (name) {
       var original = h[name];

@@ -196,7 +196,10 @@ def attack(port: int, idle: int, loris: int, seconds: float) -> dict[str, object
     t1 = time.monotonic()
     while time.monotonic() - t1 < seconds:
         status, elapsed = healthz(port)
-        (ok if status == 200 else bad).append(elapsed if status == 200 else (status, round(time.monotonic() - t0, 1)))
+        if status == 200:
+            ok.append(elapsed)
+        else:
+            bad.append((status, round(time.monotonic() - t0, 1)))
         if status == 200 and w.open["idle"] >= 0.9 * opened["idle"]:
             ok_open.append(elapsed)
         if status == 200 and elapsed > 0.05:
@@ -205,7 +208,7 @@ def attack(port: int, idle: int, loris: int, seconds: float) -> dict[str, object
         time.sleep(0.1)
     stop.set()
     w.reap(t0)
-    result = {"quiet": quiet, "first_after_burst": f"{burst_status} in {burst_s * 1000:.0f} ms", "idle_opened": opened["idle"],
+    result: dict[str, object] = {"quiet": quiet, "first_after_burst": f"{burst_status} in {burst_s * 1000:.0f} ms", "idle_opened": opened["idle"],
               "loris_opened": opened["loris"], "connects_failed": w.failed_connects, "healthz_ok": len(ok),
               "healthz_failed": len(bad), "failures": bad[:5], **_percentiles(ok), "over_50ms": slow[:10],
               "while_idle_open": {"n": len(ok_open), **_percentiles(ok_open)},

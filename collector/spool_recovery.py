@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from collector.spool import NEW, OPEN, SEALED, fsync_dir
+from core.pids import pid_running
 
 log = logging.getLogger(__name__)
 
@@ -109,24 +110,6 @@ def writer_may_live(path: Path, fd: int) -> bool:
     if time.time() - os.fstat(fd).st_mtime > PID_TRUST_S:
         return False
     return pid_running(int(parts[1]))
-
-
-def pid_running(pid: int) -> bool:
-    """Whether `pid` is a process that is not a zombie (a killed writer its parent has not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):  # no procfs: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return state not in (b"Z", b"X")
 
 
 def _read_all(fd: int) -> bytes:

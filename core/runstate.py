@@ -10,23 +10,12 @@ The file is removed when `tally up` stops; one left by a killed `tally up` names
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from core.pids import pid_running
+
 RUN_STATE = "run/stack.json"  # under TALLY_HOME
-
-
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def down_components(home: Path) -> dict[str, str]:
@@ -36,7 +25,7 @@ def down_components(home: Path) -> dict[str, str]:
         state: Any = json.loads((home / RUN_STATE).read_bytes())
     except (OSError, ValueError):
         return {}
-    if not isinstance(state, dict) or not _alive(state.get("pid")):
+    if not isinstance(state, dict) or not pid_running(state.get("pid")):
         return {}
     components = state.get("components")
     if not isinstance(components, dict):

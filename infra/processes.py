@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from core.pids import pid_running
+
 
 class StartupError(RuntimeError):
     """A server did not become ready; the message says which and where its log is."""
@@ -145,16 +147,5 @@ def tail(path: Path | None, lines: int = 20) -> str:
 
 
 def pid_alive(pid: int) -> bool:
-    """True if `pid` runs. A zombie (dead, not yet reaped: its parent was killed and the container's
-    init reaps late) counts as dead, although it still answers kill(pid, 0)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc (not Linux): trust kill(pid, 0)
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    """True if `pid` runs; a zombie counts as dead (core.pids)."""
+    return pid_running(pid)

@@ -196,3 +196,23 @@ def test_writers_and_a_recovery_loop_in_another_process_lose_nothing(tmp_path):
     assert passes.value > 100, "the recovery loop hardly ran"
     assert sealed_lines(tmp_path) == Counter(acked)
     assert len(acked) + len(failed) == 3000 and len(failed) < 30
+
+
+def test_a_zombie_writer_counts_as_gone_and_a_live_one_as_running():
+    """Recovery's pid check (core.pids): a killed writer that its parent has not reaped yet is a zombie, and
+    its segment may be sealed once its lock is free; a live pid keeps recovery away."""
+    import subprocess
+    import sys
+    import time
+
+    from core.pids import pid_running
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while pid_running(child.pid):  # exited, not reaped: a zombie
+        assert time.monotonic() < deadline, "a zombie was taken for a running process"
+        time.sleep(0.01)
+    assert os.kill(child.pid, 0) is None  # the kernel still knows the pid
+    child.wait()
+    assert pid_running(os.getpid()) and not pid_running(child.pid) and not pid_running(0)
+    assert not pid_running("123") and not pid_running(True)  # only real pids

@@ -282,7 +282,9 @@ def test_status_json_reports_a_healthy_stack(stack):
         assert stored["last_write_age_s"] >= 0 and stored["newest_event_age_s"] >= 0
     spool = report["spool"]
     assert spool["state"] == "ok" and spool["dir"] == str(stack.home / "spool")
-    assert spool["retained_segments"] >= 1 and spool["retained_bytes"] > 0  # shipped, kept (ADR 16)
+    # Shipped segments are kept until both groups stored them, then dropped within seconds (ADR 16, 28): with
+    # every lag 0 here, what is left depends on when the shipper's last retention pass ran.
+    assert isinstance(spool["retained_segments"], int) and (spool["retained_segments"] == 0) == (spool["retained_bytes"] == 0)
     assert report["stores"]["postgresql"]["where"].startswith("127.0.0.1:")
     for secret in stack.secrets():
         assert secret not in out.stdout + out.stderr

@@ -26,12 +26,14 @@ import time
 from pathlib import Path
 
 from collector.spool import NEW, OPEN, SEALED, fsync_dir
-from core.pids import pid_running
+from core.pids import pid_running, started_at
 
 log = logging.getLogger(__name__)
 
 # A `.open` file untouched this long whose pid is alive is taken for pid reuse (its writer is long gone).
 PID_TRUST_S = 600.0
+# /proc's boot time is whole seconds: a process that started this much after the segment is another one.
+PID_START_SLACK_S = 2.0
 
 
 def recover_orphans(directory: Path, *, new_grace_s: float = 60.0, trust_pids: bool = True) -> int:
@@ -102,14 +104,20 @@ def _still_named(path: Path, fd: int) -> bool:
 
 
 def writer_may_live(path: Path, fd: int) -> bool:
-    """Whether the writer named in `<host>-<pid>-<time>-<n>.open` may still be running: it is on this host,
-    its pid is a live (not zombie) process, and the file changed within PID_TRUST_S (older: pid reuse)."""
+    """Whether the writer named in `<host>-<pid>-<ns>-<n>.open` may still be running: it is on this host, its
+    pid is a live (not zombie) process that started before the segment was created (a later one reused the
+    pid: a restarted container keeps its host name and hands out the same small pids), and the file changed
+    within PID_TRUST_S."""
     parts = path.name.rsplit("-", 3)
-    if len(parts) != 4 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+    if len(parts) != 4 or parts[0] != socket.gethostname() or not parts[1].isdigit() or not parts[2].isdigit():
         return False
     if time.time() - os.fstat(fd).st_mtime > PID_TRUST_S:
         return False
-    return pid_running(int(parts[1]))
+    pid, created = int(parts[1]), int(parts[2]) / 1e9
+    if not pid_running(pid):
+        return False
+    start = started_at(pid)
+    return start is None or start <= created + PID_START_SLACK_S
 
 
 def _read_all(fd: int) -> bytes:

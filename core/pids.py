@@ -26,3 +26,16 @@ def pid_running(pid: object) -> bool:
     except (OSError, IndexError):
         return True
     return state not in (b"Z", b"X")
+
+
+def started_at(pid: int) -> float | None:
+    """When `pid` started, in Unix seconds (to about a second: the boot time /proc gives is whole seconds);
+    None when unknown (no /proc, no such process). Tells a process from a later one that reused its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            ticks = int(fh.read().rsplit(b")", 1)[-1].split()[19])  # field 22: starttime, clock ticks after boot
+        with open("/proc/stat", "rb") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith(b"btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")

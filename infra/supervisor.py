@@ -4,7 +4,7 @@
 included. A child that exits (for any reason: a crash, `kill -9`, the OOM killer) is `down`
 and started again after a backoff that doubles with each crash in a row (`backoff_s`, capped
 at `max_backoff_s`); a child that stayed up `stable_s` before it died starts over at
-`backoff_s`. A start that fails (StartupError, OSError) counts as a crash. A crash-looping
+`backoff_s`. A start that fails (any exception: StartupError, OSError, a timeout) counts as a crash. A crash-looping
 child therefore costs at most one start per `max_backoff_s`, is reported `down` (`describe`,
 `on_change`) and leaves every other child alone: nothing here ever stops the others
 (docs/adr/0033-supervision-keeps-healthy-parts-up.md).
@@ -111,8 +111,8 @@ class Supervisor:
         log.warning("restarting %s (restart %d)", child.name, child.restarts + 1)
         try:
             child.proc = child.start()
-        except (StartupError, OSError) as exc:
-            log.error("%s failed to start: %s", child.name, exc)
+        except Exception as exc:  # StartupError, OSError, a timeout, a bug: a failed start, never the end of supervision
+            log.error("%s failed to start: %s", child.name, exc, exc_info=not isinstance(exc, (StartupError, OSError)))
             child.proc, child.started_at = None, None  # no uptime: the backoff keeps growing
             self._crashed(child, None, self.clock(), already_logged=True)
             return

@@ -96,6 +96,8 @@ SERVICES = ("up", "collector", "shipper", "rollup-worker", "loader-worker", "api
 def _setup_service_logging(settings: Settings, args: argparse.Namespace) -> None:
     from core.logs import setup_logging
 
+    if args.command == "up":  # before the first file or directory (TALLY_HOME, its logs) is made (ADR 34)
+        os.umask(0o077)
     # `tally up` keeps its terminal short: warnings only (the banner is printed, not logged).
     try:
         setup_logging(settings, args.command, level=logging.DEBUG if args.verbose else logging.INFO,

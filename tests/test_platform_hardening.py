@@ -90,6 +90,8 @@ def test_the_embedded_stack_is_private_to_its_user(stack):
             if not stat.S_ISLNK(mode) and mode & 0o077:
                 loose.append(f"{path.relative_to(home)} {stat.filemode(mode)}")
     assert not loose, loose
+    # tally made it: nobody else may list it (as root, PostgreSQL's own system user gets o+x, search only)
+    assert stat.S_IMODE(home.stat().st_mode) == (0o701 if os.geteuid() == 0 else 0o700)
     for expected in ("spool", "chdb", "logs", "run/metrics", "postgres/password", "run/stack.json"):
         assert (home / expected).exists(), expected  # the walk saw what matters
 

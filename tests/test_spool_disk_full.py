@@ -53,14 +53,32 @@ def fill_spool(writer: SpoolWriter, domain: str) -> int:
     raise AssertionError("the spool never filled")
 
 
-def shipper_for(spool: Path, bootstrap: str, topic: str, *, stored: bool) -> Shipper:
+def shipper_for(spool: Path, bootstrap: str, topic: str, *, stored: bool | list[bool]) -> Shipper:
+    """A shipper whose two consumer groups have stored everything (True) or nothing (False); a one-item list
+    lets the test change its mind."""
     everything = {p: 1 << 62 for p in range(2)}
+    flag = stored if isinstance(stored, list) else [stored]
 
     def read(_topic: str, _topic_id: str) -> dict[int, int]:
-        return dict(everything) if stored else {}
+        return dict(everything) if flag[0] else {}
 
     return Shipper(spool, lambda: make_producer([bootstrap]), topic, offset_readers={"rollup": read, "loader": read},
                    unchecked_groups=False, retention_interval_s=0.0)
+
+
+def fill_the_disk(small_disk: Path) -> Path:
+    """Another process takes every byte that is left; returns its file."""
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert free_bytes(small_disk) < 4096
+    return filler
 
 
 def test_the_collector_stops_at_the_reserve_and_shipping_frees_the_disk(servers, small_disk):
@@ -83,30 +101,62 @@ def test_the_collector_stops_at_the_reserve_and_shipping_frees_the_disk(servers,
     shipper.close()
 
 
-def test_a_disk_filled_to_the_last_byte_by_someone_else_still_ships(servers, small_disk):
-    """Nothing stored by the groups yet, and no byte free: the shipper cannot write its sidecars, so it ships
-    and deletes instead of retaining (loudly), which frees the disk; nothing acknowledged is lost."""
+def test_a_disk_filled_to_the_last_byte_by_someone_else_still_ships_and_keeps_every_segment(servers, small_disk):
+    """Nothing stored by the groups yet, and no byte free: the shipper cannot write its sidecars, so what Kafka
+    acknowledged is *held* in the spool (not re-sent, not deleted) until both groups stored it or there is room
+    for the sidecar; the broker-forgets protection is never given up (ADR 28)."""
     spool, topic = small_disk / "spool", f"full-{uuid.uuid4().hex[:8]}"
     ensure_topic([servers.bootstrap], topic, 2)
     writer = SpoolWriter(spool, max_bytes=256 * 1024, max_age_s=3600, reserve_bytes=64 * MiB)
     acked = fill_spool(writer, "full.example")
     writer.close()
-    filler = small_disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)  # another process takes every byte that is left
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    assert free_bytes(spool) < 4096
-    shipper = shipper_for(spool, servers.bootstrap, topic, stored=False)
+    segments = len(sealed_segments(spool))
+    filler = fill_the_disk(small_disk)
+    stored = [False]
+    shipper = shipper_for(spool, servers.bootstrap, topic, stored=stored)
     assert shipper.ship_once() == acked
-    assert sealed_segments(spool) == []
-    assert shipper.evicted_segments >= 1  # at least the first could not be retained
+    assert shipper.evicted_segments == 0 and len(shipper._held) == segments  # none could get a sidecar
+    assert len(sealed_segments(spool)) == segments  # all still on disk
+    assert shipper.ship_once() == 0  # held: not sent again
     assert topic_size(servers.bootstrap, topic) == acked
-    assert free_bytes(spool) > 64 * 1024  # what could not be retained is free again, the rest is retained
-    assert len(list((spool / SHIPPED_DIR).glob("*.seg"))) >= 1
+    stored[0] = True  # both groups have them now
+    shipper.apply_retention()
+    assert sealed_segments(spool) == [] and not shipper._held and shipper.dropped_segments == segments
+    assert free_bytes(spool) > 256 * 1024
+    os.unlink(filler)
+    shipper.close()
+
+
+def test_held_segments_move_to_shipped_when_there_is_room_again(servers, small_disk):
+    spool, topic = small_disk / "spool", f"full-{uuid.uuid4().hex[:8]}"
+    ensure_topic([servers.bootstrap], topic, 2)
+    writer = SpoolWriter(spool, max_bytes=256 * 1024, max_age_s=3600, reserve_bytes=64 * MiB)
+    acked = fill_spool(writer, "full.example")
+    writer.close()
+    filler = fill_the_disk(small_disk)
+    shipper = shipper_for(spool, servers.bootstrap, topic, stored=False)
+    assert shipper.ship_once() == acked and shipper._held
+    os.unlink(filler)  # room again
+    assert shipper.ship_once() == 0
+    assert not shipper._held and sealed_segments(spool) == []
+    assert len(shipper.retained.list()) >= 1 and all(r.shipment for r in shipper.retained.list())
+    shipper.close()
+
+
+def test_corrupt_lines_on_a_full_disk_do_not_stop_the_shipper(servers, small_disk):
+    """Quarantining a corrupt line needs new space; on a full disk it is dropped (it was never shippable)
+    and the records around it and the segments behind it still ship."""
+    spool, topic = small_disk / "spool", f"full-{uuid.uuid4().hex[:8]}"
+    ensure_topic([servers.bootstrap], topic, 2)
+    writer = SpoolWriter(spool, max_bytes=1 << 20, max_age_s=3600)
+    writer.append([b'{"domain": "a.example", "n": 1}', b'{"no": "domain"}'])
+    writer.close()
+    writer = SpoolWriter(spool, max_bytes=1 << 20, max_age_s=3600)
+    writer.append([b'{"domain": "a.example", "n": 2}'])
+    writer.close()
+    filler = fill_the_disk(small_disk)
+    shipper = shipper_for(spool, servers.bootstrap, topic, stored=True)
+    assert shipper.ship_once() == 2 and shipper.quarantined == 1
+    assert sealed_segments(spool) == [] and topic_size(servers.bootstrap, topic) == 2
     os.unlink(filler)
     shipper.close()

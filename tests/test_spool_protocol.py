@@ -216,3 +216,29 @@ def test_a_zombie_writer_counts_as_gone_and_a_live_one_as_running():
     child.wait()
     assert pid_running(os.getpid()) and not pid_running(child.pid) and not pid_running(0)
     assert not pid_running("123") and not pid_running(True)  # only real pids
+
+
+def test_a_pid_reused_after_the_segment_was_created_does_not_hold_recovery_back(tmp_path):
+    """A restarted container keeps its host name and hands out the same small pids: an unlocked segment whose
+    pid now belongs to a process that started after the segment was created is an orphan, sealed at once."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from core.pids import started_at
+
+    me = started_at(os.getpid())
+    assert me is not None and abs(me - time.time()) < 86_400 * 365  # a plausible Unix time
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # started after "created"
+    try:
+        before = time.time_ns() - 30 * 10**9  # the segment is 30 s older than that process
+        orphan = tmp_path / f"{socket.gethostname()}-{later.pid}-{before:020d}-000001.open"
+        orphan.write_bytes(b'{"n": 1}\t%08x\n' % 0)
+        assert recover_orphans(tmp_path) == 1 and not orphan.exists()
+        alive = tmp_path / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns():020d}-000002.open"
+        alive.write_bytes(b'{"n": 2}\t%08x\n' % 0)
+        assert recover_orphans(tmp_path) == 0 and alive.exists()  # our pid, started before: may be its writer
+    finally:
+        later.kill()
+        later.wait()

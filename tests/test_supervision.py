@@ -112,6 +112,33 @@ def test_a_failing_start_counts_as_a_crash_and_is_retried(tmp_path):
     assert "last a failed start" in sup.describe()["postgres"]["detail"]
 
 
+def test_an_unexpected_exception_in_a_restart_is_a_failed_start_not_the_end_of_supervision(tmp_path):
+    """A restart that raises something else (subprocess.TimeoutExpired from initdb, a bug) is a failed start
+    like any other: retried with backoff; the healthy children are never touched."""
+    healthy = Supervisor(backoff_s=0.01, max_backoff_s=0.05)
+    calls = []
+
+    def start():
+        calls.append(1)
+        if len(calls) == 1:
+            return subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+        raise subprocess.TimeoutExpired(["initdb"], 120)
+
+    steady = healthy.add("api", lambda: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]), None)
+    pid = steady.proc.pid
+    child = healthy.add("postgres", start, None)
+    deadline = time.monotonic() + 20
+    try:
+        while len(calls) < 4 and time.monotonic() < deadline:
+            healthy.check()  # never raises
+            time.sleep(0.005)
+        assert len(calls) == 4 and child.state == "down" and child.crashes >= 3
+        assert steady.state == "up" and steady.proc.pid == pid and steady.restarts == 0
+    finally:
+        steady.proc.kill()
+        steady.proc.wait()
+
+
 def test_a_child_that_stayed_up_a_while_starts_over_at_the_first_backoff(tmp_path):
     now = [1000.0]
     start, log = python(tmp_path, "sleeper", "import time; time.sleep(60)")

@@ -38,7 +38,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from core import metrics
 from collector.spool import CorruptRecord, fsync_dir, read_record, sealed_segments, segment_records
 from collector.spool_recovery import recover_orphans
-from workers.retention import OffsetReader, RetainedSegments, Shipment, decide
+from workers.retention import OffsetReader, Retained, RetainedSegments, Shipment, decide
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class Shipper:
         self.clock = clock
         spool_dir.mkdir(parents=True, exist_ok=True)
         self.retained = RetainedSegments(spool_dir)
+        # Acknowledged segments left in the spool because the disk had no room for their sidecars (ADR 28).
+        self._held: dict[str, Retained] = {}
         self.retained.remove_orphan_sidecars()
 
     def ship_once(self) -> int:
@@ -89,12 +91,14 @@ class Shipper:
         now, then drop the retained segments that are safe to drop. Returns the number of new records
         acknowledged (re-shipped ones are counted in `reshipped`)."""
         recover_orphans(self.spool_dir)
+        self._retain_held()
         topic_id = self.topic_id()
         if topic_id:
             self._reship_stale(topic_id)
         total = 0
         for segment in sealed_segments(self.spool_dir):
-            total += self.ship_segment(segment)
+            if str(segment) not in self._held:
+                total += self.ship_segment(segment)
         if time.monotonic() >= self._next_retention:
             self.apply_retention()
             self._next_retention = time.monotonic() + self.retention_interval_s
@@ -139,8 +143,27 @@ class Shipper:
                 pass
             self._admin = None
 
+    def _retained(self) -> list[Retained]:
+        """Every acknowledged segment kept against a broker that forgets: in shipped/, and held in the spool."""
+        return self.retained.list() + list(self._held.values())
+
+    def _retain_held(self) -> None:
+        """Move held segments into shipped/ once the disk has room for their sidecars again."""
+        for key, seg in list(self._held.items()):
+            if seg.shipment is None:
+                continue
+            try:
+                self.retained.keep(seg.path, seg.shipment)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    return
+                raise
+            del self._held[key]
+
     def _reship_stale(self, topic_id: str) -> None:
-        stale = [seg for seg in self.retained.list()
+        stale = [seg for seg in self._retained()
                  if seg.shipment is None or seg.shipment.topic != self.topic or seg.shipment.topic_id != topic_id]
         if stale:
             log.warning("shipper: topic %s is a new incarnation (%s); shipping %d retained segments again",
@@ -155,7 +178,11 @@ class Shipper:
                 self._discard_producer()
                 raise ShipError(f"{seg.path.name}: Kafka is unavailable ({exc}); will retry") from exc
             ships = seg.shipment.ships + 1 if seg.shipment else 1
-            self.retained.update(seg, Shipment(self.topic, shipped_to, offsets, self.clock(), count, ships))
+            shipment = Shipment(self.topic, shipped_to, offsets, self.clock(), count, ships)
+            if str(seg.path) in self._held:
+                seg.shipment = shipment
+            else:
+                self.retained.update(seg, shipment)
             self.reshipped += count
             metrics.RESHIPPED.inc(count)
 
@@ -163,7 +190,7 @@ class Shipper:
 
     def apply_retention(self) -> None:
         """Delete the retained segments every consumer group has stored (see workers/retention.py)."""
-        retained = self.retained.list()
+        retained = self._retained()
         if not retained:
             return
         try:
@@ -180,7 +207,7 @@ class Shipper:
         decision = decide(retained, topic=self.topic, topic_id=topic_id, now=self.clock(), stored=stored,
                           unchecked_groups=self.unchecked_groups, retain_s=self.retain_s,
                           retain_bytes=self.retain_bytes)
-        self.dropped_segments += self.retained.remove(decision.drop)
+        self.dropped_segments += self._remove(decision.drop)
         if decision.evict:
             records = sum(seg.shipment.records if seg.shipment else 0 for seg in decision.evict)
             level = logging.ERROR if decision.evict_unconfirmed else logging.WARNING
@@ -188,7 +215,16 @@ class Shipper:
                     "(%d records; %d of them not yet stored by every group checked here, the others within "
                     "TALLY_SPOOL_RETAIN_S for a group that cannot be checked): if the broker lost its topic now, they would be lost",
                     self.retain_bytes, len(decision.evict), records, decision.evict_unconfirmed)
-            self.evicted_segments += self.retained.remove(decision.evict)
+            self.evicted_segments += self._remove(decision.evict)
+
+    def _remove(self, segs: list[Retained]) -> int:
+        held = [seg for seg in segs if str(seg.path) in self._held]
+        for seg in held:
+            del self._held[str(seg.path)]
+            seg.path.unlink(missing_ok=True)
+        if held:
+            fsync_dir(self.spool_dir)
+        return len(held) + self.retained.remove(seg for seg in segs if str(seg.path) not in {str(h.path) for h in held})
 
     @property
     def producer(self) -> KafkaProducer:
@@ -219,9 +255,11 @@ class Shipper:
 
     def _keep(self, segment: Path, shipment: Shipment) -> None:
         """Move an acknowledged segment into shipped/. Its sidecar needs a little disk: on a full disk the
-        segments both groups stored are dropped first, and if that frees nothing the segment is deleted
-        instead of retained (Kafka acknowledged it; only the protection against a broker that forgets its
-        topic is given up, loudly), so a full disk never stops the shipper (ADR 28)."""
+        segments both groups stored are dropped first, and if that frees nothing the segment is *held*: it
+        stays where it is, its shipment is kept in memory (re-shipped to a new incarnation, dropped once both
+        groups stored it, like any retained segment), and it moves to shipped/ when there is room. A shipper
+        that dies meanwhile ships it again on its next start (the stores count it once). So a full disk
+        never stops the shipper and never costs the protection against a broker that forgets (ADR 28)."""
         try:
             self.retained.keep(segment, shipment)
             return
@@ -236,11 +274,9 @@ class Shipper:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
         self.retained.remove_orphan_sidecars()
-        segment.unlink()
-        fsync_dir(segment.parent)
-        self.evicted_segments += 1
-        log.error("shipper: the spool disk is full; %s (%d records, acknowledged by Kafka) was deleted instead of "
-                  "retained: if the broker lost its topic now, they would be lost", segment.name, shipment.records)
+        self._held[str(segment)] = Retained(segment, shipment, segment.stat().st_size)
+        log.warning("shipper: the spool disk is too full for a sidecar; %s (%d records, acknowledged by Kafka) is "
+                    "held in the spool until the stores have it or there is room", segment.name, shipment.records)
 
     def _send(self, segment: Path, *, quarantine: bool = False) -> tuple[int, dict[int, int], str]:
         """Send every intact record of `segment` and wait for all acks. Returns (records, end offset per
@@ -303,20 +339,33 @@ class Shipper:
 
     def _quarantine(self, name: str, bad: list[tuple[str, bytes]]) -> None:
         qdir = self.spool_dir / "quarantine"
-        qdir.mkdir(exist_ok=True)
-        used = sum(p.stat().st_size for p in qdir.iterdir())
+        try:
+            qdir.mkdir(exist_ok=True)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
         self.quarantined += len(bad)
         self.quarantined_by_reason.update(reason for reason, _ in bad)
         metrics.count_quarantined(reason for reason, _ in bad)
         lines = [line for _, line in bad]
+        if not qdir.is_dir():
+            log.error("shipper: no room for a quarantine directory; dropped %d corrupt lines from %s", len(lines), name)
+            return
+        used = sum(p.stat().st_size for p in qdir.iterdir())
         if used > QUARANTINE_MAX_BYTES:
             log.error("shipper: quarantine is full (%d bytes); dropping %d corrupt lines from %s",
                       used, len(lines), name)
             return
-        with open(qdir / f"{name}.bad", "ab") as fh:
-            fh.write(b"".join(line + b"\n" for line in lines))
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(qdir / f"{name}.bad", "ab") as fh:
+                fh.write(b"".join(line + b"\n" for line in lines))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:  # a full disk must not stop the records behind (they were never shippable)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.error("shipper: no room to quarantine %d corrupt lines from %s; dropped", len(lines), name)
+            return
         log.warning("shipper: quarantined %d corrupt lines from %s (%s)", len(lines), name,
                     ", ".join(sorted({reason for reason, _ in bad})))
 

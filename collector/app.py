@@ -9,6 +9,7 @@ import math
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Any
@@ -80,34 +81,52 @@ def _key_owners(items: list[Any], url_key: str | None, by_key: dict[str, Site]) 
 
 
 def _refuse(items: list[Any] | None, reason: str, resp: Response, url_key: str | None = None, *,
-            screened: bool = False) -> Response:
+            screened: bool = False, client: str | None = None) -> Response:
     """Count every event of a refused request under (its site, reason), and answer `resp`.
 
     Its site is the one its registered key names (`_key_owners`); without one the refusal is counted
     globally (domain None: the metrics' `unknown` site, never a customer's status). `screened`: the
-    items passed `screen` (every one carries its own domain's key), so their domains are their sites.
+    items passed `screen` (every one carries its own domain's key, and was charged to `client`'s share),
+    so their domains are their sites and they count uncapped. `client`: the sender's address, whose
+    refusals count for a site up to its share per window (`_count`).
     """
-    refusals: RefusalCounter = current_app.extensions["tally_refusals"]
-    sites = current_app.extensions["tally_registry"].snapshot()
-    registered = sites.by_domain if sites is not None else ()  # only these name a `site` label
     if items is None:
-        refusals.add(None, reason)
-        metrics.count_refused(None, reason, 1, registered)
+        _count(reason, {None: 1}, client)
         return resp
-    owners = _domains(items) if screened else _key_owners(items, url_key, sites.by_key if sites is not None else {})
-    for domain, n in Counter(owners).items():
-        refusals.add(domain, reason, n)
-        metrics.count_refused(domain, reason, n, registered)
+    if screened:
+        owners = _domains(items)
+    else:
+        sites = current_app.extensions["tally_registry"].snapshot()
+        owners = _key_owners(items, url_key, sites.by_key if sites is not None else {})
+    _count(reason, Counter(owners), client, capped=not screened)
     return resp
 
 
-def _refuse_for(domain: str | None, reason: str, resp: Response) -> Response:
+def _refuse_for(domain: str | None, reason: str, resp: Response, client: str | None = None) -> Response:
     """Count one refused request under `domain` (a site whose registered key it carried), or globally."""
+    _count(reason, {domain: 1}, client)
+    return resp
+
+
+def _count(reason: str, owners: Mapping[str | None, int], client: str | None, *, capped: bool = True) -> None:
+    """Count refused events by the site that owns them (None: nobody's). The metrics count every one
+    (`site="unknown"` for None); a site's own count (spooled, on its status) takes at most `client`'s
+    share of the site's limit per window (SiteLimiter.countable), so one sender cannot inflate a site's
+    refusal counters without bound (ADR 29)."""
     refusals: RefusalCounter = current_app.extensions["tally_refusals"]
     sites = current_app.extensions["tally_registry"].snapshot()
-    refusals.add(domain, reason)
-    metrics.count_refused(domain, reason, 1, sites.by_domain if sites is not None else ())
-    return resp
+    registered: Mapping[str, Site] = sites.by_domain if sites is not None else {}
+    for domain, n in owners.items():
+        metrics.count_refused(domain, reason, n, registered)
+        site = registered.get(domain) if domain is not None else None
+        if domain is None or site is None:
+            refusals.add(None, reason, n)
+            continue
+        if capped:
+            limiter: SiteLimiter = current_app.extensions["tally_limiter"]
+            n = limiter.countable(domain, n, (site.rate_per_s, site.burst), client)
+        if n:
+            refusals.add(domain, reason, n)
 
 
 def admit(items: list[Any], url_key: str | None, *, origin: str | None = None,
@@ -157,11 +176,12 @@ def screen(items: list[Any], url_key: str | None, *, origin: str | None = None,
     it runs admit in an app context without a request context).
     """
     cfg: Settings = current_app.config["TALLY"]
+    user_agent, client_ip = peer if peer is not None else (request.headers.get("User-Agent"), request.remote_addr)
     if not items:
         return _refuse(None, "empty_batch", error(400, "empty_batch", "the batch holds no events"))
-    if len(items) > cfg.max_batch_events:
-        return _refuse(items, "batch_too_large",
-                       error(413, "batch_too_large", f"at most {cfg.max_batch_events} events per request"), url_key)
+    if len(items) > cfg.max_batch_events:  # one refusal, however many items: nothing was read one by one
+        return _refuse_for(_request_site(items, url_key), "batch_too_large", error(
+            413, "batch_too_large", f"at most {cfg.max_batch_events} events per request"), client_ip)
     registry: SiteRegistry = current_app.extensions["tally_registry"]
     keys = [url_key, *(item.get("site") for item in items if isinstance(item, dict))]
     sites = registry.snapshot_knowing(keys)  # one consistent copy for the whole request
@@ -170,19 +190,25 @@ def screen(items: list[Any], url_key: str | None, *, origin: str | None = None,
             g.tally_cors = None  # the origin cannot be checked: the answer is not readable by a page
         return _refuse(items, "registry_unavailable", _registry_unavailable(registry))
     if origin is not None:
-        refused = _check_origin(items, url_key, sites, origin, cors_origin)
+        refused = _check_origin(items, url_key, sites, origin, cors_origin, client_ip)
         if refused is not None:
             return refused
-    user_agent, client_ip = peer if peer is not None else (request.headers.get("User-Agent"), request.remote_addr)
     ctx = HitContext(received_at=datetime.now(timezone.utc), user_agent=user_agent, client_ip=client_ip)
     events = _stamp(items, url_key, sites, ctx)
     if isinstance(events, Response):
         return events
-    return _charge(events, items, url_key, sites, client_ip, origin is not None)
+    return _charge(events, items, url_key, sites, client_ip)
+
+
+def _request_site(items: list[Any], url_key: str | None) -> str | None:
+    """The site a refusal of the whole request counts for: the one its first event's key names (its own
+    `site` field, else `url_key`), if registered in the registry copy; else None (nobody's)."""
+    sites = current_app.extensions["tally_registry"].snapshot()
+    return _key_owners(items[:1], url_key, sites.by_key)[0] if sites is not None else None
 
 
 def _check_origin(items: list[Any], url_key: str | None, sites: Snapshot, origin: str,
-                  cors_origin: str | None) -> Response | None:
+                  cors_origin: str | None, client: str | None) -> Response | None:
     """Before anything else: a page origin a site did not register learns nothing and writes nothing."""
     known = 0
     for index, item in enumerate(items):
@@ -194,7 +220,7 @@ def _check_origin(items: list[Any], url_key: str | None, sites: Snapshot, origin
             return _refuse(items, "origin_not_allowed", error(
                 403, "origin_not_allowed", f"event {index}: origin {origin[:200]!r} is not registered for "
                 f"{site.domain} (`tally sites add --origin`)", index=index, field="Origin",
-                origin=origin[:200], domain=site.domain), url_key)
+                origin=origin[:200], domain=site.domain), url_key, client=client)
     if known == len(items):  # every event's site registered it: every answer is the page's to read
         g.tally_cors = cors_origin
     return None
@@ -214,47 +240,47 @@ def _stamp(items: list[Any], url_key: str | None, sites: Snapshot, ctx: HitConte
                                    site.url_rule if site is not None else None)
         except EventError as exc:
             return _refuse(items, "invalid_event", error(400, "invalid_event", f"event {index}: {exc}",
-                                                         index=index, **exc.as_dict()), url_key)
+                                                         index=index, **exc.as_dict()), url_key, client=ctx.client_ip)
         if not key:
             return _refuse(items, "missing_site_key", error(
                 401, "missing_site_key", f"event {index}: no site key; send ?site=<key> or a 'site' field "
-                "(`tally sites add DOMAIN` prints the key)", index=index, field="site"), url_key)
+                "(`tally sites add DOMAIN` prints the key)", index=index, field="site"), url_key, client=ctx.client_ip)
         if site is None:
             return _refuse(items, "unknown_site_key", error(
                 401, "unknown_site_key", f"event {index}: the site key is not registered", index=index,
-                field="site"), url_key)
+                field="site"), url_key, client=ctx.client_ip)
         if site.domain != event.domain:
             return _refuse(items, "site_mismatch", error(
                 403, "site_mismatch", f"event {index}: the site key is not for domain {event.domain} "
                 "(domains match exactly; register www. names separately)", index=index, field="site",
-                domain=event.domain), url_key)
+                domain=event.domain), url_key, client=ctx.client_ip)
         events.append(event)
     return events
 
 
-def _charge(events: list[Event], items: list[Any], url_key: str | None, sites: Snapshot, client_ip: str | None,
-            origin: bool) -> Response | list[Event]:
+def _charge(events: list[Event], items: list[Any], url_key: str | None, sites: Snapshot, client_ip: str | None
+            ) -> Response | list[Event]:
     """Charge the events to their sites' limits and to the client address's share of them (ADR 29);
     `events`, or the 429 (counted) when a site or this address's share of it has no room."""
     costs = Counter(e.domain for e in events)
     limiter: SiteLimiter = current_app.extensions["tally_limiter"]
     over = limiter.hit(costs, {d: (sites.by_domain[d].rate_per_s, sites.by_domain[d].burst) for d in costs},
-                       client_ip, origin)
+                       client_ip)
     if over is None:
         return events
     if over.address:
         code = "address_rate_limited"
         message = (f"this batch is larger than what one client address may send at once for {over.domain} "
                    f"({over.limit} events); send smaller batches" if over.too_big else
-                   f"this client address is over its share of {over.domain}'s event rate limit"
-                   f"{'' if origin else ' (requests without an Origin get a smaller share)'}; retry later")
+                   f"this client address is over its share of {over.domain}'s event rate limit; retry later "
+                   "(a site fed from its own servers raises its limit: `tally sites update DOMAIN --rate N --burst N`)")
     else:
         code = "rate_limited"
         message = (f"this batch is larger than what {over.domain} may send at once; send smaller batches"
                    if over.too_big else f"{over.domain} is over its event rate limit; retry later")
     resp = error(429, code, message, domain=over.domain)
     resp.headers["Retry-After"] = str(over.retry_after)
-    return _refuse(items, code, resp, url_key)
+    return _refuse(items, code, resp, url_key, client=client_ip)
 
 
 def _registry_unavailable(registry: SiteRegistry) -> Response:
@@ -381,8 +407,8 @@ def tag() -> Response:
 def pixel() -> Response:
     """A signed pixel (core/pixel.py): one event, admitted like /collect's, answered with a 1x1 GIF once
     it is in the spool. 400 malformed or `exp` beyond TALLY_PIXEL_MAX_TTL_S, 401 unknown key, 403 wrong
-    domain / bad or expired signature. Refetches by one client (address and User-Agent) within a UTC
-    quarter hour are one event (the same id and time: the same hash, ADR 31)."""
+    domain / bad or expired signature. Refetches by one client address (an IPv6 /56), whatever its
+    User-Agent, within a UTC quarter hour are one event (the same id and time: the same hash, ADR 31)."""
     if request.method != "GET":  # HEAD (prefetchers, link checkers) must not count a hit
         return error(405, "method_not_allowed", "fetch the pixel with GET")
     registry: SiteRegistry = current_app.extensions["tally_registry"]
@@ -393,10 +419,10 @@ def pixel() -> Response:
     try:
         site, params = pixel_params(request.query_string, sites.by_key, now, max_ttl_s)
     except PixelRefusal as exc:
-        return _refuse_for(exc.domain, exc.code, error(exc.status, exc.code, exc.message, field=exc.field))
-    address, user_agent = request.remote_addr, request.headers.get("User-Agent")
-    event = pixel_hit(params, current_app.config["TALLY_VISITOR_KEY"], address and address_key(address),
-                      user_agent, now)
+        return _refuse_for(exc.domain, exc.code, error(exc.status, exc.code, exc.message, field=exc.field),
+                           request.remote_addr)
+    address = request.remote_addr
+    event = pixel_hit(params, current_app.config["TALLY_VISITOR_KEY"], address and address_key(address), now)
     result = admit([event], site.site_key)  # the pixel is signed: no Origin check
     if isinstance(result, Response):
         return result
@@ -443,8 +469,7 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["tally_registry"] = registry or SiteRegistry.from_settings(settings).start()
     app.extensions["tally_limiter"] = SiteLimiter(settings.site_rate_per_s, settings.site_burst, workers=workers,
-                                                  address_share=settings.site_address_share,
-                                                  no_origin_share=settings.site_no_origin_share)
+                                                  address_share=settings.site_address_share)
     app.extensions["tally_refusals"] = RefusalCounter()
     app.extensions["tally_tag"] = TagAsset.load()  # read and gzip-compressed once per worker
     spool = spool or SpoolWriter(settings.spool_dir, max_bytes=settings.spool_segment_bytes,
@@ -472,7 +497,7 @@ def flush_refusals(app: Flask) -> int:
     sites = app.extensions["tally_registry"].snapshot()
     known = sites.by_domain if sites is not None else {}
     now = datetime.now(timezone.utc)
-    mine = {k: n for k, n in counts.items() if k[0] in known}
+    mine = {(d, r): n for (d, r), n in counts.items() if d is not None and d in known}
     if not mine:
         return 0
     try:

@@ -10,14 +10,19 @@ entry per site, one lock), not the library's MemoryStorage, which starts a timer
 10 ms while counters live and costs ~30 us per request (docs/adr/0025-collector-speed.md).
 
 Inside a site's budget, one client address may use at most `address_share` of it (window W, at most
-floor(share * A) events), and its requests without an `Origin` header at most `no_origin_share`
-(TALLY_SITE_ADDRESS_SHARE, TALLY_SITE_NO_ORIGIN_SHARE): anyone holding a site's public key can send,
-but one sender can no longer use up the site's limit and starve its browsers. A request is charged
-to the site and to its address only if both have room, so refused requests consume nothing. The
-address is the peer's (IPv4 as is, IPv6 by its /64, the block one subscriber gets); the per-address
-state is an LRU of at most `max_addresses` (domain, address) entries per worker (~0.3 KB each),
-so memory is bounded whatever the number of addresses; an evicted address starts afresh, which
-can only let it send more, never refuse anyone else. See docs/adr/0029-per-address-shares.md.
+floor(share * A) events; TALLY_SITE_ADDRESS_SHARE, default 0.1), whatever its headers say: an `Origin`
+header is no proof of a browser (anything outside a browser can send one), so it earns no bigger share.
+A request is charged to the site and to its address only if both have room, so refused requests
+consume nothing. The address is the peer's (IPv4 as is, IPv6 by its /56: a home gets a /56 or a /48
+from its ISP, so one household has 256 or more /64s); the per-address state is an LRU of at most
+`max_addresses` (domain, address) entries per worker (~0.3 KB each), so memory is bounded whatever the
+number of addresses; an evicted address starts afresh, which can only let it send more, never refuse
+anyone else. The shares bound what one address (or one /56) takes; they do not stop a distributed
+sender: 1/share addresses (ten at the default) together take the whole site limit, which still
+bounds the total. See docs/adr/0029-per-address-shares.md.
+
+The same entry bounds the refusals one address makes count for a site (`countable`): at most its
+share per window, so one sender cannot inflate a site's refusal counters without bound.
 
 Each collector worker process has its own memory, so with N workers each enforces 1/N of the
 limit (`workers=N`), and each address's share of that 1/N; see docs/adr/0011-sites-registry.md.
@@ -80,36 +85,37 @@ class _Counter:
 
 
 class _AddressCounter:
-    """One address's use of one site's window: all its events, and those sent without an Origin, with
-    the two shares of the site's `limit` it may use (`share`, `no_origin_share` events per window)."""
+    """One address's use of one site's window: the events it was admitted and the refused events that
+    counted for the site, each at most `share` events per sliding window (the address's share of `limit`)."""
 
-    __slots__ = ("current", "index", "limit", "no_origin_current", "no_origin_previous", "no_origin_share",
-                 "previous", "share")
+    __slots__ = ("current", "index", "limit", "previous", "refused_current", "refused_previous", "share")
 
-    def __init__(self, limit: WindowLimit, index: int, shares: tuple[int, int]) -> None:
-        self.limit, self.index = limit, index
-        self.share, self.no_origin_share = shares
-        self.previous = self.current = self.no_origin_previous = self.no_origin_current = 0
+    def __init__(self, limit: WindowLimit, index: int, share: int) -> None:
+        self.limit, self.index, self.share = limit, index, share
+        self.previous = self.current = self.refused_previous = self.refused_current = 0
 
     def weighted(self, now: float) -> tuple[float, float]:
-        """(all events, events without an Origin) in the sliding window at `now` (as `_Counter.weighted`)."""
+        """(admitted events, counted refusals) in the sliding window at `now` (as `_Counter.weighted`)."""
         window = self.limit.window
         index = int(now // window)
         if index != self.index:
             follows = index == self.index + 1
             self.previous = self.current if follows else 0
-            self.no_origin_previous = self.no_origin_current if follows else 0
-            self.current = self.no_origin_current = 0
+            self.refused_previous = self.refused_current if follows else 0
+            self.current = self.refused_current = 0
             self.index = index
         weight = 1.0 - (now / window) % 1.0
-        return (self.previous * weight + self.current, self.no_origin_previous * weight + self.no_origin_current)
+        return (self.previous * weight + self.current, self.refused_previous * weight + self.refused_current)
+
+
+IPV6_PREFIX = 56  # an IPv6 client counts by its /56: what ISPs delegate to one home (some a /48)
 
 
 @lru_cache(maxsize=4096)
 def address_key(address: str) -> str:
-    """The address a share is kept for: an IPv4 address as is, an IPv6 address by its /64 (one
-    subscriber's block: otherwise one sender would have 2^64 addresses), an IPv4-mapped IPv6 address as
-    its IPv4 address. Anything unparsable is kept as given."""
+    """The address a share is kept for: an IPv4 address as is, an IPv6 address by its /56 (one home's
+    delegation: otherwise one subscriber would have 256 or more /64s, and 2^72 addresses), an
+    IPv4-mapped IPv6 address as its IPv4 address. Anything unparsable is kept as given."""
     if ":" not in address:
         return address
     try:
@@ -118,24 +124,25 @@ def address_key(address: str) -> str:
         return address
     if ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
-    return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
+    host_bits = 128 - IPV6_PREFIX
+    return f"{ipaddress.IPv6Address(int(ip) >> host_bits << host_bits)}/{IPV6_PREFIX}"
 
 
 class SiteLimiter:
     """Thread-safe per-domain limiter with per-address shares (one per worker process)."""
 
     def __init__(self, default_rate_per_s: float, default_burst: int, *, workers: int = 1,
-                 address_share: float = 1.0, no_origin_share: float = 1.0, max_addresses: int = ADDRESS_SLOTS,
+                 address_share: float = 1.0, max_addresses: int = ADDRESS_SLOTS,
                  clock: Callable[[], float] = time.time) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
-        if not 0 < no_origin_share <= address_share <= 1 or max_addresses < 1:
-            raise ValueError("need 0 < no_origin_share <= address_share <= 1 and max_addresses >= 1")
+        if not 0 < address_share <= 1 or max_addresses < 1:
+            raise ValueError("need 0 < address_share <= 1 and max_addresses >= 1")
         self.default_rate_per_s = default_rate_per_s
         self.default_burst = default_burst
         self.workers = workers
-        self.address_share, self.no_origin_share = address_share, no_origin_share
-        self.shares = address_share < 1 or no_origin_share < 1  # False: no per-address state at all
+        self.address_share = address_share
+        self.shares = address_share < 1  # False: admissions keep no per-address state at all
         self.max_addresses = max_addresses
         self._clock = clock
         self._items: dict[tuple[float | None, int | None], WindowLimit] = {}
@@ -154,18 +161,16 @@ class SiteLimiter:
             self._items[(rate_per_s, burst)] = item  # a benign race: both threads compute the same item
         return item
 
-    def shares_of(self, item: WindowLimit) -> tuple[int, int]:
-        """(events per window one address may send, of which without an Origin) for a site's `item`."""
-        return (max(1, math.floor(item.amount * self.address_share)),
-                max(1, math.floor(item.amount * self.no_origin_share)))
+    def share_of(self, item: WindowLimit) -> int:
+        """The events per window one address may send for a site whose limit is `item` (at least 1)."""
+        return max(1, math.floor(item.amount * self.address_share))
 
     def hit(self, costs: Mapping[str, int], overrides: Mapping[str, tuple[float | None, int | None]],
-            address: str | None = None, origin: bool = True) -> Refused | None:
+            address: str | None = None) -> Refused | None:
         """Charge `costs` (events per domain); None if every domain had room, else the first that did not.
 
-        `address`: the client's address (None: no per-address share is kept); `origin`: whether the
-        request carried an `Origin` header (without one, the smaller share applies). All domains, and
-        the address's share of each, are tested and then charged under one lock, so a refused request
+        `address`: the client's address (None: no per-address share is kept). All domains, and the
+        address's share of each, are tested and then charged under one lock, so a refused request
         charges nothing. Only registered domains reach here (the caller checked every event's site), so
         the site counters are bounded by the registry and the address counters by `max_addresses`.
         """
@@ -183,39 +188,44 @@ class SiteLimiter:
                     return self._refused(domain, cost, item.amount, item.window)
                 mine = None if key is None else self._address_counter(domain, key, item, now)
                 if mine is not None:
-                    refused = self._over_share(domain, cost, item, mine, now, origin)
-                    if refused is not None:
-                        return refused
+                    used = mine.weighted(now)[0]
+                    if cost > mine.share or math.floor(used) + cost > mine.share:
+                        return self._refused(domain, cost, mine.share, item.window, address=True)
                 charges.append((counter, mine, cost))
             for counter, mine, cost in charges:
                 counter.current += cost
                 if mine is not None:
                     mine.current += cost
-                    if not origin:
-                        mine.no_origin_current += cost
         return None
+
+    def countable(self, domain: str, refused: int, override: tuple[float | None, int | None],
+                  address: str | None) -> int:
+        """How many of `refused` events from `address` may count as `domain`'s refusals (its status): at most
+        the address's share of the site's window per window, as many as it could have had admitted; the
+        rest are counted in the metrics only. So one sender cannot inflate a site's refusal counters
+        without bound (ADR 29). Without an address (never so for a real request), all of them."""
+        if not address or refused <= 0:
+            return max(0, refused)
+        item = self.item_for(*override)
+        now = self._clock()
+        key = address_key(address)
+        with self._lock:
+            mine = self._address_counter(domain, key, item, now)
+            counted = min(refused, max(0, mine.share - math.floor(mine.weighted(now)[1])))
+            mine.refused_current += counted
+        return counted
 
     def _address_counter(self, domain: str, key: str, item: WindowLimit, now: float) -> _AddressCounter:
         """The (domain, address) counter, most recently used; the least recently used goes beyond the cap."""
         slot = (domain, key)
         mine = self._addresses.get(slot)
         if mine is None or (mine.limit is not item and mine.limit != item):
-            mine = self._addresses[slot] = _AddressCounter(item, int(now // item.window), self.shares_of(item))
+            mine = self._addresses[slot] = _AddressCounter(item, int(now // item.window), self.share_of(item))
             if len(self._addresses) > self.max_addresses:
                 self._addresses.popitem(last=False)
         else:
             self._addresses.move_to_end(slot)
         return mine
-
-    def _over_share(self, domain: str, cost: int, item: WindowLimit, mine: _AddressCounter, now: float,
-                    origin: bool) -> Refused | None:
-        share, no_origin_share = mine.share, mine.no_origin_share
-        used, used_no_origin = mine.weighted(now)
-        if cost > share or math.floor(used) + cost > share:
-            return self._refused(domain, cost, share, item.window, address=True)
-        if not origin and (cost > no_origin_share or math.floor(used_no_origin) + cost > no_origin_share):
-            return self._refused(domain, cost, no_origin_share, item.window, address=True)
-        return None
 
     @staticmethod
     def _refused(domain: str, cost: int, amount: int, window: int, *, address: bool = False) -> Refused:

@@ -24,6 +24,10 @@ LOADER_GROUP = "tally-loader"
 SQL_WATCHDOG_GRACE_S = 1.0
 SQL_SLOT_WAIT_S = 2.0
 SQL_RELAY_MARGIN_S = 2.0
+# A query cancelled at its deadline that is still computing inside ClickHouse this long after the deadline
+# makes the analyst server exit for its supervisor to restart (TALLY_SQL_OVERRUN_GRACE_S; default
+# max(SQL_OVERRUN_GRACE_MIN_S, TALLY_SQL_MAX_EXECUTION_S)). ADR 32.
+SQL_OVERRUN_GRACE_MIN_S = 30.0
 
 
 class ConfigError(ValueError):
@@ -117,11 +121,13 @@ class Settings:
     api_max_connections_per_client: int = 64
     api_idle_timeout_s: int = 15
     api_request_timeout_s: int = 15
-    # Collector: the share of a site's limit one client address may use, and without an Origin (ADR 29).
-    site_address_share: float = 0.5
-    site_no_origin_share: float = 0.25
+    # Collector: the share of a site's limit one client address (an IPv6 /56) may use, Origin or not (ADR 29).
+    site_address_share: float = 0.1
     # Signed pixel URLs: how far in the future `exp` may be (ADR 31).
     pixel_max_ttl_s: int = 7 * 86_400
+    # How long a query the analyst watchdog cancelled may go on computing after its deadline before the
+    # analyst server exits (code 75) to be restarted by its supervisor (ADR 32).
+    sql_overrun_grace_s: float = SQL_OVERRUN_GRACE_MIN_S
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -132,6 +138,7 @@ class Settings:
         ch_default = f"chdb://{(home / 'chdb').resolve()}"
         bind_host = r.text("TALLY_BIND_HOST", "127.0.0.1", min_len=1) or "127.0.0.1"
         analyst_port = r.integer("TALLY_ANALYST_PORT", 8702, 0, 65535)
+        sql_max_execution_s = r.integer("TALLY_SQL_MAX_EXECUTION_S", 30, 1, 3600)
         settings = cls(
             home=home,
             kafka_bootstrap=r.bootstrap("TALLY_KAFKA_BOOTSTRAP"),
@@ -156,7 +163,7 @@ class Settings:
             max_past_age_s=r.integer("TALLY_MAX_PAST_AGE_S", 7 * 86_400, 60, 400 * 86_400),
             spool_segment_bytes=r.integer("TALLY_SPOOL_SEGMENT_BYTES", 4 * 1024 * 1024, 4096, 1 << 30),
             spool_segment_age_s=r.number("TALLY_SPOOL_SEGMENT_AGE_S", 1.0, 0.05, 3600.0),
-            sql_max_execution_s=r.integer("TALLY_SQL_MAX_EXECUTION_S", 30, 1, 3600),
+            sql_max_execution_s=sql_max_execution_s,
             sql_max_memory_bytes=r.integer("TALLY_SQL_MAX_MEMORY_BYTES", 512 << 20, 1 << 20, 1 << 40),
             sql_max_result_rows=r.integer("TALLY_SQL_MAX_RESULT_ROWS", 10_000, 1, 10_000_000),
             sql_max_result_bytes=r.integer("TALLY_SQL_MAX_RESULT_BYTES", 64 << 20, 1024, 1 << 34),
@@ -192,19 +199,16 @@ class Settings:
             api_max_connections_per_client=r.integer("TALLY_API_MAX_CONNECTIONS_PER_CLIENT", 64, 0, 1_000_000),
             api_idle_timeout_s=r.integer("TALLY_API_IDLE_TIMEOUT_S", 15, 1, 3600),
             api_request_timeout_s=r.integer("TALLY_API_REQUEST_TIMEOUT_S", 15, 1, 3600),
-            site_address_share=r.number("TALLY_SITE_ADDRESS_SHARE", 0.5, 0.01, 1.0),
-            site_no_origin_share=r.number("TALLY_SITE_NO_ORIGIN_SHARE", 0.25, 0.01, 1.0),
+            site_address_share=r.number("TALLY_SITE_ADDRESS_SHARE", 0.1, 0.01, 1.0),
             pixel_max_ttl_s=r.integer("TALLY_PIXEL_MAX_TTL_S", 7 * 86_400, 60, 366 * 86_400),
+            sql_overrun_grace_s=r.number("TALLY_SQL_OVERRUN_GRACE_S",
+                                         max(SQL_OVERRUN_GRACE_MIN_S, float(sql_max_execution_s)), 0.1, 86_400.0),
             raw={k: v for k, v in env.items() if k.startswith("TALLY_")},
         )
         unknown = sorted(set(settings.raw) - _KNOWN)
         if unknown:
             raise ConfigError(unknown[0], "unknown setting (typo?); known settings are listed in README.md")
         _check_retention(settings)
-        if settings.site_no_origin_share > settings.site_address_share:
-            raise ConfigError("TALLY_SITE_NO_ORIGIN_SHARE", f"{settings.site_no_origin_share:g} is more than "
-                              f"TALLY_SITE_ADDRESS_SHARE ({settings.site_address_share:g}); requests without an "
-                              "Origin get at most an address's share")
         return settings
 
     def with_overrides(self, **changes: object) -> "Settings":
@@ -230,7 +234,7 @@ _KNOWN = {
     "TALLY_MAX_BATCH_EVENTS", "TALLY_MAX_FUTURE_SKEW_S", "TALLY_MAX_PAST_AGE_S", "TALLY_SPOOL_SEGMENT_BYTES",
     "TALLY_SPOOL_SEGMENT_AGE_S", "TALLY_SQL_MAX_EXECUTION_S",
     "TALLY_SQL_MAX_MEMORY_BYTES", "TALLY_SQL_MAX_RESULT_ROWS", "TALLY_SQL_MAX_RESULT_BYTES",
-    "TALLY_SQL_MAX_CONCURRENT", "TALLY_SQL_MAX_THREADS", "TALLY_CONSUMER_SESSION_TIMEOUT_MS", "TALLY_ROLLUP_CONSUMERS", "TALLY_ALLOWED_HOSTS",
+    "TALLY_SQL_MAX_CONCURRENT", "TALLY_SQL_MAX_THREADS", "TALLY_SQL_OVERRUN_GRACE_S", "TALLY_CONSUMER_SESSION_TIMEOUT_MS", "TALLY_ROLLUP_CONSUMERS", "TALLY_ALLOWED_HOSTS",
     "TALLY_API_RATE_LIMIT", "TALLY_ANALYST_PORT", "TALLY_ANALYST_URL", "TALLY_SITE_RATE_PER_S",
     "TALLY_SITE_BURST", "TALLY_REGISTRY_REFRESH_S", "TALLY_TOKEN", "TALLY_SPOOL_RETAIN_S",
     "TALLY_SPOOL_RETAIN_BYTES", "TALLY_SPOOL_RESERVE_BYTES", "TALLY_METRICS_ALLOWED_NETS",
@@ -240,7 +244,7 @@ _KNOWN = {
     "TALLY_RECONCILE_INTERVAL_S", "TALLY_COLLECTOR_INTERFACE",
     "TALLY_API_MAX_CONNECTIONS", "TALLY_API_MAX_CONNECTIONS_PER_CLIENT", "TALLY_API_IDLE_TIMEOUT_S",
     "TALLY_API_REQUEST_TIMEOUT_S",
-    "TALLY_SITE_ADDRESS_SHARE", "TALLY_SITE_NO_ORIGIN_SHARE", "TALLY_PIXEL_MAX_TTL_S",
+    "TALLY_SITE_ADDRESS_SHARE", "TALLY_PIXEL_MAX_TTL_S",
 }
 
 def _default_dedup_days(env: Mapping[str, str]) -> int:

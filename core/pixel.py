@@ -8,10 +8,13 @@ In Python: `urllib.parse.urlencode(sorted(params.items()), quote_via=urllib.pars
 `exp` is the expiry in Unix seconds, at most TALLY_PIXEL_MAX_TTL_S (default 7 days) after the fetch;
 a parameter may appear only once.
 
-A fetch counts once per (URL, client) and quarter hour: `pixel_hit` gives the event an id derived
-from the signature and the client (address and User-Agent, keyed so the id reveals neither) and the
-start of the UTC quarter hour as its time, so refetches in the same quarter hour are one event in both
-stores (the event hash, ADR 14). See docs/adr/0031-pixel-lifetime-and-dedup.md.
+A fetch counts once per (URL, client address) and quarter hour: `pixel_hit` gives the event an id
+derived from the signature and the client's address only (an IPv6 address by its /56, as the rate
+limiter keys it; keyed so the id does not reveal it) and the start of the UTC quarter hour as its time,
+so refetches from one address in the same quarter hour are one event in both stores (the event hash,
+ADR 14), whatever User-Agent they send: the sender chooses it. Several people behind one address (an
+office NAT, a mail provider's image proxy) opening the same email in one quarter hour count once.
+See docs/adr/0031-pixel-lifetime-and-dedup.md.
 """
 
 from __future__ import annotations
@@ -85,15 +88,16 @@ def check_lifetime(exp: int, now_s: float, max_ttl_s: int) -> None:
 QUARTER_S = 900  # a pixel URL counts once per client per UTC quarter hour (the finest rollup tier)
 
 
-def pixel_hit(params: Mapping[str, str], key: bytes, client: str | None, user_agent: str | None,
-              now_s: float) -> dict[str, object]:
+def pixel_hit(params: Mapping[str, str], key: bytes, client: str | None, now_s: float) -> dict[str, object]:
     """The event a verified pixel stands for: what it carries but its key, expiry and signature, plus an
-    `id` and `ts` that make refetches by one client within one quarter hour the same event (ADR 31).
+    `id` and `ts` that make refetches from one client address within one quarter hour the same event
+    (ADR 31).
 
-    `key`: a secret MAC key (the collector's visitor key), so the stored hash reveals neither the
-    client's address nor its User-Agent; `client`: its address as the rate limiter keys it."""
+    `key`: a secret MAC key (the collector's visitor key), so the stored hash does not reveal the client's
+    address; `client`: its address as the rate limiter keys it (IPv6 by its /56). Not the User-Agent: the
+    sender chooses it, so one leaked URL fetched with a thousand User-Agents would count a thousand times."""
     event: dict[str, object] = {k: v for k, v in params.items() if k not in ("site", "exp", "sig")}
-    msg = "\x00".join((params["sig"].lower(), client or "", user_agent or "")).encode()
+    msg = "\x00".join((params["sig"].lower(), client or "")).encode()
     event["id"] = "px_" + hashlib.blake2b(msg, key=key, digest_size=16, person=b"tally-pixel").hexdigest()
     event["ts"] = int(now_s) // QUARTER_S * QUARTER_S * 1000  # epoch ms of the quarter hour's start
     return event

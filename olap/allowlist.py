@@ -505,7 +505,17 @@ class _Walker:
 
 # --- rules on arguments ------------------------------------------------------------------------
 
-_AGGREGATE_IN_TYPE = re.compile(r"\b(?:Simple)?AggregateFunction\s*\(\s*(?:\d+\s*,\s*)?([^\s,()]*)", re.IGNORECASE)
+# An AggregateFunction / SimpleAggregateFunction type as analysts may write it in a string: the type's name
+# spelled plainly (no quotes, comments or escapes), then `(`, an optional version, a plain aggregate name with
+# optional parameters, and `,` or `)`. ClickHouse's type parser also reads `AggregateFunction/**/(`,
+# `` `AggregateFunction`( ``, `"AggregateFunction"(` and escapes in quoted names (`Aggregate\x46unction`,
+# `Aggregate\NFunction`), so check_literal counts every place a string could name one (AGGREGATE_TYPE_WORD in
+# its letters, lowercased, with and without escapes decoded) and refuses the string unless each is this form.
+_AGGREGATE_TYPE = re.compile(r"(?<![A-Za-z0-9_])(?:Simple)?AggregateFunction[ \t\r\n]*\([ \t\r\n]*"
+                             r"(?:\d+[ \t\r\n]*,[ \t\r\n]*)?([A-Za-z_][A-Za-z0-9_]*)"
+                             r"(?:\(((?:[^()'\\]|'[^'\\]*')*)\))?[ \t\r\n]*[,)]")
+AGGREGATE_TYPE_WORD = "aggregatefunction"
+_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|N|.)", re.DOTALL)
 _AGGREGATE_NAME = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*", re.DOTALL)
 _PLAIN_PARAMETER = r"\s*(?:[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|'[^'\\]*')\s*"
 _PLAIN_PARAMETERS = re.compile(rf"(?:{_PLAIN_PARAMETER}(?:,{_PLAIN_PARAMETER})*)?")
@@ -553,15 +563,47 @@ def check_aggregate_name(text: str, functions: FunctionTable, where: str) -> Non
 
 
 def check_literal(node: dict[str, Any], functions: FunctionTable) -> None:
-    """Every AggregateFunction(...)/SimpleAggregateFunction(...) type in a string literal names allowed aggregates."""
+    """Every AggregateFunction(...)/SimpleAggregateFunction(...) type a string literal could hold is written
+    plainly (`_AGGREGATE_TYPE`) and names an allowed aggregate with plain literal parameters."""
     if set(node) - {"type", "value", "alias"}:
         raise Refused("unsupported construct Literal")
     for text in _strings(node.get("value")):
-        for match in _AGGREGATE_IN_TYPE.finditer(text):
-            name = match.group(1)
-            if not name or not functions.allows_aggregate(name):
-                raise Refused(f"aggregate function {name or '?'} (in the type {text[:80]!r}) is not allowed in "
-                              "analyst SQL")
+        check_aggregate_types(text, functions)
+
+
+def check_aggregate_types(text: str, functions: FunctionTable) -> None:
+    """Raise Refused unless every possible aggregate function type in `text` is a plain, allowed one."""
+    possible = max(_letters(text).count(AGGREGATE_TYPE_WORD), _letters(_unescape(text)).count(AGGREGATE_TYPE_WORD))
+    if not possible:
+        return
+    plain = list(_AGGREGATE_TYPE.finditer(text))
+    for match in plain:
+        name, parameters = match.group(1), match.group(2)
+        if not functions.allows_aggregate(name):
+            raise Refused(f"aggregate function {name} (in the type {text[:80]!r}) is not allowed in analyst SQL")
+        if parameters is not None and not _PLAIN_PARAMETERS.fullmatch(parameters):
+            raise Refused(f"the parameters of {name} (in the type {text[:80]!r}) must be plain number or string "
+                          "literals")
+    if len(plain) != possible:
+        raise Refused(f"the string {text[:80]!r} spells AggregateFunction in a way ClickHouse could read as a type "
+                      "but this check cannot: write such types plainly, as AggregateFunction(name, Type, ...) "
+                      "with no quotes, comments or escapes (to match text, build it with concat('aggregate', "
+                      "'function'))")
+
+
+def _letters(text: str) -> str:
+    """`text` lowercased, letters a-z only: what is left of a type name once quotes, comments and spaces go."""
+    return re.sub(r"[^a-z]", "", text.lower())
+
+
+def _unescape(text: str) -> str:
+    """Backslash escapes decoded as ClickHouse decodes them in quoted names (\\xHH, \\N is nothing, \\c is c)."""
+    def decode(match: re.Match[str]) -> str:
+        escape = match.group(1)
+        if escape == "N":
+            return ""
+        return chr(int(escape[1:], 16)) if len(escape) == 3 else escape
+    return _ESCAPE.sub(decode, text)
 
 
 def _strings(value: Any) -> Iterator[str]:

@@ -55,6 +55,12 @@ MAX_SQL_BYTES = 16 * 1024
 # Rows per block: ClickHouse checks the time limit (and KILL QUERY) between blocks, so smaller blocks
 # bound the work between two checks (ClickHouse's default is 65,409).
 MAX_BLOCK_ROWS = 8192
+# Elements `range` may produce per call and block (ClickHouse's function_range_max_elements_in_block, default
+# 500,000,000): 32 per row of a full block. Quadratic array work on one such array (`hasAll(range(n),
+# arrayReverse(range(n)))`) costs about 2 s at this cap on the reference machine, 32 s at 1,000,000 (ADR 32).
+# A cheap cap on the commonest form only: arrays made otherwise are bounded by the memory limit, and the
+# watchdog's overrun exit bounds the time.
+MAX_RANGE_ELEMENTS = 32 * MAX_BLOCK_ROWS
 # Result types nested deeper than this (Array(Array(...)), tuples, maps) are refused: the driver's type
 # parser recurses per level (RecursionError near 350) and orjson stops at 255.
 MAX_RESULT_NESTING = 32
@@ -92,6 +98,7 @@ class SqlLimits:
     max_result_bytes: int = 64 << 20
     max_threads: int = 2
     max_block_rows: int = MAX_BLOCK_ROWS
+    max_range_elements: int = MAX_RANGE_ELEMENTS
 
 
 @dataclass
@@ -183,6 +190,7 @@ def _settings(client: Client, limits: SqlLimits, tag: str | None = None) -> dict
         "result_overflow_mode": "throw",
         "max_threads": limits.max_threads,
         "max_block_size": limits.max_block_rows,
+        "function_range_max_elements_in_block": limits.max_range_elements,
         "allow_introspection_functions": 0,
     }
     if tag:
@@ -272,18 +280,31 @@ def _too_deep() -> AnalystQueryError:
 
 def _check_nesting(types: Sequence[str]) -> None:
     for name in types:
-        depth = deepest = 0
-        quoted = escaped = False
-        for char in name:  # parentheses inside quoted Enum labels do not count
-            if quoted:
-                quoted, escaped = (escaped or char != "'"), (not escaped and char == "\\")
-            elif char == "'":
-                quoted = True
-            else:
-                depth += (char == "(") - (char == ")")
-                deepest = max(deepest, depth)
-        if deepest > MAX_RESULT_NESTING:
+        if _nesting(name) > MAX_RESULT_NESTING:
             raise _too_deep()
+
+
+def _nesting(type_name: str) -> int:
+    """How deep the parentheses of a type name go. Parentheses inside quotes do not count: Enum labels
+    ('...') and tuple element names (`...` or "..."), with backslash escapes; a doubled quote closes and
+    reopens, which comes to the same."""
+    depth = deepest = 0
+    quote: str | None = None
+    escaped = False
+    for char in type_name:
+        if quote is not None:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = None
+        elif char in "'`\"":
+            quote = char
+        else:
+            depth += (char == "(") - (char == ")")
+            deepest = max(deepest, depth)
+    return deepest
 
 
 def _describe(client: Client, text: str, settings: dict[str, Any]) -> tuple[list[str], list[str]]:

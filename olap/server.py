@@ -13,7 +13,8 @@ Contract of `POST /v1/query` (JSON `{"sql", "format", "token_id"}`):
   429 `analyst_busy` with Retry-After;
 - every query is answered by `deadline_s` after it got its slot, whatever ClickHouse is doing:
   each runs on a thread of its own under olap/watchdog.py, which cancels it at the deadline and
-  hands its slot back (ADR 32);
+  hands its slot back (ADR 32); a cancelled query still computing `overrun_grace` after its deadline
+  ends this process (exit code 75, logged at CRITICAL) for its supervisor to restart;
 - a query refused or failing before its first output byte gets a 400 JSON error
   (`query_refused`, `query_failed`, `query_timeout`, `result_too_large`), its message filtered
   by `public_message` (no hints naming tables or functions analysts cannot use);
@@ -38,7 +39,7 @@ from typing import Any, cast
 from flask import Blueprint, Flask, Response, current_app, request
 
 from core import metrics
-from core.config import LOADER_GROUP
+from core.config import LOADER_GROUP, SQL_OVERRUN_GRACE_MIN_S
 from core.http import error, install_host_check, install_json_errors, json_response
 from olap.aggregates import ClickHouseAggregates, TooManyRows, encode_answer, parse_request
 from olap.analyst import FORMATS, AnalystQueryError, QueryStats, SqlLimits, prepare, public_message, stream
@@ -113,10 +114,19 @@ class AnalystConfig:
     wait_s: float = 2.0
     # When the watchdog cancels a query, counted from when it got its slot; None: the time limit + 1 s.
     deadline_s: float | None = None
+    # How long a cancelled query may go on computing after its deadline before the process exits (ADR 32);
+    # None: the time limit, at least SQL_OVERRUN_GRACE_MIN_S.
+    overrun_grace_s: float | None = None
 
     @property
     def deadline(self) -> float:
         return self.deadline_s if self.deadline_s is not None else float(self.limits.max_execution_s) + 1.0
+
+    @property
+    def overrun_grace(self) -> float:
+        if self.overrun_grace_s is not None:
+            return self.overrun_grace_s
+        return max(SQL_OVERRUN_GRACE_MIN_S, float(self.limits.max_execution_s))
 
 
 def _cfg() -> AnalystConfig:
@@ -127,12 +137,15 @@ def _slots() -> QuerySlots:
     return current_app.extensions["tally_query_slots"]
 
 
-def _audit(sink: Callable[[AuditEntry], None], entry: AuditEntry) -> None:
+def _audit(sink: Callable[[AuditEntry], int | None], entry: AuditEntry) -> int | None:
+    """Hand `entry` to the audit sink; the audit row's id, if the sink gives one."""
     metrics.count_analyst_query(entry.status, entry.duration_ms / 1000.0)  # every query ends here, once
     try:
-        sink(entry)
+        row_id = sink(entry)
     except Exception:  # noqa: BLE001 - the audit store being down must not fail the answer already given
         log.exception("analyst: could not write the audit record")
+        return None
+    return row_id if isinstance(row_id, int) else None
 
 
 def _authorised() -> bool:
@@ -152,11 +165,12 @@ def query() -> Response:
 
     audited = threading.Event()
 
-    def audit(status: str, message: str | None) -> None:  # once per query, whichever path ends it first
-        if not audited.is_set():
-            audited.set()
-            _audit(sink, AuditEntry(token_id, started, sql[:100_000], fmt, status, stats.rows, stats.bytes,
-                                    (time.monotonic() - t0) * 1000.0, message))
+    def audit(status: str, message: str | None) -> int | None:  # once per query, whichever path ends it first
+        if audited.is_set():
+            return None
+        audited.set()
+        return _audit(sink, AuditEntry(token_id, started, sql[:100_000], fmt, status, stats.rows, stats.bytes,
+                                       (time.monotonic() - t0) * 1000.0, message))
 
     slots = _slots()
     try:
@@ -181,7 +195,7 @@ def query() -> Response:
         audit(exc.code, exc.message)
         return error(400, _ERROR_CODES.get(exc.code, "query_failed"), public_message(exc.message, cfg.database))
     except DeadlineReached:
-        audit("timeout", _cancelled(run, cfg))
+        run.audit_id = audit("timeout", _cancelled(run, cfg))  # named in the log if it overruns its grace
         return error(400, "query_timeout", _timeout_message(cfg))
     except BaseException:
         run.close()
@@ -218,7 +232,7 @@ def _query_request() -> tuple[str, str, str | None] | Response:
     return body["sql"], fmt, token_id
 
 
-def _rest(run: Run, first: bytes, stats: QueryStats, audit: Callable[[str, str | None], None],
+def _rest(run: Run, first: bytes, stats: QueryStats, audit: Callable[[str, str | None], int | None],
           cfg: AnalystConfig) -> Iterator[bytes]:
     """A streamed answer after its first chunk. A failure or the deadline cuts it: the server drops the
     connection without the final chunk, so the client sees an incomplete body, never a short file."""
@@ -240,7 +254,9 @@ def _rest(run: Run, first: bytes, stats: QueryStats, audit: Callable[[str, str |
         raise
     finally:
         run.close()
-        audit(status, message)
+        audit_id = audit(status, message)
+        if status == "timeout":
+            run.audit_id = audit_id
 
 
 def _timeout_message(cfg: AnalystConfig) -> str:
@@ -254,7 +270,8 @@ def _cancelled(run: Run, cfg: AnalystConfig) -> str:
             "its slot comes back when that block ends (too many cancelled queries still computing)")
     return (f"cancelled by the watchdog at the {cfg.deadline:g} s deadline (time limit "
             f"{cfg.limits.max_execution_s} s): ClickHouse was still inside one block; it was told to stop "
-            f"(KILL QUERY) and {slot}")
+            f"(KILL QUERY) and {slot}; if it still computes {cfg.overrun_grace:g} s after the deadline, the "
+            f"analyst server restarts (query tag {run.tag})")
 
 
 def _close_quietly(client: Any) -> None:
@@ -373,7 +390,7 @@ def internal_aggregates() -> Response:
     return Response(encode_answer(op, result), status=200, mimetype="application/json")
 
 
-def create_analyst_app(config: AnalystConfig, slots: QuerySlots, audit: Callable[[AuditEntry], None],
+def create_analyst_app(config: AnalystConfig, slots: QuerySlots, audit: Callable[[AuditEntry], int | None],
                        allowed_hosts: tuple[str, ...]) -> Flask:
     app = Flask(__name__)
     app.config["TALLY_ANALYST"] = config
@@ -382,8 +399,9 @@ def create_analyst_app(config: AnalystConfig, slots: QuerySlots, audit: Callable
     app.extensions["tally_offsets_slot"] = QuerySlots(slots.make_client, 1)
     app.extensions["tally_audit"] = audit
     # At most as many cancelled queries still computing as there are slots: ClickHouse runs at most twice
-    # TALLY_SQL_MAX_CONCURRENT analyst queries at once.
-    app.extensions["tally_watchdog"] = Watchdog(clickhouse_killer(slots.make_client), max_abandoned=slots.size)
+    # TALLY_SQL_MAX_CONCURRENT analyst queries at once, and none of them past its deadline + the grace.
+    app.extensions["tally_watchdog"] = Watchdog(clickhouse_killer(slots.make_client), max_abandoned=slots.size,
+                                                overrun_grace_s=config.overrun_grace)
     install_host_check(app, allowed_hosts)
     app.register_blueprint(bp)
     install_json_errors(app)

@@ -18,12 +18,18 @@ thread waits for its output only until the deadline. At the deadline:
 
 What still runs after the deadline: the cancelled query's current block, on its
 `max_threads` ClickHouse threads and one Python thread, until ClickHouse finishes that block;
-then the query ends, its client is closed and the count of cancelled queries goes down.
+then the query ends, its client is closed and the count of cancelled queries goes down. One block
+can be made to run for hours (quadratic array work on arrays built without `range`), so that is
+bounded too: a query cut at its deadline, or left behind by a caller that went away, that is still
+computing `overrun_grace_s` after its deadline makes the watchdog log it at CRITICAL (tag, audit
+id) and end the whole process with EXIT_OVERRUN; only a process exit stops a ClickHouse block in
+chDB, and the supervisor (`tally up`, a service manager) starts the analyst server again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -35,6 +41,9 @@ log = logging.getLogger(__name__)
 
 _END = object()
 
+# The analyst server's exit code when an abandoned query overran its grace (EX_TEMPFAIL: start it again).
+EXIT_OVERRUN = 75
+
 
 class DeadlineReached(Exception):
     """The query ran past its deadline and was cancelled (it may still be finishing its block)."""
@@ -45,14 +54,20 @@ class Watchdog:
 
     `kill(tag)` asks ClickHouse to stop the query started with `log_comment = tag` (must not block
     for long; errors are logged). `max_abandoned`: how many cancelled queries may still be
-    computing while their slots serve other queries.
+    computing while their slots serve other queries. `overrun_grace_s`: how long after its deadline
+    a cancelled (or left behind) query may still be computing before `exit(EXIT_OVERRUN)` is called
+    (os._exit: the process ends at once, whatever its other threads are doing).
     """
 
-    def __init__(self, kill: Callable[[str], None], max_abandoned: int) -> None:
+    def __init__(self, kill: Callable[[str], None], max_abandoned: int, overrun_grace_s: float = 30.0,
+                 exit: Callable[[int], None] = os._exit) -> None:
         self._kill = kill
         self.max_abandoned = max_abandoned
+        self.overrun_grace_s = overrun_grace_s
+        self.exit = exit
         self._lock = threading.Lock()
         self._abandoned = 0
+        self._exiting = False
 
     @property
     def abandoned(self) -> int:
@@ -83,6 +98,23 @@ class Watchdog:
         with self._lock:
             self._abandoned -= 1
 
+    def _overran(self, run: "Run") -> None:
+        """`run` is still computing `overrun_grace_s` after its deadline: say so loudly and end the process."""
+        with self._lock:
+            if self._exiting:
+                return
+            self._exiting = True
+        log.critical("analyst watchdog: query %s (audit id %s) is still computing inside ClickHouse %.1f s after "
+                     "its deadline (grace %g s); exiting with code %d so that the supervisor restarts the analyst "
+                     "server (only a process exit stops a ClickHouse block)", run.tag, run.audit_id,
+                     time.monotonic() - run.deadline, self.overrun_grace_s, EXIT_OVERRUN)
+        for handler in logging.getLogger().handlers:  # os._exit skips the interpreter's own flushing
+            try:
+                handler.flush()
+            except Exception:  # noqa: BLE001 - nothing must stand between this and the exit
+                pass
+        self.exit(EXIT_OVERRUN)
+
 
 class Run:
     """One query on its own thread. `next_chunk()` until it returns None; `close()` when done (idempotent)."""
@@ -91,6 +123,7 @@ class Run:
                  release: Callable[[bool], None], close_client: Callable[[], None]) -> None:
         self.tag = f"tally-analyst-{uuid.uuid4().hex}"
         self.deadline = deadline
+        self.audit_id: int | None = None  # the audit row of a query cut at its deadline, for the overrun log
         self.overran_s: float | None = None  # how long ClickHouse went on after the deadline (set when it ends)
         self._watchdog = watchdog
         self._work = work
@@ -101,7 +134,9 @@ class Run:
         # running -> done (all handed over) | closed (the caller stopped reading) | abandoned (cut at the
         # deadline, slot freed) | overdue (cut at the deadline, slot kept until the block ends)
         self._state = "running"
+        self._ended = False  # the query's thread is done with ClickHouse
         self._cut_at: float | None = None
+        self._overrun_timer: threading.Timer | None = None
         self.thread = threading.Thread(target=self._run, name=f"analyst-{self.tag[-8:]}", daemon=True)
         # The deadline holds even if nobody reads (a caller gone before the first byte): the timer cuts too.
         self.timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._cut)
@@ -133,10 +168,18 @@ class Run:
         return item
 
     def close(self) -> None:
-        """The caller is done (all read, or it went away): stop the query if it still runs."""
+        """The caller is done (all read, or it went away): stop the query if it still runs.
+
+        A query left behind while still running is killed now, and its slot comes back when it ends;
+        like a cut query, it must end within the grace after its deadline or the process exits."""
         with self._lock:
+            left_behind = self._state == "running"
             if self._state in ("running", "done"):
                 self._state = "closed"
+            if left_behind:
+                self._arm_overrun()
+        if left_behind:
+            self._kill_quietly()
 
     def _cut(self) -> None:
         with self._lock:
@@ -145,12 +188,31 @@ class Run:
             self._cut_at = time.monotonic()
             freed = self._watchdog._take_abandon_slot()
             self._state = "abandoned" if freed else "overdue"
+            self._arm_overrun()
+        self._kill_quietly()
+        if freed:
+            self._release(True)
+
+    def _kill_quietly(self) -> None:
         try:
             self._watchdog._kill(self.tag)
         except Exception:  # noqa: BLE001 - the query still ends at its block's end (max_execution_time)
             log.exception("analyst watchdog: KILL QUERY failed")
-        if freed:
-            self._release(True)
+
+    def _arm_overrun(self) -> None:
+        """(under self._lock) Exit the process if the query is still computing the grace after its deadline."""
+        if self._ended or self._overrun_timer is not None:
+            return
+        delay = self.deadline + self._watchdog.overrun_grace_s - time.monotonic()
+        self._overrun_timer = threading.Timer(max(0.0, delay), self._overran)
+        self._overrun_timer.daemon = True
+        self._overrun_timer.start()
+
+    def _overran(self) -> None:
+        with self._lock:
+            if self._ended:
+                return
+        self._watchdog._overran(self)
 
     # the query's thread
 
@@ -176,6 +238,9 @@ class Run:
     def _finish(self) -> None:
         self.timer.cancel()
         with self._lock:
+            self._ended = True
+            if self._overrun_timer is not None:
+                self._overrun_timer.cancel()
             state = self._state
             if state == "running":
                 self._state = "done"

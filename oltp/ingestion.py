@@ -9,7 +9,9 @@ it, the current (filling) one included.
 Refusals count for a domain only when the request carried that site's registered key (ADR 29): the
 collectors no longer spool a domain's `missing_site_key` / `unknown_site_key` / `registry_unavailable`
 counts, and rows of those reasons written before (when anyone could inflate them with a made-up key)
-are not shown (`NOT_A_SITES_REFUSAL`).
+are not shown (`NOT_A_SITES_REFUSAL`). Nor can one sender inflate them: the collectors count a batch
+over the event limit once, and what one client address makes count for a site at most up to its share
+of the site's limit per window (the rest in their metrics only).
 """
 
 from __future__ import annotations

@@ -235,6 +235,22 @@ def set_url_rule(dsn: str, domain: str, *, keep_query: Iterable[str] | None = No
     return _site(row)
 
 
+def set_limits(dsn: str, domain: str, *, rate_per_s: float | None = None, burst: int | None = None) -> Site:
+    """Change `domain`'s own rate limit (None: unchanged); returns the site. Collectors apply it within
+    TALLY_REGISTRY_REFRESH_S (a site whose limit changed starts a fresh window). SiteError:
+    unknown_domain, invalid_rate, invalid_burst."""
+    name = check_domain(domain)
+    _check_limits(rate_per_s, burst)
+    with _connect(dsn) as conn:
+        row = conn.execute(
+            f"UPDATE sites SET rate_per_s = COALESCE(%s, rate_per_s), burst = COALESCE(%s, burst),"
+            f" updated_at = now() WHERE domain = %s RETURNING {_COLUMNS}",
+            (None if rate_per_s is None else float(rate_per_s), burst, name)).fetchone()
+    if row is None:
+        raise SiteError("unknown_domain", f"{name} is not registered (see `tally sites list`)")
+    return _site(row)
+
+
 def rotate_secret(dsn: str, domain: str) -> str:
     """Give `domain` a new secret and return it; the old one stops working. SiteError(unknown_domain)."""
     name = check_domain(domain)

@@ -39,9 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--json", action="store_true", help="print one JSON object")
     add.set_defaults(func=cmd_add)
 
-    update = cmds.add_parser("update", help="change what a site's event URLs keep (README: What URLs keep)")
+    update = cmds.add_parser("update", help="change what a site's event URLs keep (README: What URLs keep) "
+                                            "or its rate limit")
     update.add_argument("domain")
     _url_rule_arguments(update, changing=True)
+    update.add_argument("--rate", type=float, default=None, metavar="N", help="events per second this site may send")
+    update.add_argument("--burst", type=int, default=None, metavar="N", help="events this site may send at once")
     update.add_argument("--json", action="store_true", help="print one JSON object")
     update.set_defaults(func=cmd_update)
 
@@ -159,16 +162,21 @@ or send events yourself:
 def cmd_update(settings: Settings, args: argparse.Namespace) -> int:
     from oltp import sites
 
-    if args.keep_query is None and args.raw_urls is None:
-        return _fail("update: nothing to change; give --keep-query, --raw-urls or --clean-urls")
+    limits = args.rate is not None or args.burst is not None
+    if args.keep_query is None and args.raw_urls is None and not limits:
+        return _fail("update: nothing to change; give --keep-query, --raw-urls, --clean-urls, --rate or --burst")
 
     def action(dsn: str) -> int:
+        if limits:
+            sites.set_limits(dsn, args.domain, rate_per_s=args.rate, burst=args.burst)
         site = sites.set_url_rule(dsn, args.domain, keep_query=_keep_query(args.keep_query), raw_urls=args.raw_urls)
         tag = tag_snippet(settings, site.site_key, site.keep_query, site.raw_urls)
         if args.json:
             print(json.dumps({**site.public_dict(), "tag": tag}))
             return 0
-        print(f"updated {site.domain}: {_url_rule_text(site.keep_query, site.raw_urls)}\n"
+        limit = (f"; {site.rate_per_s or settings.site_rate_per_s:g} events/s, burst "
+                 f"{site.burst or settings.site_burst}" if limits else "")
+        print(f"updated {site.domain}: {_url_rule_text(site.keep_query, site.raw_urls)}{limit}\n"
               f"collectors apply it within {settings.registry_refresh_s:g} s; the page tag for it:\n  {tag}")
         return 0
 

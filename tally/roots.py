@@ -301,14 +301,14 @@ def build_analyst_server(settings: Settings):  # -> flask.Flask
     ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database, settings.raw_retention_days)
     pool = ConnectionPool(dsn, min_size=1, max_size=2, open=True, kwargs={"connect_timeout": 5})
 
-    def record(entry: AuditEntry) -> None:
+    def record(entry: AuditEntry) -> int:
         with pool.connection() as conn:
-            audit.record(conn, entry)
+            return audit.record(conn, entry)  # the row's id: the watchdog names it if the query overruns
 
     limits = SqlLimits(settings.sql_max_execution_s, settings.sql_max_memory_bytes, settings.sql_max_result_rows,
                        settings.sql_max_result_bytes, settings.sql_max_threads)
     config = AnalystConfig(settings.clickhouse_database, limits, internal_token(secret), wait_s=SQL_SLOT_WAIT_S,
-                           deadline_s=settings.sql_deadline_s)
+                           deadline_s=settings.sql_deadline_s, overrun_grace_s=settings.sql_overrun_grace_s)
     slots = QuerySlots(lambda: new_client(settings.clickhouse_dsn), settings.sql_max_concurrent)
     own_host = (urlsplit(settings.analyst_url).hostname or "127.0.0.1").lower()
     return create_analyst_app(config, slots, record, (*settings.allowed_hosts, own_host))

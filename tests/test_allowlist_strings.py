@@ -10,12 +10,15 @@ functions the allowlist denies. Every refusal below is one test case; the allowe
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from olap.allowlist import AGGREGATE_NAME_ARGUMENTS, TYPE_ARGUMENTS, function_table
 from olap.analyst import AnalystQueryError, SqlLimits, prepare, run_query
 from olap.client import connect
 from olap.schema import ensure_schema
+from tests.test_analyst_server import query
 
 DB = "tally"
 LIMITS = SqlLimits(max_execution_s=20, max_memory_bytes=1 << 30, max_result_rows=1000, max_result_bytes=1 << 20,
@@ -110,3 +113,78 @@ def test_the_rules_name_functions_clickhouse_has(ch):
 ])
 def test_allowed_aggregates_in_strings_still_work(ch, sql, rows):
     assert run_query(ch, sql, LIMITS, DB).rows == rows
+
+
+# --- the review of ADR 32 (finding B): ClickHouse's type parser reads more spellings than `AggregateFunction(` --
+# Each of these names an aggregate the table denies (or hides which aggregate it names); before, the check looked
+# for `AggregateFunction` followed directly by `(` and let them all through (the first one ran and answered 200).
+
+SLR_TYPE = f"{SLR}, Float64, Float64)"
+SPELLINGS = "spells AggregateFunction in a way ClickHouse could read as a type"
+
+
+@pytest.mark.parametrize("sql, words", [
+    # the review's query, as it was sent
+    (f"SELECT finalizeAggregation(defaultValueOfTypeName('AggregateFunction/**/({SLR_TYPE}')) AS w, "
+     f"toTypeName(defaultValueOfTypeName('`AggregateFunction`(stochasticLogisticRegression, Float64, Float64)')) AS t",
+     SPELLINGS),
+    # a comment between the name and the parenthesis, nested comments, a line comment
+    (f"SELECT defaultValueOfTypeName('AggregateFunction/**/({SLR_TYPE}')", SPELLINGS),
+    (f"SELECT defaultValueOfTypeName('AggregateFunction/* /* */ */({SLR_TYPE}')", SPELLINGS),
+    (f"SELECT defaultValueOfTypeName('AggregateFunction -- x\n({SLR_TYPE}')", SPELLINGS),
+    # the type's name backquoted or double-quoted
+    (f"SELECT toTypeName(defaultValueOfTypeName('`AggregateFunction`({SLR_TYPE}'))", SPELLINGS),
+    ("SELECT toTypeName(defaultValueOfTypeName('\"AggregateFunction\"(flameGraph, Array(UInt64))'))", SPELLINGS),
+    ("SELECT toTypeName(defaultValueOfTypeName('`SimpleAggregateFunction`(flameGraph, Array(UInt64))'))", SPELLINGS),
+    # escapes inside a quoted name: \x46 is F, \N is nothing
+    (f"SELECT toTypeName(defaultValueOfTypeName('`Aggregate\\\\x46unction`({SLR_TYPE}'))", SPELLINGS),
+    (f"SELECT toTypeName(defaultValueOfTypeName('`Aggregate\\\\NFunction`({SLR_TYPE}'))", SPELLINGS),
+    # the aggregate's name quoted, escaped or followed by a comment
+    (f"SELECT toTypeName(defaultValueOfTypeName('AggregateFunction(`{SLR}`, Float64, Float64)'))", SPELLINGS),
+    ("SELECT toTypeName(defaultValueOfTypeName('AggregateFunction(`s\\\\x75m`, UInt8)'))", SPELLINGS),
+    (f"SELECT toTypeName(defaultValueOfTypeName('AggregateFunction({SLR}/**/, Float64, Float64)'))", SPELLINGS),
+    # CAST of an analyst-supplied state into a denied aggregate
+    (f"SELECT finalizeAggregation(CAST(unhex('00'), 'AggregateFunction/**/({SLR_TYPE}'))", SPELLINGS),
+    (f"SELECT CAST('', 'AggregateFunction({SLR_TYPE}')", f"aggregate function {SLR} (in the type"),
+    # inside other types, next to a plain allowed one, and as a tuple element's name
+    (f"SELECT defaultValueOfTypeName('Tuple(a AggregateFunction(sum, UInt8), b `AggregateFunction`({SLR_TYPE})')",
+     SPELLINGS),
+    (f"SELECT defaultValueOfTypeName('Nested(a \"AggregateFunction\"({SLR_TYPE})')", SPELLINGS),
+    (f"SELECT defaultValueOfTypeName('Array(Nullable(AggregateFunction/**/({SLR_TYPE}))')", SPELLINGS),
+    (f"SELECT defaultValueOfTypeName('AggregateFunction(sum, AggregateFunction/**/({SLR_TYPE})')", SPELLINGS),
+    ("SELECT * FROM values('a `AggregateFunction`(flameGraph, Array(UInt64))', 1)", SPELLINGS),
+    # parameters: only plain literals, one level
+    ("SELECT defaultValueOfTypeName('AggregateFunction(quantile(CAST(0.5, ''Float64'')), UInt8)')", SPELLINGS),
+    ("SELECT defaultValueOfTypeName('AggregateFunction(quantiles(0.5)(0.1), UInt8)')", SPELLINGS),
+    ("SELECT defaultValueOfTypeName('AggregateFunction(quantile(0.5 + 0.1), UInt8)')",
+     "plain number or string literals"),
+    (f"SELECT defaultValueOfTypeName('AggregateFunction({SLR}(0.1), Float64, Float64)')", f"aggregate function {SLR}"),
+    # the type family names are case-sensitive in ClickHouse; any other case is refused all the same
+    (f"SELECT defaultValueOfTypeName('aggregatefunction({SLR_TYPE}')", SPELLINGS),
+])
+def test_every_spelling_clickhouse_reads_as_an_aggregate_type_is_refused(analyst_url, sql, words):
+    """Through the real analyst server, as the API sends it."""
+    status, _, body = query(analyst_url, sql)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["code"] == "query_refused", body[:300]
+    assert words in error["message"], error["message"]
+
+
+@pytest.mark.parametrize("sql, rows", [
+    ("SELECT toTypeName(defaultValueOfTypeName('AggregateFunction(sumResample(0, 10, 1), UInt8, UInt8)'))",
+     [["AggregateFunction(sumResample(0, 10, 1), UInt8, UInt8)"]]),
+    ("SELECT toTypeName(defaultValueOfTypeName('Nested(a AggregateFunction(1, sum, UInt8))'))",
+     [["Nested(a AggregateFunction(1, sum, UInt8))"]]),
+    ("SELECT toTypeName(defaultValueOfTypeName('AggregateFunction( count )'))", [["AggregateFunction(count)"]]),
+    ("SELECT toTypeName(defaultValueOfTypeName('SimpleAggregateFunction(max, UInt8)'))",
+     [["SimpleAggregateFunction(max, UInt8)"]]),
+    ("SELECT concat('aggregate', ' function') AS words", [["aggregate function"]]),
+])
+def test_plain_allowed_aggregate_types_still_work(ch, sql, rows):
+    assert run_query(ch, sql, LIMITS, DB).rows == rows
+
+
+def test_text_that_merely_spells_the_word_is_refused_with_the_way_around(ch):
+    with pytest.raises(AnalystQueryError) as info:
+        prepare(ch, "SELECT count() FROM tally.events WHERE url LIKE '%aggregate-function%'", DB)
+    assert SPELLINGS in info.value.message and "concat('aggregate', 'function')" in info.value.message

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from olap.allowlist import COSTLY, MAX_PATTERNS, function_table
-from olap.analyst import MAX_BLOCK_ROWS, MAX_SQL_BYTES, AnalystQueryError, SqlLimits, prepare, run_query
+from olap.analyst import (MAX_BLOCK_ROWS, MAX_RANGE_ELEMENTS, MAX_SQL_BYTES, AnalystQueryError, SqlLimits, prepare,
+                          run_query)
 from olap.client import connect
 from olap.schema import ensure_schema
 
@@ -97,3 +98,25 @@ def test_the_query_text_is_capped_at_16_kib(ch):
     assert f"{MAX_SQL_BYTES + 1} bytes long" in message and "16 KiB" in message
     # counted in bytes of UTF-8: 6,000 three-byte characters are 18,000 bytes
     assert "bytes long" in refused(ch, "SELECT '" + "€" * 6000 + "'")
+
+
+def failed(ch, sql: str) -> str:
+    with pytest.raises(AnalystQueryError) as info:
+        run_query(ch, sql, LIMITS)
+    assert info.value.code == "failed", info.value.message
+    return info.value.message
+
+
+def test_range_is_capped_so_the_quadratic_probe_fails_at_once(ch):
+    """The review's probe: one constant-folded hasAll quadratic in n (320,000: 3.7 s; 5,000,000 would be ~15 min).
+    `range` now makes at most MAX_RANGE_ELEMENTS per call and block (ClickHouse's default: 500,000,000)."""
+    assert MAX_RANGE_ELEMENTS == 262_144
+    probe = ("SELECT hasAll(range(320000), arrayReverse(range(320000))) "
+             "+ hasAll(range(320001), arrayReverse(range(320001)))")
+    message = failed(ch, probe)
+    assert "would produce 320000 array elements" in message and f"maximum of {MAX_RANGE_ELEMENTS}" in message
+    assert f"maximum of {MAX_RANGE_ELEMENTS}" in failed(ch, f"SELECT length(range({MAX_RANGE_ELEMENTS + 1}))")
+    # per block of rows: 8,192 rows of 33 elements each is over the cap, 32 each is not
+    assert "array elements" in failed(ch, "SELECT sum(length(range(33 + number % 2))) FROM numbers(8192)")
+    assert run_query(ch, "SELECT sum(length(range(32 - number % 2))) FROM numbers(20000)", LIMITS).rows == [[630000]]
+    assert run_query(ch, f"SELECT length(range({MAX_RANGE_ELEMENTS}))", LIMITS).rows == [[MAX_RANGE_ELEMENTS]]

@@ -78,6 +78,9 @@ def test_a_user_agent_formula_does_not_reach_a_spreadsheet(analyst_url):
     "SELECT " + "[" * (MAX_RESULT_NESTING + 1) + "1" + "]" * (MAX_RESULT_NESTING + 1),
     f"SELECT CAST([], '{'Array(' * 40}UInt8{')' * 40}')",
     "SELECT " + "tuple(" * 40 + "1" + ")" * 40,
+    # tuple elements named `)`: the count took the name's parenthesis for a closing one, so 140 levels passed
+    # (ClickHouse's own AST depth limit stopped it short of the driver's RecursionError)
+    "SELECT defaultValueOfTypeName('" + "Tuple(`)` " * 140 + "UInt8" + ")" * 140 + "')",
 ])
 def test_results_nested_too_deeply_are_refused_with_400(analyst_url, sql):
     status, _, body = query(analyst_url, sql)
@@ -93,6 +96,16 @@ def test_results_nested_within_the_limit_work(analyst_url):
                                          "CAST(1, 'Enum8(''((((((((((((((((((((((((((((((((((('' = 1)') AS e")
     assert status == 200, body[:300]
     assert json.loads(body)["rows"][0][1] == "(" * 35
+
+
+def test_parentheses_inside_quoted_names_and_labels_do_not_count():
+    from olap.analyst import _nesting
+
+    assert _nesting("Tuple(`)` Tuple(`)` UInt8))") == 2
+    assert _nesting('Tuple("))" Tuple("\\")" UInt8))') == 2  # double-quoted, with an escaped quote
+    assert _nesting("Tuple(`a``)` UInt8, `\\`)` UInt8)") == 1  # a doubled and an escaped backquote
+    assert _nesting("Enum8(')))' = 1, '\\')' = 2)") == 1
+    assert _nesting("Tuple(" * 40 + "`(` UInt8" + ")" * 40) == 40
 
 
 def clickhouse_message(servers, sql: str) -> str:

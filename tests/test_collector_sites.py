@@ -36,7 +36,7 @@ def new_domain() -> str:
 @pytest.fixture()
 def settings(make_settings):
     # The site limits alone: the per-address shares of them are tests/test_collector_shares.py's.
-    return make_settings(TALLY_REGISTRY_REFRESH_S="0.2", TALLY_SITE_ADDRESS_SHARE="1", TALLY_SITE_NO_ORIGIN_SHARE="1")
+    return make_settings(TALLY_REGISTRY_REFRESH_S="0.2", TALLY_SITE_ADDRESS_SHARE="1")
 
 
 def hit(domain: str, **extra) -> dict:
@@ -137,15 +137,17 @@ def test_over_the_site_limit_is_429_and_writes_nothing(app, client, settings, re
     assert resp.status_code == 429, resp.json
     assert resp.json["error"]["code"] == "rate_limited" and resp.json["error"]["domain"] == domain
     assert 1 <= int(resp.headers["Retry-After"]) <= 5
-    too_big = client.post("/collect", json=[hit(domain)] * 6, query_string={"site": key})
+    too_big = client.post("/collect", json=[hit(domain)] * 6, query_string={"site": key},
+                          environ_base={"REMOTE_ADDR": "127.0.0.2"})
     assert too_big.status_code == 429 and "smaller batches" in too_big.json["error"]["message"]
     assert len(spooled(settings)) == 5
-    assert refusals(app) == {(domain, "rate_limited"): 8}
+    # every refused event counts, up to what one address may count for the site per window (its share of
+    # the site's limit, here all 5: ADR 29): 2 from 127.0.0.1, 5 of the 6 from 127.0.0.2
+    assert refusals(app) == {(domain, "rate_limited"): 7}
 
 
 def test_defaults_come_from_settings(make_settings, spool, domain):
-    settings = make_settings(TALLY_SITE_RATE_PER_S="1", TALLY_SITE_BURST="3", TALLY_SITE_ADDRESS_SHARE="1",
-                             TALLY_SITE_NO_ORIGIN_SHARE="1")
+    settings = make_settings(TALLY_SITE_RATE_PER_S="1", TALLY_SITE_BURST="3", TALLY_SITE_ADDRESS_SHARE="1")
     registry = SiteRegistry.from_settings(settings).start(background=False)
     client = create_app(settings, spool, start_sealer=False, registry=registry).test_client()
     key = register(settings, registry, domain)

@@ -118,3 +118,30 @@ def test_refusals_of_reasons_no_keyed_request_has_are_not_a_sites(pipeline, doma
     pipeline.post({"domain": domain, "url": f"https://{domain}/", "type": "pageview"})  # registers the site
     body = status(pipeline, domain)
     assert body["periods"]["1h"]["refused"] == {"rate_limited": 7} and body["periods"]["1h"]["refused_total"] == 7
+
+
+def test_one_sender_cannot_inflate_a_sites_refusals_on_its_status(pipeline, domain):  # noqa: F811
+    """The review: `[0,0,...]` (2 bytes per item, within the 256 KiB body cap) sent with a site's public key
+    showed "refused": {"batch_too_large": 120000} on the site's status after one request. Now a refusal of
+    the whole request counts once, and one address's refusals count for a site up to its share of the
+    site's limit per window (here 10 per 100 s window: rate 1/s, burst 100)."""
+    from oltp import sites
+
+    sites.add(pipeline.settings.pg_dsn, domain, rate_per_s=1, burst=100)
+    ev = {"domain": domain, "url": f"https://{domain}/", "type": "pageview"}
+    pipeline.post(ev)  # the collector's registry copy learns the site
+    key = pipeline.site_query(ev)["site"]
+    collector = pipeline.collector
+    zeros = b"[" + b",".join([b"0"] * 120_000) + b"]"
+    resp = collector.post(f"/collect?site={key}", data=zeros, content_type="text/plain")
+    assert resp.status_code == 413 and resp.json["error"]["code"] == "batch_too_large"
+    for _ in range(5):  # 2,500 invalid events from one address
+        resp = collector.post("/collect", json=[{**ev, "type": "click"}] * 500, query_string={"site": key})
+        assert resp.status_code == 400
+    assert flush_refusals(collector.application) == 2
+    assert pipeline.ship() == 3  # the event and two count records
+    pipeline.drain()
+    refused = status(pipeline, domain)["periods"]["1h"]["refused"]
+    assert refused["batch_too_large"] == 1
+    # the address's 10, whatever the reasons (11 if the 100 s window turned meanwhile)
+    assert 10 <= refused["batch_too_large"] + refused["invalid_event"] <= 11, refused

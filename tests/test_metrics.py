@@ -134,6 +134,24 @@ def test_collector_counts_accepted_and_refused_events_by_reason_and_site(client,
     assert not any(name.startswith(("tally_api_", "tally_consumer_", "tally_analyst_")) for name, _ in after)
 
 
+def test_refusals_a_site_does_not_count_are_still_in_the_metrics(app, client, settings, registry, domain):
+    """A site counts one address's refusals up to its share per window (ADR 29, here 1 event per 3 s);
+    the metrics count every refused event, and a batch over the limit once (not per item)."""
+    key = register(settings, registry, domain, rate_per_s=1, burst=3)
+    before = scrape(client)
+    bad = [hit(domain, type="click")] * 4
+    assert [client.post("/collect", json=bad, query_string={"site": key}).status_code for _ in range(3)] == [400] * 3
+    huge = b"[" + b",".join([b"0"] * (settings.max_batch_events + 1)) + b"]"
+    assert client.post("/collect", data=huge, content_type="text/plain", query_string={"site": key}).status_code == 413
+    after = scrape(client)
+    assert value(after, "tally_events_refused_total", reason="invalid_event", site=domain) - value(
+        before, "tally_events_refused_total", reason="invalid_event", site=domain) == 12
+    assert value(after, "tally_events_refused_total", reason="batch_too_large", site=domain) - value(
+        before, "tally_events_refused_total", reason="batch_too_large", site=domain) == 1
+    counted = app.extensions["tally_refusals"].snapshot()
+    assert counted[(domain, "invalid_event")] in (1, 2) and counted.get((domain, "batch_too_large"), 0) in (0, 1)
+
+
 def test_spool_backlog_is_read_from_the_directory(tmp_path):
     spool = tmp_path / "spool"
     (spool / "shipped").mkdir(parents=True)

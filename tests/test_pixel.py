@@ -59,28 +59,51 @@ def test_a_signed_pixel_is_spooled_then_answered_with_a_gif(client, settings, si
     decode_stored(event.to_json())
 
 
-def test_a_refetch_by_the_same_client_within_a_quarter_hour_is_the_same_event(client, settings, registry, domain):
-    """An email opened again (same URL, address and User-Agent, same UTC quarter hour) gets the same id and
-    time, so the same hash: both stores count it once (ADR 14, ADR 31). Another address or User-Agent is
-    another event. Today's code gave every fetch a random hash: each fetch counted."""
+def fetch_in_one_quarter(settings, fetches):
+    """Run `fetches()` (a list of statuses) until its spooled events all fall in one UTC quarter hour (a
+    quarter hour may turn between the fetches: then once more); (statuses, events)."""
+    for _ in range(3):
+        before = len(spooled(settings))
+        statuses = fetches()
+        events = spooled(settings)[before:]
+        if len({quarter(e.received_at) for e in events}) == 1:
+            break
+    return statuses, events
+
+
+def test_a_refetch_from_the_same_address_within_a_quarter_hour_is_the_same_event(client, settings, registry,
+                                                                                 domain):
+    """An email opened again (same URL, same address, same UTC quarter hour) gets the same id and time, so
+    the same hash: both stores count it once (ADR 14, ADR 31), whatever User-Agent the fetch sends, and
+    an IPv6 address counts by its /56 as for the rate limit. Another address is another event."""
     s = sites.add(settings.pg_dsn, domain, rate_per_s=100, burst=1000)
     assert registry.refresh()
     query = signed_query(s.secret, params(s))
     at = query.index("sig=") + 4
     upper = query[:at] + query[at:].upper()  # the same signature in capitals: still the same URL
-    for _ in range(3):  # a quarter hour may turn between the fetches: then once more
-        before = len(spooled(settings))
-        statuses = [get(client, q).status_code for q in (query, query, upper)]
-        statuses += [get(client, query, address="127.0.0.9").status_code,
-                     get(client, query, **{"User-Agent": "curl/8.0"}).status_code]
-        events = spooled(settings)[before:]
-        if len({quarter(e.received_at) for e in events}) == 1:
-            break
-    assert statuses == [200] * 5 and [e.type for e in events] == ["pageview"] * 5
+    statuses, events = fetch_in_one_quarter(settings, lambda: [get(client, q, **h).status_code for q, h in (
+        (query, {}), (query, {}), (upper, {}), (query, {"User-Agent": "curl/8.0"}),
+        (query, {"address": "127.0.0.9"}),
+        (query, {"address": "2001:db8:0:1::1"}), (query, {"address": "2001:db8:0:2::7"}),
+        (query, {"address": "2001:db8:0:100::1"}))])
+    assert statuses == [200] * 8 and [e.type for e in events] == ["pageview"] * 8
     hashes = [e.hash for e in events]
-    assert hashes[0] == hashes[1] == hashes[2]
-    assert len(set(hashes[2:])) == 3
+    assert len(set(hashes[:4])) == 1  # one address, two User-Agents, either case of the signature
+    assert hashes[5] == hashes[6]  # one /56
+    assert len({hashes[0], hashes[4], hashes[5], hashes[7]}) == 4
     assert all(e.ts.timestamp() == quarter(e.received_at) for e in events)
+
+
+def test_a_thousand_user_agents_from_one_address_count_once(client, settings, registry, domain):
+    """The review: the pixel id covered the User-Agent, which the sender chooses: one leaked URL fetched
+    from one address with 1,000 User-Agents in one quarter hour was 1,000 distinct events."""
+    s = sites.add(settings.pg_dsn, domain, rate_per_s=10_000, burst=100_000)  # an address's share: 10,000
+    assert registry.refresh()
+    query = signed_query(s.secret, params(s))
+    statuses, events = fetch_in_one_quarter(settings, lambda: [
+        get(client, query, **{"User-Agent": f"Mozilla/5.0 (agent {i})"}).status_code for i in range(1000)])
+    assert statuses == [200] * 1000
+    assert len({e.hash for e in events}) == 1 and len({e.user_agent for e in events}) == 1000
 
 
 def test_bad_signature_tampering_and_expiry_are_403_and_write_nothing(app, client, settings, site, registry):
@@ -146,8 +169,8 @@ def test_pixels_share_the_sites_rate_limit(app, client, settings, site):
 
 
 def test_one_address_gets_its_share_of_the_sites_limit(app, client, settings, registry, domain):
-    """A pixel has no Origin: one address gets TALLY_SITE_NO_ORIGIN_SHARE of the site's limit (ADR 29)."""
-    s = sites.add(settings.pg_dsn, domain, rate_per_s=1, burst=8)  # an address's share: 2 events
+    """One address gets TALLY_SITE_ADDRESS_SHARE (a tenth) of the site's limit, as on /collect (ADR 29)."""
+    s = sites.add(settings.pg_dsn, domain, rate_per_s=1, burst=20)  # an address's share: 2 events
     assert registry.refresh()
     query = signed_query(s.secret, params(s))
     statuses = [get(client, query, **{"User-Agent": f"agent {i}"}).status_code for i in range(3)]
@@ -160,16 +183,29 @@ def test_exp_beyond_the_max_ttl_is_400_naming_it(app, client, settings, site):
     """`exp` at most TALLY_PIXEL_MAX_TTL_S (7 days) ahead; today a URL valid until year ~33658 was accepted."""
     now = int(time.time())
     far = signed_query(site.secret, params(site, exp=str(now + 7 * 86400 + 120)))
-    resp = get(client, far)
+    resp = get(client, far, address="127.0.0.2")  # (one refusal per address and window counts: the site's
+    # limit is 3 events per 3 s, so an address's share is 1)
     assert resp.status_code == 400, resp.json
     err = resp.json["error"]
     assert err["code"] == "invalid_pixel" and err["field"] == "exp" and "TALLY_PIXEL_MAX_TTL_S" in err["message"]
-    forever = get(client, signed_query(site.secret, params(site, exp="999999999999")))
+    forever = get(client, signed_query(site.secret, params(site, exp="999999999999")), address="127.0.0.3")
     assert forever.status_code == 400 and forever.json["error"]["field"] == "exp"
     assert spooled(settings) == []
     # a correctly signed URL that lives too long is the site's refusal (its key is registered)
     assert app.extensions["tally_refusals"].snapshot() == {(site.domain, "invalid_pixel"): 2}
     assert get(client, signed_query(site.secret, params(site, exp=str(now + 7 * 86400 - 60)))).status_code == 200
+
+
+def test_refused_pixels_count_for_the_site_up_to_an_addresss_share(app, client, settings, registry, domain):
+    """A site's pixel key is public: one address fetching bad URLs makes at most its share of the site's
+    limit per window count on the site's status (ADR 29); before, every fetch counted."""
+    s = sites.add(settings.pg_dsn, domain, rate_per_s=1, burst=50)  # a 50 s window; an address's share: 5
+    assert registry.refresh()
+    bad = signed_query(s.secret, params(s)).replace("newsletter", "newsletteX")
+    assert [get(client, bad).status_code for _ in range(20)] == [403] * 20
+    assert get(client, bad, address="127.0.0.2").status_code == 403
+    counted = app.extensions["tally_refusals"].snapshot()[(s.domain, "invalid_signature")]
+    assert 6 <= counted <= 7, counted  # 5 + 1 (+1 if the window turned meanwhile)
 
 
 def test_the_max_ttl_is_a_setting(make_settings, spool, registry, domain):

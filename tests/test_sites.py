@@ -192,6 +192,23 @@ def test_cli_url_rule_add_update_list(dsn, domain, tmp_path):
                                                               "utm_term", "utm_content"))
 
 
+def test_cli_update_changes_a_sites_rate_limit(dsn, domain, tmp_path):
+    """A site fed from its own servers raises its own limit without a new key (one address may use a tenth
+    of it, ADR 29); before, only `add` took --rate / --burst."""
+    key = sites.add(dsn, domain).site_key
+    out = tally(dsn, tmp_path, "update", domain, "--rate", "5000", "--burst", "100000", "--json")
+    assert out.returncode == 0, out.stderr
+    assert (json.loads(out.stdout)["rate_per_s"], json.loads(out.stdout)["burst"]) == (5000.0, 100000)
+    text = tally(dsn, tmp_path, "update", domain, "--burst", "50000")
+    assert text.returncode == 0 and "5000 events/s, burst 50000" in text.stdout, text.stderr
+    site = sites.get(dsn, domain)
+    assert (site.rate_per_s, site.burst, site.site_key) == (5000.0, 50000, key)
+    for args, words in ((("--rate", "0"), "rate"), (("--burst", "0"), "burst")):
+        bad = tally(dsn, tmp_path, "update", domain, *args)
+        assert bad.returncode == 1 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert tally(dsn, tmp_path, "update", "nobody-" + domain, "--rate", "5").returncode == 1
+
+
 def test_cli_duplicate_domain(dsn, domain, tmp_path):
     assert tally(dsn, tmp_path, "add", domain).returncode == 0
     out = tally(dsn, tmp_path, "add", domain)

@@ -30,14 +30,14 @@ limit (`workers=N`), and each address's share of that 1/N; see docs/adr/0011-sit
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+
+from core.net import client_key
 
 ADDRESS_SLOTS = 65_536  # (domain, address) entries kept per worker process
 
@@ -108,24 +108,7 @@ class _AddressCounter:
         return (self.previous * weight + self.current, self.refused_previous * weight + self.refused_current)
 
 
-IPV6_PREFIX = 56  # an IPv6 client counts by its /56: what ISPs delegate to one home (some a /48)
-
-
-@lru_cache(maxsize=4096)
-def address_key(address: str) -> str:
-    """The address a share is kept for: an IPv4 address as is, an IPv6 address by its /56 (one home's
-    delegation: otherwise one subscriber would have 256 or more /64s, and 2^72 addresses), an
-    IPv4-mapped IPv6 address as its IPv4 address. Anything unparsable is kept as given."""
-    if ":" not in address:
-        return address
-    try:
-        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    host_bits = 128 - IPV6_PREFIX
-    return f"{ipaddress.IPv6Address(int(ip) >> host_bits << host_bits)}/{IPV6_PREFIX}"
+address_key = client_key  # one rule for every per-client bound (core/net.py)
 
 
 class SiteLimiter:

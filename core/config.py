@@ -116,7 +116,8 @@ class Settings:
     # How granian serves the collector: rsgi (POST /collect natively async) or wsgi. ADR 25.
     collector_interface: str = "rsgi"
     # The API's HTTP server (tally/wsgi_server.py, ADR 35): open connections in all and per
-    # client address (0 = no per-address bound, e.g. behind a reverse proxy), idle and request-read timeouts.
+    # client address (0 = no per-address bound, e.g. behind a reverse proxy), idle and request-read timeouts
+    # (the request-read one is also the send timeout: an answer the client reads none of for that long is cut).
     api_max_connections: int = 2000
     api_max_connections_per_client: int = 64
     api_idle_timeout_s: int = 15

@@ -8,13 +8,25 @@ slowloris that sends one byte every few seconds is never timed out. `BoundedServ
 
 - it polls (`poll(2)`, not `select(2)`, which stops at descriptor 1024) and never stops accepting
   because of idle sockets: above `max_connections` open, or `max_per_client` from one address (an
-  IPv6 address counts by its /64), the least recently active connection that has no request running
+  IPv6 address counts by its /56), the least recently active connection that has no request running
   (idle, or still sending its request) is closed to make room. Only when every connection of that
-  address (or every connection at all) has a request running is the new one closed at once;
+  address (or every connection at all) has a request running or waiting is the new one closed at once;
   requests in progress are never cut;
 - `idle_timeout_s`: a connection with no request in it is closed after that long without a byte;
 - `request_timeout_s`: a request's headers and body must all arrive within that long of its first
-  byte, however steadily they trickle in (slowloris, slow POST).
+  byte, however steadily they trickle in (slowloris, slow POST);
+- the same `request_timeout_s` as a send timeout: a connection with an answer pending that the socket
+  has not taken a byte of for that long (the client does not read) is closed at once (RST), request
+  running or not. waitress would otherwise keep it forever: its task thread waits with no deadline
+  for the output buffer to drop below `outbuf_high_watermark` (16 MiB), and a close it schedules needs
+  the socket to become writable. Closing wakes that thread: its next write raises ClientDisconnected,
+  waitress closes the app's iterable (a relayed analyst query hands its connection and slot back) and
+  the thread is free. Any connection we marked to close that is still open a sweep later (its socket
+  never became writable) is closed the same way;
+- at most a quarter of the threads (at least 1; no bound when `max_per_client` is 0) run requests of
+  one address at once; its next ones wait, parsed, on their own connections (no thread, no refusal)
+  and start as the address's running ones end, oldest first. So one address holds at most a quarter
+  of the threads, whatever its requests do.
 
 The client address is the TCP peer: behind a reverse proxy every connection comes from the proxy, so
 set `max_per_client` to 0 there (the proxy bounds clients; see README, production).
@@ -22,9 +34,11 @@ set `max_per_client` to 0 there (the proxy bounds clients; see README, productio
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import resource
+import socket
+import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +47,8 @@ from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.server import MultiSocketServer, TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher
+
+from core import net
 
 log = logging.getLogger(__name__)
 ACCEPT_BATCH = 128  # connections accepted per loop turn at most
@@ -43,15 +59,31 @@ class ConnectionLimits:
     max_connections: int = 2000  # open connections at once (all clients)
     max_per_client: int = 64  # open connections from one client address; 0 = no per-client bound
     idle_timeout_s: int = 15  # a connection without a request, silent this long, is closed
-    request_timeout_s: int = 15  # a request must be fully received this long after its first byte
+    request_timeout_s: int = 15  # a request must be fully received this long after its first byte ...
+    # ... and an answer must move: a connection whose socket took no byte of its pending answer this long is reset
+
+    def running_cap(self, threads: int) -> int:
+        """Requests of one address that may run at once: a quarter of the threads, at least 1; 0 (no
+        bound) without a per-address bound (behind a proxy every request comes from one address)."""
+        return max(1, threads // 4) if self.max_per_client else 0
+
+
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on with 0 s: close() sends RST and drops whatever is unsent
 
 
 class _Channel(HTTPChannel):
-    """A waitress channel that knows when its current request began, and tells the server it exists."""
+    """A waitress channel that knows when its current request began and when its answer last moved, tells
+    the server it exists, and lets the server's gate start its requests (BoundedServer.add_task)."""
 
     request_started = 0.0  # time.monotonic() of the first byte of the request being received
+    close_marked = False  # will_close was already set at the previous maintenance sweep
+    slot = False  # holds one of its address's running slots (_TaskGate)
+    pass_on = False  # its next request takes that slot over when the current one ends
+    aborted = False  # closed by abort()
 
     def __init__(self, server: "BoundedServer", sock, addr, adj, map=None) -> None:  # noqa: ANN001
+        # time.monotonic() when the socket last took bytes of our output, or when output became pending
+        self.send_progress = time.monotonic()
         super().__init__(server, sock, addr, adj, map=map)
         self.client = client_key(addr)
         server.admit(self)
@@ -62,6 +94,46 @@ class _Channel(HTTPChannel):
         if self.request is not None and self.request is not before:  # a request began in this data
             self.request_started = time.monotonic()
         return done
+
+    def write_soon(self, data) -> int:  # noqa: ANN001 - a task thread
+        if not self.total_outbufs_len:
+            self.send_progress = time.monotonic()  # output becomes pending now: the send clock starts
+        return super().write_soon(data)
+
+    def _flush_some(self, do_close: bool = True) -> bool:
+        sent = super()._flush_some(do_close=do_close)
+        if sent:
+            self.send_progress = time.monotonic()
+        return sent
+
+    def service(self) -> None:
+        """A task thread runs one request; then its address's slot goes to the next waiting request."""
+        try:
+            super().service()
+        finally:
+            self.server.task_done(self)  # type: ignore[attr-defined]
+
+    def abort(self) -> None:
+        """Close now, whatever the socket's state (waitress closes only once the socket is writable, which
+        it never is while the client does not read), with a reset that frees the kernel's send buffer.
+        handle_close() sets connected = False and notifies outbuf_lock: a task thread waiting for the
+        output to drain wakes, its write raises ClientDisconnected, and waitress closes the app's iterable."""
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        except OSError:
+            pass
+        self.aborted = True
+        self.handle_close()
+
+    # abort() runs in maintenance, from a listener's readable() while the loop registers the descriptors
+    # of a snapshot of the map (listeners come first, so before any channel of that turn). A closed
+    # channel must not be registered: poll would answer POLLNVAL for its number, and a connection
+    # accepted in the same turn may get that number and be closed in its place.
+    def readable(self) -> bool:
+        return not self.aborted and super().readable()
+
+    def writable(self) -> bool:
+        return not self.aborted and bool(super().writable())
 
     def del_channel(self, map=None) -> None:  # noqa: ANN001
         super().del_channel(map)
@@ -74,51 +146,119 @@ class _Channel(HTTPChannel):
 
 
 def client_key(addr: object) -> str:
-    """Whose connection this is: the peer's IPv4 address, or its IPv6 /64 (one subscriber's usual share)."""
+    """Whose connection this is: the peer's IPv4 address, or its IPv6 /56, as the collector counts clients
+    (core/net.py)."""
     host = str(addr[0]) if isinstance(addr, tuple) and addr else ""
-    if ":" not in host:
-        return host
-    try:
-        return str(ipaddress.IPv6Network(f"{host.split('%')[0]}/64", strict=False))
-    except ValueError:
-        return host
+    return net.client_key(host)
+
+
+class _TaskGate:
+    """At most `cap` requests of one client address run at once (0: no bound); the others wait, oldest
+    first, without a thread. Called from the event loop (enter) and from task threads (leave)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.lock = threading.Lock()
+        self.running: dict[str, int] = {}
+        self.waiting: dict[str, dict[_Channel, None]] = {}  # an insertion-ordered set per address
+
+    def enter(self, channel: _Channel) -> bool:
+        """A request of `channel` is ready: True to start it now, False if it waits for a slot."""
+        if not self.cap:
+            return True
+        with self.lock:
+            if channel.slot:  # its running request is ending (waitress queues the next one first): inherit
+                channel.pass_on = True
+                return True
+            if self.running.get(channel.client, 0) < self.cap:
+                self.running[channel.client] = self.running.get(channel.client, 0) + 1
+                channel.slot = True
+                return True
+            self.waiting.setdefault(channel.client, {})[channel] = None
+            return False
+
+    def leave(self, channel: _Channel) -> _Channel | None:
+        """A request of `channel` ended: the waiting channel that takes its slot over (start it), if any."""
+        if not self.cap:
+            return None
+        with self.lock:
+            if not channel.slot:
+                return None
+            if channel.pass_on:
+                channel.pass_on = False
+                return None
+            channel.slot = False
+            queue = self.waiting.get(channel.client)
+            if queue:
+                successor = next(iter(queue))
+                del queue[successor]
+                if not queue:
+                    del self.waiting[channel.client]
+                successor.slot = True
+                return successor
+            left = self.running[channel.client] - 1
+            if left:
+                self.running[channel.client] = left
+            else:
+                del self.running[channel.client]
+            return None
+
+    def drop(self, channel: _Channel) -> None:
+        """`channel` closed: its request waits no more (one running keeps its slot until it ends)."""
+        if not self.cap:
+            return
+        with self.lock:
+            queue = self.waiting.get(channel.client)
+            if queue is not None and channel in queue:
+                del queue[channel]
+                if not queue:
+                    del self.waiting[channel.client]
 
 
 class _Tracker:
     """Open channels by client address, shared by every listening socket of one server."""
 
-    def __init__(self, limits: ConnectionLimits) -> None:
+    def __init__(self, limits: ConnectionLimits, running_cap: int) -> None:
         self.limits = limits
+        self.gate = _TaskGate(running_cap)
+        self.lock = threading.RLock()  # channels close on task threads too (waitress's send errors)
         self.by_client: dict[str, set[_Channel]] = {}
         self.open = 0
         self.closing: set[_Channel] = set()  # marked to close by us, not yet closed
-        self.evicted = 0  # since the last log line
+        self.closed = 0  # since the last log line
         self.next_log = 0.0
 
     def add(self, channel: _Channel) -> None:
-        self.by_client.setdefault(channel.client, set()).add(channel)
-        self.open += 1
+        with self.lock:
+            self.by_client.setdefault(channel.client, set()).add(channel)
+            self.open += 1
 
     def remove(self, channel: _Channel) -> None:
-        peers = self.by_client.get(channel.client)
-        if peers is None or channel not in peers:
-            return  # del_channel may run twice
-        peers.discard(channel)
-        if not peers:
-            del self.by_client[channel.client]
-        self.open -= 1
-        self.closing.discard(channel)
+        self.gate.drop(channel)
+        with self.lock:
+            peers = self.by_client.get(channel.client)
+            if peers is None or channel not in peers:
+                return  # del_channel may run twice
+            peers.discard(channel)
+            if not peers:
+                del self.by_client[channel.client]
+            self.open -= 1
+            self.closing.discard(channel)
 
     def close(self, channel: _Channel, why: str) -> None:
-        channel.will_close = True  # waitress closes it on its next loop turn (it is writable now)
+        channel.will_close = True  # waitress closes it on its next loop turn (once its socket is writable)
         self.closing.add(channel)
-        self.evicted += 1
+        self.note(why)
+
+    def note(self, why: str) -> None:
+        """Count one connection we closed; log the count at most every 10 s."""
+        self.closed += 1
         now = time.monotonic()
         if now >= self.next_log:
             self.next_log = now + 10.0
             log.warning("closed %d connection(s) to stay within the limits (last: %s; %d open from %d addresses)",
-                        self.evicted, why, self.open, len(self.by_client))
-            self.evicted = 0
+                        self.closed, why, self.open, len(self.by_client))
+            self.closed = 0
 
 
 def _oldest_idle(channels, skip: _Channel) -> _Channel | None:  # noqa: ANN001 - iterable of _Channel
@@ -138,16 +278,17 @@ class BoundedServer(TcpWSGIServer):
     def admit(self, channel: _Channel) -> None:
         """Called for every accepted connection: make room for it within the limits, or close it."""
         tracker, limits = self.tracker, self.tracker.limits
-        tracker.add(channel)
-        peers = tracker.by_client[channel.client]
-        if limits.max_per_client and len(peers) - len(peers & tracker.closing) > limits.max_per_client:
-            victim = _oldest_idle(peers, channel) or channel
-            tracker.close(victim, f"more than {limits.max_per_client} from one address")
-            if victim is channel:
-                return
-        if tracker.open - len(tracker.closing) > limits.max_connections:
-            everyone = (c for group in tracker.by_client.values() for c in group)
-            tracker.close(_oldest_idle(everyone, channel) or channel, f"more than {limits.max_connections} open")
+        with tracker.lock:
+            tracker.add(channel)
+            peers = tracker.by_client[channel.client]
+            if limits.max_per_client and len(peers) - len(peers & tracker.closing) > limits.max_per_client:
+                victim = _oldest_idle(peers, channel) or channel
+                tracker.close(victim, f"more than {limits.max_per_client} from one address")
+                if victim is channel:
+                    return
+            if tracker.open - len(tracker.closing) > limits.max_connections:
+                everyone = [c for group in tracker.by_client.values() for c in group]
+                tracker.close(_oldest_idle(everyone, channel) or channel, f"more than {limits.max_connections} open")
 
     def handle_accept(self) -> None:
         """Accept every pending connection (up to ACCEPT_BATCH), not one per loop turn as waitress does:
@@ -174,14 +315,41 @@ class BoundedServer(TcpWSGIServer):
     def forget(self, channel: _Channel) -> None:
         self.tracker.remove(channel)
 
+    def add_task(self, channel: _Channel) -> None:  # type: ignore[override]
+        """waitress hands over a channel whose next request is ready: start it, or let it wait its turn."""
+        if self.tracker.gate.enter(channel):
+            self.task_dispatcher.add_task(channel)
+
+    def task_done(self, channel: _Channel) -> None:
+        successor = self.tracker.gate.leave(channel)
+        if successor is not None:
+            self.task_dispatcher.add_task(successor)
+
     def maintenance(self, now: float) -> None:
-        """Every cleanup_interval: waitress closes idle connections (channel_timeout); this also closes
-        those whose request has been arriving for longer than request_timeout_s."""
-        super().maintenance(now)
-        cutoff = time.monotonic() - self.tracker.limits.request_timeout_s
+        """Every cleanup_interval (1 s), on the event loop: waitress marks idle connections to close
+        (channel_timeout); this also marks those whose request has been arriving for longer than
+        request_timeout_s, and closes at once those whose answer the socket took no byte of for as
+        long, and those marked at the previous sweep that are still open."""
+        limits, mono = self.tracker.limits, time.monotonic()
         for channel in list(self.active_channels.values()):
-            if channel.request is not None and not channel.requests and channel.request_started < cutoff:
+            if channel.will_close and channel.close_marked:
+                self._abort(channel, "marked to close, but its client reads nothing")
+        super().maintenance(now)
+        read_cutoff, send_cutoff = mono - limits.request_timeout_s, mono - limits.request_timeout_s
+        for channel in list(self.active_channels.values()):
+            if channel.total_outbufs_len and channel.send_progress < send_cutoff:
+                self._abort(channel, f"its client read none of its answer for {limits.request_timeout_s} s")
+                continue
+            if channel.request is not None and not channel.requests and channel.request_started < read_cutoff:
                 channel.will_close = True
+            channel.close_marked = bool(channel.will_close)
+
+    def _abort(self, channel: _Channel, why: str) -> None:
+        # On the event loop, before it polls: the closed descriptor is either not polled or, polled from
+        # the loop's snapshot, answers POLLNVAL for a descriptor no longer in the map, which it skips.
+        with self.tracker.lock:
+            self.tracker.note(why)
+        channel.abort()
 
 
 def raise_fd_limit(wanted: int) -> int:
@@ -208,7 +376,7 @@ def create_server(app: Callable, host: str, port: int, *, threads: int,
         channel_timeout=limits.idle_timeout_s, cleanup_interval=1, asyncore_use_poll=True, backlog=2048)
     dispatcher = ThreadedTaskDispatcher()
     dispatcher.set_thread_count(adj.threads)
-    tracker, socket_map = _Tracker(limits), {}  # type: ignore[var-annotated]
+    tracker, socket_map = _Tracker(limits, limits.running_cap(threads)), {}  # type: ignore[var-annotated]
     servers = [BoundedServer(app, socket_map, tracker, dispatcher=dispatcher, adj=adj, sockinfo=sockinfo)
                for sockinfo in adj.listen]
     if len(servers) == 1:

@@ -1,15 +1,18 @@
 """The API's HTTP server survives idle and slow clients (tally/wsgi_server.py; ADR 35).
 
-End to end: `tally api` in a subprocess on a free port (real PostgreSQL), as `tally up` starts it, with
-many idle sockets and a slowloris open. Mechanics (which connection is closed, busy ones never; the
-timeouts) with the same server around a tiny WSGI app in this process.
+End to end: `tally api` in a subprocess on a free port (real PostgreSQL, and a real analyst server for
+the clients that ask for big answers and never read them), as `tally up` starts it, with many idle
+sockets, a slowloris or slow readers. Mechanics (which connection is closed, busy ones never; the
+timeouts; the per-address gate) with the same server around a tiny WSGI app in this process.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import resource
+import select
 import socket
 import subprocess
 import sys
@@ -136,6 +139,119 @@ def test_slowloris_and_idle_sockets_are_timed_out(tally_api):
         idle.close()
 
 
+# --- clients that ask for big answers and never read them ------------------------------------------
+# An analyst CSV of ~28 MB: more than waitress's 16 MiB output buffer plus what the kernel holds, so the
+# thread relaying it has to wait for the client to read (TALLY_SQL_MAX_RESULT_ROWS 10,000 by default).
+BIG_SQL = "SELECT number, repeat('x', 2800) AS pad FROM numbers(10000)"
+BIG_BYTES = 28_000_000
+
+
+@pytest.fixture(scope="module")
+def big_answers(servers) -> Iterator[tuple[str, str]]:
+    """A real analyst server (in this process, 6 threads, as many query slots) and an analyst token."""
+    from tests.conftest import start_analyst_server
+    from tests.test_analyst_server import make_token
+
+    url, server = start_analyst_server(servers, TALLY_SQL_MAX_CONCURRENT="6")
+    yield url, make_token(servers.pg_dsn, "analyst")
+    server.close()
+
+
+def ask_and_never_read(port: int, source: str, request: bytes) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server keeps the rest
+    sock.bind((source, 0))
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(request)
+    return sock
+
+
+def sql_request(token: str, sql: str, fmt: str = "csv") -> bytes:
+    body = json.dumps({"sql": sql}).encode()
+    return (f"POST /api/v1/sql?format={fmt} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def api_sql(port: int, token: str, sql: str, source: str, timeout: float) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout, source_address=(source, 0))
+    try:
+        conn.request("POST", "/api/v1/sql", body=json.dumps({"sql": sql}),
+                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def cut(sock: socket.socket) -> bool:
+    """Whether the server closed (FIN) or reset this connection; reads nothing (reading would let it go on)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
+
+
+def all_cut(socks: list[socket.socket], timeout: float) -> int:
+    """Wait until every socket of `socks` was cut by the server; returns how many were."""
+    deadline = time.monotonic() + timeout
+    while sum(map(cut, socks)) < len(socks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return sum(map(cut, socks))
+
+
+def drain(sock: socket.socket, timeout: float) -> tuple[int, bool]:
+    """Read what the server sent until it closed (EOF or reset): (bytes read, whether it closed in time)."""
+    sock.settimeout(timeout)
+    received = 0
+    try:
+        while chunk := sock.recv(1 << 20):
+            received += len(chunk)
+    except TimeoutError:
+        return received, False
+    except OSError:
+        pass  # reset
+    return received, True
+
+
+def test_clients_that_never_read_their_answers_are_cut_and_free_every_thread(tally_api, big_answers):
+    """16 clients (the API's thread count), each from its own address so that the per-address gate does
+    not help, ask for big analyst answers and never read: before, every API thread waited for them for
+    good and /healthz never answered; now each is cut once its answer has not moved for
+    TALLY_API_REQUEST_TIMEOUT_S (3 s here), and its thread serves others."""
+    analyst_url, token = big_answers
+    port = tally_api(TALLY_ANALYST_URL=analyst_url, TALLY_API_REQUEST_TIMEOUT_S="3")
+    readers = [ask_and_never_read(port, f"127.0.0.{10 + i}", sql_request(token, BIG_SQL)) for i in range(16)]
+    try:
+        time.sleep(1)  # their requests are in the server's queue ahead of the ones below
+        assert healthz(port, "127.0.0.3", timeout=120) == 200
+        assert api_sql(port, token, "SELECT 1 AS one", "127.0.0.4", timeout=120) == 200
+        assert all_cut(readers, 120) == 16
+        for sock in readers:  # what each gets now ends early, not with the whole answer
+            received, closed = drain(sock, 60)
+            assert closed and received < BIG_BYTES // 2
+    finally:
+        for sock in readers:
+            sock.close()
+
+
+def test_one_address_runs_at_most_a_quarter_of_the_threads(tally_api, big_answers):
+    """20 clients from one address (within its 64 connections) ask for big answers and never read: only 4
+    (16 threads / 4) of their requests run, the others wait on their connections, so /healthz and other
+    clients' queries answer long before the send timeout (60 s here) frees anything."""
+    analyst_url, token = big_answers
+    port = tally_api(TALLY_ANALYST_URL=analyst_url, TALLY_API_REQUEST_TIMEOUT_S="60")
+    readers = [ask_and_never_read(port, "127.0.0.2", sql_request(token, BIG_SQL)) for _ in range(20)]
+    try:
+        time.sleep(1)
+        assert healthz(port, "127.0.0.3", timeout=40) == 200
+        assert api_sql(port, token, "SELECT 1 AS one", "127.0.0.4", timeout=40) == 200
+        assert not any(map(cut, readers))  # those waiting were not refused
+    finally:
+        for sock in readers:
+            sock.close()
+
+
 # --- the mechanics, on a tiny app ------------------------------------------------------------------
 
 class SlowApp:
@@ -193,6 +309,117 @@ def test_connections_with_a_request_running_are_never_closed_to_make_room(serve_
     app.release.set()
     assert busy.recv(1024).startswith(b"HTTP/1.1 200")
     assert healthz(port, "127.0.0.3") == 200
+
+
+class StreamApp:
+    """/big streams 64 MiB in 1 MiB chunks and counts the iterables closed; /mid answers 8 MiB (under
+    waitress's 16 MiB output buffer: the request ends at once); anything else answers at once."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def __call__(self, environ, start_response):  # noqa: ANN001
+        if environ["PATH_INFO"] == "/mid":
+            start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(8 << 20))])
+            return [b"x" * (8 << 20)]
+        if environ["PATH_INFO"] != "/big":
+            start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+            return [b"ok"]
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return self.stream()
+
+    def stream(self):  # noqa: ANN201
+        try:
+            for _ in range(64):
+                yield b"x" * (1 << 20)
+        finally:
+            self.closed += 1  # (the server closes the iterable; one thread at a time gets here)
+
+
+def test_a_client_that_stops_reading_is_cut_and_its_thread_and_iterable_freed(serve_app):
+    app = StreamApp()
+    port = serve_app(app, max_per_client=0, request_timeout_s=1)  # 4 threads, no per-address gate
+    readers = [ask_and_never_read(port, "127.0.0.2", b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n") for _ in range(4)]
+    try:
+        deadline = time.monotonic() + 30
+        while app.closed < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert app.closed == 4  # every stuck thread was woken and the app's iterable closed
+        assert healthz(port, "127.0.0.3") == 200
+        for sock in readers:
+            received, closed = drain(sock, 10)
+            assert closed and received < 32 << 20
+    finally:
+        for sock in readers:
+            sock.close()
+
+
+
+def test_an_idle_connection_whose_answer_sits_unread_is_still_closed(serve_app):
+    """A finished answer (no request running) that the client never reads: the idle timeout marks the
+    connection to close, but waitress closes only once the socket is writable, which it never becomes;
+    it is reset a sweep later instead of keeping its descriptor for good."""
+    app = StreamApp()
+    port = serve_app(app, idle_timeout_s=1, request_timeout_s=60)  # the send timeout is not what closes it
+    reader = ask_and_never_read(port, "127.0.0.2", b"GET /mid HTTP/1.1\r\nHost: a\r\n\r\n")
+    try:
+        assert all_cut([reader], 20) == 1
+    finally:
+        reader.close()
+
+
+class CountingApp(SlowApp):
+    """SlowApp that counts the /slow requests that have started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):  # noqa: ANN001
+        if environ["PATH_INFO"] == "/slow":
+            with self.lock:
+                self.started += 1
+        return super().__call__(environ, start_response)
+
+
+def started_after(app: CountingApp, wanted: int, timeout: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while app.started < wanted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return app.started
+
+
+def test_requests_of_one_address_beyond_its_share_wait_their_turn(serve_app):
+    app = CountingApp()
+    port = serve_app(app, max_per_client=8)  # 4 threads: one request of an address runs at a time
+    first, second = connect(port, "127.0.0.2"), connect(port, "127.0.0.2")
+    first.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert started_after(app, 1) == 1
+    second.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert started_after(app, 2, timeout=1.0) == 1  # it waits (not refused, not run)
+    assert healthz(port, "127.0.0.3") == 200  # other addresses are not held up
+    assert not closed_by_server(second)
+    app.release.set()
+    assert first.recv(1024).startswith(b"HTTP/1.1 200")
+    assert second.recv(1024).startswith(b"HTTP/1.1 200")
+    # pipelined requests on one connection pass the slot on, and hand it back at the end
+    first.sendall(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    answers = b""
+    while answers.count(b"HTTP/1.1 200") < 2:
+        answers += first.recv(1024)
+    assert healthz(port, "127.0.0.2") == 200
+
+
+def test_without_a_per_address_bound_the_gate_is_off(serve_app):
+    app = CountingApp()
+    port = serve_app(app, max_per_client=0)  # behind a reverse proxy every client is the proxy's address
+    socks = [connect(port, "127.0.0.2") for _ in range(2)]
+    for sock in socks:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert started_after(app, 2) == 2
+    app.release.set()
+    assert all(sock.recv(1024).startswith(b"HTTP/1.1 200") for sock in socks)
 
 
 def test_a_copied_cookie_is_refused_after_logout_over_http(tally_api, servers):

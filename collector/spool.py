@@ -227,7 +227,8 @@ class SpoolWriter:
 
     def readiness(self, *, recent_full_s: float = 30.0) -> str | None:
         """None if appends can be expected to succeed; else why not (for /readyz): the disk refused an
-        append in the last `recent_full_s`, or it has less free space than two segments."""
+        append in the last `recent_full_s`, or it has room for at most one more segment above the
+        shipper's reserve (a segment counted at most as large as the reserve, so a small disk can be ready)."""
         if time.monotonic() - self.full_at < recent_full_s:
             return "the spool disk refused an append for lack of space in the last 30 s"
         try:

@@ -89,17 +89,25 @@ def start_server(kind: str, env: dict[str, str], port: int, log: Path) -> subpro
     return proc
 
 
-def healthz(port: int) -> tuple[int | str, float]:
+def request(port: int, method: str, path: str, source: str, timeout: float, token: str | None = None,
+            body: bytes | None = None) -> tuple[int | str, float]:
     started = time.perf_counter()
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=("127.0.0.1", 0))
-        conn.request("GET", "/healthz")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout, source_address=(source, 0))
+        conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         resp.read()
         conn.close()
         return resp.status, time.perf_counter() - started
-    except Exception as exc:  # noqa: BLE001 - a refusal or timeout is the measurement
+    except Exception as exc:  # noqa: BLE001 - a timeout or reset is the measurement
         return type(exc).__name__, time.perf_counter() - started
+
+
+def healthz(port: int) -> tuple[int | str, float]:
+    return request(port, "GET", "/healthz", "127.0.0.1", 5)
 
 
 class Watched:

@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.api_idle import _percentiles, say
+from bench.api_idle import _percentiles, request, say
 from infra.processes import free_port, tcp_open, wait_until
 
 RESULTS = Path(__file__).resolve().parent / "results" / "api_slowread.json"
@@ -46,23 +46,6 @@ def start(command: str, env: dict[str, str], port: int, log: Path, *extra: str) 
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     wait_until(lambda: tcp_open("127.0.0.1", port), what=command, timeout=120, proc=proc, log_path=log)
     return proc
-
-
-def request(port: int, method: str, path: str, source: str, timeout: float, token: str | None = None,
-            body: bytes | None = None) -> tuple[int | str, float]:
-    started = time.perf_counter()
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout, source_address=(source, 0))
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        resp.read()
-        conn.close()
-        return resp.status, time.perf_counter() - started
-    except Exception as exc:  # noqa: BLE001 - a timeout or reset is the measurement
-        return type(exc).__name__, time.perf_counter() - started
 
 
 class Probe(threading.Thread):

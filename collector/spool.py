@@ -311,10 +311,15 @@ class SpoolWriter:
             self._fd, self._path, self._size = None, None, 0
 
 
+def disk_full(exc: OSError) -> bool:
+    """Whether `exc` says the disk (or the user's quota) has no room left."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _classify(exc: OSError) -> OSError:
     if isinstance(exc, SpoolFull):
         return exc
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if disk_full(exc):
         return SpoolFull(exc.errno, "spool disk is full")
     return exc
 

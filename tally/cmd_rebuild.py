@@ -19,7 +19,6 @@ from core.config import Settings
 from tally.cmd_reconcile import (
     ArgumentProblem,
     add_range_arguments,
-    clickhouse_source,
     groups,
     parse_range,
 )
@@ -42,7 +41,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     from olap.aggregates import AggregatesError
     from oltp.rebuild import chunks, rebuild
     from oltp.reconcile import NotSettled
-    from tally.roots import require_pg
+    from tally.roots import clickhouse_source, require_pg
 
     try:
         lo, hi = parse_range(args)

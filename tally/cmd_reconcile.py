@@ -80,33 +80,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     rec.set_defaults(func=cmd_reconcile)
 
 
-def cli_secret(settings: Settings) -> str:
-    """TALLY_SECRET, else the secret `tally up` keeps in $TALLY_HOME/secret."""
-    if settings.secret:
-        return settings.secret
-    try:
-        value = (settings.home / "secret").read_text().strip()
-    except OSError:
-        value = ""
-    if not value:
-        raise ConfigError("TALLY_SECRET", "is required to ask the analyst server for ClickHouse aggregates "
-                          f"(or start `tally up` with TALLY_HOME={settings.home} first)")
-    return value
-
-
-def clickhouse_source(settings: Settings, *, in_process: bool = False):  # -> olap.aggregates source
-    """Direct with a ClickHouse server (or inside the process that owns chDB), else via the analyst server."""
-    from olap.aggregates import ClickHouseAggregates, RemoteAggregates
-
-    if in_process or not settings.clickhouse_dsn.startswith("chdb://"):
-        from olap.client import new_client
-
-        return ClickHouseAggregates(new_client(settings.clickhouse_dsn), settings.clickhouse_database)
-    from core.keys import internal_token
-
-    return RemoteAggregates(settings.analyst_url, internal_token(cli_secret(settings)))
-
-
 def groups(settings: Settings):  # -> oltp.reconcile.Groups
     from oltp.reconcile import Groups
 
@@ -123,7 +96,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
     from olap.aggregates import AggregatesError
     from oltp.reconcile import NotSettled, reconcile, record_run
-    from tally.roots import require_pg
+    from tally.roots import clickhouse_source, require_pg
 
     try:
         lo, hi = parse_range(args)
@@ -205,7 +178,7 @@ def run_scheduled_once(settings: Settings, dsn: str, source) -> int | None:
 def start_schedule(settings: Settings, stop: threading.Event, *, first_delay_s: float = 60.0) -> threading.Thread | None:
     """Reconcile every TALLY_RECONCILE_INTERVAL_S (0: never) in a daemon thread of this process, which must be
     able to open ClickHouse (the analyst server). The result goes to `reconcile_runs` (the metrics read it)."""
-    from tally.roots import require_pg
+    from tally.roots import clickhouse_source, require_pg
 
     interval = settings.reconcile_interval_s
     if interval <= 0:

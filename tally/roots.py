@@ -140,26 +140,48 @@ def build_shipper(settings: Settings):  # -> workers.shipper.Shipper
                    unchecked_groups=set(readers) != {ROLLUP_GROUP, LOADER_GROUP})
 
 
+def cli_secret(settings: Settings) -> str:
+    """TALLY_SECRET, else the secret `tally up` keeps in $TALLY_HOME/secret."""
+    if settings.secret:
+        return settings.secret
+    try:
+        value = (settings.home / "secret").read_text().strip()
+    except OSError:
+        value = ""
+    if not value:
+        raise ConfigError("TALLY_SECRET", "is required to ask the analyst server for ClickHouse aggregates "
+                          f"(or start `tally up` with TALLY_HOME={settings.home} first)")
+    return value
+
+
+def clickhouse_source(settings: Settings, *, in_process: bool = False,
+                      timeout_s: float = 300.0):  # -> olap.aggregates source
+    """Direct with a ClickHouse server (or inside the process that owns chDB), else via the analyst server
+    (answers within `timeout_s`)."""
+    from olap.aggregates import ClickHouseAggregates, RemoteAggregates
+
+    if in_process or not settings.clickhouse_dsn.startswith("chdb://"):
+        from olap.client import new_client
+
+        return ClickHouseAggregates(new_client(settings.clickhouse_dsn), settings.clickhouse_database)
+    from core.keys import internal_token
+
+    return RemoteAggregates(settings.analyst_url, internal_token(cli_secret(settings)), timeout_s=timeout_s)
+
+
 def loader_offsets_reader(settings: Settings, timeout_s: float = 3.0):  # -> workers.retention.OffsetReader | None
     """The loader group's stored offsets for the shipper: from ClickHouse directly, or (chDB: one process per
     directory) from the analyst server's internal route. None when neither can be asked (no secret)."""
     from olap.aggregates import ClickHouseAggregates, RemoteAggregates
-
-    def connect() -> ClickHouseAggregates | RemoteAggregates:
-        if not settings.clickhouse_dsn.startswith("chdb://"):
-            from olap.client import new_client
-
-            return ClickHouseAggregates(new_client(settings.clickhouse_dsn), settings.clickhouse_database)
-        from core.keys import internal_token
-
-        return RemoteAggregates(settings.analyst_url, internal_token(settings.secret or ""), timeout_s=timeout_s)
 
     if settings.clickhouse_dsn.startswith("chdb://") and not settings.secret:
         return None
     state: dict[str, ClickHouseAggregates | RemoteAggregates] = {}
 
     def read(topic: str, topic_id: str) -> dict[int, int]:
-        source = state.get("source") or state.setdefault("source", connect())
+        if "source" not in state:  # made on first use: ClickHouse may be down when the shipper starts
+            state["source"] = clickhouse_source(settings, timeout_s=timeout_s)
+        source = state["source"]
         try:
             stored = source.loader_offsets(LOADER_GROUP, topic)
         except Exception:

@@ -106,6 +106,15 @@ def settings(make_settings) -> Settings:
 
 
 @pytest.fixture()
+def conn(servers: Servers) -> Iterator["psycopg.Connection"]:
+    """An autocommit connection to the session's PostgreSQL."""
+    import psycopg
+
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture()
 def domain() -> str:
     return f"d{uuid.uuid4().hex[:10]}.example.com"
 

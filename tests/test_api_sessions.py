@@ -19,12 +19,6 @@ SUMMARY = "/api/v1/domains/{d}/summary?last=1h"
 
 
 @pytest.fixture()
-def conn(servers):
-    with psycopg.connect(servers.pg_dsn, autocommit=True) as c:
-        yield c
-
-
-@pytest.fixture()
 def make_app(make_settings):
     """Real API apps (each its own pool, like separate API processes), closed afterwards."""
     apps = []

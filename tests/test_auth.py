@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import psycopg
 import pytest
 
 from oltp import tokens
@@ -12,12 +11,6 @@ from tally.roots import build_api
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture()
-def conn(servers):
-    with psycopg.connect(servers.pg_dsn, autocommit=True) as c:
-        yield c
 
 
 @pytest.fixture()

@@ -18,12 +18,6 @@ from oltp import tokens
 from tally.cmd_tokens import ensure_admin_token_file
 
 
-@pytest.fixture()
-def conn(servers):
-    with psycopg.connect(servers.pg_dsn, autocommit=True) as c:
-        yield c
-
-
 def test_create_stores_only_a_hash_and_verify_gives_the_principal(conn, domain):
     info, token = tokens.create(conn, "customer", [f"  {domain.upper()}. ", domain, "other.example.org"], "acme")
     assert info.role == "customer" and info.domains == (domain, "other.example.org") and info.name == "acme"

@@ -9,7 +9,7 @@ new incarnation. A retained segment is deleted once the consumer groups stored o
 past it (`offset_readers`: the rollup group's in PostgreSQL, the loader's in ClickHouse)
 and, if some group cannot be checked (`unchecked_groups`), `retain_s` has passed since its
 last ship; `retain_bytes` caps the disk they take. On a disk too full for a sidecar, an
-acknowledged segment is deleted instead of retained (ADR 28): the shipper never stops.
+acknowledged segment is held in the spool instead (ADR 28): the shipper never stops.
 
 After any failure the producer is thrown away and a new one is made for the next
 attempt: an idempotent producer can end in a fatal state (e.g. the broker lost its
@@ -22,7 +22,6 @@ record is caught here, counted by reason, and never blocks the records behind it
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -36,7 +35,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from core import metrics
-from collector.spool import CorruptRecord, fsync_dir, read_record, sealed_segments, segment_records
+from collector.spool import CorruptRecord, disk_full, fsync_dir, read_record, sealed_segments, segment_records
 from collector.spool_recovery import recover_orphans
 from workers.retention import OffsetReader, Retained, RetainedSegments, Shipment, decide
 
@@ -83,7 +82,7 @@ class Shipper:
         spool_dir.mkdir(parents=True, exist_ok=True)
         self.retained = RetainedSegments(spool_dir)
         # Acknowledged segments left in the spool because the disk had no room for their sidecars (ADR 28).
-        self._held: dict[str, Retained] = {}
+        self._held: dict[Path, Retained] = {}
         self.retained.remove_orphan_sidecars()
 
     def ship_once(self) -> int:
@@ -97,7 +96,7 @@ class Shipper:
             self._reship_stale(topic_id)
         total = 0
         for segment in sealed_segments(self.spool_dir):
-            if str(segment) not in self._held:
+            if segment not in self._held:
                 total += self.ship_segment(segment)
         if time.monotonic() >= self._next_retention:
             self.apply_retention()
@@ -149,18 +148,24 @@ class Shipper:
 
     def _retain_held(self) -> None:
         """Move held segments into shipped/ once the disk has room for their sidecars again."""
-        for key, seg in list(self._held.items()):
-            if seg.shipment is None:
-                continue
+        for path, seg in list(self._held.items()):
+            assert seg.shipment is not None  # held only after Kafka acknowledged it
             try:
-                self.retained.keep(seg.path, seg.shipment)
+                if not self._try_keep(path, seg.shipment):
+                    return
             except FileNotFoundError:
                 pass
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    return
+            del self._held[path]
+
+    def _try_keep(self, segment: Path, shipment: Shipment) -> bool:
+        """`retained.keep`; False (and nothing kept) when the disk has no room for the sidecar."""
+        try:
+            self.retained.keep(segment, shipment)
+        except OSError as exc:
+            if not disk_full(exc):
                 raise
-            del self._held[key]
+            return False
+        return True
 
     def _reship_stale(self, topic_id: str) -> None:
         stale = [seg for seg in self._retained()
@@ -179,7 +184,7 @@ class Shipper:
                 raise ShipError(f"{seg.path.name}: Kafka is unavailable ({exc}); will retry") from exc
             ships = seg.shipment.ships + 1 if seg.shipment else 1
             shipment = Shipment(self.topic, shipped_to, offsets, self.clock(), count, ships)
-            if str(seg.path) in self._held:
+            if seg.path in self._held:
                 seg.shipment = shipment
             else:
                 self.retained.update(seg, shipment)
@@ -218,13 +223,13 @@ class Shipper:
             self.evicted_segments += self._remove(decision.evict)
 
     def _remove(self, segs: list[Retained]) -> int:
-        held = [seg for seg in segs if str(seg.path) in self._held]
+        """Delete retained segments: held ones from the spool, the others (and their sidecars) from shipped/."""
+        held = [seg for seg in segs if self._held.pop(seg.path, None) is not None]
         for seg in held:
-            del self._held[str(seg.path)]
             seg.path.unlink(missing_ok=True)
         if held:
             fsync_dir(self.spool_dir)
-        return len(held) + self.retained.remove(seg for seg in segs if str(seg.path) not in {str(h.path) for h in held})
+        return len(held) + self.retained.remove(seg for seg in segs if seg not in held)
 
     @property
     def producer(self) -> KafkaProducer:
@@ -260,21 +265,13 @@ class Shipper:
         groups stored it, like any retained segment), and it moves to shipped/ when there is room. A shipper
         that dies meanwhile ships it again on its next start (the stores count it once). So a full disk
         never stops the shipper and never costs the protection against a broker that forgets (ADR 28)."""
-        try:
-            self.retained.keep(segment, shipment)
+        if self._try_keep(segment, shipment):
             return
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
         self.apply_retention()
-        try:
-            self.retained.keep(segment, shipment)
+        if self._try_keep(segment, shipment):
             return
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
         self.retained.remove_orphan_sidecars()
-        self._held[str(segment)] = Retained(segment, shipment, segment.stat().st_size)
+        self._held[segment] = Retained(segment, shipment, segment.stat().st_size)
         log.warning("shipper: the spool disk is too full for a sidecar; %s (%d records, acknowledged by Kafka) is "
                     "held in the spool until the stores have it or there is room", segment.name, shipment.records)
 
@@ -338,36 +335,35 @@ class Shipper:
                                 "shipping again to the new incarnation")
 
     def _quarantine(self, name: str, bad: list[tuple[str, bytes]]) -> None:
-        qdir = self.spool_dir / "quarantine"
-        try:
-            qdir.mkdir(exist_ok=True)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
         self.quarantined += len(bad)
         self.quarantined_by_reason.update(reason for reason, _ in bad)
         metrics.count_quarantined(reason for reason, _ in bad)
         lines = [line for _, line in bad]
-        if not qdir.is_dir():
-            log.error("shipper: no room for a quarantine directory; dropped %d corrupt lines from %s", len(lines), name)
+        try:
+            kept = self._write_quarantine(name, lines)
+        except OSError as exc:  # a full disk must not stop the records behind (these were never shippable)
+            if not disk_full(exc):
+                raise
+            log.error("shipper: no room to quarantine %d corrupt lines from %s; dropped", len(lines), name)
             return
+        if kept:
+            log.warning("shipper: quarantined %d corrupt lines from %s (%s)", len(lines), name,
+                        ", ".join(sorted({reason for reason, _ in bad})))
+
+    def _write_quarantine(self, name: str, lines: list[bytes]) -> bool:
+        """Append `lines` to quarantine/<name>.bad (fsync'd); False if the quarantine is over its cap."""
+        qdir = self.spool_dir / "quarantine"
+        qdir.mkdir(exist_ok=True)
         used = sum(p.stat().st_size for p in qdir.iterdir())
         if used > QUARANTINE_MAX_BYTES:
             log.error("shipper: quarantine is full (%d bytes); dropping %d corrupt lines from %s",
                       used, len(lines), name)
-            return
-        try:
-            with open(qdir / f"{name}.bad", "ab") as fh:
-                fh.write(b"".join(line + b"\n" for line in lines))
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError as exc:  # a full disk must not stop the records behind (they were never shippable)
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            log.error("shipper: no room to quarantine %d corrupt lines from %s; dropped", len(lines), name)
-            return
-        log.warning("shipper: quarantined %d corrupt lines from %s (%s)", len(lines), name,
-                    ", ".join(sorted({reason for reason, _ in bad})))
+            return False
+        with open(qdir / f"{name}.bad", "ab") as fh:
+            fh.write(b"".join(line + b"\n" for line in lines))
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
 
     def _discard_producer(self) -> None:
         self._producer_incarnation = None

@@ -63,7 +63,7 @@ F_PRODUCE, F_CONSUME = "kafka raw produce", "kafka raw consume"
 
 def bench_disk(b: Bench, work: Path, lines: list[bytes], settings, per_call: int) -> None:  # noqa: ANN001
     """The fsync floor, then SpoolWriter.append with the same lines per call (back to back: disks drift)."""
-    from collector.spool import SpoolWriter
+    from spool.segments import SpoolWriter
 
     count, floor = (b.n_single, F_FSYNC1) if per_call == 1 else (b.n, F_FSYNC100)
     path = work / f"fsync-{per_call}.log"
@@ -135,7 +135,7 @@ def bench_kafka_raw(b: Bench, bootstrap: str, events: list) -> None:
 
 
 def bench_shipper(b: Bench, work: Path, lines: list[bytes], settings) -> None:  # noqa: ANN001
-    from collector.spool import SpoolWriter, sealed_segments
+    from spool.segments import SpoolWriter, sealed_segments
     from tally.roots import build_shipper
 
     settings = settings.with_overrides(spool_dir=work / "ship-spool")

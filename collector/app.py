@@ -25,7 +25,7 @@ from collector.edge import (GIF, TAG_CACHE_CONTROL, PixelRefusal, TagAsset, cors
 from collector.fast_path import CollectFastPath
 from collector.registry import SiteRegistry, Snapshot
 from collector.site_limits import RefusalCounter, SiteLimiter, address_key
-from collector.spool import SpoolFull, SpoolWriter
+from spool.segments import SpoolFull, SpoolWriter
 from core import metrics
 from core.config import Settings
 from core.http import error, install_host_check, install_json_errors, json_response

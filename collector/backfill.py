@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from collector.body import BodyError, repeated_key
-from collector.spool import fsync_dir
+from spool.segments import fsync_dir
 from core.event import Event, EventError, HitContext, Limits, event_from_hit
 
 FIELDS = ("id", "domain", "url", "ts", "type", "value", "referrer", "site")  # what /collect takes per event

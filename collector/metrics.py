@@ -26,7 +26,7 @@ from core.http import error
 
 bp = Blueprint("collector_metrics", __name__)
 
-OPEN, SEALED = ".open", ".seg"  # as collector/spool.py names segments
+OPEN, SEALED = ".open", ".seg"  # as spool/segments.py names segments
 SHIPPED_DIR = "shipped"  # where the shipper keeps acknowledged segments (workers/retention.py)
 
 

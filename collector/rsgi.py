@@ -32,10 +32,10 @@ import orjson
 from flask import Flask, Response
 
 from collector.app import admitted, screen, spool_full
-from collector.async_spool import AsyncSpool
+from spool.async_writer import AsyncSpool
 from collector.body import BodyError, parse_events
 from collector.fast_path import ENDPOINT, LEAN_QUERY, media_type_ok
-from collector.spool import SpoolFull
+from spool.segments import SpoolFull
 from collector.wsgi_bridge import WSGIBridge
 from core import metrics
 from core.http import error, host_allowed

@@ -18,7 +18,7 @@ def create_app_from_env() -> Flask:
 
     granian ends its workers without running atexit handlers, so a worker's open
     spool segment is sealed by the spool's age-based sealer while it runs, or by the
-    shipper once the worker is gone and its lock with it (collector.spool_recovery.recover_orphans).
+    shipper once the worker is gone and its lock with it (spool.recovery.recover_orphans).
     """
     # Die with the granian master, however it dies: an orphaned worker would keep answering 202 into a
     # spool nobody ships and hold the port against the next start (ADR 16).

@@ -50,7 +50,7 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from collector.backfill import BackfillError, backfill
-    from collector.spool import SpoolFull, SpoolWriter
+    from spool.segments import SpoolFull, SpoolWriter
     from oltp import sites
     from tally.roots import require_pg
 

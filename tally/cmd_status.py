@@ -198,7 +198,7 @@ def _empty_spool(spool_dir: Path) -> dict[str, Any]:
 
 def probe_spool(spool_dir: Path) -> dict[str, Any]:
     """Sealed segments waiting for the shipper, open ones being written, shipped ones retained (ADR 16)."""
-    from collector.spool import OPEN, SEALED
+    from spool.segments import OPEN, SEALED
     from workers.retention import SHIPPED_DIR
 
     out = _empty_spool(spool_dir)

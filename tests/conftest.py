@@ -126,7 +126,7 @@ def domain() -> str:
 
 @pytest.fixture()
 def spool(settings: Settings):
-    from collector.spool import SpoolWriter
+    from spool.segments import SpoolWriter
 
     writer = SpoolWriter(settings.spool_dir, max_bytes=1 << 20, max_age_s=3600)
     yield writer

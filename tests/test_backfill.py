@@ -15,8 +15,8 @@ import psycopg
 import pytest
 
 from collector.backfill import BackfillError, Progress, backfill, fingerprint
-from collector.spool import SpoolWriter, read_record, sealed_segments, segment_records
-from collector.spool_recovery import recover_orphans
+from spool.segments import SpoolWriter, read_record, sealed_segments, segment_records
+from spool.recovery import recover_orphans
 from olap.client import connect
 from tally.cli import main
 from tally.cmd_backfill import PROGRESS_DIR, limits_for

@@ -120,7 +120,7 @@ def test_the_spool_tap_keeps_every_segment_the_platform_deletes(tmp_path):
     import json
     import time
 
-    from collector.spool import SpoolWriter, sealed_segments
+    from spool.segments import SpoolWriter, sealed_segments
     from tally.chaos.spool_tap import SpoolTap
 
     spool = tmp_path / "spool"

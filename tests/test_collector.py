@@ -9,10 +9,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from collector import spool as spool_module
+from spool import segments as spool_module
 from collector.app import create_app
-from collector.spool import SpoolWriter, read_record, sealed_segments, segment_records
-from collector.spool_recovery import recover_orphans
+from spool.segments import SpoolWriter, read_record, sealed_segments, segment_records
+from spool.recovery import recover_orphans
 from core.event import Event
 from oltp import sites
 
@@ -121,7 +121,7 @@ def test_unknown_route_is_json_404(client):
 WRITER = """
 import os, sys, time
 from pathlib import Path
-from collector.spool import SpoolWriter
+from spool.segments import SpoolWriter
 w = SpoolWriter(Path(sys.argv[1]), max_bytes=1 << 20, max_age_s=3600)
 w.append([b'{"a": 1}', b'{"a": 2}'])
 os.write(w._fd, b'{"a": 3, "torn')  # a write that was cut off: never acknowledged

@@ -13,10 +13,10 @@ import orjson
 import pytest
 from werkzeug.test import Client
 
-from collector import spool as spool_module
+from spool import segments as spool_module
 from collector.app import create_app
 from collector.fast_path import CollectFastPath
-from collector.spool import SpoolWriter, read_record, segment_records
+from spool.segments import SpoolWriter, read_record, segment_records
 from tests.conftest import register
 
 

@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 
 from collector.app import classify_user_agent, create_app
 from collector.registry import SiteRegistry
-from collector.spool import SpoolWriter, read_record, segment_records
+from spool.segments import SpoolWriter, read_record, segment_records
 from core.batch import Batch
 from core.config import Settings
 from core.event import Event, decode_stored

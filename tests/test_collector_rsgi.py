@@ -1,4 +1,4 @@
-"""The async (granian RSGI) collector, `tally collector`'s default interface: collector/async_spool.py,
+"""The async (granian RSGI) collector, `tally collector`'s default interface: spool/async_writer.py,
 collector/rsgi.py, collector/wsgi_bridge.py (docs/adr/0025-collector-speed.md, "async /collect").
 
 - AsyncSpool keeps SpoolWriter.append's contract for coroutines: durable (written + fdatasync'd)
@@ -29,12 +29,12 @@ import orjson
 import pytest
 from werkzeug.test import Client, EnvironBuilder
 
-from collector import spool as spool_module
+from spool import segments as spool_module
 from collector.app import create_app
-from collector.async_spool import AsyncSpool
+from spool.async_writer import AsyncSpool
 from collector.rsgi import CollectorRSGI, _client_ip
-from collector.spool import SpoolFull, SpoolWriter, read_record, segment_records
-from collector.spool_recovery import recover_orphans
+from spool.segments import SpoolFull, SpoolWriter, read_record, segment_records
+from spool.recovery import recover_orphans
 from tests.conftest import SECRET, register
 from tests.test_collector_fast_path import hit, spooled
 

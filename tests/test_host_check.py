@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from collector.app import create_app as create_collector
-from collector.spool import SpoolWriter
+from spool.segments import SpoolWriter
 from core.http import host_allowed
 
 ALLOWED = ("localhost", "127.0.0.1", "::1", "tally.example.com", ".corp.example")

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 
 from collector.app import flush_refusals
-from collector.spool import read_record, sealed_segments, segment_records
+from spool.segments import read_record, sealed_segments, segment_records
 from core.event import REFUSALS_MARK, decode_refusal_count
 from tests.test_pipeline import pipeline  # noqa: F401 - the fixture
 
@@ -82,7 +82,7 @@ def test_status_of_a_quiet_domain_and_refusals(pipeline, domain):  # noqa: F811
 
 
 def test_a_spool_that_refuses_the_counts_keeps_them_for_the_next_flush(pipeline, domain, monkeypatch):  # noqa: F811
-    from collector.spool import SpoolFull
+    from spool.segments import SpoolFull
 
     ev = {"domain": domain, "url": f"https://{domain}/", "type": "pageview"}
     pipeline.post(ev)  # registers the site

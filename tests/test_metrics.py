@@ -26,7 +26,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.metrics import spool_families
-from collector.spool import SpoolWriter, frame
+from spool.segments import SpoolWriter, frame
 from core import metrics
 from core.config import ConfigError, Settings
 from infra.processes import free_port

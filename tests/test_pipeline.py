@@ -13,7 +13,7 @@ import pytest
 from kafka import KafkaProducer
 
 from collector.app import create_app as create_collector
-from collector.spool import SpoolWriter, sealed_segments
+from spool.segments import SpoolWriter, sealed_segments
 from olap.client import connect
 from tally.roots import build_api, build_loader_loop, build_rollup_loop, build_shipper
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import os
 
-from collector import spool as spool_module
+from spool import segments as spool_module
 from collector.app import create_app
 from collector.registry import SiteRegistry
 from infra.processes import free_port

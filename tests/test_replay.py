@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from collector.backfill import backfill
-from collector.spool import SpoolWriter
+from spool.segments import SpoolWriter
 from core.config import LOADER_GROUP, ROLLUP_GROUP
 from olap.client import connect
 from oltp import rewinds

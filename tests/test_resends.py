@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from kafka import KafkaProducer
 
-from collector.spool import read_record, sealed_segments, segment_records
+from spool.segments import read_record, sealed_segments, segment_records
 from olap.client import connect
 from tests.test_pipeline import Pipeline
 

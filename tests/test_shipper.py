@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from collector.spool import SpoolWriter, read_record, sealed_segments, segment_records
+from spool.segments import SpoolWriter, read_record, sealed_segments, segment_records
 from infra.broker import EmbeddedBroker
 from workers.kafka_io import ensure_topic, make_producer
 from workers.retention import Retained, Shipment, decide
@@ -210,7 +210,7 @@ def test_a_shipper_restarted_after_a_crash_reships_what_the_lost_broker_had(tmp_
         assert first.ship_once() == 5
         first.close()  # (a crash: nothing below depends on a clean close)
         (spool_dir / "host-1-0001-000001.open").write_bytes(b"".join(
-            __import__("collector.spool", fromlist=["frame"]).frame(b'{"domain": "c.example", "n": %d}' % i)
+            __import__("spool.segments", fromlist=["frame"]).frame(b'{"domain": "c.example", "n": %d}' % i)
             for i in range(2)) + b'{"domain": "c.exa')  # a torn tail was never acknowledged
         broker.stop()
         broker = EmbeddedBroker(tmp_path / "tansu2.log", port=port).start()

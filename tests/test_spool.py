@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from collector import spool as spool_module
-from collector.spool import SpoolFull, SpoolWriter, read_record, segment_records
+from spool import segments as spool_module
+from spool.segments import SpoolFull, SpoolWriter, read_record, segment_records
 
 
 def read_lines(directory) -> list[bytes]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.spool import SpoolFull, SpoolWriter, free_bytes, sealed_segments
+from spool.segments import SpoolFull, SpoolWriter, free_bytes, sealed_segments
 from workers.kafka_io import ensure_topic, make_producer
 from workers.retention import SHIPPED_DIR
 from workers.shipper import Shipper

@@ -23,16 +23,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from collector import spool as spool_module
-from collector import spool_recovery
-from collector.spool import SpoolWriter, read_record, sealed_segments, segment_records
-from collector.spool_recovery import recover_orphans
+from spool import segments as spool_module
+from spool import recovery as spool_recovery
+from spool.segments import SpoolWriter, read_record, sealed_segments, segment_records
+from spool.recovery import recover_orphans
 
 OS_CALLS = ("open", "rename", "write", "fdatasync", "fsync", "close", "fstat", "ftruncate", "statvfs")
 
 
 class Interleaver:
-    """Stands in for `os` and `fcntl` inside collector.spool: before the writer's system call number `at`
+    """Stands in for `os` and `fcntl` inside spool.segments: before the writer's system call number `at`
     (counting from 0), runs `action` once. Calls made by the action itself are not counted."""
 
     def __init__(self, at: int, action: Callable[[], None]) -> None:

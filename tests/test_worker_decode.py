@@ -129,7 +129,7 @@ def test_records_a_store_would_choke_on_are_set_aside_by_both_workers_alike(pipe
     the rest, and move on (the partition is not stalled)."""
     pipeline.post([{"domain": domain, "url": f"https://{domain}/", "value": "1"}] * 5)
     pipeline.spool.close()
-    from collector.spool import read_record, sealed_segments, segment_records
+    from spool.segments import read_record, sealed_segments, segment_records
 
     (segment,) = sealed_segments(settings.spool_dir)
     obj = orjson.loads(read_record(next(segment_records(segment.read_bytes()))))  # a real collector record

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import orjson
 
-from collector.spool import fsync_dir
+from spool.segments import fsync_dir
 
 log = logging.getLogger(__name__)
 

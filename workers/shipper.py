@@ -35,8 +35,8 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from core import metrics
-from collector.spool import CorruptRecord, disk_full, fsync_dir, read_record, sealed_segments, segment_records
-from collector.spool_recovery import recover_orphans
+from spool.segments import CorruptRecord, disk_full, fsync_dir, read_record, sealed_segments, segment_records
+from spool.recovery import recover_orphans
 from workers.retention import OffsetReader, Retained, RetainedSegments, Shipment, decide
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ import socket
 import time
 from pathlib import Path
 
-from collector.spool import NEW, OPEN, SEALED, fsync_dir
+from spool.segments import NEW, OPEN, SEALED, fsync_dir
 from core.pids import pid_running, started_at
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from collector.spool import SpoolFull, SpoolWriter, frame
+from spool.segments import SpoolFull, SpoolWriter, frame
 
 log = logging.getLogger(__name__)
 

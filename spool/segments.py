@@ -12,7 +12,7 @@ interleaving loses an acknowledged line) is docs/adr/0028-spool-protocol.md. In 
 it, and only then renames it to `.open`, so a `.open` name never exists without its writer's lock
 while the writer lives; it appends (write + fdatasync, and checks the file still has a name) before
 anything is acknowledged, and seals by renaming to `.seg` while still holding the lock. Orphan
-recovery (collector/spool_recovery.py) seals only `.open` files whose lock it holds itself and
+recovery (spool/recovery.py) seals only `.open` files whose lock it holds itself and
 whose writer process is gone, and deletes only `.new` files (which never hold a line).
 
 Contract of `SpoolWriter.append`: when it returns, the lines are on disk (written and
@@ -181,7 +181,7 @@ class SpoolWriter:
     def write_durably(self, data: bytes) -> None:
         """One write + fdatasync of `data` (framed lines) at the end of the open segment (sealing it first
         if due); blocks until durable. Raises OSError (SpoolFull for a full disk) and then none of `data`
-        is in the segment. The group commits (`append`, collector.async_spool) call it once per group."""
+        is in the segment. The group commits (`append`, spool.async_writer) call it once per group."""
         with self._lock:
             self._check_fork()
             try:

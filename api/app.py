@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -17,14 +17,14 @@ import psycopg
 from flask import Blueprint, Flask, Response, current_app, redirect, render_template, request
 
 from api.analyst_proxy import AnalystService, AnalystUnavailable
-from oltp.queries import GRANULARITIES, Bucket, OutsideRetention, QueryError, RollupReader, SiteRow, Totals
-from core.event import EVENT_TYPES, EventError, normalize_domain
-from core.config import Settings
-from core.runstate import down_components
-from core.http import error, install_host_check, install_json_errors, json_response
 from api.auth import allow, current_principal, install_auth, probe, public
+from core.config import Settings
+from core.event import EVENT_TYPES, EventError, normalize_domain
+from core.http import error, install_host_check, install_json_errors, json_response
+from core.runstate import down_components
 from oltp import tokens
 from oltp.ingestion import ingestion_status
+from oltp.queries import GRANULARITIES, Bucket, OutsideRetention, QueryError, RollupReader, SiteRow, Totals
 
 bp = Blueprint("api", __name__)
 
@@ -50,7 +50,7 @@ def _parse_time(name: str, value: str | None, default: datetime) -> datetime:
         raise QueryError(f"'{name}' must carry a UTC offset, e.g. 2026-01-01T00:00:00Z")
     if not 1970 <= parsed.year <= 9000:
         raise QueryError(f"'{name}' must be between the years 1970 and 9000")
-    return parsed.astimezone(timezone.utc)
+    return parsed.astimezone(UTC)
 
 
 def _tz_arg(args) -> ZoneInfo | Response:
@@ -167,7 +167,7 @@ def domain_summary(domain: str) -> Response:
     if last not in SUMMARY_PERIODS:
         return error(400, "invalid_period", f"last must be one of {', '.join(SUMMARY_PERIODS)}")
     try:
-        summary = _backends().rollups.summary(domain, SUMMARY_PERIODS[last], datetime.now(timezone.utc))
+        summary = _backends().rollups.summary(domain, SUMMARY_PERIODS[last], datetime.now(UTC))
     except OutsideRetention as exc:
         return error(400, "outside_retention", str(exc), tier=exc.tier, retention_days=exc.retention_days,
                      retained_from=exc.retained_from.isoformat(), alternatives=exc.alternatives)
@@ -213,7 +213,7 @@ def domain_status(domain: str) -> Response:
         return domain
     if request.args:
         return error(400, "unknown_parameter", f"unknown query parameter {sorted(request.args)[0]!r}")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     backends = _backends()
     try:
         status = ingestion_status(backends.rollups.pool, domain, now)
@@ -304,7 +304,7 @@ def domain_series(domain: str, metric: str) -> Response:
     tz = _tz_arg(args)
     if isinstance(tz, Response):
         return tz
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     try:
         end = _parse_time("to", args.get("to"), now)
         start = _parse_time("from", args.get("from"), end - timedelta(hours=24))
@@ -648,7 +648,7 @@ def readyz() -> Response:
     try:
         with _backends().rollups.pool.connection(timeout=2) as conn:
             conn.execute("SELECT 1")
-    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", with its kind
+    except Exception as exc:
         return error(503, "not_ready", f"PostgreSQL is unreachable ({type(exc).__name__})")
     down = down_components(current_app.config["TALLY"].home)
     return json_response({"status": "ready", "down": down} if down else {"status": "ready"})

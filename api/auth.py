@@ -39,9 +39,9 @@ from flask import Blueprint, Flask, Response, current_app, g, request
 from flask_limiter import Limiter, RateLimitExceeded, RequestLimit
 from psycopg_pool import ConnectionPool
 
+from api import session
 from core.event import EventError, normalize_domain
 from core.http import error, json_response
-from api import session
 from oltp import tokens
 from oltp.tokens import Principal, verify
 

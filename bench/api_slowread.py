@@ -20,7 +20,6 @@ bench/results/api_slowread.json, under `--label`.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import select
@@ -51,7 +50,7 @@ def start(command: str, env: dict[str, str], port: int, log: Path, *extra: str) 
 class Probe(threading.Thread):
     """Sends one request every `every` s until stopped; keeps (second since t0, status, latency)."""
 
-    def __init__(self, send, every: float, t0: float) -> None:  # noqa: ANN001 - () -> (status, seconds)
+    def __init__(self, send, every: float, t0: float) -> None:
         super().__init__(daemon=True)
         self.send, self.every, self.t0 = send, every, t0
         self.stop = threading.Event()

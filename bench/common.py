@@ -10,10 +10,8 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SECRET = "bench-secret-0123456789abcdef"
@@ -53,7 +51,7 @@ class Bench:
         try:
             fn(self, *args)
             return True
-        except Exception as exc:  # noqa: BLE001 - report and go on with the next measurement
+        except Exception as exc:
             traceback.print_exc()
             self.results.append(Result(label, None, "", error=f"{type(exc).__name__}: {exc}"[:300]))
             return False
@@ -89,10 +87,10 @@ def drain_loops(loops: list, timeout_s: float = 900) -> None:
         return
     errors: list[BaseException] = []
 
-    def drain(loop) -> None:  # noqa: ANN001 - ConsumerLoop
+    def drain(loop) -> None:
         try:
             loop.drain(timeout_s=timeout_s)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=drain, args=(loop,)) for loop in loops]
@@ -109,7 +107,7 @@ def make_events(n: int) -> list:
     from collector.app import classify_user_agent
     from core.event import HitContext, Limits, event_from_hit
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rng = random.Random(7)
     domains = [f"site{i}.bench.example.com" for i in range(40)]
     limits, secret, events = Limits(), SECRET.encode(), []
@@ -129,7 +127,7 @@ def chunks(items: list, size: int) -> Iterator[list]:
         yield items[i:i + size]
 
 
-def topic_partitions(consumer, topic: str) -> list:  # noqa: ANN001 - KafkaConsumer -> [TopicPartition]
+def topic_partitions(consumer, topic: str) -> list:
     from kafka import TopicPartition
 
     deadline = time.monotonic() + 30

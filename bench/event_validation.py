@@ -19,7 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -66,7 +66,7 @@ def runner(module: ModuleType, body: list[dict[str, Any]], rounds: int) -> Calla
     def run() -> float:
         start = time.perf_counter()
         for _ in range(rounds):
-            ctx = context(received_at=datetime.now(timezone.utc), user_agent=UA, client_ip="203.0.113.7")
+            ctx = context(received_at=datetime.now(UTC), user_agent=UA, client_ip="203.0.113.7")
             for item in body:
                 event_from_hit(item, ctx, limits, key, classify_user_agent).to_json()
         return (time.perf_counter() - start) / (rounds * len(body)) * 1e6

@@ -42,7 +42,7 @@ import tempfile
 import time
 import urllib.parse
 from contextlib import ExitStack
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -230,7 +230,7 @@ class Target:
 
     def ask(self, shape: str, rng: random.Random, record: bool) -> None:
         d = rng.choice(self.domains)
-        path = shape_path(d, shape, datetime.now(timezone.utc))
+        path = shape_path(d, shape, datetime.now(UTC))
         t0 = time.perf_counter()
         status, body = self.api.get(path, self.tokens[d])
         elapsed = (time.perf_counter() - t0) * 1000
@@ -269,7 +269,7 @@ def mixed(api: Api, tokens: dict[str, str], n: int, rng: random.Random) -> dict[
     zones = ["UTC", "America/New_York", ZONE, "Australia/Lord_Howe", "Europe/Berlin"]
     for i in range(n):
         d = rng.choice(domains)
-        now = datetime.now(timezone.utc) - timedelta(minutes=rng.randint(0, 600))
+        now = datetime.now(UTC) - timedelta(minutes=rng.randint(0, 600))
         granularity = rng.choice(["15m", "1h", "1d"])
         span = {"15m": timedelta(hours=rng.randint(1, 24)), "1h": timedelta(days=rng.randint(1, 14)),
                 "1d": timedelta(days=rng.randint(7, 90))}[granularity]
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     n = 300 if quick else 1000
     n_mixed = 3000 if quick else 10000
     rng = random.Random(8)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     results: dict[str, object] = {"quick": quick, "started_at": now.isoformat(), "days_15m": days_15m,
                                   "requests_per_shape": n, "mixed_queries": n_mixed}
     with ExitStack() as cleanup, tempfile.TemporaryDirectory(prefix="tally-bench-queries-") as tmp:

@@ -43,11 +43,24 @@ import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-
-from bench.common import (PARTITIONS, RAW_TOPIC, RESULTS_DIR, SECRET, TOPIC, Bench, chunks, make_events, print_table, rate, say, start_servers, topic_partitions)
+from bench.common import (
+    PARTITIONS,
+    RAW_TOPIC,
+    RESULTS_DIR,
+    SECRET,
+    TOPIC,
+    Bench,
+    chunks,
+    make_events,
+    print_table,
+    rate,
+    say,
+    start_servers,
+    topic_partitions,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +74,7 @@ F_PRODUCE, F_CONSUME = "kafka raw produce", "kafka raw consume"
 # ---------------------------------------------------------------- disk: fsync floors and the spool
 
 
-def bench_disk(b: Bench, work: Path, lines: list[bytes], settings, per_call: int) -> None:  # noqa: ANN001
+def bench_disk(b: Bench, work: Path, lines: list[bytes], settings, per_call: int) -> None:
     """The fsync floor, then SpoolWriter.append with the same lines per call (back to back: disks drift)."""
     from spool.segments import SpoolWriter
 
@@ -134,7 +147,7 @@ def bench_kafka_raw(b: Bench, bootstrap: str, events: list) -> None:
         consumer.close()
 
 
-def bench_shipper(b: Bench, work: Path, lines: list[bytes], settings) -> None:  # noqa: ANN001
+def bench_shipper(b: Bench, work: Path, lines: list[bytes], settings) -> None:
     from spool.segments import SpoolWriter, sealed_segments
     from tally.roots import build_shipper
 
@@ -241,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.ERROR)
 
     b = Bench(args.quick)
-    started, t0 = datetime.now(timezone.utc), time.monotonic()
+    started, t0 = datetime.now(UTC), time.monotonic()
     params = run_all(b)
     b.resolve_ratios()
     print_table(b.results)

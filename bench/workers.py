@@ -51,17 +51,26 @@ import uuid
 from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import asdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from bench.common import (RESULTS_DIR, Bench, drain_loops, make_events, print_table, proc_status_kib, rate, say,
-                          start_servers)
+from bench.common import (
+    RESULTS_DIR,
+    Bench,
+    drain_loops,
+    make_events,
+    print_table,
+    proc_status_kib,
+    rate,
+    say,
+    start_servers,
+)
 from workers.gc_policy import tune_for_streaming
 
 F_CONSUME, F_COPY, F_CH_INSERT = "kafka raw consume, workers' topic", "pg raw COPY", "chdb raw insert"
 F_LOADER_FLOOR = "loader floor: min(consume, chdb insert)"
 TOPIC, PARTITIONS = "tally.events", 4
-_EPOCH, _MS = datetime(1970, 1, 1, tzinfo=timezone.utc), timedelta(milliseconds=1)
+_EPOCH, _MS = datetime(1970, 1, 1, tzinfo=UTC), timedelta(milliseconds=1)
 
 CH_FLOOR_DDL = """CREATE TABLE IF NOT EXISTS bench_floor.events (
     hash FixedString(32), domain LowCardinality(String), url String, ts DateTime64(3, 'UTC'),
@@ -143,7 +152,7 @@ def consume_once(bootstrap: str, topic: str, n: int) -> float:
         consumer.close()
 
 
-def produce(bootstrap: str, topic: str, records: "Iterable[tuple[bytes, bytes]]") -> int:
+def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]]) -> int:
     """Put (key, value) records on a fresh topic, as the shipper would (make_producer: acks=all, lz4)."""
     from workers.kafka_io import ensure_topic, make_producer
 
@@ -175,7 +184,7 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def drain_timed(loops, n: int, profile: bool = False) -> tuple[float, str]:  # noqa: ANN001 - ConsumerLoop(s)
+def drain_timed(loops, n: int, profile: bool = False) -> tuple[float, str]:
     """Drain the loop(s) (several: each in its own thread, as `tally rollup-worker` runs them), then
     close them; return (events/s from the first partition assignment to the last sink write, note)."""
     loops = loops if isinstance(loops, list) else [loops]
@@ -184,12 +193,12 @@ def drain_timed(loops, n: int, profile: bool = False) -> tuple[float, str]:  # n
     for loop in loops:
         seek, write = loop.seek_to_stored, loop.sink.write
 
-        def timed_seek(partitions, _seek=seek):  # noqa: ANN001, ANN202 - runs at the end of a group join
+        def timed_seek(partitions, _seek=seek):
             _seek(partitions)
             with lock:
                 marks.setdefault("assigned", time.perf_counter())
 
-        def timed_write(batch, _write=write):  # noqa: ANN001, ANN202
+        def timed_write(batch, _write=write):
             _write(batch)
             with lock:
                 marks["last_write"] = max(marks.get("last_write", 0.0), time.perf_counter())
@@ -243,7 +252,7 @@ def _best(figures: list[float], notes: list[str]) -> tuple[float, str]:
     return best, f"best of {', '.join(f'{f:,.0f}' for f in figures)}; " + notes[figures.index(best)]
 
 
-def settle(settings) -> None:  # noqa: ANN001
+def settle(settings) -> None:
     """Let what the previous measurement left running finish before the next one starts: PostgreSQL
     writes its dirty pages now (CHECKPOINT), and chDB's background merges (in this process) end, so
     that no measurement pays for the one before it (a stage's own checkpoints and merges it pays)."""
@@ -258,7 +267,7 @@ def settle(settings) -> None:  # noqa: ANN001
         time.sleep(0.2)
 
 
-def rollup_once(settings, n: int, *, profile: bool = False, empty_first: bool = False) -> tuple[float, str]:  # noqa: ANN001
+def rollup_once(settings, n: int, *, profile: bool = False, empty_first: bool = False) -> tuple[float, str]:
     """One drain of the topic by the rollup worker's loop (a new group); checks every event was counted."""
     import psycopg
 
@@ -279,7 +288,7 @@ def rollup_once(settings, n: int, *, profile: bool = False, empty_first: bool = 
     return eps, note
 
 
-def loader_once(settings, n: int, *, profile: bool = False, empty_first: bool = False) -> tuple[float, str]:  # noqa: ANN001
+def loader_once(settings, n: int, *, profile: bool = False, empty_first: bool = False) -> tuple[float, str]:
     """One drain of the topic by the loader's loop (a new group); checks every event was stored."""
     from olap.client import connect
     from tally.roots import build_loader_loop
@@ -309,7 +318,7 @@ def add_loader(b: Bench, label: str, eps: float, note: str) -> None:
     b.add(label, eps, "events/s", F_CH_INSERT, note="same run, vs chdb insert floor")
 
 
-def bench_rounds(b: Bench, settings, bootstrap: str, n: int, profile: str | None = None,  # noqa: ANN001
+def bench_rounds(b: Bench, settings, bootstrap: str, n: int, profile: str | None = None,
                  rounds: int = ROUNDS) -> None:
     """The consume floor, the rollup worker and the loader, interleaved `rounds` times; best of each."""
     consumed: list[float] = []
@@ -358,7 +367,7 @@ def bench_memory(b: Bench, env: dict[str, str], events: list, factor: int, work:
         n, topic = len(events) * f, f"{TOPIC}.memory{f}"
         say(f"[bench] producing a {n:,}-event backlog ...")
 
-        def records(n: int = n):  # noqa: ANN202
+        def records(n: int = n):
             for i in range(n):
                 e, line = events[i % len(events)], base[i % len(events)]
                 # a fresh hash per copy, so that both stores count every one of them
@@ -409,7 +418,7 @@ def run(b: Bench, profile: str | None, memory: bool) -> dict[str, object]:
     return {"events": b.n, "partitions": PARTITIONS}
 
 
-def run_worker_benches(b: Bench, settings, dsn: str, bootstrap: str, events: list, *,  # noqa: ANN001
+def run_worker_benches(b: Bench, settings, dsn: str, bootstrap: str, events: list, *,
                        profile: str | None = None) -> None:
     """The floors and both workers, on a topic that already holds `events` (also called by bench.run)."""
     b.measure(F_COPY, bench_pg_copy, dsn, events)
@@ -429,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
 
     b = Bench(args.quick)
     b.n = args.n or (200_000 if args.quick else 500_000)
-    started, t0 = datetime.now(timezone.utc), time.monotonic()
+    started, t0 = datetime.now(UTC), time.monotonic()
     params = run(b, args.profile, args.memory)
     b.resolve_ratios()
     print_table(b.results)

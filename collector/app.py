@@ -10,29 +10,47 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from collector.body import ACCEPTED_TEXT, ACCEPTED_TYPES, BodyError, content_type_ok, parse_events
 from collector import metrics as edge_metrics
-from collector.edge import (GIF, TAG_CACHE_CONTROL, PixelRefusal, TagAsset, cors_headers, etag_matches,
-                            origin_allowed, pixel_params, preflight_headers, request_origin,
-                            unrequested_headers)
+from collector.body import ACCEPTED_TEXT, ACCEPTED_TYPES, BodyError, content_type_ok, parse_events
+from collector.edge import (
+    GIF,
+    TAG_CACHE_CONTROL,
+    PixelRefusal,
+    TagAsset,
+    cors_headers,
+    etag_matches,
+    origin_allowed,
+    pixel_params,
+    preflight_headers,
+    request_origin,
+    unrequested_headers,
+)
 from collector.fast_path import CollectFastPath
 from collector.registry import SiteRegistry, Snapshot
 from collector.site_limits import RefusalCounter, SiteLimiter, address_key
-from spool.segments import SpoolFull, SpoolWriter
 from core import metrics
 from core.config import Settings
+from core.event import (
+    Event,
+    EventError,
+    HitContext,
+    Limits,
+    event_from_hit,
+    mac_key,
+    normalize_domain,
+    refusal_count_json,
+)
 from core.http import error, install_host_check, install_json_errors, json_response
 from core.pixel import pixel_hit
-from core.event import (Event, EventError, HitContext, Limits, event_from_hit, mac_key, normalize_domain,
-                        refusal_count_json)
 from oltp.sites import Site
+from spool.segments import SpoolFull, SpoolWriter
 
 log = logging.getLogger(__name__)
 bp = Blueprint("collector", __name__)
@@ -193,7 +211,7 @@ def screen(items: list[Any], url_key: str | None, *, origin: str | None = None,
         refused = _check_origin(items, url_key, sites, origin, cors_origin, client_ip)
         if refused is not None:
             return refused
-    ctx = HitContext(received_at=datetime.now(timezone.utc), user_agent=user_agent, client_ip=client_ip)
+    ctx = HitContext(received_at=datetime.now(UTC), user_agent=user_agent, client_ip=client_ip)
     events = _stamp(items, url_key, sites, ctx)
     if isinstance(events, Response):
         return events
@@ -496,7 +514,7 @@ def flush_refusals(app: Flask) -> int:
     counts = refusals.take()
     sites = app.extensions["tally_registry"].snapshot()
     known = sites.by_domain if sites is not None else {}
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     mine = {(d, r): n for (d, r), n in counts.items() if d is not None and d in known}
     if not mine:
         return 0

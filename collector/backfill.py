@@ -27,15 +27,15 @@ import io
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from collector.body import BodyError, repeated_key
-from spool.segments import fsync_dir
 from core.event import Event, EventError, HitContext, Limits, event_from_hit
+from spool.segments import fsync_dir
 
 FIELDS = ("id", "domain", "url", "ts", "type", "value", "referrer", "site")  # what /collect takes per event
 REQUIRED_COLUMNS = ("domain", "url", "ts")
@@ -77,7 +77,7 @@ class Progress:
     finished_at: str | None = None
 
     @classmethod
-    def load(cls, path: Path) -> "Progress | None":
+    def load(cls, path: Path) -> Progress | None:
         try:
             return cls(**orjson.loads(path.read_bytes()))
         except FileNotFoundError:
@@ -252,7 +252,7 @@ def backfill(path: Path, *, spool: Any, progress_dir: Path, registered: Callable
             "`tally rebuild` the PostgreSQL rollups of that range")
     if progress is None or progress.done:
         progress = Progress(sha256=sha, path=str(path.resolve()), lines=lines,
-                            started_at=datetime.now(timezone.utc).isoformat())
+                            started_at=datetime.now(UTC).isoformat())
     summary = Summary(progress=progress, resumed_from=progress.next_line)
     on_start(progress)
     with open(path, "rb") as fh:
@@ -271,7 +271,7 @@ def backfill(path: Path, *, spool: Any, progress_dir: Path, registered: Callable
         _write_chunk(chunk, max(last_line, lines), sha, spool, progress, progress_path, registered, limits, summary,
                      on_bad, on_chunk)
     progress.done = True
-    progress.finished_at = datetime.now(timezone.utc).isoformat()
+    progress.finished_at = datetime.now(UTC).isoformat()
     progress.save(progress_path)
     return summary
 
@@ -279,7 +279,7 @@ def backfill(path: Path, *, spool: Any, progress_dir: Path, registered: Callable
 def _write_chunk(chunk: list[tuple[int, Any]], last_line: int, sha: str, spool: Any, progress: Progress,
                  progress_path: Path, registered: Callable[[str], bool], limits: Limits, summary: Summary,
                  on_bad: Callable[[BadLine], None], on_chunk: Callable[[int], None]) -> None:
-    ctx = HitContext(received_at=datetime.now(timezone.utc))
+    ctx = HitContext(received_at=datetime.now(UTC))
     events: list[Event] = []
     for number, obj in chunk:
         result = validate(obj, number, file_id=sha, ctx=ctx, limits=limits, registered=registered)

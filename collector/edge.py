@@ -76,7 +76,7 @@ class TagAsset:
     etag_gzip: str  # strong, of the gzip bytes: another representation, another ETag
 
     @classmethod
-    def load(cls, path: Path = TAG_PATH) -> "TagAsset":
+    def load(cls, path: Path = TAG_PATH) -> TagAsset:
         data = path.read_bytes()
         packed = gzip.compress(data, compresslevel=9, mtime=0)  # mtime=0: the same bytes on every worker
         return cls(data, packed, f'"{hashlib.sha256(data).hexdigest()[:32]}"',

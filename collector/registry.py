@@ -40,7 +40,7 @@ class Snapshot:
     loaded_at: float  # time.monotonic()
 
     @classmethod
-    def of(cls, sites: Sequence[Site], source: str) -> "Snapshot":
+    def of(cls, sites: Sequence[Site], source: str) -> Snapshot:
         return cls({s.site_key: s for s in sites}, {s.domain: s for s in sites}, source, time.monotonic())
 
 
@@ -62,7 +62,7 @@ class SiteRegistry:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "SiteRegistry":
+    def from_settings(cls, settings: Settings) -> SiteRegistry:
         """PostgreSQL at `settings.pg_dsn`, disk copy at `$TALLY_HOME/collector/sites.json`."""
         from oltp.sites import load_all
 
@@ -95,7 +95,7 @@ class SiteRegistry:
             self.refresh()
             return self._snapshot
 
-    def start(self, *, background: bool = True) -> "SiteRegistry":
+    def start(self, *, background: bool = True) -> SiteRegistry:
         """Load once (PostgreSQL, else the disk copy), then keep refreshing in a daemon thread."""
         if not self.refresh():
             self.load_disk_copy()

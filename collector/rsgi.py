@@ -32,13 +32,13 @@ import orjson
 from flask import Flask, Response
 
 from collector.app import admitted, screen, spool_full
-from spool.async_writer import AsyncSpool
 from collector.body import BodyError, parse_events
 from collector.fast_path import ENDPOINT, LEAN_QUERY, media_type_ok
-from spool.segments import SpoolFull
 from collector.wsgi_bridge import WSGIBridge
 from core import metrics
 from core.http import error, host_allowed
+from spool.async_writer import AsyncSpool
+from spool.segments import SpoolFull
 
 log = logging.getLogger(__name__)
 

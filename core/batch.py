@@ -40,7 +40,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.events) + len(self.rejected) + len(self.counts)
 
-    def merge(self, later: "Batch") -> None:
+    def merge(self, later: Batch) -> None:
         """Append the batch polled right after this one (same topic incarnation, no seek in between)."""
         self.events.extend(later.events)
         self.rejected.extend(later.rejected)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-
 # The two consumer groups: every process that reads or writes their offsets names them from here.
 ROLLUP_GROUP = "tally-rollups"
 LOADER_GROUP = "tally-loader"
@@ -132,7 +131,7 @@ class Settings:
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "Settings":
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Build and validate settings; raises ConfigError naming the first bad variable."""
         r = _Reader(env)
         home = r.path("TALLY_HOME", Path(".tally"))
@@ -212,7 +211,7 @@ class Settings:
         _check_retention(settings)
         return settings
 
-    def with_overrides(self, **changes: object) -> "Settings":
+    def with_overrides(self, **changes: object) -> Settings:
         """A copy with some fields replaced (used by `tally up` once embedded servers are up)."""
         return dataclasses.replace(self, **changes)
 
@@ -260,7 +259,7 @@ def _default_dedup_days(env: Mapping[str, str]) -> int:
     return max(-(-past_age_s // 86_400) + 2, -int(-(past_age_s + retain_s + 86_400) // 86_400))
 
 
-def _check_retention(s: "Settings") -> None:
+def _check_retention(s: Settings) -> None:
     """Cross-setting rules (ADR 18); raises ConfigError naming the variable to change.
 
     The dedup window must cover the max accepted past age plus a day (a late duplicate must still

@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Annotated, Any, Literal
@@ -117,7 +117,7 @@ class Event(msgspec.Struct, frozen=True, gc=False):
         })
 
     @classmethod
-    def from_json(cls, data: bytes | str) -> "Event":
+    def from_json(cls, data: bytes | str) -> Event:
         """Decode and re-validate a stored event; raises EventError on anything malformed."""
         try:
             obj = orjson.loads(data)
@@ -237,7 +237,7 @@ def event_from_hit(body: Any, ctx: HitContext, limits: Limits, secret: bytes,
             raise EventError("ts", "is required when 'id' is sent, so that retries carry the same event time")
         ts = received
     elif type(raw_ts) is int and 0 <= raw_ts < 32503680000000:  # the tag's Date.now()
-        ts = datetime.fromtimestamp(raw_ts / 1000.0, tz=timezone.utc)
+        ts = datetime.fromtimestamp(raw_ts / 1000.0, tz=UTC)
         if ts > received + limits.max_future_skew or ts < received - limits.max_past_age:
             _client_time(raw_ts, received, limits)  # raises, naming the limit
     else:
@@ -325,10 +325,10 @@ def _cached_value(value: str | float) -> Decimal | None:
 
 @lru_cache(maxsize=1024)  # the receive time repeats for every event of a request, and often as its ts
 def _iso(dt: datetime) -> str:
-    if dt.tzinfo is timezone.utc:  # every time the collector holds: isoformat's own fields, half the cost
+    if dt.tzinfo is UTC:  # every time the collector holds: isoformat's own fields, half the cost
         return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (dt.year, dt.month, dt.day, dt.hour, dt.minute, dt.second,
                                                         dt.microsecond // 1000)
-    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @lru_cache(maxsize=64)
@@ -407,7 +407,7 @@ def _parse_time(value: Any, name: str) -> datetime:
     if isinstance(value, (int, float)):
         if not math.isfinite(value) or not 0 <= value < 32503680000000:
             raise EventError(name, "epoch milliseconds out of range")
-        return datetime.fromtimestamp(value / 1000.0, tz=timezone.utc)
+        return datetime.fromtimestamp(value / 1000.0, tz=UTC)
     if isinstance(value, str) and 10 <= len(value) <= 40 and value.isascii():
         try:
             dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
@@ -418,7 +418,7 @@ def _parse_time(value: Any, name: str) -> datetime:
                 raise EventError(name, "must carry a UTC offset (e.g. 2026-01-01T10:00:00Z)")
             if not 1970 <= dt.year <= 2999:  # also keeps astimezone() away from year 1 / 9999 overflows
                 raise EventError(name, "must be between the years 1970 and 2999")
-            return dt.astimezone(timezone.utc)
+            return dt.astimezone(UTC)
     raise EventError(name, "must be an ISO-8601 time with offset or epoch milliseconds")
 
 
@@ -474,8 +474,8 @@ class StoredEvent(msgspec.Struct, gc=False):
 
 _STORED = msgspec.json.Decoder(StoredEvent)
 # Times both stores hold: PostgreSQL timestamptz and ClickHouse DateTime64(3) (up to 2299).
-_STORE_MIN_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_STORE_MAX_TIME = datetime(2299, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
+_STORE_MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+_STORE_MAX_TIME = datetime(2299, 12, 31, 23, 59, 59, tzinfo=UTC)
 _MISSING_RE = re.compile(r"Object missing required field `(\w+)`")
 _checked_domains: set[str] = set()  # host names already found normal: checked once per process
 

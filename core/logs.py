@@ -28,7 +28,7 @@ import os
 import re
 import sys
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -82,7 +82,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "msg": redact(record.getMessage()),
@@ -154,7 +154,7 @@ class SharedRotatingFileHandler(logging.Handler):
             self._write(data)
         except RecursionError:
             raise
-        except Exception:  # noqa: BLE001 - logging must never take the process down
+        except Exception:
             self.handleError(record)
 
     def _write(self, data: bytes) -> None:

@@ -75,7 +75,7 @@ class EmbeddedPostgres:
             raise RuntimeError("EmbeddedPostgres.dsn before start(): the password is not known yet")
         return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/postgres"
 
-    def start(self, timeout: float = 60.0) -> "EmbeddedPostgres":
+    def start(self, timeout: float = 60.0) -> EmbeddedPostgres:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.dir.chmod(0o700)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -124,7 +124,7 @@ def wait_until(check: Callable[[], bool], *, what: str, timeout: float, log_path
         try:
             if check():
                 return
-        except Exception:  # noqa: BLE001 - any failure of the probe means "not ready yet"
+        except Exception:
             pass
         if time.monotonic() > deadline:
             raise StartupError(f"{what} was not ready after {timeout:.0f}s"

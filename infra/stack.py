@@ -15,10 +15,10 @@ import secrets
 import stat
 from pathlib import Path
 
+from core.config import Settings
 from infra.broker import EmbeddedBroker
 from infra.postgres import EmbeddedPostgres
 from infra.processes import StartupError
-from core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class EmbeddedStack:
         self.postgres = EmbeddedPostgres(home / "postgres" / "data", durable=durable)
         self.broker = EmbeddedBroker(home / "logs" / "tansu.log")
 
-    def start(self) -> "EmbeddedStack":
+    def start(self) -> EmbeddedStack:
         make_private(self.home)
         try:
             self.broker.start()

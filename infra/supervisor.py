@@ -138,7 +138,7 @@ class Supervisor:
             return
         try:
             self.on_change(child)
-        except Exception:  # noqa: BLE001 - reporting must never stop supervision
+        except Exception:
             log.exception("reporting %s's state failed", child.name)
 
     def run(self, stop: threading.Event, interval_s: float = 0.25) -> None:

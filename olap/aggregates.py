@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import http.client
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,7 +33,7 @@ import orjson
 MAX_EVENT_ROWS = 2_000_000  # one `events` answer; a larger range is refused (ask for a smaller one)
 OPS = ("aggregates", "events", "offsets")
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 AggregateRow = tuple[str, str, datetime, int, int, "Decimal | None", "Decimal | None", "Decimal | None"]
 EventRow = tuple[str, str, str, datetime, "Decimal | None", datetime]
@@ -141,7 +141,7 @@ def decode_answer(op: str, body: bytes) -> Any:
 def parse_request(body: Any) -> tuple[str, dict[str, Any]]:
     """Validate an internal request body by allowlist: (op, keyword arguments). Raises ValueError naming the field."""
     if not isinstance(body, dict):
-        raise ValueError('send a JSON object {"op": "aggregates" | "events" | "offsets", ...}')  # noqa: TRY004 - one error type for every bad body
+        raise ValueError('send a JSON object {"op": "aggregates" | "events" | "offsets", ...}')
     unknown = set(body) - {"op", "from_ms", "to_ms", "domain", "keys", "group", "topic"}
     if unknown:
         raise ValueError(f"unknown field {min(unknown)!r}")

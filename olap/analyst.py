@@ -159,7 +159,7 @@ def prepare(client: Client, sql: object, database: str) -> str:
 
 # --- running -----------------------------------------------------------------------------------
 
-_SESSION_READONLY: "weakref.WeakKeyDictionary[Client, int]" = weakref.WeakKeyDictionary()
+_SESSION_READONLY: weakref.WeakKeyDictionary[Client, int] = weakref.WeakKeyDictionary()
 
 
 def _session_readonly(client: Client) -> int:

@@ -10,7 +10,7 @@ hash collapses any other duplicate, which analysts never see (reads use final).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import msgspec
 from clickhouse_connect.driver.client import Client
@@ -52,7 +52,7 @@ class LoaderSink:
             self.client.raw_insert(f"{self.db}.events", insert_block=events_json_lines(batch.events),
                                    fmt="JSONEachRow",
                                    settings={**_JSON_INSERT, "insert_deduplication_token": batch.token(self.group)})
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         if batch.rejected:
             self.client.insert(
                 f"{self.db}.rejected_records",
@@ -66,7 +66,7 @@ class LoaderSink:
 
     def store_rewound_offsets(self, topic: str, topic_id: str, offsets: dict[int, int]) -> None:
         """Store LOWER offsets for a rewind (`tally replay`, workers/rewind.py): a newer `written_at` wins."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         self.client.insert(
             f"{self.db}.consumer_offsets", [[self.group, topic, p, topic_id, o, now] for p, o in sorted(offsets.items())],
             column_names=("consumer_group", "topic", "partition", "topic_id", "next_offset", "written_at"))

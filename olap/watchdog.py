@@ -76,7 +76,7 @@ class Watchdog:
             return self._abandoned
 
     def start(self, work: Callable[[str], Iterator[bytes]], deadline_s: float,
-              release: Callable[[bool], None], close_client: Callable[[], None]) -> "Run":
+              release: Callable[[bool], None], close_client: Callable[[], None]) -> Run:
         """Start `work(tag)` (the chunks of one query) on its own thread; the query must be over by `deadline_s`.
 
         `release(fresh)` hands the query's slot back (fresh=True: with a new client, the old one
@@ -98,7 +98,7 @@ class Watchdog:
         with self._lock:
             self._abandoned -= 1
 
-    def _overran(self, run: "Run") -> None:
+    def _overran(self, run: Run) -> None:
         """`run` is still computing `overrun_grace_s` after its deadline: say so loudly and end the process."""
         with self._lock:
             if self._exiting:
@@ -111,7 +111,7 @@ class Watchdog:
         for handler in logging.getLogger().handlers:  # os._exit skips the interpreter's own flushing
             try:
                 handler.flush()
-            except Exception:  # noqa: BLE001 - nothing must stand between this and the exit
+            except Exception:
                 pass
         self.exit(EXIT_OVERRUN)
 
@@ -196,7 +196,7 @@ class Run:
     def _kill_quietly(self) -> None:
         try:
             self._watchdog._kill(self.tag)
-        except Exception:  # noqa: BLE001 - the query still ends at its block's end (max_execution_time)
+        except Exception:
             log.exception("analyst watchdog: KILL QUERY failed")
 
     def _arm_overrun(self) -> None:
@@ -224,13 +224,13 @@ class Run:
             for chunk in chunks:
                 if not self._put(chunk):
                     break
-        except BaseException as exc:  # noqa: BLE001 - handed to the request thread, which re-raises it
+        except BaseException as exc:
             outcome = exc
         finally:
             if chunks is not None and hasattr(chunks, "close"):
                 try:
                     chunks.close()  # closing the stream cancels the query in ClickHouse
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("analyst watchdog: closing a query's stream failed")
             self._finish()
         self._put(outcome)

@@ -7,11 +7,11 @@ keywords. `last(dsn, n)` returns the newest n, newest first.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterator, Union
+from datetime import UTC, datetime
+from typing import Any, Union
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -39,7 +39,7 @@ class AuditRecord:
 
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "token_id": self.token_id,
-                "started_at": self.started_at.astimezone(timezone.utc).isoformat(), "sql": self.sql,
+                "started_at": self.started_at.astimezone(UTC).isoformat(), "sql": self.sql,
                 "format": self.format, "status": self.status, "rows": self.rows, "bytes": self.bytes,
                 "duration_ms": self.duration_ms, "error": self.error}
 
@@ -71,7 +71,7 @@ def _fields(entry: object | None, values: Mapping[str, Any]) -> dict[str, Any]:
     if out["status"] not in STATUSES:
         raise ValueError(f"audit status must be one of {', '.join(STATUSES)}, not {out['status']!r}")
     out.setdefault("token_id", None)
-    out["started_at"] = out.get("started_at") or datetime.now(timezone.utc)
+    out["started_at"] = out.get("started_at") or datetime.now(UTC)
     out["sql"] = str(out["sql"])[:MAX_SQL_CHARS]
     out["rows"] = max(0, int(out.get("rows") or 0))
     out["bytes"] = max(0, int(out.get("bytes") or 0))

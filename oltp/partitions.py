@@ -258,10 +258,10 @@ class TableRetention:
 def keep_days_from(settings: object) -> dict[str, int]:
     """Days each table is kept, from Settings (TALLY_RETENTION_*_DAYS, TALLY_DEDUP_WINDOW_DAYS)."""
     return {
-        "rollup_15m": int(getattr(settings, "retention_15m_days")),
-        "rollup_1h": int(getattr(settings, "retention_1h_days")),
-        "rollup_1d": int(getattr(settings, "retention_1d_days")),
-        "seen_events": int(getattr(settings, "dedup_window_days")),
+        "rollup_15m": int(settings.retention_15m_days),
+        "rollup_1h": int(settings.retention_1h_days),
+        "rollup_1d": int(settings.retention_1d_days),
+        "seen_events": int(settings.dedup_window_days),
     }
 
 

@@ -19,7 +19,7 @@ domain whose history reaches back past the cutoff: for one without, retention dr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -34,8 +34,8 @@ QUARTER_S = 900  # the finest rollup tier: rollup_15m rows are UTC quarter hours
 
 # Supported range. Before 1970 many zones ran on local mean time (offsets like +00:53:28) that no
 # UTC quarter-hour tier can split; the API accepts the same years.
-SUPPORTED_FROM = datetime(1970, 1, 1, tzinfo=timezone.utc)
-SUPPORTED_UNTIL = datetime(9001, 1, 1, tzinfo=timezone.utc)
+SUPPORTED_FROM = datetime(1970, 1, 1, tzinfo=UTC)
+SUPPORTED_UNTIL = datetime(9001, 1, 1, tzinfo=UTC)
 
 # Offset changes are found by sampling the zone every _SCAN_S seconds and bisecting to the second.
 # Two changes closer than this that return to the same offset would be missed: the closest pair in
@@ -80,7 +80,7 @@ class Retention:
     days_1d: int = 0
 
     @classmethod
-    def from_settings(cls, settings: object) -> "Retention":
+    def from_settings(cls, settings: object) -> Retention:
         return cls(getattr(settings, "retention_15m_days", 90), getattr(settings, "retention_1h_days", 730),
                    getattr(settings, "retention_1d_days", 0))
 
@@ -229,7 +229,7 @@ def bucket_bounds(start: datetime, end: datetime, granularity: str, tz: ZoneInfo
                 f"in {tz.key} a {granularity} bucket starts at {local.isoformat()}, which is not on a UTC quarter "
                 "hour (the zone's clock changed at an odd minute or used an odd offset then); the 15-minute "
                 "rollups cannot answer this range exactly: pick another granularity, range or time zone")
-    return [datetime.fromtimestamp(b, timezone.utc) for b in bounds]
+    return [datetime.fromtimestamp(b, UTC) for b in bounds]
 
 
 # Only the domain's rows of one tier inside [first bound, last bound) are read (an index range scan
@@ -291,7 +291,7 @@ class RollupReader:
         aligned tier keeps the range and the domain has rows from before that tier's cutoff (without
         any, nothing was dropped and the range is answered), psycopg errors when PostgreSQL fails."""
         bounds = bucket_bounds(start, end, granularity, tz)
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         with self.pool.connection() as conn:
             daily = self._daily_zone(conn, domain) if granularity == "1d" else None
             if tier is None:
@@ -463,5 +463,5 @@ def summary_window(now: datetime, last_s: int) -> SummaryWindow:
     t = int(now.timestamp())
     end = t - t % QUARTER_S + QUARTER_S
     start = end - last_s
-    as_dt = lambda s: datetime.fromtimestamp(s, timezone.utc)  # noqa: E731
-    return SummaryWindow(as_dt(start), as_dt(end), now.astimezone(timezone.utc), as_dt(start - last_s))
+    as_dt = lambda s: datetime.fromtimestamp(s, UTC)  # noqa: E731
+    return SummaryWindow(as_dt(start), as_dt(end), now.astimezone(UTC), as_dt(start - last_s))

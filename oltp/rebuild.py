@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import psycopg.errors
@@ -72,7 +72,7 @@ class ChunkResult:
 
 def chunks(lo: datetime, hi: datetime, size: timedelta = DAY) -> Iterator[tuple[datetime, datetime]]:
     """[lo, hi) cut at multiples of `size` since the epoch (UTC days by default)."""
-    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
     start = lo
     while start < hi:
         end = min(hi, epoch + ((start - epoch) // size + 1) * size)
@@ -135,7 +135,7 @@ def rebuild_chunk(conn: psycopg.Connection, source: Source, lo: datetime, hi: da
 
 def _rebuild_chunk_once(conn: psycopg.Connection, source: Source, lo: datetime, hi: datetime, groups: Groups, *,
                         domain: str | None, wait_s: float, dedup_days: float) -> ChunkResult:
-    dedup_from = datetime.now(timezone.utc) - timedelta(days=dedup_days)
+    dedup_from = datetime.now(UTC) - timedelta(days=dedup_days)
     _ensure_partitions(conn, lo, hi, dedup_from)
     target = rollup_offsets(conn, groups.rollup, groups.topic)
     conn.commit()

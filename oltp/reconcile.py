@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -125,13 +125,13 @@ class Report:
 
 
 def floor_quarter(t: datetime) -> datetime:
-    t = t.astimezone(timezone.utc)
+    t = t.astimezone(UTC)
     return t.replace(minute=t.minute - t.minute % 15, second=0, microsecond=0)
 
 
 def ceil_quarter(t: datetime) -> datetime:
     f = floor_quarter(t)
-    return f if f == t.astimezone(timezone.utc) else f + QUARTER
+    return f if f == t.astimezone(UTC) else f + QUARTER
 
 
 def _totals(events: int, valued: int, s: Any, mn: Any, mx: Any) -> Totals:
@@ -142,7 +142,7 @@ def _totals(events: int, valued: int, s: Any, mn: Any, mx: Any) -> Totals:
 
 def from_rows(rows: Iterable[tuple]) -> dict[Key, Totals]:
     """(domain, type, bucket, events, valued, sum, min, max) rows -> {key: Totals}."""
-    return {(d, t, b.astimezone(timezone.utc)): _totals(n, v, s, mn, mx) for d, t, b, n, v, s, mn, mx in rows}
+    return {(d, t, b.astimezone(UTC)): _totals(n, v, s, mn, mx) for d, t, b, n, v, s, mn, mx in rows}
 
 
 def pg_totals(conn: psycopg.Connection, lo: datetime, hi: datetime, domain: str | None = None) -> dict[Key, Totals]:
@@ -239,7 +239,7 @@ def _exact(conn: psycopg.Connection, source: Source, keys: list[Key], groups: Gr
     with conn.transaction():
         conn.execute("SET LOCAL lock_timeout = '30s'")
         conn.execute("LOCK TABLE rollup_15m IN SHARE MODE")
-        locked_at = datetime.now(timezone.utc)
+        locked_at = datetime.now(UTC)
         frozen = rollup_offsets(conn, groups.rollup, groups.topic)
         if not wait_for_loader(source, frozen, group=groups.loader, topic=groups.topic, wait_s=min(wait_s, 10.0)):
             raise NotSettled(f"the loader (group {groups.loader}) did not reach the rollup worker's offsets")
@@ -262,7 +262,7 @@ def reconcile(conn: psycopg.Connection, source: Source, lo: datetime, hi: dateti
     first = compare(pg, ch)
     if not first:
         return report
-    dedup_from = (now or (lambda: datetime.now(timezone.utc)))() - timedelta(days=dedup_days) + QUARTER
+    dedup_from = (now or (lambda: datetime.now(UTC)))() - timedelta(days=dedup_days) + QUARTER
     keys = sorted({(d.domain, d.event_type, d.bucket_start) for d in first})
     recent = [k for k in keys if k[2] >= dedup_from]
     old = set(keys) - set(recent)

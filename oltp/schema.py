@@ -21,8 +21,26 @@ import logging
 from pathlib import Path
 
 import psycopg
-from sqlalchemy import (ARRAY, BigInteger, Boolean, CheckConstraint, Column, DateTime, Double, ForeignKey, Index,
-                        Integer, LargeBinary, MetaData, Numeric, PrimaryKeyConstraint, Table, Text, Uuid, text)
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    Uuid,
+    text,
+)
 
 log = logging.getLogger(__name__)
 metadata = MetaData()

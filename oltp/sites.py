@@ -81,7 +81,7 @@ class Site:
         return {**self.public_dict(), "secret": self.secret}
 
     @classmethod
-    def from_dict(cls, obj: dict[str, Any]) -> "Site":
+    def from_dict(cls, obj: dict[str, Any]) -> Site:
         """Inverse of `to_dict`; raises KeyError/TypeError/ValueError on a malformed object."""
         rate, burst = obj.get("rate_per_s"), obj.get("burst")
         return cls(domain=str(obj["domain"]), tz=str(obj["tz"]), origins=tuple(str(o) for o in obj["origins"]),
@@ -282,4 +282,4 @@ def load_all(dsn: str, *, connect_timeout: float = 5) -> builtins.list[Site]:
     return [_site(row) for row in rows]
 
 
-list = list_sites  # noqa: A001  `oltp.sites.list(dsn)`; the builtin is spelled `builtins.list` in this module
+list = list_sites

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from bisect import bisect_right
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
@@ -35,7 +35,7 @@ HOUR_S = 3600
 # starts at least this long after the change was seen: covers the sinks' zone-cache refresh (60 s),
 # events stamped up to TALLY_MAX_FUTURE_SKEW_S ahead, and transactions still in flight.
 ZONE_CHANGE_MARGIN_S = 3600
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def zone(key: str | None) -> ZoneInfo:
@@ -49,11 +49,11 @@ def zone(key: str | None) -> ZoneInfo:
 def _utc(t: datetime) -> datetime:
     if t.tzinfo is None:
         raise ValueError("tier bounds need timezone-aware datetimes")
-    return t.astimezone(timezone.utc)
+    return t.astimezone(UTC)
 
 
 def _at(s: int) -> datetime:
-    return datetime.fromtimestamp(s, timezone.utc)
+    return datetime.fromtimestamp(s, UTC)
 
 
 class DayStarts:
@@ -152,7 +152,7 @@ def plan_zones(conn: psycopg.Connection, zones: dict[str, str], days: DayStarts,
     domain -> (zone, complete from, whether the row is new); domains already right are left out."""
     if not zones:
         return {}
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     names = sorted(zones)
     known = {d: tz for d, tz in conn.execute(
         "SELECT domain, tz FROM rollup_1d_coverage WHERE domain = ANY(%s)", (names,)).fetchall()}

@@ -25,8 +25,8 @@ import socket
 import time
 from pathlib import Path
 
-from spool.segments import NEW, OPEN, SEALED, fsync_dir
 from core.pids import pid_running, started_at
+from spool.segments import NEW, OPEN, SEALED, fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -10,17 +10,25 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from core.config import ConfigError, Settings
-from tally import cmd_sites, cmd_sqllog, cmd_stats, cmd_tokens
-from tally import cmd_chaos
-from tally import cmd_migrate, cmd_retention
-from tally import cmd_status
-from tally import cmd_rebuild, cmd_reconcile
-from tally import cmd_backfill, cmd_replay
+from tally import (
+    cmd_backfill,
+    cmd_chaos,
+    cmd_migrate,
+    cmd_rebuild,
+    cmd_reconcile,
+    cmd_replay,
+    cmd_retention,
+    cmd_sites,
+    cmd_sqllog,
+    cmd_stats,
+    cmd_status,
+    cmd_tokens,
+)
 
 if TYPE_CHECKING:
     from tally.wsgi_server import ConnectionLimits
@@ -35,7 +43,7 @@ COMMAND_MODULES = (cmd_tokens, cmd_sites, cmd_sqllog, cmd_stats, cmd_chaos, cmd_
 ANALYST_NICE = 10  # the analyst server's CPU priority offset (see cmd_analyst_server)
 
 
-def _analyst_limits() -> "ConnectionLimits":
+def _analyst_limits() -> ConnectionLimits:
     # Only the API calls the analyst server (on loopback): one client address, keep-alive connections kept
     # open as long as waitress's default; the request timeout still holds.
     from tally.wsgi_server import ConnectionLimits
@@ -113,8 +121,8 @@ def _setup_service_logging(settings: Settings, args: argparse.Namespace) -> None
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from infra.processes import StartupError
     from infra.stack import check_ports
-    from tally.platform import Platform
     from tally.demo import DEMO_DOMAINS, register_demo_sites, run_demo
+    from tally.platform import Platform
     from tally.roots import ADMIN_TOKEN_FILE, stop_on_signals
 
     stop = stop_on_signals()
@@ -227,7 +235,7 @@ def cmd_analyst_server(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(app, host: str, port: int, *, threads: int, limits: "ConnectionLimits") -> None:
+def _serve(app, host: str, port: int, *, threads: int, limits: ConnectionLimits) -> None:
     """Serve a WSGI app under waitress, bounded against idle and slow clients (tally/wsgi_server.py,
     ADR 35), until SIGTERM/SIGINT."""
     from tally.roots import stop_on_signals

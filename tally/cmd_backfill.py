@@ -50,8 +50,8 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from collector.backfill import BackfillError, backfill
-    from spool.segments import SpoolFull, SpoolWriter
     from oltp import sites
+    from spool.segments import SpoolFull, SpoolWriter
     from tally.roots import require_pg
 
     if not 1 <= args.chunk_lines <= 1_000_000:

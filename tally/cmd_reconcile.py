@@ -19,9 +19,9 @@ import json
 import logging
 import sys
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-from core.config import LOADER_GROUP, ROLLUP_GROUP, ConfigError, Settings
+from core.config import LOADER_GROUP, ROLLUP_GROUP, Settings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def parse_time(text: str, flag: str) -> datetime:
         raise ArgumentProblem(f"{flag} {text!r} is not an ISO-8601 time (e.g. 2026-11-23T10:00:00Z)") from None
     if value.tzinfo is None:
         raise ArgumentProblem(f"{flag} {text!r} has no UTC offset; add Z or +hh:mm")
-    return value.astimezone(timezone.utc)
+    return value.astimezone(UTC)
 
 
 def parse_range(args: argparse.Namespace) -> tuple[datetime, datetime]:
@@ -159,11 +159,11 @@ def run_scheduled_once(settings: Settings, dsn: str, source) -> int | None:
 
     from oltp.reconcile import reconcile, record_run
 
-    lo, hi = scheduled_range(datetime.now(timezone.utc))
+    lo, hi = scheduled_range(datetime.now(UTC))
     with psycopg.connect(dsn, connect_timeout=5) as conn:
         try:
             report = reconcile(conn, source, lo, hi, groups(settings), dedup_days=settings.dedup_window_days)
-        except Exception as exc:  # noqa: BLE001 - recorded as a failed run; the schedule goes on
+        except Exception as exc:
             conn.rollback()
             log.warning("reconcile: scheduled run failed: %s", exc)
             record_run(conn, "schedule", lo, hi, None, None, f"{type(exc).__name__}: {exc}")

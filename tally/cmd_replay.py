@@ -15,14 +15,14 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from core.config import LOADER_GROUP, ROLLUP_GROUP, ConfigError, Settings
 
 GROUPS = {"rollup": (ROLLUP_GROUP,), "loader": (LOADER_GROUP,), "both": (ROLLUP_GROUP, LOADER_GROUP)}
 _RELATIVE = re.compile(r"([0-9]{1,6})([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)  # Kafka timestamps start here: earlier means "from the start"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # Kafka timestamps start here: earlier means "from the start"
 
 
 class ReplayError(ValueError):
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
     """`--since`: an ISO-8601 time with offset, or `<n>s|m|h|d` ago. Raises ReplayError naming the problem."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     text = text.strip()
     match = _RELATIVE.fullmatch(text)
     if match:
@@ -61,7 +61,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
                           "90m, 6h or 2d") from None
     if when.tzinfo is None:
         raise ReplayError(f"--since {text!r} has no UTC offset (write e.g. 2026-11-20T00:00:00Z)")
-    when = when.astimezone(timezone.utc)
+    when = when.astimezone(UTC)
     if when > now:
         raise ReplayError(f"--since {text!r} is in the future")
     return when
@@ -97,7 +97,7 @@ def resolve_offsets(bootstrap: Sequence[str], topic: str, *, since: datetime | N
         partitions = consumer.partitions_for_topic(topic)
         if not partitions:
             raise ReplayError(f"topic {topic!r} does not exist on {','.join(bootstrap)}")
-        topic_id = consumer._client.cluster.topic_id(topic)  # noqa: SLF001 - no public accessor (kafka-python 3.0)
+        topic_id = consumer._client.cluster.topic_id(topic)
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         if offsets is not None:
             unknown = sorted(set(offsets) - set(partitions))
@@ -170,10 +170,10 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         topic_id, start = resolve_offsets(bootstrap, settings.topic, since=since, offsets=offsets)
     except ReplayError as exc:
         return _fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - kafka-python's errors: say which broker and why
+    except Exception as exc:
         return _fail(f"cannot read topic {settings.topic!r} from {','.join(bootstrap)} ({type(exc).__name__}: "
                      f"{exc}); is the broker up?", 1)
-    floor = datetime.now(timezone.utc) - timedelta(days=max(1, settings.dedup_window_days - 1))
+    floor = datetime.now(UTC) - timedelta(days=max(1, settings.dedup_window_days - 1))
     notes = []
     if ROLLUP_GROUP in groups:
         notes.append(f"PostgreSQL: re-read events with an event time before {floor:%Y-%m-%dT%H:%MZ} (the dedup "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import UTC
 from typing import Any
 
 import psycopg
@@ -265,7 +266,7 @@ def pixel_url(base: str, secret: str, params: dict[str, str]) -> str:
 
 def cmd_sign_pixel(settings: Settings, args: argparse.Namespace) -> int:
     import time
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from core.event import EventError, HitContext, Limits, event_from_hit
     from oltp import sites
@@ -288,7 +289,7 @@ def cmd_sign_pixel(settings: Settings, args: argparse.Namespace) -> int:
         if args.referrer is not None:
             event["referrer"] = args.referrer
         try:  # exactly what the collector will check, so that a signed URL is never refused as invalid
-            stored = event_from_hit(event, HitContext(received_at=datetime.now(timezone.utc)), Limits(), b"check",
+            stored = event_from_hit(event, HitContext(received_at=datetime.now(UTC)), Limits(), b"check",
                                     urls=site.url_rule)
         except EventError as exc:
             return _fail(f"--{exc.field}: {exc.problem}")

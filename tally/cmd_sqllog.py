@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import timezone
+from datetime import UTC
 
 import psycopg
 
@@ -53,7 +53,7 @@ def cmd_sql_log(settings: Settings, args: argparse.Namespace) -> int:
     print(f"{'started (UTC)':<19} {'token':<15} {'status':<9} {'format':<6} {'rows':>8} {'bytes':>10} "
           f"{'ms':>7}  sql / error")
     for r in records:
-        started = r.started_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        started = r.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
         sql = " ".join(r.sql.split())
         line = (f"{started:<19} {r.token_id or '-':<15} {r.status:<9} {r.format:<6} {r.rows:>8} {r.bytes:>10} "
                 f"{r.duration_ms:>7}  {sql[:120]}")

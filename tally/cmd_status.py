@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -253,7 +253,7 @@ def probe_broker(bootstrap: tuple[str, ...], topic: str, timeout_s: float) -> di
             return out
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         ends = consumer.end_offsets(tps, timeout_ms=ms)
-        topic_id = consumer._client.cluster.topic_id(topic)  # noqa: SLF001 - as workers/consumer.py reads it
+        topic_id = consumer._client.cluster.topic_id(topic)
         out.update(state=UP, topic_id=str(topic_id) if topic_id else None,
                    end_offsets={str(tp.partition): int(ends[tp]) for tp in tps})
     except (KafkaError, OSError, ValueError, AssertionError) as exc:
@@ -262,7 +262,7 @@ def probe_broker(bootstrap: tuple[str, ...], topic: str, timeout_s: float) -> di
         if consumer is not None:
             try:
                 consumer.close(timeout_ms=0) if _close_takes_timeout() else consumer.close()
-            except Exception:  # noqa: BLE001 - it is being thrown away
+            except Exception:
                 pass
     return out
 
@@ -347,7 +347,7 @@ def _parse_time(value: object) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
     parsed = datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 # -- assembling -----------------------------------------------------------------------------------
@@ -360,7 +360,7 @@ def _run_all(probes: dict[str, Callable[[], dict[str, Any]]], timeout_s: float) 
     def run(name: str, probe: Callable[[], dict[str, Any]]) -> None:
         try:
             results[name] = probe()
-        except Exception as exc:  # noqa: BLE001 - a failed probe is reported, never raised
+        except Exception as exc:
             results[name] = {"state": DOWN, "detail": f"{type(exc).__name__}: {_first_line(exc)}"}
 
     threads = [threading.Thread(target=run, args=item, name=f"status-{item[0]}", daemon=True)
@@ -374,7 +374,7 @@ def _run_all(probes: dict[str, Callable[[], dict[str, Any]]], timeout_s: float) 
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(timezone.utc).isoformat() if value else None
+    return value.astimezone(UTC).isoformat() if value else None
 
 
 def _age(value: datetime | None, now: datetime) -> float | None:
@@ -423,7 +423,7 @@ def collect(settings: Settings, *, timeout_s: float = 5.0) -> dict[str, Any]:
         got = results[name]
         return got if got is not None else {"state": DOWN, "detail": late, **fallback}
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     broker = result("broker", bootstrap=",".join(t.bootstrap) or None, topic=t.topic, topic_id=None, end_offsets={})
     pg, ch = result("postgresql"), result("clickhouse", offsets={})
     if results["clickhouse"] is None:

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import tempfile
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 
 import psycopg
@@ -97,7 +97,7 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     print(f"{'id':<15} {'role':<9} {'status':<8} {'created (UTC)':<17} {'name':<20} domains")
     for row in rows:
         status = "revoked" if row.revoked_at else "active"
-        created = row.created_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M")
+        created = row.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
         print(f"{row.id:<15} {row.role:<9} {status:<8} {created:<17} {row.name[:20]:<20} {','.join(row.domains)}")
     return 0
 

@@ -7,7 +7,7 @@ import logging
 import random
 import threading
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def run_demo(collector_url: str, stop: threading.Event, *, period_s: float = 0.5
     sent = 0
     while not stop.wait(period_s):
         try:
-            sent += send(collector_url, demo_batch(rng, rng.randint(5, 40), datetime.now(timezone.utc), keys),
+            sent += send(collector_url, demo_batch(rng, rng.randint(5, 40), datetime.now(UTC), keys),
                          rng.choice(_UAS))
         except OSError as exc:
             log.warning("demo: collector not reachable (%s)", exc)

@@ -22,6 +22,7 @@ def require_bootstrap(settings: Settings) -> tuple[str, ...]:
 
 
 from core.runstate import RUN_STATE  # noqa: E402 - under TALLY_HOME: where a running `tally up` says what it runs
+
 METRICS_DIR = "run/metrics"  # under TALLY_HOME: `tally up`'s PROMETHEUS_MULTIPROC_DIR, wiped at each start
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # as core.metrics names it (not imported here: see below)
 
@@ -245,7 +246,7 @@ def start_partition_maintenance(settings: Settings, dsn: str,
                 for r in status:
                     if r.expired_rows:
                         log.info("retention deleted %d rows of %s before %s", r.expired_rows, r.table, r.cutoff)
-            except Exception as exc:  # noqa: BLE001 - retried at the next pass
+            except Exception as exc:
                 log.warning("partition maintenance failed (retrying in %.0f s): %s", interval_s, exc)
             stop.wait(interval_s)
 
@@ -361,7 +362,7 @@ def run_loops_forever(build: Callable[[Settings], list], settings: Settings) -> 
     stop = stop_on_signals()
     ended = threading.Event()
 
-    def run(loop) -> None:  # noqa: ANN001
+    def run(loop) -> None:
         try:
             loop.run(stop)
         finally:

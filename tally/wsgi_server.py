@@ -81,7 +81,7 @@ class _Channel(HTTPChannel):
     pass_on = False  # its next request takes that slot over when the current one ends
     aborted = False  # closed by abort()
 
-    def __init__(self, server: "BoundedServer", sock, addr, adj, map=None) -> None:  # noqa: ANN001
+    def __init__(self, server: BoundedServer, sock, addr, adj, map=None) -> None:
         # time.monotonic() when the socket last took bytes of our output, or when output became pending
         self.send_progress = time.monotonic()
         super().__init__(server, sock, addr, adj, map=map)
@@ -95,7 +95,7 @@ class _Channel(HTTPChannel):
             self.request_started = time.monotonic()
         return done
 
-    def write_soon(self, data) -> int:  # noqa: ANN001 - a task thread
+    def write_soon(self, data) -> int:
         if not self.total_outbufs_len:
             self.send_progress = time.monotonic()  # output becomes pending now: the send clock starts
         return super().write_soon(data)
@@ -135,7 +135,7 @@ class _Channel(HTTPChannel):
     def writable(self) -> bool:
         return not self.aborted and bool(super().writable())
 
-    def del_channel(self, map=None) -> None:  # noqa: ANN001
+    def del_channel(self, map=None) -> None:
         super().del_channel(map)
         self.server.forget(self)  # type: ignore[attr-defined]
 
@@ -261,7 +261,7 @@ class _Tracker:
             self.closed = 0
 
 
-def _oldest_idle(channels, skip: _Channel) -> _Channel | None:  # noqa: ANN001 - iterable of _Channel
+def _oldest_idle(channels, skip: _Channel) -> _Channel | None:
     candidates = [c for c in channels if c is not skip and c.evictable]
     return min(candidates, key=lambda c: c.last_activity) if candidates else None
 

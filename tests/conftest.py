@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from core.config import Settings
 from infra.broker import EmbeddedBroker
 from infra.postgres import EmbeddedPostgres
-from core.config import Settings
 
 SECRET = "test-secret-0123456789abcdef"
 
@@ -106,7 +106,7 @@ def settings(make_settings) -> Settings:
 
 
 @pytest.fixture()
-def conn(servers: Servers) -> Iterator["psycopg.Connection"]:
+def conn(servers: Servers) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the session's PostgreSQL."""
     import psycopg
 

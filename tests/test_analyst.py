@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import clickhouse_connect
@@ -22,8 +22,16 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 
 from olap import allowlist
 from olap.allowlist import PURE_OTHERS, TABLE_FUNCTIONS, function_table
-from olap.analyst import (FORMATS, AnalystQueryError, QueryStats, SqlLimits, _session_readonly, prepare,
-                          run_query, stream)
+from olap.analyst import (
+    FORMATS,
+    AnalystQueryError,
+    QueryStats,
+    SqlLimits,
+    _session_readonly,
+    prepare,
+    run_query,
+    stream,
+)
 from olap.client import connect
 from olap.schema import ensure_schema
 from oltp import audit
@@ -59,7 +67,7 @@ def own_client(servers):
 def site(ch):
     """A domain with a few events in tally.events."""
     domain = f"a{uuid.uuid4().hex[:10]}.example.com"
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     rows = []
     for i in range(6):
         ts = now - timedelta(minutes=10 * i)
@@ -639,7 +647,7 @@ def test_the_analyst_user_sql_parses_statement_by_statement(ch):
 def test_audit_record_and_last(servers):
     class Entry:  # the analyst server hands over an object with these attributes
         token_id = "tok_0123456789"
-        started_at = datetime.now(timezone.utc)
+        started_at = datetime.now(UTC)
         sql = f"SELECT 'audit-{uuid.uuid4().hex}'"
         format = "csv"
         status = "too_large"

@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 
 from olap.allowlist import COSTLY, MAX_PATTERNS, function_table
-from olap.analyst import (MAX_BLOCK_ROWS, MAX_RANGE_ELEMENTS, MAX_SQL_BYTES, AnalystQueryError, SqlLimits, prepare,
-                          run_query)
+from olap.analyst import (
+    MAX_BLOCK_ROWS,
+    MAX_RANGE_ELEMENTS,
+    MAX_SQL_BYTES,
+    AnalystQueryError,
+    SqlLimits,
+    prepare,
+    run_query,
+)
 from olap.client import connect
 from olap.schema import ensure_schema
 

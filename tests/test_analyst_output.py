@@ -113,7 +113,7 @@ def clickhouse_message(servers, sql: str) -> str:
     client = clickhouse_connect.get_client(dsn=servers.chdb_dsn)
     try:
         client.query(sql)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return str(exc)
     finally:
         client.close()

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from tests.conftest import SECRET, start_analyst_server
 from core.keys import internal_token
+from tests.conftest import SECRET, start_analyst_server
 
 SLOW_SQL = "SELECT count() FROM numbers(100000000000000) WHERE sipHash64(number) % 7 = 3"
 

@@ -3,6 +3,7 @@
 Every call carries an admin token (who may call what is tests/test_auth.py)."""
 
 import uuid
+from datetime import UTC
 
 import psycopg
 import pytest
@@ -167,10 +168,10 @@ def _put_rollup(servers, domain, event_type, start, events, valued=0, value_sum=
 
 
 def test_series_carries_values_and_the_length_of_dst_days(api, servers, domain):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    _put_rollup(servers, domain, "impression", datetime(2026, 3, 29, 10, 0, tzinfo=timezone.utc), 4, 2, "1.500000")
-    _put_rollup(servers, domain, "impression", datetime(2026, 3, 30, 10, 0, tzinfo=timezone.utc), 3)
+    _put_rollup(servers, domain, "impression", datetime(2026, 3, 29, 10, 0, tzinfo=UTC), 4, 2, "1.500000")
+    _put_rollup(servers, domain, "impression", datetime(2026, 3, 30, 10, 0, tzinfo=UTC), 3)
     resp = api.get(f"/api/v1/domains/{domain}/impressions", query_string={
         "from": "2026-03-28T00:00:00+01:00", "to": "2026-03-31T00:00:00+02:00", "granularity": "1d",
         "tz": "Europe/Berlin"})
@@ -186,9 +187,9 @@ def test_series_carries_values_and_the_length_of_dst_days(api, servers, domain):
 
 def test_series_as_csv_has_a_header_and_one_row_per_bucket(api, servers, domain):
     import csv
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    _put_rollup(servers, domain, "pageview", datetime(2026, 10, 25, 1, 15, tzinfo=timezone.utc), 5, 1, "2.000000")
+    _put_rollup(servers, domain, "pageview", datetime(2026, 10, 25, 1, 15, tzinfo=UTC), 5, 1, "2.000000")
     query = {"from": "2026-10-25T00:00:00+02:00", "to": "2026-10-26T00:00:00+01:00", "granularity": "1d",
              "tz": "Europe/Berlin"}
     resp = api.get(f"/api/v1/domains/{domain}/pageviews", query_string={**query, "format": "csv"})

@@ -260,7 +260,7 @@ class SlowApp:
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def __call__(self, environ, start_response):  # noqa: ANN001
+    def __call__(self, environ, start_response):
         if environ["PATH_INFO"] == "/slow":
             self.release.wait(20)
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
@@ -318,7 +318,7 @@ class StreamApp:
     def __init__(self) -> None:
         self.closed = 0
 
-    def __call__(self, environ, start_response):  # noqa: ANN001
+    def __call__(self, environ, start_response):
         if environ["PATH_INFO"] == "/mid":
             start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(8 << 20))])
             return [b"x" * (8 << 20)]
@@ -328,7 +328,7 @@ class StreamApp:
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return self.stream()
 
-    def stream(self):  # noqa: ANN201
+    def stream(self):
         try:
             for _ in range(64):
                 yield b"x" * (1 << 20)
@@ -376,7 +376,7 @@ class CountingApp(SlowApp):
         self.started = 0
         self.lock = threading.Lock()
 
-    def __call__(self, environ, start_response):  # noqa: ANN001
+    def __call__(self, environ, start_response):
         if environ["PATH_INFO"] == "/slow":
             with self.lock:
                 self.started += 1

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from collector.backfill import BackfillError, Progress, backfill, fingerprint
-from spool.segments import SpoolWriter, read_record, sealed_segments, segment_records
-from spool.recovery import recover_orphans
 from olap.client import connect
+from spool.recovery import recover_orphans
+from spool.segments import SpoolWriter, read_record, sealed_segments, segment_records
 from tally.cli import main
 from tally.cmd_backfill import PROGRESS_DIR, limits_for
 from tests.test_pipeline import Pipeline
@@ -62,7 +62,7 @@ def spooled(settings) -> list[dict]:
 
 
 def days_ago(days: float, **extra) -> str:
-    return (datetime.now(timezone.utc) - timedelta(days=days, **extra)).replace(microsecond=0).isoformat()
+    return (datetime.now(UTC) - timedelta(days=days, **extra)).replace(microsecond=0).isoformat()
 
 
 def write_jsonl(path: Path, events: list) -> Path:
@@ -141,7 +141,7 @@ def test_bad_lines_are_listed_by_number_and_nothing_of_them_is_imported(pipeline
 
 def test_csv_with_a_header_row_and_a_bad_header_writes_nothing(pipeline, domain, cli_env, tmp_path, capsys):
     register(pipeline, domain)
-    ms = int((datetime.now(timezone.utc) - timedelta(days=15)).timestamp() * 1000)
+    ms = int((datetime.now(UTC) - timedelta(days=15)).timestamp() * 1000)
     path = tmp_path / "events.csv"
     path.write_text("domain,url,ts,type,value,id\n"
                     f"{domain},https://{domain}/a,{days_ago(15)},impression,2.25,\n"
@@ -155,7 +155,7 @@ def test_csv_with_a_header_row_and_a_bad_header_writes_nothing(pipeline, domain,
     records = sorted(spooled(pipeline.settings), key=lambda r: r["url"])
     assert [(r["url"], r["type"], r["value"]) for r in records] == [
         (f"https://{domain}/a", "impression", "2.25"), (f"https://{domain}/b?x=1,2", "pageview", None)]
-    assert records[1]["ts"].startswith(datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+    assert records[1]["ts"].startswith(datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
 
     bad_header = tmp_path / "bad.csv"
     bad_header.write_text(f"domain,url,ts,colour\n{domain},https://{domain}/,{days_ago(1)},red\n")

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -283,7 +283,7 @@ def test_tag_events_reach_both_stores_exactly_once(browser, run_factory, failure
             "SELECT event_type, sum(events), sum(valued), sum(value_sum) FROM rollup_15m WHERE domain = %s"
             " GROUP BY event_type", (run.domain,))}
     assert got == {"pageview": (3, 0, None), "impression": (1, 1, Decimal("1.5"))}
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     imp = run.pipeline.impressions(run.domain, now - timedelta(hours=1), now + timedelta(minutes=15))
     assert (imp["total"], imp["valued"], Decimal(imp["value_sum"])) == (1, 1, Decimal("1.5"))
     views = run.pipeline.impressions(run.domain, now - timedelta(hours=1), now + timedelta(minutes=15),

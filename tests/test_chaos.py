@@ -14,7 +14,7 @@ import io
 
 import pytest
 
-from tally.chaos import (DOMAIN, FAULTS, ChaosError, ChaosPlan, ChaosRun, Ledger, check_store, parse_faults)
+from tally.chaos import DOMAIN, FAULTS, ChaosError, ChaosPlan, ChaosRun, Ledger, check_store, parse_faults
 from tally.cli import main
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from spool import segments as spool_module
 from collector.app import create_app
-from spool.segments import SpoolWriter, read_record, sealed_segments, segment_records
-from spool.recovery import recover_orphans
 from core.event import Event
 from oltp import sites
+from spool import segments as spool_module
+from spool.recovery import recover_orphans
+from spool.segments import SpoolWriter, read_record, sealed_segments, segment_records
 
 
 @pytest.fixture()

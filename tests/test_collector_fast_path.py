@@ -13,9 +13,9 @@ import orjson
 import pytest
 from werkzeug.test import Client
 
-from spool import segments as spool_module
 from collector.app import create_app
 from collector.fast_path import CollectFastPath
+from spool import segments as spool_module
 from spool.segments import SpoolWriter, read_record, segment_records
 from tests.conftest import register
 

@@ -30,7 +30,7 @@ import os
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,6 @@ from hypothesis import strategies as st
 
 from collector.app import classify_user_agent, create_app
 from collector.registry import SiteRegistry
-from spool.segments import SpoolWriter, read_record, segment_records
 from core.batch import Batch
 from core.config import Settings
 from core.event import Event, decode_stored
@@ -54,6 +53,7 @@ from olap.loader_sink import LoaderSink
 from olap.schema import ensure_schema as ensure_ch_schema
 from oltp import sites
 from oltp.rollup_sink import RollupSink
+from spool.segments import SpoolWriter, read_record, segment_records
 from tests.conftest import SECRET
 
 # CI: 150 derandomized examples. Bug hunting: TALLY_PROPERTY_EXAMPLES=3000 (then random, not derandomized).
@@ -63,8 +63,8 @@ hsettings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 PROFILE = hsettings.get_profile("collector-property-ci")
 
-NOW = datetime.now(timezone.utc)
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+NOW = datetime.now(UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 LONG_FAMILY_UA = "Z" * 120 + "/1.0 CFNetwork/1.0 Darwin/20"  # ua-parser's family: the 120 Z's
 
 
@@ -197,9 +197,9 @@ value_text = st.one_of(number_text, string_value, st.sampled_from(["true", "fals
 
 def iso(dt: datetime, style: str) -> str:
     if style == "Z":
-        return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+        return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
     if style == "z":
-        return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "z")
+        return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "z")
     if style == "naive":
         return dt.replace(tzinfo=None).isoformat()
     if style == "basic":

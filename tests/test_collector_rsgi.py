@@ -29,12 +29,12 @@ import orjson
 import pytest
 from werkzeug.test import Client, EnvironBuilder
 
-from spool import segments as spool_module
 from collector.app import create_app
-from spool.async_writer import AsyncSpool
 from collector.rsgi import CollectorRSGI, _client_ip
-from spool.segments import SpoolFull, SpoolWriter, read_record, segment_records
+from spool import segments as spool_module
+from spool.async_writer import AsyncSpool
 from spool.recovery import recover_orphans
+from spool.segments import SpoolFull, SpoolWriter, read_record, segment_records
 from tests.conftest import SECRET, register
 from tests.test_collector_fast_path import hit, spooled
 

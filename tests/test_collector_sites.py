@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from datetime import UTC
 
 import pytest
 
@@ -334,7 +335,7 @@ def test_tally_collector_accepts_a_site_added_from_the_cli(servers, tmp_path, do
 def test_demo_traffic_carries_the_demo_sites_keys(client, settings, registry):
     """`tally up --demo` registers its sites (idempotently) and every demo batch is accepted."""
     import random
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from tally.demo import DEMO_DOMAINS, demo_batch, register_demo_sites
 
@@ -343,7 +344,7 @@ def test_demo_traffic_carries_the_demo_sites_keys(client, settings, registry):
     assert registry.refresh()
     rng = random.Random(1)
     for _ in range(5):
-        resp = client.post("/collect", json=demo_batch(rng, 30, datetime.now(timezone.utc), keys))
+        resp = client.post("/collect", json=demo_batch(rng, 30, datetime.now(UTC), keys))
         assert resp.status_code == 202, resp.json
 
 
@@ -352,7 +353,7 @@ def test_a_site_added_a_moment_ago_is_accepted_on_its_first_hit(client, settings
     domain = new_domain()
     key = sites.add(settings.pg_dsn, domain).site_key  # no registry.refresh(): the copy does not know it yet
     assert key not in registry.snapshot().by_key
-    registry._last_miss_refresh = float("-inf")  # noqa: SLF001 - no other miss in this test's last second
+    registry._last_miss_refresh = float("-inf")
     resp = client.post("/collect", json=hit(domain), query_string={"site": key})
     assert resp.status_code == 202, resp.json
     assert key in registry.snapshot().by_key

@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from core.pixel import signed_query
 from core.urls import DEFAULT, RAW, UrlRule, check_param_names, rule_for

@@ -27,7 +27,7 @@ def record(offset: int) -> SimpleNamespace:
 class ScriptedConsumer:
     """Returns the scripted polls in turn (then nothing) and notes each poll's timeout and when it came."""
 
-    def __init__(self, polls: list[dict], sink: "GatedSink") -> None:
+    def __init__(self, polls: list[dict], sink: GatedSink) -> None:
         self.polls, self.sink, self.calls, self.loop = list(polls), sink, [], None
         self._client = SimpleNamespace(cluster=SimpleNamespace(topic_id=lambda topic: "", request_update=lambda: None))
 
@@ -36,11 +36,11 @@ class ScriptedConsumer:
 
     def poll(self, timeout_ms: int) -> dict:
         # the timeout, and how many events the loop still held back from the writer at this poll
-        held = self.loop._gathering  # noqa: SLF001
+        held = self.loop._gathering
         self.calls.append((timeout_ms, 0 if held is None else len(held)))
         return self.polls.pop(0) if self.polls else {}
 
-    def highwater(self, tp):  # noqa: ANN001, ANN201
+    def highwater(self, tp):
         return None
 
 
@@ -54,7 +54,7 @@ class GatedSink:
     def committed(self, *args) -> dict:
         return {}
 
-    def write(self, batch) -> None:  # noqa: ANN001
+    def write(self, batch) -> None:
         self.started.append(len(batch.events))
         assert self.gate.wait(30), "the test never released the write"
 
@@ -73,7 +73,7 @@ def test_records_gathered_for_a_busy_writer_go_to_it_before_the_next_poll():
         assert loop.step(timeout_ms=500) == 1  # holding records for the busy writer: a short poll
         assert consumer.calls[:3] == [(500, 0), (500, 0), (min(500, GATHER_POLL_MS), 3)]
         sink.gate.set()
-        loop._in_flight[1].result(timeout=30)  # noqa: SLF001 - the first write is done
+        loop._in_flight[1].result(timeout=30)
         loop.step(timeout_ms=500)
         # the gathered records were handed over before that poll, and the poll was a full one again
         assert consumer.calls[3] == (500, 0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -79,7 +79,7 @@ def test_dashboard_end_to_end(settings, domain, browser, tmp_path):
     sites.add(settings.pg_dsn, quiet, tz="Europe/Berlin")
     pipeline = Pipeline(settings)
     try:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         at = lambda minutes: (now - timedelta(minutes=minutes)).isoformat()  # noqa: E731
         ev = lambda kind, minutes, **extra: {"domain": domain, "url": f"https://{domain}/", "type": kind,  # noqa: E731
                                              "ts": at(minutes), **extra}

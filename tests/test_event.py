@@ -1,13 +1,13 @@
 """Unit tests of the event contract (pure logic, no servers)."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
 from core.event import Event, EventError, HitContext, Limits, event_from_hit, event_hash
 
-NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 CTX = HitContext(received_at=NOW, user_agent="Mozilla/5.0 (X11; Linux x86_64) Firefox/131.0", client_ip="203.0.113.9")
 SECRET = b"k" * 32
 
@@ -21,7 +21,7 @@ def hit(**fields):
 def test_valid_hit_is_normalised_and_stamped():
     e = hit(ts="2026-11-21T11:59:00+01:00", value="1.50", referrer="https://ref.example/")
     assert e.domain == "example.com"
-    assert e.ts == datetime(2026, 11, 21, 10, 59, tzinfo=timezone.utc)
+    assert e.ts == datetime(2026, 11, 21, 10, 59, tzinfo=UTC)
     assert e.received_at == NOW
     assert e.value == Decimal("1.5")
     assert len(e.hash) == 32 and int(e.hash, 16) >= 0

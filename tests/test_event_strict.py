@@ -5,13 +5,13 @@ Pure logic; every accepted event is also run through the workers' decoder (`deco
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from core.event import EventError, HitContext, Limits, decode_stored, event_from_hit, normalize_domain
 
-NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 SECRET = b"k" * 32
 
 
@@ -46,7 +46,7 @@ def test_ts_strings_are_ascii_iso_only(ts):
 
 
 def test_epoch_milliseconds_as_a_json_number_still_work():
-    at = datetime(2026, 11, 21, 11, 0, tzinfo=timezone.utc)
+    at = datetime(2026, 11, 21, 11, 0, tzinfo=UTC)
     assert hit(ts=int(at.timestamp() * 1000)).ts == at
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from collector.app import create_app as create_collector
-from spool.segments import SpoolWriter
 from core.http import host_allowed
+from spool.segments import SpoolWriter
 
 ALLOWED = ("localhost", "127.0.0.1", "::1", "tally.example.com", ".corp.example")
 

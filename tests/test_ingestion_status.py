@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 
 from collector.app import flush_refusals
-from spool.segments import read_record, sealed_segments, segment_records
 from core.event import REFUSALS_MARK, decode_refusal_count
+from spool.segments import read_record, sealed_segments, segment_records
 from tests.test_pipeline import pipeline  # noqa: F401 - the fixture
 
 
@@ -21,7 +21,7 @@ def status(pipeline, domain):  # noqa: F811
 
 
 def test_status_counts_accepted_bots_late_and_refusals_by_reason_once(pipeline, domain):  # noqa: F811
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     ev = {"domain": domain, "url": f"https://{domain}/", "type": "pageview"}
     pipeline.post([ev] * 3)
     pipeline.post(ev, **{"User-Agent": "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"})
@@ -108,8 +108,8 @@ def test_a_spool_that_refuses_the_counts_keeps_them_for_the_next_flush(pipeline,
 def test_refusals_of_reasons_no_keyed_request_has_are_not_a_sites(pipeline, domain):  # noqa: F811
     """Rows counted before issue 15 item 8 (a made-up key could put `unknown_site_key` on any domain) are
     not shown on the domain's status; a keyed refusal of the same quarter hour is."""
-    now = datetime.now(timezone.utc)
-    quarter = datetime.fromtimestamp(int(now.timestamp()) // 900 * 900, tz=timezone.utc)
+    now = datetime.now(UTC)
+    quarter = datetime.fromtimestamp(int(now.timestamp()) // 900 * 900, tz=UTC)
     with psycopg.connect(pipeline.settings.pg_dsn, autocommit=True) as conn:
         for reason, n in (("unknown_site_key", 2000), ("missing_site_key", 5), ("registry_unavailable", 3),
                           ("rate_limited", 7)):

@@ -43,7 +43,7 @@ def _buffer(batches: list[tuple[int, int, list]], magic: int) -> bytes:
     return bytes(out)
 
 
-def _parse(cls, data: bytes, fetch_offset: int):  # noqa: ANN001, ANN202
+def _parse(cls, data: bytes, fetch_offset: int):
     parts = cls(fetch_offset, TP, MemoryRecords(data))
     got, error = [], None
     try:
@@ -74,13 +74,13 @@ def test_broken_buffers_fail_alike(records: list, codec: int, cut: int, flip: tu
     data[61 + at % max(1, len(data) - 61)] ^= mask  # inside the records (after the 61-byte batch header)
     broken = bytes(data[:max(61, len(data) - cut)]) if cut % 2 else bytes(data)
 
-    def parse(cls):  # noqa: ANN001, ANN202
+    def parse(cls):
         parts = cls(0, TP, MemoryRecords(broken), check_crcs=False)
         got = []
         try:
             while parts:
                 got.extend(parts.take(3))
-        except Exception as exc:  # noqa: BLE001 - which exception is part of what is compared
+        except Exception as exc:
             return got, type(exc).__name__
         return got, None
 

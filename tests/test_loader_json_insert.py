@@ -6,12 +6,13 @@ control and non-BMP characters, nulls, LowCardinality columns)."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from core.batch import Batch
@@ -20,7 +21,7 @@ from olap.client import connect
 from olap.loader_sink import LoaderSink, events_json_lines
 from olap.schema import EVENT_COLUMNS, ensure_schema
 
-UTC = timezone.utc
+UTC = UTC
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 

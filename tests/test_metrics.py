@@ -26,11 +26,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.metrics import spool_families
-from spool.segments import SpoolWriter, frame
 from core import metrics
 from core.config import ConfigError, Settings
 from infra.processes import free_port
 from oltp import sites
+from spool.segments import SpoolWriter, frame
 from tests.conftest import SECRET, register
 from tests.test_pipeline import Pipeline
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 import schemathesis
-from schemathesis import checks
 from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import checks
 
 from infra.processes import free_port, tcp_open, wait_until
 from oltp import tokens

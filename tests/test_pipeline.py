@@ -6,15 +6,15 @@ import shutil
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 from kafka import KafkaProducer
 
 from collector.app import create_app as create_collector
-from spool.segments import SpoolWriter, sealed_segments
 from olap.client import connect
+from spool.segments import SpoolWriter, sealed_segments
 from tally.roots import build_api, build_loader_loop, build_rollup_loop, build_shipper
 
 
@@ -98,7 +98,7 @@ def pipeline(settings):
 
 
 def at(minutes_ago: int) -> datetime:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return (now - timedelta(minutes=minutes_ago)).replace(second=0, microsecond=0)
 
 
@@ -114,7 +114,7 @@ def test_events_reach_both_stores_and_the_api(pipeline, domain):
     assert pipeline.ship() == 55
     pipeline.drain()
 
-    body = pipeline.impressions(domain, at(120), datetime.now(timezone.utc))
+    body = pipeline.impressions(domain, at(120), datetime.now(UTC))
     assert body["total"] == 50
     counts = {b["start"]: b["count"] for b in body["buckets"]}
     quarter = lambda t: t.replace(minute=t.minute - t.minute % 15).isoformat()  # noqa: E731
@@ -122,7 +122,7 @@ def test_events_reach_both_stores_and_the_api(pipeline, domain):
     assert counts[quarter(late)] == 20
     assert sum(1 for c in counts.values() if c) == 2
     assert len(body["buckets"]) >= 8  # gaps are filled with zero buckets
-    assert pipeline.impressions(domain, at(120), datetime.now(timezone.utc), metric="pageviews")["total"] == 5
+    assert pipeline.impressions(domain, at(120), datetime.now(UTC), metric="pageviews")["total"] == 5
 
     rows = pipeline.sql(f"SELECT type, count(), sum(value) FROM tally.events WHERE domain = '{domain}' "
                         "GROUP BY type ORDER BY type")
@@ -140,7 +140,7 @@ def test_same_batch_shipped_twice_is_counted_once(pipeline, domain):
     assert pipeline.shipper.ship_once() == 40
     pipeline.drain()
     assert pipeline.rollups.stored_events == 80  # both copies reached the worker ...
-    body = pipeline.impressions(domain, at(60), datetime.now(timezone.utc), metric="pageviews")
+    body = pipeline.impressions(domain, at(60), datetime.now(UTC), metric="pageviews")
     assert body["total"] == 40  # ... and were counted once
     assert pipeline.sql(f"SELECT count() FROM tally.events WHERE domain = '{domain}'") == [[40]]
 
@@ -152,7 +152,7 @@ def test_client_retries_with_the_same_id_are_counted_once(pipeline, domain):
     assert first == second
     pipeline.ship()
     pipeline.drain()
-    assert pipeline.impressions(domain, at(60), datetime.now(timezone.utc), metric="pageviews")["total"] == 1
+    assert pipeline.impressions(domain, at(60), datetime.now(UTC), metric="pageviews")["total"] == 1
     assert pipeline.sql(f"SELECT count() FROM tally.events WHERE domain = '{domain}'") == [[1]]
 
 
@@ -166,7 +166,7 @@ def test_broken_records_on_the_topic_are_set_aside_and_the_rest_counted(pipeline
     pipeline.post([{"domain": domain, "url": f"https://{domain}/"}] * 7)
     pipeline.ship()
     pipeline.drain()
-    assert pipeline.impressions(domain, at(60), datetime.now(timezone.utc), metric="pageviews")["total"] == 7
+    assert pipeline.impressions(domain, at(60), datetime.now(UTC), metric="pageviews")["total"] == 7
     assert pipeline.rollups.stored_rejects == 4 and pipeline.loader.stored_rejects == 4
     with psycopg.connect(settings.pg_dsn) as conn:
         errors = [r[0] for r in conn.execute(
@@ -191,14 +191,14 @@ def test_restarted_workers_resume_from_stored_offsets(pipeline, domain, settings
     pipeline.loader = build_loader_loop(settings, group=group_l)
     pipeline.drain()
     assert pipeline.rollups.stored_events == 5 and pipeline.loader.stored_events == 5
-    assert pipeline.impressions(domain, at(60), datetime.now(timezone.utc), metric="pageviews")["total"] == 15
+    assert pipeline.impressions(domain, at(60), datetime.now(UTC), metric="pageviews")["total"] == 15
     assert pipeline.sql(f"SELECT count() FROM tally.events WHERE domain = '{domain}'") == [[15]]
 
 
 def test_day_buckets_follow_the_customer_time_zone(pipeline, domain):
     # Kathmandu is UTC+05:45: local midnight is 18:15Z, so 18:00Z and 18:14Z fall on one local day and
     # 18:15Z and 18:20Z on the next; the quarter-hour tier must split exactly there.
-    base = (datetime.now(timezone.utc) - timedelta(days=2)).replace(hour=18, minute=0, second=0, microsecond=0)
+    base = (datetime.now(UTC) - timedelta(days=2)).replace(hour=18, minute=0, second=0, microsecond=0)
     pipeline.post([{"domain": domain, "url": f"https://{domain}/", "type": "impression",
                     "ts": (base + timedelta(minutes=m)).isoformat()} for m in (0, 14, 15, 20)])
     pipeline.ship()
@@ -239,7 +239,7 @@ def test_rollup_worker_pauses_while_postgres_is_down_then_resumes_exactly(pipeli
         worker.join(timeout=30)
     assert not worker.is_alive()
     assert loop.stored_events == 12
-    assert pipeline.impressions(domain, at(60), datetime.now(timezone.utc), metric="pageviews")["total"] == 12
+    assert pipeline.impressions(domain, at(60), datetime.now(UTC), metric="pageviews")["total"] == 12
 
 
 def test_a_recreated_topic_is_read_from_its_start_not_from_old_offsets(pipeline, domain, settings):
@@ -274,5 +274,5 @@ def test_a_recreated_topic_is_read_from_its_start_not_from_old_offsets(pipeline,
     pipeline.ship()
     pipeline.drain()
     assert pipeline.rollups.topic_id not in ("", old_topic_id)
-    assert pipeline.impressions(domain, at(60), datetime.now(timezone.utc), metric="pageviews")["total"] == 14
+    assert pipeline.impressions(domain, at(60), datetime.now(UTC), metric="pageviews")["total"] == 14
     assert pipeline.sql(f"SELECT count() FROM tally.events WHERE domain = '{domain}'") == [[14]]

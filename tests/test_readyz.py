@@ -8,10 +8,10 @@ from __future__ import annotations
 import errno
 import os
 
-from spool import segments as spool_module
 from collector.app import create_app
 from collector.registry import SiteRegistry
 from infra.processes import free_port
+from spool import segments as spool_module
 from tests.conftest import register
 
 

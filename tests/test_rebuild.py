@@ -6,7 +6,7 @@ import json
 import random
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -101,14 +101,14 @@ def test_rebuild_under_live_ingestion_then_reconcile_finds_nothing(stack, cli, s
             while not stop_feed.is_set():
                 batch = [{"domain": domain, "url": f"https://{domain}/live/{rng.randint(1, 9)}",
                           "type": rng.choice(("impression", "pageview")),
-                          "ts": (datetime.now(timezone.utc) - timedelta(minutes=rng.randint(0, 150))).isoformat(),
+                          "ts": (datetime.now(UTC) - timedelta(minutes=rng.randint(0, 150))).isoformat(),
                           **({"value": f"{rng.randint(1, 999) / 100:.2f}"} if rng.random() < 0.3 else {})}
                          for _ in range(rng.randint(5, 40))]
                 stack.post(batch)
                 sent[0] += len(batch)
                 stack.ship()
                 time.sleep(0.05)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:
             failures.append(exc)
 
     feeder = threading.Thread(target=feed, daemon=True)
@@ -163,9 +163,9 @@ def test_rebuild_waits_for_a_lagging_loader_and_changes_nothing_if_it_never_come
 
 
 def test_chunks_are_utc_days():
-    t = datetime(2026, 3, 1, 22, 15, tzinfo=timezone.utc)
+    t = datetime(2026, 3, 1, 22, 15, tzinfo=UTC)
     assert list(chunks(t, t + timedelta(days=1, hours=3))) == [
-        (t, datetime(2026, 3, 2, tzinfo=timezone.utc)),
-        (datetime(2026, 3, 2, tzinfo=timezone.utc), datetime(2026, 3, 3, tzinfo=timezone.utc)),
-        (datetime(2026, 3, 3, tzinfo=timezone.utc), t + timedelta(days=1, hours=3))]
+        (t, datetime(2026, 3, 2, tzinfo=UTC)),
+        (datetime(2026, 3, 2, tzinfo=UTC), datetime(2026, 3, 3, tzinfo=UTC)),
+        (datetime(2026, 3, 3, tzinfo=UTC), t + timedelta(days=1, hours=3))]
     assert list(chunks(t, t + timedelta(minutes=15))) == [(t, t + timedelta(minutes=15))]

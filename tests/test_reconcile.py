@@ -8,7 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import psycopg
@@ -33,12 +33,12 @@ from tally.roots import build_loader_loop, build_rollup_loop
 from tests.conftest import SECRET
 from tests.test_pipeline import Pipeline
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def mid(minutes: int) -> datetime:
     """The middle of the quarter hour that held the instant `minutes` ago (so a few seconds never change it)."""
-    return floor_quarter(datetime.now(timezone.utc) - timedelta(minutes=minutes)) + timedelta(minutes=7, seconds=30)
+    return floor_quarter(datetime.now(UTC) - timedelta(minutes=minutes)) + timedelta(minutes=7, seconds=30)
 
 
 class Stack(Pipeline):
@@ -97,7 +97,7 @@ def cli(settings, monkeypatch, capsys):
 
 
 def window() -> tuple[str, str]:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return (now - timedelta(hours=3)).isoformat(), (now + timedelta(minutes=15)).isoformat()
 
 
@@ -224,7 +224,7 @@ def test_events_only_in_clickhouse_so_far_are_in_flight_not_differences(stack, s
     stack.loader.drain()  # the loader has them, the rollup worker not yet
     source = ClickHouseAggregates(connect(settings.clickhouse_dsn), settings.clickhouse_database)
     groups = Groups("tally-rollups", "tally-loader", settings.topic)
-    lo, hi = floor_quarter(NOW - timedelta(hours=3)), ceil_quarter(datetime.now(timezone.utc))
+    lo, hi = floor_quarter(NOW - timedelta(hours=3)), ceil_quarter(datetime.now(UTC))
     with psycopg.connect(settings.pg_dsn) as conn:
         first = compare(*_both(conn, source, lo, hi, domain))
         assert [(d.field, d.pg, d.ch) for d in first] == [("events", 12, 16)]  # what a naive comparison sees
@@ -254,7 +254,7 @@ def test_a_loader_behind_the_rollup_worker_is_waited_for(stack, settings, domain
     stack.rollups.drain()  # PostgreSQL has them, ClickHouse not yet
     source = ClickHouseAggregates(connect(settings.clickhouse_dsn), settings.clickhouse_database)
     groups = Groups("tally-rollups", "tally-loader", settings.topic)
-    lo, hi = floor_quarter(NOW - timedelta(hours=3)), ceil_quarter(datetime.now(timezone.utc))
+    lo, hi = floor_quarter(NOW - timedelta(hours=3)), ceil_quarter(datetime.now(UTC))
     with psycopg.connect(settings.pg_dsn) as conn:
         with pytest.raises(NotSettled, match="has not reached the rollup worker's offsets"):
             reconcile(conn, source, lo, hi, groups, domain=domain, wait_s=1)
@@ -276,7 +276,7 @@ def test_loader_reached_compares_offsets_of_one_incarnation():
 
 
 def test_compare_counts_a_missing_side_as_zero():
-    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t = datetime(2026, 1, 1, tzinfo=UTC)
     pg = {("d", "impression", t): Totals(3, 1, Decimal("1.5"), Decimal("1.5"), Decimal("1.5"))}
     diffs = compare(pg, {})
     assert [(d.field, d.pg, d.ch, d.diff) for d in diffs] == [
@@ -286,7 +286,7 @@ def test_compare_counts_a_missing_side_as_zero():
 
 
 def test_quarter_rounding():
-    t = datetime(2026, 3, 1, 10, 7, 30, tzinfo=timezone.utc)
+    t = datetime(2026, 3, 1, 10, 7, 30, tzinfo=UTC)
     assert floor_quarter(t) == t.replace(minute=0, second=0) and ceil_quarter(t) == t.replace(minute=15, second=0)
     assert ceil_quarter(t.replace(minute=15, second=0)) == t.replace(minute=15, second=0)
 
@@ -332,7 +332,7 @@ def test_remote_and_direct_sources_answer_the_same(stack, settings, analyst_url,
     stack.send(domain, TRAFFIC)
     direct = ClickHouseAggregates(connect(settings.clickhouse_dsn), settings.clickhouse_database)
     remote = RemoteAggregates(analyst_url, internal_token(SECRET))
-    lo, hi = NOW - timedelta(hours=3), datetime.now(timezone.utc) + timedelta(minutes=1)
+    lo, hi = NOW - timedelta(hours=3), datetime.now(UTC) + timedelta(minutes=1)
     assert sorted(remote.aggregates(lo, hi, domain)) == sorted(direct.aggregates(lo, hi, domain))
     assert sorted(remote.events(lo, hi, domain)) == sorted(direct.events(lo, hi, domain))
     assert len(remote.events(lo, hi, domain)) == 29
@@ -348,12 +348,12 @@ def test_scheduled_run_is_recorded_for_the_gauge(settings, monkeypatch):
 
     source = ClickHouseAggregates(connect(settings.clickhouse_dsn), settings.clickhouse_database)
     monkeypatch.setattr(cmd, "scheduled_range",
-                        lambda now: (datetime(2001, 1, 1, tzinfo=timezone.utc), datetime(2001, 1, 1, 3, tzinfo=timezone.utc)))
+                        lambda now: (datetime(2001, 1, 1, tzinfo=UTC), datetime(2001, 1, 1, 3, tzinfo=UTC)))
     assert cmd.run_scheduled_once(settings, settings.pg_dsn, source) == 0
     with psycopg.connect(settings.pg_dsn) as conn:
         assert latest_mismatches(conn) == 0
         last = conn.execute("SELECT source, status, range_from FROM reconcile_runs ORDER BY id DESC LIMIT 1").fetchone()
-    assert last == ("schedule", "ok", datetime(2001, 1, 1, tzinfo=timezone.utc))
+    assert last == ("schedule", "ok", datetime(2001, 1, 1, tzinfo=UTC))
 
 
 # ------------------------------------------------------------------ a stack of its own: every domain, and the schedule

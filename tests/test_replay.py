@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 
 from collector.backfill import backfill
-from spool.segments import SpoolWriter
 from core.config import LOADER_GROUP, ROLLUP_GROUP
 from olap.client import connect
 from oltp import rewinds
+from spool.segments import SpoolWriter
 from tally.cli import main
 from tally.cmd_backfill import limits_for
 from tally.cmd_replay import resolve_offsets, wait_applied
@@ -63,7 +63,7 @@ def test_replay_changes_nothing_that_is_there_and_restores_deleted_clickhouse_ro
     assert in_both_stores(settings, domain) == (40, 30)
 
     topic_id, start = resolve_offsets(settings.kafka_bootstrap, settings.topic,
-                                      since=datetime.now(timezone.utc) - timedelta(hours=1))
+                                      since=datetime.now(UTC) - timedelta(hours=1))
     assert topic_id and sorted(start) == [0, 1, 2] and all(o == 0 for o in start.values())
     groups = [pipeline.rollups.sink.group, pipeline.loader.sink.group]
     request_id = rewinds.request(settings.pg_dsn, groups, settings.topic, topic_id, start)
@@ -85,7 +85,7 @@ def test_rollup_group_does_not_recount_events_older_than_the_dedup_window_even_a
     from oltp import sites
 
     sites.add(settings.pg_dsn, domain)
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     old = [{"domain": domain, "url": f"https://{domain}/old{i}", "ts": (now - timedelta(days=20, minutes=i)).isoformat()}
            for i in range(10)]
     recent = [{"domain": domain, "url": f"https://{domain}/new{i}", "ts": (now - timedelta(days=1, minutes=i)).isoformat()}
@@ -211,7 +211,7 @@ def test_the_loader_goes_on_while_the_rewind_store_is_unreachable(pipeline, doma
     pipeline.ship()
     pipeline.loader.drain()
     assert pipeline.loader.stored_events == 12
-    assert pipeline.loader.rewinder._failures >= 1  # noqa: SLF001 - it did try, and backed off
+    assert pipeline.loader.rewinder._failures >= 1
     assert connect(settings.clickhouse_dsn).query("SELECT count() FROM tally.events FINAL WHERE domain = {d:String}",
                                                   parameters={"d": domain}).result_rows == [(12,)]
 
@@ -219,11 +219,11 @@ def test_the_loader_goes_on_while_the_rewind_store_is_unreachable(pipeline, doma
 def test_since_and_offsets_parsing():
     from tally.cmd_replay import ReplayError, parse_offsets, parse_since
 
-    now = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
     assert parse_since("90m", now) == now - timedelta(minutes=90)
     assert parse_since("2d", now) == now - timedelta(days=2)
-    assert parse_since("999999d", now) == datetime(1970, 1, 1, tzinfo=timezone.utc)  # "from the start"
-    assert parse_since("2026-11-23T13:30:00+05:45", now) == datetime(2026, 11, 23, 7, 45, tzinfo=timezone.utc)
+    assert parse_since("999999d", now) == datetime(1970, 1, 1, tzinfo=UTC)  # "from the start"
+    assert parse_since("2026-11-23T13:30:00+05:45", now) == datetime(2026, 11, 23, 7, 45, tzinfo=UTC)
     assert parse_offsets("0:5, 2:0") == {0: 5, 2: 0}
     for bad in ("-1:0", "0:-1", "0", "0:1:2", "a:b", "٣:0"):
         with pytest.raises(ReplayError, match="is not partition:offset"):

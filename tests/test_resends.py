@@ -8,15 +8,15 @@ An exact resend is one event; the same id with any other difference is another e
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import psycopg
 import pytest
 from kafka import KafkaProducer
 
-from spool.segments import read_record, sealed_segments, segment_records
 from olap.client import connect
+from spool.segments import read_record, sealed_segments, segment_records
 from tests.test_pipeline import Pipeline
 
 
@@ -41,7 +41,7 @@ def counts_in_both_stores(settings, domain) -> tuple[dict, dict]:
 
 
 def test_exact_resends_count_once_and_conflicting_reuses_count_apart_in_both_stores(pipeline, domain):
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     old, recent = now - timedelta(days=40), now - timedelta(days=2)  # two different months
     assert (old.year, old.month) != (recent.year, recent.month)
     url = f"https://{domain}/x"

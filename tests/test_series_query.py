@@ -23,8 +23,8 @@ import re
 import uuid
 import zoneinfo
 from contextlib import nullcontext
-from datetime import datetime, timedelta, timezone
-from functools import lru_cache
+from datetime import UTC, datetime, timedelta
+from functools import cache
 from types import SimpleNamespace
 
 import psycopg
@@ -50,10 +50,10 @@ GRID_MIN = {"15m": 15, "1h": 60, "1d": 1440}
 NOMINAL_S = {"15m": 900, "1h": 3600, "1d": 86400}
 SPAN_MIN = {"15m": 2 * 1440, "1h": 5 * 1440, "1d": 12 * 1440}  # longest range drawn per granularity (minutes)
 EPOCH_1970 = 0
-LATEST = int(datetime(2045, 1, 1, tzinfo=timezone.utc).timestamp())
+LATEST = int(datetime(2045, 1, 1, tzinfo=UTC).timestamp())
 
 
-@lru_cache(maxsize=None)
+@cache
 def clock_changes(key: str) -> tuple[int, ...]:
     """Instants (UTC seconds, 1970-2045) where the zone's offset really changes, to sample near them.
 
@@ -143,7 +143,7 @@ def cases(draw):
 
 
 def at(*args) -> int:
-    return int(datetime(*args, tzinfo=timezone.utc).timestamp())
+    return int(datetime(*args, tzinfo=UTC).timestamp())
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +157,10 @@ def insert_events(conn, domain: str, event_type: str, instants: list[int]) -> No
     rows: dict[int, int] = {}
     for t in instants:  # the rollup worker's date_bin: UTC quarter hours
         rows[t - t % 900] = rows.get(t - t % 900, 0) + 1
-    ensure_partitions_for(conn, "rollup_15m", [datetime.fromtimestamp(q, timezone.utc) for q in rows])
+    ensure_partitions_for(conn, "rollup_15m", [datetime.fromtimestamp(q, UTC) for q in rows])
     with conn.cursor() as cur:
         cur.executemany("INSERT INTO rollup_15m (domain, event_type, bucket_start, events) VALUES (%s, %s, %s, %s)",
-                        [(domain, event_type, datetime.fromtimestamp(q, timezone.utc), n) for q, n in rows.items()])
+                        [(domain, event_type, datetime.fromtimestamp(q, UTC), n) for q, n in rows.items()])
 
 
 @given(case=cases())
@@ -175,7 +175,7 @@ def insert_events(conn, domain: str, event_type: str, instants: list[int]) -> No
 def test_series_matches_a_brute_force_reference_in_every_zone(pool, case):
     key, granularity, start, end, events, other = case
     tz = zoneinfo.ZoneInfo(key)
-    t0, t1 = datetime.fromtimestamp(start, timezone.utc), datetime.fromtimestamp(end, timezone.utc)
+    t0, t1 = datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC)
     expected = reference(tz, start, end, granularity)
     reader = RollupReader(pool, KEEP_ALL)
     domain = f"p{uuid.uuid4().hex[:12]}.example.com"
@@ -193,8 +193,8 @@ def test_series_matches_a_brute_force_reference_in_every_zone(pool, case):
         insert_events(conn, domain, "impression", events)
         insert_events(conn, domain, "pageview", other)
         with conn.transaction():  # the coarser tiers, derived as `tally rebuild` does
-            tiers.rederive(conn, datetime.fromtimestamp(max(0, min([start, *events, *other]) - 86400), timezone.utc),
-                           datetime.fromtimestamp(max([end, *events, *other]) + 86400, timezone.utc), domain)
+            tiers.rederive(conn, datetime.fromtimestamp(max(0, min([start, *events, *other]) - 86400), UTC),
+                           datetime.fromtimestamp(max([end, *events, *other]) + 86400, UTC), domain)
     try:
         bounds = queries.bucket_bounds(t0, t1, granularity, tz)
         with pool.connection() as conn:
@@ -261,31 +261,31 @@ def test_every_kind_of_clock_change_since_1970_matches_the_reference(granularity
         tz = zoneinfo.ZoneInfo(key)
         start, end = t - half + 7 * 60, t + half - 3 * 60
         expected = reference(tz, start, end, granularity)
-        t0, t1 = datetime.fromtimestamp(start, timezone.utc), datetime.fromtimestamp(end, timezone.utc)
+        t0, t1 = datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC)
         if expected is None:
             refused += 1
             with pytest.raises(QueryError, match="quarter"):
                 queries.bucket_bounds(t0, t1, granularity, tz)
         else:
             got = [int(b.timestamp()) for b in queries.bucket_bounds(t0, t1, granularity, tz)]
-            assert got == expected, (key, datetime.fromtimestamp(t, timezone.utc))
+            assert got == expected, (key, datetime.fromtimestamp(t, UTC))
     assert 0 < refused < len(kinds) // 4  # the 00:01 changes of Newfoundland, Goose Bay, Gaza... are refused
 
 
 def test_the_reference_sees_both_halves_of_a_repeated_hour_and_lord_howes_short_hour():
     """Guards the reference itself: known answers worked out by hand."""
     berlin = zoneinfo.ZoneInfo("Europe/Berlin")
-    t = int(datetime(2026, 10, 24, 23, tzinfo=timezone.utc).timestamp())
+    t = int(datetime(2026, 10, 24, 23, tzinfo=UTC).timestamp())
     bounds = reference(berlin, t, t + 4 * 3600, "1h")
     assert [datetime.fromtimestamp(b, berlin).strftime("%H:%M%z") for b in bounds] == [
         "01:00+0200", "02:00+0200", "02:00+0100", "03:00+0100", "04:00+0100"]
     lord_howe = zoneinfo.ZoneInfo("Australia/Lord_Howe")
-    t = int(datetime(2026, 10, 3, 14, 30, tzinfo=timezone.utc).timestamp())  # 01:00+10:30; 02:00 -> 02:30 at 15:30Z
+    t = int(datetime(2026, 10, 3, 14, 30, tzinfo=UTC).timestamp())  # 01:00+10:30; 02:00 -> 02:30 at 15:30Z
     bounds = reference(lord_howe, t, t + 2 * 3600, "1h")
     assert [datetime.fromtimestamp(b, lord_howe).strftime("%H:%M%z") for b in bounds] == [
         "01:00+1030", "02:30+1100", "03:00+1100", "04:00+1100"]
     st_johns = zoneinfo.ZoneInfo("America/St_Johns")  # 2010-03-14 00:01 -> 01:01 local
-    t = int(datetime(2010, 3, 14, 2, tzinfo=timezone.utc).timestamp())
+    t = int(datetime(2010, 3, 14, 2, tzinfo=UTC).timestamp())
     assert reference(st_johns, t, t + 3 * 3600, "1h") is None
 
 
@@ -299,7 +299,7 @@ def long_history(servers):
     """A domain with two years of quarter hours (70k rows, one event each) and a neighbour with as many,
     in every tier."""
     domain = f"h{uuid.uuid4().hex[:12]}.example.com"
-    first, last = datetime(2026, 6, 1, tzinfo=timezone.utc) - timedelta(days=HISTORY_DAYS), datetime(2026, 6, 1, tzinfo=timezone.utc)
+    first, last = datetime(2026, 6, 1, tzinfo=UTC) - timedelta(days=HISTORY_DAYS), datetime(2026, 6, 1, tzinfo=UTC)
     with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
         from oltp.partitions import ensure_partitions
 
@@ -343,7 +343,7 @@ def explain(conn, sql: str, params: dict | None = None) -> dict:
     return doc[0]["Plan"]
 
 
-ONE_HOUR = (datetime(2026, 5, 20, 10, tzinfo=timezone.utc), datetime(2026, 5, 20, 11, tzinfo=timezone.utc))
+ONE_HOUR = (datetime(2026, 5, 20, 10, tzinfo=UTC), datetime(2026, 5, 20, 11, tzinfo=UTC))
 
 
 # rollup_15m is partitioned by UTC day (ADR 18): a scan reads at most the partitions the range touches,
@@ -362,8 +362,8 @@ def test_the_series_query_reads_only_the_rows_in_range(servers, long_history):
 
 def test_the_coarser_tiers_read_only_the_rows_in_range(servers, long_history):
     """The hourly and daily series queries too: a week of hours, 90 days, both out of two years."""
-    week = (datetime(2026, 5, 1, tzinfo=timezone.utc), datetime(2026, 5, 8, tzinfo=timezone.utc))
-    ninety = (datetime(2026, 2, 1, tzinfo=timezone.utc), datetime(2026, 5, 2, tzinfo=timezone.utc))
+    week = (datetime(2026, 5, 1, tzinfo=UTC), datetime(2026, 5, 8, tzinfo=UTC))
+    ninety = (datetime(2026, 2, 1, tzinfo=UTC), datetime(2026, 5, 2, tzinfo=UTC))
     with psycopg.connect(servers.pg_dsn, autocommit=True, prepare_threshold=None) as conn:
         plan = explain(conn, queries._SERIES_BY_TIER["1h"], series_params(long_history, *week, "1h", "UTC"))
         assert 7 * 24 <= rows_read_from_rollups(plan, "rollup_1h") <= 2 * 2 * 31 * 24  # <= its month partition(s)
@@ -392,10 +392,10 @@ def test_even_a_generic_plan_reads_only_the_rows_in_range(servers, long_history)
 
 
 MIXED_SHAPES = [  # (from, to, granularity, zone): 12 executions of different shapes on one connection
-    (datetime(2026, 5, 1, tzinfo=timezone.utc), datetime(2026, 5, 20, tzinfo=timezone.utc), "1d", "Europe/Berlin"),
-    (datetime(2026, 5, 19, tzinfo=timezone.utc), datetime(2026, 5, 20, tzinfo=timezone.utc), "15m", "UTC"),
-    (datetime(2026, 4, 1, tzinfo=timezone.utc), datetime(2026, 5, 1, tzinfo=timezone.utc), "1h", "Asia/Kathmandu"),
-    (datetime(2025, 1, 1, tzinfo=timezone.utc), datetime(2026, 1, 1, tzinfo=timezone.utc), "1d", "America/New_York"),
+    (datetime(2026, 5, 1, tzinfo=UTC), datetime(2026, 5, 20, tzinfo=UTC), "1d", "Europe/Berlin"),
+    (datetime(2026, 5, 19, tzinfo=UTC), datetime(2026, 5, 20, tzinfo=UTC), "15m", "UTC"),
+    (datetime(2026, 4, 1, tzinfo=UTC), datetime(2026, 5, 1, tzinfo=UTC), "1h", "Asia/Kathmandu"),
+    (datetime(2025, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, tzinfo=UTC), "1d", "America/New_York"),
 ] * 3
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from spool.segments import SpoolWriter, read_record, sealed_segments, segment_records
 from infra.broker import EmbeddedBroker
+from spool.segments import SpoolWriter, read_record, sealed_segments, segment_records
 from workers.kafka_io import ensure_topic, make_producer
 from workers.retention import Retained, Shipment, decide
-from workers.shipper import Shipper, ShipError
+from workers.shipper import ShipError, Shipper
 
 
 def write_segment(spool_dir, lines):

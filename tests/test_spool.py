@@ -133,7 +133,7 @@ def test_an_unexpected_error_in_a_group_flush_fails_every_member_and_none_return
         try:
             writer.append([f'{{"lost": {i}}}'.encode()])
             outcomes.append("returned")
-        except BaseException as exc:  # noqa: BLE001 - what each member saw is the point
+        except BaseException as exc:
             outcomes.append(exc)
 
     members = [threading.Thread(target=member, args=(i,)) for i in range(4)]

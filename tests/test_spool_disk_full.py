@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 
 from spool.segments import SpoolFull, SpoolWriter, free_bytes, sealed_segments
+from tests.test_shipper import topic_size
 from workers.kafka_io import ensure_topic, make_producer
 from workers.retention import SHIPPED_DIR
 from workers.shipper import Shipper
-
-from tests.test_shipper import topic_size
 
 MiB = 1 << 20
 

@@ -24,9 +24,8 @@ from types import SimpleNamespace
 import pytest
 
 from spool import segments as spool_module
-from spool import recovery as spool_recovery
-from spool.segments import SpoolWriter, read_record, sealed_segments, segment_records
 from spool.recovery import recover_orphans
+from spool.segments import SpoolWriter, read_record, sealed_segments, segment_records
 
 OS_CALLS = ("open", "rename", "write", "fdatasync", "fsync", "close", "fstat", "ftruncate", "statvfs")
 

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -38,7 +38,7 @@ def run_stats(home: Path, token: str, *args: str) -> subprocess.CompletedProcess
 
 
 def test_tally_stats_prints_the_summary_and_the_buckets(live, servers, domain, tmp_path):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     partial = now.replace(minute=now.minute - now.minute % 15, second=0, microsecond=0)
     sites.add(servers.pg_dsn, domain, tz="Asia/Kathmandu")
     with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:

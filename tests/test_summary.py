@@ -4,7 +4,7 @@ put through the whole pipeline."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -22,14 +22,14 @@ def floor15(t: datetime) -> datetime:
 
 
 def test_the_window_is_whole_quarter_hours_ending_with_the_partial_one():
-    now = datetime(2026, 11, 23, 10, 7, 30, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 23, 10, 7, 30, tzinfo=UTC)
     w = summary_window(now, 3600)
-    assert w.end == datetime(2026, 11, 23, 10, 15, tzinfo=timezone.utc)  # the quarter holding `now` is in
-    assert w.start == datetime(2026, 11, 23, 9, 15, tzinfo=timezone.utc)
-    assert w.previous_start == datetime(2026, 11, 23, 8, 15, tzinfo=timezone.utc)
-    assert w.partial_start == datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc) and w.as_of == now
-    on_the_quarter = summary_window(datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc), 86400)
-    assert on_the_quarter.end == datetime(2026, 11, 23, 10, 15, tzinfo=timezone.utc)
+    assert w.end == datetime(2026, 11, 23, 10, 15, tzinfo=UTC)  # the quarter holding `now` is in
+    assert w.start == datetime(2026, 11, 23, 9, 15, tzinfo=UTC)
+    assert w.previous_start == datetime(2026, 11, 23, 8, 15, tzinfo=UTC)
+    assert w.partial_start == datetime(2026, 11, 23, 10, 0, tzinfo=UTC) and w.as_of == now
+    on_the_quarter = summary_window(datetime(2026, 11, 23, 10, 0, tzinfo=UTC), 86400)
+    assert on_the_quarter.end == datetime(2026, 11, 23, 10, 15, tzinfo=UTC)
     assert on_the_quarter.end - on_the_quarter.start == timedelta(days=1)
     with pytest.raises(QueryError):
         summary_window(now, 1000)
@@ -61,7 +61,7 @@ def summary_of(api, domain, last, expected_end):
 
 def test_summary_counts_the_partial_bucket_and_compares_with_the_previous_period(api, servers, domain):
     for _attempt in range(2):  # a quarter-hour boundary can pass mid-test: then once more
-        partial = floor15(datetime.now(timezone.utc))
+        partial = floor15(datetime.now(UTC))
         end = partial + Q
         start = end - timedelta(hours=1)
         d = f"a{_attempt}{domain}"
@@ -90,7 +90,7 @@ def test_summary_counts_the_partial_bucket_and_compares_with_the_previous_period
 
 
 def test_no_previous_events_means_no_percentage(api, servers, domain):
-    put(servers, domain, "pageview", floor15(datetime.now(timezone.utc)) - timedelta(hours=2), 9)
+    put(servers, domain, "pageview", floor15(datetime.now(UTC)) - timedelta(hours=2), 9)
     body = api.get(f"/api/v1/domains/{domain}/summary", query_string={"last": "7d"}).json
     assert body["last"] == "7d"
     assert body["metrics"]["pageviews"]["total"] == 9
@@ -117,7 +117,7 @@ def test_summary_of_events_put_through_the_pipeline(settings, domain):
     try:
         for _attempt in range(2):
             d = f"p{_attempt}{domain}"
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             partial = floor15(now)
             end = partial + Q
             # 3 impressions (values 1.25 each) in the current quarter, 2 in the previous 24 hours' period,

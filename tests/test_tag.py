@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -90,7 +90,7 @@ class StandInCollector:
                     return
                 if step == 202:
                     events = body if isinstance(body, list) else [body]
-                    ctx = HitContext(received_at=datetime.now(timezone.utc), user_agent=self.headers.get("User-Agent"))
+                    ctx = HitContext(received_at=datetime.now(UTC), user_agent=self.headers.get("User-Agent"))
                     for index, event in enumerate(events):
                         try:
                             event_from_hit(event, ctx, Limits(), mac_key("stand-in-secret-0123456789"))

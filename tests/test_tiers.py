@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -20,11 +20,11 @@ import pytest
 from core.batch import Batch
 from core.event import StoredEvent
 from oltp import sites, tiers
-from oltp.queries import DailyZone, OutsideRetention, QueryError, Retention, RollupReader, bucket_bounds, choose_tier
 from oltp.partitions import ensure_partitions
+from oltp.queries import DailyZone, OutsideRetention, QueryError, Retention, RollupReader, bucket_bounds, choose_tier
 from oltp.rollup_sink import RollupSink
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def utc(*args) -> datetime:
@@ -252,7 +252,7 @@ def test_a_rebuild_and_a_sink_batch_for_a_new_domain_do_not_deadlock(servers, si
         def batch() -> None:
             try:
                 sink.write([event(domain, t)])
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
         writer = threading.Thread(target=batch)

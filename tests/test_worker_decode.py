@@ -10,18 +10,17 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from types import SimpleNamespace
 
 import orjson
 import psycopg
+import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from kafka import TopicPartition
-import pytest
-from kafka import KafkaProducer
+from kafka import KafkaProducer, TopicPartition
 
 from core.event import Event, EventError, HitContext, Limits, decode_stored, decode_stored_many, event_from_hit
 from olap.client import connect
@@ -30,7 +29,7 @@ from tests.test_pipeline import Pipeline, at
 from workers.consumer import ConsumerLoop, decode
 from workers.kafka_io import make_consumer
 
-NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 
 def good(**changes) -> bytes:
@@ -121,7 +120,7 @@ def test_values_are_normalised_as_the_collector_stores_them():
     assert decode_stored(good(value="1E+1")).value == Decimal(10)  # what Decimal.normalize() writes
     assert decode_stored(good(value="0.000001")).value == Decimal("0.000001")
     assert decode_stored(good(value=3)).value == Decimal(3)
-    assert decode_stored(good(ts="2026-11-21T17:45:00+05:45")).ts == datetime(2026, 11, 21, 12, tzinfo=timezone.utc)
+    assert decode_stored(good(ts="2026-11-21T17:45:00+05:45")).ts == datetime(2026, 11, 21, 12, tzinfo=UTC)
 
 
 def test_records_a_store_would_choke_on_are_set_aside_by_both_workers_alike(pipeline, domain, settings):
@@ -144,7 +143,7 @@ def test_records_a_store_would_choke_on_are_set_aside_by_both_workers_alike(pipe
     pipeline.ship()
     pipeline.drain()
     assert pipeline.rollups.stored_rejects == pipeline.loader.stored_rejects == len(bad)
-    assert pipeline.impressions(domain, at(60), datetime.now(timezone.utc), metric="pageviews")["total"] == 5
+    assert pipeline.impressions(domain, at(60), datetime.now(UTC), metric="pageviews")["total"] == 5
     assert pipeline.sql(f"SELECT count(), sum(value) FROM tally.events WHERE domain = '{domain}'") == [[5, "5.000000"]]
     with psycopg.connect(settings.pg_dsn) as conn:
         pg_errors = [r[0] for r in conn.execute(

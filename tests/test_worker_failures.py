@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import psycopg
 import pytest
 
-from core.event import StoredEvent
 from core.batch import Batch
+from core.event import StoredEvent
 from workers.isolate import TooManyRefused, write_isolating
 
 
@@ -19,7 +19,7 @@ class Refused(Exception):
 
 
 def event(domain: str, value: str | None = None) -> StoredEvent:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return StoredEvent(v=1, hash=uuid.uuid4().hex, domain=domain, url=f"https://{domain}/", ts=now,
                        received_at=now, type="impression", value=Decimal(value) if value else None)
 

@@ -28,8 +28,8 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from core import metrics
-from core.event import REFUSALS_MARK, EventError, decode_refusal_count, decode_stored, decode_stored_many
 from core.batch import Batch, Rejected
+from core.event import REFUSALS_MARK, EventError, decode_refusal_count, decode_stored, decode_stored_many
 from workers.isolate import is_permanent, write_isolating
 from workers.rewind import Rewinder
 
@@ -48,7 +48,7 @@ class Sink(Protocol):
 
 
 class _SeekToStored(ConsumerRebalanceListener):
-    def __init__(self, loop: "ConsumerLoop") -> None:
+    def __init__(self, loop: ConsumerLoop) -> None:
         self.loop = loop
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -59,7 +59,7 @@ class _SeekToStored(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         try:
             self.loop.seek_to_stored(sorted(assigned))
-        except Exception as exc:  # noqa: BLE001 - store down: seek again before the next write
+        except Exception as exc:
             log.error("%s: could not read stored offsets (%s); will retry", self.loop.sink.name, exc)
             self.loop._needs_seek = True
 
@@ -91,7 +91,7 @@ def decode(topic: str, topic_id: str, records: dict[TopicPartition, list]) -> Ba
                     append(decode_stored(msg.value))
             except EventError as exc:
                 rejected.append(Rejected(partition, msg.offset, str(exc), msg.value))
-            except Exception as exc:  # noqa: BLE001 - a record must never stall its partition
+            except Exception as exc:
                 error = "$: empty record value" if msg.value is None else \
                     f"undecodable: {type(exc).__name__}: {exc}"
                 rejected.append(Rejected(partition, msg.offset, error, msg.value or b""))
@@ -131,7 +131,7 @@ class ConsumerLoop:
     def current_topic_id(self) -> str:
         # kafka-python keeps topic ids (KIP-516) from metadata on its cluster object; there is no
         # public accessor in 3.0.12. "" when the broker does not send ids.
-        topic_id = self.consumer._client.cluster.topic_id(self.topic)  # noqa: SLF001
+        topic_id = self.consumer._client.cluster.topic_id(self.topic)
         return str(topic_id) if topic_id else ""
 
     def seek_to_stored(self, partitions: list[TopicPartition]) -> None:
@@ -204,7 +204,7 @@ class ConsumerLoop:
         now = time.monotonic()
         if now >= self._next_incarnation_check:
             self._next_incarnation_check = now + self.incarnation_check_s
-            self.consumer._client.cluster.request_update()  # noqa: SLF001 - answered in the background
+            self.consumer._client.cluster.request_update()
         current = self.current_topic_id()
         if not current or current == self.topic_id or not self.consumer.assignment():
             return False
@@ -228,7 +228,7 @@ class ConsumerLoop:
                 position = self.consumer.position(tp, timeout_ms=0)
                 if position is not None:
                     metrics.set_lag(group, tp.partition, high - position)
-        except Exception:  # noqa: BLE001 - a metric must never stop the loop (e.g. revoked meanwhile)
+        except Exception:
             log.debug("%s: could not read the lag", self.sink.name, exc_info=True)
 
     def _write(self, batch: Batch) -> Batch:
@@ -284,7 +284,7 @@ class ConsumerLoop:
         """Wait for the write in flight; a failure only marks a rewind to the stored offsets."""
         try:
             self.finish()
-        except Exception as exc:  # noqa: BLE001 - reported here; the rewind makes it harmless
+        except Exception as exc:
             self.failures += 1
             self._needs_seek = True
             log.error("%s: store write failed (%s: %s); resuming from stored offsets",
@@ -312,7 +312,7 @@ class ConsumerLoop:
             try:
                 self.step()
                 backoff = 0.2
-            except Exception as exc:  # noqa: BLE001 - a store outage must pause, not kill, the worker
+            except Exception as exc:
                 self.failures += 1
                 log.error("%s: store write failed (%s: %s); pausing %.1fs then resuming from stored offsets",
                           self.sink.name, type(exc).__name__, exc, backoff)
@@ -321,7 +321,7 @@ class ConsumerLoop:
                 backoff = min(backoff * 2, self.max_backoff_s)
         try:
             self.drain(timeout_s=drain_on_stop_s, idle_polls=1)
-        except Exception as exc:  # noqa: BLE001 - stopping anyway; the stored offsets say where to resume
+        except Exception as exc:
             log.warning("%s: could not drain before stopping (%s)", self.sink.name, exc)
         self.close()
 

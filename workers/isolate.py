@@ -69,7 +69,7 @@ def write_isolating(write: Callable[[Batch], None], batch: Batch, *,
     try:
         write(batch)
         return batch
-    except Exception as exc:  # noqa: BLE001 - classified below
+    except Exception as exc:
         if not permanent(exc):
             raise
         first = exc
@@ -114,7 +114,7 @@ def _bisect(write: Callable[[Batch], None], batch: Batch, events: list, permanen
     try:
         write(_Part(topic=batch.topic, topic_id=batch.topic_id, events=list(events)))
         return
-    except Exception as exc:  # noqa: BLE001 - classified below
+    except Exception as exc:
         if not permanent(exc):
             raise
         if len(events) == 1:

@@ -33,17 +33,17 @@ _NO_HEADERS: list = []  # shared by every record without headers (one allocation
 
 def use_lean_records(consumer: object) -> None:
     """Make `consumer` (a KafkaConsumer) parse fetched v2 batches with `LeanPartitionRecords`."""
-    fetcher = consumer._fetcher  # noqa: SLF001 - kafka-python has no public hook for record parsing
+    fetcher = consumer._fetcher
     if not hasattr(fetcher, "PartitionRecords"):  # pragma: no cover - another kafka-python layout
         raise RuntimeError("this kafka-python has no Fetcher.PartitionRecords to replace")
     fetcher.PartitionRecords = LeanPartitionRecords
 
 
-def _records_v2(batch, tp, leader_epoch: int, parts):  # noqa: ANN001, ANN202 - a DefaultRecordBatch
+def _records_v2(batch, tp, leader_epoch: int, parts):
     """Yield the ConsumerRecords of one v2 batch; `parts` is the PartitionRecords (bookkeeping)."""
-    batch._maybe_uncompress()  # noqa: SLF001
-    data = bytes(batch._buffer)  # noqa: SLF001 - slicing bytes gives bytes: one copy per value
-    pos = batch._pos  # noqa: SLF001
+    batch._maybe_uncompress()
+    data = bytes(batch._buffer)
+    pos = batch._pos
     count = batch.records_count
     base_offset = batch.base_offset
     ts_type = batch.timestamp_type
@@ -167,7 +167,7 @@ def _headers(data: bytes, pos: int) -> tuple[list, int]:
 class LeanPartitionRecords(Fetcher.PartitionRecords):
     """kafka-python's PartitionRecords with a lean per-record loop for v2 batches (module docstring)."""
 
-    def _unpack_records(self, tp, records, key_deserializer, value_deserializer):  # noqa: ANN001, ANN202
+    def _unpack_records(self, tp, records, key_deserializer, value_deserializer):
         if key_deserializer is not None or value_deserializer is not None:
             # The workers take raw bytes; anyone else gets kafka-python's own loop.
             yield from super()._unpack_records(tp, records, key_deserializer, value_deserializer)
@@ -210,7 +210,7 @@ class LeanPartitionRecords(Fetcher.PartitionRecords):
         except StopIteration:  # as kafka-python: never let it end the generator silently
             raise RuntimeError("StopIteration raised unpacking messageset") from None
 
-    def _legacy_batch(self, tp, batch):  # noqa: ANN001, ANN202 - a LegacyRecordBatch
+    def _legacy_batch(self, tp, batch):
         for record in batch:
             if self.check_crcs and not record.validate_crc():
                 raise CorruptRecordError(

@@ -58,7 +58,7 @@ class Shipment:
                              "shipped_at": self.shipped_at, "records": self.records, "ships": self.ships})
 
     @classmethod
-    def from_json(cls, data: bytes) -> "Shipment":
+    def from_json(cls, data: bytes) -> Shipment:
         d = orjson.loads(data)
         return cls(str(d["topic"]), str(d["topic_id"]), {int(p): int(o) for p, o in d["end_offsets"].items()},
                    float(d["shipped_at"]), int(d["records"]), int(d.get("ships", 1)))

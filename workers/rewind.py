@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from core.batch import Batch
@@ -88,7 +88,7 @@ class Rewinder:
         """
         self._next_check = time.monotonic() + self.check_s
         assignment = {tp.partition: tp for tp in loop.consumer.assignment()}
-        if not assignment or (loop._ids_seen and not loop.topic_id):  # noqa: SLF001 - between incarnations
+        if not assignment or (loop._ids_seen and not loop.topic_id):
             return 0
         try:
             rows = [r for r in self.requests.pending(self.group, loop.topic) if r.partition in assignment]
@@ -96,7 +96,7 @@ class Rewinder:
             if not rows:
                 self._refresh_marks(loop.topic, loop.topic_id)
                 return 0
-        except Exception as exc:  # noqa: BLE001 - the request store being down must not stop ingestion
+        except Exception as exc:
             # Back off (up to a minute): a connection attempt to an unreachable store may block the loop.
             self._failures += 1
             wait = min(60.0, self.check_s * 2 ** min(self._failures, 6))
@@ -143,7 +143,7 @@ class Rewinder:
             self._marks = self.requests.reread_marks(self.group, topic, topic_id)
             self._marks_topic_id = topic_id
             return True
-        except Exception as exc:  # noqa: BLE001 - keep the marks we have; the next check tries again
+        except Exception as exc:
             log.warning("%s: cannot read rewind marks (%s: %s)", self.group, type(exc).__name__, exc)
             return False
 
@@ -151,7 +151,7 @@ class Rewinder:
         """Re-read events with an event time before this are not handed to the sink (None: all are)."""
         if self.reread_floor_days is None:
             return None
-        return datetime.now(timezone.utc) - timedelta(days=self.reread_floor_days)
+        return datetime.now(UTC) - timedelta(days=self.reread_floor_days)
 
     def decode(self, decode: Decoder, topic: str, topic_id: str, records: dict) -> Batch:
         """`decode(topic, topic_id, records)`, with the records below the re-read marks marked and filtered.

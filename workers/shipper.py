@@ -35,8 +35,8 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from core import metrics
-from spool.segments import CorruptRecord, disk_full, fsync_dir, read_record, sealed_segments, segment_records
 from spool.recovery import recover_orphans
+from spool.segments import CorruptRecord, disk_full, fsync_dir, read_record, sealed_segments, segment_records
 from workers.retention import OffsetReader, Retained, RetainedSegments, Shipment, decide
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class Shipper:
         if self._admin is not None:
             try:
                 self._admin.close()
-            except Exception:  # noqa: BLE001 - it is being thrown away
+            except Exception:
                 pass
             self._admin = None
 
@@ -206,7 +206,7 @@ class Shipper:
         if topic_id:
             try:
                 stored = {group: read(self.topic, topic_id) for group, read in self.offset_readers.items()}
-            except Exception as exc:  # noqa: BLE001 - store unreachable: nothing is known to be stored
+            except Exception as exc:
                 log.info("shipper: cannot read stored offsets (%s); keeping shipped segments", exc)
                 stored = None
         decision = decide(retained, topic=self.topic, topic_id=topic_id, now=self.clock(), stored=stored,
@@ -370,7 +370,7 @@ class Shipper:
         if self._producer is not None:
             try:
                 self._producer.close(timeout=0)
-            except Exception:  # noqa: BLE001 - it is being thrown away because it is broken
+            except Exception:
                 log.debug("shipper: error closing a failed producer", exc_info=True)
             self._producer = None
 

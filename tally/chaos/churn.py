@@ -63,7 +63,7 @@ class CollectorChurn(threading.Thread):
                 elif self.pause_every_s:
                     self._pause()
                 self.stop.wait(self.pause_every_s or 0.1)
-            except Exception as exc:  # noqa: BLE001 - reported with the run, never fatal to it
+            except Exception as exc:
                 self.stats.errors.append(f"{type(exc).__name__}: {exc}")
 
     def _kill(self) -> None:
@@ -95,11 +95,11 @@ class CpuBurners:
         self.count = count
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> "CpuBurners":
+    def start(self) -> CpuBurners:
         self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.count)]
         return self
 
-    def __enter__(self) -> "CpuBurners":
+    def __enter__(self) -> CpuBurners:
         return self.start()
 
     def __exit__(self, *_exc: object) -> None:

@@ -49,7 +49,7 @@ class ChaosPlan:
     burners: int = 1
 
     @classmethod
-    def long_form(cls, minutes: float, seed: int, faults: Iterable[str] | None = None) -> "ChaosPlan":
+    def long_form(cls, minutes: float, seed: int, faults: Iterable[str] | None = None) -> ChaosPlan:
         """`tally chaos --minutes N`: 60 s outages, the worker paused for a fifth of the run (1-3 minutes)."""
         if minutes <= 0:
             raise ValueError("--minutes must be more than 0")
@@ -75,12 +75,12 @@ class ChaosReport:
     plan: ChaosPlan
     faults: list[FaultRecord]
     ledger: Ledger
-    pg: "StoreCheck | None" = None
-    ch: "StoreCheck | None" = None
+    pg: StoreCheck | None = None
+    ch: StoreCheck | None = None
     settle_s: float | None = None
     startup_s: float = 0.0
     error: str | None = None
-    spool: "StoreCheck | None" = None  # the acknowledged events against what went through the spool
+    spool: StoreCheck | None = None  # the acknowledged events against what went through the spool
     churn: ChurnStats | None = None
     tap_max_gap_s: float | None = None
 
@@ -161,7 +161,7 @@ class ChaosRun:
             if report.pg is None and self.stack.alive():
                 try:  # what is there, as far as it can be read
                     report.pg, report.ch = compare(self.stack, self.ledger)
-                except Exception:  # noqa: BLE001 - the error above is the report
+                except Exception:
                     pass
         finally:
             for load in loads:
@@ -197,7 +197,7 @@ class ChaosRun:
             report.faults.append(rec)
             try:
                 FAULTS[name].run(self, rec)
-            except Exception as exc:  # noqa: BLE001 - in the report; the run goes on if the platform does
+            except Exception as exc:
                 rec.error = f"{type(exc).__name__}: {exc}"
                 if not self.stack.alive():
                     raise ChaosError(f"{name}: {rec.error}") from exc
@@ -217,7 +217,7 @@ class ChaosRun:
                 raise ChaosError(f"the load generator failed: {load.failure!r}")
 
 
-def _stop_thread(thread: "CollectorChurn | SpoolTap | None") -> None:
+def _stop_thread(thread: CollectorChurn | SpoolTap | None) -> None:
     if thread is not None and thread.is_alive():
         thread.stop.set()
         thread.join(30)

@@ -40,7 +40,7 @@ class SpoolTap(threading.Thread):
         while not self.stop.is_set():
             try:
                 self.scan()
-            except Exception as exc:  # noqa: BLE001 - reported with the run
+            except Exception as exc:
                 if len(self.errors) < 20:
                     self.errors.append(f"{type(exc).__name__}: {exc}")
             now = time.monotonic()

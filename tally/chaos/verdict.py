@@ -33,7 +33,7 @@ def settle(stack: ChaosStack, ledger: Ledger, timeout_s: float, stable_s: float 
     while time.monotonic() - t0 < timeout_s:
         try:
             now = (_ch_total(stack), *_pg_totals(stack))
-        except Exception:  # noqa: BLE001 - a store still restarting: try again
+        except Exception:
             now = None
         if now != last:
             last, since = now, time.monotonic()

@@ -216,8 +216,10 @@ def attack(port: int, idle: int, loris: int, seconds: float) -> dict[str, object
         time.sleep(0.1)
     stop.set()
     w.reap(t0)
-    result: dict[str, object] = {"quiet": quiet, "first_after_burst": f"{burst_status} in {burst_s * 1000:.0f} ms", "idle_opened": opened["idle"],
-              "loris_opened": opened["loris"], "connects_failed": w.failed_connects, "healthz_ok": len(ok),
+    result: dict[str, object] = {
+              "quiet": quiet, "first_after_burst": f"{burst_status} in {burst_s * 1000:.0f} ms",
+              "idle_opened": opened["idle"], "loris_opened": opened["loris"], "connects_failed": w.failed_connects,
+              "healthz_ok": len(ok),
               "healthz_failed": len(bad), "failures": bad[:5], **_percentiles(ok), "over_50ms": slow[:10],
               "while_idle_open": {"n": len(ok_open), **_percentiles(ok_open)},
               "idle_closed": len(w.closed_at["idle"]), "idle_closed_at_s": _spread(w.closed_at["idle"]),
@@ -265,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                 env = {**os.environ, "TALLY_HOME": str(work / kind), "TALLY_PG_DSN": postgres.dsn,
                        "TALLY_SECRET": SECRET, "TALLY_API_PORT": str(port), "TALLY_LOG_DIR": "-",
                        **dict(item.split("=", 1) for item in args.env)}
-                say(f"[bench] {kind}: {args.idle} idle + {args.loris} slowloris sockets, /healthz for {args.seconds:.0f} s")
+                say(f"[bench] {kind}: {args.idle} idle + {args.loris} slowloris sockets, "
+                    f"/healthz for {args.seconds:.0f} s")
                 proc = start_server(kind, env, port, work / f"{kind}.log")
                 try:
                     results[kind] = attack(port, args.idle, args.loris, args.seconds)
@@ -290,7 +293,8 @@ def table(results: dict[str, object], args: argparse.Namespace) -> str:
     for kind, r in results.items():
         assert isinstance(r, dict)
         o, q = r["while_idle_open"], r["quiet"]
-        rows.append(f"| {kind} | {q['p50_ms']} / {q['p99_ms']} / {q['max_ms']} | {r['first_after_burst']} | {r['healthz_ok']} / {r['healthz_failed']} | "
+        rows.append(f"| {kind} | {q['p50_ms']} / {q['p99_ms']} / {q['max_ms']} | {r['first_after_burst']} | "
+                    f"{r['healthz_ok']} / {r['healthz_failed']} | "
                     f"{r['p50_ms']} / {r['p99_ms']} / {r['max_ms']} | {o['p50_ms']} / {o['p99_ms']} / {o['max_ms']} "
                     f"({o['n']}) | {r['idle_closed']} ({r['idle_closed_at_s']}) | "
                     f"{r['loris_closed']} ({r['loris_closed_at_s']}) |")

@@ -76,7 +76,7 @@ def _longest_gap(results: list[tuple[float, int | str, float]]) -> float:
     if not results:
         return 0.0
     ends = [results[0][0], *answered, results[-1][0] + results[-1][2]]
-    return round(max(b - a for a, b in zip(ends, ends[1:])), 1)
+    return round(max(b - a for a, b in zip(ends, ends[1:], strict=False)), 1)
 
 
 def reader_that_never_reads(port: int, source: str, token: str) -> socket.socket | None:

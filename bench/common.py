@@ -104,7 +104,7 @@ def drain_loops(loops: list, timeout_s: float = 900) -> None:
 
 def make_events(n: int) -> list:
     """N valid events (40 domains, 4 partitions, ts spread over two days, some with a value)."""
-    from collector.app import classify_user_agent
+    from collector.ua import classify_user_agent
     from core.event import HitContext, Limits, event_from_hit
 
     now = datetime.now(UTC)
@@ -162,8 +162,8 @@ def print_table(results: list[Result]) -> None:
              fmt(r.ratio, 2), r.error or r.note) for r in results]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(5)]
     line = lambda row: "  ".join(  # noqa: E731
-        str(c).rjust(w) if i in (1, 4) else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))) \
-        + "  " + row[5]
+        str(c).rjust(w) if i in (1, 4) else str(c).ljust(w)
+        for i, (c, w) in enumerate(zip(row[:5], widths, strict=True))) + "  " + row[5]
     print(line(header))
     print("  ".join("-" * w for w in widths) + "  " + "-" * 4)
     for row in rows:

@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{f['p50']:>9.0f} / {f['p99']:<10.0f} {p['error_count']:>7}  "
               f"{', '.join(f'{s} {c}' for s, c in p['slow_query_results']) or '-'}")
     idle, loaded = phases
-    print(f"\nratio loaded/idle p99: customer API {loaded['customer_api_ms']['p99'] / idle['customer_api_ms']['p99']:.2f}, "
+    api_ratio = loaded['customer_api_ms']['p99'] / idle['customer_api_ms']['p99']
+    print(f"\nratio loaded/idle p99: customer API {api_ratio:.2f}, "
           f"/healthz {loaded['healthz_ms']['p99'] / idle['healthz_ms']['p99']:.2f}; "
           f"load generator CPU: {idle['load_generator_cpu_s']} s idle, {loaded['load_generator_cpu_s']} s loaded")
     return 0

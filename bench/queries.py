@@ -115,7 +115,8 @@ def load_domains(dsn: str, first: int, count: int, now: datetime, days_15m: int,
         starts = day_starts(now - timedelta(days=days), now)
         say(f"[bench] loading rollup_1d: {count} domains x {len(starts)} days ...")
         conn.execute("""
-            INSERT INTO rollup_1d (domain, tz, event_type, bucket_start, events, valued, value_sum, value_min, value_max)
+            INSERT INTO rollup_1d (domain, tz, event_type, bucket_start,
+                                   events, valued, value_sum, value_min, value_max)
             SELECT d, %s, t, g, 96, 1, 0.5, 0.5, 0.5
             FROM unnest(%s::text[]) d CROSS JOIN unnest(%s::text[]) t
             CROSS JOIN unnest(%s::timestamptz[]) g""", (ZONE, names, list(types), starts))
@@ -142,7 +143,8 @@ def load_long_history(dsn: str, now: datetime, days_15m: int) -> None:
                 CROSS JOIN generate_series(%s::timestamptz, %s::timestamptz, %s::interval) g""",
                          (LONG_DOMAIN, start, end, step))
         conn.execute("""
-            INSERT INTO rollup_1d (domain, tz, event_type, bucket_start, events, valued, value_sum, value_min, value_max)
+            INSERT INTO rollup_1d (domain, tz, event_type, bucket_start,
+                                   events, valued, value_sum, value_min, value_max)
             SELECT %s, %s, t, g, 288, 1, 0.5, 0.5, 0.5
             FROM unnest(ARRAY['impression', 'pageview']) t CROSS JOIN unnest(%s::timestamptz[]) g""",
                      (LONG_DOMAIN, ZONE, day_starts(now - timedelta(days=730), now)))
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         first = [Target("1k domains x 90 days", api_1k, tokens_1k), Target("4k domains x 90 days", api_4k, tokens_4k),
                  Target("2-year domain (4k)", api_4k, tokens_long)]
         interleaved(first, n, rng)
-        for key, t in zip(("1k", "4k", "2y"), first):
+        for key, t in zip(("1k", "4k", "2y"), first, strict=True):
             results[key] = {shape: t.summary(shape) for shape in SHAPES}
 
         say(f"[bench] drift: {n_mixed} mixed queries in the 4k API process, then side by side with a fresh one")
@@ -348,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         fresh = Api(work / "api4k-fresh", dsn_4k)
         cleanup.callback(fresh.stop)
         fresh.wait_ready()
-        second = [Target("4k, after the mixed queries", api_4k, tokens_4k), Target("4k, fresh API process", fresh, tokens_4k)]
+        second = [Target("4k, after the mixed queries", api_4k, tokens_4k),
+                  Target("4k, fresh API process", fresh, tokens_4k)]
         interleaved(second, n, rng)
         results["4k_after_mixed"] = {shape: second[0].summary(shape) for shape in SHAPES}
         results["4k_fresh"] = {shape: second[1].summary(shape) for shape in SHAPES}
@@ -356,12 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {}
     for shape in SHAPES:
         p = {k: results[k][shape] for k in ("1k", "4k", "2y", "4k_after_mixed", "4k_fresh")}  # type: ignore[index]
-        ratios[shape] = {"4k_over_1k_p99": round(p["4k"]["p99_ms"] / p["1k"]["p99_ms"], 2),
-                         "4k_over_1k_p50": round(p["4k"]["p50_ms"] / p["1k"]["p50_ms"], 2),
-                         "2y_over_90d_p99": round(p["2y"]["p99_ms"] / p["4k"]["p99_ms"], 2),
-                         "2y_over_90d_p50": round(p["2y"]["p50_ms"] / p["4k"]["p50_ms"], 2),
-                         "after_mixed_over_fresh_p99": round(p["4k_after_mixed"]["p99_ms"] / p["4k_fresh"]["p99_ms"], 2),
-                         "after_mixed_over_fresh_p50": round(p["4k_after_mixed"]["p50_ms"] / p["4k_fresh"]["p50_ms"], 2)}
+        ratios[shape] = {f"{name}_{q}": round(p[top][f"{q}_ms"] / p[bottom][f"{q}_ms"], 2)
+                         for name, top, bottom in (("4k_over_1k", "4k", "1k"), ("2y_over_90d", "2y", "4k"),
+                                                   ("after_mixed_over_fresh", "4k_after_mixed", "4k_fresh"))
+                         for q in ("p99", "p50")}
     results["ratios"] = ratios
     print_table(results)
     RESULTS.parent.mkdir(exist_ok=True)
@@ -384,7 +385,8 @@ def print_table(results: dict) -> None:
           "  (target <= 1.5)")
     for shape, r in results["ratios"].items():
         print(f"{shape:<22} {r['4k_over_1k_p50']:9.2f} {r['4k_over_1k_p99']:6.2f} {r['2y_over_90d_p50']:10.2f} "
-              f"{r['2y_over_90d_p99']:6.2f} {r['after_mixed_over_fresh_p50']:15.2f} {r['after_mixed_over_fresh_p99']:6.2f}")
+              f"{r['2y_over_90d_p99']:6.2f} {r['after_mixed_over_fresh_p50']:15.2f} "
+              f"{r['after_mixed_over_fresh_p99']:6.2f}")
     print(f"\nloaded 1k domains in {results['load_1k_s']} s, 4k in {results['load_4k_s']} s; "
           f"{results['mixed_queries']} mixed queries in {results['mixed_s']} s, answered by {results['mixed_served']} "
           f"(15-minute rows: {results['days_15m']} days)")

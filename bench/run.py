@@ -127,7 +127,8 @@ def bench_kafka_raw(b: Bench, bootstrap: str, events: list) -> None:
         producer.flush(timeout=120)
         for f in futures:
             f.get(timeout=30)
-        b.add(F_PRODUCE, rate(len(records), time.perf_counter() - t0), "msgs/s", note="batch_size 256 KiB, lz4, linger 5 ms")
+        b.add(F_PRODUCE, rate(len(records), time.perf_counter() - t0), "msgs/s",
+              note="batch_size 256 KiB, lz4, linger 5 ms")
     finally:
         producer.close(timeout=10)
 

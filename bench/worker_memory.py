@@ -37,7 +37,8 @@ def drain_and_report(which: str, n: int) -> dict[str, object]:
 
     settings = Settings.from_env(dict(os.environ))
     group = f"mem-{which}-{uuid.uuid4().hex[:8]}"
-    loops = build_rollup_loops(settings, group=group) if which == "rollup" else [build_loader_loop(settings, group=group)]
+    loops = (build_rollup_loops(settings, group=group) if which == "rollup"
+             else [build_loader_loop(settings, group=group)])
     tune_for_streaming()  # as tally.roots.run_loops_forever / the analyst server's loader do
     started_mib = _status_mib("VmRSS")
     samples: list[tuple[int, float]] = []

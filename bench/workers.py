@@ -342,8 +342,8 @@ def bench_rounds(b: Bench, settings, bootstrap: str, n: int, profile: str | None
     ch_floor = next((r.value for r in b.results if r.name == F_CH_INSERT and r.value), None)
     loader_floors = [min(c, ch_floor) if ch_floor else c for c in consumed]
     for (figures, notes), floors in ((rollup, consumed), (loader, loader_floors)):
-        paired = sorted(f / floor for f, floor in zip(figures, floors))
-        notes[:] = [f"round ratios {', '.join(f'{f / fl:.2f}' for f, fl in zip(figures, floors))} "
+        paired = sorted(f / floor for f, floor in zip(figures, floors, strict=True))
+        notes[:] = [f"round ratios {', '.join(f'{f / fl:.2f}' for f, fl in zip(figures, floors, strict=True))} "
                     f"(median {paired[len(paired) // 2]:.2f}); {note}" for note in notes]
     add_rollup(b, "rollup drain -> PG", *_best(*rollup))
     add_loader(b, "loader drain -> chDB", *_best(*loader))
@@ -430,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="200k events instead of 500k (a few minutes)")
     parser.add_argument("--n", type=int, help="number of events (overrides --quick)")
-    parser.add_argument("--memory", action="store_true", help="also report each worker's peak RSS draining a 1x and a 10x backlog")
+    parser.add_argument("--memory", action="store_true",
+                        help="also report each worker's peak RSS draining a 1x and a 10x backlog")
     parser.add_argument("--profile", choices=("rollup", "loader"), help="cProfile one worker's drain")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -40,6 +40,7 @@ from flask_limiter import Limiter, RateLimitExceeded, RequestLimit
 from psycopg_pool import ConnectionPool
 
 from api import session
+from api.errors import STORE_UNAVAILABLE
 from core.event import EventError, normalize_domain
 from core.http import error, json_response
 from oltp import tokens
@@ -52,10 +53,9 @@ F = TypeVar("F", bound=Callable[..., object])
 _BEARER_RE = re.compile(r"Bearer ([A-Za-z0-9._~+/-]+=*)")
 REALM = "tally"
 API_PREFIX = "/api/"  # unknown paths under it answer 401 before 404 (see `_enforce`)
-# Always public, even if a route forgets to say so: load balancers' probes carry no token
-# ("api.readyz" is reserved for a readiness probe; it does not exist yet).
-_PUBLIC_ENDPOINTS = frozenset({"static", "api.healthz", "api.readyz"})
-_PROBE_ENDPOINTS = frozenset({"api.healthz", "api.readyz"})
+# Always public, even if a route forgets to say so: load balancers' probes carry no token.
+_PUBLIC_ENDPOINTS = frozenset({"static", "ops.healthz", "ops.readyz"})
+_PROBE_ENDPOINTS = frozenset({"ops.healthz", "ops.readyz"})
 
 
 def public(view: F) -> F:
@@ -94,7 +94,7 @@ class _Auth:
 
 def _resolve(pool_of: Callable[[], ConnectionPool]) -> _Auth:
     """This request's token, checked once per request (cached on flask.g)."""
-    cached = g.get("tally_auth")
+    cached: _Auth | None = g.get("tally_auth")
     if cached is not None:
         return cached
     header = request.headers.get("Authorization")
@@ -214,7 +214,7 @@ def _refusal(auth: _Auth) -> Response | None:
     if auth.problem == "invalid":
         return _unauthorized("invalid_token", "the token is unknown, malformed or revoked", "invalid_token")
     if auth.problem == "store" or auth.principal is None:
-        return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
+        return error(503, "store_unavailable", STORE_UNAVAILABLE)
     return None
 
 
@@ -262,7 +262,8 @@ tokens_bp = Blueprint("tokens", __name__)
 
 
 def _pool() -> ConnectionPool:
-    return current_app.extensions["tally_token_pool"]()
+    pool_of: Callable[[], ConnectionPool] = current_app.extensions["tally_token_pool"]
+    return pool_of()
 
 
 def _no_store(resp: Response) -> Response:
@@ -298,11 +299,10 @@ def create_token() -> Response:
     if not isinstance(domains, list):
         return error(400, "invalid_token_request", "domains must be a list of domain names")
     try:
-        info, token = tokens.create(_pool(), body.get("role"), domains, body.get("name") or "")
+        role, names, name = tokens.validate(body.get("role"), domains, body.get("name") or "")
+        info, token = tokens.create(_pool(), role, names, name)
     except tokens.TokenError as exc:
         return error(400, "invalid_token_request", str(exc))
-    except psycopg.OperationalError:
-        return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
     return _no_store(json_response({**info.as_json(), "token": token}, 201))
 
 
@@ -321,10 +321,7 @@ def list_tokens() -> Response:
             application/json:
               schema: {$ref: '#/components/schemas/TokenList'}
     """
-    try:
-        rows = tokens.list_tokens(_pool())
-    except psycopg.OperationalError:
-        return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
+    rows = tokens.list_tokens(_pool())
     return _no_store(json_response({"tokens": [row.as_json() for row in rows]}))
 
 
@@ -347,10 +344,7 @@ def revoke_token(token_id: str) -> Response:
             application/json:
               schema: {$ref: '#/components/schemas/Error'}
     """
-    try:
-        found = tokens.revoke(_pool(), token_id)
-    except psycopg.OperationalError:
-        return error(503, "store_unavailable", "PostgreSQL is unavailable; retry shortly")
+    found = tokens.revoke(_pool(), token_id)
     if not found:
         return error(404, "unknown_token", f"no token {token_id[:40]!r}")
     return Response(status=204)

@@ -18,20 +18,23 @@ from collections.abc import Callable, Iterator
 from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
+from psycopg_pool import ConnectionPool
 
 from api.auth import probe
+from api.backends import backends
+from api.names import public_name
 from core import metrics
 from core.config import Settings
 from core.http import error
+from oltp.reconcile import latest_mismatches
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api_metrics", __name__)
 
 
-def reconcile_family(pool) -> Callable[[], Iterator[Metric]]:  # pool: psycopg_pool.ConnectionPool
+def reconcile_family(pool: ConnectionPool) -> Callable[[], Iterator[Metric]]:
     """`tally_reconcile_mismatches` from the newest scheduled reconcile run in PostgreSQL (oltp/reconcile.py),
     read at scrape time (2 s at most); absent when no run completed yet or PostgreSQL does not answer."""
-    from oltp.reconcile import latest_mismatches
 
     def collect() -> Iterator[Metric]:
         try:
@@ -74,14 +77,14 @@ def metrics_endpoint() -> Response:
     if not metrics.client_allowed(request.remote_addr, settings.metrics_allowed_nets):  # type: ignore[arg-type]
         return error(403, "metrics_forbidden", "/metrics answers only clients in TALLY_METRICS_ALLOWED_NETS; "
                      f"{(request.remote_addr or 'an unknown address')[:64]} is not in it")
-    extra = [reconcile_family(current_app.extensions["tally_backends"].rollups.pool)]
+    extra = [reconcile_family(backends().rollups.pool)]
     resp = Response(metrics.render(metrics.API_FAMILIES, extra), status=200, content_type=metrics.CONTENT_TYPE)
     resp.headers["Cache-Control"] = "no-store"
     return resp
 
 
 def _count(resp: Response) -> Response:
-    metrics.count_api_request(request.endpoint, resp.status_code)
+    metrics.count_api_request(public_name(request.endpoint) if request.endpoint else None, resp.status_code)
     return resp
 
 

@@ -20,6 +20,7 @@ from apispec import APISpec, yaml_utils
 from flask import Flask
 
 from api.auth import declared_access
+from api.names import public_name
 from api.session import COOKIE_NAME
 
 _RULE_ARG = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
@@ -286,7 +287,7 @@ def _complete(operation: dict[str, Any], method: str, endpoint: str, view: Any, 
                                            **{"Retry-After": {"schema": {"type": "integer"}}}))
     if access == "public":
         operation["security"] = []
-        if not probe and endpoint not in ("static", "api.openapi_document"):
+        if not probe and endpoint not in ("static", "ops.openapi_document"):
             responses.setdefault("503", _error("PostgreSQL is unavailable"))
         return
     roles = sorted(access)
@@ -326,7 +327,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
                     raise ValueError(f"{rule.rule} {method.upper()} ({rule.endpoint}) has no OpenAPI operation "
                                      "in its docstring")
                 operation = operations[method]
-                operation.setdefault("operationId", rule.endpoint.replace(".", "_"))
+                operation.setdefault("operationId", public_name(rule.endpoint).replace(".", "_"))
                 _complete(operation, method, rule.endpoint, view, set(rule.arguments),
                           has_body=method in ("post", "put", "patch"))
             spec.path(path=path, operations={m: operations[m] for m in methods})

@@ -45,7 +45,7 @@ class _SessionInterface(SecureCookieSessionInterface):
 
     salt = "tally-dashboard-session-v2"  # v1 cookies (token id + MAC, no server-side row) are not read
 
-    def get_cookie_secure(self, app: Flask) -> bool:  # type: ignore[override]
+    def get_cookie_secure(self, app: Flask) -> bool:
         return bool(app.config.get("SESSION_COOKIE_SECURE")) or request.is_secure
 
 

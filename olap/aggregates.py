@@ -129,12 +129,16 @@ def encode_answer(op: str, result: Any) -> bytes:
     return orjson.dumps({"op": op, "rows": rows})
 
 
-def decode_answer(op: str, body: bytes) -> Any:
-    rows = orjson.loads(body)["rows"]
-    if op == "aggregates":
-        return [(d, t, _from_ms(b), int(n), int(v), _dec(s), _dec(mn), _dec(mx)) for d, t, b, n, v, s, mn, mx in rows]
-    if op == "events":
-        return [(h, d, t, _from_ms(ts), _dec(v), _from_ms(r)) for h, d, t, ts, v, r in rows]
+def _aggregate_rows(rows: list[list[Any]]) -> list[AggregateRow]:
+    return [(d, t, _from_ms(b), int(n), int(v), _dec(s), _dec(mn), _dec(mx))
+            for d, t, b, n, v, s, mn, mx in rows]
+
+
+def _event_rows(rows: list[list[Any]]) -> list[EventRow]:
+    return [(h, d, t, _from_ms(ts), _dec(v), _from_ms(r)) for h, d, t, ts, v, r in rows]
+
+
+def _offsets(rows: list[list[Any]]) -> dict[int, tuple[str, int]]:
     return {int(p): (str(tid), int(o)) for p, tid, o in rows}
 
 
@@ -186,7 +190,8 @@ class RemoteAggregates:
         self._token = token
         self.timeout_s = timeout_s
 
-    def _ask(self, op: str, body: dict[str, Any]) -> Any:
+    def _ask(self, op: str, body: dict[str, Any]) -> list[list[Any]]:
+        """The answer's rows, as JSON gives them (the caller decodes them for `op`)."""
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         conn = cls(self._host, self._port, timeout=self.timeout_s)
         try:
@@ -205,17 +210,18 @@ class RemoteAggregates:
             except (ValueError, KeyError, TypeError):
                 message = f"HTTP {resp.status}"
             raise (TooManyRows if resp.status == 413 else AggregatesError)(f"the analyst server refused: {message}")
-        return decode_answer(op, data)
+        rows: list[list[Any]] = orjson.loads(data)["rows"]
+        return rows
 
     def aggregates(self, lo: datetime, hi: datetime, domain: str | None = None) -> list[AggregateRow]:
-        return self._ask("aggregates", {"from_ms": _ms(lo), "to_ms": _ms(hi), "domain": domain})
+        return _aggregate_rows(self._ask("aggregates", {"from_ms": _ms(lo), "to_ms": _ms(hi), "domain": domain}))
 
     def events(self, lo: datetime, hi: datetime, domain: str | None = None,
                keys: Sequence[Key] | None = None) -> list[EventRow]:
         body: dict[str, Any] = {"from_ms": _ms(lo), "to_ms": _ms(hi), "domain": domain}
         if keys is not None:
             body["keys"] = [[d, t, _ms(b)] for d, t, b in keys]
-        return self._ask("events", body)
+        return _event_rows(self._ask("events", body))
 
     def loader_offsets(self, group: str, topic: str) -> dict[int, tuple[str, int]]:
-        return self._ask("offsets", {"group": group, "topic": topic})
+        return _offsets(self._ask("offsets", {"group": group, "topic": topic}))

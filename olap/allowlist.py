@@ -35,6 +35,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from olap.client import connect
+
 # Tables analysts read, inside settings.clickhouse_database.
 ANALYST_TABLES = frozenset({"events"})
 
@@ -197,7 +199,9 @@ _TABLE: FunctionTable | None = None
 def function_table() -> FunctionTable:
     global _TABLE
     if _TABLE is None:
-        from olap import allowed_functions as data
+        # Imported on first use, not at the top: `python -m olap.allowlist --write` regenerates this file,
+        # so it must run when the file is missing or broken (e.g. a ClickHouse upgrade mid-edit).
+        from olap import allowed_functions as data  # noqa: PLC0415
 
         _TABLE = FunctionTable(data.FUNCTIONS, data.COMBINATORS)
     return _TABLE
@@ -368,7 +372,8 @@ class _Walker:
         self._expect(node, "Function")
         name = node.get("name")
         if name not in TABLE_FUNCTIONS:
-            raise Refused(f"table function {name} is not allowed; analysts may use {', '.join(sorted(TABLE_FUNCTIONS))}")
+            raise Refused(f"table function {name} is not allowed; analysts may use "
+                          f"{', '.join(sorted(TABLE_FUNCTIONS))}")
         for key, value in node.items():
             if key in ("type", "name", "alias"):
                 continue
@@ -547,7 +552,8 @@ def _string_argument(name: str, arguments: list[dict[str, Any]], index: int, wha
     value = node.get("value") if isinstance(node, dict) and node.get("type") == "Literal" else None
     if not isinstance(value, dict) or value.get("field_type") != "String" or not isinstance(value.get("value"), str):
         raise Refused(f"{name}: {what} must be written as a string literal ('...'), not computed")
-    return value["value"]
+    text: str = value["value"]
+    return text
 
 
 def check_aggregate_name(text: str, functions: FunctionTable, where: str) -> None:
@@ -677,7 +683,7 @@ def generate(client: Any) -> tuple[str, dict[str, tuple[str, str, bool, str]], d
     """(version, functions, combinators) from a live ClickHouse, by the rules above."""
     version = str(client.query("SELECT version()").result_rows[0][0])
     result = client.query("SELECT name, is_aggregate, case_insensitive, alias_to, categories FROM system.functions")
-    rows = {r[0]: dict(zip(("name", "is_aggregate", "case_insensitive", "alias_to", "categories"), r))
+    rows = {r[0]: dict(zip(("name", "is_aggregate", "case_insensitive", "alias_to", "categories"), r, strict=True))
             for r in result.result_rows}
     functions: dict[str, tuple[str, str, bool, str]] = {}
     for name in sorted(rows):
@@ -719,8 +725,6 @@ def main(argv: Iterable[str] | None = None) -> int:
                         help="ClickHouse to read system.functions from (default: a scratch chDB directory)")
     parser.add_argument("--write", action="store_true", help="write the file (default: report whether it is current)")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    from olap.client import connect
-
     text = render(*generate(connect(args.dsn)))
     current = DATA_FILE.read_text() if DATA_FILE.exists() else ""
     if args.write:

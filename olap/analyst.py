@@ -1,5 +1,5 @@
 """Analyst SQL: one SELECT over the analyst tables, checked by allowlist on ClickHouse's own parse tree,
-run with limits that ClickHouse enforces, and encoded here as json, csv, tsv or jsonl.
+run with limits that ClickHouse enforces, and encoded here as json, csv, tsv or jsonl (olap/formats.py).
 
 `prepare` parses only; it executes nothing the analyst wrote:
 
@@ -27,16 +27,9 @@ the query.
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
-import decimal
-import io
-import ipaddress
 import json
-import math
 import re
 import time
-import uuid
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +40,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from olap.allowlist import ANALYST_TABLES, Refused, check, function_table
+from olap.formats import FORMATS, FormatError, ResultFormat
 from olap.schema import EVENT_COLUMNS
 
 # The longest analyst query text, in bytes of UTF-8. A query's cost inside one block grows with its length
@@ -64,14 +58,6 @@ MAX_RANGE_ELEMENTS = 32 * MAX_BLOCK_ROWS
 # Result types nested deeper than this (Array(Array(...)), tuples, maps) are refused: the driver's type
 # parser recurses per level (RecursionError near 350) and orjson stops at 255.
 MAX_RESULT_NESTING = 32
-_INT64_RANGE = range(-(2**63), 2**63)
-
-FORMATS: dict[str, str] = {
-    "json": "application/json",
-    "csv": "text/csv; charset=utf-8",
-    "tsv": "text/tab-separated-values; charset=utf-8",
-    "jsonl": "application/x-ndjson",
-}
 
 # ClickHouse error codes that mean something to the caller.
 _TIMEOUT_CODES = {159: "TIMEOUT_EXCEEDED", 160: "TOO_SLOW"}
@@ -215,61 +201,77 @@ def stream(client: Client, text: str, limits: SqlLimits, fmt: str, stats: QueryS
     the first rows arrive (or the query ends), so errors ClickHouse raises early come before any output.
     Closing the generator cancels the query. `tag` goes to ClickHouse as `log_comment` (see olap/watchdog.py).
     """
-    if fmt not in FORMATS:
+    result_format = FORMATS.get(fmt)
+    if result_format is None:
         raise AnalystQueryError("refused", f"format must be one of {', '.join(FORMATS)}")
     settings = _settings(client, limits, tag)
-    encoder: Any = _ENCODERS[fmt]()
-    deadline = time.monotonic() + float(limits.max_execution_s) + 1.0
-    pending: list[bytes] = []  # json: the document's parts; others: output not yielded yet
-    started = False
-
-    produced = 0  # bytes encoded so far; stats.bytes counts what was handed out
-
-    def emit(chunk: bytes) -> None:
-        nonlocal produced
-        if produced + len(chunk) > limits.max_result_bytes:
-            raise AnalystQueryError("too_large", f"the result is larger than {limits.max_result_bytes} bytes "
-                                                 f"(max result bytes); aggregate more or add a LIMIT")
-        produced += len(chunk)
-        pending.append(chunk)
-
-    def flush() -> bytes:
-        out = b"".join(pending)
-        pending.clear()
-        stats.bytes += len(out)
-        return out
-
+    out = _Output(limits.max_result_bytes, stats)
     try:
-        with client.query_row_block_stream(text, settings=settings) as blocks:
-            names = list(blocks.source.column_names)
-            types = [t.name for t in blocks.source.column_types]
-            _check_nesting(types)
-            for block in blocks:
-                if not started:
-                    emit(encoder.start(names, types))
-                    started = True
-                stats.rows += len(block)
-                if stats.rows > limits.max_result_rows:
-                    raise AnalystQueryError("too_large", f"the result has more than {limits.max_result_rows} rows "
-                                                         f"(max rows: {limits.max_result_rows}); aggregate more or "
-                                                         f"add a LIMIT")
-                emit(encoder.rows(block))
-                if time.monotonic() > deadline:
-                    raise AnalystQueryError("timeout", f"the query ran longer than {limits.max_execution_s} s "
-                                                       f"(max execution time)")
-                if fmt != "json":
-                    yield flush()
-        if not started:
-            if not names:  # chDB sends no header block for an empty result; a server does
-                names, types = _describe(client, text, settings)
-            emit(encoder.start(names, types))
-        emit(encoder.end())
+        yield from _encode(client, text, settings, limits, result_format, out)
     except ClickHouseError as exc:
         raise _classify(exc) from None
     except RecursionError:  # the driver's type parser, on a type nested a few hundred levels deep
         raise _too_deep() from None
-    if pending:
-        yield flush()
+    except FormatError as exc:
+        raise AnalystQueryError("failed", str(exc)) from None
+    if out.pending:
+        yield out.flush()
+
+
+class _Output:
+    """Encoded bytes not handed out yet. Refuses to encode past `limit` bytes; `stats.bytes` counts what
+    was handed out."""
+
+    def __init__(self, limit: int, stats: QueryStats) -> None:
+        self.limit = limit
+        self.stats = stats
+        self.pending: list[bytes] = []  # json: the document's parts; others: output not yielded yet
+        self.produced = 0  # bytes encoded so far
+
+    def emit(self, chunk: bytes) -> None:
+        if self.produced + len(chunk) > self.limit:
+            raise AnalystQueryError("too_large", f"the result is larger than {self.limit} bytes "
+                                                 f"(max result bytes); aggregate more or add a LIMIT")
+        self.produced += len(chunk)
+        self.pending.append(chunk)
+
+    def flush(self) -> bytes:
+        chunk = b"".join(self.pending)
+        self.pending.clear()
+        self.stats.bytes += len(chunk)
+        return chunk
+
+
+def _encode(client: Client, text: str, settings: dict[str, Any], limits: SqlLimits, result_format: ResultFormat,
+            out: _Output) -> Iterator[bytes]:
+    """The query's blocks through the format's encoder into `out`; a streamed format yields per block."""
+    encoder = result_format.encoder()
+    deadline = time.monotonic() + float(limits.max_execution_s) + 1.0
+    started = False
+    with client.query_row_block_stream(text, settings=settings) as blocks:
+        names = list(blocks.source.column_names)
+        types = [t.name for t in blocks.source.column_types]
+        _check_nesting(types)
+        for block in blocks:
+            if not started:
+                out.emit(encoder.start(names, types))
+                started = True
+            out.stats.rows += len(block)
+            if out.stats.rows > limits.max_result_rows:
+                raise AnalystQueryError("too_large", f"the result has more than {limits.max_result_rows} rows "
+                                                     f"(max rows: {limits.max_result_rows}); aggregate more or "
+                                                     f"add a LIMIT")
+            out.emit(encoder.rows(block))
+            if time.monotonic() > deadline:
+                raise AnalystQueryError("timeout", f"the query ran longer than {limits.max_execution_s} s "
+                                                   f"(max execution time)")
+            if result_format.streamed:
+                yield out.flush()
+    if not started:
+        if not names:  # chDB sends no header block for an empty result; a server does
+            names, types = _describe(client, text, settings)
+        out.emit(encoder.start(names, types))
+    out.emit(encoder.end())
 
 
 def _too_deep() -> AnalystQueryError:
@@ -369,141 +371,3 @@ def public_message(message: str, database: str) -> str:
     return _HINT.sub(keep_or_drop, message)
 
 
-# --- encoding ----------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, decimal.Decimal):
-        return str(value)
-    if isinstance(value, (uuid.UUID, ipaddress.IPv4Address, ipaddress.IPv6Address)):
-        return str(value)
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value not in _INT64_RANGE:
-        return str(value)  # (U)Int128/256 and big UInt64: JSON readers lose precision past 64 bits
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
-    return value
-
-
-# Spreadsheets run a cell that starts with one of these as a formula (OWASP "CSV injection").
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _neutral(text: str) -> str:
-    """A text cell a spreadsheet will not run: one starting with = + - @ TAB or CR gets a leading '."""
-    return "'" + text if text.startswith(_FORMULA_STARTS) else text
-
-
-def _cell(value: Any) -> str:
-    """One csv/tsv cell: string values (String, FixedString, Enum, LowCardinality(String)) neutralised;
-    numbers, dates and the JSON of arrays, maps and tuples as they are (-5 stays -5)."""
-    text = _text(value)
-    return _neutral(text) if isinstance(value, (str, bytes)) else text
-
-
-def _text(value: Any) -> str:
-    """One value as csv/tsv text: JSON for arrays, maps and tuples; ISO 8601 for times."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple, dict)):
-        return orjson.dumps(_jsonable(value)).decode()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    return str(value)
-
-
-class _Json:
-    """{"columns", "types", "rows", "row_count"}: one document, built from per-block parts."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
-        return b'{"columns":' + orjson.dumps(list(names)) + b',"types":' + orjson.dumps(list(types)) + b',"rows":['
-
-    def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
-        if not block:
-            return b""
-        body = orjson.dumps([[_jsonable(v) for v in row] for row in block])[1:-1]
-        sep = b"," if self.count else b""
-        self.count += len(block)
-        return sep + body
-
-    def end(self) -> bytes:
-        return b'],"row_count":' + str(self.count).encode() + b"}"
-
-
-class _Jsonl:
-    """One JSON object per row, keyed by column name."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
-        duplicates = sorted({n for n in names if list(names).count(n) > 1})
-        if duplicates:
-            raise AnalystQueryError("failed", f"column name {duplicates[0]!r} appears twice; give the columns "
-                                              "distinct aliases for jsonl")
-        self.names = list(names)
-        return b""
-
-    def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
-        names = self.names
-        return b"".join(orjson.dumps({n: _jsonable(v) for n, v in zip(names, row)}) + b"\n" for row in block)
-
-    def end(self) -> bytes:
-        return b""
-
-
-class _Csv:
-    """RFC 4180: a header row, CRLF line ends, fields quoted when they hold a comma, quote or line break.
-    NULL is an empty field."""
-
-    def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
-        return self._write([[_neutral(n) for n in names]])
-
-    def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
-        return self._write([["" if v is None else _cell(v) for v in row] for row in block])
-
-    def end(self) -> bytes:
-        return b""
-
-    @staticmethod
-    def _write(rows: list[list[str]]) -> bytes:
-        buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\r\n").writerows(rows)
-        return buffer.getvalue().encode()
-
-
-_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0"})
-
-
-class _Tsv:
-    """ClickHouse's TabSeparatedWithNames: a header row; backslash, tab, newline, CR and NUL escaped
-    with a backslash; NULL is \\N."""
-
-    def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
-        return ("\t".join(_neutral(n).translate(_TSV_ESCAPES) for n in names) + "\n").encode()
-
-    def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
-        return "".join("\t".join("\\N" if v is None else _cell(v).translate(_TSV_ESCAPES) for v in row) + "\n"
-                       for row in block).encode()
-
-    def end(self) -> bytes:
-        return b""
-
-
-_ENCODERS = {"json": _Json, "jsonl": _Jsonl, "csv": _Csv, "tsv": _Tsv}

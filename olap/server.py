@@ -42,7 +42,8 @@ from core import metrics
 from core.config import LOADER_GROUP, SQL_OVERRUN_GRACE_MIN_S
 from core.http import error, install_host_check, install_json_errors, json_response
 from olap.aggregates import ClickHouseAggregates, TooManyRows, encode_answer, parse_request
-from olap.analyst import FORMATS, AnalystQueryError, QueryStats, SqlLimits, prepare, public_message, stream
+from olap.analyst import AnalystQueryError, QueryStats, SqlLimits, prepare, public_message, stream
+from olap.formats import FORMATS
 from olap.watchdog import DeadlineReached, Run, Watchdog
 
 log = logging.getLogger(__name__)
@@ -130,11 +131,13 @@ class AnalystConfig:
 
 
 def _cfg() -> AnalystConfig:
-    return current_app.config["TALLY_ANALYST"]
+    cfg: AnalystConfig = current_app.config["TALLY_ANALYST"]
+    return cfg
 
 
 def _slots() -> QuerySlots:
-    return current_app.extensions["tally_query_slots"]
+    slots: QuerySlots = current_app.extensions["tally_query_slots"]
+    return slots
 
 
 def _audit(sink: Callable[[AuditEntry], int | None], entry: AuditEntry) -> int | None:
@@ -186,7 +189,7 @@ def query() -> Response:
 
     run = _watchdog().start(work, cfg.deadline, release, lambda: _close_quietly(client))
     try:
-        if fmt == "json":
+        if not FORMATS[fmt].streamed:
             payload = b"".join(iter(run.next_chunk, None))
         else:
             first = run.next_chunk() or b""
@@ -201,11 +204,11 @@ def query() -> Response:
         run.close()
         audit("failed", "internal error")
         raise
-    if fmt == "json":
+    if not FORMATS[fmt].streamed:
         run.close()
         audit("ok", None)
-        return Response(payload, status=200, mimetype="application/json")
-    resp = Response(_rest(run, first, stats, audit, cfg), status=200, content_type=FORMATS[fmt])
+        return Response(payload, status=200, content_type=FORMATS["json"].content_type)
+    resp = Response(_rest(run, first, stats, audit, cfg), status=200, content_type=FORMATS[fmt].content_type)
     resp.headers["X-Tally-Format"] = fmt
 
     def closed() -> None:  # also when the server never started the body (the caller left before it)
@@ -282,7 +285,8 @@ def _close_quietly(client: Any) -> None:
 
 
 def _watchdog() -> Watchdog:
-    return current_app.extensions["tally_watchdog"]
+    watchdog: Watchdog = current_app.extensions["tally_watchdog"]
+    return watchdog
 
 
 def clickhouse_killer(make_client: Callable[[], Any]) -> Callable[[str], None]:
@@ -349,7 +353,7 @@ def freshness() -> Response:
     finally:
         release()
 
-    def iso(value):  # ClickHouse answers the epoch for max() over no rows
+    def iso(value: datetime | None) -> str | None:  # ClickHouse answers the epoch for max() over no rows
         return value.isoformat() if value and value.year > 1970 else None
 
     return json_response({

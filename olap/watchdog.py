@@ -165,7 +165,8 @@ class Run:
             return None
         if isinstance(item, BaseException):
             raise item
-        return item
+        chunk: bytes = item
+        return chunk
 
     def close(self) -> None:
         """The caller is done (all read, or it went away): stop the query if it still runs.

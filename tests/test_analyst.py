@@ -23,7 +23,6 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from olap import allowlist
 from olap.allowlist import PURE_OTHERS, TABLE_FUNCTIONS, function_table
 from olap.analyst import (
-    FORMATS,
     AnalystQueryError,
     QueryStats,
     SqlLimits,
@@ -33,6 +32,7 @@ from olap.analyst import (
     stream,
 )
 from olap.client import connect
+from olap.formats import FORMATS
 from olap.schema import ensure_schema
 from oltp import audit
 
@@ -395,7 +395,8 @@ def test_combinator_state_functions_pass_the_check(ch):
 
 # --- (d, e) result size: bytes and rows -------------------------------------------------------------------
 
-def collect(client, sql: str, limits: SqlLimits, fmt: str = "csv") -> tuple[bytes, QueryStats, AnalystQueryError | None]:
+def collect(client, sql: str, limits: SqlLimits,
+            fmt: str = "csv") -> tuple[bytes, QueryStats, AnalystQueryError | None]:
     stats, out, error = QueryStats(), [], None
     try:
         for chunk in stream(client, prepare(client, sql, DB), limits, fmt, stats):
@@ -674,7 +675,8 @@ def test_the_audit_table_refuses_unknown_statuses_itself(servers):
     import psycopg
 
     with psycopg.connect(servers.pg_dsn) as conn, pytest.raises(psycopg.errors.CheckViolation):
-        conn.execute("INSERT INTO analyst_queries (started_at, sql, format, status) VALUES (now(), 'x', 'json', 'nope')")
+        conn.execute("INSERT INTO analyst_queries (started_at, sql, format, status)"
+                     " VALUES (now(), 'x', 'json', 'nope')")
 
 
 def test_the_audit_schema_is_idempotent(servers):

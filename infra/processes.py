@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -24,7 +25,8 @@ class StartupError(RuntimeError):
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _die_with_parent() -> None:
@@ -87,8 +89,6 @@ def as_user(user: str | None) -> dict[str, Any]:
     (`user=` alone keeps ours: root's group would then open what is meant for root only)."""
     if user is None:
         return {}
-    import pwd
-
     return {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
 
 

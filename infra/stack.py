@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import stat
+import time
 from pathlib import Path
 
 from core.config import Settings
@@ -92,9 +94,6 @@ def load_or_create_secret(home: Path) -> str:
 def check_ports(settings: Settings, wait_s: float = 15.0) -> None:
     """Fail with a clear message if a fixed port is taken. A port still held while the processes of a
     crashed run exit (children get SIGTERM when `tally up` dies) is waited for, up to `wait_s`."""
-    import socket
-    import time
-
     deadline = time.monotonic() + wait_s
     for var, port in (("TALLY_COLLECTOR_PORT", settings.collector_port), ("TALLY_API_PORT", settings.api_port),
                       ("TALLY_ANALYST_PORT", settings.analyst_port)):

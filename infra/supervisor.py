@@ -111,7 +111,8 @@ class Supervisor:
         log.warning("restarting %s (restart %d)", child.name, child.restarts + 1)
         try:
             child.proc = child.start()
-        except Exception as exc:  # StartupError, OSError, a timeout, a bug: a failed start, never the end of supervision
+        except Exception as exc:  # StartupError, OSError, a timeout, a bug: a failed start, never the end of
+            # supervision
             log.error("%s failed to start: %s", child.name, exc, exc_info=not isinstance(exc, (StartupError, OSError)))
             child.proc, child.started_at = None, None  # no uptime: the backoff keeps growing
             self._crashed(child, None, self.clock(), already_logged=True)

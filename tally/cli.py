@@ -1,15 +1,16 @@
-"""`tally`: one entry point for every process and tool. Settings come from TALLY_* variables."""
+"""`tally`: one entry point for every process and tool. Settings come from TALLY_* variables.
+
+Every subcommand parses with `CommandParser` (tally/cli_support.py, ADR 40): a usage error prints that
+subcommand's usage and exits 2; times use one syntax (tally/timespec.py); exit codes are EXIT_CODES.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -24,22 +25,35 @@ from tally import (
     cmd_replay,
     cmd_retention,
     cmd_sites,
+    cmd_sql,
     cmd_sqllog,
     cmd_stats,
     cmd_status,
     cmd_tokens,
+    cmd_up,
+)
+from tally.cli_support import (
+    BROKEN_PIPE,
+    EXIT_CODES,
+    FINDING,
+    INTERRUPTED,
+    USAGE,
+    CommandParser,
+    expected_failure,
+    quiet_stdout,
 )
 
 if TYPE_CHECKING:
-    from tally.wsgi_server import ConnectionLimits
+    from tally.cli_support import SubParsers
+    from tally.wsgi_server import ConnectionLimits, WSGIApp
 
 log = logging.getLogger("tally")
 
 
 # Command groups that live in their own modules; each has `register(sub)` adding its subparsers with
 # `set_defaults(func=handler)`, handler(settings, args) -> exit code.
-COMMAND_MODULES = (cmd_tokens, cmd_sites, cmd_sqllog, cmd_stats, cmd_chaos, cmd_status, cmd_migrate, cmd_retention,
-                   cmd_reconcile, cmd_rebuild, cmd_replay, cmd_backfill)
+COMMAND_MODULES = (cmd_sql, cmd_tokens, cmd_sites, cmd_sqllog, cmd_stats, cmd_chaos, cmd_status, cmd_migrate,
+                   cmd_retention, cmd_reconcile, cmd_rebuild, cmd_replay, cmd_backfill)
 ANALYST_NICE = 10  # the analyst server's CPU priority offset (see cmd_analyst_server)
 
 
@@ -53,12 +67,19 @@ def _analyst_limits() -> ConnectionLimits:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tally", description="Dual-store web analytics. "
-                                     "Configure with TALLY_* environment variables (see README.md).")
+                                     "Configure with TALLY_* environment variables (see README.md). "
+                                     "Times: 10m, 24h, 7d (that long ago) or ISO-8601 with offset.",
+                                     epilog=EXIT_CODES)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    up = sub.add_parser("up", help="run the whole platform on the embedded stack (PostgreSQL, tansu, chDB)")
-    up.add_argument("--demo", action="store_true", help="also send synthetic traffic so numbers move")
-    up.set_defaults(func=cmd_up)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
+    cmd_up.register(sub)
+    _register_services(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def _register_services(sub: SubParsers) -> None:
     sub.add_parser("collector", help="serve POST /collect (granian)").set_defaults(func=cmd_collector)
     sub.add_parser("shipper", help="forward sealed spool segments to Kafka").set_defaults(func=cmd_shipper)
     sub.add_parser("rollup-worker", help="Kafka -> PostgreSQL rollups").set_defaults(func=cmd_rollup_worker)
@@ -68,32 +89,47 @@ def _parser() -> argparse.ArgumentParser:
     analyst.add_argument("--with-loader", action="store_true",
                          help="also run the loader worker in this process (required with an embedded chdb:// DSN)")
     analyst.set_defaults(func=cmd_analyst_server)
-    sub.add_parser("init", help="create the topic and both schemas on the configured servers").set_defaults(
-        func=cmd_init)
-    sql = sub.add_parser("sql", help="run analyst SQL through the API (read-only, limited)")
-    sql.add_argument("query")
-    sql.add_argument("--api-url", default=None, help="default: http://TALLY_BIND_HOST:TALLY_API_PORT")
-    sql.set_defaults(func=cmd_sql)
-    for module in COMMAND_MODULES:
-        module.register(sub)
-    return parser
+    init = sub.add_parser("init", help="create the topic and both schemas on the configured servers")
+    init.add_argument("--json", action="store_true", help="print one JSON object")
+    init.set_defaults(func=cmd_init)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command; its exit code (EXIT_CODES). Expected failures end with a message, not a traceback."""
+    try:
+        args = _parser().parse_args(argv)
+        code = _run(args)
+        sys.stdout.flush()  # here, not at interpreter exit: a closed pipe is caught below
+        return code
+    except BrokenPipeError:
+        quiet_stdout()
+        return BROKEN_PIPE
+    except KeyboardInterrupt:
+        print("tally: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # A one-shot command says itself what failed; kafka-python's retry lines would only repeat it.
+    logging.getLogger("kafka").setLevel(logging.WARNING if args.command in SERVICES else logging.CRITICAL)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at every start
     try:
         settings = Settings.from_env(os.environ)
         if args.command in SERVICES:
             _setup_service_logging(settings, args)
-        return args.func(settings, args)
+        return int(args.func(settings, args))
     except ConfigError as exc:
         print(f"tally: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        return USAGE
+    except Exception as exc:
+        # A service's crash is logged whole (core/logs.py) for its supervisor; a one-shot command says one line.
+        message = None if args.command in SERVICES else expected_failure(exc)
+        if message is None:
+            raise
+        print(f"tally {args.command}: {message}", file=sys.stderr)
+        return FINDING
 
 
 # Long-running processes: they log JSON lines to $TALLY_LOG_DIR/<command>.log (core/logs.py); one-shot
@@ -116,49 +152,6 @@ def _setup_service_logging(settings: Settings, args: argparse.Namespace) -> None
                           "set TALLY_LOG_DIR to a writable directory, or - for stderr") from None
     logging.getLogger("kafka").setLevel(logging.WARNING)
     log.info("tally %s starting", args.command, extra={"command": args.command})
-
-
-def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from infra.processes import StartupError
-    from infra.stack import check_ports
-    from tally.demo import DEMO_DOMAINS, register_demo_sites, run_demo
-    from tally.platform import Platform
-    from tally.roots import ADMIN_TOKEN_FILE, stop_on_signals
-
-    stop = stop_on_signals()
-    try:
-        check_ports(settings)
-        platform = Platform(settings)
-        print(f"tally: starting the embedded stack in {settings.home} ...", flush=True)
-        platform.start()
-    except StartupError as exc:
-        print(f"tally: start-up failed: {exc}", file=sys.stderr)
-        return 1
-    try:
-        domain = DEMO_DOMAINS[0] if args.demo else "example.com"
-        token_file = settings.home / ADMIN_TOKEN_FILE
-        if platform.admin_token_created:  # shown once; later starts name the file only
-            admin = f"  admin token {platform.admin_token}\n              (saved in {token_file}, mode 0600)"
-        else:
-            admin = f"  admin token in {token_file}"
-        print(f"""
-tally is up.
-  collector   {platform.collector_url}/collect
-  api         {platform.api_url}/api/v1/domains/{domain}/impressions?granularity=15m
-  analyst SQL {platform.api_url}/api/v1/sql      (or: tally sql "SELECT count() FROM tally.events")
-  dashboard   {platform.api_url}/?domain={domain}
-  logs        {settings.log_dir or 'stderr (TALLY_LOG_DIR=-)'}
-{admin}
-Press Ctrl-C to stop.""", flush=True)
-        if args.demo:
-            keys = register_demo_sites(platform.settings.pg_dsn or "")  # the collector needs their site keys
-            threading.Thread(target=run_demo, args=(platform.collector_url, stop), kwargs={"keys": keys},
-                             daemon=True).start()
-        platform.supervise(stop)
-    finally:
-        print("tally: stopping ...", flush=True)
-        platform.stop()
-    return 0
 
 
 def cmd_collector(settings: Settings, args: argparse.Namespace) -> int:
@@ -235,7 +228,7 @@ def cmd_analyst_server(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(app, host: str, port: int, *, threads: int, limits: ConnectionLimits) -> None:
+def _serve(app: WSGIApp, host: str, port: int, *, threads: int, limits: ConnectionLimits) -> None:
     """Serve a WSGI app under waitress, bounded against idle and slow clients (tally/wsgi_server.py,
     ADR 35), until SIGTERM/SIGINT."""
     from tally.roots import stop_on_signals
@@ -252,6 +245,8 @@ def _serve(app, host: str, port: int, *, threads: int, limits: ConnectionLimits)
 
 
 def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
     from olap.client import connect
     from olap.schema import ensure_schema as ensure_ch
     from oltp.schema import ensure_schema as ensure_pg
@@ -260,32 +255,12 @@ def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
     ensure_configured_topic(settings)
     ensure_pg(require_pg(settings))
     ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database, settings.raw_retention_days)
-    print("tally: topic and schemas are in place")
+    if args.json:
+        print(json.dumps({"topic": settings.topic, "postgresql": "ok", "clickhouse": "ok"}))
+    else:
+        print("tally: topic and schemas are in place")
     return 0
 
-
-def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
-    url = (args.api_url or f"http://{settings.bind_host}:{settings.api_port}").rstrip("/") + "/api/v1/sql"
-    from tally.roots import cli_token
-
-    headers = {"Content-Type": "application/json"}
-    token = cli_token(settings)
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=json.dumps({"sql": args.query}).encode(), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=settings.sql_max_execution_s + 10) as resp:
-            body = json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        print(f"tally sql: {json.loads(exc.read()).get('error', {}).get('message', exc)}", file=sys.stderr)
-        return 1
-    except urllib.error.URLError as exc:
-        print(f"tally sql: cannot reach the API at {url} ({exc.reason}); is `tally up` running?", file=sys.stderr)
-        return 1
-    print("\t".join(body["columns"]))
-    for row in body["rows"]:
-        print("\t".join("" if v is None else str(v) for v in row))
-    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,18 +8,25 @@ PostgreSQL, read once at the start); no site key is needed, this is an operator 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.config import Settings
+
+if TYPE_CHECKING:
+    from collector.backfill import BadLine, Progress
+    from core.event import Limits
+    from tally.cli_support import SubParsers
 
 PROGRESS_DIR = "backfill"  # under TALLY_HOME: one progress file per imported file (by SHA-256)
 NO_TTL_DAYS = 200 * 365  # TALLY_RAW_RETENTION_DAYS=0 (no TTL): any time from 1970 on
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: SubParsers) -> None:
     p = sub.add_parser("backfill", help="import historical events from a .jsonl or .csv file",
                        description="Import historical events through the collector's validation, hashing and "
                        "spool, with a progress bar; resumable after a crash (run it again). Bad lines are "
@@ -27,12 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", type=Path)
     p.add_argument("--format", choices=("jsonl", "csv"), default=None, help="default: from the file name")
     p.add_argument("--chunk-lines", type=int, default=5000, help="lines per durable spool append (default 5000)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--force", action="store_true",
                    help="import a file again although it was imported completely (see README: dedup window)")
     p.set_defaults(func=cmd_backfill)
 
 
-def limits_for(settings: Settings):  # -> core.event.Limits
+def limits_for(settings: Settings) -> Limits:
     """The collector's limits with the past-age window opened to what ClickHouse keeps (its TTL)."""
     from core.event import Limits
 
@@ -69,10 +77,10 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     started = time.monotonic()
     bar = tqdm(unit=" lines", file=sys.stderr, disable=None, dynamic_ncols=True, desc=args.file.name)
 
-    def on_bad(bad) -> None:
+    def on_bad(bad: BadLine) -> None:
         bar.write(str(bad), file=sys.stderr)
 
-    def on_start(progress) -> None:
+    def on_start(progress: Progress) -> None:
         bar.reset(total=max(progress.lines, progress.next_line - 1))
         bar.update(progress.next_line - 1)  # resumed: what earlier runs did
 
@@ -91,6 +99,13 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
         spool.close()  # seals the open segment: the shipper ships it
     p = summary.progress
     seconds = time.monotonic() - started
+    if args.json:
+        print(json.dumps({"file": str(args.file), "spooled_now": summary.imported_now, "seconds": round(seconds, 3),
+                          "resumed_from": summary.resumed_from, "imported": p.imported, "bad": p.bad,
+                          "bad_lines": p.bad_lines[:1000],
+                          "oldest": summary.oldest.isoformat() if summary.oldest else None,
+                          "newest": summary.newest.isoformat() if summary.newest else None}))
+        return 1 if p.bad else 0
     resumed = f", resumed at line {summary.resumed_from}" if summary.resumed_from > 1 else ""
     span = (f", event times {summary.oldest:%Y-%m-%d %H:%M} .. {summary.newest:%Y-%m-%d %H:%M} UTC"
             if summary.oldest and summary.newest else "")

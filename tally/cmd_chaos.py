@@ -11,16 +11,23 @@ count, or a run that could not finish (the summary says which); 2 bad arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import random
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from core.config import Settings
 
+if TYPE_CHECKING:
+    from tally.chaos.run import ChaosReport
+    from tally.cli_support import SubParsers
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: SubParsers) -> None:
     """Add `tally chaos`; it sets `func=cmd_chaos(settings, args) -> exit code`."""
     from tally.chaos import FAULTS
 
@@ -38,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     chaos.add_argument("--home", default=None, metavar="DIR",
                        help="TALLY_HOME of the run (a new, empty directory; default: a temporary one, "
                        "removed after a passing run)")
+    chaos.add_argument("--json", action="store_true", help="print the faults and the summary as one JSON object "
+                       "(progress still goes to stderr)")
     chaos.set_defaults(func=cmd_chaos)
 
 
@@ -65,7 +74,10 @@ def cmd_chaos(settings: Settings, args: argparse.Namespace) -> int:
         keep = False
     err.print(f"tally chaos: seed {seed}, {args.minutes:g} min, faults {', '.join(plan.faults)}; home {home}")
     report = ChaosRun(plan, home, progress=lambda line: err.print(line, markup=False, highlight=False)).run()
-    Console().print(*render(report))
+    if args.json:
+        print(json.dumps(as_json(report)))
+    else:
+        Console().print(*render(report))
     if report.passed and not keep:
         shutil.rmtree(home.parent, ignore_errors=True)
     elif not report.passed:
@@ -73,7 +85,21 @@ def cmd_chaos(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def render(report) -> list:
+def as_json(report: ChaosReport) -> dict[str, Any]:
+    """The report as `--json` prints it: plan, faults, the ledger's counts, each store's check."""
+    ledger = report.ledger
+    checks = {c.store: {"stored": c.stored, "lost": c.lost, "duplicated": c.duplicated, "maybe": c.maybe,
+                        "lost_in_spool": c.lost_in_spool, "detail": c.detail}
+              for c in (report.spool, report.pg, report.ch) if c is not None}
+    return {"passed": report.passed, "seed": report.plan.seed, "faults": [dataclasses.asdict(f) for f in report.faults],
+            "startup_s": report.startup_s, "settle_s": report.settle_s, "error": report.error,
+            "requests": ledger.requests, "accepted_requests": ledger.accepted_requests,
+            "failed_requests": ledger.failed_requests, "retries": ledger.retries, "duplicates": ledger.duplicates,
+            "acknowledged": len(ledger.acked), "checks": checks,
+            "churn": None if report.churn is None else {"kills": report.churn.kills, "pauses": report.churn.pauses}}
+
+
+def render(report: ChaosReport) -> list[Any]:
     """Rich renderables: the table per fault, then the summary table (and the error, if any)."""
     from rich.table import Table
 
@@ -100,7 +126,8 @@ def render(report) -> list:
     if report.churn is not None:
         rows.append(("collector workers killed / paused (churn)", f"{report.churn.kills} / {report.churn.pauses}"))
     if report.spool is not None:
-        rows.append(("acknowledged events seen in the spool / never there", f"{report.spool.stored} / {report.spool.lost}"))
+        rows.append(("acknowledged events seen in the spool / never there",
+                     f"{report.spool.stored} / {report.spool.lost}"))
     for check in (report.pg, report.ch):
         if check is None:
             continue
@@ -110,7 +137,7 @@ def render(report) -> list:
                  (f"{check.store}: unacknowledged attempts stored", str(check.maybe))]
     for name, value in rows:
         summary.add_row(name, value)
-    out: list = [faults, summary]
+    out: list[Any] = [faults, summary]
     notes = [line for check in (report.spool, report.pg, report.ch) if check is not None for line in check.detail]
     notes += report.churn.errors[:5] if report.churn is not None else []
     notes += ledger.errors[:10]

@@ -13,14 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import psycopg
 
 from core.config import Settings
 from tally.roots import read_run_state, require_pg
 
+if TYPE_CHECKING:
+    from tally.cli_support import SubParsers
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: SubParsers) -> None:
     """Add the subparser; it sets `func=handler(settings, args) -> exit code`."""
     p = sub.add_parser("migrate", help="migrate the PostgreSQL and ClickHouse schemas to this release",
                        description="Upgrade PostgreSQL (Alembic) and ClickHouse (versioned statements) to the "
@@ -50,7 +54,8 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         before = current_revisions(dsn)
         if not args.status:
             ensure_schema(dsn)
-        out["postgresql"] = {"before": list(before), "now": list(current_revisions(dsn)), "head": list(head_revisions())}
+        out["postgresql"] = {"before": list(before), "now": list(current_revisions(dsn)),
+                             "head": list(head_revisions())}
     except psycopg.OperationalError as exc:
         return _fail(f"cannot reach PostgreSQL ({_first_line(exc)}); is `tally up` running, or TALLY_PG_DSN right?")
     except Exception as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from core.config import Settings
 from tally.cmd_reconcile import (
@@ -23,12 +24,18 @@ from tally.cmd_reconcile import (
     parse_range,
 )
 
+if TYPE_CHECKING:
+    from oltp.rebuild import ChunkResult
+    from tally.cli_support import SubParsers
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: SubParsers) -> None:
     """Add this group's subparsers; each sets `func=handler(settings, args) -> exit code`."""
     reb = sub.add_parser("rebuild", help="rebuild PostgreSQL rollups (all tiers) of a range from ClickHouse events",
                          description="Recompute the rollups of every quarter hour overlapping [from, to) from the "
-                         "raw events in ClickHouse, one transaction per UTC day, while ingestion continues.")
+                         "raw events in ClickHouse, one transaction per UTC day, while ingestion continues.",
+                         epilog="exit codes: 0 rebuilt; 2 a usage or configuration error; 3 stopped by a store "
+                         "failure or a loader that did not catch up (run it again)")
     add_range_arguments(reb)
     reb.add_argument("--json", action="store_true", help="print one JSON object per rebuilt day, no progress bar")
     reb.set_defaults(func=cmd_rebuild)
@@ -54,7 +61,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     bar = tqdm(total=total, unit="day", desc="rebuild", file=sys.stderr, disable=args.json or None)
     summary = {"events": 0, "rows": 0, "days": 0}
 
-    def progress(result) -> None:
+    def progress(result: ChunkResult) -> None:
         summary["events"] += result.events
         summary["rows"] += result.rows
         summary["days"] += 1

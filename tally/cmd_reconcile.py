@@ -20,8 +20,13 @@ import logging
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from core.config import LOADER_GROUP, ROLLUP_GROUP, Settings
+
+if TYPE_CHECKING:
+    from oltp.reconcile import Groups, Report, Source
+    from tally.cli_support import SubParsers
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +39,24 @@ class ArgumentProblem(ValueError):
     """A bad --from/--to/--domain: exit 2 with this message."""
 
 
-def parse_time(text: str, flag: str) -> datetime:
-    """ISO-8601 with an offset (or Z) -> aware UTC datetime; raises ArgumentProblem naming the flag."""
+def parse_time(text: str, flag: str, now: datetime | None = None) -> datetime:
+    """`10m` / `24h` / `7d` ago, or ISO-8601 with an offset (or Z) -> aware UTC datetime (tally/timespec.py);
+    raises ArgumentProblem naming the flag."""
+    from tally.timespec import TimeSyntaxError
+    from tally.timespec import parse_time as parse
+
     try:
-        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ArgumentProblem(f"{flag} {text!r} is not an ISO-8601 time (e.g. 2026-11-23T10:00:00Z)") from None
-    if value.tzinfo is None:
-        raise ArgumentProblem(f"{flag} {text!r} has no UTC offset; add Z or +hh:mm")
-    return value.astimezone(UTC)
+        return parse(text, flag, now)
+    except TimeSyntaxError as exc:
+        raise ArgumentProblem(str(exc)) from None
 
 
 def parse_range(args: argparse.Namespace) -> tuple[datetime, datetime]:
     """The quarter hours overlapping [--from, --to): (floor(from), ceil(to)). Raises ArgumentProblem."""
     from oltp.reconcile import ceil_quarter, floor_quarter
 
-    lo, hi = parse_time(args.from_, "--from"), parse_time(args.to, "--to")
+    now = datetime.now(UTC)
+    lo, hi = parse_time(args.from_, "--from", now), parse_time(args.to or "0s", "--to", now)
     if lo >= hi:
         raise ArgumentProblem(f"--from ({lo.isoformat()}) must be before --to ({hi.isoformat()})")
     if hi - lo > MAX_RANGE:
@@ -60,27 +67,41 @@ def parse_range(args: argparse.Namespace) -> tuple[datetime, datetime]:
 
 
 def add_range_arguments(parser: argparse.ArgumentParser) -> None:
+    from tally.timespec import time_help
+
     parser.add_argument("--from", dest="from_", required=True, metavar="TIME",
-                        help="ISO-8601 with offset, e.g. 2026-11-23T09:00:00Z (floored to the quarter hour)")
-    parser.add_argument("--to", required=True, metavar="TIME", help="ISO-8601 with offset (end, exclusive; "
-                        "the quarter hour holding it is included)")
+                        help=time_help("start (floored to the quarter hour)"))
+    parser.add_argument("--to", default=None, metavar="TIME", help=time_help(
+                        "end, exclusive; the quarter hour holding it is included (default: now)"))
     parser.add_argument("--domain", default=None, help="only this domain (default: every domain)")
-    parser.add_argument("--wait", type=float, default=60.0, metavar="S",
-                        help="how long to wait for the loader to catch up with the rollup worker (default 60)")
+    parser.add_argument("--wait", type=_wait, default=60.0, metavar="DURATION",
+                        help="how long to wait for the loader to catch up with the rollup worker: 30s, 2m, or "
+                        "seconds (default 60)")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def _wait(text: str) -> float:
+    from tally.timespec import TimeSyntaxError, parse_seconds
+
+    try:
+        return parse_seconds(text, "--wait", low=0, high=3600)
+    except TimeSyntaxError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def register(sub: SubParsers) -> None:
     """Add this group's subparsers; each sets `func=handler(settings, args) -> exit code`."""
     rec = sub.add_parser("reconcile", help="compare PostgreSQL rollups with ClickHouse events per quarter hour",
                          description="Compare the 15-minute rollups in PostgreSQL with the deduplicated events in "
                          "ClickHouse per (domain, type, quarter hour); exit 1 if any differ. Events still in flight "
-                         "are told apart from real differences (README: Reconcile and rebuild).")
+                         "are told apart from real differences (README: Reconcile and rebuild).",
+                         epilog="exit codes: 0 no difference; 1 differences (listed); 2 a usage or configuration "
+                         "error; 3 the stores could not be compared (unreachable, or the loader not caught up)")
     add_range_arguments(rec)
     rec.add_argument("--json", action="store_true", help="print one JSON object")
     rec.set_defaults(func=cmd_reconcile)
 
 
-def groups(settings: Settings):  # -> oltp.reconcile.Groups
+def groups(settings: Settings) -> Groups:
     from oltp.reconcile import Groups
 
     return Groups(ROLLUP_GROUP, LOADER_GROUP, settings.topic)
@@ -120,7 +141,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if report.differences else 0
 
 
-def print_report(report) -> None:  # report: oltp.reconcile.Report
+def print_report(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -153,7 +174,7 @@ def scheduled_range(now: datetime) -> tuple[datetime, datetime]:
     return hi - SCHEDULE_WINDOW, hi
 
 
-def run_scheduled_once(settings: Settings, dsn: str, source) -> int | None:
+def run_scheduled_once(settings: Settings, dsn: str, source: Source) -> int | None:
     """One scheduled reconcile of the last settled hours; records it; returns the mismatched buckets (None: failed)."""
     import psycopg
 
@@ -175,7 +196,8 @@ def run_scheduled_once(settings: Settings, dsn: str, source) -> int | None:
     return report.mismatched_buckets
 
 
-def start_schedule(settings: Settings, stop: threading.Event, *, first_delay_s: float = 60.0) -> threading.Thread | None:
+def start_schedule(settings: Settings, stop: threading.Event, *,
+                   first_delay_s: float = 60.0) -> threading.Thread | None:
     """Reconcile every TALLY_RECONCILE_INTERVAL_S (0: never) in a daemon thread of this process, which must be
     able to open ClickHouse (the analyst server). The result goes to `reconcile_runs` (the metrics read it)."""
     from tally.roots import clickhouse_source, require_pg

@@ -11,57 +11,52 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from core.config import LOADER_GROUP, ROLLUP_GROUP, ConfigError, Settings
 
+if TYPE_CHECKING:
+    from oltp.rewinds import RowStatus
+    from tally.cli_support import SubParsers
+
 GROUPS = {"rollup": (ROLLUP_GROUP,), "loader": (LOADER_GROUP,), "both": (ROLLUP_GROUP, LOADER_GROUP)}
-_RELATIVE = re.compile(r"([0-9]{1,6})([smhd])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # Kafka timestamps start here: earlier means "from the start"
 
 
 class ReplayError(ValueError):
     """The replay cannot be requested as asked; the message names the option and the problem."""
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: SubParsers) -> None:
+    from tally.timespec import time_help
+
     p = sub.add_parser("replay", help="make both consumer groups re-read the topic from a time or offsets",
                        description="Ask the running workers to re-read the topic into their stores. The stores "
                        "count each event once: what is there stays as it is, what is missing comes back.")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--since", help="ISO-8601 time with offset (2026-11-20T00:00:00Z), or how long ago: "
-                       "90m, 6h, 2d (by the time records reached Kafka)")
+    where.add_argument("--since", metavar="TIME", help=time_help("from when (by the time records reached Kafka)"))
     where.add_argument("--offsets", help="partition:offset[,partition:offset...], e.g. 0:1200,1:0")
     p.add_argument("--group", choices=sorted(GROUPS), default="both", help="which consumer group (default both)")
-    p.add_argument("--wait", type=float, default=60.0,
-                   help="seconds to wait for the workers to apply it (default 60); then it is cancelled")
+    p.add_argument("--wait", default="60", metavar="DURATION",
+                   help="how long to wait for the workers to apply it: 30s, 2m, or seconds (1s to 1h; default 60); "
+                   "then it is cancelled")
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(func=cmd_replay)
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """`--since`: an ISO-8601 time with offset, or `<n>s|m|h|d` ago. Raises ReplayError naming the problem."""
+    """`--since`: `<n>s|m|h|d` ago or an ISO-8601 time with offset (tally/timespec.py), not in the future.
+    Raises ReplayError naming the problem."""
+    from tally.timespec import TimeSyntaxError, parse_time
+
     now = now or datetime.now(UTC)
-    text = text.strip()
-    match = _RELATIVE.fullmatch(text)
-    if match:
-        try:
-            return max(now - timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)]), _EPOCH)
-        except OverflowError:
-            return _EPOCH
     try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ReplayError(f"--since {text!r} is neither an ISO-8601 time with offset nor a duration like "
-                          "90m, 6h or 2d") from None
-    if when.tzinfo is None:
-        raise ReplayError(f"--since {text!r} has no UTC offset (write e.g. 2026-11-20T00:00:00Z)")
-    when = when.astimezone(UTC)
+        when = parse_time(text, "--since", now)
+    except TimeSyntaxError as exc:
+        raise ReplayError(str(exc)) from None
     if when > now:
         raise ReplayError(f"--since {text!r} is in the future")
     return when
@@ -117,7 +112,7 @@ def resolve_offsets(bootstrap: Sequence[str], topic: str, *, since: datetime | N
         consumer.close()
 
 
-def wait_applied(dsn: str, request_id: str, wait_s: float, poll_s: float = 0.5) -> list:
+def wait_applied(dsn: str, request_id: str, wait_s: float, poll_s: float = 0.5) -> list[RowStatus]:
     """Wait until every row of the request is done or `wait_s` passed; then cancel what is left.
 
     Returns the rows' final status (oltp.rewinds.RowStatus)."""
@@ -156,13 +151,13 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
     from oltp import rewinds
     from tally.roots import require_pg
+    from tally.timespec import TimeSyntaxError, parse_seconds
 
     try:
         since = parse_since(args.since) if args.since else None
         offsets = parse_offsets(args.offsets) if args.offsets else None
-        if not 0 < args.wait <= 3600:
-            raise ReplayError("--wait must be between 0 and 3600 seconds")
-    except ReplayError as exc:
+        wait_s = parse_seconds(args.wait, "--wait", low=1, high=3600)
+    except (ReplayError, TimeSyntaxError) as exc:
         return _fail(str(exc))
     dsn, bootstrap = require_pg(settings), _bootstrap(settings)
     groups = list(GROUPS[args.group])
@@ -184,7 +179,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         if not args.json:
             print(f"requested: {', '.join(groups)} re-read {settings.topic} from "
                   + ", ".join(f"{p}:{o}" for p, o in sorted(start.items())), flush=True)
-        rows = wait_applied(dsn, request_id, args.wait)
+        rows = wait_applied(dsn, request_id, wait_s)
     except psycopg.OperationalError as exc:
         return _fail(f"cannot reach PostgreSQL ({str(exc).strip().splitlines()[0] if str(exc).strip() else exc})", 1)
     failed = [r for r in rows if r.outcome != "applied"]

@@ -16,14 +16,18 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import psycopg
 
 from core.config import Settings
 from tally.roots import require_pg
 
+if TYPE_CHECKING:
+    from tally.cli_support import SubParsers
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: SubParsers) -> None:
     """Add the subparser; it sets `func=handler(settings, args) -> exit code`."""
     p = sub.add_parser("retention", help="drop rollup and dedup-window partitions past their retention",
                        description="List, per table, the time partitions past retention and drop them.")

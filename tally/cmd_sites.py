@@ -13,15 +13,18 @@ import argparse
 import json
 import sys
 from datetime import UTC
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from core.config import Settings
 from tally.roots import read_run_state, require_pg
 
+if TYPE_CHECKING:
+    from tally.cli_support import SubParsers
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: SubParsers) -> None:
     """Add this group's subparsers; each sets `func=handler(settings, args) -> exit code`."""
     sites = sub.add_parser("sites", help="register the sites (domains) that may send events")
     cmds = sites.add_subparsers(dest="sites_command", required=True, metavar="SUBCOMMAND")
@@ -60,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     rm = cmds.add_parser("remove", help="unregister a site (its key stops being accepted)")
     rm.add_argument("domain")
+    rm.add_argument("--json", action="store_true", help="print one JSON object")
     rm.set_defaults(func=cmd_remove)
 
     sign = cmds.add_parser("sign-pixel", help="print a signed pixel URL (/i.gif) for a site (README: Signed pixels)")
@@ -232,27 +236,22 @@ def cmd_remove(settings: Settings, args: argparse.Namespace) -> int:
 
     def action(dsn: str) -> int:
         sites.remove(dsn, args.domain)
-        print(f"removed {sites.check_domain(args.domain)}; collectors refuse its key within "
-              f"{settings.registry_refresh_s:g} s")
+        domain = sites.check_domain(args.domain)
+        print(json.dumps({"domain": domain, "removed": True}) if args.json else
+              f"removed {domain}; collectors refuse its key within {settings.registry_refresh_s:g} s")
         return 0
 
     return _run(settings, action)
 
 
-_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def parse_ttl(text: str, max_ttl_s: int) -> int:
-    """`7d`, `12h`, `15m`, `90s` as seconds (ASCII digits, 1 s .. `max_ttl_s`, TALLY_PIXEL_MAX_TTL_S: the
+    """`7d`, `12h`, `15m`, `90s` as seconds (tally/timespec.py; 1 s .. `max_ttl_s`, TALLY_PIXEL_MAX_TTL_S: the
     collector refuses a URL whose `exp` is further away); ValueError otherwise."""
-    text = text.strip()
-    unit = _TTL_UNITS.get(text[-1:])
-    digits = text[:-1]
-    if unit is None or not digits.isascii() or not digits.isdigit() or len(digits) > 9:
-        raise ValueError(f"--ttl {text!r} is not a duration like 7d, 12h, 15m or 90s")
-    seconds = int(digits) * unit
+    from tally.timespec import parse_duration
+
+    seconds = int(parse_duration(text, "--ttl").total_seconds())  # TimeSyntaxError is a ValueError
     if not 0 < seconds <= max_ttl_s:
-        raise ValueError(f"--ttl {text!r} must be between 1s and {max_ttl_s}s ({max_ttl_s / 86400:g}d, "
+        raise ValueError(f"--ttl {text.strip()!r} must be between 1s and {max_ttl_s}s ({max_ttl_s / 86400:g}d, "
                          "TALLY_PIXEL_MAX_TTL_S): the collector refuses pixel URLs that live longer")
     return seconds
 

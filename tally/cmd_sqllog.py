@@ -9,13 +9,17 @@ import argparse
 import json
 import sys
 from datetime import UTC
+from typing import TYPE_CHECKING
 
 import psycopg
 
 from core.config import Settings
 
+if TYPE_CHECKING:
+    from tally.cli_support import SubParsers
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: SubParsers) -> None:
     """Add this group's subparsers; each sets `func=handler(settings, args) -> exit code`."""
     log = sub.add_parser("sql-log", help="show the newest analyst SQL queries from the audit log (admin)",
                          description="The analyst-SQL audit log: who ran what, in which format, with what "

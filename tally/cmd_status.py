@@ -25,6 +25,7 @@ The `--json` shape (version 1, keys stable; `null` where a value is unknown):
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
 import logging
@@ -35,10 +36,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from core.config import LOADER_GROUP, ROLLUP_GROUP, Settings
+
+if TYPE_CHECKING:
+    from tally.cli_support import SubParsers
 
 SCHEMA_VERSION = 1
 UP, DOWN, UNREADY, UNKNOWN = "up", "down", "unready", "unknown"
@@ -47,21 +51,26 @@ HTTP_COMPONENTS = ("collector", "api", "analyst")  # answer /healthz and /readyz
 UP_PROCESSES = ("up", "postgres", "broker", "collector", "shipper", "rollup-worker", "analyst", "api")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: SubParsers) -> None:
     status = sub.add_parser("status", help="processes up/down, spool backlog, consumer lag, store freshness")
     status.add_argument("--json", action="store_true", help="one JSON object (shape documented in README.md)")
-    status.add_argument("--timeout", type=float, default=5.0, metavar="S",
-                        help="answer after at most this many seconds; probes still running count as down")
+    status.add_argument("--timeout", default="5", metavar="DURATION",
+                        help="answer after at most this long (0.5 to 120 seconds: 5, 5s, 1m; default 5); probes "
+                        "still running then count as down")
     status.set_defaults(func=cmd_status)
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    if not 0.5 <= args.timeout <= 120:
-        print("tally status: --timeout must be between 0.5 and 120 seconds", file=sys.stderr)
+    from tally.timespec import TimeSyntaxError, parse_seconds
+
+    try:
+        timeout_s = parse_seconds(args.timeout, "--timeout", low=0.5, high=120)
+    except TimeSyntaxError as exc:
+        print(f"tally status: {exc}", file=sys.stderr)
         return 2
     # The report says what failed; the clients' own error lines would only repeat it on stderr.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
-    report = collect(settings, timeout_s=args.timeout)
+    report = collect(settings, timeout_s=timeout_s)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -123,14 +132,15 @@ def targets(settings: Settings) -> Targets:
             secret = (settings.home / "secret").read_text().strip() or None  # `tally up` wrote it (0600)
         except OSError:
             secret = None
-    raw_pids = state.get("pids") if isinstance(state.get("pids"), dict) else {}
+    raw_pids = state.get("pids")
+    pids = ({str(k): v for k, v in raw_pids.items() if isinstance(v, int)} if isinstance(raw_pids, dict) else {})
     raw_components = state.get("components")
     components = ({str(k): v for k, v in raw_components.items() if isinstance(v, dict)}
                   if isinstance(raw_components, dict) else {})
     return Targets(
         source="tally up" if running else "settings",
-        up_pid=up_pid if running else None,
-        pids={str(k): int(v) for k, v in raw_pids.items() if isinstance(v, int)},
+        up_pid=up_pid if running and isinstance(up_pid, int) else None,
+        pids=pids,
         urls={k: _strip_credentials(v) for k, v in urls.items()},
         bootstrap=bootstrap,
         pg_dsn=settings.pg_dsn or (str(state["pg_dsn"]) if state.get("pg_dsn") else None),
@@ -222,7 +232,7 @@ def probe_spool(spool_dir: Path) -> dict[str, Any]:
     retained = files(spool_dir / SHIPPED_DIR, f"*{SEALED}") if (spool_dir / SHIPPED_DIR).is_dir() else []
     bad = files(spool_dir / "quarantine", "*") if (spool_dir / "quarantine").is_dir() else []
     # The backlog is what is not yet acknowledged by Kafka: sealed and open segments.
-    for size, mtime in sealed + opened:
+    for _size, mtime in sealed + opened:
         oldest = mtime if oldest is None else min(oldest, mtime)
     out.update(segments=len(sealed), bytes=sum(s for s, _ in sealed), open_segments=len(opened),
                open_bytes=sum(s for s, _ in opened), retained_segments=len(retained),
@@ -301,7 +311,8 @@ def probe_postgres(dsn: str | None, topic: str, timeout_s: float) -> dict[str, A
                               for p, o, tid, w in rows}
             out["last_write_at"] = max((w for *_, w in rows), default=None)
             try:
-                (out["newest_event_at"],) = conn.execute("SELECT max(last_received_at) FROM ingestion_15m").fetchone()
+                newest = conn.execute("SELECT max(last_received_at) FROM ingestion_15m").fetchone()
+                out["newest_event_at"] = newest[0] if newest else None
             except psycopg.Error as exc:  # an older schema: freshness by last write only
                 out["detail"] = f"newest event unknown ({type(exc).__name__})"
         out["state"] = UP
@@ -329,7 +340,8 @@ def probe_clickhouse(analyst_url: str, token: str | None, timeout_s: float, topi
         out["detail"] = f"analyst server: {_failure(exc)}"
         return out
     if status != 200:
-        out.update(state=DOWN if status >= 500 else UNKNOWN, detail=f"analyst server answered {status}: {_reason(body)}")
+        out.update(state=DOWN if status >= 500 else UNKNOWN,
+                   detail=f"analyst server answered {status}: {_reason(body)}")
         return out
     data = json.loads(body)
     out.update(state=UP, last_write_at=_parse_time(data.get("loader_written_at")),
@@ -404,65 +416,80 @@ def _lag(store: str, probe: dict[str, Any] | None, broker: dict[str, Any], topic
     return out
 
 
-def collect(settings: Settings, *, timeout_s: float = 5.0) -> dict[str, Any]:
-    """Probe everything concurrently and return the report (the JSON shape in the module docstring)."""
-    from infra.processes import pid_alive
-
-    t = targets(settings)
-    each = max(0.5, timeout_s * 0.8)  # each probe's own bound, inside the overall deadline
+def _probes(t: Targets, each: float) -> dict[str, Callable[[], dict[str, Any]]]:
+    """Every probe of the report, each bound to `each` seconds on its own."""
     probes: dict[str, Callable[[], dict[str, Any]]] = {
-        f"http:{name}": (lambda url=t.urls[name]: probe_http(url, each)) for name in HTTP_COMPONENTS}
+        f"http:{name}": functools.partial(probe_http, t.urls[name], each) for name in HTTP_COMPONENTS}
     probes["spool"] = lambda: probe_spool(t.spool_dir)
     probes["broker"] = lambda: probe_broker(t.bootstrap, t.topic, each)
     probes["postgresql"] = lambda: probe_postgres(t.pg_dsn, t.topic, each)
     probes["clickhouse"] = lambda: probe_clickhouse(t.urls["analyst"], t.internal_token, each, t.topic)
-    results = _run_all(probes, timeout_s)
-    late = f"no answer within {timeout_s:g}s"
+    return probes
 
-    def result(name: str, **fallback: Any) -> dict[str, Any]:
-        got = results[name]
-        return got if got is not None else {"state": DOWN, "detail": late, **fallback}
 
+@dataclass
+class _Results:
+    """The probes' answers, with those that did not answer by the deadline reported down."""
+
+    got: dict[str, dict[str, Any] | None]
+    timeout_s: float
+
+    def __call__(self, name: str, **fallback: Any) -> dict[str, Any]:
+        got = self.got[name]
+        return got if got is not None else {"state": DOWN, "detail": f"no answer within {self.timeout_s:g}s",
+                                            **fallback}
+
+
+def _process(name: str, t: Targets, result: _Results, broker: dict[str, Any], pg: dict[str, Any]) -> dict[str, Any]:
+    """One process's row: the supervisor's word first, then its pid, then what its probe says."""
+    from infra.processes import pid_alive
+
+    pid = t.up_pid if name == "up" else t.pids.get(name)
+    entry: dict[str, Any] = {"state": UNKNOWN, "pid": pid, "url": t.urls.get(name), "detail": None}
+    supervised = t.components.get(name, {})
+    if supervised.get("state") == DOWN:  # crashed, waiting for its restart backoff (ADR 33)
+        entry.update(state=DOWN, detail=str(supervised.get("detail") or "down"))
+    elif t.source == "tally up" and pid is not None and not pid_alive(pid):
+        entry.update(state=DOWN, detail=f"pid {pid} is not running (being restarted?)")
+    elif name in HTTP_COMPONENTS:
+        entry.update({k: v for k, v in result(f"http:{name}").items() if k in ("state", "detail")})
+    elif name == "broker":
+        entry.update(state=broker["state"], detail=broker.get("detail"), url=broker.get("bootstrap"))
+    elif name == "postgres":
+        entry.update(state=DOWN if pg["state"] == DOWN else (UP if pg["state"] == UP else UNKNOWN),
+                     detail=pg.get("detail") if pg["state"] != UP else None, url=pg.get("where"))
+    elif t.source == "tally up" and pid is not None:
+        entry["state"] = UP  # alive; no endpoint to ask: its lag below says whether it keeps up
+    else:
+        entry["detail"] = "no probe for this process from here; see its group's lag"
+    if name == "analyst" and t.source == "tally up" and not entry["detail"]:
+        entry["detail"] = "runs the loader worker too"
+    return entry
+
+
+def _store(probe: dict[str, Any], now: datetime) -> dict[str, Any]:
+    return {"state": probe.get("state", UNKNOWN), "where": probe.get("where"),
+            "last_write_at": _iso(probe.get("last_write_at")),
+            "last_write_age_s": _age(probe.get("last_write_at"), now),
+            "newest_event_at": _iso(probe.get("newest_event_at")),
+            "newest_event_age_s": _age(probe.get("newest_event_at"), now), "detail": probe.get("detail")}
+
+
+def collect(settings: Settings, *, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Probe everything concurrently and return the report (the JSON shape in the module docstring)."""
+    t = targets(settings)
+    each = max(0.5, timeout_s * 0.8)  # each probe's own bound, inside the overall deadline
+    result = _Results(_run_all(_probes(t, each), timeout_s), timeout_s)
     now = datetime.now(UTC)
     broker = result("broker", bootstrap=",".join(t.bootstrap) or None, topic=t.topic, topic_id=None, end_offsets={})
     pg, ch = result("postgresql"), result("clickhouse", offsets={})
-    if results["clickhouse"] is None:
+    if result.got["clickhouse"] is None:
         ch["state"] = UNKNOWN
-    spool = results["spool"] or {**_empty_spool(t.spool_dir), "state": DOWN, "detail": late}
-
-    processes: dict[str, dict[str, Any]] = {}
+    spool = result.got["spool"] or {**_empty_spool(t.spool_dir), "state": DOWN,
+                                    "detail": f"no answer within {timeout_s:g}s"}
     names = UP_PROCESSES if t.source == "tally up" else ("postgres", "broker", "collector", "shipper",
                                                           "rollup-worker", "loader-worker", "analyst", "api")
-    for name in names:
-        pid = t.up_pid if name == "up" else t.pids.get(name)
-        entry: dict[str, Any] = {"state": UNKNOWN, "pid": pid, "url": t.urls.get(name), "detail": None}
-        supervised = t.components.get(name, {})
-        if supervised.get("state") == DOWN:  # crashed, waiting for its restart backoff (ADR 33)
-            entry.update(state=DOWN, detail=str(supervised.get("detail") or "down"))
-        elif t.source == "tally up" and pid is not None and not pid_alive(pid):
-            entry.update(state=DOWN, detail=f"pid {pid} is not running (being restarted?)")
-        elif name in HTTP_COMPONENTS:
-            entry.update({k: v for k, v in result(f"http:{name}").items() if k in ("state", "detail")})
-        elif name == "broker":
-            entry.update(state=broker["state"], detail=broker.get("detail"), url=broker.get("bootstrap"))
-        elif name == "postgres":
-            entry.update(state=DOWN if pg["state"] == DOWN else (UP if pg["state"] == UP else UNKNOWN),
-                         detail=pg.get("detail") if pg["state"] != UP else None, url=pg.get("where"))
-        elif t.source == "tally up" and pid is not None:
-            entry["state"] = UP  # alive; no endpoint to ask: its lag below says whether it keeps up
-        else:
-            entry["detail"] = "no probe for this process from here; see its group's lag"
-        if name == "analyst" and t.source == "tally up" and not entry["detail"]:
-            entry["detail"] = "runs the loader worker too"
-        processes[name] = entry
-
-    def store(probe: dict[str, Any]) -> dict[str, Any]:
-        return {"state": probe.get("state", UNKNOWN), "where": probe.get("where"),
-                "last_write_at": _iso(probe.get("last_write_at")),
-                "last_write_age_s": _age(probe.get("last_write_at"), now),
-                "newest_event_at": _iso(probe.get("newest_event_at")),
-                "newest_event_age_s": _age(probe.get("newest_event_at"), now), "detail": probe.get("detail")}
-
+    processes = {name: _process(name, t, result, broker, pg) for name in names}
     report: dict[str, Any] = {
         "version": SCHEMA_VERSION,
         "as_of": now.isoformat(),
@@ -474,7 +501,7 @@ def collect(settings: Settings, *, timeout_s: float = 5.0) -> dict[str, Any]:
         "broker": {k: broker.get(k) for k in ("state", "bootstrap", "topic", "topic_id", "end_offsets", "detail")},
         "lag": {ROLLUP_GROUP: _lag("postgresql", pg, broker, t.topic),
                 LOADER_GROUP: _lag("clickhouse", ch, broker, t.topic)},
-        "stores": {"postgresql": store(pg), "clickhouse": store(ch)},
+        "stores": {"postgresql": _store(pg, now), "clickhouse": _store(ch, now)},
     }
     report["broker"]["end_offsets"] = report["broker"]["end_offsets"] or {}
     report["ok"] = (all(p["state"] in (UP, UNKNOWN) for p in processes.values())
@@ -508,58 +535,92 @@ def _ago(age: float | None) -> str:
 _STYLE = {UP: "green", "ok": "green", DOWN: "bold red", UNREADY: "yellow", UNKNOWN: "dim", "missing": "dim"}
 
 
-def render(report: dict[str, Any], console: Any = None) -> None:
-    """The report as rich tables on the terminal (plain text when not a terminal)."""
-    from rich.console import Console
+def _state(text: str) -> str:
+    return f"[{_STYLE.get(text, 'white')}]{text}[/]"
+
+
+def _unbroken(table: Any, name: str, values: list[str]) -> None:
+    """A column whose cells are never folded (URLs, names, pids): as wide as its widest cell, so that a
+    narrow terminal or a pipe (80 columns) folds the free-text column instead."""
+    table.add_column(name, no_wrap=True, min_width=max([len(name), *map(len, values)]))
+
+
+def _process_table(report: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    console = console or Console()
-
-    def state(text: str) -> str:
-        return f"[{_STYLE.get(text, 'white')}]{text}[/]"
-
+    rows = [(name, p["state"], str(p["pid"] or ""), p.get("url") or "", p.get("detail") or "")
+            for name, p in report["processes"].items()]
     procs = Table(title=f"tally status ({report['source']}, {report['as_of'][:19]}Z)", title_justify="left")
-    for col in ("process", "state", "pid", "where", "detail"):
-        procs.add_column(col, overflow="fold")
-    for name, p in report["processes"].items():
-        procs.add_row(name, state(p["state"]), str(p["pid"] or ""), p.get("url") or "", p.get("detail") or "")
-    if report["source"] == "settings":
-        console.print("[dim]No `tally up` is running with this TALLY_HOME: probing what the settings name.[/]")
-    console.print(procs)
+    for i, col in enumerate(("process", "state", "pid", "where")):
+        _unbroken(procs, col, [row[i] for row in rows])
+    procs.add_column("detail", overflow="fold", min_width=24)
+    for name, state, pid, url, detail in rows:
+        procs.add_row(name, _state(state), pid, url, detail)
+    return procs
 
-    spool = report["spool"]
-    pipe = Table(title="pipeline", title_justify="left")
-    for col in ("stage", "state", "numbers"):
-        pipe.add_column(col, overflow="fold")
-    if spool.get("state") == "ok":
-        oldest = f", oldest {spool['oldest_age_s']:.0f}s" if spool.get("oldest_age_s") is not None else ""
-        pipe.add_row("spool backlog", state("ok"),
-                     f"{spool['segments']} sealed segments ({_bytes(spool['bytes'])}){oldest}; "
-                     f"{spool['open_segments']} open ({_bytes(spool['open_bytes'])}); "
-                     f"{spool['retained_segments']} shipped, retained ({_bytes(spool['retained_bytes'])}); "
-                     f"quarantined {_bytes(spool['quarantined_bytes'])}")
-    else:
-        pipe.add_row("spool backlog", state(spool.get("state", UNKNOWN)), spool.get("detail") or "")
-    broker = report["broker"]
+
+def _spool_numbers(spool: dict[str, Any]) -> str:
+    oldest = f", oldest {spool['oldest_age_s']:.0f}s" if spool.get("oldest_age_s") is not None else ""
+    return (f"{spool['segments']} sealed segments ({_bytes(spool['bytes'])}){oldest}; "
+            f"{spool['open_segments']} open ({_bytes(spool['open_bytes'])}); "
+            f"{spool['retained_segments']} shipped, retained ({_bytes(spool['retained_bytes'])}); "
+            f"quarantined {_bytes(spool['quarantined_bytes'])}")
+
+
+def _pipeline_table(report: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    spool, broker = report["spool"], report["broker"]
     ends = ", ".join(f"p{p}={o}" for p, o in broker["end_offsets"].items())
-    pipe.add_row(f"broker {broker['topic']}", state(broker["state"]),
-                 (f"end offsets {ends}" if ends else "") + (f" {broker['detail']}" if broker.get("detail") else ""))
+    rows = [("spool backlog", spool.get("state", UNKNOWN),
+             _spool_numbers(spool) if spool.get("state") == "ok" else spool.get("detail") or ""),
+            (f"broker {broker['topic']}", broker["state"],
+             (f"end offsets {ends}" if ends else "") + (f" {broker['detail']}" if broker.get("detail") else ""))]
     for group, lag in report["lag"].items():
         parts = ", ".join(f"p{p}={v['lag']}" for p, v in lag["partitions"].items())
         numbers = f"lag {lag['total']} ({parts})" if lag["total"] is not None else (lag.get("detail") or "")
-        pipe.add_row(f"lag {group} -> {lag['store']}", state(lag["state"]), numbers)
-    console.print(pipe)
+        rows.append((f"lag {group} -> {lag['store']}", lag["state"], numbers))
+    pipe = Table(title="pipeline", title_justify="left")
+    _unbroken(pipe, "stage", [row[0] for row in rows])
+    _unbroken(pipe, "state", [row[1] for row in rows])
+    pipe.add_column("numbers", overflow="fold", min_width=24)
+    for stage, state, numbers in rows:
+        pipe.add_row(stage, _state(state), numbers)
+    return pipe
 
+
+def _stores_table(report: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    rows = [(name, s["state"], _ago(s["last_write_age_s"]), _ago(s["newest_event_age_s"]), s.get("detail") or "")
+            for name, s in report["stores"].items()]
     stores = Table(title="stores", title_justify="left")
-    for col in ("store", "state", "last write", "newest event", "detail"):
-        stores.add_column(col, overflow="fold")
-    for name, s in report["stores"].items():
-        stores.add_row(name, state(s["state"]), _ago(s["last_write_age_s"]), _ago(s["newest_event_age_s"]),
-                       s.get("detail") or "")
-    console.print(stores)
+    for i, col in enumerate(("store", "state", "last write", "newest event")):
+        _unbroken(stores, col, [row[i] for row in rows])
+    stores.add_column("detail", overflow="fold", min_width=24)
+    for name, state, *rest in rows:
+        stores.add_row(name, _state(state), *rest)
+    return stores
+
+
+def render(report: dict[str, Any], console: Any = None) -> None:
+    """The report as rich tables on the terminal (plain text when not a terminal). URLs, names and
+    numbers are never folded, whatever the width; only the free-text columns are."""
+    from rich.console import Console
+
+    console = console or Console()
+    if report["source"] == "settings":
+        console.print("[dim]No `tally up` is running with this TALLY_HOME: probing what the settings name.[/]")
+    for table in (_process_table(report), _pipeline_table(report), _stores_table(report)):
+        # Never narrower than its unbroken columns: a line wider than the terminal wraps there, whole.
+        width, needed = console.width, sum(c.min_width or 0 for c in table.columns) + 3 * len(table.columns) + 1
+        console.width = max(width, needed)
+        try:
+            console.print(table, crop=False)
+        finally:
+            console.width = width
     down = [n for n, p in report["processes"].items() if p["state"] in (DOWN, UNREADY)]
     if report["ok"]:
         console.print("[green]all up[/]")
     else:
-        what = ", ".join(down) or "see above"
-        console.print(f"[bold red]not healthy:[/] {what}")
+        console.print(f"[bold red]not healthy:[/] {', '.join(down) or 'see above'}")

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from datetime import UTC
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -21,12 +22,15 @@ from core.config import Settings
 from oltp import tokens
 from tally.roots import ADMIN_TOKEN_FILE, require_pg
 
+if TYPE_CHECKING:
+    from tally.cli_support import SubParsers
+
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_NAME = "admin (tally up)"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: SubParsers) -> None:
     """Add this group's subparsers; each sets `func=handler(settings, args) -> exit code`."""
     group = sub.add_parser("tokens", help="create, list and revoke API tokens (admin)",
                            description="API tokens. Roles: admin (everything), analyst (read every domain, "
@@ -44,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lister.set_defaults(func=cmd_list)
     revoke = cmds.add_parser("revoke", help="revoke a token at once")
     revoke.add_argument("token_id", metavar="ID", help="the token's id, e.g. tok_0123456789")
+    revoke.add_argument("--json", action="store_true", help="print one JSON object")
     revoke.set_defaults(func=cmd_revoke)
 
 
@@ -103,16 +108,27 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    """Revoke a token; one revoked before stays as it was, and the output says since when (exit 0)."""
     if not tokens.is_token_id(args.token_id):
         return _fail(f"{args.token_id[:40]!r} is not a token id (they look like tok_0123456789)", 2)
     try:
         with _connect(settings) as conn:
-            found = tokens.revoke(conn, args.token_id)
+            before = tokens.get(conn, args.token_id)
+            if before is not None and before.revoked_at is None:
+                tokens.revoke(conn, args.token_id)
+            after = tokens.get(conn, args.token_id)
     except psycopg.OperationalError as exc:
         return _store_down(exc)
-    if not found:
+    if before is None or after is None or after.revoked_at is None:
         return _fail(f"no token {args.token_id}", 1)
-    print(f"revoked {args.token_id}")
+    already = before.revoked_at is not None
+    since = after.revoked_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    if args.json:
+        print(json.dumps({"id": after.id, "revoked_at": after.revoked_at.isoformat(), "already_revoked": already}))
+    elif already:
+        print(f"{args.token_id} was already revoked (at {since}); nothing changed")
+    else:
+        print(f"revoked {args.token_id}")
     return 0
 
 

@@ -36,7 +36,8 @@ def register_demo_sites(dsn: str) -> dict[str, str]:
     return keys
 
 
-def demo_batch(rng: random.Random, size: int, now: datetime, keys: dict[str, str] | None = None) -> list[dict]:
+def demo_batch(rng: random.Random, size: int, now: datetime,
+               keys: dict[str, str] | None = None) -> list[dict[str, str]]:
     """`size` random events over the demo domains; each carries its site's key (`site`) when `keys` has it."""
     events = []
     for _ in range(size):
@@ -53,11 +54,11 @@ def demo_batch(rng: random.Random, size: int, now: datetime, keys: dict[str, str
     return events
 
 
-def send(collector_url: str, events: list[dict], user_agent: str) -> int:
+def send(collector_url: str, events: list[dict[str, str]], user_agent: str) -> int:
     req = urllib.request.Request(collector_url + "/collect", data=json.dumps(events).encode(), method="POST",
                                  headers={"Content-Type": "application/json", "User-Agent": user_agent})
     with urllib.request.urlopen(req, timeout=5) as resp:
-        return json.loads(resp.read())["accepted"]
+        return int(json.loads(resp.read())["accepted"])
 
 
 def run_demo(collector_url: str, stop: threading.Event, *, period_s: float = 0.5, seed: int = 7,

@@ -14,6 +14,7 @@ PostgreSQL DSN carries a password and reaches children in their environment only
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -25,10 +26,11 @@ from pathlib import Path
 import orjson
 
 from core.config import Settings
+from core.runstate import RUN_STATE
 from infra.processes import StartupError, spawn, stop, stop_all, wait_until
 from infra.stack import EmbeddedStack, load_or_create_secret
 from infra.supervisor import UP, Child, Supervisor
-from tally.roots import METRICS_DIR, MULTIPROC_ENV, RUN_STATE, forget_metrics_of, reset_metrics_dir
+from tally.roots import METRICS_DIR, MULTIPROC_ENV, forget_metrics_of, reset_metrics_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ def _child_env(settings: Settings) -> dict[str, str]:
 
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=1) as resp:
-        return resp.status == 200
+        return bool(resp.status == 200)
 
 
 class Platform:
@@ -120,7 +122,7 @@ class Platform:
             # is imported, which picks the multiprocess storage from the environment.
             os.environ[MULTIPROC_ENV] = str(self.base.home / METRICS_DIR)
             for name in self.COMPONENTS:
-                self.supervisor.add(name, lambda name=name: self._spawn(name), self._log(name))
+                self.supervisor.add(name, functools.partial(self._spawn, name), self._log(name))
             for child in self.supervisor.children.values():
                 self._report(child)
             self._write_run_state()
@@ -128,7 +130,8 @@ class Platform:
                        log_path=self._log(name="collector"), proc=self.children["collector"])
             wait_until(lambda: _http_ok(self.api_url + "/healthz"), what="api", timeout=timeout,
                        log_path=self._log(name="api"), proc=self.children["api"])
-            wait_until(lambda: _http_ok(self.settings.analyst_url + "/healthz"), what="analyst server",
+            analyst_url = self.settings.analyst_url
+            wait_until(lambda: _http_ok(analyst_url + "/healthz"), what="analyst server",
                        timeout=timeout, log_path=self._log(name="analyst"), proc=self.children["analyst"])
         except BaseException:
             self.stop()

@@ -7,11 +7,27 @@ import signal
 import threading
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from core.config import LOADER_GROUP, ROLLUP_GROUP, ConfigError, Settings
 
+if TYPE_CHECKING:
+    from flask import Flask
+    from kafka import KafkaProducer
+
+    from olap.aggregates import ClickHouseAggregates, RemoteAggregates
+    from workers.consumer import ConsumerLoop
+    from workers.retention import OffsetReader
+    from workers.shipper import Shipper
+
 log = logging.getLogger(__name__)
+
+
+class Loop(Protocol):
+    """What run_loop_forever runs: a consumer loop or the shipper."""
+
+    def run(self, stop: threading.Event) -> None: ...
 
 
 
@@ -44,7 +60,7 @@ def forget_metrics_of(pid: int, path: Path) -> None:
     from prometheus_client.multiprocess import mark_process_dead
 
     if path.is_dir():
-        mark_process_dead(pid, str(path))
+        mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]  # prometheus_client is untyped here
 
 
 def own_metrics_dir(settings: Settings, environ: MutableMapping[str, str]) -> str | None:
@@ -118,13 +134,13 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def build_shipper(settings: Settings):  # -> workers.shipper.Shipper
+def build_shipper(settings: Settings) -> Shipper:
     from workers.kafka_io import make_producer
     from workers.shipper import Shipper
 
     require_bootstrap(settings)  # a missing setting fails now, not on the first segment
 
-    def producer():  # called again after any failure; Kafka may be down when we start
+    def producer() -> KafkaProducer:  # called again after any failure; Kafka may be down when we start
         return make_producer(ensure_configured_topic(settings))
 
     # Shipped segments are kept until both groups stored them: the rollup group's offsets in PostgreSQL,
@@ -156,7 +172,7 @@ def cli_secret(settings: Settings) -> str:
 
 
 def clickhouse_source(settings: Settings, *, in_process: bool = False,
-                      timeout_s: float = 300.0):  # -> olap.aggregates source
+                      timeout_s: float = 300.0) -> ClickHouseAggregates | RemoteAggregates:
     """Direct with a ClickHouse server (or inside the process that owns chDB), else via the analyst server
     (answers within `timeout_s`)."""
     from olap.aggregates import ClickHouseAggregates, RemoteAggregates
@@ -170,10 +186,9 @@ def clickhouse_source(settings: Settings, *, in_process: bool = False,
     return RemoteAggregates(settings.analyst_url, internal_token(cli_secret(settings)), timeout_s=timeout_s)
 
 
-def loader_offsets_reader(settings: Settings, timeout_s: float = 3.0):  # -> workers.retention.OffsetReader | None
+def loader_offsets_reader(settings: Settings, timeout_s: float = 3.0) -> OffsetReader | None:
     """The loader group's stored offsets for the shipper: from ClickHouse directly, or (chDB: one process per
     directory) from the analyst server's internal route. None when neither can be asked (no secret)."""
-    from olap.aggregates import ClickHouseAggregates, RemoteAggregates
 
     if settings.clickhouse_dsn.startswith("chdb://") and not settings.secret:
         return None
@@ -194,7 +209,7 @@ def loader_offsets_reader(settings: Settings, timeout_s: float = 3.0):  # -> wor
 
 
 def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP, *,
-                      maintenance: bool = True):  # -> workers.consumer.ConsumerLoop
+                      maintenance: bool = True) -> ConsumerLoop:
     from oltp.rollup_sink import RollupSink
     from oltp.schema import ensure_schema
     from workers.consumer import ConsumerLoop
@@ -210,7 +225,7 @@ def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP, *,
                         reread_floor_days=max(1, settings.dedup_window_days - 1))
 
 
-def build_rollup_loops(settings: Settings, group: str = ROLLUP_GROUP) -> list:  # -> [ConsumerLoop]
+def build_rollup_loops(settings: Settings, group: str = ROLLUP_GROUP) -> list[ConsumerLoop]:
     """The rollup worker's `TALLY_ROLLUP_CONSUMERS` loops: members of one consumer group, each with its
     own Kafka consumer and PostgreSQL connection, so the group's partitions are written by that many
     transactions at once (ADR 27). One partition maintenance thread for all of them."""
@@ -222,8 +237,9 @@ PARTITION_MAINTENANCE_S = 3600.0  # how often the rollup worker creates partitio
 
 def start_partition_maintenance(settings: Settings, dsn: str,
                                 interval_s: float = PARTITION_MAINTENANCE_S) -> threading.Event:
-    """A daemon thread running `oltp.partitions.maintain` (and `oltp.prune.prune_status`) now and every `interval_s`; set the returned
-    Event to stop it. A failed pass is logged and retried at the next one (nothing half-dropped)."""
+    """A daemon thread running `oltp.partitions.maintain` (and `oltp.prune.prune_status`) now and every
+    `interval_s`; set the returned Event to stop it. A failed pass is logged and retried at the next one
+    (nothing half-dropped)."""
     from datetime import UTC, datetime
 
     import psycopg
@@ -254,7 +270,7 @@ def start_partition_maintenance(settings: Settings, dsn: str,
     return stop
 
 
-def build_loader_loop(settings: Settings, group: str = LOADER_GROUP):  # -> workers.consumer.ConsumerLoop
+def build_loader_loop(settings: Settings, group: str = LOADER_GROUP) -> ConsumerLoop:
     from olap.client import connect
     from olap.loader_sink import LoaderSink
     from olap.schema import ensure_schema
@@ -274,7 +290,7 @@ def build_loader_loop(settings: Settings, group: str = LOADER_GROUP):  # -> work
     return with_rewinds(loop, dsn, group)
 
 
-def with_rewinds(loop, dsn: str, group: str, *, reread_floor_days: float | None = None):
+def with_rewinds(loop: ConsumerLoop, dsn: str, group: str, *, reread_floor_days: float | None = None) -> ConsumerLoop:
     """Give `loop` a Rewinder reading `tally replay`'s requests from PostgreSQL (workers/rewind.py)."""
     from oltp.rewinds import PostgresRewinds
     from workers.rewind import Rewinder
@@ -283,7 +299,7 @@ def with_rewinds(loop, dsn: str, group: str, *, reread_floor_days: float | None 
     return loop
 
 
-def build_api(settings: Settings):  # -> flask.Flask
+def build_api(settings: Settings) -> Flask:
     """The API: PostgreSQL for rollups and tokens; analyst SQL relayed to the analyst server (no ClickHouse here)."""
     from psycopg_pool import ConnectionPool
 
@@ -305,7 +321,7 @@ def build_api(settings: Settings):  # -> flask.Flask
     return create_app(settings, Backends(RollupReader(pool, Retention.from_settings(settings)), analyst))
 
 
-def build_analyst_server(settings: Settings):  # -> flask.Flask
+def build_analyst_server(settings: Settings) -> Flask:
     """The analyst server: parses, checks and runs analyst SQL on its own ClickHouse clients, audits to PG."""
     from psycopg_pool import ConnectionPool
 
@@ -343,15 +359,15 @@ def require_secret(settings: Settings, who: str) -> str:
     return settings.secret
 
 
-def run_loop_forever(build: Callable[[Settings], object], settings: Settings) -> None:
+def run_loop_forever(build: Callable[[Settings], Loop], settings: Settings) -> None:
     from workers.gc_policy import tune_for_streaming
 
     loop = build(settings)
     tune_for_streaming()  # after start-up: the built clients are frozen, not rescanned (ADR 27)
-    loop.run(stop_on_signals())  # type: ignore[attr-defined]
+    loop.run(stop_on_signals())
 
 
-def run_loops_forever(build: Callable[[Settings], list], settings: Settings) -> None:
+def run_loops_forever(build: Callable[[Settings], list[ConsumerLoop]], settings: Settings) -> None:
     """Run several consumer loops of one process, each in its own thread, until SIGTERM/SIGINT; if one
     of them ends otherwise (it should not: a loop pauses on store failures), all stop and the process
     exits non-zero, for its supervisor to start it again."""
@@ -362,7 +378,7 @@ def run_loops_forever(build: Callable[[Settings], list], settings: Settings) -> 
     stop = stop_on_signals()
     ended = threading.Event()
 
-    def run(loop) -> None:
+    def run(loop: ConsumerLoop) -> None:
         try:
             loop.run(stop)
         finally:

@@ -40,8 +40,9 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
@@ -49,6 +50,8 @@ from waitress.server import MultiSocketServer, TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher
 
 from core import net
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]  # PEP 3333's application
 
 log = logging.getLogger(__name__)
 ACCEPT_BATCH = 128  # connections accepted per loop turn at most
@@ -71,7 +74,7 @@ class ConnectionLimits:
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on with 0 s: close() sends RST and drops whatever is unsent
 
 
-class _Channel(HTTPChannel):
+class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress ships no type hints: HTTPChannel is Any
     """A waitress channel that knows when its current request began and when its answer last moved, tells
     the server it exists, and lets the server's gate start its requests (BoundedServer.add_task)."""
 
@@ -81,7 +84,8 @@ class _Channel(HTTPChannel):
     pass_on = False  # its next request takes that slot over when the current one ends
     aborted = False  # closed by abort()
 
-    def __init__(self, server: BoundedServer, sock, addr, adj, map=None) -> None:
+    def __init__(self, server: BoundedServer, sock: socket.socket, addr: Any, adj: Adjustments,
+                 map: dict[int, Any] | None = None) -> None:
         # time.monotonic() when the socket last took bytes of our output, or when output became pending
         self.send_progress = time.monotonic()
         super().__init__(server, sock, addr, adj, map=map)
@@ -90,18 +94,18 @@ class _Channel(HTTPChannel):
 
     def received(self, data: bytes) -> bool:
         before = self.request
-        done = super().received(data)
+        done: bool = super().received(data)
         if self.request is not None and self.request is not before:  # a request began in this data
             self.request_started = time.monotonic()
         return done
 
-    def write_soon(self, data) -> int:
+    def write_soon(self, data: bytes) -> int:
         if not self.total_outbufs_len:
             self.send_progress = time.monotonic()  # output becomes pending now: the send clock starts
-        return super().write_soon(data)
+        return int(super().write_soon(data))
 
     def _flush_some(self, do_close: bool = True) -> bool:
-        sent = super()._flush_some(do_close=do_close)
+        sent: bool = super()._flush_some(do_close=do_close)
         if sent:
             self.send_progress = time.monotonic()
         return sent
@@ -111,7 +115,7 @@ class _Channel(HTTPChannel):
         try:
             super().service()
         finally:
-            self.server.task_done(self)  # type: ignore[attr-defined]
+            self.server.task_done(self)
 
     def abort(self) -> None:
         """Close now, whatever the socket's state (waitress closes only once the socket is writable, which
@@ -130,14 +134,14 @@ class _Channel(HTTPChannel):
     # channel must not be registered: poll would answer POLLNVAL for its number, and a connection
     # accepted in the same turn may get that number and be closed in its place.
     def readable(self) -> bool:
-        return not self.aborted and super().readable()
+        return not self.aborted and bool(super().readable())
 
     def writable(self) -> bool:
         return not self.aborted and bool(super().writable())
 
-    def del_channel(self, map=None) -> None:
+    def del_channel(self, map: dict[int, Any] | None = None) -> None:
         super().del_channel(map)
-        self.server.forget(self)  # type: ignore[attr-defined]
+        self.server.forget(self)
 
     @property
     def evictable(self) -> bool:
@@ -261,17 +265,17 @@ class _Tracker:
             self.closed = 0
 
 
-def _oldest_idle(channels, skip: _Channel) -> _Channel | None:
+def _oldest_idle(channels: Iterable[_Channel], skip: _Channel) -> _Channel | None:
     candidates = [c for c in channels if c is not skip and c.evictable]
     return min(candidates, key=lambda c: c.last_activity) if candidates else None
 
 
-class BoundedServer(TcpWSGIServer):
+class BoundedServer(TcpWSGIServer):  # type: ignore[misc]  # waitress ships no type hints: its server is Any
     """One listening socket of a bounded waitress server (see the module docstring)."""
 
     channel_class = _Channel
 
-    def __init__(self, app: Callable, socket_map: dict, tracker: _Tracker, **kw: object) -> None:
+    def __init__(self, app: WSGIApp, socket_map: dict[int, Any], tracker: _Tracker, **kw: object) -> None:
         self.tracker = tracker
         super().__init__(app, socket_map, **kw)
 
@@ -315,7 +319,7 @@ class BoundedServer(TcpWSGIServer):
     def forget(self, channel: _Channel) -> None:
         self.tracker.remove(channel)
 
-    def add_task(self, channel: _Channel) -> None:  # type: ignore[override]
+    def add_task(self, channel: _Channel) -> None:
         """waitress hands over a channel whose next request is ready: start it, or let it wait its turn."""
         if self.tracker.gate.enter(channel):
             self.task_dispatcher.add_task(channel)
@@ -362,8 +366,8 @@ def raise_fd_limit(wanted: int) -> int:
     return soft
 
 
-def create_server(app: Callable, host: str, port: int, *, threads: int,
-                  limits: ConnectionLimits = ConnectionLimits()):  # -> BoundedServer | MultiSocketServer
+def create_server(app: WSGIApp, host: str, port: int, *, threads: int,
+                  limits: ConnectionLimits = ConnectionLimits()) -> BoundedServer | Any:
     """A bounded waitress server for `app` on host:port (every address `host` resolves to); call
     `.run()`, and `.close()` from another thread to stop it."""
     descriptors = raise_fd_limit(limits.max_connections + 256)  # + the app's own files, pools, logs
@@ -376,7 +380,8 @@ def create_server(app: Callable, host: str, port: int, *, threads: int,
         channel_timeout=limits.idle_timeout_s, cleanup_interval=1, asyncore_use_poll=True, backlog=2048)
     dispatcher = ThreadedTaskDispatcher()
     dispatcher.set_thread_count(adj.threads)
-    tracker, socket_map = _Tracker(limits, limits.running_cap(threads)), {}  # type: ignore[var-annotated]
+    tracker = _Tracker(limits, limits.running_cap(threads))
+    socket_map: dict[int, Any] = {}
     servers = [BoundedServer(app, socket_map, tracker, dispatcher=dispatcher, adj=adj, sockinfo=sockinfo)
                for sockinfo in adj.listen]
     if len(servers) == 1:

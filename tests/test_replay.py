@@ -17,6 +17,7 @@ from collector.backfill import backfill
 from core.config import LOADER_GROUP, ROLLUP_GROUP
 from olap.client import connect
 from oltp import rewinds
+from oltp.schema import ensure_schema
 from spool.segments import SpoolWriter
 from tally.cli import main
 from tally.cmd_backfill import limits_for
@@ -24,6 +25,8 @@ from tally.cmd_replay import resolve_offsets, wait_applied
 from tally.roots import build_loader_loop, build_rollup_loop
 from tests.test_backfill import in_both_stores, write_jsonl
 from tests.test_pipeline import Pipeline
+
+pytestmark = pytest.mark.servers("postgres", "broker", "chdb")
 
 
 @pytest.fixture()
@@ -35,14 +38,15 @@ def pipeline(settings):
 
 def delete_from_clickhouse(settings, domain: str, n: int) -> None:
     ch = connect(settings.clickhouse_dsn)
-    hashes = [r[0] for r in ch.query("SELECT hash FROM tally.events WHERE domain = {d:String} ORDER BY hash LIMIT {n:UInt32}",
+    hashes = [r[0] for r in ch.query("SELECT hash FROM tally.events WHERE domain = {d:String}"
+                                     " ORDER BY hash LIMIT {n:UInt32}",
                                      parameters={"d": domain, "n": n}).result_rows]
     ch.command("ALTER TABLE tally.events DELETE WHERE domain = {d:String} AND hash IN {h:Array(String)}",
                parameters={"d": domain, "h": hashes}, settings={"mutations_sync": 2})
 
 
 def rewind_rows(settings) -> list[tuple]:
-    rewinds.ensure_table(settings.pg_dsn)
+    ensure_schema(settings.pg_dsn)
     with psycopg.connect(settings.pg_dsn) as conn:
         return conn.execute("SELECT consumer_group, partition, next_offset, outcome FROM consumer_rewinds"
                             " WHERE topic = %s ORDER BY id", (settings.topic,)).fetchall()
@@ -86,9 +90,11 @@ def test_rollup_group_does_not_recount_events_older_than_the_dedup_window_even_a
 
     sites.add(settings.pg_dsn, domain)
     now = datetime.now(UTC).replace(microsecond=0)
-    old = [{"domain": domain, "url": f"https://{domain}/old{i}", "ts": (now - timedelta(days=20, minutes=i)).isoformat()}
+    old = [{"domain": domain, "url": f"https://{domain}/old{i}",
+            "ts": (now - timedelta(days=20, minutes=i)).isoformat()}
            for i in range(10)]
-    recent = [{"domain": domain, "url": f"https://{domain}/new{i}", "ts": (now - timedelta(days=1, minutes=i)).isoformat()}
+    recent = [{"domain": domain, "url": f"https://{domain}/new{i}",
+               "ts": (now - timedelta(days=1, minutes=i)).isoformat()}
               for i in range(5)]
     spool = SpoolWriter(settings.spool_dir, max_bytes=1 << 20, max_age_s=3600)
     backfill(write_jsonl(tmp_path / "history.jsonl", old + recent), spool=spool, progress_dir=tmp_path / "progress",
@@ -132,7 +138,7 @@ def test_refusals_name_the_problem_and_request_nothing(pipeline, domain, setting
     pipeline.drain()
     cases = [
         (["--since", "2999-01-01T00:00:00Z"], "is in the future"),
-        (["--since", "yesterday"], "neither an ISO-8601 time with offset nor a duration"),
+        (["--since", "yesterday"], "is not an ISO-8601 time (e.g. 2026-11-23T10:00:00Z) nor a duration ago"),
         (["--since", "2026-01-01T00:00:00"], "has no UTC offset"),
         (["--offsets", "0:x"], "'0:x' is not partition:offset"),
         (["--offsets", "0:1,0:2"], "partition 0 appears more than once"),

@@ -82,3 +82,28 @@ def test_tally_stats_reports_refusals(live, servers, domain, tmp_path):
     assert resp.returncode == 1 and "403" in resp.stderr and "may not read other.example.com" in resp.stderr
     gone = run_stats(tmp_path, token, domain, "--api-url", f"http://127.0.0.1:{free_port()}")
     assert gone.returncode == 1 and "cannot reach the API" in gone.stderr
+
+
+@pytest.mark.parametrize("last, granularity", [("30d", "1d"), ("90d", "1d"), ("2h", "15m")])
+def test_tally_stats_takes_any_duration(live, servers, domain, tmp_path, last, granularity):
+    """The dashboard offers 30d and 90d: so does `--last`; the totals come from the series (no previous
+    period, which the API's summary computes for 1h, 24h and 7d only)."""
+    sites.add(servers.pg_dsn, domain)
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+        _, token = tokens.create(conn, "customer", [domain])
+    as_json = run_stats(tmp_path, token, domain, "--last", last, "--json", "--api-url", live)
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    imp = data["series"]["impressions"]
+    assert data["summary"] is None and data["last"] == last and imp["granularity"] == granularity
+    span = datetime.fromisoformat(imp["to"]) - datetime.fromisoformat(imp["from"])
+    assert span.total_seconds() == {"30d": 30 * 86400, "90d": 90 * 86400, "2h": 7200}[last]
+    table = run_stats(tmp_path, token, domain, "--last", last, "--api-url", live)
+    assert table.returncode == 0, table.stderr
+    assert f"{domain}, last {last}" in table.stdout and "no previous period" in table.stdout
+
+
+def test_tally_stats_refuses_what_is_not_a_duration(tmp_path):
+    bad = run_stats(tmp_path, "x" * 40, "example.net", "--last", "month")
+    assert bad.returncode == 2 and "usage: tally stats" in bad.stderr
+    assert "--last 'month' is not a duration like 10m, 24h or 7d" in bad.stderr

@@ -124,6 +124,9 @@ def test_events_accepted_just_before_a_stop_are_counted_after_a_restart(tmp_path
     proc, first_banner = start_up(env)
     token = admin_token(tmp_path / "home")
     assert token in first_banner
+    # No site yet: the banner says how to register one, and names no domain that is not registered.
+    assert "tally sites add" in first_banner and "example.com" not in first_banner, first_banner
+    assert "RuntimeDirWarning" not in first_banner, first_banner
     try:
         added = subprocess.run([sys.executable, "-m", "tally.cli", "sites", "add", domain, "--json"], env=env,
                                capture_output=True, text=True, timeout=60)
@@ -150,6 +153,7 @@ def test_events_accepted_just_before_a_stop_are_counted_after_a_restart(tmp_path
     assert proc.returncode == 0, out
 
     proc, banner = start_up(env)
+    assert f"/?domain={domain}" in banner and "tally sites add" not in banner, banner  # the registered site
     # Later starts reuse the token and print only where it is.
     assert admin_token(tmp_path / "home") == token
     assert token not in banner and f"admin token in {tmp_path / 'home' / 'admin-token'}" in banner, banner
@@ -169,3 +173,25 @@ def test_events_accepted_just_before_a_stop_are_counted_after_a_restart(tmp_path
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=120)
     assert proc.returncode == 0
+
+
+def test_the_banner_shows_registered_sites_only(tmp_path):
+    from tally.cmd_up import Banner
+
+    none = Banner("http://127.0.0.1:1", "http://127.0.0.1:2", "logs", tmp_path / "admin-token", None, ()).text()
+    assert "example.com" not in none and "none registered yet" in none and "tally sites add" in none
+    assert "http://127.0.0.1:2/api/v1/domains\n" in none and f"admin token in {tmp_path / 'admin-token'}" in none
+    many = tuple(f"s{i}.example.net" for i in range(7))
+    text = Banner("http://127.0.0.1:1", "http://127.0.0.1:2", "logs", tmp_path / "admin-token", "tly_x", many).text()
+    assert "http://127.0.0.1:2/?domain=s0.example.net" in text and "s4.example.net and 2 more" in text
+    assert "s5.example.net" not in text and "admin token tly_x" in text and "tally sites add" not in text
+    banner = Banner("c", "a", "logs", tmp_path / "t", None, ("x.example.net",))
+    assert banner.as_json()["sites"] == ["x.example.net"] and banner.as_json()["admin_token"] is None
+
+
+def test_registered_domains_reads_the_registry(servers, domain):
+    from oltp import sites
+    from tally.cmd_up import registered_domains
+
+    sites.add(servers.pg_dsn, domain)
+    assert domain in registered_domains(servers.pg_dsn)

@@ -33,7 +33,7 @@ class Ledger:
 
     types: dict[str, str] = field(default_factory=dict)  # url -> event type
     acked: dict[str, str] = field(default_factory=dict)  # hash -> url, from the 202 answers
-    unacked: Counter = field(default_factory=Counter)  # url -> attempts without a 202 (reset, 5xx, timeout)
+    unacked: Counter[str] = field(default_factory=Counter)  # url -> attempts without a 202 (reset, 5xx, timeout)
     requests: int = 0
     accepted_requests: int = 0
     failed_requests: int = 0
@@ -54,7 +54,7 @@ class Ledger:
         with self.lock:
             self.accepted_requests += 1
             self.ack_times.append(time.monotonic())
-            for url, h in zip(urls, hashes):
+            for url, h in zip(urls, hashes, strict=False):
                 previous = self.acked.setdefault(h, url)
                 if previous != url:
                     self.errors.append(f"hash {h} acknowledged for {previous} and {url}")

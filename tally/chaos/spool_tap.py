@@ -60,7 +60,7 @@ class SpoolTap(threading.Thread):
                     self._link(entry)
         self.scans += 1
 
-    def _link(self, entry: os.DirEntry) -> None:
+    def _link(self, entry: os.DirEntry[str]) -> None:
         try:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:  # renamed or deleted since the listing: the next scan finds its new name

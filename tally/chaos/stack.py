@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from infra.processes import free_port
 
@@ -74,7 +75,8 @@ def signal_pid(pid: int, sig: int) -> bool:
 class ChaosStack:
     """A running `tally up` in its own TALLY_HOME on free ports, and the signals a user (or a crash) sends it."""
 
-    def __init__(self, home: Path, *, env: dict[str, str] | None = None, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, *, env: dict[str, str] | None = None,
+                 settings: dict[str, str] | None = None) -> None:
         self.home = home
         self.collector_port, self.api_port = free_port(), free_port()
         base = os.environ if env is None else env
@@ -138,10 +140,11 @@ class ChaosStack:
 
     def pids(self) -> dict[str, int]:
         """The supervised children's pids, as `tally up` wrote them last (run/stack.json)."""
-        return json.loads((self.home / "run" / "stack.json").read_text())["pids"]
+        pids: dict[str, int] = json.loads((self.home / "run" / "stack.json").read_text())["pids"]
+        return pids
 
     def pg_dsn(self) -> str:
-        return json.loads((self.home / "run" / "stack.json").read_text())["pg_dsn"]
+        return str(json.loads((self.home / "run" / "stack.json").read_text())["pg_dsn"])
 
     def down(self, timeout_s: float = 180) -> int | None:
         """SIGTERM `tally up` (it stops its children in pipeline order); kill -9 the tree if it hangs."""
@@ -176,16 +179,17 @@ class ChaosStack:
 
     # --- reading the stores ---
 
-    def sql(self, query: str, timeout_s: float = 60) -> list[list]:
+    def sql(self, query: str, timeout_s: float = 60) -> list[list[Any]]:
         """Analyst SQL through the API with the admin token; rows. Raises OSError-family errors if unreachable."""
         req = urllib.request.Request(
             f"http://127.0.0.1:{self.api_port}/api/v1/sql", method="POST",
             data=json.dumps({"sql": query}).encode(),
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return json.loads(resp.read())["rows"]
+            rows: list[list[Any]] = json.loads(resp.read())["rows"]
+            return rows
 
-    def pg_query(self, query: str, params: tuple = ()) -> list[tuple]:
+    def pg_query(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         import psycopg
 
         with psycopg.connect(self.pg_dsn(), connect_timeout=10) as conn:

@@ -90,7 +90,7 @@ def check_store(store: str, ledger: Ledger, stored: dict[str, str | None], count
     detail: list[str] = []
     missing = [h for h in acked if h not in stored]
     acks_per_url = Counter(acked.values())
-    extra_per_url: Counter = Counter()
+    extra_per_url: Counter[str] = Counter()
     unknown = 0
     for h, url in stored.items():
         if h in acked:

@@ -1,0 +1,114 @@
+"""`tally up [--demo]`: the whole platform on the embedded stack, until Ctrl-C (tally/platform.py).
+
+The banner it prints once everything answers shows the URLs of the registered sites (or, with none,
+the `tally sites add` command that registers the first one), never a domain that is not registered.
+Exit codes: 0 stopped by Ctrl-C or SIGTERM, 1 start-up failed, 2 configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from core.config import Settings
+
+if TYPE_CHECKING:
+    from tally.cli_support import SubParsers
+
+SHOWN_SITES = 5  # the banner lists this many registered domains, then "and N more"
+
+
+def register(sub: SubParsers) -> None:
+    up = sub.add_parser("up", help="run the whole platform on the embedded stack (PostgreSQL, tansu, chDB)",
+                        description="Start PostgreSQL, the broker, chDB and every tally process under one "
+                        "supervisor; print the URLs; stop everything on Ctrl-C.",
+                        epilog="exit codes: 0 stopped by Ctrl-C or SIGTERM; 1 start-up failed; "
+                        "2 a usage or configuration error")
+    up.add_argument("--demo", action="store_true", help="also send synthetic traffic so numbers move")
+    up.add_argument("--json", action="store_true", help="print the banner as one JSON object (one line)")
+    up.set_defaults(func=cmd_up)
+
+
+@dataclass(frozen=True)
+class Banner:
+    """What `tally up` prints once it is up."""
+
+    collector_url: str
+    api_url: str
+    log_dir: str
+    token_file: Path
+    admin_token: str | None  # shown only by the start that minted it
+    domains: tuple[str, ...]  # the registered sites, sorted
+
+    def as_json(self) -> dict[str, object]:
+        return {"collector_url": self.collector_url, "api_url": self.api_url, "logs": self.log_dir,
+                "admin_token_file": str(self.token_file), "admin_token": self.admin_token,
+                "sites": list(self.domains)}
+
+    def text(self) -> str:
+        if self.admin_token:
+            admin = f"  admin token {self.admin_token}\n              (saved in {self.token_file}, mode 0600)"
+        else:
+            admin = f"  admin token in {self.token_file}"
+        api = self.api_url
+        if self.domains:
+            domain = self.domains[0]
+            more = f" and {len(self.domains) - SHOWN_SITES} more" if len(self.domains) > SHOWN_SITES else ""
+            sites = f"  sites       {', '.join(self.domains[:SHOWN_SITES])}{more}  (tally sites list)\n"
+            where = (f"  api         {api}/api/v1/domains/{domain}/impressions?granularity=15m\n"
+                     f"  dashboard   {api}/?domain={domain}\n")
+        else:
+            sites = ("  sites       none registered yet; register one with\n"
+                     "              tally sites add example.org --origin https://example.org\n")
+            where = f"  api         {api}/api/v1/domains\n  dashboard   {api}/\n"
+        return ("\ntally is up.\n"
+                f"  collector   {self.collector_url}/collect\n{where}"
+                f"  analyst SQL {api}/api/v1/sql      (or: tally sql \"SELECT count() FROM tally.events\")\n"
+                f"{sites}  logs        {self.log_dir}\n{admin}\nPress Ctrl-C to stop.")
+
+
+def registered_domains(dsn: str) -> tuple[str, ...]:
+    from oltp import sites
+
+    return tuple(sorted(site.domain for site in sites.list_sites(dsn)))
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.processes import StartupError
+    from infra.stack import check_ports
+    from tally.demo import DEMO_DOMAINS, register_demo_sites, run_demo
+    from tally.platform import Platform
+    from tally.roots import ADMIN_TOKEN_FILE, stop_on_signals
+
+    stop = stop_on_signals()
+    try:
+        check_ports(settings)
+        platform = Platform(settings)
+        print(f"tally: starting the embedded stack in {settings.home} ...", flush=True)
+        platform.start()
+    except StartupError as exc:
+        print(f"tally: start-up failed: {exc}", file=sys.stderr)
+        return 1
+    try:
+        dsn = (platform.settings.pg_dsn if platform.settings else None) or ""
+        keys = register_demo_sites(dsn) if args.demo else {}  # the collector needs their site keys
+        domains = registered_domains(dsn)
+        if args.demo:  # the demo's main domain first: its dashboard moves
+            domains = (DEMO_DOMAINS[0], *(d for d in domains if d != DEMO_DOMAINS[0]))
+        banner = Banner(platform.collector_url, platform.api_url, str(settings.log_dir or "stderr (TALLY_LOG_DIR=-)"),
+                        settings.home / ADMIN_TOKEN_FILE,
+                        platform.admin_token if platform.admin_token_created else None, domains)
+        print(json.dumps(banner.as_json()) if args.json else banner.text(), flush=True)
+        if args.demo:
+            threading.Thread(target=run_demo, args=(platform.collector_url, stop), kwargs={"keys": keys},
+                             daemon=True).start()
+        platform.supervise(stop)
+    finally:
+        print("tally: stopping ...", flush=True)
+        platform.stop()
+    return 0

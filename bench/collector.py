@@ -161,7 +161,7 @@ def wait_accepting(url: str, body: bytes, timeout: float = 30.0) -> None:
             time.sleep(0.2)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.collector", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 s runs instead of 15 s")
     parser.add_argument("--rsgi", action="store_true",
@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --rsgi: then N alternating 5 s runs of the bare endpoint and the RSGI collector "
                              "(1 ev/req), both servers up, for ratios less skewed by other load on the machine")
     parser.add_argument("--serve-rsgi", action="store_true", help=argparse.SUPPRESS)  # the --rsgi rows' server
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
     if args.serve_rsgi:
         return serve_rsgi()
     seconds = 5 if args.quick else 15
@@ -191,67 +195,88 @@ def main(argv: list[str] | None = None) -> int:
         cleanup.callback(postgres.stop)
         postgres.start()
         ensure_schema(postgres.dsn)
-        site = sites.add(postgres.dsn, HIT["domain"])
+        site_key = sites.add(postgres.dsn, HIT["domain"]).site_key
         env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                           env.get("PYTHONPATH")]))
         granian = shutil.which("granian", path=str(Path(sys.executable).parent)) or "granian"
-
-        port = free_port()
         bare = [granian, "--interface", "wsgi", "--workers", str(WORKERS), "--host", "127.0.0.1", "--port",
-                str(port), "--no-access-log", "bench.apps:bare_app"]
-        with http_server(bare, port, env, work / "bare.log") as (url, pid):
-            check_post(url, one)
-            wrk(url, one, 1, work / "warm.lua")
-            say("[collector] bare Flask / granian ...")
-            rows["bare, 1 ev/req"] = measured(pid, url, one, seconds, work / "one.lua")
-            rows["bare, 50 ev/req"] = measured(pid, url, fifty, seconds, work / "fifty.lua")
-
-        port = free_port()
+                str(free_port()), "--no-access-log", "bench.apps:bare_app"]
         spool = work / "spool"
         cenv = {**env, "TALLY_HOME": str(work / "home"), "TALLY_SPOOL_DIR": str(spool), "TALLY_SECRET": SECRET,
-                "TALLY_PG_DSN": postgres.dsn, "TALLY_COLLECTOR_PORT": str(port),
-                "TALLY_COLLECTOR_WORKERS": str(WORKERS), "TALLY_SITE_RATE_PER_S": "10000000",
-                "TALLY_SITE_BURST": "100000000"}
+                "TALLY_PG_DSN": postgres.dsn, "TALLY_COLLECTOR_WORKERS": str(WORKERS),
+                "TALLY_SITE_RATE_PER_S": "10000000", "TALLY_SITE_BURST": "100000000"}
+        # `tally collector` as it ships, in each interface (TALLY_COLLECTOR_INTERFACE; rsgi is the default).
+        rsgi_argv = ([sys.executable, "-m", "bench.collector", "--serve-rsgi"]
+                     if os.environ.get("BENCH_GRANIAN_OPTIONS") else [sys.executable, "-m", "tally.cli", "collector"])
+        rows.update(_bare_rows(bare, env, work, one, fifty, seconds))
         say("[collector] fdatasync latency in the spool directory ...")
         disk = {"before": fdatasync_latency(spool)}
-        # `tally collector` as it ships, in each interface (TALLY_COLLECTOR_INTERFACE; rsgi is the default).
-        rsgi_argv = ([sys.executable, "-m", "bench.collector", "--serve-rsgi"] if os.environ.get("BENCH_GRANIAN_OPTIONS")
-                     else [sys.executable, "-m", "tally.cli", "collector"])
         servers = [("collector", "wsgi", [sys.executable, "-m", "tally.cli", "collector"])]
         if args.rsgi:
             servers.append(("rsgi", "rsgi", rsgi_argv))
         for name, interface, server_argv in servers:
-            port = free_port()
-            cenv["TALLY_COLLECTOR_PORT"] = str(port)
-            with http_server(server_argv, port, {**cenv, "TALLY_COLLECTOR_INTERFACE": interface},
-                             work / f"{name}.log") as (url, pid):
-                url = f"{url}?site={site.site_key}"
-                wait_accepting(url, one)
-                wrk(url, one, 1, work / "warm.lua")
-                say(f"[collector] tally collector ({name}) ...")
-                rows[f"{name}, 1 ev/req"] = measured(pid, url, one, seconds, work / "one.lua")
-                rows[f"{name}, 50 ev/req"] = measured(pid, url, fifty, seconds, work / "fifty.lua")
+            rows.update(_collector_rows(name, server_argv, {**cenv, "TALLY_COLLECTOR_INTERFACE": interface}, work,
+                                        site_key, one, fifty, seconds))
         if args.rsgi and args.pairs:
-            say(f"[collector] bare and RSGI, {args.pairs} alternating pairs of 5 s runs ...")
-            bare_port, rsgi_port = free_port(), free_port()
-            bare[bare.index("--port") + 1] = str(bare_port)
-            cenv["TALLY_COLLECTOR_PORT"] = str(rsgi_port)
-            with http_server(bare, bare_port, env, work / "bare-paired.log") as (bare_url, bare_pid), \
-                    http_server(rsgi_argv, rsgi_port, {**cenv, "TALLY_COLLECTOR_INTERFACE": "rsgi"},
-                                work / "rsgi-paired.log") as (rsgi_url, rsgi_pid):
-                rsgi_url = f"{rsgi_url}?site={site.site_key}"
-                wait_accepting(rsgi_url, one)
-                check_post(bare_url, one)
-                wrk(bare_url, one, 1, work / "warm.lua")
-                wrk(rsgi_url, one, 1, work / "warm.lua")
-                order = [("bare", bare_url, bare_pid), ("rsgi", rsgi_url, rsgi_pid)]
-                for i in range(args.pairs):
-                    for name, url, pid in (order if i % 2 == 0 else order[::-1]):
-                        pairs.setdefault(name, []).append(measured(pid, url, one, 5, work / "one.lua"))
+            pairs = _pairs(args.pairs, bare, env, rsgi_argv, cenv, work, site_key, one)
         lines = sum(p.read_bytes().count(b"\n") for p in spool.glob("*.*") if p.is_file())
         disk["after"] = fdatasync_latency(spool)
+    _report(rows, disk, pairs, lines, seconds, rsgi=args.rsgi)
+    return 0
 
+
+def _bare_rows(bare: list[str], env: dict[str, str], work: Path, one: bytes, fifty: bytes,
+               seconds: int) -> dict[str, dict[str, float]]:
+    """The floor: the bare Flask endpoint under granian, 1 and 50 events per request."""
+    port = int(bare[bare.index("--port") + 1])
+    with http_server(bare, port, env, work / "bare.log") as (url, pid):
+        check_post(url, one)
+        wrk(url, one, 1, work / "warm.lua")
+        say("[collector] bare Flask / granian ...")
+        return {"bare, 1 ev/req": measured(pid, url, one, seconds, work / "one.lua"),
+                "bare, 50 ev/req": measured(pid, url, fifty, seconds, work / "fifty.lua")}
+
+
+def _collector_rows(name: str, argv: list[str], env: dict[str, str], work: Path, site_key: str, one: bytes,
+                    fifty: bytes, seconds: int) -> dict[str, dict[str, float]]:
+    """`tally collector` (as `argv` starts it, in `env`'s interface), 1 and 50 events per request."""
+    port = free_port()
+    with http_server(argv, port, {**env, "TALLY_COLLECTOR_PORT": str(port)}, work / f"{name}.log") as (url, pid):
+        url = f"{url}?site={site_key}"
+        wait_accepting(url, one)
+        wrk(url, one, 1, work / "warm.lua")
+        say(f"[collector] tally collector ({name}) ...")
+        return {f"{name}, 1 ev/req": measured(pid, url, one, seconds, work / "one.lua"),
+                f"{name}, 50 ev/req": measured(pid, url, fifty, seconds, work / "fifty.lua")}
+
+
+def _pairs(count: int, bare: list[str], env: dict[str, str], rsgi_argv: list[str], cenv: dict[str, str],
+           work: Path, site_key: str, one: bytes) -> dict[str, list[dict[str, float]]]:
+    """`count` alternating 5 s runs of the bare endpoint and the RSGI collector (1 ev/req), both servers up."""
+    say(f"[collector] bare and RSGI, {count} alternating pairs of 5 s runs ...")
+    bare_port, rsgi_port = free_port(), free_port()
+    bare = [*bare]
+    bare[bare.index("--port") + 1] = str(bare_port)
+    pairs: dict[str, list[dict[str, float]]] = {}
+    rsgi_env = {**cenv, "TALLY_COLLECTOR_PORT": str(rsgi_port), "TALLY_COLLECTOR_INTERFACE": "rsgi"}
+    with http_server(bare, bare_port, env, work / "bare-paired.log") as (bare_url, bare_pid), \
+            http_server(rsgi_argv, rsgi_port, rsgi_env, work / "rsgi-paired.log") as (rsgi_url, rsgi_pid):
+        rsgi_url = f"{rsgi_url}?site={site_key}"
+        wait_accepting(rsgi_url, one)
+        check_post(bare_url, one)
+        wrk(bare_url, one, 1, work / "warm.lua")
+        wrk(rsgi_url, one, 1, work / "warm.lua")
+        order = [("bare", bare_url, bare_pid), ("rsgi", rsgi_url, rsgi_pid)]
+        for i in range(count):
+            for name, url, pid in (order if i % 2 == 0 else order[::-1]):
+                pairs.setdefault(name, []).append(measured(pid, url, one, 5, work / "one.lua"))
+    return pairs
+
+
+def _report(rows: dict[str, dict[str, float]], disk: dict[str, dict[str, float]],
+            pairs: dict[str, list[dict[str, float]]], lines: int, seconds: int, *, rsgi: bool) -> None:
+    """Print the table and the ratios; write bench/results/collector.json."""
     ratio1 = rows["collector, 1 ev/req"]["rps"] / rows["bare, 1 ev/req"]["rps"]
     ratio50 = rows["collector, 50 ev/req"]["rps"] / rows["bare, 50 ev/req"]["rps"]
     print(f"\n{'row':<22} {'req/s':>9} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'wrk CPU s':>10} "
@@ -267,20 +292,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nratio to the bare endpoint: 1 ev/req {ratio1:.2f}, 50 ev/req {ratio50:.2f}; "
           f"{rows['collector, 50 ev/req']['rps'] * 50:,.0f} events/s batched; {lines:,} lines spooled "
           f"({CONNECTIONS} connections, {WORKERS} granian workers each, {seconds} s runs)")
-    if args.rsgi:
+    if rsgi:
         print(f"RSGI (async /collect): 1 ev/req {rows['rsgi, 1 ev/req']['rps'] / rows['bare, 1 ev/req']['rps']:.2f} "
               f"of the bare endpoint, p99 {rows['rsgi, 1 ev/req']['p99_ms']:.1f} ms; "
               f"{rows['rsgi, 50 ev/req']['rps'] * 50:,.0f} events/s batched")
     if pairs:
-        ratios = sorted(r["rps"] / b["rps"] for b, r in zip(pairs["bare"], pairs["rsgi"]))
+        paired = list(zip(pairs["bare"], pairs["rsgi"], strict=True))
+        ratios = sorted(r["rps"] / b["rps"] for b, r in paired)
         print("RSGI / bare, alternating 5 s pairs (1 ev/req): ratios " + ", ".join(f"{x:.2f}" for x in ratios)
               + f"; median {ratios[len(ratios) // 2]:.2f}; RSGI p99 ms "
               + ", ".join(f"{r['p99_ms']:.1f}" for r in pairs["rsgi"]) + "; others CPU s (bare / RSGI) "
-              + ", ".join(f"{b['others_cpu_s']}/{r['others_cpu_s']}" for b, r in zip(pairs["bare"], pairs["rsgi"])))
+              + ", ".join(f"{b['others_cpu_s']}/{r['others_cpu_s']}" for b, r in paired))
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "collector.json").write_text(json.dumps({"rows": rows, "ratio_1": ratio1, "ratio_50": ratio50,
                                                             "fdatasync": disk, "pairs": pairs}, indent=2))
-    return 0
 
 
 def serve_rsgi() -> int:

@@ -1,8 +1,9 @@
 """Micro-benchmark of the collector's per-event work: `python -m bench.event_validation [--rounds N]`.
 
-What `collector.app.screen` + the spool do per event, in-process: `event_from_hit` (validation,
-normalisation, hash, visitor key, user-agent fields) and `Event.to_json()` (the spooled bytes), with
-a fresh `HitContext` per request as the collector builds one. Bodies of 1 and 50 events, two shapes:
+What the admission pipeline (collector/admission.py) + the spool do per event, in-process:
+`event_from_hit` (validation, normalisation, hash, visitor key, user-agent fields) and
+`Event.to_json()` (the spooled bytes), with a fresh `HitContext` per request as the collector builds
+one. Bodies of 1 and 50 events, two shapes:
 the bench's hit (`bench.common.HIT`: domain, url, type) and the tag's (id, epoch-ms ts, url,
 referrer, value). Prints microseconds per event for `core/event.py` as committed (git HEAD, loaded
 as a separate module) and as in the work tree, each the best of alternating runs. Never part of
@@ -25,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from bench.common import HIT, UA
-from collector.app import classify_user_agent
+from collector.ua import classify_user_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 

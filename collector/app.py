@@ -1,24 +1,20 @@
 """The collector: `POST /collect` validates hits, checks their site keys, page origins and rate limits,
 stamps them, and spools them before answering 202; `GET /i.gif` does the same for one signed pixel;
-`GET /tag.js` serves the JS tag (docs/adr/0011-sites-registry.md, 0015-browser-edge.md)."""
+`GET /tag.js` serves the JS tag (docs/adr/0011-sites-registry.md, 0015-browser-edge.md). Both admissions
+run the one pipeline of collector/admission.py (ADR 37); a server's `POST /collect` is answered in front
+of Flask by the lean path (collector/fast_path.py, collector/rsgi.py)."""
 
 from __future__ import annotations
 
-import logging
-import math
-import threading
 import time
-from collections import Counter
-from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
-from functools import lru_cache
-from typing import Any
+from datetime import timedelta
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from collector import metrics as edge_metrics
-from collector.body import ACCEPTED_TEXT, ACCEPTED_TYPES, BodyError, content_type_ok, parse_events
+from collector.admission import CHECKS, Admission, Intake, Refusal, registry_unavailable
+from collector.body import ACCEPTED_TEXT, ACCEPTED_TYPES, content_type_ok
 from collector.edge import (
     GIF,
     TAG_CACHE_CONTROL,
@@ -33,281 +29,34 @@ from collector.edge import (
     unrequested_headers,
 )
 from collector.fast_path import CollectFastPath
+from collector.refusals import Blame, RefusalLedger
 from collector.registry import SiteRegistry, Snapshot
+from collector.sealer import Sealer
 from collector.site_limits import RefusalCounter, SiteLimiter, address_key
-from core import metrics
 from core.config import Settings
-from core.event import (
-    Event,
-    EventError,
-    HitContext,
-    Limits,
-    event_from_hit,
-    mac_key,
-    normalize_domain,
-    refusal_count_json,
-)
+from core.event import Limits, mac_key
 from core.http import error, install_host_check, install_json_errors, json_response
 from core.pixel import pixel_hit
 from oltp.sites import Site
-from spool.segments import SpoolFull, SpoolWriter
+from spool.segments import SpoolWriter
 
-log = logging.getLogger(__name__)
 bp = Blueprint("collector", __name__)
 
 
-@lru_cache(maxsize=4096)
-def classify_user_agent(ua: str) -> tuple[str | None, str | None, str | None]:
-    from ua_parser import parse
-
-    result = parse(ua)
-    browser = result.user_agent.family if result.user_agent else None
-    os_name = result.os.family if result.os else None
-    lowered = ua.lower()
-    if any(word in lowered for word in ("bot", "spider", "crawl")):
-        device = "bot"
-    elif "ipad" in lowered or "tablet" in lowered:
-        device = "tablet"
-    elif "mobi" in lowered or "android" in lowered or "iphone" in lowered:
-        device = "mobile"
-    else:
-        device = "desktop"
-    return browser, os_name, device
+def _admission() -> Admission:
+    admission: Admission = current_app.extensions["tally_admission"]
+    return admission
 
 
-def _domains(items: list[Any]) -> list[str | None]:
-    """Each item's domain as the refusal counters name it (None when it is unreadable)."""
-    out: list[str | None] = []
-    for item in items:
-        try:
-            out.append(normalize_domain(item.get("domain")) if isinstance(item, dict) else None)
-        except EventError:
-            out.append(None)
-    return out
-
-
-def _key_owners(items: list[Any], url_key: str | None, by_key: dict[str, Site]) -> list[str | None]:
-    """Each item's site as its key names it (own `site` field, else `url_key`): the domain of a registered
-    key, else None. Only a registered key makes a refusal a site's own: anyone can write any domain into
-    an event, so a made-up or missing key never counts against a customer's domain."""
-    out: list[str | None] = []
-    for item in items:
-        key = (item.get("site") if isinstance(item, dict) else None) or url_key
-        site = by_key.get(key) if isinstance(key, str) else None
-        out.append(site.domain if site is not None else None)
-    return out
-
-
-def _refuse(items: list[Any] | None, reason: str, resp: Response, url_key: str | None = None, *,
-            screened: bool = False, client: str | None = None) -> Response:
-    """Count every event of a refused request under (its site, reason), and answer `resp`.
-
-    Its site is the one its registered key names (`_key_owners`); without one the refusal is counted
-    globally (domain None: the metrics' `unknown` site, never a customer's status). `screened`: the
-    items passed `screen` (every one carries its own domain's key, and was charged to `client`'s share),
-    so their domains are their sites and they count uncapped. `client`: the sender's address, whose
-    refusals count for a site up to its share per window (`_count`).
-    """
-    if items is None:
-        _count(reason, {None: 1}, client)
-        return resp
-    if screened:
-        owners = _domains(items)
-    else:
-        sites = current_app.extensions["tally_registry"].snapshot()
-        owners = _key_owners(items, url_key, sites.by_key if sites is not None else {})
-    _count(reason, Counter(owners), client, capped=not screened)
+def refused(refusal: Refusal) -> Response:
+    """The Flask answer of a refusal (the pipeline counted it)."""
+    resp = error(refusal.status, refusal.code, refusal.message, **refusal.extra)
+    if refusal.retry_after is not None:
+        resp.headers["Retry-After"] = str(refusal.retry_after)
     return resp
 
 
-def _refuse_for(domain: str | None, reason: str, resp: Response, client: str | None = None) -> Response:
-    """Count one refused request under `domain` (a site whose registered key it carried), or globally."""
-    _count(reason, {domain: 1}, client)
-    return resp
-
-
-def _count(reason: str, owners: Mapping[str | None, int], client: str | None, *, capped: bool = True) -> None:
-    """Count refused events by the site that owns them (None: nobody's). The metrics count every one
-    (`site="unknown"` for None); a site's own count (spooled, on its status) takes at most `client`'s
-    share of the site's limit per window (SiteLimiter.countable), so one sender cannot inflate a site's
-    refusal counters without bound (ADR 29)."""
-    refusals: RefusalCounter = current_app.extensions["tally_refusals"]
-    sites = current_app.extensions["tally_registry"].snapshot()
-    registered: Mapping[str, Site] = sites.by_domain if sites is not None else {}
-    for domain, n in owners.items():
-        metrics.count_refused(domain, reason, n, registered)
-        site = registered.get(domain) if domain is not None else None
-        if domain is None or site is None:
-            refusals.add(None, reason, n)
-            continue
-        if capped:
-            limiter: SiteLimiter = current_app.extensions["tally_limiter"]
-            n = limiter.countable(domain, n, (site.rate_per_s, site.burst), client)
-        if n:
-            refusals.add(domain, reason, n)
-
-
-def admit(items: list[Any], url_key: str | None, *, origin: str | None = None,
-          cors_origin: str | None = None, peer: tuple[str | None, str | None] | None = None
-          ) -> Response | list[Event]:
-    """The one admission path of `/collect` and `/i.gif`: `screen`, then the spool (write + fdatasync,
-    blocking this thread until it is durable), then `admitted`. Returns the spooled events, or the
-    refusal to answer (counted; nothing of the request is written). Arguments as `screen`'s."""
-    result = screen(items, url_key, origin=origin, cors_origin=cors_origin, peer=peer)
-    if isinstance(result, Response):
-        return result
-    spool: SpoolWriter = current_app.extensions["tally_spool"]
-    try:
-        spool.append(e.to_json() for e in result)
-    except SpoolFull:
-        return spool_full(items)
-    return admitted(result, origin=origin, cors_origin=cors_origin)
-
-
-def spool_full(items: list[Any]) -> Response:
-    """The refusal of a request whose events the spool's full disk refused (counted)."""
-    resp = error(503, "spool_full", "the collector's disk is full; retry later")
-    resp.headers["Retry-After"] = "30"
-    return _refuse(items, "spool_full", resp, screened=True)
-
-
-def admitted(events: list[Event], *, origin: str | None = None, cors_origin: str | None = None) -> list[Event]:
-    """Count a request's events as accepted, once they are durable in the spool; returns `events`."""
-    metrics.count_accepted(Counter(e.domain for e in events))  # one update per domain, after the fsync
-    if origin is not None:
-        g.tally_cors = cors_origin  # every event's site registered this origin (checked by screen)
-    return events
-
-
-def screen(items: list[Any], url_key: str | None, *, origin: str | None = None,
-           cors_origin: str | None = None, peer: tuple[str | None, str | None] | None = None
-           ) -> Response | list[Event]:
-    """Admission short of the spool: every event valid, with a registered site key for its own domain
-    (`site` field, else `url_key`), every site allowing the page origin (when the request has an
-    `Origin`) and within its rate limit (charged here). Returns the stamped events, to be spooled and
-    then passed to `admitted`, or the refusal to answer (counted; nothing is written). Never blocks on
-    the spool; it may query PostgreSQL once for a site key the registry copy lacks (rate-limited there).
-
-    `origin`: the raw `Origin` header (None: not a browser's cross-origin request); `cors_origin`: its
-    normalised form when it is readable at all (None for `null` or garbage). `peer`: the request's
-    (User-Agent, client address), default Flask's current request (collector/fast_path.py passes them:
-    it runs admit in an app context without a request context).
-    """
-    cfg: Settings = current_app.config["TALLY"]
-    user_agent, client_ip = peer if peer is not None else (request.headers.get("User-Agent"), request.remote_addr)
-    if not items:
-        return _refuse(None, "empty_batch", error(400, "empty_batch", "the batch holds no events"))
-    if len(items) > cfg.max_batch_events:  # one refusal, however many items: nothing was read one by one
-        return _refuse_for(_request_site(items, url_key), "batch_too_large", error(
-            413, "batch_too_large", f"at most {cfg.max_batch_events} events per request"), client_ip)
-    registry: SiteRegistry = current_app.extensions["tally_registry"]
-    keys = [url_key, *(item.get("site") for item in items if isinstance(item, dict))]
-    sites = registry.snapshot_knowing(keys)  # one consistent copy for the whole request
-    if sites is None:
-        if origin is not None:
-            g.tally_cors = None  # the origin cannot be checked: the answer is not readable by a page
-        return _refuse(items, "registry_unavailable", _registry_unavailable(registry))
-    if origin is not None:
-        refused = _check_origin(items, url_key, sites, origin, cors_origin, client_ip)
-        if refused is not None:
-            return refused
-    ctx = HitContext(received_at=datetime.now(UTC), user_agent=user_agent, client_ip=client_ip)
-    events = _stamp(items, url_key, sites, ctx)
-    if isinstance(events, Response):
-        return events
-    return _charge(events, items, url_key, sites, client_ip)
-
-
-def _request_site(items: list[Any], url_key: str | None) -> str | None:
-    """The site a refusal of the whole request counts for: the one its first event's key names (its own
-    `site` field, else `url_key`), if registered in the registry copy; else None (nobody's)."""
-    sites = current_app.extensions["tally_registry"].snapshot()
-    return _key_owners(items[:1], url_key, sites.by_key)[0] if sites is not None else None
-
-
-def _check_origin(items: list[Any], url_key: str | None, sites: Snapshot, origin: str,
-                  cors_origin: str | None, client: str | None) -> Response | None:
-    """Before anything else: a page origin a site did not register learns nothing and writes nothing."""
-    known = 0
-    for index, item in enumerate(items):
-        key = (item.get("site") if isinstance(item, dict) else None) or url_key
-        site = sites.by_key.get(key) if isinstance(key, str) else None
-        known += site is not None
-        if site is not None and not origin_allowed(cors_origin, site):
-            g.tally_cors = None
-            return _refuse(items, "origin_not_allowed", error(
-                403, "origin_not_allowed", f"event {index}: origin {origin[:200]!r} is not registered for "
-                f"{site.domain} (`tally sites add --origin`)", index=index, field="Origin",
-                origin=origin[:200], domain=site.domain), url_key, client=client)
-    if known == len(items):  # every event's site registered it: every answer is the page's to read
-        g.tally_cors = cors_origin
-    return None
-
-
-def _stamp(items: list[Any], url_key: str | None, sites: Snapshot, ctx: HitContext) -> Response | list[Event]:
-    """Every event validated and stamped under its site's URL rule, with a registered key for its own
-    domain; else the refusal of the first that is not (all or nothing: nothing is spooled)."""
-    limits: Limits = current_app.config["TALLY_LIMITS"]
-    visitor_key: bytes = current_app.config["TALLY_VISITOR_KEY"]
-    events = []
-    for index, item in enumerate(items):
-        key = (item.get("site") if isinstance(item, dict) else None) or url_key
-        site = sites.by_key.get(key) if isinstance(key, str) else None
-        try:
-            event = event_from_hit(item, ctx, limits, visitor_key, classify_user_agent,
-                                   site.url_rule if site is not None else None)
-        except EventError as exc:
-            return _refuse(items, "invalid_event", error(400, "invalid_event", f"event {index}: {exc}",
-                                                         index=index, **exc.as_dict()), url_key, client=ctx.client_ip)
-        if not key:
-            return _refuse(items, "missing_site_key", error(
-                401, "missing_site_key", f"event {index}: no site key; send ?site=<key> or a 'site' field "
-                "(`tally sites add DOMAIN` prints the key)", index=index, field="site"), url_key, client=ctx.client_ip)
-        if site is None:
-            return _refuse(items, "unknown_site_key", error(
-                401, "unknown_site_key", f"event {index}: the site key is not registered", index=index,
-                field="site"), url_key, client=ctx.client_ip)
-        if site.domain != event.domain:
-            return _refuse(items, "site_mismatch", error(
-                403, "site_mismatch", f"event {index}: the site key is not for domain {event.domain} "
-                "(domains match exactly; register www. names separately)", index=index, field="site",
-                domain=event.domain), url_key, client=ctx.client_ip)
-        events.append(event)
-    return events
-
-
-def _charge(events: list[Event], items: list[Any], url_key: str | None, sites: Snapshot, client_ip: str | None
-            ) -> Response | list[Event]:
-    """Charge the events to their sites' limits and to the client address's share of them (ADR 29);
-    `events`, or the 429 (counted) when a site or this address's share of it has no room."""
-    costs = Counter(e.domain for e in events)
-    limiter: SiteLimiter = current_app.extensions["tally_limiter"]
-    over = limiter.hit(costs, {d: (sites.by_domain[d].rate_per_s, sites.by_domain[d].burst) for d in costs},
-                       client_ip)
-    if over is None:
-        return events
-    if over.address:
-        code = "address_rate_limited"
-        message = (f"this batch is larger than what one client address may send at once for {over.domain} "
-                   f"({over.limit} events); send smaller batches" if over.too_big else
-                   f"this client address is over its share of {over.domain}'s event rate limit; retry later "
-                   "(a site fed from its own servers raises its limit: `tally sites update DOMAIN --rate N --burst N`)")
-    else:
-        code = "rate_limited"
-        message = (f"this batch is larger than what {over.domain} may send at once; send smaller batches"
-                   if over.too_big else f"{over.domain} is over its event rate limit; retry later")
-    resp = error(429, code, message, domain=over.domain)
-    resp.headers["Retry-After"] = str(over.retry_after)
-    return _refuse(items, code, resp, url_key, client=client_ip)
-
-
-def _registry_unavailable(registry: SiteRegistry) -> Response:
-    resp = error(503, "registry_unavailable", "the collector cannot read the sites registry yet; retry later")
-    resp.headers["Retry-After"] = str(max(1, math.ceil(registry.refresh_s)))
-    return resp
-
-
-def _url_site(sites: Any, key: str | None) -> Site | None:
+def _url_site(sites: Snapshot | None, key: str | None) -> Site | None:
     return sites.by_key.get(key) if sites is not None and key else None
 
 
@@ -325,25 +74,25 @@ def collect() -> Response:
     url_key = request.args.get("site")
     origin = request.headers.get("Origin")
     cors_origin = request_origin(origin)
+    admission = _admission()
     if origin is not None:
         # Until the events are checked, an answer is readable by the page only if the ?site= site
         # registered its origin (so the tag can read a 400's index or a 429's Retry-After).
-        site = _url_site(current_app.extensions["tally_registry"].snapshot_knowing([url_key]), url_key)
+        site = _url_site(admission.registry.snapshot_knowing([url_key]), url_key)
         g.tally_cors = cors_origin if site is not None and origin_allowed(cors_origin, site) else None
     if not content_type_ok(request.mimetype, request.mimetype_params):
-        return _refuse(None, "unsupported_media_type",
-                       error(415, "unsupported_media_type", f"send Content-Type: {ACCEPTED_TEXT}",
-                             accepted=list(ACCEPTED_TYPES)))
+        return refused(admission.refuse(Refusal(415, "unsupported_media_type", f"send Content-Type: {ACCEPTED_TEXT}",
+                                                {"accepted": list(ACCEPTED_TYPES)})))
     body = request.get_data(cache=False)
     if request.content_length is None and _cut_at_the_limit(body):
         raise RequestEntityTooLarge()  # the 413 a Content-Length beyond the limit gets
-    try:
-        items = parse_events(body)
-    except BodyError as exc:
-        return _refuse(None, exc.code, error(exc.status, exc.code, exc.message, **exc.extra))
-    result = admit(items, url_key, origin=origin, cors_origin=cors_origin)
-    if isinstance(result, Response):
-        return result
+    intake = Intake(body, url_key, user_agent=request.headers.get("User-Agent"), client_ip=request.remote_addr,
+                    origin=origin, cors_origin=cors_origin, cors=g.get("tally_cors"))
+    result = admission.admit(intake)
+    if origin is not None:
+        g.tally_cors = intake.cors
+    if isinstance(result, Refusal):
+        return refused(result)
     return json_response({"accepted": len(result), "hashes": [e.hash for e in result]}, 202)
 
 
@@ -368,7 +117,7 @@ def preflight() -> Response:
     registry: SiteRegistry = current_app.extensions["tally_registry"]
     sites = registry.snapshot_knowing([request.args.get("site")])
     if sites is None:
-        return _registry_unavailable(registry)
+        return refused(registry_unavailable(registry))  # not counted: a preflight sends no event
     site = _url_site(sites, request.args.get("site"))
     if site is None or not origin_allowed(request_origin(origin), site):
         why = "its ?site= key is not registered" if site is None else f"it is not registered for {site.domain}"
@@ -429,21 +178,23 @@ def pixel() -> Response:
     User-Agent, within a UTC quarter hour are one event (the same id and time: the same hash, ADR 31)."""
     if request.method != "GET":  # HEAD (prefetchers, link checkers) must not count a hit
         return error(405, "method_not_allowed", "fetch the pixel with GET")
-    registry: SiteRegistry = current_app.extensions["tally_registry"]
-    sites = registry.snapshot_knowing(request.args.getlist("site")[:1])
+    admission = _admission()
+    address = request.remote_addr
+    intake = Intake(None, None, user_agent=request.headers.get("User-Agent"), client_ip=address)
+    sites = admission.registry.snapshot_knowing(request.args.getlist("site")[:1])
     if sites is None:
-        return _refuse(None, "registry_unavailable", _registry_unavailable(registry))
-    now, max_ttl_s = time.time(), current_app.config["TALLY"].pixel_max_ttl_s
+        return refused(admission.refuse(registry_unavailable(admission.registry), intake))
+    now, max_ttl_s = time.time(), admission.settings.pixel_max_ttl_s
     try:
         site, params = pixel_params(request.query_string, sites.by_key, now, max_ttl_s)
     except PixelRefusal as exc:
-        return _refuse_for(exc.domain, exc.code, error(exc.status, exc.code, exc.message, field=exc.field),
-                           request.remote_addr)
-    address = request.remote_addr
-    event = pixel_hit(params, current_app.config["TALLY_VISITOR_KEY"], address and address_key(address), now)
-    result = admit([event], site.site_key)  # the pixel is signed: no Origin check
-    if isinstance(result, Response):
-        return result
+        return refused(admission.refuse(Refusal(exc.status, exc.code, exc.message, {"field": exc.field},
+                                                blame=Blame.request(exc.domain)), intake))
+    intake.items = [pixel_hit(params, admission.visitor_key, address and address_key(address), now)]
+    intake.url_key = site.site_key  # the pixel is signed: no Origin check
+    result = admission.admit(intake, CHECKS)
+    if isinstance(result, Refusal):
+        return refused(result)
     return Response(GIF, status=200, content_type="image/gif")
 
 
@@ -475,71 +226,31 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
     `registry`: the sites registry copy to check keys against; default one loaded from
     `settings.pg_dsn` (else its disk copy) and refreshed every `settings.registry_refresh_s`.
     `workers`: how many worker processes serve this collector; each enforces 1/workers of every
-    site's rate limit. The refusal counts are in `app.extensions["tally_refusals"]`.
+    site's rate limit. The refusal counts are in `app.extensions["tally_refusals"]`; the admission
+    pipeline (collector/admission.py) in `"tally_admission"`; the sealer thread (collector/sealer.py,
+    None without `start_sealer`) in `"tally_sealer"`.
     """
     if not settings.secret:
         raise ValueError("TALLY_SECRET must be set for the collector")
     app = Flask(__name__)
     app.config["TALLY"] = settings
-    app.config["TALLY_VISITOR_KEY"] = mac_key(settings.secret)
-    app.config["TALLY_LIMITS"] = Limits(max_future_skew=timedelta(seconds=settings.max_future_skew_s),
-                                        max_past_age=timedelta(seconds=settings.max_past_age_s))
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.extensions["tally_registry"] = registry or SiteRegistry.from_settings(settings).start()
-    app.extensions["tally_limiter"] = SiteLimiter(settings.site_rate_per_s, settings.site_burst, workers=workers,
-                                                  address_share=settings.site_address_share)
-    app.extensions["tally_refusals"] = RefusalCounter()
-    app.extensions["tally_tag"] = TagAsset.load()  # read and gzip-compressed once per worker
+    registry = registry or SiteRegistry.from_settings(settings).start()
+    limiter = SiteLimiter(settings.site_rate_per_s, settings.site_burst, workers=workers,
+                          address_share=settings.site_address_share)
+    refusals = RefusalCounter()
     spool = spool or SpoolWriter(settings.spool_dir, max_bytes=settings.spool_segment_bytes,
                                  max_age_s=settings.spool_segment_age_s, reserve_bytes=settings.spool_reserve_bytes)
-    app.extensions["tally_spool"] = spool
+    limits = Limits(max_future_skew=timedelta(seconds=settings.max_future_skew_s),
+                    max_past_age=timedelta(seconds=settings.max_past_age_s))
+    admission = Admission(settings, registry, limiter, RefusalLedger(registry, limiter, refusals), spool,
+                          mac_key(settings.secret), limits)
+    app.extensions.update(tally_registry=registry, tally_limiter=limiter, tally_refusals=refusals, tally_spool=spool,
+                          tally_admission=admission, tally_tag=TagAsset.load())  # the tag: read and gzipped once
     install_host_check(app, settings.allowed_hosts)
     app.register_blueprint(bp)
-    app.wsgi_app = CollectFastPath(app, app.wsgi_app, admit)  # type: ignore[method-assign] # POST /collect, lean
+    app.wsgi_app = CollectFastPath(settings, app.wsgi_app, admission)  # type: ignore[method-assign]  # lean path
     edge_metrics.install(app)  # GET /metrics (allowlisted networks) and requests by route and status
     install_json_errors(app)
-    if start_sealer:
-        _start_sealer(app, spool, settings.spool_segment_age_s)
+    app.extensions["tally_sealer"] = Sealer(app, spool, settings.spool_segment_age_s).start() if start_sealer else None
     return app
-
-
-REFUSALS_FLUSH_S = 5.0  # how often each collector process spools its refusal counts
-
-
-def flush_refusals(app: Flask) -> int:
-    """Spool this process's refusal counts as count records (core.event.refusal_count_json), for the
-    registered domains only (a made-up domain is nobody's to see); returns how many were written.
-    If the spool refuses them, they are kept for the next flush."""
-    refusals: RefusalCounter = app.extensions["tally_refusals"]
-    counts = refusals.take()
-    sites = app.extensions["tally_registry"].snapshot()
-    known = sites.by_domain if sites is not None else {}
-    now = datetime.now(UTC)
-    mine = {(d, r): n for (d, r), n in counts.items() if d is not None and d in known}
-    if not mine:
-        return 0
-    try:
-        app.extensions["tally_spool"].append(
-            refusal_count_json(domain, reason, n, now) for (domain, reason), n in sorted(mine.items()))
-    except OSError:
-        for (domain, reason), n in mine.items():
-            refusals.add(domain, reason, n)
-        raise
-    return len(mine)
-
-
-def _start_sealer(app: Flask, spool: SpoolWriter, period_s: float) -> None:
-    """Seal idle segments so they ship, and spool the refusal counts every REFUSALS_FLUSH_S."""
-    def loop() -> None:
-        last_flush = time.monotonic()
-        while True:
-            threading.Event().wait(min(period_s / 2, REFUSALS_FLUSH_S))
-            try:
-                if time.monotonic() - last_flush >= REFUSALS_FLUSH_S:
-                    last_flush = time.monotonic()
-                    flush_refusals(app)
-                spool.seal_if_stale()
-            except OSError:
-                log.exception("spool: sealing or spooling refusal counts failed")
-
-    threading.Thread(target=loop, name="spool-sealer", daemon=True).start()

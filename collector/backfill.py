@@ -197,7 +197,7 @@ def read_csv(fh: io.BufferedReader) -> Iterator[tuple[int, Any]]:
             if len(row) != len(names):
                 yield number, BadLine(number, "$", f"has {len(row)} cells, the header names {len(names)}")
                 continue
-            obj: dict[str, Any] = {n: v for n, v in zip(names, row) if v != ""}
+            obj: dict[str, Any] = {n: v for n, v in zip(names, row, strict=True) if v != ""}
             ts = obj.get("ts")
             if isinstance(ts, str) and ts.isascii() and ts.isdigit():
                 obj["ts"] = int(ts)  # epoch milliseconds, as a JSON number would be

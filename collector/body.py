@@ -60,7 +60,7 @@ def parse_events(raw: bytes) -> list[Any]:
     return items
 
 
-class _Repeated(dict):
+class _Repeated(dict[str, Any]):
     """A JSON object in which `repeated` appeared more than once (the last value kept, like orjson)."""
 
     repeated: str | None = None

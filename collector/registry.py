@@ -25,7 +25,7 @@ from pathlib import Path
 import orjson
 
 from core.config import Settings
-from oltp.sites import Site
+from oltp.sites import Site, load_all
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,6 @@ class SiteRegistry:
     @classmethod
     def from_settings(cls, settings: Settings) -> SiteRegistry:
         """PostgreSQL at `settings.pg_dsn`, disk copy at `$TALLY_HOME/collector/sites.json`."""
-        from oltp.sites import load_all
-
         dsn = settings.pg_dsn
         if not dsn:
             raise ValueError("TALLY_PG_DSN must be set for the collector (it reads the sites registry)")

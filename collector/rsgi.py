@@ -8,15 +8,16 @@ thread that blocks until its group's fdatasync, so every request passes the work
 threads at least twice. Here a request waiting for durability is a future on the worker's event
 loop; one flusher thread writes + fdatasyncs a whole group and wakes the loop once.
 
-The native path takes exactly the cases collector/fast_path.py takes (a server's POST /collect:
-no Origin, allowed Host, query at most `site=<key>`, a plain Content-Length within
-TALLY_MAX_BODY_BYTES, an accepted Content-Type, a body that parses) and runs the same admission
-(`collector.app.screen`, the spool, `collector.app.admitted`). Every other request, and a body that
-does not parse, goes to the Flask app through `collector.wsgi_bridge` (a thread pool), unchanged.
+The native path takes exactly what the WSGI fast path takes (collector/lean.py: one predicate, one
+responder) and runs the same admission pipeline (collector/admission.py), parse included, without Flask
+and without an app context; only the spool differs (an awaited group commit). Every other request, and
+a body shorter than its Content-Length, goes to the Flask app through `collector.wsgi_bridge` (a thread
+pool), unchanged.
 
 Stopping (SIGTERM from the master: granian's graceful shutdown; the master's death: SIGKILL, see __rsgi_init__): granian
-calls `__rsgi_del__` once the worker stops serving; it lets the flush under way finish and seals the
-worker's open spool segment, so the shipper ships it without waiting for orphan recovery.
+calls `__rsgi_del__` once the worker stops serving; it stops the sealer thread (which spools the refusal
+counts one last time), lets the flush under way finish and seals the worker's open spool segment, so the
+shipper ships it without waiting for orphan recovery, and nothing of the worker opens another one.
 """
 
 from __future__ import annotations
@@ -28,21 +29,19 @@ import os
 import signal
 from typing import Any
 
-import orjson
-from flask import Flask, Response
+from flask import Flask
 
-from collector.app import admitted, screen, spool_full
-from collector.body import BodyError, parse_events
-from collector.fast_path import ENDPOINT, LEAN_QUERY, media_type_ok
+from collector.admission import CHECKS, INTERNAL_ERROR, PARSE, Admission, Intake, Refusal
+from collector.fast_path import CollectFastPath
+from collector.lean import LeanGate, lean_answer
+from collector.sealer import Sealer
+from collector.wsgi import create_app_from_env as flask_app_from_env
 from collector.wsgi_bridge import WSGIBridge
-from core import metrics
-from core.http import error, host_allowed
+from core.event import Event
 from spool.async_writer import AsyncSpool
 from spool.segments import SpoolFull
 
 log = logging.getLogger(__name__)
-
-_JSON_VARY = [("content-type", "application/json"), ("vary", "Origin")]
 
 
 class CollectorRSGI:
@@ -51,9 +50,11 @@ class CollectorRSGI:
     def __init__(self, app: Flask, *, bridge_threads: int = 16) -> None:
         self.app = app
         settings = app.config["TALLY"]
-        self.allowed_hosts = settings.allowed_hosts
-        self.max_body = settings.max_body_bytes
-        self.bridge = WSGIBridge(app.wsgi_app, threads=bridge_threads, max_body=self.max_body)
+        self.gate = LeanGate(settings)
+        self.admission: Admission = app.extensions["tally_admission"]
+        wsgi = app.wsgi_app
+        flask_wsgi = wsgi.flask_wsgi if isinstance(wsgi, CollectFastPath) else wsgi  # the gate already said no
+        self.bridge = WSGIBridge(flask_wsgi, threads=bridge_threads, max_body=settings.max_body_bytes)
         self._blocking = self.bridge.executor  # for what may block (a registry lookup): never on the loop
         self.spool = AsyncSpool(app.extensions["tally_spool"])
 
@@ -71,10 +72,14 @@ class CollectorRSGI:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The worker is stopping: finish the flush under way, stop the bridge, seal the open segment.
+        """The worker is stopping: stop the sealer thread (it spools the refusal counts one last time), finish
+        the flush under way, stop the bridge, seal the open segment.
         A request still waiting then is never answered 2xx (its lines may be in the sealed segment:
         at-least-once, deduplicated downstream); a Flask request still running may open a new segment,
         which orphan recovery seals once this process is gone."""
+        sealer: Sealer | None = self.app.extensions.get("tally_sealer")
+        if sealer is not None:
+            sealer.stop()  # before the seal below: the sealer thread never opens a segment after it
         self.spool.close()
         self.bridge.close()
         try:
@@ -89,70 +94,44 @@ class CollectorRSGI:
             proto.close(403)
             return
         headers = scope.headers
-        if (scope.path != "/collect" or scope.method != "POST" or "origin" in headers
-                or "transfer-encoding" in headers):
+        lean = self.gate(scope.path, scope.method, "origin" not in headers and "transfer-encoding" not in headers,
+                         headers.get("host"), scope.query_string, headers.get("content-length", ""),
+                         headers.get("content-type", ""))
+        if lean is None:
             await self.bridge(scope, proto)
             return
-        host = headers.get("host")
-        query = LEAN_QUERY.fullmatch(scope.query_string)
-        length = headers.get("content-length", "")
-        if (not host or not host_allowed(host, self.allowed_hosts) or query is None or not length.isdigit()
-                or int(length) > self.max_body or not media_type_ok(headers.get("content-type", ""))):
-            await self.bridge(scope, proto)
-            return
+        url_key, length = lean
         raw = await proto()
-        try:
-            if len(raw) < int(length):
-                raise BodyError(400, "bad_request", "incomplete body")
-            items = parse_events(raw)
-        except BodyError:
-            await self.bridge(scope, proto, body=raw)  # Flask reads the same bytes and refuses them
+        if len(raw) < length:  # the client went away mid-body: Flask answers it as werkzeug does
+            await self.bridge(scope, proto, body=raw)
             return
-        result: Response | list[Any]
-        url_key, peer = query.group(1), (headers.get("user-agent"), _client_ip(scope.client))
+        intake = Intake(raw, url_key, user_agent=headers.get("user-agent"), client_ip=_client_ip(scope.client))
+        result: Refusal | list[Event]
         try:
-            if self._keys_known(url_key, items):
-                result = self._screen(items, url_key, peer)
-            else:  # screen may query PostgreSQL for a key added since the last refresh: not on the loop
-                result = await asyncio.get_running_loop().run_in_executor(
-                    self._blocking, self._screen, items, url_key, peer)
-            if not isinstance(result, Response):
-                try:
-                    await self.spool.append([e.to_json() for e in result])
-                except SpoolFull:
-                    with self.app.app_context():
-                        result = spool_full(items)
-                else:
-                    result = admitted(result)
+            result = await self._admit(intake)
         except Exception:  # as Flask's handler: logged, answered in the JSON error shape
             log.exception("collector: POST /collect failed")
-            with self.app.app_context():
-                result = error(500, "internal_error", "unexpected error; it was logged")
-        if isinstance(result, Response):  # a refusal, counted by screen
-            result.vary.add("Origin")
-            metrics.count_collector_request(ENDPOINT, result.status_code)
-            proto.response_bytes(result.status_code, _header_list(result), result.get_data())
-            return
-        body = orjson.dumps({"accepted": len(result), "hashes": [e.hash for e in result]})
-        metrics.count_collector_request(ENDPOINT, 202)
-        proto.response_bytes(202, _JSON_VARY, body)
+            result = INTERNAL_ERROR
+        proto.response_bytes(*lean_answer(result))
 
-
-    def _keys_known(self, url_key: str | None, items: list[Any]) -> bool:
-        """Whether the registry copy holds every site key the request names (then screen never blocks)."""
-        sites = self.app.extensions["tally_registry"].snapshot()
-        if sites is None:
-            return True  # refused at once (registry_unavailable): screen queries nothing
-        known = sites.by_key
-        if url_key and url_key not in known:
-            return False
-        return all(not isinstance(item, dict) or not isinstance(k := item.get("site"), str) or not k or k in known
-                   for item in items)
-
-    def _screen(self, items: list[Any], url_key: str | None, peer: tuple[str | None, str | None]
-                ) -> Response | list[Any]:
-        with self.app.app_context():
-            return screen(items, url_key, peer=peer)
+    async def _admit(self, intake: Intake) -> Refusal | list[Event]:
+        """The admission pipeline with the spool's group commit awaited; the checks run off the loop when
+        they may query PostgreSQL (a site key the registry copy lacks)."""
+        admission = self.admission
+        refusal = admission.screen(intake, PARSE)
+        if refusal is None:
+            if admission.may_block(intake):
+                refusal = await asyncio.get_running_loop().run_in_executor(
+                    self._blocking, admission.screen, intake, CHECKS)
+            else:
+                refusal = admission.screen(intake, CHECKS)
+        if refusal is not None:
+            return refusal
+        try:
+            await self.spool.append([e.to_json() for e in intake.events])
+        except SpoolFull:
+            return admission.spool_full(intake)
+        return admission.accept(intake)
 
 
 def _client_ip(client: str) -> str:
@@ -161,12 +140,6 @@ def _client_ip(client: str) -> str:
     return host[1:-1] if host.startswith("[") else host
 
 
-def _header_list(resp: Response) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in resp.headers.items() if k.lower() != "content-length"]
-
-
 def create_app_from_env() -> CollectorRSGI:
     """One granian RSGI worker's app (built like collector.wsgi's, from the TALLY_* variables)."""
-    from collector.wsgi import create_app_from_env as flask_app_from_env
-
     return CollectorRSGI(flask_app_from_env())

@@ -61,9 +61,6 @@ class WindowLimit:
     amount: int
     window: int
 
-    def get_expiry(self) -> int:
-        return self.window
-
 
 class _Counter:
     """A site's sliding-window counter: events in the current fixed window and in the one before."""
@@ -214,10 +211,6 @@ class SiteLimiter:
     def _refused(domain: str, cost: int, amount: int, window: int, *, address: bool = False) -> Refused:
         wait = math.ceil(min(cost, amount) * window / amount)
         return Refused(domain, max(1, min(window, wait)), cost > amount, address, amount)
-
-    def tracked_addresses(self) -> int:
-        """How many (domain, address) entries this limiter holds now (at most `max_addresses`)."""
-        return len(self._addresses)
 
 
 class RefusalCounter:

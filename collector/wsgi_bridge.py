@@ -85,7 +85,8 @@ class WSGIBridge:
 
     async def _read_body(self, scope: Any, proto: Any) -> bytes:
         if self.max_body is None:
-            return await proto()
+            whole: bytes = await proto()
+            return whole
         length = scope.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:  # refused by its declared length: never kept
             if int(length) <= 2 * self.max_body:

@@ -14,8 +14,13 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status=status, mimetype="application/json")
 
 
+def error_body(code: str, message: str, **extra: Any) -> bytes:
+    """The bytes of the one error shape (what `error` answers; the collector's lean paths send them as is)."""
+    return orjson.dumps({"error": {"code": code, "message": message, **extra}})
+
+
 def error(status: int, code: str, message: str, **extra: Any) -> Response:
-    return json_response({"error": {"code": code, "message": message, **extra}}, status)
+    return Response(error_body(code, message, **extra), status=status, mimetype="application/json")
 
 
 def _http_error(exc: HTTPException) -> Response:

@@ -15,6 +15,9 @@ from oltp import sites
 from spool import segments as spool_module
 from spool.recovery import recover_orphans
 from spool.segments import SpoolWriter, read_record, sealed_segments, segment_records
+from tests.eventlib import event_from_json
+
+pytestmark = pytest.mark.servers("postgres")
 
 
 @pytest.fixture()
@@ -29,7 +32,7 @@ def spooled(settings) -> list[Event]:
     lines = []
     for path in sorted(Path(settings.spool_dir).glob("*")):
         if path.is_file():
-            lines += [Event.from_json(read_record(line)) for line in segment_records(path.read_bytes())]
+            lines += [event_from_json(read_record(line)) for line in segment_records(path.read_bytes())]
     return lines
 
 

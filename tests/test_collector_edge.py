@@ -20,6 +20,8 @@ from oltp import sites
 from tests.conftest import register
 from tests.test_collector import spooled
 
+pytestmark = pytest.mark.servers("postgres")
+
 ORIGIN = "https://shop.example.com"
 TAG_MIN = Path(__file__).resolve().parent.parent / "collector" / "static" / "tag.min.js"
 
@@ -265,7 +267,8 @@ def test_tag_is_package_data():
     ({"ts": "２０２６-01-01T00:00:00+00:00"}, "ts"), ({"ts": "1732000000000"}, "ts"), ({"ts": False}, "ts"),
     ({"domain": "127.0.0.1"}, "domain"), ({"domain": "[::1]"}, "domain"), ({"domain": "10.0.0.1."}, "domain"),
     ({"url": "https://x.example.com/\u0000a"}, "url"), ({"url": "https://x.example.com/\na"}, "url"),
-    ({"referrer": "https://x.example.com/\u0085"}, "referrer"), ({"referrer": "https://x.example.com/\x7f"}, "referrer"),
+    ({"referrer": "https://x.example.com/\u0085"}, "referrer"),
+    ({"referrer": "https://x.example.com/\x7f"}, "referrer"),
 ])
 def test_what_a_store_would_refuse_is_refused_at_the_door(app, client, settings, domain, key, extra, field):
     resp = client.post(f"/collect?site={key}", json=[hit(domain), hit(domain, **extra)])
@@ -314,9 +317,9 @@ def test_a_value_that_spells_a_field_name_is_not_a_repeat(client, settings, doma
 
 
 def test_long_user_agent_fields_are_cut_not_refused(app, client, settings, domain, key, monkeypatch):
-    import collector.app as collector_app
+    import collector.admission as admission_module
 
-    monkeypatch.setattr(collector_app, "classify_user_agent", lambda ua: ("B" * 300, "O" * 300, "D" * 300))
+    monkeypatch.setattr(admission_module, "classify_user_agent", lambda ua: ("B" * 300, "O" * 300, "D" * 300))
     ua = "Mozilla/5.0 " + "x" * 2000
     resp = client.post(f"/collect?site={key}", json=hit(domain), headers={"User-Agent": ua})
     assert resp.status_code == 202
@@ -328,7 +331,7 @@ def test_long_user_agent_fields_are_cut_not_refused(app, client, settings, domai
 def test_a_real_long_browser_family_is_cut(client, settings, domain, key):
     # ua-parser's CFNetwork rule takes the product name as the family: here 120 characters
     ua = "Z" * 120 + "/1.0 CFNetwork/1.0 Darwin/20"
-    from collector.app import classify_user_agent
+    from collector.ua import classify_user_agent
 
     assert len(classify_user_agent(ua)[0]) == 120  # what the stores (64) would refuse
     assert client.post(f"/collect?site={key}", json=hit(domain), headers={"User-Agent": ua}).status_code == 202

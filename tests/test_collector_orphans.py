@@ -85,7 +85,8 @@ def test_every_worker_a_respawned_one_included_dies_with_a_killed_master(servers
         alive = [(w, Path(f"/proc/{w}/cmdline").read_bytes().replace(b"\0", b" ")[:100],
                   Path(f"/proc/{w}/status").read_text().split("State:")[1].split("\n")[0])
                  for w in workers if pid_alive(w)]
-        assert not alive, f"workers {alive} of {workers} (first {first}) outlived their master ({answered_after} answers after its death)"
+        assert not alive, (f"workers {alive} of {workers} (first {first}) outlived their master"
+                           f" ({answered_after} answers after its death)")
         # and nothing listens on the port any more: the next start can bind it
         probe = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         try:

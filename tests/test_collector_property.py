@@ -11,7 +11,7 @@ a site registered in the real PostgreSQL, a real spool on disk). For every reque
 - refused (4xx): nothing was written to the spool;
 - accepted (2xx): the spool holds exactly the acknowledged events (the answer's hashes, in order), each
   decoded by `core.event.decode_stored` (what both workers run) without rejection and re-validated by
-  `Event.from_json`, carrying what was sent (type, value, ts to the ms, domain; url and referrer as the
+  `tests.eventlib.event_from_json`, carrying what was sent (type, value, ts to the ms, domain; url and referrer as the
   default URL rule of core/urls.py keeps them) and the
   User-Agent fields; then the records go through the real sinks (`RollupSink.write` into PostgreSQL,
   `LoaderSink.write` into chDB, as the consumer loop calls them) and the stored rows must be those
@@ -42,11 +42,12 @@ from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from collector.app import classify_user_agent, create_app
+from collector.app import create_app
 from collector.registry import SiteRegistry
+from collector.ua import classify_user_agent
 from core.batch import Batch
 from core.config import Settings
-from core.event import Event, decode_stored
+from core.event import decode_stored
 from core.urls import DEFAULT
 from olap.client import connect
 from olap.loader_sink import LoaderSink
@@ -55,6 +56,7 @@ from oltp import sites
 from oltp.rollup_sink import RollupSink
 from spool.segments import SpoolWriter, read_record, segment_records
 from tests.conftest import SECRET
+from tests.eventlib import event_from_json
 
 # CI: 150 derandomized examples. Bug hunting: TALLY_PROPERTY_EXAMPLES=3000 (then random, not derandomized).
 EXAMPLES = int(os.environ.get("TALLY_PROPERTY_EXAMPLES", "150"))
@@ -136,7 +138,7 @@ class Request:
         def item(x: Any) -> str:
             if isinstance(x, Obj):
                 keys = [escape_first(k) if x.escape_keys else json.dumps(k)[1:-1] for k, _ in x.pairs]
-                return "{" + ", ".join(f'"{k}": {tok(v)}' for k, (_, v) in zip(keys, x.pairs)) + "}"
+                return "{" + ", ".join(f'"{k}": {tok(v)}' for k, (_, v) in zip(keys, x.pairs, strict=True)) + "}"
             if isinstance(x, tuple):
                 return "[" + ", ".join(item(y) for y in x) + "]"
             return tok(x)
@@ -221,14 +223,16 @@ ts_text = st.one_of(
     st.sampled_from(['"1970-01-01T00:00:00Z"', '"2999-12-31T23:59:59+00:00"', '"2026-02-30T00:00:00Z"',
                      '"23:59:60"', '"\u0662\u0660\u0662\u0666-01-01T00:00:00Z"', "-1", "1e20", "true", '""']),
 )
-times_in_window = st.integers(-7 * 86400 * 1000 + 120_000, 4 * 60 * 1000).map(lambda ms: NOW + timedelta(milliseconds=ms))
+times_in_window = st.integers(-7 * 86400 * 1000 + 120_000, 4 * 60 * 1000).map(
+    lambda ms: NOW + timedelta(milliseconds=ms))
 good_ts_text = st.one_of(
     st.builds(lambda t, off, style: js(iso(t.astimezone(timezone(off)), style)), times_in_window, offsets,
               st.sampled_from(["offset", "Z", "z"])),
     times_in_window.map(lambda t: str((t - EPOCH) // timedelta(milliseconds=1))),
     times_in_window.map(lambda t: repr((t - EPOCH) / timedelta(milliseconds=1))),
 )
-url_path = st.one_of(st.text(max_size=30), st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20),
+url_path = st.one_of(st.text(max_size=30),
+                     st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20),
                      st.integers(2030, 2100).map(lambda n: "a" * n))
 # what a browser sends: no control characters, any other unicode, up to the 2048-character limit
 clean_path = st.one_of(st.text(st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), max_size=40),
@@ -248,7 +252,8 @@ domain_text = st.one_of(
 )
 id_text = st.one_of(st.text(min_size=1, max_size=20).map(js), st.text(min_size=125, max_size=131).map(js),
                     st.sampled_from(['""', "1", "null", "[]"]))
-type_text = st.one_of(st.sampled_from(['"impression"', '"pageview"']), st.sampled_from(['"PAGEVIEW"', '"click"', "1", "null"]),
+type_text = st.one_of(st.sampled_from(['"impression"', '"pageview"']),
+                      st.sampled_from(['"PAGEVIEW"', '"click"', "1", "null"]),
                       st.text(max_size=10).map(js))
 site_text = st.one_of(st.builds(Key, st.sampled_from(["ok", "ok", "other", "unknown"])),
                       st.sampled_from(['""', "1", "null", '"' + "k" * 129 + '"']))
@@ -430,7 +435,8 @@ def post(env: Env, req: Request) -> tuple[Any, str, list[bytes], bytes]:
         headers["Content-Type"] = req.content_type
     if req.user_agent is not None:
         headers["User-Agent"] = req.user_agent
-    query = {"ok": {"site": key}, "other": {"site": env.other_key}, "junk": {"site": "pk_junk"}, None: {}}[req.query_site]
+    query = {"ok": {"site": key}, "other": {"site": env.other_key}, "junk": {"site": "pk_junk"},
+             None: {}}[req.query_site]
     resp = env.client.post("/collect", data=raw, headers=headers, query_string=query)
     return resp, domain, env.take_spooled(), raw
 
@@ -454,8 +460,8 @@ def check(env: Env, req: Request) -> Any:
     assert [orjson.loads(r)["hash"] for r in records] == resp.json["hashes"]
     stored = [decode_stored(r) for r in records]  # what both workers run: must not refuse
     ua = resp.request.headers.get("User-Agent") or None
-    for sent, rec, s in zip(items, records, stored):
-        full = Event.from_json(rec)  # the full re-validation agrees too
+    for sent, rec, s in zip(items, records, stored, strict=True):
+        full = event_from_json(rec)  # the full re-validation agrees too
         assert (full.hash, full.url, full.ts, full.value) == (s.hash, s.url, s.ts, s.value)
         assert s.domain == domain
         # stored as the site's URL rule keeps them (the default: core/urls.py, ADR 30)
@@ -510,7 +516,8 @@ def store_and_compare(env: Env, domain: str, stored: list) -> None:
         assert ts_ms == (s.ts - EPOCH) // timedelta(milliseconds=1)
 
     with psycopg.connect(env.settings.pg_dsn) as conn:
-        seen = dict(conn.execute("SELECT replace(hash::text, '-', ''), ts FROM seen_events WHERE hash = ANY(%s::uuid[])",
+        seen = dict(conn.execute("SELECT replace(hash::text, '-', ''), ts FROM seen_events"
+                                 " WHERE hash = ANY(%s::uuid[])",
                                  (list(by_hash),)).fetchall())
         rollups = {(t, b): (int(n), int(v), s) for t, b, n, v, s in conn.execute(
             "SELECT event_type, bucket_start, events, valued, value_sum FROM rollup_15m WHERE domain = %s",

@@ -27,7 +27,10 @@ from infra.processes import free_port
 from oltp import sites
 from oltp.schema import ensure_schema
 from tests.conftest import SECRET, register
+from tests.eventlib import event_to_dict
 from tests.test_collector import spooled
+
+pytestmark = pytest.mark.servers("postgres")
 
 
 def new_domain() -> str:
@@ -56,7 +59,7 @@ def test_key_in_the_url_or_in_the_event(client, settings, registry, domain):
     assert client.post("/collect", json=[hit(domain, site=key)] * 3).status_code == 202
     events = spooled(settings)
     assert len(events) == 4
-    assert all("site" not in e.to_dict() and key not in e.to_json().decode() for e in events)  # not stored
+    assert all("site" not in event_to_dict(e) and key not in e.to_json().decode() for e in events)  # not stored
 
 
 def test_unknown_key_is_401_and_writes_nothing(app, client, settings, registry, domain):
@@ -167,10 +170,10 @@ def test_a_refused_mixed_batch_charges_no_site(client, settings, registry):
 
 def test_limits_are_shared_out_between_worker_processes():
     one, four = SiteLimiter(1000, 20000), SiteLimiter(1000, 20000, workers=4)
-    assert (one.item_for(None, None).amount, one.item_for(None, None).get_expiry()) == (20000, 20)
-    assert (four.item_for(None, None).amount, four.item_for(None, None).get_expiry()) == (5000, 20)
+    assert (one.item_for(None, None).amount, one.item_for(None, None).window) == (20000, 20)
+    assert (four.item_for(None, None).amount, four.item_for(None, None).window) == (5000, 20)
     # a burst smaller than a second's worth still lets the full rate through
-    assert (one.item_for(100, 10).amount, one.item_for(100, 10).get_expiry()) == (100, 1)
+    assert (one.item_for(100, 10).amount, one.item_for(100, 10).window) == (100, 1)
     assert four.hit({"x.example.com": 5000}, {}) is None
     refused = four.hit({"x.example.com": 1}, {})
     assert refused is not None and refused.domain == "x.example.com" and refused.retry_after >= 1
@@ -264,7 +267,8 @@ def test_postgres_outage_keeps_accepting_with_the_copy_and_the_disk_copy(own_pg,
                 other_key = sites.add(own_pg.dsn, other).site_key
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline and not all(
-                        r.snapshot() is not None and r.snapshot().source == "postgres" and other in r.snapshot().by_domain
+                        r.snapshot() is not None and r.snapshot().source == "postgres"
+                        and other in r.snapshot().by_domain
                         for r in (first, restarted, blind)):
                     time.sleep(0.1)
                 assert client2.post("/collect", json=hit(other, site=other_key)).status_code == 202
@@ -300,7 +304,8 @@ def test_tally_collector_accepts_a_site_added_from_the_cli(servers, tmp_path, do
 
     def post(key: str) -> int:
         req = urllib.request.Request(f"http://127.0.0.1:{port}/collect?site={key}", method="POST",
-                                     data=json.dumps(hit(domain)).encode(), headers={"Content-Type": "application/json"})
+                                     data=json.dumps(hit(domain)).encode(),
+                                     headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=5) as resp:
                 return resp.status

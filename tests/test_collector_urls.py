@@ -21,6 +21,8 @@ from oltp import sites
 from tests.conftest import register
 from tests.test_collector import spooled
 
+pytestmark = pytest.mark.servers("postgres")
+
 PAGE = "https://shop.example.com/p"
 RULE_CASES = [
     # (url, referrer, stored url, stored referrer) under the default rule

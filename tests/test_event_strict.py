@@ -11,6 +11,8 @@ import pytest
 
 from core.event import EventError, HitContext, Limits, decode_stored, event_from_hit, normalize_domain
 
+pytestmark = pytest.mark.servers("postgres")
+
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 SECRET = b"k" * 32
 
@@ -57,7 +59,8 @@ def test_ip_literals_are_not_domains(domain):
     assert info.value.field == "domain"
 
 
-@pytest.mark.parametrize("domain", ["example.com", "123.example.com", "1a.example.com", "localhost", "xn--bcher-kva.example"])
+@pytest.mark.parametrize("domain", ["example.com", "123.example.com", "1a.example.com", "localhost",
+                                    "xn--bcher-kva.example"])
 def test_host_names_with_digits_are_fine(domain):
     assert normalize_domain(domain) == domain
 

@@ -8,6 +8,8 @@ from collector.app import create_app as create_collector
 from core.http import host_allowed
 from spool.segments import SpoolWriter
 
+pytestmark = pytest.mark.servers("postgres")
+
 ALLOWED = ("localhost", "127.0.0.1", "::1", "tally.example.com", ".corp.example")
 
 

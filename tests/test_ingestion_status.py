@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
-from collector.app import flush_refusals
+from collector.sealer import flush_refusals
 from core.event import REFUSALS_MARK, decode_refusal_count
 from spool.segments import read_record, sealed_segments, segment_records
 from tests.test_pipeline import pipeline  # noqa: F401 - the fixture

@@ -20,6 +20,8 @@ from core.pixel import signed_query
 from oltp import sites
 from tests.test_collector import spooled
 
+pytestmark = pytest.mark.servers("postgres")
+
 UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Firefox/128.0"
 
 

@@ -458,7 +458,7 @@ def test_unsent_events_are_resent_on_the_next_page_load(collector, site, tab):
     second = site.add("/two", collector)
     tab.page.goto(first)
     tab.page.evaluate("tally('impression', {value: 5})")
-    stored = tab.page.evaluate("JSON.parse(sessionStorage.getItem('tally:' + %s))" % json.dumps(SITE_KEY))
+    stored = tab.page.evaluate(f"JSON.parse(sessionStorage.getItem('tally:' + {json.dumps(SITE_KEY)}))")
     assert [entry[0]["type"] for entry in stored] == ["pageview", "impression"]
     tab.page.goto(second)
     tab.until("the resend", lambda: len(collector.events()) >= 3)

@@ -22,12 +22,15 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from kafka import KafkaProducer, TopicPartition
 
-from core.event import Event, EventError, HitContext, Limits, decode_stored, decode_stored_many, event_from_hit
+from core.event import EventError, HitContext, Limits, decode_stored, decode_stored_many, event_from_hit
 from olap.client import connect
 from olap.loader_sink import LoaderSink
+from tests.eventlib import event_from_json, event_to_dict
 from tests.test_pipeline import Pipeline, at
 from workers.consumer import ConsumerLoop, decode
 from workers.kafka_io import make_consumer
+
+pytestmark = pytest.mark.servers("postgres", "broker", "chdb")
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
@@ -37,7 +40,7 @@ def good(**changes) -> bytes:
                         "value": "2.5", "referrer": "https://r.example/"},
                        HitContext(received_at=NOW, user_agent="UA/1", client_ip="192.0.2.1", country="DE"),
                        Limits(), b"k" * 32, lambda ua: ("Firefox", "Linux", "desktop"))
-    obj = e.to_dict()
+    obj = event_to_dict(e)
     for k, v in changes.items():
         if v is ...:
             del obj[k]
@@ -48,7 +51,7 @@ def good(**changes) -> bytes:
 
 def test_a_collector_record_decodes_to_what_the_collector_stamped():
     line = good()
-    e, ref = decode_stored(line), Event.from_json(line)
+    e, ref = decode_stored(line), event_from_json(line)
     for name in ("hash", "domain", "url", "ts", "received_at", "type", "value", "referrer", "user_agent",
                  "browser", "os", "device", "country", "visitor"):
         assert getattr(e, name) == getattr(ref, name), name
@@ -159,7 +162,8 @@ class FlakySink:
     """A real LoaderSink whose writes fail while `down` is set (as if ClickHouse went away)."""
 
     def __init__(self, sink: LoaderSink) -> None:
-        self.sink, self.name, self.down, self.writes = sink, sink.name, False, 0
+        self.sink, self.name, self.group, self.down, self.writes = sink, sink.name, sink.group, False, 0
+        self.is_permanent, self.store_rewound_offsets = sink.is_permanent, sink.store_rewound_offsets
 
     def committed(self, *args):
         return self.sink.committed(*args)

@@ -28,7 +28,8 @@ import orjson
 EVENT_TYPES = ("impression", "pageview")
 SCHEMA_VERSION = 1
 
-_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)"
+                        r"(\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 _HASH_RE = re.compile(r"^[0-9a-f]{32}$")
 _MAX_URL = 2048
 _MAX_UA = 512

@@ -1,0 +1,86 @@
+"""The collector's timer: seal idle spool segments so they ship, and spool the refusal counts.
+
+Each collector process counts its refusals in memory (collector/refusals.py) and spools them every
+REFUSALS_FLUSH_S as count records (core.event.refusal_count_json) for registered domains only. The
+`Sealer` thread does that and seals a segment once it is TALLY_SPOOL_SEGMENT_AGE_S old. `Sealer.stop`
+ends the thread (waiting for a flush under way), then spools the counts once more: so once a worker
+has stopped it and sealed its spool, nothing of it opens another segment.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+
+from flask import Flask
+
+from collector.site_limits import RefusalCounter
+from core.event import refusal_count_json
+from spool.segments import SpoolWriter
+
+log = logging.getLogger(__name__)
+
+REFUSALS_FLUSH_S = 5.0  # how often each collector process spools its refusal counts
+STOP_TIMEOUT_S = 10.0  # at most this for a flush under way as the sealer stops
+
+
+def flush_refusals(app: Flask) -> int:
+    """Spool this process's refusal counts as count records (core.event.refusal_count_json), for the
+    registered domains only (a made-up domain is nobody's to see); returns how many were written.
+    If the spool refuses them, they are kept for the next flush."""
+    refusals: RefusalCounter = app.extensions["tally_refusals"]
+    counts = refusals.take()
+    sites = app.extensions["tally_registry"].snapshot()
+    known = sites.by_domain if sites is not None else {}
+    now = datetime.now(UTC)
+    mine = {(d, r): n for (d, r), n in counts.items() if d is not None and d in known}
+    if not mine:
+        return 0
+    try:
+        app.extensions["tally_spool"].append(
+            refusal_count_json(domain, reason, n, now) for (domain, reason), n in sorted(mine.items()))
+    except OSError:
+        for (domain, reason), n in mine.items():
+            refusals.add(domain, reason, n)
+        raise
+    return len(mine)
+
+
+class Sealer:
+    """A daemon thread: every min(period_s / 2, REFUSALS_FLUSH_S), seal a stale segment of `spool`, and
+    every REFUSALS_FLUSH_S spool `app`'s refusal counts."""
+
+    def __init__(self, app: Flask, spool: SpoolWriter, period_s: float) -> None:
+        self.app = app
+        self.spool = spool
+        self.period_s = period_s
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spool-sealer", daemon=True)
+
+    def start(self) -> Sealer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        last_flush = time.monotonic()
+        while not self._stopping.wait(min(self.period_s / 2, REFUSALS_FLUSH_S)):
+            try:
+                if time.monotonic() - last_flush >= REFUSALS_FLUSH_S:
+                    last_flush = time.monotonic()
+                    flush_refusals(self.app)
+                self.spool.seal_if_stale()
+            except OSError:
+                log.exception("spool: sealing or spooling refusal counts failed")
+
+    def stop(self) -> None:
+        """End the thread (after the flush under way, if any), then spool the counts so far once more.
+        Call it before the spool is closed: afterwards nothing of this sealer writes to the spool."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(STOP_TIMEOUT_S)
+        try:
+            flush_refusals(self.app)
+        except OSError:
+            log.exception("spool: spooling the refusal counts at shutdown failed")

@@ -30,6 +30,7 @@ import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TextIO
 
 from core.config import Settings
@@ -248,16 +249,18 @@ def _log_uncaught() -> None:
         return
     previous, previous_thread = sys.excepthook, threading.excepthook
 
-    def hook(kind, value, tb) -> None:  # type: ignore[no-untyped-def]
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
         if not issubclass(kind, KeyboardInterrupt):
             logging.getLogger("tally").critical("uncaught %s", kind.__name__, exc_info=(kind, value, tb))
         previous(kind, value, tb)
 
     def thread_hook(args: threading.ExceptHookArgs) -> None:
         if args.exc_type is not SystemExit:
+            exc = args.exc_value  # None only when raised without an instance
             logging.getLogger("tally").critical("uncaught %s in thread %s", args.exc_type.__name__,
                                                 args.thread.name if args.thread else "?",
-                                                exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+                                                exc_info=None if exc is None else
+                                                (args.exc_type, exc, args.exc_traceback))
         previous_thread(args)
 
     setattr(hook, _OURS, True)

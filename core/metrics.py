@@ -42,13 +42,13 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 if os.environ.get(MULTIPROC_ENV) and not getattr(values.ValueClass, "_multiprocess", False):
     # prometheus_client was imported before the variable was set (by a library, in this process): pick
     # the mmap values now, before the metrics below exist (metrics read values.ValueClass when created).
-    values.ValueClass = values.get_value_class()
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 # The classic text format: every Prometheus version and prometheus_client.parser read it.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 UNKNOWN_SITE = "unknown"
 
 # No `_created` series: multiprocess mode has none, so both modes show the same families.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 # Our own registry: the default one carries process_* / python_* collectors of whichever process renders.
 REGISTRY = CollectorRegistry(auto_describe=False)
 
@@ -213,13 +213,13 @@ def render(prefixes: tuple[str, ...], extra: Iterable[Callable[[], Iterable[Metr
     path = multiprocess_dir()
     if path is not None:
         source: Any = CollectorRegistry(auto_describe=False)
-        MultiProcessCollector(source, path=str(path))
+        MultiProcessCollector(source, path=str(path))  # type: ignore[no-untyped-call]  # untyped in prometheus_client
     else:
         source = REGISTRY
     out = CollectorRegistry(auto_describe=False)
-    out.register(_Only(source, prefixes))  # type: ignore[arg-type]
+    out.register(_Only(source, prefixes))
     for collect in extra:
-        out.register(_Extra(collect))  # type: ignore[arg-type]
+        out.register(_Extra(collect))
     return generate_latest(out)
 
 

@@ -14,8 +14,10 @@ from datetime import UTC, datetime
 
 import msgspec
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DataError
 
 from core.batch import Batch, same_incarnation
+from core.event import StoredEvent
 
 # The decoded events go to ClickHouse as JSON lines written by msgspec in C (ADR 27): StoredEvent's
 # field names are the columns' names, times are RFC 3339 in UTC (ClickHouse keeps their milliseconds,
@@ -25,12 +27,14 @@ _LINES = msgspec.json.Encoder(decimal_format="string")
 _JSON_INSERT = {"input_format_skip_unknown_fields": 1, "date_time_input_format": "best_effort"}
 
 
-def events_json_lines(events: list) -> bytes:
+def events_json_lines(events: list[StoredEvent]) -> bytes:
     """The events as ClickHouse JSONEachRow input (one line per StoredEvent)."""
     return _LINES.encode_lines(events)
 
 
 class LoaderSink:
+    """The loader group's sink (workers/sink.py `Sink`)."""
+
     name = "clickhouse"
 
     def __init__(self, client: Client, db: str, group: str) -> None:
@@ -64,11 +68,17 @@ class LoaderSink:
             [[self.group, batch.topic, p, batch.topic_id, o, now] for p, o in sorted(batch.next_offsets.items())],
             column_names=("consumer_group", "topic", "partition", "topic_id", "next_offset", "written_at"))
 
+    @staticmethod
+    def is_permanent(exc: BaseException) -> bool:
+        """ClickHouse refusing a value (a type or range error) refuses it again."""
+        return isinstance(exc, DataError)
+
     def store_rewound_offsets(self, topic: str, topic_id: str, offsets: dict[int, int]) -> None:
         """Store LOWER offsets for a rewind (`tally replay`, workers/rewind.py): a newer `written_at` wins."""
         now = datetime.now(UTC)
         self.client.insert(
-            f"{self.db}.consumer_offsets", [[self.group, topic, p, topic_id, o, now] for p, o in sorted(offsets.items())],
+            f"{self.db}.consumer_offsets",
+            [[self.group, topic, p, topic_id, o, now] for p, o in sorted(offsets.items())],
             column_names=("consumer_group", "topic", "partition", "topic_id", "next_offset", "written_at"))
 
     def close(self) -> None:

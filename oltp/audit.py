@@ -11,17 +11,19 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Union
+from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
+
+from oltp.rows import one
 
 STATUSES = ("ok", "refused", "failed", "timeout", "too_large", "busy", "cancelled")
 FIELDS = ("token_id", "started_at", "sql", "format", "status", "rows", "bytes", "duration_ms", "error")
 MAX_SQL_CHARS = 100_000
 MAX_ERROR_CHARS = 2_000
 
-Target = Union[str, psycopg.Connection, ConnectionPool]
+Target = str | psycopg.Connection | ConnectionPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +92,7 @@ def record(target: Target, entry: object | None = None, /, **values: Any) -> int
                 "INSERT INTO analyst_queries (token_id, started_at, sql, format, status, rows, bytes, duration_ms,"
                 " error) VALUES (%(token_id)s, %(started_at)s, %(sql)s, %(format)s, %(status)s, %(rows)s,"
                 " %(bytes)s, %(duration_ms)s, %(error)s) RETURNING id", row)
-            return int(cur.fetchone()[0])
+            return int(one(cur)[0])
 
 
 def last(target: Target, n: int = 20) -> list[AuditRecord]:

@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from psycopg_pool import ConnectionPool
 
 from core.config import ROLLUP_GROUP
+from oltp.rows import one
 
 PERIODS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}
 # Reasons no request carrying a site's registered key can have: never that site's refusals.
@@ -54,16 +55,16 @@ def ingestion_status(pool: ConnectionPool, domain: str, now: datetime) -> Ingest
     with pool.connection() as conn:
         for name, length in PERIODS.items():
             since = _floor_quarter(now - length) + timedelta(seconds=_QUARTER)
-            accepted, bots, late = conn.execute(
+            accepted, bots, late = one(conn.execute(
                 "SELECT COALESCE(sum(accepted), 0), COALESCE(sum(bots), 0), COALESCE(sum(late), 0)"
-                " FROM ingestion_15m WHERE domain = %s AND bucket_start >= %s", (domain, since)).fetchone()
-            refused = dict(conn.execute(
+                " FROM ingestion_15m WHERE domain = %s AND bucket_start >= %s", (domain, since)))
+            refused: dict[str, int] = dict(conn.execute(
                 "SELECT reason, sum(events)::bigint FROM collector_refusals"
                 " WHERE domain = %s AND bucket_start >= %s AND reason <> ALL(%s) GROUP BY reason ORDER BY reason",
                 (domain, since, list(NOT_A_SITES_REFUSAL))).fetchall())
             periods[name] = PeriodStatus(since, int(accepted), int(bots), int(late), refused)
-        (last,) = conn.execute("SELECT max(last_received_at) FROM ingestion_15m WHERE domain = %s",
-                               (domain,)).fetchone()
-        (written,) = conn.execute("SELECT max(updated_at) FROM consumer_offsets WHERE consumer_group = %s",
-                                  (ROLLUP_GROUP,)).fetchone()
+        (last,) = one(conn.execute("SELECT max(last_received_at) FROM ingestion_15m WHERE domain = %s",
+                                   (domain,)))
+        (written,) = one(conn.execute("SELECT max(updated_at) FROM consumer_offsets WHERE consumer_group = %s",
+                                      (ROLLUP_GROUP,)))
     return IngestionStatus(periods, last, written)

@@ -18,6 +18,8 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
+from core.config import Settings
+
 # How long a partition known to exist (or a table known to be plain) is trusted without asking the
 # catalog again. Retention in the same process calls `forget`; this bounds the damage of a drop done
 # by another process (`tally retention`, another worker's pass).
@@ -159,6 +161,20 @@ def forget(table: str | None = None) -> None:
                 del cache[key]
 
 
+CHECK_VIOLATION = "23514"  # SQLSTATE of "no partition of relation ... found for row" (and of CHECK constraints)
+
+
+def is_missing_partition(exc: BaseException) -> bool:
+    """Whether `exc` is PostgreSQL refusing a row that no partition of one of TABLES takes.
+
+    Told apart by what does not depend on the server's `lc_messages`: SQLSTATE 23514 (check_violation)
+    whose diagnostics name the partitioned table itself and no constraint. A CHECK constraint names its
+    constraint; a row outside a partition's bounds, inserted into that partition, names the partition."""
+    if not isinstance(exc, psycopg.Error) or exc.sqlstate != CHECK_VIOLATION:
+        return False
+    return exc.diag.constraint_name is None and exc.diag.table_name in TABLES
+
+
 def is_partitioned(conn: psycopg.Connection, table: str) -> bool:
     """Whether `table` is a partitioned table in this database (asks the catalog)."""
     _spec(table)
@@ -255,7 +271,7 @@ class TableRetention:
     expired: tuple[Partition, ...]
 
 
-def keep_days_from(settings: object) -> dict[str, int]:
+def keep_days_from(settings: Settings) -> dict[str, int]:
     """Days each table is kept, from Settings (TALLY_RETENTION_*_DAYS, TALLY_DEDUP_WINDOW_DAYS)."""
     return {
         "rollup_15m": int(settings.retention_15m_days),

@@ -18,6 +18,8 @@ from datetime import datetime, timedelta
 
 import psycopg
 
+from oltp.rows import one
+
 STATUS_TABLES = ("ingestion_15m", "collector_refusals")
 BATCH_ROWS = 50_000  # rows deleted per transaction: short locks, bounded WAL per commit
 
@@ -51,7 +53,7 @@ def prune_status(conn: psycopg.Connection, keep_days: int, now: datetime, *,
     for table in STATUS_TABLES:  # names from the constant above, never from input
         if dry_run:
             with conn.transaction():
-                n = conn.execute(f"SELECT count(*) FROM {table} WHERE bucket_start < %s", (cutoff,)).fetchone()[0]
+                n = one(conn.execute(f"SELECT count(*) FROM {table} WHERE bucket_start < %s", (cutoff,)))[0]
         else:
             n = 0
             while True:

@@ -23,9 +23,12 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+import psycopg
 from psycopg_pool import ConnectionPool
 
+from core.config import Settings
 from core.event import EVENT_TYPES
+from oltp.rows import one
 
 GRANULARITIES = ("15m", "1h", "1d")
 NOMINAL_S = {"15m": 900, "1h": 3600, "1d": 86400}
@@ -80,9 +83,9 @@ class Retention:
     days_1d: int = 0
 
     @classmethod
-    def from_settings(cls, settings: object) -> Retention:
-        return cls(getattr(settings, "retention_15m_days", 90), getattr(settings, "retention_1h_days", 730),
-                   getattr(settings, "retention_1d_days", 0))
+    def from_settings(cls, settings: Settings) -> Retention:
+        """The tiers' retention as configured (core/config.py holds the defaults)."""
+        return cls(settings.retention_15m_days, settings.retention_1h_days, settings.retention_1d_days)
 
     def days(self, tier: str) -> int:
         return {"15m": self.days_15m, "1h": self.days_1h, "1d": self.days_1d}[tier]
@@ -180,7 +183,7 @@ def _boundaries(tz: ZoneInfo, lo: int, hi: int, step: int) -> list[int]:
         while wall - offset < seg_end:
             found.add(wall - offset)
             wall += step
-        if before is None:
+        if before is None or after is None:  # the tail (hi, None, None)
             break
         # The label changes at the clock change itself (e.g. 02:00 -> 02:30: hour 1 -> hour 2).
         if (seg_end - 1 + before) // step != (seg_end + after) // step:
@@ -315,7 +318,7 @@ class RollupReader:
         nominal = NOMINAL_S[granularity]
         buckets = []
         empty = (0, 0, Decimal("0.000000"))
-        for i, (s, e) in enumerate(zip(starts, bounds[1:]), start=1):
+        for i, (s, e) in enumerate(zip(starts, bounds[1:], strict=True), start=1):
             length = int((e - s).total_seconds())
             count, valued, value_sum = rows.get(i, empty)
             buckets.append(Bucket(start=s, count=count, end=e, length_s=None if length == nominal else length,
@@ -323,19 +326,19 @@ class RollupReader:
         return Series(tier, buckets)
 
     @staticmethod
-    def _counted_before(conn, domain: str, cutoff: datetime) -> bool:
+    def _counted_before(conn: psycopg.Connection, domain: str, cutoff: datetime) -> bool:
         """Whether any tier holds a row of the domain from before `cutoff` (its history reaches back
         past a retention horizon, so a tier that keeps less has dropped some of it)."""
         row = conn.execute(_COUNTED_BEFORE, {"domain": domain, "cutoff": cutoff}).fetchone()
         return bool(row and row[0])
 
     @staticmethod
-    def _daily_zone(conn, domain: str) -> DailyZone:
-        registered, written, complete_from = conn.execute(_DAILY_ZONE, {"domain": domain}).fetchone()
+    def _daily_zone(conn: psycopg.Connection, domain: str) -> DailyZone:
+        registered, written, complete_from = one(conn.execute(_DAILY_ZONE, {"domain": domain}))
         return DailyZone(registered, written, complete_from)
 
-    def _alternatives(self, conn, domain: str, start: datetime, end: datetime, granularity: str, tz: ZoneInfo,
-                      now: datetime) -> list[str]:
+    def _alternatives(self, conn: psycopg.Connection, domain: str, start: datetime, end: datetime,
+                      granularity: str, tz: ZoneInfo, now: datetime) -> list[str]:
         """The coarser granularities that could answer [start, end) in the same zone; failing those,
         daily buckets in the site's registered zone (as "1d&tz=<zone>")."""
         out = []
@@ -463,5 +466,8 @@ def summary_window(now: datetime, last_s: int) -> SummaryWindow:
     t = int(now.timestamp())
     end = t - t % QUARTER_S + QUARTER_S
     start = end - last_s
-    as_dt = lambda s: datetime.fromtimestamp(s, UTC)  # noqa: E731
+
+    def as_dt(s: int) -> datetime:
+        return datetime.fromtimestamp(s, UTC)
+
     return SummaryWindow(as_dt(start), as_dt(end), now.astimezone(UTC), as_dt(start - last_s))

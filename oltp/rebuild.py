@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import psycopg.errors
 
+from oltp.partitions import ensure_partitions
 from oltp.reconcile import (
     Groups,
     NotSettled,
@@ -40,6 +41,7 @@ from oltp.reconcile import (
     stage_ch_events,
     wait_for_loader,
 )
+from oltp.tiers import ensure_tier_partitions, rederive
 
 DAY = timedelta(days=1)
 
@@ -67,7 +69,7 @@ class ChunkResult:
     events: int     # events in ClickHouse for the chunk
     rows: int       # rollup_15m rows written
     deleted: int    # rollup_15m rows removed first
-    tiers: bool     # whether the coarser tiers were re-derived (oltp.tiers exists)
+    tiers: bool     # whether the coarser tiers were re-derived (always, since oltp.tiers exists)
 
 
 def chunks(lo: datetime, hi: datetime, size: timedelta = DAY) -> Iterator[tuple[datetime, datetime]]:
@@ -80,35 +82,16 @@ def chunks(lo: datetime, hi: datetime, size: timedelta = DAY) -> Iterator[tuple[
         start = end
 
 
-def _rederive() -> Callable[..., object] | None:
-    try:
-        from oltp.tiers import (
-            rederive,  # helper "tiers": 1h and 1d from 15m, in the caller's transaction
-        )
-    except ImportError:
-        return None
-    return rederive
-
-
 def _ensure_partitions(conn: psycopg.Connection, lo: datetime, hi: datetime, dedup_from: datetime) -> None:
     """Create, before the chunk's transaction, every partition it may write to (rollup_15m, seen_events and the
     coarser tiers, with margins for local days), if the tables are partitioned: DDL inside the locked
     transaction could wait on a sink batch that waits on us."""
-    try:
-        from oltp.partitions import ensure_partitions
-    except ImportError:
-        return
     last = hi - timedelta(microseconds=1)
     ensure_partitions(conn, "rollup_15m", lo, last)
     if last >= dedup_from:
         ensure_partitions(conn, "seen_events", max(lo, dedup_from), last)
-    try:
-        from oltp.tiers import ensure_tier_partitions
-    except ImportError:
-        pass
-    else:
-        ensure_tier_partitions(conn, lo - timedelta(hours=1), hi + timedelta(hours=1),
-                               lo - timedelta(days=2), hi + timedelta(days=2))
+    ensure_tier_partitions(conn, lo - timedelta(hours=1), hi + timedelta(hours=1),
+                           lo - timedelta(days=2), hi + timedelta(days=2))
     conn.commit()
 
 
@@ -142,7 +125,6 @@ def _rebuild_chunk_once(conn: psycopg.Connection, source: Source, lo: datetime, 
     if not wait_for_loader(source, target, group=groups.loader, topic=groups.topic, wait_s=wait_s):
         raise NotSettled(f"the loader (group {groups.loader}) has not reached the rollup worker's offsets in "
                          f"{wait_s:g} s; is it running? Nothing was changed for {lo.isoformat()}")
-    rederive = _rederive()
     with conn.transaction():
         conn.execute("SET LOCAL lock_timeout = '30s'")
         conn.execute("LOCK TABLE rollup_15m IN SHARE ROW EXCLUSIVE MODE")
@@ -155,9 +137,8 @@ def _rebuild_chunk_once(conn: psycopg.Connection, source: Source, lo: datetime, 
         conn.execute(_INSERT_SEEN, (dedup_from,))
         deleted = conn.execute(_DELETE, (lo, hi, domain, domain)).rowcount
         written = conn.execute(_INSERT_ROLLUPS).rowcount
-        if rederive is not None:
-            rederive(conn, lo, hi, domain=domain)
-    return ChunkResult(lo, hi, len(rows), written, deleted, rederive is not None)
+        rederive(conn, lo, hi, domain=domain)  # 1h and 1d from 15m, in this transaction
+    return ChunkResult(lo, hi, len(rows), written, deleted, True)
 
 
 def rebuild(conn: psycopg.Connection, source: Source, lo: datetime, hi: datetime, groups: Groups, *,

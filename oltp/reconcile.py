@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import psycopg
 
 from core.batch import same_incarnation
+from oltp.rows import one
 
 QUARTER = timedelta(minutes=15)
 FIELDS = ("events", "valued", "value_sum", "value_min", "value_max")
@@ -43,29 +44,10 @@ MAX_EXACT_KEYS = 5000  # pass 2 names its keys to ClickHouse; beyond this it ask
 
 Key = tuple[str, str, datetime]  # (domain, event type, bucket start UTC)
 
-# Results of reconcile runs (the scheduled one and `tally reconcile`), read by the metrics endpoint.
-# Created on first use (ensure_table); to be absorbed into an Alembic revision of oltp/schema.py.
-RECONCILE_TABLE = """
-CREATE TABLE IF NOT EXISTS reconcile_runs (
-    id          bigserial   PRIMARY KEY,
-    ran_at      timestamptz NOT NULL DEFAULT now(),
-    source      text        NOT NULL CHECK (source IN ('schedule', 'cli')),
-    range_from  timestamptz NOT NULL,
-    range_to    timestamptz NOT NULL,
-    domain      text,
-    buckets     integer     NOT NULL DEFAULT 0 CHECK (buckets >= 0),
-    mismatches  integer     NOT NULL DEFAULT 0 CHECK (mismatches >= 0),
-    status      text        NOT NULL CHECK (status IN ('ok', 'differences', 'failed')),
-    error       text
-);
-CREATE INDEX IF NOT EXISTS reconcile_runs_ran_at ON reconcile_runs (source, ran_at);
-"""
-
-
 class Source(Protocol):
-    def aggregates(self, lo: datetime, hi: datetime, domain: str | None = None) -> list[tuple]: ...
+    def aggregates(self, lo: datetime, hi: datetime, domain: str | None = None) -> list[tuple[Any, ...]]: ...
     def events(self, lo: datetime, hi: datetime, domain: str | None = None,
-               keys: Any = None) -> list[tuple]: ...
+               keys: Any = None) -> list[tuple[Any, ...]]: ...
     def loader_offsets(self, group: str, topic: str) -> dict[int, tuple[str, int]]: ...
 
 
@@ -140,7 +122,7 @@ def _totals(events: int, valued: int, s: Any, mn: Any, mx: Any) -> Totals:
     return Totals(int(events), int(valued), *(None if x is None else Decimal(x) for x in (s, mn, mx)))
 
 
-def from_rows(rows: Iterable[tuple]) -> dict[Key, Totals]:
+def from_rows(rows: Iterable[tuple[Any, ...]]) -> dict[Key, Totals]:
     """(domain, type, bucket, events, valued, sum, min, max) rows -> {key: Totals}."""
     return {(d, t, b.astimezone(UTC)): _totals(n, v, s, mn, mx) for d, t, b, n, v, s, mn, mx in rows}
 
@@ -208,7 +190,7 @@ class Groups:
     topic: str
 
 
-def stage_ch_events(conn: psycopg.Connection, table: str, rows: Iterable[tuple]) -> None:
+def stage_ch_events(conn: psycopg.Connection, table: str, rows: Iterable[tuple[Any, ...]]) -> None:
     """Copy ClickHouse event rows into a temporary table dropped at commit."""
     conn.execute(f"CREATE TEMP TABLE {table} (hash uuid, domain text, event_type text, ts timestamptz,"
                  " value numeric(24, 6), received_at timestamptz) ON COMMIT DROP")
@@ -274,18 +256,11 @@ def reconcile(conn: psycopg.Connection, source: Source, lo: datetime, hi: dateti
     return report
 
 
-def ensure_table(conn: psycopg.Connection) -> None:
-    """Create reconcile_runs if missing (the schema normally has it; a database not yet migrated may not)."""
-    if conn.execute("SELECT to_regclass('reconcile_runs')").fetchone()[0] is None:
-        conn.execute("SELECT pg_advisory_xact_lock(7201)")
-        conn.execute(RECONCILE_TABLE)
-
-
 def record_run(conn: psycopg.Connection, source: str, lo: datetime, hi: datetime, domain: str | None,
                report: Report | None, error: str | None = None) -> None:
-    """Store one run's outcome (committed when this returns). `report` None means the run failed."""
+    """Store one run's outcome in `reconcile_runs` (migration 0005; committed when this returns). `report`
+    None means the run failed."""
     with conn.transaction():
-        ensure_table(conn)
         if report is None:
             conn.execute("INSERT INTO reconcile_runs (source, range_from, range_to, domain, status, error)"
                          " VALUES (%s, %s, %s, %s, 'failed', %s)", (source, lo, hi, domain, (error or "")[:1000]))
@@ -300,7 +275,7 @@ def latest_mismatches(conn: psycopg.Connection) -> int | None:
     """Mismatched buckets found by the newest scheduled run that completed (None: no run yet).
 
     For the Prometheus gauge `tally_reconcile_mismatches`, read at scrape time."""
-    if conn.execute("SELECT to_regclass('reconcile_runs')").fetchone()[0] is None:
+    if one(conn.execute("SELECT to_regclass('reconcile_runs')"))[0] is None:
         return None
     row = conn.execute("SELECT mismatches FROM reconcile_runs WHERE source = 'schedule' AND status <> 'failed'"
                        " ORDER BY ran_at DESC, id DESC LIMIT 1").fetchone()

@@ -18,40 +18,22 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import psycopg
 
-_DDL = """
-CREATE TABLE IF NOT EXISTS consumer_rewinds (
-    id             bigserial   PRIMARY KEY,
-    request_id     uuid        NOT NULL,
-    consumer_group text        NOT NULL,
-    topic          text        NOT NULL,
-    topic_id       text        NOT NULL DEFAULT '',  -- incarnation the offsets belong to ('' = any)
-    partition      integer     NOT NULL CHECK (partition >= 0),
-    next_offset    bigint      NOT NULL CHECK (next_offset >= 0),
-    requested_at   timestamptz NOT NULL DEFAULT now(),
-    reread_until   bigint,       -- the group's position when applied: below it, records were processed
-    done_at        timestamptz,  -- set once, with the outcome: applied | refused: ... | stale: ... | cancelled
-    outcome        text
-);
-CREATE INDEX IF NOT EXISTS consumer_rewinds_pending ON consumer_rewinds (consumer_group, topic)
-    WHERE done_at IS NULL;
-"""
-_LOCK = 0x7461_6C6C_7972_6577  # advisory lock id: concurrent first calls create the table once
+from oltp.schema import ensure_schema
 
-_ensured: set[str] = set()
+_migrated: set[str] = set()  # DSNs this process brought to the newest schema revision
 
 
-def ensure_table(dsn: str) -> None:
-    """Create the table if missing (idempotent, safe under concurrency; cached per DSN in-process)."""
-    if dsn in _ensured:
+def _ensure_migrated(dsn: str) -> None:
+    """The table is migration 0005's (oltp/migrations): bring the database to the newest revision once per
+    DSN in this process, so `tally replay` and a worker that starts before any other still find it."""
+    if dsn in _migrated:
         return
-    with psycopg.connect(dsn, connect_timeout=5) as conn:
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
-            conn.execute(_DDL)
-    _ensured.add(dsn)
+    ensure_schema(dsn)
+    _migrated.add(dsn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +50,7 @@ def request(dsn: str, groups: list[str], topic: str, topic_id: str, offsets: dic
 
     Returns the request id. Durable when it returns; the workers pick it up on their next check.
     """
-    ensure_table(dsn)
+    _ensure_migrated(dsn)
     request_id = str(uuid.uuid4())
     with psycopg.connect(dsn, connect_timeout=5) as conn:
         with conn.transaction(), conn.cursor() as cur:
@@ -119,7 +101,7 @@ class PostgresRewinds:
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            ensure_table(self.dsn)
+            _ensure_migrated(self.dsn)
             self._conn = psycopg.connect(self.dsn, connect_timeout=5, autocommit=True)
         return self._conn
 
@@ -154,7 +136,7 @@ class PostgresRewinds:
             self._run("UPDATE consumer_rewinds SET done_at = now(), outcome = %s WHERE id = ANY(%s)"
                       " AND done_at IS NULL", (outcome[:500], ids), fetch=False)
 
-    def _run(self, sql: str, params: tuple, *, fetch: bool = True) -> list[tuple]:
+    def _run(self, sql: str, params: tuple[Any, ...], *, fetch: bool = True) -> list[tuple[Any, ...]]:
         try:
             cur = self._connection().execute(sql, params)
             return cur.fetchall() if fetch else []

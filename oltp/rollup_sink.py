@@ -25,13 +25,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 import psycopg
 
 from core.batch import Batch, same_incarnation
 from core.event import StoredEvent
-from oltp.partitions import ensure_partitions, ensure_partitions_for
+from oltp.partitions import ensure_partitions, ensure_partitions_for, is_missing_partition
 from oltp.partitions import forget as _forget_partitions
 from oltp.tiers import (
     DAY_S,
@@ -66,7 +67,8 @@ WITH zone_days AS (
 ), fresh AS (
     {fresh}
 ), counted AS (
-    SELECT b.domain, b.type AS event_type, date_bin('15 minutes', b.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS quarter,
+    SELECT b.domain, b.type AS event_type,
+           date_bin('15 minutes', b.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS quarter,
            s.tz, s.starts[width_bucket(b.ts, s.starts)] AS day_start,
            date_bin('15 minutes', b.received_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS arrived,
            count(*) AS events, count(b.value) AS valued, sum(b.value) AS value_sum, min(b.value) AS value_min,
@@ -85,7 +87,8 @@ WITH zone_days AS (
     ON CONFLICT (domain, event_type, bucket_start) DO UPDATE SET
         events    = r.events + EXCLUDED.events,
         valued    = r.valued + EXCLUDED.valued,
-        value_sum = CASE WHEN EXCLUDED.valued = 0 THEN r.value_sum ELSE COALESCE(r.value_sum, 0) + EXCLUDED.value_sum END,
+        value_sum = CASE WHEN EXCLUDED.valued = 0 THEN r.value_sum
+                         ELSE COALESCE(r.value_sum, 0) + EXCLUDED.value_sum END,
         value_min = LEAST(r.value_min, EXCLUDED.value_min),
         value_max = GREATEST(r.value_max, EXCLUDED.value_max)
 ), daily AS (
@@ -96,7 +99,8 @@ WITH zone_days AS (
     ON CONFLICT (domain, tz, event_type, bucket_start) DO UPDATE SET
         events    = r.events + EXCLUDED.events,
         valued    = r.valued + EXCLUDED.valued,
-        value_sum = CASE WHEN EXCLUDED.valued = 0 THEN r.value_sum ELSE COALESCE(r.value_sum, 0) + EXCLUDED.value_sum END,
+        value_sum = CASE WHEN EXCLUDED.valued = 0 THEN r.value_sum
+                         ELSE COALESCE(r.value_sum, 0) + EXCLUDED.value_sum END,
         value_min = LEAST(r.value_min, EXCLUDED.value_min),
         value_max = GREATEST(r.value_max, EXCLUDED.value_max)
 ), ingestion AS (
@@ -174,8 +178,9 @@ DEDUP_AFTER_REDELIVERY = 8
 @dataclass(frozen=True, slots=True)
 class _Shape:
     """What the sink needs to know of a batch's events in Python (a few passes of builtins; arithmetic
-    per event only for a batch spanning more than WIDE_SPAN_S): its domains, whether every hash is distinct, and the spans of UTC epoch seconds
-    [lo, hi] (inclusive, ascending, disjoint) that hold every event's `ts` (floored to the second)."""
+    per event only for a batch spanning more than WIDE_SPAN_S): its domains, whether every hash is distinct,
+    and the spans of UTC epoch seconds [lo, hi] (inclusive, ascending, disjoint) that hold every event's `ts`
+    (floored to the second)."""
 
     domains: set[str]
     unique: bool
@@ -200,7 +205,7 @@ def _shape(events: Sequence[StoredEvent]) -> _Shape:
 _ENCODE = msgspec.json.Encoder(decimal_format="string").encode
 
 
-def _array(values: list) -> str | list:
+def _array(values: list[Any]) -> str | list[Any]:
     """`values` as a PostgreSQL array literal, written by msgspec in C (~15 ns per element).
 
     A JSON array of strings, numbers, booleans and nulls reads as the same PostgreSQL array once its
@@ -212,7 +217,7 @@ def _array(values: list) -> str | list:
     return "{" + data[1:-1].decode() + "}"
 
 
-def _columns(events: Sequence[StoredEvent]) -> dict[str, str | list]:
+def _columns(events: Sequence[StoredEvent]) -> dict[str, str | list[Any]]:
     """The parameters `hash` .. `bot` of the apply statements: one array literal per column the statement reads."""
     return {
         "hash": _array([e.hash for e in events]),
@@ -265,10 +270,16 @@ class RollupSink:
         except psycopg.errors.CheckViolation as exc:
             # A partition this process believed in was dropped meanwhile (retention in another process):
             # forget what the cache knows and try once more, rather than let the batch look refused.
-            if "no partition of relation" not in str(exc):
+            # Known by SQLSTATE and diagnostics, not by the message (it follows lc_messages).
+            if not is_missing_partition(exc):
                 raise
             _forget_partitions()
             self._write(batch)
+
+    @staticmethod
+    def is_permanent(exc: BaseException) -> bool:
+        """A data or integrity error (a value out of range, a constraint) fails the same way again."""
+        return isinstance(exc, (psycopg.errors.DataError, psycopg.errors.IntegrityError))
 
     def _write(self, batch: Batch) -> None:
         conn = self._connection()
@@ -290,7 +301,8 @@ class RollupSink:
                 if batch.rejected:
                     with conn.cursor() as cur:
                         cur.executemany(
-                            "INSERT INTO rejected_records (consumer_group, topic, partition, \"offset\", error, payload)"
+                            "INSERT INTO rejected_records"
+                            " (consumer_group, topic, partition, \"offset\", error, payload)"
                             " VALUES (%s, %s, %s, %s, %s, %s)",
                             [(self.group, batch.topic, r.partition, r.offset, r.error[:1000],
                               r.payload[:4096].decode("utf-8", "replace").replace("\x00", "\ufffd"))

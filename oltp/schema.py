@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import psycopg
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     ARRAY,
     BigInteger,
@@ -39,8 +43,12 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
+    create_engine,
     text,
 )
+from sqlalchemy import Connection as SAConnection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
 metadata = MetaData()
@@ -73,7 +81,7 @@ seen_events = Table(
 )
 
 
-def _rollup_columns() -> list[Column]:
+def _rollup_columns() -> list[Column[Any]]:
     return [
         Column("events", BigInteger, nullable=False),
         Column("valued", BigInteger, nullable=False, server_default=text("0")),  # events that carried a value
@@ -261,10 +269,8 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _LOCK_KEY = 7201  # pg_advisory_lock key serialising concurrent migrations
 
 
-def _alembic_config():  # -> alembic.config.Config
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # its import-time chatter; ensure_schema logs changes
-    from alembic.config import Config
-
+def _alembic_config() -> Config:
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-run chatter; ensure_schema logs changes
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return config
@@ -272,9 +278,7 @@ def _alembic_config():  # -> alembic.config.Config
 
 def head_revisions() -> tuple[str, ...]:
     """The newest revision(s) shipped with this code (one, unless two branches await a merge revision)."""
-    config = _alembic_config()  # first: it quiets Alembic's logger before Alembic is imported
-    from alembic.script import ScriptDirectory
-
+    config = _alembic_config()
     return tuple(sorted(ScriptDirectory.from_config(config).get_heads()))
 
 
@@ -295,12 +299,7 @@ def ensure_schema(dsn: str, revision: str = "heads") -> None:
     `revision`; if it raises (psycopg / SQLAlchemy errors), the database is at the last revision that
     completed, never half way through one.
     """
-    config = _alembic_config()  # first: it quiets Alembic's logger before Alembic is imported
-    from alembic import command
-    from sqlalchemy import create_engine
-    from sqlalchemy.exc import DBAPIError
-    from sqlalchemy.pool import NullPool
-
+    config = _alembic_config()
     engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn, connect_timeout=10),
                            poolclass=NullPool)
     try:
@@ -315,7 +314,8 @@ def ensure_schema(dsn: str, revision: str = "heads") -> None:
                 conn.commit()
                 after = _versions(conn)
                 if after != before:
-                    log.info("PostgreSQL schema migrated from %s to %s", ", ".join(before) or "(none)", ", ".join(after))
+                    log.info("PostgreSQL schema migrated from %s to %s", ", ".join(before) or "(none)",
+                             ", ".join(after))
             finally:
                 conn.rollback()
                 conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK_KEY})")
@@ -328,7 +328,7 @@ def ensure_schema(dsn: str, revision: str = "heads") -> None:
         engine.dispose()
 
 
-def _versions(conn) -> tuple[str, ...]:  # conn: sqlalchemy.Connection
+def _versions(conn: SAConnection) -> tuple[str, ...]:
     if conn.exec_driver_sql("SELECT to_regclass('alembic_version')").scalar() is None:
         return ()
     return tuple(sorted(r[0] for r in conn.exec_driver_sql("SELECT version_num FROM alembic_version")))

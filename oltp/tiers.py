@@ -22,12 +22,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
 
+from oltp.partitions import ensure_partitions as _ensure_partitions
 from oltp.queries import boundaries
-
-try:  # helper "schema" (ADR 18) provides time partitions; a plain table needs none
-    from oltp.partitions import ensure_partitions as _ensure_partitions
-except ImportError:  # pragma: no cover - only before oltp/partitions.py exists
-    _ensure_partitions = None
+from oltp.rows import one
 
 DAY_S = 86400
 HOUR_S = 3600
@@ -160,8 +157,8 @@ def plan_zones(conn: psycopg.Connection, zones: dict[str, str], days: DayStarts,
     for domain in names:
         want = zones[domain]
         if domain not in known:
-            had_rows = conn.execute("SELECT EXISTS (SELECT 1 FROM rollup_15m WHERE domain = %s)",
-                                    (domain,)).fetchone()[0]
+            had_rows = one(conn.execute("SELECT EXISTS (SELECT 1 FROM rollup_15m WHERE domain = %s)",
+                                        (domain,)))[0]
             plan[domain] = (want, days.next_start(want, now) if had_rows else EPOCH, True)
         elif known[domain] != want:
             plan[domain] = (want, days.next_start(want, now + timedelta(seconds=ZONE_CHANGE_MARGIN_S)), False)
@@ -184,17 +181,14 @@ def note_zones(conn: psycopg.Connection, plan: dict[str, tuple[str, datetime, bo
 def ensure_tier_partitions(conn: psycopg.Connection, lo: datetime, hi: datetime,
                            day_lo: datetime | None = None, day_hi: datetime | None = None) -> None:
     """Make sure the partitions of rollup_15m/1h (and rollup_1d for [day_lo, day_hi]) exist, if the
-    tables are partitioned (ADR 18); a no-op otherwise."""
-    if _ensure_partitions is None:
-        return
+    tables are partitioned (ADR 18; `ensure_partitions` leaves a plain table alone)."""
     for table in ("rollup_15m", "rollup_1h"):
         _ensure_partitions(conn, table, lo, hi)
     _ensure_partitions(conn, "rollup_1d", day_lo or lo, day_hi or hi)
 
 
 def _ensure(conn: psycopg.Connection, table: str, lo: datetime, hi: datetime) -> None:
-    if _ensure_partitions is not None:
-        _ensure_partitions(conn, table, lo, hi)
+    _ensure_partitions(conn, table, lo, hi)
 
 
 _REDERIVE_1H = """

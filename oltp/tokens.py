@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Union
+from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -37,7 +37,7 @@ _ID_RE = re.compile(r"tok_[0-9a-f]{10}")
 # 32 bytes in unpadded base64url are exactly 43 characters.
 _TOKEN_RE = re.compile(r"tly_(tok_[0-9a-f]{10})_([A-Za-z0-9_-]{43})")
 
-Source = Union[psycopg.Connection, ConnectionPool]
+Source = psycopg.Connection | ConnectionPool
 
 
 class TokenError(ValueError):
@@ -147,7 +147,7 @@ def _connection(source: Source) -> Iterator[psycopg.Connection]:
 _COLUMNS = "id, name, role, domains, created_at, revoked_at"
 
 
-def _info(row: tuple) -> TokenInfo:
+def _info(row: tuple[Any, ...]) -> TokenInfo:
     return TokenInfo(row[0], row[1], row[2], tuple(row[3]), row[4], row[5])
 
 

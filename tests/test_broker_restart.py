@@ -256,7 +256,7 @@ def test_whole_stack_killed_with_the_rollup_worker_paused_loses_nothing_on_the_n
 class MemorySink:
     """Offsets and events kept per topic incarnation, like the real sinks (unit level: the point is the loop)."""
 
-    name = "memory"
+    name = group = "memory"
 
     def __init__(self) -> None:
         self.offsets: dict[str, dict[int, int]] = {}
@@ -268,6 +268,12 @@ class MemorySink:
     def write(self, batch) -> None:
         self.hashes.extend(e.hash for e in batch.events)
         self.offsets.setdefault(batch.topic_id, {}).update(batch.next_offsets)
+
+    def is_permanent(self, exc: BaseException) -> bool:
+        return False
+
+    def store_rewound_offsets(self, topic: str, topic_id: str, offsets: dict[int, int]) -> None:
+        self.offsets.setdefault(topic_id, {}).update(offsets)
 
     def close(self) -> None:
         pass
@@ -327,7 +333,7 @@ def test_a_running_consumer_rereads_a_recreated_topic_from_its_start(tmp_path):
             try:
                 loop.step(timeout_ms=200)
             except Exception:
-                loop._needs_seek = True
+                loop.needs_seek = True
         assert loop.topic_id and loop.topic_id != first_id
         second = {json.loads(stored_event(i, "second"))["hash"] for i in range(50)}
         missing = second - set(sink.hashes)

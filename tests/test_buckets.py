@@ -1,6 +1,7 @@
 """Bucket boundaries (pure logic): quarter hours, odd offsets, DST days, limits."""
 
-from datetime import datetime, timezone
+from datetime import UTC as FIXED_UTC
+from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -11,7 +12,7 @@ UTC = ZoneInfo("UTC")
 
 
 def utc(*args):
-    return datetime(*args, tzinfo=timezone.utc)
+    return datetime(*args, tzinfo=FIXED_UTC)
 
 
 def test_quarter_hours_floor_the_start_and_cover_the_end():
@@ -52,7 +53,7 @@ def test_bad_ranges_are_refused(start, end, granularity, words):
 def local_labels(bounds, tz):
     """Each bucket as 'start(+offset)/minutes'."""
     return [f"{a.astimezone(tz).strftime('%d %H:%M%z')}/{int((b - a).total_seconds() // 60)}"
-            for a, b in zip(bounds, bounds[1:])]
+            for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def test_a_repeated_hour_is_two_buckets_each_with_its_own_offset():
@@ -151,6 +152,6 @@ def test_offset_changes_are_further_apart_than_the_scan_step():
         tz = ZoneInfo(key)
         real = [t for t in _zoneinfo.ZoneInfo.no_cache(key)._trans_utc
                 if t > 0 and datetime.fromtimestamp(t - 1, tz).utcoffset() != datetime.fromtimestamp(t, tz).utcoffset()]
-        for a, b in zip(real, real[1:]):
+        for a, b in zip(real, real[1:], strict=False):
             closest = b - a if closest is None else min(closest, b - a)
     assert closest is not None and closest > 4 * _SCAN_S

@@ -36,7 +36,7 @@ class ScriptedConsumer:
 
     def poll(self, timeout_ms: int) -> dict:
         # the timeout, and how many events the loop still held back from the writer at this poll
-        held = self.loop._gathering
+        held = self.loop.writer.gathering
         self.calls.append((timeout_ms, 0 if held is None else len(held)))
         return self.polls.pop(0) if self.polls else {}
 
@@ -58,6 +58,12 @@ class GatedSink:
         self.started.append(len(batch.events))
         assert self.gate.wait(30), "the test never released the write"
 
+    def is_permanent(self, exc: BaseException) -> bool:
+        return False
+
+    def store_rewound_offsets(self, topic: str, topic_id: str, offsets: dict[int, int]) -> None:
+        raise AssertionError("no rewinds here")
+
     def close(self) -> None:
         pass
 
@@ -73,7 +79,7 @@ def test_records_gathered_for_a_busy_writer_go_to_it_before_the_next_poll():
         assert loop.step(timeout_ms=500) == 1  # holding records for the busy writer: a short poll
         assert consumer.calls[:3] == [(500, 0), (500, 0), (min(500, GATHER_POLL_MS), 3)]
         sink.gate.set()
-        loop._in_flight[1].result(timeout=30)
+        loop.writer.in_flight[1].result(timeout=30)
         loop.step(timeout_ms=500)
         # the gathered records were handed over before that poll, and the poll was a full one again
         assert consumer.calls[3] == (500, 0)

@@ -56,7 +56,8 @@ def _parse(cls, data: bytes, fetch_offset: int):
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(magic=st.sampled_from([0, 1, 2, 2, 2]),
-       batches=st.lists(st.tuples(st.sampled_from(CODECS), st.integers(0, 3), st.lists(_record, min_size=1, max_size=12)),
+       batches=st.lists(st.tuples(st.sampled_from(CODECS), st.integers(0, 3),
+                                  st.lists(_record, min_size=1, max_size=12)),
                         min_size=1, max_size=4),
        skip=st.integers(0, 30))
 def test_the_same_records_as_kafka_python(magic: int, batches: list, skip: int) -> None:

@@ -90,7 +90,8 @@ def test_awkward_values_are_stored_exactly(ch):
 _text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=30)
 
 
-@hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@hsettings(max_examples=25, deadline=None,
+           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(st.fixed_dictionaries({
     "ts": st.datetimes(datetime(1970, 1, 1), datetime(2299, 12, 31), timezones=st.just(UTC)),
     "value": st.one_of(st.none(), st.decimals(0, Decimal("1000000000"), places=6).map(str)),

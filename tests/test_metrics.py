@@ -258,14 +258,13 @@ def test_api_metrics_requests_refused_elsewhere_and_only_its_families(make_setti
 
 
 def test_reconcile_mismatches_are_read_from_the_newest_scheduled_run(make_settings, servers):
-    from oltp.reconcile import ensure_table
+    from oltp.schema import ensure_schema
     from tally.roots import build_api
 
     app = build_api(make_settings())
     try:
         with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
-            with conn.transaction():
-                ensure_table(conn)
+            ensure_schema(servers.pg_dsn)  # reconcile_runs: migration 0005
             ids = [conn.execute(
                 "INSERT INTO reconcile_runs (ran_at, source, range_from, range_to, buckets, mismatches, status)"
                 " VALUES (%s, %s, now(), now(), 10, %s, %s) RETURNING id", row).fetchone()[0] for row in (
@@ -297,7 +296,7 @@ def test_reconcile_mismatches_are_read_from_the_newest_scheduled_run(make_settin
 def test_consumer_lag_batches_commits_and_analyst_queries(pipeline, domain):
     api = pipeline.api
     for loop in (pipeline.rollups, pipeline.loader):
-        loop.LAG_REPORT_S = 0.0  # every poll, so the last one is seen
+        loop.lag.every_s = 0.0  # every poll, so the last one is seen
     pipeline.post([hit(domain)] * 25)
     pipeline.post([hit(domain)] * 15)
     assert pipeline.ship() == 40
@@ -336,8 +335,8 @@ def test_lag_shows_what_is_left_to_poll(pipeline, domain):
     loop.consumer.close()
     loop.consumer = make_consumer(pipeline.settings.kafka_bootstrap, loop.sink.group, session_timeout_ms=2000,
                                   max_poll_records=10)
-    loop.LAG_REPORT_S = 0.0
-    loop.pipelined = False
+    loop.lag.every_s = 0.0
+    loop.writer.pipelined = False
     loop.subscribe()
     deadline = time.monotonic() + 30
     while loop.stored_events < 10 and time.monotonic() < deadline:
@@ -446,7 +445,8 @@ def test_tally_collector_sums_both_granian_workers(servers, tmp_path, domain):
     assert sum(per_pid.values()) == warmup + 60
     # the spool backlog, as the directory holds it (no shipper runs here)
     last = scrapes[-1]
-    assert value(last, "tally_spool_backlog_segments", state="sealed") == len([p for p in spool_files if p.suffix == ".seg"])
+    assert value(last, "tally_spool_backlog_segments", state="sealed") == len(
+        [p for p in spool_files if p.suffix == ".seg"])
     assert value(last, "tally_spool_backlog_segments", state="open") == 0
     assert value(last, "tally_spool_backlog_bytes", state="sealed") == sum(p.stat().st_size for p in spool_files)
     assert value(last, "tally_spool_backlog_bytes", state="sealed") > 0

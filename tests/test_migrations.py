@@ -41,7 +41,8 @@ def fresh_dsn(servers):
 def tables(dsn: str) -> dict[str, str]:
     """Every table of the public schema -> relkind ('r' plain, 'p' partitioned)."""
     with psycopg.connect(dsn) as conn:
-        return dict(conn.execute("SELECT relname, relkind::text FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+        return dict(conn.execute("SELECT relname, relkind::text FROM pg_class"
+                                 " WHERE relnamespace = 'public'::regnamespace"
                                  " AND relkind IN ('r', 'p')").fetchall())
 
 
@@ -100,7 +101,7 @@ def _fill_previous_release(dsn: str, now: datetime) -> dict[str, list]:
     with psycopg.connect(dsn) as conn:
         for ddl in (baseline.CORE, baseline.TOKENS, baseline.SITES, baseline.AUDIT, baseline.INGESTION):
             conn.execute(ddl)
-        for h, t in zip(hashes, old_days):
+        for h, t in zip(hashes, old_days, strict=True):
             conn.execute("INSERT INTO seen_events (hash, ts) VALUES (%s, %s)", (h, t))
             conn.execute("INSERT INTO rollup_15m (domain, event_type, bucket_start, events, valued, value_sum,"
                          " value_min, value_max) VALUES ('old.example', 'pageview', date_bin('15 minutes', %s,"
@@ -160,7 +161,8 @@ def test_database_at_previous_revision_keeps_its_tier_rows(fresh_dsn):
     assert tables(fresh_dsn)["rollup_1h"] == "r"
     t = datetime(2025, 12, 31, 23, tzinfo=UTC)
     with psycopg.connect(fresh_dsn) as conn:
-        conn.execute("INSERT INTO rollup_1h (domain, event_type, bucket_start, events) VALUES ('a.example', 'x', %s, 5)",
+        conn.execute("INSERT INTO rollup_1h (domain, event_type, bucket_start, events)"
+                     " VALUES ('a.example', 'x', %s, 5)",
                      (t,))
         conn.execute("INSERT INTO rollup_1d (domain, tz, event_type, bucket_start, events)"
                      " VALUES ('a.example', 'Europe/Berlin', 'x', %s, 9)", (t,))
@@ -174,13 +176,13 @@ def test_database_at_previous_revision_keeps_its_tier_rows(fresh_dsn):
 
 
 def test_tables_made_on_first_use_are_adopted(fresh_dsn):
-    """reconcile_runs and consumer_rewinds were created by their modules before revision 0005."""
-    from oltp import reconcile, rewinds
-
+    """reconcile_runs and consumer_rewinds were created by their modules before revision 0005 (with the DDL
+    the revision froze): 0005 adopts them, rows included."""
+    rev = importlib.import_module("oltp.migrations.versions.0005_reconcile_and_rewinds")
     ensure_schema(fresh_dsn, "0004")
-    rewinds.ensure_table(fresh_dsn)
     with psycopg.connect(fresh_dsn) as conn:
-        reconcile.ensure_table(conn)
+        conn.execute(rev.RECONCILE)
+        conn.execute(rev.REWINDS)
         conn.execute("INSERT INTO consumer_rewinds (request_id, consumer_group, topic, partition, next_offset)"
                      " VALUES (%s, 'g', 't', 0, 5)", (uuid.uuid4(),))
     ensure_schema(fresh_dsn)
@@ -189,14 +191,26 @@ def test_tables_made_on_first_use_are_adopted(fresh_dsn):
     assert schema_diff(fresh_dsn) == []
 
 
-def test_first_use_ddl_matches_its_revision():
-    """oltp/reconcile.py and oltp/rewinds.py still create their tables on first use; a change there
-    needs a new revision (and `metadata`), not an edit of their DDL alone."""
-    from oltp import reconcile, rewinds
+def test_only_migrations_create_tables():
+    """The PostgreSQL schema is the migrations' (and `metadata`'s, which they are checked against): no product
+    module creates one of its tables on first use (oltp/reconcile.py and oltp/rewinds.py used to)."""
+    root = Path(__file__).resolve().parents[1]
+    sources = {str(p.relative_to(root)): " ".join(p.read_text().split())
+               for top in ("core", "collector", "spool", "workers", "oltp", "olap", "api", "infra", "tally")
+               for p in (root / top).rglob("*.py") if "migrations" not in p.parts}
+    creating = sorted((path, table) for path, text in sources.items() for table in metadata.tables
+                      if f"CREATE TABLE IF NOT EXISTS {table} (" in text or f"CREATE TABLE {table} (" in text)
+    assert creating == [], creating
 
-    rev = importlib.import_module("oltp.migrations.versions.0005_reconcile_and_rewinds")
-    assert " ".join(reconcile.RECONCILE_TABLE.split()) == " ".join(rev.RECONCILE.split()), "add a revision"
-    assert " ".join(rewinds._DDL.split()) == " ".join(rev.REWINDS.split()), "add a revision"
+
+def test_a_rewind_request_migrates_a_database_behind_instead_of_creating_its_table(fresh_dsn):
+    """`tally replay` against a database not yet at 0005: the migrations bring it to the newest revision."""
+    from oltp import rewinds
+
+    ensure_schema(fresh_dsn, "0004")
+    rewinds.request(fresh_dsn, ["g"], "t", "", {0: 5})
+    assert current_revisions(fresh_dsn) == head_revisions()
+    assert schema_diff(fresh_dsn) == []
 
 
 def test_running_twice_changes_nothing(fresh_dsn):
@@ -387,15 +401,18 @@ def test_downgrades_step_back_and_up_again_keeping_rows(fresh_dsn):
         partitions.ensure_partitions(conn, "rollup_1h", t, t)
         partitions.ensure_partitions(conn, "seen_events", t, t + timedelta(days=1))
         conn.commit()
-        conn.execute("INSERT INTO rollup_15m (domain, event_type, bucket_start, events) VALUES ('a.example', 'x', %s, 3)",
+        conn.execute("INSERT INTO rollup_15m (domain, event_type, bucket_start, events)"
+                     " VALUES ('a.example', 'x', %s, 3)",
                      (t,))
-        conn.execute("INSERT INTO rollup_1h (domain, event_type, bucket_start, events) VALUES ('a.example', 'x', %s, 3)",
+        conn.execute("INSERT INTO rollup_1h (domain, event_type, bucket_start, events)"
+                     " VALUES ('a.example', 'x', %s, 3)",
                      (t,))
         # one hash at two instants: allowed by (hash, ts), not by the hash-only key before 0003
         conn.execute("INSERT INTO seen_events (hash, ts) VALUES (%s, %s), (%s, %s)", (h, t, h, t + timedelta(hours=1)))
         conn.execute("INSERT INTO reconcile_runs (source, range_from, range_to, status) VALUES ('cli', %s, %s, 'ok')",
                      (t, t))
-    steps = [("0006", {"dashboard_sessions"}), ("0004", {"reconcile_runs", "consumer_rewinds"}), ("0003", {"rollup_1d_coverage"}), ("0002", set()),
+    steps = [("0006", {"dashboard_sessions"}), ("0004", {"reconcile_runs", "consumer_rewinds"}),
+             ("0003", {"rollup_1d_coverage"}), ("0002", set()),
              ("0001", {"rollup_1h", "rollup_1d"})]
     for revision, gone in steps:
         downgrade(fresh_dsn, revision)

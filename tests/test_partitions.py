@@ -75,7 +75,8 @@ def test_ensure_creates_missing_partitions_and_rows_land_in_them(db):
         conn.rollback()
         ensure_partitions(conn, "seen_events", lo, hi)
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # committed, not left open
-        assert {"seen_events_p20240228", "seen_events_p20240229", "seen_events_p20240301"} <= set(names(conn, "seen_events"))
+        assert {"seen_events_p20240228", "seen_events_p20240229", "seen_events_p20240301"} <= set(
+            names(conn, "seen_events"))
         conn.execute("INSERT INTO seen_events VALUES (%s, %s)", (uuid.uuid4(), lo))
         conn.execute("INSERT INTO seen_events VALUES (%s, %s)", (uuid.uuid4(), hi))
         conn.commit()
@@ -156,7 +157,8 @@ def test_unpartitioned_table_is_left_alone(servers):
         with psycopg.connect(dsn) as conn:
             ensure_partitions(conn, "seen_events", datetime(2020, 1, 1, tzinfo=UTC), datetime(2020, 1, 5, tzinfo=UTC))
             assert partitions.is_partitioned(conn, "seen_events") is False
-            assert conn.execute("SELECT count(*) FROM pg_class WHERE relname ~ '^seen_events_p[0-9]'").fetchone()[0] == 0
+            assert conn.execute(
+                "SELECT count(*) FROM pg_class WHERE relname ~ '^seen_events_p[0-9]'").fetchone()[0] == 0
     finally:
         partitions.forget()
         with psycopg.connect(servers.pg_dsn, autocommit=True) as admin:
@@ -166,7 +168,8 @@ def test_unpartitioned_table_is_left_alone(servers):
 def test_concurrent_creation_from_several_processes(db):
     code = ("import sys; from datetime import datetime, UTC; import psycopg; from oltp.partitions import "
             "ensure_partitions\nwith psycopg.connect(sys.argv[1]) as c:\n"
-            "    ensure_partitions(c, 'seen_events', datetime(2019, 1, 1, tzinfo=UTC), datetime(2019, 3, 1, tzinfo=UTC))")
+            "    ensure_partitions(c, 'seen_events', datetime(2019, 1, 1, tzinfo=UTC),"
+            " datetime(2019, 3, 1, tzinfo=UTC))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", code, db], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
@@ -183,3 +186,67 @@ def test_ensure_for_instants_fills_no_gaps(db):
                                                                datetime(2018, 6, 1, 5, tzinfo=UTC)])
         assert [n for n in names(conn, "rollup_15m") if "p2018" in n] == ["rollup_15m_p20180101",
                                                                            "rollup_15m_p20180601"]
+
+
+# --- a missing partition, told by SQLSTATE and diagnostics, not by the message --------------------------------
+
+# PostgreSQL's German translation of "no partition of relation %s found for row": what a server whose
+# lc_messages is de_DE says. The embedded server ships no translations, so PL/pgSQL raises it with the
+# same SQLSTATE and diagnostics the partition router sets (check_violation, the table, no constraint).
+GERMAN_NO_PARTITION = "keine Partition von Relation »seen_events« für Zeile gefunden"
+
+
+def server_error(conn: psycopg.Connection, sql: str, params: tuple = ()) -> psycopg.Error:
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute(sql, params)
+    conn.rollback()
+    return caught.value
+
+
+def test_a_missing_partition_is_known_by_sqlstate_and_table_not_by_the_message(db):
+    old = datetime(1999, 1, 1, tzinfo=UTC)
+    with psycopg.connect(db) as conn:
+        english = server_error(conn, "INSERT INTO seen_events VALUES (%s, %s)", (uuid.uuid4(), old))
+        german = server_error(conn, f"DO $$ BEGIN RAISE EXCEPTION USING MESSAGE = '{GERMAN_NO_PARTITION}',"
+                              " ERRCODE = 'check_violation', SCHEMA = 'public', TABLE = 'seen_events'; END $$")
+        ensure_partitions(conn, "seen_events", old, old)
+        outside = server_error(conn, "INSERT INTO seen_events_p19990101 VALUES (%s, %s)",
+                               (uuid.uuid4(), old + timedelta(days=2)))  # a partition's bounds: not missing
+        constraint = server_error(conn, "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset)"
+                                  " VALUES ('g', 't', 0, -1)")  # a CHECK constraint: not a partition
+    assert "no partition of relation" in str(english) and "no partition" not in str(german)
+    assert all(e.sqlstate == "23514" for e in (english, german, outside, constraint))
+    assert partitions.is_missing_partition(english) and partitions.is_missing_partition(german)
+    assert not partitions.is_missing_partition(outside) and not partitions.is_missing_partition(constraint)
+    assert not partitions.is_missing_partition(ValueError("no partition of relation"))
+
+
+def test_the_rollup_sink_retries_a_missing_partition_under_a_non_english_server(db):
+    """The server answers the sink's first write with the German message (a trigger raising it once, as a
+    de_DE server routing a row into a just dropped partition would): the sink forgets its partition cache
+    and writes again, instead of letting the batch look refused (filed as rejected, or retried forever)."""
+    from core.batch import Batch
+    from core.event import StoredEvent
+    from oltp.rollup_sink import RollupSink
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("CREATE SEQUENCE fail_once")
+        conn.execute("CREATE FUNCTION german_missing_partition() RETURNS trigger LANGUAGE plpgsql AS $$"
+                     " BEGIN IF nextval('fail_once') = 1 THEN RAISE EXCEPTION USING MESSAGE = "
+                     f"'{GERMAN_NO_PARTITION}', ERRCODE = 'check_violation', SCHEMA = 'public',"
+                     " TABLE = 'seen_events'; END IF; RETURN NEW; END $$")
+        conn.execute("CREATE TRIGGER german BEFORE INSERT ON seen_events FOR EACH ROW"
+                     " EXECUTE FUNCTION german_missing_partition()")
+    now = datetime.now(UTC)
+    events = [StoredEvent(v=1, hash=uuid.uuid4().hex, domain="a.example", url="https://a.example/", ts=now,
+                          received_at=now, type="pageview") for _ in range(3)]
+    sink = RollupSink(db, "g")
+    try:
+        sink.write(Batch(topic="t", topic_id="T", events=events, next_offsets={0: 3}, first_offsets={0: 0}))
+    finally:
+        sink.close()
+    with psycopg.connect(db) as conn:
+        # refused at its first row, then every row written
+        assert conn.execute("SELECT last_value FROM fail_once").fetchone()[0] == 1 + len(events)
+        assert conn.execute("SELECT sum(events) FROM rollup_15m WHERE domain = 'a.example'").fetchone()[0] == 3
+        assert conn.execute("SELECT next_offset FROM consumer_offsets WHERE consumer_group = 'g'").fetchone()[0] == 3

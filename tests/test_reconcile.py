@@ -1,4 +1,5 @@
-"""`tally reconcile` against real stores: PostgreSQL rollups vs chDB events through the analyst server's internal route."""
+"""`tally reconcile` against real stores: PostgreSQL rollups vs chDB events through the analyst server's internal
+route."""
 
 from __future__ import annotations
 
@@ -336,7 +337,8 @@ def test_remote_and_direct_sources_answer_the_same(stack, settings, analyst_url,
     assert sorted(remote.aggregates(lo, hi, domain)) == sorted(direct.aggregates(lo, hi, domain))
     assert sorted(remote.events(lo, hi, domain)) == sorted(direct.events(lo, hi, domain))
     assert len(remote.events(lo, hi, domain)) == 29
-    assert remote.loader_offsets("tally-loader", settings.topic) == direct.loader_offsets("tally-loader", settings.topic)
+    assert (remote.loader_offsets("tally-loader", settings.topic)
+            == direct.loader_offsets("tally-loader", settings.topic))
     key = min(direct.aggregates(lo, hi, domain))[:3]
     assert {e[2] for e in remote.events(lo, hi, domain, keys=[key])} == {key[1]}
 

@@ -26,8 +26,6 @@ from tally.roots import build_loader_loop, build_rollup_loop
 from tests.test_backfill import in_both_stores, write_jsonl
 from tests.test_pipeline import Pipeline
 
-pytestmark = pytest.mark.servers("postgres", "broker", "chdb")
-
 
 @pytest.fixture()
 def pipeline(settings):

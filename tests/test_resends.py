@@ -19,6 +19,8 @@ from olap.client import connect
 from spool.segments import read_record, sealed_segments, segment_records
 from tests.test_pipeline import Pipeline
 
+pytestmark = pytest.mark.servers("postgres", "broker", "chdb")
+
 
 @pytest.fixture()
 def pipeline(make_settings):

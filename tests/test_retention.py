@@ -224,7 +224,8 @@ def test_worker_maintenance_thread_creates_partitions_ahead(db):
 
 def add_status(conn: psycopg.Connection, t: datetime, domain: str = "r.example") -> None:
     conn.execute("INSERT INTO ingestion_15m (domain, bucket_start, accepted) VALUES (%s, %s, 1)", (domain, t))
-    conn.execute("INSERT INTO collector_refusals (domain, reason, bucket_start, events) VALUES (%s, 'rate_limited', %s, 2)",
+    conn.execute("INSERT INTO collector_refusals (domain, reason, bucket_start, events)"
+                 " VALUES (%s, 'rate_limited', %s, 2)",
                  (domain, t))
     conn.commit()
 
@@ -238,7 +239,8 @@ def status_rows(conn: psycopg.Connection) -> dict[str, list[datetime]]:
 def test_status_rows_expire_with_the_15_minute_tier(db, monkeypatch):
     keep = 90
     cutoff = NOW - timedelta(days=keep)
-    kept, expired = [cutoff, cutoff + timedelta(minutes=15), NOW], [cutoff - timedelta(minutes=15), NOW - timedelta(days=400)]
+    kept = [cutoff, cutoff + timedelta(minutes=15), NOW]
+    expired = [cutoff - timedelta(minutes=15), NOW - timedelta(days=400)]
     monkeypatch.setattr(prune, "BATCH_ROWS", 1)  # several delete transactions, as a large backlog would take
     with psycopg.connect(db) as conn:
         for t in kept + expired:
@@ -246,7 +248,8 @@ def test_status_rows_expire_with_the_15_minute_tier(db, monkeypatch):
         dry = prune.prune_status(conn, keep, NOW, dry_run=True)
         assert [(r.table, r.cutoff, r.expired_rows) for r in dry] == [
             ("ingestion_15m", cutoff, 2), ("collector_refusals", cutoff, 2)]
-        assert status_rows(conn) == {t: sorted(kept + expired) for t in prune.STATUS_TABLES}  # a dry run changes nothing
+        # a dry run changes nothing
+        assert status_rows(conn) == {t: sorted(kept + expired) for t in prune.STATUS_TABLES}
         done = prune.prune_status(conn, keep, NOW)
         assert [r.expired_rows for r in done] == [2, 2]
         assert status_rows(conn) == {t: sorted(kept) for t in prune.STATUS_TABLES}

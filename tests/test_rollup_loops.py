@@ -34,7 +34,8 @@ def test_a_loop_ending_on_its_own_stops_the_others_and_fails(monkeypatch):
 
 def test_one_maintenance_thread_for_all_loops(monkeypatch):
     built = []
-    monkeypatch.setattr(roots, "build_rollup_loop", lambda settings, group, maintenance: built.append(maintenance) or object())
+    monkeypatch.setattr(roots, "build_rollup_loop",
+                        lambda settings, group, maintenance: built.append(maintenance) or object())
     loops = roots.build_rollup_loops(Settings.from_env({"TALLY_HOME": "/tmp/unused", "TALLY_ROLLUP_CONSUMERS": "3"}))
     assert len(loops) == 3 and built == [True, False, False]
     assert Settings.from_env({"TALLY_HOME": "/tmp/unused"}).rollup_consumers == 2

@@ -162,7 +162,8 @@ def test_monrovias_odd_day_starts_are_kept_to_the_second(servers, writer):
     sites.add(servers.pg_dsn, domain, tz="Africa/Monrovia")
     writer.write([StoredEvent(v=1, hash=uuid.uuid4().hex, domain=domain, url=f"https://{domain}/", ts=t,
                               received_at=t, type="pageview")
-                  for t in (utc(1971, 3, 2, 0, 44, 29, 999999), utc(1971, 3, 2, 0, 44, 30), utc(1971, 3, 3, 0, 44, 29))])
+                  for t in (utc(1971, 3, 2, 0, 44, 29, 999999), utc(1971, 3, 2, 0, 44, 30),
+                            utc(1971, 3, 3, 0, 44, 29))])
     with psycopg.connect(servers.pg_dsn) as conn:
         rows = conn.execute("SELECT bucket_start, events FROM rollup_1d WHERE domain = %s ORDER BY 1",
                             (domain,)).fetchall()

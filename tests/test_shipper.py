@@ -282,3 +282,29 @@ def test_a_shipped_segment_is_dropped_once_both_real_groups_stored_it(make_setti
         rollups.close()
         loader.close()
         shipper.close()
+
+
+def test_a_spool_disk_error_in_the_final_ship_still_closes_the_producer(servers, tmp_path):
+    """The last `ship_once` of `run` (after stop) meets an unreadable spool (an OSError, not a ShipError):
+    it is logged, and the producer is still flushed and closed instead of the thread dying with it."""
+    import threading
+
+    spool_dir = tmp_path / "spool"
+    ensure_topic([servers.bootstrap], "final-ship-test", 1)
+    made = []
+
+    def producer():
+        made.append(make_producer([servers.bootstrap]))
+        return made[-1]
+
+    shipper = Shipper(spool_dir, producer, "final-ship-test")
+    write_segment(spool_dir, [b'{"domain": "a.example"}'] * 3)
+    assert shipper.ship_once() == 3 and made
+    write_segment(spool_dir, [b'{"domain": "a.example"}'])
+    (segment,) = sealed_segments(spool_dir)
+    segment.unlink()
+    segment.mkdir()  # a sealed segment that cannot be read (IsADirectoryError: an OSError, as EIO would be)
+    stop = threading.Event()
+    stop.set()  # straight to the final ship
+    shipper.run(stop)
+    assert shipper._producer is None and all(p._closed for p in made)  # flushed and closed

@@ -42,7 +42,8 @@ def fill_spool(writer: SpoolWriter, domain: str) -> int:
     """Append 40-event batches until the writer refuses one; returns the events acknowledged."""
     acked = 0
     for i in range(10_000):
-        batch = [b'{"domain": "%s", "url": "https://%s/%s/%d-%d"}' % (domain.encode(), domain.encode(), b"x" * 200, i, j)
+        batch = [b'{"domain": "%s", "url": "https://%s/%s/%d-%d"}'
+                 % (domain.encode(), domain.encode(), b"x" * 200, i, j)
                  for j in range(40)]
         try:
             writer.append(batch)

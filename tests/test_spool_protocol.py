@@ -64,7 +64,8 @@ class Interleaver:
 
 
 def sealed_lines(directory: Path) -> Counter[bytes]:
-    return Counter(read_record(line) for seg in sealed_segments(directory) for line in segment_records(seg.read_bytes()))
+    return Counter(read_record(line) for seg in sealed_segments(directory)
+                   for line in segment_records(seg.read_bytes()))
 
 
 def write_some(directory: Path, n: int = 6) -> list[bytes]:
@@ -99,7 +100,7 @@ def test_recovery_at_any_point_of_the_writer_loses_and_doubles_nothing(tmp_path,
         directory.mkdir()
         recoveries = []
 
-        def recover(directory=directory) -> None:
+        def recover(directory=directory, recoveries=recoveries) -> None:
             recoveries.append(recover_orphans(directory, new_grace_s=0.0, trust_pids=trust_pids))
 
         with monkeypatch.context() as m:

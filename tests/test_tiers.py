@@ -332,7 +332,8 @@ def test_retention_moves_to_a_coarser_aligned_tier_or_refuses_naming_it():
     with pytest.raises(OutsideRetention, match="hourly data is kept 730 days"):
         choose_tier(ancient, "1h", "UTC", None, retention, now)
     nothing = OutsideRetention("1d", 3650, utc(2016, 11, 1), [])  # when no other granularity can answer
-    assert str(nothing) == "daily data is kept 3650 days (from 2016-11-01T00:00:00+00:00); ask a range that starts later"
+    assert str(nothing) == ("daily data is kept 3650 days (from 2016-11-01T00:00:00+00:00);"
+                            " ask a range that starts later")
 
 
 # ---- through the API --------------------------------------------------------------------------------
@@ -511,3 +512,17 @@ def test_a_zone_change_keeps_answers_exact_and_the_daily_tier_serves_again_once_
     assert body["tier"] == "1d"
     assert [b["count"] for b in body["buckets"]] == [b.count for b in forced["Asia/Tokyo"].buckets]
     assert series(client, domain, **week, tz="Europe/Berlin").json["tier"] == "1h"
+
+
+def test_retention_comes_from_the_settings_fields_with_no_defaults_of_its_own():
+    """`Retention.from_settings` reads the Settings fields (core/config.py holds the defaults): an object
+    without them is a mistake that fails, not one quietly given 90/730/0 days."""
+    from types import SimpleNamespace
+
+    from core.config import Settings
+
+    settings = Settings.from_env({"TALLY_RETENTION_15M_DAYS": "5", "TALLY_RETENTION_1H_DAYS": "6",
+                                  "TALLY_RETENTION_1D_DAYS": "7"})
+    assert Retention.from_settings(settings) == Retention(5, 6, 7)
+    with pytest.raises(AttributeError, match="retention_15m_days"):
+        Retention.from_settings(SimpleNamespace(retention_1h_days=6, retention_1d_days=7))

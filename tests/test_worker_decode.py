@@ -30,8 +30,6 @@ from tests.test_pipeline import Pipeline, at
 from workers.consumer import ConsumerLoop, decode
 from workers.kafka_io import make_consumer
 
-pytestmark = pytest.mark.servers("postgres", "broker", "chdb")
-
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 

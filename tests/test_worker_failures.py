@@ -76,7 +76,7 @@ def test_postgres_refusing_a_value_sets_that_record_aside(servers, domain):
     sink = RollupSink(servers.pg_dsn, group)
     events = [event(domain, "1.5") for _ in range(9)] + [event(domain, "1" + "0" * 20)]
     try:
-        write_isolating(sink.write, batch_of(events, topic))
+        write_isolating(sink.write, batch_of(events, topic), permanent=sink.is_permanent)
     finally:
         sink.close()
     with psycopg.connect(servers.pg_dsn) as conn:
@@ -90,14 +90,14 @@ def test_postgres_refusing_a_value_sets_that_record_aside(servers, domain):
 
 
 def test_the_consumer_writer_isolates_with_the_sinks_own_rule_and_keeps_the_batchs_other_fields():
-    """ConsumerLoop's writer goes through write_isolating, with `sink.is_permanent` when the sink has one;
+    """ConsumerLoop's writer goes through write_isolating, with the sink's own `is_permanent`;
     whatever else the batch carries (refusal counts) is written once, with the offsets."""
     from workers.consumer import ConsumerLoop
 
     events = [event("a.example") for _ in range(8)]
 
     class Sink:
-        name = "picky"
+        name = group = "picky"
         writes: list[Batch] = []
 
         def is_permanent(self, exc):
@@ -114,7 +114,7 @@ def test_the_consumer_writer_isolates_with_the_sinks_own_rule_and_keeps_the_batc
     extra = [f for f in Batch.__dataclass_fields__ if f == "counts"]
     for name in extra:
         setattr(batch, name, ["one count"])
-    stored = loop._write(batch)
+    stored = loop.writer.write(batch)
     assert len(stored.events) == 7 and len(stored.rejected) == 1
     with_offsets = [b for b in sink.writes if b.next_offsets]
     assert len(with_offsets) == 1

@@ -1,4 +1,4 @@
-"""The consumer loop shared by the rollup and loader workers.
+"""The consumer loop shared by the rollup and loader workers (ADR 38: composed in Arroyo's shape).
 
 Each step does one thing: poll -> decode (bad records become `Rejected`, never
 retried) -> sink.write (data, rejects and offsets stored together). Offsets
@@ -14,6 +14,11 @@ batches. A failed write is reported by the next step, which drops what it
 holds and rewinds to the stored offsets; a rebalance or a rewind first waits
 for the write in flight and drops what was not handed over; an empty poll
 (and so the end of a drain) stores everything first.
+
+The loop composes small parts: `PipelinedWriter` (workers/pipelined_writer.py: the writer thread,
+gathering, isolation of refused records), `IncarnationWatch` (workers/incarnation.py: the topic id the
+positions belong to), `LagReporter` (workers/lag.py: the lag gauges) and, when `tally replay` is on,
+a `Rewinder` (workers/rewind.py). What it needs of a store is the `Sink` Protocol (workers/sink.py).
 """
 
 from __future__ import annotations
@@ -21,17 +26,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
-from core import metrics
 from core.batch import Batch, Rejected
 from core.event import REFUSALS_MARK, EventError, decode_refusal_count, decode_stored, decode_stored_many
-from workers.isolate import is_permanent, write_isolating
-from workers.rewind import Rewinder
+from workers.incarnation import IncarnationWatch
+from workers.lag import LagReporter
+from workers.pipelined_writer import PipelinedWriter
+from workers.rewind import Polled, Rewinder
+from workers.sink import Sink
+
+__all__ = ["GATHER_POLL_MS", "ConsumerLoop", "Sink", "decode"]
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +46,8 @@ log = logging.getLogger(__name__)
 GATHER_POLL_MS = 10  # poll timeout while records wait for the writer (`ConsumerLoop.step`)
 
 
-class Sink(Protocol):
-    name: str
-
-    def committed(self, topic: str, topic_id: str, partitions: list[int]) -> dict[int, int]: ...
-    def write(self, batch: Batch) -> None: ...
-    def close(self) -> None: ...
-
-
-class _SeekToStored(ConsumerRebalanceListener):
+# kafka-python is untyped (its classes are Any to mypy), and `subscribe` insists on a subclass.
+class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, loop: ConsumerLoop) -> None:
         self.loop = loop
 
@@ -61,10 +61,10 @@ class _SeekToStored(ConsumerRebalanceListener):
             self.loop.seek_to_stored(sorted(assigned))
         except Exception as exc:
             log.error("%s: could not read stored offsets (%s); will retry", self.loop.sink.name, exc)
-            self.loop._needs_seek = True
+            self.loop.needs_seek = True
 
 
-def decode(topic: str, topic_id: str, records: dict[TopicPartition, list]) -> Batch:
+def decode(topic: str, topic_id: str, records: Polled) -> Batch:
     """Pure transform from polled records to a Batch (core.event.decode_stored on every value).
 
     A partition's records that are all well-formed events (the usual case) are decoded in one
@@ -99,47 +99,43 @@ def decode(topic: str, topic_id: str, records: dict[TopicPartition, list]) -> Ba
 
 
 class ConsumerLoop:
+    """Poll -> decode -> hand to the writer, for one consumer and one sink; seeks to the stored offsets."""
+
     def __init__(self, consumer: KafkaConsumer, sink: Sink, topic: str, *,
                  max_backoff_s: float = 10.0, pipelined: bool = True, max_batch: int = 25_000) -> None:
         self.consumer = consumer
         self.sink = sink
         self.topic = topic
         self.max_backoff_s = max_backoff_s
-        self.pipelined = pipelined
-        self.max_batch = max_batch  # records per write at most (bounds memory with max_poll_records)
-        self.stored_events = 0
-        self.stored_rejects = 0
         self.failures = 0
-        self.topic_id = ""
-        self._needs_seek = False
-        # The topic may be recreated under a running consumer (a restarted memory-only broker; ADR 16):
-        # fresh metadata every `incarnation_check_s`, and a changed topic id means seeking again.
-        self.incarnation_check_s = 1.0
-        self._next_incarnation_check = 0.0
-        self._ids_seen = False  # the broker sends topic ids: never store offsets under an unknown one
-        self.incarnations = 0  # topic id changes noticed while running
-        self._next_lag_report = 0.0  # monotonic time of the next tally_consumer_lag_records update
-        self._writer: ThreadPoolExecutor | None = None
-        self._in_flight: tuple[Batch, Future] | None = None
-        self._gathering: Batch | None = None  # polled and decoded, not yet handed to the writer
+        self.needs_seek = False  # a write failed or an assignment could not be seeked: seek to stored
+        self.writer = PipelinedWriter(sink, pipelined=pipelined, max_batch=max_batch)
+        self.watch = IncarnationWatch(topic)
+        self.lag = LagReporter(sink.group)
         # Applies `tally replay`'s rewind requests and marks re-read batches (workers/rewind.py); None: off.
         self.rewinder: Rewinder | None = None
+
+    @property
+    def topic_id(self) -> str:
+        """The topic incarnation the positions belong to (the last seek's)."""
+        return self.watch.topic_id
+
+    @property
+    def stored_events(self) -> int:
+        return self.writer.stored_events
+
+    @property
+    def stored_rejects(self) -> int:
+        return self.writer.stored_rejects
 
     def subscribe(self) -> None:
         self.consumer.subscribe([self.topic], listener=_SeekToStored(self))
 
-    def current_topic_id(self) -> str:
-        # kafka-python keeps topic ids (KIP-516) from metadata on its cluster object; there is no
-        # public accessor in 3.0.12. "" when the broker does not send ids.
-        topic_id = self.consumer._client.cluster.topic_id(self.topic)
-        return str(topic_id) if topic_id else ""
-
     def seek_to_stored(self, partitions: list[TopicPartition]) -> None:
         self.settle()  # the stored offsets must include the write in flight, if it succeeds
-        self._gathering = None  # re-read from the stored offsets instead
-        self.topic_id = self.current_topic_id()
-        self._ids_seen = self._ids_seen or bool(self.topic_id)
-        stored = self.sink.committed(self.topic, self.topic_id, [tp.partition for tp in partitions])
+        self.writer.drop_gathered()  # re-read from the stored offsets instead
+        topic_id = self.watch.seeking(self.consumer)
+        stored = self.sink.committed(self.topic, topic_id, [tp.partition for tp in partitions])
         for tp in partitions:
             if tp.partition in stored:
                 self.consumer.seek(tp, stored[tp.partition])
@@ -154,149 +150,71 @@ class ConsumerLoop:
         Raises the failure of the previous write, if any (the records of this poll are then
         dropped; the caller marks a rewind). Not pipelined, the batch is stored before returning.
         """
-        if self._needs_seek:
-            self.seek_to_stored(sorted(self.consumer.assignment()))
-            self._needs_seek = False
-        if self._incarnation_changed():
-            self.incarnations += 1
-            log.warning("%s: topic %s was recreated (topic id %s -> %s); resuming from the new incarnation's "
-                        "stored offsets", self.sink.name, self.topic, self.topic_id or "unknown",
-                        self.current_topic_id())
-            self.seek_to_stored(sorted(self.consumer.assignment()))
-        if self._ids_seen and not self.topic_id:
-            # Seeked while the topic was missing from the metadata (a broker restart): its offsets must
-            # not be stored under no id. Keep the client going (poll) but drop what comes back; the
-            # next step seeks again once the new incarnation's id is known.
-            self.consumer.poll(timeout_ms=min(timeout_ms, 200))
+        if not self._positioned(timeout_ms):
             return 0
         if self.rewinder is not None and self.rewinder.due():
             self.rewinder.check(self)
-        if self._gathering is not None and (self._in_flight is None or self._in_flight[1].done()):
-            # Gathered while the writer was busy, and the writer is free now: store it before this
-            # poll blocks (up to timeout_ms when the topic is quiet), not after.
-            self._hand_over()
+        writer = self.writer
+        # Gathered while the writer was busy, and the writer is free now: store it before this poll
+        # blocks (up to timeout_ms when the topic is quiet), not after.
+        writer.hand_over_if_free()
         # Holding records for a busy writer: come back soon to hand them over, rather than block in a
         # poll of a quiet topic for the whole timeout while the writer finishes and idles.
-        records = self.consumer.poll(timeout_ms=timeout_ms if self._gathering is None else min(timeout_ms, GATHER_POLL_MS))
-        self._report_lag()
-        if self._needs_seek:  # assigned during this poll while the store was down: re-seek first
-            self._gathering = None
-            self.finish()
+        records = self.consumer.poll(
+            timeout_ms=timeout_ms if writer.gathering is None else min(timeout_ms, GATHER_POLL_MS))
+        self.lag.report(self.consumer)
+        if self.needs_seek:  # assigned during this poll while the store was down: re-seek first
+            writer.drop_gathered()
+            writer.finish()
             return 0
         if not records:
-            self.flush()
+            writer.flush()
             return 0
         batch = decode(self.topic, self.topic_id, records) if self.rewinder is None else \
             self.rewinder.decode(decode, self.topic, self.topic_id, records)
-        if self._gathering is None:
-            self._gathering = batch
-        else:
-            self._gathering.merge(batch)
-        busy = self._in_flight is not None and not self._in_flight[1].done()
-        if not busy or len(self._gathering) >= self.max_batch or not self.pipelined:
-            self._hand_over()
+        writer.add(batch)
         return len(batch)
 
-    def _incarnation_changed(self) -> bool:
-        """True when the metadata names another topic id than the one we seeked with. No rebalance need
-        happen when a broker loses and recreates the topic, so positions (and the stored offsets they
-        came from) of the old incarnation would skip the new one's first records."""
-        now = time.monotonic()
-        if now >= self._next_incarnation_check:
-            self._next_incarnation_check = now + self.incarnation_check_s
-            self.consumer._client.cluster.request_update()
-        current = self.current_topic_id()
-        if not current or current == self.topic_id or not self.consumer.assignment():
+    def _positioned(self, timeout_ms: int) -> bool:
+        """Seek where a failure, an unseeked assignment or a new topic incarnation asks for it. False
+        while the topic's incarnation is unnamed: the client is kept going (a poll whose records are
+        dropped), and the next step seeks again once the new incarnation's id is known."""
+        if self.needs_seek:
+            self.seek_to_stored(sorted(self.consumer.assignment()))
+            self.needs_seek = False
+        if self.watch.changed(self.consumer):
+            self.watch.changes += 1
+            log.warning("%s: topic %s was recreated (topic id %s -> %s); resuming from the new incarnation's "
+                        "stored offsets", self.sink.name, self.topic, self.topic_id or "unknown",
+                        self.watch.current(self.consumer))
+            self.seek_to_stored(sorted(self.consumer.assignment()))
+        if self.watch.unnamed:
+            self.consumer.poll(timeout_ms=min(timeout_ms, 200))
             return False
         return True
 
-    LAG_REPORT_S = 1.0  # how often the lag gauges are refreshed (after a poll)
-
-    def _report_lag(self) -> None:
-        """Set tally_consumer_lag_records per assigned partition: highwater (from the last fetch, no
-        round trip) minus position; partitions not fetched yet are left out."""
-        now = time.monotonic()
-        if now < self._next_lag_report:
-            return
-        self._next_lag_report = now + self.LAG_REPORT_S
-        group = getattr(self.sink, "group", self.sink.name)
-        try:
-            for tp in self.consumer.assignment():
-                high = self.consumer.highwater(tp)
-                if high is None:
-                    continue
-                position = self.consumer.position(tp, timeout_ms=0)
-                if position is not None:
-                    metrics.set_lag(group, tp.partition, high - position)
-        except Exception:
-            log.debug("%s: could not read the lag", self.sink.name, exc_info=True)
-
-    def _write(self, batch: Batch) -> Batch:
-        """Store `batch`; records the store refuses for good are set aside (workers/isolate.py).
-        Logs one line per committed batch (group, offsets per partition, events, rejected, duration)."""
-        t0 = time.monotonic()
-        stored = write_isolating(self.sink.write, batch,
-                                 permanent=getattr(self.sink, "is_permanent", is_permanent)) or batch
-        metrics.observe_write(getattr(self.sink, "group", self.sink.name), len(batch), time.monotonic() - t0)
-        log.info("%s: committed batch", self.sink.name, extra={
-            "group": getattr(self.sink, "group", self.sink.name), "store": self.sink.name, "topic": batch.topic,
-            "topic_id": batch.topic_id,
-            "offsets": {p: [stored.first_offsets.get(p), o] for p, o in sorted(stored.next_offsets.items())},
-            "events": len(stored.events), "rejected": len(stored.rejected), "counts": len(stored.counts),
-            "duration_ms": round((time.monotonic() - t0) * 1000, 2)})
-        return stored
-
-    def _hand_over(self) -> None:
-        self.finish()  # one write in flight at most, in log order
-        batch, self._gathering = self._gathering, None
-        if batch is None:
-            return
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.sink.name}-writer")
-        self._in_flight = (batch, self._writer.submit(self._write, batch))
-        if not self.pipelined:
-            self.finish()
-
     def flush(self) -> None:
         """Store everything polled so far; raise the failure of any write."""
-        self._hand_over()
-        self.finish()
+        self.writer.flush()
 
     def finish(self) -> None:
         """Wait for the write in flight; count it, or raise its failure (dropping what was gathered since)."""
-        if self._in_flight is None:
-            return
-        batch, future = self._in_flight
-        try:
-            batch = future.result() or batch  # what was stored, refused records set aside included
-        except BaseException:
-            self._gathering = None  # polled after the failed batch: re-read after the rewind
-            raise
-        finally:
-            self._in_flight = None
-        self.stored_events += len(batch.events)
-        self.stored_rejects += len(batch.rejected)
-        if batch.rejected:
-            log.warning("%s: rejected %d malformed records (first: %s)", self.sink.name,
-                        len(batch.rejected), batch.rejected[0].error)
+        self.writer.finish()
 
     def settle(self) -> None:
         """Wait for the write in flight; a failure only marks a rewind to the stored offsets."""
         try:
-            self.finish()
+            self.writer.finish()
         except Exception as exc:
             self.failures += 1
-            self._needs_seek = True
+            self.needs_seek = True
             log.error("%s: store write failed (%s: %s); resuming from stored offsets",
                       self.sink.name, type(exc).__name__, exc)
 
     def close(self) -> None:
         """Wait for the write in flight, stop the writer thread, close the consumer and the sink."""
         self.settle()
-        self._gathering = None
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
-            self._writer = None
+        self.writer.close()
         self.consumer.close()
         self.sink.close()
         if self.rewinder is not None:
@@ -316,7 +234,7 @@ class ConsumerLoop:
                 self.failures += 1
                 log.error("%s: store write failed (%s: %s); pausing %.1fs then resuming from stored offsets",
                           self.sink.name, type(exc).__name__, exc, backoff)
-                self._needs_seek = True
+                self.needs_seek = True
                 stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
         try:

@@ -16,33 +16,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
+from dataclasses import fields
 
 import msgspec
 
 from core.batch import Batch, Rejected
+from core.event import StoredEvent
 
 log = logging.getLogger(__name__)
 
 MAX_REFUSED = 100
-
-
-def is_permanent(exc: BaseException) -> bool:
-    """True for a store error that the same records would raise again: data, not availability."""
-    try:
-        import psycopg
-
-        if isinstance(exc, (psycopg.errors.DataError, psycopg.errors.IntegrityError)):
-            return True
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
-    try:
-        from clickhouse_connect.driver.exceptions import DataError
-
-        if isinstance(exc, DataError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return False
 
 
 class _Part(Batch):
@@ -59,9 +42,9 @@ class TooManyRefused(RuntimeError):
 
 
 def write_isolating(write: Callable[[Batch], None], batch: Batch, *,
-                    permanent: Callable[[BaseException], bool] = is_permanent,
-                    max_refused: int = MAX_REFUSED) -> Batch:
-    """Store `batch`; on a permanent failure, set aside exactly the records the store refuses.
+                    permanent: Callable[[BaseException], bool], max_refused: int = MAX_REFUSED) -> Batch:
+    """Store `batch`; on a permanent failure (`permanent(exc)`: the sink's `is_permanent`, workers/sink.py),
+    set aside exactly the records the store refuses.
 
     Returns what was stored: `batch` itself, or a batch whose `rejected` holds the refused records
     too (for counting). A temporary failure propagates (the caller rewinds and retries).
@@ -73,7 +56,7 @@ def write_isolating(write: Callable[[Batch], None], batch: Batch, *,
         if not permanent(exc):
             raise
         first = exc
-    refused: list[tuple[object, str]] = []
+    refused: list[tuple[StoredEvent, BaseException]] = []
     _bisect(write, batch, batch.events, permanent, refused, max_refused)
     log.error("store refused %d records of a batch of %d for good (first: %s); setting them aside",
               len(refused), len(batch.events), first)
@@ -81,10 +64,11 @@ def write_isolating(write: Callable[[Batch], None], batch: Batch, *,
     # offset, and its error names the spans it came from (its payload is the whole event).
     partition = min(batch.first_offsets, default=0)
     offset = batch.first_offsets.get(partition, 0)
-    spans = ",".join(f"{p}:{batch.first_offsets[p]}-{batch.next_offsets.get(p, 0)}" for p in sorted(batch.first_offsets))
+    spans = ",".join(f"{p}:{batch.first_offsets[p]}-{batch.next_offsets.get(p, 0)}"
+                     for p in sorted(batch.first_offsets))
     rejected = list(batch.rejected) + [
         Rejected(partition, offset,
-                 f"store refused: {type(err).__name__}: {err}"[:900] + f" (hash {getattr(event, 'hash', '?')}, "
+                 f"store refused: {type(err).__name__}: {err}"[:900] + f" (hash {event.hash}, "
                  f"in offsets {spans})", msgspec.json.encode(event))
         for event, err in refused]
     final = Batch(topic=batch.topic, topic_id=batch.topic_id, rejected=rejected,
@@ -102,13 +86,14 @@ def write_isolating(write: Callable[[Batch], None], batch: Batch, *,
 def _copy_extras(source: Batch, target: Batch) -> None:
     """Fields of a Batch other than events, rejects and offsets (e.g. the collectors' refusal counts) go
     with the final write, once."""
-    for name in getattr(Batch, "__dataclass_fields__", {}):
+    for name in (f.name for f in fields(Batch)):
         if name not in ("topic", "topic_id", "events", "rejected", "next_offsets", "first_offsets"):
             setattr(target, name, getattr(source, name))
 
 
-def _bisect(write: Callable[[Batch], None], batch: Batch, events: list, permanent: Callable[[BaseException], bool],
-            refused: list[tuple[object, BaseException]], max_refused: int) -> None:
+def _bisect(write: Callable[[Batch], None], batch: Batch, events: list[StoredEvent],
+            permanent: Callable[[BaseException], bool], refused: list[tuple[StoredEvent, BaseException]],
+            max_refused: int) -> None:
     if not events:
         return
     try:

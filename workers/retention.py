@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
+import psycopg
 
 from spool.segments import fsync_dir
 
@@ -203,8 +204,6 @@ class RetainedSegments:
 
 def postgres_offsets(dsn: str, group: str, *, connect_timeout: int = 3) -> OffsetReader:
     """Stored offsets of a PostgreSQL-backed consumer group (the rollup worker's), exactly in one incarnation."""
-    import psycopg
-
     state: dict[str, psycopg.Connection] = {}
 
     def read(topic: str, topic_id: str) -> dict[int, int]:

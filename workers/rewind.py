@@ -30,7 +30,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from kafka import KafkaConsumer, TopicPartition
+
 from core.batch import Batch
+from workers.incarnation import IncarnationWatch
+from workers.sink import Sink
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,22 @@ class RewindRequests(Protocol):
     def close(self) -> None: ...
 
 
-Decoder = Callable[[str, str, dict], Batch]
+Polled = dict[TopicPartition, list[Any]]  # what KafkaConsumer.poll returns: ConsumerRecords per partition
+Decoder = Callable[[str, str, Polled], Batch]
+
+
+class RewindTarget(Protocol):
+    """What `Rewinder.check` needs of the consumer loop (workers/consumer.py `ConsumerLoop`)."""
+
+    consumer: KafkaConsumer
+    topic: str
+    sink: Sink
+    watch: IncarnationWatch
+
+    @property
+    def topic_id(self) -> str: ...
+
+    def flush(self) -> None: ...
 
 
 class MarksUnavailable(RuntimeError):
@@ -79,7 +98,7 @@ class Rewinder:
     def due(self) -> bool:
         return time.monotonic() >= self._next_check
 
-    def check(self, loop: Any) -> int:
+    def check(self, loop: RewindTarget) -> int:
         """Apply the pending rows of the partitions `loop` holds; refresh the re-read marks.
 
         Returns the rows applied. A store failure while storing (flush, lower offsets) is raised, like
@@ -88,7 +107,7 @@ class Rewinder:
         """
         self._next_check = time.monotonic() + self.check_s
         assignment = {tp.partition: tp for tp in loop.consumer.assignment()}
-        if not assignment or (loop._ids_seen and not loop.topic_id):
+        if not assignment or loop.watch.unnamed:
             return 0
         try:
             rows = [r for r in self.requests.pending(self.group, loop.topic) if r.partition in assignment]
@@ -111,7 +130,8 @@ class Rewinder:
             if older is not None:
                 self.requests.acknowledge([older.id], f"superseded by rewind row {row.id}")
             newest[row.partition] = row
-        apply, positions = [], {}
+        apply: list[Any] = []
+        positions: dict[int, int] = {}
         for p, row in sorted(newest.items()):
             position = loop.consumer.position(assignment[p])
             if row.topic_id and loop.topic_id and row.topic_id != loop.topic_id:
@@ -153,7 +173,7 @@ class Rewinder:
             return None
         return datetime.now(UTC) - timedelta(days=self.reread_floor_days)
 
-    def decode(self, decode: Decoder, topic: str, topic_id: str, records: dict) -> Batch:
+    def decode(self, decode: Decoder, topic: str, topic_id: str, records: Polled) -> Batch:
         """`decode(topic, topic_id, records)`, with the records below the re-read marks marked and filtered.
 
         The marks of an incarnation are read before its first records are decoded (so a worker restarted
@@ -169,7 +189,9 @@ class Rewinder:
         if not marks or not any(msgs and msgs[0].offset < marks.get(tp.partition, (-1, 0))[0]
                                 for tp, msgs in records.items()):
             return decode(topic, topic_id, records)
-        reread, fresh, salt = {}, {}, 0
+        reread: Polled = {}
+        fresh: Polled = {}
+        salt = 0
         for tp, msgs in records.items():
             until, row_id = marks.get(tp.partition, (-1, 0))
             old = [m for m in msgs if m.offset < until]

@@ -218,7 +218,8 @@ class Shipper:
             level = logging.ERROR if decision.evict_unconfirmed else logging.WARNING
             log.log(level, "shipper: shipped segments exceed TALLY_SPOOL_RETAIN_BYTES=%d; dropping the %d oldest "
                     "(%d records; %d of them not yet stored by every group checked here, the others within "
-                    "TALLY_SPOOL_RETAIN_S for a group that cannot be checked): if the broker lost its topic now, they would be lost",
+                    "TALLY_SPOOL_RETAIN_S for a group that cannot be checked): if the broker lost its topic now, "
+                    "they would be lost",
                     self.retain_bytes, len(decision.evict), records, decision.evict_unconfirmed)
             self.evicted_segments += self._remove(decision.evict)
 
@@ -397,6 +398,7 @@ class Shipper:
                 stop.wait(idle_wait_s)
         try:  # what the (already stopped) collector spooled last, including its open segments
             self.ship_once()
-        except ShipError as exc:
+        except (ShipError, OSError) as exc:  # OSError: the spool or quarantine disk
             log.warning("shipper: final ship failed (%s); the spool keeps it for next time", exc)
-        self.close()
+        finally:
+            self.close()  # flush and close the producer whatever the last ship met

@@ -59,7 +59,8 @@ def upgrade() -> None:
     lo, hi = conn.execute(text("SELECT min(bucket_start), max(bucket_start) FROM rollup_15m")).one()
     if lo is None:
         return
-    partitioned = conn.execute(text("SELECT 1 FROM pg_partitioned_table WHERE partrelid = to_regclass('rollup_1h')")).first()
+    partitioned = conn.execute(
+        text("SELECT 1 FROM pg_partitioned_table WHERE partrelid = to_regclass('rollup_1h')")).first()
     if partitioned:
         for p in partitions_covering("rollup_1h", lo, hi):
             conn.exec_driver_sql(create_statement(p))

@@ -17,7 +17,7 @@ from werkzeug.datastructures import MultiDict
 
 from api.auth import allow, current_principal
 from api.backends import backends
-from api.errors import ApiError
+from api.errors import ApiError, install_range_handlers
 from core.event import EVENT_TYPES, EventError, normalize_domain
 from core.http import json_response
 from olap.formats import FORMATS, csv_text
@@ -25,6 +25,7 @@ from oltp.ingestion import ingestion_status
 from oltp.queries import GRANULARITIES, Bucket, QueryError, Series, SiteRow, Totals
 
 bp = Blueprint("customers", __name__)
+install_range_handlers(bp)  # a QueryError here is the caller's range (summary, series): 400 (api/errors.py)
 
 
 def _parse_time(name: str, value: str | None, default: datetime) -> datetime:

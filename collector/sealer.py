@@ -2,9 +2,11 @@
 
 Each collector process counts its refusals in memory (collector/refusals.py) and spools them every
 REFUSALS_FLUSH_S as count records (core.event.refusal_count_json) for registered domains only. The
-`Sealer` thread does that and seals a segment once it is TALLY_SPOOL_SEGMENT_AGE_S old. `Sealer.stop`
-ends the thread (waiting for a flush under way), then spools the counts once more: so once a worker
-has stopped it and sealed its spool, nothing of it opens another segment.
+`Sealer` thread does that and seals a segment once it is TALLY_SPOOL_SEGMENT_AGE_S old, each round under
+a lock and only while not stopped. `Sealer.stop` takes that lock (so it waits for a round under way,
+however long), marks the sealer stopped and spools the counts once more: so once a worker has stopped
+it and sealed its spool, nothing of it writes again or opens another segment, even if the thread is
+still alive.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from spool.segments import SpoolWriter
 log = logging.getLogger(__name__)
 
 REFUSALS_FLUSH_S = 5.0  # how often each collector process spools its refusal counts
-STOP_TIMEOUT_S = 10.0  # at most this for a flush under way as the sealer stops
+STOP_TIMEOUT_S = 10.0  # at most this for the thread to end once stopped (it cannot write after stop())
 
 
 def flush_refusals(app: Flask) -> int:
@@ -56,7 +58,9 @@ class Sealer:
         self.app = app
         self.spool = spool
         self.period_s = period_s
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # wakes the thread's wait
+        self._lock = threading.Lock()  # held for each round of work and by stop(); guards _stopped
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name="spool-sealer", daemon=True)
 
     def start(self) -> Sealer:
@@ -66,21 +70,27 @@ class Sealer:
     def _run(self) -> None:
         last_flush = time.monotonic()
         while not self._stopping.wait(min(self.period_s / 2, REFUSALS_FLUSH_S)):
-            try:
-                if time.monotonic() - last_flush >= REFUSALS_FLUSH_S:
-                    last_flush = time.monotonic()
-                    flush_refusals(self.app)
-                self.spool.seal_if_stale()
-            except OSError:
-                log.exception("spool: sealing or spooling refusal counts failed")
+            with self._lock:
+                if self._stopped:
+                    return
+                try:
+                    if time.monotonic() - last_flush >= REFUSALS_FLUSH_S:
+                        last_flush = time.monotonic()
+                        flush_refusals(self.app)
+                    self.spool.seal_if_stale()
+                except OSError:
+                    log.exception("spool: sealing or spooling refusal counts failed")
 
     def stop(self) -> None:
-        """End the thread (after the flush under way, if any), then spool the counts so far once more.
-        Call it before the spool is closed: afterwards nothing of this sealer writes to the spool."""
+        """Stop the thread's work (waiting for a round under way, if any), then spool the counts so far
+        once more. Call it before the spool is closed: once it returns, nothing of this sealer writes to
+        the spool, whether or not the thread has ended yet."""
         self._stopping.set()
+        with self._lock:
+            self._stopped = True
+            try:
+                flush_refusals(self.app)
+            except OSError:
+                log.exception("spool: spooling the refusal counts at shutdown failed")
         if self._thread.is_alive():
             self._thread.join(STOP_TIMEOUT_S)
-        try:
-            flush_refusals(self.app)
-        except OSError:
-            log.exception("spool: spooling the refusal counts at shutdown failed")

@@ -207,7 +207,7 @@ def query() -> Response:
     if not FORMATS[fmt].streamed:
         run.close()
         audit("ok", None)
-        return Response(payload, status=200, content_type=FORMATS["json"].content_type)
+        return Response(payload, status=200, content_type=FORMATS[fmt].content_type)
     resp = Response(_rest(run, first, stats, audit, cfg), status=200, content_type=FORMATS[fmt].content_type)
     resp.headers["X-Tally-Format"] = fmt
 

@@ -195,6 +195,21 @@ def revoke(source: Source, token_id: str) -> bool:
     return row is not None
 
 
+def revoke_once(source: Source, token_id: str) -> tuple[TokenInfo, bool] | None:
+    """Revoke a token as `revoke` does: (its row, whether it was revoked before), that decided by the UPDATE
+    itself, so of two revokes at once only one is told it revoked the token. None if no such token."""
+    if not is_token_id(token_id):
+        return None
+    with _connection(source) as conn:
+        row = conn.execute(f"UPDATE api_tokens SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL"
+                           f" RETURNING {_COLUMNS}", (token_id,)).fetchone()
+        already = row is None
+        if row is None:  # revoked before, or no such token: nothing un-revokes, so a read now tells which
+            row = conn.execute(f"SELECT {_COLUMNS} FROM api_tokens WHERE id = %s", (token_id,)).fetchone()
+        conn.execute("DELETE FROM dashboard_sessions WHERE token_id = %s", (token_id,))
+    return (_info(row), already) if row else None
+
+
 def verify(source: Source, token: str) -> Principal | None:
     """The Principal of a valid, unrevoked token; None for anything else (malformed, unknown, revoked).
 

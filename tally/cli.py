@@ -41,6 +41,7 @@ from tally.cli_support import (
     CommandParser,
     expected_failure,
     quiet_stdout,
+    stdout_reader_gone,
 )
 
 if TYPE_CHECKING:
@@ -95,13 +96,20 @@ def _register_services(sub: SubParsers) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; its exit code (EXIT_CODES). Expected failures end with a message, not a traceback."""
+    """Run one command; its exit code (EXIT_CODES). Expected failures end with a message, not a traceback.
+
+    A closed pipe ends a one-shot command quietly (141). A long-running service (SERVICES) ends so only when
+    the pipe is its stdout and the reader left (`tally up | head`); any other closed pipe is a crash that
+    goes on to the uncaught-exception hook, which logs it (core/logs.py)."""
+    args: argparse.Namespace | None = None
     try:
         args = _parser().parse_args(argv)
         code = _run(args)
         sys.stdout.flush()  # here, not at interpreter exit: a closed pipe is caught below
         return code
     except BrokenPipeError:
+        if args is not None and args.command in SERVICES and not stdout_reader_gone():
+            raise
         quiet_stdout()
         return BROKEN_PIPE
     except KeyboardInterrupt:

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
+import stat
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
+
+from tally.timespec import parse_seconds
 
 OK, FINDING, USAGE = 0, 1, 2  # 1: a finding, a difference or a failure the message names; 2: usage or config
 INTERRUPTED, BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE, as shells report them
 
 EXIT_CODES = ("exit codes: 0 ok; 1 a finding, a difference or a failure (the message says which); "
               "2 a usage or configuration error; 130 interrupted (Ctrl-C); 141 the reader closed the output")
+
+
+WAIT_MIN_S, WAIT_MAX_S, WAIT_DEFAULT_S = 1.0, 3600.0, 60.0  # every command's --wait (0 would give up at once)
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -37,9 +44,34 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(USAGE, f"{self.prog}: error: {message}\n")
 
 
-
 if TYPE_CHECKING:  # the type of `sub` that each module's register(sub) receives (generic only to type checkers)
     SubParsers: TypeAlias = argparse._SubParsersAction[CommandParser]
+
+
+def add_wait_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--wait DURATION`, one rule for every command that waits: 1s to 1h, default 60 s (`wait_seconds`)."""
+    parser.add_argument("--wait", default=f"{WAIT_DEFAULT_S:g}", metavar="DURATION",
+                        help=f"how long to wait {what}: 30s, 2m, or seconds (1s to 1h; default 60)")
+
+
+def wait_seconds(text: str) -> float:
+    """`--wait`'s value in seconds, within [WAIT_MIN_S, WAIT_MAX_S]; raises TimeSyntaxError naming it,
+    which the command prints as `tally <command>: --wait must be between 1s and 1h (got 0)`, exit 2."""
+    return parse_seconds(text, "--wait", low=WAIT_MIN_S, high=WAIT_MAX_S)
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end has been closed (poll reports POLLERR for it on Linux
+    and the BSDs); False when it cannot tell."""
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no stdout, a closed one, or no poll() here
+        return False
 
 
 def quiet_stdout() -> None:

@@ -22,6 +22,7 @@ from tally.cmd_reconcile import (
     add_range_arguments,
     groups,
     parse_range,
+    parse_wait,
 )
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         lo, hi = parse_range(args)
+        wait_s = parse_wait(args.wait)
     except ArgumentProblem as exc:
         print(f"tally rebuild: {exc}", file=sys.stderr)
         return 2
@@ -73,7 +75,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         with psycopg.connect(dsn, connect_timeout=5) as conn:
-            rebuild(conn, source, lo, hi, groups(settings), domain=args.domain, wait_s=args.wait,
+            rebuild(conn, source, lo, hi, groups(settings), domain=args.domain, wait_s=wait_s,
                     dedup_days=settings.dedup_window_days, progress=progress)
     except (AggregatesError, NotSettled) as exc:
         bar.close()

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from core.config import LOADER_GROUP, ROLLUP_GROUP, Settings
+from tally.cli_support import add_wait_argument, wait_seconds
 
 if TYPE_CHECKING:
     from oltp.reconcile import Groups, Report, Source
@@ -66,6 +67,16 @@ def parse_range(args: argparse.Namespace) -> tuple[datetime, datetime]:
     return floor_quarter(lo), ceil_quarter(hi)
 
 
+def parse_wait(text: str) -> float:
+    """`--wait` in seconds (tally/cli_support.py: 1s to 1h); raises ArgumentProblem naming it."""
+    from tally.timespec import TimeSyntaxError
+
+    try:
+        return wait_seconds(text)
+    except TimeSyntaxError as exc:
+        raise ArgumentProblem(str(exc)) from None
+
+
 def add_range_arguments(parser: argparse.ArgumentParser) -> None:
     from tally.timespec import time_help
 
@@ -74,18 +85,7 @@ def add_range_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", default=None, metavar="TIME", help=time_help(
                         "end, exclusive; the quarter hour holding it is included (default: now)"))
     parser.add_argument("--domain", default=None, help="only this domain (default: every domain)")
-    parser.add_argument("--wait", type=_wait, default=60.0, metavar="DURATION",
-                        help="how long to wait for the loader to catch up with the rollup worker: 30s, 2m, or "
-                        "seconds (default 60)")
-
-
-def _wait(text: str) -> float:
-    from tally.timespec import TimeSyntaxError, parse_seconds
-
-    try:
-        return parse_seconds(text, "--wait", low=0, high=3600)
-    except TimeSyntaxError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    add_wait_argument(parser, "for the loader to catch up with the rollup worker")
 
 
 def register(sub: SubParsers) -> None:
@@ -121,13 +121,14 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         lo, hi = parse_range(args)
+        wait_s = parse_wait(args.wait)
     except ArgumentProblem as exc:
         return _fail("reconcile", str(exc), 2)
     dsn = require_pg(settings)
     source = clickhouse_source(settings)
     try:
         with psycopg.connect(dsn, connect_timeout=5) as conn:
-            report = reconcile(conn, source, lo, hi, groups(settings), domain=args.domain, wait_s=args.wait,
+            report = reconcile(conn, source, lo, hi, groups(settings), domain=args.domain, wait_s=wait_s,
                                dedup_days=settings.dedup_window_days)
             record_run(conn, "cli", lo, hi, args.domain, report)
     except (AggregatesError, NotSettled) as exc:

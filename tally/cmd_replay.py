@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from core.config import LOADER_GROUP, ROLLUP_GROUP, ConfigError, Settings
+from tally.cli_support import add_wait_argument, wait_seconds
 
 if TYPE_CHECKING:
     from oltp.rewinds import RowStatus
@@ -40,9 +41,7 @@ def register(sub: SubParsers) -> None:
     where.add_argument("--since", metavar="TIME", help=time_help("from when (by the time records reached Kafka)"))
     where.add_argument("--offsets", help="partition:offset[,partition:offset...], e.g. 0:1200,1:0")
     p.add_argument("--group", choices=sorted(GROUPS), default="both", help="which consumer group (default both)")
-    p.add_argument("--wait", default="60", metavar="DURATION",
-                   help="how long to wait for the workers to apply it: 30s, 2m, or seconds (1s to 1h; default 60); "
-                   "then it is cancelled")
+    add_wait_argument(p, "for the workers to apply it, then cancel what is left")
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(func=cmd_replay)
 
@@ -151,12 +150,12 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
     from oltp import rewinds
     from tally.roots import require_pg
-    from tally.timespec import TimeSyntaxError, parse_seconds
+    from tally.timespec import TimeSyntaxError
 
     try:
         since = parse_since(args.since) if args.since else None
         offsets = parse_offsets(args.offsets) if args.offsets else None
-        wait_s = parse_seconds(args.wait, "--wait", low=1, high=3600)
+        wait_s = wait_seconds(args.wait)
     except (ReplayError, TimeSyntaxError) as exc:
         return _fail(str(exc))
     dsn, bootstrap = require_pg(settings), _bootstrap(settings)

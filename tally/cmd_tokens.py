@@ -113,18 +113,17 @@ def cmd_revoke(settings: Settings, args: argparse.Namespace) -> int:
         return _fail(f"{args.token_id[:40]!r} is not a token id (they look like tok_0123456789)", 2)
     try:
         with _connect(settings) as conn:
-            before = tokens.get(conn, args.token_id)
-            if before is not None and before.revoked_at is None:
-                tokens.revoke(conn, args.token_id)
-            after = tokens.get(conn, args.token_id)
+            revoked = tokens.revoke_once(conn, args.token_id)
     except psycopg.OperationalError as exc:
         return _store_down(exc)
-    if before is None or after is None or after.revoked_at is None:
+    if revoked is None:
         return _fail(f"no token {args.token_id}", 1)
-    already = before.revoked_at is not None
-    since = after.revoked_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    after, already = revoked  # `already` as the UPDATE found it: of two revokes at once, one revoked it
+    revoked_at = after.revoked_at
+    assert revoked_at is not None, "revoke_once returns the row revoked"
+    since = revoked_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     if args.json:
-        print(json.dumps({"id": after.id, "revoked_at": after.revoked_at.isoformat(), "already_revoked": already}))
+        print(json.dumps({"id": after.id, "revoked_at": revoked_at.isoformat(), "already_revoked": already}))
     elif already:
         print(f"{args.token_id} was already revoked (at {since}); nothing changed")
     else:

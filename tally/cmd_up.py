@@ -1,14 +1,17 @@
 """`tally up [--demo]`: the whole platform on the embedded stack, until Ctrl-C (tally/platform.py).
 
 The banner it prints once everything answers shows the URLs of the registered sites (or, with none,
-the `tally sites add` command that registers the first one), never a domain that is not registered.
+the `tally sites add` command that registers the first one), never a domain that is not registered. If
+the sites cannot be listed, the banner says so and the platform runs on: the list is only for show.
 Exit codes: 0 stopped by Ctrl-C or SIGTERM, 1 start-up failed, 2 configuration.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 import threading
 from dataclasses import dataclass
@@ -19,6 +22,9 @@ from core.config import Settings
 
 if TYPE_CHECKING:
     from tally.cli_support import SubParsers
+    from tally.platform import Platform
+
+log = logging.getLogger(__name__)
 
 SHOWN_SITES = 5  # the banner lists this many registered domains, then "and N more"
 
@@ -43,12 +49,12 @@ class Banner:
     log_dir: str
     token_file: Path
     admin_token: str | None  # shown only by the start that minted it
-    domains: tuple[str, ...]  # the registered sites, sorted
+    domains: tuple[str, ...] | None  # the registered sites, sorted; None: they could not be listed
 
     def as_json(self) -> dict[str, object]:
         return {"collector_url": self.collector_url, "api_url": self.api_url, "logs": self.log_dir,
                 "admin_token_file": str(self.token_file), "admin_token": self.admin_token,
-                "sites": list(self.domains)}
+                "sites": None if self.domains is None else list(self.domains)}
 
     def text(self) -> str:
         if self.admin_token:
@@ -62,6 +68,9 @@ class Banner:
             sites = f"  sites       {', '.join(self.domains[:SHOWN_SITES])}{more}  (tally sites list)\n"
             where = (f"  api         {api}/api/v1/domains/{domain}/impressions?granularity=15m\n"
                      f"  dashboard   {api}/?domain={domain}\n")
+        elif self.domains is None:
+            sites = "  sites       could not be listed (see the log; tally sites list)\n"
+            where = f"  api         {api}/api/v1/domains\n  dashboard   {api}/\n"
         else:
             sites = ("  sites       none registered yet; register one with\n"
                      "              tally sites add example.org --origin https://example.org\n")
@@ -72,18 +81,23 @@ class Banner:
                 f"{sites}  logs        {self.log_dir}\n{admin}\nPress Ctrl-C to stop.")
 
 
-def registered_domains(dsn: str) -> tuple[str, ...]:
+def registered_domains(dsn: str) -> tuple[str, ...] | None:
+    """The registered sites, sorted; None (logged) when they cannot be read: the banner is no reason to
+    stop a platform that has just started."""
     from oltp import sites
 
-    return tuple(sorted(site.domain for site in sites.list_sites(dsn)))
+    try:
+        return tuple(sorted(site.domain for site in sites.list_sites(dsn)))
+    except Exception:  # any failure at all: the list is only for show
+        log.warning("up: cannot list the registered sites for the banner", exc_info=True)
+        return None
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from infra.processes import StartupError
     from infra.stack import check_ports
-    from tally.demo import DEMO_DOMAINS, register_demo_sites, run_demo
     from tally.platform import Platform
-    from tally.roots import ADMIN_TOKEN_FILE, stop_on_signals
+    from tally.roots import stop_on_signals
 
     stop = stop_on_signals()
     try:
@@ -95,20 +109,30 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         print(f"tally: start-up failed: {exc}", file=sys.stderr)
         return 1
     try:
-        dsn = (platform.settings.pg_dsn if platform.settings else None) or ""
-        keys = register_demo_sites(dsn) if args.demo else {}  # the collector needs their site keys
-        domains = registered_domains(dsn)
-        if args.demo:  # the demo's main domain first: its dashboard moves
-            domains = (DEMO_DOMAINS[0], *(d for d in domains if d != DEMO_DOMAINS[0]))
-        banner = Banner(platform.collector_url, platform.api_url, str(settings.log_dir or "stderr (TALLY_LOG_DIR=-)"),
-                        settings.home / ADMIN_TOKEN_FILE,
-                        platform.admin_token if platform.admin_token_created else None, domains)
-        print(json.dumps(banner.as_json()) if args.json else banner.text(), flush=True)
-        if args.demo:
-            threading.Thread(target=run_demo, args=(platform.collector_url, stop), kwargs={"keys": keys},
-                             daemon=True).start()
-        platform.supervise(stop)
+        _run(platform, settings, args, stop)
     finally:
-        print("tally: stopping ...", flush=True)
+        with contextlib.suppress(OSError):  # a closed stdout (`tally up | head`) must not skip the stop
+            print("tally: stopping ...", flush=True)
         platform.stop()
     return 0
+
+
+def _run(platform: Platform, settings: Settings, args: argparse.Namespace, stop: threading.Event) -> None:
+    """Print the banner (with --demo, register the demo sites and send their traffic), then supervise."""
+    from tally.demo import DEMO_DOMAINS, register_demo_sites, run_demo
+    from tally.roots import ADMIN_TOKEN_FILE
+
+    started = platform.settings
+    assert started is not None and started.pg_dsn, "Platform.start() sets the embedded PostgreSQL's DSN"
+    keys = register_demo_sites(started.pg_dsn) if args.demo else {}  # the collector needs their site keys
+    domains = registered_domains(started.pg_dsn)
+    if args.demo and domains is not None:  # the demo's main domain first: its dashboard moves
+        domains = (DEMO_DOMAINS[0], *(d for d in domains if d != DEMO_DOMAINS[0]))
+    banner = Banner(platform.collector_url, platform.api_url, str(settings.log_dir or "stderr (TALLY_LOG_DIR=-)"),
+                    settings.home / ADMIN_TOKEN_FILE,
+                    platform.admin_token if platform.admin_token_created else None, domains)
+    print(json.dumps(banner.as_json()) if args.json else banner.text(), flush=True)
+    if args.demo:
+        threading.Thread(target=run_demo, args=(platform.collector_url, stop), kwargs={"keys": keys},
+                         daemon=True).start()
+    platform.supervise(stop)

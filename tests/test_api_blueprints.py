@@ -68,17 +68,45 @@ def test_routes_keep_their_public_names_for_metrics_and_operation_ids(app):
 
 def test_errors_are_mapped_once_for_the_app(app):
     handlers = app.error_handler_spec[None][None]
-    for raised in (ApiError, psycopg.OperationalError, OutsideRetention, QueryError):
+    for raised in (ApiError, psycopg.OperationalError):
         assert raised in handlers, raised
+    # a QueryError is the caller's range only where routes read a range: the customers' blueprint
+    assert OutsideRetention not in handlers and QueryError not in handlers
+    assert set(app.error_handler_spec["customers"][None]) == {OutsideRetention, QueryError}
     # the dashboard answers HTML, so it maps a store outage itself; no other blueprint does
     assert psycopg.OperationalError in app.error_handler_spec["dashboard"][None]
-    assert not any(app.error_handler_spec[name] for name in ("customers", "sql", "ops", "tokens"))
+    assert not any(app.error_handler_spec[name] for name in ("sql", "ops", "tokens"))
     # ... and no route module writes the store-unavailable or outside-retention answer itself
     for path in API_DIR.glob("*.py"):
         source = path.read_text()
         if path.name != "errors.py":
             assert '"outside_retention"' not in source, path.name
             assert not re.search(r"except psycopg\.OperationalError:\s*\n\s*return error\(", source), path.name
+
+
+def _a_route_with_a_bug() -> str:
+    raise QueryError("a bug, not the caller's range")
+
+
+def test_a_query_error_outside_the_customers_routes_is_a_500_not_a_400(make_settings, servers):
+    """The handler answering 400 `invalid_range` was the app's: any route's unexpected QueryError became
+    the caller's fault. Only the customers' routes (summary, series) answer it so."""
+    app = build_api(make_settings())
+    try:
+        app.add_url_rule("/test-only/query-error", "query_error", _a_route_with_a_bug)
+        app.testing = False  # answer as in production: the 500 handler, not the exception re-raised
+        with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+            _, token = tokens.create(conn, "admin", name="test_api_blueprints")
+        client = app.test_client()
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+        resp = client.get("/test-only/query-error")
+        assert resp.status_code == 500, resp.data[:300]
+        assert resp.json["error"]["code"] == "internal_error" and "range" not in resp.json["error"]["message"]
+        # ... while the customers' routes still answer a bad range as the caller's
+        bad = client.get("/api/v1/domains/example.com/impressions?from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z")
+        assert bad.status_code == 400 and bad.json["error"]["code"] == "invalid_range", bad.json
+    finally:
+        app.extensions["tally_backends"].rollups.pool.close()
 
 
 def _locking_client(make_settings, servers, tables: str, *, bearer: str | None = None):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from infra.processes import free_port
@@ -133,6 +135,68 @@ def test_replay_wait_0_says_what_it_accepts(capsys):
     assert "--wait must be between 1s and 1h" in err and "between 0" not in err
 
 
+OUT_OF_RANGE = [
+    ["reconcile", "--from", "0001-01-01T00:00:00+01:00", "--to", "2026-01-01T00:00:00Z"],  # the year 0 in UTC
+    ["rebuild", "--from", "2026-01-01T00:00:00Z", "--to", "9999-12-31T23:00:00-05:00"],  # the year 10000
+    ["reconcile", "--from", "9999-12-31T23:50:00Z", "--to", "9999-12-31T23:59:59Z"],  # its quarter hour: 10000
+    ["replay", "--since", "0001-01-01T00:00:00+01:00"],
+]
+
+
+@pytest.mark.parametrize("argv", OUT_OF_RANGE, ids=lambda argv: " ".join(argv[:3]))
+def test_a_time_out_of_range_is_a_usage_error_naming_it(argv, tmp_path, monkeypatch, capsys):
+    """They raised OverflowError: a traceback and exit 1. Refused before any store is asked."""
+    monkeypatch.setenv("TALLY_HOME", str(tmp_path))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    bad = next(a for a in argv if a.startswith(("0001", "9999")))
+    assert f"{bad!r} is out of range" in err and "1970-01-01T00:00:00Z and 9000-01-01T00:00:00Z" in err, err
+
+
+def test_every_time_parser_refuses_with_time_syntax_error_never_overflow():
+    from tally.timespec import TimeSyntaxError, parse_duration, parse_seconds, parse_time
+
+    now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+    for text in ("0001-01-01T00:00:00+01:00", "0001-01-01T00:00:00Z", "1969-12-31T23:59:59Z",
+                 "9999-12-31T23:00:00-05:00", "9999-12-31T23:59:59Z", "9000-01-01T00:00:00Z"):
+        with pytest.raises(TimeSyntaxError, match=re.escape(f"--to '{text}' is out of range")):
+            parse_time(text, "--to", now)
+    assert parse_time("1970-01-01T00:00:00Z", "--to", now) == datetime(1970, 1, 1, tzinfo=UTC)
+    assert parse_time("8999-12-31T23:59:59Z", "--to", now) == datetime(8999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    assert parse_time("999999999d", "--since", now) == datetime(1970, 1, 1, tzinfo=UTC)  # clamped, as before
+    assert parse_duration("999999999d", "--last") == timedelta(days=999999999)
+    for huge in ("99999999d", "999999999d", "999999999s", "999999999.999999"):
+        with pytest.raises(TimeSyntaxError, match="--wait must be between 1s and 1h"):
+            parse_seconds(huge, "--wait", low=1, high=3600)
+
+
+@pytest.mark.parametrize("argv", [["stats", "example.com", "--last", "99999999d"],
+                                  ["status", "--timeout", "99999999d"],
+                                  ["replay", "--since", "99999999d", "--wait", "99999999d"]])
+def test_huge_lengths_are_refused_with_exit_2(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TALLY_HOME", str(tmp_path))
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # a usage error of the option itself
+        code = exc.code
+    assert code == 2
+    assert "99999999d" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["reconcile", "--from", "1h"], ["rebuild", "--from", "2h", "--to", "1h"],
+                                     ["replay", "--since", "10m"]])
+def test_wait_follows_one_rule_in_every_command(command, tmp_path, monkeypatch, capsys):
+    """reconcile and rebuild took 0, replay 1s at least: now 1s to 1h everywhere, said the same way."""
+    monkeypatch.setenv("TALLY_HOME", str(tmp_path))
+    for wait in ("0", "0.5", "3601", "2h"):
+        assert main([*command, "--wait", wait]) == 2
+        err = capsys.readouterr().err
+        assert err == f"tally {command[0]}: --wait must be between 1s and 1h (got {wait})\n", err
+    with pytest.raises(SystemExit):
+        main([command[0], "--help"])
+    assert "(1s to 1h; default 60)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_status_timeout_takes_a_duration(capsys):
     assert main(["status", "--timeout", "5min"]) == 2
     assert "--timeout '5min' is not a duration like 10m, 24h or 7d" in capsys.readouterr().err
@@ -152,6 +216,45 @@ def test_a_closed_pipe_ends_quietly(servers, tmp_path):
         os.close(write_end)
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
     assert done.returncode == 141
+
+
+SERVICE_DIES_OF_A_CLOSED_PIPE = """
+import sys
+import tally.cli as cli
+
+def shipper(settings, args):  # a service whose main thread dies of a pipe that is not its stdout
+    raise BrokenPipeError(32, "Broken pipe")
+
+cli.cmd_shipper = shipper
+sys.exit(cli.main(["shipper"]))
+"""
+
+
+def test_a_service_that_dies_of_a_closed_pipe_is_logged_not_a_quiet_141(tmp_path):
+    """A quiet 141 is for a one-shot command whose reader left (above); a service's crash reaches the
+    uncaught-exception hook, which logs it (core/logs.py) for whoever reads its log."""
+    logs = tmp_path / "logs"
+    done = subprocess.run([sys.executable, "-c", SERVICE_DIES_OF_A_CLOSED_PIPE], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).parent.parent,
+                          env=clean_env(TALLY_HOME=str(tmp_path), TALLY_LOG_DIR=str(logs)))
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert "BrokenPipeError" in done.stderr
+    logged = (logs / "shipper.log").read_text()
+    assert "uncaught BrokenPipeError" in logged and "Broken pipe" in logged, logged
+
+
+def test_the_reader_of_stdout_leaving_is_told_apart_from_another_closed_pipe():
+    probe = "import sys; from tally.cli_support import stdout_reader_gone; print(stdout_reader_gone(), file=sys.stderr)"
+    read_end, write_end = os.pipe()
+    try:
+        alive = subprocess.run([sys.executable, "-c", probe], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                               timeout=60, cwd=Path(__file__).parent.parent)
+        os.close(read_end)
+        gone = subprocess.run([sys.executable, "-c", probe], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=60, cwd=Path(__file__).parent.parent)
+    finally:
+        os.close(write_end)
+    assert (alive.stderr.strip(), gone.stderr.strip()) == ("False", "True")
 
 
 def test_ctrl_c_ends_quietly_with_130(tmp_path):
@@ -287,6 +390,33 @@ def test_revoking_a_revoked_token_says_so(servers, conn, monkeypatch, tmp_path, 
     assert main(["tokens", "revoke", info.id, "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["id"] == info.id and answer["already_revoked"] is True and answer["revoked_at"]
+
+
+def test_of_two_revokes_at_once_only_one_says_it_revoked(servers, conn, monkeypatch, tmp_path, capsys):
+    """Another revoke of the same token holds its row (its transaction not committed yet) as `tally tokens
+    revoke` runs: the token was active when it looked, but it is the other that revoked it."""
+    from oltp import tokens
+
+    monkeypatch.setenv("TALLY_PG_DSN", servers.pg_dsn)
+    monkeypatch.setenv("TALLY_HOME", str(tmp_path))
+    info, _ = tokens.create(conn, "analyst", name="raced")
+    other = psycopg.connect(servers.pg_dsn)  # a transaction of its own, left open
+    other.execute("UPDATE api_tokens SET revoked_at = now() WHERE id = %s", (info.id,))
+    codes: list[int] = []
+    cli = threading.Thread(target=lambda: codes.append(main(["tokens", "revoke", info.id, "--json"])))
+    cli.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                               " AND query LIKE 'UPDATE api_tokens %'").fetchone()[0]:  # the CLI waits for the row
+            assert time.monotonic() < deadline and cli.is_alive(), "the CLI never waited for the other revoke"
+            time.sleep(0.05)
+        other.commit()
+    finally:
+        other.close()
+        cli.join(30)
+    assert codes == [0]
+    assert json.loads(capsys.readouterr().out)["already_revoked"] is True
 
 
 def test_every_command_that_prints_has_json():

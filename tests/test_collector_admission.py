@@ -133,6 +133,61 @@ def test_no_segment_is_opened_after_shutdown_sealed_the_spool(settings, registry
     assert sorted(p.name for p in directory.glob("*.seg")) == sealed
 
 
+class HeldSpool(SpoolWriter):
+    """A real spool whose appends wait for `release` once `hold` is set, then note whether `stopped` was set
+    as they write."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hold, self.entered, self.release, self.stopped, self.done = (threading.Event() for _ in range(5))
+        self.written_after_stop: list[bool] = []
+
+    def append(self, lines) -> None:
+        lines = list(lines)
+        held = self.hold.is_set()
+        if held:
+            self.entered.set()
+            assert self.release.wait(30)
+        try:
+            self.written_after_stop.append(self.stopped.is_set())
+            super().append(lines)
+        finally:
+            if held:
+                self.done.set()
+
+
+def test_a_sealer_round_outlasting_the_stop_timeout_writes_nothing_after_stop(settings, registry, domain,
+                                                                             tmp_path, monkeypatch):
+    """The thread is in the middle of a flush (a slow disk) for longer than stop()'s join: stop() used to
+    give up on the join and return, and the shutdown sealed the spool; the flush then wrote its counts
+    into a fresh segment nobody seals. Now stop() returns only once that round is over."""
+    monkeypatch.setattr(sealer_module, "REFUSALS_FLUSH_S", 0.05)
+    monkeypatch.setattr(sealer_module, "STOP_TIMEOUT_S", 0.1)
+    directory = tmp_path / "spool"
+    spool = HeldSpool(directory, max_bytes=1 << 20, max_age_s=3600)
+    app = create_app(settings.with_overrides(spool_dir=directory), spool, start_sealer=False, registry=registry)
+    register(settings, registry, domain)
+    app.extensions["tally_refusals"].add(domain, "invalid_event", 2)
+    spool.hold.set()
+    sealer = sealer_module.Sealer(app, spool, 3600).start()
+    assert spool.entered.wait(30), "the sealer never flushed"
+
+    def shutdown() -> None:  # as collector/rsgi.py stops a worker: the sealer, then the spool
+        sealer.stop()
+        spool.stopped.set()
+        spool.close()
+
+    stopper = threading.Thread(target=shutdown)
+    stopper.start()
+    stopper.join(1.0)  # ten times the join timeout: the old stop() had returned and the spool was sealed
+    spool.release.set()
+    stopper.join(30)
+    assert not stopper.is_alive() and spool.done.wait(30)
+    assert spool.written_after_stop == [False], "the sealer wrote after stop() returned"
+    assert not list(directory.glob("*.open")), "the sealer opened a segment after shutdown sealed the spool"
+    assert [r["count"] for r in spooled(directory)] == [2]
+
+
 def test_the_steps_run_in_the_documented_order_each_refusing_with_its_reason():
     assert [step.__name__ for step in SCREEN] == [
         "parse_batch", "drop_empty_batch", "drop_oversized_batch", "put_sites", "drop_foreign_origin",

@@ -175,6 +175,50 @@ def test_events_accepted_just_before_a_stop_are_counted_after_a_restart(tmp_path
     assert proc.returncode == 0
 
 
+@pytest.mark.slow
+def test_a_closed_stdout_still_stops_the_platform(tmp_path):
+    """`tally up | head`: the reader is gone when Ctrl-C comes. "tally: stopping ..." cannot be printed;
+    that print used to raise before `platform.stop()`, so nothing was stopped in order (PostgreSQL was
+    left running) and the run state stayed behind."""
+    from core.runstate import RUN_STATE
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env.update(TALLY_HOME=str(home), TALLY_COLLECTOR_PORT=str(free_port()), TALLY_API_PORT=str(free_port()),
+               TALLY_ANALYST_PORT=str(free_port()))
+    with (tmp_path / "stderr").open("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "up"], env=env, stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if "Press Ctrl-C" in line:
+                    break
+            assert (home / RUN_STATE).exists()
+            proc.stdout.close()  # the reader goes away
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        err.seek(0)
+        stderr = err.read()
+    assert proc.returncode in (0, 141) and "Traceback" not in stderr, (proc.returncode, stderr)
+    assert not (home / "postgres" / "data" / "postmaster.pid").exists(), "PostgreSQL was left running"
+    assert not (home / RUN_STATE).exists()
+
+
+def test_sites_that_cannot_be_listed_leave_the_banner_without_them(servers, tmp_path):
+    """The banner's query failing used to end `tally up` (the platform just started was stopped, exit 1)."""
+    from tally.cmd_up import Banner, registered_domains
+
+    assert registered_domains(f"postgresql://nobody@127.0.0.1:{free_port()}/none?connect_timeout=5") is None
+    assert registered_domains(servers.pg_dsn) is not None
+    banner = Banner("http://127.0.0.1:1", "http://127.0.0.1:2", "logs", tmp_path / "admin-token", None, None)
+    text = banner.text()
+    assert "sites       could not be listed" in text and "tally sites add" not in text, text
+    assert "http://127.0.0.1:2/api/v1/domains\n" in text and "Press Ctrl-C to stop." in text
+    assert banner.as_json()["sites"] is None
+
+
 def test_the_banner_shows_registered_sites_only(tmp_path):
     from tally.cmd_up import Banner
 

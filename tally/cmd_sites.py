@@ -114,9 +114,10 @@ def tag_snippet(settings: Settings, site_key: str, keep_query: tuple[str, ...] =
     return f'<script defer src="{collector_url(settings)}/tag.js" data-site="{site_key}"{attrs}></script>'
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 1) -> int:
+    """Say what went wrong; exit 1 (a finding), or 2 for a bad argument value (the CLI's exit codes, ADR 40)."""
     print(f"tally sites: {message}", file=sys.stderr)
-    return 1
+    return code
 
 
 def _run(settings: Settings, action: Any) -> int:
@@ -273,10 +274,10 @@ def cmd_sign_pixel(settings: Settings, args: argparse.Namespace) -> int:
     try:
         ttl = parse_ttl(args.ttl, settings.pixel_max_ttl_s)
     except ValueError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), code=2)
     base = args.collector_url or collector_url(settings)
     if not base.startswith(("http://", "https://")) or any(c.isspace() for c in base):
-        return _fail(f"--collector-url {base!r} must be an http(s) URL")
+        return _fail(f"--collector-url {base!r} must be an http(s) URL", code=2)
 
     def action(dsn: str) -> int:
         site = sites.get(dsn, args.domain)

@@ -172,7 +172,9 @@ def test_every_time_parser_refuses_with_time_syntax_error_never_overflow():
 
 @pytest.mark.parametrize("argv", [["stats", "example.com", "--last", "99999999d"],
                                   ["status", "--timeout", "99999999d"],
-                                  ["replay", "--since", "99999999d", "--wait", "99999999d"]])
+                                  ["replay", "--since", "99999999d", "--wait", "99999999d"],
+                                  ["sites", "sign-pixel", "example.org", "--url", "https://example.org/",
+                                   "--ttl", "99999999d"]])
 def test_huge_lengths_are_refused_with_exit_2(argv, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TALLY_HOME", str(tmp_path))
     try:

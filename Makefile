@@ -19,10 +19,12 @@ up: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tally up --demo
 
-## Run every test against the real embedded servers (and Debian's chromium for the dashboard).
+## Run every test against the real embedded servers (and Debian's chromium for the dashboard), TEST_WORKERS
+## modules at a time, each worker with servers of its own (docs/adr/0042-test-layout.md); TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 4
 test: $(STAMP)
 	./scripts/ensure-chromium
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## Kill and restart processes under load for 10 minutes; compare both stores with what was acknowledged.
 chaos: $(STAMP)

@@ -1,7 +1,9 @@
-"""Fixtures: one real embedded PostgreSQL, one real tansu broker and one chDB directory per test session.
+"""Fixtures: one real embedded PostgreSQL, one real tansu broker and one chDB directory per test process.
 
 Tests isolate themselves with a fresh topic, consumer groups and domain names,
-so they share the servers without sharing state.
+so they share the servers without sharing state. Each server starts the first time a test needs it
+(tests/stack.py); `make_settings` fills in the ones a test asks for with `@pytest.mark.servers(...)`.
+Under pytest-xdist every worker has its own servers, ports and temporary directories (docs/adr/0042).
 """
 
 from __future__ import annotations
@@ -10,39 +12,56 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from core.config import Settings
-from infra.broker import EmbeddedBroker
-from infra.postgres import EmbeddedPostgres
+from tests.stack import ClosedPort, PlatformLanes, Servers, layers_of, order_for_workers, private_basetemp
 
 SECRET = "test-secret-0123456789abcdef"
 
 
-@dataclass(frozen=True)
-class Servers:
-    bootstrap: str
-    pg_dsn: str = field(repr=False)  # carries the embedded PostgreSQL's password
-    chdb_dsn: str
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Temporary directories out of /tmp/pytest-of-<user> (tests/stack.py private_basetemp); an explicit
+    --basetemp wins, and pytest-xdist workers get theirs from the controller."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = private_basetemp()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker (`make test`): the lanes first
+        order_for_workers(items)  # plain runs keep pytest's order
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # before pytest-xdist's own choice
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile` (`make test`): one module per work unit, the whole-platform modules in two lanes."""
+    return PlatformLanes(config, log) if config.getvalue("dist") == "loadfile" else None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"temporary directories: {config.option.basetemp or 'pytest default'}"
 
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    home = tmp_path_factory.mktemp("servers")
-    broker = EmbeddedBroker(home / "tansu.log").start()
-    postgres = EmbeddedPostgres(home / "pg" / "data", durable=False)
+    """This process's PostgreSQL, tansu and chDB, each started when a test first reads its address."""
+    started = Servers(tmp_path_factory.mktemp("servers"))
     try:
-        postgres.start()
-        from oltp.schema import ensure_schema
-
-        ensure_schema(postgres.dsn)
-        yield Servers(broker.bootstrap, postgres.dsn, f"chdb://{home / 'chdb'}")
+        yield started
     finally:
-        postgres.stop()
-        broker.stop()
+        started.close()
+
+
+@pytest.fixture(scope="session")
+def closed_port() -> Iterator[ClosedPort]:
+    """A loopback port that refuses connections: the address of a server a test did not ask for."""
+    port = ClosedPort()
+    yield port
+    port.close()
 
 
 def serve_in_thread(app, port: int, threads: int = 6):
@@ -57,14 +76,20 @@ def serve_in_thread(app, port: int, threads: int = 6):
 
 
 def start_analyst_server(servers: Servers, **env: str):
-    """A real analyst server (its own ClickHouse clients, audit to PostgreSQL) on a free port: (url, server)."""
+    """A real analyst server (its own ClickHouse clients, audit to PostgreSQL) on a free port: (url, server).
+
+    In this process, so its watchdog's overrun exit (os._exit, ADR 32) would end the test run's process:
+    the grace defaults to a test's whole timeout, and a query a loaded machine slows that much fails its
+    test instead. tests/test_analyst_overrun.py runs the exit in a subprocess with a grace of its own.
+    """
     from infra.processes import free_port, tcp_open, wait_until
     from tally.roots import build_analyst_server
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     settings = Settings.from_env({"TALLY_PG_DSN": servers.pg_dsn, "TALLY_CLICKHOUSE_DSN": servers.chdb_dsn,
-                                  "TALLY_SECRET": SECRET, "TALLY_ANALYST_URL": url, **env})
+                                  "TALLY_SECRET": SECRET, "TALLY_ANALYST_URL": url,
+                                  "TALLY_SQL_OVERRUN_GRACE_S": "300", **env})
     server = serve_in_thread(build_analyst_server(settings), port)
     wait_until(lambda: tcp_open("127.0.0.1", port), what="analyst server", timeout=10)
     return url, server
@@ -78,22 +103,34 @@ def analyst_url(servers: Servers) -> Iterator[str]:
 
 
 @pytest.fixture()
-def make_settings(servers: Servers, analyst_url: str, tmp_path: Path):
-    """Settings for one test: a fresh topic and spool, the session's servers."""
+def make_settings(request: pytest.FixtureRequest, servers: Servers, closed_port: ClosedPort, tmp_path: Path):
+    """Settings for one test: a fresh topic and spool, and the session's servers the test asks for with
+    `@pytest.mark.servers("postgres", "broker", "chdb", "analyst")` (all four without the marker).
+
+    A server the test did not ask for is a port that refuses connections, so reaching for it fails at once
+    instead of starting it; a server the test passes its own address for is not started either.
+    """
+    layers = layers_of(mark.args for mark in request.node.iter_markers("servers"))
+    refused = closed_port.address
+    # the session's analyst server: API tests relay SQL to it
+    analyst = request.getfixturevalue("analyst_url") if "analyst" in layers else f"http://{refused}"
+    addresses = {  # each read (and its server started) only when the test does not pass its own
+        "TALLY_PG_DSN": lambda: servers.pg_dsn if "postgres" in layers else f"postgresql://postgres@{refused}/postgres",
+        "TALLY_KAFKA_BOOTSTRAP": lambda: servers.bootstrap if "broker" in layers else refused,
+        "TALLY_CLICKHOUSE_DSN": lambda: servers.chdb_dsn if "chdb" in layers else f"http://{refused}",
+        "TALLY_ANALYST_URL": lambda: analyst,
+    }
 
     def build(**env: str) -> Settings:
         base = {
             "TALLY_HOME": str(tmp_path / "home"),
-            "TALLY_KAFKA_BOOTSTRAP": servers.bootstrap,
             "TALLY_KAFKA_TOPIC": f"t-{uuid.uuid4().hex[:12]}",
             "TALLY_KAFKA_PARTITIONS": "3",
-            "TALLY_PG_DSN": servers.pg_dsn,
-            "TALLY_CLICKHOUSE_DSN": servers.chdb_dsn,
             "TALLY_SPOOL_DIR": str(tmp_path / "spool"),
             "TALLY_SECRET": SECRET,
             "TALLY_CONSUMER_SESSION_TIMEOUT_MS": "2000",
-            "TALLY_ANALYST_URL": analyst_url,  # the session's analyst server (API tests relay SQL to it)
         }
+        base.update({name: address() for name, address in addresses.items() if name not in env})
         base.update(env)
         return Settings.from_env(base)
 
@@ -108,8 +145,6 @@ def settings(make_settings) -> Settings:
 @pytest.fixture()
 def conn(servers: Servers) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the session's PostgreSQL."""
-    import psycopg
-
     with psycopg.connect(servers.pg_dsn, autocommit=True) as c:
         yield c
 

@@ -210,6 +210,10 @@ def test_api_says_503_when_the_analyst_server_is_down(make_settings, servers):
     ("?format=jsonl", None, "application/x-ndjson"), ("", "text/csv", "text/csv"),
     ("", "application/x-ndjson", "application/x-ndjson"), ("", None, "application/json"),
     ("", "text/html, */*", "application/json"),
+    # the Accept header may carry parameters and any case (RFC 9110): the very type we answer with names it
+    ("", "text/csv; charset=utf-8", "text/csv"), ("", "Text/CSV", "text/csv"),
+    ("", "application/jsonl", "application/x-ndjson"), ("", "text/html, text/tab-separated-values;q=0.5",
+                                                      "text/tab-separated-values"),
 ])
 def test_api_picks_the_format_from_the_query_or_accept(make_settings, servers, query, accept, expected):
     from tally.roots import build_api
@@ -222,6 +226,32 @@ def test_api_picks_the_format_from_the_query_or_accept(make_settings, servers, q
         assert resp.status_code == 200 and resp.content_type.startswith(expected)
         bad = app.test_client().post("/api/v1/sql?format=xml", json={"sql": "SELECT 1"}, headers=headers)
         assert bad.status_code == 400 and bad.json["error"]["code"] == "invalid_format"
+    finally:
+        app.extensions["tally_backends"].rollups.pool.close()
+
+
+def test_csv_is_text_csv_in_utf_8_on_every_path(make_settings, servers, analyst_url, domain):
+    """One table of result formats (olap/formats.py): the analyst server, the API's SQL relay and the
+    API's series download all label CSV `text/csv; charset=utf-8` (ADR 39)."""
+    from olap.formats import FORMATS
+    from tally.roots import build_api
+
+    expected = "text/csv; charset=utf-8"
+    assert FORMATS["csv"].content_type == expected
+    status, headers, body = query(analyst_url, "SELECT 'é' AS accent", fmt="csv")
+    assert status == 200 and headers["Content-Type"] == expected and body.decode("utf-8") == "accent\r\né\r\n"
+    app = build_api(make_settings())
+    try:
+        client = app.test_client()
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_token(servers.pg_dsn, 'admin')}"
+        relayed = client.post("/api/v1/sql?format=csv", json={"sql": "SELECT 'é' AS accent"})
+        assert relayed.status_code == 200 and relayed.headers["Content-Type"] == expected
+        by_accept = client.post("/api/v1/sql", json={"sql": "SELECT 1 AS one"}, headers={"Accept": expected})
+        assert by_accept.status_code == 200 and by_accept.headers["Content-Type"] == expected
+        assert by_accept.get_data() == b"one\r\n1\r\n"
+        series = client.get(f"/api/v1/domains/{domain}/impressions", query_string={"format": "csv"})
+        assert series.status_code == 200 and series.headers["Content-Type"] == expected
+        assert series.get_data(as_text=True).startswith("start,end,count,valued,value_sum,length_s\r\n")
     finally:
         app.extensions["tally_backends"].rollups.pool.close()
 

@@ -292,7 +292,7 @@ def test_the_least_recently_active_idle_connection_makes_room(serve_app):
     assert wait_closed(first[1], 5) and not closed_by_server(first[0]) and not closed_by_server(fifth)
     assert not any(closed_by_server(s) for s in first[2:])
     # the total bound: 16 open from several addresses, a 17th closes the least recently active one
-    others = [connect(port, f"127.0.0.{3 + i % 4}") for i in range(12)]
+    _others = [connect(port, f"127.0.0.{3 + i % 4}") for i in range(12)]  # held open: 16 in all
     time.sleep(0.2)
     assert healthz(port, "127.0.0.9") == 200
     assert wait_closed(first[2], 5)  # the oldest idle, wherever it came from

@@ -15,6 +15,8 @@ import pytest
 from oltp import prune, tokens
 from tally.roots import build_api
 
+pytestmark = pytest.mark.servers("postgres")
+
 SUMMARY = "/api/v1/domains/{d}/summary?last=1h"
 
 

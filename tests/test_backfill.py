@@ -22,6 +22,8 @@ from tally.cli import main
 from tally.cmd_backfill import PROGRESS_DIR, limits_for
 from tests.test_pipeline import Pipeline
 
+pytestmark = pytest.mark.servers("postgres", "broker", "chdb")
+
 
 @pytest.fixture()
 def pipeline(settings):

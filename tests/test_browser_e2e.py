@@ -43,7 +43,8 @@ from tests.test_tag import BROWSER_NETWORK_LOG, SNIPPET
 
 PAGE_ZONE = "tally-e2e.test"  # each run's page is <run>.tally-e2e.test: a fresh domain per run
 COLLECTOR_HOST = "collector-e2e.test"
-RESOLVER = f"--host-resolver-rules=MAP {PAGE_ZONE} 127.0.0.1, MAP *.{PAGE_ZONE} 127.0.0.1, MAP {COLLECTOR_HOST} 127.0.0.1"
+RESOLVER = (f"--host-resolver-rules=MAP {PAGE_ZONE} 127.0.0.1, MAP *.{PAGE_ZONE} 127.0.0.1,"
+            f" MAP {COLLECTOR_HOST} 127.0.0.1")
 
 
 class Recorder:
@@ -263,7 +264,8 @@ def test_tag_events_reach_both_stores_exactly_once(browser, run_factory, failure
     expected = Counter([("pageview", shop, None, None), ("pageview", o + "/shop/a", shop, None),
                         ("pageview", o + "/shop/b", o + "/shop/a", None),
                         ("impression", o + "/shop/b", None, Decimal("1.5"))])
-    assert Counter((e["type"], e["url"], e.get("referrer"), None if e.get("value") is None else Decimal(str(e["value"])))
+    assert Counter((e["type"], e["url"], e.get("referrer"),
+                    None if e.get("value") is None else Decimal(str(e["value"])))
                    for e in sent.values()) == expected
 
     # ClickHouse: exactly the four events, once each (FINAL), with the tag's urls, referrers, value and times.

@@ -53,7 +53,7 @@ def assert_chart_is_the_api(page, base: str, token: str, domain: str) -> dict:
     assert plotted["impressions"] == [b["count"] for b in imp["buckets"]]
     assert plotted["pageviews"] == [b["count"] for b in pv["buckets"]]
     assert plotted["values"] == pytest.approx([float(a["value_sum"]) + float(b["value_sum"])
-                                               for a, b in zip(imp["buckets"], pv["buckets"])])
+                                               for a, b in zip(imp["buckets"], pv["buckets"], strict=False)])
     return {"plotted": plotted, "impressions": imp, "pageviews": pv}
 
 

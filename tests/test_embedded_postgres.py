@@ -94,7 +94,7 @@ def test_a_lost_password_file_gets_a_new_password(tmp_path):
 
 def test_the_dsn_is_unknown_before_start(tmp_path):
     with pytest.raises(RuntimeError):
-        EmbeddedPostgres(tmp_path / "pg" / "data").dsn
+        _ = EmbeddedPostgres(tmp_path / "pg" / "data").dsn
 
 
 def test_scram_verifier_matches_rfc_7677():

@@ -59,7 +59,8 @@ def test_api_ready_then_not_ready_without_postgresql(make_settings):
     app = build_api(make_settings())
     try:
         assert app.test_client().get("/readyz").json == {"status": "ready"}
-        dead = ConnectionPool(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", min_size=0, max_size=1, open=True,
+        dead = ConnectionPool(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", min_size=0, max_size=1,
+                              open=True,
                               kwargs={"connect_timeout": 1})
         backends = dataclasses.replace(app.extensions["tally_backends"], rollups=RollupReader(dead))
         down = create_api(app.config["TALLY"], backends).test_client().get("/readyz")

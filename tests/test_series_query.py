@@ -228,7 +228,8 @@ def test_series_matches_a_brute_force_reference_in_every_zone(pool, case):
     for b in buckets:
         length = int((b.end - b.start).total_seconds())
         assert b.length_s == (None if length == NOMINAL_S[granularity] else length)
-        assert b.start.astimezone(tz).utcoffset() == tz.utcoffset(b.start.astimezone(tz))  # labelled with its own offset
+        # labelled with its own offset
+        assert b.start.astimezone(tz).utcoffset() == tz.utcoffset(b.start.astimezone(tz))
 
     want = [0] * len(buckets)
     for t in events:

@@ -211,7 +211,8 @@ def stack(tmp_path_factory) -> Stack:
                 break
         else:
             raise AssertionError(f"tally up exited with {proc.wait()}: {''.join(seen)}")
-        stack = Stack(home, env, proc, (home / "admin-token").read_text().strip(), (home / "secret").read_text().strip())
+        stack = Stack(home, env, proc, (home / "admin-token").read_text().strip(),
+                      (home / "secret").read_text().strip())
         added = subprocess.run([sys.executable, "-m", "tally.cli", "sites", "add", DOMAIN, "--json"], env=env,
                                cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert added.returncode == 0, added.stderr
@@ -275,7 +276,7 @@ def test_status_json_reports_a_healthy_stack(stack):
         assert lag["store"] == store and lag["state"] == "ok" and lag["total"] == 0
         assert set(lag["partitions"]) == set(broker["end_offsets"])
         assert sum(part["stored_offset"] for part in lag["partitions"].values()) >= EVENTS
-        for p, part in lag["partitions"].items():
+        for part in lag["partitions"].values():
             assert part["lag"] == max(0, part["end_offset"] - part["stored_offset"])
         stored = report["stores"][store]
         assert stored["state"] == "up" and stored["last_write_at"] and stored["newest_event_at"]
@@ -284,7 +285,8 @@ def test_status_json_reports_a_healthy_stack(stack):
     assert spool["state"] == "ok" and spool["dir"] == str(stack.home / "spool")
     # Shipped segments are kept until both groups stored them, then dropped within seconds (ADR 16, 28): with
     # every lag 0 here, what is left depends on when the shipper's last retention pass ran.
-    assert isinstance(spool["retained_segments"], int) and (spool["retained_segments"] == 0) == (spool["retained_bytes"] == 0)
+    assert isinstance(spool["retained_segments"], int)
+    assert (spool["retained_segments"] == 0) == (spool["retained_bytes"] == 0)
     assert report["stores"]["postgresql"]["where"].startswith("127.0.0.1:")
     for secret in stack.secrets():
         assert secret not in out.stdout + out.stderr

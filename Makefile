@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up demo test bench chaos clean
+.PHONY: up demo lint test bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "tally needs Python 3.11+")'
@@ -19,10 +19,15 @@ up: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tally up --demo
 
+## Lint and types first (configured in pyproject.toml): ruff over the tree, mypy over the product packages.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 ## Run every test against the real embedded servers (and Debian's chromium for the dashboard), TEST_WORKERS
 ## modules at a time, each worker with servers of its own (docs/adr/0042-test-layout.md); TEST_WORKERS=0: serial.
 TEST_WORKERS ?= 4
-test: $(STAMP)
+test: lint
 	./scripts/ensure-chromium
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 

@@ -3,7 +3,9 @@
 
 Exit codes: 0 done, 1 refused (duplicate domain, bad time zone, origin or query parameter name, unknown
 domain, a pixel lifetime beyond TALLY_PIXEL_MAX_TTL_S, PostgreSQL unreachable) with a message on stderr,
-2 configuration error (from `tally.cli`).
+2 configuration error (from `tally.cli`). `update` follows ADR 40 throughout: 2 for a bad value (origin,
+time zone, rate, burst, query parameter name, account), 1 for what is not there (the domain, an origin
+to remove).
 The secret is printed only by `add` and `rotate-secret`, to stdout, never logged.
 """
 
@@ -39,18 +41,12 @@ def register(sub: SubParsers) -> None:
     add.add_argument("--burst", type=int, default=None, metavar="N",
                      help="events this site may send at once (default TALLY_SITE_BURST)")
     add.add_argument("--respect-dnt", action="store_true", help="the tag sends nothing when Do Not Track is on")
+    add.add_argument("--account", default=None, metavar="NAME", help="the customer the site belongs to (free text)")
     _url_rule_arguments(add)
     add.add_argument("--json", action="store_true", help="print one JSON object")
     add.set_defaults(func=cmd_add)
 
-    update = cmds.add_parser("update", help="change what a site's event URLs keep (README: What URLs keep) "
-                                            "or its rate limit")
-    update.add_argument("domain")
-    _url_rule_arguments(update, changing=True)
-    update.add_argument("--rate", type=float, default=None, metavar="N", help="events per second this site may send")
-    update.add_argument("--burst", type=int, default=None, metavar="N", help="events this site may send at once")
-    update.add_argument("--json", action="store_true", help="print one JSON object")
-    update.set_defaults(func=cmd_update)
+    _update_parser(cmds)
 
     ls = cmds.add_parser("list", help="list the registered sites (no secrets)")
     ls.add_argument("--json", action="store_true", help="print a JSON array")
@@ -81,6 +77,25 @@ def register(sub: SubParsers) -> None:
                            "http://TALLY_BIND_HOST:TALLY_COLLECTOR_PORT)")
     sign.add_argument("--json", action="store_true", help="print one JSON object (url, exp)")
     sign.set_defaults(func=cmd_sign_pixel)
+
+
+def _update_parser(cmds: SubParsers) -> None:
+    """`tally sites update`: every change in one transaction; the key and secret stay."""
+    update = cmds.add_parser("update", help="change a site's origins, time zone, rate limit, account or what its "
+                                            "event URLs keep (README: What URLs keep); its key and secret stay")
+    update.add_argument("domain")
+    update.add_argument("--add-origin", action="append", default=[], metavar="ORIGIN",
+                        help="allow another page origin (https://example.com); repeat for several")
+    update.add_argument("--remove-origin", action="append", default=[], metavar="ORIGIN",
+                        help="withdraw a registered page origin; repeat for several")
+    update.add_argument("--tz", default=None, help="the site's IANA time zone (says which tiers need `tally rebuild`)")
+    _url_rule_arguments(update, changing=True)
+    update.add_argument("--rate", type=float, default=None, metavar="N", help="events per second this site may send")
+    update.add_argument("--burst", type=int, default=None, metavar="N", help="events this site may send at once")
+    update.add_argument("--account", default=None, metavar="NAME",
+                        help="the customer the site belongs to ('' clears it)")
+    update.add_argument("--json", action="store_true", help="print one JSON object")
+    update.set_defaults(func=cmd_update)
 
 
 def _url_rule_arguments(parser: argparse.ArgumentParser, *, changing: bool = False) -> None:
@@ -120,8 +135,9 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def _run(settings: Settings, action: Any) -> int:
-    """Run `action(dsn)` with the schema in place; SiteError and an unreachable PostgreSQL exit 1."""
+def _run(settings: Settings, action: Any, *, bad_value_exit: int = 1) -> int:
+    """Run `action(dsn)` with the schema in place; SiteError and an unreachable PostgreSQL exit 1 (a bad
+    value, SiteError `invalid_*`, exits `bad_value_exit`: `update` gives 2, as ADR 40 says)."""
     from oltp.schema import ensure_schema
     from oltp.sites import SiteError
 
@@ -130,7 +146,7 @@ def _run(settings: Settings, action: Any) -> int:
         ensure_schema(dsn)
         return int(action(dsn))
     except SiteError as exc:
-        return _fail(exc.message)
+        return _fail(exc.message, bad_value_exit if exc.code.startswith("invalid_") else 1)
     except psycopg.OperationalError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return _fail(f"cannot reach PostgreSQL ({reason}); is `tally up` running, or TALLY_PG_DSN right?")
@@ -142,7 +158,7 @@ def cmd_add(settings: Settings, args: argparse.Namespace) -> int:
     def action(dsn: str) -> int:
         site = sites.add(dsn, args.domain, tz=args.tz, origins=args.origin, rate_per_s=args.rate,
                          burst=args.burst, respect_dnt=args.respect_dnt, keep_query=_keep_query(args.keep_query) or (),
-                         raw_urls=bool(args.raw_urls))
+                         raw_urls=bool(args.raw_urls), account=args.account)
         tag = tag_snippet(settings, site.site_key, site.keep_query, site.raw_urls)
         if args.json:
             out = site.public_dict()
@@ -166,27 +182,63 @@ or send events yourself:
 
 
 def cmd_update(settings: Settings, args: argparse.Namespace) -> int:
+    """One transaction of every change asked (oltp.sites.update); the key and the secret stay."""
     from oltp import sites
 
-    limits = args.rate is not None or args.burst is not None
-    if args.keep_query is None and args.raw_urls is None and not limits:
-        return _fail("update: nothing to change; give --keep-query, --raw-urls, --clean-urls, --rate or --burst")
+    keep = _keep_query(args.keep_query)
+    change = sites.Change(tuple(args.add_origin), tuple(args.remove_origin), args.tz, args.rate, args.burst,
+                          None if keep is None else tuple(keep), args.raw_urls,
+                          sites.UNCHANGED if args.account is None else args.account)
+    if change == sites.Change():
+        return _fail("update: nothing to change; give --add-origin, --remove-origin, --tz, --rate, --burst, "
+                     "--account, --keep-query, --raw-urls or --clean-urls", code=2)
 
     def action(dsn: str) -> int:
-        if limits:
-            sites.set_limits(dsn, args.domain, rate_per_s=args.rate, burst=args.burst)
-        site = sites.set_url_rule(dsn, args.domain, keep_query=_keep_query(args.keep_query), raw_urls=args.raw_urls)
+        before, site = sites.update(dsn, args.domain, change)
         tag = tag_snippet(settings, site.site_key, site.keep_query, site.raw_urls)
+        rebuild = zone_change(settings, before, site)
         if args.json:
-            print(json.dumps({**site.public_dict(), "tag": tag}))
+            print(json.dumps({**site.public_dict(), "tag": tag, "rebuild": rebuild}))
             return 0
-        limit = (f"; {site.rate_per_s or settings.site_rate_per_s:g} events/s, burst "
-                 f"{site.burst or settings.site_burst}" if limits else "")
-        print(f"updated {site.domain}: {_url_rule_text(site.keep_query, site.raw_urls)}{limit}\n"
-              f"collectors apply it within {settings.registry_refresh_s:g} s; the page tag for it:\n  {tag}")
+        print(_update_text(settings, args, site, tag, rebuild))
         return 0
 
-    return _run(settings, action)
+    return _run(settings, action, bad_value_exit=2)
+
+
+def zone_change(settings: Settings, before: Any, after: Any) -> dict[str, Any] | None:
+    """What a time zone change means for the rollup tiers (oltp/tiers.py, ADR 19), or None if the zone
+    stayed: 15m and 1h are UTC buckets and unaffected; 1d is written in the new zone from the first local
+    day starting an hour from now, and `tally rebuild` (from ClickHouse's raw events) redoes the days before
+    in it: from the site's registration, or as far back as raw events are kept (TALLY_RAW_RETENTION_DAYS)."""
+    from datetime import datetime, timedelta
+
+    if before.tz == after.tz:
+        return None
+    since = after.created_at.astimezone(UTC).strftime("%Y-%m-%dT00:00:00Z") if after.created_at else None
+    days = settings.raw_retention_days
+    if since is None or (days and after.created_at < datetime.now(UTC) - timedelta(days=days)):
+        since = f"{days or 400}d"
+    return {"from_tz": before.tz, "to_tz": after.tz, "unaffected": ["15m", "1h"], "tiers": ["1d"],
+            "command": f"tally rebuild --from {since} --domain {after.domain}"}
+
+
+def _update_text(settings: Settings, args: argparse.Namespace, site: Any, tag: str,
+                 rebuild: dict[str, Any] | None) -> str:
+    lines = [f"updated {site.domain} (site key and secret unchanged): {_url_rule_text(site.keep_query, site.raw_urls)}"]
+    if args.rate is not None or args.burst is not None:
+        lines.append(f"  limit     {site.rate_per_s or settings.site_rate_per_s:g} events/s, burst "
+                     f"{site.burst or settings.site_burst}")
+    if args.add_origin or args.remove_origin:
+        lines.append(f"  origins   {', '.join(site.origins) or '(none: browsers are refused; add --add-origin)'}")
+    if args.account is not None:
+        lines.append(f"  account   {site.account or '(none)'}")
+    if rebuild is not None:
+        lines.append(f"  time zone {rebuild['from_tz']} -> {rebuild['to_tz']}: the 15m and 1h tiers (UTC) are "
+                     "unaffected; the daily tier (1d) is written in the new zone from the first local day starting "
+                     f"an hour from now. To redo the days before in it: {rebuild['command']}")
+    lines.append(f"collectors apply it within {settings.registry_refresh_s:g} s; the page tag for it:\n  {tag}")
+    return "\n".join(lines)
 
 
 def _url_rule_text(keep_query: tuple[str, ...], raw_urls: bool) -> str:
@@ -208,10 +260,10 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
         if not rows:
             print("no sites registered; add one with `tally sites add DOMAIN`")
             return 0
-        print("domain\ttz\tsite key\torigins\trate/s\tburst\turls")
+        print("domain\taccount\ttz\tsite key\torigins\trate/s\tburst\turls")
         for r in rows:
             urls = "raw" if r["raw_urls"] else "+" + ",".join(r["keep_query"]) if r["keep_query"] else "default"
-            print("\t".join([r["domain"], r["tz"], r["site_key"], ",".join(r["origins"]) or "-",
+            print("\t".join([r["domain"], r["account"] or "-", r["tz"], r["site_key"], ",".join(r["origins"]) or "-",
                              "default" if r["rate_per_s"] is None else f"{r['rate_per_s']:g}",
                              "default" if r["burst"] is None else str(r["burst"]), urls]))
         return 0
@@ -292,7 +344,7 @@ def cmd_sign_pixel(settings: Settings, args: argparse.Namespace) -> int:
             stored = event_from_hit(event, HitContext(received_at=datetime.now(UTC)), Limits(), b"check",
                                     urls=site.url_rule)
         except EventError as exc:
-            return _fail(f"--{exc.field}: {exc.problem}")
+            return _fail(f"--{exc.field}: {exc.problem}", code=2)
         if stored.url != args.url:
             print(f"tally sites: note: the collector stores the URL as {stored.url} (the site's URL rule; "
                   "see `tally sites update --keep-query`)", file=sys.stderr)

@@ -275,7 +275,7 @@ def test_sign_pixel_collector_url_from_flag_and_running_platform(settings, site,
 def test_sign_pixel_refusals(settings, site, tmp_path, args, words):
     base = ["--url", f"https://{site.domain}/"] if "--url" not in args else []
     out = cli(settings, tmp_path, site.domain, *base, *args)
-    assert out.returncode == 1 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr  # a bad value
     assert out.stdout == ""
 
 

@@ -185,7 +185,9 @@ def domain_status(domain: str) -> Response:
         For the last hour and the last 24 hours, by the UTC quarter hour events arrived in (the current one
         included): events accepted, events the collectors refused by reason, bots, late events (arrived more
         than 5 minutes after their quarter hour); when the newest event arrived; when each store was last
-        written. Tells "no traffic" from "the tag is broken": refusals show why events did not count.
+        written. Tells "no traffic" from "the tag is broken": refusals show why events did not count, with
+        the most recent offending value of the reasons fixed in the tag (`refused_values`: the domain an
+        event named, the page origin), and `origins` lists the site's registered page origins.
       tags: [customers]
       responses:
         200:
@@ -202,8 +204,10 @@ def domain_status(domain: str) -> Response:
     return json_response({
         "domain": domain, "as_of": now.isoformat(),
         "periods": {name: {"since": p.since.isoformat(), "accepted": p.accepted, "refused": p.refused,
-                           "refused_total": sum(p.refused.values()), "bots": p.bots, "late": p.late}
+                           "refused_total": sum(p.refused.values()), "refused_values": p.refused_values,
+                           "bots": p.bots, "late": p.late}
                     for name, p in status.periods.items()},
+        "origins": None if status.origins is None else list(status.origins),
         "last_event_at": _iso(status.last_event_at),
         "freshness": {"customer_store_written_at": _iso(status.customer_store_written_at),
                       "analyst_store_written_at": found.analyst.loader_written_at()},

@@ -131,11 +131,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                         "description": "events the collectors refused, by reason (bad body, site key, origin, "
                                        "signature, rate limit, too old, ...)"},
             "refused_total": {"type": "integer", "minimum": 0},
+            "refused_values": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 200},
+                               "description": "the most recent offending value of a reason the site owner fixes in "
+                                              "the tag: the domain an event named (site_mismatch, invalid_event), "
+                                              "the page origin (origin_not_allowed)"},
             "bots": {"type": "integer", "minimum": 0, "description": "accepted events from bot user agents"},
             "late": {"type": "integer", "minimum": 0,
                      "description": "accepted events that arrived more than 5 minutes after their quarter hour"},
         },
-        "required": ["since", "accepted", "refused", "refused_total", "bots", "late"],
+        "required": ["since", "accepted", "refused", "refused_total", "refused_values", "bots", "late"],
         "additionalProperties": False,
     },
     "IngestionStatus": {
@@ -160,8 +164,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "required": ["customer_store_written_at", "analyst_store_written_at"],
                 "additionalProperties": False,
             },
+            "origins": {"type": ["array", "null"], "items": {"type": "string"},
+                        "description": "the page origins registered for the site (`tally sites update "
+                                       "--add-origin`); null: the domain is not registered"},
         },
-        "required": ["domain", "as_of", "periods", "last_event_at", "freshness"],
+        "required": ["domain", "as_of", "periods", "last_event_at", "freshness", "origins"],
         "additionalProperties": False,
     },
     "Domain": {

@@ -6,7 +6,9 @@ on or refusing it with its reason (docs/adr/0037-admission-pipeline.md).
 
 A step reads and fills the request's `Intake` (`put_*`), or returns a `Refusal` that ends the pipeline
 (`drop_*`, and a `put_*` that cannot do its job); the pipeline counts that refusal once, by whom it is
-owed to (its `Blame`, collector/refusals.py), and nothing of the request is written. `put_events` holds
+owed to (its `Blame`, collector/refusals.py), and nothing of the request is written. A refusal the site
+owner fixes in the tag (the event's domain, the page's origin) also names the offending value and the site
+whose valid key the event carried (`noted`): that site's ingestion panel shows it (issue 17 item 5). `put_events` holds
 two checks per event, in event order (validation, then its site key): a refusal names the first event
 with either problem, and validating an event needs its key's site (the site's URL rule). `put_context`
 is the enrichment: what every event of the request gets alike (receive time, User-Agent and its
@@ -35,7 +37,7 @@ from collector.site_limits import SiteLimiter
 from collector.ua import classify_user_agent
 from core import metrics
 from core.config import Settings
-from core.event import Event, EventError, HitContext, Limits, event_from_hit
+from core.event import REFUSAL_VALUE_MAX, Event, EventError, HitContext, Limits, event_from_hit
 from oltp.sites import Site
 from spool.segments import SpoolFull, SpoolWriter
 
@@ -43,7 +45,9 @@ from spool.segments import SpoolFull, SpoolWriter
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A refused request: its answer (HTTP status, error code, message, extra JSON fields, Retry-After
-    seconds) and whose events it counts against. `code` is also the reason it is counted under."""
+    seconds) and whose events it counts against. `code` is also the reason it is counted under.
+    `noted`: (the site whose registered key the refused event carried, the offending value), kept with
+    that site's count of the reason; never part of the answer."""
 
     status: int
     code: str
@@ -51,6 +55,15 @@ class Refusal:
     extra: dict[str, Any] = field(default_factory=dict)
     retry_after: int | None = None
     blame: Blame = NOBODY
+    noted: tuple[str, str] | None = None
+
+
+def offending(value: object) -> str:
+    """A value a sender chose, as a site's refusal counts keep it: text, non-printable characters as `?`,
+    at most REFUSAL_VALUE_MAX characters."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text[:REFUSAL_VALUE_MAX]
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
 
 
 INTERNAL_ERROR = Refusal(500, "internal_error", "unexpected error; it was logged")  # never counted
@@ -136,7 +149,7 @@ def drop_foreign_origin(adm: Admission, intake: Intake) -> Refusal | None:
             return Refusal(403, "origin_not_allowed", f"event {index}: origin {origin!r} is not registered for "
                            f"{site.domain} (`tally sites add --origin`)", {
                                "index": index, "field": "Origin", "origin": origin, "domain": site.domain},
-                           blame=SENDERS)
+                           blame=SENDERS, noted=(site.domain, offending(intake.origin)))
     if known == len(intake.items):  # every event's site registered it: every answer is the page's to read
         intake.cors = intake.cors_origin
     return None
@@ -163,8 +176,10 @@ def put_events(adm: Admission, intake: Intake) -> Refusal | None:
             event = event_from_hit(item, ctx, limits, visitor_key, classify,
                                    site.url_rule if site is not None else None)
         except EventError as exc:
+            noted = (site.domain, offending(item.get("domain"))) if site is not None and exc.field == "domain" \
+                and isinstance(item, dict) else None  # e.g. an IP literal: the tag needs data-domain
             return Refusal(400, "invalid_event", f"event {index}: {exc}", {"index": index, **exc.as_dict()},
-                           blame=SENDERS)
+                           blame=SENDERS, noted=noted)
         if not key or site is None or site.domain != event.domain:
             return _unkeyed(index, key, site, event.domain)
         events.append(event)
@@ -181,7 +196,7 @@ def _unkeyed(index: int, key: object, site: Site | None, domain: str) -> Refusal
                        {"index": index, "field": "site"}, blame=SENDERS)
     return Refusal(403, "site_mismatch", f"event {index}: the site key is not for domain {domain} (domains match "
                    "exactly; register www. names separately)", {"index": index, "field": "site", "domain": domain},
-                   blame=SENDERS)
+                   blame=SENDERS, noted=(site.domain, offending(domain)))
 
 
 def drop_over_limit(adm: Admission, intake: Intake) -> Refusal | None:
@@ -267,7 +282,8 @@ class Admission:
         if intake is None:
             self.ledger.count(refusal.code, refusal.blame)
         else:
-            self.ledger.count(refusal.code, refusal.blame, intake.items, intake.url_key, intake.client_ip)
+            self.ledger.count(refusal.code, refusal.blame, intake.items, intake.url_key, intake.client_ip,
+                              refusal.noted)
         return refusal
 
     def may_block(self, intake: Intake) -> bool:

@@ -11,6 +11,11 @@ ingestion status). Who owns a refusal is its `Blame` (collector/admission.py bui
   customer's domain. Capped: one client address makes at most its share of a site's limit count (ADR 29);
 - `SITES`: each event of a request that passed every check (each carries its own domain's key and was
   charged to the sender's share already), so by its domain, uncapped (the spool refused it).
+
+A refusal may also be `noted`: (site, offending value), the value the site owner fixes in the tag (an
+event's domain, a page's origin). It is kept with the site's count of that reason, one per (site,
+reason) and only when the site's count took some of the request's events: a value is as bounded as the
+counts are (only a registered key's site, only within the sender's share; cut to REFUSAL_VALUE_MAX).
 """
 
 from __future__ import annotations
@@ -53,12 +58,13 @@ class RefusalLedger:
         self.counter = counter
 
     def count(self, reason: str, blame: Blame, items: list[Any] | None = None, url_key: str | None = None,
-              client: str | None = None) -> None:
-        """Count one refused request: its `items` (the batch, if it was read), its `?site=` key, its address."""
+              client: str | None = None, noted: tuple[str, str] | None = None) -> None:
+        """Count one refused request: its `items` (the batch, if it was read), its `?site=` key, its address,
+        the (site, offending value) it names (module doc)."""
         if blame.kind == "senders" and items is not None:
             sites = self.registry.snapshot()
             self._count(reason, Counter(key_owners(items, url_key, sites.by_key if sites is not None else {})),
-                        client)
+                        client, noted=noted)
         elif blame.kind == "sites" and items is not None:
             self._count(reason, Counter(_domains(items)), None, capped=False)
         elif blame.kind == "request":
@@ -67,7 +73,7 @@ class RefusalLedger:
             self._count(reason, {None: 1}, client)
 
     def _count(self, reason: str, owners: Mapping[str | None, int], client: str | None, *,
-               capped: bool = True) -> None:
+               capped: bool = True, noted: tuple[str, str] | None = None) -> None:
         """Count refused events by the site that owns them (None: nobody's). The metrics count every one
         (`site="unknown"` for None); a site's own count (spooled, on its status) takes at most `client`'s
         share of the site's limit per window (SiteLimiter.countable), so one sender cannot inflate a
@@ -83,7 +89,7 @@ class RefusalLedger:
             if capped:
                 n = self.limiter.countable(domain, n, (site.rate_per_s, site.burst), client)
             if n:
-                self.counter.add(domain, reason, n)
+                self.counter.add(domain, reason, n, noted[1] if noted is not None and noted[0] == domain else None)
 
 
 def key_owners(items: list[Any], url_key: str | None, by_key: Mapping[str, Site]) -> list[str | None]:

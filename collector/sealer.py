@@ -33,7 +33,7 @@ def flush_refusals(app: Flask) -> int:
     registered domains only (a made-up domain is nobody's to see); returns how many were written.
     If the spool refuses them, they are kept for the next flush."""
     refusals: RefusalCounter = app.extensions["tally_refusals"]
-    counts = refusals.take()
+    counts, values = refusals.take_noted()
     sites = app.extensions["tally_registry"].snapshot()
     known = sites.by_domain if sites is not None else {}
     now = datetime.now(UTC)
@@ -42,10 +42,11 @@ def flush_refusals(app: Flask) -> int:
         return 0
     try:
         app.extensions["tally_spool"].append(
-            refusal_count_json(domain, reason, n, now) for (domain, reason), n in sorted(mine.items()))
+            refusal_count_json(domain, reason, n, now, values.get((domain, reason)))
+            for (domain, reason), n in sorted(mine.items()))
     except OSError:
-        for (domain, reason), n in mine.items():
-            refusals.add(domain, reason, n)
+        back: dict[tuple[str | None, str], int] = {k: n for k, n in mine.items()}  # widens the key type
+        refusals.restore(back, {k: v for k, v in values.items() if k in back})
         raise
     return len(mine)
 

@@ -219,11 +219,35 @@ class RefusalCounter:
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str | None, str]] = Counter()
+        self._values: dict[tuple[str | None, str], str] = {}  # the most recent offending value per count
         self._lock = threading.Lock()
 
-    def add(self, domain: str | None, reason: str, events: int = 1) -> None:
+    def add(self, domain: str | None, reason: str, events: int = 1, value: str | None = None) -> None:
+        """Count `events`; `value` (if any) replaces the (domain, reason)'s offending value: one per count."""
         with self._lock:
             self._counts[(domain, reason)] += events
+            if value is not None:
+                self._values[(domain, reason)] = value
+
+    def values(self) -> dict[tuple[str | None, str], str]:
+        """A copy of the offending values so far."""
+        with self._lock:
+            return dict(self._values)
+
+    def take_noted(self) -> tuple[dict[tuple[str | None, str], int], dict[tuple[str | None, str], str]]:
+        """The counts and offending values so far, resetting both at once (for the sealer's flush)."""
+        with self._lock:
+            counts, self._counts = dict(self._counts), Counter()
+            values, self._values = self._values, {}
+            return counts, values
+
+    def restore(self, counts: Mapping[tuple[str | None, str], int],
+                values: Mapping[tuple[str | None, str], str]) -> None:
+        """Put back what `take_noted` gave (a flush that failed); a value noted since is newer and stays."""
+        with self._lock:
+            self._counts.update(counts)
+            for key, value in values.items():
+                self._values.setdefault(key, value)
 
     def snapshot(self) -> dict[tuple[str | None, str], int]:
         """A copy of the counts so far."""

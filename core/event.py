@@ -520,8 +520,11 @@ def _checked(e: StoredEvent) -> StoredEvent:
 # it travels with the events (spool -> shipper -> topic, same partition key) and the rollup worker
 # adds it to `collector_refusals` in the same transaction as its offsets, deduplicated by `hash`
 # like an event. The loader skips them. They are told apart from events by `"kind":"refusals"`.
+# A record may carry the reason's most recent offending `value` (the event's domain, the page's origin:
+# what the site owner fixes in the tag); records without one (all before issue 17) decode as None.
 
 RefusalsKind = Literal["refusals"]
+REFUSAL_VALUE_MAX = 200  # characters of an offending value kept (collector/refusals.py cuts it to this)
 REFUSALS_KIND: str = get_args(RefusalsKind)[0]
 REFUSALS_MARK = f'"kind":"{REFUSALS_KIND}"'.encode()  # as orjson writes it (no spaces): the consumers' cheap test
 
@@ -536,15 +539,19 @@ class RefusalCount(msgspec.Struct, gc=False):
     reason: Annotated[str, msgspec.Meta(pattern="^[a-z_]{1,40}$")]
     count: Annotated[int, msgspec.Meta(ge=1, le=10**12)]
     window_end: Annotated[datetime, msgspec.Meta(tz=True)]
+    value: Annotated[str, msgspec.Meta(max_length=REFUSAL_VALUE_MAX)] | None = None
 
 
 _REFUSALS = msgspec.json.Decoder(RefusalCount)
 
 
-def refusal_count_json(domain: str, reason: str, count: int, window_end: datetime) -> bytes:
-    """One count record, as the collector spools it."""
-    return orjson.dumps({"v": SCHEMA_VERSION, "kind": REFUSALS_KIND, "hash": os.urandom(16).hex(),
-                         "domain": domain, "reason": reason, "count": count, "window_end": _iso(window_end)})
+def refusal_count_json(domain: str, reason: str, count: int, window_end: datetime, value: str | None = None) -> bytes:
+    """One count record, as the collector spools it (`value`: the reason's most recent offending value)."""
+    record = {"v": SCHEMA_VERSION, "kind": REFUSALS_KIND, "hash": os.urandom(16).hex(),
+              "domain": domain, "reason": reason, "count": count, "window_end": _iso(window_end)}
+    if value is not None:
+        record["value"] = value[:REFUSAL_VALUE_MAX]
+    return orjson.dumps(record)
 
 
 def decode_refusal_count(data: bytes) -> RefusalCount:

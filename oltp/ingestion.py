@@ -12,6 +12,11 @@ counts, and rows of those reasons written before (when anyone could inflate them
 are not shown (`NOT_A_SITES_REFUSAL`). Nor can one sender inflate them: the collectors count a batch
 over the event limit once, and what one client address makes count for a site at most up to its share
 of the site's limit per window (the rest in their metrics only).
+
+A reason the site owner fixes in the tag also has its most recent offending value in the period
+(`refused_values`: the event's domain for `site_mismatch` and an `invalid_event` domain, the page's
+origin for `origin_not_allowed`; collector/refusals.py bounds them), and the status names the site's
+registered origins (None for an unregistered domain), so the owner can tell what to add or change.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class PeriodStatus:
     bots: int
     late: int
     refused: dict[str, int] = field(default_factory=dict)  # reason -> events
+    refused_values: dict[str, str] = field(default_factory=dict)  # reason -> its most recent offending value
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +50,7 @@ class IngestionStatus:
     periods: dict[str, PeriodStatus]
     last_event_at: datetime | None  # when the newest accepted event of the domain arrived
     customer_store_written_at: datetime | None  # the rollup worker's last commit
+    origins: tuple[str, ...] | None = None  # the site's registered page origins; None: not registered
 
 
 def _floor_quarter(t: datetime) -> datetime:
@@ -62,9 +69,15 @@ def ingestion_status(pool: ConnectionPool, domain: str, now: datetime) -> Ingest
                 "SELECT reason, sum(events)::bigint FROM collector_refusals"
                 " WHERE domain = %s AND bucket_start >= %s AND reason <> ALL(%s) GROUP BY reason ORDER BY reason",
                 (domain, since, list(NOT_A_SITES_REFUSAL))).fetchall())
-            periods[name] = PeriodStatus(since, int(accepted), int(bots), int(late), refused)
+            values: dict[str, str] = dict(conn.execute(
+                "SELECT DISTINCT ON (reason) reason, value FROM collector_refusals WHERE domain = %s"
+                " AND bucket_start >= %s AND value IS NOT NULL AND reason <> ALL(%s)"
+                " ORDER BY reason, bucket_start DESC",
+                (domain, since, list(NOT_A_SITES_REFUSAL))).fetchall())
+            periods[name] = PeriodStatus(since, int(accepted), int(bots), int(late), refused, values)
+        site = conn.execute("SELECT origins FROM sites WHERE domain = %s", (domain,)).fetchone()
         (last,) = one(conn.execute("SELECT max(last_received_at) FROM ingestion_15m WHERE domain = %s",
                                    (domain,)))
         (written,) = one(conn.execute("SELECT max(updated_at) FROM consumer_offsets WHERE consumer_group = %s",
                                       (ROLLUP_GROUP,)))
-    return IngestionStatus(periods, last, written)
+    return IngestionStatus(periods, last, written, None if site is None else tuple(site[0] or ()))

@@ -145,17 +145,19 @@ _APPLY_ALL_NEW = _apply_statement(
 
 _APPLY_COUNTS = """
 WITH batch AS (
-    SELECT DISTINCT ON (hash) hash, domain, reason, window_end, events FROM stage_counts ORDER BY hash
+    SELECT DISTINCT ON (hash) hash, domain, reason, window_end, events, value FROM stage_counts ORDER BY hash
 ), fresh AS (
     INSERT INTO seen_events (hash, ts) SELECT hash, window_end FROM batch
     ON CONFLICT (hash, ts) DO NOTHING
     RETURNING hash
 )
-INSERT INTO collector_refusals AS r (domain, reason, bucket_start, events)
-SELECT b.domain, b.reason, date_bin('15 minutes', b.window_end, TIMESTAMPTZ '2000-01-01 00:00:00+00'), sum(b.events)
+INSERT INTO collector_refusals AS r (domain, reason, bucket_start, events, value)
+SELECT b.domain, b.reason, date_bin('15 minutes', b.window_end, TIMESTAMPTZ '2000-01-01 00:00:00+00'), sum(b.events),
+       (array_agg(b.value ORDER BY b.window_end DESC) FILTER (WHERE b.value IS NOT NULL))[1]
 FROM batch b JOIN fresh f ON f.hash = b.hash
 GROUP BY 1, 2, 3
-ON CONFLICT (domain, reason, bucket_start) DO UPDATE SET events = r.events + EXCLUDED.events
+ON CONFLICT (domain, reason, bucket_start) DO UPDATE
+    SET events = r.events + EXCLUDED.events, value = COALESCE(EXCLUDED.value, r.value)
 """
 
 # Offsets only move forward within one incarnation of the topic; a recreated topic starts over.
@@ -388,9 +390,9 @@ class RollupSink:
         """Add the collectors' refusal counts, each once (its hash joins the dedup window like an event's)."""
         with conn.cursor() as cur:
             cur.execute("CREATE TEMP TABLE IF NOT EXISTS stage_counts (hash uuid, domain text, reason text,"
-                        " window_end timestamptz, events bigint) ON COMMIT DELETE ROWS")
-            cur.executemany("INSERT INTO stage_counts VALUES (%s, %s, %s, %s, %s)",
-                            [(c.hash, c.domain, c.reason, c.window_end, c.count) for c in batch.counts])
+                        " window_end timestamptz, events bigint, value text) ON COMMIT DELETE ROWS")
+            cur.executemany("INSERT INTO stage_counts VALUES (%s, %s, %s, %s, %s, %s)",
+                            [(c.hash, c.domain, c.reason, c.window_end, c.count, c.value) for c in batch.counts])
             cur.execute(_APPLY_COUNTS)
 
     def close(self) -> None:

@@ -185,6 +185,7 @@ sites = Table(
     # The URL rule (core/urls.py; migration 0008): query parameters kept besides the default, or URLs as sent.
     Column("keep_query", ARRAY(Text), nullable=False, server_default=text("'{}'")),
     Column("raw_urls", Boolean, nullable=False, server_default=text("false")),
+    Column("account", Text),  # the customer the site belongs to (migration 0009; NULL: none given)
     Column("created_at", _tz(), nullable=False, server_default=_NOW),
     Column("updated_at", _tz(), nullable=False, server_default=_NOW),
 )
@@ -213,6 +214,7 @@ collector_refusals = Table(
     Column("reason", Text, nullable=False),
     Column("bucket_start", _tz(), nullable=False),
     Column("events", BigInteger, nullable=False),
+    Column("value", Text),  # the most recent offending value (domain, origin) of the reason (migration 0009)
     PrimaryKeyConstraint("domain", "reason", "bucket_start"),
     Index("collector_refusals_bucket_start", "bucket_start"),  # retention (oltp/prune.py)
 )

@@ -10,7 +10,8 @@ different site from `example.com`). Each site has
 - `tz` (IANA name), `origins` (allowed page origins `scheme://host[:port]`, http/https only),
   `rate_per_s` / `burst` (per-site overrides of the collector's limit, `None` = default),
   `respect_dnt` (for the tag), and its URL rule (core/urls.py): `keep_query` (query parameters its
-  page URLs keep besides the default campaign tags) or `raw_urls` (URLs stored as sent).
+  page URLs keep besides the default campaign tags) or `raw_urls` (URLs stored as sent),
+- `account`: the customer the site belongs to (free text such as "Acme Inc."; None: none given).
 
 Every function takes a PostgreSQL DSN, opens one short connection and raises `SiteError`
 (with a stable `code`) for anything the caller asked wrongly; nothing is written then.
@@ -36,7 +37,8 @@ from core.urls import DEFAULT, UrlRule, check_param_names, rule_for
 KEY_PREFIX = "pk_"
 SECRET_PREFIX = "sk_"
 _COLUMNS = ("domain, tz, origins, site_key, secret, rate_per_s, burst, respect_dnt, keep_query, raw_urls, "
-            "created_at, updated_at")
+            "account, created_at, updated_at")
+MAX_ACCOUNT = 100
 
 
 class SiteError(ValueError):
@@ -62,6 +64,7 @@ class Site:
     updated_at: datetime | None = None
     keep_query: tuple[str, ...] = ()
     raw_urls: bool = False
+    account: str | None = None
     url_rule: UrlRule = field(default=DEFAULT, init=False, repr=False, compare=False)  # from the two above
 
     def __post_init__(self) -> None:
@@ -72,7 +75,7 @@ class Site:
         return {"domain": self.domain, "tz": self.tz, "origins": builtins.list(self.origins),
                 "site_key": self.site_key, "rate_per_s": self.rate_per_s, "burst": self.burst,
                 "respect_dnt": self.respect_dnt, "keep_query": builtins.list(self.keep_query),
-                "raw_urls": self.raw_urls,
+                "raw_urls": self.raw_urls, "account": self.account,
                 "created_at": self.created_at.isoformat() if self.created_at else None,
                 "updated_at": self.updated_at.isoformat() if self.updated_at else None}
 
@@ -90,6 +93,7 @@ class Site:
                    respect_dnt=bool(obj.get("respect_dnt", False)),
                    keep_query=tuple(str(n) for n in obj.get("keep_query") or ()),
                    raw_urls=bool(obj.get("raw_urls", False)),
+                   account=None if obj.get("account") is None else str(obj["account"]),  # older copies: none
                    created_at=datetime.fromisoformat(obj["created_at"]) if obj.get("created_at") else None,
                    updated_at=datetime.fromisoformat(obj["updated_at"]) if obj.get("updated_at") else None)
 
@@ -151,6 +155,18 @@ def normalize_origin(value: Any) -> str:
     return f"{scheme}://{host}"
 
 
+def check_account(value: Any) -> str | None:
+    """The account a site belongs to, stripped (None for None or blank), or SiteError(invalid_account):
+    at most MAX_ACCOUNT printable characters."""
+    if value is None:
+        return None
+    text = value.strip() if isinstance(value, str) else None
+    if text is None or len(text) > MAX_ACCOUNT or not text.isprintable():
+        raise SiteError("invalid_account", f"{str(value)[:40]!r} is not an account name (at most {MAX_ACCOUNT} "
+                        "printable characters, e.g. 'Acme Inc.')")
+    return text or None
+
+
 def _check_limits(rate_per_s: float | None, burst: int | None) -> None:
     if rate_per_s is not None and not (isinstance(rate_per_s, (int, float)) and 0 < rate_per_s <= 1e7):
         raise SiteError("invalid_rate", "rate must be a number of events per second in (0, 10000000]")
@@ -162,7 +178,7 @@ def _site(row: dict[str, Any]) -> Site:
     return Site(domain=row["domain"], tz=row["tz"], origins=tuple(row["origins"] or ()), site_key=row["site_key"],
                 secret=row["secret"], rate_per_s=row["rate_per_s"], burst=row["burst"],
                 respect_dnt=row["respect_dnt"], created_at=row["created_at"], updated_at=row["updated_at"],
-                keep_query=tuple(row["keep_query"] or ()), raw_urls=row["raw_urls"])
+                keep_query=tuple(row["keep_query"] or ()), raw_urls=row["raw_urls"], account=row["account"])
 
 
 def _connect(dsn: str, connect_timeout: float = 5) -> psycopg.Connection[dict[str, Any]]:
@@ -179,25 +195,26 @@ def check_keep_query(names: Iterable[str]) -> tuple[str, ...]:
 
 def add(dsn: str, domain: str, *, tz: str = "UTC", origins: Iterable[str] = (), rate_per_s: float | None = None,
         burst: int | None = None, respect_dnt: bool = False, keep_query: Iterable[str] = (),
-        raw_urls: bool = False) -> Site:
+        raw_urls: bool = False, account: str | None = None) -> Site:
     """Register a site with a fresh key and secret; returns it (secret included).
 
     Raises SiteError: invalid_domain, invalid_tz, invalid_origin, invalid_rate, invalid_burst,
-    invalid_keep_query, duplicate_domain. Nothing is written unless every argument is valid.
+    invalid_keep_query, invalid_account, duplicate_domain. Nothing is written unless every argument is valid.
     """
     name = check_domain(domain)
     zone = check_tz(tz)
     allowed = tuple(dict.fromkeys(normalize_origin(o) for o in origins))
     _check_limits(rate_per_s, burst)
     keep = check_keep_query(keep_query)
+    owner = check_account(account)
     with _connect(dsn) as conn:
         try:
             row = conn.execute(
                 f"INSERT INTO sites (domain, tz, origins, site_key, secret, rate_per_s, burst, respect_dnt, keep_query,"
-                f" raw_urls) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
+                f" raw_urls, account) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
                 (name, zone, builtins.list(allowed), new_site_key(), new_secret(),
                  None if rate_per_s is None else float(rate_per_s), burst, respect_dnt, builtins.list(keep),
-                 raw_urls)).fetchone()
+                 raw_urls, owner)).fetchone()
         except psycopg.errors.UniqueViolation as exc:
             if exc.diag.constraint_name == "sites_pkey":
                 raise SiteError("duplicate_domain", f"{name} is already registered "
@@ -249,6 +266,61 @@ def set_limits(dsn: str, domain: str, *, rate_per_s: float | None = None, burst:
     if row is None:
         raise SiteError("unknown_domain", f"{name} is not registered (see `tally sites list`)")
     return _site(row)
+
+
+UNCHANGED: Any = object()  # `update`'s account argument: leave it as it is
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What `update` asks for; None (UNCHANGED for `account`) leaves a field as it is."""
+
+    add_origins: tuple[str, ...] = ()
+    remove_origins: tuple[str, ...] = ()
+    tz: str | None = None
+    rate_per_s: float | None = None
+    burst: int | None = None
+    keep_query: tuple[str, ...] | None = None
+    raw_urls: bool | None = None
+    account: Any = UNCHANGED  # a name, or None / "" to clear it
+
+    def checked(self) -> Change:
+        """The change with every value checked and normalised; SiteError(invalid_*) for the first bad one."""
+        _check_limits(self.rate_per_s, self.burst)
+        return Change(tuple(dict.fromkeys(normalize_origin(o) for o in self.add_origins)),
+                      tuple(dict.fromkeys(normalize_origin(o) for o in self.remove_origins)),
+                      None if self.tz is None else check_tz(self.tz), self.rate_per_s, self.burst,
+                      None if self.keep_query is None else check_keep_query(self.keep_query), self.raw_urls,
+                      self.account if self.account is UNCHANGED else check_account(self.account))
+
+
+def update(dsn: str, domain: str, change: Change) -> tuple[Site, Site]:
+    """Apply `change` to `domain` in one transaction, keeping its key and secret; returns the site before
+    and after. Collectors apply it within TALLY_REGISTRY_REFRESH_S. SiteError: invalid_* (checked before
+    anything is read), unknown_domain, unknown_origin (an origin to remove that the site does not have);
+    nothing is written then."""
+    name = check_domain(domain)
+    ch = change.checked()
+    with _connect(dsn) as conn, conn.transaction():
+        row = conn.execute(f"SELECT {_COLUMNS} FROM sites WHERE domain = %s FOR UPDATE", (name,)).fetchone()
+        if row is None:
+            raise SiteError("unknown_domain", f"{name} is not registered (see `tally sites list`)")
+        before = _site(row)
+        missing = [o for o in ch.remove_origins if o not in before.origins]
+        if missing:
+            raise SiteError("unknown_origin", f"{name} has no origin {', '.join(missing)} to remove (its origins: "
+                            f"{', '.join(before.origins) or 'none'})")
+        origins = [o for o in dict.fromkeys(before.origins + ch.add_origins) if o not in ch.remove_origins]
+        row = conn.execute(
+            f"UPDATE sites SET origins = %s, tz = COALESCE(%s, tz), rate_per_s = COALESCE(%s, rate_per_s),"
+            f" burst = COALESCE(%s, burst), keep_query = COALESCE(%s, keep_query), raw_urls = COALESCE(%s, raw_urls),"
+            f" account = CASE WHEN %s THEN account ELSE %s END, updated_at = now() WHERE domain = %s"
+            f" RETURNING {_COLUMNS}",
+            (origins, ch.tz, None if ch.rate_per_s is None else float(ch.rate_per_s), ch.burst,
+             None if ch.keep_query is None else builtins.list(ch.keep_query), ch.raw_urls,
+             ch.account is UNCHANGED, None if ch.account is UNCHANGED else ch.account, name)).fetchone()
+    assert row is not None
+    return before, _site(row)
 
 
 def rotate_secret(dsn: str, domain: str) -> str:

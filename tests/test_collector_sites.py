@@ -379,3 +379,42 @@ def test_unknown_keys_reload_the_registry_at_most_once_a_second(settings):
     assert len(calls) == 2  # one reload for the whole flood
     assert reg.snapshot_knowing([site.site_key, None, 7]) is reg.snapshot()  # known keys never reload
     assert len(calls) == 2
+
+
+def test_an_origin_change_reaches_a_running_collector_within_its_refresh(settings, spool, domain):
+    """`tally sites update --add-origin / --remove-origin` (issue 17 item 5) needs no collector restart: the
+    running collector (waitress, its registry's background thread at TALLY_REGISTRY_REFRESH_S=0.2) allows a
+    new origin and refuses a withdrawn one within its refresh; the key stays the same throughout."""
+    from tests.conftest import serve_in_thread
+
+    old, new = "https://old.example", "http://localhost:8000"
+    key = sites.add(settings.pg_dsn, domain, origins=[old]).site_key
+    registry = SiteRegistry.from_settings(settings).start()
+    port = free_port()
+    server = serve_in_thread(create_app(settings, spool, start_sealer=False, registry=registry), port)
+
+    def status(origin: str) -> int:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/collect?site={key}", json.dumps(hit(domain)).encode(),
+                                     {"Content-Type": "text/plain", "Origin": origin})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def within_refresh(origin: str, want: int) -> float:
+        started = time.monotonic()
+        while status(origin) != want:
+            assert time.monotonic() - started < 10, f"{origin} never answered {want}"
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    try:
+        assert (status(old), status(new)) == (202, 403)
+        sites.update(settings.pg_dsn, domain, sites.Change(add_origins=(new,), remove_origins=(old,)))
+        within_refresh(new, 202)
+        within_refresh(old, 403)
+        assert sites.get(settings.pg_dsn, domain).site_key == key
+    finally:
+        server.close()
+        registry.stop()

@@ -73,7 +73,8 @@ def test_status_counts_accepted_bots_late_and_refusals_by_reason_once(pipeline, 
 def test_status_of_a_quiet_domain_and_refusals(pipeline, domain):  # noqa: F811
     body = status(pipeline, domain)
     assert body["periods"]["1h"] == {"since": body["periods"]["1h"]["since"], "accepted": 0, "refused": {},
-                                     "refused_total": 0, "bots": 0, "late": 0}
+                                     "refused_total": 0, "refused_values": {}, "bots": 0, "late": 0}
+    assert body["origins"] is None  # not registered
     assert body["last_event_at"] is None
     assert set(body["freshness"]) == {"customer_store_written_at", "analyst_store_written_at"}
     bad = pipeline.api.get(f"/api/v1/domains/{domain}/status?last=1h", headers=pipeline.api_headers)
@@ -145,3 +146,95 @@ def test_one_sender_cannot_inflate_a_sites_refusals_on_its_status(pipeline, doma
     assert refused["batch_too_large"] == 1
     # the address's 10, whatever the reasons (11 if the 100 s window turned meanwhile)
     assert 10 <= refused["batch_too_large"] + refused["invalid_event"] <= 11, refused
+
+
+def test_a_sites_refusals_name_the_offending_domain_or_origin(pipeline, domain):  # noqa: F811
+    """Issue 17 item 5: what the owner fixes in the tag, by reason (the most recent value of each): the domain
+    an event named with the site's key (another host, an IP literal: the tag needs data-domain) and the page
+    origin not registered. The answers are unchanged; a request without the site's key leaves no value."""
+    from oltp import sites
+
+    sites.add(pipeline.settings.pg_dsn, domain, origins=["https://" + domain])
+    ev = {"domain": domain, "url": f"https://{domain}/", "type": "pageview"}
+    pipeline.post(ev)  # the collector's registry copy learns the site
+    key = pipeline.site_query(ev)["site"]
+    collector, q = pipeline.collector, {"site": key}
+    app = collector.application
+
+    def code(resp):
+        return resp.status_code, resp.json["error"]["code"]
+
+    assert code(collector.post("/collect", json={**ev, "domain": "localhost"}, query_string=q)) \
+        == (403, "site_mismatch")
+    assert code(collector.post("/collect", json={**ev, "domain": "staging." + domain}, query_string=q)) \
+        == (403, "site_mismatch")
+    long_origin = "http://" + "a" * 250 + ".example"
+    assert code(collector.post("/collect", json=ev, query_string=q, headers={"Origin": long_origin})) \
+        == (403, "origin_not_allowed")
+    assert len(app.extensions["tally_refusals"].values()[(domain, "origin_not_allowed")]) == 200  # cut
+    assert code(collector.post("/collect", json=ev, query_string=q, headers={"Origin": "http://127.0.0.1:8000"})) \
+        == (403, "origin_not_allowed")
+    assert code(collector.post("/collect", json={**ev, "domain": "127.0.0.1"}, query_string=q)) \
+        == (400, "invalid_event")
+    assert code(collector.post("/collect", json={**ev, "type": "click"}, query_string=q)) == (400, "invalid_event")
+    # strangers: a made-up key, no key; with the site's domain and an unregistered origin
+    for query in ({"site": "pk_not_a_registered_key_00"}, {}):
+        resp = collector.post("/collect", json={**ev, "domain": "evil.example"}, query_string=query,
+                              headers={"Origin": "https://evil.example"})
+        assert resp.status_code == 401
+    assert flush_refusals(app) == 3
+    pipeline.ship()
+    pipeline.drain()
+
+    body = status(pipeline, domain)
+    assert body["origins"] == ["https://" + domain]
+    for period in ("1h", "24h"):
+        p = body["periods"][period]
+        assert p["refused"] == {"invalid_event": 2, "origin_not_allowed": 2, "site_mismatch": 2}
+        assert p["refused_values"] == {"invalid_event": "127.0.0.1", "origin_not_allowed": "http://127.0.0.1:8000",
+                                       "site_mismatch": "staging." + domain}
+    with psycopg.connect(pipeline.settings.pg_dsn) as conn:
+        rows = conn.execute("SELECT domain, value FROM collector_refusals WHERE value LIKE '%%evil%%'").fetchall()
+    assert rows == []
+
+
+def test_a_senders_share_bounds_the_values_too(pipeline, domain):  # noqa: F811
+    """A value is kept only with a count the site took: past one address's share of the site's limit, a
+    stranger holding the public key changes neither the counts nor the value shown."""
+    from oltp import sites
+
+    sites.add(pipeline.settings.pg_dsn, domain, rate_per_s=1, burst=100)  # 10 countable per address window
+    ev = {"domain": domain, "url": f"https://{domain}/", "type": "pageview"}
+    pipeline.post(ev)
+    key = pipeline.site_query(ev)["site"]
+    collector = pipeline.collector
+    for i in range(11):
+        resp = collector.post("/collect", json=[{**ev, "domain": f"m{i}.example"}], query_string={"site": key})
+        assert resp.status_code == 403
+    counter = collector.application.extensions["tally_refusals"]
+    assert counter.snapshot()[(domain, "site_mismatch")] <= 11
+    noted = counter.values()[(domain, "site_mismatch")]
+    for i in range(50):  # over the share now: neither counted nor noted
+        collector.post("/collect", json=[{**ev, "domain": f"flood{i}.example"}], query_string={"site": key})
+    assert counter.values()[(domain, "site_mismatch")] == noted and noted.startswith("m")
+    assert counter.snapshot()[(domain, "site_mismatch")] <= 11
+
+
+def test_old_count_records_decode_without_a_value():
+    """Records spooled before issue 17 (no `value`) still decode; a value is cut to 200 characters."""
+    from core.event import refusal_count_json
+
+    t = datetime(2026, 12, 1, tzinfo=UTC)
+    old = (b'{"v":1,"kind":"refusals","hash":"0123456789abcdef0123456789abcdef","domain":"a.example",'
+           b'"reason":"site_mismatch","count":3,"window_end":"2026-12-01T00:00:00Z"}')
+    assert decode_refusal_count(old).value is None
+    assert b'"value"' not in refusal_count_json("a.example", "rate_limited", 1, t)
+    assert decode_refusal_count(refusal_count_json("a.example", "site_mismatch", 1, t, "x" * 500)).value == "x" * 200
+
+
+def test_offending_values_are_printable_and_cut():
+    from collector.admission import offending
+
+    assert offending("a\x00b\nc") == "a?b?c"
+    assert offending("é" * 300) == "é" * 200
+    assert offending(12) == "12"

@@ -434,3 +434,28 @@ def test_downgrades_step_back_and_up_again_keeping_rows(fresh_dsn):
     with psycopg.connect(fresh_dsn) as conn:
         assert conn.execute("SELECT events FROM rollup_15m").fetchall() == [(3,)]
     assert schema_diff(fresh_dsn) == []
+
+
+def test_0009_adds_the_site_account_and_refusal_values_keeping_rows(fresh_dsn):
+    """Issue 17 item 5: a database at 0008 with a site and a refusal count gets `sites.account` and
+    `collector_refusals.value` (NULL for what was there), and 0009's downgrade drops them keeping the rows."""
+    ensure_schema(fresh_dsn, "0008")
+    t = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO sites (domain, site_key, secret) VALUES ('a.example', %s, %s)",
+                     ("pk_" + "a" * 22, "sk_" + "b" * 43))
+        conn.execute("INSERT INTO collector_refusals (domain, reason, bucket_start, events)"
+                     " VALUES ('a.example', 'site_mismatch', %s, 4)", (t,))
+    ensure_schema(fresh_dsn)
+    with psycopg.connect(fresh_dsn) as conn:
+        assert conn.execute("SELECT domain, account FROM sites").fetchall() == [("a.example", None)]
+        assert conn.execute("SELECT events, value FROM collector_refusals").fetchall() == [(4, None)]
+    assert schema_diff(fresh_dsn) == []
+    downgrade(fresh_dsn, "0008")
+    with psycopg.connect(fresh_dsn) as conn:
+        columns = {r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns"
+                                              " WHERE table_name IN ('sites', 'collector_refusals')").fetchall()}
+        assert not {"account", "value"} & columns
+        assert conn.execute("SELECT events FROM collector_refusals").fetchall() == [(4,)]
+    ensure_schema(fresh_dsn)
+    assert schema_diff(fresh_dsn) == []

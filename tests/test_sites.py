@@ -205,7 +205,8 @@ def test_cli_update_changes_a_sites_rate_limit(dsn, domain, tmp_path):
     assert (site.rate_per_s, site.burst, site.site_key) == (5000.0, 50000, key)
     for args, words in ((("--rate", "0"), "rate"), (("--burst", "0"), "burst")):
         bad = tally(dsn, tmp_path, "update", domain, *args)
-        assert bad.returncode == 1 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        # a bad value: exit 2 (ADR 40; issue 17 item 5 made `update` follow it), an unknown domain: 1
+        assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert tally(dsn, tmp_path, "update", "nobody-" + domain, "--rate", "5").returncode == 1
 
 
@@ -235,3 +236,79 @@ def test_cli_uses_a_running_tally_up(dsn, domain, tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["tag"].startswith('<script defer src="http://127.0.0.1:9999/tag.js"')
+
+
+# --- `tally sites update`: origins, time zone, rate, account; the key and secret stay (issue 17 item 5) -----
+
+def test_cli_update_origins_tz_rate_account_keeps_key_and_secret(dsn, domain, tmp_path):
+    before = sites.add(dsn, domain, tz="UTC", origins=["https://a.example"])
+    out = tally(dsn, tmp_path, "update", domain, "--add-origin", "http://localhost:8000", "--add-origin",
+                "https://B.example:443/", "--remove-origin", "https://a.example", "--tz", "Europe/Berlin",
+                "--rate", "7", "--account", " Acme Inc. ", "--json")
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert body["origins"] == ["http://localhost:8000", "https://b.example"]
+    assert (body["tz"], body["rate_per_s"], body["account"]) == ("Europe/Berlin", 7.0, "Acme Inc.")
+    assert body["site_key"] == before.site_key and "secret" not in body and before.secret not in out.stdout
+    assert body["rebuild"]["tiers"] == ["1d"] and body["rebuild"]["unaffected"] == ["15m", "1h"]
+    command = body["rebuild"]["command"]
+    assert command.startswith("tally rebuild --from ") and command.endswith(f"--domain {domain}")
+    after = sites.get(dsn, domain)
+    assert (after.site_key, after.secret) == (before.site_key, before.secret)
+    assert after.origins == ("http://localhost:8000", "https://b.example") and after.account == "Acme Inc."
+
+    text = tally(dsn, tmp_path, "update", domain, "--tz", "Asia/Kathmandu")
+    assert text.returncode == 0, text.stderr
+    assert "Europe/Berlin -> Asia/Kathmandu" in text.stdout and "daily tier (1d)" in text.stdout
+    assert "tally rebuild --from" in text.stdout and "15m and 1h" in text.stdout
+    same = tally(dsn, tmp_path, "update", domain, "--tz", "Asia/Kathmandu", "--json")
+    assert json.loads(same.stdout)["rebuild"] is None  # the zone did not change: nothing to rebuild
+    cleared = tally(dsn, tmp_path, "update", domain, "--account", "", "--json")
+    assert cleared.returncode == 0 and json.loads(cleared.stdout)["account"] is None
+    final = sites.get(dsn, domain)
+    assert (final.site_key, final.secret, final.tz) == (before.site_key, before.secret, "Asia/Kathmandu")
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (("--remove-origin", "https://never.example"), 1, "no origin https://never.example to remove"),
+    (("--add-origin", "ftp://x.example"), 2, "is not an origin"),
+    (("--remove-origin", "https://a.example/path"), 2, "is not an origin"),
+    (("--tz", "Mars/Olympus"), 2, "time zone"),
+    (("--rate", "0"), 2, "rate"),
+    (("--burst", "0"), 2, "burst"),
+    (("--account", "a\tb"), 2, "account"),
+    (("--account", "x" * 101), 2, "account"),
+    ((), 2, "nothing to change"),
+])
+def test_cli_update_refusals_change_nothing(dsn, domain, tmp_path, args, code, words):
+    """Bad values exit 2, what is not there exits 1 (ADR 40); nothing is written, not even the valid parts."""
+    before = sites.add(dsn, domain, origins=["https://a.example"], account="Acme")
+    out = tally(dsn, tmp_path, "update", domain, *(("--add-origin", "https://ok.example", *args) if args else ()))
+    assert out.returncode == code and words in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert sites.get(dsn, domain) == before
+
+
+def test_cli_update_unknown_domain_exits_1(dsn, domain, tmp_path):
+    out = tally(dsn, tmp_path, "update", "nobody-" + domain, "--add-origin", "https://a.example")
+    assert out.returncode == 1 and "not registered" in out.stderr and "Traceback" not in out.stderr
+    bad = tally(dsn, tmp_path, "update", "not_a domain", "--tz", "UTC")
+    assert bad.returncode == 2 and "not a valid domain" in bad.stderr
+
+
+def test_cli_add_and_list_show_the_account(dsn, domain, tmp_path):
+    out = tally(dsn, tmp_path, "add", domain, "--account", "Acme Inc.", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["account"] == "Acme Inc." and sites.get(dsn, domain).account == "Acme Inc."
+    rows = {r["domain"]: r for r in json.loads(tally(dsn, tmp_path, "list", "--json").stdout)}
+    assert rows[domain]["account"] == "Acme Inc."
+    line = [x for x in tally(dsn, tmp_path, "list").stdout.splitlines() if x.startswith(domain)][0]
+    assert line.split("\t")[1] == "Acme Inc."
+    bad = tally(dsn, tmp_path, "add", "x" + domain, "--account", "a\nb")
+    assert bad.returncode == 1 and "account" in bad.stderr and sites.get(dsn, "x" + domain) is None
+
+
+def test_site_account_survives_the_collectors_disk_copy(dsn, domain):
+    site = sites.add(dsn, domain, account="Acme")
+    assert sites.Site.from_dict(site.to_dict()) == site
+    old_copy = {k: v for k, v in site.to_dict().items() if k != "account"}  # written before the column existed
+    assert sites.Site.from_dict(old_copy).account is None

@@ -113,6 +113,7 @@
     state.series = {};
     state.summary = null;
     $("empty").hidden = true;
+    $("empty-origins").textContent = ""; // the next domain's status fills it
     for (const id of ["csv-impressions", "csv-pageviews"]) $(id).href = "#";
     document.querySelector(".downloads").hidden = true;
   }
@@ -245,8 +246,11 @@
     if (domain !== state.domain) return;
     const h = s.periods["1h"], d = s.periods["24h"];
     const reasons = [...new Set([...Object.keys(h.refused), ...Object.keys(d.refused)])].sort();
+    // The most recent offending value of a reason the owner fixes in the tag (a domain, a page origin).
+    const value = (r) => (h.refused_values || {})[r] || (d.refused_values || {})[r];
+    const label = (r) => `  refused: ${r.replaceAll("_", " ")}` + (value(r) ? ` (last: ${value(r)})` : "");
     const rows = [["accepted", h.accepted, d.accepted], ["refused", h.refused_total, d.refused_total],
-                  ...reasons.map((r) => [`  refused: ${r.replaceAll("_", " ")}`, h.refused[r] || 0, d.refused[r] || 0]),
+                  ...reasons.map((r) => [label(r), h.refused[r] || 0, d.refused[r] || 0]),
                   ["bots", h.bots, d.bots], ["late", h.late, d.late]];
     const body = $("ingestion-table").tBodies[0];
     body.replaceChildren(...rows.map(([label, a, b]) => {
@@ -262,6 +266,18 @@
     $("ingestion-facts").textContent = `last event ${when(s.last_event_at)}; customer store written ` +
       `${when(s.freshness.customer_store_written_at)}, analyst store written ${when(s.freshness.analyst_store_written_at)}`;
     panel.dataset.status = d.accepted || d.refused_total ? "ok" : "quiet";
+    showOrigins(domain, s.origins);
+  }
+
+  // The empty state names the page origins the collector accepts the tag from (textContent only).
+  function showOrigins(domain, origins) {
+    const el = $("empty-origins");
+    if (!origins) { el.textContent = ""; return; }
+    el.textContent = origins.length
+      ? `Pages on ${origins.join(", ")} may send; a page elsewhere (another host, localhost, staging) needs ` +
+        `its origin added (tally sites update ${domain} --add-origin ORIGIN) and data-domain="${domain}" in its tag.`
+      : `No page origin is registered: the collector refuses the tag on every page. Add one with ` +
+        `tally sites update ${domain} --add-origin https://${domain}`;
   }
 
   function pickDomain(domain) {

@@ -3,6 +3,10 @@
  * scripts/build-tag (tests/test_tag.py checks the built file is up to date).
  *
  *   <script defer src="https://COLLECTOR/tag.js" data-site="SITE_KEY"></script>
+ *
+ * Events name the page's location.hostname as their domain, or data-domain="example.com" (Plausible's
+ * attribute) whatever the page's host is: a page on localhost, staging or an IP address then sends for
+ * its registered site (the page's origin must still be registered: `tally sites update --add-origin`).
  *   tally('impression', {value: 1.5})
  *
  * Calls made before the script has loaded are queued by the snippet
@@ -33,6 +37,7 @@
     if (!script) return;
     var attr = function (name) { return script.getAttribute('data-' + name); };
     var site = attr('site');
+    var domain = script.dataset.domain || loc.hostname;
     var raw = attr('raw-urls') === 'true';
     var keep = ['utm_source', 'utm_medium', 'utm_campaign', 'utm_term', 'utm_content']
       .concat((attr('keep-query') || '').split(',').map(function (k) { return k.trim(); }));
@@ -107,7 +112,7 @@
 
     var add = function (type, opts) {
       var url = clean(String(opts.url || loc.href));
-      var e = { id: uid(), ts: Date.now(), domain: loc.hostname, url: cut(url), type: type };
+      var e = { id: uid(), ts: Date.now(), domain: domain, url: cut(url), type: type };
       var ref = cut(referrer(opts.referrer, url));
       if (ref) e.referrer = ref;
       if (opts.value != null) {

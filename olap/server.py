@@ -327,6 +327,14 @@ def readyz() -> Response:
     return json_response({"status": "ready"}, 200)
 
 
+def utc_iso(value: datetime | None) -> str | None:
+    """An ISO time with its zone from a `DateTime64(.., 'UTC')` value, which the driver may hand back naive
+    (the API's OpenAPI says date-time); None for None or the epoch, ClickHouse's max() over no rows."""
+    if not value or value.year <= 1970:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
 @bp.get("/v1/freshness")
 def freshness() -> Response:
     """When the loader last wrote to ClickHouse (its offsets' newest `written_at`), for the ingestion status."""
@@ -353,14 +361,11 @@ def freshness() -> Response:
     finally:
         release()
 
-    def iso(value: datetime | None) -> str | None:  # ClickHouse answers the epoch for max() over no rows
-        return value.isoformat() if value and value.year > 1970 else None
-
     return json_response({
-        "loader_written_at": iso(rows[0][0] if rows else None),
-        "newest_received_at": iso(newest[0][0] if newest else None),
+        "loader_written_at": utc_iso(rows[0][0] if rows else None),
+        "newest_received_at": utc_iso(newest[0][0] if newest else None),
         "loader_offsets": [{"topic": t, "partition": int(p), "topic_id": tid, "next_offset": int(o),
-                            "written_at": iso(w)} for t, p, tid, o, w in offsets]})
+                            "written_at": utc_iso(w)} for t, p, tid, o, w in offsets]})
 
 
 @bp.post("/v1/internal/aggregates")

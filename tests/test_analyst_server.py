@@ -268,3 +268,15 @@ def test_a_huge_constant_column_is_stopped_by_the_default_memory_cap_not_materia
         assert json.loads(body)["error"]["code"] in ("query_failed", "result_too_large")
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 700, f"this process grew by {grown_mb:.0f} MB"
+
+
+def test_freshness_times_carry_their_zone_even_when_the_driver_hands_them_back_naive():
+    """The loader's offsets' `written_at` is DateTime64(6, 'UTC'); clickhouse-connect over chDB answers it
+    naive, and the API's status route relays it as an OpenAPI date-time, which needs a zone."""
+    from datetime import UTC, datetime
+
+    from olap.server import utc_iso
+
+    assert utc_iso(datetime(2026, 12, 6, 15, 54, 23, 944108)) == "2026-12-06T15:54:23.944108+00:00"
+    assert utc_iso(datetime(2026, 12, 6, 15, 54, tzinfo=UTC)) == "2026-12-06T15:54:00+00:00"
+    assert utc_iso(None) is None and utc_iso(datetime(1970, 1, 1)) is None

@@ -226,7 +226,8 @@ def _rate_key(pool_of: Callable[[], ConnectionPool]) -> str:
 
 
 def _too_many(limit: RequestLimit) -> Response:
-    retry_after = max(1, math.ceil(limit.reset_at - time.time()))
+    # reset_at is a whole second rounded up, so a 60 s window could say 61: never more than the window
+    retry_after = max(1, min(limit.limit.get_expiry(), math.ceil(limit.reset_at - time.time())))
     resp = error(429, "rate_limited", f"rate limit exceeded ({limit.limit}); retry in {retry_after} s",
                  retry_after_s=retry_after)
     resp.headers["Retry-After"] = str(retry_after)

@@ -235,3 +235,19 @@ def test_token_store_outage_is_a_503_not_a_401(make_settings):
     finally:
         dead.close()
         real.extensions["tally_backends"].rollups.pool.close()
+
+
+def test_retry_after_never_exceeds_the_window():
+    """flask-limiter rounds a window's reset up to a whole second: a 60 s window said 61 now and then."""
+    import time
+    from types import SimpleNamespace
+
+    from flask import Flask
+    from limits import parse
+
+    from api.auth import _too_many
+
+    with Flask(__name__).app_context():
+        resp = _too_many(SimpleNamespace(limit=parse("3/minute"), reset_at=time.time() + 60.9))
+    assert resp.status_code == 429 and resp.headers["Retry-After"] == "60"
+    assert resp.json["error"]["retry_after_s"] == 60

@@ -96,16 +96,18 @@ def test_whole_platform_modules_share_two_lanes_and_the_rest_are_units_of_their_
     assert not stray, f"slow tests outside the platform lanes: add them to tests/stack.py PLATFORM_LANES: {stray}"
 
 
-def test_workers_get_the_lanes_first_then_the_largest_modules_each_in_its_own_order():
+def test_workers_get_the_lanes_first_then_the_long_then_the_largest_modules_each_in_its_own_order():
     def item(nodeid: str, slow: bool = False) -> SimpleNamespace:
         return SimpleNamespace(nodeid=nodeid, get_closest_marker=lambda name: object() if slow else None)
 
     items = [item("tests/test_a.py::one"), item("tests/test_b.py::one"), item("tests/test_b.py::two"),
              item("tests/test_up.py::fast"), item("tests/test_up.py::slow", slow=True), item("tests/test_a.py::two"),
-             item("tests/test_b.py::three")]
+             item("tests/test_b.py::three"), item("tests/test_reconcile.py::one"),
+             item("tests/test_api_server.py::one")]
     order_for_workers(items)  # duck-typed pytest.Item: nodeid and get_closest_marker are all it reads
     assert [i.nodeid for i in items] == [
-        "tests/test_up.py::fast", "tests/test_up.py::slow", "tests/test_b.py::one", "tests/test_b.py::two",
+        "tests/test_up.py::fast", "tests/test_up.py::slow", "tests/test_api_server.py::one",
+        "tests/test_reconcile.py::one", "tests/test_b.py::one", "tests/test_b.py::two",
         "tests/test_b.py::three", "tests/test_a.py::one", "tests/test_a.py::two"]
 
 

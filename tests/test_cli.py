@@ -269,6 +269,13 @@ def test_ctrl_c_ends_quietly_with_130(tmp_path):
     def accept() -> None:
         conn, _ = listener.accept()
         held.append(conn)
+        conn.settimeout(30)
+        request = b""
+        while b"\r\n\r\n" not in request:  # the whole request read: tally now waits for the answer
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            request += chunk
         accepted.set()
 
     threading.Thread(target=accept, daemon=True).start()
@@ -276,7 +283,7 @@ def test_ctrl_c_ends_quietly_with_130(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=clean_env(TALLY_HOME=str(tmp_path), TALLY_TOKEN="x" * 40))
     try:
-        assert accepted.wait(30), "tally sql never connected"
+        assert accepted.wait(30), "tally sql never sent its request"
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)

@@ -26,10 +26,12 @@ lint: $(STAMP)
 
 ## Run every test against the real embedded servers (and Debian's chromium for the dashboard), TEST_WORKERS
 ## modules at a time, each worker with servers of its own (docs/adr/0042-test-layout.md); TEST_WORKERS=0: serial.
+## Bytecode is cached even where PYTHONDONTWRITEBYTECODE is set: the suite starts hundreds of Python processes,
+## and pytest rewrites every test module's asserts in each worker (ADR 42).
 TEST_WORKERS ?= 4
 test: lint
 	./scripts/ensure-chromium
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## Kill and restart processes under load for 10 minutes; compare both stores with what was acknowledged.
 chaos: $(STAMP)

@@ -143,7 +143,7 @@ class StandInCollector:
 class Site:
     """The customer's site: pages on another origin (port), by path."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "localhost") -> None:
         self.pages: dict[str, str] = {}
         outer = self
 
@@ -162,9 +162,9 @@ class Site:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        # `localhost`, not 127.0.0.1: the tag sends location.hostname as the domain, and the collector
-        # refuses IP literals as domains (ADR 15).
-        self.origin = f"http://localhost:{self.server.server_address[1]}"
+        # `localhost` by default, not 127.0.0.1: without data-domain the tag sends location.hostname as the
+        # domain, and the collector refuses IP literals as domains (ADR 15).
+        self.origin = f"http://{host}:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def add(self, path: str, collector: StandInCollector | None, *, attrs: str = 'data-flush-ms="50"',

@@ -8,52 +8,14 @@ the page is on another port of 127.0.0.1 (a cross-origin page, as on a customer'
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
-
 import pytest
 
 from infra.processes import free_port
 from tests.conftest import chromium, register, serve_in_thread, until
 from tests.test_collector import spooled
+from tests.test_tag import Site
 
 pytestmark = pytest.mark.servers("postgres")
-
-
-class Pages:
-    """Pages by path on http://127.0.0.1:<port>."""
-
-    def __init__(self) -> None:
-        self.pages: dict[str, str] = {}
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                html = outer.pages.get(urlsplit(self.path).path)
-                body = (html or "not found").encode()
-                self.send_response(200 if html is not None else 404)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def add(self, path: str, tag: str) -> str:
-        self.pages[path] = (f'<!doctype html><html><head><meta charset="utf-8"><link rel="icon" href="data:,">'
-                            f"<title>{path}</title>{tag}</head><body></body></html>")
-        return self.origin + path
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture()
@@ -66,7 +28,7 @@ def collector_url(app):
 
 @pytest.fixture()
 def pages():
-    p = Pages()
+    p = Site(host="127.0.0.1")  # an IP-literal page host, which only data-domain makes sendable
     yield p
     p.close()
 
@@ -95,8 +57,8 @@ def _visit(browser, url: str, collector_url: str) -> list[int]:
 def test_data_domain_sends_for_the_registered_site_from_an_ip_page(app, settings, registry, domain, pages,
                                                                   collector_url, browser):
     key = register(settings, registry, domain, origins=[pages.origin])
-    url = pages.add("/p", f'<script defer src="{collector_url}/tag.js" data-site="{key}" data-domain="{domain}"'
-                          ' data-flush-ms="0"></script>')
+    url = pages.add("/p", None, before=f'<script defer src="{collector_url}/tag.js" data-site="{key}"'
+                                      f' data-domain="{domain}" data-flush-ms="0"></script>')
     assert _visit(browser, url, collector_url) == [202]
     (event,) = spooled(settings)
     assert event.domain == domain and event.type == "pageview"
@@ -106,7 +68,7 @@ def test_data_domain_sends_for_the_registered_site_from_an_ip_page(app, settings
 def test_without_data_domain_the_pages_host_is_sent_as_before(app, settings, registry, domain, pages,
                                                              collector_url, browser):
     key = register(settings, registry, domain, origins=[pages.origin])
-    url = pages.add("/q", f'<script defer src="{collector_url}/tag.js" data-site="{key}" data-flush-ms="0">'
-                          "</script>")
+    url = pages.add("/q", None, before=f'<script defer src="{collector_url}/tag.js" data-site="{key}"'
+                                      ' data-flush-ms="0"></script>')
     assert _visit(browser, url, collector_url) == [400]  # 127.0.0.1 is no domain (ADR 15)
     assert spooled(settings) == []

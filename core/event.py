@@ -39,6 +39,9 @@ MAX_BROWSER = 64
 MAX_OS = 64
 MAX_DEVICE = 32
 COUNTRY_LEN = 2
+MAX_PAGE = MAX_URL  # the URL's path (plus the site's own kept query parameters)
+MAX_SOURCE = 64  # a source name: a known family ("Google") or a registrable domain, or utm_source
+MAX_UTM = 128  # utm_medium / utm_campaign
 VISITOR_LEN = 32  # hex digits of `visitor_key`
 HASH_LEN = 32  # hex digits of `event_hash`
 
@@ -87,6 +90,11 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     device: str | None = None
     country: str | None = None
     visitor: str | None = None
+    # Enrichment (issue 17, ADR 44): the page path, the traffic source and the campaign tags.
+    page: str | None = None
+    source: str | None = None
+    utm_medium: str | None = None
+    utm_campaign: str | None = None
 
     def to_json(self) -> bytes:
         """One line of JSON, no trailing newline: the stored record (`StoredEvent` reads it back)."""
@@ -107,6 +115,10 @@ class Event(msgspec.Struct, frozen=True, gc=False):
             "device": self.device,
             "country": self.country,
             "visitor": self.visitor,
+            "page": self.page,
+            "source": self.source,
+            "utm_medium": self.utm_medium,
+            "utm_campaign": self.utm_campaign,
         })
 
 
@@ -422,6 +434,9 @@ OsName = Annotated[str, msgspec.Meta(max_length=MAX_OS)]
 Device = Annotated[str, msgspec.Meta(max_length=MAX_DEVICE)]
 Country = Annotated[str, msgspec.Meta(max_length=COUNTRY_LEN)]
 Visitor = Annotated[str, msgspec.Meta(max_length=VISITOR_LEN)]
+Page = Annotated[str, msgspec.Meta(max_length=MAX_PAGE)]
+Source = Annotated[str, msgspec.Meta(max_length=MAX_SOURCE)]
+Utm = Annotated[str, msgspec.Meta(max_length=MAX_UTM)]
 HashLength = Annotated[str, msgspec.Meta(min_length=HASH_LEN, max_length=HASH_LEN)]
 
 
@@ -444,6 +459,11 @@ class StoredEvent(msgspec.Struct, gc=False):
     device: Device | None = None
     country: Country | None = None
     visitor: Visitor | None = None
+    # Records written before issue 17 carry none of these: they decode as None.
+    page: Page | None = None
+    source: Source | None = None
+    utm_medium: Utm | None = None
+    utm_campaign: Utm | None = None
 
 
 _STORED = msgspec.json.Decoder(StoredEvent)

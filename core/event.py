@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 import orjson
 
+from core.enrich import NO_KEEP, enrich
 from core.urls import UrlRule
 
 EventType = Literal["impression", "pageview"]
@@ -90,7 +91,7 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     device: str | None = None
     country: str | None = None
     visitor: str | None = None
-    # Enrichment (issue 17, ADR 44): the page path, the traffic source and the campaign tags.
+    # Enrichment (issue 17, ADR 45, core/enrich.py): the page path, the traffic source and the campaign tags.
     page: str | None = None
     source: str | None = None
     utm_medium: str | None = None
@@ -179,6 +180,9 @@ def event_from_hit(body: Any, ctx: HitContext, limits: Limits, secret: bytes,
 
     `urls`: the site's URL rule (core/urls.py), applied to `url` and `referrer` once they are valid and
     before the hash is computed, so the hash covers what is stored; None stores them as sent.
+    `page`, `source`, `utm_medium`, `utm_campaign` are derived from the stored url and referrer and the
+    domain (core/enrich.py, ADR 45), so they add nothing to the hash. A referrer is an absolute http(s)
+    URL or an Android app's `android-app://<package>/...`.
 
     Checks run in a fixed order (shape, unknown fields, domain, site, id, ts, url, type, value,
     referrer, control characters in url then referrer), so a hit with several problems is always
@@ -216,10 +220,14 @@ def event_from_hit(body: Any, ctx: HitContext, limits: Limits, secret: bytes,
     if per_request[0] is not ctx or per_request[1] is not classify_ua:
         per_request = _request_fields(ctx, classify_ua)
     _, _, ua, browser, os_name, device, country, day, client_ip = per_request
+    # Derived from the stored url and referrer (so from what the hash covers): the hash is as before.
+    page, source, utm_medium, utm_campaign = enrich(url, referrer, domain,
+                                                    NO_KEEP if urls is None else urls.page_keep)
     return Event(
         event_hash(domain, client_id, ts=ts, type=event_type, url=url, value=value, referrer=referrer),
         domain, url, ts, received, event_type, value, referrer, ua, browser, os_name, device, country,
         visitor_key(secret, day, domain, client_ip, ua) if client_ip else None,
+        page, source, utm_medium, utm_campaign,
     )
 
 
@@ -266,7 +274,8 @@ def _hit_links(url: str, url_clean: bool, referrer: Any, urls: UrlRule | None) -
     rule applied. `url` has passed `_url` already (`url_clean`: by the one-regex test)."""
     referrer_clean = referrer is None or (type(referrer) is str and len(referrer) <= MAX_URL
                                           and _CLEAN_URL_RE.fullmatch(referrer) is not None)
-    if not referrer_clean:
+    if not referrer_clean and not (type(referrer) is str and len(referrer) <= MAX_URL
+                                   and _APP_REFERRER_RE.fullmatch(referrer)):
         referrer = _url(referrer, "referrer", required=False)
     if not url_clean and _CONTROL_RE.search(url):
         raise EventError("url", "contains control characters (percent-encode them, as browsers do)")
@@ -286,6 +295,9 @@ def _not_plain_decimal(raw_value: str) -> EventError:
 # A well-formed absolute http(s) URL without control characters: what `_url` accepts and `_CONTROL_RE`
 # finds nothing in (length checked apart). Anything else takes the plain checks, which name the problem.
 _CLEAN_URL_RE = re.compile(r"https?://[^\x00-\x1f\x7f-\x9f]*")
+# A referrer may also be an Android app (Chrome's `document.referrer` for a link opened from the Gmail app:
+# `android-app://com.google.android.gm/`): a package name, then anything without control characters.
+_APP_REFERRER_RE = re.compile(r"android-app://[A-Za-z0-9_.]{1,255}(?:/[^\x00-\x1f\x7f-\x9f]*)?")
 _COUNTRY_RE = re.compile(f"[A-Z]{{{COUNTRY_LEN}}}")
 # (ctx, classify_ua, user_agent, browser, os, device, country, day, client_ip) of the last request seen;
 # replaced whole (one atomic store), read once per event, trusted only for the very same ctx object.

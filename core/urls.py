@@ -9,7 +9,10 @@ So by default an event keeps:
   in their order and spelling; never the fragment, never a `user:password@`;
 - of its `referrer`: the same, when it is a page of the same origin as `url` (an in-site
   navigation); otherwise its origin only (`https://www.google.com/`, what browsers send across
-  sites by default).
+  sites by default; an Android app's `android-app://<package>/`).
+
+An event's `page` (core/enrich.py) keeps fewer query parameters still: the site's own `--keep-query`
+names only (`UrlRule.page_keep`), not the default campaign tags, whatever the rule.
 
 A site may opt out (`--raw-urls`): both are stored as sent. The JS tag applies the same rule
 before sending (collector/static/tag.js), and the collector applies it to every sender (the tag,
@@ -33,13 +36,17 @@ MAX_KEEP_QUERY = 20  # names a site may add
 PARAM_NAME_RE = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,64}")  # a query parameter name a site may keep
 # scheme://, userinfo@ (dropped), host[:port], path, ?query; the fragment is never matched.
 _URL_RE = re.compile(r"(https?://)(?:[^@/?#]*@)?([^/?#]*)([^?#]*)(?:\?([^#]*))?", re.IGNORECASE | re.DOTALL)
+_APP_RE = re.compile(r"android-app://([^/?#]*)", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
 class UrlRule:
-    """Which query parameters an event's URLs keep; `keep is None`: URLs are stored as sent."""
+    """Which query parameters an event's URLs keep; `keep is None`: URLs are stored as sent.
+
+    `page_keep`: the site's own `--keep-query` names (also of a raw-URL site), which its events' `page` keeps."""
 
     keep: frozenset[str] | None
+    page_keep: frozenset[str] = frozenset()
 
     def page(self, url: str) -> str:
         """The page URL as stored (see the module docstring)."""
@@ -59,12 +66,12 @@ DEFAULT = UrlRule(frozenset(DEFAULT_KEEP_QUERY))
 
 
 def rule_for(keep_query: tuple[str, ...] | list[str], raw_urls: bool) -> UrlRule:
-    """A site's rule: RAW when it opted out, else the default allowlist plus its own names."""
-    if raw_urls:
-        return RAW
+    """A site's rule: URLs as sent when it opted out, else the default allowlist plus its own names; its
+    own names are also `page_keep` (RAW and DEFAULT themselves when it has none)."""
     if not keep_query:
-        return DEFAULT
-    return UrlRule(frozenset(DEFAULT_KEEP_QUERY).union(keep_query))
+        return RAW if raw_urls else DEFAULT
+    own = frozenset(keep_query)
+    return UrlRule(None, own) if raw_urls else UrlRule(frozenset(DEFAULT_KEEP_QUERY).union(own), own)
 
 
 @lru_cache(maxsize=8192)
@@ -87,8 +94,9 @@ def _origin(url: str) -> str | None:
 @lru_cache(maxsize=8192)
 def _referrer(referrer: str, url: str, keep: frozenset[str]) -> str:
     origin = _origin(referrer)
-    if origin is None:
-        return referrer
+    if origin is None:  # not http(s): an Android app's `android-app://<package>[/...]` (core/event.py)
+        app = _APP_RE.match(referrer)
+        return f"android-app://{app.group(1)}/" if app else referrer
     if origin == _origin(url):
         return _page(referrer, keep)
     m = _URL_RE.match(referrer)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from clickhouse_connect.driver.client import Client
 
 EVENT_COLUMNS = ("hash", "domain", "url", "ts", "received_at", "type", "value", "referrer", "user_agent",
-                 "browser", "os", "device", "country", "visitor")
+                 "browser", "os", "device", "country", "visitor", "page", "source", "utm_medium", "utm_campaign")
 
 DEFAULT_TTL_DAYS = 400
 
@@ -79,9 +79,22 @@ def _baseline(db: str) -> list[str]:
     ]
 
 
+def _enrichment(db: str) -> list[str]:
+    """Issue 17 (ADR 45): the event's page, source and campaign tags. Rows written before read as NULL.
+
+    An ADD COLUMN changes metadata only (old parts are not rewritten). The loader needs no change: it
+    inserts StoredEvent's fields by name (JSONEachRow), and skipped these until the columns existed."""
+    return [f"ALTER TABLE {db}.events ADD COLUMN IF NOT EXISTS {name} {kind} AFTER {after}"
+            for name, kind, after in (("page", "Nullable(String)", "visitor"),
+                                      ("source", "LowCardinality(Nullable(String))", "page"),
+                                      ("utm_medium", "LowCardinality(Nullable(String))", "source"),
+                                      ("utm_campaign", "LowCardinality(Nullable(String))", "utm_medium"))]
+
+
 # Ordered; append only, never edit a shipped one.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "baseline", _baseline),
+    Migration(2, "page_source_campaign", _enrichment),
 )
 
 

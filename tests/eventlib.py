@@ -14,12 +14,16 @@ from typing import Any
 import orjson
 
 from core.event import (
+    _APP_REFERRER_RE,
     COUNTRY_LEN,
     HASH_LEN,
     MAX_BROWSER,
     MAX_DEVICE,
     MAX_OS,
+    MAX_PAGE,
+    MAX_SOURCE,
     MAX_UA,
+    MAX_UTM,
     SCHEMA_VERSION,
     VISITOR_LEN,
     Event,
@@ -63,14 +67,24 @@ def event_from_json(data: bytes | str) -> Event:
         received_at=_stored_time(obj.get("received_at"), "received_at"),
         type=_type(obj.get("type")),
         value=_value(obj.get("value")),
-        referrer=_url(obj.get("referrer"), "referrer", required=False),
+        referrer=_referrer(obj.get("referrer")),
         user_agent=_opt_str(obj.get("user_agent"), "user_agent", MAX_UA),
         browser=_opt_str(obj.get("browser"), "browser", MAX_BROWSER),
         os=_opt_str(obj.get("os"), "os", MAX_OS),
         device=_opt_str(obj.get("device"), "device", MAX_DEVICE),
         country=_opt_str(obj.get("country"), "country", COUNTRY_LEN),
         visitor=_opt_str(obj.get("visitor"), "visitor", VISITOR_LEN),
+        page=_opt_str(obj.get("page"), "page", MAX_PAGE),
+        source=_opt_str(obj.get("source"), "source", MAX_SOURCE),
+        utm_medium=_opt_str(obj.get("utm_medium"), "utm_medium", MAX_UTM),
+        utm_campaign=_opt_str(obj.get("utm_campaign"), "utm_campaign", MAX_UTM),
     )
+
+
+def _referrer(value: Any) -> str | None:
+    if isinstance(value, str) and _APP_REFERRER_RE.fullmatch(value):  # an Android app's (ADR 45)
+        return value
+    return _url(value, "referrer", required=False)
 
 
 def _opt_str(value: Any, name: str, max_len: int) -> str | None:

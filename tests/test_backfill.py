@@ -78,8 +78,8 @@ def test_historical_events_reach_both_stores_once_and_a_second_import_is_refused
     # 20 days old: far beyond the collector's 7-day window, within what both stores keep.
     events = [{"domain": domain, "url": f"https://{domain}/{i}", "type": "impression", "ts": days_ago(20, minutes=i),
                "value": "1.5"} for i in range(25)]
-    events += [{"domain": domain, "url": f"https://{domain}/own", "id": f"own-{i}", "ts": days_ago(3, minutes=i)}
-               for i in range(5)]
+    events += [{"domain": domain, "url": f"https://{domain}/own?utm_campaign=spring", "id": f"own-{i}",
+                "ts": days_ago(3, minutes=i), "referrer": "https://news.ycombinator.com/item?id=1"} for i in range(5)]
     path = write_jsonl(tmp_path / "events.jsonl", events)
 
     assert main(["backfill", str(path)]) == 0
@@ -90,6 +90,12 @@ def test_historical_events_reach_both_stores_once_and_a_second_import_is_refused
     assert pipeline.shipper.ship_once() == 30
     pipeline.drain()
     assert in_both_stores(pipeline.settings, domain) == (30, 30)
+    # Issue 17 (ADR 45): backfilled events are enriched like the collector's, and ClickHouse keeps the fields.
+    enriched = connect(pipeline.settings.clickhouse_dsn).query(
+        "SELECT page, source, utm_campaign, count() FROM tally.events FINAL WHERE domain = {d:String}"
+        " AND page IN ('/0', '/own') GROUP BY page, source, utm_campaign ORDER BY page",
+        parameters={"d": domain}).result_rows
+    assert enriched == [("/0", None, None, 1), ("/own", "Hacker News", "spring", 5)]
 
     # The same file again: refused, nothing written (its events older than the dedup window would count twice).
     assert main(["backfill", str(path)]) == 2
@@ -101,7 +107,7 @@ def test_historical_events_reach_both_stores_once_and_a_second_import_is_refused
     recent = write_jsonl(tmp_path / "recent.jsonl", events[25:])
     assert main(["backfill", str(recent)]) == 0
     hashes = {r["hash"] for r in spooled(pipeline.settings)}
-    assert hashes == {r["hash"] for r in records if r["url"].endswith("/own")}  # own ids: the same hashes
+    assert hashes == {r["hash"] for r in records if "/own" in r["url"]}  # own ids: the same hashes
     assert main(["backfill", "--force", str(recent)]) == 0
     assert pipeline.shipper.ship_once() == 10
     pipeline.drain()

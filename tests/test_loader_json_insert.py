@@ -52,7 +52,8 @@ def expected(e) -> tuple:
     ms = lambda t: (EPOCH + timedelta(milliseconds=(t - EPOCH) // timedelta(milliseconds=1))).replace(tzinfo=None)  # noqa: E731
     return (e.hash, e.domain, e.url, ms(e.ts), ms(e.received_at), e.type,
             None if e.value is None else Decimal(e.value).quantize(Decimal("0.000001")),
-            e.referrer, e.user_agent, e.browser, e.os, e.device, e.country, e.visitor)
+            e.referrer, e.user_agent, e.browser, e.os, e.device, e.country, e.visitor,
+            e.page, e.source, e.utm_medium, e.utm_campaign)
 
 
 def write(client, events: list) -> None:
@@ -74,6 +75,10 @@ AWKWARD = [
     record(url='https://example.com/"q"\\b\u2028\u00e9\U0001F600?a=1&b=%20', referrer="https://r.example/\t",
            user_agent="UA \"x\" \\ y", browser="Firefox", os="Linux", device="bot", country="DE", visitor="ab" * 16),
     record(type="impression", referrer=None, user_agent=None, browser=None, os=None, device=None, country=None),
+    # Issue 17 (ADR 45): the enrichment columns (migration 2), their longest values and awkward characters.
+    record(page="/pricing?plan=pro", source="Hacker News", utm_medium="social", utm_campaign="launch day"),
+    record(page="/" + "p" * 2047, source="s" * 64, utm_medium="m" * 128, utm_campaign='"c"\\ \u00e9\U0001F600' * 10),
+    record(page="/%E2%98%83", source="example.org", utm_medium=None, utm_campaign=None),
 ]
 
 
@@ -97,6 +102,8 @@ _text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_siz
     "value": st.one_of(st.none(), st.decimals(0, Decimal("1000000000"), places=6).map(str)),
     "url": _text.map(lambda s: "https://example.com/" + s),
     "user_agent": st.one_of(st.none(), _text), "referrer": st.one_of(st.none(), _text.map(lambda s: "https://x/" + s)),
+    "page": st.one_of(st.none(), _text.map(lambda s: "/" + s)), "source": st.one_of(st.none(), _text),
+    "utm_medium": st.one_of(st.none(), _text), "utm_campaign": st.one_of(st.none(), _text),
 }), min_size=1, max_size=20))
 def test_generated_events_are_stored_exactly(ch, rows):
     events = [decode_stored(record(**{**r, "ts": r["ts"].isoformat()})) for r in rows]

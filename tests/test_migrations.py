@@ -273,8 +273,8 @@ def test_clickhouse_empty_database_migrates_and_gets_its_ttl(servers):
 
     client, db = _ch(servers), f"mig_{uuid.uuid4().hex[:8]}"
     try:
-        assert schema.ensure_schema(client, db, 120) == [1]
-        assert schema.applied_versions(client, db) == {1}
+        assert schema.ensure_schema(client, db, 120) == [1, 2]
+        assert schema.applied_versions(client, db) == {1, 2}
         assert schema.events_ttl_days(client, db) == 120
         key = client.query("SELECT partition_key FROM system.tables WHERE database = {d:String} AND name = 'events'",
                            parameters={"d": db}).result_rows[0][0]
@@ -294,7 +294,7 @@ def test_clickhouse_previous_release_database_is_adopted_and_ttl_changes(servers
         client.command(f"INSERT INTO {db}.events (hash, domain, url, ts, received_at, type) VALUES "
                        f"('{'a' * 32}', 'old.example', 'https://old.example/', now64(3), now64(3), 'pageview')")
         assert schema.applied_versions(client, db) == set()
-        assert schema.ensure_schema(client, db) == [1]  # default 400 days: the TTL it already had
+        assert schema.ensure_schema(client, db) == [1, 2]  # default 400 days: the TTL it already had
         assert schema.events_ttl_days(client, db) == 400
         assert client.query(f"SELECT count() FROM {db}.events").result_rows[0][0] == 1
         schema.ensure_schema(client, db, 30)
@@ -305,6 +305,33 @@ def test_clickhouse_previous_release_database_is_adopted_and_ttl_changes(servers
         schema.ensure_schema(client, db, 400)
         assert schema.events_ttl_days(client, db) == 400
         assert client.query(f"SELECT count() FROM {db}.events").result_rows[0][0] == 1
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {db}")
+
+
+def test_clickhouse_migration_2_adds_the_enrichment_columns_and_old_rows_read_null(servers):
+    """Issue 17 (ADR 45): a database at version 1 with a row gets page/source/utm_medium/utm_campaign; the
+    old row reads NULL in each, a new row keeps what it is given, and applying it again changes nothing."""
+    from olap import schema
+
+    client, db = _ch(servers), f"mig_{uuid.uuid4().hex[:8]}"
+    try:
+        for statement in _previous_statements(db):
+            client.command(statement)
+        client.command(f"INSERT INTO {db}.events (hash, domain, url, ts, received_at, type) VALUES "
+                       f"('{'a' * 32}', 'old.example', 'https://old.example/a', now64(3), now64(3), 'pageview')")
+        assert schema.ensure_schema(client, db) == [1, 2]
+        client.command(f"INSERT INTO {db}.events (hash, domain, url, ts, received_at, type, page, source, utm_medium,"
+                       f" utm_campaign) VALUES ('{'b' * 32}', 'old.example', 'https://old.example/b', now64(3),"
+                       " now64(3), 'pageview', '/b', 'Hacker News', 'social', 'launch')")
+        for statement in schema.MIGRATIONS[1].statements(db):  # idempotent: a crash before its record re-applies it
+            client.command(statement)
+        rows = client.query(f"SELECT url, page, source, utm_medium, utm_campaign FROM {db}.events ORDER BY url")
+        assert rows.result_rows == [("https://old.example/a", None, None, None, None),
+                                    ("https://old.example/b", "/b", "Hacker News", "social", "launch")]
+        names = [r[0] for r in client.query(f"SELECT name FROM system.columns WHERE database = '{db}'"
+                                            " AND table = 'events' ORDER BY position").result_rows]
+        assert tuple(names) == schema.EVENT_COLUMNS
     finally:
         client.command(f"DROP DATABASE IF EXISTS {db}")
 
@@ -348,7 +375,7 @@ def test_tally_migrate_cli(fresh_dsn, tmp_path):
     assert first.returncode == 0, first.stderr
     out = json.loads(first.stdout)
     assert out["postgresql"]["before"] == [] and out["postgresql"]["now"] == list(head_revisions())
-    assert out["clickhouse"]["applied"] == [1] and out["clickhouse"]["ttl_days"] == 90
+    assert out["clickhouse"]["applied"] == [1, 2] and out["clickhouse"]["ttl_days"] == 90
     again = _tally(["migrate"], env)
     assert again.returncode == 0, again.stderr
     assert "applied now: nothing" in again.stdout and "90 days" in again.stdout

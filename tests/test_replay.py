@@ -57,7 +57,8 @@ def apply_now(*loops) -> None:
 
 
 def test_replay_changes_nothing_that_is_there_and_restores_deleted_clickhouse_rows(pipeline, domain, settings):
-    pipeline.post([{"domain": domain, "url": f"https://{domain}/{i}", "type": "impression"} for i in range(40)])
+    pipeline.post([{"domain": domain, "url": f"https://{domain}/{i}?utm_medium=email", "type": "impression",
+                    "referrer": "https://t.co/x"} for i in range(40)])
     pipeline.ship()
     pipeline.drain()
     assert in_both_stores(settings, domain) == (40, 40)
@@ -80,6 +81,9 @@ def test_replay_changes_nothing_that_is_there_and_restores_deleted_clickhouse_ro
     assert pipeline.loader.stored_events - stored_before[1] == 40
     assert in_both_stores(settings, domain) == (40, 40)
     assert pipeline.sql(f"SELECT count() FROM tally.events WHERE domain = '{domain}'") == [[40]]
+    # The replayed records carry issue 17's fields (ADR 45): the restored rows have them as the others do.
+    assert pipeline.sql(f"SELECT count() FROM tally.events WHERE domain = '{domain}' AND source = 'Twitter'"
+                        " AND utm_medium = 'email' AND page = path(url)") == [[40]]
 
 
 def test_rollup_group_does_not_recount_events_older_than_the_dedup_window_even_after_a_restart(

@@ -12,7 +12,8 @@ whose valid key the event carried (`noted`): that site's ingestion panel shows i
 two checks per event, in event order (validation, then its site key): a refusal names the first event
 with either problem, and validating an event needs its key's site (the site's URL rule). `put_context`
 is the enrichment: what every event of the request gets alike (receive time, User-Agent and its
-classification, the address the visitor key is derived from).
+classification, the client address the visitor key is derived from and its country; ADR 44). The
+transport resolves the client address once (collector/client_ip.py) and everything per-address uses it.
 
 The spool comes after the steps and is the transport's (a blocking append under WSGI, an awaited
 group commit under RSGI: collector/rsgi.py); `accept` counts the events once they are durable. No step
@@ -31,6 +32,7 @@ from typing import Any
 
 from collector.body import BodyError, parse_events
 from collector.edge import origin_allowed
+from collector.geo import CountryOf, country_of
 from collector.refusals import NOBODY, SENDERS, SITES, Blame, RefusalLedger, key_owners
 from collector.registry import SiteRegistry, Snapshot
 from collector.site_limits import SiteLimiter
@@ -156,9 +158,11 @@ def drop_foreign_origin(adm: Admission, intake: Intake) -> Refusal | None:
 
 
 def put_context(adm: Admission, intake: Intake) -> Refusal | None:
-    """What every event of the request gets alike: the receive time, the User-Agent, the address."""
-    intake.ctx = HitContext(received_at=datetime.now(UTC), user_agent=intake.user_agent,
-                            client_ip=intake.client_ip)
+    """What every event of the request gets alike: the receive time, the User-Agent, the client address and
+    its country (the address itself is never stored: core/event.py keeps only the visitor key derived from it)."""
+    ip = intake.client_ip
+    intake.ctx = HitContext(received_at=datetime.now(UTC), user_agent=intake.user_agent, client_ip=ip,
+                            country=adm.country_of(ip) if ip else None)
     return None
 
 
@@ -237,7 +241,7 @@ class Admission:
     """The pipeline with what its steps need: one per collector app (`app.extensions["tally_admission"]`)."""
 
     def __init__(self, settings: Settings, registry: SiteRegistry, limiter: SiteLimiter, ledger: RefusalLedger,
-                 spool: SpoolWriter, visitor_key: bytes, limits: Limits) -> None:
+                 spool: SpoolWriter, visitor_key: bytes, limits: Limits, country: CountryOf = country_of) -> None:
         self.settings = settings
         self.registry = registry
         self.limiter = limiter
@@ -245,6 +249,7 @@ class Admission:
         self.spool = spool
         self.visitor_key = visitor_key
         self.limits = limits
+        self.country_of = country  # collector/geo.py: the embedded data, or TALLY_GEOIP_DB's file
 
     def screen(self, intake: Intake, steps: Sequence[Step] = SCREEN) -> Refusal | None:
         """Run `steps`: None when every one passed (`intake.events` ready to spool), else the refusal (counted)."""

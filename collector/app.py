@@ -15,6 +15,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from collector import metrics as edge_metrics
 from collector.admission import CHECKS, Admission, Intake, Refusal, registry_unavailable
 from collector.body import ACCEPTED_TEXT, ACCEPTED_TYPES, content_type_ok
+from collector.client_ip import client_address
 from collector.edge import (
     GIF,
     TAG_CACHE_CONTROL,
@@ -29,6 +30,7 @@ from collector.edge import (
     unrequested_headers,
 )
 from collector.fast_path import CollectFastPath
+from collector.geo import country_lookup
 from collector.refusals import Blame, RefusalLedger
 from collector.registry import SiteRegistry, Snapshot
 from collector.sealer import Sealer
@@ -54,6 +56,12 @@ def refused(refusal: Refusal) -> Response:
     if refusal.retry_after is not None:
         resp.headers["Retry-After"] = str(refusal.retry_after)
     return resp
+
+
+def _client_ip(admission: Admission) -> str | None:
+    """The request's client address: the peer, or what a trusted proxy forwarded (collector/client_ip.py)."""
+    return client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
+                          admission.settings.trusted_proxies)
 
 
 def _url_site(sites: Snapshot | None, key: str | None) -> Site | None:
@@ -86,7 +94,7 @@ def collect() -> Response:
     body = request.get_data(cache=False)
     if request.content_length is None and _cut_at_the_limit(body):
         raise RequestEntityTooLarge()  # the 413 a Content-Length beyond the limit gets
-    intake = Intake(body, url_key, user_agent=request.headers.get("User-Agent"), client_ip=request.remote_addr,
+    intake = Intake(body, url_key, user_agent=request.headers.get("User-Agent"), client_ip=_client_ip(admission),
                     origin=origin, cors_origin=cors_origin, cors=g.get("tally_cors"))
     result = admission.admit(intake)
     if origin is not None:
@@ -179,7 +187,7 @@ def pixel() -> Response:
     if request.method != "GET":  # HEAD (prefetchers, link checkers) must not count a hit
         return error(405, "method_not_allowed", "fetch the pixel with GET")
     admission = _admission()
-    address = request.remote_addr
+    address = _client_ip(admission)
     intake = Intake(None, None, user_agent=request.headers.get("User-Agent"), client_ip=address)
     sites = admission.registry.snapshot_knowing(request.args.getlist("site")[:1])
     if sites is None:
@@ -244,7 +252,7 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
     limits = Limits(max_future_skew=timedelta(seconds=settings.max_future_skew_s),
                     max_past_age=timedelta(seconds=settings.max_past_age_s))
     admission = Admission(settings, registry, limiter, RefusalLedger(registry, limiter, refusals), spool,
-                          mac_key(settings.secret), limits)
+                          mac_key(settings.secret), limits, country_lookup(settings.geoip_db))
     app.extensions.update(tally_registry=registry, tally_limiter=limiter, tally_refusals=refusals, tally_spool=spool,
                           tally_admission=admission, tally_tag=TagAsset.load())  # the tag: read and gzipped once
     install_host_check(app, settings.allowed_hosts)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from collector.admission import INTERNAL_ERROR, Admission, Intake, Refusal
+from collector.client_ip import client_address
 from collector.lean import LeanGate, lean_answer, status_line
 from core.config import Settings
 from core.event import Event
@@ -33,6 +34,7 @@ class CollectFastPath:
         self.flask_wsgi = flask_wsgi
         self.admission = admission
         self.gate = LeanGate(settings)
+        self.trusted = settings.trusted_proxies
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         get = environ.get
@@ -46,7 +48,8 @@ class CollectFastPath:
         if len(raw) < length:  # the client went away mid-body: Flask answers it as werkzeug does
             environ["wsgi.input"] = io.BytesIO(raw)
             return self.flask_wsgi(environ, start_response)
-        intake = Intake(raw, url_key, user_agent=get("HTTP_USER_AGENT"), client_ip=get("REMOTE_ADDR"))
+        client_ip = client_address(get("REMOTE_ADDR"), get("HTTP_X_FORWARDED_FOR"), self.trusted)
+        intake = Intake(raw, url_key, user_agent=get("HTTP_USER_AGENT"), client_ip=client_ip)
         result: Refusal | list[Event]
         try:
             result = self.admission.admit(intake)

@@ -32,6 +32,7 @@ from typing import Any
 from flask import Flask
 
 from collector.admission import CHECKS, INTERNAL_ERROR, PARSE, Admission, Intake, Refusal
+from collector.client_ip import client_address
 from collector.fast_path import CollectFastPath
 from collector.lean import LeanGate, lean_answer
 from collector.sealer import Sealer
@@ -51,6 +52,7 @@ class CollectorRSGI:
         self.app = app
         settings = app.config["TALLY"]
         self.gate = LeanGate(settings)
+        self.trusted = settings.trusted_proxies
         self.admission: Admission = app.extensions["tally_admission"]
         wsgi = app.wsgi_app
         flask_wsgi = wsgi.flask_wsgi if isinstance(wsgi, CollectFastPath) else wsgi  # the gate already said no
@@ -105,7 +107,10 @@ class CollectorRSGI:
         if len(raw) < length:  # the client went away mid-body: Flask answers it as werkzeug does
             await self.bridge(scope, proto, body=raw)
             return
-        intake = Intake(raw, url_key, user_agent=headers.get("user-agent"), client_ip=_client_ip(scope.client))
+        # Every X-Forwarded-For line, in order (as the WSGI servers join them), only when a proxy is trusted.
+        forwarded = ",".join(headers.get_all("x-forwarded-for")) if self.trusted else None
+        intake = Intake(raw, url_key, user_agent=headers.get("user-agent"),
+                        client_ip=client_address(_client_ip(scope.client), forwarded, self.trusted))
         result: Refusal | list[Event]
         try:
             result = await self._admit(intake)

@@ -13,7 +13,8 @@ Inside a site's budget, one client address may use at most `address_share` of it
 floor(share * A) events; TALLY_SITE_ADDRESS_SHARE, default 0.1), whatever its headers say: an `Origin`
 header is no proof of a browser (anything outside a browser can send one), so it earns no bigger share.
 A request is charged to the site and to its address only if both have room, so refused requests
-consume nothing. The address is the peer's (IPv4 as is, IPv6 by its /56: a home gets a /56 or a /48
+consume nothing. The address is the client's (the peer's, or the one a trusted proxy forwarded:
+collector/client_ip.py, ADR 44; IPv4 as is, IPv6 by its /56: a home gets a /56 or a /48
 from its ISP, so one household has 256 or more /64s); the per-address state is an LRU of at most
 `max_addresses` (domain, address) entries per worker (~0.3 KB each), so memory is bounded whatever the
 number of addresses; an evicted address starts afresh, which can only let it send more, never refuse

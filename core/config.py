@@ -29,6 +29,8 @@ from core.settings_parse import (
     Integer,
     LogDir,
     Match,
+    MaxMindFile,
+    Network,
     Networks,
     Number,
     PathValue,
@@ -166,6 +168,17 @@ class Settings:
         "TALLY_SITE_ADDRESS_SHARE", 0.1, Number(0.01, 1.0),
         "the share of a site's limit one client address (an IPv6 /56) may use, with or without an `Origin`, and "
         "the most of its refusals that count on the site's status per window; `1`: no per-address share (ADR 29)")
+    # Collector: who the client is behind a proxy, and its country (ADR 44).
+    trusted_proxies: tuple[Network, ...] = setting(
+        "TALLY_TRUSTED_PROXIES", (), Networks(),
+        "proxies whose `X-Forwarded-For` the collector believes: from a peer in these networks the client is the "
+        "rightmost forwarded address outside them; from any other peer the header is ignored (ADR 44)",
+        shown="none (the socket peer is the client)")
+    geoip_db: Path | None = setting(
+        "TALLY_GEOIP_DB", None, MaxMindFile(),
+        "a MaxMind DB file (GeoLite2 / GeoIP2 Country or City, DB-IP Lite Country) the collector takes countries "
+        "from, instead of its embedded registry data; checked at startup (ADR 44)",
+        shown="none (the embedded `iptocc` data)")
     pixel_max_ttl_s: int = setting(
         "TALLY_PIXEL_MAX_TTL_S", 7 * 86_400, Integer(60, 366 * 86_400),
         "how far ahead a signed pixel URL's `exp` may be; further is `400 invalid_pixel`, and "
@@ -285,6 +298,10 @@ class Settings:
         "TALLY_ROLLUP_CONSUMERS", 2, Integer(1, 16),
         "consumer loops in one rollup worker (members of its group, each with its own PostgreSQL writer; "
         "partitions are shared among them, so more than the topic's partitions leaves some idle); see ADR 27")
+    dimension_cap: int = setting(
+        "TALLY_DIMENSION_CAP", 1000, Integer(1, 1_000_000),
+        "distinct values kept per domain, dimension (page, source, country, device, browser, os) and local day; "
+        "later new values are counted as `(other)`, and the site's ingestion status says so (ADR 46)")
     # Process logs (core/logs.py).
     log_format: str = setting(
         "TALLY_LOG_FORMAT", "json", Match(r"json|text", "must be json or text", "`json` or `text`"),

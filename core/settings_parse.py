@@ -198,6 +198,28 @@ class LogDir:
         return None if text == "-" else resolve_path(Path(text))
 
 
+@dataclass(frozen=True, slots=True)
+class MaxMindFile:
+    """A readable MaxMind DB (`.mmdb`) file: a bad path fails at startup, named. Checked by its metadata
+    marker (the format's last 128 KiB hold it); the collector then opens it with `maxminddb`."""
+
+    accepts: str = "a path to a MaxMind DB (`.mmdb`) file"
+    marker: bytes = b"\xab\xcd\xefMaxMind.com"
+
+    def __call__(self, name: str, text: str) -> Path:
+        path = resolve_path(Path(text))
+        try:
+            with path.open("rb") as file:
+                size = file.seek(0, 2)
+                file.seek(max(0, size - 128 * 1024))
+                tail = file.read()
+        except OSError as exc:
+            raise ConfigError(name, f"cannot read {path} ({exc.strerror or exc})") from None
+        if self.marker not in tail:
+            raise ConfigError(name, f"{path} is not a MaxMind DB (.mmdb) file")
+        return path
+
+
 _LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOST_RE = re.compile(r"\.?(?=.{1,253}$)" + _LABEL + r"(\." + _LABEL + r")*")
 

@@ -94,6 +94,7 @@ DEFAULTS = {
     "collector_interface": "rsgi", "api_max_connections": 2000, "api_max_connections_per_client": 64,
     "api_idle_timeout_s": 15, "api_request_timeout_s": 15, "site_address_share": 0.1,
     "pixel_max_ttl_s": 604800, "sql_overrun_grace_s": 30.0,
+    "trusted_proxies": (), "geoip_db": None, "dimension_cap": 1000,
 }
 
 

@@ -10,69 +10,43 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from flask import Blueprint, Response, current_app, request
-from werkzeug.datastructures import MultiDict
 
+from api import insights
 from api.auth import allow, current_principal
 from api.backends import backends
 from api.errors import ApiError, install_range_handlers
-from core.event import EVENT_TYPES, EventError, normalize_domain
+from api.params import (
+    decimal_text,
+    domain_arg,
+    filters_arg,
+    iso,
+    only_parameters,
+    parse_time,
+    percentiles_arg,
+    require_registered,
+    tz_arg,
+)
+from core.event import EVENT_TYPES
 from core.http import json_response
 from olap.formats import FORMATS, csv_text
+from oltp.filters import Filter, filter_text
 from oltp.ingestion import ingestion_status
-from oltp.queries import GRANULARITIES, Bucket, QueryError, Series, SiteRow, Totals
+from oltp.insights import FILTERED_PERCENTILES_NOTE, Insights
+from oltp.percentiles import label, quantiles
+from oltp.queries import GRANULARITIES, Bucket, Series, SiteRow, Totals, bucket_bounds
 
 bp = Blueprint("customers", __name__)
 install_range_handlers(bp)  # a QueryError here is the caller's range (summary, series): 400 (api/errors.py)
-
-
-def _parse_time(name: str, value: str | None, default: datetime) -> datetime:
-    if value is None or value == "":
-        return default
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise QueryError(f"'{name}' is not an ISO-8601 time: {value[:40]!r}") from None
-    if parsed.tzinfo is None:
-        raise QueryError(f"'{name}' must carry a UTC offset, e.g. 2026-01-01T00:00:00Z")
-    if not 1970 <= parsed.year <= 9000:
-        raise QueryError(f"'{name}' must be between the years 1970 and 9000")
-    return parsed.astimezone(UTC)
-
-
-def _tz_arg(args: MultiDict[str, str]) -> ZoneInfo:
-    try:
-        return ZoneInfo(args.get("tz", "UTC"))
-    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: 'America' is a directory, names too long
-        raise ApiError(400, "invalid_tz", f"unknown time zone {args.get('tz', '')[:64]!r}") from None
-
-
-def _domain_arg(domain: str) -> str:
-    try:
-        return normalize_domain(domain)
-    except EventError as exc:
-        raise ApiError(400, "invalid_domain", str(exc)) from None
-
-
-def _only_parameters(*allowed: str) -> None:
-    unknown = sorted(set(request.args) - set(allowed))
-    if unknown:
-        raise ApiError(400, "unknown_parameter", f"unknown query parameter {unknown[0]!r}")
-
-
-def _decimal(value: Decimal | None) -> str | None:
-    return None if value is None else f"{value:.6f}"
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
+for _rule, _view in insights.ROUTES:  # breakdown, visitors (api/insights.py)
+    bp.add_url_rule(_rule, view_func=_view, methods=["GET"])
 
 
 def _totals_json(t: Totals) -> dict[str, Any]:
-    return {"total": t.events, "valued": t.valued, "value_sum": _decimal(t.value_sum),
-            "value_avg": _decimal(t.value_avg)}
+    return {"total": t.events, "valued": t.valued, "value_sum": decimal_text(t.value_sum),
+            "value_avg": decimal_text(t.value_avg)}
 
 
 def _collector_url() -> str:
@@ -137,41 +111,73 @@ def domain_summary(domain: str) -> Response:
     """Totals of the last hour, day or week, with the previous period of the same length.
     ---
     get:
-      summary: Totals and the change from the previous period
+      summary: Totals, visitors, percentiles and the change from the previous period
       description: >
         The period is made of whole UTC quarter hours (the 15-minute tier) and ends with the quarter hour
         holding `as_of`, which is still filling: it counts what has arrived so far. The previous period
         is the same number of quarter hours just before, all complete. `change_pct` is
         (total - previous_total) / previous_total * 100, null when the previous total is 0.
+        `visitors` are the distinct visitors of the period (HLL sketches merged over it; bots never count).
+        `percentiles=50,95,99` adds `percentiles` (both event types) and per metric (`metrics.*.percentiles`)
+        of the events' values (DDSketch bins, within 1 %; null when no event carried a value).
+        `filter=dimension:value` (repeatable or comma-separated, ANDed; `(none)` for no value) counts only the
+        matching events, from the dimension rollups (`tier` says which; two or more filters: the hourly and daily
+        tiers, the UTC hours around the period); under a filter, visitors are those of that value over the site's
+        local days covering the period (one filter) or null (two or more), and percentiles are null (`notes`).
+        An unregistered domain answers 404 `unknown_domain`.
       tags: [customers]
       parameters:
         - {name: last, in: query, required: false, schema: {type: string, enum: ['1h', '24h', '7d'], default: '24h'}}
+        - percentiles
+        - filter
       responses:
         200:
           description: the summary
           content:
             application/json:
               schema: {$ref: '#/components/schemas/Summary'}
+        404:
+          description: '`unknown_domain`: not a registered site (nor listed on the asking customer token)'
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/Error'}
     """
-    domain = _domain_arg(domain)
-    _only_parameters("last")
+    domain = domain_arg(domain)
+    only_parameters("last", "percentiles", "filter")
     last = request.args.get("last", "24h")
     if last not in SUMMARY_PERIODS:
         raise ApiError(400, "invalid_period", f"last must be one of {', '.join(SUMMARY_PERIODS)}")
-    summary = backends().rollups.summary(domain, SUMMARY_PERIODS[last], datetime.now(UTC))
+    filters, ps = filters_arg(request.args), percentiles_arg(request.args)
+    require_registered(domain)
+    now = datetime.now(UTC)
+    summary = backends().rollups.summary(domain, SUMMARY_PERIODS[last], now)
+    extra = Insights(backends().rollups).summary(domain, summary.window, filters, ps, now)
     w = summary.window
+    metrics = _summary_metrics(extra.current or summary.current, extra.previous or summary.previous,
+                               extra.percentiles_by_type)
+    body: dict[str, Any] = {
+        "domain": domain, "last": last, "tier": extra.tier or "15m", "from": w.start.isoformat(),
+        "to": w.end.isoformat(), "as_of": w.as_of.isoformat(), "partial_bucket_start": w.partial_start.isoformat(),
+        "previous_from": w.previous_start.isoformat(), "previous_to": w.start.isoformat(),
+        "metrics": metrics, "visitors": extra.visitors, "previous_visitors": extra.previous_visitors,
+        "filters": [filter_text(f) for f in filters], "notes": extra.notes,
+    }
+    if extra.percentiles is not None:
+        body["percentiles"] = extra.percentiles
+    return json_response(body)
+
+
+def _summary_metrics(current: dict[str, Totals], previous: dict[str, Totals],
+                     percentiles: dict[str, dict[str, float | None]] | None) -> dict[str, dict[str, Any]]:
     metrics = {}
     for event_type in EVENT_TYPES:
-        cur, prev = summary.current[event_type], summary.previous[event_type]
+        cur, prev = current[event_type], previous[event_type]
         change = None if prev.events == 0 else round((cur.events - prev.events) / prev.events * 100, 2)
         metrics[f"{event_type}s"] = {**_totals_json(cur), "previous_total": prev.events,
-                                     "previous_value_sum": _decimal(prev.value_sum), "change_pct": change}
-    return json_response({
-        "domain": domain, "last": last, "tier": "15m", "from": w.start.isoformat(), "to": w.end.isoformat(),
-        "as_of": w.as_of.isoformat(), "partial_bucket_start": w.partial_start.isoformat(),
-        "previous_from": w.previous_start.isoformat(), "previous_to": w.start.isoformat(),
-        "metrics": metrics,
-    })
+                                     "previous_value_sum": decimal_text(prev.value_sum), "change_pct": change}
+        if percentiles is not None:
+            metrics[f"{event_type}s"]["percentiles"] = percentiles[event_type]
+    return metrics
 
 
 @bp.get("/api/v1/domains/<domain>/status")
@@ -195,9 +201,15 @@ def domain_status(domain: str) -> Response:
           content:
             application/json:
               schema: {$ref: '#/components/schemas/IngestionStatus'}
+        404:
+          description: '`unknown_domain`: not a registered site (nor listed on the asking customer token)'
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/Error'}
     """
-    domain = _domain_arg(domain)
-    _only_parameters()
+    domain = domain_arg(domain)
+    only_parameters()
+    require_registered(domain)
     now = datetime.now(UTC)
     found = backends()
     status = ingestion_status(found.rollups.pool, domain, now)
@@ -208,8 +220,10 @@ def domain_status(domain: str) -> Response:
                            "bots": p.bots, "late": p.late}
                     for name, p in status.periods.items()},
         "origins": None if status.origins is None else list(status.origins),
-        "last_event_at": _iso(status.last_event_at),
-        "freshness": {"customer_store_written_at": _iso(status.customer_store_written_at),
+        "capped": [{"dimension": c.dimension, "day_start": c.day_start.isoformat(), "other_events": c.events}
+                   for c in status.capped],
+        "last_event_at": iso(status.last_event_at),
+        "freshness": {"customer_store_written_at": iso(status.customer_store_written_at),
                       "analyst_store_written_at": found.analyst.loader_written_at()},
     })
 
@@ -228,14 +242,16 @@ class SeriesRequest:
     tz: ZoneInfo
     start: datetime
     end: datetime
+    filters: tuple[Filter, ...] = ()
+    percentiles: tuple[float, ...] = ()
 
 
 def _series_request(domain: str, metric: str) -> SeriesRequest:
     """The series request in the URL, checked in the order the API has always refused in."""
     if metric not in METRICS:
         raise ApiError(404, "unknown_metric", f"metric must be one of {', '.join(sorted(METRICS))}")
-    domain = _domain_arg(domain)
-    _only_parameters("from", "to", "granularity", "tz", "format")
+    domain = domain_arg(domain)
+    only_parameters("from", "to", "granularity", "tz", "format", "filter", "percentiles")
     args = request.args
     fmt = args.get("format", "json")
     if fmt not in SERIES_FORMATS:
@@ -243,10 +259,13 @@ def _series_request(domain: str, metric: str) -> SeriesRequest:
     granularity = args.get("granularity", "15m")
     if granularity not in GRANULARITIES:
         raise ApiError(400, "invalid_granularity", f"granularity must be one of {', '.join(GRANULARITIES)}")
-    tz = _tz_arg(args)
-    end = _parse_time("to", args.get("to"), datetime.now(UTC))
-    start = _parse_time("from", args.get("from"), end - timedelta(hours=24))
-    return SeriesRequest(domain, metric, fmt, granularity, tz, start, end)
+    tz = tz_arg(args)
+    end = parse_time("to", args.get("to"), datetime.now(UTC))
+    start = parse_time("from", args.get("from"), end - timedelta(hours=24))
+    filters, ps = filters_arg(args), percentiles_arg(args)
+    bucket_bounds(start, end, granularity, tz)  # a bad range is named whatever the domain (400 before 404)
+    require_registered(domain)
+    return SeriesRequest(domain, metric, fmt, granularity, tz, start, end, filters, ps)
 
 
 @bp.get("/api/v1/domains/<domain>/<metric>")
@@ -266,6 +285,9 @@ def domain_series(domain: str, metric: str) -> Response:
         whole hour; else 15m) and still keeps the range; the numbers are the same whichever serves. A range
         no aligned tier keeps any more (TALLY_RETENTION_15M/1H/1D_DAYS) is refused with 400
         `outside_retention`, naming the retention and the granularities that can answer.
+        `filter` counts only the matching events (two or more filters: hourly and daily tiers only, so 15-minute
+        buckets are refused); `percentiles` adds each bucket's and the range's (null under a filter; in CSV one
+        column each). Visitors per bucket: /visitors. An unregistered domain answers 404 `unknown_domain`.
       tags: [customers]
       parameters:
         - {name: metric, in: path, required: true, schema: {type: string, enum: [impressions, pageviews]}}
@@ -277,6 +299,8 @@ def domain_series(domain: str, metric: str) -> Response:
            schema: {type: string, enum: ['15m', '1h', '1d'], default: '15m'}}
         - {name: tz, in: query, required: false, description: IANA time zone name, schema: {type: string, default: UTC}}
         - {name: format, in: query, required: false, schema: {type: string, enum: [json, csv], default: json}}
+        - filter
+        - percentiles
       responses:
         200:
           description: the series
@@ -294,25 +318,31 @@ def domain_series(domain: str, metric: str) -> Response:
             application/json:
               schema: {$ref: '#/components/schemas/Error'}
         404:
-          description: unknown metric
+          description: '`unknown_metric`, or `unknown_domain`: not a registered site (nor on the customer token)'
           content:
             application/json:
               schema: {$ref: '#/components/schemas/Error'}
     """
     req = _series_request(domain, metric)
-    served = backends().rollups.serve(req.domain, METRICS[req.metric], req.start, req.end, req.granularity, req.tz)
-    if req.fmt == "csv":
-        resp = _series_csv(req, served.buckets)
-        resp.headers["X-Tally-Tier"] = served.tier
-        return resp
-    return json_response(_series_json(req, served))
+    served = backends().rollups.serve(req.domain, METRICS[req.metric], req.start, req.end, req.granularity, req.tz,
+                                      filters=req.filters, with_bins=bool(req.percentiles) and not req.filters)
+    pcts = _bucket_percentiles(req, served)
+    return _series_csv(req, served, pcts) if req.fmt == "csv" else json_response(_series_json(req, served, pcts))
 
 
-def _series_json(req: SeriesRequest, served: Series) -> dict[str, Any]:
+def _bucket_percentiles(req: SeriesRequest, served: Series) -> list[dict[str, float | None]] | None:
+    """Each bucket's percentiles when asked (all null under a filter: bins are per domain and type)."""
+    if not req.percentiles:
+        return None
+    bins = served.bins or [{} for _ in served.buckets]
+    return [quantiles(b, req.percentiles) for b in bins]
+
+
+def _series_json(req: SeriesRequest, served: Series, pcts: list[dict[str, float | None]] | None) -> dict[str, Any]:
     buckets = served.buckets
     valued = sum(b.valued for b in buckets)
     value_sum = sum((b.value_sum for b in buckets), Decimal("0.000000"))
-    return {
+    out = {
         "domain": req.domain,
         "metric": req.metric,
         "granularity": req.granularity,
@@ -321,25 +351,42 @@ def _series_json(req: SeriesRequest, served: Series) -> dict[str, Any]:
         "from": req.start.isoformat(),
         "to": req.end.isoformat(),
         **_totals_json(Totals(sum(b.count for b in buckets), valued, value_sum)),
-        "buckets": [_bucket_json(b, req.tz) for b in buckets],
+        "buckets": [_bucket_json(b, req.tz, pcts[i] if pcts else None) for i, b in enumerate(buckets)],
     }
-
-
-def _bucket_json(b: Bucket, tz: ZoneInfo) -> dict[str, Any]:
-    out: dict[str, Any] = {"start": b.start.astimezone(tz).isoformat(),
-                           "end": b.end.astimezone(tz).isoformat() if b.end else None,
-                           "count": b.count, "valued": b.valued, "value_sum": _decimal(b.value_sum)}
-    if b.length_s is not None:
-        out["length_s"] = b.length_s
+    if req.filters:
+        out["filters"] = [filter_text(f) for f in req.filters]
+    if pcts is not None:
+        merged: dict[int, int] = {}
+        for by_bin in served.bins or []:
+            for k, c in by_bin.items():
+                merged[k] = merged.get(k, 0) + c
+        out["percentiles"] = quantiles(merged, req.percentiles)
+        if req.filters:
+            out["notes"] = [FILTERED_PERCENTILES_NOTE]
     return out
 
 
-def _series_csv(req: SeriesRequest, buckets: list[Bucket]) -> Response:
-    rows: list[tuple[object, ...]] = [CSV_COLUMNS]
-    for b in buckets:
+def _bucket_json(b: Bucket, tz: ZoneInfo, pct: dict[str, float | None] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"start": b.start.astimezone(tz).isoformat(),
+                           "end": b.end.astimezone(tz).isoformat() if b.end else None,
+                           "count": b.count, "valued": b.valued, "value_sum": decimal_text(b.value_sum)}
+    if b.length_s is not None:
+        out["length_s"] = b.length_s
+    if pct is not None:
+        out["percentiles"] = pct
+    return out
+
+
+def _series_csv(req: SeriesRequest, served: Series, pcts: list[dict[str, float | None]] | None) -> Response:
+    """One row per bucket; with `percentiles`, one more column per percentile (p50, ...; empty when null)."""
+    names = [label(p) for p in req.percentiles]
+    rows: list[tuple[object, ...]] = [(*CSV_COLUMNS, *names)]
+    for i, b in enumerate(served.buckets):
         row = _bucket_json(b, req.tz)
+        extra = ["" if pcts is None or pcts[i][n] is None else pcts[i][n] for n in names]
         rows.append((row["start"], row["end"], row["count"], row["valued"], row["value_sum"],
-                     row.get("length_s", "")))
+                     row.get("length_s", ""), *extra))
     resp = Response(csv_text(rows), content_type=FORMATS["csv"].content_type)
     resp.headers["Content-Disposition"] = f'attachment; filename="{req.domain}-{req.metric}-{req.granularity}.csv"'
+    resp.headers["X-Tally-Tier"] = served.tier
     return resp

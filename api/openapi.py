@@ -37,6 +37,26 @@ _TIME = {"type": "string", "format": "date-time"}
 # '-', the last one starting with a letter (an all-digit last label would be an IPv4 address).
 DOMAIN_PATTERN = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
 
+_PERCENTILES = {"type": "object", "additionalProperties": {"type": ["number", "null"]},
+                "description": "with `percentiles`: {\"p50\": ..., \"p95\": ...} of the events' values (within "
+                               "1 %); null where no event carried a value, and under a filter"}
+_FILTERS = {"type": "array", "items": {"type": "string"}, "description": "the filters applied (dimension:value)"}
+_NOTES = {"type": "array", "items": {"type": "string"},
+          "description": "how the answer was narrowed or widened (combined filters, visitors under a filter)"}
+
+# Query parameters several routes share (referenced from the routes' docstrings).
+PARAMETERS: dict[str, dict[str, Any]] = {
+    "filter": {"name": "filter", "in": "query", "required": False, "style": "form", "explode": True,
+               "description": "dimension:value, repeatable or comma-separated, ANDed; (none) matches events "
+                              "without a value; e.g. filter=country:DE&filter=page:/pricing",
+               "schema": {"type": "array", "maxItems": 6,
+                          "items": {"type": "string", "pattern": "^(page|source|country|device|browser|os):[^,]+$"}}},
+    "percentiles": {"name": "percentiles", "in": "query", "required": False,
+                    "description": "up to 10 comma-separated percentiles in (0, 100), e.g. 50,95,99",
+                    "schema": {"type": "string",
+                               "pattern": "^[0-9]{1,2}(\\.[0-9]{1,3})?(,[0-9]{1,2}(\\.[0-9]{1,3})?){0,9}$"}},
+}
+
 SCHEMAS: dict[str, dict[str, Any]] = {
     "Error": {
         "type": "object",
@@ -58,6 +78,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "length_s": {"type": "integer", "minimum": 1,
                          "description": "present only when the bucket's length differs from the nominal "
                                         "900 / 3600 / 86400 s (DST days, Lord Howe hours)"},
+            "percentiles": _PERCENTILES,
         },
         "required": ["start", "end", "count", "valued", "value_sum"],
         "additionalProperties": False,
@@ -79,6 +100,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "value_sum": _DECIMAL,
             "value_avg": _DECIMAL_OR_NULL,
             "buckets": {"type": "array", "items": {"$ref": "#/components/schemas/Bucket"}},
+            "filters": _FILTERS,
+            "percentiles": _PERCENTILES,
+            "notes": _NOTES,
         },
         "required": ["domain", "metric", "granularity", "tz", "tier", "from", "to", "total", "valued",
                      "value_sum", "value_avg", "buckets"],
@@ -96,6 +120,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "change_pct": {"type": ["number", "null"],
                            "description": "(total - previous_total) / previous_total * 100, 2 decimals; "
                                           "null when previous_total is 0"},
+
+            "percentiles": _PERCENTILES,
         },
         "required": ["total", "valued", "value_sum", "value_avg", "previous_total", "previous_value_sum",
                      "change_pct"],
@@ -106,7 +132,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {
             "domain": {"type": "string"},
             "last": {"type": "string", "enum": ["1h", "24h", "7d"]},
-            "tier": {"type": "string", "enum": ["15m"], "description": "the rollup tier that served it"},
+            "tier": {"type": "string", "description": "the rollup tier that served it: 15m, or under a filter the "
+                                                      "tiers read (e.g. 1d+1h+15m)"},
             "from": {**_TIME, "description": "start of the period (a UTC quarter hour)"},
             "to": {**_TIME, "description": "end of the current quarter hour (after as_of)"},
             "as_of": {**_TIME, "description": "when the summary was taken"},
@@ -117,9 +144,69 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                         "properties": {"impressions": {"$ref": "#/components/schemas/SummaryMetric"},
                                        "pageviews": {"$ref": "#/components/schemas/SummaryMetric"}},
                         "required": ["impressions", "pageviews"], "additionalProperties": False},
+            "visitors": {"type": ["integer", "null"], "minimum": 0,
+                         "description": "distinct visitors of the period (HLL); null under two or more filters"},
+            "previous_visitors": {"type": ["integer", "null"], "minimum": 0},
+            "percentiles": _PERCENTILES,
+            "filters": _FILTERS,
+            "notes": _NOTES,
         },
         "required": ["domain", "last", "tier", "from", "to", "as_of", "partial_bucket_start", "previous_from",
-                     "previous_to", "metrics"],
+                     "previous_to", "metrics", "visitors", "previous_visitors", "filters", "notes"],
+        "additionalProperties": False,
+    },
+    "BreakdownRow": {
+        "type": "object",
+        "properties": {
+            "key": {"type": "string", "description": "the value; (none) for events without one, (other) past the cap"},
+            "count": {"type": "number", "minimum": 0,
+                      "description": "events, visitors, or the value sum (metric=value) of this value"},
+            "share": {"type": "number", "minimum": 0, "description": "count / total (4 decimals)"},
+            "value_sum": _DECIMAL_OR_NULL,
+            "name": {"type": ["string", "null"], "description": "country rows: the country's name"},
+        },
+        "required": ["key", "count", "share", "value_sum"],
+        "additionalProperties": False,
+    },
+    "Breakdown": {
+        "type": "object",
+        "properties": {
+            "domain": {"type": "string"},
+            "dimension": {"type": "string", "enum": ["page", "source", "country", "device", "browser", "os"]},
+            "metric": {"type": "string", "enum": ["visitors", "pageviews", "impressions", "value"]},
+            "tier": {"type": "string", "description": "the tiers read, coarsest first (e.g. 1d+1h+15m)"},
+            "from": {**_TIME, "description": "start of the range counted"},
+            "to": {**_TIME, "description": "end of the range counted"},
+            "total": {"type": "number", "minimum": 0, "description": "the metric over every value"},
+            "limit": {"type": "integer", "minimum": 1},
+            "offset": {"type": "integer", "minimum": 0},
+            "filters": _FILTERS,
+            "notes": _NOTES,
+            "rows": {"type": "array", "items": {"$ref": "#/components/schemas/BreakdownRow"}},
+        },
+        "required": ["domain", "dimension", "metric", "tier", "from", "to", "total", "limit", "offset", "filters",
+                     "notes", "rows"],
+        "additionalProperties": False,
+    },
+    "VisitorSeries": {
+        "type": "object",
+        "properties": {
+            "domain": {"type": "string"},
+            "metric": {"type": "string", "enum": ["visitors"]},
+            "granularity": {"type": "string", "enum": ["1h", "1d"]},
+            "tz": {"type": "string"},
+            "tier": {"type": "string", "enum": ["1h", "1d"]},
+            "from": _TIME,
+            "to": _TIME,
+            "total": {"type": "integer", "minimum": 0, "description": "visitors of the whole range (not a sum)"},
+            "filters": _FILTERS,
+            "buckets": {"type": "array", "items": {
+                "type": "object",
+                "properties": {"start": _TIME, "end": _TIME, "count": {"type": "integer", "minimum": 0},
+                               "length_s": {"type": "integer", "minimum": 1}},
+                "required": ["start", "end", "count"], "additionalProperties": False}},
+        },
+        "required": ["domain", "metric", "granularity", "tz", "tier", "from", "to", "total", "filters", "buckets"],
         "additionalProperties": False,
     },
     "IngestionPeriod": {
@@ -167,8 +254,18 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "origins": {"type": ["array", "null"], "items": {"type": "string"},
                         "description": "the page origins registered for the site (`tally sites update "
                                        "--add-origin`); null: the domain is not registered"},
+            "capped": {"type": "array", "description": "dimensions that reached TALLY_DIMENSION_CAP distinct values "
+                                                       "on a local day of the last 7 (newest first): later new values "
+                                                       "of that day were counted as `(other)`",
+                       "items": {"type": "object", "properties": {
+                           "dimension": {"type": "string", "enum": ["page", "source", "country", "device", "browser",
+                                                                    "os"]},
+                           "day_start": _TIME,
+                           "other_events": {"type": "integer", "minimum": 0,
+                                            "description": "events counted as `(other)` that day"}},
+                           "required": ["dimension", "day_start", "other_events"], "additionalProperties": False}},
         },
-        "required": ["domain", "as_of", "periods", "last_event_at", "freshness", "origins"],
+        "required": ["domain", "as_of", "periods", "last_event_at", "freshness", "origins", "capped"],
         "additionalProperties": False,
     },
     "Domain": {
@@ -274,7 +371,7 @@ def _complete(operation: dict[str, Any], method: str, endpoint: str, view: Any, 
     """Add what the code decides for every route: path parameters, security, roles and shared errors."""
     access, probe = declared_access(endpoint, view)
     params = operation.setdefault("parameters", [])
-    named = {(p["name"], p["in"]) for p in params}
+    named = {(p["name"], p["in"]) for p in params if isinstance(p, dict)}  # (a str: a shared parameter)
     for arg in sorted(rule_args):
         if (arg, "path") not in named:
             params.append({"name": arg, "in": "path", "required": True,
@@ -320,6 +417,8 @@ def build_spec(app: Flask) -> dict[str, Any]:
         spec.components.schema(name, schema)
     for name, scheme in SECURITY_SCHEMES.items():
         spec.components.security_scheme(name, scheme)
+    for name, param in PARAMETERS.items():
+        spec.components.parameter(name, param["in"], {k: v for k, v in param.items() if k != "in"})
     with app.test_request_context():
         for rule in sorted(app.url_map.iter_rules(), key=lambda r: (r.rule, r.endpoint)):
             view = app.view_functions[rule.endpoint]

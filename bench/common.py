@@ -102,23 +102,58 @@ def drain_loops(loops: list, timeout_s: float = 900) -> None:
         raise errors[0]
 
 
+# What the events of `make_events` look like to the rollups by dimension (ADR 46): per domain PAGES pages
+# drawn with Zipf weights (a few pages take most views, as on a real site), a few sources (referrers,
+# half of the events direct), countries and user agents (desktop / mobile / tablet browsers and OSes).
+# Times: a backlog of live traffic, LIVE_SHARE of the events within the LIVE_S before now, the others late
+# (up to two days old). LIVE_SHARE = 0 gives every event a time in the last two days (the bench until issue 17).
+LIVE_SHARE, LIVE_S = 0.95, 600
+PAGES = 1000
+REFERRERS = [None] * 5 + ["https://www.google.com/search", "https://news.ycombinator.com/item", "https://t.co/x",
+                          "https://duckduckgo.com/", "https://www.reddit.com/r/x", "https://blog.example.org/post"]
+COUNTRIES = ["US", "US", "US", "DE", "DE", "GB", "FR", "IN", "BR", "JP", None]
+UAS = [UA,
+       "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36",
+       "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko)"
+       " Version/17.5 Mobile/15E148 Safari/604.1",
+       "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Mobile"
+       " Safari/537.36",
+       "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5"
+       " Safari/605.1.15",
+       "Mozilla/5.0 (iPad; CPU OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5"
+       " Mobile/15E148 Safari/604.1"]
+
+
 def make_events(n: int) -> list:
-    """N valid events (40 domains, 4 partitions, ts spread over two days, some with a value)."""
+    """N valid events (40 domains, 4 partitions, ts spread over two days, some with a value), with pages,
+    sources, countries and user agents as above."""
+    import msgspec
+
     from collector.ua import classify_user_agent
     from core.event import HitContext, Limits, event_from_hit
 
     now = datetime.now(UTC)
     rng = random.Random(7)
     domains = [f"site{i}.bench.example.com" for i in range(40)]
+    weights = [1 / rank for rank in range(1, PAGES + 1)]
+    pages = rng.choices(range(PAGES), weights, k=n)
     limits, secret, events = Limits(), SECRET.encode(), []
     for i in range(n):
         domain = domains[i % len(domains)]
-        body = {"domain": domain, "url": f"https://{domain}/p/{i % 100}", "type": ("impression", "pageview")[i % 2],
-                "ts": int((now - timedelta(seconds=rng.randint(0, 2 * 86_400))).timestamp() * 1000)}
+        age = rng.randint(0, LIVE_S) if rng.random() < LIVE_SHARE else rng.randint(0, 2 * 86_400)
+        body = {"domain": domain, "url": f"https://{domain}/p/{pages[i]}", "type": ("impression", "pageview")[i % 2],
+                "ts": int((now - timedelta(seconds=age)).timestamp() * 1000)}
+        referrer = REFERRERS[i % len(REFERRERS)]
+        if referrer:
+            body["referrer"] = referrer
         if i % 10 == 0:
-            body["value"] = "0.25"
-        ctx = HitContext(received_at=now, user_agent=UA, client_ip=f"10.0.{i % 250}.{i % 97}")
-        events.append(event_from_hit(body, ctx, limits, secret, classify_user_agent))
+            body["value"] = "0.25" if i % 20 else str(rng.randint(1, 50_000) / 100)
+        ctx = HitContext(received_at=now, user_agent=UAS[i % 7 % len(UAS)], client_ip=f"10.0.{i % 250}.{i % 97}",
+                         country=COUNTRIES[i % len(COUNTRIES)])
+        e = event_from_hit(body, ctx, limits, secret, classify_user_agent)
+        if e.page is None:  # before the collector derives it (the release before issue 17's enrichment)
+            e = msgspec.structs.replace(e, page=f"/p/{pages[i]}")
+        events.append(e)
     return events
 
 

@@ -1,6 +1,7 @@
 """Customer-API query latency at scale (issue 8, section 5).
 
-Run: `python -m bench.queries [--quick]` (a few minutes with --quick on 2 cores).
+Run: `python -m bench.queries [--quick]` (a few minutes with --quick on 2 cores). With `--breakdowns`, the
+issue-17 routes instead (breakdowns, visitors, filtered series: bench/breakdowns.py, ADR 48).
 
 It starts an embedded PostgreSQL, loads synthetic rollups DIRECTLY into every tier (server-side
 INSERT ... SELECT FROM generate_series, no pipeline), then starts `tally api` in its own process
@@ -301,8 +302,14 @@ def create_database(dsn: str, name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.queries", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer requests (a few minutes)")
+    parser.add_argument("--breakdowns", action="store_true",
+                        help="measure the issue-17 routes instead: breakdowns, visitors, filters (bench/breakdowns.py)")
+    parser.add_argument("--covering", action="store_true",
+                        help="with --breakdowns: add the covering indexes proposed in ADR 48 first")
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.breakdowns:
+        return breakdowns_main(quick, args.covering)
     days_15m = 3 if quick else 30
     n = 300 if quick else 1000
     n_mixed = 3000 if quick else 10000
@@ -368,6 +375,24 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     say(f"[bench] results in {RESULTS}")
+    return 0
+
+
+def breakdowns_main(quick: bool, covering: bool = False) -> int:
+    """`--breakdowns`: bench/breakdowns.py on its own embedded PostgreSQL; results in bench/results/breakdowns.json."""
+    from bench import breakdowns
+    from infra.postgres import EmbeddedPostgres
+
+    with ExitStack() as cleanup, tempfile.TemporaryDirectory(prefix="tally-bench-breakdowns-") as tmp:
+        work = Path(tmp)
+        postgres = EmbeddedPostgres(work / "pg" / "data", durable=False)
+        cleanup.callback(postgres.stop)
+        postgres.start()
+        results = breakdowns.run(work, postgres.dsn, create_database, quick, covering)
+    out = RESULTS.parent / "breakdowns.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    say(f"[bench] results in {out}")
     return 0
 
 

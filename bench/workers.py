@@ -77,7 +77,9 @@ CH_FLOOR_DDL = """CREATE TABLE IF NOT EXISTS bench_floor.events (
     received_at DateTime64(3, 'UTC'), type LowCardinality(String), value Nullable(Decimal(18, 6)),
     referrer Nullable(String), user_agent Nullable(String), browser LowCardinality(Nullable(String)),
     os LowCardinality(Nullable(String)), device LowCardinality(Nullable(String)),
-    country LowCardinality(Nullable(String)), visitor Nullable(String)
+    country LowCardinality(Nullable(String)), visitor Nullable(String), page Nullable(String),
+    source LowCardinality(Nullable(String)), utm_medium LowCardinality(Nullable(String)),
+    utm_campaign LowCardinality(Nullable(String))
 ) ENGINE = MergeTree ORDER BY (toDate(ts), domain, hash)"""
 
 
@@ -116,7 +118,8 @@ def bench_ch_insert(b: Bench, ch_dsn: str, events: list) -> None:
                [_ms(e.ts) for e in events], [_ms(e.received_at) for e in events], [e.type for e in events],
                [e.value for e in events], [e.referrer for e in events], [e.user_agent for e in events],
                [e.browser for e in events], [e.os for e in events], [e.device for e in events],
-               [e.country for e in events], [e.visitor for e in events]]
+               [e.country for e in events], [e.visitor for e in events], [e.page for e in events],
+               [e.source for e in events], [e.utm_medium for e in events], [e.utm_campaign for e in events]]
     warm = [c[:1000] for c in columns]
     client.insert("bench_floor.events", warm, column_names=EVENT_COLUMNS, column_oriented=True)  # cold first insert
     t0 = time.perf_counter()

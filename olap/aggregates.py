@@ -5,7 +5,11 @@ Three questions, nothing else (no caller ever sends SQL):
   carried a value, and the value sum / min / max, for events with lo <= ts < hi;
 - `events(lo, hi, domain, keys)`: the deduplicated events of that range (hash, domain, type, ts, value,
   received_at), optionally only those of some (domain, type, bucket) keys;
-- `loader_offsets(group, topic)`: the loader group's stored offsets per partition (topic id, next offset).
+- `loader_offsets(group, topic)`: the loader group's stored offsets per partition (topic id, next offset);
+- `visitors(lo, hi, domain)`: the distinct (domain, quarter hour, visitor, dimension values) of the non-bot
+  events with a visitor key, from which `tally rebuild` recomputes the visitor sketches (ADR 47).
+- `dimensions(lo, hi, domain)`: the non-bot events (hash, domain, type, ts, value, six dimension values), from
+  which `tally rebuild` recomputes the rollups by dimension and `tally reconcile` checks them (ADR 46).
 
 Two ways to ask them, with one interface (duck-typed; `oltp` takes any object with these methods):
 `ClickHouseAggregates` with a clickhouse-connect client (a ClickHouse server, or chDB inside the process
@@ -31,12 +35,16 @@ from urllib.parse import urlsplit
 import orjson
 
 MAX_EVENT_ROWS = 2_000_000  # one `events` answer; a larger range is refused (ask for a smaller one)
-OPS = ("aggregates", "events", "offsets")
+OPS = ("aggregates", "events", "offsets", "visitors", "dimensions")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 AggregateRow = tuple[str, str, datetime, int, int, "Decimal | None", "Decimal | None", "Decimal | None"]
 EventRow = tuple[str, str, str, datetime, "Decimal | None", datetime]
+# (domain, UTC quarter hour, visitor, page, source, country, device, browser, os): '' for a missing value
+VisitorRow = tuple[str, datetime, str, str, str, str, str, str, str]
+# (hash, domain, type, ts, value, page, source, country, device, browser, os): '' for a missing value
+DimensionRow = tuple[str, str, str, datetime, "Decimal | None", str, str, str, str, str, str]
 Key = tuple[str, str, datetime]
 
 
@@ -104,6 +112,33 @@ class ClickHouseAggregates:
             raise TooManyRows(f"more than {MAX_EVENT_ROWS} events in the range; ask for a shorter one or one domain")
         return [(h, d, t, _from_ms(ts), _dec(v), _from_ms(r)) for h, d, t, ts, v, r in rows]
 
+    def visitors(self, lo: datetime, hi: datetime, domain: str | None = None) -> list[VisitorRow]:
+        """The distinct (domain, quarter hour, visitor, six dimension values) of the non-bot events with a visitor
+        key (oltp/visitors.py rebuilds its sketches from them; ADR 47). Raises TooManyRows past MAX_EVENT_ROWS."""
+        rows = self.client.query(
+            "SELECT DISTINCT domain, toUnixTimestamp(toStartOfFifteenMinutes(ts)) AS q, visitor, ifNull(page, ''),"
+            " ifNull(source, ''), ifNull(country, ''), ifNull(device, ''), ifNull(browser, ''), ifNull(os, '')"
+            f" FROM {self.db}.events FINAL WHERE {_WHERE} AND visitor IS NOT NULL AND ifNull(device, '') != 'bot'"
+            f" LIMIT {MAX_EVENT_ROWS + 1}",
+            parameters={"lo": _ms(lo), "hi": _ms(hi), "domain": domain or ""}).result_rows
+        if len(rows) > MAX_EVENT_ROWS:
+            raise TooManyRows(f"more than {MAX_EVENT_ROWS} visitor rows in the range; ask for a shorter one or one"
+                              " domain")
+        return [(d, _from_ms(q * 1000), v, *dims) for d, q, v, *dims in rows]
+
+    def dimensions(self, lo: datetime, hi: datetime, domain: str | None = None) -> list[DimensionRow]:
+        """The non-bot events of the range with their six dimension values: what `tally rebuild` recomputes the
+        rollups by dimension from, and `tally reconcile` compares them with (ADR 46). Raises TooManyRows past
+        MAX_EVENT_ROWS."""
+        rows = self.client.query(
+            "SELECT toString(hash), domain, type, toUnixTimestamp64Milli(ts), toString(value), ifNull(page, ''),"
+            " ifNull(source, ''), ifNull(country, ''), ifNull(device, ''), ifNull(browser, ''), ifNull(os, '')"
+            f" FROM {self.db}.events FINAL WHERE {_WHERE} AND ifNull(device, '') != 'bot' LIMIT {MAX_EVENT_ROWS + 1}",
+            parameters={"lo": _ms(lo), "hi": _ms(hi), "domain": domain or ""}).result_rows
+        if len(rows) > MAX_EVENT_ROWS:
+            raise TooManyRows(f"more than {MAX_EVENT_ROWS} events in the range; ask for a shorter one or one domain")
+        return [(r[0], r[1], r[2], _from_ms(r[3]), _dec(r[4]), *r[5:]) for r in rows]
+
     def loader_offsets(self, group: str, topic: str) -> dict[int, tuple[str, int]]:
         rows = self.client.query(
             "SELECT partition, argMax(topic_id, written_at), argMax(next_offset, written_at)"
@@ -124,6 +159,10 @@ def encode_answer(op: str, result: Any) -> bytes:
         rows = [[d, t, _ms(b), n, v, _str(s), _str(mn), _str(mx)] for d, t, b, n, v, s, mn, mx in result]
     elif op == "events":
         rows = [[h, d, t, _ms(ts), _str(v), _ms(r)] for h, d, t, ts, v, r in result]
+    elif op == "visitors":
+        rows = [[d, _ms(q), *rest] for d, q, *rest in result]
+    elif op == "dimensions":
+        rows = [[r[0], r[1], r[2], _ms(r[3]), _str(r[4]), *r[5:]] for r in result]
     else:
         rows = [[p, tid, o] for p, (tid, o) in sorted(result.items())]
     return orjson.dumps({"op": op, "rows": rows})
@@ -138,6 +177,14 @@ def _event_rows(rows: list[list[Any]]) -> list[EventRow]:
     return [(h, d, t, _from_ms(ts), _dec(v), _from_ms(r)) for h, d, t, ts, v, r in rows]
 
 
+def _visitor_rows(rows: list[list[Any]]) -> list[VisitorRow]:
+    return [(d, _from_ms(q), v, p, s, c, dv, b, o) for d, q, v, p, s, c, dv, b, o in rows]
+
+
+def _dimension_rows(rows: list[list[Any]]) -> list[DimensionRow]:
+    return [(h, d, t, _from_ms(ts), _dec(v), p, s, c, dv, b, o) for h, d, t, ts, v, p, s, c, dv, b, o in rows]
+
+
 def _offsets(rows: list[list[Any]]) -> dict[int, tuple[str, int]]:
     return {int(p): (str(tid), int(o)) for p, tid, o in rows}
 
@@ -145,7 +192,8 @@ def _offsets(rows: list[list[Any]]) -> dict[int, tuple[str, int]]:
 def parse_request(body: Any) -> tuple[str, dict[str, Any]]:
     """Validate an internal request body by allowlist: (op, keyword arguments). Raises ValueError naming the field."""
     if not isinstance(body, dict):
-        raise ValueError('send a JSON object {"op": "aggregates" | "events" | "offsets", ...}')
+        raise ValueError('send a JSON object {"op": "aggregates" | "events" | "offsets" | "visitors" | "dimensions",'
+                         ' ...}')
     unknown = set(body) - {"op", "from_ms", "to_ms", "domain", "keys", "group", "topic"}
     if unknown:
         raise ValueError(f"unknown field {min(unknown)!r}")
@@ -222,6 +270,12 @@ class RemoteAggregates:
         if keys is not None:
             body["keys"] = [[d, t, _ms(b)] for d, t, b in keys]
         return _event_rows(self._ask("events", body))
+
+    def visitors(self, lo: datetime, hi: datetime, domain: str | None = None) -> list[VisitorRow]:
+        return _visitor_rows(self._ask("visitors", {"from_ms": _ms(lo), "to_ms": _ms(hi), "domain": domain}))
+
+    def dimensions(self, lo: datetime, hi: datetime, domain: str | None = None) -> list[DimensionRow]:
+        return _dimension_rows(self._ask("dimensions", {"from_ms": _ms(lo), "to_ms": _ms(hi), "domain": domain}))
 
     def loader_offsets(self, group: str, topic: str) -> dict[int, tuple[str, int]]:
         return _offsets(self._ask("offsets", {"group": group, "topic": topic}))

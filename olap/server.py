@@ -388,7 +388,8 @@ def internal_aggregates() -> Response:
     try:
         source = ClickHouseAggregates(client, _cfg().database)
         result = cast(dict[str, Callable[..., Any]], {"aggregates": source.aggregates, "events": source.events,
-                  "offsets": source.loader_offsets})[op](**kwargs)
+                  "offsets": source.loader_offsets, "visitors": source.visitors,
+                  "dimensions": source.dimensions})[op](**kwargs)
     except TooManyRows as exc:
         return error(413, "too_many_rows", str(exc))
     except Exception as exc:  # the caller gets the kind of failure, the log the details

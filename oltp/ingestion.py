@@ -17,6 +17,9 @@ A reason the site owner fixes in the tag also has its most recent offending valu
 (`refused_values`: the event's domain for `site_mismatch` and an `invalid_event` domain, the page's
 origin for `origin_not_allowed`; collector/refusals.py bounds them), and the status names the site's
 registered origins (None for an unregistered domain), so the owner can tell what to add or change.
+
+A site that reached TALLY_DIMENSION_CAP (ADR 46) sees it in `capped`: per local day of the last CAPPED_DAYS and
+dimension that hit the cap, how many events were counted as '(other)' there (from `rollup_dim_1d`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,17 @@ PERIODS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}
 # Reasons no request carrying a site's registered key can have: never that site's refusals.
 NOT_A_SITES_REFUSAL = ("missing_site_key", "unknown_site_key", "registry_unavailable")
 _QUARTER = 900
+CAPPED_DAYS = 7
+OTHER = "(other)"  # oltp.rollup_dims.OTHER
+
+
+@dataclass(frozen=True, slots=True)
+class CappedDimension:
+    """A dimension that hit the cap on a local day: `events` (non-bot) were counted as '(other)' there."""
+
+    dimension: str
+    day_start: datetime  # the local day's start in the site's zone
+    events: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +65,7 @@ class IngestionStatus:
     last_event_at: datetime | None  # when the newest accepted event of the domain arrived
     customer_store_written_at: datetime | None  # the rollup worker's last commit
     origins: tuple[str, ...] | None = None  # the site's registered page origins; None: not registered
+    capped: tuple[CappedDimension, ...] = ()  # newest day first, then by dimension
 
 
 def _floor_quarter(t: datetime) -> datetime:
@@ -80,4 +95,8 @@ def ingestion_status(pool: ConnectionPool, domain: str, now: datetime) -> Ingest
                                    (domain,)))
         (written,) = one(conn.execute("SELECT max(updated_at) FROM consumer_offsets WHERE consumer_group = %s",
                                       (ROLLUP_GROUP,)))
-    return IngestionStatus(periods, last, written, None if site is None else tuple(site[0] or ()))
+        capped = tuple(CappedDimension(d, day, int(n)) for d, day, n in conn.execute(
+            "SELECT dimension, bucket_start, sum(events) FROM rollup_dim_1d WHERE domain = %s AND key = %s"
+            " AND bucket_start >= %s GROUP BY 1, 2 ORDER BY 2 DESC, 1",
+            (domain, OTHER, now - timedelta(days=CAPPED_DAYS + 1))).fetchall())
+    return IngestionStatus(periods, last, written, None if site is None else tuple(site[0] or ()), capped)

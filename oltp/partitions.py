@@ -1,7 +1,8 @@
 """Time partitions of the PostgreSQL rollup tiers and the dedup window (ADR 18).
 
 `rollup_15m` and `seen_events` are range-partitioned by UTC day, `rollup_1h` by UTC month and
-`rollup_1d` by UTC year, on `bucket_start` (`ts` for seen_events). Partitions are named
+`rollup_1d` by UTC year, on `bucket_start` (`ts` for seen_events); the tables by dimension and the value
+bins of each tier (`TIER_TABLES`, ADR 46) like their tier, `dim_keys` by UTC day of `day_start`. Partitions are named
 `<table>_p<YYYYMMDD | YYYYMM | YYYY>` after the UTC start of their range; retention (`maintain`, run
 hourly by the rollup worker and by `tally retention`) only ever drops partitions named that way.
 There is no DEFAULT partition: a row outside every partition is an error, so writers call
@@ -78,6 +79,27 @@ TABLES: dict[str, tuple[str, Granularity]] = {
     "rollup_1h": ("bucket_start", MONTH),
     "rollup_1d": ("bucket_start", YEAR),
     "seen_events": ("ts", DAY),
+    # Rollups by dimension, value bins and the cap's admitted values (migration 0010, ADR 46): like their tier;
+    # dim_keys by the UTC day of its local day start, kept as long as the dedup window.
+    "rollup_dim_15m": ("bucket_start", DAY),
+    "rollup_dim_1h": ("bucket_start", MONTH),
+    "rollup_dim_1d": ("bucket_start", YEAR),
+    "rollup_cube_1h": ("bucket_start", MONTH),
+    "rollup_cube_1d": ("bucket_start", YEAR),
+    "value_bins_15m": ("bucket_start", DAY),
+    "value_bins_1h": ("bucket_start", MONTH),
+    "value_bins_1d": ("bucket_start", YEAR),
+    "dim_keys": ("day_start", DAY),
+    # Unique visitors' sketches (migration 0011, ADR 47): like their tier.
+    "visitors_1h": ("bucket_start", MONTH),
+    "visitors_1d": ("bucket_start", YEAR),
+    "visitors_dim_1d": ("bucket_start", YEAR),
+}
+# Each tier's tables besides rollup_<tier> (same period, same retention).
+TIER_TABLES: dict[str, tuple[str, ...]] = {
+    "15m": ("rollup_dim_15m", "value_bins_15m"),
+    "1h": ("rollup_dim_1h", "rollup_cube_1h", "value_bins_1h", "visitors_1h"),
+    "1d": ("rollup_dim_1d", "rollup_cube_1d", "value_bins_1d", "visitors_1d", "visitors_dim_1d"),
 }
 
 
@@ -241,10 +263,16 @@ def _existing(conn: psycopg.Connection, names: list[str]) -> set[str]:
     return {r[0] for r in rows}
 
 
+# Tables whose rows are updated in place batch after batch: room left on each page so that an update can
+# stay on it (a HOT update, no new index entries; ADR 46).
+FILLFACTOR = dict.fromkeys(("rollup_dim_15m", "rollup_dim_1h", "rollup_dim_1d", "rollup_cube_1h", "rollup_cube_1d"), 70)
+
+
 def create_statement(p: Partition) -> str:
     """DDL creating partition `p` if missing (names and bounds come from this module, not input)."""
+    storage = f" WITH (fillfactor = {FILLFACTOR[p.table]})" if p.table in FILLFACTOR else ""
     return (f'CREATE TABLE IF NOT EXISTS "{p.name}" PARTITION OF "{p.table}"'
-            f" FOR VALUES FROM ('{p.start.isoformat()}') TO ('{p.end.isoformat()}')")
+            f" FOR VALUES FROM ('{p.start.isoformat()}') TO ('{p.end.isoformat()}'){storage}")
 
 
 def list_partitions(conn: psycopg.Connection, table: str) -> list[Partition]:
@@ -272,13 +300,17 @@ class TableRetention:
 
 
 def keep_days_from(settings: Settings) -> dict[str, int]:
-    """Days each table is kept, from Settings (TALLY_RETENTION_*_DAYS, TALLY_DEDUP_WINDOW_DAYS)."""
-    return {
-        "rollup_15m": int(settings.retention_15m_days),
-        "rollup_1h": int(settings.retention_1h_days),
-        "rollup_1d": int(settings.retention_1d_days),
-        "seen_events": int(settings.dedup_window_days),
-    }
+    """Days each table is kept, from Settings (TALLY_RETENTION_*_DAYS, TALLY_DEDUP_WINDOW_DAYS): a tier's
+    tables by dimension and value bins (TIER_TABLES) as long as the tier, `dim_keys` as the dedup window (no
+    event older than that is counted again, so its day's admitted values are no longer asked)."""
+    tiers = {"15m": int(settings.retention_15m_days), "1h": int(settings.retention_1h_days),
+             "1d": int(settings.retention_1d_days)}
+    keep = {f"rollup_{tier}": days for tier, days in tiers.items()}
+    keep["seen_events"] = int(settings.dedup_window_days)
+    for tier, tables in TIER_TABLES.items():
+        keep.update(dict.fromkeys(tables, tiers[tier]))
+    keep["dim_keys"] = int(settings.dedup_window_days)
+    return keep
 
 
 def plan_retention(conn: psycopg.Connection, keep_days: dict[str, int], now: datetime) -> list[TableRetention]:

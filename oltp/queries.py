@@ -28,6 +28,7 @@ from psycopg_pool import ConnectionPool
 
 from core.config import Settings
 from core.event import EVENT_TYPES
+from oltp.filters import Filter, FilterError, filtered_table
 from oltp.rows import one
 
 GRANULARITIES = ("15m", "1h", "1d")
@@ -254,6 +255,41 @@ _SERIES_BY_TIER = {
         "WHERE r.domain = %(domain)s AND", "WHERE r.domain = %(domain)s AND r.tz = %(tz)s AND"),
 }
 
+
+
+def _series_sql(tier: str, filters: tuple[Filter, ...]) -> tuple[str, dict[str, str]]:
+    """The series query of a tier under `filters` (oltp/filters.py; ADR 48); `_SERIES_BY_TIER` without."""
+    if not filters:
+        return _SERIES_BY_TIER[tier], {}
+    try:
+        table, extra, params = filtered_table(tier, filters)
+    except FilterError as exc:
+        raise QueryError(str(exc)) from None
+    sql = _SERIES_BY_TIER[tier].replace(f"FROM rollup_{tier} r", f"FROM {table} r").replace(
+        "GROUP BY 1", f"{extra.strip()}\nGROUP BY 1")
+    return sql, params
+
+
+# Value bins per series bucket (oltp/percentiles.py): never under a filter (bins are per domain and type).
+_BUCKET_BINS = """
+SELECT width_bucket(r.bucket_start, %(starts)s::timestamptz[]) AS i, r.bin, sum(r.count)::bigint
+FROM value_bins_{tier} r
+WHERE r.domain = %(domain)s{tz} AND r.event_type = %(type)s AND r.bucket_start >= %(lo)s AND r.bucket_start < %(hi)s
+GROUP BY 1, 2
+"""
+
+
+def _bucket_bins(conn: psycopg.Connection, tier: str, params: dict[str, object]) -> dict[int, dict[int, int]]:
+    """Per series bucket index (1-based, as width_bucket numbers them), the value bins of its rows."""
+    if tier not in TIERS:
+        raise ValueError(tier)
+    sql = _BUCKET_BINS.format(tier=tier, tz=" AND r.tz = %(tz)s" if tier == "1d" else "")
+    out: dict[int, dict[int, int]] = {}
+    for i, k, c in conn.execute(sql, params).fetchall():
+        out.setdefault(i, {})[k] = c
+    return out
+
+
 # A domain without a coverage row has never had an event counted since the tiers exist (revision 0004
 # gave every domain with rows one): its daily tier is complete, all zeros, in its registered zone.
 _DAILY_ZONE = """
@@ -274,6 +310,7 @@ SELECT EXISTS (SELECT 1 FROM rollup_1d WHERE domain = %(domain)s AND bucket_star
 class Series:
     tier: str  # the rollup tier that served it: 15m, 1h or 1d
     buckets: list[Bucket] = field(default_factory=list)
+    bins: list[dict[int, int]] | None = None  # with `with_bins`: each bucket's value bins (oltp/percentiles.py)
 
 
 class RollupReader:
@@ -287,34 +324,48 @@ class RollupReader:
         return self.serve(domain, event_type, start, end, granularity, tz).buckets
 
     def serve(self, domain: str, event_type: str, start: datetime, end: datetime, granularity: str,
-              tz: ZoneInfo, *, tier: str | None = None, now: datetime | None = None) -> Series:
+              tz: ZoneInfo, *, tier: str | None = None, now: datetime | None = None,
+              filters: tuple[Filter, ...] = (), with_bins: bool = False) -> Series:
         """Every bucket in the range, zero-filled, read from the coarsest tier that aligns with the
         buckets and keeps the range (`choose_tier`). `tier` forces one (tests and the bench): it
         must align, retention aside. Raises QueryError for a bad range, OutsideRetention when no
         aligned tier keeps the range and the domain has rows from before that tier's cutoff (without
-        any, nothing was dropped and the range is answered), psycopg errors when PostgreSQL fails."""
+        any, nothing was dropped and the range is answered), psycopg errors when PostgreSQL fails.
+        `filters` read the dimension tables (oltp/ranges.py; two or more: 1h and 1d tiers only);
+        `with_bins` adds each bucket's value bins (`Series.bins`)."""
         bounds = bucket_bounds(start, end, granularity, tz)
         now = now or datetime.now(UTC)
         with self.pool.connection() as conn:
             daily = self._daily_zone(conn, domain) if granularity == "1d" else None
             if tier is None:
-                try:
-                    tier = choose_tier(bounds, granularity, tz.key, daily, self.retention, now)
-                except OutsideRetention as exc:
-                    if not self._counted_before(conn, domain, exc.retained_from):
-                        # Nothing of this domain was counted before the cutoff: retention dropped nothing
-                        # of it, and the aligned tier's answer is complete (ADR 19).
-                        tier = exc.tier
-                    else:
-                        alternatives = self._alternatives(conn, domain, start, end, granularity, tz, now)
-                        raise OutsideRetention(exc.tier, exc.retention_days, exc.retained_from,
-                                               alternatives) from None
+                tier = self._route(conn, domain, bounds, granularity, tz, daily, now, start, end)
             elif tier not in aligned_tiers(bounds, granularity, tz.key, daily):
                 raise QueryError(f"the {tier} tier does not align with {granularity} buckets in {tz.key} here")
             starts = bounds[:-1]
+            sql, fparams = _series_sql(tier, filters)
             params = {"starts": starts, "domain": domain, "type": event_type, "lo": bounds[0], "hi": bounds[-1],
-                      "tz": tz.key}
-            rows = {row[0]: row[1:] for row in conn.execute(_SERIES_BY_TIER[tier], params).fetchall()}
+                      "tz": tz.key, **fparams}
+            rows = {row[0]: row[1:] for row in conn.execute(sql, params).fetchall()}
+            found_bins = _bucket_bins(conn, tier, params) if with_bins else None
+        bins = None if found_bins is None else [found_bins.get(i, {}) for i in range(1, len(starts) + 1)]
+        return Series(tier, self._buckets(bounds, granularity, rows), bins)
+
+    def _route(self, conn: psycopg.Connection, domain: str, bounds: list[datetime], granularity: str, tz: ZoneInfo,
+               daily: DailyZone | None, now: datetime, start: datetime, end: datetime) -> str:
+        """`choose_tier`, with the retention refusal only for a domain counted before the cutoff (ADR 19)."""
+        try:
+            return choose_tier(bounds, granularity, tz.key, daily, self.retention, now)
+        except OutsideRetention as exc:
+            if not self._counted_before(conn, domain, exc.retained_from):
+                # Nothing of this domain was counted before the cutoff: retention dropped nothing
+                # of it, and the aligned tier's answer is complete (ADR 19).
+                return exc.tier
+            alternatives = self._alternatives(conn, domain, start, end, granularity, tz, now)
+            raise OutsideRetention(exc.tier, exc.retention_days, exc.retained_from, alternatives) from None
+
+    @staticmethod
+    def _buckets(bounds: list[datetime], granularity: str, rows: dict[int, tuple[int, int, Decimal]]) -> list[Bucket]:
+        starts = bounds[:-1]
         nominal = NOMINAL_S[granularity]
         buckets = []
         empty = (0, 0, Decimal("0.000000"))
@@ -323,7 +374,23 @@ class RollupReader:
             count, valued, value_sum = rows.get(i, empty)
             buckets.append(Bucket(start=s, count=count, end=e, length_s=None if length == nominal else length,
                                   valued=valued, value_sum=value_sum))
-        return Series(tier, buckets)
+        return buckets
+
+    def counted_before(self, domain: str, cutoff: datetime) -> bool:
+        """Whether any tier holds a row of the domain from before `cutoff`."""
+        with self.pool.connection() as conn:
+            return self._counted_before(conn, domain, cutoff)
+
+    def daily_zone(self, domain: str) -> DailyZone:
+        """Which zone the daily tier holds the domain's days in, and from when (see DailyZone)."""
+        with self.pool.connection() as conn:
+            return self._daily_zone(conn, domain)
+
+    def is_registered(self, domain: str) -> bool:
+        """Whether the domain is in the sites registry."""
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT EXISTS (SELECT 1 FROM sites WHERE domain = %s)", (domain,)).fetchone()
+        return bool(row and row[0])
 
     @staticmethod
     def _counted_before(conn: psycopg.Connection, domain: str, cutoff: datetime) -> bool:

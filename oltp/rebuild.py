@@ -14,8 +14,9 @@ PostgreSQL transaction:
    again (and events ClickHouse does not have yet are not in the new rollups, so the worker counts
    them when it gets to them: nothing twice, nothing missed);
 4. delete the chunk's `rollup_15m` rows (of one domain with `domain`) and insert them again from the
-   staged events; then `oltp.tiers.rederive` recomputes the coarser tiers for the chunk (when that
-   module exists); commit.
+   staged events; then `oltp.tiers.rederive` recomputes the coarser tiers for the chunk, and
+   `oltp.rebuild_dims.rebuild_dimensions` the rollups by dimension, the cube, the value bins and the
+   admitted values of the cap from ClickHouse's events (ADR 46); commit.
 
 Contract: when `rebuild_chunk` returns, the chunk's rollups equal ClickHouse's events for it, committed
 atomically; if it raises, the chunk is as it was. Idempotent: a second run writes the same rows.
@@ -33,6 +34,7 @@ import psycopg
 import psycopg.errors
 
 from oltp.partitions import ensure_partitions
+from oltp.rebuild_dims import rebuild_dimensions
 from oltp.reconcile import (
     Groups,
     NotSettled,
@@ -42,6 +44,7 @@ from oltp.reconcile import (
     wait_for_loader,
 )
 from oltp.tiers import ensure_tier_partitions, rederive
+from oltp.visitors import rebuild_visitors
 
 DAY = timedelta(days=1)
 
@@ -70,6 +73,7 @@ class ChunkResult:
     rows: int       # rollup_15m rows written
     deleted: int    # rollup_15m rows removed first
     tiers: bool     # whether the coarser tiers were re-derived (always, since oltp.tiers exists)
+    dimensions: int = 0  # non-bot events the rollups by dimension were recomputed from (hour/day-widened chunk)
 
 
 def chunks(lo: datetime, hi: datetime, size: timedelta = DAY) -> Iterator[tuple[datetime, datetime]]:
@@ -100,7 +104,7 @@ _RETRIED = (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable)
 
 def rebuild_chunk(conn: psycopg.Connection, source: Source, lo: datetime, hi: datetime, groups: Groups, *,
                   domain: str | None = None, wait_s: float = 60.0, dedup_days: float = 9.0,
-                  attempts: int = 3) -> ChunkResult:
+                  attempts: int = 3, dimension_cap: int = 1000) -> ChunkResult:
     """Rebuild one chunk (see the module docstring). Leaves no transaction open.
 
     A deadlock with a sink batch (possible when the batch notes a domain's zone for the daily tier first)
@@ -108,7 +112,7 @@ def rebuild_chunk(conn: psycopg.Connection, source: Source, lo: datetime, hi: da
     for attempt in range(1, attempts + 1):
         try:
             return _rebuild_chunk_once(conn, source, lo, hi, groups, domain=domain, wait_s=wait_s,
-                                       dedup_days=dedup_days)
+                                       dedup_days=dedup_days, cap=dimension_cap)
         except _RETRIED:
             if attempt == attempts:
                 raise
@@ -117,7 +121,7 @@ def rebuild_chunk(conn: psycopg.Connection, source: Source, lo: datetime, hi: da
 
 
 def _rebuild_chunk_once(conn: psycopg.Connection, source: Source, lo: datetime, hi: datetime, groups: Groups, *,
-                        domain: str | None, wait_s: float, dedup_days: float) -> ChunkResult:
+                        domain: str | None, wait_s: float, dedup_days: float, cap: int) -> ChunkResult:
     dedup_from = datetime.now(UTC) - timedelta(days=dedup_days)
     _ensure_partitions(conn, lo, hi, dedup_from)
     target = rollup_offsets(conn, groups.rollup, groups.topic)
@@ -138,19 +142,23 @@ def _rebuild_chunk_once(conn: psycopg.Connection, source: Source, lo: datetime, 
         deleted = conn.execute(_DELETE, (lo, hi, domain, domain)).rowcount
         written = conn.execute(_INSERT_ROLLUPS).rowcount
         rederive(conn, lo, hi, domain=domain)  # 1h and 1d from 15m, in this transaction
-    return ChunkResult(lo, hi, len(rows), written, deleted, True)
+        # the rollups by dimension and the cap's admitted values (ADR 46), before the sketches keyed by them
+        dims = rebuild_dimensions(conn, source, lo, hi, domain=domain, dedup_from=dedup_from, cap=cap)
+        rebuild_visitors(conn, source, lo, hi, domain, cap=cap)  # the visitor sketches, from ClickHouse (ADR 47)
+    return ChunkResult(lo, hi, len(rows), written, deleted, True, dims)
 
 
 def rebuild(conn: psycopg.Connection, source: Source, lo: datetime, hi: datetime, groups: Groups, *,
             domain: str | None = None, chunk: timedelta = DAY, wait_s: float = 60.0, dedup_days: float = 9.0,
-            progress: Callable[[ChunkResult], None] | None = None) -> list[ChunkResult]:
+            progress: Callable[[ChunkResult], None] | None = None, dimension_cap: int = 1000) -> list[ChunkResult]:
     """Rebuild [lo, hi) chunk by chunk, oldest first; `progress` is called after each committed chunk.
 
     A failure stops at that chunk: the chunks before it are rebuilt (committed), it and the later ones are
     unchanged; running the same command again is safe."""
     done = []
     for a, b in chunks(lo, hi, chunk):
-        result = rebuild_chunk(conn, source, a, b, groups, domain=domain, wait_s=wait_s, dedup_days=dedup_days)
+        result = rebuild_chunk(conn, source, a, b, groups, domain=domain, wait_s=wait_s, dedup_days=dedup_days,
+                               dimension_cap=dimension_cap)
         done.append(result)
         if progress is not None:
             progress(result)

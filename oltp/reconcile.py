@@ -18,6 +18,9 @@ checked again exactly (pass 2, `_exact`):
    seen (`seen_events`), plus those ClickHouse received more than `settle_s` before that never reached
    PostgreSQL: what remains different is a real difference, not an event in flight.
 
+Then the rollups by dimension (rollup_dim_15m) are compared with ClickHouse's non-bot events grouped by
+dimension value, on a sample of the domains and quarter hours that agree (oltp/reconcile_dims.py, ADR 46).
+
 Keys whose bucket is older than the dedup window (`seen_events` is pruned) keep their pass-1 result:
 no event that old can still be in flight. Contract: reads only; the lock is held for one ClickHouse
 query; raises `NotSettled` when the loader does not reach the rollup worker's offsets in `wait_s`,
@@ -26,6 +29,7 @@ and the source's errors (olap.aggregates.AggregatesError) or psycopg errors when
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,6 +40,7 @@ from typing import Any, Protocol
 import psycopg
 
 from core.batch import same_incarnation
+from oltp.reconcile_dims import compare_dimensions
 from oltp.rows import one
 
 QUARTER = timedelta(minutes=15)
@@ -49,6 +54,8 @@ class Source(Protocol):
     def events(self, lo: datetime, hi: datetime, domain: str | None = None,
                keys: Any = None) -> list[tuple[Any, ...]]: ...
     def loader_offsets(self, group: str, topic: str) -> dict[int, tuple[str, int]]: ...
+    def visitors(self, lo: datetime, hi: datetime, domain: str | None = None) -> list[tuple[Any, ...]]: ...
+    def dimensions(self, lo: datetime, hi: datetime, domain: str | None = None) -> list[tuple[Any, ...]]: ...
 
 
 class NotSettled(Exception):
@@ -234,15 +241,21 @@ def _exact(conn: psycopg.Connection, source: Source, keys: list[Key], groups: Gr
 
 def reconcile(conn: psycopg.Connection, source: Source, lo: datetime, hi: datetime, groups: Groups, *,
               domain: str | None = None, wait_s: float = 60.0, settle_s: float = 300.0,
-              dedup_days: float = 9.0, now: Callable[[], datetime] | None = None) -> Report:
-    """Compare the stores over the quarter hours lo <= bucket_start < hi (see the module docstring)."""
+              dedup_days: float = 9.0, now: Callable[[], datetime] | None = None,
+              seed: int | None = None) -> Report:
+    """Compare the stores over the quarter hours lo <= bucket_start < hi (see the module docstring), then the
+    rollups by dimension on a sample of the keys that agree (oltp/reconcile_dims.py; `seed` fixes the sample)."""
     report = Report(lo, hi, domain)
     pg = pg_totals(conn, lo, hi, domain)
     conn.commit()
     ch = from_rows(source.aggregates(lo, hi, domain))
     report.buckets = len(set(pg) | set(ch))
     first = compare(pg, ch)
+    differing = {(d.domain, d.event_type, d.bucket_start) for d in first}
+    agreeing = [k for k in sorted(set(pg) & set(ch)) if k not in differing]
+    dims = [Difference(*d) for d in compare_dimensions(conn, source, agreeing, random.Random(seed))]
     if not first:
+        report.differences = dims
         return report
     dedup_from = (now or (lambda: datetime.now(UTC)))() - timedelta(days=dedup_days) + QUARTER
     keys = sorted({(d.domain, d.event_type, d.bucket_start) for d in first})
@@ -252,7 +265,9 @@ def reconcile(conn: psycopg.Connection, source: Source, lo: datetime, hi: dateti
     if recent:
         report.rechecked = len(recent)
         report.differences += _exact(conn, source, recent, groups, domain=domain, wait_s=wait_s, settle_s=settle_s)
-    report.differences.sort(key=lambda d: (d.domain, d.event_type, d.bucket_start, FIELDS.index(d.field)))
+    report.differences += dims
+    report.differences.sort(key=lambda d: (d.domain, d.event_type, d.bucket_start,
+                                           FIELDS.index(d.field) if d.field in FIELDS else len(FIELDS), d.field))
     return report
 
 

@@ -6,7 +6,10 @@ committed in ONE transaction. If it raises, nothing from the batch is visible.
 Events whose hash is already in `seen_events` (redelivery, shipper retries,
 client retries with the same id) add nothing. The same transaction keeps the ingestion status
 (`ingestion_15m`: accepted, bots, late, last arrival) and adds the collectors' refusal counts
-(`collector_refusals`), each once.
+(`collector_refusals`), each once. The same statement, from the same fresh events less the bots, writes the
+rollups by dimension of every tier, the cubes, the value bins and the admitted values of the cap (`dim_keys`,
+TALLY_DIMENSION_CAP; oltp/rollup_dims.py, ADR 46), and returns the visitor groups, handed in the same
+transaction to `oltp.visitors.add_visitors` (ADR 47).
 
 How (ADR 26): Python touches the batch's domains and zones, not its events. Each column the statement
 reads is handed over as one array literal written by msgspec in C (`_columns`); per zone present, the
@@ -34,6 +37,7 @@ from core.batch import Batch, same_incarnation
 from core.event import StoredEvent
 from oltp.partitions import ensure_partitions, ensure_partitions_for, is_missing_partition
 from oltp.partitions import forget as _forget_partitions
+from oltp.rollup_dims import DIMENSION_CTES, VISITOR_GROUPS
 from oltp.tiers import (
     DAY_S,
     DayStarts,
@@ -42,6 +46,11 @@ from oltp.tiers import (
     note_zones,
     plan_zones,
 )
+from oltp.visitors import add_visitors
+
+# oltp.visitors' VisitorGroup (issue 17 spec): grain '1h' | '1d', domain, tz ('' for 1h), bucket start,
+# dimension and capped key ('' for the domain total), the distinct visitor keys.
+VisitorGroup = tuple[str, str, str, datetime, str, str, list[str]]
 
 REJECTED_CAP = 10_000  # rows kept in rejected_records; older ones are pruned
 
@@ -59,9 +68,11 @@ WITH zone_days AS (
     SELECT m.domain, m.tz, z.starts
     FROM unnest(%(domains)s::text[], %(tzs)s::text[]) AS m(domain, tz) JOIN zone_days z ON z.tz = m.tz
 ), parsed AS (
-    SELECT * FROM unnest(%(hash)s::uuid[], %(domain)s::text[], %(type)s::text[], %(ts)s::timestamptz[],
-                         %(value)s::numeric(24, 6)[], %(received_at)s::timestamptz[], %(bot)s::boolean[])
-        AS x(hash, domain, type, ts, value, received_at, bot)
+    SELECT x.*, coalesce(x.device = 'bot', false) AS bot
+    FROM unnest(%(hash)s::uuid[], %(domain)s::text[], %(type)s::text[], %(ts)s::timestamptz[],
+                %(value)s::numeric(24, 6)[], %(received_at)s::timestamptz[], %(page)s::text[], %(source)s::text[],
+                %(country)s::text[], %(device)s::text[], %(browser)s::text[], %(os)s::text[], %(visitor)s::text[])
+        AS x(hash, domain, type, ts, value, received_at, page, source, country, device, browser, os, visitor)
 ), batch AS (
     {batch}
 ), fresh AS (
@@ -111,21 +122,32 @@ WITH zone_days AS (
     ON CONFLICT (domain, bucket_start) DO UPDATE SET
         accepted = i.accepted + EXCLUDED.accepted, bots = i.bots + EXCLUDED.bots, late = i.late + EXCLUDED.late,
         last_received_at = GREATEST(i.last_received_at, EXCLUDED.last_received_at)
-)
-INSERT INTO rollup_15m AS r (domain, event_type, bucket_start, events, valued, value_sum, value_min, value_max)
-SELECT domain, event_type, quarter, sum(events), sum(valued), sum(value_sum), min(value_min), max(value_max)
-FROM counted
-GROUP BY 1, 2, 3
-ON CONFLICT (domain, event_type, bucket_start) DO UPDATE SET
-    events    = r.events + EXCLUDED.events,
-    valued    = r.valued + EXCLUDED.valued,
-    value_sum = CASE WHEN EXCLUDED.valued = 0 THEN r.value_sum ELSE COALESCE(r.value_sum, 0) + EXCLUDED.value_sum END,
-    value_min = LEAST(r.value_min, EXCLUDED.value_min),
-    value_max = GREATEST(r.value_max, EXCLUDED.value_max)
-"""
+), quarterly AS (
+    INSERT INTO rollup_15m AS r (domain, event_type, bucket_start, events, valued, value_sum, value_min, value_max)
+    SELECT domain, event_type, quarter, sum(events), sum(valued), sum(value_sum), min(value_min), max(value_max)
+    FROM counted
+    GROUP BY 1, 2, 3
+    ON CONFLICT (domain, event_type, bucket_start) DO UPDATE SET
+        events    = r.events + EXCLUDED.events,
+        valued    = r.valued + EXCLUDED.valued,
+        value_sum = CASE WHEN EXCLUDED.valued = 0 THEN r.value_sum
+                         ELSE COALESCE(r.value_sum, 0) + EXCLUDED.value_sum END,
+        value_min = LEAST(r.value_min, EXCLUDED.value_min),
+        value_max = GREATEST(r.value_max, EXCLUDED.value_max)
+), people AS (
+    SELECT b.domain, b.type AS event_type, s.tz,
+           date_bin('15 minutes', b.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS quarter,
+           s.starts[width_bucket(b.ts, s.starts)] AS day_start, b.value, b.visitor,
+           coalesce(b.page, '') AS page, coalesce(b.source, '') AS source, coalesce(b.country, '') AS country,
+           coalesce(b.device, '') AS device, coalesce(b.browser, '') AS browser, coalesce(b.os, '') AS os
+    FROM {counted_from} JOIN site s ON s.domain = b.domain
+    WHERE NOT b.bot
+), {dimensions}
+{visitor_groups}"""
 
 def _apply_statement(batch: str, fresh: str, counted_from: str) -> str:
-    return _APPLY_TEMPLATE.replace("{batch}", batch).replace("{fresh}", fresh).replace("{counted_from}", counted_from)
+    return (_APPLY_TEMPLATE.replace("{dimensions}", DIMENSION_CTES).replace("{visitor_groups}", VISITOR_GROUPS)
+            .replace("{batch}", batch).replace("{fresh}", fresh).replace("{counted_from}", counted_from))
 
 
 # The general statement: every hash once (a batch with a hash twice counts it once; which copy is kept
@@ -220,7 +242,7 @@ def _array(values: list[Any]) -> str | list[Any]:
 
 
 def _columns(events: Sequence[StoredEvent]) -> dict[str, str | list[Any]]:
-    """The parameters `hash` .. `bot` of the apply statements: one array literal per column the statement reads."""
+    """The parameters `hash` .. `visitor` of the apply statements: one array literal per column the statement reads."""
     return {
         "hash": _array([e.hash for e in events]),
         "domain": _array([e.domain for e in events]),
@@ -228,12 +250,25 @@ def _columns(events: Sequence[StoredEvent]) -> dict[str, str | list[Any]]:
         "ts": _array([e.ts for e in events]),
         "value": _array([e.value for e in events]),
         "received_at": _array([e.received_at for e in events]),
-        "bot": _array([e.device == "bot" for e in events]),
+        "page": _array([e.page for e in events]),
+        "source": _array([e.source for e in events]),
+        "country": _array([e.country for e in events]),
+        "device": _array([e.device for e in events]),
+        "browser": _array([e.browser for e in events]),
+        "os": _array([e.os for e in events]),
+        "visitor": _array([e.visitor for e in events]),
     }
 
 
 def _at(s: int) -> datetime:
     return datetime.fromtimestamp(s, UTC)
+
+
+def _visitor_groups(rows: list[tuple[Any, ...]]) -> list[VisitorGroup]:
+    """The rows of the statement's final query (`VISITOR_GROUPS`) as oltp.visitors' VisitorGroups: one per
+    (domain, UTC hour), (domain, zone, local day) and (domain, zone, local day, dimension, capped value)."""
+    return [(grain, domain, tz, start, dimension, key, list(visitors))
+            for grain, domain, tz, start, dimension, key, visitors in rows]
 
 
 class RollupSink:
@@ -242,9 +277,10 @@ class RollupSink:
 
     name = "postgres"
 
-    def __init__(self, dsn: str, group: str) -> None:
+    def __init__(self, dsn: str, group: str, *, dimension_cap: int = 1000) -> None:
         self.dsn = dsn
         self.group = group
+        self.cap = dimension_cap  # TALLY_DIMENSION_CAP: values admitted per domain, dimension and local day
         self._conn: psycopg.Connection | None = None
         self._zones = SiteZones()
         self._days = DayStarts()
@@ -324,18 +360,22 @@ class RollupSink:
         in a savepoint), and if some hash was already seen, deduplicated (`_APPLY_DEDUP`). After a batch
         that held a seen hash (a redelivery usually spans several batches) the next few go straight to
         the deduplicating statement. Statements are never prepared: each is planned for its batch."""
-        if distinct and self._dedup_next == 0:
-            try:
-                with conn.transaction():
-                    conn.execute(_APPLY_ALL_NEW, params, prepare=False)
-                return
-            except psycopg.errors.UniqueViolation as exc:
-                if not (exc.diag.table_name or "").startswith("seen_events"):
-                    raise
-                self._dedup_next = DEDUP_AFTER_REDELIVERY
-        elif self._dedup_next:
-            self._dedup_next -= 1
-        conn.execute(_APPLY_DEDUP, params, prepare=False)
+        params = {**params, "cap": self.cap}
+        with conn.cursor() as cur:
+            if distinct and self._dedup_next == 0:
+                try:
+                    with conn.transaction():
+                        cur.execute(_APPLY_ALL_NEW, params, prepare=False)
+                        add_visitors(cur, _visitor_groups(cur.fetchall()))
+                    return
+                except psycopg.errors.UniqueViolation as exc:
+                    if not (exc.diag.table_name or "").startswith("seen_events"):
+                        raise
+                    self._dedup_next = DEDUP_AFTER_REDELIVERY
+            elif self._dedup_next:
+                self._dedup_next -= 1
+            cur.execute(_APPLY_DEDUP, params, prepare=False)
+            add_visitors(cur, _visitor_groups(cur.fetchall()))
 
     def _prepare(self, conn: psycopg.Connection, batch: Batch, shape: _Shape | None,
                  zones: dict[str, str]) -> tuple[bool, dict[str, object]] | None:

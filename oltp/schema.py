@@ -10,9 +10,12 @@ schema: add a revision AND update `metadata` (ADR 18). Sections, by owner:
 - TIERS (oltp/rollup_sink.py): the 1-hour and 1-day tiers
 - TOKENS and dashboard sessions (oltp/tokens.py, api/session.py), SITES (oltp/sites.py), AUDIT (oltp/audit.py)
 - INGESTION (oltp/rollup_sink.py, read by oltp/ingestion.py)
+- DIMENSIONS (oltp/rollup_sink.py, ADR 46): rollups by dimension, the cube, value bins, the cap's admitted values
+- VISITORS (oltp/visitors.py, called by oltp/rollup_sink.py; ADR 47): unique-visitor sketches
 - RECONCILE (oltp/reconcile.py), REWINDS (oltp/rewinds.py)
 
-rollup_15m, rollup_1h, rollup_1d and seen_events are range-partitioned by time (oltp/partitions.py).
+rollup_15m, rollup_1h, rollup_1d, seen_events and the DIMENSIONS tables are range-partitioned by time
+(oltp/partitions.py).
 """
 
 from __future__ import annotations
@@ -229,6 +232,122 @@ ingestion_15m = Table(
     Column("last_received_at", _tz()),
     PrimaryKeyConstraint("domain", "bucket_start"),
     Index("ingestion_15m_bucket_start", "bucket_start"),  # retention (oltp/prune.py)
+)
+
+
+# --- DIMENSIONS (migration 0010, ADR 46): non-bot events by dimension value, per tier; '' = no value,
+# '(other)' = a value past the cap (TALLY_DIMENSION_CAP admitted values per domain, dimension and local day).
+DIMENSIONS = ("page", "source", "country", "device", "browser", "os")
+
+
+def _dim_counts() -> list[Column[Any]]:
+    return [
+        Column("events", BigInteger, nullable=False),
+        Column("valued", BigInteger, nullable=False, server_default=text("0")),
+        Column("value_sum", Numeric(24, 6)),
+    ]
+
+
+def _dim_table(name: str, daily: bool) -> Table:
+    zone = [Column("tz", Text, nullable=False)] if daily else []
+    return Table(
+        name, metadata,
+        Column("domain", Text, nullable=False),
+        *zone,
+        Column("event_type", Text, nullable=False),
+        Column("bucket_start", _tz(), nullable=False),
+        Column("dimension", Text, nullable=False),
+        Column("key", Text, nullable=False),
+        *_dim_counts(),
+        PrimaryKeyConstraint("domain", *(["tz"] if daily else []), "dimension", "bucket_start", "event_type", "key"),
+        # filtered series: one value over a range
+        Index(f"{name}_key", "domain", *(["tz"] if daily else []), "dimension", "key", "bucket_start"),
+        postgresql_partition_by="RANGE (bucket_start)",
+    )
+
+
+def _cube_table(name: str, daily: bool) -> Table:
+    zone = [Column("tz", Text, nullable=False)] if daily else []
+    return Table(
+        name, metadata,
+        Column("domain", Text, nullable=False),
+        *zone,
+        Column("event_type", Text, nullable=False),
+        Column("bucket_start", _tz(), nullable=False),
+        *(Column(d, Text, nullable=False) for d in DIMENSIONS),
+        *_dim_counts(),
+        PrimaryKeyConstraint("domain", *(["tz"] if daily else []), "bucket_start", "event_type", *DIMENSIONS),
+        postgresql_partition_by="RANGE (bucket_start)",
+    )
+
+
+def _bins_table(name: str, daily: bool) -> Table:
+    zone = [Column("tz", Text, nullable=False)] if daily else []
+    return Table(
+        name, metadata,
+        Column("domain", Text, nullable=False),
+        *zone,
+        Column("event_type", Text, nullable=False),
+        Column("bucket_start", _tz(), nullable=False),
+        Column("bin", Integer, nullable=False),  # ceil(ln(value) / ln(GAMMA)); -2147483648 for value 0
+        Column("count", BigInteger, nullable=False),
+        PrimaryKeyConstraint("domain", *(["tz"] if daily else []), "event_type", "bucket_start", "bin"),
+        postgresql_partition_by="RANGE (bucket_start)",
+    )
+
+
+rollup_dim_15m = _dim_table("rollup_dim_15m", daily=False)
+rollup_dim_1h = _dim_table("rollup_dim_1h", daily=False)
+rollup_dim_1d = _dim_table("rollup_dim_1d", daily=True)
+rollup_cube_1h = _cube_table("rollup_cube_1h", daily=False)
+rollup_cube_1d = _cube_table("rollup_cube_1d", daily=True)
+value_bins_15m = _bins_table("value_bins_15m", daily=False)
+value_bins_1h = _bins_table("value_bins_1h", daily=False)
+value_bins_1d = _bins_table("value_bins_1d", daily=True)
+
+# The values admitted under the cap per (domain, dimension, local day start of the site's zone); '' never takes a slot.
+dim_keys = Table(
+    "dim_keys", metadata,
+    Column("domain", Text, nullable=False),
+    Column("dimension", Text, nullable=False),
+    Column("day_start", _tz(), nullable=False),
+    Column("key", Text, nullable=False),
+    PrimaryKeyConstraint("domain", "dimension", "day_start", "key"),
+    postgresql_partition_by="RANGE (day_start)",
+)
+
+# --- VISITORS (oltp/visitors.py, migration 0011, ADR 47): HLL sketches (Apache DataSketches, serialized compact)
+# of the visitor key of non-bot events, per UTC hour, per local day, and per local day and dimension value. A key
+# may have several rows (partial sketches appended by the batches, merged every few): its sketch is their union.
+visitors_1h = Table(
+    "visitors_1h", metadata,
+    Column("domain", Text, nullable=False),
+    Column("bucket_start", _tz(), nullable=False),  # the UTC hour
+    Column("sketch", LargeBinary, nullable=False),
+    Index("visitors_1h_key", "domain", "bucket_start"),
+    postgresql_partition_by="RANGE (bucket_start)",
+)
+
+visitors_1d = Table(
+    "visitors_1d", metadata,
+    Column("domain", Text, nullable=False),
+    Column("tz", Text, nullable=False),
+    Column("bucket_start", _tz(), nullable=False),  # local day start in `tz`, as rollup_1d
+    Column("sketch", LargeBinary, nullable=False),
+    Index("visitors_1d_key", "domain", "tz", "bucket_start"),
+    postgresql_partition_by="RANGE (bucket_start)",
+)
+
+visitors_dim_1d = Table(
+    "visitors_dim_1d", metadata,
+    Column("domain", Text, nullable=False),
+    Column("tz", Text, nullable=False),
+    Column("dimension", Text, nullable=False),
+    Column("bucket_start", _tz(), nullable=False),
+    Column("key", Text, nullable=False),  # as rollup_dim_1d: '' = no value, '(other)' = past the cap
+    Column("sketch", LargeBinary, nullable=False),
+    Index("visitors_dim_1d_key", "domain", "tz", "dimension", "bucket_start", "key"),
+    postgresql_partition_by="RANGE (bucket_start)",
 )
 
 

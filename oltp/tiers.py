@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
 
+from oltp.partitions import TIER_TABLES
 from oltp.partitions import ensure_partitions as _ensure_partitions
 from oltp.queries import boundaries
 from oltp.rows import one
@@ -180,11 +181,13 @@ def note_zones(conn: psycopg.Connection, plan: dict[str, tuple[str, datetime, bo
 
 def ensure_tier_partitions(conn: psycopg.Connection, lo: datetime, hi: datetime,
                            day_lo: datetime | None = None, day_hi: datetime | None = None) -> None:
-    """Make sure the partitions of rollup_15m/1h (and rollup_1d for [day_lo, day_hi]) exist, if the
+    """Make sure the partitions of rollup_15m/1h (and rollup_1d for [day_lo, day_hi]) exist, and those of
+    each tier's tables by dimension and value bins (`TIER_TABLES`) and of `dim_keys` (day starts), if the
     tables are partitioned (ADR 18; `ensure_partitions` leaves a plain table alone)."""
-    for table in ("rollup_15m", "rollup_1h"):
+    for table in ("rollup_15m", "rollup_1h", *TIER_TABLES["15m"], *TIER_TABLES["1h"]):
         _ensure_partitions(conn, table, lo, hi)
-    _ensure_partitions(conn, "rollup_1d", day_lo or lo, day_hi or hi)
+    for table in ("rollup_1d", *TIER_TABLES["1d"], "dim_keys"):
+        _ensure_partitions(conn, table, day_lo or lo, day_hi or hi)
 
 
 def _ensure(conn: psycopg.Connection, table: str, lo: datetime, hi: datetime) -> None:

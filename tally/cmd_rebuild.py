@@ -76,7 +76,8 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     try:
         with psycopg.connect(dsn, connect_timeout=5) as conn:
             rebuild(conn, source, lo, hi, groups(settings), domain=args.domain, wait_s=wait_s,
-                    dedup_days=settings.dedup_window_days, progress=progress)
+                    dedup_days=settings.dedup_window_days, progress=progress,
+                    dimension_cap=settings.dimension_cap)
     except (AggregatesError, NotSettled) as exc:
         bar.close()
         print(f"tally rebuild: {exc}", file=sys.stderr)

@@ -20,7 +20,7 @@ import logging
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core.config import LOADER_GROUP, ROLLUP_GROUP, Settings
 from tally.cli_support import add_wait_argument, wait_seconds
@@ -107,6 +107,22 @@ def groups(settings: Settings) -> Groups:
     return Groups(ROLLUP_GROUP, LOADER_GROUP, settings.topic)
 
 
+def unknown_domain(conn: Any, domain: str | None) -> str | None:
+    """Why `--domain` names no registered site (the message names it), or None (no --domain, or a site)."""
+    from core.event import EventError, normalize_domain
+
+    if domain is None:
+        return None
+    try:
+        name = normalize_domain(domain)
+    except EventError as exc:
+        return f"--domain {domain[:80]!r} is not a domain ({exc})"
+    row = conn.execute("SELECT EXISTS (SELECT 1 FROM sites WHERE domain = %s)", (name,)).fetchone()
+    if row and row[0]:
+        return None
+    return f"unknown domain {name}: not a registered site (`tally sites list`)"
+
+
 def _fail(command: str, message: str, code: int) -> int:
     print(f"tally {command}: {message}", file=sys.stderr)
     return code
@@ -125,6 +141,13 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     except ArgumentProblem as exc:
         return _fail("reconcile", str(exc), 2)
     dsn = require_pg(settings)
+    try:
+        with psycopg.connect(dsn, connect_timeout=5) as conn:
+            unknown = unknown_domain(conn, args.domain)
+    except psycopg.Error as exc:
+        return _fail("reconcile", f"PostgreSQL failed: {type(exc).__name__}: {str(exc).strip()[:300]}", 3)
+    if unknown:
+        return _fail("reconcile", unknown, 2)
     source = clickhouse_source(settings)
     try:
         with psycopg.connect(dsn, connect_timeout=5) as conn:

@@ -221,7 +221,8 @@ def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP, *,
         start_partition_maintenance(settings, dsn)  # hourly: partitions ahead, retention (ADR 18)
     consumer = make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
     # Re-read events older than the dedup window (less a day of margin) are not counted again (ADR 23).
-    return with_rewinds(ConsumerLoop(consumer, RollupSink(dsn, group), settings.topic), dsn, group,
+    return with_rewinds(ConsumerLoop(consumer, RollupSink(dsn, group, dimension_cap=settings.dimension_cap),
+                                     settings.topic), dsn, group,
                         reread_floor_days=max(1, settings.dedup_window_days - 1))
 
 

@@ -199,6 +199,15 @@ def register(settings: Settings, registry, domain: str, **kwargs) -> str:
     return key
 
 
+def registered(dsn: str, domain: str) -> str:
+    """`domain` as a registered site (added once, UTC): the API answers 404 `unknown_domain` for any other (ADR 48)."""
+    from oltp import sites
+
+    if sites.get(dsn, domain) is None:
+        sites.add(dsn, domain)
+    return domain
+
+
 # ---------------------------------------------------------------- Debian's Chromium, driven by Playwright
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps calling hosts this closed network refuses.

@@ -11,6 +11,7 @@ import pytest
 from olap.client import connect
 from oltp import tokens
 from tally.roots import build_api
+from tests.conftest import registered
 
 
 def close_pool(app) -> None:
@@ -53,7 +54,8 @@ def test_bad_query_parameters_are_named(api, path, params, status, code):
     assert resp.json["error"]["message"]
 
 
-def test_empty_domain_gets_every_bucket_zero_filled(api, domain):
+def test_empty_domain_gets_every_bucket_zero_filled(api, servers, domain):
+    registered(servers.pg_dsn, domain)
     resp = api.get(f"/api/v1/domains/{domain}/impressions", query_string={
         "from": "2026-03-28T00:00:00+01:00", "to": "2026-04-01T00:00:00+02:00", "granularity": "1d",
         "tz": "Europe/Berlin"})
@@ -65,7 +67,8 @@ def test_empty_domain_gets_every_bucket_zero_filled(api, domain):
     assert all(b["count"] == 0 for b in buckets) and resp.json["total"] == 0
 
 
-def test_default_range_is_the_last_day_in_quarter_hours(api, domain):
+def test_default_range_is_the_last_day_in_quarter_hours(api, servers, domain):
+    registered(servers.pg_dsn, domain)
     resp = api.get(f"/api/v1/domains/{domain}/impressions")
     assert resp.status_code == 200
     assert len(resp.json["buckets"]) in (96, 97)
@@ -159,6 +162,7 @@ def _put_rollup(servers, domain, event_type, start, events, valued=0, value_sum=
     from oltp.partitions import ensure_partitions
     from oltp.tiers import rederive
 
+    registered(servers.pg_dsn, domain)
     with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
         ensure_partitions(conn, "rollup_15m", start, start)
         conn.execute("INSERT INTO rollup_15m (domain, event_type, bucket_start, events, valued, value_sum)"
@@ -236,6 +240,7 @@ def test_the_tag_shown_carries_the_sites_url_rule(api, servers):
 
 
 def test_login_sets_a_session_cookie_that_does_not_hold_the_token(api, servers, domain):
+    registered(servers.pg_dsn, domain)
     client = api.application.test_client()
     with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
         info, token = tokens.create(conn, "customer", [domain])

@@ -7,6 +7,7 @@ import pytest
 
 from oltp import tokens
 from tally.roots import build_api
+from tests.conftest import registered
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -33,8 +34,11 @@ def api(make_api):
 
 
 @pytest.fixture()
-def keys(conn, domain):
-    """One token of each role; the customer reads `domain` only."""
+def keys(conn, servers, domain):
+    """One token of each role; the customer reads `domain` only. The domains read here are registered sites
+    (any other is 404 `unknown_domain`, ADR 48)."""
+    for name in (domain, "example.com", "anyone.example.com"):
+        registered(servers.pg_dsn, name)
     return {role: tokens.create(conn, role, [domain] if role == "customer" else [])[1]
             for role in ("admin", "analyst", "customer")}
 

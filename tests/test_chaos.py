@@ -276,3 +276,31 @@ def test_tally_chaos_exits_0_on_a_clean_run_and_removes_its_temporary_home(monke
     assert plan.faults == tuple(FAULTS) and plan.load_s == 30
     assert run_home.name == "home" and run_home.parent.name.startswith("tally-chaos-")
     assert not run_home.parent.exists()
+
+
+def test_the_verdict_checks_every_rollup_by_dimension_against_clickhouses_non_bot_events():
+    """ADR 46: each dimension of each tier, the cubes and the value bins must count what ClickHouse holds
+    (non-bot events; with a value for the bins); one event too many in one dimension, or a missing
+    dimension, is named."""
+    from tally.chaos.verdict import dimension_totals
+
+    class Stack:
+        def __init__(self, dims: dict[str, int]) -> None:
+            self.dims = dims
+
+        def sql(self, query: str) -> list[tuple[int, int]]:
+            return [(10, 4)]  # non-bot events, of which with a value
+
+        def pg_query(self, query: str, params: tuple = ()) -> list[tuple]:
+            if "value_bins" in query:
+                return [("valued", 4)]
+            if "rollup_cube" in query:
+                return [("all", 10)]
+            return list(self.dims.items()) if "rollup_dim_1h" in query else [
+                (d, 10) for d in ("page", "source", "country", "device", "browser", "os")]
+
+    every = dict.fromkeys(("page", "source", "country", "device", "browser", "os"), 10)
+    assert dimension_totals(Stack(every)) == []
+    wrong = dimension_totals(Stack({**every, "device": 11}))
+    assert len(wrong) == 1 and wrong[0].startswith("rollup_dim_1h counts") and "'device': 11" in wrong[0]
+    assert dimension_totals(Stack({k: v for k, v in every.items() if k != "os"}))[0].startswith("rollup_dim_1h")

@@ -123,7 +123,9 @@ def test_reconcile_takes_a_duration_ago_and_defaults_to_now(capsys):
 def test_reconcile_from_1h_against_the_real_stores(settings, monkeypatch, capsys):
     for name, value in settings.raw.items():
         monkeypatch.setenv(name, value)
-    domain = f"nobody-{uuid.uuid4().hex[:8]}.example"
+    from tests.conftest import registered
+
+    domain = registered(settings.pg_dsn, f"nobody-{uuid.uuid4().hex[:8]}.example")  # unregistered: exit 2 (ADR 48)
     assert main(["reconcile", "--from", "1h", "--domain", domain, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["differences"] == []

@@ -11,6 +11,7 @@ import psycopg
 from collector.sealer import flush_refusals
 from core.event import REFUSALS_MARK, decode_refusal_count
 from spool.segments import read_record, sealed_segments, segment_records
+from tests.conftest import registered
 from tests.test_pipeline import pipeline  # noqa: F401 - the fixture
 
 
@@ -71,10 +72,13 @@ def test_status_counts_accepted_bots_late_and_refusals_by_reason_once(pipeline, 
 
 
 def test_status_of_a_quiet_domain_and_refusals(pipeline, domain):  # noqa: F811
+    unknown = pipeline.api.get(f"/api/v1/domains/{domain}/status", headers=pipeline.api_headers)
+    assert unknown.status_code == 404 and unknown.json["error"]["code"] == "unknown_domain"  # ADR 48
+    registered(pipeline.settings.pg_dsn, domain)
     body = status(pipeline, domain)
     assert body["periods"]["1h"] == {"since": body["periods"]["1h"]["since"], "accepted": 0, "refused": {},
                                      "refused_total": 0, "refused_values": {}, "bots": 0, "late": 0}
-    assert body["origins"] is None  # not registered
+    assert body["origins"] == []  # registered, no origin yet
     assert body["last_event_at"] is None
     assert set(body["freshness"]) == {"customer_store_written_at", "analyst_store_written_at"}
     bad = pipeline.api.get(f"/api/v1/domains/{domain}/status?last=1h", headers=pipeline.api_headers)
@@ -238,3 +242,18 @@ def test_offending_values_are_printable_and_cut():
     assert offending("a\x00b\nc") == "a?b?c"
     assert offending("é" * 300) == "é" * 200
     assert offending(12) == "12"
+
+
+def test_a_capped_site_sees_which_dimension_hit_the_cap_and_what_went_to_other(pipeline, domain):  # noqa: F811
+    """ADR 46: with 2 pages admitted per day, the third and fourth distinct pages are counted as '(other)'; the
+    status names the dimension, the day and the events folded (none for a dimension under the cap)."""
+    pipeline.rollups.sink.cap = 2  # TALLY_DIMENSION_CAP=2 for this worker
+    now = datetime.now(UTC)
+    pipeline.post([{"domain": domain, "url": f"https://{domain}{p}", "type": "pageview"}
+                   for p in ["/a", "/a", "/b", "/b", "/c", "/d", "/d"]])
+    pipeline.ship()
+    pipeline.drain()
+    capped = status(pipeline, domain)["capped"]
+    assert [(c["dimension"], c["other_events"]) for c in capped] == [("page", 3)]
+    day = datetime.fromisoformat(capped[0]["day_start"])
+    assert now - timedelta(days=1) < day <= now

@@ -31,11 +31,18 @@ def stack(settings):
     s.close()
 
 
+# The tables by dimension, the value bins and the cap's admitted values (ADR 46).
+DIMENSION_TABLES = ("rollup_dim_15m", "rollup_dim_1h", "rollup_dim_1d", "rollup_cube_1h", "rollup_cube_1d",
+                    "value_bins_15m", "value_bins_1h", "value_bins_1d", "dim_keys")
+
+
 def snapshot(dsn: str, domain: str) -> dict[str, list[tuple]]:
     out = {t: rows(dsn, domain, t) for t in TIERS}
     with psycopg.connect(dsn) as conn:
         out["rollup_1d"] = conn.execute("SELECT tz, event_type, bucket_start, events, valued, value_sum FROM rollup_1d"
                                         " WHERE domain = %s ORDER BY 1, 2, 3", (domain,)).fetchall()
+        for table in DIMENSION_TABLES:
+            out[table] = sorted(conn.execute(f"SELECT * FROM {table} WHERE domain = %s", (domain,)).fetchall())
     return out
 
 
@@ -46,12 +53,21 @@ def corrupt(dsn: str, domain: str) -> None:
         conn.execute("DELETE FROM rollup_15m WHERE domain = %s AND event_type = 'pageview'", (domain,))
         conn.execute("UPDATE rollup_1h SET events = 0 WHERE domain = %s", (domain,))
         conn.execute("DELETE FROM rollup_1d WHERE domain = %s AND event_type = 'impression'", (domain,))
+        conn.execute("UPDATE rollup_dim_15m SET events = events + 1 WHERE domain = %s AND dimension = 'page'",
+                     (domain,))
+        conn.execute("DELETE FROM rollup_dim_1d WHERE domain = %s AND dimension = 'browser'", (domain,))
+        conn.execute("UPDATE rollup_cube_1d SET value_sum = 1 WHERE domain = %s", (domain,))
+        conn.execute("DELETE FROM value_bins_1h WHERE domain = %s", (domain,))
+        conn.execute("UPDATE value_bins_15m SET count = count + 2 WHERE domain = %s", (domain,))
+        conn.execute("DELETE FROM dim_keys WHERE domain = %s AND dimension = 'page'", (domain,))
+        conn.execute("INSERT INTO rollup_dim_1h SELECT domain, event_type, bucket_start, 'country', 'ZZ', 5, 0, NULL"
+                     " FROM rollup_1h WHERE domain = %s", (domain,))
 
 
 def test_rebuild_restores_every_tier_and_running_it_twice_changes_nothing(stack, cli, settings, domain):
     stack.send(domain, TRAFFIC)
     good = snapshot(settings.pg_dsn, domain)
-    assert good["rollup_15m"] and good["rollup_1h"] and good["rollup_1d"]
+    assert all(good[t] for t in ("rollup_15m", "rollup_1h", "rollup_1d", *DIMENSION_TABLES))
     corrupt(settings.pg_dsn, domain)
     assert snapshot(settings.pg_dsn, domain) != good
     lo, hi = window()
@@ -171,3 +187,38 @@ def test_chunks_are_utc_days():
         (datetime(2026, 3, 2, tzinfo=UTC), datetime(2026, 3, 3, tzinfo=UTC)),
         (datetime(2026, 3, 3, tzinfo=UTC), t + timedelta(days=1, hours=3))]
     assert list(chunks(t, t + timedelta(minutes=15))) == [(t, t + timedelta(minutes=15))]
+
+
+def test_rebuild_caps_each_day_by_count_then_value_and_agrees_with_every_table(stack, cli, settings, domain,
+                                                                               monkeypatch):
+    """ADR 46: the live sink admits pages first come (cap 1000: all four here); a rebuild with TALLY_DIMENSION_CAP=2
+    keeps the first 2 of the day by events, ties by value (/a 3, then /c before /d at 2 each) and counts the
+    rest as '(other)' in the tables by dimension and the cube; every event is still counted once."""
+    at = mid(10).isoformat()
+    pages = ["/b", "/d", "/d", "/c", "/a", "/c", "/a", "/a"]
+    stack.post([{"domain": domain, "url": f"https://{domain}{p}", "type": "pageview", "ts": at} for p in pages])
+    stack.ship()
+    stack.drain()
+
+    def page_rows() -> tuple[dict[str, int], list[str], dict[str, int]]:
+        with psycopg.connect(settings.pg_dsn) as conn:
+            day = dict(conn.execute("SELECT key, sum(events)::int FROM rollup_dim_1d WHERE domain = %s"
+                                    " AND dimension = 'page' GROUP BY key", (domain,)).fetchall())
+            keys = [r[0] for r in conn.execute("SELECT key FROM dim_keys WHERE domain = %s AND dimension = 'page'"
+                                               " ORDER BY key", (domain,)).fetchall()]
+            cube = dict(conn.execute("SELECT page, sum(events)::int FROM rollup_cube_1h WHERE domain = %s"
+                                     " GROUP BY page", (domain,)).fetchall())
+        return day, keys, cube
+
+    assert page_rows() == ({"/a": 3, "/b": 1, "/c": 2, "/d": 2}, ["/a", "/b", "/c", "/d"],
+                           {"/a": 3, "/b": 1, "/c": 2, "/d": 2})
+    monkeypatch.setenv("TALLY_DIMENSION_CAP", "2")
+    lo, hi = window()
+    code, out, err = cli("rebuild", "--from", lo, "--to", hi, "--domain", domain)
+    assert code == 0, err
+    capped = {"/a": 3, "/c": 2, "(other)": 3}
+    assert page_rows() == (capped, ["/a", "/c"], capped)
+    with psycopg.connect(settings.pg_dsn) as conn:
+        devices = conn.execute("SELECT sum(events)::int FROM rollup_dim_15m WHERE domain = %s AND dimension = 'device'",
+                               (domain,)).fetchone()[0]
+    assert devices == len(pages)

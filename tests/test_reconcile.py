@@ -206,9 +206,11 @@ def test_missing_secret_with_embedded_clickhouse_is_a_configuration_error(cli, m
     assert code == 2 and "TALLY_SECRET" in err
 
 
-def test_unreachable_analyst_server_exits_3(cli, monkeypatch, domain):
+def test_unreachable_analyst_server_exits_3(cli, monkeypatch, settings, domain):
     from infra.processes import free_port
+    from tests.conftest import registered
 
+    registered(settings.pg_dsn, domain)  # an unregistered --domain exits 2 first (ADR 48)
     monkeypatch.setenv("TALLY_ANALYST_URL", f"http://127.0.0.1:{free_port()}")
     lo, hi = window()
     code, out, err = cli("reconcile", "--from", lo, "--to", hi, "--domain", domain)
@@ -438,3 +440,22 @@ def test_the_schedule_runs_and_records_for_the_gauge(isolated, domain):
         stop.set()
         thread.join(timeout=30)
     assert found == 1 and not thread.is_alive()
+
+
+def test_reconcile_compares_the_rollups_by_dimension_with_clickhouse(stack, cli, settings, domain):
+    """ADR 46: on a sample of the agreeing buckets, rollup_dim_15m is compared with ClickHouse's events grouped
+    by dimension value; a corrupted page count and a lost browser row are named, the 15-minute totals agreeing."""
+    stack.send(domain, TRAFFIC)
+    lo, hi = window()
+    assert cli("reconcile", "--from", lo, "--to", hi, "--domain", domain)[0] == 0
+    with psycopg.connect(settings.pg_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE rollup_dim_15m SET events = events + 4 WHERE domain = %s AND dimension = 'page'"
+                     " AND key = '/10/3'", (domain,))
+        conn.execute("DELETE FROM rollup_dim_15m WHERE domain = %s AND dimension = 'browser'"
+                     " AND event_type = 'pageview' AND bucket_start = %s", (domain, floor_quarter(mid(40))))
+    code, out, _ = cli("reconcile", "--from", lo, "--to", hi, "--domain", domain, "--json")
+    diffs = {(d["type"], d["field"]): (d["pg"], d["ch"]) for d in json.loads(out)["differences"]}
+    assert code == 1
+    assert diffs[("impression", "page[/10/3].events")] == (5, 1)
+    assert diffs[("pageview", "browser[].events")] == (0, 5)
+    assert all(not f.startswith(("events", "valued", "value_")) for _, f in diffs)

@@ -176,7 +176,7 @@ def test_tally_retention_cli(db, tmp_path):
     out = json.loads(dry.stdout)
     assert out["dry_run"] is True
     by_table = {t["table"]: t for t in out["tables"]}
-    assert set(by_table) == {"rollup_15m", "rollup_1h", "rollup_1d", "seen_events"}
+    assert set(by_table) == set(partitions.TABLES)  # the tiers, seen_events and the tables by dimension (ADR 46)
     assert [x["name"] for x in by_table["rollup_15m"]["expired"]] == [partition_for("rollup_15m", old).name]
     assert by_table["rollup_1d"]["keep_days"] == 0 and by_table["rollup_1d"]["cutoff"] is None
     with psycopg.connect(db) as conn:
@@ -286,3 +286,36 @@ def test_tally_retention_cli_prunes_the_status_tables(db, tmp_path):
                for line in done.stdout.splitlines()), done.stdout
     with psycopg.connect(db) as conn:
         assert [len(v) for v in status_rows(conn).values()] == [1, 1]
+
+
+def test_the_tables_by_dimension_follow_their_tiers_retention_and_dim_keys_the_dedup_window(db):
+    """ADR 46: rollup_dim_*, rollup_cube_* and value_bins_* are kept as long as their tier (dropped by whole
+    partitions with it), dim_keys as long as the dedup window."""
+    s = settings(TALLY_RETENTION_15M_DAYS="10", TALLY_RETENTION_1H_DAYS="60", TALLY_RETENTION_1D_DAYS="600")
+    keep = keep_days_from(s)
+    for tier, days in (("15m", 10), ("1h", 60), ("1d", 600)):
+        for table in partitions.TIER_TABLES[tier]:
+            assert keep[table] == days, table
+    assert {"rollup_dim_15m", "value_bins_15m", "rollup_cube_1h", "rollup_cube_1d"} <= set(keep)
+    assert keep["dim_keys"] == keep["seen_events"] == 9
+    old_15m, old_1h, old_1d, old_key = (NOW - timedelta(days=12), datetime(2026, 3, 31, 23, tzinfo=UTC),
+                                        datetime(2023, 6, 1, tzinfo=UTC), NOW - timedelta(days=11))
+    with psycopg.connect(db) as conn:
+        for table, t in (("rollup_dim_15m", old_15m), ("value_bins_15m", old_15m), ("rollup_dim_1h", old_1h),
+                         ("rollup_cube_1h", old_1h), ("value_bins_1d", old_1d), ("rollup_dim_1d", old_1d),
+                         ("dim_keys", old_key), ("rollup_dim_15m", NOW), ("dim_keys", NOW)):
+            ensure_partitions(conn, table, t, t)
+        conn.execute("INSERT INTO rollup_dim_15m VALUES ('r.example', 'pageview', %s, 'page', '/', 1, 0, NULL),"
+                     " ('r.example', 'pageview', %s, 'page', '/', 1, 0, NULL)", (old_15m, NOW))
+        conn.execute("INSERT INTO dim_keys VALUES ('r.example', 'page', %s, '/'), ('r.example', 'page', %s, '/')",
+                     (old_key, NOW))
+        conn.commit()
+        plans = {p.table: [x.name for x in p.expired] for p in maintain(conn, keep, NOW)}
+        assert plans["rollup_dim_15m"] == [partition_for("rollup_dim_15m", old_15m).name]
+        assert plans["value_bins_15m"] == [partition_for("value_bins_15m", old_15m).name]
+        assert plans["rollup_dim_1h"] == ["rollup_dim_1h_p202603"]
+        assert plans["rollup_cube_1h"] == ["rollup_cube_1h_p202603"]
+        assert plans["value_bins_1d"] == ["value_bins_1d_p2023"] and plans["rollup_dim_1d"] == ["rollup_dim_1d_p2023"]
+        assert plans["dim_keys"] == [partition_for("dim_keys", old_key).name]
+        assert conn.execute("SELECT bucket_start FROM rollup_dim_15m").fetchall() == [(NOW,)]
+        assert conn.execute("SELECT day_start FROM dim_keys").fetchall() == [(NOW,)]

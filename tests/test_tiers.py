@@ -23,6 +23,7 @@ from oltp import sites, tiers
 from oltp.partitions import ensure_partitions
 from oltp.queries import DailyZone, OutsideRetention, QueryError, Retention, RollupReader, bucket_bounds, choose_tier
 from oltp.rollup_sink import RollupSink
+from tests.conftest import registered
 
 UTC = UTC
 
@@ -453,6 +454,7 @@ def test_a_domain_without_history_that_old_lost_nothing_and_is_answered(servers,
     """Retention drops what is older than its cutoff; a domain whose first event is newer lost nothing:
     its (zero) buckets are the truth, served by the aligned tier as usual."""
     client, _ = make_api(TALLY_RETENTION_15M_DAYS="90")
+    registered(servers.pg_dsn, domain)  # the API answers only registered sites (ADR 48)
     now = datetime.now(UTC)
     sink.write([event(domain, now - timedelta(days=30))])
     old = {"from": (now - timedelta(days=100)).isoformat(), "to": (now - timedelta(days=99)).isoformat()}
@@ -463,8 +465,10 @@ def test_a_domain_without_history_that_old_lost_nothing_and_is_answered(servers,
     assert resp.status_code == 400 and resp.json["error"]["code"] == "outside_retention"
 
 
-def test_the_summary_is_refused_when_the_15_minute_tier_no_longer_keeps_its_previous_period(sink, domain, make_api):
+def test_the_summary_is_refused_when_the_15_minute_tier_no_longer_keeps_its_previous_period(sink, domain, make_api,
+                                                                                          servers):
     client, _ = make_api(TALLY_RETENTION_15M_DAYS="10")
+    registered(servers.pg_dsn, domain)  # the API answers only registered sites (ADR 48)
     sink.write([event(domain, datetime.now(UTC) - timedelta(days=20))])
     week = client.get(f"/api/v1/domains/{domain}/summary", query_string={"last": "7d"})
     assert week.status_code == 400 and week.json["error"]["code"] == "outside_retention"

@@ -2,6 +2,8 @@
 
 ClickHouse is read through the API's analyst SQL (`tally.events FINAL`, paged by hash prefix under the
 answer's row cap); PostgreSQL directly (`seen_events` hashes, `rollup_15m` sums). `check_store` is pure.
+The rollups by dimension (ADR 46) are checked by their totals: every dimension of every tier, the cube and
+the value bins must count ClickHouse's non-bot events (with a value, for the bins) exactly (`dimension_totals`).
 """
 
 from __future__ import annotations
@@ -150,6 +152,34 @@ def _ch_rows(stack: ChaosStack) -> dict[str, str | None]:
     return rows
 
 
+_DIMENSION_TOTALS = {
+    "rollup_dim_15m": "SELECT dimension, sum(events) FROM rollup_dim_15m WHERE domain = %s GROUP BY 1",
+    "rollup_dim_1h": "SELECT dimension, sum(events) FROM rollup_dim_1h WHERE domain = %s GROUP BY 1",
+    "rollup_dim_1d": "SELECT dimension, sum(events) FROM rollup_dim_1d WHERE domain = %s GROUP BY 1",
+    "rollup_cube_1h": "SELECT 'all', sum(events) FROM rollup_cube_1h WHERE domain = %s",
+    "rollup_cube_1d": "SELECT 'all', sum(events) FROM rollup_cube_1d WHERE domain = %s",
+    "value_bins_15m": "SELECT 'valued', sum(count) FROM value_bins_15m WHERE domain = %s",
+    "value_bins_1h": "SELECT 'valued', sum(count) FROM value_bins_1h WHERE domain = %s",
+    "value_bins_1d": "SELECT 'valued', sum(count) FROM value_bins_1d WHERE domain = %s",
+}
+
+
+def dimension_totals(stack: ChaosStack) -> list[str]:
+    """What the rollups by dimension count that ClickHouse's non-bot events do not (empty: they agree)."""
+    people, valued = (int(x) for x in stack.sql(
+        "SELECT countIf(ifNull(device, '') != 'bot'), countIf(ifNull(device, '') != 'bot' AND value IS NOT NULL)"
+        f" FROM tally.events FINAL WHERE domain = '{DOMAIN}'")[0])
+    out = []
+    for table, sql in _DIMENSION_TOTALS.items():
+        got = {str(k): int(n or 0) for k, n in stack.pg_query(sql, (DOMAIN,))}
+        want = valued if table.startswith("value_bins") else people
+        expected = {k: want for k in got} if table.startswith(("value_bins", "rollup_cube")) else \
+            dict.fromkeys(("page", "source", "country", "device", "browser", "os"), want)
+        if people and got != expected:
+            out.append(f"{table} counts {got}, ClickHouse's non-bot events {want}")
+    return out
+
+
 def compare(stack: ChaosStack, ledger: Ledger, spooled: set[str] | None = None) -> tuple[StoreCheck, StoreCheck]:
     """Both stores against the ledger: (PostgreSQL, ClickHouse). Raises if a store cannot be read."""
     ch_rows = _ch_rows(stack)
@@ -170,4 +200,8 @@ def compare(stack: ChaosStack, ledger: Ledger, spooled: set[str] | None = None) 
     if unknown_seen and not refusal_windows:
         pg.detail.append(f"{unknown_seen} hashes in seen_events that neither ClickHouse nor the load knows")
         pg.duplicated += unknown_seen
+    if ch.ok:  # then ClickHouse's events are the reference for the rollups by dimension
+        dims = dimension_totals(stack)
+        pg.detail += dims
+        pg.duplicated += len(dims)
     return pg, ch

@@ -1,0 +1,185 @@
+"""Breakdowns: a metric per value of one dimension over a range, from the dimension rollups (ADR 48).
+
+Counts come from `rollup_dim_*` (no filter, or one filter on the broken-down dimension) or, for a
+filter on another dimension or two or more filters, from `rollup_cube_*`; the range is read from
+several tiers at once (oltp/spans.py). Visitors come from the per-key HLL sketches of `visitors_dim_1d`
+(oltp/visitors.py), which are kept per local day: a visitors breakdown covers the site's local days
+covering the range, and says so in its `lo`/`hi`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+
+from oltp import visitors as vis
+from oltp.filters import DIMENSIONS, Filter, cube_where
+from oltp.queries import DailyZone, QueryError, boundaries
+from oltp.spans import DAY_S, Span, spans, tier_label
+
+METRICS = ("visitors", "pageviews", "impressions", "value")
+# A visitors breakdown merges the daily sketches of at most this many values (or twice the rows asked), those with
+# the most events: past it the ranking could only change for values with fewer events than visitors (noted).
+MAX_VISITOR_KEYS = 128
+TYPES = {"pageviews": ["pageview"], "impressions": ["impression"], "value": ["impression", "pageview"],
+         "visitors": ["impression", "pageview"]}
+
+
+@dataclass(frozen=True, slots=True)
+class BreakdownRow:
+    key: str  # as stored ('' = none)
+    count: int | Decimal  # events, or the value sum for metric=value, or visitors
+    value_sum: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Breakdown:
+    tier: str
+    lo: datetime  # the range actually counted (widened for combined filters and visitors)
+    hi: datetime
+    total: int | Decimal
+    rows: list[BreakdownRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class BreakdownQuery:
+    domain: str
+    dimension: str
+    metric: str
+    lo: datetime
+    hi: datetime
+    filters: tuple[Filter, ...] = ()
+    limit: int = 10
+    offset: int = 0
+
+    def uses_cube(self) -> bool:
+        """Whether the combined-filter tables answer: a filter on another dimension, or two or more."""
+        return len(self.filters) > 1 or any(f.dimension != self.dimension for f in self.filters)
+
+
+def _piece_sql(s: Span, i: int, q: BreakdownQuery, cube: bool) -> tuple[str, dict[str, object]]:
+    """One span's rows as (key, events, value_sum) for a UNION ALL; column names from DIMENSIONS only."""
+    assert q.dimension in DIMENSIONS
+    params: dict[str, object] = {f"lo{i}": s.lo, f"hi{i}": s.hi}
+    where = f"r.domain = %(domain)s AND r.bucket_start >= %(lo{i})s AND r.bucket_start < %(hi{i})s" \
+            " AND r.event_type = ANY(%(types)s)"
+    if s.tier == "1d":
+        where += " AND r.tz = %(tz)s"
+    if cube:
+        extra, fparams = cube_where(q.filters)
+        params.update(fparams)
+        return (f"SELECT r.{q.dimension} AS key, r.events, r.value_sum FROM rollup_cube_{s.tier} r "
+                f"WHERE {where}{extra}"), params
+    extra = " AND r.key = %(fkey)s" if q.filters else ""
+    return (f"SELECT r.key, r.events, r.value_sum FROM rollup_dim_{s.tier} r "
+            f"WHERE {where} AND r.dimension = %(dim)s{extra}"), params
+
+
+def _counts_sql(pieces: list[Span], q: BreakdownQuery, cube: bool, order: str) -> tuple[str, dict[str, object]]:
+    parts, params = [], {}
+    for i, s in enumerate(pieces):
+        sql, p = _piece_sql(s, i, q, cube)
+        parts.append(sql)
+        params.update(p)
+    inner = " UNION ALL ".join(parts)
+    sql = f"""
+    SELECT key, events, value_sum, sum(events) OVER ()::bigint, sum(value_sum) OVER ()::numeric(24, 6)
+    FROM (SELECT key, sum(events)::bigint AS events, coalesce(sum(value_sum), 0)::numeric(24, 6) AS value_sum
+          FROM ({inner}) x GROUP BY key) g
+    ORDER BY {order} DESC, key LIMIT %(limit)s OFFSET %(offset)s"""
+    return sql, params
+
+
+def counts(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> Breakdown:
+    """pageviews / impressions / value per key over [q.lo, q.hi) (see the module doc)."""
+    cube = q.uses_cube()
+    pieces = spans(q.lo, q.hi, daily, hourly_only=cube)
+    order = "value_sum" if q.metric == "value" else "events"
+    sql, params = _counts_sql(pieces, q, cube, order)
+    params.update({"domain": q.domain, "tz": daily.registered_tz, "types": TYPES[q.metric], "dim": q.dimension,
+                   "fkey": q.filters[0].key if q.filters else "", "limit": q.limit, "offset": q.offset})
+    found = conn.execute(sql, params).fetchall()
+    value = q.metric == "value"
+    rows = [BreakdownRow(k, vs if value else ev, vs) for k, ev, vs, _, _ in found]
+    first = found[0] if found else _first_row(conn, pieces, q, cube, params)
+    total: int | Decimal = (Decimal("0.000000") if value else 0) if first is None else first[4 if value else 3]
+    notes = []
+    if cube and (pieces[0].lo != q.lo or pieces[-1].hi != q.hi):
+        notes.append("combined filters are answered from the hourly and daily tiers: the range counted is the "
+                     "UTC hours covering the one asked")
+    return Breakdown(tier_label(pieces), pieces[0].lo, pieces[-1].hi, total, rows, notes)
+
+
+def _first_row(conn: psycopg.Connection, pieces: list[Span], q: BreakdownQuery, cube: bool,
+               params: dict[str, object]) -> tuple[Any, ...] | None:
+    """When the page asked (offset) is past the last key: the first row, for the totals (None: no key at all)."""
+    if q.offset == 0:
+        return None
+    sql, _ = _counts_sql(pieces, q, cube, "events")
+    row: tuple[Any, ...] | None = conn.execute(sql, {**params, "limit": 1, "offset": 0}).fetchone()
+    return row
+
+
+def covering_days(tz: str, lo: datetime, hi: datetime) -> tuple[datetime, datetime]:
+    """The local days of `tz` covering [lo, hi): (start of the day holding lo, first day start >= hi)."""
+    a, b = int(lo.timestamp()), -int(-hi.timestamp() // 1)
+    found = boundaries(ZoneInfo(tz), a - 3 * DAY_S, b + 3 * DAY_S, DAY_S)
+    first = max((t for t in found if t <= a), default=None)
+    last = min((t for t in found if t >= b), default=None)
+    if first is None or last is None:
+        raise QueryError(f"no day boundary near the range in {tz}")
+    return datetime.fromtimestamp(first, UTC), datetime.fromtimestamp(last, UTC)
+
+
+def visitors(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> Breakdown:
+    """Visitors per key over the local days covering the range (the sketches are daily per key).
+
+    The rows are top-k by the sketches' estimates: keys are tried in the order of their events (both types)
+    over the same days, and since a key never has more visitors than events, the search stops once the
+    k-th best visitors count reaches the events of the next key untried (exact), or after MAX_VISITOR_KEYS
+    keys (then `notes` says the ranking could miss a value with fewer events).
+    """
+    if q.uses_cube():
+        raise QueryError("visitors are kept per dimension value, not per combination: a visitors breakdown "
+                         "takes only a filter on the dimension it breaks down")
+    lo, hi = covering_days(daily.registered_tz, q.lo, q.hi)
+    tz = daily.registered_tz
+    total = vis.visitors_total(conn, q.domain, tz, lo, hi)
+    if q.filters:
+        found = vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, [q.filters[0].key])
+        rows = [BreakdownRow(k, v) for k, v in found.items() if v > 0][q.offset:q.offset + q.limit]
+        return Breakdown("1d", lo, hi, total, rows)
+    by_events = _events_by_key(conn, q, daily, lo, hi)
+    need = q.offset + q.limit
+    best: dict[str, int] = {}
+    i, batch, cap = 0, max(64, 2 * need), max(MAX_VISITOR_KEYS, 2 * need)
+    while i < len(by_events):
+        keys = [k for k, _ in by_events[i:min(i + batch, cap)]]
+        best.update(vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, keys))
+        i += len(keys)
+        ranked = sorted(best.values(), reverse=True)
+        if i >= len(by_events) or i >= cap or (len(ranked) >= need and ranked[need - 1] >= by_events[i][1]):
+            break
+    ordered = sorted(((k, v) for k, v in best.items() if v > 0), key=lambda kv: (-kv[1], kv[0]))
+    rows = [BreakdownRow(k, v) for k, v in ordered[q.offset:need]]
+    notes = []
+    if i < len(by_events) and len(ordered) >= need and ordered[need - 1][1] < by_events[i][1]:
+        notes.append(f"visitors were counted for the {i} values with the most events; a value with fewer events "
+                     "could have more visitors than the last row")
+    return Breakdown("1d", lo, hi, total, rows, notes)
+
+
+def _events_by_key(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone, lo: datetime,
+                   hi: datetime) -> list[tuple[str, int]]:
+    """Every key's events (both types) over [lo, hi), most first."""
+    pieces = spans(lo, hi, daily)
+    sql, params = _counts_sql(pieces, BreakdownQuery(q.domain, q.dimension, "visitors", lo, hi), False, "events")
+    params.update({"domain": q.domain, "tz": daily.registered_tz, "types": TYPES["visitors"], "dim": q.dimension,
+                   "fkey": "", "limit": None, "offset": 0})
+    return [(k, int(ev)) for k, ev, *_ in conn.execute(sql, params).fetchall()]

@@ -1,0 +1,468 @@
+"""Unique visitors: HyperLogLog sketches of the daily visitor key (issue 17 item 2, docs/adr/0047-visitor-sketches.md).
+
+Tables (migration 0011): `visitors_1h` per (domain, UTC hour), `visitors_1d` per (domain, zone, local day) and
+`visitors_dim_1d` per (domain, zone, local day, dimension, capped value); each `sketch` is an Apache DataSketches
+HLL sketch (HLL_4) serialized compact: a few bytes per visitor while small (list/set mode), at most
+~8.2 KiB (lg_k 14, the domain totals: RSE 0.8 %) or ~2.1 KiB (lg_k 12, per dimension value: RSE 1.6 %).
+
+A key (the columns before `sketch`) may have several rows: its sketch is their union. Write side: the rollup sink
+calls `add_visitors(cur, groups)` in its batch transaction, which appends one partial sketch per group (one
+statement) and every COMPACT_AT batches merges a key's rows into one. A union is idempotent, so a redelivered
+event adds nothing and the sink may pass every event of a batch, counted or not; no `seen_events` bookkeeping
+is needed here. `tally rebuild` recomputes the sketches from ClickHouse (`rebuild_visitors`).
+
+Read side (`visitors_total`, `visitors_series`, `visitors_by_key`): a range is answered by merging sketches,
+never by adding counts (a visitor seen on two days counts once). Ranges are widened to whole UTC hours.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from typing import Any, Protocol
+
+import msgspec
+import psycopg
+from datasketches import hll_sketch, hll_union, tgt_hll_type
+
+from oltp.queries import DailyZone
+from oltp.rows import one
+from oltp.tiers import DayStarts, zone
+
+# grain ('1h' | '1d'), domain, tz ('' for 1h), bucket start, dimension ('' = domain total), key, distinct visitors
+VisitorGroup = tuple[str, str, str, datetime, str, str, list[str]]
+
+DIMENSIONS = ("page", "source", "country", "device", "browser", "os")
+TOTAL_LG_K = 14  # domain totals (1h, 1d): relative standard error 1.04 / sqrt(2**14) = 0.8 %
+DIM_LG_K = 12    # per dimension value (1d): 1.6 %, at most ~2.1 KiB a sketch (ADR 47)
+HLL_TYPE = tgt_hll_type.HLL_4
+HOUR = timedelta(hours=1)
+
+COMPACT_AT = 16  # rows of one key (partial sketches) after which the writer merges them into one
+
+# Per table: name, key columns (the index's order), their SQL types, lg_k.
+_TABLES: tuple[tuple[str, tuple[str, ...], tuple[str, ...], int], ...] = (
+    ("visitors_1h", ("domain", "bucket_start"), ("text", "timestamptz"), TOTAL_LG_K),
+    ("visitors_1d", ("domain", "tz", "bucket_start"), ("text", "text", "timestamptz"), TOTAL_LG_K),
+    ("visitors_dim_1d", ("domain", "tz", "dimension", "bucket_start", "key"),
+     ("text", "text", "text", "timestamptz", "text"), DIM_LG_K),
+)
+
+
+def _param(t: int, col: str) -> str:
+    return f"t{t}_{col}"
+
+
+def _unnest(t: int, cols: tuple[str, ...], types: tuple[str, ...], sketch: bool) -> str:
+    arrays = [f"%({_param(t, c)})s::{ty}[]" for c, ty in zip(cols, types, strict=True)]
+    return "unnest(" + ", ".join(arrays + ([f"%({_param(t, 'sketch')})s::bytea[]"] if sketch else [])) + ")"
+
+
+def _insert_sql() -> str:
+    """One statement inserting the partial sketches of all three tables."""
+    parts = [f"i{t} AS (INSERT INTO {table} ({', '.join(cols)}, sketch) SELECT * FROM {_unnest(t, cols, types, True)})"
+             for t, (table, cols, types, _) in enumerate(_TABLES)]
+    return f"WITH {', '.join(parts)} SELECT 1"
+
+
+def _take_sql() -> str:
+    """One statement deleting every row of some keys of the three tables and returning their sketches."""
+    parts = []
+    for t, (table, cols, types, _) in enumerate(_TABLES):
+        on = " AND ".join(f"v.{c} = u.{c}" for c in cols)
+        parts.append(f"d{t} AS (DELETE FROM {table} v USING {_unnest(t, cols, types, False)} WITH ORDINALITY"
+                     f" AS u({', '.join(cols)}, i) WHERE {on} RETURNING {t} AS t, u.i, v.sketch)")
+    return f"WITH {', '.join(parts)} " + " UNION ALL ".join(f"SELECT t, i, sketch FROM d{t}" for t in range(3))
+
+
+_INSERT = _insert_sql()
+_TAKE = _take_sql()
+_JSON = msgspec.json.Encoder().encode
+
+
+def _array(values: Sequence[Any]) -> str | list[Any]:
+    """Text or timestamps as one PostgreSQL array literal written by msgspec in C (psycopg's own list dumper runs
+    Python per element); the list itself when a value needs a backslash escape (as oltp/rollup_sink.py's)."""
+    data = _JSON(values)
+    if b"\\" in data:
+        return list(values)
+    return "{" + data[1:-1].decode() + "}"
+
+
+def _bytea_array(values: Sequence[bytes]) -> str:
+    """Sketches as one bytea[] literal of hex strings."""
+    return "{" + ",".join([f'"\\\\x{b.hex()}"' for b in values]) + "}"
+
+
+Rows = list[list[tuple[Any, ...]]]  # per table: (key columns..., sketch)
+
+
+def _params(rows: Rows, sketches: bool = True) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for t, (_, cols, _, _) in enumerate(_TABLES):
+        columns = list(zip(*rows[t], strict=True)) or [()] * (len(cols) + sketches)
+        params.update({_param(t, c): _array(v) for c, v in zip(cols, columns[:len(cols)], strict=True)})
+        if sketches:
+            params[_param(t, "sketch")] = _bytea_array(columns[-1])
+    return params
+
+
+def _gather(groups: Iterable[VisitorGroup]) -> Rows:
+    """Per table, (key columns..., sketch of the group's visitors) (groups with the same key are joined)."""
+    maps: tuple[dict[tuple[Any, ...], Any], ...] = ({}, {}, {})
+    k: tuple[Any, ...]
+    for grain, domain, tz, start, dimension, key, visitors in groups:
+        if grain == "1h":
+            t, k = 0, (domain, start)
+        elif grain != "1d":
+            raise ValueError(f"visitor group grain must be '1h' or '1d', not {grain!r}")
+        elif not dimension:
+            t, k = 1, (domain, tz, start)
+        else:
+            t, k = 2, (domain, tz, dimension, start, key)
+        if visitors:
+            sketch = maps[t].get(k)
+            if sketch is None:
+                sketch = maps[t][k] = hll_sketch(_TABLES[t][3], HLL_TYPE)
+            update = sketch.update
+            for v in visitors:
+                update(v)
+    return [[(*k, s.serialize_compact()) for k, s in m.items()] for m in maps]
+
+
+class _Appended:
+    """Partial rows this process appended per key since it last merged that key (thread-safe). Only decides when
+    to merge: a key holds at most COMPACT_AT rows per process that writes it (a domain's events go to one Kafka
+    partition, so usually one), plus those left by a process that stopped. Forgotten when it grows past
+    MAX_KEYS (those keys are merged later than they could be, never wrongly)."""
+
+    MAX_KEYS = 500_000
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[int, tuple[Any, ...]], int] = {}
+        self._lock = threading.Lock()
+
+    def due(self, rows: Rows) -> list[list[tuple[Any, ...]]]:
+        """Count one more row for each key of `rows`; the keys (per table) that reached COMPACT_AT, reset."""
+        due: list[list[tuple[Any, ...]]] = [[], [], []]
+        with self._lock:
+            if len(self._counts) > self.MAX_KEYS:
+                self._counts.clear()
+            counts = self._counts
+            for t, table_rows in enumerate(rows):
+                for row in table_rows:
+                    k = (t, row[:-1])
+                    n = counts.get(k)
+                    # a key seen first starts at a point of its own: keys written together merge in different batches
+                    n = (hash(k) % COMPACT_AT if n is None else n) + 1
+                    if n >= COMPACT_AT:
+                        due[t].append(row[:-1])
+                        n = 0
+                    counts[k] = n
+        return due
+
+
+_APPENDED = _Appended()
+
+
+def add_visitors(cur: psycopg.Cursor[Any], groups: Sequence[VisitorGroup]) -> None:
+    """Add each group's visitor keys to its sketch, inside the caller's transaction (nothing is committed here).
+
+    Append only (ADR 47): one statement inserts a partial sketch of each group's visitors (a few bytes per
+    visitor, built here); a key to which this process has appended COMPACT_AT rows is merged into one row in
+    the same transaction (one statement deletes its rows returning the sketches, one inserts their union). No
+    row is read-modified-written or locked otherwise; a key's sketch is the union of its rows, so re-adding a
+    visitor (a redelivered batch) changes no answer. The partitions must exist (the sink's
+    `ensure_tier_partitions` creates them with the tiers'). Groups without visitors are ignored; a grain other
+    than '1h' / '1d' is a ValueError."""
+    rows = _gather(groups)
+    if not any(rows):
+        return
+    cur.execute(_INSERT, _params(rows), prepare=False)
+    due = _APPENDED.due(rows)
+    if any(due):
+        compact(cur, due)
+
+
+def compact(cur: psycopg.Cursor[Any], keys: list[list[tuple[Any, ...]]]) -> None:
+    """Merge every row of these keys (per table: key column tuples) into one, in the caller's transaction. The
+    DELETE takes the rows it merges: a concurrent compaction of the same key merges the others (never one row
+    twice), and a partial sketch inserted meanwhile stays beside the merged row."""
+    taken: dict[tuple[int, int], list[bytes]] = {}
+    for t, i, sketch in cur.execute(_TAKE, _params(keys, sketches=False), prepare=False):
+        taken.setdefault((t, i - 1), []).append(sketch)
+    merged: Rows = [[], [], []]
+    for (t, i), sketches in sorted(taken.items()):
+        union = hll_union(_TABLES[t][3])
+        for s in sketches:
+            union.update(hll_sketch.deserialize(s))
+        merged[t].append((*keys[t][i], union.get_result(HLL_TYPE).serialize_compact()))
+    if any(merged):
+        cur.execute(_INSERT, _params(merged), prepare=False)
+
+
+# --------------------------------------------------------------------------------------------- read side
+
+_DAILY_ZONE = """
+SELECT r.tz, coalesce(c.tz, r.tz), coalesce(c.complete_from, TIMESTAMPTZ '1970-01-01 00:00:00+00')
+FROM (SELECT coalesce((SELECT tz FROM sites WHERE domain = %(domain)s), 'UTC') AS tz) r
+LEFT JOIN rollup_1d_coverage c ON c.domain = %(domain)s
+"""
+
+
+def daily_zone(conn: psycopg.Connection[Any], domain: str) -> DailyZone:
+    """The zone visitors_1d is written in for `domain` and from when it is complete (rollup_1d's coverage, ADR 19)."""
+    registered, written, complete_from = one(conn.execute(_DAILY_ZONE, {"domain": domain}))
+    return DailyZone(registered, written, complete_from)
+
+
+def _floor_hour(t: datetime) -> datetime:
+    t = t.astimezone(UTC)
+    return t.replace(minute=0, second=0, microsecond=0)
+
+
+def _ceil_hour(t: datetime) -> datetime:
+    f = _floor_hour(t)
+    return f if f == t else f + HOUR
+
+
+def _hours(lo: datetime, hi: datetime) -> list[datetime]:
+    out, t = [], lo
+    while t < hi:
+        out.append(t)
+        t += HOUR
+    return out
+
+
+def _check(lo: datetime, hi: datetime) -> None:
+    if lo.tzinfo is None or hi.tzinfo is None:
+        raise ValueError("visitors: times must be timezone-aware")
+    if hi <= lo:
+        raise ValueError("visitors: 'hi' must be after 'lo'")
+
+
+def plan_range(lo: datetime, hi: datetime, daily: DailyZone, days: DayStarts) -> tuple[list[datetime], list[datetime]]:
+    """Which sketches answer [lo, hi), widened to whole UTC hours: (visitors_1d day starts, visitors_1h hours).
+
+    The daily sketches of the zone they are written in serve the whole days inside the (widened) range from the day the
+    daily tier is complete (`DailyZone.complete_from`), and only while that zone is the site's registered one
+    (after a zone change, hours answer: ADR 19's rule); hourly sketches cover the rest of [lo, hi). Where a day
+    does not start on a UTC hour (+05:30), an edge hour overlaps the day: harmless, a union counts a visitor
+    once. A range that is exactly whole days (a daily bucket) needs no hour at all."""
+    lo_h, hi_h = _floor_hour(lo), _ceil_hour(hi)
+    written = daily.written_tz
+    if written is not None and written == daily.registered_tz:
+        start = max(lo_h, daily.complete_from) if daily.complete_from is not None else lo_h
+        span = days.span(written, lo_h, hi_h)
+        whole = [(a, b) for a, b in pairwise(span) if a >= start and b <= hi_h]
+        if whole:
+            first, end = whole[0][0], whole[-1][1]
+            head = _hours(lo_h, _ceil_hour(first)) if lo < first else []
+            tail = _hours(_floor_hour(end), hi_h) if end < hi else []
+            return [a for a, _ in whole], head + tail
+    return [], _hours(lo_h, hi_h)
+
+
+def _fetch(conn: psycopg.Connection[Any], domain: str, tz: str | None, day_starts: Iterable[datetime],
+           hours: Iterable[datetime]) -> tuple[dict[datetime, list[bytes]], dict[datetime, list[bytes]]]:
+    """The sketch rows (a key may have several, see `add_visitors`) of these days (in `tz`) and hours."""
+    days_wanted, hours_wanted = sorted(set(day_starts)), sorted(set(hours))
+    daily: dict[datetime, list[bytes]] = {}
+    hourly: dict[datetime, list[bytes]] = {}
+    if days_wanted:
+        for start, sketch in conn.execute("SELECT bucket_start, sketch FROM visitors_1d WHERE domain = %s"
+                                          " AND tz = %s AND bucket_start = ANY(%s)", (domain, tz, days_wanted),
+                                          binary=True):
+            daily.setdefault(start, []).append(sketch)
+    if hours_wanted:
+        for start, sketch in conn.execute("SELECT bucket_start, sketch FROM visitors_1h WHERE domain = %s"
+                                          " AND bucket_start = ANY(%s)", (domain, hours_wanted), binary=True):
+            hourly.setdefault(start, []).append(sketch)
+    return daily, hourly
+
+
+def estimate(sketches: Sequence[bytes], lg_k: int = TOTAL_LG_K) -> int:
+    """Distinct visitors in the union of these serialized sketches (0 for none). One sketch answers with its
+    own estimator (HIP, more accurate than a union's)."""
+    if not sketches:
+        return 0
+    if len(sketches) == 1:
+        return int(round(hll_sketch.deserialize(sketches[0]).get_estimate()))
+    union = hll_union(lg_k)
+    for s in sketches:
+        union.update(hll_sketch.deserialize(s))
+    return int(round(union.get_estimate()))
+
+
+def _estimate_ranges(conn: psycopg.Connection[Any], domain: str, ranges: list[tuple[datetime, datetime]]) -> list[int]:
+    daily, days = daily_zone(conn, domain), DayStarts()
+    plans = [plan_range(lo, hi, daily, days) for lo, hi in ranges]
+    by_day, by_hour = _fetch(conn, domain, daily.written_tz, (d for p in plans for d in p[0]),
+                             (h for p in plans for h in p[1]))
+    return [estimate([s for d in p[0] for s in by_day.get(d, ())] + [s for h in p[1] for s in by_hour.get(h, ())])
+            for p in plans]
+
+
+def visitors_total(conn: psycopg.Connection[Any], domain: str, tz: str, lo: datetime, hi: datetime) -> int:
+    """Distinct visitors in [lo, hi) widened to whole UTC hours (`plan_range`); 0 when no sketch.
+
+    `tz` (the caller's zone) does not change the answer: the daily sketches serve wherever a whole day of the
+    zone they were written in lies in the range, whatever the zone of the caller's buckets."""
+    _check(lo, hi)
+    return _estimate_ranges(conn, domain, [(lo, hi)])[0]
+
+
+def visitors_series(conn: psycopg.Connection[Any], domain: str, tz: str, tier: str,
+                    starts: list[datetime]) -> list[int]:
+    """Visitors per bucket: bucket i is [starts[i], starts[i+1]); the last one is an hour long (tier '1h') or
+    ends at the next day start in `tz` (tier '1d'). Each is answered as `visitors_total` answers its range."""
+    if tier not in ("1h", "1d"):
+        raise ValueError("visitors_series: tier must be '1h' or '1d'")
+    if not starts:
+        return []
+    for a, b in pairwise(starts):
+        _check(a, b)
+    last_end = starts[-1] + HOUR if tier == "1h" else DayStarts().next_start(tz, starts[-1])
+    return _estimate_ranges(conn, domain, list(zip(starts, [*starts[1:], last_end], strict=True)))
+
+
+_BY_KEY = """
+SELECT v.tz, v.bucket_start, v.key, v.sketch FROM visitors_dim_1d v
+WHERE v.domain = %(domain)s AND v.dimension = %(dimension)s
+  AND v.tz IN (SELECT DISTINCT tz FROM visitors_1d WHERE domain = %(domain)s
+               AND bucket_start >= %(lo)s AND bucket_start < %(hi)s)
+  AND v.bucket_start >= %(lo)s AND v.bucket_start < %(hi)s
+  AND (%(keys)s::text[] IS NULL OR v.key = ANY(%(keys)s::text[]))
+"""
+
+
+def visitors_by_key(conn: psycopg.Connection[Any], domain: str, tz: str, dimension: str, lo: datetime,
+                    hi: datetime, keys: list[str] | None = None) -> dict[str, int]:
+    """Distinct visitors per value of `dimension` ('' = none, '(other)' = past the cap) over the local days that
+    overlap [lo, hi): the daily sketches of each value merged. Days are those the sketches were written in (the
+    site's zone then; after a zone change both zones' days, a union counting each visitor once). `keys`
+    limits the answer to those values (a page of a breakdown: much less to merge). Values without visitors
+    are absent."""
+    _check(lo, hi)
+    if dimension not in DIMENSIONS:
+        raise ValueError(f"dimension must be one of {', '.join(DIMENSIONS)}")
+    rows = conn.execute(_BY_KEY, {"domain": domain, "dimension": dimension, "lo": lo - timedelta(days=2),
+                                  "hi": hi, "keys": keys}, binary=True).fetchall()
+    days = DayStarts()
+    per_key: dict[str, list[bytes]] = {}
+    for written, start, key, sketch in rows:
+        if days.next_start(written, start) > lo:
+            per_key.setdefault(key, []).append(sketch)
+    return {key: estimate(sketches, DIM_LG_K) for key, sketches in per_key.items()}
+
+
+# --------------------------------------------------------------------------------------------- rebuild
+
+OTHER = "(other)"  # the key of values past the cap (as oltp/rollup_dims.py)
+
+
+class VisitorSource(Protocol):
+    """What `rebuild_visitors` asks ClickHouse (olap/aggregates.py `visitors`): the distinct (domain, UTC quarter
+    hour, visitor, page, source, country, device, browser, os) of the non-bot events with a visitor key in
+    [lo, hi), '' for a missing value."""
+
+    def visitors(self, lo: datetime, hi: datetime, domain: str | None = None) -> list[tuple[Any, ...]]: ...
+
+
+@dataclass
+class _Rebuilt:
+    """The sketches' contents of a rebuilt range: key -> visitors, as `_gather` makes them."""
+
+    hourly: dict[tuple[str, datetime], set[str]] = field(default_factory=dict)
+    daily: dict[tuple[str, str, datetime], set[str]] = field(default_factory=dict)
+    dims: dict[tuple[str, str, datetime, str, str], set[str]] = field(default_factory=dict)  # day, dimension, key
+
+
+def rebuild_visitors(conn: psycopg.Connection[Any], source: VisitorSource, lo: datetime, hi: datetime,
+                     domain: str | None = None, *, cap: int = 1000) -> int:
+    """Recompute the visitor sketches of [lo, hi) (one domain, or all) from ClickHouse, inside the caller's
+    transaction: `tally rebuild`'s chunk transaction (oltp/rebuild.py), which holds the sinks off and has made
+    sure ClickHouse holds every event PostgreSQL counted, so replacing loses nothing (a sink adding an event
+    again later changes nothing: the union is idempotent). Returns the sketches written.
+
+    Like `oltp.tiers.rederive`: the hours are widened to whole UTC hours, the days to the whole local days of
+    each domain's registered zone that overlap [lo, hi) (ClickHouse is asked for that wider range); days kept
+    under another zone are left alone. A dimension value keeps its key where the daily rollup by dimension
+    (`rollup_dim_1d`, rebuilt first) has it; the others of that day are '(other)'; a day without any such row
+    (before the rollups by dimension existed) admits its `cap` values with the most visitors."""
+    _check(lo, hi)
+    lo_h, hi_h = _floor_hour(lo), _ceil_hour(hi)
+    zones = {d: zone(tz).key for d, tz in conn.execute("SELECT domain, tz FROM sites").fetchall()}
+    days = DayStarts()
+    spans = {tz: days.span(tz, lo, hi) for tz in {*zones.values(), "UTC"}}
+    wide_lo = min(lo_h, *(s[0] for s in spans.values()))
+    wide_hi = max(hi_h, *(s[-1] for s in spans.values()))
+    got = _Rebuilt()
+    for d, quarter, visitor, *values in source.visitors(wide_lo, wide_hi, domain):
+        tz = zones.get(d, "UTC")
+        span = spans[tz]
+        if lo_h <= quarter < hi_h:
+            got.hourly.setdefault((d, _floor_hour(quarter)), set()).add(visitor)
+        if span[0] <= quarter < span[-1]:
+            day = days.start(tz, quarter)
+            got.daily.setdefault((d, tz, day), set()).add(visitor)
+            for dimension, key in zip(DIMENSIONS, values, strict=True):
+                got.dims.setdefault((d, tz, day, dimension, key), set()).add(visitor)
+    _delete_range(conn, lo_h, hi_h, spans, zones, domain, {d for d, *_ in got.daily})
+    dims = _capped(conn, got.dims, cap)
+    groups: list[VisitorGroup] = [("1h", d, "", t, "", "", list(v)) for (d, t), v in got.hourly.items()]
+    groups += [("1d", d, tz, t, "", "", list(v)) for (d, tz, t), v in got.daily.items()]
+    groups += [("1d", d, tz, t, dim, k, list(v)) for (d, tz, dim, t, k), v in dims.items()]
+    with conn.cursor() as cur:
+        add_visitors(cur, groups)
+    return len(groups)
+
+
+def _delete_range(conn: psycopg.Connection[Any], lo_h: datetime, hi_h: datetime, spans: dict[str, list[datetime]],
+                  zones: dict[str, str], domain: str | None, seen: set[str]) -> None:
+    """Delete the sketches `rebuild_visitors` replaces: the hours of [lo_h, hi_h), and per registered zone the
+    days of its span, of the domains that have events there or sketches near it."""
+    only = {"domain": domain}
+    conn.execute("DELETE FROM visitors_1h WHERE bucket_start >= %(lo)s AND bucket_start < %(hi)s"
+                 " AND (%(domain)s::text IS NULL OR domain = %(domain)s)", {"lo": lo_h, "hi": hi_h, **only})
+    lo_d, hi_d = min(s[0] for s in spans.values()), max(s[-1] for s in spans.values())
+    near = conn.execute("SELECT DISTINCT domain FROM visitors_1d WHERE bucket_start >= %(lo)s AND bucket_start < %(hi)s"
+                        " AND (%(domain)s::text IS NULL OR domain = %(domain)s)", {"lo": lo_d, "hi": hi_d, **only})
+    by_zone: dict[str, list[str]] = {}
+    for d in sorted(seen | {r[0] for r in near.fetchall()}):
+        by_zone.setdefault(zones.get(d, "UTC"), []).append(d)
+    for tz, domains in by_zone.items():
+        params = {"domains": domains, "tz": tz, "lo": spans[tz][0], "hi": spans[tz][-1]}
+        for table in ("visitors_1d", "visitors_dim_1d"):
+            conn.execute(f"DELETE FROM {table} WHERE domain = ANY(%(domains)s) AND tz = %(tz)s"
+                         " AND bucket_start >= %(lo)s AND bucket_start < %(hi)s", params)
+
+
+def _capped(conn: psycopg.Connection[Any], dims: dict[tuple[str, str, datetime, str, str], set[str]],
+            cap: int) -> dict[tuple[str, str, str, datetime, str], set[str]]:
+    """Per (domain, tz, dimension, day, key) the visitors, the keys capped as the daily rollup by dimension has
+    them (see `rebuild_visitors`); '' is never folded."""
+    days = sorted({(d, tz, t) for d, tz, t, _, _ in dims})
+    known: dict[tuple[str, str, datetime, str], set[str]] = {}
+    if days:
+        rows = conn.execute(
+            "SELECT r.domain, r.tz, r.bucket_start, r.dimension, r.key FROM rollup_dim_1d r"
+            " JOIN unnest(%s::text[], %s::text[], %s::timestamptz[]) AS u(domain, tz, bucket_start)"
+            " USING (domain, tz, bucket_start) GROUP BY 1, 2, 3, 4, 5", [list(c) for c in zip(*days, strict=True)])
+        for d, tz, t, dimension, key in rows.fetchall():
+            known.setdefault((d, tz, t, dimension), set()).add(key)
+    ranked = sorted(dims.items(), key=lambda kv: (-len(kv[1]), kv[0][4]))
+    out: dict[tuple[str, str, str, datetime, str], set[str]] = {}
+    admitted: dict[tuple[str, str, datetime, str], int] = {}
+    for (d, tz, t, dimension, key), visitors in ranked:
+        day = (d, tz, t, dimension)
+        keys = known.get(day)
+        if key != "" and (key not in keys if keys is not None else admitted.get(day, 0) >= cap):
+            key = OTHER
+        elif key != "" and keys is None:
+            admitted[day] = admitted.get(day, 0) + 1
+        out.setdefault((d, tz, dimension, t, key), set()).update(visitors)
+    return out

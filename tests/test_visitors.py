@@ -1,0 +1,411 @@
+"""Unique visitors (issue 17 item 2, ADR 47): HLL sketches written by `add_visitors` into the session's real
+PostgreSQL, answered by merging; checked against exact distinct counts."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+
+import psycopg
+import pytest
+from datasketches import hll_sketch, hll_union
+
+from oltp import sites
+from oltp.partitions import TABLES, TIER_TABLES, keep_days_from
+from oltp.queries import DailyZone
+from oltp.tiers import DayStarts, ensure_tier_partitions
+from oltp.visitors import (
+    COMPACT_AT,
+    HLL_TYPE,
+    TOTAL_LG_K,
+    add_visitors,
+    plan_range,
+    rebuild_visitors,
+    visitors_by_key,
+    visitors_series,
+    visitors_total,
+)
+
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+# Recent whole UTC days: inside the partitions migration 0011 makes (ensured again below anyway).
+BASE = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - 8 * DAY
+
+
+def keys(prefix: str, n: int) -> list[str]:
+    """Visitor keys (deterministic: the estimates of a test are the same on every run)."""
+    return [f"{prefix}-{i:08x}" for i in range(n)]
+
+
+def close(estimate: int, exact: int, within: float = 0.02) -> bool:
+    return abs(estimate - exact) <= within * exact
+
+
+@pytest.fixture()
+def db(servers):
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+        ensure_tier_partitions(conn, BASE - 2 * DAY, BASE + 10 * DAY)
+        yield conn
+
+
+def add(conn: psycopg.Connection, groups) -> None:
+    with conn.transaction(), conn.cursor() as cur:
+        add_visitors(cur, groups)
+
+
+def hour_groups(domain: str, hour: datetime, visitors: list[str], tz: str = "UTC",
+                day: datetime | None = None, dims: dict[tuple[str, str], list[str]] | None = None):
+    """The groups the sink passes for these visitors in one UTC hour of one local day."""
+    day = day or hour.replace(hour=0)
+    out = [("1h", domain, "", hour, "", "", visitors), ("1d", domain, tz, day, "", "", visitors)]
+    out += [("1d", domain, tz, day, d, k, v) for (d, k), v in (dims or {}).items()]
+    return out
+
+
+def row_counts(conn: psycopg.Connection, domain: str) -> dict[str, int]:
+    return {t: conn.execute(f"SELECT count(*) FROM {t} WHERE domain = %s", (domain,)).fetchone()[0]
+            for t in ("visitors_1h", "visitors_1d", "visitors_dim_1d")}
+
+
+@pytest.mark.parametrize("distinct", [1_000, 10_000, 100_000])
+def test_domain_totals_are_within_2_percent_through_postgres(db, domain, distinct):
+    """Batches of 5000 keys (each key sent twice, in two batches) into one hour and its day: 1h, 1d and the
+    range answers within 2 % of the exact count."""
+    everyone = keys("v", distinct)
+    hour = BASE + 10 * HOUR
+    batches = [everyone[i:i + 5000] for i in range(0, distinct, 5000)]
+    for i, batch in enumerate(batches):
+        add(db, hour_groups(domain, hour, batch + (batches[i - 1][:2500] if i else [])))
+    add(db, hour_groups(domain, hour, batches[-1]))  # a redelivered batch
+    assert close(visitors_series(db, domain, "UTC", "1h", [hour])[0], distinct)
+    assert close(visitors_series(db, domain, "UTC", "1d", [BASE])[0], distinct)
+    assert close(visitors_total(db, domain, "UTC", BASE, BASE + DAY), distinct)
+    assert close(visitors_total(db, domain, "UTC", hour, hour + timedelta(minutes=30)), distinct)
+
+
+def test_a_million_distinct_in_process(lg_k=TOTAL_LG_K, within=0.02):
+    """1M distinct keys: one sketch (serialized, read back) and the union of ten disjoint 100k sketches."""
+    union = hll_union(lg_k)
+    whole = hll_sketch(lg_k, HLL_TYPE)
+    for part in range(10):
+        s = hll_sketch(lg_k, HLL_TYPE)
+        for i in range(100_000):
+            key = f"visitor-{part}-{i}"
+            s.update(key)
+            whole.update(key)
+        union.update(hll_sketch.deserialize(s.serialize_compact()))
+    assert close(round(hll_sketch.deserialize(whole.serialize_compact()).get_estimate()), 1_000_000, within)
+    assert close(round(union.get_estimate()), 1_000_000, within)
+
+
+def week(domain: str, tz: str = "UTC", base: datetime = BASE) -> tuple[dict[datetime, list[str]], list]:
+    """7 days x 6 hours; 600 regulars come back every day (in different hours), 300 new visitors a day.
+    Returns the visitors per UTC hour and the groups (day starts of `tz`)."""
+    regulars, by_hour, groups = keys("r", 600), {}, []
+    days = DayStarts()
+    for d in range(7):
+        fresh = keys(f"n{d}-", 300)
+        for h in range(6):
+            hour = base + d * DAY + (3 + 3 * h) * HOUR
+            visitors = regulars[h * 100:(h + 1) * 100] + fresh[h * 50:(h + 1) * 50]
+            by_hour[hour] = visitors
+            pages = {("page", "/a"): visitors[:60], ("page", "/b"): visitors[60:]}
+            groups += hour_groups(domain, hour, visitors, tz, days.start(tz, hour), pages)
+    return by_hour, groups
+
+
+def exact(by_hour: dict[datetime, list[str]], lo: datetime, hi: datetime) -> int:
+    return len({v for h, vs in by_hour.items() if lo <= h < hi for v in vs})
+
+
+def test_seven_days_are_merged_not_summed(db, domain):
+    by_hour, groups = week(domain)
+    add(db, groups)
+    daily = visitors_series(db, domain, "UTC", "1d", [BASE + d * DAY for d in range(7)])
+    assert all(close(n, 900) for n in daily)
+    total = visitors_total(db, domain, "UTC", BASE, BASE + 7 * DAY)
+    assert close(total, 600 + 7 * 300) and total < sum(daily) * 0.5
+    # Ragged edges: hours at the ends, days between (and a range inside one day: hours only).
+    for lo, hi in ((BASE + 7 * HOUR, BASE + 4 * DAY + 13 * HOUR), (BASE + DAY + 5 * HOUR, BASE + DAY + 10 * HOUR)):
+        assert close(visitors_total(db, domain, "UTC", lo, hi), exact(by_hour, lo, hi))
+    hourly = visitors_series(db, domain, "UTC", "1h", [BASE + 3 * HOUR, BASE + 4 * HOUR, BASE + 6 * HOUR])
+    assert hourly == [150, 0, 150]  # small sketches count exactly
+
+
+def test_a_zone_whose_days_start_off_the_hour(db, servers, domain):
+    """Asia/Kolkata (+05:30): days start at 18:30 UTC; the edge hours overlap the daily sketches, which a
+    union counts once."""
+    sites.add(servers.pg_dsn, domain, tz="Asia/Kolkata")
+    by_hour, groups = week(domain, "Asia/Kolkata")
+    add(db, groups)
+    daily = DailyZone("Asia/Kolkata", "Asia/Kolkata", datetime(1970, 1, 1, tzinfo=UTC))
+    lo, hi = BASE, BASE + 7 * DAY
+    days, hours = plan_range(lo, hi, daily, DayStarts())
+    assert len(days) == 6 and days[0] == BASE + timedelta(hours=18, minutes=30)
+    assert BASE + 18 * HOUR in hours and BASE + 6 * DAY + 18 * HOUR in hours
+    assert close(visitors_total(db, domain, "Asia/Kolkata", lo, hi), exact(by_hour, lo, hi))
+    starts = DayStarts().span("Asia/Kolkata", BASE + DAY, BASE + 3 * DAY)[:-1]
+    series = visitors_series(db, domain, "Asia/Kolkata", "1d", starts)
+    assert [close(n, exact(by_hour, a, a + DAY)) for n, a in zip(series, starts, strict=True)] == [True] * len(starts)
+
+
+def test_plan_falls_back_to_hours_after_a_zone_change_and_before_the_daily_tier_is_complete():
+    days = DayStarts()
+    lo, hi = BASE, BASE + 3 * DAY
+    every_hour = [BASE + i * HOUR for i in range(72)]
+    assert plan_range(lo, hi, DailyZone("UTC", "UTC", BASE - DAY), days) == ([BASE, BASE + DAY, BASE + 2 * DAY], [])
+    assert plan_range(lo, hi, DailyZone("Europe/Paris", "UTC", BASE - DAY), days) == ([], every_hour)
+    assert plan_range(lo, hi, DailyZone("UTC", None, None), days) == ([], every_hour)
+    assert plan_range(lo, hi, DailyZone("UTC", "UTC", BASE + DAY), days) == ([BASE + DAY, BASE + 2 * DAY],
+                                                                               every_hour[:24])
+    # quarter-hour bounds are widened to whole hours
+    assert plan_range(BASE + timedelta(hours=10, minutes=15), BASE + timedelta(hours=11, minutes=15),
+                      DailyZone("UTC", "UTC", BASE), days) == ([], [BASE + 10 * HOUR, BASE + 11 * HOUR])
+
+
+def test_zone_change_answers_from_hours(db, servers, domain):
+    """A site whose zone changed: its daily sketches (old zone) are not used; the hours answer the same."""
+    by_hour, groups = week(domain)
+    add(db, groups)
+    sites.add(servers.pg_dsn, domain, tz="Europe/Paris")
+    with db.transaction():
+        db.execute("INSERT INTO rollup_1d_coverage (domain, tz, complete_from) VALUES (%s, 'UTC', %s)", (domain, BASE))
+        db.execute("UPDATE visitors_1d SET sketch = %s WHERE domain = %s",
+                   (hll_sketch(TOTAL_LG_K, HLL_TYPE).serialize_compact(), domain))  # would answer 0
+    assert close(visitors_total(db, domain, "Europe/Paris", BASE, BASE + 7 * DAY), 600 + 7 * 300)
+
+
+def test_a_redelivered_batch_changes_nothing(db, domain):
+    by_hour, groups = week(domain)
+    add(db, groups)
+
+    def answers():
+        return (visitors_total(db, domain, "UTC", BASE, BASE + 7 * DAY),
+                visitors_series(db, domain, "UTC", "1d", [BASE + d * DAY for d in range(7)]),
+                visitors_series(db, domain, "UTC", "1h", sorted(by_hour)),
+                visitors_by_key(db, domain, "UTC", "page", BASE, BASE + 7 * DAY))
+
+    before = answers()
+    add(db, groups[: len(groups) // 2])
+    add(db, list(reversed(groups)))
+    for _ in range(COMPACT_AT):  # redelivered again and again: the rows are merged, the answers stay
+        add(db, groups[:3])
+    assert answers() == before
+    assert max(row_counts(db, domain).values()) <= 3 * 7 * 6 * 2  # not one row per batch: merged
+    add(db, [("1h", domain, "", BASE + 3 * HOUR, "", "", ["someone-new"])])
+    assert visitors_series(db, domain, "UTC", "1h", [BASE + 3 * HOUR]) == [151]
+
+
+def test_rows_of_a_key_are_merged_every_few_batches(db, domain):
+    """Every batch appends a partial sketch per key; every COMPACT_AT batches the key's rows are merged into one."""
+    hour = BASE + 9 * HOUR
+    people = keys("m", 3000)
+    merges, before = dict.fromkeys(row_counts(db, domain), 0), row_counts(db, domain)
+    for i in range(3 * COMPACT_AT):
+        add(db, hour_groups(domain, hour, people[(i * 100) % 3000:(i * 100) % 3000 + 100],
+                            dims={("device", "desktop"): people[i:i + 1]}))
+        counts = row_counts(db, domain)
+        assert max(counts.values()) <= COMPACT_AT
+        merges = {t: n + (counts[t] < before[t]) for t, n in merges.items()}
+        before = counts
+    assert min(merges.values()) >= 2  # each key's rows merged at least twice
+    assert close(visitors_series(db, domain, "UTC", "1h", [hour])[0], 3000)
+    assert visitors_by_key(db, domain, "UTC", "device", BASE, BASE + DAY) == {"desktop": 3 * COMPACT_AT}
+
+
+def test_visitors_per_key_are_merged_over_days(db, domain):
+    by_hour, groups = week(domain)
+    add(db, groups)
+    got = visitors_by_key(db, domain, "UTC", "page", BASE, BASE + 7 * DAY)
+    exact_a = len({v for vs in by_hour.values() for v in vs[:60]})
+    exact_b = len({v for vs in by_hour.values() for v in vs[60:]})
+    assert close(got["/a"], exact_a) and close(got["/b"], exact_b)
+    assert got["/a"] < 7 * 6 * 60  # regulars merged across days
+    day2 = visitors_by_key(db, domain, "UTC", "page", BASE + 2 * DAY + 5 * HOUR, BASE + 2 * DAY + 6 * HOUR, ["/a"])
+    assert day2 == {"/a": 6 * 60}  # the local day holding the range; only the key asked
+    assert visitors_by_key(db, domain, "UTC", "country", BASE, BASE + 7 * DAY) == {}
+    with pytest.raises(ValueError, match="dimension must be one of"):
+        visitors_by_key(db, domain, "UTC", "url", BASE, BASE + DAY)
+
+
+def test_no_sketch_answers_zero_and_bad_input_is_refused(db, domain):
+    assert visitors_total(db, domain, "UTC", BASE, BASE + DAY) == 0
+    assert visitors_series(db, domain, "UTC", "1d", [BASE, BASE + DAY]) == [0, 0]
+    with pytest.raises(ValueError, match="after"):
+        visitors_total(db, domain, "UTC", BASE, BASE)
+    with pytest.raises(ValueError, match="tier"):
+        visitors_series(db, domain, "UTC", "15m", [BASE])
+    with pytest.raises(ValueError, match="grain"):
+        add(db, [("15m", domain, "", BASE, "", "", ["x"])])
+
+
+def test_concurrent_batches_on_the_same_key_lose_nothing(servers, db, domain):
+    """Two sinks add to the same (domain, hour) at once, each compacting: nothing is lost, nothing waits."""
+    hour = BASE + 5 * HOUR
+    a, b = keys("a", 300), keys("b", 300)
+    for i in range(COMPACT_AT - 1):
+        add(db, hour_groups(domain, hour, a[i:i + 1]))
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as other:
+        with db.transaction(), db.cursor() as cur:
+            add_visitors(cur, hour_groups(domain, hour, a))  # its compaction: uncommitted yet
+            done = threading.Event()
+            thread = threading.Thread(target=lambda: (add(other, hour_groups(domain, hour, b)), done.set()))
+            thread.start()
+            thread.join(30)
+            assert done.is_set()  # an insert never waits for another batch
+    assert visitors_series(db, domain, "UTC", "1h", [hour]) == [600]
+    assert visitors_series(db, domain, "UTC", "1d", [BASE]) == [600]
+
+
+@pytest.mark.servers("postgres")
+def test_visitor_tables_are_partitioned_and_kept_like_their_tiers(make_settings):
+    s = make_settings(TALLY_RETENTION_1H_DAYS="400", TALLY_RETENTION_1D_DAYS="3000")
+    keep = keep_days_from(s)
+    assert keep["visitors_1h"] == 400 and keep["visitors_1d"] == keep["visitors_dim_1d"] == 3000
+    assert TABLES["visitors_1h"][1].name == "month" and TABLES["visitors_dim_1d"][1].name == "year"
+    assert "visitors_1h" in TIER_TABLES["1h"] and {"visitors_1d", "visitors_dim_1d"} <= set(TIER_TABLES["1d"])
+
+
+def test_events_through_the_rollup_sink_count_each_visitor_once(db, servers, domain):
+    """The real sink: bots and events without a visitor key are not counted; a redelivered batch changes nothing."""
+    from decimal import Decimal
+
+    from core.event import StoredEvent
+    from tests.test_tiers import Sink
+
+    def event(ts: datetime, visitor: str | None, page: str, device: str = "desktop") -> StoredEvent:
+        return StoredEvent(v=1, hash=uuid.uuid4().hex, domain=domain, url=f"https://{domain}{page}", ts=ts,
+                           received_at=ts, type="pageview", value=Decimal("1"), device=device, page=page,
+                           visitor=visitor)
+
+    t = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - 2 * HOUR
+    people = keys("p", 40)
+    events = [event(t + timedelta(minutes=i % 50), people[i % 40], f"/p{i % 3}") for i in range(200)]
+    events += [event(t, "a-bot", "/p0", device="bot"), event(t, None, "/p0")]
+    sink = Sink(servers.pg_dsn)
+    try:
+        sink.write(events[:120])
+        sink.write(events[100:])  # 20 events again
+        sink.write(events[:50])  # a redelivered batch
+    finally:
+        sink.sink.close()
+    assert visitors_total(db, domain, "UTC", t, t + HOUR) == 40
+    assert visitors_series(db, domain, "UTC", "1h", [t]) == [40]
+    assert visitors_by_key(db, domain, "UTC", "page", t, t + HOUR) == {"/p0": 40, "/p1": 40, "/p2": 40}
+    assert visitors_by_key(db, domain, "UTC", "device", t, t + HOUR) == {"desktop": 40}
+
+
+# ------------------------------------------------------------------------------------ tally rebuild
+
+@pytest.fixture()
+def ch(servers):
+    """A ClickHouse database of its own on the session's chDB, at the newest schema."""
+    from olap import schema
+    from olap.client import connect
+
+    client, name = connect(servers.chdb_dsn), f"vis_{uuid.uuid4().hex[:8]}"
+    schema.ensure_schema(client, name, 0)
+    yield client, name
+    client.command(f"DROP DATABASE IF EXISTS {name}")
+
+
+def ch_events(client, name: str, rows: list[tuple]) -> None:
+    """(domain, ts, visitor, page, device) rows as events."""
+    client.insert(f"{name}.events", [
+        (uuid.uuid4().hex, d, f"https://{d}{p}", ts, ts, "pageview", v, p, dev) for d, ts, v, p, dev in rows],
+        column_names=["hash", "domain", "url", "ts", "received_at", "type", "visitor", "page", "device"])
+
+
+def test_rebuild_replaces_the_sketches_from_clickhouse(db, servers, ch, domain):
+    from olap.aggregates import ClickHouseAggregates
+
+    client, name = ch
+    other = "other-" + domain
+    sites.add(servers.pg_dsn, domain, tz="Asia/Kolkata")
+    day0 = BASE + 2 * DAY
+    people = keys("c", 90)
+    rows = [(domain, day0 + timedelta(minutes=37 * i), people[i % 90], ("/a", "/a", "/b", "/c")[i % 4], "desktop")
+            for i in range(120)]  # 74 hours: parts of four Kolkata days
+    rows += [(domain, day0, "a-bot", "/a", "bot"), (domain, day0, None, "/a", "desktop"),
+             (other, day0, "someone", "/a", "desktop")]
+    ch_events(client, name, rows)
+    add(db, hour_groups(other, day0, ["x", "y"]))
+    lo, hi = day0, day0 + DAY  # one UTC day: its hours, and the Kolkata days overlapping it
+    add(db, hour_groups(domain, day0 + HOUR, keys("junk", 50), "Asia/Kolkata", day0 - timedelta(hours=5, minutes=30),
+                        {("page", "/a"): ["junk"]}))
+    source = ClickHouseAggregates(client, name)
+    with db.transaction():
+        assert rebuild_visitors(db, source, lo, hi, domain) > 0
+    real = [r for r in rows if r[0] == domain and r[2] and r[4] != "bot"]
+    for h in range(24):
+        hour = day0 + h * HOUR
+        want = len({v for _, ts, v, _, _ in real if hour <= ts < hour + HOUR})
+        assert visitors_series(db, domain, "Asia/Kolkata", "1h", [hour]) == [want], h
+    kolkata = DayStarts().span("Asia/Kolkata", lo, hi)
+    for a, b in pairwise(kolkata):  # whole days: the daily sketches answer
+        assert visitors_series(db, domain, "Asia/Kolkata", "1d", [a]) == [len({v for _, ts, v, _, _ in real
+                                                                               if a <= ts < b})]
+    pages = visitors_by_key(db, domain, "Asia/Kolkata", "page", kolkata[0], kolkata[0] + DAY)
+    first = [r for r in real if kolkata[0] <= r[1] < kolkata[1]]
+    assert pages == {p: len({r[2] for r in first if r[3] == p}) for p in ("/a", "/b", "/c")}
+    assert visitors_series(db, domain, "UTC", "1h", [day0 + 30 * HOUR]) == [0]  # outside the range: untouched
+    assert visitors_series(db, other, "UTC", "1h", [day0]) == [2]  # another domain: untouched
+    before = (row_counts(db, domain), visitors_total(db, domain, "UTC", lo - DAY, hi + DAY), pages)
+    with db.transaction():
+        rebuild_visitors(db, source, lo, hi, domain)  # again: the same sketches
+    assert (row_counts(db, domain), visitors_total(db, domain, "UTC", lo - DAY, hi + DAY),
+            visitors_by_key(db, domain, "Asia/Kolkata", "page", kolkata[0], kolkata[0] + DAY)) == before
+
+
+def test_rebuild_caps_keys_as_the_daily_rollup_by_dimension_has_them(db, servers, ch, domain):
+    from olap.aggregates import ClickHouseAggregates
+
+    client, name = ch
+    day0 = BASE + 3 * DAY
+    people = keys("k", 30)
+    rows = [(domain, day0 + timedelta(minutes=i), people[i], "/a" if i < 15 else "/b" if i < 25 else "/c", "")
+            for i in range(30)]
+    ch_events(client, name, rows)
+    source = ClickHouseAggregates(client, name)
+    with db.transaction():  # no rollup by dimension for the day: the `cap` values with most visitors stay
+        rebuild_visitors(db, source, day0, day0 + DAY, domain, cap=2)
+    assert visitors_by_key(db, domain, "UTC", "page", day0, day0 + DAY) == {"/a": 15, "/b": 10, "(other)": 5}
+    assert visitors_by_key(db, domain, "UTC", "device", day0, day0 + DAY) == {"": 30}
+    with db.transaction():
+        db.execute("INSERT INTO rollup_dim_1d (domain, tz, event_type, bucket_start, dimension, key, events)"
+                   " VALUES (%s, 'UTC', 'pageview', %s, 'page', '/c', 5), (%s, 'UTC', 'pageview', %s, 'page',"
+                   " '(other)', 25)", (domain, day0, domain, day0))
+        rebuild_visitors(db, source, day0, day0 + DAY, domain, cap=2)
+    assert visitors_by_key(db, domain, "UTC", "page", day0, day0 + DAY) == {"/c": 5, "(other)": 25}
+
+
+def test_the_visitors_question_travels_over_the_internal_route_format():
+    from olap.aggregates import _visitor_rows, encode_answer, parse_request
+
+    assert parse_request({"op": "visitors", "from_ms": 0, "to_ms": 1000, "domain": "a.example"})[0] == "visitors"
+    with pytest.raises(ValueError, match="only for op 'events'"):
+        parse_request({"op": "visitors", "from_ms": 0, "to_ms": 1000, "keys": []})
+    rows = [("a.example", BASE, "v1", "/a", "", "DE", "desktop", "Firefox", "Linux")]
+    import orjson
+    assert _visitor_rows(orjson.loads(encode_answer("visitors", rows))["rows"]) == rows
+
+
+def test_tally_rebuild_chunks_rebuild_the_sketches(db, ch, domain):
+    """oltp.rebuild's chunk transaction calls rebuild_visitors (no stack needed: no offsets to wait for)."""
+    from olap.aggregates import ClickHouseAggregates
+    from oltp.rebuild import rebuild
+    from oltp.reconcile import Groups
+
+    client, name = ch
+    day0 = BASE + 4 * DAY
+    people = keys("t", 20)
+    ch_events(client, name, [(domain, day0 + timedelta(minutes=7 * i), people[i % 20], "/", "desktop")
+                             for i in range(60)])
+    add(db, hour_groups(domain, day0, keys("junk", 5)))
+    tag = uuid.uuid4().hex[:8]
+    rebuild(db, ClickHouseAggregates(client, name), day0, day0 + DAY, Groups(f"r-{tag}", f"l-{tag}", f"t-{tag}"),
+            domain=domain)
+    assert visitors_series(db, domain, "UTC", "1h", [day0]) == [len({people[i % 20] for i in range(9)})]
+    assert visitors_total(db, domain, "UTC", day0, day0 + DAY) == 20

@@ -40,6 +40,7 @@ LAST = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400, "90d": 90 
 MAX_RANGE = timedelta(days=400)
 MAX_LIMIT = 1000
 MAX_OFFSET = 100_000
+MAX_VISITOR_ROWS = 1000  # offset + limit of a visitors breakdown (its cost is one sketch merge per value and day)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,9 @@ def _breakdown_request(domain: str) -> BreakdownRequest:
     filters = filters_arg(args)
     lo, hi = _range(args, datetime.now(UTC))
     query = BreakdownQuery(domain, dimension, metric, lo, hi, filters, limit, offset)
+    if metric == "visitors" and offset + limit > MAX_VISITOR_ROWS:
+        raise ApiError(400, "invalid_offset", f"a visitors breakdown ranks at most its first {MAX_VISITOR_ROWS} "
+                       "values (each merges its days' sketches): offset + limit must be at most that")
     if metric == "visitors" and query.uses_cube():
         raise ApiError(400, "invalid_filter", "visitors are kept per dimension value, not per combination: a "
                        "visitors breakdown takes only a filter on the dimension it breaks down")
@@ -180,11 +184,24 @@ def _row_json(q: BreakdownQuery, r: BreakdownRow, total: int | Decimal) -> dict[
     return out
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: object) -> object:
+    """A CSV cell a spreadsheet shows as text: keys come from visitors' URLs and referrers, so one starting
+    like a formula (`=cmd|...`) is prefixed with `'` (OWASP's CSV injection advice); None is empty."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _breakdown_csv(req: BreakdownRequest, found: Breakdown, rows: list[dict[str, Any]]) -> Response:
     q = req.query
     columns = ("key", "count", "share", "value_sum", *(("name",) if q.dimension == "country" else ()))
     table: list[tuple[object, ...]] = [columns]
-    table += [tuple("" if row.get(c) is None else row[c] for c in columns) for row in rows]
+    table += [tuple(_cell(row.get(c)) for c in columns) for row in rows]
     resp = Response(csv_text(table), content_type=FORMATS["csv"].content_type)
     resp.headers["Content-Disposition"] = f'attachment; filename="{q.domain}-{q.dimension}-{q.metric}.csv"'
     resp.headers["X-Tally-Tier"] = found.tier

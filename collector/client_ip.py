@@ -23,8 +23,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = tuple[int, int]  # (4 or 6, the address as an integer): parsed by the C library, ~20x ipaddress
 Interval = tuple[int, int, int]  # (4 or 6, first, last)
 
-MAX_HOPS = 32  # more entries than this is not a proxy chain: the peer is the client
-MAX_HEADER = 2048  # characters: 32 hops of the longest IPv6 text and more; longer is not a proxy chain
+MAX_HOPS = 32  # hops read from the right: a longer chain of trusted proxies is not one
+MAX_HEADER = 2048  # characters read from the right end of the header: 32 hops of the longest IPv6 text and more
 _MAPPED = 0xFFFF  # ::ffff:0:0/96, IPv4-mapped IPv6 addresses, >> 32
 
 
@@ -34,8 +34,10 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequenc
     if not trusted or not forwarded_for or not peer:
         return peer  # the common case costs one test
     networks = intervals(tuple(trusted))
-    if len(forwarded_for) > MAX_HEADER or not _trusted_peer(peer, networks):
+    if not _trusted_peer(peer, networks):
         return peer  # only a trusted peer's headers reach the cache below, and bounded
+    if len(forwarded_for) > MAX_HEADER:  # the right end is the proxies'; a cut first hop is dropped
+        forwarded_for = forwarded_for[-MAX_HEADER:].partition(",")[2]
     return _forwarded(forwarded_for, networks) or peer
 
 
@@ -47,20 +49,30 @@ def _trusted_peer(peer: str, trusted: tuple[Interval, ...]) -> bool:
 
 @lru_cache(maxsize=4096)
 def _forwarded(forwarded_for: str, trusted: tuple[Interval, ...]) -> str | None:
-    """The rightmost untrusted hop (all trusted: the leftmost); None when the list is malformed."""
-    parts = forwarded_for.split(",")
-    if len(parts) > MAX_HOPS:
-        return None
-    hops = [parse_address(part.strip()) for part in parts]
-    if any(hop is None for hop in hops):
-        return None  # malformed: believe nothing of it
-    for hop in reversed(hops):
-        assert hop is not None
+    """The rightmost untrusted hop of the rightmost MAX_HOPS; else the last trusted hop read (see the module
+    docstring); None when the rightmost hop is not an address."""
+    last_trusted: Address | None = None
+    for part in reversed(forwarded_for.rsplit(",", MAX_HOPS)[-MAX_HOPS:]):
+        hop = _hop(part.strip())
+        if hop is None:
+            break
         if not within(hop, trusted):
             return address_text(hop)
-    first = hops[0]
-    assert first is not None
-    return address_text(first)
+        last_trusted = hop
+    return None if last_trusted is None else address_text(last_trusted)
+
+
+def _hop(text: str) -> Address | None:
+    """One X-Forwarded-For entry: an address, possibly with a port (`a.b.c.d:port`, `[v6]:port`)."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end > 0 and text[end + 1:end + 2] == ":" and text[end + 2:].isdigit():
+            text = text[:end + 1]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if port.isdigit():
+            text = host
+    return parse_address(text)
 
 
 def parse_address(text: str) -> Address | None:

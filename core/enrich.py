@@ -30,12 +30,19 @@ from urllib.parse import unquote_plus
 MAX_PAGE = 2048  # core.event's limits (core sits below event: stated here, asserted equal there)
 MAX_SOURCE = 64
 MAX_UTM = 128
+# The page is also a key of the rollups' B-tree indexes (a row there holds at most 2704 bytes with the cube's
+# other keys): it is cut to this many UTF-8 bytes, on a character boundary.
+MAX_PAGE_BYTES = 1000
+RESERVED_KEYS = frozenset({"(none)", "(other)"})  # what the rollups show for no value and folded values
 NO_KEEP: frozenset[str] = frozenset()
 
 # scheme://, userinfo@ (dropped), host[:port], path, ?query; the fragment is never matched.
 _URL_RE = re.compile(r"([a-z][a-z0-9+.\-]*://)(?:[^@/?#]*@)?([^/?#]*)([^?#]*)(?:\?([^#]*))?",
                      re.IGNORECASE | re.DOTALL)
+# Control characters, and the invisible format characters (zero widths, bidirectional overrides, soft hyphen,
+# BOM) that would make a lookalike of another source in a panel.
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+_INVISIBLE_RE = re.compile(r"[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]+")
 _IPV4_RE = re.compile(r"[0-9]+(?:\.[0-9]+){3}")
 _PLAIN_TAG = re.compile(r"[A-Za-z0-9_.\-~]*").fullmatch
 _CAMPAIGN = ("utm_source", "utm_medium", "utm_campaign")
@@ -117,7 +124,7 @@ def enrich(url: str, referrer: str | None, domain: str,
     `keep`: the site's own `--keep-query` names (`UrlRule.page_keep`)."""
     if "?" not in url and "#" not in url and "@" not in url:  # the commonest page URL: no query to read
         start = url.find("/", url.find("//") + 2)
-        page = url[start:MAX_PAGE + start] if start >= 0 else "/"
+        page = _cut_page(url[start:MAX_PAGE + start]) if start >= 0 else "/"
         return page, None if referrer is None else source_of(referrer, domain, None), None, None
     path, query = _split(url)
     utm_source, medium, campaign = _campaign(query)
@@ -144,7 +151,17 @@ def _page(path: str, query: str | None, keep: frozenset[str] | None) -> str:
         kept = "&".join(p for p in query.split("&") if p.split("=", 1)[0] in keep)
         if kept:
             page = f"{page}?{kept}"
-    return page[:MAX_PAGE]
+    return _cut_page(page[:MAX_PAGE])
+
+
+def _cut_page(page: str) -> str:
+    """`page` cut to MAX_PAGE_BYTES of UTF-8 on a character boundary (an ASCII page that short: as is)."""
+    if len(page) * 4 <= MAX_PAGE_BYTES:
+        return page
+    data = page.encode("utf-8", "surrogatepass")
+    if len(data) <= MAX_PAGE_BYTES:
+        return page
+    return data[:MAX_PAGE_BYTES].decode("utf-8", "ignore")
 
 
 @lru_cache(maxsize=1024)
@@ -172,7 +189,7 @@ def _tag(raw: str | None, limit: int) -> str | None:
         return None
     if _PLAIN_TAG(raw):  # the commonest ("cpc", "spring_sale"): nothing to decode or clean
         return raw[:limit] or None
-    text = " ".join(_CONTROL_RE.sub(" ", unquote_plus(raw, errors="replace")).split())
+    text = " ".join(_CONTROL_RE.sub(" ", _INVISIBLE_RE.sub("", unquote_plus(raw, errors="replace"))).split())
     return text[:limit].rstrip() or None
 
 
@@ -180,9 +197,9 @@ def _tag(raw: str | None, limit: int) -> str | None:
 def source_of(referrer: str | None, domain: str, utm_source: str | None) -> str | None:
     """The event's traffic source name (see the module docstring and docs/sources.md)."""
     if utm_source is not None:
-        utm = " ".join(utm_source.lower().split())
+        utm = " ".join(_CONTROL_RE.sub(" ", _INVISIBLE_RE.sub("", utm_source.lower())).split())
         if utm:
-            return _utm_family(utm) or utm[:MAX_SOURCE].rstrip()
+            return _utm_family(utm) or _unreserved(utm[:MAX_SOURCE].rstrip())
     if not referrer:
         return None
     m = _URL_RE.match(referrer)
@@ -196,7 +213,12 @@ def source_of(referrer: str | None, domain: str, utm_source: str | None) -> str 
     site = registrable_domain(host)
     if site == registrable_domain(domain):
         return None  # a self-referral: a page of the same site
-    return family_of_host(host) or site[:MAX_SOURCE]
+    return family_of_host(host) or _unreserved(site[:MAX_SOURCE])
+
+
+def _unreserved(source: str) -> str:
+    """A source name that cannot be taken for the rollups' own `(none)` / `(other)` keys: those are quoted."""
+    return f'"{source}"' if source in RESERVED_KEYS else source
 
 
 def _utm_family(utm: str) -> str | None:

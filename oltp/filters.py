@@ -9,6 +9,7 @@ filtered on another, from `rollup_cube_*` (every non-bot event under its full tu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -44,17 +45,20 @@ def filter_text(f: Filter) -> str:
 
 
 def parse_filters(values: Iterable[str]) -> tuple[Filter, ...]:
-    """`filter` parameters (repeatable; each may hold several comma-separated `dimension:value`) ->
+    """`filter` parameters (repeatable; each may hold several comma-separated `dimension:value`; a comma is
+    a separator only when a known `dimension:` follows it, so `page:/a,b` is the page `/a,b`) ->
     filters ordered by dimension. Raises FilterError naming the bad one."""
     found: dict[str, Filter] = {}
     for value in values:
-        for part in value.split(","):
+        for part in _SEPARATOR.split(value):
             dimension, colon, shown = part.partition(":")
             dimension = dimension.strip()
             if not colon or not dimension:
                 raise FilterError(f"filter {part[:80]!r} must be dimension:value, e.g. country:DE")
             if dimension not in DIMENSIONS:
                 raise FilterError(f"unknown filter dimension {dimension[:40]!r}; one of {', '.join(DIMENSIONS)}")
+            if _CONTROL.search(shown):
+                raise FilterError(f"the {dimension} filter value holds a control character (no stored value does)")
             if not shown or len(shown) > MAX_VALUE:
                 raise FilterError(f"the {dimension} filter needs a value of 1 to {MAX_VALUE} characters "
                                   f"({NONE_KEY} for none)")
@@ -62,6 +66,10 @@ def parse_filters(values: Iterable[str]) -> tuple[Filter, ...]:
                 raise FilterError(f"the {dimension} filter is given twice (filters are ANDed)")
             found[dimension] = Filter(dimension, stored_key(shown))
     return tuple(found[d] for d in DIMENSIONS if d in found)
+
+
+_SEPARATOR = re.compile(r",(?=\s*(?:" + "|".join(DIMENSIONS) + r"):)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def cube_where(filters: Iterable[Filter], alias: str = "r") -> tuple[str, dict[str, str]]:

@@ -422,3 +422,21 @@ def test_breakdowns_of_events_put_through_the_pipeline(make_settings, domain):
         assert summary["metrics"]["impressions"]["percentiles"]["p50"] == pytest.approx(3, abs=0.1)
     finally:
         pipeline.close()
+
+
+def test_review_findings_on_the_breakdown_inputs_are_refused_or_defused(api, servers, site):
+    """Found by review (issue 17): a NUL in a filter was a 500; a visitors breakdown with a large offset merged
+    up to every sketch of the range in one request; a source shaped like a spreadsheet formula went into the
+    CSV as is; a page holding a comma could not be a filter."""
+    now = datetime.now(UTC)
+    put_events(servers.pg_dsn, site, [ev(now, page="/a,b", source="=cmd|' /c calc'!A0")] * 2)
+    for path in ("summary", "pageviews", "visitors?granularity=1d", "breakdown?dimension=page"):
+        sep = "&" if "?" in path else "?"
+        r = api.get(f"/api/v1/domains/{site}/{path}{sep}filter=page:/a%00b")
+        assert r.status_code == 400 and r.json["error"]["code"] == "invalid_filter", path
+    r = get(api, site, "breakdown", dimension="page", metric="visitors", offset="995", limit="10")
+    assert r.status_code == 400 and "offset + limit" in r.json["error"]["message"]
+    r = get(api, site, "breakdown", dimension="page", last="1h", filter="page:/a,b")
+    assert r.status_code == 200 and r.json["filters"] == ["page:/a,b"] and r.json["rows"][0]["count"] == 2
+    sources = get(api, site, "breakdown", dimension="source", last="1h", format="csv").get_data(as_text=True)
+    assert list(csv.reader(sources.splitlines()))[1][0] == "'=cmd|' /c calc'!A0"

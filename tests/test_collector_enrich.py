@@ -68,13 +68,20 @@ LOCAL = nets("127.0.0.1/32", "10.0.0.0/8", "::1/128")
     ("::1", "[2001:4860:4860::8888]", LOCAL, "2001:4860:4860::8888"),
     ("::ffff:127.0.0.1", "8.8.4.4", LOCAL, "8.8.4.4"),  # an IPv4-mapped peer is its IPv4 address
     ("127.0.0.1", "::ffff:8.8.8.8", LOCAL, "8.8.8.8"),
-    # malformed: the peer, never an error
+    # hops with ports, as some load balancers write them
+    ("127.0.0.1", "8.8.8.8:443", LOCAL, "8.8.8.8"),
+    ("127.0.0.1", "[2001:db8::1]:443", LOCAL, "2001:db8::1"),
+    # what the client wrote left of the rightmost untrusted hop is never read: it cannot make the client its proxy
+    ("127.0.0.1", "junk, 81.2.69.142", LOCAL, "81.2.69.142"),
+    ("127.0.0.1", ",".join(["8.8.8.8"] * 40) + ", 81.2.69.142", LOCAL, "81.2.69.142"),
+    ("127.0.0.1", "x" * 5000 + ", 81.2.69.142", LOCAL, "81.2.69.142"),
+    ("127.0.0.1", "unknown, 10.0.0.5", LOCAL, "10.0.0.5"),  # the last trusted hop read
+    # where a trusted proxy wrote junk: the peer, never an error
     ("127.0.0.1", "8.8.8.8, nonsense", LOCAL, "127.0.0.1"),
-    ("127.0.0.1", "8.8.8.8:443", LOCAL, "127.0.0.1"),
     ("127.0.0.1", "8.8.8.8,,", LOCAL, "127.0.0.1"),
     ("127.0.0.1", "unknown", LOCAL, "127.0.0.1"),
-    ("127.0.0.1", ",".join(["8.8.8.8"] * 40), LOCAL, "127.0.0.1"),  # more than 32 hops
-    ("127.0.0.1", " " * 2048 + "8.8.8.8", LOCAL, "127.0.0.1"),  # longer than any proxy chain
+    ("127.0.0.1", "8.8.8.8:http", LOCAL, "127.0.0.1"),
+    ("127.0.0.1", "8.8.8.8 " * 300, LOCAL, "127.0.0.1"),
     ("127.0.0.1", "\x00\xff", LOCAL, "127.0.0.1"),
     ("not-an-address", "8.8.8.8", LOCAL, "not-an-address"),
     (None, "8.8.8.8", LOCAL, None),

@@ -285,3 +285,30 @@ def test_the_limits_are_the_stores_and_repeats_come_from_the_cache() -> None:
     for _ in range(3):
         hit("https://shop.test/cached", "https://t.co/")
     assert en.enrich.cache_info().hits == before + 3
+
+
+def test_sources_named_like_the_rollups_own_keys_are_quoted():
+    """`(none)` and `(other)` are what the rollups show for no value and for folded values: a source sent with
+    that name must not merge into them (or take a cap slot as `(other)`)."""
+    from core.enrich import source_of
+
+    assert source_of(None, "shop.test", "(none)") == '"(none)"'
+    assert source_of(None, "shop.test", "(Other)") == '"(other)"'
+    assert source_of(None, "shop.test", "newsletter") == "newsletter"
+
+
+def test_invisible_format_characters_are_dropped_from_campaign_tags():
+    """A right-to-left override and zero-width spaces around 'google' would show a lookalike of Google."""
+    from core.enrich import campaign_of, source_of
+
+    tagged = "https://shop.test/?utm_source=%E2%80%AE%E2%80%8Bgoogle%E2%80%8B&utm_medium=e%C2%ADmail"
+    assert campaign_of(tagged)[1] == "email"
+    assert source_of(None, "shop.test", campaign_of(tagged)[0]) == "Google"
+
+
+def test_a_page_is_cut_to_its_byte_limit_on_a_character_boundary():
+    from core.enrich import MAX_PAGE_BYTES, enrich
+
+    page = enrich("https://shop.test/" + "字" * 2000, None, "shop.test")[0]
+    assert len(page.encode()) <= MAX_PAGE_BYTES and set(page[1:]) == {"字"}
+    assert enrich("https://shop.test/" + "a" * 900, None, "shop.test")[0] == "/" + "a" * 900

@@ -311,3 +311,31 @@ def test_a_bin_holds_its_value_within_the_relative_accuracy(value):
     assert GAMMA ** (b - 1) < float(v) * (1 + 1e-12) and float(v) <= GAMMA ** b * (1 + 1e-12)
     assert math.isclose(2 * GAMMA ** b / (GAMMA + 1), float(v), rel_tol=0.01)
     assert bin_of(Decimal(0)) == ZERO_BIN
+
+
+def test_the_widest_enriched_event_fits_every_rollup_key(servers):
+    """A page of 2,000 CJK characters is ~6 KB of UTF-8, over a B-tree row's 2,704 bytes: enrichment cuts it
+    to MAX_PAGE_BYTES so that the widest event any sender can make (page, a 64-character non-ASCII source,
+    browser and os at their widths, a 253-character domain) fits the dimension, cube and cap keys. Before,
+    one such public hit failed every batch of its Kafka partition, forever."""
+    from core.enrich import MAX_PAGE_BYTES, enrich
+    from core.event import MAX_BROWSER, MAX_OS
+
+    label = uuid.uuid4().hex[:20]
+    domain = ".".join([label] + ["d" * 60] * 3 + ["com"])[-253:].lstrip(".")
+    rng = random.Random(7)  # varied characters: a B-tree compresses a row of one repeated character below the limit
+    path = "".join(chr(0x4E00 + rng.randrange(20000)) for _ in range(2000))  # ~6 KB of UTF-8
+    page, source, _, _ = enrich(f"https://{domain}/{path}?utm_source=" + "%E5%AD%97" * 80, None, domain)
+    assert page.startswith("/" + path[:10]) and len(page.encode()) <= MAX_PAGE_BYTES and len(source or "") == 64
+    def cjk(n: int) -> str:
+        return "".join(chr(0x4E00 + rng.randrange(20000)) for _ in range(n))
+
+    widest = event(domain, uuid.uuid4().int, ts=datetime.now(UTC), value=Decimal(1), page=page, source=source,
+                   country="DE", device="desktop", browser=cjk(MAX_BROWSER), os=cjk(MAX_OS))
+    writer = Writer(servers.pg_dsn, 1000)
+    try:
+        writer.write([widest])
+    finally:
+        writer.sink.close()
+    with psycopg.connect(servers.pg_dsn) as conn:
+        assert conn.execute("SELECT page FROM rollup_cube_1d WHERE domain = %s", (domain,)).fetchall() == [(page,)]

@@ -101,8 +101,14 @@ export function validFilter(text) {
   const i = text.indexOf(":");
   if (i < 1) return null;
   const dimension = text.slice(0, i), key = text.slice(i + 1);
-  return DIMENSIONS.includes(dimension) && key && key.length <= MAX_KEY && !key.includes(",")
+  return DIMENSIONS.includes(dimension) && key && key.length <= MAX_KEY && filterable(key)
     ? [dimension, key] : null;
+}
+
+// The API splits `filter` at a comma only where a known `dimension:` follows (oltp/filters.py).
+const SEPARATOR = new RegExp(`,\\s*(?:${DIMENSIONS.join("|")}):`);
+export function filterable(key) {
+  return !SEPARATOR.test(key);
 }
 
 export function withFilter(filters, dimension, key) {  // one filter per dimension: a new one replaces it

@@ -1,7 +1,7 @@
 // The breakdown panels: top pages, sources, countries, devices / browsers / OS, each from
 // GET /api/v1/domains/<domain>/breakdown for the dashboard's range and filters. A click on a row adds that
 // value as a filter (dashboard.js owns the view). A panel whose answer is an error says what is missing.
-import {DIMENSIONS, DIMENSION_NAMES, METRICS, fmtTime, fmtValue, keyLabel, num, optional, query, withFilter}
+import {filterable, DIMENSIONS, DIMENSION_NAMES, METRICS, fmtTime, fmtValue, keyLabel, num, optional, query, withFilter}
   from "./dashboard-lib.js";
 
 const PANEL_LIMIT = 10;
@@ -47,9 +47,9 @@ export function breakdownPanels(ctx) {
     button.type = "button";
     button.className = "row-key";
     button.textContent = keyLabel(dimension, row.key, row.name);
-    if (row.key.includes(",")) {  // the API reads commas in `filter` as separators: this value cannot be one
+    if (!filterable(row.key)) {  // the API reads ",<dimension>:" in `filter` as a separator
       button.disabled = true;
-      button.title = `${row.key} (a value with a comma cannot be a filter)`;
+      button.title = `${row.key} (a value holding ",<dimension>:" cannot be a filter)`;
     } else {
       button.title = `filter by ${dimension}: ${row.key}`;
       button.addEventListener("click", () => navigate({filters: withFilter(state.view.filters, dimension, row.key)}));

@@ -32,6 +32,9 @@ a fresh process built as the worker is (bench/worker_memory.py), and reports the
 by the backlog. (Below ~100k events, as with `--n 30000`, the 1x drain never fills a whole batch and
 the ratio overstates: 2.18 there, 1.07-1.21 at 200k and 500k.)
 --profile runs one worker's drain under cProfile and prints the top functions (cumulative).
+--batch-cost runs only the rollup sink, on its own durable embedded PostgreSQL: CPU time per 5000-event batch of
+the server backend and of the client (robust on a shared box, where wall times swing), the part in
+oltp.visitors.add_visitors, and EXPLAIN (ANALYZE, BUFFERS, WAL) of one batch's statement (`batch_cost`).
 """
 
 from __future__ import annotations
@@ -429,6 +432,90 @@ def run_worker_benches(b: Bench, settings, dsn: str, bootstrap: str, events: lis
     b.measure("consume floor and both workers, interleaved", bench_rounds, settings, bootstrap, len(events), profile)
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` so far (/proc; a PostgreSQL backend's too)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def batch_cost(batches: int = 12, size: int = 5000, explain: bool = True) -> None:
+    """The rollup sink's cost per batch, by CPU time rather than wall time (a shared box swings the latter):
+    `batches` batches of `make_events`' events through a RollupSink on its own durable embedded PostgreSQL,
+    each its own transaction; prints the median wall time and the mean CPU of the server backend and of this
+    process per batch (the first two batches excluded: partitions, caches), the part of both in
+    oltp.visitors.add_visitors, and with `explain` the EXPLAIN (ANALYZE, BUFFERS, WAL) of one more batch's
+    statement (rolled back) to bench/results/rollup_batch_plan.txt."""
+    import statistics
+
+    import psycopg
+
+    import oltp.rollup_sink as sink_module
+    from core.batch import Batch
+    from core.event import decode_stored
+    from infra.postgres import EmbeddedPostgres
+    from oltp.schema import ensure_schema
+
+    spent: list[tuple[float, float]] = []
+    add_visitors = sink_module.add_visitors
+
+    def timed_add_visitors(cur: psycopg.Cursor, groups: list) -> None:
+        pid = cur.connection.info.backend_pid
+        server, client = _cpu_s(pid), time.process_time()
+        add_visitors(cur, groups)
+        spent.append((_cpu_s(pid) - server, time.process_time() - client))
+
+    sink_module.add_visitors = timed_add_visitors
+    events = [decode_stored(e.to_json()) for e in make_events(size * (batches + 1))]
+    chunks = [events[i:i + size] for i in range(0, len(events), size)]
+    with tempfile.TemporaryDirectory() as work:
+        postgres = EmbeddedPostgres(Path(work) / "pg", durable=True)
+        postgres.start()
+        try:
+            ensure_schema(postgres.dsn)
+            sink = sink_module.RollupSink(postgres.dsn, "bench")
+            walls, server, client = [], 0.0, 0.0
+            for i, chunk in enumerate(chunks[:-1]):
+                pid = sink._connection().info.backend_pid
+                s0, c0, t0 = _cpu_s(pid), time.process_time(), time.perf_counter()
+                sink.write(Batch(topic="bench", events=chunk, next_offsets={0: (i + 1) * size}))
+                walls.append(time.perf_counter() - t0)
+                if i >= 2:
+                    server, client = server + _cpu_s(pid) - s0, client + time.process_time() - c0
+            n = batches - 2
+            vs, vc = (sum(x[k] for x in spent[2:]) / n * 1000 for k in (0, 1))
+            wall = statistics.median(walls[2:]) * 1000
+            print(f"rollup sink, {batches} batches of {size} events: median wall {wall:.0f} ms;"
+                  f" CPU per batch: server {server / n * 1000:.0f} ms, client {client / n * 1000:.0f} ms;"
+                  f" of which add_visitors server {vs:.0f} ms, client {vc:.0f} ms")
+            if explain:
+                _explain_batch(sink, chunks[-1])
+            sink.close()
+        finally:
+            postgres.stop()
+            sink_module.add_visitors = add_visitors
+
+
+def _explain_batch(sink, events: list) -> None:
+    import oltp.rollup_sink as sink_module
+    from core.batch import Batch
+
+    conn = sink._connection()
+    shape = sink_module._shape(events)
+    zones = {d: sink._zones.get(conn, d) for d in sorted(shape.domains)}
+    conn.commit()
+    _, params = sink._prepare(conn, Batch(topic="bench", events=events), shape, zones)
+    conn.commit()
+    plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, WAL) " + sink_module._APPLY_ALL_NEW,
+                        {**params, "cap": sink.cap}, prepare=False).fetchall()
+    conn.rollback()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / "rollup_batch_plan.txt"
+    out.write_text("\n".join(r[0] for r in plan) + "\n")
+    print(f"EXPLAIN ANALYZE of one more batch's statement (rolled back): {out} ({plan[-1][0]})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="200k events instead of 500k (a few minutes)")
@@ -436,7 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true",
                         help="also report each worker's peak RSS draining a 1x and a 10x backlog")
     parser.add_argument("--profile", choices=("rollup", "loader"), help="cProfile one worker's drain")
+    parser.add_argument("--batch-cost", action="store_true",
+                        help="only the rollup sink's CPU per 5000-event batch (server and client) and the plan of one")
     args = parser.parse_args(argv)
+    if args.batch_cost:
+        batch_cost()
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
 

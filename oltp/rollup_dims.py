@@ -1,10 +1,11 @@
 """The SQL of the rollups by dimension, the cube and the value bins (docs/adr/0046-dimension-rollups.md).
 
 The rollup sink (oltp/rollup_sink.py) appends `DIMENSION_CTES` to its one batch statement and ends it with
-`VISITOR_GROUPS`; `tally rebuild` (oltp/rebuild.py) runs `REBUILD_STATEMENT` over a chunk's staged events.
-Both start from a CTE `people`: the fresh non-bot events, one row each, with columns domain, event_type,
-tz, quarter (the UTC quarter hour), day_start (the local day start in the site's zone), value, visitor and
-the six dimension values ('' for a missing one).
+`FOLDED` (the values the cap folded, for the visitor groups it builds in Python); `tally rebuild`
+(oltp/rebuild_dims.py) runs `DAILY_CTES` / `FINE_CTES` over a chunk's staged events. Both start from a CTE
+`people`: the fresh non-bot events, one row each, with columns domain, event_type, tz, quarter (the UTC
+quarter hour), day_start (the local day start in the site's zone), value and the six dimension values ('' for
+a missing one).
 
 The cap: per (domain, dimension, day_start) at most `%(cap)s` values are admitted (`dim_keys`; '' never
 takes a slot). A batch's values not yet admitted are ranked by their events in the batch (most first),
@@ -48,28 +49,31 @@ def _upsert(table: str, columns: str, select: str, key: str, update: str = _SUM_
     return (f"INSERT INTO {table} AS r ({columns}) {select}\n    ON CONFLICT ({key}) DO UPDATE SET {update}")
 
 
-# `fine`: the events once per quarter, day, full tuple and visitor (the finest grain every table is a sum of);
-# `vals` / `fresh_vals` / `room` / `chosen` / `folded`: the cap (module docstring); `capped`: `fine` with the
-# folded values replaced by '(other)'; `dim_q`: per quarter, dimension and capped value.
+# `fine`: the events once per quarter, day and full tuple (the finest grain every table is a sum of); `vals`:
+# per quarter, day, dimension and value (aggregated once, feeding both the cap and `dim_q`);
+# `fresh_vals` / `new_vals` / `room` / `chosen` / `folded`: the cap (module docstring); `capped`: `fine` with
+# the folded values replaced by '(other)' (the cubes); `dim_q`: `vals` with them replaced (the dim tables).
 _CAP_CTES = f"""
 fine AS (
-    SELECT domain, event_type, tz, quarter, day_start, {_COLS}, visitor,
+    SELECT domain, event_type, tz, quarter, day_start, {_COLS},
            count(*) AS events, count(value) AS valued, sum(value) AS value_sum
-    FROM people GROUP BY domain, event_type, tz, quarter, day_start, {_COLS}, visitor
-), fresh_vals AS (
-    SELECT r.domain, r.day_start, v.dimension, v.key, sum(r.events) AS events
+    FROM people GROUP BY domain, event_type, tz, quarter, day_start, {_COLS}
+), vals AS (
+    SELECT r.domain, r.event_type, r.tz, r.quarter, r.day_start, v.dimension, v.key,
+           sum(r.events) AS events, sum(r.valued) AS valued, sum(r.value_sum) AS value_sum
     FROM fine r CROSS JOIN LATERAL {_UNPIVOT}
-    WHERE v.key <> ''
-    GROUP BY 1, 2, 3, 4
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+), fresh_vals AS (
+    SELECT domain, day_start, dimension, key, sum(events) AS events FROM vals WHERE key <> '' GROUP BY 1, 2, 3, 4
 ), new_vals AS (
     SELECT n.* FROM fresh_vals n
     WHERE NOT EXISTS (SELECT 1 FROM dim_keys k WHERE k.domain = n.domain AND k.dimension = n.dimension
                                                 AND k.day_start = n.day_start AND k.key = n.key)
-), room AS (
-    SELECT g.domain, g.dimension, g.day_start,
-           %(cap)s - (SELECT count(*) FROM dim_keys k WHERE k.domain = g.domain AND k.dimension = g.dimension
-                                                        AND k.day_start = g.day_start) AS room
+), room AS MATERIALIZED (
+    SELECT g.domain, g.dimension, g.day_start, %(cap)s - count(k.key) AS room
     FROM (SELECT DISTINCT domain, dimension, day_start FROM new_vals) g
+    LEFT JOIN dim_keys k ON k.domain = g.domain AND k.dimension = g.dimension AND k.day_start = g.day_start
+    GROUP BY 1, 2, 3
 ), ranked AS (
     SELECT n.domain, n.dimension, n.day_start, n.key,
            row_number() OVER (PARTITION BY n.domain, n.dimension, n.day_start ORDER BY n.events DESC, n.key) AS rank
@@ -86,15 +90,17 @@ fine AS (
 ), folded AS (
     SELECT domain, dimension, day_start, key FROM judged WHERE NOT admit
 ), capped AS (
-    SELECT r.domain, r.event_type, r.tz, r.quarter, r.day_start, r.visitor, r.events, r.valued, r.value_sum,
+    SELECT r.domain, r.event_type, r.tz, r.quarter, r.day_start, r.events, r.valued, r.value_sum,
            {", ".join(f"CASE WHEN f_{d}.key IS NULL THEN r.{d} ELSE '{OTHER}' END AS {d}" for d in DIMENSIONS)}
     FROM fine r
     {" ".join(f"LEFT JOIN folded f_{d} ON f_{d}.dimension = '{d}' AND f_{d}.domain = r.domain"
               f" AND f_{d}.day_start = r.day_start AND f_{d}.key = r.{d}" for d in DIMENSIONS)}
 ), dim_q AS (
-    SELECT r.domain, r.event_type, r.tz, r.quarter, r.day_start, v.dimension, v.key,
-           sum(r.events) AS events, sum(r.valued) AS valued, sum(r.value_sum) AS value_sum
-    FROM capped r CROSS JOIN LATERAL {_UNPIVOT}
+    SELECT v.domain, v.event_type, v.tz, v.quarter, v.day_start, v.dimension,
+           CASE WHEN f.key IS NULL THEN v.key ELSE '{OTHER}' END AS key,
+           sum(v.events) AS events, sum(v.valued) AS valued, sum(v.value_sum) AS value_sum
+    FROM vals v LEFT JOIN folded f ON f.domain = v.domain AND f.dimension = v.dimension
+                                  AND f.day_start = v.day_start AND f.key = v.key
     GROUP BY 1, 2, 3, 4, 5, 6, 7
 ), bins_q AS (
     SELECT domain, event_type, tz, quarter, day_start, {BIN_SQL} AS bin, count(*) AS count
@@ -155,16 +161,6 @@ DIMENSION_CTES = _CAP_CTES.strip() + ",\n" + _UPSERT_FINE.strip() + ",\n" + _UPS
 DAILY_CTES = _CAP_CTES.strip() + ",\n" + _UPSERT_DAILY.strip()
 FINE_CTES = _CAP_CTES.strip() + ",\n" + _UPSERT_FINE.strip()
 
-# The statement's final query: the visitor groups of oltp.visitors.add_visitors (the spec's VisitorGroup):
-# (grain, domain, tz, bucket_start, dimension, key, distinct visitors) of the fresh non-bot events with a visitor.
-VISITOR_GROUPS = f"""
-SELECT grain, domain, tz, start, dimension, key, array_agg(visitor) FROM (
-    SELECT '1h' AS grain, domain, '' AS tz, {_HOUR} AS start, '' AS dimension, '' AS key, visitor
-    FROM capped WHERE visitor IS NOT NULL
-    UNION
-    SELECT '1d', domain, tz, day_start, '', '', visitor FROM capped WHERE visitor IS NOT NULL
-    UNION
-    SELECT '1d', r.domain, r.tz, r.day_start, v.dimension, v.key, r.visitor
-    FROM capped r CROSS JOIN LATERAL {_UNPIVOT} WHERE r.visitor IS NOT NULL
-) g GROUP BY 1, 2, 3, 4, 5, 6
-"""
+# The statement's final query: the values folded by the cap in this batch (dimension, domain, day start, key),
+# for the sink to map them to '(other)' in the visitor groups it builds from the batch's events (ADR 46, 47).
+FOLDED = "SELECT dimension, domain, day_start, key FROM folded"

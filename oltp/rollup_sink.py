@@ -8,27 +8,30 @@ client retries with the same id) add nothing. The same transaction keeps the ing
 (`ingestion_15m`: accepted, bots, late, last arrival) and adds the collectors' refusal counts
 (`collector_refusals`), each once. The same statement, from the same fresh events less the bots, writes the
 rollups by dimension of every tier, the cubes, the value bins and the admitted values of the cap (`dim_keys`,
-TALLY_DIMENSION_CAP; oltp/rollup_dims.py, ADR 46), and returns the visitor groups, handed in the same
-transaction to `oltp.visitors.add_visitors` (ADR 47).
+TALLY_DIMENSION_CAP; oltp/rollup_dims.py, ADR 46), and returns the values the cap folded; the visitor groups
+are built from the batch's counted events in Python (`_visitor_groups`) and handed in the same transaction
+to `oltp.visitors.add_visitors` (ADR 47).
 
-How (ADR 26): Python touches the batch's domains and zones, not its events. Each column the statement
-reads is handed over as one array literal written by msgspec in C (`_columns`); per zone present, the
-day starts covering the batch (`DayStarts.covering`) travel as a small array, and PostgreSQL puts every
-event in its day with `width_bucket` (ADR 12's days, exact to the second, Monrovia's 00:44:30 too). One
-statement parses, deduplicates against `seen_events`, aggregates the fresh events once and upserts the
-three tiers and `ingestion_15m` from that aggregate; it is first tried as "every event is new" (a plain
-insert into seen_events, in a savepoint) and, if a hash was already seen, run in its deduplicating form.
-Before the batch transaction, each in its own short transaction: the zone registry read, the partitions
-of the UTC days holding events (`_prepare`), the coverage plan (`plan_zones`; `note_zones` writes it
-after the rollup upserts, rederive's lock order, ADR 19).
+How (ADR 26): Python touches the batch's domains and zones, and its events only for the visitor groups (one
+pass). Each column the statement reads is handed over as one array literal written by msgspec in C
+(`_columns`); per zone present, the day starts covering the batch (`DayStarts.covering`) travel as a small
+array, and PostgreSQL puts every event in its day with `width_bucket` (ADR 12's days, exact to the second,
+Monrovia's 00:44:30 too). One statement parses, deduplicates against `seen_events`, aggregates the fresh
+events once and upserts the three tiers and `ingestion_15m` from that aggregate; it is first tried as "every
+event is new" (a plain insert into seen_events, in a savepoint) and, if a hash was already seen, run in its
+deduplicating form. Before the batch transaction, each in its own short transaction: the zone registry read,
+the partitions of the UTC days holding events (`_prepare`), the coverage plan (`plan_zones`; `note_zones`
+writes it after the rollup upserts, rederive's lock order, ADR 19).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import psycopg
@@ -37,7 +40,7 @@ from core.batch import Batch, same_incarnation
 from core.event import StoredEvent
 from oltp.partitions import ensure_partitions, ensure_partitions_for, is_missing_partition
 from oltp.partitions import forget as _forget_partitions
-from oltp.rollup_dims import DIMENSION_CTES, VISITOR_GROUPS
+from oltp.rollup_dims import DIMENSION_CTES, DIMENSIONS, FOLDED, OTHER
 from oltp.tiers import (
     DAY_S,
     DayStarts,
@@ -145,8 +148,8 @@ WITH zone_days AS (
 ), {dimensions}
 {visitor_groups}"""
 
-def _apply_statement(batch: str, fresh: str, counted_from: str) -> str:
-    return (_APPLY_TEMPLATE.replace("{dimensions}", DIMENSION_CTES).replace("{visitor_groups}", VISITOR_GROUPS)
+def _apply_statement(batch: str, fresh: str, counted_from: str, final: str = FOLDED) -> str:
+    return (_APPLY_TEMPLATE.replace("{dimensions}", DIMENSION_CTES).replace("{visitor_groups}", final)
             .replace("{batch}", batch).replace("{fresh}", fresh).replace("{counted_from}", counted_from))
 
 
@@ -156,7 +159,9 @@ def _apply_statement(batch: str, fresh: str, counted_from: str) -> str:
 _APPLY_DEDUP = _apply_statement(
     "SELECT DISTINCT ON (hash) * FROM parsed ORDER BY hash",
     "INSERT INTO seen_events (hash, ts) SELECT hash, ts FROM batch ON CONFLICT (hash, ts) DO NOTHING RETURNING hash",
-    "batch b JOIN fresh f ON f.hash = b.hash")
+    "batch b JOIN fresh f ON f.hash = b.hash",
+    # and the hashes counted (dimension NULL): the visitor groups are built from those events only
+    FOLDED + " UNION ALL SELECT NULL, replace(hash::text, '-', ''), NULL, NULL FROM fresh")
 # The common case, tried first: every event of the batch is new. A plain insert into seen_events (no
 # speculative insertion, no join back to what it returned) raises unique_violation if that is not so,
 # and the batch is applied again with _APPLY_DEDUP (`RollupSink._apply_events`).
@@ -264,11 +269,38 @@ def _at(s: int) -> datetime:
     return datetime.fromtimestamp(s, UTC)
 
 
-def _visitor_groups(rows: list[tuple[Any, ...]]) -> list[VisitorGroup]:
-    """The rows of the statement's final query (`VISITOR_GROUPS`) as oltp.visitors' VisitorGroups: one per
-    (domain, UTC hour), (domain, zone, local day) and (domain, zone, local day, dimension, capped value)."""
-    return [(grain, domain, tz, start, dimension, key, list(visitors))
-            for grain, domain, tz, start, dimension, key, visitors in rows]
+def _visitor_groups(events: Sequence[StoredEvent], zones: dict[str, str], starts: dict[str, list[int]],
+                    rows: list[tuple[Any, ...]], dedup: bool) -> list[VisitorGroup]:
+    """oltp.visitors' VisitorGroups of the batch's counted non-bot events with a visitor: one per (domain, UTC
+    hour), (domain, zone, local day) and (domain, zone, local day, dimension, capped value), built here from the
+    events in memory (cheaper than grouping them in the statement, ADR 46). `rows` are the statement's final
+    query (`FOLDED`): the values its cap folded, counted as '(other)' here too, and after the deduplicating
+    statement the counted hashes (dimension NULL): only those events count. `starts` holds per zone the day
+    starts the statement put events in (`width_bucket`: the greatest start at or before the event's second)."""
+    folded = {(domain, dimension, int(day.timestamp()), key) for dimension, domain, day, key in rows
+              if dimension is not None}
+    counted = {h for dimension, h, _, _ in rows if dimension is None} if dedup else None
+    per: defaultdict[tuple[str, str, str, int, str, str], set[str]] = defaultdict(set)
+    for e in events:
+        visitor = e.visitor
+        if visitor is None or e.device == "bot" or (counted is not None and e.hash not in counted):
+            continue
+        domain = e.domain
+        tz = zones[domain]
+        s = int(e.ts.timestamp() // 1)
+        day_starts = starts[tz]
+        day = day_starts[bisect_right(day_starts, s) - 1]
+        per["1h", domain, "", s - s % 3600, "", ""].add(visitor)
+        per["1d", domain, tz, day, "", ""].add(visitor)
+        for dimension, value in zip(DIMENSIONS, (e.page, e.source, e.country, e.device, e.browser, e.os),
+                                    strict=True):
+            value = value or ""
+            if folded and value and (domain, dimension, day, value) in folded:
+                value = OTHER
+            per["1d", domain, tz, day, dimension, value].add(visitor)
+    at: dict[int, datetime] = {}
+    return [(grain, domain, tz, at.get(t) or at.setdefault(t, _at(t)), dimension, key, list(visitors))
+            for (grain, domain, tz, t, dimension, key), visitors in per.items()]
 
 
 class RollupSink:
@@ -332,7 +364,7 @@ class RollupSink:
             conn.commit()  # the plan's reads hold nothing into the batch transaction
             with conn.transaction():
                 if apply is not None:
-                    self._apply_events(conn, *apply)
+                    self._apply_events(conn, *apply, batch.events, zones)
                     note_zones(conn, plan)  # after the rollup writes: rederive's lock order (ADR 19)
                 if batch.counts:
                     self._apply_counts(conn, batch)
@@ -355,18 +387,22 @@ class RollupSink:
             self.close()
             raise
 
-    def _apply_events(self, conn: psycopg.Connection, distinct: bool, params: dict[str, object]) -> None:
+    def _apply_events(self, conn: psycopg.Connection, distinct: bool, params: dict[str, object],
+                      events: Sequence[StoredEvent], zones: dict[str, str]) -> None:
         """Apply the batch's events inside the caller's transaction: first as all new (`_APPLY_ALL_NEW`,
         in a savepoint), and if some hash was already seen, deduplicated (`_APPLY_DEDUP`). After a batch
         that held a seen hash (a redelivery usually spans several batches) the next few go straight to
         the deduplicating statement. Statements are never prepared: each is planned for its batch."""
         params = {**params, "cap": self.cap}
+        starts: dict[str, list[int]] = {}
+        for tz, start in zip(cast(list[str], params["zone_tz"]), cast(list[int], params["zone_start"]), strict=True):
+            starts.setdefault(tz, []).append(start)
         with conn.cursor() as cur:
             if distinct and self._dedup_next == 0:
                 try:
                     with conn.transaction():
                         cur.execute(_APPLY_ALL_NEW, params, prepare=False)
-                        add_visitors(cur, _visitor_groups(cur.fetchall()))
+                        add_visitors(cur, _visitor_groups(events, zones, starts, cur.fetchall(), False))
                     return
                 except psycopg.errors.UniqueViolation as exc:
                     if not (exc.diag.table_name or "").startswith("seen_events"):
@@ -375,7 +411,7 @@ class RollupSink:
             elif self._dedup_next:
                 self._dedup_next -= 1
             cur.execute(_APPLY_DEDUP, params, prepare=False)
-            add_visitors(cur, _visitor_groups(cur.fetchall()))
+            add_visitors(cur, _visitor_groups(events, zones, starts, cur.fetchall(), True))
 
     def _prepare(self, conn: psycopg.Connection, batch: Batch, shape: _Shape | None,
                  zones: dict[str, str]) -> tuple[bool, dict[str, object]] | None:

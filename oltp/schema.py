@@ -259,9 +259,8 @@ def _dim_table(name: str, daily: bool) -> Table:
         Column("dimension", Text, nullable=False),
         Column("key", Text, nullable=False),
         *_dim_counts(),
+        # also serves a filtered series (one value over a range): no second index to maintain (ADR 46)
         PrimaryKeyConstraint("domain", *(["tz"] if daily else []), "dimension", "bucket_start", "event_type", "key"),
-        # filtered series: one value over a range
-        Index(f"{name}_key", "domain", *(["tz"] if daily else []), "dimension", "key", "bucket_start"),
         postgresql_partition_by="RANGE (bucket_start)",
     )
 

@@ -57,12 +57,9 @@ TABLES = {
 }
 KEYS = {name: "day_start" if name == "dim_keys" else "bucket_start" for name in TABLES}
 
-# Filtered series (one value over a range): the primary key leads with the range, this with the value.
-INDEXES = [
-    "CREATE INDEX IF NOT EXISTS rollup_dim_15m_key ON rollup_dim_15m (domain, dimension, key, bucket_start)",
-    "CREATE INDEX IF NOT EXISTS rollup_dim_1h_key ON rollup_dim_1h (domain, dimension, key, bucket_start)",
-    "CREATE INDEX IF NOT EXISTS rollup_dim_1d_key ON rollup_dim_1d (domain, tz, dimension, key, bucket_start)",
-]
+# No secondary index: every upsert maintains each index, and the rollup worker's cost is these upserts (ADR 46).
+# A filtered series (one value over a range) reads the primary key's (domain, [tz,] dimension, bucket range)
+# and filters `key` inside the index, as a breakdown of that range reads it.
 
 
 def upgrade() -> None:
@@ -72,8 +69,6 @@ def upgrade() -> None:
         conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS {name} ({columns}) PARTITION BY RANGE ({KEYS[name]})")
         for p in partitions_around(name, now):
             conn.exec_driver_sql(create_statement(p))
-    for ddl in INDEXES:
-        conn.exec_driver_sql(ddl)
 
 
 def downgrade() -> None:

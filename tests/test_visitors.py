@@ -192,7 +192,15 @@ def test_a_redelivered_batch_changes_nothing(db, domain):
     add(db, list(reversed(groups)))
     for _ in range(COMPACT_AT):  # redelivered again and again: the rows are merged, the answers stay
         add(db, groups[:3])
-    assert answers() == before
+    after = answers()
+    # Sketches in HLL mode estimate from their registers, which re-adding keys leaves as they were; the estimator
+    # itself depends on the layout (one merged row answers with its own HIP estimator, several through a union's),
+    # so a 7-day total of ~2.7k may move by a visitor. Counting the redelivered half again would add ~1,300.
+    def near(a: int, b: int) -> bool:
+        return abs(a - b) <= max(1, b // 500)
+
+    assert near(after[0], before[0]) and after[1:3] == before[1:3]  # the days and hours are exact sets still
+    assert after[3].keys() == before[3].keys() and all(near(after[3][k], v) for k, v in before[3].items())
     assert max(row_counts(db, domain).values()) <= 3 * 7 * 6 * 2  # not one row per batch: merged
     add(db, [("1h", domain, "", BASE + 3 * HOUR, "", "", ["someone-new"])])
     assert visitors_series(db, domain, "UTC", "1h", [BASE + 3 * HOUR]) == [151]

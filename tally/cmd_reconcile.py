@@ -167,6 +167,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
 def print_report(report: Report) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(soft_wrap=True)
@@ -182,7 +183,8 @@ def print_report(report: Report) -> None:
     for column in table.columns:
         column.no_wrap = True
     for d in report.differences:
-        table.add_row(d.domain, d.event_type, d.bucket_start.strftime("%Y-%m-%d %H:%M"), d.field,
+        # escaped: a dimension's field names its value (`page[/a/2].events`), which rich would read as markup
+        table.add_row(escape(d.domain), d.event_type, d.bucket_start.strftime("%Y-%m-%d %H:%M"), escape(d.field),
                       *("" if v is None else str(v) for v in (d.pg, d.ch, d.diff)))
     console.print(table)
     n, m = len(report.differences), report.mismatched_buckets

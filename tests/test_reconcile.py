@@ -459,3 +459,5 @@ def test_reconcile_compares_the_rollups_by_dimension_with_clickhouse(stack, cli,
     assert diffs[("impression", "page[/10/3].events")] == (5, 1)
     assert diffs[("pageview", "browser[].events")] == (0, 5)
     assert all(not f.startswith(("events", "valued", "value_")) for _, f in diffs)
+    code, out, _ = cli("reconcile", "--from", lo, "--to", hi, "--domain", domain)  # the table names the value
+    assert code == 1 and "page[/10/3].events" in out

@@ -6,6 +6,7 @@ import ctypes
 import multiprocessing
 import os
 import pwd
+import random
 import signal
 import socket
 import subprocess
@@ -22,11 +23,39 @@ class StartupError(RuntimeError):
     """A server did not become ready; the message says which and where its log is."""
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PORT = 10_000  # free_port's ports: from here up to the kernel's ephemeral range
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing is bound to now, for a server about to bind it. Chosen at random below the kernel's
+    ephemeral range: a port found free *in* that range (what `bind(0)` gives) can be taken by any outgoing
+    connection's local port before the server binds it, which a busy machine (a test run's hundreds of
+    connections) did, failing a start-up with "Address already in use". `bind(0)` where the range leaves
+    no room below it."""
+    low = _ephemeral_low()
+    if low - LOWEST_PORT >= 1000:
+        choose = random.SystemRandom().randrange
+        for _ in range(64):
+            port = choose(LOWEST_PORT, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        found: int = sock.getsockname()[1]
+        return found
+
+
+def _ephemeral_low() -> int:
+    """The lowest local port the kernel gives outgoing connections (Linux; 0 where unknown: no room)."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _die_with_parent() -> None:

@@ -84,13 +84,23 @@ def compare_dimensions(conn: psycopg.Connection, source: DimensionSource,
     module docstring). Leaves no transaction open."""
     out: list[tuple[Any, ...]] = []
     for domain, buckets in sample(keys, rng).items():
-        ch = _ch_figures(conn, source, domain, buckets)
-        pg = _pg_figures(conn, domain, buckets)
-        conn.commit()
-        for key in sorted(set(pg) | set(ch)):
-            a, b = pg.get(key, (0, 0, None)), ch.get(key, (0, 0, None))
-            for name, x, y in zip(_FIELDS, a, b, strict=True):
-                if x != y:
-                    event_type, bucket, dim, k = key
-                    out.append((domain, event_type, bucket, f"{dim}[{k}].{name}", x, y))
+        found = _differences(conn, source, domain, buckets)
+        if found:  # read again: the two stores are read one after the other, not at one instant
+            found = _differences(conn, source, domain, buckets)
+        out += found
+    return out
+
+
+def _differences(conn: psycopg.Connection, source: DimensionSource, domain: str,
+                 buckets: Sequence[datetime]) -> list[tuple[Any, ...]]:
+    ch = _ch_figures(conn, source, domain, buckets)
+    pg = _pg_figures(conn, domain, buckets)
+    conn.commit()
+    out: list[tuple[Any, ...]] = []
+    for key in sorted(set(pg) | set(ch)):
+        a, b = pg.get(key, (0, 0, None)), ch.get(key, (0, 0, None))
+        for name, x, y in zip(_FIELDS, a, b, strict=True):
+            if x != y:
+                event_type, bucket, dim, k = key
+                out.append((domain, event_type, bucket, f"{dim}[{k}].{name}", x, y))
     return out

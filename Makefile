@@ -29,7 +29,7 @@ lint: $(STAMP)
 ## ruff first (a second); mypy alongside the tests (its 11 s on one core while the suite starts), and a mypy
 ## finding fails `make test` like a failing test. Bytecode is cached even where PYTHONDONTWRITEBYTECODE is
 ## set: the suite starts hundreds of Python processes, and every worker rewrites every test module's asserts.
-TEST_WORKERS ?= 5
+TEST_WORKERS ?= 4
 test: $(STAMP)
 	./scripts/ensure-chromium
 	$(BIN)/ruff check .

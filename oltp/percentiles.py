@@ -11,21 +11,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-ALPHA = 0.01
-GAMMA = (1 + ALPHA) / (1 - ALPHA)
-ZERO_BIN = -2147483648
+# The bins are written by the rollup sink's SQL (oltp/rollup_dims.py): one definition of their mapping.
+from oltp.rollup_dims import ALPHA as ALPHA
+from oltp.rollup_dims import GAMMA as GAMMA
+from oltp.rollup_dims import ZERO_BIN as ZERO_BIN
+from oltp.rollup_dims import bin_of as bin_of
+
 MAX_PERCENTILES = 10
 
 
 class PercentileError(ValueError):
     """A `percentiles` parameter the API refuses; the message says why."""
-
-
-def bin_of(value: float) -> int:
-    """The bin of a value >= 0 (ddsketch's LogarithmicMapping(0.01).key; ZERO_BIN for 0)."""
-    if value <= 0:
-        return ZERO_BIN
-    return math.ceil(math.log(value) / math.log(GAMMA))
 
 
 def bin_value(k: int) -> float:

@@ -1,4 +1,5 @@
-"""The sites registry (oltp/sites.py) against the session's real PostgreSQL, and `tally sites` as a subprocess."""
+"""The sites registry (oltp/sites.py) against the session's real PostgreSQL, and `tally sites` as a user runs it
+(in this process, tests/cli_inproc.py; as a subprocess where the process itself matters)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from oltp import sites
 from oltp.schema import ensure_schema
 from oltp.sites import SiteError
+from tests.cli_inproc import run_tally
 
 
 @pytest.fixture()
@@ -101,10 +103,11 @@ def test_schema_is_idempotent(dsn):
 # --- the CLI, as a user runs it ------------------------------------------------------------------
 
 def tally(dsn: str, home, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tally sites *args` in this process (tests/cli_inproc.py); the tests below that need a real process
+    (no configuration at all, the DSN from a running `tally up`) use subprocess.run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env.update(TALLY_PG_DSN=dsn, TALLY_HOME=str(home))
-    return subprocess.run([sys.executable, "-m", "tally.cli", "sites", *args], env=env, capture_output=True,
-                          text=True, timeout=60)
+    return run_tally(["sites", *args], env)
 
 
 def test_cli_add_json_list_rotate_remove(dsn, domain, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 
 from oltp import tokens
 from tally.cmd_tokens import ensure_admin_token_file
+from tests.cli_inproc import run_tally
 
 
 def test_create_stores_only_a_hash_and_verify_gives_the_principal(conn, domain):
@@ -151,13 +152,14 @@ def test_admin_token_file_with_garbage_or_a_foreign_secret_is_replaced(servers, 
     assert ensure_admin_token_file(servers.pg_dsn, tmp_path)[1] is True
 
 
-# --- `tally tokens ...` in a subprocess, as a second terminal would run it ---------------------------
+# --- `tally tokens ...` as a second terminal would run it ---------------------------
 
 def tally(servers, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """`tally tokens *args` in this process (tests/cli_inproc.py); the two tests below that read what a new
+    process finds (no DSN: a running stack's; the admin token file) use subprocess.run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env.update(TALLY_HOME=str(tmp_path / "home"), TALLY_PG_DSN=servers.pg_dsn)
-    return subprocess.run([sys.executable, "-m", "tally.cli", "tokens", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return run_tally(["tokens", *args], env)
 
 
 def test_cli_create_list_revoke(servers, conn, tmp_path, domain):

@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 
-from bench.queries import ZONE, Api, customer_tokens, day_starts, domain_name, pct, say
+from bench.query_kit import ZONE, Api, customer_tokens, day_starts, domain_name, pct, say
 
 HEAVY = 20
 TARGET_MS = 20.0

@@ -32,12 +32,8 @@ partitions and their index); both event types (--quick: impressions only, half t
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,30 +44,15 @@ from pathlib import Path
 
 import psycopg
 
-from infra.processes import free_port
+from bench.query_kit import ZONE, Api, create_database, customer_tokens, day_starts, domain_name, pct, say
 
 RESULTS = Path(__file__).resolve().parent / "results" / "queries.json"
-ZONE = "Asia/Kathmandu"  # every bench site is registered here: its days are rollup_1d's
 LONG_DOMAIN = "long-history.bench.test"
 SHAPES = {  # name -> (granularity, tz, span, expected tier, p99 target ms)
     "last hour 15m UTC": ("15m", "UTC", timedelta(hours=1), "15m", 10.0),
     "7 days 1h New York": ("1h", "America/New_York", timedelta(days=7), "1h", 20.0),
     "90 days 1d Kathmandu": ("1d", ZONE, timedelta(days=90), "1d", 20.0),
 }
-SECRET = "bench-secret-0123456789abcdef"
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-def domain_name(i: int) -> str:
-    return f"d{i:05d}.bench.test"
 
 
 # ---- loading -----------------------------------------------------------------------------------------
@@ -81,12 +62,6 @@ def ensure_all_partitions(conn: psycopg.Connection, lo: datetime, hi: datetime) 
 
     for table in ("rollup_15m", "rollup_1h", "rollup_1d"):
         ensure_partitions(conn, table, lo, hi)
-
-
-def day_starts(lo: datetime, hi: datetime) -> list[datetime]:
-    from oltp.tiers import DayStarts
-
-    return DayStarts().span(ZONE, lo, hi)
 
 
 def load_domains(dsn: str, first: int, count: int, now: datetime, days_15m: int, days: int,
@@ -152,69 +127,7 @@ def load_long_history(dsn: str, now: datetime, days_15m: int) -> None:
         conn.execute("ANALYZE")
 
 
-def customer_tokens(dsn: str, domains: list[str]) -> dict[str, str]:
-    from oltp import tokens
-
-    out = {}
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for d in domains:
-            _, out[d] = tokens.create(conn, "customer", [d], name="bench")
-    return out
-
-
 # ---- the API under test --------------------------------------------------------------------------------
-
-class Api:
-    """`tally api` in its own process group, and one kept-alive HTTP connection to it."""
-
-    def __init__(self, work: Path, dsn: str) -> None:
-        work.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
-        env.update(TALLY_HOME=str(work / "home"), TALLY_PG_DSN=dsn, TALLY_SECRET=SECRET,
-                   TALLY_API_PORT=str(self.port), TALLY_ANALYST_URL=f"http://127.0.0.1:{free_port()}",
-                   TALLY_API_RATE_LIMIT="10000000/minute;1000000/second")
-        self.log = open(work / "api.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "api"], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.conn: http.client.HTTPConnection | None = None
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tally api exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                status, _ = self.get("/healthz", None)
-                if status == 200:
-                    return
-            except OSError:
-                self.conn = None
-                time.sleep(0.2)
-        raise TimeoutError("tally api did not answer /healthz")
-
-    def get(self, path: str, token: str | None) -> tuple[int, bytes]:
-        if self.conn is None:
-            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        try:
-            self.conn.request("GET", path, headers=headers)
-            resp = self.conn.getresponse()
-            return resp.status, resp.read()
-        except (http.client.HTTPException, OSError):
-            self.conn.close()
-            self.conn = None
-            raise
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
-
 
 def shape_path(domain: str, shape: str, now: datetime) -> str:
     granularity, tz, span, _, _ = SHAPES[shape]
@@ -291,13 +204,6 @@ def mixed(api: Api, tokens: dict[str, str], n: int, rng: random.Random) -> dict[
 
 
 # ---- the run -------------------------------------------------------------------------------------------
-
-def create_database(dsn: str, name: str) -> str:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    parts = urllib.parse.urlsplit(dsn)
-    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.queries", description=__doc__.split("\n")[0])

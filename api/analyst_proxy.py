@@ -13,8 +13,8 @@ analyst server answers within it; if it does not, the caller gets 504
 from __future__ import annotations
 
 import http.client
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import orjson
@@ -32,6 +32,7 @@ class Upstream:
     content_type: str
     retry_after: str | None
     body: Iterator[bytes]
+    headers: dict[str, str] = field(default_factory=dict)  # the analyst server's X-ClickHouse-* headers
 
 
 class AnalystService:
@@ -44,12 +45,23 @@ class AnalystService:
         self._token = token
         self.timeout_s = timeout_s
 
-    def query(self, sql: str, fmt: str, token_id: str | None) -> Upstream:
-        """Send one query; the returned body must be consumed or closed (it holds the connection)."""
+    def query(self, sql: str, fmt: str, token_id: str | None, params: Mapping[str, str] | None = None, *,
+              settings: Mapping[str, str] | None = None, client: str | None = None,
+              query_id: str | None = None) -> Upstream:
+        """Send one query (with the values of its `{name:Type}` parameters, olap/params.py); the returned body
+        must be consumed or closed (it holds the connection). `settings`, `client` (the caller's User-Agent)
+        and `query_id`: the ClickHouse-compatible endpoint's (olap/ch_query.py), sent only when given."""
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         conn = cls(self._host, self._port, timeout=self.timeout_s)
+        request: dict[str, object] = {"sql": sql, "format": fmt, "token_id": token_id}
+        if params:
+            request["params"] = dict(params)
+        for name, value in (("settings", dict(settings) if settings else None), ("client", client),
+                            ("query_id", query_id)):
+            if value:
+                request[name] = value
         try:
-            conn.request("POST", self._path, body=orjson.dumps({"sql": sql, "format": fmt, "token_id": token_id}),
+            conn.request("POST", self._path, body=orjson.dumps(request),
                          headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._token}"})
             resp = conn.getresponse()
         except TimeoutError:
@@ -72,7 +84,8 @@ class AnalystService:
                 conn.close()
 
         return Upstream(resp.status, resp.getheader("Content-Type", "application/json"),
-                        resp.getheader("Retry-After"), relay())
+                        resp.getheader("Retry-After"), relay(),
+                        {k: v for k, v in resp.getheaders() if k.lower().startswith("x-clickhouse-")})
 
     def _timed_out(self) -> Upstream:
         body = orjson.dumps({"error": {"code": "analyst_timeout", "message": (

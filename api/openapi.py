@@ -293,9 +293,18 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "SqlRequest": {
         "type": "object",
-        "properties": {"sql": {"type": "string", "description": "one SELECT over tally.events"}},
+        "properties": {
+            "sql": {"type": "string", "description": "one SELECT over the analyst tables"},
+            "params": {"type": "object", "maxProperties": 64,
+                       "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$"},
+                       "additionalProperties": {"type": "string", "maxLength": 16384},
+                       "description": "values of the query's {name:Type} parameters, as ClickHouse text; bound "
+                                      "by ClickHouse, never pasted into the query"},
+        },
         "required": ["sql"],
-        "examples": [{"sql": "SELECT type, count() FROM tally.events GROUP BY type"}],
+        "examples": [{"sql": "SELECT type, count() FROM tally.events GROUP BY type"},
+                     {"sql": "SELECT count() FROM tally.events WHERE domain = {d:String}",
+                      "params": {"d": "example.com"}}],
         "additionalProperties": False,
     },
     "SqlResult": {

@@ -11,6 +11,7 @@ from api.backends import backends
 from api.errors import ApiError
 from core.http import error
 from olap.formats import FORMATS, ResultFormat, format_for_accept, format_named
+from olap.params import ParamsError, parse_params
 
 bp = Blueprint("sql", __name__)
 
@@ -18,7 +19,8 @@ bp = Blueprint("sql", __name__)
 @bp.post("/api/v1/sql")
 @allow("admin", "analyst")
 def analyst_sql() -> Response:
-    """Relay one analyst query to the analyst server; `?format=` (or Accept) picks json, csv, tsv or jsonl.
+    """Relay one analyst query to the analyst server; `?format=` (or Accept) picks json, csv, tsv or jsonl;
+    `params` carries the values of the query's `{name:Type}` parameters (bound by ClickHouse, ADR 53).
     ---
     post:
       summary: Run one read-only analyst SELECT over tally.events (ClickHouse)
@@ -41,12 +43,18 @@ def analyst_sql() -> Response:
             application/x-ndjson: {schema: {type: string}}
     """
     body = request.get_json(silent=True)
-    if not isinstance(body, dict) or set(body) - {"sql"} or not isinstance(body.get("sql"), str):
-        raise ApiError(400, "invalid_body", 'send a JSON object {"sql": "SELECT ..."}')
+    if not isinstance(body, dict) or set(body) - {"sql", "params"} or not isinstance(body.get("sql"), str):
+        raise ApiError(400, "invalid_body", 'send a JSON object {"sql": "SELECT ..."}, with "params": {"name": '
+                       '"value"} for the query\'s {name:Type} parameters')
+    try:
+        params = parse_params(body.get("params"))
+    except ParamsError as exc:
+        raise ApiError(400, "invalid_params", str(exc)) from None
     fmt = _result_format()
     principal = current_principal()
     try:
-        upstream = backends().analyst.query(body["sql"], fmt.name, principal.token_id if principal else None)
+        upstream = backends().analyst.query(body["sql"], fmt.name, principal.token_id if principal else None,
+                                            params, client=request.headers.get("User-Agent", "")[:200] or None)
     except AnalystUnavailable:
         resp = error(503, "analyst_unavailable", "the analyst server is unavailable; retry shortly")
         resp.headers["Retry-After"] = "5"

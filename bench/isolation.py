@@ -63,6 +63,7 @@ class Stack:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
         self.env.update(TALLY_HOME=str(self.home), TALLY_COLLECTOR_PORT=str(self.collector_port),
                         TALLY_API_PORT=str(self.api_port), TALLY_ANALYST_PORT=str(self.analyst_port),
+                        TALLY_CLICKHOUSE_HTTP_PORT=str(free_port()),
                         TALLY_SQL_MAX_CONCURRENT="5", TALLY_SQL_MAX_EXECUTION_S=str(phase_s),
                         TALLY_API_RATE_LIMIT="100000/minute")
         self.log = open(work / "up.log", "wb")

@@ -139,6 +139,9 @@ class Settings:
         "TALLY_BIND_HOST", "127.0.0.1", Text(1), "the address the collector and the API listen on")
     collector_port: int = setting("TALLY_COLLECTOR_PORT", 8700, Integer(0, 65535), "the collector's port")
     api_port: int = setting("TALLY_API_PORT", 8701, Integer(0, 65535), "the API's port")
+    clickhouse_http_port: int = setting(
+        "TALLY_CLICKHOUSE_HTTP_PORT", 8703, Integer(0, 65535),
+        "the ClickHouse-compatible HTTP endpoint's port (analyst SQL for ClickHouse tools, on `TALLY_BIND_HOST`)")
     # The analyst-SQL process (owns ClickHouse/chDB access; the API forwards to it).
     analyst_port: int = setting(
         "TALLY_ANALYST_PORT", 8702, Integer(0, 65535), "the analyst server's port when `TALLY_ANALYST_URL` is unset")
@@ -185,7 +188,8 @@ class Settings:
         "`sign-pixel --ttl` refuses more (ADR 31)", shown="`604800` (7 days)")
     registry_refresh_s: float = setting(
         "TALLY_REGISTRY_REFRESH_S", 2.0, Number(0.1, 3600.0),
-        "how often each collector worker reloads the sites registry from PostgreSQL")
+        "how often each collector worker reloads the sites registry from PostgreSQL, and the loader copies it to "
+        "ClickHouse's `tally.sites` for analysts")
     max_body_bytes: int = setting(
         "TALLY_MAX_BODY_BYTES", 256 * 1024, Integer(1024, 64 * 1024 * 1024, size=True),
         "the largest request body the collector reads")

@@ -42,4 +42,14 @@ CREATE USER IF NOT EXISTS tally_analyst
 
 REVOKE ALL ON *.* FROM tally_analyst;
 
+-- The analyst tables (olap.allowlist.ANALYST_TABLES; their columns are in docs/analysts.md). tally.sites is
+-- written by the loader worker, whose ClickHouse user (not this one) needs INSERT and SELECT on it (ADR 52).
 GRANT SELECT ON tally.events TO tally_analyst;
+
+GRANT SELECT ON tally.sites TO tally_analyst;
+
+GRANT SELECT ON tally.countries TO tally_analyst;
+
+-- The curated views tools browse instead of `system` (ClickHouse migration 4, ADR 51); they run as their
+-- definer, so this user needs nothing in `system`.
+GRANT SELECT ON tally_catalog.* TO tally_analyst;

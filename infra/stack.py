@@ -96,7 +96,8 @@ def check_ports(settings: Settings, wait_s: float = 15.0) -> None:
     crashed run exit (children get SIGTERM when `tally up` dies) is waited for, up to `wait_s`."""
     deadline = time.monotonic() + wait_s
     for var, port in (("TALLY_COLLECTOR_PORT", settings.collector_port), ("TALLY_API_PORT", settings.api_port),
-                      ("TALLY_ANALYST_PORT", settings.analyst_port)):
+                      ("TALLY_ANALYST_PORT", settings.analyst_port),
+                      ("TALLY_CLICKHOUSE_HTTP_PORT", settings.clickhouse_http_port)):
         while True:
             with socket.socket() as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is fine

@@ -5,12 +5,17 @@ obtained and why the text form of `EXPLAIN AST` is not used). `check(tree, datab
 and raises `Refused` naming the first table, table function, function, clause or construct that
 is not allowed:
 
-- the statement is a SELECT (UNION / INTERSECT / EXCEPT included); no SETTINGS, FORMAT,
-  INTO OUTFILE or query parameters anywhere;
-- every table is `<database>.events` or a CTE (`WITH name AS (subquery)`) in scope: the
+- the statement is a SELECT (UNION / INTERSECT / EXCEPT included); no SETTINGS, FORMAT or
+  INTO OUTFILE anywhere;
+- query parameters (`{name:Type}`, bound by ClickHouse, ADR 53) stand for values only: their
+  types are `PARAM_TYPES` (never `Identifier`, which would name a table or column), and
+  `check_parameters` matches them to the values sent and checks those as it checks string literals;
+- every table is one of ANALYST_TABLES in `<database>` or a CTE (`WITH name AS (subquery)`) in scope: the
   SELECT that defines it, later CTEs of the same WITH, and subqueries nested inside (a CTE's
   own definition sees itself only with WITH RECURSIVE; the other branches of a UNION do not
-  see it); `IN name` is checked the same way;
+  see it); `IN name` is checked the same way; with `system_catalog` (the ClickHouse-compatible endpoint),
+  `system.<x>` for x in CATALOG_TABLES too, which olap/catalog.py then points at curated views (ADR 51);
+- `currentDatabase()` and `displayName()` (CATALOG_FUNCTIONS), without arguments: olap/catalog.py answers them;
 - table functions are `TABLE_FUNCTIONS` only;
 - every function (also `APPLY(f)` column transformers) is allowed by the reviewed table in
   `olap/allowed_functions.py`, which `python -m olap.allowlist --write` generates from
@@ -36,9 +41,29 @@ from pathlib import Path
 from typing import Any
 
 from olap.client import connect
+from olap.params import ParamsError, check_param_name, parse_params
 
 # Tables analysts read, inside settings.clickhouse_database.
-ANALYST_TABLES = frozenset({"events"})
+ANALYST_TABLES = frozenset({"events", "sites", "countries"})
+
+# `system.<name>` analysts may read: curated views in `<database>_catalog` that show only what analysts may see
+# (olap/catalog.py, ADR 51). Every other system table stays refused, and so does `<database>_catalog` by name.
+CATALOG_TABLES = frozenset({"databases", "tables", "columns", "settings", "functions", "one"})
+CATALOG_SUFFIX = "_catalog"
+# Calls without arguments that olap/catalog.py replaces with a literal, name -> what it stands for: the current
+# database is the analyst database (ClickHouse's answer would be the server session's), the server's display
+# name is "tally" (ClickHouse's would be its host name). Exact names, then lower-cased case-insensitive ones.
+CATALOG_FUNCTIONS = {"currentDatabase": "database", "displayName": "display_name"}
+CATALOG_FUNCTIONS_CI = {"database": "database", "current_database": "database"}
+
+
+def catalog_database(database: str) -> str:
+    return database + CATALOG_SUFFIX
+
+
+def catalog_function(name: str) -> str | None:
+    """What a call of `name` stands for if the catalog answers it (a CATALOG_FUNCTIONS value), else None."""
+    return CATALOG_FUNCTIONS.get(name) or CATALOG_FUNCTIONS_CI.get(name.lower())
 
 # Generators of numbers and inline rows; nothing that reads files, URLs, other tables or
 # databases, programs or the request body. `zeros`/`zeros_mt` are left out: ClickHouse refuses
@@ -86,6 +111,10 @@ PURE_OTHERS = frozenset({
     "variantElement", "variantType", "visibleWidth",
 })
 
+# Reviewed from "Other": constants of the server that clients ask for on connect (clickhouse-connect, Grafana)
+# and that the ClickHouse-compatible endpoint names anyway (its errors end with "(version ...)"). ADR 51.
+SERVER_CONSTANTS = frozenset({"version", "revision"})
+
 # Super-linear in the length of one argument (O(n*m) dynamic programming or automata): one call on two
 # 65,000-byte strings takes 4.7 s inside one block, where neither max_execution_time nor KILL QUERY
 # reaches it (ClickHouse checks both between blocks; measured, ADR 32). Aliases follow their target.
@@ -126,6 +155,26 @@ TYPE_ARGUMENTS = {"cast": 1, "_cast": 1, "accuratecast": 1, "accuratecastornull"
                   "reinterpret": 1, "defaultvalueoftypename": 0, "kqlparametercast": 1, "variantelement": 1,
                   "dynamicelement": 1, "jsonextract": -1, "jsonextractcaseinsensitive": -1,
                   "jsonextractkeysandvalues": -1, "jsonextractkeysandvaluescaseinsensitive": -1}
+
+# --- query parameters (ADR 53) ---------------------------------------------------------------------
+
+# The types a query parameter may have: plain values. Not Identifier (it names a table or column), nor types whose
+# text can name functions (AggregateFunction) or carry open structures (JSON, Dynamic, Variant, Object, Map, Tuple).
+PARAM_TYPES = frozenset({
+    "UInt8", "UInt16", "UInt32", "UInt64", "UInt128", "UInt256", "Int8", "Int16", "Int32", "Int64", "Int128",
+    "Int256", "Float32", "Float64", "BFloat16", "Bool", "String", "FixedString", "UUID", "IPv4", "IPv6", "Date",
+    "Date32", "DateTime", "DateTime64", "Decimal", "Decimal32", "Decimal64", "Decimal128", "Decimal256",
+})
+# ... of which these take arguments (a precision, scale, length or time zone), and these wrap another type.
+PARAM_TYPES_WITH_ARGUMENTS = frozenset({"FixedString", "DateTime", "DateTime64", "Decimal", "Decimal32", "Decimal64",
+                                        "Decimal128", "Decimal256"})
+PARAM_TYPE_WRAPPERS = ("Nullable", "Array")
+MAX_PARAM_TYPE_DEPTH = 4
+_TYPE_ARGUMENT = r"\s*(?:\d{1,3}|'[A-Za-z0-9_/+-]{1,64}')\s*"
+_PARAM_TYPE = re.compile(rf"\s*([A-Za-z][A-Za-z0-9]*)\s*(?:\(({_TYPE_ARGUMENT}(?:,{_TYPE_ARGUMENT})?)\))?\s*")
+_WRAPPED_TYPE = re.compile(rf"\s*({'|'.join(PARAM_TYPE_WRAPPERS)})\s*\((.*)\)\s*", re.DOTALL)
+_IDENTIFIER_PARAMETER = ("query parameters of type Identifier ({name:Identifier}) are not allowed: a parameter "
+                         "stands for a value; write table and column names in the query")
 
 DATA_FILE = Path(__file__).with_name("allowed_functions.py")
 
@@ -263,25 +312,30 @@ _CLAUSES = {  # keys that carry a clause refused by name
 }
 _NODE_REFUSALS = {
     "SetQuery": "SETTINGS clauses are not allowed: limits are set by the server",
-    "QueryParameter": "query parameters ({name:Type}) are not supported in analyst SQL",
     "WithElement": "a CTE is only allowed in a WITH clause",
 }
 
 
-def check(tree: Any, database: str) -> None:
+def check(tree: Any, database: str, *, system_catalog: bool = False, rewritten: bool = False) -> None:
     """Raise Refused unless `tree` (parseQueryToJSON output) is a SELECT analysts may run."""
     if not isinstance(tree, dict):
         raise Refused("the query could not be parsed")
     kind = tree.get("type")
     if kind != "SelectWithUnionQuery":
         raise Refused(f"only SELECT queries are allowed (this is a {kind}); analyst SQL is read-only")
-    _Walker(database, function_table()).select_union(tree, frozenset())
+    _Walker(database, function_table(), system_catalog, rewritten).select_union(tree, frozenset())
 
 
 class _Walker:
-    def __init__(self, database: str, functions: FunctionTable) -> None:
+    def __init__(self, database: str, functions: FunctionTable, system_catalog: bool = False,
+                 rewritten: bool = False) -> None:
         self.database = database
         self.functions = functions
+        # system_catalog: `system.<x>` for x in CATALOG_TABLES may be read (olap/catalog.py points them at the
+        # curated views). rewritten: after that rewrite, they are named `<database>_catalog.<x>` instead, and the
+        # CATALOG_FUNCTIONS calls are gone (literals).
+        self.catalog = catalog_database(database) if rewritten else "system" if system_catalog else None
+        self.rewritten = rewritten
 
     # statements
 
@@ -387,13 +441,18 @@ class _Walker:
     def _table(self, node: Any, ctes: frozenset[str]) -> None:
         if not isinstance(node, dict) or node.get("type") not in ("TableIdentifier", "Identifier"):
             raise Refused("unsupported table reference")
+        if "children" in node:  # FROM {t:Identifier}, x IN {t:Identifier}
+            raise Refused(_IDENTIFIER_PARAMETER)
         if set(node) - {"type", "name", "name_parts", "alias"}:
             raise Refused(f"unsupported table reference {node.get('name')!r}")
         parts = node.get("name_parts") or [node.get("name")]
         if not all(isinstance(p, str) for p in parts):
             raise Refused("unsupported table reference")
-        allowed = ", ".join(f"{self.database}.{t}" for t in sorted(ANALYST_TABLES))
+        allowed = ", ".join([f"{self.database}.{t}" for t in sorted(ANALYST_TABLES)]
+                            + [f"system.{t}" for t in sorted(CATALOG_TABLES) if self.catalog == "system"])
         if len(parts) == 2 and parts[0] == self.database and parts[1] in ANALYST_TABLES:
+            return
+        if len(parts) == 2 and self.catalog is not None and parts[0] == self.catalog and parts[1] in CATALOG_TABLES:
             return
         if len(parts) == 1 and parts[0] in ctes:
             return
@@ -414,8 +473,12 @@ class _Walker:
         kind = node.get("type")
         if kind in _NODE_REFUSALS:
             raise Refused(_NODE_REFUSALS[kind])
+        if kind in ("Identifier", "TableIdentifier") and "children" in node:  # its name is a query parameter
+            raise Refused(_IDENTIFIER_PARAMETER)
         if kind == "SelectWithUnionQuery":
             self.select_union(node, ctes)
+        elif kind == "QueryParameter":
+            check_parameter_node(node)
         elif kind == "Function":
             self._function(node, ctes)
         elif kind == "TableIdentifier":
@@ -440,6 +503,9 @@ class _Walker:
 
     def _function(self, node: dict[str, Any], ctes: frozenset[str]) -> None:
         name = node.get("name")
+        if isinstance(name, str) and catalog_function(name) and not self.rewritten:
+            self._catalog_function(node)
+            return
         if not isinstance(name, str) or not self.functions.allows(name):
             costly = self.functions.why_costly(name) if isinstance(name, str) else None
             raise Refused(f"function {name} is not allowed in analyst SQL" + (f" ({costly})" if costly else ""))
@@ -462,6 +528,14 @@ class _Walker:
                 self.expr(value, ctes)
             else:
                 self._unknown(node, key)
+
+    def _catalog_function(self, node: dict[str, Any]) -> None:
+        """currentDatabase() / displayName() with no arguments and nothing else: olap/catalog.py replaces it by a
+        literal."""
+        arguments = node.get("arguments", {"type": "ExpressionList"})
+        if set(node) - {"type", "name", "alias", "arguments"} or self._list(arguments, "ExpressionList"):
+            raise Refused(f"{node.get('name')}() takes no arguments in analyst SQL")
+        self._plain(node, "alias", node.get("alias"))
 
     def _apply(self, node: dict[str, Any], ctes: frozenset[str]) -> None:
         for key, value in node.items():
@@ -506,6 +580,79 @@ class _Walker:
     @staticmethod
     def _unknown(node: dict[str, Any], key: str) -> None:
         raise Refused(f"unsupported part of the query: {node.get('type')}.{key}")
+
+
+# --- query parameters ---------------------------------------------------------------------------
+
+
+def check_parameter_node(node: dict[str, Any]) -> None:
+    """A `{name:Type}` node: a valid name and one of the PARAM_TYPES (possibly in Nullable/Array)."""
+    name, kind = node.get("name"), node.get("param_type")
+    if set(node) - {"type", "name", "param_type", "alias"} or not isinstance(name, str) or not isinstance(kind, str):
+        raise Refused("unsupported construct QueryParameter")
+    try:
+        check_param_name(name)
+    except ParamsError as exc:
+        raise Refused(str(exc)) from None
+    if kind.strip() == "Identifier":
+        raise Refused(_IDENTIFIER_PARAMETER)
+    if not param_type_allowed(kind):
+        raise Refused(f"query parameter {{{name}:{kind}}}: the type {kind} is not allowed for parameters; use "
+                      f"{', '.join(sorted(PARAM_TYPES))}, also inside Nullable(...) or Array(...)")
+
+
+def param_type_allowed(text: str, depth: int = 0) -> bool:
+    """Whether `text` (a query parameter's type as written) is one of PARAM_TYPES, with arguments only where it
+    takes them (plain numbers or a time zone), inside at most MAX_PARAM_TYPE_DEPTH Nullable/Array wrappers."""
+    wrapped = _WRAPPED_TYPE.fullmatch(text)
+    if wrapped:
+        return depth < MAX_PARAM_TYPE_DEPTH and param_type_allowed(wrapped.group(2), depth + 1)
+    match = _PARAM_TYPE.fullmatch(text)
+    if not match or match.group(1) not in PARAM_TYPES:
+        return False
+    return match.group(2) is None or match.group(1) in PARAM_TYPES_WITH_ARGUMENTS
+
+
+def check_parameters(tree: Any, values: object) -> None:
+    """Raise Refused unless `values` is well formed (olap/params.py), the query parameters `tree` uses (after
+    `check`) and the values match one to one, and every value passes what a string literal must (an
+    `AggregateFunction(...)` spelled in it names an allowed aggregate): ClickHouse substitutes a value where the
+    parameter stands, as if it were a literal there."""
+    try:
+        params = parse_params(values)
+    except ParamsError as exc:
+        raise Refused(str(exc)) from None
+    used: dict[str, str] = {}
+    for name, kind in _query_parameters(tree):
+        used.setdefault(name, kind)
+    missing = [name for name in sorted(used) if name not in params]
+    if missing:
+        shown = ", ".join(f"{{{name}:{used[name]}}}" for name in missing)
+        raise Refused(f"query parameters need a value: none was sent for {shown} (send params "
+                      f"{{\"{missing[0]}\": \"...\"}}, or tally sql --param {missing[0]}=...)")
+    unused = sorted(set(params) - set(used))
+    if unused:
+        raise Refused(f"query parameter {', '.join(unused)}: not used in the query (it has no "
+                      f"{{{unused[0]}:Type}}); send only the parameters the query uses")
+    functions = function_table()
+    for name, value in sorted(params.items()):
+        try:
+            check_aggregate_types(value, functions)
+        except Refused as exc:
+            raise Refused(f"query parameter {name}: {exc}") from None
+
+
+def _query_parameters(tree: Any) -> Iterator[tuple[str, str]]:
+    """(name, type) of every QueryParameter node in the tree (literal values hold no `type` keys)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "QueryParameter":
+                yield str(node.get("name")), str(node.get("param_type"))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 # --- rules on arguments ------------------------------------------------------------------------
@@ -665,6 +812,8 @@ def verdict(row: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]]) -> tu
     for candidate in (name, target_name):
         if candidate in DENIED:
             return "deny", DENIED[candidate]
+    if name in SERVER_CONSTANTS or target_name in SERVER_CONSTANTS:
+        return "allow", "reviewed: a constant of the server, which clients ask for on connect"
     if name in PURE_OTHERS or target_name in PURE_OTHERS:
         return "allow", "reviewed: computes on its arguments only"
     target = rows.get(target_name)

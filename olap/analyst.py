@@ -9,8 +9,10 @@ run with limits that ClickHouse enforces, and encoded here as json, csv, tsv or 
 2. `parseQueryToJSON` of the canonical text gives the parse tree as data, and
    `formatQueryFromJSON` of that tree must give the canonical text back: the tree holds the whole
    query, so a check of the tree is a check of what runs. All three are one round trip.
-3. `olap.allowlist.check` walks the tree: a SELECT, tables `<db>.events` and CTEs in scope,
-   allowlisted table functions and functions, no SETTINGS / FORMAT / INTO OUTFILE.
+3. `olap.allowlist.check` walks the tree: a SELECT (SHOW, DESCRIBE, EXISTS: first turned into the
+   SELECT over the curated catalog that answers them, olap/catalog.py), analyst tables and CTEs in scope,
+   allowlisted table functions and functions, no SETTINGS / FORMAT / INTO OUTFILE; then
+   `check_parameters` matches its query parameters (`{name:Type}`) to the values sent (ADR 53).
 
 The text form of `EXPLAIN AST` is not used: it prints aliases and identifiers raw, so a quoted alias
 holding a newline adds made-up lines to the dump (seen with chDB 4.4: `1 AS `a\\n  Function file``),
@@ -20,7 +22,8 @@ server every query is refused with a message saying so (fail closed).
 
 `stream` runs the canonical text with ClickHouse-side limits (`max_execution_time`,
 `max_memory_usage`, `max_result_rows`, `max_result_bytes` with `result_overflow_mode = 'throw'`,
-`max_threads`, `final = 1`, `readonly = 1` last on a writable session) and counts the rows and the
+`max_threads`, `final = 1`, `readonly = 1` last on a writable session), with the query parameters'
+values bound by ClickHouse (`param_<name>`; never pasted into the text), and counts the rows and the
 encoded bytes it produces itself; closing the generator closes the ClickHouse stream, which cancels
 the query.
 """
@@ -31,7 +34,7 @@ import json
 import re
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +42,9 @@ import orjson
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from olap.allowlist import ANALYST_TABLES, Refused, check, function_table
+from olap import catalog
+from olap.allowlist import ANALYST_TABLES, Refused, check, check_parameters, function_table
+from olap.ch_settings import LOWERED, lowered
 from olap.formats import FORMATS, FormatError, ResultFormat
 from olap.schema import EVENT_COLUMNS
 
@@ -64,16 +69,20 @@ _TIMEOUT_CODES = {159: "TIMEOUT_EXCEEDED", 160: "TOO_SLOW"}
 _TOO_LARGE_CODES = {396: "TOO_MANY_ROWS_OR_BYTES"}
 _REFUSED_CODES = {164: "READONLY", 497: "ACCESS_DENIED", 62: "SYNTAX_ERROR"}
 _UNKNOWN_FUNCTION = 46
-_NO_JSON = re.compile(r"AST node of type '(\w+)' does not support JSON serialization")
+# A query parameter's value that does not parse as its type says "... for query parameter 'name'" (codes vary
+# with the type: 457 BAD_QUERY_PARAMETER, 26, 27, 32, 41, ...).
+_BAD_PARAMETER = re.compile(r"for query parameter '\w+'")
+_NO_JSON = re.compile(r"AST node of type '([^'\n]{1,80})' does not support JSON serialization")
 
 
 class AnalystQueryError(ValueError):
     """A refused or failed analyst query. `code`: refused | failed | timeout | too_large."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, ch_code: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.ch_code = ch_code  # ClickHouse's error code, when ClickHouse raised it (olap/ch_errors.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +112,13 @@ class QueryResult:
 # --- parsing -----------------------------------------------------------------------------------
 
 
-def prepare(client: Client, sql: object, database: str) -> str:
-    """The canonical single statement for `sql`, if analysts may run it. Parsing only.
+def prepare(client: Client, sql: object, database: str, params: Mapping[str, str] | None = None, *,
+            system_catalog: bool = False) -> str:
+    """The canonical single statement for `sql`, if analysts may run it with these query parameters (the
+    values of its `{name:Type}`, olap/params.py; pass the same to `stream`). Parsing only. `system_catalog`:
+    `system.<x>` names the curated catalog views (the ClickHouse-compatible endpoint's tools; olap/catalog.py).
 
-    Raises AnalystQueryError(code="refused") naming the table, function or clause refused.
+    Raises AnalystQueryError(code="refused") naming the table, function, clause or parameter refused.
     """
     if not isinstance(sql, str) or not sql.strip():
         raise AnalystQueryError("refused", "'sql' must be a non-empty string")
@@ -123,7 +135,9 @@ def prepare(client: Client, sql: object, database: str) -> str:
             raise AnalystQueryError("refused", "analyst SQL needs ClickHouse 26.8 or later (parseQueryToJSON); "
                                                "this server is older, so every query is refused") from None
         unserialisable = _NO_JSON.search(str(exc))
-        if unserialisable:  # DESCRIBE, SHOW, ...: statements the JSON form does not cover
+        if unserialisable:  # DESCRIBE, EXISTS, ...: statements the JSON form does not cover
+            if statement := _catalog_statement(client, None, sql, database):
+                return prepare(client, statement, database, params, system_catalog=True)
             raise AnalystQueryError("refused", f"only SELECT queries are allowed, and ClickHouse cannot show this "
                                                f"one ({unserialisable.group(1)}) as a parse tree to check") from None
         raise AnalystQueryError("refused", _short(str(exc))) from None
@@ -135,12 +149,36 @@ def prepare(client: Client, sql: object, database: str) -> str:
                                            "faithfully, so it cannot be checked; rewrite it")
     try:
         tree = json.loads(tree_json)
-        check(tree, database)
+        statement = None  # SHOW ...: answered by a SELECT over the curated catalog (ADR 51)
+        if isinstance(tree, dict) and tree.get("type") != "SelectWithUnionQuery":
+            statement = _catalog_statement(client, str(text), sql, database)
+        if statement is None:
+            check(tree, database, system_catalog=system_catalog)
+            check_parameters(tree, params)
+            rewritten = catalog.resolve(client, tree, database)  # system.<x>: the curated views (ADR 51)
     except Refused as exc:
         raise AnalystQueryError("refused", str(exc)) from None
+    except AnalystQueryError:
+        raise
     except (ValueError, RecursionError):
         raise AnalystQueryError("refused", "the query could not be checked (nested too deeply?)") from None
-    return str(text)
+    if statement is not None:
+        return prepare(client, statement, database, params, system_catalog=True)
+    return rewritten or str(text)
+
+
+def _catalog_statement(client: Client, text: str | None, sql: str, database: str) -> str | None:
+    """SHOW / DESCRIBE / EXISTS as the SELECT over the curated catalog that answers it (olap/catalog.py), or None
+    for any other statement. `text`: ClickHouse's canonical form of `sql`, asked for here when None."""
+    try:
+        if text is None:
+            canonical = client.query("SELECT formatQuerySingleLine({q:String})", parameters={"q": sql})
+            text = str(canonical.result_rows[0][0])
+        return catalog.statement_as_select(text, database)
+    except Refused as exc:
+        raise AnalystQueryError("refused", str(exc)) from None
+    except ClickHouseError as exc:
+        raise AnalystQueryError("refused", _short(str(exc))) from None
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -162,8 +200,12 @@ def _session_readonly(client: Client) -> int:
     return value
 
 
-def _settings(client: Client, limits: SqlLimits, tag: str | None = None) -> dict[str, Any]:
-    settings: dict[str, Any] = {
+def _settings(client: Client, limits: SqlLimits, tag: str | None = None,
+              harmless: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The query's settings: `harmless` first (olap/ch_settings.py, output format options), then the limits,
+    then `readonly = 1` last, so nothing set before it can raise what follows."""
+    settings: dict[str, Any] = dict(harmless or {})
+    settings |= {
         "final": 1,  # ReplacingMergeTree duplicates are never visible
         "max_execution_time": limits.max_execution_s,
         "timeout_overflow_mode": "throw",
@@ -179,6 +221,8 @@ def _settings(client: Client, limits: SqlLimits, tag: str | None = None) -> dict
         "function_range_max_elements_in_block": limits.max_range_elements,
         "allow_introspection_functions": 0,
     }
+    for name in LOWERED.keys() & settings.keys() & (harmless or {}).keys():  # a client may lower these only
+        settings[name] = lowered(str((harmless or {})[name]), float(settings[name]))
     if tag:
         settings["log_comment"] = tag  # how the watchdog finds the query in system.processes to kill it
     readonly = _session_readonly(client)
@@ -193,8 +237,9 @@ def _settings(client: Client, limits: SqlLimits, tag: str | None = None) -> dict
 
 
 def stream(client: Client, text: str, limits: SqlLimits, fmt: str, stats: QueryStats,
-           tag: str | None = None) -> Iterator[bytes]:
-    """Run `text` (what `prepare` returned) and yield it encoded as `fmt`; json is one document.
+           tag: str | None = None, params: Mapping[str, str] | None = None) -> Iterator[bytes]:
+    """Run `text` (what `prepare` returned) with its query parameters' values (what `prepare` was given),
+    bound by ClickHouse, and yield it encoded as `fmt`; json is one document.
 
     Updates `stats` as it goes. Raises AnalystQueryError on overflow, timeout or failure, possibly
     after some chunks (never for json, which is yielded whole at the end). Nothing is yielded before
@@ -205,9 +250,10 @@ def stream(client: Client, text: str, limits: SqlLimits, fmt: str, stats: QueryS
     if result_format is None:
         raise AnalystQueryError("refused", f"format must be one of {', '.join(FORMATS)}")
     settings = _settings(client, limits, tag)
+    bound = _bound(text, params)
     out = _Output(limits.max_result_bytes, stats)
     try:
-        yield from _encode(client, text, settings, limits, result_format, out)
+        yield from _encode(client, text, settings, limits, result_format, out, bound)
     except ClickHouseError as exc:
         raise _classify(exc) from None
     except RecursionError:  # the driver's type parser, on a type nested a few hundred levels deep
@@ -243,12 +289,12 @@ class _Output:
 
 
 def _encode(client: Client, text: str, settings: dict[str, Any], limits: SqlLimits, result_format: ResultFormat,
-            out: _Output) -> Iterator[bytes]:
+            out: _Output, bound: dict[str, Any] | None = None) -> Iterator[bytes]:
     """The query's blocks through the format's encoder into `out`; a streamed format yields per block."""
     encoder = result_format.encoder()
     deadline = time.monotonic() + float(limits.max_execution_s) + 1.0
     started = False
-    with client.query_row_block_stream(text, settings=settings) as blocks:
+    with client.query_row_block_stream(text, parameters=bound, settings=settings) as blocks:
         names = list(blocks.source.column_names)
         types = [t.name for t in blocks.source.column_types]
         _check_nesting(types)
@@ -269,9 +315,37 @@ def _encode(client: Client, text: str, settings: dict[str, Any], limits: SqlLimi
                 yield out.flush()
     if not started:
         if not names:  # chDB sends no header block for an empty result; a server does
-            names, types = _describe(client, text, settings)
+            names, types = _describe(client, text, settings, bound)
         out.emit(encoder.start(names, types))
     out.emit(encoder.end())
+
+
+class _ClickHouseText:
+    """A query parameter's value for clickhouse-connect, sent as the text it is: the driver escapes a `str` for
+    ClickHouse (`a\\tb` would arrive as a backslash and a t, `['a','b']` with its quotes escaped, no longer an
+    array) and sends other objects as `str(value)`, which is ClickHouse's own `param_<name>` text."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+# A `{name:Type}` placeholder as clickhouse-connect finds them: with none in the text, it would format the values
+# into the text itself (`%(name)s`) instead of sending them for ClickHouse to bind.
+_PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*:[^}]+\}")
+
+
+def _bound(text: str, params: Mapping[str, str] | None) -> dict[str, Any] | None:
+    """The parameters for clickhouse-connect's server-side binding, or None without any."""
+    if not params:
+        return None
+    if not _PLACEHOLDER.search(text):  # prepare refuses values the query does not use: this cannot happen
+        raise AnalystQueryError("refused", "query parameters were sent for a query that has no {name:Type}")
+    return {name: _ClickHouseText(value) for name, value in params.items()}
 
 
 def _too_deep() -> AnalystQueryError:
@@ -309,16 +383,18 @@ def _nesting(type_name: str) -> int:
     return deepest
 
 
-def _describe(client: Client, text: str, settings: dict[str, Any]) -> tuple[list[str], list[str]]:
+def _describe(client: Client, text: str, settings: dict[str, Any],
+              bound: dict[str, Any] | None = None) -> tuple[list[str], list[str]]:
     """Column names and types of a query that returned no rows (chDB sends no header block then)."""
-    rows = client.query(f"DESCRIBE TABLE ({text})", settings=settings).result_rows
+    rows = client.query(f"DESCRIBE TABLE ({text})", parameters=bound, settings=settings).result_rows
     return [str(r[0]) for r in rows], [str(r[1]) for r in rows]
 
 
-def run_query(client: Client, sql: Any, limits: SqlLimits, database: str = "tally") -> QueryResult:
+def run_query(client: Client, sql: Any, limits: SqlLimits, database: str = "tally",
+              params: Mapping[str, str] | None = None) -> QueryResult:
     """prepare + run, as columns/types/rows (the json format's values), for the JSON path and tests."""
-    text = prepare(client, sql, database)
-    document = orjson.loads(b"".join(stream(client, text, limits, "json", QueryStats())))
+    text = prepare(client, sql, database, params)
+    document = orjson.loads(b"".join(stream(client, text, limits, "json", QueryStats(), params=params)))
     return QueryResult(columns=document["columns"], types=document["types"], rows=document["rows"])
 
 
@@ -333,12 +409,12 @@ def _code_of(exc: BaseException) -> int | None:
 def _classify(exc: ClickHouseError) -> AnalystQueryError:
     code, message = _code_of(exc), _short(str(exc))
     if code in _TIMEOUT_CODES:
-        return AnalystQueryError("timeout", message)
+        return AnalystQueryError("timeout", message, code)
     if code in _TOO_LARGE_CODES:
-        return AnalystQueryError("too_large", message)
-    if code in _REFUSED_CODES:
-        return AnalystQueryError("refused", message)
-    return AnalystQueryError("failed", message)
+        return AnalystQueryError("too_large", message, code)
+    if code in _REFUSED_CODES or _BAD_PARAMETER.search(message):
+        return AnalystQueryError("refused", message, code)
+    return AnalystQueryError("failed", message, code)
 
 
 def _short(message: str) -> str:

@@ -17,9 +17,11 @@ import decimal
 import io
 import ipaddress
 import math
+import re
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain, repeat
 from typing import Any, Protocol
 
 import orjson
@@ -53,9 +55,37 @@ class ResultFormat:
 
 # --- values ------------------------------------------------------------------------------------
 
+_DATETIME_TYPE = re.compile(r"(?:(?:Nullable|LowCardinality)\()*DateTime(64)?(?:\((\d+))?")
+
+
+def time_digits(type_name: str) -> int | None:
+    """Fraction digits of a DateTime / DateTime64(p) column (also Nullable), None for any other type."""
+    match = _DATETIME_TYPE.match(type_name)
+    if match is None or type_name[match.end():match.end() + 1].isalnum():  # not e.g. "DateTimeX"
+        return None
+    if not match.group(1):
+        return 0  # DateTime: seconds
+    return int(match.group(2)) if match.group(2) else 3  # DateTime64(p), p = 3 when not given
+
+
+def time_text(value: dt.datetime, digits: int | None = None) -> str:
+    """ISO 8601 with the zone (ADR 52): `Z` for UTC, else the offset (`+01:00`). A naive value is UTC: the
+    ClickHouse driver gives UTC columns' values naive. `digits`: the column's precision (DateTime64(3): three
+    fraction digits, DateTime: none); None: as many as the value needs (none, 3 or 6)."""
+    if digits is None:
+        micro = value.microsecond
+        digits = 0 if micro == 0 else 3 if micro % 1000 == 0 else 6
+    spec = "seconds" if digits == 0 else "milliseconds" if digits <= 3 else "microseconds"
+    offset = value.utcoffset()
+    if offset is None or not offset:
+        return value.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
+    return value.isoformat(timespec=spec)
+
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+    if isinstance(value, dt.datetime):
+        return time_text(value)
+    if isinstance(value, (dt.date, dt.time)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
         return str(value)
@@ -85,9 +115,12 @@ def _neutral(text: str) -> str:
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, digits: int | None = None) -> str:
     """One csv/tsv cell: string values (String, FixedString, Enum, LowCardinality(String)) neutralised;
-    numbers, dates and the JSON of arrays, maps and tuples as they are (-5 stays -5)."""
+    numbers, dates and the JSON of arrays, maps and tuples as they are (-5 stays -5); times with their zone
+    (`digits`: the column's precision, see `time_text`)."""
+    if isinstance(value, dt.datetime):
+        return time_text(value, digits)
     text = _text(value)
     return _neutral(text) if isinstance(value, (str, bytes)) else text
 
@@ -102,7 +135,9 @@ def _text(value: Any) -> str:
         return orjson.dumps(_jsonable(value)).decode()
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+    if isinstance(value, dt.datetime):
+        return time_text(value)
+    if isinstance(value, (dt.date, dt.time)):
         return value.isoformat()
     return str(value)
 
@@ -117,19 +152,33 @@ def csv_text(rows: Iterable[Sequence[object]]) -> str:
 # --- encoders ----------------------------------------------------------------------------------
 
 
+def _padded(digits: list[int | None]) -> Iterator[int | None]:
+    """A column's precision for each value of a row: None past the known columns (never drops a value)."""
+    return chain(digits, repeat(None))
+
+
+def _value(value: Any, digits: int | None) -> Any:
+    """One value of a column for json/jsonl: a time with its zone at the column's precision."""
+    return time_text(value, digits) if isinstance(value, dt.datetime) else _jsonable(value)
+
+
 class _Json:
     """{"columns", "types", "rows", "row_count"}: one document, built from per-block parts."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.digits: list[int | None] = []
 
     def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
+        self.digits = [time_digits(t) for t in types]
         return b'{"columns":' + orjson.dumps(list(names)) + b',"types":' + orjson.dumps(list(types)) + b',"rows":['
 
     def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
         if not block:
             return b""
-        body = orjson.dumps([[_jsonable(v) for v in row] for row in block])[1:-1]
+        digits = self.digits
+        body = orjson.dumps([[_value(v, d) for v, d in zip(row, _padded(digits), strict=False)]
+                             for row in block])[1:-1]
         sep = b"," if self.count else b""
         self.count += len(block)
         return sep + body
@@ -143,8 +192,10 @@ class _Jsonl:
 
     def __init__(self) -> None:
         self.names: list[str] = []
+        self.digits: list[int | None] = []
 
     def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
+        self.digits = [time_digits(t) for t in types]
         duplicates = sorted({n for n in names if list(names).count(n) > 1})
         if duplicates:
             raise FormatError(f"column name {duplicates[0]!r} appears twice; give the columns distinct aliases "
@@ -153,9 +204,9 @@ class _Jsonl:
         return b""
 
     def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
-        names = self.names
-        return b"".join(orjson.dumps({n: _jsonable(v) for n, v in zip(names, row, strict=False)}) + b"\n"
-                        for row in block)
+        names, digits = self.names, self.digits
+        return b"".join(orjson.dumps({n: _value(v, d) for n, v, d in zip(names, row, _padded(digits), strict=False)})
+                        + b"\n" for row in block)
 
     def end(self) -> bytes:
         return b""
@@ -165,11 +216,18 @@ class _Csv:
     """RFC 4180: a header row, CRLF line ends, fields quoted when they hold a comma, quote or line break.
     NULL is an empty field."""
 
+    def __init__(self) -> None:
+        self.digits: list[int | None] = []
+
     def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
+        self.digits = [time_digits(t) for t in types]
         return csv_text([[_neutral(n) for n in names]]).encode()
 
     def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
-        return csv_text([["" if v is None else _cell(v) for v in row] for row in block]).encode()
+        digits = self.digits
+        return csv_text([["" if v is None else _cell(v, d)
+                          for v, d in zip(row, _padded(digits), strict=False)]
+                         for row in block]).encode()
 
     def end(self) -> bytes:
         return b""
@@ -182,11 +240,17 @@ class _Tsv:
     """ClickHouse's TabSeparatedWithNames: a header row; backslash, tab, newline, CR and NUL escaped
     with a backslash; NULL is \\N."""
 
+    def __init__(self) -> None:
+        self.digits: list[int | None] = []
+
     def start(self, names: Sequence[str], types: Sequence[str]) -> bytes:
+        self.digits = [time_digits(t) for t in types]
         return ("\t".join(_neutral(n).translate(_TSV_ESCAPES) for n in names) + "\n").encode()
 
     def rows(self, block: Sequence[Sequence[Any]]) -> bytes:
-        return "".join("\t".join("\\N" if v is None else _cell(v).translate(_TSV_ESCAPES) for v in row) + "\n"
+        digits = self.digits
+        return "".join("\t".join("\\N" if v is None else _cell(v, d).translate(_TSV_ESCAPES)
+                                 for v, d in zip(row, _padded(digits), strict=False)) + "\n"
                        for row in block).encode()
 
     def end(self) -> bytes:

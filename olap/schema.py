@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 from clickhouse_connect.driver.client import Client
 
+from olap import catalog
+from olap.analyst_tables import migration_3
+
 EVENT_COLUMNS = ("hash", "domain", "url", "ts", "received_at", "type", "value", "referrer", "user_agent",
                  "browser", "os", "device", "country", "visitor", "page", "source", "utm_medium", "utm_campaign")
 
@@ -91,10 +94,26 @@ def _enrichment(db: str) -> list[str]:
                                       ("utm_campaign", "LowCardinality(Nullable(String))", "utm_medium"))]
 
 
+# A month's partition takes events for 7 days after it ends (core/event.py Limits.max_past_age), then none but
+# replays; a day later every part of it is older than this, and ClickHouse merges it into one part (ADR 54).
+FORCE_MERGE_AGE_S = 8 * 86_400
+
+
+def _force_merge_closed_months(db: str) -> list[str]:
+    """ADR 54: merge a partition into one part once all its parts are FORCE_MERGE_AGE_S old. Analysts read with
+    FINAL, which merges a partition's parts while reading; one part is read as it is (1.3-2x faster on the bench).
+    The sort key (day, domain, hash) and the monthly partitions stay: a setting, no rewrite of the table."""
+    return [f"ALTER TABLE {db}.events MODIFY SETTING min_age_to_force_merge_seconds = {FORCE_MERGE_AGE_S}, "
+            "min_age_to_force_merge_on_partition_only = 1"]
+
+
 # Ordered; append only, never edit a shipped one.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "baseline", _baseline),
     Migration(2, "page_source_campaign", _enrichment),
+    Migration(3, "sites_countries_comments", migration_3),  # docs/adr/0052-analyst-dimensions.md
+    Migration(4, "catalog_views", catalog.statements),  # docs/adr/0051-analyst-catalog.md
+    Migration(5, "events_force_merge_closed_months", _force_merge_closed_months),  # docs/adr/0054-*.md
 )
 
 
@@ -172,5 +191,7 @@ def ensure_schema(client: Client, db: str, ttl_days: int = DEFAULT_TTL_DAYS) -> 
         client.insert(f"{db}.schema_migrations", [[migration.version, migration.name]],
                       column_names=["version", "name"])
         applied.append(migration.version)
+    if 4 in done | set(applied):  # the catalog views follow ANALYST_TABLES, the endpoint's settings, the functions
+        catalog.ensure_current(client, db)
     apply_ttl(client, db, ttl_days)
     return applied

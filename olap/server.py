@@ -8,7 +8,10 @@ this process also runs the loader (chDB allows one engine per directory per
 process); chDB runs queries from separate clients concurrently, so each query
 slot has its own client and the loader keeps its own.
 
-Contract of `POST /v1/query` (JSON `{"sql", "format", "token_id"}`):
+Contract of `POST /v1/query` (JSON `{"sql", "format", "token_id", "params"}`):
+- `params` (optional): the values of the query's `{name:Type}` parameters as text (olap/params.py),
+  bound by ClickHouse; a malformed one is 400 `invalid_params`, one the query does not use or lacks
+  is refused as the query is (ADR 53);
 - at most `slots` queries run at once; the next waits up to `wait_s`, then gets
   429 `analyst_busy` with Retry-After;
 - every query is answered by `deadline_s` after it got its slot, whatever ClickHouse is doing:
@@ -43,7 +46,11 @@ from core.config import LOADER_GROUP, SQL_OVERRUN_GRACE_MIN_S
 from core.http import error, install_host_check, install_json_errors, json_response
 from olap.aggregates import ClickHouseAggregates, TooManyRows, encode_answer, parse_request
 from olap.analyst import AnalystQueryError, QueryStats, SqlLimits, prepare, public_message, stream
+from olap.ch_errors import code_for
+from olap.ch_formats import is_ch_format
+from olap.ch_query import Extras, answer_headers, ch_stream, request_extras
 from olap.formats import FORMATS
+from olap.params import ParamsError, parse_params
 from olap.watchdog import DeadlineReached, Run, Watchdog
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,8 @@ class AuditEntry:
     bytes: int
     duration_ms: float
     error: str | None
+    client: str | None = None  # who asked (the User-Agent the API was sent)
+    query_id: str | None = None  # the caller's id for it (ClickHouse's query_id)
 
 
 class Busy(Exception):
@@ -162,7 +171,10 @@ def query() -> Response:
     parsed = _query_request()
     if isinstance(parsed, Response):
         return parsed
-    sql, fmt, token_id = parsed
+    sql, fmt, token_id, params = parsed
+    extras = request_extras(request.get_json(silent=True) or {}, fmt)
+    if isinstance(extras, str):
+        return error(400, "invalid_body", extras)
     cfg, started, t0 = _cfg(), datetime.now(UTC), time.monotonic()
     stats, sink = QueryStats(), current_app.extensions["tally_audit"]  # the stream outlives the app context
 
@@ -172,44 +184,60 @@ def query() -> Response:
         if audited.is_set():
             return None
         audited.set()
-        return _audit(sink, AuditEntry(token_id, started, sql[:100_000], fmt, status, stats.rows, stats.bytes,
-                                       (time.monotonic() - t0) * 1000.0, message))
+        return _audit(sink, AuditEntry(token_id, started, sql[:100_000], extras.format, status, stats.rows,
+                                       stats.bytes, (time.monotonic() - t0) * 1000.0, message, extras.client,
+                                       extras.query_id))
 
     slots = _slots()
     try:
         client, release = slots.take(cfg.wait_s)
     except Busy:
         audit("busy", "every analyst query slot was taken")
-        resp = error(429, "analyst_busy", f"{slots.size} analyst queries are already running; retry shortly")
+        resp = _failure(extras, 429, "analyst_busy", f"{slots.size} analyst queries are already running; "
+                        "retry shortly", code_for("busy", "", None))
         resp.headers["Retry-After"] = "1"
         return resp
 
     def work(tag: str) -> Iterator[bytes]:
-        return stream(client, prepare(client, sql, cfg.database), cfg.limits, fmt, stats, tag)
+        if extras.clickhouse:
+            return ch_stream(client, sql, cfg.database, cfg.limits, stats, tag, extras, params)
+        return stream(client, prepare(client, sql, cfg.database, params), cfg.limits, fmt, stats, tag, params)
 
     run = _watchdog().start(work, cfg.deadline, release, lambda: _close_quietly(client))
+    return _answer(run, extras, stats, audit, cfg, t0)
+
+
+def _answer(run: Run, extras: Extras, stats: QueryStats, audit: Callable[[str, str | None], int | None],
+            cfg: AnalystConfig, t0: float) -> Response:
+    """The response to a started query: whole (json; wait_end_of_query), or streamed after its first chunk."""
     try:
-        if not FORMATS[fmt].streamed:
+        if not extras.streamed():
             payload = b"".join(iter(run.next_chunk, None))
         else:
             first = run.next_chunk() or b""
     except AnalystQueryError as exc:
         run.close()
         audit(exc.code, exc.message)
-        return error(400, _ERROR_CODES.get(exc.code, "query_failed"), public_message(exc.message, cfg.database))
+        return _failure(extras, 400, _ERROR_CODES.get(exc.code, "query_failed"),
+                        public_message(exc.message, cfg.database), code_for(exc.code, exc.message, exc.ch_code))
     except DeadlineReached:
         run.audit_id = audit("timeout", _cancelled(run, cfg))  # named in the log if it overruns its grace
-        return error(400, "query_timeout", _timeout_message(cfg))
+        return _failure(extras, 400, "query_timeout", _timeout_message(cfg), code_for("timeout", "", None))
     except BaseException:
         run.close()
         audit("failed", "internal error")
         raise
-    if not FORMATS[fmt].streamed:
+    if not extras.streamed():
         run.close()
         audit("ok", None)
-        return Response(payload, status=200, content_type=FORMATS[fmt].content_type)
-    resp = Response(_rest(run, first, stats, audit, cfg), status=200, content_type=FORMATS[fmt].content_type)
-    resp.headers["X-Tally-Format"] = fmt
+        resp = Response(payload, status=200, content_type=extras.content_type())
+        if extras.clickhouse:
+            resp.headers.update(answer_headers(extras, stats, time.monotonic() - t0))
+        return resp
+    resp = Response(_rest(run, first, stats, audit, cfg), status=200, content_type=extras.content_type())
+    resp.headers["X-Tally-Format"] = extras.format
+    if extras.clickhouse:
+        resp.headers.update(answer_headers(extras, stats, None))
 
     def closed() -> None:  # also when the server never started the body (the caller left before it)
         run.close()
@@ -219,8 +247,8 @@ def query() -> Response:
     return resp
 
 
-def _query_request() -> tuple[str, str, str | None] | Response:
-    """(sql, format, token_id) of an authorised, well-formed query request, or the error to answer."""
+def _query_request() -> tuple[str, str, str | None, dict[str, str]] | Response:
+    """(sql, format, token_id, params) of an authorised, well-formed query request, or the error to answer."""
     if not _authorised():
         resp = error(401, "unauthorized", "the analyst server answers the API only")
         resp.headers["WWW-Authenticate"] = "Bearer"
@@ -229,10 +257,15 @@ def _query_request() -> tuple[str, str, str | None] | Response:
     if not isinstance(body, dict) or not isinstance(body.get("sql"), str):
         return error(400, "invalid_body", 'send a JSON object {"sql": "SELECT ...", "format": "json"}')
     fmt = body.get("format", "json")
-    if fmt not in FORMATS:
-        return error(400, "invalid_format", f"format must be one of {', '.join(FORMATS)}")
+    if fmt not in FORMATS and not is_ch_format(fmt):
+        return error(400, "invalid_format", f"format must be one of {', '.join(FORMATS)} or an allowlisted "
+                     "ClickHouse format (olap/ch_formats.py)")
     token_id = body.get("token_id") if isinstance(body.get("token_id"), str) else None
-    return body["sql"], fmt, token_id
+    try:
+        params = parse_params(body.get("params"))
+    except ParamsError as exc:
+        return error(400, "invalid_params", str(exc))
+    return body["sql"], fmt, token_id, params
 
 
 def _rest(run: Run, first: bytes, stats: QueryStats, audit: Callable[[str, str | None], int | None],
@@ -260,6 +293,13 @@ def _rest(run: Run, first: bytes, stats: QueryStats, audit: Callable[[str, str |
         audit_id = audit(status, message)
         if status == "timeout":
             run.audit_id = audit_id
+
+
+def _failure(extras: Extras, status: int, code: str, message: str, clickhouse_code: int) -> Response:
+    """An error answer; for the ClickHouse endpoint with the ClickHouse error code its answer carries."""
+    if extras.clickhouse:
+        return error(status, code, message, clickhouse_code=clickhouse_code)
+    return error(status, code, message)
 
 
 def _timeout_message(cfg: AnalystConfig) -> str:

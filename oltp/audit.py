@@ -19,9 +19,12 @@ from psycopg_pool import ConnectionPool
 from oltp.rows import one
 
 STATUSES = ("ok", "refused", "failed", "timeout", "too_large", "busy", "cancelled")
-FIELDS = ("token_id", "started_at", "sql", "format", "status", "rows", "bytes", "duration_ms", "error")
+FIELDS = ("token_id", "started_at", "sql", "format", "status", "rows", "bytes", "duration_ms", "error", "client",
+          "query_id")
 MAX_SQL_CHARS = 100_000
 MAX_ERROR_CHARS = 2_000
+MAX_CLIENT_CHARS = 200  # the User-Agent is cut to this
+MAX_QUERY_ID_CHARS = 100
 
 Target = str | psycopg.Connection | ConnectionPool
 
@@ -38,12 +41,15 @@ class AuditRecord:
     bytes: int
     duration_ms: int
     error: str | None
+    client: str | None = None  # the request's User-Agent
+    query_id: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "token_id": self.token_id,
                 "started_at": self.started_at.astimezone(UTC).isoformat(), "sql": self.sql,
                 "format": self.format, "status": self.status, "rows": self.rows, "bytes": self.bytes,
-                "duration_ms": self.duration_ms, "error": self.error}
+                "duration_ms": self.duration_ms, "error": self.error, "client": self.client,
+                "query_id": self.query_id}
 
 
 @contextmanager
@@ -80,6 +86,9 @@ def _fields(entry: object | None, values: Mapping[str, Any]) -> dict[str, Any]:
     out["duration_ms"] = max(0, round(float(out.get("duration_ms") or 0)))
     error = out.get("error")
     out["error"] = None if error is None else str(error)[:MAX_ERROR_CHARS]
+    for name, limit in (("client", MAX_CLIENT_CHARS), ("query_id", MAX_QUERY_ID_CHARS)):
+        value = out.get(name)
+        out[name] = None if value is None else str(value)[:limit]
     return out
 
 
@@ -90,8 +99,8 @@ def record(target: Target, entry: object | None = None, /, **values: Any) -> int
         with conn.transaction():
             cur = conn.execute(
                 "INSERT INTO analyst_queries (token_id, started_at, sql, format, status, rows, bytes, duration_ms,"
-                " error) VALUES (%(token_id)s, %(started_at)s, %(sql)s, %(format)s, %(status)s, %(rows)s,"
-                " %(bytes)s, %(duration_ms)s, %(error)s) RETURNING id", row)
+                " error, client, query_id) VALUES (%(token_id)s, %(started_at)s, %(sql)s, %(format)s, %(status)s,"
+                " %(rows)s, %(bytes)s, %(duration_ms)s, %(error)s, %(client)s, %(query_id)s) RETURNING id", row)
             return int(one(cur)[0])
 
 
@@ -101,6 +110,6 @@ def last(target: Target, n: int = 20) -> list[AuditRecord]:
         raise ValueError("n must be at least 1")
     with _connection(target) as conn:
         rows = conn.execute(
-            "SELECT id, token_id, started_at, sql, format, status, rows, bytes, duration_ms, error"
+            "SELECT id, token_id, started_at, sql, format, status, rows, bytes, duration_ms, error, client, query_id"
             " FROM analyst_queries ORDER BY started_at DESC, id DESC LIMIT %s", (n,)).fetchall()
     return [AuditRecord(*row) for row in rows]

@@ -207,6 +207,8 @@ analyst_queries = Table(
     Column("bytes", BigInteger, CheckConstraint("bytes >= 0"), nullable=False, server_default=text("0")),
     Column("duration_ms", Integer, CheckConstraint("duration_ms >= 0"), nullable=False, server_default=text("0")),
     Column("error", Text),
+    Column("client", Text),  # who asked: the request's User-Agent (migration 0012)
+    Column("query_id", Text),  # the caller's id for the query, on the ClickHouse-compatible endpoint (0012)
     Index("analyst_queries_started_at", "started_at"),
 )
 

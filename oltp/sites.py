@@ -354,4 +354,13 @@ def load_all(dsn: str, *, connect_timeout: float = 5) -> builtins.list[Site]:
     return [_site(row) for row in rows]
 
 
+def load_public(dsn: str, *, connect_timeout: float = 5) -> builtins.list[dict[str, Any]]:
+    """Every site without its key, secret, origins or limits, ordered by domain: what analysts may read
+    (the ClickHouse copy, olap/sites_sync.py). Keys: domain, account, tz, keep_query, raw_urls, created_at,
+    updated_at. Raises psycopg.Error."""
+    with _connect(dsn, connect_timeout) as conn:
+        return conn.execute("SELECT domain, account, tz, keep_query, raw_urls, created_at, updated_at FROM sites"
+                            " ORDER BY domain").fetchall()
+
+
 list = list_sites

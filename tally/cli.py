@@ -86,6 +86,8 @@ def _register_services(sub: SubParsers) -> None:
     sub.add_parser("rollup-worker", help="Kafka -> PostgreSQL rollups").set_defaults(func=cmd_rollup_worker)
     sub.add_parser("loader-worker", help="Kafka -> ClickHouse raw events").set_defaults(func=cmd_loader_worker)
     sub.add_parser("api", help="serve the query API and dashboard").set_defaults(func=cmd_api)
+    sub.add_parser("clickhouse-http", help="serve analyst SQL over ClickHouse's HTTP interface "
+                   "(TALLY_CLICKHOUSE_HTTP_PORT)").set_defaults(func=cmd_clickhouse_http)
     analyst = sub.add_parser("analyst-server", help="run analyst SQL on ClickHouse for the API (internal port)")
     analyst.add_argument("--with-loader", action="store_true",
                          help="also run the loader worker in this process (required with an embedded chdb:// DSN)")
@@ -142,7 +144,8 @@ def _run(args: argparse.Namespace) -> int:
 
 # Long-running processes: they log JSON lines to $TALLY_LOG_DIR/<command>.log (core/logs.py); one-shot
 # commands keep logging text to stderr.
-SERVICES = ("up", "collector", "shipper", "rollup-worker", "loader-worker", "api", "analyst-server")
+SERVICES = ("up", "collector", "shipper", "rollup-worker", "loader-worker", "api", "analyst-server",
+            "clickhouse-http")
 
 
 def _setup_service_logging(settings: Settings, args: argparse.Namespace) -> None:
@@ -204,6 +207,18 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     limits = ConnectionLimits(settings.api_max_connections, settings.api_max_connections_per_client,
                               settings.api_idle_timeout_s, settings.api_request_timeout_s)
     _serve(build_api(settings), settings.bind_host, settings.api_port, threads=16, limits=limits)
+    return 0
+
+
+def cmd_clickhouse_http(settings: Settings, args: argparse.Namespace) -> int:
+    """The ClickHouse-compatible endpoint on TALLY_BIND_HOST:TALLY_CLICKHOUSE_HTTP_PORT, bounded like the API."""
+    from tally.roots import build_clickhouse_http
+    from tally.wsgi_server import ConnectionLimits
+
+    limits = ConnectionLimits(settings.api_max_connections, settings.api_max_connections_per_client,
+                              settings.api_idle_timeout_s, settings.api_request_timeout_s)
+    _serve(build_clickhouse_http(settings), settings.bind_host, settings.clickhouse_http_port, threads=16,
+           limits=limits)
     return 0
 
 

@@ -1,7 +1,14 @@
-"""`tally sql QUERY [--format csv|tsv|json|jsonl] [--json]`: analyst SQL through the API (read-only, limited).
+"""`tally sql [QUERY | -f FILE] [--param NAME=VALUE ...] [--format pretty|csv|tsv|json|jsonl] [--json]`:
+analyst SQL through the API (read-only, limited).
 
-Without `--format` it prints a header line and one tab-separated line per row (from the API's JSON);
-with one it copies the API's encoding of that format (olap/analyst.py) to stdout as it streams.
+The query comes from the argument, from `-f FILE` (`-f -`: standard input), or, with neither, from standard
+input when that is not a terminal. `--param d=example.com` gives the value of the query's `{d:String}`: the
+API hands it to ClickHouse, which binds it (ADR 53); it is never pasted into the text.
+
+Output: `pretty` (an aligned table) is the default on a terminal; elsewhere the default is a header line and
+one tab-separated line per row (from the API's JSON), as it always was. `csv`, `tsv` and `jsonl` copy the
+API's encoding (olap/formats.py) to stdout as it streams (csv with LF line ends, as clickhouse-client writes
+it); `json` is the API's document.
 Exit codes: 0 done, 1 the API refused the query or could not be reached, 2 usage or configuration.
 """
 
@@ -9,35 +16,48 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import urllib.error
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from core.config import Settings
+from olap.params import ParamsError, parse_params
+from tally.cli_support import FINDING, OK, USAGE
 
 if TYPE_CHECKING:
     from tally.cli_support import SubParsers
 
 FORMATS = ("csv", "tsv", "json", "jsonl")  # the API's result formats (`?format=`)
+CHOICES = ("pretty", *FORMATS)
+
+
+class UsageError(ValueError):
+    """A value that parses but is wrong: `tally sql: <message>`, exit 2 (ADR 40)."""
 
 
 def register(sub: SubParsers) -> None:
     sql = sub.add_parser("sql", help="run analyst SQL through the API (read-only, limited)",
                          description="Run one read-only query on ClickHouse through the API, with TALLY_TOKEN "
-                         "or the admin token of `tally up`.")
-    sql.add_argument("query")
-    sql.add_argument("--format", choices=FORMATS, default=None,
-                     help="the API's encoding of the result (default: a header line, then tab-separated rows)")
+                         "or the admin token of `tally up`. The query is the argument, the file of -f, or "
+                         "standard input (-f -, or no argument with stdin not a terminal).")
+    sql.add_argument("query", nargs="?", default=None, help="the SQL (or use -f FILE, or standard input)")
+    sql.add_argument("-f", "--file", default=None, metavar="FILE", help="read the query from FILE (- for stdin)")
+    sql.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                     help="the value of the query's {NAME:Type} parameter, bound by ClickHouse (repeatable); "
+                     "in ClickHouse's text form, as clickhouse-client's --param_NAME")
+    sql.add_argument("--format", choices=CHOICES, default=None,
+                     help="pretty: an aligned table (the default on a terminal; elsewhere the default is a "
+                     "header line, then tab-separated rows); csv, tsv, jsonl: the API's encoding, streamed; "
+                     "json: the API's document")
     sql.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
     sql.add_argument("--api-url", default=None, help="default: http://TALLY_BIND_HOST:TALLY_API_PORT")
     sql.set_defaults(func=cmd_sql)
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = FINDING) -> int:
     print(f"tally sql: {message}", file=sys.stderr)
-    return 1
+    return code
 
 
 def _refusal(exc: urllib.error.HTTPError) -> str:
@@ -47,28 +67,158 @@ def _refusal(exc: urllib.error.HTTPError) -> str:
         return str(exc)
 
 
+def query_text(query: str | None, file: str | None) -> str:
+    """The SQL from the argument, `-f FILE` (`-` is stdin) or, with neither, stdin when it is not a terminal."""
+    if query is not None and file is not None:
+        raise UsageError("give the query as an argument or with -f FILE, not both")
+    if query is not None:
+        text, source = query, "the argument"
+    elif file is not None and file != "-":
+        try:
+            with open(file, encoding="utf-8") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise UsageError(f"cannot read the query from {file}: {reason}") from None
+        source = file
+    elif file == "-" or (sys.stdin is not None and not sys.stdin.isatty()):
+        text, source = (sys.stdin.read() if sys.stdin is not None else ""), "standard input"
+    else:
+        raise UsageError("no query: give it as an argument, with -f FILE, or on standard input")
+    if not text.strip():
+        raise UsageError(f"the query from {source} is empty")
+    return text
+
+
+def query_params(pairs: list[str]) -> dict[str, str]:
+    """`--param NAME=VALUE` arguments as the API's `params` (olap/params.py checks names and sizes)."""
+    params: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise UsageError(f"--param takes NAME=VALUE (got {pair!r})")
+        if name in params:
+            raise UsageError(f"--param {name} is given twice")
+        params[name] = value
+    try:
+        return parse_params(params)
+    except ParamsError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
     from tally.roots import cli_token
 
+    try:
+        body: dict[str, Any] = {"sql": query_text(args.query, args.file)}
+        params = query_params(args.param)
+    except UsageError as exc:
+        return _fail(str(exc), USAGE)
+    if params:
+        body["params"] = params
+    fmt = args.format or ("pretty" if sys.stdout.isatty() else None)
+    streamed = fmt in FORMATS  # the API's encoding as is; pretty and the default read its JSON
     url = (args.api_url or f"http://{settings.bind_host}:{settings.api_port}").rstrip("/") + "/api/v1/sql"
-    if args.format:
-        url += f"?format={args.format}"
+    if streamed:
+        url += f"?format={fmt}"
     headers = {"Content-Type": "application/json"}
     token = cli_token(settings)
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=json.dumps({"sql": args.query}).encode(), headers=headers, method="POST")
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=settings.sql_max_execution_s + 10) as resp:
-            if args.format:
-                shutil.copyfileobj(resp, sys.stdout.buffer)
-                return 0
-            body: dict[str, Any] = json.loads(resp.read())
+            if streamed:
+                copy_stream(resp, sys.stdout.buffer, LfRecords() if fmt == "csv" else None)
+                return OK
+            document: dict[str, Any] = json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return _fail(_refusal(exc))
     except urllib.error.URLError as exc:
         return _fail(f"cannot reach the API at {url} ({exc.reason}); is `tally up` running?")
-    print("\t".join(body["columns"]))
-    for row in body["rows"]:
+    if fmt == "pretty":
+        print_table(document, terminal=sys.stdout.isatty())
+        return OK
+    print("\t".join(document["columns"]))
+    for row in document["rows"]:
         print("\t".join("" if v is None else str(v) for v in row))
-    return 0
+    return OK
+
+
+# --- streamed formats ---------------------------------------------------------------------------------
+
+
+class LfRecords:
+    """The API's CSV (RFC 4180: every record ends in CRLF) with records ending in LF instead, as clickhouse-client
+    writes CSV and as line tools (`grep -x`, `wc -l`, `cut`) expect; a CRLF inside a quoted value stays."""
+
+    def __init__(self) -> None:
+        self.in_quotes = False
+        self.held = b""  # a CR at the end of a chunk, outside quotes: its LF may come with the next chunk
+
+    def feed(self, data: bytes) -> bytes:
+        parts = (self.held + data).split(b'"')
+        self.held = b""
+        out: list[bytes] = []
+        for index, part in enumerate(parts):
+            if index:  # every quote toggles (a doubled quote inside a value toggles twice)
+                out.append(b'"')
+                self.in_quotes = not self.in_quotes
+            if not self.in_quotes:
+                part = part.replace(b"\r\n", b"\n")
+                if index == len(parts) - 1 and part.endswith(b"\r"):
+                    part, self.held = part[:-1], b"\r"
+            out.append(part)
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        return self.held
+
+
+def copy_stream(source: Any, sink: IO[bytes], records: LfRecords | None) -> None:
+    """The API's answer to stdout as it arrives (each chunk as soon as it is read)."""
+    while chunk := (source.read1(65536) if hasattr(source, "read1") else source.read(65536)):
+        sink.write(records.feed(chunk) if records else chunk)
+        sink.flush()
+    if records:
+        sink.write(records.end())
+
+
+# --- pretty ----------------------------------------------------------------------------------------
+
+_NUMERIC = ("Int", "UInt", "Float", "Decimal", "BFloat")
+# Control characters in a cell are shown escaped: a value (a visitor's User-Agent) must not drive the terminal.
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]} | {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+
+
+def cell(value: Any) -> str:
+    """One value of the API's JSON as the table shows it: NULL, text, or JSON for arrays and maps."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (list, dict)):
+        text = json.dumps(value, ensure_ascii=False)
+    else:
+        text = str(value)
+    return text.translate(_CONTROLS)
+
+
+def print_table(document: dict[str, Any], terminal: bool) -> None:
+    """The API's JSON document as an aligned table and a row count. On a terminal the table fits its width
+    (long cells fold); elsewhere (`--format pretty` into a file) it is as wide as its widest cells."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    types = document.get("types") or [""] * len(document["columns"])
+    table = Table(show_lines=False, header_style="bold")
+    for name, type_name in zip(document["columns"], types, strict=False):
+        numeric = str(type_name).removeprefix("Nullable(").startswith(_NUMERIC)
+        table.add_column(Text(cell(name)), justify="right" if numeric else "left", overflow="fold")
+    for row in document["rows"]:
+        table.add_row(*(Text(cell(v), style="dim" if v is None else "") for v in row))
+    console = Console(highlight=False) if terminal else Console(width=1_000_000, no_color=True, highlight=False)
+    console.print(table, crop=False)
+    count = len(document["rows"])
+    console.print(Text(f"{count} row{'' if count == 1 else 's'}", style="dim"))

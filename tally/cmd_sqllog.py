@@ -23,7 +23,8 @@ def register(sub: SubParsers) -> None:
     """Add this group's subparsers; each sets `func=handler(settings, args) -> exit code`."""
     log = sub.add_parser("sql-log", help="show the newest analyst SQL queries from the audit log (admin)",
                          description="The analyst-SQL audit log: who ran what, in which format, with what "
-                         "outcome (ok, refused, failed, timeout, too_large, busy, cancelled), rows, bytes, time.")
+                         "outcome (ok, refused, failed, timeout, too_large, busy, cancelled), the client (its "
+                         "User-Agent), rows, bytes, time.")
     log.add_argument("--last", type=_positive, default=20, metavar="N", help="how many (default 20)")
     log.add_argument("--json", action="store_true", help="print a JSON array")
     log.set_defaults(func=cmd_sql_log)
@@ -54,14 +55,16 @@ def cmd_sql_log(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.as_json() for r in records]))
         return 0
-    print(f"{'started (UTC)':<19} {'token':<15} {'status':<9} {'format':<6} {'rows':>8} {'bytes':>10} "
-          f"{'ms':>7}  sql / error")
+    print(f"{'started (UTC)':<19} {'token':<15} {'client':<30} {'status':<9} {'format':<6} {'rows':>8} "
+          f"{'bytes':>10} {'ms':>7}  sql / error")
     for r in records:
         started = r.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
         sql = " ".join(r.sql.split())
-        line = (f"{started:<19} {r.token_id or '-':<15} {r.status:<9} {r.format:<6} {r.rows:>8} {r.bytes:>10} "
-                f"{r.duration_ms:>7}  {sql[:120]}")
+        client = " ".join((r.client or "-").split())[:30]
+        line = (f"{started:<19} {r.token_id or '-':<15} {client:<30} {r.status:<9} {r.format:<6} {r.rows:>8} "
+                f"{r.bytes:>10} {r.duration_ms:>7}  {sql[:120]}")
         print(line)
         if r.error:
-            print(f"{'':<19} {'':<15} {'':<9} {'':<6} {'':>8} {'':>10} {'':>7}  ! {' '.join(r.error.split())[:200]}")
+            print(f"{'':<19} {'':<15} {'':<30} {'':<9} {'':<6} {'':>8} {'':>10} {'':>7}  "
+                  f"! {' '.join(r.error.split())[:200]}")
     return 0

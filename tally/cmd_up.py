@@ -50,11 +50,19 @@ class Banner:
     token_file: Path
     admin_token: str | None  # shown only by the start that minted it
     domains: tuple[str, ...] | None  # the registered sites, sorted; None: they could not be listed
+    clickhouse_http_url: str | None = None  # the ClickHouse-compatible endpoint (ADR 50)
 
     def as_json(self) -> dict[str, object]:
         return {"collector_url": self.collector_url, "api_url": self.api_url, "logs": self.log_dir,
                 "admin_token_file": str(self.token_file), "admin_token": self.admin_token,
-                "sites": None if self.domains is None else list(self.domains)}
+                "sites": None if self.domains is None else list(self.domains),
+                "clickhouse_http_url": self.clickhouse_http_url}
+
+    def _clickhouse_line(self) -> str:
+        if not self.clickhouse_http_url:
+            return ""
+        return (f"  clickhouse http  {self.clickhouse_http_url}/  (ClickHouse tools: an analyst token as the "
+                "password; docs/clickhouse-http.md)\n")
 
     def text(self) -> str:
         if self.admin_token:
@@ -78,6 +86,7 @@ class Banner:
         return ("\ntally is up.\n"
                 f"  collector   {self.collector_url}/collect\n{where}"
                 f"  analyst SQL {api}/api/v1/sql      (or: tally sql \"SELECT count() FROM tally.events\")\n"
+                f"{self._clickhouse_line()}"
                 f"{sites}  logs        {self.log_dir}\n{admin}\nPress Ctrl-C to stop.")
 
 
@@ -130,7 +139,8 @@ def _run(platform: Platform, settings: Settings, args: argparse.Namespace, stop:
         domains = (DEMO_DOMAINS[0], *(d for d in domains if d != DEMO_DOMAINS[0]))
     banner = Banner(platform.collector_url, platform.api_url, str(settings.log_dir or "stderr (TALLY_LOG_DIR=-)"),
                     settings.home / ADMIN_TOKEN_FILE,
-                    platform.admin_token if platform.admin_token_created else None, domains)
+                    platform.admin_token if platform.admin_token_created else None, domains,
+                    platform.clickhouse_http_url)
     print(json.dumps(banner.as_json()) if args.json else banner.text(), flush=True)
     if args.demo:
         threading.Thread(target=run_demo, args=(platform.collector_url, stop), kwargs={"keys": keys},

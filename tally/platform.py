@@ -47,6 +47,7 @@ def _child_env(settings: Settings) -> dict[str, str]:
         "TALLY_SPOOL_DIR": str(settings.spool_dir),
         "TALLY_COLLECTOR_PORT": str(settings.collector_port),
         "TALLY_API_PORT": str(settings.api_port),
+        "TALLY_CLICKHOUSE_HTTP_PORT": str(settings.clickhouse_http_port),
         "TALLY_ANALYST_PORT": str(settings.analyst_port),
         "TALLY_ANALYST_URL": settings.analyst_url,
         # One multiprocess metrics directory for the stack: /metrics sums every process (ADR 21).
@@ -71,6 +72,7 @@ class Platform:
         # which the API reaches over loopback, so no analyst query ever waits in the API process.
         "analyst": ["analyst-server", "--with-loader"],
         "api": ["api"],
+        "clickhouse-http": ["clickhouse-http"],  # analyst SQL for ClickHouse tools, relayed like the API's
     }
 
     def __init__(self, settings: Settings, *, durable: bool = True) -> None:
@@ -96,6 +98,10 @@ class Platform:
     @property
     def api_url(self) -> str:
         return f"http://{self.base.bind_host}:{self.base.api_port}"
+
+    @property
+    def clickhouse_http_url(self) -> str:
+        return f"http://{self.base.bind_host}:{self.base.clickhouse_http_port}"
 
     def start(self, timeout: float = 90.0) -> None:
         from oltp.schema import ensure_schema
@@ -130,6 +136,9 @@ class Platform:
                        log_path=self._log(name="collector"), proc=self.children["collector"])
             wait_until(lambda: _http_ok(self.api_url + "/healthz"), what="api", timeout=timeout,
                        log_path=self._log(name="api"), proc=self.children["api"])
+            wait_until(lambda: _http_ok(self.clickhouse_http_url + "/ping"), what="clickhouse-http",
+                       timeout=timeout, log_path=self._log(name="clickhouse-http"),
+                       proc=self.children["clickhouse-http"])
             analyst_url = self.settings.analyst_url
             wait_until(lambda: _http_ok(analyst_url + "/healthz"), what="analyst server",
                        timeout=timeout, log_path=self._log(name="analyst"), proc=self.children["analyst"])
@@ -160,6 +169,7 @@ class Platform:
         state = {"pid": os.getpid(), "pg_dsn": self.settings.pg_dsn,
                  "kafka_bootstrap": ",".join(self.settings.kafka_bootstrap or ()),
                  "collector_url": self.collector_url, "api_url": self.api_url,
+                 "clickhouse_http_url": self.clickhouse_http_url,
                  "analyst_url": self.settings.analyst_url, "spool_dir": str(self.settings.spool_dir),
                  "log_dir": str(self.base.log_dir) if self.base.log_dir else None,
                  "pids": {name: child.proc.pid for name, child in self.supervisor.children.items()
@@ -232,7 +242,7 @@ class Platform:
     # Stop in pipeline order, so that what was accepted is spooled, shipped and consumed before the
     # (memory-only) embedded broker goes away: collector, then shipper (final ship), then both workers
     # (they drain until a poll comes back empty), then the servers.
-    STOP_ORDER = (("collector",), ("shipper",), ("rollup-worker", "analyst", "api"))
+    STOP_ORDER = (("collector",), ("shipper",), ("rollup-worker", "analyst", "api", "clickhouse-http"))
 
     def stop(self) -> None:
         if self._stopping.is_set():

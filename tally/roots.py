@@ -286,9 +286,39 @@ def build_loader_loop(settings: Settings, group: str = LOADER_GROUP) -> Consumer
     try:
         dsn = require_pg(settings)
     except ConfigError:
-        log.warning("loader: no TALLY_PG_DSN, so `tally replay` rewind requests are not seen by this worker")
+        log.warning("loader: no TALLY_PG_DSN, so `tally replay` rewind requests are not seen by this worker "
+                    "and tally.sites is not kept in sync")
         return loop
+    start_sites_sync(settings, dsn)  # the loader's process writes ClickHouse (with chDB: the analyst server's)
     return with_rewinds(loop, dsn, group)
+
+
+_SITES_SYNCS: dict[tuple[str, str, str], threading.Event] = {}
+_SITES_SYNCS_LOCK = threading.Lock()
+
+
+def start_sites_sync(settings: Settings, dsn: str) -> threading.Event:
+    """A daemon thread copying the sites registry (PostgreSQL `dsn`) to `<db>.sites` in ClickHouse now and every
+    TALLY_REGISTRY_REFRESH_S (olap/sites_sync.py, ADR 52); one per process and store pair. Set the returned
+    Event to stop it."""
+    from olap.client import new_client
+    from olap.sites_sync import SiteRow, SitesSync
+    from oltp import sites
+
+    key = (dsn, settings.clickhouse_dsn, settings.clickhouse_database)
+    with _SITES_SYNCS_LOCK:
+        if key in _SITES_SYNCS and not _SITES_SYNCS[key].is_set():
+            return _SITES_SYNCS[key]
+        stop = _SITES_SYNCS[key] = threading.Event()
+
+    def read() -> list[SiteRow]:
+        return [SiteRow(r["domain"], r["account"], r["tz"], tuple(r["keep_query"] or ()), bool(r["raw_urls"]),
+                        r["created_at"], r["updated_at"]) for r in sites.load_public(dsn)]
+
+    sync = SitesSync(read, new_client(settings.clickhouse_dsn), settings.clickhouse_database)
+    threading.Thread(target=sync.run, args=(stop, settings.registry_refresh_s), name="sites-sync",
+                     daemon=True).start()
+    return stop
 
 
 def with_rewinds(loop: ConsumerLoop, dsn: str, group: str, *, reread_floor_days: float | None = None) -> ConsumerLoop:
@@ -320,6 +350,24 @@ def build_api(settings: Settings) -> Flask:
     # the relay's timeout and the analyst server's deadline come from the same setting (ADR 32)
     analyst = AnalystService(settings.analyst_url, internal_token(secret), timeout_s=settings.sql_relay_timeout_s)
     return create_app(settings, Backends(RollupReader(pool, Retention.from_settings(settings)), analyst))
+
+
+def build_clickhouse_http(settings: Settings) -> Flask:
+    """The ClickHouse-compatible endpoint (ADR 50): tokens from PostgreSQL; analyst SQL relayed to the analyst
+    server like the API's (no ClickHouse here either)."""
+    from psycopg_pool import ConnectionPool
+
+    from api.analyst_proxy import AnalystService
+    from api.clickhouse_http import create_clickhouse_app
+    from core.keys import internal_token
+    from oltp.schema import ensure_schema as ensure_pg
+
+    secret = require_secret(settings, "the ClickHouse-compatible endpoint (it authenticates to the analyst server)")
+    dsn = require_pg(settings)
+    ensure_pg(dsn)
+    pool = ConnectionPool(dsn, min_size=1, max_size=4, open=True, kwargs={"connect_timeout": 5})
+    analyst = AnalystService(settings.analyst_url, internal_token(secret), timeout_s=settings.sql_relay_timeout_s)
+    return create_clickhouse_app(settings, pool, analyst)
 
 
 def build_analyst_server(settings: Settings) -> Flask:

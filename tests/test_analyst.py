@@ -21,7 +21,7 @@ import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from olap import allowlist
-from olap.allowlist import PURE_OTHERS, TABLE_FUNCTIONS, function_table
+from olap.allowlist import PURE_OTHERS, SERVER_CONSTANTS, TABLE_FUNCTIONS, catalog_function, function_table
 from olap.analyst import (
     AnalystQueryError,
     QueryStats,
@@ -138,7 +138,9 @@ def test_every_function_not_on_the_allowlist_is_refused(ch):
                 prepare(ch, sql, DB)
                 failures.append(sql)
             except AnalystQueryError as exc:
-                if exc.code != "refused" or f"function {name} " not in exc.message:
+                # currentDatabase() is answered by the catalog (ADR 51), without arguments only
+                expected = "takes no arguments" if catalog_function(name) else f"function {name} "
+                if exc.code != "refused" or expected not in exc.message:
                     failures.append(f"{sql}: {exc.message}")
     assert not failures, failures[:20]
 
@@ -154,14 +156,15 @@ def test_denied_categories_are_denied_except_the_reviewed_pure_ones(ch):
     leaks = []
     for name, cat, alias_to in rows:
         effective = category.get(alias_to, "") if alias_to else cat
-        if effective in DENIED_CATEGORIES and table.allows(name) and name not in PURE_OTHERS \
-                and alias_to not in PURE_OTHERS:
+        reviewed = PURE_OTHERS | SERVER_CONSTANTS  # version() (ADR 51)
+        if effective in DENIED_CATEGORIES and table.allows(name) and name not in reviewed \
+                and alias_to not in reviewed:
             leaks.append(name)
     assert not leaks
     # and the ones the security issue names, by name
     for name in ("file", "getSetting", "getSettingOrDefault", "getServerSetting", "hostName", "FQDN", "getMacro",
                  "filesystemAvailable", "filesystemCapacity", "filesystemUnreserved", "joinGet", "joinGetOrNull",
-                 "dictGet", "dictGetString", "dictHas", "currentUser", "version", "uptime", "sleep", "sleepEachRow",
+                 "dictGet", "dictGetString", "dictHas", "currentUser", "uptime", "sleep", "sleepEachRow",
                  "getClientHTTPHeader", "hasColumnInTable", "showCertificate", "addressToSymbol", "flameGraph",
                  "aiGenerate", "catboostEvaluate", "serverUUID", "globalVariable", "generateSerialID"):
         if name in category:
@@ -219,7 +222,7 @@ ESCAPES = [
     ("SELECT currentUser()", "function currentUser "),
     ("SELECT sleep(3)", "function sleep "),
     # system tables, information_schema, other databases and tables
-    ("SELECT * FROM system.tables", "table system.tables "),
+    ("SELECT * FROM system.clusters", "table system.clusters "),
     ("SELECT name FROM SYSTEM.TABLES", "table SYSTEM.TABLES "),
     ("SELECT * FROM `system`.`users`", "table system.users "),
     ("SELECT * FROM information_schema.tables", "table information_schema.tables "),
@@ -235,9 +238,9 @@ ESCAPES = [
     ("SELECT * FROM tally.events AS e INNER JOIN system.processes AS p ON 1 = 1", "table system.processes "),
     ("SELECT * FROM tally.events AS e LEFT JOIN (SELECT * FROM system.parts) AS p USING (domain)",
      "table system.parts "),
-    ("SELECT 1 WHERE 1 IN system.one", "table system.one "),
+    ("SELECT 1 WHERE 1 IN system.grants", "table system.grants "),
     ("SELECT 1 FROM tally.events WHERE domain GLOBAL NOT IN tally.rejected_records", "table tally.rejected_records "),
-    ("SELECT 1 WHERE 'x' IN (SELECT name FROM system.settings)", "table system.settings "),
+    ("SELECT 1 WHERE 'x' IN (SELECT name FROM system.server_settings)", "table system.server_settings "),
     ("SELECT file('/etc/passwd') AS count", "function file "),
     ("SELECT arrayMap(x -> file(x), ['/etc/passwd'])", "function file "),
     ("SELECT * APPLY(file) FROM (SELECT '/etc/passwd' AS p)", "function file "),
@@ -275,13 +278,13 @@ ESCAPES = [
     ("SELECT 1; SELECT file('/etc/passwd')", "Multi-statements are not allowed"),
     ("SELECT 1 # it's\n; DROP TABLE tally.events; SELECT '", "Multi-statements are not allowed"),
     ("SELECT $$it's$$; DROP TABLE tally.events; SELECT '$$'", "Multi-statements are not allowed"),
-    ("SELECT 1 -- ;\nFROM system.one", "table system.one "),
+    ("SELECT 1 -- ;\nFROM system.users", "table system.users "),
     ("DROP TABLE tally.events", "only SELECT"),
     ("INSERT INTO FUNCTION file('x.csv') SELECT 1", "only SELECT"),
     ("SET readonly = 0", "only SELECT"),
     ("EXPLAIN SELECT 1", "only SELECT"),
-    ("SHOW TABLES FROM system", "only SELECT"),
-    ("DESCRIBE TABLE system.users", "only SELECT"),
+    ("SHOW TABLES FROM system", "database system is not available"),  # SHOW/DESCRIBE: the catalog's (ADR 51)
+    ("DESCRIBE TABLE system.users", "table system.users is not available"),
     ("SELEC 1", "Syntax error"),
     ("", "non-empty"),
 ]
@@ -531,7 +534,7 @@ def test_json_keeps_todays_shape(ch):
     assert doc["types"][0] == "UInt64" and doc["types"][4].startswith("DateTime64")
     assert [r[1] for r in doc["rows"]] == EXPECTED_S
     assert doc["rows"][2][2] is None and doc["rows"][3][3] == [3, 1]
-    assert doc["rows"][0][4] == "2026-01-02T03:04:05.123000"
+    assert doc["rows"][0][4] == "2026-01-02T03:04:05.123Z"  # with its zone (ADR 52)
     assert stats.bytes == len(body)
 
 
@@ -541,7 +544,7 @@ def test_csv_parses_back_with_quotes_and_newlines(ch):
     rows = list(csv.reader(io.StringIO(body.decode(), newline="")))
     assert rows[0] == ["n", "s", "v", "arr", "t"]
     assert [r[1] for r in rows[1:]] == EXPECTED_S
-    assert rows[3][2] == "" and rows[4][3] == "[3,1]" and rows[1][4] == "2026-01-02T03:04:05.123000"
+    assert rows[3][2] == "" and rows[4][3] == "[3,1]" and rows[1][4] == "2026-01-02T03:04:05.123Z"
 
 
 def tsv_unescape(field: str) -> str | None:
@@ -631,8 +634,8 @@ def test_the_analyst_user_sql_parses_statement_by_statement(ch):
     statements = [s.strip() for s in body.split(";") if s.strip()]
     canonical = [ch.query("SELECT formatQuerySingleLine({q:String})", parameters={"q": s}).result_rows[0][0]
                  for s in statements]
-    assert len(canonical) == 4
-    profile, user, revoke, grant = canonical
+    assert len(canonical) == 7
+    profile, user, revoke, *grants = canonical
     assert profile.startswith("CREATE SETTINGS PROFILE IF NOT EXISTS `tally_analyst` SETTINGS readonly = 2,")
     for setting in ("max_execution_time = 30 MAX 30", "max_memory_usage = 2147483648 MAX 2147483648",
                     "max_result_rows = 10000 MAX 10000", "max_result_bytes = 67108864 MAX 67108864",
@@ -640,7 +643,8 @@ def test_the_analyst_user_sql_parses_statement_by_statement(ch):
         assert setting in profile
     assert "SETTINGS PROFILE `tally_analyst`" in user and "DEFAULT DATABASE tally" in user
     assert revoke == "REVOKE ALL ON *.* FROM tally_analyst"
-    assert grant == "GRANT SELECT ON tally.events TO tally_analyst"
+    assert grants == [f"GRANT SELECT ON {table} TO tally_analyst"  # the analyst tables and views (ADR 51, 52)
+                      for table in ("tally.events", "tally.sites", "tally.countries", "tally_catalog.*")]
 
 
 # --- (h) the audit log -----------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ class Stack:
         self.collector_port, self.api_port = free_port(), free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
         self.env.update(TALLY_HOME=str(self.home), TALLY_COLLECTOR_PORT=str(self.collector_port),
-                        TALLY_API_PORT=str(self.api_port), TALLY_ANALYST_PORT=str(free_port()))
+                        TALLY_API_PORT=str(self.api_port), TALLY_ANALYST_PORT=str(free_port()),
+                        TALLY_CLICKHOUSE_HTTP_PORT=str(free_port()))
         self.proc: subprocess.Popen | None = None
         self.output: list[str] = []
         self.site_key = ""

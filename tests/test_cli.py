@@ -433,7 +433,7 @@ def test_of_two_revokes_at_once_only_one_says_it_revoked(servers, conn, monkeypa
 def test_every_command_that_prints_has_json():
     """Every one-shot command (and `up`) takes --json; the long-running services log instead."""
     parser = _parser()
-    services = {"collector", "shipper", "rollup-worker", "loader-worker", "api", "analyst-server"}
+    services = {"collector", "shipper", "rollup-worker", "loader-worker", "api", "analyst-server", "clickhouse-http"}
     sub = next(a for a in parser._actions if a.dest == "command")
     missing = []
     for name, command in sub.choices.items():

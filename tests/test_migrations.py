@@ -261,6 +261,15 @@ def _ch(servers):
     return connect(servers.chdb_dsn)
 
 
+def _all_ch() -> list[int]:
+    from olap.schema import MIGRATIONS
+
+    return [m.version for m in MIGRATIONS]
+
+
+ALL_CH = _all_ch()  # every ClickHouse migration, in order: what a database gets from scratch
+
+
 def _previous_statements(db: str) -> list[str]:
     """What the release before migrations ran (olap.schema.statements(db) at its default 400 days)."""
     from olap.schema import _baseline
@@ -273,8 +282,8 @@ def test_clickhouse_empty_database_migrates_and_gets_its_ttl(servers):
 
     client, db = _ch(servers), f"mig_{uuid.uuid4().hex[:8]}"
     try:
-        assert schema.ensure_schema(client, db, 120) == [1, 2]
-        assert schema.applied_versions(client, db) == {1, 2}
+        assert schema.ensure_schema(client, db, 120) == ALL_CH
+        assert schema.applied_versions(client, db) == set(ALL_CH)
         assert schema.events_ttl_days(client, db) == 120
         key = client.query("SELECT partition_key FROM system.tables WHERE database = {d:String} AND name = 'events'",
                            parameters={"d": db}).result_rows[0][0]
@@ -294,7 +303,7 @@ def test_clickhouse_previous_release_database_is_adopted_and_ttl_changes(servers
         client.command(f"INSERT INTO {db}.events (hash, domain, url, ts, received_at, type) VALUES "
                        f"('{'a' * 32}', 'old.example', 'https://old.example/', now64(3), now64(3), 'pageview')")
         assert schema.applied_versions(client, db) == set()
-        assert schema.ensure_schema(client, db) == [1, 2]  # default 400 days: the TTL it already had
+        assert schema.ensure_schema(client, db) == ALL_CH  # default 400 days: the TTL it already had
         assert schema.events_ttl_days(client, db) == 400
         assert client.query(f"SELECT count() FROM {db}.events").result_rows[0][0] == 1
         schema.ensure_schema(client, db, 30)
@@ -320,7 +329,7 @@ def test_clickhouse_migration_2_adds_the_enrichment_columns_and_old_rows_read_nu
             client.command(statement)
         client.command(f"INSERT INTO {db}.events (hash, domain, url, ts, received_at, type) VALUES "
                        f"('{'a' * 32}', 'old.example', 'https://old.example/a', now64(3), now64(3), 'pageview')")
-        assert schema.ensure_schema(client, db) == [1, 2]
+        assert schema.ensure_schema(client, db) == ALL_CH
         client.command(f"INSERT INTO {db}.events (hash, domain, url, ts, received_at, type, page, source, utm_medium,"
                        f" utm_campaign) VALUES ('{'b' * 32}', 'old.example', 'https://old.example/b', now64(3),"
                        " now64(3), 'pageview', '/b', 'Hacker News', 'social', 'launch')")
@@ -375,7 +384,7 @@ def test_tally_migrate_cli(fresh_dsn, tmp_path):
     assert first.returncode == 0, first.stderr
     out = json.loads(first.stdout)
     assert out["postgresql"]["before"] == [] and out["postgresql"]["now"] == list(head_revisions())
-    assert out["clickhouse"]["applied"] == [1, 2] and out["clickhouse"]["ttl_days"] == 90
+    assert out["clickhouse"]["applied"] == ALL_CH and out["clickhouse"]["ttl_days"] == 90
     again = _tally(["migrate"], env)
     assert again.returncode == 0, again.stderr
     assert "applied now: nothing" in again.stdout and "90 days" in again.stdout

@@ -202,7 +202,8 @@ def _up(tmp_path_factory) -> tuple[Path, dict[str, str], subprocess.Popen]:
         home = tmp_path_factory.mktemp("status") / "home"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
         env.update(TALLY_HOME=str(home), TALLY_COLLECTOR_PORT=str(free_port()), TALLY_API_PORT=str(free_port()),
-                   TALLY_ANALYST_PORT=str(free_port()))
+                   TALLY_ANALYST_PORT=str(free_port()),
+                   TALLY_CLICKHOUSE_HTTP_PORT=str(free_port()))
         proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "up"], env=env, cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seen = []

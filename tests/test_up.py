@@ -43,7 +43,8 @@ def test_up_demo_shows_impressions_then_stops_cleanly(tmp_path):
     collector_port, api_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env.update(TALLY_HOME=str(home), TALLY_COLLECTOR_PORT=str(collector_port), TALLY_API_PORT=str(api_port),
-               TALLY_ANALYST_PORT=str(free_port()))
+               TALLY_ANALYST_PORT=str(free_port()),
+               TALLY_CLICKHOUSE_HTTP_PORT=str(free_port()))
     proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "up", "--demo"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -119,7 +120,8 @@ def test_events_accepted_just_before_a_stop_are_counted_after_a_restart(tmp_path
     collector_port, api_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env.update(TALLY_HOME=str(tmp_path / "home"), TALLY_COLLECTOR_PORT=str(collector_port),
-               TALLY_API_PORT=str(api_port), TALLY_ANALYST_PORT=str(free_port()))
+               TALLY_API_PORT=str(api_port), TALLY_ANALYST_PORT=str(free_port()),
+               TALLY_CLICKHOUSE_HTTP_PORT=str(free_port()))
     domain = "restart.example.com"
     proc, first_banner = start_up(env)
     token = admin_token(tmp_path / "home")
@@ -185,7 +187,8 @@ def test_a_closed_stdout_still_stops_the_platform(tmp_path):
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env.update(TALLY_HOME=str(home), TALLY_COLLECTOR_PORT=str(free_port()), TALLY_API_PORT=str(free_port()),
-               TALLY_ANALYST_PORT=str(free_port()))
+               TALLY_ANALYST_PORT=str(free_port()),
+               TALLY_CLICKHOUSE_HTTP_PORT=str(free_port()))
     with (tmp_path / "stderr").open("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "up"], env=env, stdout=subprocess.PIPE,
                                 stderr=err, text=True)

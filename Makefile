@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.collector $(ARGS)
 	$(BIN)/python -m bench.isolation $(ARGS)
 	$(BIN)/python -m bench.queries $(ARGS)
+	$(BIN)/python -m bench.analyst $(ARGS)
 
 clean:
 	rm -rf $(VENV) .tally .pytest_cache

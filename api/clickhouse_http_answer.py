@@ -12,6 +12,7 @@ request's Accept-Encoding names (ClickHouse's own order), flushed per chunk so a
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 
@@ -27,8 +28,10 @@ DISPLAY_NAME = "tally"
 VERSION = "tally"  # what `(version ...)` says in errors: the ClickHouse behind it is not named to clients
 ENCODINGS = ("gzip", "deflate", "zstd", "lz4")
 DEFAULT_ZLIB_LEVEL = 3
+READ_AHEAD = 256 * 1024  # an answer up to this size goes out with a Content-Length (connection kept open)
 # The ClickHouse code for an analyst-server answer that carries none, by HTTP status.
 _BY_STATUS = {400: 36, 401: 1001, 413: 396, 429: 202, 503: 210, 504: 159}
+_THEIR_CODE = re.compile(r"Code: (\d{1,4})\. DB::Exception: ")
 
 
 class ChError(Exception):
@@ -62,23 +65,76 @@ def upstream_error(upstream: Upstream) -> ChError:
         found = {}
     message = str(found.get("message") or f"the analyst server answered {upstream.status}")
     code = found.get("clickhouse_code")
+    theirs = _THEIR_CODE.match(message)  # ClickHouse's own text: its code is the one the message names
+    if theirs is not None:
+        code = int(theirs.group(1))
     if not isinstance(code, int):
         code = _BY_STATUS.get(upstream.status, 1001)
     return ChError(upstream.status, code, message, upstream.retry_after)
 
 
+def read_ahead(chunks: Iterator[bytes], limit: int) -> tuple[list[bytes], bool, BaseException | None]:
+    """Up to about `limit` bytes of `chunks`: (what came, whether that was all, the failure that ended them)."""
+    head: list[bytes] = []
+    size = 0
+    try:
+        while size < limit:
+            chunk = next(chunks)
+            head.append(chunk)
+            size += len(chunk)
+    except StopIteration:
+        return head, True, None
+    except Exception as exc:  # the analyst server cut its answer: the endpoint's is cut the same way
+        return head, False, exc
+    return head, False, None
+
+
+def _then(head: list[bytes], rest: Iterator[bytes], failure: BaseException | None) -> Iterator[bytes]:
+    try:
+        yield from head
+        if failure is not None:
+            raise failure
+        yield from rest
+    finally:
+        close = getattr(rest, "close", None)
+        if close is not None:
+            close()
+
+
+def _with_size(summary: str | None, size: int) -> str:
+    """X-ClickHouse-Summary with `result_bytes`, once the whole answer is known."""
+    try:
+        found = orjson.loads(summary or "{}")
+    except orjson.JSONDecodeError:
+        found = {}
+    if not isinstance(found, dict):
+        found = {}
+    found["result_bytes"] = str(size)
+    return orjson.dumps(found).decode()
+
+
 def relay(upstream: Upstream, accept_encoding: str, compress: bool, level: int | None) -> Response:
-    """A 200 answer of the analyst server as the endpoint's, compressed if asked for and possible."""
-    body: Iterable[bytes] = upstream.body
+    """A 200 answer of the analyst server as the endpoint's, compressed if asked for and possible.
+
+    An answer that ends within READ_AHEAD bytes goes out whole with a Content-Length, which keeps the client's
+    connection open for its next query (waitress closes the connection after every chunked answer); a longer
+    one streams, chunked."""
+    head, ended, failure = read_ahead(upstream.body, READ_AHEAD)
+    body: Iterable[bytes] | bytes = b"".join(head) if ended else _then(head, upstream.body, failure)
     resp_headers = {"X-ClickHouse-Server-Display-Name": DISPLAY_NAME, **upstream.headers}
     resp_headers.pop("X-Tally-Format", None)
+    if isinstance(body, bytes):
+        summary = next((resp_headers.pop(k) for k in list(resp_headers) if k.lower() == "x-clickhouse-summary"), None)
+        resp_headers["X-ClickHouse-Summary"] = _with_size(summary, len(body))
     encoding = choose_encoding(accept_encoding) if compress else None
     if encoding is not None:
-        body = compressed(upstream.body, encoding, level)
+        if isinstance(body, bytes):
+            body = b"".join(compressed((body,), encoding, level))
+        else:
+            body = compressed(body, encoding, level)
         resp_headers["Content-Encoding"] = encoding
         resp_headers["Vary"] = "Accept-Encoding"
-    resp = Response(body, status=200, content_type=upstream.content_type, headers=resp_headers)
-    return resp
+    return Response(body, status=200, content_type=upstream.content_type, headers=resp_headers)
 
 
 def choose_encoding(accept_encoding: str) -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -121,7 +122,32 @@ def read_request(request: Request, database: str) -> ChRequest:
                      args.get("enable_http_compression", "0") in ("1", "true"), _zlib_level(args))
 
 
+# Statements that write or change state, named by their first word (after comments and brackets): refused at
+# once with READONLY, before a body that may be binary data (an INSERT's rows) is read. Only for the message:
+# anything else still has to pass the allowlist, which takes SELECT (and the catalog's SHOW, DESCRIBE, EXISTS).
+_WRITE = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*(INSERT|CREATE|ALTER|DROP|TRUNCATE|OPTIMIZE|SYSTEM|"
+                    r"KILL|SET|USE|RENAME|DETACH|ATTACH|GRANT|REVOKE|DELETE|UPDATE|EXCHANGE|UNDROP|BACKUP|"
+                    r"RESTORE|MOVE|REPLACE)\b", re.IGNORECASE | re.DOTALL)
+_WHY_NOT = {
+    "SET": "the analyst endpoint keeps no session; send a setting as a URL parameter (?name=value) or in the "
+           "query's SETTINGS clause (docs/clickhouse-http.md lists those allowed)",
+    "USE": "the analyst endpoint keeps no session; send ?database=tally (or X-ClickHouse-Database) or name "
+           "tables as tally.<table>",
+}
+
+
+def refuse_writes(sql: str) -> None:
+    """ChError 164 READONLY when `sql` starts with a statement that writes or changes state."""
+    found = _WRITE.match(sql)
+    if found is None:
+        return
+    word = found.group(1).upper()
+    why = _WHY_NOT.get(word, "the analyst endpoint is read-only: SELECT, SHOW, DESCRIBE and EXISTS only")
+    raise ChError(400, 164, f"{word} is not allowed: {why}")
+
+
 def _query_text(request: Request, args: Mapping[str, str], fields: Mapping[str, str]) -> str:
+    refuse_writes(args.get("query", ""))
     if fields:
         body = fields.get("query", "")
     else:
@@ -135,6 +161,7 @@ def _query_text(request: Request, args: Mapping[str, str], fields: Mapping[str, 
     sql = f"{head}\n{body}" if head and body else head or body
     if not sql.strip():
         raise ChError(400, 62, "Empty query: send it in the URL (?query=) or the body")
+    refuse_writes(sql)
     return sql
 
 

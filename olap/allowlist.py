@@ -5,17 +5,20 @@ obtained and why the text form of `EXPLAIN AST` is not used). `check(tree, datab
 and raises `Refused` naming the first table, table function, function, clause or construct that
 is not allowed:
 
-- the statement is a SELECT (UNION / INTERSECT / EXCEPT included); no SETTINGS, FORMAT or
-  INTO OUTFILE anywhere;
+- the statement is a SELECT (UNION / INTERSECT / EXCEPT included), or an EXPLAIN of one (EXPLAIN_KINDS, with
+  their listed options; ADR 51 addendum); no SETTINGS, FORMAT or INTO OUTFILE anywhere;
 - query parameters (`{name:Type}`, bound by ClickHouse, ADR 53) stand for values only: their
   types are `PARAM_TYPES` (never `Identifier`, which would name a table or column), and
   `check_parameters` matches them to the values sent and checks those as it checks string literals;
 - every table is one of ANALYST_TABLES in `<database>` or a CTE (`WITH name AS (subquery)`) in scope: the
   SELECT that defines it, later CTEs of the same WITH, and subqueries nested inside (a CTE's
   own definition sees itself only with WITH RECURSIVE; the other branches of a UNION do not
-  see it); `IN name` is checked the same way; with `system_catalog` (the ClickHouse-compatible endpoint),
-  `system.<x>` for x in CATALOG_TABLES too, which olap/catalog.py then points at curated views (ADR 51);
-- `currentDatabase()` and `displayName()` (CATALOG_FUNCTIONS), without arguments: olap/catalog.py answers them;
+  see it); `IN name` is checked the same way; an analyst table named without its database (`FROM events`, not
+  a CTE in scope) is returned by `check` for olap/catalog.py to qualify; with `system_catalog` (the
+  ClickHouse-compatible endpoint), `system.<x>` for x in CATALOG_TABLES too, which olap/catalog.py then points
+  at curated views (ADR 51);
+- `currentDatabase()`, `displayName()` and `currentUser()` (CATALOG_FUNCTIONS), without arguments: olap/catalog.py
+  answers them; `getSetting('<name>')` for GETSETTING_NAMES, named by a literal;
 - table functions are `TABLE_FUNCTIONS` only;
 - every function (also `APPLY(f)` column transformers) is allowed by the reviewed table in
   `olap/allowed_functions.py`, which `python -m olap.allowlist --write` generates from
@@ -40,6 +43,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from olap.ch_settings import FORWARDED, LOWERED
 from olap.client import connect
 from olap.params import ParamsError, check_param_name, parse_params
 
@@ -53,8 +57,15 @@ CATALOG_SUFFIX = "_catalog"
 # Calls without arguments that olap/catalog.py replaces with a literal, name -> what it stands for: the current
 # database is the analyst database (ClickHouse's answer would be the server session's), the server's display
 # name is "tally" (ClickHouse's would be its host name). Exact names, then lower-cased case-insensitive ones.
-CATALOG_FUNCTIONS = {"currentDatabase": "database", "displayName": "display_name"}
-CATALOG_FUNCTIONS_CI = {"database": "database", "current_database": "database"}
+# The current user is "analyst" whoever asks (the JDBC drivers' handshakes ask; ClickHouse's answer would be the
+# analysts' shared ClickHouse user, never a tally token).
+CATALOG_FUNCTIONS = {"currentDatabase": "database", "displayName": "display_name", "currentUser": "user"}
+CATALOG_FUNCTIONS_CI = {"database": "database", "current_database": "database", "user": "user",
+                        "current_user": "user"}
+# `getSetting('<name>')` with a literal name from these (the settings the ClickHouse-compatible endpoint forwards,
+# lowers or sets, olap/ch_settings.py) is evaluated by ClickHouse: the value the query runs with (readonly: 1, the
+# legacy JDBC driver's handshake asks). Any other name, or a computed one, is refused.
+GETSETTING_NAMES = frozenset(FORWARDED) | frozenset(LOWERED) | {"readonly"}
 
 
 def catalog_database(database: str) -> str:
@@ -316,14 +327,85 @@ _NODE_REFUSALS = {
 }
 
 
-def check(tree: Any, database: str, *, system_catalog: bool = False, rewritten: bool = False) -> None:
-    """Raise Refused unless `tree` (parseQueryToJSON output) is a SELECT analysts may run."""
+# EXPLAIN of a query analysts may run (ADR 51 addendum): these kinds, with these options (0 or 1 each). EXPLAIN
+# PIPELINE, TABLE OVERRIDE (reads a table function's source), CURRENT TRANSACTION and any later kind stay refused.
+EXPLAIN_KINDS: dict[str, frozenset[str]] = {
+    "EXPLAIN": frozenset({"header", "description", "indexes", "actions", "sorting", "projections", "json"}),
+    "EXPLAIN PLAN": frozenset({"header", "description", "indexes", "actions", "sorting", "projections", "json"}),
+    "EXPLAIN SYNTAX": frozenset({"oneline"}),
+    "EXPLAIN ESTIMATE": frozenset(),
+    "EXPLAIN AST": frozenset(),
+    "EXPLAIN QUERY TREE": frozenset(),
+}
+_EXPLAIN_KEYS = frozenset({"type", "kind", "settings", "query", "is_outfile_append", "is_outfile_truncate",
+                           "is_into_outfile_with_stdout"})
+STATEMENTS_ANSWERED = ("SHOW DATABASES, SHOW TABLES, SHOW COLUMNS, SHOW SETTINGS, DESCRIBE, EXISTS, SHOW CREATE "
+                       "and EXPLAIN")
+
+
+def statement_name(tree: Mapping[str, Any]) -> str:
+    """What a statement is, in its own keywords (`ShowColumnsQuery` -> SHOW COLUMNS), for messages."""
+    kind = str(tree.get("type") or "")
+    if kind == "ExplainQuery" and isinstance(tree.get("kind"), str):
+        return str(tree["kind"])
+    words = re.findall(r"[A-Z][a-z]*", kind.removesuffix("Query")) or ["this statement"]
+    if kind == "ShowTablesQuery":  # SHOW TABLES / DATABASES / SETTINGS / DICTIONARIES / CLUSTERS ... share it
+        flags = [key for key, value in tree.items()
+                 if value is True and not key.startswith("is_") and "like" not in key]
+        words = ["Show", *(flags[:2] or ["tables"])]
+    return " ".join(words).upper()
+
+
+def not_a_select(name: str) -> Refused:
+    return Refused(f"only SELECT queries are allowed, not {name}; analyst SQL is read-only (besides SELECT it "
+                   f"answers {STATEMENTS_ANSWERED} for the analyst tables)")
+
+
+def check(tree: Any, database: str, *, system_catalog: bool = False, rewritten: bool = False) -> list[dict[str, Any]]:
+    """Raise Refused unless `tree` (parseQueryToJSON output) is a SELECT analysts may run, or an EXPLAIN
+    (EXPLAIN_KINDS) of one. Returns the table nodes that name an analyst table without its database (`FROM
+    events`): olap/catalog.py `resolve` qualifies them (`<database>.events`) before anything runs."""
     if not isinstance(tree, dict):
         raise Refused("the query could not be parsed")
     kind = tree.get("type")
+    walker = _Walker(database, function_table(), system_catalog, rewritten)
+    if kind == "ExplainQuery":
+        tree = _explained(tree, walker)
+        kind = tree.get("type")
     if kind != "SelectWithUnionQuery":
-        raise Refused(f"only SELECT queries are allowed (this is a {kind}); analyst SQL is read-only")
-    _Walker(database, function_table(), system_catalog, rewritten).select_union(tree, frozenset())
+        raise not_a_select(statement_name(tree))
+    walker.select_union(tree, frozenset())
+    if rewritten and walker.unqualified:
+        raise Refused("the query could not be checked after its table names were qualified; name them tally.<t>")
+    return walker.unqualified
+
+
+def _explained(tree: dict[str, Any], walker: _Walker) -> dict[str, Any]:
+    """The query an EXPLAIN explains, if the EXPLAIN's kind and options are allowed. It reads the analyst tables
+    only, never the catalog (EXPLAIN of a catalog view would show the view's own query over `system`)."""
+    kind, options = tree.get("kind"), tree.get("settings")
+    for key in set(tree) & set(_CLAUSES) - {"settings"}:  # "settings" here: the EXPLAIN's options
+        raise Refused(_CLAUSES[key])
+    if kind not in EXPLAIN_KINDS or set(tree) - _EXPLAIN_KEYS:
+        raise Refused(f"{kind} is not allowed; analysts may use {', '.join(EXPLAIN_KINDS)} of a SELECT")
+    if any(tree.get(key) for key in ("is_outfile_append", "is_outfile_truncate", "is_into_outfile_with_stdout")):
+        raise Refused(_CLAUSES["out_file"])
+    if options is not None:
+        changes = options.get("changes") if isinstance(options, dict) and options.get("type") == "SetQuery" else None
+        if not isinstance(changes, list) or set(options) - {"type", "changes"}:
+            raise Refused(f"unsupported {kind} options")
+        for change in changes:
+            literal = change.get("value") if isinstance(change, dict) else None
+            name = change.get("name") if isinstance(change, dict) else None
+            value = literal.get("value") if isinstance(literal, dict) else None
+            if name not in EXPLAIN_KINDS[kind] or value not in (0, 1) or set(change) - {"name", "value"}:
+                allowed = ", ".join(f"{o}=0|1" for o in sorted(EXPLAIN_KINDS[kind])) or "none"
+                raise Refused(f"{kind} option {name} is not allowed (allowed: {allowed})")
+    query = tree.get("query")
+    if not isinstance(query, dict) or query.get("type") != "SelectWithUnionQuery":
+        raise Refused(f"{kind} is allowed of a SELECT only")
+    walker.catalog = None
+    return query
 
 
 class _Walker:
@@ -336,6 +418,7 @@ class _Walker:
         # CATALOG_FUNCTIONS calls are gone (literals).
         self.catalog = catalog_database(database) if rewritten else "system" if system_catalog else None
         self.rewritten = rewritten
+        self.unqualified: list[dict[str, Any]] = []  # analyst tables named without their database
 
     # statements
 
@@ -454,10 +537,16 @@ class _Walker:
             return
         if len(parts) == 2 and self.catalog is not None and parts[0] == self.catalog and parts[1] in CATALOG_TABLES:
             return
-        if len(parts) == 1 and parts[0] in ctes:
+        if len(parts) == 1 and parts[0] in ctes:  # a CTE of that name wins over the table
+            return
+        if len(parts) == 1 and parts[0] in ANALYST_TABLES:  # the analyst database is the current one
+            self.unqualified.append(node)
             return
         shown = ".".join(parts)
-        hint = f"; name it {self.database}.{parts[0]}" if len(parts) == 1 and parts[0] in ANALYST_TABLES else ""
+        hint = ""
+        if len(parts) == 2 and parts[0] == "system" and parts[1] in CATALOG_TABLES and self.catalog is None:
+            hint = ("; the ClickHouse-compatible endpoint (TALLY_CLICKHOUSE_HTTP_PORT) answers system."
+                    f"{parts[1]} from a curated view")
         raise Refused(f"table {shown} is not available to analysts (allowed: {allowed}, and CTEs defined "
                       f"in the query){hint}")
 
@@ -506,6 +595,9 @@ class _Walker:
         if isinstance(name, str) and catalog_function(name) and not self.rewritten:
             self._catalog_function(node)
             return
+        if name == "getSetting":
+            self._get_setting(node)
+            return
         if not isinstance(name, str) or not self.functions.allows(name):
             costly = self.functions.why_costly(name) if isinstance(name, str) else None
             raise Refused(f"function {name} is not allowed in analyst SQL" + (f" ({costly})" if costly else ""))
@@ -536,6 +628,22 @@ class _Walker:
         if set(node) - {"type", "name", "alias", "arguments"} or self._list(arguments, "ExpressionList"):
             raise Refused(f"{node.get('name')}() takes no arguments in analyst SQL")
         self._plain(node, "alias", node.get("alias"))
+
+    @staticmethod
+    def _get_setting(node: dict[str, Any]) -> None:
+        """getSetting('<name>'): one string literal naming one of GETSETTING_NAMES, and nothing else."""
+        arguments = node.get("arguments", {})
+        children = arguments.get("children") if isinstance(arguments, dict) else None
+        literal = children[0] if isinstance(children, list) and len(children) == 1 else None
+        value = literal.get("value") if isinstance(literal, dict) and literal.get("type") == "Literal" else None
+        name = value.get("value") if isinstance(value, dict) and value.get("field_type") == "String" else None
+        if (set(node) - {"type", "name", "alias", "arguments"} or set(arguments) - {"type", "children"}
+                or set(literal or {}) - {"type", "value"} or name not in GETSETTING_NAMES):
+            shown = f"'{name}'" if isinstance(name, str) else "a computed name"
+            raise Refused(f"function getSetting is allowed for some settings only, not getSetting({shown[:80]}): "
+                          "analysts may read the ones the ClickHouse-compatible endpoint accepts, and readonly, "
+                          "each named by a string literal")
+        _Walker._plain(node, "alias", node.get("alias"))
 
     def _apply(self, node: dict[str, Any], ctes: frozenset[str]) -> None:
         for key, value in node.items():

@@ -34,7 +34,8 @@ import json
 import re
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +44,17 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from olap import catalog
-from olap.allowlist import ANALYST_TABLES, Refused, check, check_parameters, function_table
+from olap.allowlist import (
+    ANALYST_TABLES,
+    Refused,
+    catalog_database,
+    check,
+    check_parameters,
+    function_table,
+    not_a_select,
+)
 from olap.ch_settings import LOWERED, lowered
-from olap.formats import FORMATS, FormatError, ResultFormat
+from olap.formats import FORMATS, FormatError, ResultFormat, in_zone, loses_zones, names_a_zone, type_zone
 from olap.schema import EVENT_COLUMNS
 
 # The longest analyst query text, in bytes of UTF-8. A query's cost inside one block grows with its length
@@ -136,10 +145,9 @@ def prepare(client: Client, sql: object, database: str, params: Mapping[str, str
                                                "this server is older, so every query is refused") from None
         unserialisable = _NO_JSON.search(str(exc))
         if unserialisable:  # DESCRIBE, EXISTS, ...: statements the JSON form does not cover
-            if statement := _catalog_statement(client, None, sql, database):
+            if statement := _catalog_statement(client, None, sql, database, system_catalog):
                 return prepare(client, statement, database, params, system_catalog=True)
-            raise AnalystQueryError("refused", f"only SELECT queries are allowed, and ClickHouse cannot show this "
-                                               f"one ({unserialisable.group(1)}) as a parse tree to check") from None
+            raise AnalystQueryError("refused", str(not_a_select(_leading_keywords(client, sql)))) from None
         raise AnalystQueryError("refused", _short(str(exc))) from None
     if not rows:
         raise AnalystQueryError("refused", "the query could not be parsed")
@@ -151,11 +159,12 @@ def prepare(client: Client, sql: object, database: str, params: Mapping[str, str
         tree = json.loads(tree_json)
         statement = None  # SHOW ...: answered by a SELECT over the curated catalog (ADR 51)
         if isinstance(tree, dict) and tree.get("type") != "SelectWithUnionQuery":
-            statement = _catalog_statement(client, str(text), sql, database)
+            statement = _catalog_statement(client, str(text), sql, database, system_catalog)
         if statement is None:
-            check(tree, database, system_catalog=system_catalog)
+            unqualified = check(tree, database, system_catalog=system_catalog)
             check_parameters(tree, params)
-            rewritten = catalog.resolve(client, tree, database)  # system.<x>: the curated views (ADR 51)
+            # `FROM events`: tally.events; system.<x>: the curated views (ADR 51)
+            rewritten = catalog.resolve(client, tree, database, unqualified)
     except Refused as exc:
         raise AnalystQueryError("refused", str(exc)) from None
     except AnalystQueryError:
@@ -167,18 +176,37 @@ def prepare(client: Client, sql: object, database: str, params: Mapping[str, str
     return rewritten or str(text)
 
 
-def _catalog_statement(client: Client, text: str | None, sql: str, database: str) -> str | None:
+def _catalog_statement(client: Client, text: str | None, sql: str, database: str,
+                       system_catalog: bool = False) -> str | None:
     """SHOW / DESCRIBE / EXISTS as the SELECT over the curated catalog that answers it (olap/catalog.py), or None
     for any other statement. `text`: ClickHouse's canonical form of `sql`, asked for here when None."""
+
+    def catalog_columns(table: str) -> list[tuple[str, str]]:  # a CATALOG_TABLES name: the curated view's columns
+        rows = client.query(f"DESCRIBE TABLE {catalog_database(database)}.{table}").result_rows
+        return [(str(r[0]), str(r[1])) for r in rows]
+
     try:
         if text is None:
             canonical = client.query("SELECT formatQuerySingleLine({q:String})", parameters={"q": sql})
             text = str(canonical.result_rows[0][0])
-        return catalog.statement_as_select(text, database)
+        return catalog.statement_as_select(text, database, catalog_columns if system_catalog else None)
     except Refused as exc:
         raise AnalystQueryError("refused", str(exc)) from None
     except ClickHouseError as exc:
         raise AnalystQueryError("refused", _short(str(exc))) from None
+
+
+_KEYWORDS = re.compile(r"[A-Z]+(?: [A-Z]+){0,2}")
+
+
+def _leading_keywords(client: Client, sql: str) -> str:
+    """The statement's first keywords (SHOW CREATE DATABASE, DESCRIBE TABLE, SHOW GRANTS), for messages."""
+    try:
+        text = str(client.query("SELECT formatQuerySingleLine({q:String})", parameters={"q": sql}).result_rows[0][0])
+    except ClickHouseError:
+        return "this statement"
+    found = _KEYWORDS.match(text)
+    return found.group(0) if found else "this statement"
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -249,11 +277,15 @@ def stream(client: Client, text: str, limits: SqlLimits, fmt: str, stats: QueryS
     result_format = FORMATS.get(fmt)
     if result_format is None:
         raise AnalystQueryError("refused", f"format must be one of {', '.join(FORMATS)}")
+    if _with_totals(text):
+        raise AnalystQueryError("refused", _TOTALS_REFUSED)
     settings = _settings(client, limits, tag)
     bound = _bound(text, params)
     out = _Output(limits.max_result_bytes, stats)
     try:
-        yield from _encode(client, text, settings, limits, result_format, out, bound)
+        zoned = (_describe(client, text, settings, bound)[1]
+                 if names_a_zone(text, (params or {}).values()) and not _is_explain(text) else None)
+        yield from _encode(client, text, settings, limits, result_format, out, bound, zoned)
     except ClickHouseError as exc:
         raise _classify(exc) from None
     except RecursionError:  # the driver's type parser, on a type nested a few hundred levels deep
@@ -289,15 +321,15 @@ class _Output:
 
 
 def _encode(client: Client, text: str, settings: dict[str, Any], limits: SqlLimits, result_format: ResultFormat,
-            out: _Output, bound: dict[str, Any] | None = None) -> Iterator[bytes]:
-    """The query's blocks through the format's encoder into `out`; a streamed format yields per block."""
+            out: _Output, bound: dict[str, Any] | None = None, zoned: list[str] | None = None) -> Iterator[bytes]:
+    """The query's blocks through the format's encoder into `out`; a streamed format yields per block.
+    `zoned`: the result's types as DESCRIBE gives them, with the zones chDB's Native output drops (or None)."""
     encoder = result_format.encoder()
     deadline = time.monotonic() + float(limits.max_execution_s) + 1.0
     started = False
-    with client.query_row_block_stream(text, parameters=bound, settings=settings) as blocks:
-        names = list(blocks.source.column_names)
-        types = [t.name for t in blocks.source.column_types]
+    with _row_blocks(client, text, settings, bound) as (names, types, blocks):
         _check_nesting(types)
+        types, zones = _zones(types, zoned)
         for block in blocks:
             if not started:
                 out.emit(encoder.start(names, types))
@@ -307,7 +339,7 @@ def _encode(client: Client, text: str, settings: dict[str, Any], limits: SqlLimi
                 raise AnalystQueryError("too_large", f"the result has more than {limits.max_result_rows} rows "
                                                      f"(max rows: {limits.max_result_rows}); aggregate more or "
                                                      f"add a LIMIT")
-            out.emit(encoder.rows(block))
+            out.emit(encoder.rows(_in_zones(block, zones) if zones else block))
             if time.monotonic() > deadline:
                 raise AnalystQueryError("timeout", f"the query ran longer than {limits.max_execution_s} s "
                                                    f"(max execution time)")
@@ -318,6 +350,52 @@ def _encode(client: Client, text: str, settings: dict[str, Any], limits: SqlLimi
             names, types = _describe(client, text, settings, bound)
         out.emit(encoder.start(names, types))
     out.emit(encoder.end())
+
+
+def _zones(types: list[str], zoned: list[str] | None) -> tuple[list[str], dict[int, str]]:
+    """The result's types with their zones back (from `zoned`, DESCRIBE's types) and the columns whose values
+    need their zone: those that came as a plain DateTime although DESCRIBE names a zone (formats.loses_zones)."""
+    if zoned is None or len(zoned) != len(types) or not loses_zones(types):
+        return types, {}
+    zones = {i: zone for i, (got, real) in enumerate(zip(types, zoned, strict=True))
+             if loses_zones([got]) and (zone := type_zone(real)) is not None}
+    return (zoned if zones else types), zones
+
+
+def _in_zones(block: Sequence[Sequence[Any]], zones: Mapping[int, str]) -> list[list[Any]]:
+    return [[in_zone(v, zones[i]) if i in zones else v for i, v in enumerate(row)] for row in block]
+
+
+# WITH TOTALS outside quotes of the canonical text (formatQuerySingleLine writes it so; comments are gone).
+_QUOTED_PARTS = re.compile(r"'(?:[^'\\]|\\.)*'|`(?:[^`\\]|\\.)*`|\"(?:[^\"\\]|\\.)*\"")
+_TOTALS = re.compile(r"\bWITH TOTALS\b")
+_TOTALS_REFUSED = ("WITH TOTALS is not available in tally's json, jsonl, csv and tsv results: the driver's block "
+                   "stream does not carry the totals row, and it would be lost silently. Use GROUP BY ... WITH "
+                   "ROLLUP (the totals come as an ordinary row, keys at their default values), or ask the "
+                   "ClickHouse-compatible endpoint (TALLY_CLICKHOUSE_HTTP_PORT), whose FORMAT JSON has \"totals\" "
+                   "and whose CSV and TabSeparated write the totals row after an empty line")
+
+
+def _with_totals(text: str) -> bool:
+    """Whether the canonical text asks for WITH TOTALS anywhere (a subquery's totals reach the result too)."""
+    return bool(_TOTALS.search(_QUOTED_PARTS.sub("''", text)))
+
+
+def _is_explain(text: str) -> bool:
+    return text.startswith("EXPLAIN ")  # `prepare`'s canonical text: the statement's keyword comes first
+
+
+@contextmanager
+def _row_blocks(client: Client, text: str, settings: dict[str, Any],
+                bound: dict[str, Any] | None) -> Iterator[tuple[list[str], list[str], Iterable[Sequence[Any]]]]:
+    """The query's column names, types and blocks of rows. An EXPLAIN (ADR 51) is read whole, as one block:
+    chDB cannot stream it ("Streaming query is not supported"), and its answer is a page of text."""
+    if _is_explain(text):
+        result = client.query(text, parameters=bound, settings=settings)
+        yield list(result.column_names), [t.name for t in result.column_types], [result.result_rows]
+        return
+    with client.query_row_block_stream(text, parameters=bound, settings=settings) as blocks:
+        yield list(blocks.source.column_names), [t.name for t in blocks.source.column_types], blocks
 
 
 class _ClickHouseText:

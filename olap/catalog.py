@@ -14,7 +14,8 @@ queries (Grafana, DBeaver's JDBC driver, SQLAlchemy). Analyst SQL answers them a
   SECURITY DEFINER`), so the analysts' ClickHouse user needs SELECT on `<db>_catalog.*` and nothing in
   `system`. ClickHouse migration 4 creates them; `ensure_current` replaces any whose definition changed
   (a new analyst table, setting or allowed function), found by the fingerprint in each view's COMMENT.
-- `statement_as_select` turns SHOW DATABASES / SHOW TABLES / DESCRIBE / EXISTS / SHOW CREATE TABLE (as
+- `statement_as_select` turns SHOW DATABASES / SHOW TABLES / SHOW COLUMNS / SHOW SETTINGS / DESCRIBE / EXISTS /
+  SHOW CREATE TABLE / SHOW CREATE DATABASE (as
   ClickHouse's canonical single-line text, matched whole and strictly) into the SELECT over `system.<x>` that
   gives ClickHouse's own answer (same column names), which then goes through `prepare` like any query.
 - On the ClickHouse-compatible endpoint (`prepare(..., system_catalog=True)`; tools query `system` there) the
@@ -22,7 +23,9 @@ queries (Grafana, DBeaver's JDBC driver, SQLAlchemy). Analyst SQL answers them a
   `currentDatabase()` and `displayName()` without arguments. `rewrite` then points those tables at
   `<db>_catalog.<x>` and turns the calls into literals (the analyst database's name; "tally"), and `prepare`
   runs the rewritten text only after parsing and checking it again (`check(..., rewritten=True)`, which
-  refuses `system` and lets `<db>_catalog` through). `/api/v1/sql` and `tally sql` keep refusing `system.*`
+  refuses `system` and lets `<db>_catalog` through). `qualify` names the analyst tables a query wrote without
+  their database (`FROM events`, which `check` returns) `<db>.<t>` in the same pass. `currentUser()` is the
+  literal "analyst". `/api/v1/sql` and `tally sql` keep refusing `system.*`
   by name (ADR 9); their SHOW / DESCRIBE / EXISTS are answered from the same views.
 """
 
@@ -31,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
@@ -54,8 +57,10 @@ from olap.ch_settings import FORWARDED, TRANSPORT
 # cancel_http_readonly_queries_on_client_close, ...), so nothing the endpoint refuses may be listed.
 CLIENT_SETTINGS = frozenset(FORWARDED) | TRANSPORT
 
-# What displayName() answers (ClickHouse's would be the server's host name).
+# What displayName() answers (ClickHouse's would be the server's host name), and currentUser() (ClickHouse's would be
+# the analysts' shared ClickHouse user; never a token's or another user's name).
 DISPLAY_NAME = "tally"
+CURRENT_USER = "analyst"
 _COMMENT_PREFIX = "tally catalog "
 _PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -145,22 +150,51 @@ _STATEMENTS = {
     "exists_table": re.compile(rf"EXISTS TABLE {_TABLE}{_FORMAT}"),
     "exists_database": re.compile(rf"EXISTS DATABASE (?P<db>{_IDENT}){_FORMAT}"),
     "show_create": re.compile(rf"SHOW CREATE TABLE {_TABLE}{_FORMAT}"),
+    "show_columns": re.compile(rf"SHOW COLUMNS FROM (?P<table>{_IDENT})(?: FROM (?P<db>{_IDENT}))?{_LIKE}{_LIMIT}"
+                               f"{_FORMAT}"),
+    "show_settings": re.compile(rf"SHOW SETTINGS{_LIKE}{_LIMIT}{_FORMAT}"),
+    "show_create_database": re.compile(rf"SHOW CREATE DATABASE (?P<db>{_IDENT}){_FORMAT}"),
 }
-SUPPORTED = ("SELECT, SHOW DATABASES, SHOW TABLES [FROM db] [LIKE '...'], DESCRIBE [TABLE] db.table, "
-             "EXISTS [TABLE] db.table, EXISTS DATABASE db and SHOW CREATE TABLE db.table")
+SUPPORTED = ("SELECT, SHOW DATABASES, SHOW TABLES [FROM db] [LIKE '...'], SHOW COLUMNS FROM table [FROM db], SHOW "
+             "SETTINGS LIKE '...', DESCRIBE [TABLE] db.table, EXISTS [TABLE] db.table, EXISTS DATABASE db, SHOW CREATE "
+             "TABLE db.table, SHOW CREATE DATABASE db and EXPLAIN [PLAN | SYNTAX | ESTIMATE | AST | QUERY TREE] SELECT")
+# The columns of ClickHouse's DESCRIBE answer.
+_DESCRIBE_COLUMNS = ("name", "type", "default_type", "default_expression", "comment", "codec_expression",
+                     "ttl_expression")
+# `system.<x>` -> [(column, type), ...] of the curated view (olap/analyst.py asks ClickHouse), for DESCRIBE
+# system.<x> on the ClickHouse-compatible endpoint.
+CatalogColumns = Callable[[str], list[tuple[str, str]]]
 
 
-def statement_as_select(text: str, database: str) -> str | None:
+def statement_as_select(text: str, database: str, catalog_columns: CatalogColumns | None = None) -> str | None:
     """The SELECT over `system.<x>` (the curated views) answering the statement `text` (ClickHouse's canonical
     single-line form) as ClickHouse would, with its `FORMAT` kept; None if `text` is none of those forms.
-    Raises Refused for a database or table analysts may not read."""
+    `catalog_columns`: where `system.<x>` may be read (the ClickHouse-compatible endpoint), DESCRIBE of one
+    answers with its curated view's columns. Raises Refused for a database or table analysts may not read."""
     for kind, pattern in _STATEMENTS.items():
         match = pattern.fullmatch(text)
         if match:
             parts = match.groupdict()
-            select = _SELECTS[kind](parts, database)
+            if kind == "describe" and parts.get("db") == "system" and parts["table"] in CATALOG_TABLES:
+                select = _describe_catalog(str(parts["table"]), catalog_columns)
+            else:
+                select = _SELECTS[kind](parts, database)
             return select + (f" FORMAT {parts['format']}" if parts.get("format") else "")
     return None
+
+
+def _quoted(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _describe_catalog(table: str, catalog_columns: CatalogColumns | None) -> str:
+    """DESCRIBE system.<table> as a SELECT over `values(...)` of its curated view's columns."""
+    if catalog_columns is None:
+        raise Refused(f"table system.{table} is not available to analysts here; the ClickHouse-compatible endpoint "
+                      f"(TALLY_CLICKHOUSE_HTTP_PORT) answers DESCRIBE system.{table} and SELECTs from it")
+    structure = ", ".join(f"{column} String" for column in _DESCRIBE_COLUMNS)
+    rows = ", ".join(f"({_quoted(name)}, {_quoted(kind)}, '', '', '', '', '')" for name, kind in catalog_columns(table))
+    return f"SELECT * FROM values({_quoted(structure)}, {rows})"
 
 
 def _like(parts: dict[str, Any], column: str) -> str:
@@ -220,8 +254,28 @@ def _show_create(parts: dict[str, Any], database: str) -> str:
     return f"SELECT create_table_query AS statement FROM system.tables WHERE database = '{db}' AND name = '{table}'"
 
 
+def _show_columns(parts: dict[str, Any], database: str) -> str:
+    db, table = _analyst_table(parts, database)
+    return ("SELECT name AS field, type, if(startsWith(type, 'Nullable(') OR startsWith(type, "
+            "'LowCardinality(Nullable('), 'YES', 'NO') AS `null`, "
+            "arrayStringConcat(arrayFilter(k -> (k != ''), [if(is_in_primary_key, 'PRI', ''), "
+            "if(is_in_sorting_key, 'SOR', '')]), ' ') AS key, nullIf(default_expression, '') AS `default`, "
+            f"'' AS extra FROM system.columns WHERE database = '{db}' AND table = '{table}'{_like(parts, 'name')} "
+            f"ORDER BY field{_limit(parts)}")
+
+
+def _show_settings(parts: dict[str, Any], database: str) -> str:
+    return f"SELECT name, type, value FROM system.settings WHERE 1{_like(parts, 'name')} ORDER BY name{_limit(parts)}"
+
+
+def _show_create_database(parts: dict[str, Any], database: str) -> str:
+    return f"SELECT 'CREATE DATABASE {_own_database(parts, database)}' AS statement"
+
+
 _SELECTS = {"show_databases": _show_databases, "show_tables": _show_tables, "describe": _describe,
-            "exists_table": _exists_table, "exists_database": _exists_database, "show_create": _show_create}
+            "exists_table": _exists_table, "exists_database": _exists_database, "show_create": _show_create,
+            "show_columns": _show_columns, "show_settings": _show_settings,
+            "show_create_database": _show_create_database}
 
 
 # --- rewriting a checked SELECT --------------------------------------------------------------------
@@ -282,7 +336,7 @@ class _Rewriter:
         stands_for = catalog_function(name) if isinstance(name, str) else None
         if stands_for is None:
             return None
-        value = self.database if stands_for == "database" else DISPLAY_NAME
+        value = {"database": self.database, "user": CURRENT_USER}.get(stands_for, DISPLAY_NAME)
         literal: dict[str, Any] = {"type": "Literal", "value": {"field_type": "String", "value": value}}
         alias = node.get("alias") or (f"{name}()" if in_select_list else None)
         if alias:
@@ -290,11 +344,26 @@ class _Rewriter:
         return literal
 
 
-def resolve(client: Client, tree: dict[str, Any], database: str) -> str | None:
-    """The text to run for a checked SELECT that reads the catalog or calls currentDatabase(), or None when it
-    does neither (run the canonical text as it is). The rewritten tree is formatted, parsed and checked again
-    (`check(..., rewritten=True)`), so what runs is what was checked. Raises Refused."""
-    if not rewrite(tree, database):
+def qualify(unqualified: Iterable[dict[str, Any]], database: str) -> bool:
+    """Name the analyst tables `check` found without a database (`FROM events`, `x IN events`) as
+    `<database>.<t>`, in place: the analyst database is the current one for analysts, whatever database the
+    ClickHouse session runs in. True when any was."""
+    changed = False
+    for node in unqualified:
+        name = str(node["name"])
+        node["name"], node["name_parts"] = f"{database}.{name}", [database, name]
+        changed = True
+    return changed
+
+
+def resolve(client: Client, tree: dict[str, Any], database: str,
+            unqualified: Iterable[dict[str, Any]] = ()) -> str | None:
+    """The text to run for a checked query that names analyst tables without their database (`unqualified`,
+    what `check` returned), reads the catalog or calls currentDatabase(), or None when it does none of that (run
+    the canonical text as it is). The rewritten tree is formatted, parsed and checked again (`check(...,
+    rewritten=True)`), so what runs is what was checked. Raises Refused."""
+    qualified = qualify(unqualified, database)
+    if not rewrite(tree, database) and not qualified:
         return None
     try:
         rows = client.query("SELECT formatQueryFromJSON({t:String}) AS text, parseQueryToJSON(text) AS tree, "

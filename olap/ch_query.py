@@ -8,7 +8,8 @@
 - `stream_raw`: ClickHouse encodes the result (`raw_stream(query, fmt=...)`), under the same limits as
   tally's formats: ClickHouse's own (time, memory, rows, `readonly = 1` last), the byte cap counted here
   on what is handed out, and the deadline checked per chunk (the watchdog bounds a chunk that never comes).
-  Rows are not counted (the bytes are ClickHouse's encoding, not rows): the audit log shows 0.
+  Rows are not counted (the bytes are ClickHouse's encoding, not rows): the audit log stores 0 and
+  `tally sql-log` shows `-`; X-ClickHouse-Summary leaves out what is not known rather than saying 0.
 """
 
 from __future__ import annotations
@@ -71,6 +72,69 @@ def take_format(client: Client, sql: object) -> tuple[str, str | None]:
     if name is None:
         raise AnalystQueryError("refused", unknown_format_message(found.group(1)), _UNKNOWN_FORMAT)
     return text[:found.start()], name
+
+
+_SETTINGS_WORD = re.compile(r"\bSETTINGS\b", re.IGNORECASE)
+
+
+def take_settings(client: Client, text: str) -> tuple[str, dict[str, str]]:
+    """(the query without its own SETTINGS clause, the settings it named), when every one is allowed
+    (olap/ch_settings.py, as URL settings are); they then apply as the request's do, before the server's limits
+    and `readonly = 1`, which a SETTINGS clause left in the text would come after (and be refused by).
+    Only the clause of the statement itself: one inside a subquery stays and is refused by the allowlist.
+    Raises AnalystQueryError("refused") naming a setting that is not allowed and why."""
+    if not _SETTINGS_WORD.search(text):
+        return text, {}
+    try:
+        tree_json = client.query("SELECT parseQueryToJSON({q:String})", parameters={"q": text}).result_rows[0][0]
+        tree = json.loads(tree_json)
+    except (ClickHouseError, IndexError, ValueError):
+        return text, {}  # not a statement this can read (DESCRIBE, SHOW ...): `prepare` decides
+    clauses = [select.pop("settings") for select in _top_selects(tree) if "settings" in select]
+    if not clauses:
+        return text, {}
+    named: dict[str, str] = {}
+    for clause in clauses:
+        named |= _changes(clause)
+    try:
+        checked = check_forwarded(named)
+    except SettingRefused as exc:
+        raise AnalystQueryError("refused", exc.message, exc.code) from None
+    if checked.keys() & HTTP_PARAMETERS:
+        raise AnalystQueryError("refused", f"{', '.join(sorted(checked.keys() & HTTP_PARAMETERS))} is a URL "
+                                           "parameter, not a setting a SETTINGS clause can carry", 115)
+    try:
+        rows = client.query("SELECT formatQueryFromJSON({t:String})", parameters={"t": json.dumps(tree)}).result_rows
+    except ClickHouseError as exc:
+        raise AnalystQueryError("refused", _short(str(exc)), _code_of(exc)) from None
+    return str(rows[0][0]), checked
+
+
+def _top_selects(tree: object) -> list[dict[str, Any]]:
+    """The SELECTs of a statement's own UNION (not of its subqueries)."""
+    if not isinstance(tree, dict) or tree.get("type") != "SelectWithUnionQuery":
+        return []
+    children = (tree.get("list_of_selects") or {}).get("children") or []
+    return [c for c in children if isinstance(c, dict) and c.get("type") == "SelectQuery"]
+
+
+def _changes(clause: object) -> dict[str, str]:
+    """A SETTINGS clause's `name = literal` pairs as text."""
+    unreadable = AnalystQueryError("refused", "this SETTINGS clause cannot be checked; write it as name = value")
+    if not isinstance(clause, dict) or clause.get("type") != "SetQuery" or set(clause) - {"type", "changes"}:
+        raise unreadable
+    changes = clause.get("changes")
+    if not isinstance(changes, list):
+        raise unreadable
+    out: dict[str, str] = {}
+    for change in changes:
+        if not isinstance(change, dict) or not isinstance(change.get("name"), str) or set(change) - {"name", "value"}:
+            raise unreadable
+        value = (change.get("value") or {}).get("value")
+        if not isinstance(value, (str, int, float, bool)):
+            raise unreadable
+        out[change["name"]] = str(int(value)) if isinstance(value, bool) else str(value)
+    return out
 
 
 def _embedded(client: Client) -> bool:
@@ -225,16 +289,20 @@ def ch_stream(client: Client, sql: str, database: str, limits: SqlLimits, stats:
     text, named = take_format(client, sql)
     if named is not None:
         extras.format = named
+    text, own = take_settings(client, text)
+    settings = {**extras.settings, **own}  # the query's own win, as in ClickHouse
     prepared = prepare(client, text, database, params, system_catalog=True)  # tools browse system.* (ADR 51)
-    extras.timezone = server_timezone(client)
-    yield from stream_raw(client, prepared, limits, extras.format, stats, tag, extras.settings, params)
+    extras.timezone = settings.get("session_timezone") or server_timezone(client)
+    yield from stream_raw(client, prepared, limits, extras.format, stats, tag, settings, params)
 
 
 def answer_headers(extras: Extras, stats: QueryStats, elapsed_s: float | None) -> dict[str, str]:
     """ClickHouse's response headers for an answer of the endpoint (`elapsed_s` once it is complete)."""
-    summary = {"read_rows": "0", "read_bytes": "0", "written_rows": "0", "written_bytes": "0",
-               "total_rows_to_read": "0", "result_rows": str(stats.rows), "result_bytes": str(stats.bytes),
-               "elapsed_ns": str(round((elapsed_s or 0.0) * 1e9))}
+    # Only what is known: ClickHouse's encodings are not counted in rows, and what was read is not reported by
+    # the raw stream; a streamed answer's size and time are not known when its headers go out.
+    summary: dict[str, str] = {}
+    if elapsed_s is not None:
+        summary |= {"result_bytes": str(stats.bytes), "elapsed_ns": str(round(elapsed_s * 1e9))}
     headers = {"X-ClickHouse-Format": extras.format, "X-ClickHouse-Timezone": extras.timezone,
                "X-ClickHouse-Summary": json.dumps(summary, separators=(",", ":"))}
     if extras.query_id:

@@ -9,8 +9,11 @@ By allowlist, as everywhere: a URL parameter is
   the server's own limits;
 - a limit the client may only lower (`LOWERED`: `max_execution_time`): the smaller value applies;
 - `param_<name>`: a query parameter (ADR 53);
-- anything else is refused: code 164 (READONLY) for a limit, a resource or an access setting
-  (`max_*`, `min_*`, `allow_*`, `*_overflow_mode`, ...), code 115 (UNKNOWN_SETTING) otherwise.
+- anything else is refused, saying why: code 164 (READONLY) for a limit or resource (`max_*`, `min_*`,
+  `*_overflow_mode`, ...) and for access or audit (`allow_*`, `log_*`, `readonly`, ...), code 115
+  (UNKNOWN_SETTING) for any other name.
+
+The same names are taken in a trailing `SETTINGS` clause of the query (olap/ch_query.py `take_settings`).
 
 This module is pure Python (no ClickHouse client): the API process imports it. docs/clickhouse-http.md
 lists what is here; tests/test_clickhouse_http.py checks that the two agree.
@@ -18,7 +21,9 @@ lists what is here; tests/test_clickhouse_http.py checks that the two agree.
 
 from __future__ import annotations
 
+import functools
 import re
+import zoneinfo
 from collections.abc import Callable, Mapping
 
 READONLY_CODE = 164
@@ -57,6 +62,16 @@ def _short_text(value: str) -> bool:
 
 def _int_in(low: int, high: int) -> Callable[[str], bool]:
     return lambda v: v.isdigit() and low <= int(v) <= high
+
+
+@functools.cache
+def _zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def _zone(value: str) -> bool:
+    """An IANA time zone name (tzdata's list, as ClickHouse's)."""
+    return len(value) <= 64 and value in _zones()
 
 
 # Forwarded to ClickHouse: how the result is written or input literals parsed, never how much is read,
@@ -104,6 +119,13 @@ FORWARDED: dict[str, Callable[[str], bool]] = {
     # How Native is written (BlockInfo, custom serialization flags) for the client's protocol revision;
     # ClickHouse servers honour it, chDB writes revision 0 whatever it is told (clients then negotiate 0).
     "client_protocol_version": _int_in(0, 1_000_000),
+    # How a query is computed, never how much: the zone of times without one (and of now(), toDate(...)),
+    # the min/max row of a result (the ClickHouse formats write it; tally's own formats take no settings),
+    # which name a column gets, NULL for the unmatched side of an outer JOIN instead of the type's default.
+    "session_timezone": _zone,
+    "extremes": _bool,
+    "prefer_column_name_to_alias": _bool,
+    "join_use_nulls": _bool,
 }
 
 # Forwarded as HTTP parameters of ClickHouse's interface, not settings: a SETTINGS clause cannot carry them.
@@ -127,10 +149,18 @@ def lowered(asked: str, limit: float) -> float:
     value = float(asked)
     return min(value, limit) if value > 0 else limit
 
-# Refused with READONLY (164) rather than UNKNOWN_SETTING (115): limits, resources, access, logging.
-_LIMIT_LIKE = re.compile(r"(max|min|allow|enable|use|log|distributed|parallel|join|async|insert|http)_.*|"
-                         r".*_(overflow_mode|timeout|limit|threads|size|bytes|rows|memory)|"
-                         r"final|priority|profile|readonly|workload|queue.*|.*introspection.*|.*ddl.*")
+# Refused with READONLY (164), each class with its reason; any other name: UNKNOWN_SETTING (115).
+# Limits and resources: how long, how much memory, how many rows, bytes or threads, how it is scheduled.
+_LIMIT = re.compile(r"(max|min|distributed|parallel|async)_.*|"
+                    r".*_(overflow_mode|timeout|limit|threads|size|bytes|rows|memory)|priority|workload|queue.*")
+# Access: what analyst SQL may read or do, and what is logged of it.
+_ACCESS = re.compile(r"(allow|log|insert)_.*|final|profile|readonly|.*introspection.*|.*ddl.*|sql_dialect|"
+                     r"dialect|additional_table_filters|additional_result_filter")
+_WHY_LIMIT = ("it would change a limit the analyst endpoint sets itself (time, memory, rows, bytes, threads, "
+              "scheduling: TALLY_SQL_* on the server; max_execution_time may only be lowered)")
+_WHY_ACCESS = "it would change what analyst SQL may read or do, or what is logged of it (access and audit)"
+_WHY_UNKNOWN = ("the analyst endpoint accepts only the harmless settings listed in docs/clickhouse-http.md "
+                "and in its system.settings")
 
 
 class SettingRefused(ValueError):
@@ -147,12 +177,11 @@ def _refuse(name: str, value: str) -> SettingRefused:
     if name == "readonly":
         return SettingRefused(READONLY_CODE, f"Cannot modify 'readonly' setting to {value[:8]!r}: the analyst "
                                              "endpoint is read-only (readonly = 1 or 2 is accepted)")
-    if _LIMIT_LIKE.fullmatch(name):
-        return SettingRefused(READONLY_CODE, f"Cannot modify '{shown}' setting: the analyst endpoint sets its "
-                                             "own limits and access (time, memory, rows, bytes, threads); "
-                                             "accepted settings are listed in docs/clickhouse-http.md")
-    return SettingRefused(UNKNOWN_SETTING_CODE, f"Unknown setting '{shown}': the analyst endpoint accepts only "
-                                                "the settings listed in docs/clickhouse-http.md")
+    if _LIMIT.fullmatch(name):
+        return SettingRefused(READONLY_CODE, f"Cannot modify '{shown}' setting: {_WHY_LIMIT}")
+    if _ACCESS.fullmatch(name):
+        return SettingRefused(READONLY_CODE, f"Cannot modify '{shown}' setting: {_WHY_ACCESS}")
+    return SettingRefused(UNKNOWN_SETTING_CODE, f"Setting '{shown}' is not accepted: {_WHY_UNKNOWN}")
 
 
 def check_forwarded(settings: Mapping[str, object]) -> dict[str, str]:

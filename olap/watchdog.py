@@ -135,6 +135,7 @@ class Run:
         # deadline, slot freed) | overdue (cut at the deadline, slot kept until the block ends)
         self._state = "running"
         self._ended = False  # the query's thread is done with ClickHouse
+        self._handed_end = False  # next_chunk() returned None: the end is handed over only once, then remembered
         self._cut_at: float | None = None
         self._overrun_timer: threading.Timer | None = None
         self.thread = threading.Thread(target=self._run, name=f"analyst-{self.tag[-8:]}", daemon=True)
@@ -150,7 +151,11 @@ class Run:
     # the request thread
 
     def next_chunk(self) -> bytes | None:
-        """The next chunk, None at the end. Raises what the query raised, or DeadlineReached at the deadline."""
+        """The next chunk, None at the end (and at every call after it: the end is read from the queue once, so a
+        caller asking again must not wait on an empty queue). Raises what the query raised, or DeadlineReached
+        at the deadline."""
+        if self._handed_end:
+            return None
         remaining = self.deadline - time.monotonic()
         try:
             item = self._chunks.get(timeout=max(0.0, remaining))
@@ -162,6 +167,7 @@ class Run:
                 raise DeadlineReached from None
             item = self._chunks.get()  # it ended just now: what is left is already on its way
         if item is _END:
+            self._handed_end = True
             return None
         if isinstance(item, BaseException):
             raise item

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 from datetime import UTC
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -53,18 +53,35 @@ def cmd_sql_log(settings: Settings, args: argparse.Namespace) -> int:
         print(f"tally sql-log: PostgreSQL is unreachable: {str(exc).strip()}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps([r.as_json() for r in records]))
+        print(json.dumps([_json(r) for r in records]))
         return 0
-    print(f"{'started (UTC)':<19} {'token':<15} {'client':<30} {'status':<9} {'format':<6} {'rows':>8} "
+    fmt_w = max([6, *(len(r.format) for r in records)])  # ClickHouse's format names are long
+    print(f"{'started (UTC)':<19} {'token':<15} {'client':<30} {'status':<9} {'format':<{fmt_w}} {'rows':>8} "
           f"{'bytes':>10} {'ms':>7}  sql / error")
     for r in records:
         started = r.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
         sql = " ".join(r.sql.split())
         client = " ".join((r.client or "-").split())[:30]
-        line = (f"{started:<19} {r.token_id or '-':<15} {client:<30} {r.status:<9} {r.format:<6} {r.rows:>8} "
+        rows = "-" if _rows_unknown(r.format) else str(r.rows)
+        line = (f"{started:<19} {r.token_id or '-':<15} {client:<30} {r.status:<9} {r.format:<{fmt_w}} {rows:>8} "
                 f"{r.bytes:>10} {r.duration_ms:>7}  {sql[:120]}")
         print(line)
         if r.error:
-            print(f"{'':<19} {'':<15} {'':<30} {'':<9} {'':<6} {'':>8} {'':>10} {'':>7}  "
+            print(f"{'':<19} {'':<15} {'':<30} {'':<9} {'':<{fmt_w}} {'':>8} {'':>10} {'':>7}  "
                   f"! {' '.join(r.error.split())[:200]}")
     return 0
+
+
+def _rows_unknown(fmt: str) -> bool:
+    """Rows are not counted for ClickHouse's own formats (the ClickHouse-compatible endpoint: ClickHouse
+    encodes, tally only counts the bytes); tally's own formats count them."""
+    from olap.formats import FORMATS
+
+    return fmt not in FORMATS
+
+
+def _json(record: Any) -> dict[str, Any]:
+    out: dict[str, Any] = record.as_json()
+    if _rows_unknown(record.format):
+        out["rows"] = None
+    return out

@@ -48,7 +48,9 @@ SCHEMA_VERSION = 1
 UP, DOWN, UNREADY, UNKNOWN = "up", "down", "unready", "unknown"
 HTTP_COMPONENTS = ("collector", "api", "analyst")  # answer /healthz and /readyz
 # What `tally up` runs (tally/platform.py; stack.json "pids" uses these names), in pipeline order.
-UP_PROCESSES = ("up", "postgres", "broker", "collector", "shipper", "rollup-worker", "analyst", "api")
+UP_PROCESSES = ("up", "postgres", "broker", "collector", "shipper", "rollup-worker", "analyst", "api",
+                "clickhouse-http")
+PING_COMPONENTS = ("clickhouse-http",)  # answer /ping (ClickHouse's health check), no /healthz
 
 
 def register(sub: SubParsers) -> None:
@@ -86,7 +88,7 @@ class Targets:
     source: str  # "tally up" | "settings"
     up_pid: int | None
     pids: dict[str, int]
-    urls: dict[str, str]  # collector, api, analyst base URLs (no credentials)
+    urls: dict[str, str]  # collector, api, analyst, clickhouse-http base URLs (no credentials)
     bootstrap: tuple[str, ...]
     pg_dsn: str | None = field(repr=False)
     internal_token: str | None = field(repr=False)
@@ -123,7 +125,9 @@ def targets(settings: Settings) -> Targets:
     host = _loopback(settings.bind_host)
     urls = {"collector": str(state.get("collector_url") or f"http://{host}:{settings.collector_port}"),
             "api": str(state.get("api_url") or f"http://{host}:{settings.api_port}"),
-            "analyst": str(state.get("analyst_url") or settings.analyst_url)}
+            "analyst": str(state.get("analyst_url") or settings.analyst_url),
+            "clickhouse-http": str(state.get("clickhouse_http_url")
+                                   or f"http://{host}:{settings.clickhouse_http_port}")}
     bootstrap = settings.kafka_bootstrap or tuple(
         b for b in str(state.get("kafka_bootstrap") or "").split(",") if b)
     secret = settings.secret
@@ -197,6 +201,17 @@ def probe_http(base: str, timeout_s: float) -> dict[str, Any]:
         return {"state": UNREADY, "detail": f"/readyz: {_failure(exc)}"}
     if status != 200:
         return {"state": UNREADY, "detail": f"/readyz answered {status}: {_reason(body)}"}
+    return {"state": UP, "detail": None}
+
+
+def probe_ping(base: str, timeout_s: float) -> dict[str, Any]:
+    """/ping (the ClickHouse-compatible endpoint's health check): up (200 `Ok.`) or down."""
+    try:
+        status, body = _get(base + "/ping", timeout_s)
+    except (OSError, http.client.HTTPException) as exc:
+        return {"state": DOWN, "detail": f"/ping: {_failure(exc)}"}
+    if status != 200:
+        return {"state": DOWN, "detail": f"/ping answered {status}: {body[:100].decode('utf-8', 'replace')}"}
     return {"state": UP, "detail": None}
 
 
@@ -420,6 +435,8 @@ def _probes(t: Targets, each: float) -> dict[str, Callable[[], dict[str, Any]]]:
     """Every probe of the report, each bound to `each` seconds on its own."""
     probes: dict[str, Callable[[], dict[str, Any]]] = {
         f"http:{name}": functools.partial(probe_http, t.urls[name], each) for name in HTTP_COMPONENTS}
+    for name in PING_COMPONENTS:
+        probes[f"http:{name}"] = functools.partial(probe_ping, t.urls[name], each)
     probes["spool"] = lambda: probe_spool(t.spool_dir)
     probes["broker"] = lambda: probe_broker(t.bootstrap, t.topic, each)
     probes["postgresql"] = lambda: probe_postgres(t.pg_dsn, t.topic, each)
@@ -451,7 +468,7 @@ def _process(name: str, t: Targets, result: _Results, broker: dict[str, Any], pg
         entry.update(state=DOWN, detail=str(supervised.get("detail") or "down"))
     elif t.source == "tally up" and pid is not None and not pid_alive(pid):
         entry.update(state=DOWN, detail=f"pid {pid} is not running (being restarted?)")
-    elif name in HTTP_COMPONENTS:
+    elif name in HTTP_COMPONENTS or name in PING_COMPONENTS:
         entry.update({k: v for k, v in result(f"http:{name}").items() if k in ("state", "detail")})
     elif name == "broker":
         entry.update(state=broker["state"], detail=broker.get("detail"), url=broker.get("bootstrap"))
@@ -488,7 +505,8 @@ def collect(settings: Settings, *, timeout_s: float = 5.0) -> dict[str, Any]:
     spool = result.got["spool"] or {**_empty_spool(t.spool_dir), "state": DOWN,
                                     "detail": f"no answer within {timeout_s:g}s"}
     names = UP_PROCESSES if t.source == "tally up" else ("postgres", "broker", "collector", "shipper",
-                                                          "rollup-worker", "loader-worker", "analyst", "api")
+                                                          "rollup-worker", "loader-worker", "analyst", "api",
+                                                          "clickhouse-http")
     processes = {name: _process(name, t, result, broker, pg) for name in names}
     report: dict[str, Any] = {
         "version": SCHEMA_VERSION,

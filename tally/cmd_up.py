@@ -61,33 +61,43 @@ class Banner:
     def _clickhouse_line(self) -> str:
         if not self.clickhouse_http_url:
             return ""
-        return (f"  clickhouse http  {self.clickhouse_http_url}/  (ClickHouse tools: an analyst token as the "
-                "password; docs/clickhouse-http.md)\n")
+        return _line("clickhouse http", f"{self.clickhouse_http_url}/  (ClickHouse tools: an analyst token as "
+                     "the password; docs/clickhouse-http.md)")
 
-    def text(self) -> str:
-        if self.admin_token:
-            admin = f"  admin token {self.admin_token}\n              (saved in {self.token_file}, mode 0600)"
-        else:
-            admin = f"  admin token in {self.token_file}"
+    def _where(self) -> tuple[str, str]:
+        """(the api and dashboard lines, the sites line)."""
         api = self.api_url
         if self.domains:
             domain = self.domains[0]
             more = f" and {len(self.domains) - SHOWN_SITES} more" if len(self.domains) > SHOWN_SITES else ""
-            sites = f"  sites       {', '.join(self.domains[:SHOWN_SITES])}{more}  (tally sites list)\n"
-            where = (f"  api         {api}/api/v1/domains/{domain}/impressions?granularity=15m\n"
-                     f"  dashboard   {api}/?domain={domain}\n")
-        elif self.domains is None:
-            sites = "  sites       could not be listed (see the log; tally sites list)\n"
-            where = f"  api         {api}/api/v1/domains\n  dashboard   {api}/\n"
+            sites = _line("sites", f"{', '.join(self.domains[:SHOWN_SITES])}{more}  (tally sites list)")
+            return (_line("api", f"{api}/api/v1/domains/{domain}/impressions?granularity=15m")
+                    + _line("dashboard", f"{api}/?domain={domain}")), sites
+        where = _line("api", f"{api}/api/v1/domains") + _line("dashboard", f"{api}/")
+        if self.domains is None:
+            return where, _line("sites", "could not be listed (see the log; tally sites list)")
+        return where, (_line("sites", "none registered yet; register one with")
+                       + _line("", "tally sites add example.org --origin https://example.org"))
+
+    def text(self) -> str:
+        if self.admin_token:
+            admin = (_line("admin token", self.admin_token)
+                     + _line("", f"(saved in {self.token_file}, mode 0600)")).rstrip("\n")
         else:
-            sites = ("  sites       none registered yet; register one with\n"
-                     "              tally sites add example.org --origin https://example.org\n")
-            where = f"  api         {api}/api/v1/domains\n  dashboard   {api}/\n"
-        return ("\ntally is up.\n"
-                f"  collector   {self.collector_url}/collect\n{where}"
-                f"  analyst SQL {api}/api/v1/sql      (or: tally sql \"SELECT count() FROM tally.events\")\n"
-                f"{self._clickhouse_line()}"
-                f"{sites}  logs        {self.log_dir}\n{admin}\nPress Ctrl-C to stop.")
+            admin = _line("admin token", f"in {self.token_file}").rstrip("\n")
+        where, sites = self._where()
+        return ("\ntally is up.\n" + _line("collector", f"{self.collector_url}/collect") + where
+                + _line("analyst SQL", f'{self.api_url}/api/v1/sql      (or: tally sql "SELECT count() FROM '
+                        'tally.events")')
+                + self._clickhouse_line() + sites + _line("logs", self.log_dir) + f"{admin}\nPress Ctrl-C to stop.")
+
+
+LABEL_WIDTH = len("clickhouse http") + 2  # the banner's labels, one column: the widest and two spaces
+
+
+def _line(label: str, value: str) -> str:
+    """One banner line: its label padded to the labels' column (none: a continuation of the line above)."""
+    return f"  {label:<{LABEL_WIDTH}}{value}\n"
 
 
 def registered_domains(dsn: str) -> tuple[str, ...] | None:
@@ -105,13 +115,14 @@ def registered_domains(dsn: str) -> tuple[str, ...] | None:
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from infra.processes import StartupError
     from infra.stack import check_ports
+    from tally.demo import demo_settings
     from tally.platform import Platform
     from tally.roots import stop_on_signals
 
     stop = stop_on_signals()
     try:
         check_ports(settings)
-        platform = Platform(settings)
+        platform = Platform(demo_settings(settings) if args.demo else settings)  # demo: countries (tally/demo.py)
         print(f"tally: starting the embedded stack in {settings.home} ...", flush=True)
         platform.start()
     except StartupError as exc:

@@ -142,3 +142,59 @@ def test_hints_naming_what_analysts_may_use_are_kept(ch, servers):
 def test_the_server_passes_clickhouse_errors_through_the_filter(analyst_url):
     status, _, body = query(analyst_url, f"SELECT domian FROM {DB}.events")
     assert status == 400 and "Maybe you meant: ['domain']" in json.loads(body)["error"]["message"]
+
+
+# --- times in a named zone (walkthrough item 2) ------------------------------------------------------------------
+
+ZONED = ("SELECT toDateTime('2026-12-01 10:00:00', 'America/New_York') AS ny, "
+         "toTimezone(toDateTime('2026-12-01 10:00:00'), 'Europe/Berlin') AS berlin, "
+         "[toDateTime('2026-12-01 10:00:00', 'Asia/Tokyo')] AS tokyo, toDateTime('2026-12-01 10:00:00') AS utc")
+ZONED_TEXT = ["2026-12-01T10:00:00-05:00", "2026-12-01T11:00:00+01:00", '["2026-12-01T10:00:00+09:00"]',
+              "2026-12-01T10:00:00Z"]
+
+
+def test_a_datetime_with_a_zone_keeps_it_in_every_format(ch):
+    """chDB's Native output (what the driver reads) writes DateTime('zone') as plain DateTime: the zone was lost
+    (type "DateTime", value in UTC with Z) although DateTime64 kept it."""
+    document = json.loads(output(ch, ZONED, "json"))
+    assert document["types"] == ["DateTime('America/New_York')", "DateTime('Europe/Berlin')",
+                                 "Array(DateTime('Asia/Tokyo'))", "DateTime"]
+    assert document["rows"] == [[*ZONED_TEXT[:2], json.loads(ZONED_TEXT[2]), ZONED_TEXT[3]]]
+    line = json.loads(output(ch, ZONED, "jsonl"))
+    assert [line["ny"], line["berlin"], line["utc"]] == [ZONED_TEXT[0], ZONED_TEXT[1], ZONED_TEXT[3]]
+    assert list(csv.reader(io.StringIO(output(ch, ZONED, "csv"))))[1] == ZONED_TEXT
+    assert output(ch, ZONED, "tsv").splitlines()[1].split("\t") == ZONED_TEXT
+
+
+def test_a_zone_from_a_query_parameter_and_an_empty_result_keep_it_too(ch):
+    sql = "SELECT toDateTime({s:String}, {tz:String}) AS t"
+    params = {"s": "2026-12-01 10:00:00", "tz": "Asia/Kolkata"}
+    text = b"".join(stream(ch, prepare(ch, sql, DB, params), LIMITS, "json", QueryStats(), params=params))
+    assert json.loads(text)["rows"] == [["2026-12-01T10:00:00+05:30"]]
+    assert json.loads(text)["types"] == ["DateTime('Asia/Kolkata')"]
+    empty = json.loads(output(ch, "SELECT toDateTime('2026-12-01 10:00:00', 'Asia/Kolkata') AS t WHERE 0", "json"))
+    assert empty["types"] == ["DateTime('Asia/Kolkata')"] and empty["rows"] == []
+
+
+# --- WITH TOTALS (walkthrough item 7) -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sql", [
+    "SELECT number % 2 AS k, count() AS c FROM numbers(4) GROUP BY k WITH TOTALS",
+    "SELECT * FROM (SELECT number % 2 AS k, count() AS c FROM numbers(4) GROUP BY k WITH TOTALS) ORDER BY k",
+])
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_with_totals_is_refused_rather_than_losing_the_totals_row(analyst_url, sql, fmt):
+    """The driver's block stream has no totals: the row used to disappear silently (200, rows without it)."""
+    status, _, body = query(analyst_url, sql, fmt=fmt)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["code"] == "query_refused", body[:300]
+    assert "WITH TOTALS" in error["message"] and "WITH ROLLUP" in error["message"]
+    assert "ClickHouse-compatible endpoint" in error["message"]
+
+
+def test_totals_as_a_name_or_a_string_are_not_refused_and_rollup_gives_the_totals_row(ch):
+    prepare(ch, "SELECT 1 GROUP BY 1 WITH TOTALS", DB)  # the allowlist keeps it: the ClickHouse port answers it
+    assert json.loads(output(ch, "SELECT 'with totals' AS `WITH TOTALS`", "json"))["rows"] == [["with totals"]]
+    rollup = json.loads(output(ch, "SELECT number % 2 AS k, count() AS c FROM numbers(4) GROUP BY k WITH ROLLUP "
+                                   "ORDER BY k, c", "json"))["rows"]
+    assert rollup == [[0, 2], [0, 4], [1, 2]]

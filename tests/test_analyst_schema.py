@@ -29,6 +29,7 @@ from olap import analyst_tables, docs
 from olap.allowlist import ANALYST_TABLES
 from olap.analyst import AnalystQueryError, prepare
 from olap.client import connect
+from olap.countries import COMMON_NAMES, countries
 from olap.formats import FORMATS
 from olap.schema import ensure_schema
 from olap.sites_sync import SiteRow, SitesSync
@@ -75,6 +76,23 @@ def test_countries_has_every_iso_code_with_its_continent(ch, analyst_url):
     assert got["BR"][1] == "South America" and got["AU"][1] == "Oceania" and got["EG"][1] == "Africa"
     assert got["US"][1] == "North America" and got["AQ"][1] == "Antarctica" and got["CI"][0] == "Côte d'Ivoire"
     assert rows(analyst_url, "SELECT continent FROM tally.countries WHERE code = 'DE'") == [["Europe"]]
+
+
+def test_country_names_are_the_ones_people_use_with_the_official_one_kept(analyst_url):
+    """pycountry's ISO names read as list entries ("Russian Federation", "Congo, The Democratic Republic of the")
+    where it has no common name, and KR had no official name (walkthrough item 27)."""
+    got = {code: (name, official) for code, name, official in rows(
+        analyst_url, "SELECT code, name, official_name FROM tally.countries WHERE code IN "
+                     "('KR', 'RU', 'CD', 'CG', 'US', 'DE', 'VN', 'GB')")}
+    assert got["KR"] == ("South Korea", "Republic of Korea") and got["RU"] == ("Russia", "Russian Federation")
+    assert got["CD"] == ("DR Congo", "Democratic Republic of the Congo")
+    assert got["CG"] == ("Congo", "Republic of the Congo")
+    assert got["VN"] == ("Vietnam", "Socialist Republic of Viet Nam")
+    assert got["US"] == ("United States", "United States of America") and got["DE"][0] == "Germany"
+    names = [c.name for c in countries()]
+    lists = {"Bonaire, Sint Eustatius and Saba", "Saint Helena, Ascension and Tristan da Cunha"}  # places listed
+    assert not [n for n in names if ", " in n and n not in lists], "a name reads as a list entry"
+    assert set(COMMON_NAMES) <= {c.alpha_2 for c in pycountry.countries}
 
 
 def test_filling_countries_again_adds_nothing(ch):

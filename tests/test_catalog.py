@@ -20,7 +20,11 @@ from olap.analyst import AnalystQueryError, QueryResult, QueryStats, SqlLimits, 
 from olap.ch_settings import FORWARDED
 from olap.client import connect
 from tests.test_analyst_server import query
-from tests.test_clickhouse_http_clients import endpoint  # noqa: F401  (the endpoint, for clickhouse-connect)
+from tests.test_clickhouse_http_clients import (
+    basic,
+    endpoint,  # noqa: F401  (the endpoint, for clickhouse-connect)
+    request,
+)
 
 DB = "tally"
 LIMITS = SqlLimits(max_execution_s=20, max_memory_bytes=1 << 30, max_result_rows=5000, max_result_bytes=8 << 20,
@@ -236,7 +240,6 @@ def test_other_system_tables_other_databases_and_the_catalog_by_name_are_refused
 @pytest.mark.parametrize("sql, says", [
     ("SHOW TABLES FROM system", "database system is not available"),
     ("SHOW TABLES FROM tally_catalog", "database tally_catalog is not available"),
-    ("DESCRIBE TABLE system.tables", "table system.tables is not available"),
     ("DESCRIBE TABLE system.users", "table system.users is not available"),
     ("DESCRIBE TABLE tally.consumer_offsets", "table tally.consumer_offsets is not available"),
     ("DESC tally_catalog.tables", "table tally_catalog.tables is not available"),
@@ -246,14 +249,14 @@ def test_other_system_tables_other_databases_and_the_catalog_by_name_are_refused
     ("SHOW PROCESSLIST", "only SELECT queries are allowed"),
     ("SHOW USERS", "only SELECT queries are allowed"),
     ("SHOW GRANTS", "only SELECT queries are allowed"),
-    ("SHOW SETTINGS LIKE '%'", "only SELECT queries are allowed"),
+    ("SHOW CHANGED SETTINGS LIKE '%'", "only SELECT queries are allowed, not SHOW SETTINGS CHANGED"),
     ("SHOW DICTIONARIES", "only SELECT queries are allowed"),
     ("SHOW CREATE USER default", "only SELECT queries are allowed"),
     ("SHOW TABLES FROM tally INTO OUTFILE '/tmp/x'", "only SELECT queries are allowed"),
     ("EXISTS TEMPORARY TABLE x", "only SELECT queries are allowed"),
     ("SELECT currentDatabase(1)", "takes no arguments"),
-    ("SELECT currentUser()", "function currentUser is not allowed"),
-    ("SELECT getSetting('max_execution_time')", "function getSetting is not allowed"),
+    ("SELECT currentRoles()", "function currentRoles is not allowed"),
+    ("SELECT getSettingOrDefault('readonly', 0)", "function getSettingOrDefault is not allowed"),
 ])
 def test_statements_and_calls_outside_the_catalog_are_refused(ch, sql, says):
     assert says in refused(ch, sql)
@@ -285,7 +288,10 @@ def test_tally_sql_answers_the_statements_but_not_system_by_name(ch):
     assert run_query(ch, "SHOW DATABASES", system_catalog=False).rows == [[DB]]
     for table in sorted(CATALOG_TABLES):
         message = refused(ch, f"SELECT * FROM system.{table}", system_catalog=False)
-        assert f"table system.{table} is not available" in message and "system" not in message.split("allowed")[1]
+        allowed, hint = message.split("allowed: ")[1].split(")", 1)
+        assert f"table system.{table} is not available" in message and "system" not in allowed
+        assert hint == f"; the ClickHouse-compatible endpoint (TALLY_CLICKHOUSE_HTTP_PORT) answers system.{table} " \
+                       "from a curated view"
 
 
 def test_through_the_analyst_server(analyst_url, ch):
@@ -344,3 +350,218 @@ def test_clickhouse_connect_connects_and_browses(endpoint):  # noqa: F811
 
 def ch_version(client) -> str:
     return str(client.query("SELECT version()").result_rows[0][0])
+
+
+# --- walkthrough fixes: JDBC handshakes, getSetting, unqualified tables, more statements, EXPLAIN ---------
+
+JDBC_LEGACY = ("select currentUser(), timezone(), version(), getSetting('readonly') readonly "
+               "FORMAT RowBinaryWithNamesAndTypes")  # clickhouse-jdbc (legacy) on connect, exactly
+JDBC_V2 = "SELECT currentUser() AS user, timezone() AS timezone, version() AS version LIMIT 1"  # client-v2 / jdbc-v2
+METABASE = ("WITH s AS (SELECT version() AS ver, splitByChar('.', ver) AS verSplit) "  # metabase-clickhouse-driver
+            "SELECT s.ver, toInt32(verSplit[1]), toInt32(verSplit[2]) FROM s")
+
+
+@pytest.mark.parametrize("system_catalog", [True, False])
+def test_jdbc_and_metabase_handshakes_answer(ch, system_catalog):
+    version, zone = ch.query("SELECT version(), timezone()").result_rows[0]
+    legacy = run_query(ch, JDBC_LEGACY.removesuffix(" FORMAT RowBinaryWithNamesAndTypes"),
+                       system_catalog=system_catalog)
+    assert legacy.columns == ["currentUser()", "timezone()", "version()", "readonly"]
+    assert legacy.rows == [["analyst", zone, version, 1]]  # never a real user's name; readonly as queries run
+    v2 = run_query(ch, JDBC_V2, system_catalog=system_catalog)
+    assert (v2.columns, v2.rows) == (["user", "timezone", "version"], [["analyst", zone, version]])
+    major, minor = (int(p) for p in version.split(".")[:2])
+    assert run_query(ch, METABASE, system_catalog=system_catalog).rows == [[version, major, minor]]
+    assert rows(ch, "SELECT user(), current_user(), USER()") == [["analyst"] * 3]
+
+
+def _row_binary_strings(body: bytes, count: int) -> tuple[list[str], int]:
+    out, at = [], 0
+    for _ in range(count):
+        size, shift = 0, 0
+        while True:
+            byte = body[at]
+            at += 1
+            size |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        out.append(body[at:at + size].decode())
+        at += size
+    return out, at
+
+
+def test_jdbc_legacy_handshake_through_the_endpoint_exactly(endpoint):  # noqa: F811
+    status, headers, body = request(endpoint, "POST", "/", JDBC_LEGACY.encode(), basic(endpoint.analyst))
+    assert status == 200, body
+    assert body[0] == 4  # RowBinaryWithNamesAndTypes: 4 columns, their names, their types, then the row
+    names_types, at = _row_binary_strings(body[1:], 8 + 3)
+    assert names_types[:8] == ["currentUser()", "timezone()", "version()", "readonly", "String", "String",
+                               "String", "UInt8"]
+    assert names_types[8] == "analyst" and body[1 + at] == 1  # readonly = 1
+    client = clickhouse_connect.get_client(host="127.0.0.1", port=endpoint.port, username="analyst",
+                                           password=endpoint.analyst)
+    try:
+        assert client.query(JDBC_V2).result_rows[0][0] == "analyst"
+        assert client.query("SELECT count() FROM events").result_rows[0][0] >= 0  # unqualified: tally.events
+    finally:
+        client.close()
+
+
+def test_get_setting_reads_the_settings_queries_run_with(ch):
+    assert rows(ch, "SELECT getSetting('readonly'), getSetting('max_execution_time'), "
+                    "getSetting('date_time_output_format')") == [[1, LIMITS.max_execution_s, "simple"]]
+
+
+@pytest.mark.parametrize("sql, says", [
+    ("SELECT getSetting('max_memory_usage')", "not getSetting('max_memory_usage')"),
+    ("SELECT getSetting('allow_ddl')", "not getSetting('allow_ddl')"),
+    ("SELECT getSetting(concat('read', 'only'))", "not getSetting(a computed name)"),
+    ("SELECT getSetting({n:String})", "not getSetting(a computed name)"),
+    ("SELECT getSetting('readonly', 1)", "not getSetting(a computed name)"),
+    ("SELECT getSetting()", "not getSetting(a computed name)"),
+    ("SELECT currentUser(1)", "takes no arguments"),
+])
+def test_get_setting_other_settings_are_refused(ch, sql, says):
+    assert says in refused(ch, sql)
+
+
+@pytest.mark.parametrize("sql, runs", [
+    ("SELECT count() FROM events", "SELECT count() FROM tally.events"),
+    ("SELECT count() FROM events AS e", "SELECT count() FROM tally.events AS e"),
+    ("SELECT events.domain FROM events LIMIT 1", "SELECT events.domain FROM tally.events LIMIT 1"),
+    ("SELECT count() FROM events AS e INNER JOIN sites AS s ON e.domain = s.domain LEFT JOIN countries AS c "
+     "ON e.country = c.code", "SELECT count() FROM tally.events AS e INNER JOIN tally.sites AS s ON e.domain = "
+     "s.domain LEFT JOIN tally.countries AS c ON e.country = c.code"),
+    ("SELECT count() FROM (SELECT domain FROM events) WHERE domain IN (SELECT domain FROM sites)",
+     "SELECT count() FROM (SELECT domain FROM tally.events) WHERE domain IN (SELECT domain FROM tally.sites)"),
+    ("SELECT count() FROM tally.events WHERE domain IN sites", None),  # IN <table>: qualified too
+    ("WITH events AS (SELECT 1 AS x) SELECT x FROM events", "WITH events AS (SELECT 1 AS x) SELECT x FROM events"),
+    ("WITH sites AS (SELECT domain FROM events) SELECT count() FROM sites",
+     "WITH sites AS (SELECT domain FROM tally.events) SELECT count() FROM sites"),
+])
+@pytest.mark.parametrize("system_catalog", [True, False])
+def test_unqualified_analyst_tables_are_the_analyst_databases(ch, sql, runs, system_catalog):
+    text = prepare(ch, sql, DB, system_catalog=system_catalog)
+    if runs is not None:
+        assert text == runs
+    else:
+        assert "IN (tally.sites)" in text
+    if "IN sites" not in sql:  # (that one compares one column with a table of several)
+        run_query(ch, sql, system_catalog=system_catalog)
+
+
+@pytest.mark.parametrize("sql", ["SELECT * FROM tables", "SELECT * FROM users", "SELECT * FROM one",
+                                 "SELECT * FROM consumer_offsets", "SELECT * FROM schema_migrations",
+                                 "SELECT 1 WHERE 1 IN settings", "WITH x AS (SELECT 1) SELECT * FROM columns"])
+@pytest.mark.parametrize("system_catalog", [True, False])
+def test_other_unqualified_names_stay_refused(ch, sql, system_catalog):
+    name = sql.split("FROM ")[-1].split("IN ")[-1].split()[0]
+    assert f"table {name} is not available to analysts" in refused(ch, sql, system_catalog=system_catalog)
+
+
+@pytest.mark.parametrize("sql", ["SHOW COLUMNS FROM events", "SHOW COLUMNS FROM tally.sites",
+                                 "SHOW FIELDS FROM countries FROM tally", "show columns in `events` in tally"])
+@pytest.mark.parametrize("system_catalog", [True, False])
+def test_show_columns_answers_what_clickhouse_itself_answers(ch, sql, system_catalog):
+    table = next(t for t in TABLES if t in sql)
+    own = ch.query(f"SHOW COLUMNS FROM {DB}.{table}")
+    result = run_query(ch, sql, system_catalog=system_catalog)
+    assert result.columns == list(own.column_names) == ["field", "type", "null", "key", "default", "extra"]
+    assert [tuple(r) for r in result.rows] == [tuple(r) for r in own.result_rows]
+    assert rows(ch, "SHOW COLUMNS FROM events LIKE 'dom%'") == [["domain", "LowCardinality(String)", "NO",
+                                                                  "PRI SOR", None, ""]]
+
+
+def test_show_settings_and_show_create_database(ch):
+    known = {r[0] for r in ch.query("SELECT name FROM system.settings").result_rows}
+    result = run_query(ch, "SHOW SETTINGS ILIKE '%date_time%'", system_catalog=False)
+    assert result.columns == ["name", "type", "value"]
+    assert {r[0] for r in result.rows} == {n for n in catalog.CLIENT_SETTINGS & known if "date_time" in n}
+    assert {r[0] for r in rows(ch, "SHOW SETTINGS LIKE 'max%'")} == {n for n in catalog.CLIENT_SETTINGS & known
+                                                                      if n.startswith("max")}
+    assert rows(ch, "SHOW CREATE DATABASE tally") == [["CREATE DATABASE tally"]]
+    assert "database system is not available" in refused(ch, "SHOW CREATE DATABASE system")
+
+
+def test_describe_system_tables_on_the_endpoint_only(ch):
+    for table in sorted(CATALOG_TABLES):
+        described = run_query(ch, f"DESCRIBE TABLE system.{table}")
+        assert described.columns == ["name", "type", "default_type", "default_expression", "comment",
+                                     "codec_expression", "ttl_expression"]
+        selected = run_query(ch, f"SELECT * FROM system.{table} LIMIT 1")
+        assert [r[:2] for r in described.rows] == [list(c) for c in zip(selected.columns, selected.types,
+                                                                          strict=True)]
+        message = refused(ch, f"DESCRIBE system.{table}", system_catalog=False)
+        assert f"the ClickHouse-compatible endpoint (TALLY_CLICKHOUSE_HTTP_PORT) answers DESCRIBE system.{table}" \
+            in message
+    assert "table system.users is not available" in refused(ch, "DESCRIBE system.users")
+
+
+@pytest.mark.parametrize("sql, says", [
+    ("SHOW GRANTS", "not SHOW GRANTS"),
+    ("SHOW PROCESSLIST", "not SHOW PROCESSLIST"),
+    ("SHOW DICTIONARIES", "not SHOW DICTIONARIES"),
+    ("SHOW CREATE USER default", "not SHOW CREATE USER"),
+    ("DESCRIBE (SELECT 1)", "not DESCRIBE TABLE"),
+    ("INSERT INTO tally.events (hash) VALUES ('x')", "not INSERT"),
+    ("SET readonly = 0", "not SET"),
+    ("DROP TABLE tally.events", "not DROP"),
+])
+def test_refusals_name_the_statement_in_its_own_words(ch, sql, says):
+    message = refused(ch, sql)
+    assert message.startswith(f"only SELECT queries are allowed, {says};") and "Query" not in message
+    assert "SHOW COLUMNS" in message and "EXPLAIN" in message  # what it could ask instead
+
+
+EXPLAINED = "SELECT domain, count() FROM events WHERE domain = 'a.example' GROUP BY domain"
+
+
+@pytest.mark.parametrize("sql, first", [
+    (f"EXPLAIN {EXPLAINED}", None),
+    (f"EXPLAIN PLAN indexes = 1 {EXPLAINED}", None),
+    (f"EXPLAIN indexes=1, actions=1, header=1 {EXPLAINED}", None),
+    (f"EXPLAIN SYNTAX {EXPLAINED}", "SELECT"),
+    (f"EXPLAIN AST {EXPLAINED}", "SelectWithUnionQuery (children"),
+    (f"EXPLAIN QUERY TREE {EXPLAINED}", "QUERY id: 0"),
+    ("EXPLAIN ESTIMATE SELECT * FROM tally.events", None),
+    # planned, not run: the rows that would throw are never made (a constant would be folded while planning)
+    ("EXPLAIN SELECT throwIf(number = 3) FROM numbers(10)", "Output: throwIf(number = 3)"),
+])
+@pytest.mark.parametrize("system_catalog", [True, False])
+def test_explain_of_an_allowed_query_answers(ch, sql, first, system_catalog):
+    text = prepare(ch, sql, DB, system_catalog=system_catalog)
+    assert text.startswith("EXPLAIN ") and "tally_catalog" not in text
+    result = run_query(ch, sql, system_catalog=system_catalog)
+    if "ESTIMATE" not in sql:  # (no rows while tally.events has no parts)
+        assert result.columns == ["explain"] and result.rows
+    if first is not None:
+        assert result.rows[0][0].startswith(first), result.rows[:3]
+
+
+@pytest.mark.parametrize("sql, says", [
+    ("EXPLAIN PIPELINE SELECT 1", "EXPLAIN PIPELINE is not allowed"),
+    ("EXPLAIN PIPELINE graph = 1 SELECT 1", "EXPLAIN PIPELINE is not allowed"),
+    ("EXPLAIN TABLE OVERRIDE mysql('a', 'b', 'c', 'd', 'e') PARTITION BY x", "EXPLAIN TABLE OVERRIDE is not allowed"),
+    ("EXPLAIN indexes = 2 SELECT 1", "EXPLAIN option indexes is not allowed"),
+    ("EXPLAIN json = 1, graph = 1 SELECT 1", "EXPLAIN option graph is not allowed"),
+    ("EXPLAIN QUERY TREE run_passes = 1 SELECT 1", "EXPLAIN QUERY TREE option run_passes is not allowed"),
+    ("EXPLAIN AST DROP TABLE tally.events", "of a SELECT only"),
+    ("EXPLAIN SYNTAX INSERT INTO tally.events (hash) VALUES ('x')", "of a SELECT only"),
+    ("EXPLAIN SELECT * FROM system.users", "table system.users is not available"),
+    ("EXPLAIN SELECT * FROM system.tables", "table system.tables is not available"),  # not the catalog either
+    ("EXPLAIN ESTIMATE SELECT * FROM tally.consumer_offsets", "table tally.consumer_offsets is not available"),
+    ("EXPLAIN SELECT file('/etc/passwd')", "function file is not allowed"),
+    ("EXPLAIN SELECT 1 SETTINGS max_execution_time = 1000", "SETTINGS"),
+    ("EXPLAIN SELECT 1 INTO OUTFILE '/tmp/tally-explain'", "INTO OUTFILE"),
+])
+def test_explain_refusals(ch, sql, says):
+    assert says in refused(ch, sql)
+
+
+def test_explain_and_unqualified_tables_through_the_analyst_server(analyst_url, ch):
+    status, _, body = query(analyst_url, f"EXPLAIN indexes = 1 {EXPLAINED}")
+    assert status == 200, body
+    assert json.loads(body)["columns"] == ["explain"]
+    status, _, body = query(analyst_url, "SELECT count() FROM events AS e", fmt="csv")
+    assert status == 200 and body.decode().split()[0] == "count()"

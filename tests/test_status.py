@@ -25,7 +25,7 @@ from infra.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("up", "collector", "shipper", "rollup-worker", "analyst-server", "api")
-PROCESSES = {"up", "postgres", "broker", "collector", "shipper", "rollup-worker", "analyst", "api"}
+PROCESSES = {"up", "postgres", "broker", "collector", "shipper", "rollup-worker", "analyst", "api", "clickhouse-http"}
 DOMAIN = "status.example.com"
 EVENTS = 60
 
@@ -142,7 +142,8 @@ def test_targets_come_from_a_live_stack_json_only_and_carry_no_credentials(tmp_p
     settings = Settings.from_env({"TALLY_HOME": str(home)})
     t = targets(settings)
     assert t.source == "tally up" and t.up_pid == os.getpid() and t.pids == {"shipper": 42}
-    assert t.urls == {"collector": "http://127.0.0.1:1", "api": "http://127.0.0.1:2", "analyst": "http://127.0.0.1:3"}
+    assert t.urls == {"collector": "http://127.0.0.1:1", "api": "http://127.0.0.1:2", "analyst": "http://127.0.0.1:3",
+                      "clickhouse-http": "http://127.0.0.1:8703"}
     assert t.bootstrap == ("127.0.0.1:9",) and t.pg_dsn == state["pg_dsn"] and t.internal_token is None
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -57,7 +57,7 @@ def test_up_demo_shows_impressions_then_stops_cleanly(tmp_path):
         assert f"http://127.0.0.1:{collector_port}/collect" in text, text
         assert f"http://127.0.0.1:{api_port}/?domain=demo.tally.test" in text, text
         token = admin_token(home)  # first start: minted, printed once, saved 0600
-        assert f"admin token {token}" in text and str(home / "admin-token") in text, text
+        assert f"admin token {token}" in " ".join(text.split()) and str(home / "admin-token") in text, text
 
         url = f"http://127.0.0.1:{api_port}/api/v1/domains/demo.tally.test/impressions?granularity=1h"
         refused_without_token(url)
@@ -88,6 +88,18 @@ def test_up_demo_shows_impressions_then_stops_cleanly(tmp_path):
             assert header == "count()"
             count = int(value)
         assert count > 0, "no events reached ClickHouse"
+
+        # What an analyst asks of the demo: events by account (tally.sites, synced from PostgreSQL) and country
+        sql = ("SELECT uniqExact(s.account), uniqExact(e.country) FROM tally.events AS e INNER JOIN tally.sites AS s "
+               "ON e.domain = s.domain WHERE s.account != '' AND e.country IS NOT NULL")
+        deadline, got = time.monotonic() + 60, (0, 0)
+        while time.monotonic() < deadline and got < (2, 3):
+            out = subprocess.run([sys.executable, "-m", "tally.cli", "sql", "--format", "csv", sql], env=env,
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            got = tuple(int(v) for v in out.stdout.strip().splitlines()[-1].split(","))
+            time.sleep(0.5)
+        assert got[0] == 2 and got[1] >= 3, got
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
@@ -158,7 +170,7 @@ def test_events_accepted_just_before_a_stop_are_counted_after_a_restart(tmp_path
     assert f"/?domain={domain}" in banner and "tally sites add" not in banner, banner  # the registered site
     # Later starts reuse the token and print only where it is.
     assert admin_token(tmp_path / "home") == token
-    assert token not in banner and f"admin token in {tmp_path / 'home' / 'admin-token'}" in banner, banner
+    assert token not in banner and f"admin token in {tmp_path / 'home' / 'admin-token'}" in " ".join(banner.split())
     try:
         url = f"http://127.0.0.1:{api_port}/api/v1/domains/{domain}/impressions?granularity=1h"
         refused_without_token(url)
@@ -217,7 +229,7 @@ def test_sites_that_cannot_be_listed_leave_the_banner_without_them(servers, tmp_
     assert registered_domains(servers.pg_dsn) is not None
     banner = Banner("http://127.0.0.1:1", "http://127.0.0.1:2", "logs", tmp_path / "admin-token", None, None)
     text = banner.text()
-    assert "sites       could not be listed" in text and "tally sites add" not in text, text
+    assert "sites            could not be listed" in text and "tally sites add" not in text, text
     assert "http://127.0.0.1:2/api/v1/domains\n" in text and "Press Ctrl-C to stop." in text
     assert banner.as_json()["sites"] is None
 
@@ -227,11 +239,13 @@ def test_the_banner_shows_registered_sites_only(tmp_path):
 
     none = Banner("http://127.0.0.1:1", "http://127.0.0.1:2", "logs", tmp_path / "admin-token", None, ()).text()
     assert "example.com" not in none and "none registered yet" in none and "tally sites add" in none
-    assert "http://127.0.0.1:2/api/v1/domains\n" in none and f"admin token in {tmp_path / 'admin-token'}" in none
+    assert "http://127.0.0.1:2/api/v1/domains\n" in none
+    assert f"admin token in {tmp_path / 'admin-token'}" in " ".join(none.split())
     many = tuple(f"s{i}.example.net" for i in range(7))
     text = Banner("http://127.0.0.1:1", "http://127.0.0.1:2", "logs", tmp_path / "admin-token", "tly_x", many).text()
     assert "http://127.0.0.1:2/?domain=s0.example.net" in text and "s4.example.net and 2 more" in text
-    assert "s5.example.net" not in text and "admin token tly_x" in text and "tally sites add" not in text
+    assert "s5.example.net" not in text and "tally sites add" not in text
+    assert "admin token tly_x" in " ".join(text.split())
     banner = Banner("c", "a", "logs", tmp_path / "t", None, ("x.example.net",))
     assert banner.as_json()["sites"] == ["x.example.net"] and banner.as_json()["admin_token"] is None
 
@@ -242,3 +256,83 @@ def test_registered_domains_reads_the_registry(servers, domain):
 
     sites.add(servers.pg_dsn, domain)
     assert domain in registered_domains(servers.pg_dsn)
+
+
+# --- what `tally up --demo` gives an analyst (walkthrough item 12): accounts and countries, cheaply -----------------
+
+def test_the_demo_addresses_lie_in_the_countries_it_names_several_in_europe():
+    from collector.geo import country_of
+    from olap.countries import countries
+    from tally.demo import DEMO_ADDRESSES
+
+    assert {ip: country_of(ip) for ip in DEMO_ADDRESSES} == DEMO_ADDRESSES
+    continent = {c.code: c.continent for c in countries()}
+    assert sum(continent[code] == "Europe" for code in DEMO_ADDRESSES.values()) >= 3
+    assert sum(continent[code] != "Europe" for code in DEMO_ADDRESSES.values()) >= 3
+
+
+def test_only_the_demo_believes_its_loopback_sender():
+    from core.config import Settings
+    from tally.demo import demo_settings
+
+    default = Settings.from_env({})
+    assert default.trusted_proxies == () and "TALLY_TRUSTED_PROXIES" not in default.raw  # not weakened
+    demo = demo_settings(default)
+    assert [str(n) for n in demo.trusted_proxies] == ["127.0.0.1/32", "::1/128"]
+    assert demo.raw["TALLY_TRUSTED_PROXIES"] == "127.0.0.1/32,::1/128"  # what the children's environment gets
+    assert Settings.from_env(dict(demo.raw)).trusted_proxies == demo.trusted_proxies
+    own = demo_settings(Settings.from_env({"TALLY_TRUSTED_PROXIES": "10.0.0.0/8,127.0.0.1"}))
+    assert own.raw["TALLY_TRUSTED_PROXIES"] == "10.0.0.0/8,127.0.0.1/32,::1/128"  # the operator's kept, once each
+
+
+@pytest.mark.servers("postgres")
+def test_demo_sites_have_two_accounts_and_demo_events_get_countries(make_settings, registry, tmp_path):
+    """The demo's own sender (real HTTP) against a collector with the demo's settings: every event gets the
+    country of the address it was forwarded for; the same batch to a default collector gets none. (waitress here,
+    told to keep X-Forwarded-For, which it strips by default: `tally up` serves the collector with granian.)"""
+    import random
+    import threading
+    from datetime import UTC, datetime
+
+    import waitress
+
+    from collector.app import create_app
+    from oltp import sites
+    from spool.segments import SpoolWriter
+    from tally import demo
+    from tests.test_collector_fast_path import spooled
+
+    settings = make_settings()
+    keys = demo.register_demo_sites(settings.pg_dsn)
+    assert {d: sites.get(settings.pg_dsn, d).account for d in demo.DEMO_DOMAINS} == demo.DEMO_ACCOUNTS
+    assert len(set(demo.DEMO_ACCOUNTS.values())) == 2 and registry.refresh()
+    for name, trusted in (("demo", demo.demo_settings(settings)), ("default", settings)):
+        directory = tmp_path / name
+        spool = SpoolWriter(directory, max_bytes=1 << 20, max_age_s=3600)
+        app = create_app(trusted.with_overrides(spool_dir=directory), spool, start_sealer=False, registry=registry)
+        port = free_port()
+        server = waitress.create_server(app, host="127.0.0.1", port=port, clear_untrusted_proxy_headers=False)
+        threading.Thread(target=server.run, daemon=True).start()
+        try:
+            rng = random.Random(3)
+            for address in demo.DEMO_ADDRESSES:
+                batch = demo.demo_batch(rng, 3, datetime.now(UTC), keys)
+                assert demo.send(f"http://127.0.0.1:{port}", batch, "curl/8", address) == 3
+        finally:
+            server.close()
+            spool.close()
+        got = [e.get("country") for e in spooled(directory)]
+        want = [c for c in demo.DEMO_ADDRESSES.values() for _ in range(3)] if name == "demo" else [None] * len(got)
+        assert sorted(got, key=str) == sorted(want, key=str) and len(got) == 3 * len(demo.DEMO_ADDRESSES), name
+
+
+def test_demo_times_reach_yesterday_and_stay_within_the_accepted_past():
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    from tally.demo import demo_batch
+
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)  # the old demo reached back 6 hours: never yesterday
+    times = [datetime.fromisoformat(e["ts"]) for e in demo_batch(random.Random(5), 2000, now)]
+    assert any(t.date() == now.date() - timedelta(days=1) for t in times)  # "yesterday" has an answer
+    assert min(times) >= now - timedelta(hours=48) and sum(t >= now - timedelta(minutes=1) for t in times) > 800

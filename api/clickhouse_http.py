@@ -25,10 +25,14 @@ from psycopg_pool import ConnectionPool
 from werkzeug.exceptions import HTTPException
 
 from api.analyst_proxy import AnalystService, AnalystUnavailable
-from api.clickhouse_http_answer import DISPLAY_NAME, ChError, error_response, relay, upstream_error
-from api.clickhouse_http_request import authenticate, read_request
+from api.clickhouse_http_answer import DISPLAY_NAME, VERSION, ChError, error_response, relay, upstream_error
+from api.clickhouse_http_request import MAX_CLIENT_CHARS, authenticate, read_request
 from core.config import Settings
 from core.http import host_allowed
+from olap.ch_errors import exception_text
+from olap.ch_formats import DEFAULT_FORMAT
+from olap.ch_settings import QUERY_ID
+from oltp.audit import record_refusal
 from oltp.tokens import Principal
 
 OK = "Ok.\n"
@@ -73,8 +77,17 @@ def _query() -> Response:
     if _is_probe():
         return _ok()
     settings, pool, analyst = _backends()
-    principal = _principal(pool)
-    asked = read_request(request, settings.clickhouse_database)
+    try:
+        principal = _principal(pool)
+    except ChError as exc:
+        if exc.status == 403:  # a verified token of a role that may not ask: an attempt worth the audit log
+            _audit_refusal(pool, exc, exc.token_id)
+        raise
+    try:
+        asked = read_request(request, settings.clickhouse_database)
+    except ChError as exc:
+        _audit_refusal(pool, exc, principal.token_id)
+        raise
     g.ch_query_id = asked.query_id
     try:
         upstream = analyst.query(asked.sql, asked.format, principal.token_id, asked.params or None,
@@ -84,6 +97,17 @@ def _query() -> Response:
     if upstream.status != 200:
         raise upstream_error(upstream)
     return relay(upstream, request.headers.get("Accept-Encoding", ""), asked.compress, asked.zlib_level)
+
+
+def _audit_refusal(pool: ConnectionPool, exc: ChError, token_id: str | None) -> None:
+    """The endpoint's own refusal in the audit log (`tally sql-log`), as the analyst server's are: the query as
+    far as it was read, the client, the query id (when it is a valid one). Never a token or a password."""
+    query_id = request.args.get("query_id")
+    asked_format = request.headers.get("X-ClickHouse-Format") or request.args.get("default_format") or DEFAULT_FORMAT
+    record_refusal(pool, sql=exc.sql if exc.sql is not None else request.args.get("query", ""),
+                   format=asked_format, error=exception_text(exc.code, exc.message, VERSION).strip(),
+                   token_id=token_id, client=(request.headers.get("User-Agent") or "")[:MAX_CLIENT_CHARS] or None,
+                   query_id=query_id if query_id and QUERY_ID.fullmatch(query_id) else None)
 
 
 def _principal(pool: ConnectionPool) -> Principal:

@@ -40,6 +40,8 @@ class ChError(Exception):
     def __init__(self, status: int, code: int, message: str, retry_after: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+        self.sql: str | None = None  # the query, when it was read before the refusal (for the audit log)
+        self.token_id: str | None = None  # the verified token a 403 refused (for the audit log)
 
 
 def error_response(exc: ChError, query_id: str | None = None) -> Response:
@@ -192,16 +194,27 @@ def decompress_body(data: bytes, encoding: str, limit: int) -> bytes:
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return data
-    if encoding in ("gzip", "deflate", "x-gzip"):
-        d = zlib.decompressobj(47)  # gzip or zlib header, detected
-        out = d.decompress(data, limit + 1)
-    elif encoding == "zstd":
-        out = zstd.ZstdDecompressor().decompress(data, max_length=limit + 1)
-    elif encoding == "lz4":
-        out = lz4.frame.LZ4FrameDecompressor().decompress(data, max_length=limit + 1)
-    else:
+    if encoding not in ("gzip", "deflate", "x-gzip", "zstd", "lz4"):
         raise ChError(400, 36, f"Content-Encoding {encoding[:20]!r} is not supported; send the body plain or as "
                                f"{', '.join(ENCODINGS)}")
+    try:
+        out = _decompress(data, encoding, limit)
+    except Exception:  # zlib.error, ZstdError, lz4's RuntimeError: whatever the body is, it is not that encoding
+        raise ChError(400, 271, f"Cannot decompress the request body: it is not valid {encoding} (its "
+                                "Content-Encoding); send it plain or compressed as the header says") from None
     if len(out) > limit:
         raise ChError(400, 62, f"the query is longer than {limit} bytes once decompressed")
     return bytes(out)
+
+
+def _decompress(data: bytes, encoding: str, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of `data` decompressed; raises the codec's error for data not in `encoding`."""
+    if encoding in ("gzip", "deflate", "x-gzip"):
+        d = zlib.decompressobj(47)  # gzip or zlib header, detected
+        out = d.decompress(data, limit + 1)
+        if not d.eof and len(out) <= limit:
+            raise zlib.error("truncated")
+        return bytes(out)
+    if encoding == "zstd":
+        return bytes(zstd.ZstdDecompressor().decompress(data, max_length=limit + 1))
+    return bytes(lz4.frame.LZ4FrameDecompressor().decompress(data, max_length=limit + 1))

@@ -29,12 +29,12 @@ from psycopg_pool import ConnectionPool
 
 from api.clickhouse_http_answer import ChError, decompress_body
 from olap.ch_formats import DEFAULT_FORMAT, ch_format_named, unknown_format_message
-from olap.ch_settings import SettingRefused, split_request_settings
+from olap.ch_settings import QUERY_ID, QUERY_ID_RULE, SettingRefused, split_request_settings
 from oltp.tokens import Principal, verify
 
 MAX_BODY = 1024 * 1024  # decompressed; the analyst server refuses a query over 16 KiB with a clear message
 MAX_CLIENT_CHARS = 200
-MAX_QUERY_ID_CHARS = 100
+MAX_AUDITED_WRITE = 4096  # of a refused write's text, kept in the audit log
 _HOW = ("send a tally analyst token as the password of HTTP basic auth (any user name) or in "
         "X-ClickHouse-Key; `tally tokens create --role analyst` makes one")
 
@@ -91,12 +91,14 @@ def authenticate(request: Request, pool: ConnectionPool) -> Principal:
     if principal is None:
         raise ChError(401, 516, f"Authentication failed: the token is unknown, malformed or revoked; {_HOW}")
     if principal.role not in ("admin", "analyst"):
-        raise ChError(403, 497, f"a {principal.role} token may not run analyst SQL; use an analyst token")
+        refused = ChError(403, 497, f"a {principal.role} token may not run analyst SQL; use an analyst token")
+        refused.token_id = principal.token_id
+        raise refused
     return principal
 
 
 def read_request(request: Request, database: str) -> ChRequest:
-    """The query request, or ChError naming what is wrong with it."""
+    """The query request, or ChError naming what is wrong with it (with the query, if it was read, as `sql`)."""
     args = {name: values[-1] for name, values in request.args.lists()}
     fields: dict[str, str] = {}
     if request.mimetype == "multipart/form-data":
@@ -104,8 +106,19 @@ def read_request(request: Request, database: str) -> ChRequest:
             raise ChError(400, 36, "external data (files sent with the query) is not accepted by the analyst "
                                    "endpoint")
         fields = {name: values[-1] for name, values in request.form.lists()}
-        args |= {name: value for name, value in fields.items() if name.startswith("param_")}
+        if "password" in fields:
+            raise ChError(401, 516, "a token in a form field (password) is not accepted; " + _HOW)
+        # Form fields are request parameters, as ClickHouse reads them: the same rules as the URL's apply.
+        args |= {name: value for name, value in fields.items() if name != "query"}
     sql = _query_text(request, args, fields)
+    try:
+        return _checked(request, args, database, sql)
+    except ChError as exc:
+        exc.sql = sql
+        raise
+
+
+def _checked(request: Request, args: dict[str, str], database: str, sql: str) -> ChRequest:
     _check_database(args.get("database") or request.headers.get("X-ClickHouse-Database"), database)
     for name in ("compress", "decompress"):
         if args.get(name, "0") not in ("0", "false"):
@@ -161,7 +174,11 @@ def _query_text(request: Request, args: Mapping[str, str], fields: Mapping[str, 
     sql = f"{head}\n{body}" if head and body else head or body
     if not sql.strip():
         raise ChError(400, 62, "Empty query: send it in the URL (?query=) or the body")
-    refuse_writes(sql)
+    try:
+        refuse_writes(sql)
+    except ChError as exc:
+        exc.sql = sql[:MAX_AUDITED_WRITE]  # the statement, not all of an INSERT's rows
+        raise
     return sql
 
 
@@ -181,8 +198,8 @@ def _default_format(request: Request, args: Mapping[str, str]) -> str:
 
 def _query_id(args: Mapping[str, str]) -> str:
     given = args.get("query_id", "")
-    if len(given) > MAX_QUERY_ID_CHARS:
-        raise ChError(400, 36, f"query_id must be at most {MAX_QUERY_ID_CHARS} characters")
+    if given and not QUERY_ID.fullmatch(given):
+        raise ChError(400, 36, QUERY_ID_RULE)
     return given or str(uuid.uuid4())
 
 

@@ -12,6 +12,7 @@ from api.errors import ApiError
 from core.http import error
 from olap.formats import FORMATS, ResultFormat, format_for_accept, format_named
 from olap.params import ParamsError, parse_params
+from oltp.audit import record_refusal
 
 bp = Blueprint("sql", __name__)
 
@@ -44,13 +45,16 @@ def analyst_sql() -> Response:
     """
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or set(body) - {"sql", "params"} or not isinstance(body.get("sql"), str):
-        raise ApiError(400, "invalid_body", 'send a JSON object {"sql": "SELECT ..."}, with "params": {"name": '
-                       '"value"} for the query\'s {name:Type} parameters')
+        raise _refused(body, ApiError(400, "invalid_body", 'send a JSON object {"sql": "SELECT ..."}, with "params": '
+                                      '{"name": "value"} for the query\'s {name:Type} parameters'))
     try:
         params = parse_params(body.get("params"))
     except ParamsError as exc:
-        raise ApiError(400, "invalid_params", str(exc)) from None
-    fmt = _result_format()
+        raise _refused(body, ApiError(400, "invalid_params", str(exc))) from None
+    try:
+        fmt = _result_format()
+    except ApiError as exc:
+        raise _refused(body, exc) from None
     principal = current_principal()
     try:
         upstream = backends().analyst.query(body["sql"], fmt.name, principal.token_id if principal else None,
@@ -63,6 +67,17 @@ def analyst_sql() -> Response:
     if upstream.retry_after:
         resp.headers["Retry-After"] = upstream.retry_after
     return resp
+
+
+def _refused(body: object, exc: ApiError) -> ApiError:
+    """`exc`, once this request's refusal is in the audit log (`tally sql-log`) as the analyst server's are."""
+    principal = current_principal()
+    sql = body.get("sql") if isinstance(body, dict) else None
+    record_refusal(backends().rollups.pool, sql=sql if isinstance(sql, str) else "",
+                   format=request.args.get("format", "json"), error=f"{exc.code}: {exc.message}",
+                   token_id=principal.token_id if principal else None,
+                   client=request.headers.get("User-Agent", "")[:200] or None)
+    return exc
 
 
 def _result_format() -> ResultFormat:

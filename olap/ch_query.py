@@ -41,11 +41,19 @@ from olap.analyst import (
     prepare,
 )
 from olap.ch_formats import CH_FORMATS, ch_format_named, is_ch_format, unknown_format_message
-from olap.ch_settings import HTTP_PARAMETERS, SettingRefused, check_forwarded
+from olap.ch_native import capped_revision, client_revision, handshake_block, is_handshake
+from olap.ch_settings import (
+    HTTP_PARAMETERS,
+    MAX_QUERY_ID_CHARS,
+    QUERY_ID,
+    QUERY_ID_RULE,
+    SettingRefused,
+    check_forwarded,
+)
 from olap.formats import FORMATS
 
 log = logging.getLogger(__name__)
-_TRAILING_FORMAT = re.compile(r" FORMAT ([A-Za-z][A-Za-z0-9]*)$")
+_TRAILING_FORMAT = re.compile(r" FORMAT `?([A-Za-z][A-Za-z0-9]*)`?$")  # `Null` comes back quoted
 _UNKNOWN_FORMAT = 73
 _CHUNK = 64 * 1024
 
@@ -186,9 +194,10 @@ def stream_raw(client: Client, text: str, limits: SqlLimits, fmt: str, stats: Qu
     closes the stream, which cancels the query."""
     all_settings = _settings(client, limits, tag, settings)
     embedded = _embedded(client)
+    clause: str | None = None
     if embedded:  # as clickhouse-connect's chDB backend sends settings with every other query
-        clause = {k: v for k, v in all_settings.items() if k not in HTTP_PARAMETERS}  # chDB has no HTTP layer
-        text, all_settings = f"{text}\n SETTINGS {_settings_clause(clause)}", {}
+        clause = _settings_clause({k: v for k, v in all_settings.items() if k not in HTTP_PARAMETERS})  # no HTTP
+        text, all_settings = f"{text}\n SETTINGS {clause}", {}
     ended = False
     try:
         source = client.raw_stream(text, parameters=_bound(text, params), settings=all_settings, fmt=fmt)
@@ -200,10 +209,31 @@ def stream_raw(client: Client, text: str, limits: SqlLimits, fmt: str, stats: Qu
         finally:
             source.close()
     except ClickHouseError as exc:
-        raise _classify(exc) from None
+        raise without_clause(_classify(exc), clause) from None
     finally:
         if embedded and not ended:
             _flush(client)
+
+
+# The server's own SETTINGS clause (`name = 'value', ...`, appended for chDB) as ClickHouse echoes the query in a
+# message; a query's own SETTINGS clause was taken off before (take_settings), so any such list is the server's.
+_OUR_CLAUSE = re.compile(r"\s*\bSETTINGS\s+\w+ = '(?:[^'\\]|\\.)*'(?:, \w+ = '(?:[^'\\]|\\.)*')*")
+
+
+def without_clause(exc: AnalystQueryError, clause: str | None = None) -> AnalystQueryError:
+    """`exc` with the server's SETTINGS clause (limits, readonly, the watchdog's tag) taken out of its message:
+    `clause` as far as the message echoes it (a message may be cut inside it), and any whole list of the shape."""
+    message = exc.message
+    if clause:
+        full = f" SETTINGS {clause}"
+        start = message.find(full[:24])
+        if start >= 0:
+            end = start
+            while end < len(message) and end - start < len(full) and message[end] == full[end - start]:
+                end += 1
+            message = message[:start] + message[end:]
+    message = _OUR_CLAUSE.sub("", message)
+    return exc if message == exc.message else AnalystQueryError(exc.code, message, exc.ch_code)
 
 
 def _chunks(source: io.IOBase, limits: SqlLimits, stats: QueryStats) -> Iterator[bytes]:
@@ -235,7 +265,6 @@ def _flush(client: Client) -> None:
 # What `POST /v1/query` accepts (olap/server.py); anything else is refused, naming the field.
 REQUEST_FIELDS = frozenset({"sql", "format", "token_id", "params", "settings", "client", "query_id"})
 MAX_CLIENT_CHARS = 200
-MAX_QUERY_ID_CHARS = 100
 
 
 @dataclass
@@ -276,6 +305,8 @@ def request_extras(body: Mapping[str, Any], fmt: str) -> Extras | str:
     for name, value, limit in (("client", client, MAX_CLIENT_CHARS), ("query_id", query_id, MAX_QUERY_ID_CHARS)):
         if value is not None and (not isinstance(value, str) or len(value) > limit):
             return f"{name} must be text of at most {limit} characters"
+    if query_id is not None and not QUERY_ID.fullmatch(query_id):
+        return QUERY_ID_RULE
     clickhouse = is_ch_format(fmt)
     if checked and not clickhouse:
         return "settings are taken with a ClickHouse format only (the ClickHouse-compatible endpoint)"
@@ -291,9 +322,68 @@ def ch_stream(client: Client, sql: str, database: str, limits: SqlLimits, stats:
         extras.format = named
     text, own = take_settings(client, text)
     settings = {**extras.settings, **own}  # the query's own win, as in ClickHouse
-    prepared = prepare(client, text, database, params, system_catalog=True)  # tools browse system.* (ADR 51)
+    try:
+        prepared = prepare(client, text, database, params, system_catalog=True)  # tools browse system.* (ADR 51)
+    except AnalystQueryError as exc:
+        raise _endpoint_worded(exc) from None
     extras.timezone = settings.get("session_timezone") or server_timezone(client)
-    yield from stream_raw(client, prepared, limits, extras.format, stats, tag, settings, params)
+    if is_handshake(text, extras.format):
+        block = _handshake(client, prepared, extras.timezone, client_revision(settings))
+        stats.bytes += len(block)
+        yield block
+        return
+    bounded = bound_rows(client, prepared)
+    yield from stream_raw(client, bounded, limits, extras.format, stats, tag, capped_revision(settings), params)
+
+
+_FORMAT_REFUSED = re.compile(r"^FORMAT clauses are not allowed")
+
+
+def _endpoint_worded(exc: AnalystQueryError) -> AnalystQueryError:
+    """A refusal worded for the ClickHouse endpoint where `prepare`'s words are /api/v1/sql's."""
+    if exc.code == "refused" and _FORMAT_REFUSED.match(exc.message):
+        return AnalystQueryError("refused", "a FORMAT clause is taken only as the last clause of the query (after "
+                                            "any SETTINGS), naming one of the formats this endpoint serves (docs/"
+                                            "clickhouse-http.md); or send default_format= or X-ClickHouse-Format",
+                                 _UNKNOWN_FORMAT)
+    return exc
+
+
+def _handshake(client: Client, prepared: str, timezone: str, revision: int) -> bytes:
+    """clickhouse-go's handshake answered by the endpoint itself (olap/ch_native.py)."""
+    try:
+        rows = client.query(prepared).result_rows
+    except ClickHouseError as exc:
+        raise _classify(exc) from None
+    display, version = (str(rows[0][0]), str(rows[0][1])) if rows else ("tally", "")
+    return handshake_block(display, version, timezone, revision)
+
+
+def bound_rows(client: Client, prepared: str) -> str:
+    """`prepared` as run so that max_result_rows holds: ClickHouse applies it to a plain SELECT's result but not
+    to a UNION / EXCEPT / INTERSECT's (chDB 26.9), so a statement of more than one SELECT runs as
+    `SELECT * FROM (<it>)`, same columns, names, types and rows. The wrapped text is parsed again and must
+    format back to exactly itself with the checked text inside, so nothing but the wrapping changed."""
+    try:
+        tree = json.loads(client.query("SELECT parseQueryToJSON({q:String})",
+                                       parameters={"q": prepared}).result_rows[0][0])
+    except (ClickHouseError, IndexError, ValueError):
+        return prepared  # not a SELECT statement (prepare has checked what it is)
+    if not isinstance(tree, dict) or tree.get("type") != "SelectWithUnionQuery":
+        return prepared  # EXPLAIN and the like: one answer of their own
+    children = (tree.get("list_of_selects") or {}).get("children") or []
+    if len(children) == 1 and isinstance(children[0], dict) and children[0].get("type") == "SelectQuery":
+        return prepared
+    wrapped = f"SELECT * FROM ({prepared})"
+    try:
+        same = client.query("SELECT formatQuerySingleLine({w:String}) = {w:String}",
+                            parameters={"w": wrapped}).result_rows[0][0]
+    except (ClickHouseError, IndexError):
+        same = False
+    if not same:
+        raise AnalystQueryError("refused", "this set operation (UNION, EXCEPT, INTERSECT) cannot be bounded by the "
+                                           "row limit as written; wrap it as SELECT * FROM (...)")
+    return wrapped
 
 
 def answer_headers(extras: Extras, stats: QueryStats, elapsed_s: float | None) -> dict[str, str]:

@@ -128,6 +128,13 @@ FORWARDED: dict[str, Callable[[str], bool]] = {
     "join_use_nulls": _bool,
 }
 
+# A query id (`query_id`): printable ASCII without blanks (UUIDs, the ids tools make), so it is safe in a response
+# header, a log line and `tally sql-log`.
+MAX_QUERY_ID_CHARS = 100
+QUERY_ID = re.compile(rf"[!-~]{{1,{MAX_QUERY_ID_CHARS}}}")
+QUERY_ID_RULE = (f"query_id must be 1 to {MAX_QUERY_ID_CHARS} printable ASCII characters without blanks or control "
+                 "characters (a UUID, for example)")
+
 # Forwarded as HTTP parameters of ClickHouse's interface, not settings: a SETTINGS clause cannot carry them.
 HTTP_PARAMETERS = frozenset({"client_protocol_version"})
 

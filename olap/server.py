@@ -49,6 +49,7 @@ from olap.analyst import AnalystQueryError, QueryStats, SqlLimits, prepare, publ
 from olap.ch_errors import code_for
 from olap.ch_formats import is_ch_format
 from olap.ch_query import Extras, answer_headers, ch_stream, request_extras
+from olap.ch_settings import QUERY_ID
 from olap.formats import FORMATS
 from olap.params import ParamsError, parse_params
 from olap.watchdog import DeadlineReached, Run, Watchdog
@@ -170,11 +171,13 @@ def _authorised() -> bool:
 def query() -> Response:
     parsed = _query_request()
     if isinstance(parsed, Response):
+        if parsed.status_code == 400:
+            _audit_invalid(parsed)
         return parsed
     sql, fmt, token_id, params = parsed
     extras = request_extras(request.get_json(silent=True) or {}, fmt)
     if isinstance(extras, str):
-        return error(400, "invalid_body", extras)
+        return _audit_invalid(error(400, "invalid_body", extras))
     cfg, started, t0 = _cfg(), datetime.now(UTC), time.monotonic()
     stats, sink = QueryStats(), current_app.extensions["tally_audit"]  # the stream outlives the app context
 
@@ -244,6 +247,24 @@ def _answer(run: Run, extras: Extras, stats: QueryStats, audit: Callable[[str, s
         audit("cancelled", "the client went away")
 
     resp.call_on_close(closed)
+    return resp
+
+
+def _audit_invalid(resp: Response) -> Response:
+    """A request refused for its shape (invalid_body, invalid_format, invalid_params) in the audit log too, with
+    what of it can be read: the query, who asked, the query id."""
+    body = request.get_json(silent=True)
+    body = body if isinstance(body, dict) else {}
+
+    def text(name: str, limit: int) -> str | None:
+        value = body.get(name)
+        return value[:limit] if isinstance(value, str) else None
+
+    query_id = text("query_id", 200)
+    message = str(((resp.get_json(silent=True) or {}).get("error") or {}).get("message") or "invalid request")
+    _audit(current_app.extensions["tally_audit"], AuditEntry(
+        text("token_id", 200), datetime.now(UTC), text("sql", 100_000) or "", text("format", 40) or "-", "refused",
+        0, 0, 0.0, message, text("client", 200), query_id if query_id and QUERY_ID.fullmatch(query_id) else None))
     return resp
 
 

@@ -7,6 +7,7 @@ keywords. `last(dsn, n)` returns the newest n, newest first.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ MAX_CLIENT_CHARS = 200  # the User-Agent is cut to this
 MAX_QUERY_ID_CHARS = 100
 
 Target = str | psycopg.Connection | ConnectionPool
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,22 @@ def record(target: Target, entry: object | None = None, /, **values: Any) -> int
                 " error, client, query_id) VALUES (%(token_id)s, %(started_at)s, %(sql)s, %(format)s, %(status)s,"
                 " %(rows)s, %(bytes)s, %(duration_ms)s, %(error)s, %(client)s, %(query_id)s) RETURNING id", row)
             return int(one(cur)[0])
+
+
+def record_refusal(target: Target, *, sql: str, format: str, error: str, token_id: str | None = None,
+                   client: str | None = None, query_id: str | None = None) -> int | None:
+    """Store a query the API tier refused itself, before the analyst server (which audits the rest) was asked:
+    status `refused`, no rows. Never raises: a refusal is answered even when PostgreSQL is down (logged).
+    Callers pass the query text and the client's words only, never a token or a password."""
+    def text(value: str | None) -> str | None:  # PostgreSQL text holds no NUL
+        return None if value is None else value.replace("\x00", "\\0")
+
+    try:
+        return record(target, token_id=token_id, sql=text(sql), format=text(format[:40]) or "-", status="refused",
+                      rows=0, bytes=0, duration_ms=0, error=text(error), client=text(client), query_id=query_id)
+    except (psycopg.Error, OSError, ValueError):
+        log.exception("audit: could not store a refused analyst query")
+        return None
 
 
 def last(target: Target, n: int = 20) -> list[AuditRecord]:

@@ -184,6 +184,9 @@ def server_timezone(client: Client) -> str:
     return value
 
 
+_EXPLAIN = re.compile(r"\s*EXPLAIN\b", re.IGNORECASE)
+
+
 def stream_raw(client: Client, text: str, limits: SqlLimits, fmt: str, stats: QueryStats, tag: str | None = None,
                settings: Mapping[str, str] | None = None,
                params: Mapping[str, str] | None = None) -> Iterator[bytes]:
@@ -200,7 +203,11 @@ def stream_raw(client: Client, text: str, limits: SqlLimits, fmt: str, stats: Qu
         text, all_settings = f"{text}\n SETTINGS {clause}", {}
     ended = False
     try:
-        source = client.raw_stream(text, parameters=_bound(text, params), settings=all_settings, fmt=fmt)
+        if _EXPLAIN.match(text):  # chDB cannot stream an EXPLAIN ("Streaming query is not supported"): a page of text
+            source: Any = io.BytesIO(client.raw_query(text, parameters=_bound(text, params), settings=all_settings,
+                                                      fmt=fmt))
+        else:
+            source = client.raw_stream(text, parameters=_bound(text, params), settings=all_settings, fmt=fmt)
         if not isinstance(source, io.IOBase):  # the sync client's answer; StreamContext is the async one's
             raise AnalystQueryError("failed", "unexpected raw stream from the ClickHouse client")
         try:

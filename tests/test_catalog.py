@@ -559,6 +559,21 @@ def test_explain_refusals(ch, sql, says):
     assert says in refused(ch, sql)
 
 
+def test_explain_through_the_clickhouse_endpoint(endpoint):  # noqa: F811
+    """chDB cannot stream an EXPLAIN: the endpoint reads its page of text whole (olap/ch_query.py)."""
+    client = clickhouse_connect.get_client(host="127.0.0.1", port=endpoint.port, username="analyst",
+                                           password=endpoint.analyst)
+    try:
+        plan = [r[0] for r in client.query(f"EXPLAIN indexes = 1 {EXPLAINED}").result_rows]
+        assert any("Aggregating" in line for line in plan) and any("Read" in line for line in plan), plan
+        text = client.raw_query("EXPLAIN SYNTAX SELECT 1 + 1", fmt="TabSeparated").decode()
+        assert text.strip().startswith("SELECT"), text
+        with pytest.raises(Exception, match="PIPELINE is not allowed"):
+            client.query("EXPLAIN PIPELINE SELECT 1")
+    finally:
+        client.close()
+
+
 def test_explain_and_unqualified_tables_through_the_analyst_server(analyst_url, ch):
     status, _, body = query(analyst_url, f"EXPLAIN indexes = 1 {EXPLAINED}")
     assert status == 200, body

@@ -162,4 +162,8 @@ def _http_error(exc: HTTPException) -> Response:
         message = "the request body is larger than 1 MiB"
     else:
         message = exc.description or exc.name or "error"
-    return error_response(ChError(status, 36 if status < 500 else 1001, message))
+    refusal = ChError(status, 36 if status < 500 else 1001, message)
+    verified = g.get("ch_principal")  # the rate limiter verified the token before the body was read
+    if status == 413 and isinstance(verified, Principal):  # padding a body must not hide an attempt from the log
+        _audit_refusal(_backends()[1], refusal, verified.token_id)
+    return error_response(refusal)

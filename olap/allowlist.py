@@ -329,14 +329,15 @@ _NODE_REFUSALS = {
 
 # EXPLAIN of a query analysts may run (ADR 51 addendum): these kinds, with these options (0 or 1 each). EXPLAIN
 # PIPELINE, TABLE OVERRIDE (reads a table function's source), CURRENT TRANSACTION and any later kind stay refused.
+# SYNTAX and QUERY TREE print the query back with the SETTINGS clause the server runs it with (its limits, readonly,
+# the watchdog's tag: chDB takes settings in the query's text), so they are refused too (a second review found it).
 EXPLAIN_KINDS: dict[str, frozenset[str]] = {
     "EXPLAIN": frozenset({"header", "description", "indexes", "actions", "sorting", "projections", "json"}),
     "EXPLAIN PLAN": frozenset({"header", "description", "indexes", "actions", "sorting", "projections", "json"}),
-    "EXPLAIN SYNTAX": frozenset({"oneline"}),
     "EXPLAIN ESTIMATE": frozenset(),
     "EXPLAIN AST": frozenset(),
-    "EXPLAIN QUERY TREE": frozenset(),
 }
+_EXPLAIN_PRINTS_SETTINGS = frozenset({"EXPLAIN SYNTAX", "EXPLAIN QUERY TREE"})
 _EXPLAIN_KEYS = frozenset({"type", "kind", "settings", "query", "is_outfile_append", "is_outfile_truncate",
                            "is_into_outfile_with_stdout"})
 STATEMENTS_ANSWERED = ("SHOW DATABASES, SHOW TABLES, SHOW COLUMNS, SHOW SETTINGS, DESCRIBE, EXISTS, SHOW CREATE "
@@ -386,6 +387,9 @@ def _explained(tree: dict[str, Any], walker: _Walker) -> dict[str, Any]:
     kind, options = tree.get("kind"), tree.get("settings")
     for key in set(tree) & set(_CLAUSES) - {"settings"}:  # "settings" here: the EXPLAIN's options
         raise Refused(_CLAUSES[key])
+    if kind in _EXPLAIN_PRINTS_SETTINGS:
+        raise Refused(f"{kind} is not allowed: it prints the query with the server's own limits and tag; use "
+                      "EXPLAIN AST or EXPLAIN PLAN")
     if kind not in EXPLAIN_KINDS or set(tree) - _EXPLAIN_KEYS:
         raise Refused(f"{kind} is not allowed; analysts may use {', '.join(EXPLAIN_KINDS)} of a SELECT")
     if any(tree.get(key) for key in ("is_outfile_append", "is_outfile_truncate", "is_into_outfile_with_stdout")):

@@ -157,7 +157,7 @@ _STATEMENTS = {
 }
 SUPPORTED = ("SELECT, SHOW DATABASES, SHOW TABLES [FROM db] [LIKE '...'], SHOW COLUMNS FROM table [FROM db], SHOW "
              "SETTINGS LIKE '...', DESCRIBE [TABLE] db.table, EXISTS [TABLE] db.table, EXISTS DATABASE db, SHOW CREATE "
-             "TABLE db.table, SHOW CREATE DATABASE db and EXPLAIN [PLAN | SYNTAX | ESTIMATE | AST | QUERY TREE] SELECT")
+             "TABLE db.table, SHOW CREATE DATABASE db and EXPLAIN [PLAN | ESTIMATE | AST] SELECT")
 # The columns of ClickHouse's DESCRIBE answer.
 _DESCRIBE_COLUMNS = ("name", "type", "default_type", "default_expression", "comment", "codec_expression",
                      "ttl_expression")

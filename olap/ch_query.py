@@ -104,6 +104,11 @@ def take_settings(client: Client, text: str) -> tuple[str, dict[str, str]]:
     named: dict[str, str] = {}
     for clause in clauses:
         named |= _changes(clause)
+    if "readonly" in named:  # as in the URL (ch_settings.split_request_settings): 1 or 2 is what runs anyway
+        if named["readonly"].strip() not in ("1", "2"):
+            raise AnalystQueryError("refused", f"Cannot modify 'readonly' setting to {named['readonly'][:20]!r}: the "
+                                               "analyst endpoint is read-only (readonly = 1 or 2 is accepted)", 164)
+        del named["readonly"]
     try:
         checked = check_forwarded(named)
     except SettingRefused as exc:

@@ -23,6 +23,10 @@ STATUSES = ("ok", "refused", "failed", "timeout", "too_large", "busy", "cancelle
 FIELDS = ("token_id", "started_at", "sql", "format", "status", "rows", "bytes", "duration_ms", "error", "client",
           "query_id")
 MAX_SQL_CHARS = 100_000
+# A query the API tier refused before it reached the analyst server is kept up to the longest query analysts may
+# send at all (16 KiB, olap/analyst.py MAX_SQL_BYTES): a refused request must not store more than a real one
+# (a 1 MiB body refused for its settings would write 100,000 characters a request).
+MAX_REFUSED_SQL_CHARS = 16 * 1024
 MAX_ERROR_CHARS = 2_000
 MAX_CLIENT_CHARS = 200  # the User-Agent is cut to this
 MAX_QUERY_ID_CHARS = 100
@@ -115,7 +119,8 @@ def record_refusal(target: Target, *, sql: str, format: str, error: str, token_i
         return None if value is None else value.replace("\x00", "\\0")
 
     try:
-        return record(target, token_id=token_id, sql=text(sql), format=text(format[:40]) or "-", status="refused",
+        return record(target, token_id=token_id, sql=text(sql[:MAX_REFUSED_SQL_CHARS]),
+                      format=text(format[:40]) or "-", status="refused",
                       rows=0, bytes=0, duration_ms=0, error=text(error), client=text(client), query_id=query_id)
     except (psycopg.Error, OSError, ValueError):
         log.exception("audit: could not store a refused analyst query")

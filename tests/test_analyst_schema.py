@@ -78,6 +78,23 @@ def test_countries_has_every_iso_code_with_its_continent(ch, analyst_url):
     assert rows(analyst_url, "SELECT continent FROM tally.countries WHERE code = 'DE'") == [["Europe"]]
 
 
+def test_countries_have_their_un_region_and_subregion(ch, analyst_url):
+    """The issue's columns (region/subregion): UN M49 by countryinfo, NULL where M49 has none; ClickHouse
+    migration 6 adds them to a table migration 3 made, every row once (re-applying it changes nothing)."""
+    got = {code: (region, subregion) for code, region, subregion in rows(
+        analyst_url, "SELECT code, region, subregion FROM tally.countries WHERE code IN "
+                     "('DE', 'US', 'BR', 'JP', 'AU', 'EG', 'XK', 'AQ')")}
+    assert got["DE"] == ("Europe", "Western Europe") and got["US"] == ("Americas", "Northern America")
+    assert got["BR"] == ("Americas", "Latin America and the Caribbean") and got["JP"] == ("Asia", "Eastern Asia")
+    assert got["AU"] == ("Oceania", "Australia and New Zealand") and got["EG"] == ("Africa", "Northern Africa")
+    assert got["XK"] == ("Europe", "Southern Europe") and got["AQ"] == (None, None)
+    assert not [c.code for c in countries() if c.region is None and c.code not in ("AQ", "HM")]
+    for statement in analyst_tables.migration_6(DB):  # as when a crash re-applies the migration
+        ch.command(statement)
+    assert ch.query(f"SELECT count(), uniqExact(code), countIf(region IS NULL) FROM {DB}.countries").result_rows == [
+        (len(pycountry.countries) + 1, len(pycountry.countries) + 1, 2)]
+
+
 def test_country_names_are_the_ones_people_use_with_the_official_one_kept(analyst_url):
     """pycountry's ISO names read as list entries ("Russian Federation", "Congo, The Democratic Republic of the")
     where it has no common name, and KR had no official name (walkthrough item 27)."""

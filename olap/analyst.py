@@ -211,21 +211,24 @@ def _leading_keywords(client: Client, sql: str) -> str:
 
 # --- running -----------------------------------------------------------------------------------
 
-_SESSION_READONLY: weakref.WeakKeyDictionary[Client, int] = weakref.WeakKeyDictionary()
+_SESSION_VALUES: weakref.WeakKeyDictionary[Client, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def session_value(client: Client, sql: str) -> str:
+    """The one value `sql` (a constant of the client's session, e.g. `SELECT timezone()`) answers, asked once per
+    client and statement. Raises AnalystQueryError when ClickHouse fails."""
+    known = _SESSION_VALUES.setdefault(client, {})
+    if sql not in known:
+        try:
+            known[sql] = str(client.query(sql).result_rows[0][0])
+        except ClickHouseError as exc:
+            raise AnalystQueryError("failed", _short(str(exc)), _code_of(exc)) from None
+    return known[sql]
 
 
 def _session_readonly(client: Client) -> int:
     """The `readonly` value the client's session starts with (asked once per client)."""
-    try:
-        return _SESSION_READONLY[client]
-    except KeyError:
-        pass
-    try:
-        value = int(client.query("SELECT getSetting('readonly')").result_rows[0][0])
-    except ClickHouseError as exc:
-        raise AnalystQueryError("failed", _short(str(exc))) from None
-    _SESSION_READONLY[client] = value
-    return value
+    return int(session_value(client, "SELECT getSetting('readonly')"))
 
 
 def _settings(client: Client, limits: SqlLimits, tag: str | None = None,

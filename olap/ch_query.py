@@ -19,7 +19,6 @@ import json
 import logging
 import re
 import time
-import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ from olap.analyst import (
     _settings,
     _short,
     prepare,
+    session_value,
 )
 from olap.ch_formats import CH_FORMATS, ch_format_named, is_ch_format, unknown_format_message
 from olap.ch_native import capped_revision, client_revision, handshake_block, is_handshake
@@ -172,21 +172,9 @@ def _settings_clause(settings: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-_TIMEZONES: weakref.WeakKeyDictionary[Client, str] = weakref.WeakKeyDictionary()
-
-
 def server_timezone(client: Client) -> str:
     """ClickHouse's `timezone()` for this client's session (asked once per client), for X-ClickHouse-Timezone."""
-    try:
-        return _TIMEZONES[client]
-    except KeyError:
-        pass
-    try:
-        value = str(client.query("SELECT timezone()").result_rows[0][0])
-    except ClickHouseError as exc:
-        raise AnalystQueryError("failed", _short(str(exc)), _code_of(exc)) from None
-    _TIMEZONES[client] = value
-    return value
+    return session_value(client, "SELECT timezone()")
 
 
 _EXPLAIN = re.compile(r"\s*EXPLAIN\b", re.IGNORECASE)

@@ -39,7 +39,7 @@ import pytest
 from tests.conftest import registered
 from tests.test_analyst import ESCAPES
 from tests.test_analyst_server import make_token
-from tests.test_clickhouse_http import endpoint_settings, serve_endpoint
+from tests.test_clickhouse_http import endpoint_settings, request, serve_endpoint
 
 NODE_DIR = Path(__file__).parent / "node"
 NODE_CLIENT_VERSION = "1.23.1"
@@ -76,17 +76,6 @@ def endpoint(servers, analyst_url, tmp_path_factory):
     yield Endpoint(port, analyst, make_token(servers.pg_dsn, "customer", (domain,)),
                    "_".join(analyst.split("_")[1:3]))
     server.close()
-
-
-def request(endpoint: Endpoint, method: str, target: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", endpoint.port, timeout=timeout)
-    try:
-        conn.request(method, target, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def basic(token: str, user: str = "analyst") -> dict[str, str]:

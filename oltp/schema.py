@@ -250,7 +250,9 @@ def _dim_counts() -> list[Column[Any]]:
     ]
 
 
-def _dim_table(name: str, daily: bool) -> Table:
+def _bucketed(name: str, daily: bool, columns: list[Column[Any]], key: tuple[str, ...]) -> Table:
+    """A per-tier table of (domain, [tz when daily,] event_type, bucket_start, *columns), keyed by domain, [tz,]
+    *key, partitioned by bucket_start like its tier."""
     zone = [Column("tz", Text, nullable=False)] if daily else []
     return Table(
         name, metadata,
@@ -258,43 +260,28 @@ def _dim_table(name: str, daily: bool) -> Table:
         *zone,
         Column("event_type", Text, nullable=False),
         Column("bucket_start", _tz(), nullable=False),
-        Column("dimension", Text, nullable=False),
-        Column("key", Text, nullable=False),
-        *_dim_counts(),
-        # also serves a filtered series (one value over a range): no second index to maintain (ADR 46)
-        PrimaryKeyConstraint("domain", *(["tz"] if daily else []), "dimension", "bucket_start", "event_type", "key"),
+        *columns,
+        PrimaryKeyConstraint("domain", *(["tz"] if daily else []), *key),
         postgresql_partition_by="RANGE (bucket_start)",
     )
+
+
+def _dim_table(name: str, daily: bool) -> Table:
+    # the key also serves a filtered series (one value over a range): no second index to maintain (ADR 46)
+    return _bucketed(name, daily, [Column("dimension", Text, nullable=False), Column("key", Text, nullable=False),
+                                   *_dim_counts()],
+                     ("dimension", "bucket_start", "event_type", "key"))
 
 
 def _cube_table(name: str, daily: bool) -> Table:
-    zone = [Column("tz", Text, nullable=False)] if daily else []
-    return Table(
-        name, metadata,
-        Column("domain", Text, nullable=False),
-        *zone,
-        Column("event_type", Text, nullable=False),
-        Column("bucket_start", _tz(), nullable=False),
-        *(Column(d, Text, nullable=False) for d in DIMENSIONS),
-        *_dim_counts(),
-        PrimaryKeyConstraint("domain", *(["tz"] if daily else []), "bucket_start", "event_type", *DIMENSIONS),
-        postgresql_partition_by="RANGE (bucket_start)",
-    )
+    return _bucketed(name, daily, [*(Column(d, Text, nullable=False) for d in DIMENSIONS), *_dim_counts()],
+                     ("bucket_start", "event_type", *DIMENSIONS))
 
 
 def _bins_table(name: str, daily: bool) -> Table:
-    zone = [Column("tz", Text, nullable=False)] if daily else []
-    return Table(
-        name, metadata,
-        Column("domain", Text, nullable=False),
-        *zone,
-        Column("event_type", Text, nullable=False),
-        Column("bucket_start", _tz(), nullable=False),
-        Column("bin", Integer, nullable=False),  # ceil(ln(value) / ln(GAMMA)); -2147483648 for value 0
-        Column("count", BigInteger, nullable=False),
-        PrimaryKeyConstraint("domain", *(["tz"] if daily else []), "event_type", "bucket_start", "bin"),
-        postgresql_partition_by="RANGE (bucket_start)",
-    )
+    return _bucketed(name, daily, [Column("bin", Integer, nullable=False),  # ceil(ln(value) / ln(GAMMA)); -2^31: 0
+                                   Column("count", BigInteger, nullable=False)],
+                     ("event_type", "bucket_start", "bin"))
 
 
 rollup_dim_15m = _dim_table("rollup_dim_15m", daily=False)

@@ -129,6 +129,14 @@ class Settings:
         "TALLY_CLICKHOUSE_DATABASE", "tally",
         Match(r"[A-Za-z_][A-Za-z0-9_]{0,63}", "must be an identifier (letters, digits, '_')", "an identifier"),
         "the ClickHouse database holding `events`")
+    clickhouse_cluster: str | None = setting(
+        "TALLY_CLICKHOUSE_CLUSTER", None,
+        Match(r"[A-Za-z_][A-Za-z0-9_]{0,63}", "must be the name of a cluster in the servers' remote_servers, an "
+              "identifier (letters, digits, '_')", "an identifier: a cluster in `remote_servers`"),
+        "ClickHouse migrations create the schema on this cluster: `events` a Distributed table over a "
+        "ReplicatedReplacingMergeTree `events_local` sharded by event hash, the other tables replicated to every "
+        "node (docs/clickhouse-cluster.md, ADR 57); needs a ClickHouse server DSN",
+        shown="none (one node)")
     spool_dir: Path = setting(
         "TALLY_SPOOL_DIR", _under_home("spool"), PathValue(), "local spool of the collector and its shipper")
     secret: str | None = setting(

@@ -3,6 +3,7 @@
 -- One statement per `;`-terminated paragraph; tests/test_analyst.py parses each with ClickHouse's
 -- parser (formatQuery). Access control cannot be exercised on chDB, so the grants themselves are
 -- untested here: check them on your server with `SHOW GRANTS FOR tally_analyst`.
+-- On a cluster (TALLY_CLICKHOUSE_CLUSTER) use the ON CLUSTER version in docs/clickhouse-cluster.md instead.
 --
 -- readonly = 2, not 1: under readonly = 1 ClickHouse refuses every per-query setting, so the
 -- analyst server could not set its limits (TALLY_SQL_*). readonly = 2 still refuses every write;

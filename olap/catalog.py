@@ -50,6 +50,7 @@ from olap.allowlist import (
     function_table,
 )
 from olap.ch_settings import FORWARDED, TRANSPORT
+from olap.cluster import on_cluster
 
 # Settings listed in the curated system.settings: those the ClickHouse-compatible endpoint accepts (it forwards
 # FORWARDED to ClickHouse after checking their values, and handles or ignores TRANSPORT itself). clickhouse-connect
@@ -124,14 +125,17 @@ def statements(db: str) -> list[str]:
             *(_create(db, name, body) for name, body in sorted(views.items()))]
 
 
-def ensure_current(client: Client, db: str) -> list[str]:
-    """Replace the views whose definition is not the current one (after migration 4); returns their names."""
+def ensure_current(client: Client, db: str, cluster: str | None = None) -> list[str]:
+    """Replace the views whose definition is not the current one (after migration 4); returns their names. On a
+    cluster (TALLY_CLICKHOUSE_CLUSTER) the node asked decides, and every node gets the new view (ON CLUSTER)."""
     rows = client.query("SELECT name, comment FROM system.tables WHERE database = {d:String}",
                         parameters={"d": catalog_database(db)}).result_rows
     have = {str(name): str(comment) for name, comment in rows}
     stale = [name for name, body in sorted(_view_bodies(db).items()) if have.get(name) != _fingerprint(body)]
     for name in stale:
-        client.command(_create(db, name, _view_bodies(db)[name]))
+        statement = _create(db, name, _view_bodies(db)[name])
+        for text in [statement] if cluster is None else on_cluster([statement], db, cluster):
+            client.command(text)
     return stale
 
 

@@ -6,6 +6,11 @@ order is events first (with an insert-deduplication token naming exactly this
 span of the log), offsets second. A crash between the two replays the span;
 the token drops an identical re-insert and ReplacingMergeTree on the event
 hash collapses any other duplicate, which analysts never see (reads use final).
+
+On a cluster (TALLY_CLICKHOUSE_CLUSTER, ADR 57) `events` is a Distributed table: the insert goes to it, sharded
+by the event hash, with `distributed_foreground_insert` so that it returns only once every shard has its part.
+Each shard's part carries the same token; the shard's ReplicatedReplacingMergeTree keeps it in Keeper, shared
+by the shard's replicas, so a replayed span is dropped whichever replica it reaches.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from clickhouse_connect.driver.exceptions import DataError
 
 from core.batch import Batch, same_incarnation
 from core.event import StoredEvent
+from olap.cluster import LOADER_INSERT_SETTINGS
 
 # The decoded events go to ClickHouse as JSON lines written by msgspec in C (ADR 27): StoredEvent's
 # field names are the columns' names, times are RFC 3339 in UTC (ClickHouse keeps their milliseconds,
@@ -32,15 +38,22 @@ def events_json_lines(events: list[StoredEvent]) -> bytes:
     return _LINES.encode_lines(events)
 
 
+def events_insert_settings(token: str, distributed: bool = False) -> dict[str, object]:
+    """The settings of the events insert: the span's deduplication token, and on a cluster (`events`
+    Distributed) a foreground insert (olap/cluster.py LOADER_INSERT_SETTINGS)."""
+    return {**_JSON_INSERT, "insert_deduplication_token": token, **(LOADER_INSERT_SETTINGS if distributed else {})}
+
+
 class LoaderSink:
     """The loader group's sink (workers/sink.py `Sink`)."""
 
     name = "clickhouse"
 
-    def __init__(self, client: Client, db: str, group: str) -> None:
+    def __init__(self, client: Client, db: str, group: str, distributed: bool = False) -> None:
         self.client = client
         self.db = db
         self.group = group
+        self.distributed = distributed  # `events` is a Distributed table (TALLY_CLICKHOUSE_CLUSTER)
 
     def committed(self, topic: str, topic_id: str, partitions: list[int]) -> dict[int, int]:
         result = self.client.query(
@@ -55,7 +68,7 @@ class LoaderSink:
         if batch.events:
             self.client.raw_insert(f"{self.db}.events", insert_block=events_json_lines(batch.events),
                                    fmt="JSONEachRow",
-                                   settings={**_JSON_INSERT, "insert_deduplication_token": batch.token(self.group)})
+                                   settings=events_insert_settings(batch.token(self.group), self.distributed))
         now = datetime.now(UTC)
         if batch.rejected:
             self.client.insert(

@@ -7,6 +7,11 @@ Raw events stay partitioned by toYYYYMM(ts). chDB is owned by one process (ADR 3
 that process starts. Every migration must be idempotent (IF NOT EXISTS ...): two servers-side
 processes starting at once may both apply one, and a crash between a migration and its record
 re-applies it.
+
+On a cluster (`cluster`: TALLY_CLICKHOUSE_CLUSTER) the same migrations run in their cluster form (olap/cluster.py:
+`events` Distributed over the ReplicatedReplacingMergeTree `events_local`, every other table replicated to every
+node; docs/clickhouse-cluster.md, ADR 57); `planned_statements` lists what would run, for `tally migrate
+--print-sql`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from clickhouse_connect.driver.client import Client
 
 from olap import catalog
 from olap.analyst_tables import migration_3, migration_6
+from olap.cluster import EVENTS_LOCAL, on_cluster
 
 EVENT_COLUMNS = ("hash", "domain", "url", "ts", "received_at", "type", "value", "referrer", "user_agent",
                  "browser", "os", "device", "country", "visitor", "page", "source", "utm_medium", "utm_campaign")
@@ -127,6 +133,28 @@ def _ledger(db: str) -> str:
     ORDER BY version"""
 
 
+def _for(statements: list[str], db: str, cluster: str | None) -> list[str]:
+    """`statements` as they run on one node (cluster None) or on `cluster`."""
+    return statements if cluster is None else on_cluster(statements, db, cluster)
+
+
+def _events_storage(cluster: str | None) -> str:
+    """The table holding the events' rows and TTL: `events`, or on a cluster each shard's `events_local`."""
+    return "events" if cluster is None else EVENTS_LOCAL
+
+
+def planned_statements(db: str, ttl_days: int = DEFAULT_TTL_DAYS,
+                       cluster: str | None = None) -> list[tuple[str, list[str]]]:
+    """What `ensure_schema` runs on an empty database, as (heading, statements) in order: the database and the
+    ledger, every migration, and the TTL when `ttl_days` is not the one migration 1 sets. Runs nothing."""
+    _check_db(db)
+    plan = [("database and migrations ledger", _for([f"CREATE DATABASE IF NOT EXISTS {db}", _ledger(db)], db, cluster))]
+    plan += [(f"migration {m.version}: {m.name}", _for(m.statements(db), db, cluster)) for m in MIGRATIONS]
+    if ttl_days != DEFAULT_TTL_DAYS:
+        plan.append(("raw events TTL (TALLY_RAW_RETENTION_DAYS)", _for([_ttl_statement(db, ttl_days)], db, cluster)))
+    return plan
+
+
 def applied_versions(client: Client, db: str) -> set[int]:
     """Versions recorded in `<db>.schema_migrations` (empty when the ledger does not exist yet)."""
     exists = client.command(f"EXISTS TABLE {db}.schema_migrations")
@@ -140,13 +168,15 @@ def _check_db(db: str) -> None:
         raise ValueError(f"{db!r} is not a database identifier")
 
 
-def events_ttl_days(client: Client, db: str) -> int | None:
+def events_ttl_days(client: Client, db: str, cluster: str | None = None) -> int | None:
     """The events table's current TTL in days (0 = none; None = a TTL this code did not set, which
-    `apply_ttl` replaces). Raises ValueError when the table does not exist."""
-    row = client.query("SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = 'events'",
-                       parameters={"db": db}).result_rows
+    `apply_ttl` replaces); on a cluster, `events_local`'s on the node asked. Raises ValueError when the table
+    does not exist."""
+    table = _events_storage(cluster)
+    row = client.query("SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+                       parameters={"db": db, "t": table}).result_rows
     if not row:
-        raise ValueError(f"{db}.events does not exist")
+        raise ValueError(f"{db}.{table} does not exist")
     engine_full = str(row[0][0])
     if " TTL " not in f" {engine_full} ":
         return 0
@@ -154,7 +184,14 @@ def events_ttl_days(client: Client, db: str) -> int | None:
     return None if match is None else int(match.group(1))
 
 
-def apply_ttl(client: Client, db: str, ttl_days: int) -> bool:
+def _ttl_statement(db: str, ttl_days: int) -> str:
+    """The statement making the events TTL `ttl_days` (0: none), written for one node."""
+    if ttl_days == 0:
+        return f"ALTER TABLE {db}.events REMOVE TTL"
+    return f"ALTER TABLE {db}.events MODIFY TTL toDateTime(ts) + INTERVAL {int(ttl_days)} DAY"
+
+
+def apply_ttl(client: Client, db: str, ttl_days: int, cluster: str | None = None) -> bool:
     """Make the events TTL `ttl_days` (0 = remove it); True when it had to change.
 
     MODIFY TTL drops expired rows from existing parts in the background (a mutation), whole
@@ -162,37 +199,38 @@ def apply_ttl(client: Client, db: str, ttl_days: int) -> bool:
     """
     if ttl_days < 0:
         raise ValueError("ttl_days must be >= 0")
-    current = events_ttl_days(client, db)
+    current = events_ttl_days(client, db, cluster)
     if current == ttl_days:
         return False
-    if ttl_days == 0:
-        client.command(f"ALTER TABLE {db}.events REMOVE TTL")
-    else:
-        client.command(f"ALTER TABLE {db}.events MODIFY TTL toDateTime(ts) + INTERVAL {int(ttl_days)} DAY")
+    for statement in _for([_ttl_statement(db, ttl_days)], db, cluster):
+        client.command(statement)
     return True
 
 
-def ensure_schema(client: Client, db: str, ttl_days: int = DEFAULT_TTL_DAYS) -> list[int]:
+def ensure_schema(client: Client, db: str, ttl_days: int = DEFAULT_TTL_DAYS, cluster: str | None = None) -> list[int]:
     """Apply the missing migrations in order, then the TTL; returns the versions applied now.
 
     When it returns, every migration is applied and recorded and the TTL is `ttl_days`. If a
     statement raises, the migrations before it stay applied and recorded; the failing one is not
-    recorded and is re-applied (idempotently) next time.
+    recorded and is re-applied (idempotently) next time. `cluster`: apply them in their cluster form
+    (ON CLUSTER statements wait for every node, ClickHouse's distributed_ddl_task_timeout); a database with
+    nothing to migrate runs no ON CLUSTER statement, so a node being down does not stop a process starting.
     """
     _check_db(db)
-    client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
-    client.command(_ledger(db))
+    if cluster is None or not applied_versions(client, db):
+        for statement in _for([f"CREATE DATABASE IF NOT EXISTS {db}", _ledger(db)], db, cluster):
+            client.command(statement)
     done = applied_versions(client, db)
     applied = []
     for migration in MIGRATIONS:
         if migration.version in done:
             continue
-        for statement in migration.statements(db):
+        for statement in _for(migration.statements(db), db, cluster):
             client.command(statement)
         client.insert(f"{db}.schema_migrations", [[migration.version, migration.name]],
                       column_names=["version", "name"])
         applied.append(migration.version)
     if 4 in done | set(applied):  # the catalog views follow ANALYST_TABLES, the endpoint's settings, the functions
-        catalog.ensure_current(client, db)
-    apply_ttl(client, db, ttl_days)
+        catalog.ensure_current(client, db, cluster)
+    apply_ttl(client, db, ttl_days, cluster)
     return applied

@@ -277,7 +277,8 @@ def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
 
     ensure_configured_topic(settings)
     ensure_pg(require_pg(settings))
-    ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database, settings.raw_retention_days)
+    ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database, settings.raw_retention_days,
+              settings.clickhouse_cluster)
     if args.json:
         print(json.dumps({"topic": settings.topic, "postgresql": "ok", "clickhouse": "ok"}))
     else:

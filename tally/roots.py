@@ -280,9 +280,10 @@ def build_loader_loop(settings: Settings, group: str = LOADER_GROUP) -> Consumer
 
     bootstrap = ensure_configured_topic(settings)
     client = connect(settings.clickhouse_dsn)
-    ensure_schema(client, settings.clickhouse_database, settings.raw_retention_days)
+    ensure_schema(client, settings.clickhouse_database, settings.raw_retention_days, settings.clickhouse_cluster)
     consumer = make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
-    loop = ConsumerLoop(consumer, LoaderSink(client, settings.clickhouse_database, group), settings.topic)
+    sink = LoaderSink(client, settings.clickhouse_database, group, distributed=settings.clickhouse_cluster is not None)
+    loop = ConsumerLoop(consumer, sink, settings.topic)
     try:
         dsn = require_pg(settings)
     except ConfigError:
@@ -386,7 +387,8 @@ def build_analyst_server(settings: Settings) -> Flask:
     secret = require_secret(settings, "the analyst server")
     dsn = require_pg(settings)
     ensure_pg(dsn)
-    ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database, settings.raw_retention_days)
+    ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database, settings.raw_retention_days,
+              settings.clickhouse_cluster)
     pool = ConnectionPool(dsn, min_size=1, max_size=2, open=True, kwargs={"connect_timeout": 5})
 
     def record(entry: AuditEntry) -> int:

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up demo lint test bench chaos clean
+.PHONY: up demo lint test bench soak chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "tally needs Python 3.11+")'
@@ -51,6 +51,13 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.isolation $(ARGS)
 	$(BIN)/python -m bench.queries $(ARGS)
 	$(BIN)/python -m bench.analyst $(ARGS)
+
+## Capacity and soak (issue 19): the highest steady rate both stores keep up with, then MINUTES at half of it;
+## bench/results/soak.md + soak.png (30 minutes; MINUTES=N). ARGS=--quick: a few minutes; ARGS="--rate 8000" skips
+## the search; ARGS=--find-capacity-only stops after it.
+soak: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	$(BIN)/python -m bench.soak $(if $(MINUTES),--minutes $(MINUTES)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .tally .pytest_cache

@@ -233,10 +233,11 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
 
     `registry`: the sites registry copy to check keys against; default one loaded from
     `settings.pg_dsn` (else its disk copy) and refreshed every `settings.registry_refresh_s`.
-    `workers`: how many worker processes serve this collector; each enforces 1/workers of every
-    site's rate limit. The refusal counts are in `app.extensions["tally_refusals"]`; the admission
-    pipeline (collector/admission.py) in `"tally_admission"`; the sealer thread (collector/sealer.py,
-    None without `start_sealer`) in `"tally_sealer"`.
+    `workers`: how many worker processes serve this collector; each enforces 1/(workers x
+    TALLY_COLLECTOR_HOSTS) of every site's rate limit. The refusal counts are in
+    `app.extensions["tally_refusals"]`; the admission pipeline (collector/admission.py) in
+    `"tally_admission"`; the sealer thread (collector/sealer.py, None without `start_sealer`) in
+    `"tally_sealer"`.
     """
     if not settings.secret:
         raise ValueError("TALLY_SECRET must be set for the collector")
@@ -245,7 +246,7 @@ def create_app(settings: Settings, spool: SpoolWriter | None = None, *, start_se
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     registry = registry or SiteRegistry.from_settings(settings).start()
     limiter = SiteLimiter(settings.site_rate_per_s, settings.site_burst, workers=workers,
-                          address_share=settings.site_address_share)
+                          hosts=settings.collector_hosts, address_share=settings.site_address_share)
     refusals = RefusalCounter()
     spool = spool or SpoolWriter(settings.spool_dir, max_bytes=settings.spool_segment_bytes,
                                  max_age_s=settings.spool_segment_age_s, reserve_bytes=settings.spool_reserve_bytes)

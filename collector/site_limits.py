@@ -26,7 +26,11 @@ The same entry bounds the refusals one address makes count for a site (`countabl
 share per window, so one sender cannot inflate a site's refusal counters without bound.
 
 Each collector worker process has its own memory, so with N workers each enforces 1/N of the
-limit (`workers=N`), and each address's share of that 1/N; see docs/adr/0011-sites-registry.md.
+limit (`workers=N`), and each address's share of that 1/N; see docs/adr/0011-sites-registry.md. Several
+collector hosts behind one load balancer (TALLY_COLLECTOR_HOSTS = H) split it further: each worker of
+each host enforces 1/(H x N), so the site's limit is the total across hosts and workers whatever their
+number, as long as the balancer spreads a site's requests evenly (`worker_share`; `tally sites show`
+prints the shares; docs/adr/0060-site-limits-across-hosts-and-topic-grow.md).
 """
 
 from __future__ import annotations
@@ -61,6 +65,20 @@ class WindowLimit:
 
     amount: int
     window: int
+
+
+def worker_share(rate_per_s: float, burst: int, *, hosts: int = 1, workers: int = 1) -> WindowLimit:
+    """One worker's share of a site limit of `rate_per_s` events/s with `burst`, when `hosts` collector hosts of
+    `workers` worker processes each enforce it: rate and burst divided by hosts x workers (the burst rounded up,
+    at least 1), held as at most `amount` events per sliding `window` seconds (the window long enough for the
+    burst: a quiet site may send it at once; the long-run rate is the share)."""
+    if hosts < 1 or workers < 1:
+        raise ValueError("hosts and workers must be >= 1")
+    parts = hosts * workers
+    rate = rate_per_s / parts
+    size = max(1, math.ceil(burst / parts))
+    window = max(1, math.ceil(size / rate))
+    return WindowLimit(max(size, math.floor(rate * window)), window)
 
 
 class _Counter:
@@ -112,16 +130,17 @@ address_key = client_key  # one rule for every per-client bound (core/net.py)
 class SiteLimiter:
     """Thread-safe per-domain limiter with per-address shares (one per worker process)."""
 
-    def __init__(self, default_rate_per_s: float, default_burst: int, *, workers: int = 1,
+    def __init__(self, default_rate_per_s: float, default_burst: int, *, workers: int = 1, hosts: int = 1,
                  address_share: float = 1.0, max_addresses: int = ADDRESS_SLOTS,
                  clock: Callable[[], float] = time.time) -> None:
-        if workers < 1:
-            raise ValueError("workers must be >= 1")
+        if workers < 1 or hosts < 1:
+            raise ValueError("workers and hosts must be >= 1")
         if not 0 < address_share <= 1 or max_addresses < 1:
             raise ValueError("need 0 < address_share <= 1 and max_addresses >= 1")
         self.default_rate_per_s = default_rate_per_s
         self.default_burst = default_burst
         self.workers = workers
+        self.hosts = hosts  # collector hosts sharing every site's limit (TALLY_COLLECTOR_HOSTS)
         self.address_share = address_share
         self.shares = address_share < 1  # False: admissions keep no per-address state at all
         self.max_addresses = max_addresses
@@ -132,13 +151,11 @@ class SiteLimiter:
         self._lock = threading.Lock()
 
     def item_for(self, rate_per_s: float | None, burst: int | None) -> WindowLimit:
-        """This worker's share of a site's limit (cached per (rate, burst))."""
+        """This worker's share of a site's limit (cached per (rate, burst)): `worker_share` of it."""
         item = self._items.get((rate_per_s, burst))
         if item is None:
-            rate = (rate_per_s or self.default_rate_per_s) / self.workers
-            size = max(1, math.ceil((burst or self.default_burst) / self.workers))
-            window = max(1, math.ceil(size / rate))
-            item = WindowLimit(max(size, math.floor(rate * window)), window)
+            item = worker_share(rate_per_s or self.default_rate_per_s, burst or self.default_burst,
+                                hosts=self.hosts, workers=self.workers)
             self._items[(rate_per_s, burst)] = item  # a benign race: both threads compute the same item
         return item
 

@@ -164,6 +164,11 @@ class Settings:
     collector_workers: int = setting(
         "TALLY_COLLECTOR_WORKERS", 2, Integer(1, 64),
         "granian worker processes of the collector (each enforces 1/N of every site's rate limit)")
+    collector_hosts: int = setting(
+        "TALLY_COLLECTOR_HOSTS", 1, Integer(1, 1024),
+        "collector hosts behind the load balancer sharing every site's rate limit: each host enforces 1/H of it "
+        "(each worker 1/(H x TALLY_COLLECTOR_WORKERS)), so a site's limit is its total; set the same H on every "
+        "collector host (`tally sites show` prints the shares; ADR 60)")
     collector_interface: str = setting(
         "TALLY_COLLECTOR_INTERFACE", "rsgi", Match(r"rsgi|wsgi", "must be rsgi or wsgi", "`rsgi` or `wsgi`"),
         "how granian serves the collector: `rsgi` (`POST /collect` natively async, the other routes through a "
@@ -171,10 +176,12 @@ class Settings:
     # Collector: per-site default rate and burst, unless the site sets its own; an address's share (ADR 29).
     site_rate_per_s: float = setting(
         "TALLY_SITE_RATE_PER_S", 1000.0, Number(0.01, 1e7),
-        "events per second per site and collector host, unless the site sets `--rate`")
+        "events per second per site, in total across its `TALLY_COLLECTOR_HOSTS` collector hosts, unless the site "
+        "sets `--rate`")
     site_burst: int = setting(
         "TALLY_SITE_BURST", 20_000, Integer(1, 100_000_000),
-        "burst (events) per site and collector host, unless the site sets `--burst`")
+        "burst (events) per site, in total across its `TALLY_COLLECTOR_HOSTS` collector hosts, unless the site "
+        "sets `--burst`")
     site_address_share: float = setting(
         "TALLY_SITE_ADDRESS_SHARE", 0.1, Number(0.01, 1.0),
         "the share of a site's limit one client address (an IPv6 /56) may use, with or without an `Origin`, and "

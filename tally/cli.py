@@ -30,6 +30,7 @@ from tally import (
     cmd_stats,
     cmd_status,
     cmd_tokens,
+    cmd_topic,
     cmd_up,
 )
 from tally.cli_support import (
@@ -54,7 +55,7 @@ log = logging.getLogger("tally")
 # Command groups that live in their own modules; each has `register(sub)` adding its subparsers with
 # `set_defaults(func=handler)`, handler(settings, args) -> exit code.
 COMMAND_MODULES = (cmd_sql, cmd_tokens, cmd_sites, cmd_sqllog, cmd_stats, cmd_chaos, cmd_status, cmd_migrate,
-                   cmd_retention, cmd_reconcile, cmd_rebuild, cmd_replay, cmd_backfill)
+                   cmd_retention, cmd_reconcile, cmd_rebuild, cmd_replay, cmd_backfill, cmd_topic)
 ANALYST_NICE = 10  # the analyst server's CPU priority offset (see cmd_analyst_server)
 
 

@@ -1,4 +1,4 @@
-"""`tally sites add|list|update|rotate-secret|remove|sign-pixel`: admin commands against PostgreSQL
+"""`tally sites add|list|show|update|rotate-secret|remove|sign-pixel`: admin commands against PostgreSQL
 (TALLY_PG_DSN or a running `tally up`).
 
 Exit codes: 0 done, 1 refused (duplicate domain, bad time zone, origin or query parameter name, unknown
@@ -51,6 +51,12 @@ def register(sub: SubParsers) -> None:
     ls = cmds.add_parser("list", help="list the registered sites (no secrets)")
     ls.add_argument("--json", action="store_true", help="print a JSON array")
     ls.set_defaults(func=cmd_list)
+
+    show = cmds.add_parser("show", help="one site (no secret), with its rate limit and each collector host's and "
+                                        "worker's share of it")
+    show.add_argument("domain")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(func=cmd_show)
 
     rotate = cmds.add_parser("rotate-secret", help="give a site a new secret (the old one stops working)")
     rotate.add_argument("domain")
@@ -249,11 +255,71 @@ def _url_rule_text(keep_query: tuple[str, ...], raw_urls: bool) -> str:
     return f"page URLs keep the query parameters {', '.join(DEFAULT_KEEP_QUERY + keep_query)}; no fragments"
 
 
+def collector_layout(settings: Settings) -> tuple[int, int]:
+    """(collector hosts, workers per host) sharing every site's limit: the running `tally up`'s (its run state's
+    `collector_hosts`, `collector_workers`), else TALLY_COLLECTOR_HOSTS and TALLY_COLLECTOR_WORKERS here (run
+    `tally sites` with the collectors' settings)."""
+    state = read_run_state(settings.home)
+    hosts, workers = state.get("collector_hosts"), state.get("collector_workers")
+    return (hosts if isinstance(hosts, int) and hosts >= 1 else settings.collector_hosts,
+            workers if isinstance(workers, int) and workers >= 1 else settings.collector_workers)
+
+
+def limit_shares(settings: Settings, rate_per_s: float | None, burst: int | None) -> dict[str, Any]:
+    """A site's limit (its own, else the defaults) and what each collector host, each worker and one client
+    address of it enforce (collector.site_limits.worker_share: the collectors' own rule; ADR 60)."""
+    from collector.site_limits import worker_share
+
+    hosts, workers = collector_layout(settings)
+    rate, size = rate_per_s or settings.site_rate_per_s, burst or settings.site_burst
+    item = worker_share(rate, size, hosts=hosts, workers=workers)
+    address = max(1, int(item.amount * settings.site_address_share))
+    return {"rate_per_s": rate, "burst": size, "own": rate_per_s is not None or burst is not None,
+            "hosts": hosts, "workers": workers,
+            "per_host": {"rate_per_s": rate / hosts, "burst": -(-size // hosts)},
+            "per_worker": {"rate_per_s": rate / (hosts * workers), "events": item.amount, "window_s": item.window},
+            "per_address": {"events": address, "window_s": item.window}}
+
+
+def _limit_text(limit: dict[str, Any]) -> str:
+    host, worker, address = limit["per_host"], limit["per_worker"], limit["per_address"]
+    return (f"{limit['rate_per_s']:g} events/s, burst {limit['burst']} "
+            f"({'its own' if limit['own'] else 'TALLY_SITE_RATE_PER_S / TALLY_SITE_BURST'}), in total across "
+            f"{limit['hosts']} collector host(s) x {limit['workers']} worker(s)\n"
+            f"  per host  {host['rate_per_s']:g} events/s, burst {host['burst']} (TALLY_COLLECTOR_HOSTS "
+            f"{limit['hosts']}; a balancer that spreads the site's requests evenly gives it the whole limit)\n"
+            f"  per worker at most {worker['events']} events per {worker['window_s']} s window "
+            f"({worker['rate_per_s']:g} events/s; TALLY_COLLECTOR_WORKERS {limit['workers']})\n"
+            f"  one client address at most {address['events']} events per {address['window_s']} s window of each "
+            "worker (TALLY_SITE_ADDRESS_SHARE)")
+
+
+def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
+    """One site without its secret, with its limit and the shares each host, worker and address enforce."""
+    from oltp import sites
+
+    def action(dsn: str) -> int:
+        site = sites.get(dsn, args.domain)
+        if site is None:
+            return _fail(f"{sites.check_domain(args.domain)} is not registered (see `tally sites list`)")
+        row = {**site.public_dict(), "limit": limit_shares(settings, site.rate_per_s, site.burst)}
+        if args.json:
+            print(json.dumps(row))
+            return 0
+        print(f"{site.domain}\n  account   {site.account or '-'}\n  tz        {site.tz}\n"
+              f"  site key  {site.site_key}\n  origins   {', '.join(site.origins) or '-'}\n"
+              f"  urls      {_url_rule_text(site.keep_query, site.raw_urls)}\n  limit     {_limit_text(row['limit'])}")
+        return 0
+
+    return _run(settings, action)
+
+
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     from oltp import sites
 
     def action(dsn: str) -> int:
-        rows = [s.public_dict() for s in sites.list_sites(dsn)]
+        rows = [{**s.public_dict(), "limit": limit_shares(settings, s.rate_per_s, s.burst)}
+                for s in sites.list_sites(dsn)]
         if args.json:
             print(json.dumps(rows))
             return 0
@@ -266,6 +332,9 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
             print("\t".join([r["domain"], r["account"] or "-", r["tz"], r["site_key"], ",".join(r["origins"]) or "-",
                              "default" if r["rate_per_s"] is None else f"{r['rate_per_s']:g}",
                              "default" if r["burst"] is None else str(r["burst"]), urls]))
+        hosts, workers = rows[0]["limit"]["hosts"], rows[0]["limit"]["workers"]
+        print(f"(rate/s and burst are each site's total: each of {hosts} collector host(s) enforces 1/{hosts} of "
+              f"them, each of its {workers} worker(s) 1/{hosts * workers}; `tally sites show DOMAIN` shows the shares)")
         return 0
 
     return _run(settings, action)

@@ -79,8 +79,10 @@ def test_cli_names_missing_required_setting(tmp_path):
 
 DEFAULTS = {
     "kafka_bootstrap": None, "topic": "tally.events", "partitions": 4, "replication_factor": 1, "pg_dsn": None,
-    "clickhouse_database": "tally", "secret": None, "bind_host": "127.0.0.1", "collector_port": 8700,
+    "clickhouse_database": "tally", "clickhouse_cluster": None, "secret": None, "bind_host": "127.0.0.1",
+    "collector_port": 8700,
     "api_port": 8701, "clickhouse_http_port": 8703, "collector_workers": 2, "max_body_bytes": 262144,
+    "collector_hosts": 1,
     "max_batch_events": 500,
     "max_future_skew_s": 300, "max_past_age_s": 604800, "spool_segment_bytes": 4194304,
     "spool_segment_age_s": 1.0, "sql_max_execution_s": 30, "sql_max_memory_bytes": 536870912,

@@ -13,6 +13,12 @@ from workers.kafka_records import use_lean_records
 
 log = logging.getLogger(__name__)
 
+# How old the clients' topic metadata may get (kafka-python's default: 5 minutes). A topic grown by `tally topic
+# grow` is seen by a running shipper (its partitions_for) and by the consumer group's leader, which then rejoins
+# so the group rebalances over the new partitions, within this; a metadata request costs next to nothing (ADR 60).
+METADATA_MAX_AGE_MS = 5_000
+FETCH_MAX_WAIT_MS = 50  # the consumers' fetch wait on a quiet topic (sub-second freshness, ADR 56)
+
 
 def make_producer(bootstrap: Sequence[str], **overrides: object) -> KafkaProducer:
     config: dict[str, object] = dict(
@@ -26,6 +32,7 @@ def make_producer(bootstrap: Sequence[str], **overrides: object) -> KafkaProduce
         retries=2_147_483_647,
         delivery_timeout_ms=30_000,
         request_timeout_ms=10_000,
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
     config.update(overrides)
     return KafkaProducer(**config)

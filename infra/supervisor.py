@@ -77,6 +77,24 @@ class Supervisor:
         self.on_change = on_change
         self.clock = clock
         self.children: dict[str, Child] = {}
+        self.held: set[str] = set()  # children left alone (not restarted) until `release`
+
+    def hold(self, name: str) -> None:
+        """Leave `name` alone until `release(name)`: if it dies meanwhile, it is restarted only after that (a host
+        taken down on purpose, then brought back). Unknown names raise KeyError."""
+        if name not in self.children:
+            raise KeyError(name)
+        self.held.add(name)
+
+    def release(self, name: str) -> None:
+        """Supervise `name` again: dead, it is restarted at the next pass (after the usual backoff)."""
+        self.held.discard(name)
+
+    def remove(self, name: str) -> Child:
+        """Stop supervising `name` for good (it is neither signalled nor restarted); returns it. KeyError if
+        unknown."""
+        self.held.discard(name)
+        return self.children.pop(name)
 
     def add(self, name: str, start: Callable[[], subprocess.Popen[bytes]], log_path: Path | None, *,
             proc: subprocess.Popen[bytes] | None = None) -> Child:
@@ -100,6 +118,8 @@ class Supervisor:
     def check(self) -> None:
         """One supervision pass: notice deaths, restart what is due. Never raises for a child's sake."""
         for child in list(self.children.values()):
+            if child.name in self.held:
+                continue
             now = self.clock()
             if child.restart_at is None:
                 if child.proc is not None and child.proc.poll() is not None:

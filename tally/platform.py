@@ -10,6 +10,10 @@ keeps crashing is restarted with a growing backoff (0.5 s doubling to 60 s) and 
 
 Everything `tally up` and its children create is private to the user (umask 077, ADR 34); the
 PostgreSQL DSN carries a password and reaches children in their environment only.
+
+`tally up --hosts N` (N > 1) runs the simulated multi-host deployment tally/topology.py plans (ADR 59):
+N collector hosts, two rollup workers, two API processes behind a round-robin front; a running one takes
+requests to add a rollup worker or to take processes out of supervision (tally/control.py).
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import orjson
 
 from core.config import Settings
 from core.runstate import RUN_STATE
-from infra.processes import StartupError, spawn, stop, stop_all, wait_until
+from infra.processes import StartupError, free_port, spawn, stop, stop_all, wait_until
 from infra.stack import EmbeddedStack, load_or_create_secret
 from infra.supervisor import UP, Child, Supervisor
+from tally import topology
 from tally.roots import METRICS_DIR, MULTIPROC_ENV, forget_metrics_of, reset_metrics_dir
 
 log = logging.getLogger(__name__)
@@ -64,19 +69,12 @@ def _http_ok(url: str) -> bool:
 class Platform:
     """`tally up`: the embedded stack plus one child process per component, restarted if it dies."""
 
-    COMPONENTS = {
-        "collector": ["collector"],
-        "shipper": ["shipper"],
-        "rollup-worker": ["rollup-worker"],
-        # chDB allows one engine per directory per process: the loader runs inside the analyst server,
-        # which the API reaches over loopback, so no analyst query ever waits in the API process.
-        "analyst": ["analyst-server", "--with-loader"],
-        "api": ["api"],
-        "clickhouse-http": ["clickhouse-http"],  # analyst SQL for ClickHouse tools, relayed like the API's
-    }
+    COMPONENTS = {name: list(argv) for name, argv in topology.SINGLE.items()}  # one host's processes
 
-    def __init__(self, settings: Settings, *, durable: bool = True) -> None:
+    def __init__(self, settings: Settings, *, durable: bool = True, hosts: int = 1) -> None:
         self.base = settings
+        self.topology = topology.plan(settings, hosts, port_for=free_port)
+        self.retired: list[subprocess.Popen[bytes]] = []  # taken out of supervision while running (control)
         self.stack = EmbeddedStack(settings.home, durable=durable)
         self.supervisor = Supervisor(on_change=self._changed)
         self.settings: Settings | None = None
@@ -89,11 +87,16 @@ class Platform:
     def children(self) -> dict[str, subprocess.Popen[bytes]]:
         """The component processes now running (the embedded servers not included)."""
         return {name: child.proc for name, child in self.supervisor.children.items()
-                if name in self.COMPONENTS and child.proc is not None}
+                if name in self.topology.children and child.proc is not None}
 
     @property
     def collector_url(self) -> str:
-        return f"http://{self.base.bind_host}:{self.base.collector_port}"
+        return self.topology.collectors[0].url
+
+    @property
+    def collector_urls(self) -> list[str]:
+        """Every collector host's URL (one with one host)."""
+        return [h.url for h in self.topology.collectors]
 
     @property
     def api_url(self) -> str:
@@ -127,24 +130,31 @@ class Platform:
             # This process reports its children's state there too (tally_component_up): before core.metrics
             # is imported, which picks the multiprocess storage from the environment.
             os.environ[MULTIPROC_ENV] = str(self.base.home / METRICS_DIR)
-            for name in self.COMPONENTS:
+            for name in self.topology.children:
                 self.supervisor.add(name, functools.partial(self._spawn, name), self._log(name))
             for child in self.supervisor.children.values():
                 self._report(child)
             self._write_run_state()
-            wait_until(lambda: _http_ok(self.collector_url + "/healthz"), what="collector", timeout=timeout,
-                       log_path=self._log(name="collector"), proc=self.children["collector"])
-            wait_until(lambda: _http_ok(self.api_url + "/healthz"), what="api", timeout=timeout,
-                       log_path=self._log(name="api"), proc=self.children["api"])
-            wait_until(lambda: _http_ok(self.clickhouse_http_url + "/ping"), what="clickhouse-http",
-                       timeout=timeout, log_path=self._log(name="clickhouse-http"),
-                       proc=self.children["clickhouse-http"])
-            analyst_url = self.settings.analyst_url
-            wait_until(lambda: _http_ok(analyst_url + "/healthz"), what="analyst server",
-                       timeout=timeout, log_path=self._log(name="analyst"), proc=self.children["analyst"])
+            for name, url in self._ready_urls():
+                what = "analyst server" if name == "analyst" else name
+                wait_until(functools.partial(_http_ok, url), what=what, timeout=timeout, log_path=self._log(name),
+                           proc=self.children[name])
         except BaseException:
             self.stop()
             raise
+
+    def _ready_urls(self) -> list[tuple[str, str]]:
+        """(child, URL answering 200 once it serves), in the order start-up waits for them."""
+        assert self.settings is not None
+        if self.topology.hosts == 1:
+            collectors = [("collector", self.collector_url + "/healthz")]
+            apis = [("api", self.api_url + "/healthz")]
+        else:
+            collectors = [(f"{h.name}-collector", h.url + "/healthz") for h in self.topology.collectors]
+            apis = [(f"api-{i}", f"http://{b}/healthz") for i, b in enumerate(self.topology.api_backends, 1)]
+            apis.append((topology.FRONT, self.api_url + "/healthz"))
+        return [*collectors, *apis, ("clickhouse-http", self.clickhouse_http_url + "/ping"),
+                ("analyst", self.settings.analyst_url + "/healthz")]
 
     def _changed(self, child: Child) -> None:
         """The supervisor saw `child` die or come back: the metric and the run state say so."""
@@ -166,7 +176,7 @@ class Platform:
         assert self.settings is not None
         path = self.base.home / RUN_STATE
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        state = {"pid": os.getpid(), "pg_dsn": self.settings.pg_dsn,
+        state: dict[str, object] = {"pid": os.getpid(), "pg_dsn": self.settings.pg_dsn,
                  "kafka_bootstrap": ",".join(self.settings.kafka_bootstrap or ()),
                  "collector_url": self.collector_url, "api_url": self.api_url,
                  "clickhouse_http_url": self.clickhouse_http_url,
@@ -175,6 +185,10 @@ class Platform:
                  "pids": {name: child.proc.pid for name, child in self.supervisor.children.items()
                           if child.proc is not None},
                  "components": self.supervisor.describe()}
+        if self.topology.hosts > 1:
+            state.update(hosts=self.topology.hosts, collector_urls=self.collector_urls,
+                         spool_dirs=[str(d) for d in self.topology.spool_dirs()],
+                         api_backends=[f"http://{b}" for b in self.topology.api_backends])
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
@@ -184,21 +198,25 @@ class Platform:
     def _log(self, name: str) -> Path:
         """A child's raw stdout/stderr (tracebacks, granian's own lines): the tail shown when it crashes.
         Its log proper is `<TALLY_LOG_DIR>/<command>.log`, JSON lines it writes and rotates itself."""
-        return (self.base.log_dir or self.base.home / "logs") / f"{self.COMPONENTS[name][0]}.out"
+        return self.topology.children[name].out
 
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:
         assert self.settings is not None
         old = self.supervisor.proc(name)
         if old is not None and old.poll() is not None:  # a restart: drop the dead one's live gauges
             forget_metrics_of(old.pid, self.base.home / METRICS_DIR)
-        argv = [sys.executable, "-m", "tally.cli", *self.COMPONENTS[name]]
+        spec = self.topology.children[name]
+        argv = [sys.executable, "-m", *spec.argv]
         out = self._log(name)
         try:  # rotated once per start: it only grows with what bypasses logging
             if out.stat().st_size > self.base.log_max_bytes:
                 out.replace(out.with_name(out.name + ".1"))
         except FileNotFoundError:
             pass
-        return spawn(argv, out, env=_child_env(self.settings))
+        env = {**_child_env(self.settings), **spec.env}
+        if self.topology.hosts > 1:  # the topic's partitions as they are now (tally/control.py may raise them)
+            env["TALLY_KAFKA_PARTITIONS"] = str(self.settings.partitions)
+        return spawn(argv, out, env=env)
 
     def _restart_postgres(self) -> subprocess.Popen[bytes]:
         """Same data directory, same port: the children's TALLY_PG_DSN stays valid."""
@@ -237,20 +255,22 @@ class Platform:
 
         Runs on the main thread (children die with the thread that forked them, PR_SET_PDEATHSIG).
         """
-        self.supervisor.run(stop_event)
+        from tally.control import apply_requests
 
-    # Stop in pipeline order, so that what was accepted is spooled, shipped and consumed before the
-    # (memory-only) embedded broker goes away: collector, then shipper (final ship), then both workers
-    # (they drain until a poll comes back empty), then the servers.
-    STOP_ORDER = (("collector",), ("shipper",), ("rollup-worker", "analyst", "api", "clickhouse-http"))
+        while not stop_event.wait(0.25):
+            self.supervisor.check()
+            if self.topology.hosts > 1:
+                apply_requests(self)
 
     def stop(self) -> None:
+        """Stop in pipeline order (topology.STOP_ROLES): what was accepted is spooled, shipped and consumed
+        before the (memory-only) embedded broker goes away; workers may spend up to 20 s draining."""
         if self._stopping.is_set():
             return
         self._stopping.set()
         children = self.children
-        for group in self.STOP_ORDER:
-            # workers may spend up to 20 s draining
-            stop_all([children[name] for name in group if name in children], timeout=40)
+        for roles in topology.STOP_ROLES:
+            group = [proc for name, proc in children.items() if self.topology.children[name].role in roles]
+            stop_all(group + (self.retired if "rollup-worker" in roles else []), timeout=40)
         self.stack.stop()
         (self.base.home / RUN_STATE).unlink(missing_ok=True)

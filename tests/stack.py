@@ -144,7 +144,7 @@ def private_basetemp() -> Path | None:
 PLATFORM_LANES = {
     "tests/test_chaos.py": "platform-1", "tests/test_up.py": "platform-1",
     "tests/test_status.py": "platform-2", "tests/test_platform_hardening.py": "platform-2",
-    "tests/test_broker_restart.py": "platform-2",
+    "tests/test_broker_restart.py": "platform-2", "tests/test_topology.py": "platform-2",
 }
 
 

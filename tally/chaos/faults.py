@@ -44,6 +44,7 @@ class FaultRecord:
     next_ack_s: float | None = None
     acked_before: int = 0
     error: str | None = None
+    note: str = ""  # what else the fault measured (multi-host faults, ADR 59)
     killed_at: float | None = field(default=None, repr=False)  # monotonic time of the kill
 
 
@@ -159,12 +160,14 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
 )}
 
 
-def parse_faults(text: str) -> list[str]:
-    """A comma-separated list of fault names (FAULTS). Raises ValueError naming the unknown ones."""
+def parse_faults(text: str, known: dict[str, Fault] | None = None) -> list[str]:
+    """A comma-separated list of fault names (`known`, by default FAULTS). Raises ValueError naming the unknown
+    ones."""
+    known = FAULTS if known is None else known
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise ValueError("no fault named")
-    unknown = [n for n in names if n not in FAULTS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(FAULTS)}")
+        raise ValueError(f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(known)}")
     return names

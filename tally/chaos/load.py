@@ -84,6 +84,7 @@ class LoadGenerator(threading.Thread):
         self.seed = seed
         self.stop = threading.Event()
         self.sequence = 0
+        self.attempts = 0
         self.sent_id_batches: list[tuple[bytes, list[str]]] = []
         self.sent_noid_batches: list[tuple[bytes, list[str]]] = []
         self.failure: BaseException | None = None
@@ -122,7 +123,8 @@ class LoadGenerator(threading.Thread):
             first = False
             with self.ledger.lock:
                 self.ledger.requests += 1
-            req = urllib.request.Request(self.stack.collect_url, data=body, method="POST",
+            self.attempts += 1  # with several collector hosts, each attempt goes to the next one
+            req = urllib.request.Request(self.stack.collect_url_for(self.attempts), data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=15) as resp:

@@ -9,17 +9,20 @@ wrong or a platform that died is in the report, never an exception.
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from tally.chaos.api_probe import ApiProbe, ApiStats
 from tally.chaos.churn import ChurnStats, CollectorChurn, CpuBurners
-from tally.chaos.faults import FAULTS, FaultRecord
+from tally.chaos.faults import FAULTS, Fault, FaultRecord
+from tally.chaos.hosts import ONCE, TOPOLOGY_FAULTS
 from tally.chaos.load import Ledger, LoadGenerator
 from tally.chaos.spool_tap import SpoolTap
-from tally.chaos.stack import DOMAIN, ChaosError, ChaosStack
+from tally.chaos.stack import DOMAIN, ChaosError, ChaosStack, process_tree
 from tally.chaos.verdict import StoreCheck, check_spool, compare, settle
 
 
@@ -47,21 +50,44 @@ class ChaosPlan:
     single_rate: float = 20.0
     segment_age_s: float = 0.05
     burners: int = 1
+    # `tally chaos --hosts N` (ADR 59): `tally up --hosts N`, the faults of tally/chaos/hosts.py, a collector host
+    # kept down `host_down_s`, the topic grown by `grow_by` partitions from `partitions`.
+    hosts: int = 1
+    host_down_s: float = 20.0
+    grow_by: int = 2
+    partitions: int = 4
 
     @classmethod
-    def long_form(cls, minutes: float, seed: int, faults: Iterable[str] | None = None) -> ChaosPlan:
-        """`tally chaos --minutes N`: 60 s outages, the worker paused for a fifth of the run (1-3 minutes)."""
+    def long_form(cls, minutes: float, seed: int, faults: Iterable[str] | None = None, hosts: int = 1) -> ChaosPlan:
+        """`tally chaos --minutes N`: 60 s outages, the worker paused for a fifth of the run (1-3 minutes). With
+        `hosts` > 1 the multi-host faults, no collector-worker churn and no busy loop (the topology's own
+        processes already fill the two cores)."""
         if minutes <= 0:
             raise ValueError("--minutes must be more than 0")
-        return cls(seed=seed, load_s=minutes * 60, faults=tuple(faults or FAULTS),
-                   pause_s=min(180.0, max(60.0, minutes * 60 / 5)))
+        if hosts == 1:
+            return cls(seed=seed, load_s=minutes * 60, faults=tuple(faults or FAULTS),
+                       pause_s=min(180.0, max(60.0, minutes * 60 / 5)))
+        from tally.topology import MAX_HOSTS
+
+        if not 2 <= hosts <= MAX_HOSTS:
+            raise ValueError(f"--hosts must be between 1 and {MAX_HOSTS}")
+        return cls(seed=seed, load_s=minutes * 60, faults=tuple(faults or TOPOLOGY_FAULTS), hosts=hosts,
+                   churn_gap_s=None, burners=0)
+
+    @property
+    def known(self) -> dict[str, Fault]:
+        """The faults this plan's platform has: one host's, or the multi-host ones."""
+        return FAULTS if self.hosts == 1 else TOPOLOGY_FAULTS
 
     def order(self) -> list[str]:
-        """The first rounds of fault names in the order they will run (the schedule without times)."""
+        """The first rounds of fault names in the order they will run (the schedule without times). With
+        several hosts, the faults that change the number of rollup workers run in the first round only."""
         rng = random.Random(self.seed)
         out: list[str] = []
         while len(out) < 200:
-            names = list(self.faults)
+            names = [n for n in self.faults if not (out and self.hosts > 1 and n in ONCE)]
+            if not names:
+                break
             rng.shuffle(names)
             out.extend(names)
         return out
@@ -83,12 +109,16 @@ class ChaosReport:
     spool: StoreCheck | None = None  # the acknowledged events against what went through the spool
     churn: ChurnStats | None = None
     tap_max_gap_s: float | None = None
+    api: ApiStats | None = None  # the API clients' requests (multi-host runs)
+    collector_urls: list[str] = field(default_factory=list)  # what `tally up` printed (`http://.../collect`)
+    rollup_workers: int = 0  # rollup-worker processes under `tally up` once it was up
 
     @property
     def passed(self) -> bool:
         return (self.error is None and self.pg is not None and self.ch is not None and self.pg.ok and self.ch.ok
                 and (self.spool is None or self.spool.ok) and not self.ledger.errors
-                and all(f.error is None for f in self.faults) and not (self.churn and self.churn.errors))
+                and all(f.error is None for f in self.faults) and not (self.churn and self.churn.errors)
+                and not (self.api and (self.api.failed or self.api.errors)))
 
 
 class ChaosRun:
@@ -97,7 +127,12 @@ class ChaosRun:
 
     def __init__(self, plan: ChaosPlan, home: Path, *, progress: Callable[[str], None] | None = None) -> None:
         self.plan = plan
-        self.stack = ChaosStack(home, settings={"TALLY_SPOOL_SEGMENT_AGE_S": f"{plan.segment_age_s:g}"})
+        settings = {"TALLY_SPOOL_SEGMENT_AGE_S": f"{plan.segment_age_s:g}"}
+        if plan.hosts > 1:
+            settings["TALLY_KAFKA_PARTITIONS"] = str(plan.partitions)
+        self.stack = ChaosStack(home, settings=settings, hosts=plan.hosts)
+        self.host_down_s, self.grow_by, self.partitions = plan.host_down_s, plan.grow_by, plan.partitions
+        self.api_stats: ApiStats | None = None
         self.rng = random.Random(plan.seed + 1)
         self.ledger = Ledger()
         self.progress = progress or (lambda line: None)
@@ -115,17 +150,36 @@ class ChaosRun:
                                  + "".join(self.stack.output[-30:]))
             time.sleep(min(0.5, max(0.0, end - time.monotonic())))
 
+    def acked_count(self) -> int:
+        return self.ledger.acked_count()
+
+    def _observe_topology(self, report: ChaosReport) -> None:
+        """What `tally up` printed and runs, as a user would see it: its collector URLs, its rollup workers."""
+        assert self.stack.proc is not None
+        urls = re.findall(r"http://[^ ]+/collect", "".join(self.stack.output))
+        report.collector_urls = sorted(set(urls))
+        report.rollup_workers = sum("rollup-worker" in _cmdline(p) for p in process_tree(self.stack.proc.pid))
+
     def run(self) -> ChaosReport:
         report = ChaosReport(self.plan, [], self.ledger)
         loads: list[LoadGenerator] = []
         churn: CollectorChurn | None = None
-        tap: SpoolTap | None = None
+        taps: list[SpoolTap] = []
+        probe: ApiProbe | None = None
         burners = CpuBurners(self.plan.burners)
         try:
             report.startup_s = self.stack.up()
+            self._observe_topology(report)
             self.stack.add_site(DOMAIN)
-            tap = SpoolTap(self.stack.spool_dir, self.stack.home / "chaos-spool-tap")
-            tap.start()
+            dirs = self.stack.spool_dirs
+            taps = [SpoolTap(d, self.stack.home / "chaos-spool-tap" / (str(i) if len(dirs) > 1 else ""))
+                    for i, d in enumerate(dirs, 1)]
+            for tap in taps:
+                tap.start()
+            if self.plan.hosts > 1:
+                probe = ApiProbe(self.stack)
+                self.api_stats = report.api = probe.stats
+                probe.start()
             loads = self._loads()
             self.t0 = time.monotonic()
             for load in loads:
@@ -149,10 +203,12 @@ class ChaosRun:
                           + (f"; churn: {churn.stats.kills} worker kills, {churn.stats.pauses} pauses" if churn else "")
                           + "; settling")
             report.settle_s = settle(self.stack, self.ledger, self.plan.settle_timeout_s)
-            _stop_thread(tap)
-            spooled = tap.hashes()
-            report.tap_max_gap_s = tap.max_gap_s
-            report.spool = check_spool(self.ledger, spooled, max_gap_s=tap.max_gap_s)
+            _stop_thread(probe)
+            for tap in taps:
+                _stop_thread(tap)
+            spooled = {h for tap in taps for h in tap.hashes()}
+            report.tap_max_gap_s = max(tap.max_gap_s for tap in taps)
+            report.spool = check_spool(self.ledger, spooled, max_gap_s=report.tap_max_gap_s)
             report.pg, report.ch = compare(self.stack, self.ledger, spooled)
         except (ChaosError, OSError, subprocess.SubprocessError) as exc:
             report.error = f"{exc}"[:4000] + self.stack.log_tails(10)
@@ -168,7 +224,9 @@ class ChaosRun:
                 load.stop.set()
             _stop_thread(churn)
             burners.stop()
-            _stop_thread(tap)
+            _stop_thread(probe)
+            for tap in taps:
+                _stop_thread(tap)
             self.stack.down()
         return report
 
@@ -190,13 +248,15 @@ class ChaosRun:
             elif time.monotonic() - self.t0 + gap >= self.plan.load_s:
                 return
             self.sleep(gap)
-            name = next(order)
+            name = next(order, None)
+            if name is None:  # only faults that run once, and they ran
+                return
             rec = FaultRecord(name, at_s=time.monotonic() - self.t0, acked_before=self.ledger.acked_count())
-            if name in ("broker-down", "postgres-down", "pause-then-kill-all"):  # these take minutes
-                self.progress(f"[{rec.at_s:7.1f}s] {name}: {FAULTS[name].description} ...")
+            if name in ("broker-down", "postgres-down", "pause-then-kill-all", "collector-host"):  # these take long
+                self.progress(f"[{rec.at_s:7.1f}s] {name}: {self.plan.known[name].description} ...")
             report.faults.append(rec)
             try:
-                FAULTS[name].run(self, rec)
+                self.plan.known[name].run(self, rec)
             except Exception as exc:
                 rec.error = f"{type(exc).__name__}: {exc}"
                 if not self.stack.alive():
@@ -217,7 +277,14 @@ class ChaosRun:
                 raise ChaosError(f"the load generator failed: {load.failure!r}")
 
 
-def _stop_thread(thread: CollectorChurn | SpoolTap | None) -> None:
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _stop_thread(thread: CollectorChurn | SpoolTap | ApiProbe | None) -> None:
     if thread is not None and thread.is_alive():
         thread.stop.set()
         thread.join(30)
@@ -237,4 +304,4 @@ def _describe(rec: FaultRecord) -> str:
     restart = "not restarted" if rec.restart_s is None else f"restarted in {rec.restart_s:.1f}s"
     ack = "-" if rec.next_ack_s is None else f"{rec.next_ack_s:.1f}s"
     return (f"[{rec.at_s:7.1f}s] {rec.name}: {rec.target}; {restart}; next 202 after {ack}"
-            + (f"; ERROR {rec.error[:300]}" if rec.error else ""))
+            + (f"; {rec.note}" if rec.note else "") + (f"; ERROR {rec.error[:300]}" if rec.error else ""))

@@ -76,8 +76,9 @@ class ChaosStack:
     """A running `tally up` in its own TALLY_HOME on free ports, and the signals a user (or a crash) sends it."""
 
     def __init__(self, home: Path, *, env: dict[str, str] | None = None,
-                 settings: dict[str, str] | None = None) -> None:
+                 settings: dict[str, str] | None = None, hosts: int = 1) -> None:
         self.home = home
+        self.hosts = hosts  # > 1: `tally up --hosts N` (ADR 59)
         self.collector_port, self.api_port = free_port(), free_port()
         base = os.environ if env is None else env
         self.env = {k: v for k, v in base.items() if not k.startswith("TALLY_")}
@@ -90,20 +91,39 @@ class ChaosStack:
         self.output: list[str] = []
         self.site_key = ""
         self.token = ""
+        self._urls: list[str] = []  # the collector hosts' URLs (--hosts N > 1), from run/stack.json
 
     @property
     def spool_dir(self) -> Path:
         return Path(self.env.get("TALLY_SPOOL_DIR") or self.home / "spool")
 
     @property
+    def spool_dirs(self) -> list[Path]:
+        """Every collector host's spool (one with one host)."""
+        if self.hosts == 1:
+            return [self.spool_dir]
+        return [Path(d) for d in self._state()["spool_dirs"]]
+
+    @property
     def collect_url(self) -> str:
         return f"http://127.0.0.1:{self.collector_port}/collect?site={self.site_key}"
+
+    def collect_url_for(self, n: int) -> str:
+        """The n-th request's collector: clients alternate between the hosts (and so retry on the next one)."""
+        if self.hosts == 1:
+            return self.collect_url
+        return f"{self._urls[n % len(self._urls)]}/collect?site={self.site_key}"
+
+    def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = json.loads((self.home / "run" / "stack.json").read_text())
+        return state
 
     def up(self, timeout_s: float = 300) -> float:
         """Start `tally up`; returns the seconds until it said it is up. Raises ChaosError. Call it from a thread
         that outlives the stack: `tally up` gets SIGTERM when that thread ends (PR_SET_PDEATHSIG)."""
         t0 = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "up"], env=self.env, text=True,
+        hosts = ["--hosts", str(self.hosts)] if self.hosts > 1 else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "up", *hosts], env=self.env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      preexec_fn=_stop_with_harness)
         ready = threading.Event()
@@ -114,6 +134,8 @@ class ChaosStack:
                 raise ChaosError(f"tally up did not start (exit {self.proc.poll()}): "
                                  + "".join(self.output[-40:]) + self.log_tails())
         self.token = (self.home / "admin-token").read_text().strip()
+        if self.hosts > 1:
+            self._urls = self._state()["collector_urls"]
         return time.monotonic() - t0
 
     def _read(self, proc: subprocess.Popen[str], ready: threading.Event) -> None:
@@ -174,8 +196,9 @@ class ChaosStack:
 
     def log_tails(self, lines: int = 15) -> str:
         out = []
-        for log in sorted((self.home / "logs").glob("*.log")):
-            out.append(f"\n--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+        for log in sorted([*(self.home / "logs").glob("*.log"), *(self.home / "hosts").glob("*/logs/*.log")]):
+            name = log.name if log.parent == self.home / "logs" else str(log.relative_to(self.home))
+            out.append(f"\n--- {name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
         return "".join(out)
 
     # --- reading the stores ---

@@ -14,6 +14,9 @@ Data (sites registered in Asia/Kathmandu, whose days start at hh:15 UTC: the har
   domains; a full 1,000-page fill for every domain is 90 M rows per table per 1,000 domains, beyond this
   machine's budget: say so when quoting the figures).
 
+Then the closed weeks are compacted (rollup_dim_1w, visitors_dim_1w: ADR 61), as the rollup worker's hourly
+background pass would have done; `--no-weeks` leaves them out, to compare.
+
 Shapes (target p99 <= 20 ms each): breakdown of pages by page views and by visitors over last=7d and
 last=90d; visitors series 7 days hourly and 90 days daily; filtered series (one filter) 7 days hourly and
 90 days daily, and two filters 7 days hourly; the summary of the last 24 h with visitors and percentiles.
@@ -95,8 +98,9 @@ def _keys_sql(heavy_pages: int, light_pages: int) -> str:
             f"UNION ALL SELECT x.*, h FROM ({others}) x CROSS JOIN (VALUES (true), (false)) v(h)")
 
 
-def load(dsn: str, count: int, now: datetime, quick: bool, covering: bool = False) -> float:
-    """Sites and every issue-17 table for `count` domains (the first HEAVY are heavy); seconds taken."""
+def load(dsn: str, count: int, now: datetime, quick: bool, covering: bool = False, weeks: bool = True) -> float:
+    """Sites and every issue-17 table for `count` domains (the first HEAVY are heavy), then (`weeks`) the closed
+    weeks compacted as the rollup worker's background pass does (ADR 61); seconds taken."""
     from oltp.partitions import ensure_partitions
 
     t0 = time.monotonic()
@@ -117,8 +121,20 @@ def load(dsn: str, count: int, now: datetime, quick: bool, covering: bool = Fals
         _load_sketches(conn, names, heavy, hour, days, quick)
         for ddl in COVERING if covering else ():
             conn.execute(ddl)
+        if weeks:
+            _compact(conn, now)
         conn.execute("VACUUM ANALYZE" if covering else "ANALYZE")  # VACUUM: the visibility map index-only scans need
     return time.monotonic() - t0
+
+
+def _compact(conn: psycopg.Connection, now: datetime) -> None:
+    """The closed weeks pre-merged (ADR 61), as the rollup worker's hourly background pass would have them."""
+    from oltp.weekly import compact_closed_weeks
+
+    t0 = time.monotonic()
+    done = compact_closed_weeks(conn, now)
+    say(f"[bench] closed weeks compacted: {done.compacted} weeks of {done.domains} domains, {done.dim_rows} "
+        f"rollup_dim_1w rows, {done.sketches} sketches in {time.monotonic() - t0:.1f} s")
 
 
 def _load_dims(conn: psycopg.Connection, names: list[str], heavy: list[str], now: datetime, days: list[datetime],
@@ -249,19 +265,20 @@ def measure(apis: dict[str, Api], tokens: dict[str, dict[str, str]], n: int, rng
     return out
 
 
-def run(work: Path, postgres_dsn: str, create_database: Any, quick: bool, covering: bool = False) -> dict[str, Any]:
+def run(work: Path, postgres_dsn: str, create_database: Any, quick: bool, covering: bool = False,
+        weeks: bool = True) -> dict[str, Any]:
     """Load both databases, start an API on each, measure; the results (also printed)."""
     from oltp.schema import ensure_schema
 
     now = datetime.now(UTC)
     rng = random.Random(17)
-    results: dict[str, Any] = {"quick": quick, "covering_indexes": covering, "heavy_domains": HEAVY,
+    results: dict[str, Any] = {"quick": quick, "covering_indexes": covering, "weeks": weeks, "heavy_domains": HEAVY,
                                "started_at": now.isoformat()}
     apis, tokens = {}, {}
     for db, count in (("1k", 1000), ("4k", 4000)):
         dsn = create_database(postgres_dsn, f"bench17_{db}")
         ensure_schema(dsn)
-        results[f"load_{db}_s"] = round(load(dsn, count, now, quick, covering), 1)
+        results[f"load_{db}_s"] = round(load(dsn, count, now, quick, covering, weeks), 1)
         tokens[db] = customer_tokens(dsn, [domain_name(i) for i in range(HEAVY)])
         apis[db] = Api(work / f"api17-{db}", dsn)
     try:

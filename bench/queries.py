@@ -212,10 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure the issue-17 routes instead: breakdowns, visitors, filters (bench/breakdowns.py)")
     parser.add_argument("--covering", action="store_true",
                         help="with --breakdowns: add the covering indexes proposed in ADR 48 first")
+    parser.add_argument("--no-weeks", action="store_true",
+                        help="with --breakdowns: leave the closed weeks uncompacted (ADR 61), to compare")
     args = parser.parse_args(argv)
     quick = args.quick
     if args.breakdowns:
-        return breakdowns_main(quick, args.covering)
+        return breakdowns_main(quick, args.covering, not args.no_weeks)
     days_15m = 3 if quick else 30
     n = 300 if quick else 1000
     n_mixed = 3000 if quick else 10000
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def breakdowns_main(quick: bool, covering: bool = False) -> int:
+def breakdowns_main(quick: bool, covering: bool = False, weeks: bool = True) -> int:
     """`--breakdowns`: bench/breakdowns.py on its own embedded PostgreSQL; results in bench/results/breakdowns.json."""
     from bench import breakdowns
     from infra.postgres import EmbeddedPostgres
@@ -294,7 +296,7 @@ def breakdowns_main(quick: bool, covering: bool = False) -> int:
         postgres = EmbeddedPostgres(work / "pg" / "data", durable=False)
         cleanup.callback(postgres.stop)
         postgres.start()
-        results = breakdowns.run(work, postgres.dsn, create_database, quick, covering)
+        results = breakdowns.run(work, postgres.dsn, create_database, quick, covering, weeks)
     out = RESULTS.parent / "breakdowns.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 
 from oltp import visitors as vis
+from oltp import weekly
 from oltp.filters import DIMENSIONS, Filter, cube_where
 from oltp.queries import DailyZone, QueryError, boundaries
 from oltp.spans import DAY_S, Span, spans, tier_label
@@ -69,7 +70,7 @@ def _piece_sql(s: Span, i: int, q: BreakdownQuery, cube: bool) -> tuple[str, dic
     params: dict[str, object] = {f"lo{i}": s.lo, f"hi{i}": s.hi}
     where = f"r.domain = %(domain)s AND r.bucket_start >= %(lo{i})s AND r.bucket_start < %(hi{i})s" \
             " AND r.event_type = ANY(%(types)s)"
-    if s.tier == "1d":
+    if s.tier in ("1d", "1w"):
         where += " AND r.tz = %(tz)s"
     if cube:
         extra, fparams = cube_where(q.filters)
@@ -100,6 +101,8 @@ def counts(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> Bre
     """pageviews / impressions / value per key over [q.lo, q.hi) (see the module doc)."""
     cube = q.uses_cube()
     pieces = spans(q.lo, q.hi, daily, hourly_only=cube)
+    if not cube:
+        pieces = _with_weeks(conn, q.domain, daily.registered_tz, pieces)
     order = "value_sum" if q.metric == "value" else "events"
     sql, params = _counts_sql(pieces, q, cube, order)
     params.update({"domain": q.domain, "tz": daily.registered_tz, "types": TYPES[q.metric], "dim": q.dimension,
@@ -113,7 +116,26 @@ def counts(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> Bre
     if cube and (pieces[0].lo != q.lo or pieces[-1].hi != q.hi):
         notes.append("combined filters are answered from the hourly and daily tiers: the range counted is the "
                      "UTC hours covering the one asked")
-    return Breakdown(tier_label(pieces), pieces[0].lo, pieces[-1].hi, total, rows, notes)
+    return Breakdown(_label(pieces), pieces[0].lo, pieces[-1].hi, total, rows, notes)
+
+
+def _with_weeks(conn: psycopg.Connection, domain: str, tz: str, pieces: list[Span]) -> list[Span]:
+    """The daily piece's whole local weeks whose pre-merged rows are current (oltp/weekly.py) as '1w' pieces
+    (rollup_dim_1w: one row per key and week instead of seven), its other days still '1d'."""
+    out: list[Span] = []
+    for s in pieces:
+        weeks = weekly.valid_weeks(conn, domain, tz, s.lo, s.hi, "counts") if s.tier == "1d" else []
+        if not weeks:
+            out.append(s)
+            continue
+        days = [Span("1d", a, b) for a, b in weekly.gaps(s.lo, s.hi, weeks)]
+        out.extend(sorted([Span("1w", a, b) for a, b in weeks] + days, key=lambda p: p.lo))
+    return out
+
+
+def _label(pieces: list[Span]) -> str:
+    """The answer's `tier`: weeks are the daily tier pre-merged, so they are named '1d' (ADR 48's labels)."""
+    return tier_label([Span("1d", s.lo, s.hi) if s.tier == "1w" else s for s in pieces])
 
 
 def _first_row(conn: psycopg.Connection, pieces: list[Span], q: BreakdownQuery, cube: bool,
@@ -151,8 +173,9 @@ def visitors(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> B
     lo, hi = covering_days(daily.registered_tz, q.lo, q.hi)
     tz = daily.registered_tz
     total = vis.visitors_total(conn, q.domain, tz, lo, hi)
+    weeks = weekly.valid_weeks(conn, q.domain, tz, lo, hi, "visitors")
     if q.filters:
-        found = vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, [q.filters[0].key])
+        found = vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, [q.filters[0].key], weeks)
         rows = [BreakdownRow(k, v) for k, v in found.items() if v > 0][q.offset:q.offset + q.limit]
         return Breakdown("1d", lo, hi, total, rows)
     by_events = _events_by_key(conn, q, daily, lo, hi)
@@ -161,7 +184,7 @@ def visitors(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> B
     i, batch, cap = 0, max(64, 2 * need), max(MAX_VISITOR_KEYS, 2 * need)
     while i < len(by_events):
         keys = [k for k, _ in by_events[i:min(i + batch, cap)]]
-        best.update(vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, keys))
+        best.update(vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, keys, weeks))
         i += len(keys)
         ranked = sorted(best.values(), reverse=True)
         if i >= len(by_events) or i >= cap or (len(ranked) >= need and ranked[need - 1] >= by_events[i][1]):
@@ -178,7 +201,7 @@ def visitors(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> B
 def _events_by_key(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone, lo: datetime,
                    hi: datetime) -> list[tuple[str, int]]:
     """Every key's events (both types) over [lo, hi), most first."""
-    pieces = spans(lo, hi, daily)
+    pieces = _with_weeks(conn, q.domain, daily.registered_tz, spans(lo, hi, daily))
     sql, params = _counts_sql(pieces, BreakdownQuery(q.domain, q.dimension, "visitors", lo, hi), False, "events")
     params.update({"domain": q.domain, "tz": daily.registered_tz, "types": TYPES["visitors"], "dim": q.dimension,
                    "fkey": "", "limit": None, "offset": 0})

@@ -94,6 +94,10 @@ TABLES: dict[str, tuple[str, Granularity]] = {
     "visitors_1h": ("bucket_start", MONTH),
     "visitors_1d": ("bucket_start", YEAR),
     "visitors_dim_1d": ("bucket_start", YEAR),
+    # Pre-merged closed weeks of the daily tier (migration 0013, ADR 61): like it.
+    "rollup_dim_1w": ("bucket_start", YEAR),
+    "visitors_dim_1w": ("bucket_start", YEAR),
+    "compacted_weeks": ("bucket_start", YEAR),
 }
 # Each tier's tables besides rollup_<tier> (same period, same retention).
 TIER_TABLES: dict[str, tuple[str, ...]] = {
@@ -101,6 +105,9 @@ TIER_TABLES: dict[str, tuple[str, ...]] = {
     "1h": ("rollup_dim_1h", "rollup_cube_1h", "value_bins_1h", "visitors_1h"),
     "1d": ("rollup_dim_1d", "rollup_cube_1d", "value_bins_1d", "visitors_1d", "visitors_dim_1d"),
 }
+# The closed weeks pre-merged from the daily tier by a background pass (ADR 61): kept as long as the daily tier, but
+# not in TIER_TABLES, whose partitions the rollup sink ensures every batch (it never writes these; the pass does).
+WEEK_TABLES = ("rollup_dim_1w", "visitors_dim_1w", "compacted_weeks")
 
 
 @dataclass(frozen=True)
@@ -309,6 +316,7 @@ def keep_days_from(settings: Settings) -> dict[str, int]:
     keep["seen_events"] = int(settings.dedup_window_days)
     for tier, tables in TIER_TABLES.items():
         keep.update(dict.fromkeys(tables, tiers[tier]))
+    keep.update(dict.fromkeys(WEEK_TABLES, tiers["1d"]))
     keep["dim_keys"] = int(settings.dedup_window_days)
     return keep
 

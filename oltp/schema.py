@@ -338,6 +338,38 @@ visitors_dim_1d = Table(
     postgresql_partition_by="RANGE (bucket_start)",
 )
 
+# --- CLOSED WEEKS (oltp/weekly.py, migration 0013, ADR 61): the daily tier's dimension rows and per-value sketches
+# pre-merged per closed local week by a background compaction; a week serves only while `compacted_weeks`' signature
+# of rollup_1d / visitors_1d for it still holds.
+rollup_dim_1w = _bucketed("rollup_dim_1w", True, [Column("dimension", Text, nullable=False),
+                                                  Column("key", Text, nullable=False), *_dim_counts()],
+                          ("dimension", "bucket_start", "event_type", "key"))
+
+visitors_dim_1w = Table(
+    "visitors_dim_1w", metadata,
+    Column("domain", Text, nullable=False),
+    Column("tz", Text, nullable=False),
+    Column("dimension", Text, nullable=False),
+    Column("bucket_start", _tz(), nullable=False),  # the week's first local day start
+    Column("key", Text, nullable=False),
+    Column("sketch", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("domain", "tz", "dimension", "bucket_start", "key"),
+    postgresql_partition_by="RANGE (bucket_start)",
+)
+
+compacted_weeks = Table(
+    "compacted_weeks", metadata,
+    Column("domain", Text, nullable=False),
+    Column("tz", Text, nullable=False),
+    Column("bucket_start", _tz(), nullable=False),
+    Column("bucket_end", _tz(), nullable=False),
+    Column("counts_sig", Text, nullable=False),
+    Column("visitors_sig", Text, nullable=False),
+    Column("compacted_at", _tz(), nullable=False, server_default=text("now()")),
+    PrimaryKeyConstraint("domain", "tz", "bucket_start"),
+    postgresql_partition_by="RANGE (bucket_start)",
+)
+
 
 # --- RECONCILE (oltp/reconcile.py): results of reconcile runs, read by the metrics endpoint (ADR 20). --
 reconcile_runs = Table(

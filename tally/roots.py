@@ -238,14 +238,15 @@ PARTITION_MAINTENANCE_S = 3600.0  # how often the rollup worker creates partitio
 
 def start_partition_maintenance(settings: Settings, dsn: str,
                                 interval_s: float = PARTITION_MAINTENANCE_S) -> threading.Event:
-    """A daemon thread running `oltp.partitions.maintain` (and `oltp.prune.prune_status`) now and every
+    """A daemon thread running `oltp.partitions.maintain` (and `oltp.prune.prune_status`, and the compaction of
+    closed weeks `oltp.weekly.compact_closed_weeks`) now and every
     `interval_s`; set the returned Event to stop it. A failed pass is logged and retried at the next one
     (nothing half-dropped)."""
     from datetime import UTC, datetime
 
     import psycopg
 
-    from oltp import partitions, prune
+    from oltp import partitions, prune, weekly
 
     stop = threading.Event()
     keep = partitions.keep_days_from(settings)
@@ -257,6 +258,10 @@ def start_partition_maintenance(settings: Settings, dsn: str,
                     now = datetime.now(UTC)
                     plans = partitions.maintain(conn, keep, now)
                     status = prune.prune_status(conn, settings.retention_15m_days, now)
+                with psycopg.connect(dsn, connect_timeout=10, autocommit=True) as conn:  # closed weeks (ADR 61)
+                    weeks = weekly.compact_closed_weeks(conn, now, keep_days=int(settings.retention_1d_days))
+                if weeks.compacted:
+                    log.info("compacted %d closed weeks (%d domains looked at)", weeks.compacted, weeks.domains)
                 dropped = [p.name for plan in plans for p in plan.expired]
                 if dropped:
                     log.info("retention dropped %d partitions: %s", len(dropped), ", ".join(dropped))

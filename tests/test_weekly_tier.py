@@ -1,0 +1,130 @@
+"""Closed local weeks pre-merged for the breakdowns (oltp/weekly.py, migration 0013, ADR 61).
+
+The weekly rows are a copy of the daily tier, written by a background pass and used only while the week's
+signature (row versions of rollup_1d / visitors_1d) holds. So: every breakdown answers exactly as from the days,
+before and after a compaction, after a late event into a compacted week and after a day's rows are replaced (as
+`tally rebuild` does). Rows go in as the sink writes them (tests/test_api_breakdown.put_events); the API through
+Flask's test client, against the session's PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from oltp import weekly
+from oltp.partitions import TABLES, TIER_TABLES, WEEK_TABLES, ensure_partitions, keep_days_from
+from tests import test_api_breakdown as tab
+
+pytestmark = pytest.mark.servers("postgres")
+api, site = tab.api, tab.site  # fixtures
+DAY = timedelta(days=1)
+PAGES = [f"/w{i}" for i in range(12)]
+
+
+def _events(now: datetime, days: int, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    start = tab.floor(now, 86400) - days * DAY
+    out = []
+    for _ in range(n):
+        ts = start + timedelta(seconds=rng.randrange(days * 86400))
+        out.append(tab.ev(ts, rng.choice(PAGES), visitor=f"v{rng.randrange(60)}", country=rng.choice("ABC")))
+    return out
+
+
+def _put(dsn: str, domain: str, events: list[dict]) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table in ("visitors_1h", "visitors_1d", "visitors_dim_1d"):
+            ensure_partitions(conn, table, min(e["ts"] for e in events) - DAY, max(e["ts"] for e in events) + DAY)
+    tab.put_events(dsn, domain, events)
+
+
+def _answers(api, domain: str) -> dict[str, object]:
+    out = {}
+    for metric in ("pageviews", "visitors"):
+        for last in ("7d", "30d", "90d"):
+            r = tab.get(api, domain, "breakdown", dimension="page", metric=metric, last=last, limit=20)
+            assert r.status_code == 200, r.get_json()
+            body = r.get_json()
+            out[f"{metric} {last}"] = (body["total"], body["tier"], [(x["key"], x["count"]) for x in body["rows"]])
+    return out
+
+
+def _compact(dsn: str, domain: str, now: datetime) -> weekly.CompactionPass:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return weekly.compact_closed_weeks(conn, now, domain=domain)
+
+
+def _valid(dsn: str, domain: str, now: datetime, kind: str) -> list[weekly.Week]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return weekly.valid_weeks(conn, domain, "UTC", now - 60 * DAY, now, kind)
+
+
+def test_breakdowns_answer_the_same_from_weeks_as_from_days(api, servers, site):
+    now = datetime.now(UTC)
+    _put(servers.pg_dsn, site, _events(now, 36, 200, 1))
+    before = _answers(api, site)
+    assert _valid(servers.pg_dsn, site, now, "counts") == []
+    done = _compact(servers.pg_dsn, site, now)
+    assert done.compacted >= 4 and done.dim_rows > 0 and done.sketches > 0, done
+    weeks = _valid(servers.pg_dsn, site, now, "counts")
+    assert len(weeks) >= 4 and weeks == _valid(servers.pg_dsn, site, now, "visitors")
+    for a, b in weeks:
+        assert a.astimezone(UTC).weekday() == 0 and b - a == 7 * DAY and b <= now - weekly.CLOSED_AFTER
+    assert _answers(api, site) == before
+    again = _compact(servers.pg_dsn, site, now)  # nothing changed: nothing to do
+    assert again.compacted == 0
+
+
+def test_a_late_event_into_a_compacted_week_is_counted_and_the_week_recompacted(api, servers, site):
+    now = datetime.now(UTC)
+    _put(servers.pg_dsn, site, _events(now, 30, 120, 2))
+    _compact(servers.pg_dsn, site, now)
+    weeks = _valid(servers.pg_dsn, site, now, "counts")
+    late_week = weeks[1]
+    _put(servers.pg_dsn, site, [tab.ev(late_week[0] + timedelta(hours=30), "/late", visitor="someone-new")])
+    stale = _answers(api, site)
+    assert late_week not in _valid(servers.pg_dsn, site, now, "counts")
+    assert late_week not in _valid(servers.pg_dsn, site, now, "visitors")
+    for last in ("30d", "90d"):
+        rows = dict(stale[f"pageviews {last}"][2])  # type: ignore[index]
+        assert rows.get("/late") == 1, stale
+        assert dict(stale[f"visitors {last}"][2]).get("/late") == 1  # type: ignore[index]
+    assert _compact(servers.pg_dsn, site, now).compacted == 1  # only that week again
+    assert late_week in _valid(servers.pg_dsn, site, now, "counts")
+    assert _answers(api, site) == stale
+
+
+def test_a_day_rebuilt_after_the_compaction_invalidates_its_week(api, servers, site):
+    now = datetime.now(UTC)
+    _put(servers.pg_dsn, site, _events(now, 30, 100, 3))
+    _compact(servers.pg_dsn, site, now)
+    week = _valid(servers.pg_dsn, site, now, "visitors")[1]  # a week wholly inside the events' 30 days
+    day = week[0] + 2 * DAY
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:  # what oltp.visitors.rebuild_visitors does to a day
+        for table in ("visitors_1d", "visitors_dim_1d"):
+            deleted = conn.execute(f"DELETE FROM {table} WHERE domain = %s AND bucket_start = %s", (site, day))
+            assert deleted.rowcount > 0
+    assert week not in _valid(servers.pg_dsn, site, now, "visitors")
+    assert week in _valid(servers.pg_dsn, site, now, "counts")  # the counts of that day did not change
+    from_days = _answers(api, site)
+    _compact(servers.pg_dsn, site, now)
+    assert week in _valid(servers.pg_dsn, site, now, "visitors")
+    assert _answers(api, site) == from_days
+
+
+def test_weeks_are_whole_local_weeks_and_follow_the_daily_tier():
+    kathmandu = weekly.weeks_in("Asia/Kathmandu", datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 11, 1, tzinfo=UTC))
+    assert [a.isoformat() for a, _ in kathmandu] == ["2026-10-04T18:15:00+00:00", "2026-10-11T18:15:00+00:00",
+                                                     "2026-10-18T18:15:00+00:00"]
+    paris = weekly.weeks_in("Europe/Paris", datetime(2026, 10, 18, tzinfo=UTC), datetime(2026, 11, 2, tzinfo=UTC))
+    assert [(a.isoformat(), (b - a).total_seconds() / 3600) for a, b in paris] == [
+        ("2026-10-18T22:00:00+00:00", 169.0), ("2026-10-25T23:00:00+00:00", 168.0)]  # the clock change's: 169 h
+    from core.config import Settings
+    keep = keep_days_from(Settings.from_env({"TALLY_RETENTION_1D_DAYS": "800"}))
+    assert keep["rollup_dim_1w"] == keep["visitors_dim_1w"] == keep["compacted_weeks"] == keep["rollup_dim_1d"] == 800
+    # partitioned by year like the daily tier; not among the tables whose partitions the sink ensures every batch
+    assert set(WEEK_TABLES) <= set(TABLES) and not set(WEEK_TABLES) & set(TIER_TABLES["1d"])

@@ -66,6 +66,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 F_FSYNC1, F_FSYNC100 = "disk write+fdatasync x1", "disk write+fdatasync x100"
 F_PRODUCE, F_CONSUME = "kafka raw produce", "kafka raw consume"
+# The same events packed as the shipper packs them (core/records.py, ADR 55): the shipper's floor.
+F_PRODUCE_BATCHED = "kafka raw produce, batched records"
 
 
 # ---------------------------------------------------------------- test data
@@ -129,6 +131,7 @@ def bench_kafka_raw(b: Bench, bootstrap: str, events: list) -> None:
             f.get(timeout=30)
         b.add(F_PRODUCE, rate(len(records), time.perf_counter() - t0), "msgs/s",
               note="batch_size 256 KiB, lz4, linger 5 ms")
+        bench_produce_batched(b, producer, records)
     finally:
         producer.close(timeout=10)
 
@@ -146,6 +149,25 @@ def bench_kafka_raw(b: Bench, bootstrap: str, events: list) -> None:
         b.add(F_CONSUME, rate(got, time.perf_counter() - t0), "msgs/s", note="manual assign, 5000/poll")
     finally:
         consumer.close()
+
+
+def bench_produce_batched(b: Bench, producer, records: list[tuple[bytes, bytes]]) -> None:
+    """The same events packed into batched records per partition (TALLY_KAFKA_RECORD_EVENTS' default), events/s."""
+    from core.config import Settings
+    from core.records import pack
+    from workers.kafka_io import ensure_topic
+
+    defaults, topic = Settings.from_env({}), f"{RAW_TOPIC}.batched"  # apart: the consume floor reads RAW_TOPIC
+    ensure_topic(list(producer.config["bootstrap_servers"]), topic, PARTITIONS)
+    parts = sorted(producer.partitions_for(topic))  # metadata outside the timing
+    t0 = time.perf_counter()
+    futures = [producer.send(topic, value=r.value, partition=parts[r.partition])
+               for r in pack(records, len(parts), max_events=defaults.record_events, max_bytes=defaults.record_bytes)]
+    producer.flush(timeout=120)
+    for f in futures:
+        f.get(timeout=30)
+    b.add(F_PRODUCE_BATCHED, rate(len(records), time.perf_counter() - t0), "events/s",
+          note=f"{len(futures)} records of up to {defaults.record_events} events, same producer settings")
 
 
 def bench_shipper(b: Bench, work: Path, lines: list[bytes], settings) -> None:
@@ -172,7 +194,8 @@ def bench_shipper(b: Bench, work: Path, lines: list[bytes], settings) -> None:
         shutil.rmtree(settings.spool_dir, ignore_errors=True)
     if shipped != len(lines):
         raise RuntimeError(f"shipped {shipped} of {len(lines)} events")
-    b.add("shipper ship_once", rate(shipped, seconds), "events/s", F_PRODUCE, note=f"{segments} segments")
+    b.add("shipper ship_once", rate(shipped, seconds), "events/s", F_PRODUCE_BATCHED, note=f"{segments} segments")
+    b.add("shipper ship_once", rate(shipped, seconds), "events/s", F_PRODUCE, note="vs single-record produce")
 
 
 def produce_directly(_b: Bench, bootstrap: str, topic: str, events: list) -> None:

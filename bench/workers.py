@@ -7,8 +7,13 @@ stops them and prints one table (also written to bench/results/workers.json).
 
 FLOORS use no project code in the hot path, on the same events (~450-byte JSON values):
 - kafka raw consume: kafka-python, manual assign, seek_to_beginning, 5000 records per poll (the
-  workers' consumer settings), values not even parsed, on the very topic the workers drain; a new
-  consumer each round, best of ROUNDS (single passes swing by +-15%, and the box drifts over minutes);
+  workers' consumer settings), on the very topic the workers drain, which holds batched records as the
+  shipper writes them (core/records.py, ADR 55): each record split into its events' bytes, not parsed,
+  and the rate given in events/s; a new consumer each round, best of ROUNDS (single passes swing by
+  +-15%, and the box drifts over minutes). The ratios are against this floor;
+- kafka raw consume, single-event records: the same, on the same events written one record each (the
+  topic's format before ADR 55; the floor the ratios had then), measured in the same rounds, shown with
+  the stages against it too: how much batching bought, on the floor that had been the bound;
 - pg raw COPY: one psycopg COPY of the (hash, domain, type, ts, value) rows, built beforehand,
   into a plain table of a durable server;
 - chdb raw insert: one clickhouse-connect insert of the pre-built columns (column_oriented,
@@ -68,9 +73,13 @@ from bench.common import (
     say,
     start_servers,
 )
+from core.records import is_batch, split_batch
 from workers.gc_policy import tune_for_streaming
 
 F_CONSUME, F_COPY, F_CH_INSERT = "kafka raw consume, workers' topic", "pg raw COPY", "chdb raw insert"
+# The same events as single-event records (the format before ADR 55): the floor the ratios had before.
+F_CONSUME_SINGLE = "kafka raw consume, single-event records"
+SINGLE_TOPIC = "tally.events.single"
 F_LOADER_FLOOR = "loader floor: min(consume, chdb insert)"
 TOPIC, PARTITIONS = "tally.events", 4
 _EPOCH, _MS = datetime(1970, 1, 1, tzinfo=UTC), timedelta(milliseconds=1)
@@ -133,7 +142,9 @@ def bench_ch_insert(b: Bench, ch_dsn: str, events: list) -> None:
 
 
 def consume_once(bootstrap: str, topic: str, n: int) -> float:
-    """One raw kafka-python consume of the workers' own topic (same records, same batches), msgs/s.
+    """One raw kafka-python consume of the workers' own topic (same records, same batches), events/s: a
+    batched record (core/records.py) is split into its events' bytes (not parsed), a single-event record
+    counts one.
 
     A new consumer, timed from its seek to the beginning (metadata already loaded) to the last
     record, as a worker stage is timed from its assignment: a reused consumer would first wait for
@@ -152,14 +163,44 @@ def consume_once(bootstrap: str, topic: str, n: int) -> float:
         while got < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"consumed {got} of {n}")
-            got += sum(len(msgs) for msgs in consumer.poll(timeout_ms=500).values())
+            for msgs in consumer.poll(timeout_ms=500).values():
+                got += sum(len(split_batch(m.value)) if is_batch(m.value) else 1 for m in msgs)
         return rate(got, time.perf_counter() - t0)
     finally:
         consumer.close()
 
 
+def produce_batched(bootstrap: str, topic: str, events: list, settings) -> int:
+    """Put `events` on a fresh topic as the shipper does: batched records per partition (core/records.py,
+    TALLY_KAFKA_RECORD_EVENTS / _BYTES), in the same order. Returns the number of records."""
+    return produce_packed(bootstrap, topic, ((e.domain.encode(), e.to_json()) for e in events), settings)
+
+
+def produce_packed(bootstrap: str, topic: str, keyed: Iterable[tuple[bytes, bytes]], settings) -> int:
+    """`produce_batched` of (domain bytes, event JSON) pairs."""
+    from core.records import pack
+    from workers.kafka_io import ensure_topic, make_producer
+
+    ensure_topic([bootstrap], topic, PARTITIONS)
+    producer = make_producer([bootstrap])
+    errors: list[BaseException] = []
+    sent = 0
+    try:
+        parts = sorted(producer.partitions_for(topic))
+        for record in pack(keyed, len(parts), max_events=settings.record_events, max_bytes=settings.record_bytes):
+            producer.send(topic, value=record.value, partition=parts[record.partition]).add_errback(errors.append)
+            sent += 1
+        producer.flush(timeout=300)
+    finally:
+        producer.close(timeout=10)
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {sent} records not acknowledged: {errors[0]!r}")
+    return sent
+
+
 def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]]) -> int:
-    """Put (key, value) records on a fresh topic, as the shipper would (make_producer: acks=all, lz4)."""
+    """Put (key, value) records on a fresh topic, as the shipper did before batched records (make_producer:
+    acks=all, lz4)."""
     from workers.kafka_io import ensure_topic, make_producer
 
     ensure_topic([bootstrap], topic, PARTITIONS)
@@ -325,22 +366,30 @@ def add_loader(b: Bench, label: str, eps: float, note: str) -> None:
 
 
 def bench_rounds(b: Bench, settings, bootstrap: str, n: int, profile: str | None = None,
-                 rounds: int = ROUNDS) -> None:
-    """The consume floor, the rollup worker and the loader, interleaved `rounds` times; best of each."""
+                 rounds: int = ROUNDS, single_topic: str | None = None) -> None:
+    """The consume floor, the rollup worker and the loader, interleaved `rounds` times; best of each. With
+    `single_topic` (the same events as single-event records), its raw consume too, in each round."""
     consumed: list[float] = []
+    singles: list[float] = []
     rollup: tuple[list[float], list[str]] = ([], [])
     loader: tuple[list[float], list[str]] = ([], [])
     for i in range(rounds):
         say(f"[bench] round {i + 1} of {rounds}: consume, rollup drain, loader drain ...")
         settle(settings)
         consumed.append(consume_once(bootstrap, settings.topic, n))
+        if single_topic:
+            singles.append(consume_once(bootstrap, single_topic, n))
         for (figures, notes), once, name in ((rollup, rollup_once, "rollup"), (loader, loader_once, "loader")):
             eps, note = once(settings, n, profile=profile == name and i == 0, empty_first=i > 0)
             figures.append(eps)
             notes.append(note)
-    b.add(F_CONSUME, max(consumed), "msgs/s",
-          note=f"manual assign, 5000/poll, the workers' topic; a new consumer each round; best of "
-               f"{', '.join(f'{f:,.0f}' for f in consumed)}")
+    b.add(F_CONSUME, max(consumed), "events/s",
+          note=f"manual assign, 5000/poll, the workers' topic (batched records split into events, not parsed); "
+               f"a new consumer each round; best of {', '.join(f'{f:,.0f}' for f in consumed)}")
+    if singles:
+        b.add(F_CONSUME_SINGLE, max(singles), "events/s",
+              note=f"the same events, one record each (before ADR 55); best of "
+                   f"{', '.join(f'{f:,.0f}' for f in singles)}")
     add_loader_floor(b)
     # The ratio is best stage / best floor. Each round's own ratio (the stage against the floor measured
     # a minute before it) is shown too: when the box's speed drifts within the run, the bests can come
@@ -353,6 +402,11 @@ def bench_rounds(b: Bench, settings, bootstrap: str, n: int, profile: str | None
                     f"(median {paired[len(paired) // 2]:.2f}); {note}" for note in notes]
     add_rollup(b, "rollup drain -> PG", *_best(*rollup))
     add_loader(b, "loader drain -> chDB", *_best(*loader))
+    if singles:  # the stages against the floor they had when every event was a record of its own
+        b.add("rollup drain -> PG", max(rollup[0]), "events/s", F_CONSUME_SINGLE,
+              note="same run, vs single-record floor")
+        b.add("loader drain -> chDB", max(loader[0]), "events/s", F_CONSUME_SINGLE,
+              note="same run, vs single-record floor")
 
 
 def add_loader_floor(b: Bench) -> None:
@@ -366,6 +420,7 @@ def bench_memory(b: Bench, env: dict[str, str], events: list, factor: int, work:
     fresh child process built as the worker is (bench/worker_memory.py); peak RSS of each, and the
     ratio of the larger backlog's peak to the smaller's (flat: about 1)."""
     from bench.worker_memory import measure_in_child
+    from core.config import Settings
 
     base = [e.to_json() for e in events]
     chdb = f"chdb://{work / 'chdb-memory'}"  # the children's own: chDB opens a path in one process only
@@ -379,7 +434,7 @@ def bench_memory(b: Bench, env: dict[str, str], events: list, factor: int, work:
                 # a fresh hash per copy, so that both stores count every one of them
                 yield e.domain.encode(), line.replace(e.hash.encode(), uuid.uuid4().hex.encode(), 1)
 
-        produce(env["TALLY_KAFKA_BOOTSTRAP"], topic, records())
+        produce_packed(env["TALLY_KAFKA_BOOTSTRAP"], topic, records(), Settings.from_env(env))
         for which in ("rollup", "loader"):
             say(f"[bench] {which} drains {n:,} events in a fresh process ...")
             r = measure_in_child(which, n, {**env, "TALLY_KAFKA_TOPIC": topic, "TALLY_CLICKHOUSE_DSN": chdb})
@@ -414,10 +469,12 @@ def run(b: Bench, profile: str | None, memory: bool) -> dict[str, object]:
             "TALLY_CLICKHOUSE_DSN": f"chdb://{work / 'chdb'}", "TALLY_KAFKA_TOPIC": TOPIC,
             "TALLY_KAFKA_PARTITIONS": str(PARTITIONS), "TALLY_CONSUMER_SESSION_TIMEOUT_MS": "6000"}
         settings = Settings.from_env(env)
-        if not b.measure("fill the topic", lambda _b: produce(bootstrap, TOPIC,
-                                                               ((e.domain.encode(), e.to_json()) for e in events))):
+        if not b.measure("fill the topic", lambda _b: produce_batched(bootstrap, TOPIC, events, settings)):
             return {}
-        run_worker_benches(b, settings, dsn, bootstrap, events, profile=profile)
+        if not b.measure("fill the single-record topic", lambda _b: produce(
+                bootstrap, SINGLE_TOPIC, ((e.domain.encode(), e.to_json()) for e in events))):
+            return {}
+        run_worker_benches(b, settings, dsn, bootstrap, events, profile=profile, single_topic=SINGLE_TOPIC)
         if memory:
             b.measure("memory, 1x and 10x backlog", bench_memory, env, events, 10, work)
         say("[bench] stopping servers ...")
@@ -425,11 +482,12 @@ def run(b: Bench, profile: str | None, memory: bool) -> dict[str, object]:
 
 
 def run_worker_benches(b: Bench, settings, dsn: str, bootstrap: str, events: list, *,
-                       profile: str | None = None) -> None:
+                       profile: str | None = None, single_topic: str | None = None) -> None:
     """The floors and both workers, on a topic that already holds `events` (also called by bench.run)."""
     b.measure(F_COPY, bench_pg_copy, dsn, events)
     b.measure(F_CH_INSERT, bench_ch_insert, settings.clickhouse_dsn, events)
-    b.measure("consume floor and both workers, interleaved", bench_rounds, settings, bootstrap, len(events), profile)
+    b.measure("consume floor and both workers, interleaved", bench_rounds, settings, bootstrap, len(events), profile,
+              ROUNDS, single_topic)
 
 
 def _cpu_s(pid: int) -> float:

@@ -18,6 +18,8 @@ class Rejected:
     offset: int
     error: str
     payload: bytes
+    # The event's 0-based position in a batched record (core/records.py; the error names it too), or None.
+    index: int | None = None
 
 
 @dataclass(slots=True)

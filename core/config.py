@@ -118,6 +118,14 @@ class Settings:
         "TALLY_KAFKA_REPLICATION_FACTOR", 1, Integer(1, 7),
         "replicas of the raw-events topic (the default suits the one embedded broker); set `3` in production: "
         "with 2+ replicas the topic gets `min.insync.replicas=2`")
+    record_events: int = setting(
+        "TALLY_KAFKA_RECORD_EVENTS", 250, Integer(1, 10_000),
+        "events per Kafka record at most: the shipper packs a partition's events into batched records "
+        "(docs/record-format.md, ADR 55); `1` still writes the batched format, one event each")
+    record_bytes: int = setting(
+        "TALLY_KAFKA_RECORD_BYTES", 256 * 1024, Integer(1024, 768 * 1024, size=True),
+        "bytes of events per Kafka record at most (below the producer's 1 MiB request limit and the "
+        "broker's message size); an event bigger than this travels alone")
     # PostgreSQL. `None` means "start embedded PostgreSQL under home". May carry a password: never printed.
     pg_dsn: str | None = setting(
         "TALLY_PG_DSN", None, Dsn(("postgresql", "postgres")), "PostgreSQL, `postgresql://user@host:port/db`",

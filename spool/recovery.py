@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from core.pids import pid_running, started_at
+from spool import watermark
 from spool.segments import NEW, OPEN, SEALED, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def recover_orphans(directory: Path, *, new_grace_s: float = 60.0, trust_pids: b
     `trust_pids=False` decides by the locks alone (the tests use it to prove the locks suffice)."""
     recovered = sum(_recover_open(path, trust_pids) for path in sorted(directory.glob(f"*{OPEN}")))
     removed = sum(_remove_stale_new(path, new_grace_s) for path in directory.glob(f"*{NEW}"))
+    _remove_stray_watermarks(directory)
     if recovered or removed:
         fsync_dir(directory)
     return recovered
@@ -66,9 +68,19 @@ def _recover_open(path: Path, trust_pids: bool) -> bool:
             log.info("spool: sealed the orphan segment %s (%d bytes)", path.name, keep)
         else:
             path.unlink()
+        watermark.remove(path)  # a sealed segment ships by its size (ADR 56)
         return True
     finally:
         os.close(fd)
+
+
+def _remove_stray_watermarks(directory: Path) -> None:
+    """Remove the watermark files whose `.open` segment is gone (a writer died between its seal's rename
+    and the unlink). A writer makes its watermark only after the `.open` name exists, so a missing `.open`
+    means sealed or gone: the watermark is no longer read by anyone."""
+    for mark in (directory / watermark.MARKS).glob(f"*{watermark.LEN}"):
+        if not watermark.segment_of(mark, OPEN).exists():
+            mark.unlink(missing_ok=True)
 
 
 def _remove_stale_new(path: Path, grace_s: float) -> bool:

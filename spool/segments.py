@@ -16,11 +16,13 @@ recovery (spool/recovery.py) seals only `.open` files whose lock it holds itself
 whose writer process is gone, and deletes only `.new` files (which never hold a line).
 
 Contract of `SpoolWriter.append`: when it returns, the lines are on disk (written and
-fdatasync'd) in a file that has a name in the spool directory. If it raises, none of the lines
-are in the segment (a partial write is truncated away). Concurrent appends in one process share
-one write and one fdatasync (group commit), without weakening that contract. An append is refused
-(SpoolFull, before anything is written) when it would leave less than `reserve_bytes` free on the
-spool's filesystem: that room belongs to the shipper, whose bookkeeping must go on on a full disk.
+fdatasync'd) in a file that has a name in the spool directory, and the segment's published durable
+length (spool/watermark.py: what the shipper may read of an open segment, ADR 56) covers them.
+If it raises, none of the lines are in the segment (a partial write is truncated away). Concurrent
+appends in one process share one write and one fdatasync (group commit), without weakening that
+contract. An append is refused (SpoolFull, before anything is written) when it would leave less than
+`reserve_bytes` free on the spool's filesystem: that room belongs to the shipper, whose bookkeeping must
+go on on a full disk.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import crc32c
+
+from spool import watermark
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +138,7 @@ class SpoolWriter:
         self._fd: int | None = None
         self._path: Path | None = None
         self._size = 0
+        self._mark: int | None = None  # the open segment's watermark file (spool/watermark.py), if made
         self._opened_at = 0.0
         self._seq = 0
         self._pid = os.getpid()
@@ -205,6 +210,7 @@ class SpoolWriter:
                 raise _classify(exc) from exc
             self._size = start + len(data)
             self._check_named()
+            self._publish()
         self.flushes += 1
 
     def _check_room(self, size: int) -> None:
@@ -221,9 +227,31 @@ class SpoolWriter:
             path = self._path
             os.close(self._fd)
             self._fd, self._path, self._size = None, None, 0
+            self._drop_mark(path)
             log.error("spool: the open segment %s lost its name while this writer held it; its lines are "
                       "not acknowledged", path)
             raise OSError(errno.ESTALE, f"spool segment {path} was removed while open")
+
+    def _publish(self) -> None:
+        """Publish the segment's acknowledged-durable length for the shipper (ADR 56): after the fdatasync and
+        the name check, before the caller answers. Advice only: if it cannot be written, the segment ships
+        when sealed, as before open segments were shipped."""
+        if self._mark is None:
+            return
+        try:
+            watermark.publish(self._mark, self._size)
+        except OSError as exc:
+            log.warning("spool: cannot publish the durable length of %s (%s); the rest ships when sealed",
+                        self._path, exc)
+            self._drop_mark(None)  # what it says stays true: a lower bound of the durable length
+
+    def _drop_mark(self, segment: Path | None) -> None:
+        """Close the watermark file; remove it too when `segment` (its segment) is given."""
+        if self._mark is not None:
+            os.close(self._mark)
+            self._mark = None
+        if segment is not None:
+            watermark.remove(segment)
 
     def readiness(self, *, recent_full_s: float = 30.0) -> str | None:
         """None if appends can be expected to succeed; else why not (for /readyz): the disk refused an
@@ -259,6 +287,7 @@ class SpoolWriter:
             if self._fd is not None:
                 os.close(self._fd)
             self._fd, self._path, self._size = None, None, 0
+            self._drop_mark(None)  # the parent's: it keeps publishing through its own descriptor
             self._pid = os.getpid()
             self._prefix = f"{socket.gethostname()}-{self._pid}"
 
@@ -285,6 +314,10 @@ class SpoolWriter:
                 raise
             self._fd, self._path, self._size = fd, path, 0
             self._opened_at = time.monotonic()
+            try:  # after the `.open` name exists (recovery removes a watermark whose `.open` is gone)
+                self._mark = watermark.create(path)
+            except OSError as exc:
+                log.warning("spool: no watermark for %s (%s); it ships when sealed", path.name, exc)
             return
         raise OSError(errno.EAGAIN, f"could not create a spool segment in {attempts} attempts")
 
@@ -300,6 +333,7 @@ class SpoolWriter:
             fsync_dir(self.directory)
         finally:
             os.close(fd)
+            self._drop_mark(path)  # after the rename: a sealed segment ships by its size
 
     def _undo(self, size: int) -> None:
         assert self._fd is not None
@@ -309,6 +343,7 @@ class SpoolWriter:
             log.exception("spool: could not truncate %s after a failed write", self._path)
             os.close(self._fd)
             self._fd, self._path, self._size = None, None, 0
+            self._drop_mark(None)  # the published length stays below the torn write; recovery seals it later
 
 
 def disk_full(exc: OSError) -> bool:

@@ -154,7 +154,8 @@ def build_shipper(settings: Settings) -> Shipper:
         readers[LOADER_GROUP] = loader
     return Shipper(settings.spool_dir, producer, settings.topic, retain_s=settings.spool_retain_s,
                    retain_bytes=settings.spool_retain_bytes, offset_readers=readers,
-                   unchecked_groups=set(readers) != {ROLLUP_GROUP, LOADER_GROUP})
+                   unchecked_groups=set(readers) != {ROLLUP_GROUP, LOADER_GROUP},
+                   record_events=settings.record_events, record_bytes=settings.record_bytes)
 
 
 def cli_secret(settings: Settings) -> str:

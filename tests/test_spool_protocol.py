@@ -110,7 +110,8 @@ def test_recovery_at_any_point_of_the_writer_loses_and_doubles_nothing(tmp_path,
         recover_orphans(directory, new_grace_s=0.0, trust_pids=trust_pids)  # what the shipper finds afterwards
         assert sealed_lines(directory) == Counter(acked), f"recovery before the writer's call {at}"
         assert len(acked) == 6, f"recovery before call {at} made {6 - len(acked)} appends fail"
-        assert [p.name for p in directory.iterdir() if not p.name.endswith(".seg")] == []
+        assert [p.name for p in directory.iterdir() if p.is_file() and not p.name.endswith(".seg")] == []
+        assert list(directory.glob("*/*")) == [], "a watermark outlived its open segment"
 
 
 def test_a_writer_never_acknowledges_into_a_segment_that_lost_its_name(tmp_path):

@@ -180,6 +180,7 @@ class FlakySink:
 def test_a_store_failure_amid_pipelined_writes_stores_every_event_once(pipeline, domain, settings):
     n = 400
     pipeline.post([{"domain": domain, "url": f"https://{domain}/{i}"} for i in range(n)])
+    pipeline.shipper.record_events = 1  # one event a record, so that 7-record polls make many small writes
     pipeline.ship()
     client = connect(settings.clickhouse_dsn)
     sink = FlakySink(LoaderSink(client, settings.clickhouse_database, f"loader-{uuid.uuid4().hex[:8]}"))

@@ -26,12 +26,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from core.batch import Batch, Rejected
 from core.event import REFUSALS_MARK, EventError, decode_refusal_count, decode_stored, decode_stored_many
+from core.records import RecordFormatError, is_batch, split_batch
 from workers.incarnation import IncarnationWatch
 from workers.lag import LagReporter
 from workers.pipelined_writer import PipelinedWriter
@@ -65,37 +67,78 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 def decode(topic: str, topic_id: str, records: Polled) -> Batch:
-    """Pure transform from polled records to a Batch (core.event.decode_stored on every value).
+    """Pure transform from polled records to a Batch (core.event.decode_stored on every event).
 
-    A partition's records that are all well-formed events (the usual case) are decoded in one
-    `decode_stored_many` call; otherwise one by one, which sets the malformed ones apart."""
+    A record is a batched record of many events (core/records.py, docs/record-format.md) or a single
+    event (older data on the topic, other producers) or a collector's refusal count. A partition's
+    records that hold only well-formed events (the usual case) are decoded in one `decode_stored_many`
+    call; otherwise record by record and event by event, which sets the malformed ones apart: a bad
+    event inside a batched record alone (its error names its position), a batched record that cannot be
+    read as a whole (another format version, a count that does not match) as one rejected record."""
     batch = Batch(topic=topic, topic_id=topic_id)
-    append, rejected, count = batch.events.append, batch.rejected, batch.counts.append
     for tp, messages in records.items():
         if not messages:
             continue
         partition = tp.partition
         batch.first_offsets.setdefault(partition, messages[0].offset)
         batch.next_offsets[partition] = messages[-1].offset + 1
-        values = [msg.value for msg in messages]
-        if None not in values and not any(REFUSALS_MARK in v for v in values):
+        values = _event_values(messages)
+        if values is not None:
             events = decode_stored_many(values)
             if events is not None:
                 batch.events.extend(events)
                 continue
         for msg in messages:
-            try:
-                if REFUSALS_MARK in msg.value:  # a collector's refusal count, not an event
-                    count(decode_refusal_count(msg.value))
-                else:
-                    append(decode_stored(msg.value))
-            except EventError as exc:
-                rejected.append(Rejected(partition, msg.offset, str(exc), msg.value))
-            except Exception as exc:
-                error = "$: empty record value" if msg.value is None else \
-                    f"undecodable: {type(exc).__name__}: {exc}"
-                rejected.append(Rejected(partition, msg.offset, error, msg.value or b""))
+            _decode_record(batch, partition, msg.offset, msg.value)
     return batch
+
+
+def _event_values(messages: list[Any]) -> list[bytes] | None:
+    """Every event of `messages` (batched records split), or None if some record needs a closer look
+    (no value, a refusal count, an unreadable batched record)."""
+    values: list[bytes] = []
+    for msg in messages:
+        value = msg.value
+        if value is None or REFUSALS_MARK in value:
+            return None
+        if value[:1] == b"{":
+            values.append(value)
+            continue
+        try:
+            values.extend(split_batch(value))
+        except RecordFormatError:
+            return None
+    return values
+
+
+def _decode_record(batch: Batch, partition: int, offset: int, value: bytes | None) -> None:
+    """One record into `batch`: its events, its refusal count, or what is rejected of it."""
+    if value is None:
+        batch.rejected.append(Rejected(partition, offset, "$: empty record value", b""))
+        return
+    if not is_batch(value):
+        _decode_one(batch, partition, offset, value, "")
+        return
+    try:
+        lines = split_batch(value)
+    except RecordFormatError as exc:
+        batch.rejected.append(Rejected(partition, offset, f"$: {exc}", value))
+        return
+    for i, line in enumerate(lines):
+        _decode_one(batch, partition, offset, line, f" (event {i + 1} of {len(lines)} in the batched record)", i)
+
+
+def _decode_one(batch: Batch, partition: int, offset: int, value: bytes, where: str, index: int | None = None) -> None:
+    try:
+        if REFUSALS_MARK in value:  # a collector's refusal count, not an event
+            batch.counts.append(decode_refusal_count(value))
+        else:
+            batch.events.append(decode_stored(value))
+    except EventError as exc:
+        batch.rejected.append(Rejected(partition, offset, f"{exc}{where}", value, index))
+    except Exception as exc:
+        batch.rejected.append(Rejected(partition, offset, f"undecodable: {type(exc).__name__}: {exc}{where}",
+                                       value, index))
 
 
 class ConsumerLoop:

@@ -51,6 +51,12 @@ def make_consumer(bootstrap: Sequence[str], group: str, *, session_timeout_ms: i
         heartbeat_interval_ms=max(100, session_timeout_ms // 6),
         max_poll_records=5000,
         max_partition_fetch_bytes=4 * 1024 * 1024,
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
+        # A quiet topic's fetch is answered after at most this wait; a busy one's at once (fetch_min_bytes = 1).
+        # kafka-python's 500 ms default held a record arriving during the wait ~125 ms on tansu (the whole wait
+        # on a broker that does not answer early); 50 ms: ~10 ms, for an idle consumer's 20 small requests a
+        # second (ADR 56).
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
     )
     config.update(overrides)
     consumer = KafkaConsumer(**config)

@@ -1,4 +1,8 @@
-"""The shipper: forwards sealed spool segments to Kafka, and keeps them until it is safe to drop them.
+"""The shipper: forwards spool segments to Kafka, and keeps them until it is safe to drop them.
+
+An open segment ships as it grows, up to the length its writer published as acknowledged-durable, and
+the rest once it is sealed; how far each went is recorded after Kafka's ack (workers/ship_progress.py,
+ADR 56), so no line goes twice across a seal, and a crash re-sends at most the part in flight.
 
 Contract: a segment leaves the spool only after Kafka acknowledged (acks=all) every
 record in it, and even then it is not deleted: it moves to `spool/shipped/` with the
@@ -35,13 +39,45 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from core import metrics
+from core.records import pack
 from spool.recovery import recover_orphans
-from spool.segments import CorruptRecord, disk_full, fsync_dir, read_record, sealed_segments, segment_records
+from spool.segments import (
+    OPEN,
+    SEALED,
+    CorruptRecord,
+    disk_full,
+    fsync_dir,
+    read_record,
+    sealed_segments,
+    segment_records,
+)
 from workers.retention import OffsetReader, Retained, RetainedSegments, Shipment, decide
+from workers.ship_progress import Part, Progress, ProgressBook, merge, open_part, open_pending, sealed_part
+from workers.stored_offsets import StoredOffsets
 
 log = logging.getLogger(__name__)
 
 QUARANTINE_MAX_BYTES = 64 * 1024 * 1024
+# How often an idle shipper looks for new acknowledged-durable lines (ADR 56): a directory listing and a
+# 16-byte read per open segment. A full pass (orphan recovery, topic id, retention) runs every `idle_wait_s`.
+TICK_S = 0.02
+OPEN_PAUSE_S = 10.0  # open segments wait for their seal this long after the disk had no room for a progress record
+
+
+def keyed_events(data: bytes) -> tuple[list[tuple[bytes, bytes]], list[tuple[str, bytes]]]:
+    """The (domain bytes, payload) of every intact spool record in `data`, and the (reason, line) of the others
+    (torn | checksum | unframed | not_an_event)."""
+    keyed: list[tuple[bytes, bytes]] = []
+    bad: list[tuple[str, bytes]] = []
+    for line in segment_records(data):
+        try:
+            payload = read_record(line)
+            keyed.append((orjson.loads(payload)["domain"].encode(), payload))
+        except CorruptRecord as exc:
+            bad.append((exc.reason, line))
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            bad.append(("not_an_event", line))
+    return keyed, bad
 
 
 class ShipError(RuntimeError):
@@ -53,8 +89,11 @@ class Shipper:
                  ack_timeout_s: float = 30.0, retain_s: float = 3600.0, retain_bytes: int = 1 << 30,
                  offset_readers: dict[str, OffsetReader] | None = None, unchecked_groups: bool = True,
                  topic_id_probe: Callable[[], str | None] | None = None, retention_interval_s: float = 2.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, record_events: int = 250,
+                 record_bytes: int = 256 * 1024) -> None:
         self.spool_dir = spool_dir
+        self.record_events = record_events  # events per Kafka record at most (TALLY_KAFKA_RECORD_EVENTS)
+        self.record_bytes = record_bytes  # and bytes (TALLY_KAFKA_RECORD_BYTES)
         self.make_producer = make_producer
         self._producer: KafkaProducer | None = None
         self.topic = topic
@@ -84,24 +123,67 @@ class Shipper:
         # Acknowledged segments left in the spool because the disk had no room for their sidecars (ADR 28).
         self._held: dict[Path, Retained] = {}
         self.retained.remove_orphan_sidecars()
+        # How much of each segment went already (open segments ship their durable prefix as it grows; ADR 56).
+        self.progress = ProgressBook(spool_dir)
+        self.progress.remove_strays()
+        self._seen_topic_id: str | None = None  # the incarnation the last topic id read named
+        self._open_paused_until = 0.0  # monotonic; open segments are not shipped before it (a full disk)
+        self._stored = StoredOffsets(lambda topic_id: {group: read(self.topic, topic_id)
+                                                       for group, read in self.offset_readers.items()})
 
     def ship_once(self) -> int:
         """Re-ship retained segments if the topic incarnation changed, ship every sealed segment present
-        now, then drop the retained segments that are safe to drop. Returns the number of new records
-        acknowledged (re-shipped ones are counted in `reshipped`)."""
+        now and the new acknowledged-durable lines of every open one, then drop the retained segments that
+        are safe to drop. Returns the number of new records acknowledged (re-shipped ones are counted in
+        `reshipped`)."""
         recover_orphans(self.spool_dir)
         self._retain_held()
         topic_id = self.topic_id()
         if topic_id:
             self._reship_stale(topic_id)
+        total = self.ship_new()
+        if time.monotonic() >= self._next_retention:
+            self.apply_retention()
+            self.progress.remove_strays()
+            self._next_retention = time.monotonic() + self.retention_interval_s
+        return total
+
+    def ship_new(self) -> int:
+        """Ship what is not shipped yet: the rest of every sealed segment, then the acknowledged-durable lines
+        of every open one (ADR 56). Returns the number of new records acknowledged."""
         total = 0
         for segment in sealed_segments(self.spool_dir):
             if segment not in self._held:
                 total += self.ship_segment(segment)
-        if time.monotonic() >= self._next_retention:
-            self.apply_retention()
-            self._next_retention = time.monotonic() + self.retention_interval_s
+        if time.monotonic() >= self._open_paused_until:
+            for segment in sorted(self.spool_dir.glob(f"*{OPEN}")):
+                total += self.ship_segment(segment)
         return total
+
+    def _note_progress(self, segment: Path, progress: Progress) -> None:
+        """Record an open segment's progress. A disk too full for the record must not stop the shipper (ADR 28):
+        open segments then wait for their seal for a while (the part just sent goes again then: doubles only)."""
+        try:
+            self.progress.put(segment, progress)
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            self._open_paused_until = time.monotonic() + OPEN_PAUSE_S
+            log.warning("shipper: no room for the progress of %s; open segments ship when sealed for %.0f s",
+                        segment.name, OPEN_PAUSE_S)
+
+    def has_new(self) -> bool:
+        """Whether `ship_new` would find something: a sealed segment, or an open one whose published durable
+        length is past what went. Cheap enough to ask every TICK_S."""
+        with os.scandir(self.spool_dir) as entries:
+            for entry in entries:
+                path = Path(entry.path)
+                if entry.name.endswith(SEALED) and path not in self._held:
+                    return True
+                if entry.name.endswith(OPEN) and time.monotonic() >= self._open_paused_until and \
+                        open_pending(path, self.progress.get(path), self._seen_topic_id):
+                    return True
+        return False
 
     # -- topic incarnation ------------------------------------------------------------------------
 
@@ -110,6 +192,12 @@ class Shipper:
 
         Raises ShipError when the broker answers that the topic does not exist: the producer factory
         creates it with the configured partitions (a send would auto-create it with the broker's)."""
+        found = self._read_topic_id()
+        if found:
+            self._seen_topic_id = found  # what a part's progress must name to be continued (ADR 56)
+        return found
+
+    def _read_topic_id(self) -> str | None:
         if self._probe is not None:
             return self._probe()
         for attempt in (1, 2):  # a broker restart breaks the admin client's connection: make a new one
@@ -204,11 +292,7 @@ class Shipper:
             topic_id = ""
         stored: dict[str, dict[int, int]] | None = {}
         if topic_id:
-            try:
-                stored = {group: read(self.topic, topic_id) for group, read in self.offset_readers.items()}
-            except Exception as exc:
-                log.info("shipper: cannot read stored offsets (%s); keeping shipped segments", exc)
-                stored = None
+            stored = self._stored.get(topic_id)  # read in the background while running (workers/stored_offsets.py)
         decision = decide(retained, topic=self.topic, topic_id=topic_id, now=self.clock(), stored=stored,
                           unchecked_groups=self.unchecked_groups, retain_s=self.retain_s,
                           retain_bytes=self.retain_bytes)
@@ -249,15 +333,37 @@ class Shipper:
             raise ShipError(f"{segment.name}: Kafka is unavailable ({exc}); will retry") from exc
 
     def _ship_segment(self, segment: Path) -> int:
+        """Ship the part of `segment` not shipped yet: of an open one, up to its published durable length (the
+        progress is then recorded); of a sealed one, the rest, and then it moves into shipped/ with the
+        shipment of all its parts (ADR 56)."""
         t0 = time.monotonic()
-        count, offsets, shipped_to = self._send(segment, quarantine=True)
-        self._keep(segment, Shipment(self.topic, shipped_to, offsets, self.clock(), count))
+        sealed = segment.suffix == SEALED
+        progress = self.progress.get(segment)
+        part = sealed_part(segment, progress, self._seen_topic_id) if sealed else \
+            open_part(segment, progress, self._seen_topic_id)
+        if part is None:
+            return 0
+        count, shipment = self._send_part(segment, part)
+        if not sealed:
+            self._note_progress(segment, Progress(part.end, shipment))
+        else:
+            self._keep(segment, shipment)
+            self.progress.forget(segment)
         self.shipped += count
         metrics.SHIPPED.inc(count)
-        log.info("shipper: shipped segment %s", segment.name, extra={
-            "segment": segment.name, "records": count, "topic": self.topic, "topic_id": shipped_to,
-            "end_offsets": offsets, "duration_ms": round((time.monotonic() - t0) * 1000, 2)})
+        log.log(logging.INFO if sealed else logging.DEBUG, "shipper: shipped %s", segment.name, extra={
+            "segment": segment.name, "records": count, "segment_records": shipment.records, "from_byte": part.begin,
+            "to_byte": part.end, "topic": self.topic, "topic_id": shipment.topic_id,
+            "end_offsets": shipment.end_offsets, "duration_ms": round((time.monotonic() - t0) * 1000, 2)})
         return count
+
+    def _send_part(self, segment: Path, part: Part) -> tuple[int, Shipment]:
+        """Send `part` (nothing when it is empty and earlier parts went); returns its records and the
+        shipment of the segment's parts so far."""
+        if not part.data and part.earlier is not None:  # every line went while it was open
+            return 0, part.earlier
+        count, offsets, shipped_to = self._send(segment, quarantine=True, data=part.data)
+        return count, merge(part.earlier, Shipment(self.topic, shipped_to, offsets, self.clock(), count))
 
     def _keep(self, segment: Path, shipment: Shipment) -> None:
         """Move an acknowledged segment into shipped/. Its sidecar needs a little disk: on a full disk the
@@ -276,9 +382,11 @@ class Shipper:
         log.warning("shipper: the spool disk is too full for a sidecar; %s (%d records, acknowledged by Kafka) is "
                     "held in the spool until the stores have it or there is room", segment.name, shipment.records)
 
-    def _send(self, segment: Path, *, quarantine: bool = False) -> tuple[int, dict[int, int], str]:
-        """Send every intact record of `segment` and wait for all acks. Returns (records, end offset per
-        partition, topic id the records went to; "" when it changed during the send, i.e. unknown)."""
+    def _send(self, segment: Path, *, quarantine: bool = False,
+              data: bytes | None = None) -> tuple[int, dict[int, int], str]:
+        """Send every intact spool record of `segment` (or of `data`, e.g. a durable prefix of it) as batched
+        Kafka records and wait for all acks. Returns (events, end offset per partition, topic id the records
+        went to; "" when it changed during the send, i.e. unknown)."""
         before = self.topic_id()
         if before is None:  # not sending blind: the incarnation it would reach must be named (ADR 16)
             raise ShipError(f"{segment.name}: Kafka is unreachable (no topic metadata); will retry")
@@ -287,19 +395,13 @@ class Shipper:
             # restarted since; a fresh one is made for it (once per incarnation, and after any failure).
             self._discard_producer()
             self._producer_incarnation = before
-        futures = []
-        bad: list[tuple[str, bytes]] = []
-        for line in segment_records(segment.read_bytes()):
-            try:
-                payload = read_record(line)
-                key = orjson.loads(payload)["domain"].encode()
-            except CorruptRecord as exc:
-                bad.append((exc.reason, line))
-                continue
-            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-                bad.append(("not_an_event", line))
-                continue
-            futures.append(self.producer.send(self.topic, key=key, value=payload))
+        keyed, bad = keyed_events(segment.read_bytes() if data is None else data)
+        # A domain's events go to the partition a keyed send of the domain would reach, packed into
+        # batched records (core/records.py, ADR 55): per-record costs are paid once per batch.
+        partitions = sorted(self.producer.partitions_for(self.topic))
+        futures = [self.producer.send(self.topic, value=record.value, partition=partitions[record.partition])
+                   for record in pack(keyed, len(partitions), max_events=self.record_events,
+                                      max_bytes=self.record_bytes)]
         self._flush(before)
         offsets: dict[int, int] = {}
         try:
@@ -316,7 +418,7 @@ class Shipper:
             after = None
         # Acknowledged by an incarnation we cannot name for sure: ship it again to the next one we see.
         shipped_to = before if before and before == after else ""
-        return len(futures), offsets, shipped_to
+        return len(keyed), offsets, shipped_to
 
     def _flush(self, topic_id: str | None) -> None:
         """Wait for every ack, up to `ack_timeout_s`; give up at once if the topic is recreated meanwhile
@@ -376,17 +478,26 @@ class Shipper:
             self._producer = None
 
     def close(self) -> None:
+        self._stored.close()
         self._close_admin()
         if self._producer is not None:
             self._producer.flush(timeout=self.ack_timeout_s)
             self._producer.close(timeout=self.ack_timeout_s)
             self._producer = None
 
-    def run(self, stop: threading.Event, idle_wait_s: float = 0.2) -> None:
+    def run(self, stop: threading.Event, idle_wait_s: float = 0.2, tick_s: float = TICK_S) -> None:
+        """Ship until `stop`: a full pass (`ship_once`) every `idle_wait_s`, and in between, every `tick_s`,
+        whatever `has_new` finds (new durable lines of open segments, newly sealed ones)."""
         backoff = 0.5
+        next_full = 0.0
+        self._stored.background = True  # retention must not hold new lines back while it asks the stores
         while not stop.is_set():
             try:
-                shipped = self.ship_once()
+                if time.monotonic() >= next_full:
+                    shipped = self.ship_once()
+                    next_full = time.monotonic() + idle_wait_s
+                else:
+                    shipped = self.ship_new() if self.has_new() else 0
                 backoff = 0.5
             except (ShipError, OSError) as exc:  # OSError: the spool or quarantine disk
                 log.error("shipper: %s; retrying in %.1fs", exc, backoff)
@@ -395,7 +506,7 @@ class Shipper:
                 backoff = min(backoff * 2, 10.0)
                 continue
             if not shipped:
-                stop.wait(idle_wait_s)
+                stop.wait(tick_s)
         try:  # what the (already stopped) collector spooled last, including its open segments
             self.ship_once()
         except (ShipError, OSError) as exc:  # OSError: the spool or quarantine disk

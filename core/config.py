@@ -228,7 +228,8 @@ class Settings:
         "a spool segment is sealed for shipping at this size, or at `TALLY_SPOOL_SEGMENT_AGE_S`")
     spool_segment_age_s: float = setting(
         "TALLY_SPOOL_SEGMENT_AGE_S", 1.0, Number(0.05, 3600.0),
-        "a spool segment is sealed for shipping at this age (seconds), or at `TALLY_SPOOL_SEGMENT_BYTES`")
+        "a spool segment is sealed for shipping at this age (seconds), or at `TALLY_SPOOL_SEGMENT_BYTES` (its "
+        "acknowledged lines ship before that, as they arrive: ADR 56)")
     # Shipped spool segments are kept (spool/shipped/) until every consumer group stored them. ADR 16.
     spool_retain_s: float = setting(
         "TALLY_SPOOL_RETAIN_S", 3600.0, Number(0.0, 30 * 86_400.0),

@@ -37,6 +37,7 @@ from core.records import RecordFormatError, is_batch, split_batch
 from workers.incarnation import IncarnationWatch
 from workers.lag import LagReporter
 from workers.pipelined_writer import PipelinedWriter
+from workers.regroup import PartitionWatch
 from workers.rewind import Polled, Rewinder
 from workers.sink import Sink
 
@@ -59,6 +60,7 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
         self.loop.settle()
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.loop.partition_watch.on_assigned(self.loop.consumer, sorted(tp.partition for tp in assigned))
         try:
             self.loop.seek_to_stored(sorted(assigned))
         except Exception as exc:
@@ -154,6 +156,7 @@ class ConsumerLoop:
         self.needs_seek = False  # a write failed or an assignment could not be seeked: seek to stored
         self.writer = PipelinedWriter(sink, pipelined=pipelined, max_batch=max_batch)
         self.watch = IncarnationWatch(topic)
+        self.partition_watch = PartitionWatch(topic)  # the partitions the group was joined for (ADR 60)
         self.lag = LagReporter(sink.group)
         # Applies `tally replay`'s rewind requests and marks re-read batches (workers/rewind.py); None: off.
         self.rewinder: Rewinder | None = None
@@ -173,6 +176,20 @@ class ConsumerLoop:
 
     def subscribe(self) -> None:
         self.consumer.subscribe([self.topic], listener=_SeekToStored(self))
+
+    def regroup(self) -> None:
+        """Leave the group and join it again as a new member, so the broker assigns the topic's partitions
+        anew (workers/regroup.py: tansu answers a rejoin with the old assignment). What was gathered is dropped
+        (re-read from the stored offsets once assigned); the write in flight finishes first."""
+        watch = self.partition_watch
+        partitions = watch.current(self.consumer)
+        log.warning("%s: topic %s now has partitions %s, the group was joined for %s; leaving and joining the "
+                    "group again", self.sink.name, self.topic, sorted(partitions), sorted(watch.joined_for))
+        self.settle()
+        self.writer.drop_gathered()
+        self.consumer.unsubscribe()
+        watch.rejoining(partitions)
+        self.subscribe()
 
     def seek_to_stored(self, partitions: list[TopicPartition]) -> None:
         self.settle()  # the stored offsets must include the write in flight, if it succeeds
@@ -231,6 +248,8 @@ class ConsumerLoop:
                         "stored offsets", self.sink.name, self.topic, self.topic_id or "unknown",
                         self.watch.current(self.consumer))
             self.seek_to_stored(sorted(self.consumer.assignment()))
+        if self.partition_watch.due(self.consumer):
+            self.regroup()
         if self.watch.unnamed:
             self.consumer.poll(timeout_ms=min(timeout_ms, 200))
             return False

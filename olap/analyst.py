@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +123,11 @@ class QueryResult:
 # --- parsing -----------------------------------------------------------------------------------
 
 
+PREPARED_CACHE_SIZE = 256  # statements `prepare` remembers (each at most MAX_SQL_BYTES of SQL and its text)
+_PREPARED: OrderedDict[Hashable, str] = OrderedDict()
+_PREPARED_LOCK = threading.Lock()
+
+
 def prepare(client: Client, sql: object, database: str, params: Mapping[str, str] | None = None, *,
             system_catalog: bool = False) -> str:
     """The canonical single statement for `sql`, if analysts may run it with these query parameters (the
@@ -128,7 +135,40 @@ def prepare(client: Client, sql: object, database: str, params: Mapping[str, str
     `system.<x>` names the curated catalog views (the ClickHouse-compatible endpoint's tools; olap/catalog.py).
 
     Raises AnalystQueryError(code="refused") naming the table, function, clause or parameter refused.
+
+    The check is a pure function of its inputs (ClickHouse's parser, this code's allowlist), so an accepted
+    statement is remembered (the last PREPARED_CACHE_SIZE, by SQL, database, parameter values and catalog mode):
+    a dashboard or a freshness probe asking the same again skips the parse round trip (ADR 56). Refusals are
+    not remembered.
     """
+    key = _prepared_key(sql, database, params, system_catalog)
+    if key is not None:
+        with _PREPARED_LOCK:
+            known = _PREPARED.get(key)
+            if known is not None:
+                _PREPARED.move_to_end(key)
+                return known
+    text = _prepare(client, sql, database, params, system_catalog=system_catalog)
+    if key is not None:
+        with _PREPARED_LOCK:
+            _PREPARED[key] = text
+            while len(_PREPARED) > PREPARED_CACHE_SIZE:
+                _PREPARED.popitem(last=False)
+    return text
+
+
+def _prepared_key(sql: object, database: str, params: object, system_catalog: bool) -> Hashable | None:
+    """What `prepare` remembers an accepted statement by; None (not remembered) for input it refuses anyway."""
+    if not isinstance(sql, str) or (params is not None and not isinstance(params, dict)):
+        return None
+    values = params or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
+        return None
+    return sql, database, tuple(sorted(values.items())), system_catalog
+
+
+def _prepare(client: Client, sql: object, database: str, params: Mapping[str, str] | None = None, *,
+             system_catalog: bool = False) -> str:
     if not isinstance(sql, str) or not sql.strip():
         raise AnalystQueryError("refused", "'sql' must be a non-empty string")
     size = len(sql.encode("utf-8", "surrogatepass"))

@@ -226,9 +226,6 @@ def cmd_clickhouse_http(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_analyst_server(settings: Settings, args: argparse.Namespace) -> int:
     from tally.roots import build_analyst_server, build_loader_loop
 
-    # Below everything else on the machine: an analyst query (chDB runs it in this process) yields the CPU
-    # to the collector, the API and the workers whenever they need it (ADR 10).
-    os.nice(ANALYST_NICE)
     app = build_analyst_server(settings)
     loader_thread, stop = None, threading.Event()
     if args.with_loader:
@@ -241,6 +238,12 @@ def cmd_analyst_server(settings: Settings, args: argparse.Namespace) -> int:
     elif settings.clickhouse_dsn.startswith("chdb://"):
         log.warning("analyst-server: embedded chDB DSN without --with-loader; run the loader in this process, "
                     "chDB allows one engine per directory")
+    # Below everything else on the machine: an analyst query (chDB runs it in this process) yields the CPU
+    # to the collector, the API and the workers whenever they need it (ADR 10). Only from here on: on Linux
+    # the nice value is per thread and inherited by the threads a thread starts, so the loader started above
+    # (its writer, its chDB inserts, the engine's merges) keeps the other workers' priority, while this thread
+    # and what it starts next (the request and query threads) run below it (ADR 56 "ClickHouse freshness").
+    os.nice(ANALYST_NICE)
     cmd_reconcile.start_schedule(settings, stop)  # TALLY_RECONCILE_INTERVAL_S; results in reconcile_runs (ADR 20)
     # It listens where TALLY_ANALYST_URL points (loopback by default), not on TALLY_BIND_HOST: only the API calls it.
     url = urlsplit(settings.analyst_url)

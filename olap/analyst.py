@@ -123,7 +123,8 @@ class QueryResult:
 # --- parsing -----------------------------------------------------------------------------------
 
 
-PREPARED_CACHE_SIZE = 256  # statements `prepare` remembers (each at most MAX_SQL_BYTES of SQL and its text)
+PREPARED_CACHE_SIZE = 256  # statements `prepare` remembers
+PREPARED_MAX_BYTES = 32 * 1024  # one remembered entry's SQL, parameter names and values and text at most: 8 MiB in all
 _PREPARED: OrderedDict[Hashable, str] = OrderedDict()
 _PREPARED_LOCK = threading.Lock()
 
@@ -137,7 +138,8 @@ def prepare(client: Client, sql: object, database: str, params: Mapping[str, str
     Raises AnalystQueryError(code="refused") naming the table, function, clause or parameter refused.
 
     The check is a pure function of its inputs (ClickHouse's parser, this code's allowlist), so an accepted
-    statement is remembered (the last PREPARED_CACHE_SIZE, by SQL, database, parameter values and catalog mode):
+    statement is remembered (the last PREPARED_CACHE_SIZE of at most PREPARED_MAX_BYTES each, by SQL, database,
+    parameter values and catalog mode):
     a dashboard or a freshness probe asking the same again skips the parse round trip (ADR 56). Refusals are
     not remembered.
     """
@@ -149,12 +151,17 @@ def prepare(client: Client, sql: object, database: str, params: Mapping[str, str
                 _PREPARED.move_to_end(key)
                 return known
     text = _prepare(client, sql, database, params, system_catalog=system_catalog)
-    if key is not None:
+    if key is not None and _entry_bytes(sql, params, text) <= PREPARED_MAX_BYTES:
         with _PREPARED_LOCK:
             _PREPARED[key] = text
             while len(_PREPARED) > PREPARED_CACHE_SIZE:
                 _PREPARED.popitem(last=False)
     return text
+
+
+def _entry_bytes(sql: object, params: Mapping[str, str] | None, text: str) -> int:
+    """What remembering a statement holds (SQL, parameters, canonical text), in characters."""
+    return len(str(sql)) + len(text) + sum(len(str(k)) + len(str(v)) for k, v in (params or {}).items())
 
 
 def _prepared_key(sql: object, database: str, params: object, system_catalog: bool) -> Hashable | None:

@@ -13,8 +13,10 @@ zone and days of the week. The sink writes `rollup_1d` of a (domain, zone, day) 
 `rollup_dim_1d` row of it, and `oltp.visitors.add_visitors` writes `visitors_1d` of a (domain, zone, day) in the
 same statement as every `visitors_dim_1d` row of it (a rebuild deletes and re-inserts both): so any later change to
 a week's daily dimension rows changes its signature, and a reader uses a week only while the recorded signature
-equals the current one (`valid_weeks`, in the reading statement's own snapshot); otherwise it reads the days, and
-the next pass compacts the week again. Merging a key's partial sketches (`oltp.visitors.compact`) changes no union
+equals the current one (`valid_weeks`); otherwise it reads the days, and the next pass compacts the week again.
+`valid_weeks` is its own statement, before the reading one (read committed): a late event committed between the two
+is missing from that one answer, as if it had arrived a moment later; it is never counted twice, and the next
+answer reads the week from its days. Merging a key's partial sketches (`oltp.visitors.compact`) changes no union
 and touches no `visitors_1d` row of another key; merging `visitors_1d`'s own rows changes the signature (the
 week is then read from its days until compacted again: slower, never wrong).
 

@@ -138,3 +138,18 @@ def test_an_accepted_statement_is_prepared_once_a_refused_one_every_time(ch: Any
         with pytest.raises(AnalystQueryError):
             prepare(counting, f"SELECT * FROM system.users WHERE {os.getpid()} > 0", DB)
         assert counting.queries > asked
+
+
+def test_a_statement_too_big_to_remember_is_checked_every_time(ch: Any) -> None:
+    """The remembered statements are bounded in bytes, not only in number: one with parameter values past
+    PREPARED_MAX_BYTES (64 values of 16 KiB would pin ~1 MiB an entry) is checked again each time."""
+    from olap.analyst import PREPARED_MAX_BYTES, prepare
+
+    counting = _Counting(ch)
+    sql = (f"SELECT count() FROM {DB}.events WHERE domain IN ({{a:String}}, {{b:String}}, {{c:String}})"
+           f" AND {os.getpid()} > 1")
+    big = {name: "x" * (PREPARED_MAX_BYTES // 3 + 1) for name in "abc"}
+    prepare(counting, sql, DB, big)
+    asked = counting.queries
+    prepare(counting, sql, DB, big)
+    assert counting.queries > asked

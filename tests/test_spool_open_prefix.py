@@ -24,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from spool import segments as spool_module
 from spool import watermark
@@ -33,7 +33,7 @@ from spool.segments import SpoolWriter
 from workers import ship_progress
 from workers.kafka_io import ensure_topic, make_consumer, make_producer
 from workers.retention import Shipment, decide, sidecar_of
-from workers.shipper import Shipper
+from workers.shipper import ShipError, Shipper
 from workers.stored_offsets import StoredOffsets
 
 
@@ -518,3 +518,47 @@ def test_consumers_answer_a_quiet_topic_within_a_short_fetch_wait(servers):
         assert consumer.config["fetch_max_wait_ms"] <= 100 and consumer.config["fetch_min_bytes"] == 1
     finally:
         consumer.close()
+
+
+def test_without_a_named_incarnation_open_segments_wait_for_their_seal(servers, tmp_path, monkeypatch):
+    """A broker that names no topic incarnation (Kafka before topic ids): a progress record could not say where
+    its part went, so the next part would start again from byte 0 at every tick. Open segments then ship
+    once, when sealed (the pre-ADR-56 behaviour)."""
+    topic = new_topic(servers, "open-prefix-no-id")
+    spool = tmp_path / "spool"
+    writer = SpoolWriter(spool, max_bytes=1 << 20, max_age_s=3600)
+    shipper = shipper_for(servers, spool, topic)
+    monkeypatch.setattr(shipper, "_read_topic_id", lambda: "")
+    writer.append([line("n", i) for i in range(3)])
+    for _ in range(3):
+        assert shipper.ship_once() == 0 and not shipper.has_new()
+    writer.close()
+    assert shipper.ship_once() == 3
+    shipper.close()
+    want = Counter(line("n", i) for i in range(3))
+    assert topic_lines(servers.bootstrap, topic, want) == want
+
+
+def test_a_partition_gone_from_the_producers_metadata_mid_send_is_a_retry_not_a_dead_shipper(
+        servers, tmp_path, monkeypatch):
+    """kafka-python raises ValueError('Unrecognized partition') when the topic shrank between partitions_for and
+    the send (a topic recreated with fewer partitions): the shipper's loop catches only ShipError and OSError,
+    so that must arrive as a ShipError (retried), and the segment ships on the next pass."""
+    topic = new_topic(servers, "open-prefix-shrunk")
+    spool = tmp_path / "spool"
+    writer = SpoolWriter(spool, max_bytes=1 << 20, max_age_s=3600)
+    writer.append([line("s", i) for i in range(2)])
+    writer.close()
+    shipper = shipper_for(servers, spool, topic)
+
+    def gone(*args, **kwargs):
+        raise ValueError("Unrecognized partition")
+
+    monkeypatch.setattr(KafkaProducer, "send", gone)  # the shipper makes a fresh producer for a new incarnation
+    with pytest.raises(ShipError, match="partitions changed"):
+        shipper.ship_once()
+    monkeypatch.undo()
+    drain(shipper)
+    shipper.close()
+    want = Counter(line("s", i) for i in range(2))
+    assert topic_lines(servers.bootstrap, topic, want) == want

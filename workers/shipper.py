@@ -155,10 +155,16 @@ class Shipper:
         for segment in sealed_segments(self.spool_dir):
             if segment not in self._held:
                 total += self.ship_segment(segment)
-        if time.monotonic() >= self._open_paused_until:
+        if self._ships_open():
             for segment in sorted(self.spool_dir.glob(f"*{OPEN}")):
                 total += self.ship_segment(segment)
         return total
+
+    def _ships_open(self) -> bool:
+        """Open segments ship as they grow only towards a named topic incarnation (a progress record must name
+        where its part went, or the next part would start again from byte 0: a broker without topic ids would
+        get every open segment again at every tick), and not while a full disk pauses progress records."""
+        return bool(self._seen_topic_id) and time.monotonic() >= self._open_paused_until
 
     def _note_progress(self, segment: Path, progress: Progress) -> None:
         """Record an open segment's progress. A disk too full for the record must not stop the shipper (ADR 28):
@@ -180,7 +186,7 @@ class Shipper:
                 path = Path(entry.path)
                 if entry.name.endswith(SEALED) and path not in self._held:
                     return True
-                if entry.name.endswith(OPEN) and time.monotonic() >= self._open_paused_until and \
+                if entry.name.endswith(OPEN) and self._ships_open() and \
                         open_pending(path, self.progress.get(path), self._seen_topic_id):
                     return True
         return False
@@ -399,9 +405,14 @@ class Shipper:
         # A domain's events go to the partition a keyed send of the domain would reach, packed into
         # batched records (core/records.py, ADR 55): per-record costs are paid once per batch.
         partitions = sorted(self.producer.partitions_for(self.topic))
-        futures = [self.producer.send(self.topic, value=record.value, partition=partitions[record.partition])
-                   for record in pack(keyed, len(partitions), max_events=self.record_events,
-                                      max_bytes=self.record_bytes)]
+        try:
+            futures = [self.producer.send(self.topic, value=record.value, partition=partitions[record.partition])
+                       for record in pack(keyed, len(partitions), max_events=self.record_events,
+                                          max_bytes=self.record_bytes)]
+        except ValueError as exc:  # "Unrecognized partition": the topic shrank under the producer's metadata
+            self._discard_producer()
+            raise ShipError(f"{segment.name}: the topic's partitions changed while sending ({exc}); will retry") \
+                from exc
         self._flush(before)
         offsets: dict[int, int] = {}
         try:

@@ -25,14 +25,31 @@ import functools
 import itertools
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from core.config import Settings
+from infra.supervisor import Supervisor
 from tally import topology
 
-if TYPE_CHECKING:
-    from tally.platform import Platform
+
+class Platform(Protocol):
+    """What a control request needs of the running `tally up` (tally/platform.py's Platform; a protocol, so
+    this module does not import the platform that calls it)."""
+
+    base: Settings
+    settings: Settings | None
+    topology: topology.Topology
+    supervisor: Supervisor
+    retired: list[subprocess.Popen[bytes]]
+
+    def _log(self, name: str) -> Path: ...
+
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]: ...
+
+    def _write_run_state(self) -> None: ...
 
 CONTROL_DIR = "run/control"  # under TALLY_HOME
 OPS = ("add", "hold", "release", "retire", "partitions")

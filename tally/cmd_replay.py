@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from core.config import LOADER_GROUP, ROLLUP_GROUP, ConfigError, Settings
+from core.config import LOADER_GROUP, ROLLUP_GROUP, Settings
 from tally.cli_support import add_wait_argument, wait_seconds
 
 if TYPE_CHECKING:
@@ -128,18 +128,6 @@ def wait_applied(dsn: str, request_id: str, wait_s: float, poll_s: float = 0.5) 
     return rows
 
 
-def _bootstrap(settings: Settings) -> tuple[str, ...]:
-    from tally.roots import read_run_state
-
-    if settings.kafka_bootstrap:
-        return settings.kafka_bootstrap
-    state = read_run_state(settings.home)
-    if state.get("kafka_bootstrap"):
-        return tuple(str(state["kafka_bootstrap"]).split(","))
-    raise ConfigError("TALLY_KAFKA_BOOTSTRAP", "is required for this command (host:port,...), "
-                      f"or start `tally up` with TALLY_HOME={settings.home} first")
-
-
 def _fail(message: str, code: int = 2) -> int:
     print(f"tally replay: {message}", file=sys.stderr)
     return code
@@ -149,7 +137,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     import psycopg
 
     from oltp import rewinds
-    from tally.roots import require_pg
+    from tally.roots import admin_bootstrap, require_pg
     from tally.timespec import TimeSyntaxError
 
     try:
@@ -158,7 +146,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         wait_s = wait_seconds(args.wait)
     except (ReplayError, TimeSyntaxError) as exc:
         return _fail(str(exc))
-    dsn, bootstrap = require_pg(settings), _bootstrap(settings)
+    dsn, bootstrap = require_pg(settings), admin_bootstrap(settings)
     groups = list(GROUPS[args.group])
     try:
         topic_id, start = resolve_offsets(bootstrap, settings.topic, since=since, offsets=offsets)

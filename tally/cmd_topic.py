@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from core.config import ConfigError, Settings
+from core.config import Settings
 
 if TYPE_CHECKING:
     from tally.cli_support import SubParsers
@@ -35,18 +35,6 @@ def register(sub: SubParsers) -> None:
     grow.set_defaults(func=cmd_grow)
 
 
-def _bootstrap(settings: Settings) -> tuple[str, ...]:
-    from tally.roots import read_run_state
-
-    if settings.kafka_bootstrap:
-        return settings.kafka_bootstrap
-    state = read_run_state(settings.home)
-    if state.get("kafka_bootstrap"):
-        return tuple(str(state["kafka_bootstrap"]).split(","))
-    raise ConfigError("TALLY_KAFKA_BOOTSTRAP", "is required for this command (host:port,...), "
-                      f"or start `tally up` with TALLY_HOME={settings.home} first")
-
-
 def _fail(message: str, code: int = 1) -> int:
     print(f"tally topic: {message}", file=sys.stderr)
     return code
@@ -56,9 +44,10 @@ def _admin(settings: Settings, action: Callable[[tuple[str, ...]], int]) -> int:
     """Run `action(bootstrap)`; a refusal or an unreachable broker is a message and its exit code."""
     from kafka.errors import KafkaError
 
+    from tally.roots import admin_bootstrap
     from workers.topic_admin import TopicAdminError
 
-    bootstrap = _bootstrap(settings)
+    bootstrap = admin_bootstrap(settings)
     try:
         return action(bootstrap)
     except TopicAdminError as exc:

@@ -89,6 +89,18 @@ def require_pg(settings: Settings) -> str:
                       f"or start `tally up` with TALLY_HOME={settings.home} first")
 
 
+def admin_bootstrap(settings: Settings) -> tuple[str, ...]:
+    """For admin commands: TALLY_KAFKA_BOOTSTRAP, or the embedded broker of a `tally up` running with the same
+    TALLY_HOME (services use `require_bootstrap`: the setting only)."""
+    if settings.kafka_bootstrap:
+        return settings.kafka_bootstrap
+    state = read_run_state(settings.home)
+    if state.get("kafka_bootstrap"):
+        return tuple(str(state["kafka_bootstrap"]).split(","))
+    raise ConfigError("TALLY_KAFKA_BOOTSTRAP", "is required for this command (host:port,...), "
+                      f"or start `tally up` with TALLY_HOME={settings.home} first")
+
+
 ADMIN_TOKEN_FILE = "admin-token"  # under TALLY_HOME, mode 0600, written by the first `tally up`
 
 

@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -65,6 +65,14 @@ class Bench:
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def pct(values: Iterable[float], q: float) -> float:
+    """The q-th percentile (nearest rank on 0..n-1); NaN for no values, inf kept."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def rate(count: int, seconds: float) -> float:

@@ -33,23 +33,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from bench.common import pct, say
 from infra.processes import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "freshness.json"
 HERE = Path(__file__).resolve().parent.parent
 FRESH, LOAD = "fresh.fresh.test", "load.fresh.test"
 BATCH = 50
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 class Stack:

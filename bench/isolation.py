@@ -36,22 +36,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from bench.common import pct, say
 from infra.processes import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "isolation.json"
 DOMAIN = "iso.bench.test"
 SLOW_SQL = "SELECT count() FROM numbers(100000000000000) WHERE sipHash64(number) % 7 = 3"
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 class Stack:

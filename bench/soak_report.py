@@ -8,9 +8,11 @@ sizes as {name: bytes}. tests/test_soak_report.py holds these to their contracts
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from bench.common import pct
 
 FRESHNESS_LIMIT_MS = 5_000.0  # a step holds only with freshness p99 under this, to each store (issue 19 §2)
 LAG_LIMIT_S = 5.0  # ... and each store's lag, in events, at most this many seconds of the offered rate
@@ -20,12 +22,6 @@ RSS_SLOPE_TARGET = 1.0  # MiB per 10 minutes after warm-up, every process (issue
 MIB = 1024 * 1024
 
 
-def pct(values: Iterable[float], q: float) -> float:
-    """The q-th percentile (nearest rank on 0..n-1, as the other benches); NaN for no values, inf kept."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 @dataclass(frozen=True)

@@ -80,15 +80,19 @@ def sidecar_of(segment: Path) -> Path:
     return segment.with_name(segment.name + SIDECAR)
 
 
-def write_sidecar(segment_in_shipped: Path, shipment: Shipment) -> None:
-    """Atomically (write, fsync, rename) record where `segment_in_shipped` went."""
-    target = sidecar_of(segment_in_shipped)
+def replace_durably(target: Path, data: bytes) -> None:
+    """Make `target` hold `data`, atomically: write a `.tmp` beside it, fsync, rename over it."""
     tmp = target.with_name(target.name + ".tmp")
     with open(tmp, "wb") as fh:
-        fh.write(shipment.to_json())
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(target)
+
+
+def write_sidecar(segment_in_shipped: Path, shipment: Shipment) -> None:
+    """Atomically (write, fsync, rename) record where `segment_in_shipped` went."""
+    replace_durably(sidecar_of(segment_in_shipped), shipment.to_json())
 
 
 @dataclass

@@ -32,7 +32,7 @@ import orjson
 
 from spool import watermark
 from spool.segments import OPEN, SEALED
-from workers.retention import Shipment
+from workers.retention import Shipment, replace_durably
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,7 @@ class ProgressBook:
         """Record `progress` durably (tmp, fsync, rename); call it only after Kafka acknowledged."""
         key = stem(segment)
         self.directory.mkdir(mode=0o700, exist_ok=True)
-        target = self.directory / (key + SUFFIX)
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(progress.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(target)
+        replace_durably(self.directory / (key + SUFFIX), progress.to_json())
         self._cache[key] = progress
 
     def forget(self, segment: Path) -> None:

@@ -125,7 +125,8 @@ class QueryResult:
 
 PREPARED_CACHE_SIZE = 256  # statements `prepare` remembers
 PREPARED_MAX_BYTES = 32 * 1024  # one remembered entry's SQL, parameter names and values and text at most: 8 MiB in all
-_PREPARED: OrderedDict[Hashable, str] = OrderedDict()
+# Per client (its server's parser decides too): the last accepted statements, most recent last.
+_PREPARED: weakref.WeakKeyDictionary[Client, OrderedDict[Hashable, str]] = weakref.WeakKeyDictionary()
 _PREPARED_LOCK = threading.Lock()
 
 
@@ -137,25 +138,26 @@ def prepare(client: Client, sql: object, database: str, params: Mapping[str, str
 
     Raises AnalystQueryError(code="refused") naming the table, function, clause or parameter refused.
 
-    The check is a pure function of its inputs (ClickHouse's parser, this code's allowlist), so an accepted
-    statement is remembered (the last PREPARED_CACHE_SIZE of at most PREPARED_MAX_BYTES each, by SQL, database,
-    parameter values and catalog mode):
+    The check is a pure function of its inputs (the client's server's parser, this code's allowlist), so an
+    accepted statement is remembered per client (the last PREPARED_CACHE_SIZE of at most PREPARED_MAX_BYTES
+    each, by SQL, database, parameter values and catalog mode):
     a dashboard or a freshness probe asking the same again skips the parse round trip (ADR 56). Refusals are
     not remembered.
     """
     key = _prepared_key(sql, database, params, system_catalog)
     if key is not None:
         with _PREPARED_LOCK:
-            known = _PREPARED.get(key)
+            remembered = _PREPARED.setdefault(client, OrderedDict())
+            known = remembered.get(key)
             if known is not None:
-                _PREPARED.move_to_end(key)
+                remembered.move_to_end(key)
                 return known
     text = _prepare(client, sql, database, params, system_catalog=system_catalog)
     if key is not None and _entry_bytes(sql, params, text) <= PREPARED_MAX_BYTES:
         with _PREPARED_LOCK:
-            _PREPARED[key] = text
-            while len(_PREPARED) > PREPARED_CACHE_SIZE:
-                _PREPARED.popitem(last=False)
+            remembered[key] = text
+            while len(remembered) > PREPARED_CACHE_SIZE:
+                remembered.popitem(last=False)
     return text
 
 

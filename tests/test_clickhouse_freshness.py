@@ -153,3 +153,22 @@ def test_a_statement_too_big_to_remember_is_checked_every_time(ch: Any) -> None:
     asked = counting.queries
     prepare(counting, sql, DB, big)
     assert counting.queries > asked
+
+
+def test_a_statement_remembered_for_one_server_is_checked_again_on_another(ch: Any) -> None:
+    """The check depends on the server's parser: what one client's server accepted is not taken as accepted
+    for another client (an older server without parseQueryToJSON refuses everything)."""
+    from clickhouse_connect.driver.exceptions import DatabaseError
+
+    from olap.analyst import AnalystQueryError, prepare
+
+    sql = f"SELECT {os.getpid()} + 1"
+    prepare(ch, sql, DB)
+
+    class OldServer:
+        def query(self, *args: Any, **kwargs: Any) -> Any:
+            raise DatabaseError("Code: 46. DB::Exception: Unknown function parseQueryToJSON. (UNKNOWN_FUNCTION)")
+
+    with pytest.raises(AnalystQueryError) as info:
+        prepare(OldServer(), sql, DB)
+    assert info.value.code == "refused"

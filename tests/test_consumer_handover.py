@@ -34,6 +34,9 @@ class ScriptedConsumer:
     def assignment(self) -> set:
         return {TP}
 
+    def subscription(self) -> set:
+        return set()  # partitions assigned by hand: no group to watch
+
     def poll(self, timeout_ms: int) -> dict:
         # the timeout, and how many events the loop still held back from the writer at this poll
         held = self.loop.writer.gathering

@@ -19,9 +19,11 @@ import orjson
 import psycopg
 import pytest
 from kafka import KafkaAdminClient
+from kafka.coordinator.base import MemberState
 
 from core.records import partition_for
 from tally.roots import build_rollup_loop
+from workers.coordinator_stall import wedged
 from workers.kafka_io import ensure_topic, make_producer
 from workers.topic_admin import describe
 
@@ -122,3 +124,33 @@ def test_running_loops_follow_the_topic_recreated_with_more_partitions(settings,
         stop.set()
         for t in threads:
             t.join(30)
+
+
+def test_a_member_left_rebalancing_with_no_join_under_way_joins_again(settings):
+    """kafka-python can abandon a join task when `need_rejoin()` turns false while the task is in flight (the
+    metadata settling back after a recreate), leaving the member REBALANCING for good: no fetch, no assignment
+    (a CI run's rollup loop stored nothing for 25 s). The state is forced here on a stable member of a running
+    loop; the loop notices the wedge and joins again, and what is sent after it is stored."""
+    ensure_topic(settings.kafka_bootstrap, settings.topic, 2)
+    group = f"rollups-{uuid.uuid4().hex[:8]}"
+    loop = build_rollup_loop(settings, group, maintenance=False)
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop, 2.0), daemon=True)
+    thread.start()
+    try:
+        _send(settings, _domains(2), 2)
+        done, ends, stored = _until_stored(settings, group, FOLLOW_S)
+        assert done, (ends, stored)
+        coordinator = loop.consumer._coordinator
+        with coordinator._lock:  # what kafka-python leaves: a join prepared and started, then nobody awaited it
+            loop.consumer._subscription.mark_pending_revocation(set(loop.consumer.assignment()))
+            coordinator.state = MemberState.REBALANCING
+        assert wedged(loop.consumer)
+        _send(settings, _domains(2), 3)
+        done, ends, stored = _until_stored(settings, group, FOLLOW_S)
+        assert done, f"not stored within {FOLLOW_S:.0f}s: end offsets {ends}, stored {stored}"
+        assert loop.stall_watch.nudges >= 1 and coordinator.stable()
+        assert loop.failures == 0
+    finally:
+        stop.set()
+        thread.join(30)

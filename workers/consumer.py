@@ -34,6 +34,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from core.batch import Batch, Rejected
 from core.event import REFUSALS_MARK, EventError, decode_refusal_count, decode_stored, decode_stored_many
 from core.records import RecordFormatError, is_batch, split_batch
+from workers.coordinator_stall import StallWatch
 from workers.incarnation import IncarnationWatch
 from workers.lag import LagReporter
 from workers.pipelined_writer import PipelinedWriter
@@ -157,6 +158,7 @@ class ConsumerLoop:
         self.writer = PipelinedWriter(sink, pipelined=pipelined, max_batch=max_batch)
         self.watch = IncarnationWatch(topic)
         self.partition_watch = PartitionWatch(topic)  # the partitions the group was joined for (ADR 60)
+        self.stall_watch = StallWatch(sink.name)  # a member kafka-python left rebalancing (coordinator_stall.py)
         self.lag = LagReporter(sink.group)
         # Applies `tally replay`'s rewind requests and marks re-read batches (workers/rewind.py); None: off.
         self.rewinder: Rewinder | None = None
@@ -248,6 +250,7 @@ class ConsumerLoop:
                         "stored offsets", self.sink.name, self.topic, self.topic_id or "unknown",
                         self.watch.current(self.consumer))
             self.seek_to_stored(sorted(self.consumer.assignment()))
+        self.stall_watch.check(self.consumer)
         if self.partition_watch.due(self.consumer):
             self.regroup()
         if self.watch.unnamed:

@@ -20,6 +20,10 @@ The `--json` shape (version 1, keys stable; `null` where a value is unknown):
            "stored_offset", "lag"}}, "detail"}},
    "stores": {"postgresql" | "clickhouse": {"state": "up|down|unknown", "where", "last_write_at",
               "last_write_age_s", "newest_event_at", "newest_event_age_s", "detail"}}}
+Next to `tally up --hosts N` (N > 1, ADR 59) `processes` names every supervised process as the topology does
+(`c1-collector`, `c1-shipper`, ..., `rollup-worker-1`, `api-1`, `api-front`, ...), `spool` sums every collector
+host's spool (`dir` null) and one more key says how each host is:
+   "hosts": {"c1": {"state": "up|down|unready", "collector_url", "collector", "shipper", "spool": {as above}}}
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from core.config import LOADER_GROUP, ROLLUP_GROUP, Settings
+from tally import status_hosts
+from tally.status_hosts import Hosts
 
 if TYPE_CHECKING:
     from tally.cli_support import SubParsers
@@ -95,6 +101,7 @@ class Targets:
     spool_dir: Path
     topic: str
     components: dict[str, dict[str, Any]] = field(default_factory=dict)  # the supervisor's view (stack.json)
+    hosts: Hosts | None = None  # `tally up --hosts N`, N > 1: the collector hosts and API processes
 
 
 def _loopback(host: str) -> str:
@@ -136,6 +143,9 @@ def targets(settings: Settings) -> Targets:
             secret = (settings.home / "secret").read_text().strip() or None  # `tally up` wrote it (0600)
         except OSError:
             secret = None
+    hosts = status_hosts.read(state)
+    if hosts is not None:
+        urls.update(status_hosts.process_urls(hosts, urls["api"]))
     raw_pids = state.get("pids")
     pids = ({str(k): v for k, v in raw_pids.items() if isinstance(v, int)} if isinstance(raw_pids, dict) else {})
     raw_components = state.get("components")
@@ -152,6 +162,7 @@ def targets(settings: Settings) -> Targets:
         spool_dir=Path(str(state.get("spool_dir") or settings.spool_dir)),
         topic=settings.topic,
         components=components,
+        hosts=hosts,
     )
 
 
@@ -431,13 +442,28 @@ def _lag(store: str, probe: dict[str, Any] | None, broker: dict[str, Any], topic
     return out
 
 
+def _http_names(t: Targets) -> list[str]:
+    """The processes asked over HTTP: with several hosts, each collector and API process and the front
+    (the single-host `collector` and `api` URLs are c1's and the front's then)."""
+    if t.hosts is None:
+        return [*HTTP_COMPONENTS, *PING_COMPONENTS]
+    return [name for name in t.urls if name not in ("collector", "api")]
+
+
+def _spools(t: Targets) -> dict[str, Path]:
+    """Probe name -> spool directory: `spool`, or one `spool:cI` per collector host."""
+    if t.hosts is None:
+        return {"spool": t.spool_dir}
+    return {f"spool:{h.name}": h.spool_dir for h in t.hosts.collectors}
+
+
 def _probes(t: Targets, each: float) -> dict[str, Callable[[], dict[str, Any]]]:
     """Every probe of the report, each bound to `each` seconds on its own."""
     probes: dict[str, Callable[[], dict[str, Any]]] = {
-        f"http:{name}": functools.partial(probe_http, t.urls[name], each) for name in HTTP_COMPONENTS}
-    for name in PING_COMPONENTS:
-        probes[f"http:{name}"] = functools.partial(probe_ping, t.urls[name], each)
-    probes["spool"] = lambda: probe_spool(t.spool_dir)
+        f"http:{name}": functools.partial(probe_ping if name in PING_COMPONENTS else probe_http, t.urls[name], each)
+        for name in _http_names(t)}
+    for name, spool_dir in _spools(t).items():
+        probes[name] = functools.partial(probe_spool, spool_dir)
     probes["broker"] = lambda: probe_broker(t.bootstrap, t.topic, each)
     probes["postgresql"] = lambda: probe_postgres(t.pg_dsn, t.topic, each)
     probes["clickhouse"] = lambda: probe_clickhouse(t.urls["analyst"], t.internal_token, each, t.topic)
@@ -468,7 +494,7 @@ def _process(name: str, t: Targets, result: _Results, broker: dict[str, Any], pg
         entry.update(state=DOWN, detail=str(supervised.get("detail") or "down"))
     elif t.source == "tally up" and pid is not None and not pid_alive(pid):
         entry.update(state=DOWN, detail=f"pid {pid} is not running (being restarted?)")
-    elif name in HTTP_COMPONENTS or name in PING_COMPONENTS:
+    elif f"http:{name}" in result.got:
         entry.update({k: v for k, v in result(f"http:{name}").items() if k in ("state", "detail")})
     elif name == "broker":
         entry.update(state=broker["state"], detail=broker.get("detail"), url=broker.get("bootstrap"))
@@ -492,6 +518,16 @@ def _store(probe: dict[str, Any], now: datetime) -> dict[str, Any]:
             "newest_event_age_s": _age(probe.get("newest_event_at"), now), "detail": probe.get("detail")}
 
 
+def _names(t: Targets) -> list[str] | tuple[str, ...]:
+    """The processes of the report, in pipeline order."""
+    if t.hosts is not None:
+        return status_hosts.process_names(t.hosts, [*t.pids, *t.components])
+    if t.source == "tally up":
+        return UP_PROCESSES
+    return ("postgres", "broker", "collector", "shipper", "rollup-worker", "loader-worker", "analyst", "api",
+            "clickhouse-http")
+
+
 def collect(settings: Settings, *, timeout_s: float = 5.0) -> dict[str, Any]:
     """Probe everything concurrently and return the report (the JSON shape in the module docstring)."""
     t = targets(settings)
@@ -502,12 +538,11 @@ def collect(settings: Settings, *, timeout_s: float = 5.0) -> dict[str, Any]:
     pg, ch = result("postgresql"), result("clickhouse", offsets={})
     if result.got["clickhouse"] is None:
         ch["state"] = UNKNOWN
-    spool = result.got["spool"] or {**_empty_spool(t.spool_dir), "state": DOWN,
-                                    "detail": f"no answer within {timeout_s:g}s"}
-    names = UP_PROCESSES if t.source == "tally up" else ("postgres", "broker", "collector", "shipper",
-                                                          "rollup-worker", "loader-worker", "analyst", "api",
-                                                          "clickhouse-http")
-    processes = {name: _process(name, t, result, broker, pg) for name in names}
+    spools = {name.removeprefix("spool:"): result.got[name] or {**_empty_spool(spool_dir), "state": DOWN,
+                                                                "detail": f"no answer within {timeout_s:g}s"}
+              for name, spool_dir in _spools(t).items()}  # "spool", or per host: "c1", "c2", ...
+    processes = {name: _process(name, t, result, broker, pg) for name in _names(t)}
+    spool = spools["spool"] if t.hosts is None else status_hosts.total_spool(spools)
     report: dict[str, Any] = {
         "version": SCHEMA_VERSION,
         "as_of": now.isoformat(),
@@ -521,6 +556,8 @@ def collect(settings: Settings, *, timeout_s: float = 5.0) -> dict[str, Any]:
                 LOADER_GROUP: _lag("clickhouse", ch, broker, t.topic)},
         "stores": {"postgresql": _store(pg, now), "clickhouse": _store(ch, now)},
     }
+    if t.hosts is not None:  # a down host's collector or shipper is down in `processes` too: not ok below
+        report["hosts"] = status_hosts.host_rows(t.hosts, processes, spools)
     report["broker"]["end_offsets"] = report["broker"]["end_offsets"] or {}
     report["ok"] = (all(p["state"] in (UP, UNKNOWN) for p in processes.values())
                     and broker["state"] == UP and pg["state"] == UP and spool.get("state") != DOWN)
@@ -588,12 +625,15 @@ def _spool_numbers(spool: dict[str, Any]) -> str:
 def _pipeline_table(report: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    spool, broker = report["spool"], report["broker"]
+    broker = report["broker"]
     ends = ", ".join(f"p{p}={o}" for p, o in broker["end_offsets"].items())
-    rows = [("spool backlog", spool.get("state", UNKNOWN),
-             _spool_numbers(spool) if spool.get("state") == "ok" else spool.get("detail") or ""),
-            (f"broker {broker['topic']}", broker["state"],
-             (f"end offsets {ends}" if ends else "") + (f" {broker['detail']}" if broker.get("detail") else ""))]
+    spools = ([(f"spool backlog {name}", host["spool"]) for name, host in report["hosts"].items()]
+              if report.get("hosts") else [("spool backlog", report["spool"])])  # one row per collector host
+    rows = [(stage, spool.get("state", UNKNOWN),
+             _spool_numbers(spool) if spool.get("state") == "ok" else spool.get("detail") or "")
+            for stage, spool in spools]
+    rows.append((f"broker {broker['topic']}", broker["state"],
+                 (f"end offsets {ends}" if ends else "") + (f" {broker['detail']}" if broker.get("detail") else "")))
     for group, lag in report["lag"].items():
         parts = ", ".join(f"p{p}={v['lag']}" for p, v in lag["partitions"].items())
         numbers = f"lag {lag['total']} ({parts})" if lag["total"] is not None else (lag.get("detail") or "")
@@ -637,6 +677,9 @@ def render(report: dict[str, Any], console: Any = None) -> None:
             console.print(table, crop=False)
         finally:
             console.width = width
+    if report.get("hosts"):
+        console.print("collector hosts: " + ", ".join(f"{name} {_state(host['state'])}"
+                                                      for name, host in report["hosts"].items()))
     down = [n for n, p in report["processes"].items() if p["state"] in (DOWN, UNREADY)]
     if report["ok"]:
         console.print("[green]all up[/]")

@@ -498,6 +498,7 @@ def test_stored_offsets_are_read_in_the_background_and_answered_from_the_last_re
         return {"rollup": {0: 5}}
 
     stored = StoredOffsets(read)
+    release.set()  # the first read answers at once (unset, it waited its whole 30 s)
     assert stored.get("A") == {"rollup": {0: 5}} and calls == ["A"]  # called directly: read at once
     release.clear()
     stored.background = True

@@ -225,7 +225,7 @@ def phase_summary(rec: Record, name: str, a: float, b: float, drain: float, rate
     warmup = min(300.0, (b - a) / 3)
     with rec.lock:
         markers = rep.markers_between(rec.acked_at, rec.seen, a, b)
-        ok_api = [(t - a, ms) for t, ms, status in rec.api if a <= t <= b and status == 200]
+        ok_api = [(t - a, ms) for t, ms, status, _ in rec.api if a <= t <= b and status == 200]
         return {"phase": name, "rate": rate, "start_s": a, "seconds": b - a, "drain_s": drain, "window_s": width,
                 "warmup_s": warmup, "load": rep.load_summary(rec.load, a, b + 1.0),
                 "load_series": rep.load_series(rec.load, a, b, width),

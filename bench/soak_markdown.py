@@ -80,6 +80,8 @@ def phase_lines(p: dict[str, Any]) -> list[str]:
             ("freshness ClickHouse p50 / p99", f"{num(f['ch']['p50'])} / {num(f['ch']['p99'])} ms"),
             ("customer API p50 / p99", f"{num(api['p50_ms'], 1)} / {num(api['p99_ms'], 1)} ms ({api['n']} requests,"
                                        f" {api['failed']} failed)"),
+            *((f"customer API p50 / p99: {e}", f"{num(v['p50_ms'], 1)} / {num(v['p99_ms'], 1)} ms ({v['n']})")
+              for e, v in api.get("by_endpoint", {}).items()),
             ("drain after the load stopped", num(p["drain_s"], 1, " s")),
             ("marker poll p99 (freshness resolution)", f"PostgreSQL {num(p.get('poll_ms', {}).get('pg'))} ms, "
                                                        f"ClickHouse {num(p.get('poll_ms', {}).get('ch'))} ms")]

@@ -31,7 +31,7 @@ class Record:
     acked_at: list[float] = field(default_factory=list)  # marker k (1-based) acknowledged at acked_at[k - 1]
     seen: dict[str, dict[int, float]] = field(default_factory=lambda: {"pg": {}, "ch": {}})
     polls: dict[str, list[tuple[float, float]]] = field(default_factory=lambda: {"pg": [], "ch": []})  # (t, ms)
-    api: list[tuple[float, float, int]] = field(default_factory=list)  # (t, ms, HTTP status or 0)
+    api: list[tuple[float, float, int, str]] = field(default_factory=list)  # (t, ms, HTTP status or 0, endpoint)
     status: list[tuple[float, dict[str, int], int | None]] = field(default_factory=list)  # lag/group, shipped
     rss: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     private: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # RssAnon, the same processes
@@ -143,13 +143,14 @@ def api_probe(rec: Record, api: Http, domain: str, turn: list[int]) -> None:
              f"/api/v1/domains/{domain}/summary?last=24h",
              f"/api/v1/domains/{domain}/breakdown?dimension=page&last=24h"]
     turn[0] += 1
+    path = paths[turn[0] % len(paths)]
     t = time.perf_counter()
     try:
-        status, _ = api.call("GET", paths[turn[0] % len(paths)])
+        status, _ = api.call("GET", path)
     except (OSError, http.client.HTTPException):
         status = 0
     with rec.lock:
-        rec.api.append((rec.now(), (time.perf_counter() - t) * 1000.0, status))
+        rec.api.append((rec.now(), (time.perf_counter() - t) * 1000.0, status, path.split("?")[0].rsplit("/", 1)[-1]))
 
 
 def metric_sums(url: str, names: set[str]) -> dict[tuple[str, str], float]:

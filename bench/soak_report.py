@@ -247,10 +247,17 @@ def freshness_series(markers: Sequence[Marker], a: float, width_s: float) -> dic
     return {store: windows([(m.acked - a, m.latency_ms(store)) for m in markers], width_s) for store in ("pg", "ch")}
 
 
-def api_summary(samples: Sequence[tuple[float, float, int]], a: float, b: float) -> dict[str, float]:
-    kept = [(ms, status) for t, ms, status in samples if a <= t <= b]
-    ok = [ms for ms, status in kept if status == 200]
-    return {"n": len(kept), "failed": len(kept) - len(ok), "p50_ms": pct(ok, 50), "p99_ms": pct(ok, 99)}
+def api_summary(samples: Sequence[tuple[float, float, int, str]], a: float, b: float) -> dict[str, Any]:
+    """The customer API's answers in [a, b]: count, failures, p50/p99, and p50/p99 per endpoint."""
+    kept = [(ms, status, endpoint) for t, ms, status, endpoint in samples if a <= t <= b]
+    ok = [ms for ms, status, _ in kept if status == 200]
+    by: dict[str, list[float]] = {}
+    for ms, status, endpoint in kept:
+        if status == 200:
+            by.setdefault(endpoint, []).append(ms)
+    return {"n": len(kept), "failed": len(kept) - len(ok), "p50_ms": pct(ok, 50), "p99_ms": pct(ok, 99),
+            "by_endpoint": {e: {"n": len(v), "p50_ms": pct(v, 50), "p99_ms": pct(v, 99)}
+                            for e, v in sorted(by.items())}}
 
 
 def rss_table(samples: Sequence[tuple[float, Mapping[str, int]]], a: float, b: float,

@@ -229,3 +229,14 @@ def test_the_banner_of_tally_up_gives_every_collector_and_the_api():
     assert stack.api == "http://127.0.0.1:9002"
     Stack.read_banner(stack, "tally is up.\n")  # nothing printed: what the ports say
     assert stack.collectors == ["http://127.0.0.1:1"]
+
+
+def test_the_api_summary_gives_each_endpoint_its_own_percentiles():
+    """Which endpoint sets the API's p99 under load: the summary splits the answers by endpoint (failures are
+    counted, not timed)."""
+    samples = [(1.0, 5.0, 200, "summary"), (2.0, 7.0, 200, "summary"), (3.0, 90.0, 200, "breakdown"),
+               (4.0, 1.0, 503, "breakdown"), (99.0, 500.0, 200, "summary")]  # the last one is outside [0, 10]
+    api = rep.api_summary(samples, 0.0, 10.0)
+    assert (api["n"], api["failed"]) == (4, 1)
+    assert api["by_endpoint"]["breakdown"] == {"n": 1, "p50_ms": 90.0, "p99_ms": 90.0}
+    assert api["by_endpoint"]["summary"]["n"] == 2 and api["by_endpoint"]["summary"]["p99_ms"] <= 7.0

@@ -14,7 +14,7 @@ from core.config import LOADER_GROUP, ROLLUP_GROUP, ConfigError, Settings
 
 if TYPE_CHECKING:
     from flask import Flask
-    from kafka import KafkaProducer
+    from kafka import KafkaConsumer, KafkaProducer
 
     from olap.aggregates import ClickHouseAggregates, RemoteAggregates
     from workers.consumer import ConsumerLoop
@@ -232,10 +232,12 @@ def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP, *,
     ensure_schema(dsn)
     if maintenance:
         start_partition_maintenance(settings, dsn)  # hourly: partitions ahead, retention (ADR 18)
-    consumer = make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
+    def new_consumer() -> KafkaConsumer:
+        return make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
+
     # Re-read events older than the dedup window (less a day of margin) are not counted again (ADR 23).
-    return with_rewinds(ConsumerLoop(consumer, RollupSink(dsn, group, dimension_cap=settings.dimension_cap),
-                                     settings.topic), dsn, group,
+    return with_rewinds(ConsumerLoop(new_consumer(), RollupSink(dsn, group, dimension_cap=settings.dimension_cap),
+                                     settings.topic, consumer_factory=new_consumer), dsn, group,
                         reread_floor_days=max(1, settings.dedup_window_days - 1))
 
 
@@ -299,9 +301,11 @@ def build_loader_loop(settings: Settings, group: str = LOADER_GROUP) -> Consumer
     bootstrap = ensure_configured_topic(settings)
     client = connect(settings.clickhouse_dsn)
     ensure_schema(client, settings.clickhouse_database, settings.raw_retention_days, settings.clickhouse_cluster)
-    consumer = make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
+    def new_consumer() -> KafkaConsumer:
+        return make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
+
     sink = LoaderSink(client, settings.clickhouse_database, group, distributed=settings.clickhouse_cluster is not None)
-    loop = ConsumerLoop(consumer, sink, settings.topic)
+    loop = ConsumerLoop(new_consumer(), sink, settings.topic, consumer_factory=new_consumer)
     try:
         dsn = require_pg(settings)
     except ConfigError:

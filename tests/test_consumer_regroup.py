@@ -154,3 +154,43 @@ def test_a_member_left_rebalancing_with_no_join_under_way_joins_again(settings):
     finally:
         stop.set()
         thread.join(30)
+
+
+def test_a_member_whose_coordinator_is_never_found_again_gets_a_new_consumer(settings):
+    """After repeated broker restarts a loader's client marked its coordinator dead and never found it again (its
+    FindCoordinator never answered): it kept its old partitions for good. Forced here on a running loop's stable
+    member: the coordinator marked dead and every lookup left pending. The loop makes a new consumer once the
+    member has been without a coordinator for its bound (5 s here, a minute in production), which joins again
+    and stores what is sent after it, each event once."""
+    ensure_topic(settings.kafka_bootstrap, settings.topic, 2)
+    group = f"rollups-{uuid.uuid4().hex[:8]}"
+    loop = build_rollup_loop(settings, group, maintenance=False)
+    loop.stall_watch.rebuild_after_s = 5.0
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop, 2.0), daemon=True)
+    thread.start()
+    try:
+        _send(settings, _domains(2), 2)
+        done, ends, stored = _until_stored(settings, group, FOLLOW_S)
+        assert done, (ends, stored)
+        lost, before = loop.consumer._coordinator, loop.rebuilds  # (a slow first join may have rebuilt already)
+
+        async def never_answered():
+            while True:
+                await lost._manager._net.sleep(1)
+
+        lost._send_group_coordinator_request = never_answered
+        lost.coordinator_dead("forced by the test")
+        deadline = time.monotonic() + FOLLOW_S
+        while loop.rebuilds == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert loop.rebuilds > before, "the member without a coordinator kept its consumer"
+        _send(settings, _domains(2), 3)
+        done, ends, stored = _until_stored(settings, group, FOLLOW_S)
+        assert done, f"not stored within {FOLLOW_S:.0f}s: end offsets {ends}, stored {stored}"
+        fresh = loop.consumer._coordinator
+        assert fresh.stable() and not fresh.coordinator_unknown() and loop.failures == 0
+        assert sorted(loop.partition_watch.assigned) == [0, 1]
+    finally:
+        stop.set()
+        thread.join(30)

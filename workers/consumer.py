@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
@@ -148,8 +149,12 @@ class ConsumerLoop:
     """Poll -> decode -> hand to the writer, for one consumer and one sink; seeks to the stored offsets."""
 
     def __init__(self, consumer: KafkaConsumer, sink: Sink, topic: str, *,
-                 max_backoff_s: float = 10.0, pipelined: bool = True, max_batch: int = 25_000) -> None:
+                 max_backoff_s: float = 10.0, pipelined: bool = True, max_batch: int = 25_000,
+                 consumer_factory: Callable[[], KafkaConsumer] | None = None) -> None:
         self.consumer = consumer
+        # Makes a consumer like `consumer`, for a member kafka-python cannot bring back (coordinator_stall.py).
+        self.consumer_factory = consumer_factory
+        self.rebuilds = 0
         self.sink = sink
         self.topic = topic
         self.max_backoff_s = max_backoff_s
@@ -191,6 +196,22 @@ class ConsumerLoop:
         self.writer.drop_gathered()
         self.consumer.unsubscribe()
         watch.rejoining(partitions)
+        self.subscribe()
+
+    def rebuild_consumer(self) -> None:
+        """Close the consumer and subscribe a new one from `consumer_factory`: a new connection, coordinator
+        lookup and join. The write in flight finishes first; what was gathered is dropped (re-read from the
+        stored offsets once the new consumer is assigned)."""
+        assert self.consumer_factory is not None
+        self.settle()
+        self.writer.drop_gathered()
+        old, self.consumer = self.consumer, self.consumer_factory()
+        self.partition_watch = PartitionWatch(self.topic)
+        self.rebuilds += 1
+        try:
+            old.close(autocommit=False, timeout_ms=2000)
+        except Exception as exc:  # a consumer that lost its broker may fail to close; it is dropped either way
+            log.warning("%s: closing the old consumer failed (%s: %s)", self.sink.name, type(exc).__name__, exc)
         self.subscribe()
 
     def seek_to_stored(self, partitions: list[TopicPartition]) -> None:
@@ -250,7 +271,8 @@ class ConsumerLoop:
                         "stored offsets", self.sink.name, self.topic, self.topic_id or "unknown",
                         self.watch.current(self.consumer))
             self.seek_to_stored(sorted(self.consumer.assignment()))
-        self.stall_watch.check(self.consumer)
+        if self.stall_watch.check(self.consumer) == "rebuild" and self.consumer_factory is not None:
+            self.rebuild_consumer()
         if self.partition_watch.due(self.consumer):
             self.regroup()
         if self.watch.unnamed:

@@ -115,10 +115,11 @@ def test_the_loader_offsets_answer_while_analysts_hold_every_slot(servers):
     holding the only analyst slot must not make it wait, or analysts could fill the collector's disk."""
     from olap.aggregates import RemoteAggregates
 
-    url, server = start_analyst_server(servers, TALLY_SQL_MAX_CONCURRENT="1", TALLY_SQL_MAX_EXECUTION_S="15")
+    # 8 s: the slot is seen held (429) before the offsets are asked for, which answer within 3 s or fail
+    url, server = start_analyst_server(servers, TALLY_SQL_MAX_CONCURRENT="1", TALLY_SQL_MAX_EXECUTION_S="8")
     try:
         token_id = f"tok_{uuid.uuid4().hex[:10]}"
-        slow = threading.Thread(target=lambda: query(url, SLOW_SQL, token_id=token_id))  # holds the slot 15 s
+        slow = threading.Thread(target=lambda: query(url, SLOW_SQL, token_id=token_id))  # holds the slot 8 s
         slow.start()
         deadline = time.monotonic() + 10
         while query(url, "SELECT 1", token_id=token_id)[0] != 429:  # until the slow query holds the slot

@@ -110,6 +110,7 @@ def test_rebuild_under_live_ingestion_then_reconcile_finds_nothing(stack, cli, s
     for w in workers:
         w.start()
     failures: list[BaseException] = []
+    posted = [0]  # batches posted and shipped
 
     def feed() -> None:
         rng = random.Random(5)
@@ -123,22 +124,30 @@ def test_rebuild_under_live_ingestion_then_reconcile_finds_nothing(stack, cli, s
                 stack.post(batch)
                 sent[0] += len(batch)
                 stack.ship()
+                posted[0] += 1
                 time.sleep(0.05)
         except BaseException as exc:
             failures.append(exc)
 
+    def batches_later(count: int) -> None:
+        """Wait (for the feeder, not the clock) until `count` more batches were posted and shipped."""
+        target, deadline = posted[0] + count, time.monotonic() + 60
+        while posted[0] < target and not failures:
+            assert time.monotonic() < deadline, "the live feed stalled"
+            time.sleep(0.02)
+
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
     try:
-        time.sleep(2.0)  # ingestion under way
+        batches_later(10)  # ingestion under way
         before = sent[0]
         lo, hi = window()
         code, out, err = cli("rebuild", "--from", lo, "--to", hi, "--domain", domain)
         assert code == 0, err
-        time.sleep(1.0)
+        batches_later(5)
         code, out, err = cli("rebuild", "--from", lo, "--to", hi, "--domain", domain)  # and once more, live
         assert code == 0, err
-        time.sleep(1.0)
+        batches_later(5)
         # Events kept arriving across both rebuilds (one rebuild alone may finish within one post on a
         # loaded machine, so the sender's progress is judged over the whole stretch).
         assert sent[0] > before

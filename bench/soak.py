@@ -225,13 +225,15 @@ def phase_summary(rec: Record, name: str, a: float, b: float, drain: float, rate
     warmup = min(300.0, (b - a) / 3)
     with rec.lock:
         markers = rep.markers_between(rec.acked_at, rec.seen, a, b)
-        ok_api = [(t - a, ms) for t, ms, status, _ in rec.api if a <= t <= b and status == 200]
+        ok_api = [(t - a, ms) for t, ms, status, e in rec.api if a <= t <= b and status == 200 and e != "floor"]
+        floor = [(t - a, ms) for t, ms, status, e in rec.api if a <= t <= b and status == 200 and e == "floor"]
         return {"phase": name, "rate": rate, "start_s": a, "seconds": b - a, "drain_s": drain, "window_s": width,
                 "warmup_s": warmup, "load": rep.load_summary(rec.load, a, b + 1.0),
                 "load_series": rep.load_series(rec.load, a, b, width),
                 "freshness": {s: rep.freshness(markers, s) for s in ("pg", "ch")},
                 "freshness_series": rep.freshness_series(markers, a, width),
                 "api": rep.api_summary(rec.api, a, b), "api_series": rep.windows(ok_api, width),
+                "floor_series": rep.windows(floor, width),
                 "poll_ms": {s: rep.pct([ms for t, ms in rec.polls[s] if a <= t <= b], 99) for s in ("pg", "ch")},
                 "rss": rep.rss_table(rec.rss, a, b, warmup), "rss_private": rep.rss_table(rec.private, a, b, warmup),
                 "cpu": rep.cpu_per_event(rec.cpu, rec.load, a, b),

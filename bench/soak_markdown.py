@@ -80,20 +80,22 @@ def phase_lines(p: dict[str, Any]) -> list[str]:
             ("freshness ClickHouse p50 / p99", f"{num(f['ch']['p50'])} / {num(f['ch']['p99'])} ms"),
             ("customer API p50 / p99", f"{num(api['p50_ms'], 1)} / {num(api['p99_ms'], 1)} ms ({api['n']} requests,"
                                        f" {api['failed']} failed)"),
-            *((f"customer API p50 / p99: {e}", f"{num(v['p50_ms'], 1)} / {num(v['p99_ms'], 1)} ms ({v['n']})")
+            *((f"customer API p50 / p99: {e}" if e != "floor" else "bare floor p50 / p99 (an idle WSGI server, same "
+               "probe)", f"{num(v['p50_ms'], 1)} / {num(v['p99_ms'], 1)} ms ({v['n']})")
               for e, v in api.get("by_endpoint", {}).items()),
             ("drain after the load stopped", num(p["drain_s"], 1, " s")),
             ("marker poll p99 (freshness resolution)", f"PostgreSQL {num(p.get('poll_ms', {}).get('pg'))} ms, "
                                                        f"ClickHouse {num(p.get('poll_ms', {}).get('ch'))} ms")]
     lines = [f"## Phase: {p['phase']}", "", *table(("figure", "value"), rows), ""]
-    fp, fc, ap = (_lookup(p["freshness_series"]["pg"]), _lookup(p["freshness_series"]["ch"]),
-                  _lookup(p["api_series"]))
+    fp, fc, ap, bare = (_lookup(p["freshness_series"]["pg"]), _lookup(p["freshness_series"]["ch"]),
+                        _lookup(p["api_series"]), _lookup(p.get("floor_series", [])))
     rows2 = [(num(t), num(ls["accepted_per_s"]), num(ls["collector_p99_ms"], 1), num(fp(t, "p50")), num(fp(t, "p99")),
-              num(fc(t, "p50")), num(fc(t, "p99")), num(ap(t, "p99"), 1))
+              num(fc(t, "p50")), num(fc(t, "p99")), num(ap(t, "p99"), 1), num(bare(t, "p99"), 1))
              for t, ls in ((s["start"], s) for s in p["load_series"])]
-    return lines + [f"Over time ({num(p['window_s'])} s windows):", "",
+    return lines + [f"Over time ({num(p['window_s'])} s windows; floor: an idle WSGI server timed by the same "
+                    "probe, what this load costs any HTTP answer):", "",
                     *table(("from s", "accepted ev/s", "collector p99 ms", "PG p50 ms", "PG p99 ms", "CH p50 ms",
-                            "CH p99 ms", "API p99 ms"), rows2), ""]
+                            "CH p99 ms", "API p99 ms", "floor p99 ms"), rows2), ""]
 
 
 def _lookup(series: list[dict[str, float]]) -> Any:

@@ -155,11 +155,44 @@ def probe_once(api: Http, domain: str, turn: list[int]) -> tuple[float, float, i
     return time.time(), (time.perf_counter() - t) * 1000.0, status, path.split("?")[0].rsplit("/", 1)[-1]
 
 
-def _api_probe_process(base: str, token: str, domain: str, period: float, out: Any, halt: Any) -> None:
+FLOOR = "floor"  # the endpoint name of the bare floor's samples (an idle WSGI server: see start_api_probe)
+
+
+def _floor_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "15")])
+    return [b'{"status":"ok"}']
+
+
+def _floor_server(port: int) -> None:
+    import waitress
+
+    waitress.serve(_floor_app, host="127.0.0.1", port=port, threads=4, _quiet=True)
+
+
+def _time_floor(floor: list[http.client.HTTPConnection | None], port: int) -> tuple[float, float, int, str]:
+    """One GET of the bare floor on a kept-alive connection, as the API probe's (reopened after a failure)."""
+    t = time.perf_counter()
+    try:
+        c = floor[0] = floor[0] or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", "/healthz")
+        resp = c.getresponse()
+        resp.read()
+        status = resp.status
+    except (OSError, http.client.HTTPException):
+        if floor[0] is not None:
+            floor[0].close()
+        floor[0], status = None, 0
+    return time.time(), (time.perf_counter() - t) * 1000.0, status, FLOOR
+
+
+def _api_probe_process(base: str, token: str, domain: str, period: float, floor_port: int, out: Any,
+                       halt: Any) -> None:
     api, turn, batch, sent = Http(base, token), [0], [], time.monotonic()
+    floor: list[http.client.HTTPConnection | None] = [None]
     while not halt.is_set():
         t = time.monotonic()
         batch.append(probe_once(api, domain, turn))
+        batch.append(_time_floor(floor, floor_port))
         if t - sent >= 0.5:
             out.put(batch)
             batch, sent = [], t
@@ -170,11 +203,19 @@ def _api_probe_process(base: str, token: str, domain: str, period: float, out: A
 def start_api_probe(rec: Record, stack: Stack, domain: str, stop: threading.Event,
                     period: float = 0.2) -> threading.Thread:
     """The customer-API probe, in a process of its own: timed inside this busy process, each answer also waited
-    for its GIL (the same run measured from a separate process: p50 6-7 ms there, 12-18 ms here; p99 56-63 ms
-    there, ~100 ms here). A thread here moves its samples into `rec.api` until `stop`."""
+    for its GIL. After each API request it times the same GET against the bare floor: an idle WSGI server
+    (waitress, as the API) in another process of its own, answering a constant, so what the machine's load
+    costs any HTTP answer is measured in the same run (samples named FLOOR). A thread here moves the samples
+    into `rec.api` until `stop`."""
+    from infra.processes import free_port
+
     ctx = mp.get_context("spawn")
     out, halt = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=_api_probe_process, args=(stack.api, stack.token, domain, period, out, halt),
+    floor_port = free_port()
+    floor = ctx.Process(target=_floor_server, args=(floor_port,), name="soak-floor-server", daemon=True)
+    floor.start()
+    proc = ctx.Process(target=_api_probe_process,
+                       args=(stack.api, stack.token, domain, period, floor_port, out, halt),
                        name="soak-api-probe", daemon=True)
     proc.start()
 
@@ -189,6 +230,8 @@ def start_api_probe(rec: Record, stack: Stack, domain: str, stop: threading.Even
             with rec.lock:
                 rec.api.extend((t - rec.t0, ms, status, endpoint) for t, ms, status, endpoint in batch)
         proc.join(5)
+        floor.terminate()
+        floor.join(5)
 
     thread = threading.Thread(target=drain, name="api probe", daemon=True)
     thread.start()

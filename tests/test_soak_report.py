@@ -235,8 +235,9 @@ def test_the_api_summary_gives_each_endpoint_its_own_percentiles():
     """Which endpoint sets the API's p99 under load: the summary splits the answers by endpoint (failures are
     counted, not timed)."""
     samples = [(1.0, 5.0, 200, "summary"), (2.0, 7.0, 200, "summary"), (3.0, 90.0, 200, "breakdown"),
-               (4.0, 1.0, 503, "breakdown"), (99.0, 500.0, 200, "summary")]  # the last one is outside [0, 10]
+               (4.0, 1.0, 503, "breakdown"), (99.0, 500.0, 200, "summary"),  # the last one is outside [0, 10]
+               (5.0, 2.0, 200, "floor")]  # the bare floor: listed, not one of the API's answers
     api = rep.api_summary(samples, 0.0, 10.0)
-    assert (api["n"], api["failed"]) == (4, 1)
+    assert (api["n"], api["failed"]) == (4, 1) and api["by_endpoint"]["floor"]["p99_ms"] == 2.0
     assert api["by_endpoint"]["breakdown"] == {"n": 1, "p50_ms": 90.0, "p99_ms": 90.0}
     assert api["by_endpoint"]["summary"]["n"] == 2 and api["by_endpoint"]["summary"]["p99_ms"] <= 7.0

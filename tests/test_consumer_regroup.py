@@ -13,6 +13,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import orjson
@@ -23,6 +25,7 @@ from kafka.coordinator.base import MemberState
 
 from core.records import partition_for
 from tally.roots import build_rollup_loop
+from workers.consumer import ConsumerLoop
 from workers.coordinator_stall import wedged
 from workers.kafka_io import ensure_topic, make_producer
 from workers.topic_admin import describe
@@ -126,14 +129,14 @@ def test_running_loops_follow_the_topic_recreated_with_more_partitions(settings,
             t.join(30)
 
 
-def test_a_member_left_rebalancing_with_no_join_under_way_joins_again(settings):
-    """kafka-python can abandon a join task when `need_rejoin()` turns false while the task is in flight (the
-    metadata settling back after a recreate), leaving the member REBALANCING for good: no fetch, no assignment
-    (a CI run's rollup loop stored nothing for 25 s). The state is forced here on a stable member of a running
-    loop; the loop notices the wedge and joins again, and what is sent after it is stored."""
+@contextmanager
+def _one_running_loop(settings, **stall: float) -> Iterator[tuple[ConsumerLoop, str]]:
+    """A rollup loop of its own group running on a 2-partition topic, which stored a first few events."""
     ensure_topic(settings.kafka_bootstrap, settings.topic, 2)
     group = f"rollups-{uuid.uuid4().hex[:8]}"
     loop = build_rollup_loop(settings, group, maintenance=False)
+    for name, value in stall.items():
+        setattr(loop.stall_watch, name, value)
     stop = threading.Event()
     thread = threading.Thread(target=loop.run, args=(stop, 2.0), daemon=True)
     thread.start()
@@ -141,6 +144,18 @@ def test_a_member_left_rebalancing_with_no_join_under_way_joins_again(settings):
         _send(settings, _domains(2), 2)
         done, ends, stored = _until_stored(settings, group, FOLLOW_S)
         assert done, (ends, stored)
+        yield loop, group
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def test_a_member_left_rebalancing_with_no_join_under_way_joins_again(settings):
+    """kafka-python can abandon a join task when `need_rejoin()` turns false while the task is in flight (the
+    metadata settling back after a recreate), leaving the member REBALANCING for good: no fetch, no assignment
+    (a CI run's rollup loop stored nothing for 25 s). The state is forced here on a stable member of a running
+    loop; the loop notices the wedge and joins again, and what is sent after it is stored."""
+    with _one_running_loop(settings) as (loop, group):
         coordinator = loop.consumer._coordinator
         with coordinator._lock:  # what kafka-python leaves: a join prepared and started, then nobody awaited it
             loop.consumer._subscription.mark_pending_revocation(set(loop.consumer.assignment()))
@@ -151,9 +166,6 @@ def test_a_member_left_rebalancing_with_no_join_under_way_joins_again(settings):
         assert done, f"not stored within {FOLLOW_S:.0f}s: end offsets {ends}, stored {stored}"
         assert loop.stall_watch.nudges >= 1 and coordinator.stable()
         assert loop.failures == 0
-    finally:
-        stop.set()
-        thread.join(30)
 
 
 def test_a_member_whose_coordinator_is_never_found_again_gets_a_new_consumer(settings):
@@ -162,17 +174,7 @@ def test_a_member_whose_coordinator_is_never_found_again_gets_a_new_consumer(set
     member: the coordinator marked dead and every lookup left pending. The loop makes a new consumer once the
     member has been without a coordinator for its bound (5 s here, a minute in production), which joins again
     and stores what is sent after it, each event once."""
-    ensure_topic(settings.kafka_bootstrap, settings.topic, 2)
-    group = f"rollups-{uuid.uuid4().hex[:8]}"
-    loop = build_rollup_loop(settings, group, maintenance=False)
-    loop.stall_watch.rebuild_after_s = 5.0
-    stop = threading.Event()
-    thread = threading.Thread(target=loop.run, args=(stop, 2.0), daemon=True)
-    thread.start()
-    try:
-        _send(settings, _domains(2), 2)
-        done, ends, stored = _until_stored(settings, group, FOLLOW_S)
-        assert done, (ends, stored)
+    with _one_running_loop(settings, rebuild_after_s=5.0) as (loop, group):
         lost, before = loop.consumer._coordinator, loop.rebuilds  # (a slow first join may have rebuilt already)
 
         async def never_answered():
@@ -191,6 +193,3 @@ def test_a_member_whose_coordinator_is_never_found_again_gets_a_new_consumer(set
         fresh = loop.consumer._coordinator
         assert fresh.stable() and not fresh.coordinator_unknown() and loop.failures == 0
         assert sorted(loop.partition_watch.assigned) == [0, 1]
-    finally:
-        stop.set()
-        thread.join(30)

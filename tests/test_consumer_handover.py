@@ -92,3 +92,19 @@ def test_records_gathered_for_a_busy_writer_go_to_it_before_the_next_poll():
     finally:
         sink.gate.set()
         loop.settle()
+
+
+def test_a_new_consumer_that_cannot_be_made_leaves_the_old_one_in_place():
+    """A member stuck without its group for the bound gets a new consumer (workers/coordinator_stall.py); when
+    none can be made (no broker to bootstrap from) the loop keeps the old one and goes on, no failure counted."""
+    sink = GatedSink()
+    consumer = ScriptedConsumer([], sink)
+
+    def no_broker():
+        raise OSError("no broker answers")
+
+    loop = consumer.loop = ConsumerLoop(consumer, sink, "t", consumer_factory=no_broker)
+    loop.rebuild_consumer()
+    assert loop.consumer is consumer and loop.rebuilds == 0 and loop.failures == 0
+    sink.gate.set()
+    loop.writer.close()

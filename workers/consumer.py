@@ -203,9 +203,15 @@ class ConsumerLoop:
         lookup and join. The write in flight finishes first; what was gathered is dropped (re-read from the
         stored offsets once the new consumer is assigned)."""
         assert self.consumer_factory is not None
+        try:
+            new = self.consumer_factory()
+        except Exception as exc:  # no broker to bootstrap from, say: keep the old one, try again after the bound
+            log.warning("%s: could not make a new consumer (%s: %s); keeping the old one", self.sink.name,
+                        type(exc).__name__, exc)
+            return
         self.settle()
         self.writer.drop_gathered()
-        old, self.consumer = self.consumer, self.consumer_factory()
+        old, self.consumer = self.consumer, new
         self.partition_watch = PartitionWatch(self.topic)
         self.rebuilds += 1
         try:

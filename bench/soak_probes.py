@@ -140,19 +140,24 @@ def poll_store(rec: Record, store: str, count: Callable[[], int]) -> None:
         rec.polls[store].append((rec.now(), (time.perf_counter() - t) * 1000.0))
 
 
+def _timed(conn: Http, path: str, endpoint: str) -> tuple[float, float, int, str]:
+    """One GET: (wall time, ms, status or 0, endpoint)."""
+    t = time.perf_counter()
+    try:
+        status, _ = conn.call("GET", path)
+    except (OSError, http.client.HTTPException):
+        status = 0
+    return time.time(), (time.perf_counter() - t) * 1000.0, status, endpoint
+
+
 def probe_once(api: Http, domain: str, turn: list[int]) -> tuple[float, float, int, str]:
-    """One customer-API request, the next of three endpoints in turn: (wall time, ms, status or 0, endpoint)."""
+    """One customer-API request, the next of three endpoints in turn."""
     paths = [f"/api/v1/domains/{domain}/impressions?granularity=1h",
              f"/api/v1/domains/{domain}/summary?last=24h",
              f"/api/v1/domains/{domain}/breakdown?dimension=page&last=24h"]
     turn[0] += 1
     path = paths[turn[0] % len(paths)]
-    t = time.perf_counter()
-    try:
-        status, _ = api.call("GET", path)
-    except (OSError, http.client.HTTPException):
-        status = 0
-    return time.time(), (time.perf_counter() - t) * 1000.0, status, path.split("?")[0].rsplit("/", 1)[-1]
+    return _timed(api, path, path.split("?")[0].rsplit("/", 1)[-1])
 
 
 FLOOR = "floor"  # the endpoint name of the bare floor's samples (an idle WSGI server: see start_api_probe)
@@ -169,30 +174,15 @@ def _floor_server(port: int) -> None:
     waitress.serve(_floor_app, host="127.0.0.1", port=port, threads=4, _quiet=True)
 
 
-def _time_floor(floor: list[http.client.HTTPConnection | None], port: int) -> tuple[float, float, int, str]:
-    """One GET of the bare floor on a kept-alive connection, as the API probe's (reopened after a failure)."""
-    t = time.perf_counter()
-    try:
-        c = floor[0] = floor[0] or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        c.request("GET", "/healthz")
-        resp = c.getresponse()
-        resp.read()
-        status = resp.status
-    except (OSError, http.client.HTTPException):
-        if floor[0] is not None:
-            floor[0].close()
-        floor[0], status = None, 0
-    return time.time(), (time.perf_counter() - t) * 1000.0, status, FLOOR
-
-
 def _api_probe_process(base: str, token: str, domain: str, period: float, floor_port: int, out: Any,
                        halt: Any) -> None:
-    api, turn, batch, sent = Http(base, token), [0], [], time.monotonic()
-    floor: list[http.client.HTTPConnection | None] = [None]
+    # the floor on a kept-alive connection reopened after a failure, as the API's
+    api, floor = Http(base, token), Http(f"http://127.0.0.1:{floor_port}", token)
+    turn, batch, sent = [0], [], time.monotonic()
     while not halt.is_set():
         t = time.monotonic()
         batch.append(probe_once(api, domain, turn))
-        batch.append(_time_floor(floor, floor_port))
+        batch.append(_timed(floor, "/healthz", FLOOR))
         if t - sent >= 0.5:
             out.put(batch)
             batch, sent = [], t

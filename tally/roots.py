@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -221,20 +222,25 @@ def loader_offsets_reader(settings: Settings, timeout_s: float = 3.0) -> OffsetR
     return read
 
 
+def _consumer_factory(settings: Settings, bootstrap: tuple[str, ...], group: str) -> Callable[[], KafkaConsumer]:
+    """Makes the workers' group consumers: the loop's first, and a new one for a member kafka-python cannot bring
+    back (workers/coordinator_stall.py)."""
+    from workers.kafka_io import make_consumer
+
+    return functools.partial(make_consumer, bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
+
+
 def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP, *,
                       maintenance: bool = True) -> ConsumerLoop:
     from oltp.rollup_sink import RollupSink
     from oltp.schema import ensure_schema
     from workers.consumer import ConsumerLoop
-    from workers.kafka_io import make_consumer
 
     bootstrap, dsn = ensure_configured_topic(settings), require_pg(settings)
     ensure_schema(dsn)
     if maintenance:
         start_partition_maintenance(settings, dsn)  # hourly: partitions ahead, retention (ADR 18)
-    def new_consumer() -> KafkaConsumer:
-        return make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
-
+    new_consumer = _consumer_factory(settings, bootstrap, group)
     # Re-read events older than the dedup window (less a day of margin) are not counted again (ADR 23).
     return with_rewinds(ConsumerLoop(new_consumer(), RollupSink(dsn, group, dimension_cap=settings.dimension_cap),
                                      settings.topic, consumer_factory=new_consumer), dsn, group,
@@ -296,14 +302,11 @@ def build_loader_loop(settings: Settings, group: str = LOADER_GROUP) -> Consumer
     from olap.loader_sink import LoaderSink
     from olap.schema import ensure_schema
     from workers.consumer import ConsumerLoop
-    from workers.kafka_io import make_consumer
 
     bootstrap = ensure_configured_topic(settings)
     client = connect(settings.clickhouse_dsn)
     ensure_schema(client, settings.clickhouse_database, settings.raw_retention_days, settings.clickhouse_cluster)
-    def new_consumer() -> KafkaConsumer:
-        return make_consumer(bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
-
+    new_consumer = _consumer_factory(settings, bootstrap, group)
     sink = LoaderSink(client, settings.clickhouse_database, group, distributed=settings.clickhouse_cluster is not None)
     loop = ConsumerLoop(new_consumer(), sink, settings.topic, consumer_factory=new_consumer)
     try:

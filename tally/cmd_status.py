@@ -45,13 +45,12 @@ from urllib.parse import urlsplit
 
 from core.config import LOADER_GROUP, ROLLUP_GROUP, Settings
 from tally import status_hosts
-from tally.status_hosts import Hosts
+from tally.status_hosts import DOWN, UNKNOWN, UNREADY, UP, Hosts
 
 if TYPE_CHECKING:
     from tally.cli_support import SubParsers
 
 SCHEMA_VERSION = 1
-UP, DOWN, UNREADY, UNKNOWN = "up", "down", "unready", "unknown"
 HTTP_COMPONENTS = ("collector", "api", "analyst")  # answer /healthz and /readyz
 # What `tally up` runs (tally/platform.py; stack.json "pids" uses these names), in pipeline order.
 UP_PROCESSES = ("up", "postgres", "broker", "collector", "shipper", "rollup-worker", "analyst", "api",

@@ -18,7 +18,8 @@ from typing import Any
 
 from tally.topology import FRONT
 
-DOWN, UNREADY, UP = "down", "unready", "up"
+# The states a process or server is reported in (tally/cmd_status.py reads them from here: it imports this module).
+UP, DOWN, UNREADY, UNKNOWN = "up", "down", "unready", "unknown"
 # Pipeline order of the report's rows; a collector host's two processes sit together, host by host.
 _RANK = {"up": 0, "postgres": 1, "broker": 2, "collector": 3, "shipper": 3, "rollup-worker": 4, "analyst": 5,
          "api": 6, FRONT: 7, "clickhouse-http": 8}

@@ -128,31 +128,30 @@ def _partitions(stack: ChaosStack) -> int:
 
 
 def _recreate(chaos: HostsRun, partitions: int) -> None:
-    """The embedded broker's procedure (memory storage): the shippers paused, the consumers (rollup workers, the
-    analyst server with the loader) held down, so none of them auto-creates the topic with another count first;
-    `tally up` told the new count; the broker killed -9 and restarted, creating the topic with `partitions`; then
-    the consumers start afresh (a consumer that lived through the recreate was seen keeping the old partition
-    count's assignment: kafka-python, tansu) and the shippers resume, shipping their retained segments to the
-    new incarnation (ADR 16)."""
+    """The embedded broker's procedure (memory storage) with the workers left running: the shippers and the
+    consumers (rollup workers, the analyst server with the loader) paused (SIGSTOP), so none of them asks the
+    broker for the topic (and auto-creates it with another count) before `tally up` has made it; `tally up` told
+    the new count; the broker killed -9 and restarted, creating the topic with `partitions`; then every paused
+    process resumes. The consumers live through it: their members are gone with the broker's memory, so they
+    rejoin, and the new partitions regroup them (workers/consumer_regroup.py, ADR 60); a member that never finds
+    its coordinator again gets a new consumer (workers/coordinator_stall.py). The shippers ship their retained
+    segments to the new incarnation (ADR 16)."""
     stack = chaos.stack
     pids = stack.pids()
-    shippers = [p for n, p in pids.items() if n.endswith("-shipper")]
-    consumers = {n: p for n, p in pids.items() if n.startswith("rollup-worker-") or n == "analyst"}
-    _control(stack, {"op": "hold", "names": list(consumers)})
-    for pid in shippers:
+    paused = [p for n, p in pids.items() if n.endswith("-shipper") or n.startswith("rollup-worker-")
+              or n == "analyst"]
+    for pid in paused:
         signal_pid(pid, signal.SIGSTOP)
     try:
-        for pid in consumers.values():
-            signal_pid(pid, signal.SIGKILL)
         _control(stack, {"op": "partitions", "count": partitions})
-        old = stack.pids()["broker"]
+        old = pids["broker"]
         signal_pid(old, signal.SIGKILL)
         _wait("broker restarted", _restarted(stack, {"broker": old}), chaos.restart_timeout_s)
+        _wait(f"the topic made with {partitions} partitions", lambda: _partitions(stack) == partitions,
+              chaos.restart_timeout_s)
     finally:
-        _control(stack, {"op": "release", "names": list(consumers)})
-        for pid in shippers:
+        for pid in paused:
             signal_pid(pid, signal.SIGCONT)
-    _wait("the consumers restarted", _restarted(stack, consumers), chaos.restart_timeout_s)
 
 
 def _topic_grow(chaos: HostsRun, rec: FaultRecord) -> None:
@@ -166,8 +165,7 @@ def _topic_grow(chaos: HostsRun, rec: FaultRecord) -> None:
     how = f"tally topic grow {want}"
     if done.returncode != 0 and "CreatePartitions" in done.stderr:
         _recreate(chaos, want)
-        how = ("recreated: tansu 0.6.0 has no CreatePartitions, so the broker was restarted with the new count, "
-               "the consumers with it, the shippers paused")
+        how = "recreated (tansu 0.6.0: no CreatePartitions); shippers and consumers paused, not restarted"
     elif done.returncode != 0:
         raise ChaosError(f"tally topic grow {want} exited {done.returncode}: "
                          f"{(done.stderr or done.stdout).strip()[-300:]}")

@@ -15,7 +15,10 @@ Data (sites registered in Asia/Kathmandu, whose days start at hh:15 UTC: the har
   machine's budget: say so when quoting the figures).
 
 Then the closed weeks are compacted (rollup_dim_1w, visitors_dim_1w: ADR 61), as the rollup worker's hourly
-background pass would have done; `--no-weeks` leaves them out, to compare.
+background pass would have done; `--no-weeks` leaves them out, to compare. visitors_dim_1d rows carry their `n` as
+the sink writes it (ADR 62) and the table is vacuumed (all-visible, as autovacuum leaves closed days). Note the
+pages' visitors: the same 3, 12 or 40 people every day (~55 a page over any week, ~25 events a day), so no bound
+summed over days can stop the visitors breakdown's search early: it merges MAX_VISITOR_KEYS values (ADR 62).
 
 Shapes (target p99 <= 20 ms each): breakdown of pages by page views and by visitors over last=7d and
 last=90d; visitors series 7 days hourly and 90 days daily; filtered series (one filter) 7 days hourly and
@@ -124,6 +127,9 @@ def load(dsn: str, count: int, now: datetime, quick: bool, covering: bool = Fals
         if weeks:
             _compact(conn, now)
         conn.execute("VACUUM ANALYZE" if covering else "ANALYZE")  # VACUUM: the visibility map index-only scans need
+        # closed days' sketch rows are all-visible, as autovacuum leaves insert-only partitions: the bounds (ADR 62)
+        # are read from visitors_dim_1d_key alone
+        conn.execute("VACUUM visitors_dim_1d")
     return time.monotonic() - t0
 
 
@@ -213,7 +219,8 @@ def _load_sketches(conn: psycopg.Connection, names: list[str], heavy: list[str],
     big_day = [_sketch(2000, 14, s) for s in range(3)]
     big_hour = [_sketch(150, 14, s) for s in range(3)]
     small = [_sketch(8, 14, s) for s in range(3)]
-    page = [_sketch(n, 12, s) for s, n in enumerate((3, 12, 40))]
+    sizes = (3, 12, 40)  # visitors of a page's day (the same ones every day: a page has ~55 over any week)
+    page = [_sketch(n, 12, s) for s, n in enumerate(sizes)]
     country = [_sketch(400, 12, s) for s in range(3)]
     hours = [hour - timedelta(hours=h) for h in range(8 * 24)]
     say(f"[bench] visitor sketches: {len(names)} domains ...")
@@ -225,16 +232,17 @@ def _load_sketches(conn: psycopg.Connection, names: list[str], heavy: list[str],
         for d in names:
             for i, g in enumerate(days):
                 copy.write_row((d, ZONE, g, (big_day if d in heavy else small)[i % 3]))
-    dim_copy = "COPY visitors_dim_1d (domain, tz, dimension, bucket_start, key, sketch) FROM STDIN"
+    # n: the visitors put in the sketch, as the rollup sink writes it (ADR 62)
+    dim_copy = "COPY visitors_dim_1d (domain, tz, dimension, bucket_start, key, sketch, n) FROM STDIN"
     with conn.cursor().copy(dim_copy) as copy:
         for d in names:
             is_heavy = d in heavy
             for i, g in enumerate(days):
                 for p in range(1, 1001 if is_heavy else (2 if quick else 6)):
-                    copy.write_row((d, ZONE, "page", g, f"/p{p}", page[(p + i) % 3]))
+                    copy.write_row((d, ZONE, "page", g, f"/p{p}", page[(p + i) % 3], sizes[(p + i) % 3]))
                 if is_heavy:
                     for c in range(1, 11):
-                        copy.write_row((d, ZONE, "country", g, f"C{c}", country[c % 3]))
+                        copy.write_row((d, ZONE, "country", g, f"C{c}", country[c % 3], 400))
 
 
 # ---- measuring -------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Counts come from `rollup_dim_*` (no filter, or one filter on the broken-down dim
 filter on another dimension or two or more filters, from `rollup_cube_*`; the range is read from
 several tiers at once (oltp/spans.py). Visitors come from the per-key HLL sketches of `visitors_dim_1d`
 (oltp/visitors.py), which are kept per local day: a visitors breakdown covers the site's local days
-covering the range, and says so in its `lo`/`hi`.
+covering the range, and says so in its `lo`/`hi`; it merges the sketches of the values with the highest upper
+bound of their visitors first and stops as soon as no other value can rank higher (ADR 62).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from oltp.queries import DailyZone, QueryError, boundaries
 from oltp.spans import DAY_S, Span, spans, tier_label
 
 METRICS = ("visitors", "pageviews", "impressions", "value")
-# A visitors breakdown merges the daily sketches of at most this many values (or twice the rows asked), those with
-# the most events: past it the ranking could only change for values with fewer events than visitors (noted).
+# A visitors breakdown merges the sketches of at most this many values (or twice the rows asked), those with the
+# highest upper bound of their visitors (ADR 62): past it the ranking could only change for values whose bound
+# exceeds their visitors (noted).
 MAX_VISITOR_KEYS = 128
+_UNBOUNDED = 2 ** 62  # the bound of a key with neither n nor events (tried first)
 TYPES = {"pageviews": ["pageview"], "impressions": ["impression"], "value": ["impression", "pageview"],
          "visitors": ["impression", "pageview"]}
 
@@ -160,12 +163,13 @@ def covering_days(tz: str, lo: datetime, hi: datetime) -> tuple[datetime, dateti
 
 
 def visitors(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> Breakdown:
-    """Visitors per key over the local days covering the range (the sketches are daily per key).
+    """Visitors per key over the local days covering the range (the sketches are daily per key, and weekly).
 
-    The rows are top-k by the sketches' estimates: keys are tried in the order of their events (both types)
-    over the same days, and since a key never has more visitors than events, the search stops once the
-    k-th best visitors count reaches the events of the next key untried (exact), or after MAX_VISITOR_KEYS
-    keys (then `notes` says the ranking could miss a value with fewer events).
+    The rows are top-k by the sketches' estimates, searched in the order of an upper bound of each key's visitors
+    (`_bounded_keys`): the sketches of the first 2 x (offset + limit) keys are merged, and the search stops once
+    the k-th best count exceeds the next key's bound (or equals it and the tie is broken by key in its favour):
+    no key untried can rank above it. Else the keys up to MAX_VISITOR_KEYS are merged (then `notes` says the
+    ranking could miss a value with a lower bound).
     """
     if q.uses_cube():
         raise QueryError("visitors are kept per dimension value, not per combination: a visitors breakdown "
@@ -178,24 +182,50 @@ def visitors(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> B
         found = vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, [q.filters[0].key], weeks)
         rows = [BreakdownRow(k, v) for k, v in found.items() if v > 0][q.offset:q.offset + q.limit]
         return Breakdown("1d", lo, hi, total, rows)
-    by_events = _events_by_key(conn, q, daily, lo, hi)
+    order = _bounded_keys(conn, q, daily, lo, hi, weeks)
     need = q.offset + q.limit
     best: dict[str, int] = {}
-    i, batch, cap = 0, max(64, 2 * need), max(MAX_VISITOR_KEYS, 2 * need)
-    while i < len(by_events):
-        keys = [k for k, _ in by_events[i:min(i + batch, cap)]]
+    i, cap = 0, max(MAX_VISITOR_KEYS, 2 * need)
+    while i < min(len(order), cap):
+        keys = [k for k, _ in order[i:(2 * need if i == 0 else cap)]]
         best.update(vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, keys, weeks))
         i += len(keys)
-        ranked = sorted(best.values(), reverse=True)
-        if i >= len(by_events) or i >= cap or (len(ranked) >= need and ranked[need - 1] >= by_events[i][1]):
+        if _settled(best, order, i, need):
             break
     ordered = sorted(((k, v) for k, v in best.items() if v > 0), key=lambda kv: (-kv[1], kv[0]))
     rows = [BreakdownRow(k, v) for k, v in ordered[q.offset:need]]
     notes = []
-    if i < len(by_events) and len(ordered) >= need and ordered[need - 1][1] < by_events[i][1]:
-        notes.append(f"visitors were counted for the {i} values with the most events; a value with fewer events "
-                     "could have more visitors than the last row")
+    if not _settled(best, order, i, need):
+        notes.append(f"visitors were counted for the {i} values that could have the most (by an upper bound of "
+                     "their visitors, or their events where none is kept); a value not counted could have more "
+                     "visitors than the last row")
     return Breakdown("1d", lo, hi, total, rows, notes)
+
+
+def _settled(best: dict[str, int], order: list[tuple[str, int]], i: int, need: int) -> bool:
+    """Whether no key from order[i] on can enter the first `need` rows of `best` (sorted by count desc, key)."""
+    if i >= len(order):
+        return True
+    ranked = sorted(((-v, k) for k, v in best.items() if v > 0))
+    if len(ranked) < need:
+        return False
+    count, key = -ranked[need - 1][0], ranked[need - 1][1]
+    bound, next_key = order[i][1], order[i][0]
+    return count > bound or (count == bound and next_key > key)  # untried keys come in (bound desc, key) order
+
+
+def _bounded_keys(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone, lo: datetime, hi: datetime,
+                  weeks: list[weekly.Week]) -> list[tuple[str, int]]:
+    """Every key with a sketch over [lo, hi) and an upper bound of its visitors there, highest first (then by key):
+    the sum of its sketch rows' `n` (ADR 62); where one is unknown (rows written before migration 0014) its events
+    of both types, which a key's visitors never exceed (then both bounds are known for every key: the lower one)."""
+    bounds = vis.visitor_bounds(conn, q.domain, daily.registered_tz, q.dimension, lo, hi, weeks)
+    events = dict(_events_by_key(conn, q, daily, lo, hi)) if None in bounds.values() else {}
+    out = []
+    for key, bound in bounds.items():
+        known = [b for b in (bound, events.get(key)) if b is not None]
+        out.append((key, min(known) if known else _UNBOUNDED))
+    return sorted(out, key=lambda kb: (-kb[1], kb[0]))
 
 
 def _events_by_key(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone, lo: datetime,

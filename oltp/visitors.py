@@ -5,14 +5,17 @@ Tables (migration 0011): `visitors_1h` per (domain, UTC hour), `visitors_1d` per
 HLL sketch (HLL_4) serialized compact: a few bytes per visitor while small (list/set mode), at most
 ~8.2 KiB (lg_k 14, the domain totals: RSE 0.8 %) or ~2.1 KiB (lg_k 12, per dimension value: RSE 1.6 %).
 
+`visitors_dim_1d` rows also carry `n` (migration 0014, ADR 62): an upper bound of the distinct visitor keys the
+sketch holds, which ranks a visitors breakdown's candidates (`visitor_bounds`); NULL on rows written before.
+
 A key (the columns before `sketch`) may have several rows: its sketch is their union. Write side: the rollup sink
 calls `add_visitors(cur, groups)` in its batch transaction, which appends one partial sketch per group (one
 statement) and every COMPACT_AT batches merges a key's rows into one. A union is idempotent, so a redelivered
 event adds nothing and the sink may pass every event of a batch, counted or not; no `seen_events` bookkeeping
 is needed here. `tally rebuild` recomputes the sketches from ClickHouse (`rebuild_visitors`).
 
-Read side (`visitors_total`, `visitors_series`, `visitors_by_key`): a range is answered by merging sketches,
-never by adding counts (a visitor seen on two days counts once). Ranges are widened to whole UTC hours.
+Read side (`visitors_total`, `visitors_series`, `visitors_by_key`, `visitor_bounds`): a range is answered by merging
+sketches, never by adding counts (a visitor seen on two days counts once). Ranges are widened to whole UTC hours.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ _TABLES: tuple[tuple[str, tuple[str, ...], tuple[str, ...], int], ...] = (
     ("visitors_dim_1d", ("domain", "tz", "dimension", "bucket_start", "key"),
      ("text", "text", "text", "timestamptz", "text"), DIM_LG_K),
 )
+# The table whose rows carry `n` (migration 0014, ADR 62): an upper bound of the distinct visitor keys its sketch
+# holds, the sum of the lengths of the visitor lists it was built from (each list distinct, so exact for one list);
+# a merged row has the sum of its rows' n (NULL if one is NULL: a row written before 0014, bound unknown).
+BOUNDED = 2
 
 
 def _param(t: int, col: str) -> str:
@@ -60,13 +67,17 @@ def _param(t: int, col: str) -> str:
 
 def _unnest(t: int, cols: tuple[str, ...], types: tuple[str, ...], sketch: bool) -> str:
     arrays = [f"%({_param(t, c)})s::{ty}[]" for c, ty in zip(cols, types, strict=True)]
-    return "unnest(" + ", ".join(arrays + ([f"%({_param(t, 'sketch')})s::bytea[]"] if sketch else [])) + ")"
+    if sketch:
+        arrays.append(f"%({_param(t, 'sketch')})s::bytea[]")
+        if t == BOUNDED:
+            arrays.append(f"%({_param(t, 'n')})s::int[]")
+    return "unnest(" + ", ".join(arrays) + ")"
 
 
 def _insert_sql() -> str:
-    """One statement inserting the partial sketches of all three tables."""
-    parts = [f"i{t} AS (INSERT INTO {table} ({', '.join(cols)}, sketch) SELECT * FROM {_unnest(t, cols, types, True)})"
-             for t, (table, cols, types, _) in enumerate(_TABLES)]
+    """One statement inserting the partial sketches of all three tables (and `n` where kept)."""
+    parts = [f"i{t} AS (INSERT INTO {table} ({', '.join(cols)}, sketch{', n' if t == BOUNDED else ''})"
+             f" SELECT * FROM {_unnest(t, cols, types, True)})" for t, (table, cols, types, _) in enumerate(_TABLES)]
     return f"WITH {', '.join(parts)} SELECT 1"
 
 
@@ -76,8 +87,9 @@ def _take_sql() -> str:
     for t, (table, cols, types, _) in enumerate(_TABLES):
         on = " AND ".join(f"v.{c} = u.{c}" for c in cols)
         parts.append(f"d{t} AS (DELETE FROM {table} v USING {_unnest(t, cols, types, False)} WITH ORDINALITY"
-                     f" AS u({', '.join(cols)}, i) WHERE {on} RETURNING {t} AS t, u.i, v.sketch)")
-    return f"WITH {', '.join(parts)} " + " UNION ALL ".join(f"SELECT t, i, sketch FROM d{t}" for t in range(3))
+                     f" AS u({', '.join(cols)}, i) WHERE {on} RETURNING {t} AS t, u.i, v.sketch,"
+                     f" {'v.n' if t == BOUNDED else 'NULL::int'} AS n)")
+    return f"WITH {', '.join(parts)} " + " UNION ALL ".join(f"SELECT t, i, sketch, n FROM d{t}" for t in range(3))
 
 
 _INSERT = _insert_sql()
@@ -101,22 +113,26 @@ def _bytea_array(values: Sequence[bytes]) -> str:
 
 text_array, bytea_array = _array, _bytea_array  # for oltp/weekly.py's inserts
 
-Rows = list[list[tuple[Any, ...]]]  # per table: (key columns..., sketch)
+Rows = list[list[tuple[Any, ...]]]  # per table: (key columns..., sketch, n) or, for `compact`, (key columns...)
 
 
 def _params(rows: Rows, sketches: bool = True) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for t, (_, cols, _, _) in enumerate(_TABLES):
-        columns = list(zip(*rows[t], strict=True)) or [()] * (len(cols) + sketches)
+        columns = list(zip(*rows[t], strict=True)) or [()] * (len(cols) + 2 * sketches)
         params.update({_param(t, c): _array(v) for c, v in zip(cols, columns[:len(cols)], strict=True)})
         if sketches:
-            params[_param(t, "sketch")] = _bytea_array(columns[-1])
+            params[_param(t, "sketch")] = _bytea_array(columns[len(cols)])
+            if t == BOUNDED:
+                params[_param(t, "n")] = list(columns[len(cols) + 1])
     return params
 
 
 def _gather(groups: Iterable[VisitorGroup]) -> Rows:
-    """Per table, (key columns..., sketch of the group's visitors) (groups with the same key are joined)."""
+    """Per table, (key columns..., sketch of the group's visitors, n) (groups with the same key are joined; n, the
+    sum of their lists' lengths, bounds the distinct visitors the sketch holds: a group's visitors are distinct)."""
     maps: tuple[dict[tuple[Any, ...], Any], ...] = ({}, {}, {})
+    sizes: dict[tuple[Any, ...], int] = {}
     k: tuple[Any, ...]
     for grain, domain, tz, start, dimension, key, visitors in groups:
         if grain == "1h":
@@ -134,7 +150,10 @@ def _gather(groups: Iterable[VisitorGroup]) -> Rows:
             update = sketch.update
             for v in visitors:
                 update(v)
-    return [[(*k, s.serialize_compact()) for k, s in m.items()] for m in maps]
+            if t == BOUNDED:
+                sizes[k] = sizes.get(k, 0) + len(visitors)
+    return [[(*k, s.serialize_compact(), sizes.get(k) if t == BOUNDED else None) for k, s in m.items()]
+            for t, m in enumerate(maps)]
 
 
 class _Appended:
@@ -157,13 +176,14 @@ class _Appended:
                 self._counts.clear()
             counts = self._counts
             for t, table_rows in enumerate(rows):
+                width = len(_TABLES[t][1])
                 for row in table_rows:
-                    k = (t, row[:-1])
+                    k = (t, row[:width])
                     n = counts.get(k)
                     # a key seen first starts at a point of its own: keys written together merge in different batches
                     n = (hash(k) % COMPACT_AT if n is None else n) + 1
                     if n >= COMPACT_AT:
-                        due[t].append(row[:-1])
+                        due[t].append(row[:width])
                         n = 0
                     counts[k] = n
         return due
@@ -191,19 +211,30 @@ def add_visitors(cur: psycopg.Cursor[Any], groups: Sequence[VisitorGroup]) -> No
         compact(cur, due)
 
 
+def bound_sum(bounds: Iterable[int | None]) -> int | None:
+    """The bound of a union of rows: the sum of theirs, None (unknown) if one is unknown."""
+    total = 0
+    for n in bounds:
+        if n is None:
+            return None
+        total += n
+    return total
+
+
 def compact(cur: psycopg.Cursor[Any], keys: list[list[tuple[Any, ...]]]) -> None:
     """Merge every row of these keys (per table: key column tuples) into one, in the caller's transaction. The
     DELETE takes the rows it merges: a concurrent compaction of the same key merges the others (never one row
-    twice), and a partial sketch inserted meanwhile stays beside the merged row."""
-    taken: dict[tuple[int, int], list[bytes]] = {}
-    for t, i, sketch in cur.execute(_TAKE, _params(keys, sketches=False), prepare=False):
-        taken.setdefault((t, i - 1), []).append(sketch)
+    twice), and a partial sketch inserted meanwhile stays beside the merged row. The merged row's `n` is the sum
+    of the merged rows' (an upper bound still; NULL when one was NULL)."""
+    taken: dict[tuple[int, int], list[tuple[bytes, int | None]]] = {}
+    for t, i, sketch, n in cur.execute(_TAKE, _params(keys, sketches=False), prepare=False):
+        taken.setdefault((t, i - 1), []).append((sketch, n))
     merged: Rows = [[], [], []]
-    for (t, i), sketches in sorted(taken.items()):
+    for (t, i), rows in sorted(taken.items()):
         union = hll_union(_TABLES[t][3])
-        for s in sketches:
+        for s, _ in rows:
             union.update(hll_sketch.deserialize(s))
-        merged[t].append((*keys[t][i], union.get_result(HLL_TYPE).serialize_compact()))
+        merged[t].append((*keys[t][i], union.get_result(HLL_TYPE).serialize_compact(), bound_sum(n for _, n in rows)))
     if any(merged):
         cur.execute(_INSERT, _params(merged), prepare=False)
 
@@ -420,6 +451,44 @@ def visitors_by_key(conn: psycopg.Connection[Any], domain: str, tz: str, dimensi
         if end > lo:
             per_key.setdefault(key, []).append(sketch)
     return {key: estimate(sketches, DIM_LG_K) for key, sketches in per_key.items()}
+
+
+# Per value, the sum of `n` (ADR 62) over the rows visitors_by_key would merge for [lo, hi) with these weeks (a
+# superset for the days of another zone: a bound may only be loose), and whether one row's n is unknown.
+_BOUNDS = """
+SELECT x.key, sum(x.n)::bigint, bool_or(x.n IS NULL) FROM (
+  SELECT v.key, v.n FROM unnest(%(glo)s::timestamptz[], %(ghi)s::timestamptz[]) AS g(lo, hi)
+  JOIN visitors_dim_1d v ON v.domain = %(domain)s AND v.tz = %(tz)s AND v.dimension = %(dimension)s
+   AND v.bucket_start >= g.lo AND v.bucket_start < g.hi
+  UNION ALL
+  SELECT v.key, v.n FROM visitors_dim_1d v
+  WHERE v.domain = %(domain)s AND v.dimension = %(dimension)s
+    AND v.tz IN (SELECT DISTINCT tz FROM visitors_1d WHERE domain = %(domain)s AND tz <> %(tz)s
+                 AND bucket_start >= %(lo)s AND bucket_start < %(hi)s)
+    AND v.bucket_start >= %(lo)s AND v.bucket_start < %(hi)s
+  UNION ALL
+  SELECT w.key, w.n FROM visitors_dim_1w w
+  WHERE w.domain = %(domain)s AND w.tz = %(tz)s AND w.dimension = %(dimension)s
+    AND w.bucket_start = ANY(%(weeks)s::timestamptz[])
+) x GROUP BY x.key
+"""
+
+
+def visitor_bounds(conn: psycopg.Connection[Any], domain: str, tz: str, dimension: str, lo: datetime, hi: datetime,
+                   weeks: Sequence[tuple[datetime, datetime]] = ()) -> dict[str, int | None]:
+    """Per value of `dimension` with a sketch row in the days `visitors_by_key` merges for the same arguments, an
+    upper bound of its distinct visitors there: the sum of its rows' `n` (one statement, an index-only scan of
+    visitors_dim_1d_key where the visibility map allows); None where a row's n is unknown (written before
+    migration 0014)."""
+    _check(lo, hi)
+    if dimension not in DIMENSIONS:
+        raise ValueError(f"dimension must be one of {', '.join(DIMENSIONS)}")
+    used = sorted(w for w in weeks if lo <= w[0] and w[1] <= hi)
+    spaces = week_gaps(DayStarts().start(tz, lo), hi, used)
+    rows = conn.execute(_BOUNDS, {"domain": domain, "tz": tz, "dimension": dimension, "lo": lo - timedelta(days=2),
+                                  "hi": hi, "weeks": [a for a, _ in used], "glo": [a for a, _ in spaces],
+                                  "ghi": [b for _, b in spaces]}).fetchall()
+    return {key: None if unknown else int(total) for key, total, unknown in rows}
 
 
 def week_gaps(lo: datetime, hi: datetime, weeks: list[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:

@@ -23,7 +23,8 @@ week is then read from its days until compacted again: slower, never wrong).
 A compaction is one transaction per domain that takes the week's signature first, then replaces its weekly rows by
 the sums / unions of the daily rows (read committed: each later statement sees at least what the signature saw; if
 it saw more, the signature no longer matches and the week is not used). Redelivered events add nothing to the daily
-rows (ADR 14/47), hence nothing here.
+rows (ADR 14/47), hence nothing here. A weekly sketch row's `n` (ADR 62) is the sum of its days' n: an upper bound of
+the week's distinct visitors, NULL when a day's is unknown.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from datasketches import hll_sketch, hll_union
 
 from oltp.partitions import WEEK_TABLES, ensure_partitions
 from oltp.tiers import DayStarts, zone
-from oltp.visitors import DIM_LG_K, HLL_TYPE, bytea_array, text_array, week_gaps
+from oltp.visitors import DIM_LG_K, HLL_TYPE, bound_sum, bytea_array, text_array, week_gaps
 
 gaps = week_gaps  # [lo, hi) less some weeks (shared with oltp.visitors)
 
@@ -129,14 +130,14 @@ JOIN rollup_dim_1d r ON r.domain = %(domain)s AND r.tz = %(tz)s AND r.bucket_sta
 GROUP BY 1, 2, 3, 4, 5, 6
 """
 _DIM_SKETCHES = """
-SELECT w.lo, v.dimension, v.key, v.sketch
+SELECT w.lo, v.dimension, v.key, v.sketch, v.n
 FROM unnest(%(los)s::timestamptz[], %(his)s::timestamptz[]) AS w(lo, hi)
 JOIN visitors_dim_1d v ON v.domain = %(domain)s AND v.tz = %(tz)s AND v.bucket_start >= w.lo AND v.bucket_start < w.hi
 """
 _PUT_SKETCHES = """
-INSERT INTO visitors_dim_1w (domain, tz, dimension, bucket_start, key, sketch)
-SELECT %(domain)s, %(tz)s, d, w, k, s FROM unnest(%(dims)s::text[], %(weeks)s::timestamptz[], %(keys)s::text[],
-                                                  %(sketches)s::bytea[]) AS u(d, w, k, s)
+INSERT INTO visitors_dim_1w (domain, tz, dimension, bucket_start, key, sketch, n)
+SELECT %(domain)s, %(tz)s, d, w, k, s, n FROM unnest(%(dims)s::text[], %(weeks)s::timestamptz[], %(keys)s::text[],
+                                                     %(sketches)s::bytea[], %(ns)s::int[]) AS u(d, w, k, s, n)
 """
 _RECORD = """
 INSERT INTO compacted_weeks (domain, tz, bucket_start, bucket_end, counts_sig, visitors_sig)
@@ -167,12 +168,17 @@ def compact_weeks(conn: psycopg.Connection[Any], domain: str, tz: str, weeks: li
 
 
 def _merge_sketches(conn: psycopg.Connection[Any], params: dict[str, Any]) -> int:
+    """visitors_dim_1w's rows of the weeks: per key the union of its days' sketches, and as its `n` (ADR 62) the sum
+    of their n (an upper bound of the week's distinct visitors; NULL when a day's is unknown)."""
     unions: dict[tuple[datetime, str, str], hll_union] = {}
-    for week, dimension, key, sketch in conn.execute(_DIM_SKETCHES, params, binary=True):
+    bounds: dict[tuple[datetime, str, str], list[int | None]] = {}
+    for week, dimension, key, sketch, n in conn.execute(_DIM_SKETCHES, params, binary=True):
         union = unions.get((week, dimension, key))
         if union is None:
             union = unions[week, dimension, key] = hll_union(DIM_LG_K)
+            bounds[week, dimension, key] = []
         union.update(hll_sketch.deserialize(bytes(sketch)))
+        bounds[week, dimension, key].append(n)
     if not unions:
         return 0
     keys = list(unions)
@@ -180,7 +186,8 @@ def _merge_sketches(conn: psycopg.Connection[Any], params: dict[str, Any]) -> in
                                  "dims": text_array([d for _, d, _ in keys]), "weeks": [w for w, _, _ in keys],
                                  "keys": text_array([k for _, _, k in keys]),
                                  "sketches": bytea_array([unions[k].get_result(HLL_TYPE).serialize_compact()
-                                                          for k in keys])})
+                                                          for k in keys]),
+                                 "ns": [bound_sum(bounds[k]) for k in keys]})
     return len(keys)
 
 

@@ -303,6 +303,11 @@ def test_events_through_the_rollup_sink_count_each_visitor_once(db, servers, dom
     assert visitors_series(db, domain, "UTC", "1h", [t]) == [40]
     assert visitors_by_key(db, domain, "UTC", "page", t, t + HOUR) == {"/p0": 40, "/p1": 40, "/p2": 40}
     assert visitors_by_key(db, domain, "UTC", "device", t, t + HOUR) == {"desktop": 40}
+    # each row's n (ADR 62) bounds its visitors: per page at least the 40, at most its ~67 counted views
+    bounds = dict(db.execute("SELECT key, sum(n) FROM visitors_dim_1d WHERE domain = %s AND dimension = 'page'"
+                             " GROUP BY key", (domain,)).fetchall())
+    views = {p: sum(1 for e in events[:200] if e.page == p) for p in bounds}
+    assert bounds.keys() == {"/p0", "/p1", "/p2"} and all(40 <= bounds[p] <= views[p] for p in bounds), bounds
 
 
 # ------------------------------------------------------------------------------------ tally rebuild

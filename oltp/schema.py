@@ -79,7 +79,7 @@ seen_events = Table(
     "seen_events", metadata,
     Column("hash", Uuid(as_uuid=False), nullable=False),
     Column("ts", _tz(), nullable=False),
-    PrimaryKeyConstraint("hash", "ts"),
+    PrimaryKeyConstraint("ts", "hash"),  # time first: new entries land on the index's last pages (0015)
     postgresql_partition_by="RANGE (ts)",
 )
 

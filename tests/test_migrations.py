@@ -86,7 +86,7 @@ def test_empty_database_migrates_to_head_matching_metadata(fresh_dsn):
         assert found[table] == "p", f"{table} is not partitioned"
     assert schema_diff(fresh_dsn) == []
     with psycopg.connect(fresh_dsn) as conn:
-        assert primary_key(conn, "seen_events") == ["hash", "ts"]
+        assert primary_key(conn, "seen_events") == ["ts", "hash"]
         # partitions for today and the next periods exist, so a fresh stack can write at once
         now = datetime.now(UTC)
         names = {p.name for p in partitions.list_partitions(conn, "rollup_15m")}
@@ -146,7 +146,7 @@ def test_previous_release_database_is_adopted_without_loss(fresh_dsn):
         for h, ts in before["seen_events"]:
             where = conn.execute("SELECT tableoid::regclass::text FROM seen_events WHERE hash = %s", (h,)).fetchone()
             assert where[0] == partitions.partition_for("seen_events", ts).name
-        assert primary_key(conn, "seen_events") == ["hash", "ts"]
+        assert primary_key(conn, "seen_events") == ["ts", "hash"]
         # the same (hash, ts) is still one event: the sink's ON CONFLICT (hash, ts) finds it
         h, ts = before["seen_events"][0]
         inserted = conn.execute("INSERT INTO seen_events (hash, ts) VALUES (%s, %s) ON CONFLICT (hash, ts)"
@@ -495,3 +495,43 @@ def test_0009_adds_the_site_account_and_refusal_values_keeping_rows(fresh_dsn):
         assert conn.execute("SELECT events FROM collector_refusals").fetchall() == [(4,)]
     ensure_schema(fresh_dsn)
     assert schema_diff(fresh_dsn) == []
+
+
+def _partition_key_columns(conn: psycopg.Connection, table: str) -> set[tuple[str, ...]]:
+    """The primary-key index columns of each partition of `table`, in index order."""
+    rows = conn.execute(
+        "SELECT array_agg(a.attname ORDER BY k.ord) FROM pg_inherits h JOIN pg_index i ON i.indrelid = h.inhrelid"
+        " AND i.indisprimary CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)"
+        " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+        " WHERE h.inhparent = %s::regclass GROUP BY i.indexrelid", (table,)).fetchall()
+    return {tuple(r[0]) for r in rows}
+
+
+def test_0015_puts_seen_events_time_first_keeping_rows_and_dedup(fresh_dsn):
+    """0015: seen_events' key (hash, ts) becomes (ts, hash), on the table and on every partition; its rows stay,
+    the sink's ON CONFLICT (hash, ts) still finds an event already seen; the downgrade puts hash first again."""
+    ensure_schema(fresh_dsn, "0014")
+    t = datetime.now(UTC).replace(microsecond=0)
+    seen = [(uuid.uuid4(), t - timedelta(hours=i)) for i in range(3)]
+    with psycopg.connect(fresh_dsn) as conn:
+        partitions.ensure_partitions(conn, "seen_events", t - timedelta(days=1), t)
+        conn.commit()
+        conn.cursor().executemany("INSERT INTO seen_events (hash, ts) VALUES (%s, %s)", seen)
+        conn.commit()
+        assert primary_key(conn, "seen_events") == ["hash", "ts"]
+    ensure_schema(fresh_dsn)
+    with psycopg.connect(fresh_dsn) as conn:
+        assert primary_key(conn, "seen_events") == ["ts", "hash"]
+        assert _partition_key_columns(conn, "seen_events") == {("ts", "hash")}
+        assert sorted(conn.execute("SELECT hash, ts FROM seen_events").fetchall()) == sorted(seen)
+        again = conn.execute("INSERT INTO seen_events (hash, ts) VALUES (%s, %s) ON CONFLICT (hash, ts)"
+                             " DO NOTHING RETURNING hash", seen[0]).fetchall()
+        assert again == []
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("INSERT INTO seen_events (hash, ts) VALUES (%s, %s)", seen[1])
+    assert schema_diff(fresh_dsn) == []
+    downgrade(fresh_dsn, "0014")
+    with psycopg.connect(fresh_dsn) as conn:
+        assert primary_key(conn, "seen_events") == ["hash", "ts"]
+        assert _partition_key_columns(conn, "seen_events") == {("hash", "ts")}
+        assert conn.execute("SELECT count(*) FROM seen_events").fetchone()[0] == 3

@@ -222,12 +222,14 @@ def loader_offsets_reader(settings: Settings, timeout_s: float = 3.0) -> OffsetR
     return read
 
 
-def _consumer_factory(settings: Settings, bootstrap: tuple[str, ...], group: str) -> Callable[[], KafkaConsumer]:
+def worker_consumer_factory(settings: Settings, bootstrap: tuple[str, ...],
+                            group: str) -> Callable[[], KafkaConsumer]:
     """Makes the workers' group consumers: the loop's first, and a new one for a member kafka-python cannot bring
-    back (workers/coordinator_stall.py)."""
-    from workers.kafka_io import make_consumer
+    back (workers/coordinator_stall.py). A poll returns at most the loop's batch of events (`records_per_poll`)."""
+    from workers.kafka_io import make_consumer, records_per_poll
 
-    return functools.partial(make_consumer, bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms)
+    return functools.partial(make_consumer, bootstrap, group, session_timeout_ms=settings.consumer_session_timeout_ms,
+                             max_poll_records=records_per_poll(settings.record_events))
 
 
 def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP, *,
@@ -240,7 +242,7 @@ def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP, *,
     ensure_schema(dsn)
     if maintenance:
         start_partition_maintenance(settings, dsn)  # hourly: partitions ahead, retention (ADR 18)
-    new_consumer = _consumer_factory(settings, bootstrap, group)
+    new_consumer = worker_consumer_factory(settings, bootstrap, group)
     # Re-read events older than the dedup window (less a day of margin) are not counted again (ADR 23).
     return with_rewinds(ConsumerLoop(new_consumer(), RollupSink(dsn, group, dimension_cap=settings.dimension_cap),
                                      settings.topic, consumer_factory=new_consumer), dsn, group,
@@ -306,7 +308,7 @@ def build_loader_loop(settings: Settings, group: str = LOADER_GROUP) -> Consumer
     bootstrap = ensure_configured_topic(settings)
     client = connect(settings.clickhouse_dsn)
     ensure_schema(client, settings.clickhouse_database, settings.raw_retention_days, settings.clickhouse_cluster)
-    new_consumer = _consumer_factory(settings, bootstrap, group)
+    new_consumer = worker_consumer_factory(settings, bootstrap, group)
     sink = LoaderSink(client, settings.clickhouse_database, group, distributed=settings.clickhouse_cluster is not None)
     loop = ConsumerLoop(new_consumer(), sink, settings.topic, consumer_factory=new_consumer)
     try:

@@ -38,7 +38,7 @@ from core.records import RecordFormatError, is_batch, split_batch
 from workers.coordinator_stall import StallWatch
 from workers.incarnation import IncarnationWatch
 from workers.lag import LagReporter
-from workers.pipelined_writer import PipelinedWriter
+from workers.pipelined_writer import MAX_BATCH, PipelinedWriter
 from workers.regroup import PartitionWatch
 from workers.rewind import Polled, Rewinder
 from workers.sink import Sink
@@ -149,7 +149,7 @@ class ConsumerLoop:
     """Poll -> decode -> hand to the writer, for one consumer and one sink; seeks to the stored offsets."""
 
     def __init__(self, consumer: KafkaConsumer, sink: Sink, topic: str, *,
-                 max_backoff_s: float = 10.0, pipelined: bool = True, max_batch: int = 25_000,
+                 max_backoff_s: float = 10.0, pipelined: bool = True, max_batch: int = MAX_BATCH,
                  consumer_factory: Callable[[], KafkaConsumer] | None = None) -> None:
         self.consumer = consumer
         # Makes a consumer like `consumer`, for a member kafka-python cannot bring back (coordinator_stall.py).

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import gc
 
+from workers.malloc_policy import pin_mmap_threshold
+
 
 def tune_for_streaming() -> None:
-    """Collect, then freeze the start-up heap (call once the loop is built)."""
+    """Collect, then freeze the start-up heap (call once the loop is built); and pin glibc's mmap threshold, so
+    that the large buffers of a stream do not fragment the heap (workers/malloc_policy.py)."""
     gc.collect()
     gc.freeze()
+    pin_mmap_threshold()

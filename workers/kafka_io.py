@@ -10,6 +10,7 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from workers.kafka_records import use_lean_records
+from workers.pipelined_writer import MAX_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,14 @@ log = logging.getLogger(__name__)
 # so the group rebalances over the new partitions, within this; a metadata request costs next to nothing (ADR 60).
 METADATA_MAX_AGE_MS = 5_000
 FETCH_MAX_WAIT_MS = 50  # the consumers' fetch wait on a quiet topic (sub-second freshness, ADR 56)
+
+
+def records_per_poll(record_events: int, max_batch: int = MAX_BATCH) -> int:
+    """The workers' `max_poll_records`: records that hold at most `max_batch` events when each carries up to
+    `record_events` (TALLY_KAFKA_RECORD_EVENTS). Bounds a poll in events, not in records, so that each batch a
+    worker holds decoded (in flight, gathered) stays under 2 x `max_batch` events however far behind it is
+    (ADR 58's addendum: 5,000 records of up to 250 events let one poll of a lagging worker hold 1.25 M events)."""
+    return max(1, max_batch // max(1, record_events))
 
 
 def make_producer(bootstrap: Sequence[str], **overrides: object) -> KafkaProducer:

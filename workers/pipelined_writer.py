@@ -23,11 +23,16 @@ from workers.sink import Sink
 
 log = logging.getLogger(__name__)
 
+# Records (events, set-aside records) in one write at most. A poll adds to the batch being gathered before this is
+# checked, so a poll must stay within it too (workers/kafka_io.py `records_per_poll`): the write in flight and the
+# batch gathered then stay under 2 x MAX_BATCH decoded events each, whatever the lag.
+MAX_BATCH = 25_000
+
 
 class PipelinedWriter:
     """Stores a sink's batches from one writer thread, one at a time, while the caller gathers the next."""
 
-    def __init__(self, sink: Sink, *, pipelined: bool = True, max_batch: int = 25_000) -> None:
+    def __init__(self, sink: Sink, *, pipelined: bool = True, max_batch: int = MAX_BATCH) -> None:
         self.sink = sink
         self.pipelined = pipelined  # False: every batch is stored before `add` returns
         self.max_batch = max_batch  # records per write at most (bounds memory with max_poll_records)

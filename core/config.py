@@ -351,6 +351,10 @@ class Settings:
         "TALLY_RECONCILE_INTERVAL_S", 900.0, Number(0.0, 7 * 86_400.0),
         "how often the analyst server reconciles the last 3 settled hours of both stores (`0` = never); "
         "see [Reconcile and rebuild](#reconcile-and-rebuild)")
+    supervisor_backoff_s: float = setting(
+        "TALLY_SUPERVISOR_BACKOFF_S", 0.5, Number(0.01, 60.0),
+        "`tally up` restarts a process that died after this many seconds, doubled with each crash in a row up "
+        "to 60 s, and back to this once it stayed up a minute (ADR 33)")
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)  # every TALLY_* given
 
     @classmethod

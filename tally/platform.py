@@ -76,7 +76,7 @@ class Platform:
         self.topology = topology.plan(settings, hosts, port_for=free_port)
         self.retired: list[subprocess.Popen[bytes]] = []  # taken out of supervision while running (control)
         self.stack = EmbeddedStack(settings.home, durable=durable)
-        self.supervisor = Supervisor(on_change=self._changed)
+        self.supervisor = Supervisor(backoff_s=settings.supervisor_backoff_s, on_change=self._changed)
         self.settings: Settings | None = None
         self._stopping = threading.Event()
         # The admin token in $TALLY_HOME/admin-token (0600); True when this start minted it.

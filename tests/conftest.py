@@ -64,6 +64,19 @@ def closed_port() -> Iterator[ClosedPort]:
     port.close()
 
 
+@pytest.fixture(scope="session")
+def platform_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """One `tally up` for the modules that ask (tests/platform_stack.py): started by the first, stopped when the
+    last of this session's is done."""
+    from tests.platform_stack import SharedPlatform, users
+
+    shared = SharedPlatform(tmp_path_factory, users(request.session.items))
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
 def serve_in_thread(app, port: int, threads: int = 6):
     """A real waitress server for `app` on 127.0.0.1:`port`, in a daemon thread; returns it (call .close())."""
     import threading

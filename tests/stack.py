@@ -142,9 +142,11 @@ def private_basetemp() -> Path | None:
 #: worker, so at most two such stacks share the machine at a time, and both lanes start first: they are the
 #: longest units. A new module with slow tests belongs in one of them (tests/test_test_layout.py checks).
 PLATFORM_LANES = {
-    # balanced by the fresh-clone durations (lane 2 had ~270 s, lane 1 ~150 s)
+    # balanced by the fresh-clone durations (lane 2 had ~270 s, lane 1 ~150 s). A lane's modules run in this
+    # order: test_platform_hardening and test_status share one `tally up` (tests/platform_stack.py), the crash
+    # loop first, and it stops before test_topology starts its own.
     "tests/test_chaos.py": "platform-1", "tests/test_up.py": "platform-1", "tests/test_broker_restart.py": "platform-1",
-    "tests/test_status.py": "platform-2", "tests/test_platform_hardening.py": "platform-2",
+    "tests/test_platform_hardening.py": "platform-2", "tests/test_status.py": "platform-2",
     "tests/test_topology.py": "platform-2",
 }
 
@@ -188,20 +190,25 @@ class PlatformLanes(LoadFileScheduling):  # type: ignore[misc]  # pytest-xdist i
 
 #: The longest modules outside the lanes, longest first (seconds summed over their tests in a parallel
 #: run, ADR 42): they start right after the lanes, so that no long module begins near the end and keeps
-#: one worker busy while the others idle. Only an order: a module missing here, or listed and gone, is fine.
+#: one worker busy while the others idle (the browser modules, few tests each, used to start last and
+#: end the run). Only an order: a module missing here, or listed and gone, is fine.
 LONG_MODULES = tuple(f"tests/test_{name}.py" for name in (
-    "api_server", "reconcile", "sites", "pipeline", "tag", "analyst_watchdog", "rebuild", "shipper",
-    "analyst_server", "backfill", "replay", "analyst", "collector_shares", "series_query", "browser_e2e"))
+    "api_server", "reconcile", "pixel", "clickhouse_http", "sites", "pipeline", "tag", "analyst_watchdog",
+    "series_query", "openapi", "dashboard", "dashboard_panels", "dashboard_setup", "rebuild", "shipper",
+    "analyst_server", "backfill", "replay", "analyst", "collector_shares", "browser_e2e"))
 
 
 def order_for_workers(items: list[pytest.Item]) -> None:
-    """Lanes first, then the known long modules (longest first), then the others by their number of tests
-    (most first); a module's tests keep their order."""
+    """Lanes first (their modules in PLATFORM_LANES's order), then the known long modules (longest first), then
+    the others by their number of tests (most first); a module's tests keep their order."""
     per_module = Counter(item.nodeid.split("::", 1)[0] for item in items)
+    lane_rank = {module: i for i, module in enumerate(PLATFORM_LANES)}
     long_rank = {module: i for i, module in enumerate(LONG_MODULES)}
 
     def rank(item: pytest.Item) -> tuple[bool, int, int]:
         module = item.nodeid.split("::", 1)[0]
-        return module not in PLATFORM_LANES, long_rank.get(module, len(LONG_MODULES)), -per_module[module]
+        if module in PLATFORM_LANES:
+            return False, lane_rank[module], 0
+        return True, long_rank.get(module, len(LONG_MODULES)), -per_module[module]
 
     items.sort(key=rank)  # stable

@@ -50,6 +50,8 @@ def test_valid_production_values():
     ("TALLY_ROLLUP_CONSUMERS", "two", "not an integer"),
     ("TALLY_SPOOL_RESERVE_BYTES", "-1", "out of range"),
     ("TALLY_SPOOL_RESERVE_BYTES", "lots", "not an integer"),
+    ("TALLY_SUPERVISOR_BACKOFF_S", "0", "out of range"),
+    ("TALLY_SUPERVISOR_BACKOFF_S", "soon", "not a number"),
 ])
 def test_bad_values_name_the_variable(variable, value, words):
     with pytest.raises(ConfigError) as info:
@@ -97,7 +99,7 @@ DEFAULTS = {
     "log_format": "json", "log_max_bytes": 52428800, "log_backups": 5, "reconcile_interval_s": 900.0,
     "collector_interface": "rsgi", "api_max_connections": 2000, "api_max_connections_per_client": 64,
     "api_idle_timeout_s": 15, "api_request_timeout_s": 15, "site_address_share": 0.1,
-    "pixel_max_ttl_s": 604800, "sql_overrun_grace_s": 30.0,
+    "pixel_max_ttl_s": 604800, "sql_overrun_grace_s": 30.0, "supervisor_backoff_s": 0.5,
     "trusted_proxies": (), "geoip_db": None, "dimension_cap": 1000,
 }
 

@@ -1,4 +1,5 @@
-"""`tally status` against a real `tally up` (one stack for the module), and the JSON logs of that run.
+"""`tally status` against a real `tally up` (one stack, shared with tests/test_platform_hardening.py:
+tests/platform_stack.py), and the JSON logs of that run.
 
 Order matters: the last tests stop processes (SIGSTOP/SIGKILL) and check that status says so, in
 bounded time, then that the stack recovers.
@@ -196,33 +197,12 @@ def test_a_server_that_never_answers_does_not_hang_status(tmp_path):
     assert "pw-unit-4242" not in json.dumps(report)
 
 
-def _up(tmp_path_factory) -> tuple[Path, dict[str, str], subprocess.Popen]:
-    """`tally up` on free ports, started again on new ones when a port was taken between `free_port()`
-    finding it free and the server binding it (another worker's processes pick ports too)."""
-    for attempt in range(3):
-        home = tmp_path_factory.mktemp("status") / "home"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
-        env.update(TALLY_HOME=str(home), TALLY_COLLECTOR_PORT=str(free_port()), TALLY_API_PORT=str(free_port()),
-                   TALLY_ANALYST_PORT=str(free_port()),
-                   TALLY_CLICKHOUSE_HTTP_PORT=str(free_port()))
-        proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "up"], env=env, cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if "Press Ctrl-C" in line:
-                return home, env, proc
-        output = "".join(seen)
-        if "Address already in use" not in output or attempt == 2:
-            raise AssertionError(f"tally up exited with {proc.wait()}: {output}")
-        proc.wait()
-    raise AssertionError("unreachable")
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Stack:
-    home, env, proc = _up(tmp_path_factory)
+def stack(platform_stack, request) -> Stack:
+    """The session's shared `tally up` (tests/platform_stack.py), with this module's site and events stored."""
     try:
+        up = platform_stack.acquire()
+        home, env, proc = up.home, up.env, up.proc
         stack = Stack(home, env, proc, (home / "admin-token").read_text().strip(),
                       (home / "secret").read_text().strip())
         added = subprocess.run([sys.executable, "-m", "tally.cli", "sites", "add", DOMAIN, "--json"], env=env,
@@ -243,12 +223,7 @@ def stack(tmp_path_factory) -> Stack:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        platform_stack.release(request.node.nodeid)
 
 
 _stopped: list[int] = []

@@ -205,6 +205,23 @@ def test_platform_reports_a_crash_looping_child_down_and_keeps_supervising(tmp_p
     assert shipper.restarts == 0
 
 
+def test_the_first_restart_wait_is_a_setting_and_defaults_to_half_a_second(tmp_path):
+    """TALLY_SUPERVISOR_BACKOFF_S (the crash-loop test of tests/test_platform_hardening.py runs a whole stack with a
+    short one): the first wait of `tally up`'s supervisor, doubled per crash in a row, capped at 60 s as before."""
+    from core.config import Settings
+    from tally.platform import Platform
+
+    default = Platform(Settings.from_env({"TALLY_HOME": str(tmp_path / "a")})).supervisor
+    assert (default.backoff_s, default.max_backoff_s, default.stable_s) == (0.5, 60.0, 60.0)
+    short = Platform(Settings.from_env({"TALLY_HOME": str(tmp_path / "b"),
+                                        "TALLY_SUPERVISOR_BACKOFF_S": "0.1"})).supervisor
+    assert (short.backoff_s, short.max_backoff_s, short.stable_s) == (0.1, 60.0, 60.0)
+    child = short.add("x", lambda: None, None, proc=subprocess.Popen([sys.executable, "-c", "pass"]))
+    child.proc.wait(10)
+    short.check()
+    assert child.backoff_s == 0.1 and child.restart_at is not None
+
+
 def test_a_process_forked_by_a_third_party_dies_with_its_parent(tmp_path):
     """What granian's workers do (collector/wsgi.py): die_with_parent() in the grandchild; kill -9 the parent."""
     ready = tmp_path / "ready"

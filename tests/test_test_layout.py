@@ -111,6 +111,37 @@ def test_workers_get_the_lanes_first_then_the_long_then_the_largest_modules_each
         "tests/test_b.py::three", "tests/test_a.py::one", "tests/test_a.py::two"]
 
 
+def test_a_lanes_modules_run_in_the_lanes_order_the_shared_stacks_crash_loop_first():
+    def item(nodeid: str) -> SimpleNamespace:
+        return SimpleNamespace(nodeid=nodeid, get_closest_marker=lambda name: None)
+
+    items = [item("tests/test_api.py::a"), item("tests/test_platform_hardening.py::crash"),
+             *(item(f"tests/test_status.py::t{i}") for i in range(9)),
+             *(item(f"tests/test_topology.py::t{i}") for i in range(20))]
+    order_for_workers(items)
+    modules = list(dict.fromkeys(i.nodeid.split("::", 1)[0] for i in items))
+    assert modules == ["tests/test_platform_hardening.py", "tests/test_status.py", "tests/test_topology.py",
+                       "tests/test_api.py"]
+
+
+def test_the_shared_stack_stops_when_the_last_module_of_the_session_using_it_is_done():
+    from tests.platform_stack import SharedPlatform, users
+
+    def item(nodeid: str, *fixtures: str) -> SimpleNamespace:
+        return SimpleNamespace(nodeid=nodeid, fixturenames=["request", *fixtures])
+
+    items = [item("tests/test_status.py::unit"), item("tests/test_status.py::t", "stack", "platform_stack"),
+             item("tests/test_platform_hardening.py::t", "platform_stack"), item("tests/test_api.py::t", "servers")]
+    assert users(items) == {"tests/test_status.py", "tests/test_platform_hardening.py"}
+    shared = SharedPlatform(None, users(items))  # nothing is started here
+    running = SimpleNamespace(proc=None)
+    shared.stack = running  # as acquire() leaves it
+    shared.release("tests/test_platform_hardening.py")
+    assert shared.stack is running  # test_status still to come
+    shared.release("tests/test_status.py")
+    assert shared.stack is None
+
+
 def test_a_crashed_worker_fails_its_test_once_and_the_rest_of_its_module_still_runs(tmp_path):
     """pytest-xdist's loadfile gives the crashed worker's whole module, crashed test included, to the next
     worker: it crashed again, and the run hung. `PlatformLanes` reports the crash once and goes on."""

@@ -15,10 +15,21 @@ from kafka import TopicPartition
 from core.records import encode_batch
 from tally.roots import worker_consumer_factory
 from workers.kafka_io import make_producer, records_per_poll
-from workers.pipelined_writer import MAX_BATCH
+from workers.limits import MAX_BATCH
 
 RECORD_EVENTS = 10_000  # the most events a record may carry (TALLY_KAFKA_RECORD_EVENTS): 2 records fill MAX_BATCH
 RECORDS = 12
+
+
+def test_the_kafka_helpers_do_not_import_the_metrics():
+    """`tally up` imports workers.kafka_io (the topic) before it sets PROMETHEUS_MULTIPROC_DIR: had that import
+    pulled in core.metrics, its own process's metrics would be made without the shared directory, and
+    `tally_component_up` would vanish from /metrics (it did, when the batch bound first lived in the writer)."""
+    code = ("import sys, workers.kafka_io; "
+            "print(sorted(m for m in sys.modules if m in ('core.metrics', 'prometheus_client')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_a_poll_is_bounded_in_events_not_records():

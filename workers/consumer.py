@@ -38,7 +38,8 @@ from core.records import RecordFormatError, is_batch, split_batch
 from workers.coordinator_stall import StallWatch
 from workers.incarnation import IncarnationWatch
 from workers.lag import LagReporter
-from workers.pipelined_writer import MAX_BATCH, PipelinedWriter
+from workers.limits import MAX_BATCH
+from workers.pipelined_writer import PipelinedWriter
 from workers.regroup import PartitionWatch
 from workers.rewind import Polled, Rewinder
 from workers.sink import Sink

@@ -10,7 +10,7 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from workers.kafka_records import use_lean_records
-from workers.pipelined_writer import MAX_BATCH
+from workers.limits import MAX_BATCH
 
 log = logging.getLogger(__name__)
 

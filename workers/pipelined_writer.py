@@ -19,14 +19,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from core import metrics
 from core.batch import Batch
 from workers.isolate import write_isolating
+from workers.limits import MAX_BATCH
 from workers.sink import Sink
 
 log = logging.getLogger(__name__)
-
-# Records (events, set-aside records) in one write at most. A poll adds to the batch being gathered before this is
-# checked, so a poll must stay within it too (workers/kafka_io.py `records_per_poll`): the write in flight and the
-# batch gathered then stay under 2 x MAX_BATCH decoded events each, whatever the lag.
-MAX_BATCH = 25_000
 
 
 class PipelinedWriter:

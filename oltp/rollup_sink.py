@@ -60,8 +60,9 @@ REJECTED_CAP = 10_000  # rows kept in rejected_records; older ones are pruned
 # The batch's events arrive as one array literal per column (`_columns`, ADR 26), unnested here;
 # `zone_days` holds, per zone in the batch, the day starts covering its events (`DayStarts.covering`),
 # `site` each domain's zone. `counted` aggregates the fresh events once, finely enough that every tier
-# and the ingestion status are sums of its rows. `batch` is sorted by hash: the seen_events index is
-# then written in key order (measured cheaper than in arrival order).
+# and the ingestion status are sums of its rows. `batch` is sorted by hash: with seen_events keyed (hash, ts)
+# that wrote its index in key order (measured cheaper than arrival order); keyed (ts, hash) since migration 0015,
+# a batch's entries land on the index's last pages whatever their order (bench.seen_index).
 _APPLY_TEMPLATE = """
 WITH zone_days AS (
     SELECT tz, array_agg(to_timestamp(s) ORDER BY s) AS starts

@@ -334,7 +334,7 @@ visitors_dim_1d = Table(
     Column("bucket_start", _tz(), nullable=False),
     Column("key", Text, nullable=False),  # as rollup_dim_1d: '' = no value, '(other)' = past the cap
     Column("sketch", LargeBinary, nullable=False),
-    Column("n", Integer),  # an upper bound of the sketch's distinct visitors; NULL: unknown (migration 0014, ADR 62)
+    Column("n", BigInteger),  # an upper bound of the sketch's distinct visitors; NULL: unknown (migration 0014, ADR 62)
     Index("visitors_dim_1d_key", "domain", "tz", "dimension", "bucket_start", "key", postgresql_include=["n"]),
     postgresql_partition_by="RANGE (bucket_start)",
 )
@@ -354,7 +354,7 @@ visitors_dim_1w = Table(
     Column("bucket_start", _tz(), nullable=False),  # the week's first local day start
     Column("key", Text, nullable=False),
     Column("sketch", LargeBinary, nullable=False),
-    Column("n", Integer),  # the sum of its days' n (an upper bound); NULL: unknown (migration 0014, ADR 62)
+    Column("n", BigInteger),  # the sum of its days' n (an upper bound); NULL: unknown (migration 0014, ADR 62)
     PrimaryKeyConstraint("domain", "tz", "dimension", "bucket_start", "key"),
     postgresql_partition_by="RANGE (bucket_start)",
 )

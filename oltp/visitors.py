@@ -70,7 +70,7 @@ def _unnest(t: int, cols: tuple[str, ...], types: tuple[str, ...], sketch: bool)
     if sketch:
         arrays.append(f"%({_param(t, 'sketch')})s::bytea[]")
         if t == BOUNDED:
-            arrays.append(f"%({_param(t, 'n')})s::int[]")
+            arrays.append(f"%({_param(t, 'n')})s::bigint[]")
     return "unnest(" + ", ".join(arrays) + ")"
 
 
@@ -88,7 +88,7 @@ def _take_sql() -> str:
         on = " AND ".join(f"v.{c} = u.{c}" for c in cols)
         parts.append(f"d{t} AS (DELETE FROM {table} v USING {_unnest(t, cols, types, False)} WITH ORDINALITY"
                      f" AS u({', '.join(cols)}, i) WHERE {on} RETURNING {t} AS t, u.i, v.sketch,"
-                     f" {'v.n' if t == BOUNDED else 'NULL::int'} AS n)")
+                     f" {'v.n' if t == BOUNDED else 'NULL::bigint'} AS n)")
     return f"WITH {', '.join(parts)} " + " UNION ALL ".join(f"SELECT t, i, sketch, n FROM d{t}" for t in range(3))
 
 

@@ -137,7 +137,7 @@ JOIN visitors_dim_1d v ON v.domain = %(domain)s AND v.tz = %(tz)s AND v.bucket_s
 _PUT_SKETCHES = """
 INSERT INTO visitors_dim_1w (domain, tz, dimension, bucket_start, key, sketch, n)
 SELECT %(domain)s, %(tz)s, d, w, k, s, n FROM unnest(%(dims)s::text[], %(weeks)s::timestamptz[], %(keys)s::text[],
-                                                     %(sketches)s::bytea[], %(ns)s::int[]) AS u(d, w, k, s, n)
+                                                     %(sketches)s::bytea[], %(ns)s::bigint[]) AS u(d, w, k, s, n)
 """
 _RECORD = """
 INSERT INTO compacted_weeks (domain, tz, bucket_start, bucket_end, counts_sig, visitors_sig)

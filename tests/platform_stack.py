@@ -9,8 +9,9 @@ first: its crash loop wants a shipper with no crash before it (a later one, in t
 its longer backoff).
 
 What the modules share: `TALLY_SPOOL_SEGMENT_AGE_S=0.2` (segments sealed, shipped and retained soon) and
-`TALLY_SUPERVISOR_BACKOFF_S=0.1` (the crash loop's restarts after 0.1 to 1.6 s instead of 0.5 to 8 s). Each
-module registers its own site and sends its own events.
+`TALLY_SUPERVISOR_BACKOFF_S=0.2` (the crash loop's restarts after 0.2 to 3.2 s instead of 0.5 to 8 s; its 6th
+crash keeps the shipper down 6.4 s, time enough to see it down on a slow machine). Each module registers its own
+site and sends its own events.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 
 from tests.test_broker_restart import Stack
 
-ENV = {"TALLY_SPOOL_SEGMENT_AGE_S": "0.2", "TALLY_SUPERVISOR_BACKOFF_S": "0.1"}
+ENV = {"TALLY_SPOOL_SEGMENT_AGE_S": "0.2", "TALLY_SUPERVISOR_BACKOFF_S": "0.2"}
 
 
 def users(items: list[pytest.Item]) -> set[str]:

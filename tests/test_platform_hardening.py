@@ -162,8 +162,8 @@ def get(url: str) -> tuple[int, bytes]:
 @pytest.mark.slow
 def test_a_crash_looping_part_is_reported_down_and_the_rest_keeps_serving(stack):
     restarts = restarts_once_stable(stack, "shipper")
-    kill_after_each_restart(stack, "shipper", 5)  # restarted after 0.1, 0.2, 0.4, 0.8 s, then 1.6 s
-    os.kill(stack.pids()["shipper"], signal.SIGKILL)  # the 6th crash in a row: 3.2 s down
+    kill_after_each_restart(stack, "shipper", 5)  # restarted after 0.2, 0.4, 0.8, 1.6 s, then 3.2 s
+    os.kill(stack.pids()["shipper"], signal.SIGKILL)  # the 6th crash in a row: 6.4 s down
     deadline = time.monotonic() + 10
     while run_state(stack)["components"]["shipper"]["state"] != "down":
         assert time.monotonic() < deadline, run_state(stack)["components"]

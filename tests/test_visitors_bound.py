@@ -167,6 +167,20 @@ def test_the_weekly_compaction_writes_the_sum_of_its_days_bounds(db):
         "/a": sum(len(people[d]) for d in (2, 3, 4)), "/b": 1}
 
 
+def test_bounds_past_two_to_the_31_are_kept_whole(db):
+    """n sums per-batch counts, so a busy value's week (desktop at 8,000 events/s: ~2.9 billion) passes a 32-bit
+    integer: the weekly compaction and the ranking must carry it, not fail with "integer out of range"."""
+    domain = _domain()
+    _put(db, domain, {"/busy": {0: ["a"], 1: ["b"]}, "/quiet": {2: ["c"]}})
+    db.execute("UPDATE visitors_dim_1d SET n = 2000000000 WHERE domain = %s AND key = '/busy'", (domain,))
+    assert weekly.compact_weeks(db, domain, "UTC", [(BASE, BASE + 7 * DAY)]) == (2, 2)
+    week = {k: v for (_, k), v in _n(db, "visitors_dim_1w", domain).items()}
+    assert week == {"/busy": [4_000_000_000], "/quiet": [1]}
+    weeks = weekly.valid_weeks(db, domain, "UTC", BASE, BASE + 7 * DAY, "visitors")
+    assert vis.visitor_bounds(db, domain, "UTC", "page", BASE, BASE + 7 * DAY, weeks) == {
+        "/busy": 4_000_000_000, "/quiet": 1}
+
+
 @pytest.mark.servers("postgres", "chdb")
 def test_rebuild_writes_the_exact_distinct_count(db, servers):
     from olap.aggregates import ClickHouseAggregates

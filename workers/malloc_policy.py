@@ -15,7 +15,6 @@ concerned: the rollup worker's ~15 MiB of free heap, reached within minutes and 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -27,13 +26,15 @@ MMAP_THRESHOLD = 128 * 1024  # glibc's own initial value: setting it at all stop
 def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     """Serve blocks of `threshold` bytes or more with mmap for good (glibc `mallopt(M_MMAP_THRESHOLD)`).
     Returns False where there is no glibc mallopt (another libc): nothing is changed then."""
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
+    try:  # the C library already loaded into this process (no `ldconfig` subprocess, as find_library would run)
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         mallopt = None
     if mallopt is None:
         log.info("malloc policy: no glibc mallopt here; the mmap threshold is left as it is")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+    if not mallopt(M_MMAP_THRESHOLD, threshold):
+        log.info("malloc policy: mallopt refused the mmap threshold; it is left as it is")
+        return False
+    return True

@@ -133,16 +133,16 @@ def _recreate(chaos: HostsRun, partitions: int) -> None:
     broker for the topic (and auto-creates it with another count) before `tally up` has made it; `tally up` told
     the new count; the broker killed -9 and restarted, creating the topic with `partitions`; then every paused
     process resumes. The consumers live through it: their members are gone with the broker's memory, so they
-    rejoin, and the new partitions regroup them (workers/consumer_regroup.py, ADR 60); a member that never finds
+    rejoin, and the new partitions regroup them (workers/regroup.py, ADR 60); a member that never finds
     its coordinator again gets a new consumer (workers/coordinator_stall.py). The shippers ship their retained
     segments to the new incarnation (ADR 16)."""
     stack = chaos.stack
     pids = stack.pids()
     paused = [p for n, p in pids.items() if n.endswith("-shipper") or n.startswith("rollup-worker-")
               or n == "analyst"]
-    for pid in paused:
-        signal_pid(pid, signal.SIGSTOP)
     try:
+        for pid in paused:  # inside: an interrupt mid-way still resumes them (SIGCONT to a running one is harmless)
+            signal_pid(pid, signal.SIGSTOP)
         _control(stack, {"op": "partitions", "count": partitions})
         old = pids["broker"]
         signal_pid(old, signal.SIGKILL)

@@ -7,8 +7,10 @@ checkpoint, writes it whole to the WAL; by time (events arrive close to now) the
 pages. Measured (docs/adr/0058-soak-and-capacity.md, addendum of 2026-12-07): a batch of 5,000 new events into a
 3-million-row table wrote 5.2 MiB of WAL and read 838 blocks by hash first, 0.9 MiB and 0 blocks by time first.
 
-The primary key of a partitioned table is rebuilt on every partition, holding writes to seen_events off for the
-build (the rollup worker waits; nothing is lost). The lookups (`WHERE hash = .. AND ts = ..`) use either order.
+The primary key of a partitioned table is rebuilt on every partition under an ACCESS EXCLUSIVE lock held for the
+build: the rollup worker's writes and reconcile's reads of seen_events wait (nothing is lost); minutes for a
+dedup window of many millions of rows: run `tally migrate` in a quiet hour. The lookups (`WHERE hash = .. AND
+ts = ..`) use either order.
 
 Revision ID: 0015
 Revises: 0014

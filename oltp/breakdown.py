@@ -185,17 +185,18 @@ def visitors(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> B
     order = _bounded_keys(conn, q, daily, lo, hi, weeks)
     need = q.offset + q.limit
     best: dict[str, int] = {}
-    i, cap = 0, max(MAX_VISITOR_KEYS, 2 * need)
+    i, cap, settled = 0, max(MAX_VISITOR_KEYS, 2 * need), not order
     while i < min(len(order), cap):
         keys = [k for k, _ in order[i:(2 * need if i == 0 else cap)]]
         best.update(vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, keys, weeks))
         i += len(keys)
-        if _settled(best, order, i, need):
+        settled = _settled(best, order, i, need)
+        if settled:
             break
     ordered = sorted(((k, v) for k, v in best.items() if v > 0), key=lambda kv: (-kv[1], kv[0]))
     rows = [BreakdownRow(k, v) for k, v in ordered[q.offset:need]]
     notes = []
-    if not _settled(best, order, i, need):
+    if not settled:
         notes.append(f"visitors were counted for the {i} values that could have the most (by an upper bound of "
                      "their visitors, or their events where none is kept); a value not counted could have more "
                      "visitors than the last row")

@@ -401,23 +401,40 @@ WHERE v.domain = %(domain)s AND v.dimension = %(dimension)s
 
 # The same with some whole weeks of `tz` (the site's zone) read pre-merged from visitors_dim_1w (oltp/weekly.py):
 # the days of `tz` outside them (the gaps), the days of any other zone written in the range, and the weeks.
-_BY_KEY_WEEKS = """
-SELECT v.tz, v.bucket_start, v.key, v.sketch FROM unnest(%(glo)s::timestamptz[], %(ghi)s::timestamptz[]) AS g(lo, hi)
+# `{day}` / `{week}`: the columns selected from a daily / weekly row (visitors_by_key's, visitor_bounds's).
+_ROWS_WITH_WEEKS = """
+SELECT {day} FROM unnest(%(glo)s::timestamptz[], %(ghi)s::timestamptz[]) AS g(lo, hi)
 JOIN visitors_dim_1d v ON v.domain = %(domain)s AND v.tz = %(tz)s AND v.dimension = %(dimension)s
  AND v.bucket_start >= g.lo AND v.bucket_start < g.hi
 WHERE (%(keys)s::text[] IS NULL OR v.key = ANY(%(keys)s::text[]))
 UNION ALL
-SELECT v.tz, v.bucket_start, v.key, v.sketch FROM visitors_dim_1d v
+SELECT {day} FROM visitors_dim_1d v
 WHERE v.domain = %(domain)s AND v.dimension = %(dimension)s
   AND v.tz IN (SELECT DISTINCT tz FROM visitors_1d WHERE domain = %(domain)s AND tz <> %(tz)s
                AND bucket_start >= %(lo)s AND bucket_start < %(hi)s)
   AND v.bucket_start >= %(lo)s AND v.bucket_start < %(hi)s
   AND (%(keys)s::text[] IS NULL OR v.key = ANY(%(keys)s::text[]))
 UNION ALL
-SELECT w.tz, NULL, w.key, w.sketch FROM visitors_dim_1w w
+SELECT {week} FROM visitors_dim_1w w
 WHERE w.domain = %(domain)s AND w.tz = %(tz)s AND w.dimension = %(dimension)s
   AND w.bucket_start = ANY(%(weeks)s::timestamptz[]) AND (%(keys)s::text[] IS NULL OR w.key = ANY(%(keys)s::text[]))
 """
+_BY_KEY_WEEKS = _ROWS_WITH_WEEKS.format(day="v.tz, v.bucket_start, v.key, v.sketch", week="w.tz, NULL, w.key, w.sketch")
+
+
+def _rows_params(domain: str, tz: str, dimension: str, lo: datetime, hi: datetime, keys: list[str] | None,
+                 weeks: Sequence[tuple[datetime, datetime]], weeks_form: bool) -> tuple[dict[str, Any], bool]:
+    """The parameters of _BY_KEY / _ROWS_WITH_WEEKS for [lo, hi), and whether some of `weeks` lie inside it. Those
+    of the weeks' form (the days of `tz` outside the weeks, the weeks) are made when some do, or if `weeks_form`."""
+    if dimension not in DIMENSIONS:
+        raise ValueError(f"dimension must be one of {', '.join(DIMENSIONS)}")
+    params: dict[str, Any] = {"domain": domain, "tz": tz, "dimension": dimension, "lo": lo - timedelta(days=2),
+                              "hi": hi, "keys": keys}
+    used = sorted(w for w in weeks if lo <= w[0] and w[1] <= hi)
+    if used or weeks_form:
+        spaces = week_gaps(DayStarts().start(tz, lo), hi, used)  # days of `tz` before the one holding lo end <= lo
+        params.update(weeks=[a for a, _ in used], glo=[a for a, _ in spaces], ghi=[b for _, b in spaces])
+    return params, bool(used)
 
 
 def visitors_by_key(conn: psycopg.Connection[Any], domain: str, tz: str, dimension: str, lo: datetime,
@@ -430,14 +447,7 @@ def visitors_by_key(conn: psycopg.Connection[Any], domain: str, tz: str, dimensi
     are absent. `weeks`: whole local weeks of `tz` inside [lo, hi) whose pre-merged sketches are current
     (`oltp.weekly.valid_weeks`): read from visitors_dim_1w instead of their days (same answer, fewer rows)."""
     _check(lo, hi)
-    if dimension not in DIMENSIONS:
-        raise ValueError(f"dimension must be one of {', '.join(DIMENSIONS)}")
-    params: dict[str, Any] = {"domain": domain, "dimension": dimension, "lo": lo - timedelta(days=2), "hi": hi,
-                              "keys": keys}
-    used = sorted(w for w in weeks if lo <= w[0] and w[1] <= hi)
-    if used:
-        spaces = week_gaps(DayStarts().start(tz, lo), hi, used)  # days of `tz` before the one holding lo end <= lo
-        params.update(tz=tz, weeks=[a for a, _ in used], glo=[a for a, _ in spaces], ghi=[b for _, b in spaces])
+    params, used = _rows_params(domain, tz, dimension, lo, hi, keys, weeks, weeks_form=False)
     rows = conn.execute(_BY_KEY_WEEKS if used else _BY_KEY, params, binary=True).fetchall()
     days, ends = DayStarts(), dict[tuple[str, datetime], datetime]()
     per_key: dict[str, list[bytes]] = {}
@@ -455,23 +465,8 @@ def visitors_by_key(conn: psycopg.Connection[Any], domain: str, tz: str, dimensi
 
 # Per value, the sum of `n` (ADR 62) over the rows visitors_by_key would merge for [lo, hi) with these weeks (a
 # superset for the days of another zone: a bound may only be loose), and whether one row's n is unknown.
-_BOUNDS = """
-SELECT x.key, sum(x.n)::bigint, bool_or(x.n IS NULL) FROM (
-  SELECT v.key, v.n FROM unnest(%(glo)s::timestamptz[], %(ghi)s::timestamptz[]) AS g(lo, hi)
-  JOIN visitors_dim_1d v ON v.domain = %(domain)s AND v.tz = %(tz)s AND v.dimension = %(dimension)s
-   AND v.bucket_start >= g.lo AND v.bucket_start < g.hi
-  UNION ALL
-  SELECT v.key, v.n FROM visitors_dim_1d v
-  WHERE v.domain = %(domain)s AND v.dimension = %(dimension)s
-    AND v.tz IN (SELECT DISTINCT tz FROM visitors_1d WHERE domain = %(domain)s AND tz <> %(tz)s
-                 AND bucket_start >= %(lo)s AND bucket_start < %(hi)s)
-    AND v.bucket_start >= %(lo)s AND v.bucket_start < %(hi)s
-  UNION ALL
-  SELECT w.key, w.n FROM visitors_dim_1w w
-  WHERE w.domain = %(domain)s AND w.tz = %(tz)s AND w.dimension = %(dimension)s
-    AND w.bucket_start = ANY(%(weeks)s::timestamptz[])
-) x GROUP BY x.key
-"""
+_BOUNDS = ("SELECT x.key, sum(x.n)::bigint, bool_or(x.n IS NULL) FROM ("
+           + _ROWS_WITH_WEEKS.format(day="v.key, v.n", week="w.key, w.n") + ") x GROUP BY x.key")
 
 
 def visitor_bounds(conn: psycopg.Connection[Any], domain: str, tz: str, dimension: str, lo: datetime, hi: datetime,
@@ -481,13 +476,8 @@ def visitor_bounds(conn: psycopg.Connection[Any], domain: str, tz: str, dimensio
     visitors_dim_1d_key where the visibility map allows); None where a row's n is unknown (written before
     migration 0014)."""
     _check(lo, hi)
-    if dimension not in DIMENSIONS:
-        raise ValueError(f"dimension must be one of {', '.join(DIMENSIONS)}")
-    used = sorted(w for w in weeks if lo <= w[0] and w[1] <= hi)
-    spaces = week_gaps(DayStarts().start(tz, lo), hi, used)
-    rows = conn.execute(_BOUNDS, {"domain": domain, "tz": tz, "dimension": dimension, "lo": lo - timedelta(days=2),
-                                  "hi": hi, "weeks": [a for a, _ in used], "glo": [a for a, _ in spaces],
-                                  "ghi": [b for _, b in spaces]}).fetchall()
+    params, _ = _rows_params(domain, tz, dimension, lo, hi, None, weeks, weeks_form=True)
+    rows = conn.execute(_BOUNDS, params).fetchall()
     return {key: None if unknown else int(total) for key, total, unknown in rows}
 
 

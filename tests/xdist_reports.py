@@ -1,0 +1,41 @@
+"""Test reports that pytest-xdist can always send.
+
+A worker sends each report to the controller through execnet, which refuses a string that is not UTF-8
+encodable (a lone surrogate: text a test decoded with `surrogateescape`, or a JavaScript string cut mid-pair,
+in a failure message or in a captured log line from any thread). The refusal is raised outside the test, so
+the worker's session ends and the controller aborts the whole run with `assert not crashitem` naming whatever
+test was running, with none of its output (the likeliest cause of one CI run that ended so at
+test_dashboard_end_to_end: its log kept only the controller's side). Here every such string
+is sent with its bad code points escaped (`\\udcff`), and any value execnet cannot send (an object a plugin
+put in `user_properties`) as its repr, so the test reports as itself, passed or failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+
+def utf8_safe(value: Any) -> Any:
+    """`value` (a report's JSON-ready data) with every string UTF-8 encodable and every other value one execnet
+    can send (its repr where it was not)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {utf8_safe(k): utf8_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(utf8_safe(v) for v in value)
+    if value is None or isinstance(value, bool | int | float | bytes):
+        return value
+    return utf8_safe(repr(value))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_report_to_serializable(config: pytest.Config, report: Any) -> Generator[None, Any, Any]:
+    return utf8_safe((yield))

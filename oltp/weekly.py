@@ -6,7 +6,7 @@ A 90-day breakdown summed ~90 daily rows per value (`rollup_dim_1d`) and merged 
 edges.
 
 Written only here, by a background pass over CLOSED weeks (`compact_closed_weeks`, run with the hourly partition
-maintenance of the rollup worker and by `tally retention`), never by the rollup sink's batch statement. The weekly
+maintenance of the rollup worker), never by the rollup sink's batch statement. The weekly
 rows are a copy, not a move: the daily rows stay (a range may cut a week). Each compaction records, in the same
 transaction, the week's **signature**: the row versions (`xmin`) of `rollup_1d` and of `visitors_1d` for the domain,
 zone and days of the week. The sink writes `rollup_1d` of a (domain, zone, day) in the same statement as every

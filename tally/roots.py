@@ -261,42 +261,48 @@ PARTITION_MAINTENANCE_S = 3600.0  # how often the rollup worker creates partitio
 
 def start_partition_maintenance(settings: Settings, dsn: str,
                                 interval_s: float = PARTITION_MAINTENANCE_S) -> threading.Event:
-    """A daemon thread running `oltp.partitions.maintain` (and `oltp.prune.prune_status`, and the compaction of
-    closed weeks `oltp.weekly.compact_closed_weeks`) now and every
-    `interval_s`; set the returned Event to stop it. A failed pass is logged and retried at the next one
-    (nothing half-dropped)."""
-    from datetime import UTC, datetime
-
-    import psycopg
-
-    from oltp import partitions, prune, weekly
-
+    """A daemon thread running `partition_maintenance_pass` now and every `interval_s`; set the returned Event to
+    stop it. A failed pass is logged and retried at the next one (nothing half-dropped)."""
     stop = threading.Event()
-    keep = partitions.keep_days_from(settings)
 
     def run() -> None:
         while not stop.is_set():
             try:
-                with psycopg.connect(dsn, connect_timeout=10) as conn:
-                    now = datetime.now(UTC)
-                    plans = partitions.maintain(conn, keep, now)
-                    status = prune.prune_status(conn, settings.retention_15m_days, now)
-                with psycopg.connect(dsn, connect_timeout=10, autocommit=True) as conn:  # closed weeks (ADR 61)
-                    weeks = weekly.compact_closed_weeks(conn, now, keep_days=int(settings.retention_1d_days))
-                if weeks.compacted:
-                    log.info("compacted %d closed weeks (%d domains looked at)", weeks.compacted, weeks.domains)
-                dropped = [p.name for plan in plans for p in plan.expired]
-                if dropped:
-                    log.info("retention dropped %d partitions: %s", len(dropped), ", ".join(dropped))
-                for r in status:
-                    if r.expired_rows:
-                        log.info("retention deleted %d rows of %s before %s", r.expired_rows, r.table, r.cutoff)
+                partition_maintenance_pass(settings, dsn)
             except Exception as exc:
                 log.warning("partition maintenance failed (retrying in %.0f s): %s", interval_s, exc)
             stop.wait(interval_s)
 
     threading.Thread(target=run, name="partition-maintenance", daemon=True).start()
     return stop
+
+
+def partition_maintenance_pass(settings: Settings, dsn: str) -> None:
+    """One pass of the rollup worker's maintenance: `oltp.partitions.maintain` (partitions ahead, expired ones
+    dropped), `oltp.prune.prune_status`, the compaction of closed weeks (`oltp.weekly.compact_closed_weeks`,
+    ADR 61), then a VACUUM of the tables read by index-only scans (`oltp.visibility`, ADR 62)."""
+    from datetime import UTC, datetime
+
+    import psycopg
+
+    from oltp import partitions, prune, visibility, weekly
+
+    keep = partitions.keep_days_from(settings)
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        now = datetime.now(UTC)
+        plans = partitions.maintain(conn, keep, now)
+        status = prune.prune_status(conn, settings.retention_15m_days, now)
+    with psycopg.connect(dsn, connect_timeout=10, autocommit=True) as conn:
+        weeks = weekly.compact_closed_weeks(conn, now, keep_days=int(settings.retention_1d_days))
+        visibility.vacuum_for_index_only_scans(conn)
+    if weeks.compacted:
+        log.info("compacted %d closed weeks (%d domains looked at)", weeks.compacted, weeks.domains)
+    dropped = [p.name for plan in plans for p in plan.expired]
+    if dropped:
+        log.info("retention dropped %d partitions: %s", len(dropped), ", ".join(dropped))
+    for r in status:
+        if r.expired_rows:
+            log.info("retention deleted %d rows of %s before %s", r.expired_rows, r.table, r.cutoff)
 
 
 def build_loader_loop(settings: Settings, group: str = LOADER_GROUP) -> ConsumerLoop:

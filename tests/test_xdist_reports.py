@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import enum
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +45,16 @@ def test_utf8_safe_escapes_only_what_cannot_be_encoded():
             "t": True, "odd": {1, 2}}
     assert utf8_safe(data) == {"ok": "kathmandu \u0915", "bad": ["x\\ud800y", ("\\udcff",)], 3: None, "\\udc80": 1.5,
                                "b": b"\xff", "t": True, "odd": "{1, 2}"}
+
+
+def test_utf8_safe_sends_subclasses_and_namedtuples_as_plain_values():
+    class Tag(str):
+        pass
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    point = collections.namedtuple("point", "x y")(1, "\udcff")
+    got = utf8_safe({"tag": Tag("a"), "level": Level.HIGH, "point": point, "list": [Tag("b\ud800")]})
+    assert got == {"tag": "a", "level": "<Level.HIGH: 3>", "point": "point(x=1, y='\\udcff')", "list": ["b\\ud800"]}
+    assert {type(v) for v in got.values()} == {str, list} and type(got["list"][0]) is str

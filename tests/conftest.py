@@ -19,7 +19,7 @@ import pytest
 
 from core.config import Settings
 from tests.stack import ClosedPort, PlatformLanes, Servers, layers_of, order_for_workers, private_basetemp
-from tests.xdist_reports import pytest_report_to_serializable  # noqa: F401  # a hook: reports xdist can send
+from tests.xdist_reports import pytest_report_to_serializable, pytest_warning_recorded  # noqa: F401  # hooks (xdist)
 
 SECRET = "test-secret-0123456789abcdef"
 

@@ -13,12 +13,16 @@ from tests.xdist_reports import utf8_safe
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = '''
 import logging
+import warnings
 
 def test_fails_with_a_lone_surrogate():
     raise RuntimeError("cut mid-pair: \\udcff")
 
 def test_passes_with_one_in_its_captured_log():
     logging.getLogger("x").warning("a path decoded with surrogateescape: \\udcfe")
+
+def test_passes_with_a_warning_holding_one():
+    warnings.warn("a warning cut mid-pair: \\udcfd")
 '''
 
 
@@ -32,12 +36,14 @@ def run_worker(tmp_path: Path, *plugin: str) -> subprocess.CompletedProcess[str]
 
 
 def test_a_lone_surrogate_no_longer_ends_the_run(tmp_path):
-    """Without the plugin this run ends in INTERNALERROR, "strings must be utf-8 encodable" (one CI run did)."""
+    """Without the plugin this run ends in INTERNALERROR, "strings must be utf-8 encodable", at the first of the
+    three (one CI run ended so)."""
     got = run_worker(tmp_path, "-p", "tests.xdist_reports")
     assert got.returncode == 1, got.stdout + got.stderr
     assert "INTERNALERROR" not in got.stdout + got.stderr
-    assert "1 failed, 1 passed" in got.stdout
+    assert "1 failed, 2 passed, 1 warning" in got.stdout
     assert "cut mid-pair: \\udcff" in got.stdout and "surrogateescape: \\udcfe" in got.stdout
+    assert "a warning cut mid-pair: \\udcfd" in got.stdout
 
 
 def test_utf8_safe_escapes_only_what_cannot_be_encoded():

@@ -7,12 +7,14 @@ the worker's session ends and the controller aborts the whole run with `assert n
 test was running, with none of its output (the likeliest cause of one CI run that ended so at
 test_dashboard_end_to_end: its log kept only the controller's side). Here every such string
 is sent with its bad code points escaped (`\\udcff`), and any value execnet cannot send (an object a plugin
-put in `user_properties`) as its repr, so the test reports as itself, passed or failed. Not covered: a warning
-whose text holds a lone surrogate (xdist sends `warning_recorded` events outside the report hooks).
+put in `user_properties`) as its repr, so the test reports as itself, passed or failed. A warning whose text
+holds a lone surrogate ended the worker the same way (xdist sends `str(warning)` in a `warning_recorded` event):
+it is recorded with its text escaped.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Generator
 from typing import Any
 
@@ -43,3 +45,14 @@ def utf8_safe(value: Any) -> Any:
 @pytest.hookimpl(wrapper=True)
 def pytest_report_to_serializable(config: pytest.Config, report: Any) -> Generator[None, Any, Any]:
     return utf8_safe((yield))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_warning_recorded(warning_message: warnings.WarningMessage) -> None:
+    """Before xdist's worker sends it: a warning whose text is not UTF-8 encodable becomes one of the same
+    category with the text escaped."""
+    text = str(warning_message.message)
+    safe = utf8_safe(text)
+    if safe != text:
+        category = warning_message.category if issubclass(warning_message.category, Warning) else UserWarning
+        warning_message.message = category(safe)

@@ -355,6 +355,13 @@ def start_sites_sync(settings: Settings, dsn: str) -> threading.Event:
     return stop
 
 
+def stop_sites_syncs() -> None:
+    """Ask every sites-sync thread this process started to stop (each ends after the pass it may be in)."""
+    with _SITES_SYNCS_LOCK:
+        for stop in _SITES_SYNCS.values():
+            stop.set()
+
+
 def with_rewinds(loop: ConsumerLoop, dsn: str, group: str, *, reread_floor_days: float | None = None) -> ConsumerLoop:
     """Give `loop` a Rewinder reading `tally replay`'s requests from PostgreSQL (workers/rewind.py)."""
     from oltp.rewinds import PostgresRewinds

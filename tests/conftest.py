@@ -54,18 +54,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     try:
         yield started
     finally:
+        from tally.roots import stop_sites_syncs  # the loaders' threads would log to pytest's closed streams
+
         stop_sites_syncs()
         started.close()
-
-
-def stop_sites_syncs() -> None:
-    """Stop the sites-sync threads the loaders of this process started (tally/roots.py), before the servers they
-    copy between stop: they would log connection errors to pytest's closed streams at the session's end."""
-    from tally import roots
-
-    with roots._SITES_SYNCS_LOCK:
-        for stop in roots._SITES_SYNCS.values():
-            stop.set()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ reads no heap row. Real PostgreSQL, a database of its own (no other test's VACUU
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -38,7 +37,7 @@ def _heap_fetches(conn: psycopg.Connection, domain: str, today: datetime) -> tup
         conn.execute("SET LOCAL enable_bitmapscan = off")
         (plan,) = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + vis._BOUNDS, params).fetchone()
     nodes: list[dict[str, Any]] = []
-    todo = [(plan if isinstance(plan, list) else json.loads(plan))[0]["Plan"]]
+    todo = [plan[0]["Plan"]]  # psycopg loads the json
     while todo:
         node = todo.pop()
         nodes.append(node)
@@ -47,13 +46,19 @@ def _heap_fetches(conn: psycopg.Connection, domain: str, today: datetime) -> tup
     return sum(n.get("Heap Fetches", 0) for n in nodes), scans
 
 
+def _pages(conn: psycopg.Connection, table: str) -> tuple[int, int]:
+    """(pages, pages the visibility map marks all-visible) of `table`, as its last VACUUM counted them."""
+    (pages, visible), = conn.execute("SELECT relpages, relallvisible FROM pg_class WHERE oid = %s::regclass",
+                                     (table,)).fetchall()
+    return pages, visible
+
+
 def _settled(conn: psycopg.Connection) -> bool:
     """Whether rows committed now can already be marked all-visible: PostgreSQL (18, with this suite's
     synchronous_commit=off) leaves a page it vacuums within about a second of its rows' commit not all-visible.
     A probe row committed after the test's rows, vacuumed: once its page is all-visible, the test's can be."""
     conn.execute("VACUUM settle_probe")
-    (visible,) = conn.execute("SELECT relallvisible FROM pg_class WHERE oid = 'settle_probe'::regclass").fetchone()
-    return visible == 1
+    return _pages(conn, "settle_probe")[1] == 1
 
 
 def test_the_maintenance_pass_leaves_the_ranking_scan_no_heap_row_to_read(fresh_dsn):  # noqa: F811
@@ -72,9 +77,7 @@ def test_the_maintenance_pass_leaves_the_ranking_scan_no_heap_row_to_read(fresh_
         part = _partition_of_today(conn, today)
         fetches, scans = _heap_fetches(conn, domain, today)
         assert scans == {"Index Only Scan"} and fetches >= 2000  # written since the last VACUUM: every row read
-        (pages, visible), = conn.execute("SELECT relpages, relallvisible FROM pg_class WHERE oid = %s::regclass",
-                                         (part,)).fetchall()
-        assert visible == 0
+        assert _pages(conn, part)[1] == 0
         conn.execute("CREATE TABLE settle_probe (a int) WITH (autovacuum_enabled = off)")
         conn.execute("INSERT INTO settle_probe VALUES (1)")
         wait_until(lambda: _settled(conn), what="a committed row that VACUUM may mark all-visible", timeout=60)
@@ -82,8 +85,7 @@ def test_the_maintenance_pass_leaves_the_ranking_scan_no_heap_row_to_read(fresh_
     partition_maintenance_pass(settings, fresh_dsn)
 
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
-        (pages, visible), = conn.execute("SELECT relpages, relallvisible FROM pg_class WHERE oid = %s::regclass",
-                                         (part,)).fetchall()
+        pages, visible = _pages(conn, part)
         assert pages > 0 and visible == pages
         assert _heap_fetches(conn, domain, today) == (0, {"Index Only Scan"})
         assert sum(vis.visitor_bounds(conn, domain, "UTC", "page", today, today + DAY).values()) == 6000

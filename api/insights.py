@@ -247,8 +247,7 @@ def domain_visitors(domain: str) -> Response:
     """
     req = _visitors_request(domain)
     insights = Insights(backends().rollups)
-    served = insights.visitors_series(req.domain, req.start, req.end, req.granularity, req.tz, req.filters)
-    total = insights.visitors_over(req.domain, served, req.filters)
+    served, total = insights.visitors_series(req.domain, req.start, req.end, req.granularity, req.tz, req.filters)
     buckets = [{"start": b.start.astimezone(req.tz).isoformat(),
                 "end": b.end.astimezone(req.tz).isoformat() if b.end else None,
                 "count": b.count, **({"length_s": b.length_s} if b.length_s is not None else {})}

@@ -129,47 +129,44 @@ class Insights:
         return quantiles(both, ps), {t: quantiles(bins.get(t, {}), ps) for t in EVENT_TYPES}
 
     def visitors_series(self, domain: str, start: datetime, end: datetime, granularity: str, tz: ZoneInfo,
-                        filters: tuple[Filter, ...] = ()) -> Series:
+                        filters: tuple[Filter, ...] = ()) -> tuple[Series, int]:
         """Visitors per bucket (Bucket.count), from the 1h or 1d sketches: hourly buckets need whole UTC hours,
         daily ones the site's zone (1d sketches) or whole-hour day bounds (each day merged from 1h sketches).
-        One filter: daily buckets in the site's zone only (sketches per value are daily); two or more: refused."""
+        One filter: daily buckets in the site's zone only (sketches per value are daily); two or more: refused.
+        With the visitors of the whole range the buckets cover (sketches merged, not bucket sums)."""
         if granularity not in ("1h", "1d"):
             raise QueryError("visitors are kept per hour and per day: granularity must be 1h or 1d")
         if len(filters) > 1:
             raise QueryError(FILTERED_VISITORS_NOTE.replace(": null", ""))
         bounds = bucket_bounds(start, end, granularity, tz)
         with self.reader.pool.connection() as conn:
-            daily = self.reader._daily_zone(conn, domain) if granularity == "1d" else None
-            tiers = aligned_tiers(bounds, granularity, tz.key, daily)
-            starts = bounds[:-1]
-            if filters and "1d" not in tiers:
-                raise QueryError("visitors under a filter are kept per local day of the site: ask granularity=1d "
-                                 "in the site's time zone")
-            if filters:
-                f = filters[0]
-                by_day = [vis.visitors_by_key(conn, domain, tz.key, f.dimension, a, b, [f.key])
-                          for a, b in zip(starts, bounds[1:], strict=True)]
-                tier, values = "1d", [found.get(f.key, 0) for found in by_day]
-            elif "1d" in tiers:
-                tier, values = "1d", vis.visitors_series(conn, domain, tz.key, "1d", starts)
-            elif "1h" in tiers and granularity == "1h":
-                tier, values = "1h", vis.visitors_series(conn, domain, tz.key, "1h", starts)
-            elif "1h" in tiers:  # days of another zone on whole hours: each merged from its hours
-                zone = daily.registered_tz if daily else "UTC"
-                tier, values = "1h", [vis.visitors_total(conn, domain, zone, a, b)
-                                      for a, b in zip(starts, bounds[1:], strict=True)]
-            else:
-                raise QueryError(f"in {tz.key} these buckets do not start on whole UTC hours; visitors are kept "
-                                 "per hour: pick another time zone or granularity")
+            daily = self.reader._daily_zone(conn, domain)
+            tier, values, total = self._visitor_buckets(conn, domain, bounds, granularity, tz, filters, daily)
         rows = {i: (v, 0, Decimal("0.000000")) for i, v in enumerate(values, start=1)}
-        return Series(tier, self.reader._buckets(bounds, granularity, rows))
+        return Series(tier, self.reader._buckets(bounds, granularity, rows)), total
 
-    def visitors_over(self, domain: str, served: Series, filters: tuple[Filter, ...]) -> int:
-        """The visitors of the whole range a visitors series covers (sketches merged, not bucket sums)."""
-        lo, hi = served.buckets[0].start, served.buckets[-1].end or served.buckets[-1].start
-        with self.reader.pool.connection() as conn:
-            tz = self.reader._daily_zone(conn, domain).registered_tz
-            if not filters:
-                return vis.visitors_total(conn, domain, tz, lo, hi)
+    @staticmethod
+    def _visitor_buckets(conn: psycopg.Connection, domain: str, bounds: list[datetime], granularity: str,
+                         tz: ZoneInfo, filters: tuple[Filter, ...], daily: DailyZone) -> tuple[str, list[int], int]:
+        """(tier, visitors per bucket, visitors of [bounds[0], bounds[-1])) for `visitors_series`."""
+        tiers = aligned_tiers(bounds, granularity, tz.key, daily if granularity == "1d" else None)
+        starts, lo, hi = bounds[:-1], bounds[0], bounds[-1]
+        if filters and "1d" not in tiers:
+            raise QueryError("visitors under a filter are kept per local day of the site: ask granularity=1d "
+                             "in the site's time zone")
+        if filters:
             f = filters[0]
-            return vis.visitors_by_key(conn, domain, tz, f.dimension, lo, hi, [f.key]).get(f.key, 0)
+            by_day = [vis.visitors_by_key(conn, domain, tz.key, f.dimension, a, b, [f.key])
+                      for a, b in zip(starts, bounds[1:], strict=True)]
+            whole = vis.visitors_by_key(conn, domain, daily.registered_tz, f.dimension, lo, hi, [f.key])
+            return "1d", [found.get(f.key, 0) for found in by_day], whole.get(f.key, 0)
+        if "1d" in tiers or ("1h" in tiers and granularity == "1h"):
+            tier = "1d" if "1d" in tiers else "1h"
+            values, total = vis.visitors_series_and_total(conn, domain, tz.key, tier, starts, lo, hi)
+            return tier, values, total
+        if "1h" in tiers:  # days of another zone on whole hours: each merged from its hours
+            values = [vis.visitors_total(conn, domain, daily.registered_tz, a, b)
+                      for a, b in zip(starts, bounds[1:], strict=True)]
+            return "1h", values, vis.visitors_total(conn, domain, daily.registered_tz, lo, hi)
+        raise QueryError(f"in {tz.key} these buckets do not start on whole UTC hours; visitors are kept "
+                         "per hour: pick another time zone or granularity")

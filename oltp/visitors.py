@@ -376,10 +376,9 @@ def visitors_total(conn: psycopg.Connection[Any], domain: str, tz: str, lo: date
     return _estimate_ranges(conn, domain, [(lo, hi)])[0]
 
 
-def visitors_series(conn: psycopg.Connection[Any], domain: str, tz: str, tier: str,
-                    starts: list[datetime]) -> list[int]:
-    """Visitors per bucket: bucket i is [starts[i], starts[i+1]); the last one is an hour long (tier '1h') or
-    ends at the next day start in `tz` (tier '1d'). Each is answered as `visitors_total` answers its range."""
+def _series_ranges(tz: str, tier: str, starts: list[datetime]) -> list[tuple[datetime, datetime]]:
+    """Bucket i is [starts[i], starts[i+1]); the last one is an hour long (tier '1h') or ends at the next day start
+    in `tz` (tier '1d')."""
     if tier not in ("1h", "1d"):
         raise ValueError("visitors_series: tier must be '1h' or '1d'")
     if not starts:
@@ -387,7 +386,23 @@ def visitors_series(conn: psycopg.Connection[Any], domain: str, tz: str, tier: s
     for a, b in pairwise(starts):
         _check(a, b)
     last_end = starts[-1] + HOUR if tier == "1h" else DayStarts().next_start(tz, starts[-1])
-    return _estimate_ranges(conn, domain, list(zip(starts, [*starts[1:], last_end], strict=True)))
+    return list(zip(starts, [*starts[1:], last_end], strict=True))
+
+
+def visitors_series(conn: psycopg.Connection[Any], domain: str, tz: str, tier: str,
+                    starts: list[datetime]) -> list[int]:
+    """Visitors per bucket (`_series_ranges`). Each is answered as `visitors_total` answers its range."""
+    ranges = _series_ranges(tz, tier, starts)
+    return _estimate_ranges(conn, domain, ranges) if ranges else []
+
+
+def visitors_series_and_total(conn: psycopg.Connection[Any], domain: str, tz: str, tier: str, starts: list[datetime],
+                              lo: datetime, hi: datetime) -> tuple[list[int], int]:
+    """`visitors_series` and `visitors_total` of [lo, hi) (the series' whole range), from one fetch of sketches:
+    the range's days are the buckets' days, read once instead of twice."""
+    _check(lo, hi)
+    found = _estimate_ranges(conn, domain, [*_series_ranges(tz, tier, starts), (lo, hi)])
+    return found[:-1], found[-1]
 
 
 _BY_KEY = """

@@ -155,3 +155,33 @@ def test_offset_changes_are_further_apart_than_the_scan_step():
         for a, b in zip(real, real[1:], strict=False):
             closest = b - a if closest is None else min(closest, b - a)
     assert closest is not None and closest > 4 * _SCAN_S
+
+
+@pytest.mark.parametrize("key", ["Europe/Berlin", "Australia/Lord_Howe", "America/St_Johns", "Asia/Kathmandu",
+                                 "Pacific/Apia", "Africa/Casablanca", "UTC"])
+def test_the_per_year_cached_changes_of_any_window_are_the_zones_own_transitions(key):
+    """`_changes` answers a window from per-year scans cached for the process: its slice of them is exactly the
+    transitions in the zone's own table (pure-Python zoneinfo) inside (lo, hi], for windows that start and end
+    anywhere, on a transition, on a year boundary, within one year or across many (up to the table's last entry:
+    later changes come from the zone's rule, not its table)."""
+    import random
+    from zoneinfo import _zoneinfo
+
+    from oltp.queries import _changes
+
+    tz = ZoneInfo(key)
+    table = _zoneinfo.ZoneInfo.no_cache(key)._trans_utc
+    end = max(table[-1] if table else 0, 2_000_000_000)  # UTC has no table: any window
+    real = [t for t in table
+            if t > 0 and datetime.fromtimestamp(t - 1, tz).utcoffset() != datetime.fromtimestamp(t, tz).utcoffset()]
+    years = [int(datetime(y, 1, 1, tzinfo=FIXED_UTC).timestamp()) for y in (1971, 1990, 2024, 2025, 2026)]
+    rng = random.Random(key)
+    points = [*years, *real[:: max(1, len(real) // 20)], *(rng.randrange(1, end) for _ in range(40))]
+    for _ in range(300):
+        lo = rng.choice(points) + rng.choice((-1, 0, 0, 1, 3600))
+        hi = min(end, lo + rng.choice((1, 3600, 86_400 * 3, 86_400 * 95, 86_400 * 800, 86_400 * 4000)))
+        found = _changes(tz, lo, hi)
+        assert [b for b, _, _ in found] == [t for t in real if lo < t <= hi], (key, lo, hi)
+        for b, before, after in found:
+            assert before == datetime.fromtimestamp(b - 1, tz).utcoffset().total_seconds()
+            assert after == datetime.fromtimestamp(b, tz).utcoffset().total_seconds()

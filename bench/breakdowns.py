@@ -21,8 +21,9 @@ pages' visitors: the same 3, 12 or 40 people every day (~55 a page over any week
 summed over days can stop the visitors breakdown's search early: it merges MAX_VISITOR_KEYS values (ADR 62).
 
 Shapes (target p99 <= 20 ms each): breakdown of pages by page views and by visitors over last=7d and
-last=90d; visitors series 7 days hourly and 90 days daily; filtered series (one filter) 7 days hourly and
-90 days daily, and two filters 7 days hourly; the summary of the last 24 h with visitors and percentiles.
+last=90d; visitors series 7 days hourly and 90 days daily, and 90 days daily under a page filter; filtered
+series (one filter) 7 days hourly and 90 days daily, and two filters 7 days hourly; the summary of the last 24 h
+with visitors and percentiles.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def shapes(now: datetime) -> dict[str, str]:
         "breakdown page visitors 90d": "breakdown?" + q(dimension="page", metric="visitors", last="90d"),
         "visitors 7d 1h": "visitors?" + q(granularity="1h", **{"from": week, "to": to}),
         "visitors 90d 1d": "visitors?" + q(granularity="1d", tz=ZONE, **{"from": season, "to": to}),
+        "visitors filtered 90d 1d": "visitors?" + q(granularity="1d", tz=ZONE, filter="page:/p1",
+                                                    **{"from": season, "to": to}),
         "filtered 7d 1h": "pageviews?" + q(granularity="1h", filter="page:/p1", **{"from": week, "to": to}),
         "filtered 90d 1d": "pageviews?" + q(granularity="1d", tz=ZONE, filter="country:C1",
                                             **{"from": season, "to": to}),

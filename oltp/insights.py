@@ -156,10 +156,8 @@ class Insights:
                              "in the site's time zone")
         if filters:
             f = filters[0]
-            by_day = [vis.visitors_by_key(conn, domain, tz.key, f.dimension, a, b, [f.key])
-                      for a, b in zip(starts, bounds[1:], strict=True)]
-            whole = vis.visitors_by_key(conn, domain, daily.registered_tz, f.dimension, lo, hi, [f.key])
-            return "1d", [found.get(f.key, 0) for found in by_day], whole.get(f.key, 0)
+            values, total = vis.key_visitors_series(conn, domain, daily.registered_tz, f.dimension, f.key, bounds)
+            return "1d", values, total
         if "1d" in tiers or ("1h" in tiers and granularity == "1h"):
             tier = "1d" if "1d" in tiers else "1h"
             values, total = vis.visitors_series_and_total(conn, domain, tz.key, tier, starts, lo, hi)

@@ -478,6 +478,29 @@ def visitors_by_key(conn: psycopg.Connection[Any], domain: str, tz: str, dimensi
     return {key: estimate(sketches, DIM_LG_K) for key, sketches in per_key.items()}
 
 
+def key_visitors_series(conn: psycopg.Connection[Any], domain: str, tz: str, dimension: str, key: str,
+                        bounds: list[datetime]) -> tuple[list[int], int]:
+    """`visitors_by_key` of one value for each bucket [bounds[i], bounds[i+1]) and for [bounds[0], bounds[-1]), from
+    one fetch of the value's daily rows over the whole range (a bucket per query made a 90-day series 90 queries):
+    each bucket merges the rows whose local day (in the zone it was written in) overlaps it, as the query of that
+    bucket alone would. `tz`: the site's zone."""
+    lo, hi = bounds[0], bounds[-1]
+    for a, b in pairwise(bounds):
+        _check(a, b)
+    params, _ = _rows_params(domain, tz, dimension, lo, hi, [key], (), weeks_form=False)
+    days, ends = DayStarts(), dict[tuple[str, datetime], datetime]()
+    found: list[tuple[datetime, datetime, bytes]] = []
+    for written, start, _, sketch in conn.execute(_BY_KEY, params, binary=True).fetchall():
+        end = ends.get((written, start))
+        if end is None:
+            end = ends[written, start] = days.next_start(written, start)
+        if end > lo:
+            found.append((start, end, sketch))
+    buckets = [estimate([s for start, end, s in found if start < b and end > a], DIM_LG_K)
+               for a, b in pairwise(bounds)]
+    return buckets, estimate([s for _, _, s in found], DIM_LG_K)
+
+
 # Per value, the sum of `n` (ADR 62) over the rows visitors_by_key would merge for [lo, hi) with these weeks (a
 # superset for the days of another zone: a bound may only be loose), and whether one row's n is unknown.
 _BOUNDS = ("SELECT x.key, sum(x.n)::bigint, bool_or(x.n IS NULL) FROM ("

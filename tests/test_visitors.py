@@ -422,3 +422,35 @@ def test_tally_rebuild_chunks_rebuild_the_sketches(db, ch, domain):
             domain=domain)
     assert visitors_series(db, domain, "UTC", "1h", [day0]) == [len({people[i % 20] for i in range(9)})]
     assert visitors_total(db, domain, "UTC", day0, day0 + DAY) == 20
+
+
+def test_a_values_series_from_one_fetch_is_each_buckets_own_answer(db, domain):
+    """key_visitors_series (a filtered visitors series: one fetch for every bucket) answers each bucket and the
+    whole range exactly as visitors_by_key of that bucket alone: the same rows overlap it, days of both zones after
+    a zone change included, for buckets shorter and longer than a day and off the days' starts."""
+    from oltp.visitors import key_visitors_series
+
+    nepal, starts = "Asia/Kathmandu", DayStarts()
+    groups = []
+    for i in range(7):
+        people = keys(f"u{i % 3}", 40 + 25 * i)
+        groups.append(("1d", domain, "UTC", BASE + i * DAY, "page", "/a", people))
+        groups.append(("1d", domain, "UTC", BASE + i * DAY, "page", "/b", people[:5]))
+        if i >= 3:  # the site moved to Kathmandu: its days from then on, as the sink writes them
+            day = starts.start(nepal, BASE + i * DAY + 12 * HOUR)
+            groups.append(("1d", domain, nepal, day, "page", "/a", keys(f"n{i}", 30)))
+            groups.append(("1d", domain, nepal, day, "", "", keys(f"n{i}", 30)))
+        groups.append(("1d", domain, "UTC", BASE + i * DAY, "", "", people))
+    add(db, groups)
+    for bounds in ([BASE + i * DAY for i in range(8)],
+                   [BASE + 5 * HOUR + i * 12 * HOUR for i in range(13)],
+                   [BASE - DAY, BASE + 2 * DAY + 7 * HOUR, BASE + 4 * DAY, BASE + 9 * DAY]):
+        for zone in ("UTC", nepal):
+            buckets, total = key_visitors_series(db, domain, zone, "page", "/a", bounds)
+            assert buckets == [visitors_by_key(db, domain, zone, "page", a, b, ["/a"]).get("/a", 0)
+                               for a, b in pairwise(bounds)]
+            assert total == visitors_by_key(db, domain, zone, "page", bounds[0], bounds[-1], ["/a"])["/a"]
+            assert 0 < max(buckets) <= total < sum(buckets)  # merged over days, not summed
+    assert key_visitors_series(db, domain, "UTC", "page", "/none", [BASE, BASE + DAY]) == ([0], 0)
+    with pytest.raises(ValueError, match="dimension must be one of"):
+        key_visitors_series(db, domain, "UTC", "url", "/a", [BASE, BASE + DAY])

@@ -89,6 +89,15 @@ def serve_in_thread(app, port: int, threads: int = 6):
 
     server = waitress.create_server(app, host="127.0.0.1", port=port, threads=threads)
     threading.Thread(target=server.run, daemon=True).start()
+    close = server.close
+
+    def close_after_requests() -> None:
+        """waitress's close() leaves its request threads running: one that ended later wrote to the closed
+        trigger (EBADF) and logged that to pytest's closed streams. Let them end first (up to 10 s)."""
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=10)
+        close()
+
+    server.close = close_after_requests
     return server
 
 

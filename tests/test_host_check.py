@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from collector.app import create_app as create_collector
+from collector.registry import SiteRegistry
 from core.http import host_allowed
 from spool.segments import SpoolWriter
 
@@ -28,7 +29,10 @@ def test_host_rules(host, ok):
 def test_collector_refuses_an_unknown_host_and_writes_nothing(make_settings, tmp_path):
     settings = make_settings(TALLY_ALLOWED_HOSTS="localhost,collector.example.com")
     spool = SpoolWriter(settings.spool_dir, max_bytes=1 << 20, max_age_s=3600)
-    client = create_collector(settings, spool, start_sealer=False).test_client()
+    # loaded once, no refresh thread: one left running refreshed every 2 s until the worker ended, and logged to
+    # pytest's closed streams once the session's PostgreSQL stopped
+    registry = SiteRegistry.from_settings(settings).start(background=False)
+    client = create_collector(settings, spool, start_sealer=False, registry=registry).test_client()
     event = {"domain": "example.com", "url": "https://example.com/", "type": "pageview"}
     resp = client.post("/collect", json=event, headers={"Host": "attacker.example"})
     assert resp.status_code == 400 and resp.json["error"]["code"] == "host_not_allowed"

@@ -160,7 +160,7 @@ class Insights:
             return "1d", values, total
         if "1d" in tiers or ("1h" in tiers and granularity == "1h"):
             tier = "1d" if "1d" in tiers else "1h"
-            values, total = vis.visitors_series_and_total(conn, domain, tz.key, tier, starts, lo, hi)
+            values, total = vis.visitors_series_and_total(conn, domain, tz.key, tier, starts, lo, hi, daily)
             return tier, values, total
         if "1h" in tiers:  # days of another zone on whole hours: each merged from its hours
             values = [vis.visitors_total(conn, domain, daily.registered_tz, a, b)

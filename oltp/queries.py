@@ -178,7 +178,8 @@ def _year_start(year: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def _year_changes(tz: ZoneInfo, year: int) -> tuple[tuple[int, int, int], ...]:
     """The zone's changes in (1 January of `year`, 1 January of the next] (UTC), scanned once per process: a
-    request's window is a slice of a few of these (the scan costs ~1 ms a quarter, every request paid it)."""
+    request's window is a slice of a few of these (the scan costs ~1 ms a quarter, every request paid it).
+    Years up to 9998 (datetime's last year is 9999; windows end before 9001-01-04)."""
     return tuple(_scan_changes(tz, _year_start(year), _year_start(year + 1)))
 
 
@@ -324,6 +325,13 @@ LEFT JOIN rollup_1d_coverage c ON c.domain = %(domain)s
 """
 
 
+def daily_zone(conn: psycopg.Connection, domain: str) -> DailyZone:
+    """The site's registered zone, the zone the daily tiers (rollup_1d, visitors_1d) are written in, and from when
+    they are complete (rollup_1d's coverage, ADR 19)."""
+    registered, written, complete_from = one(conn.execute(_DAILY_ZONE, {"domain": domain}))
+    return DailyZone(registered, written, complete_from)
+
+
 _COUNTED_BEFORE = """
 SELECT EXISTS (SELECT 1 FROM rollup_1d WHERE domain = %(domain)s AND bucket_start < %(cutoff)s)
     OR EXISTS (SELECT 1 FROM rollup_1h WHERE domain = %(domain)s AND bucket_start < %(cutoff)s)
@@ -426,8 +434,7 @@ class RollupReader:
 
     @staticmethod
     def _daily_zone(conn: psycopg.Connection, domain: str) -> DailyZone:
-        registered, written, complete_from = one(conn.execute(_DAILY_ZONE, {"domain": domain}))
-        return DailyZone(registered, written, complete_from)
+        return daily_zone(conn, domain)
 
     def _alternatives(self, conn: psycopg.Connection, domain: str, start: datetime, end: datetime,
                       granularity: str, tz: ZoneInfo, now: datetime) -> list[str]:

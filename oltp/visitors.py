@@ -32,8 +32,7 @@ import msgspec
 import psycopg
 from datasketches import hll_sketch, hll_union, tgt_hll_type
 
-from oltp.queries import DailyZone, boundaries
-from oltp.rows import one
+from oltp.queries import DailyZone, boundaries, daily_zone
 from oltp.spans import DAY_S
 from oltp.tiers import DayStarts, zone
 
@@ -45,6 +44,7 @@ TOTAL_LG_K = 14  # domain totals (1h, 1d): relative standard error 1.04 / sqrt(2
 DIM_LG_K = 12    # per dimension value (1d): 1.6 %, at most ~2.1 KiB a sketch (ADR 47)
 HLL_TYPE = tgt_hll_type.HLL_4
 HOUR = timedelta(hours=1)
+_LONGEST_DAY = timedelta(days=2)  # no local day since 1970 is longer (the reads' `lo - 2 days` rests on it too)
 
 COMPACT_AT = 16  # rows of one key (partial sketches) after which the writer merges them into one
 
@@ -246,19 +246,6 @@ class _Spans(Protocol):
     def span(self, tz: str, lo: datetime, hi: datetime) -> list[datetime]: ...
 
 
-_DAILY_ZONE = """
-SELECT r.tz, coalesce(c.tz, r.tz), coalesce(c.complete_from, TIMESTAMPTZ '1970-01-01 00:00:00+00')
-FROM (SELECT coalesce((SELECT tz FROM sites WHERE domain = %(domain)s), 'UTC') AS tz) r
-LEFT JOIN rollup_1d_coverage c ON c.domain = %(domain)s
-"""
-
-
-def daily_zone(conn: psycopg.Connection[Any], domain: str) -> DailyZone:
-    """The zone visitors_1d is written in for `domain` and from when it is complete (rollup_1d's coverage, ADR 19)."""
-    registered, written, complete_from = one(conn.execute(_DAILY_ZONE, {"domain": domain}))
-    return DailyZone(registered, written, complete_from)
-
-
 def _floor_hour(t: datetime) -> datetime:
     t = t.astimezone(UTC)
     return t.replace(minute=0, second=0, microsecond=0)
@@ -357,8 +344,9 @@ class _SpanWindow:
         return [datetime.fromtimestamp(x, UTC) for x in found[i:j + 1]]
 
 
-def _estimate_ranges(conn: psycopg.Connection[Any], domain: str, ranges: list[tuple[datetime, datetime]]) -> list[int]:
-    daily = daily_zone(conn, domain)
+def _estimate_ranges(conn: psycopg.Connection[Any], domain: str, ranges: list[tuple[datetime, datetime]],
+                     daily: DailyZone | None = None) -> list[int]:
+    daily = daily or daily_zone(conn, domain)
     days = _SpanWindow(min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
     plans = [plan_range(lo, hi, daily, days) for lo, hi in ranges]
     by_day, by_hour = _fetch(conn, domain, daily.written_tz, (d for p in plans for d in p[0]),
@@ -397,11 +385,12 @@ def visitors_series(conn: psycopg.Connection[Any], domain: str, tz: str, tier: s
 
 
 def visitors_series_and_total(conn: psycopg.Connection[Any], domain: str, tz: str, tier: str, starts: list[datetime],
-                              lo: datetime, hi: datetime) -> tuple[list[int], int]:
+                              lo: datetime, hi: datetime, daily: DailyZone | None = None) -> tuple[list[int], int]:
     """`visitors_series` and `visitors_total` of [lo, hi) (the series' whole range), from one fetch of sketches:
-    the range's days are the buckets' days, read once instead of twice."""
+    the range's days are the buckets' days, read once instead of twice. `daily`: the domain's, if the caller has
+    read it (else read here)."""
     _check(lo, hi)
-    found = _estimate_ranges(conn, domain, [*_series_ranges(tz, tier, starts), (lo, hi)])
+    found = _estimate_ranges(conn, domain, [*_series_ranges(tz, tier, starts), (lo, hi)], daily)
     return found[:-1], found[-1]
 
 
@@ -443,7 +432,7 @@ def _rows_params(domain: str, tz: str, dimension: str, lo: datetime, hi: datetim
     of the weeks' form (the days of `tz` outside the weeks, the weeks) are made when some do, or if `weeks_form`."""
     if dimension not in DIMENSIONS:
         raise ValueError(f"dimension must be one of {', '.join(DIMENSIONS)}")
-    params: dict[str, Any] = {"domain": domain, "tz": tz, "dimension": dimension, "lo": lo - timedelta(days=2),
+    params: dict[str, Any] = {"domain": domain, "tz": tz, "dimension": dimension, "lo": lo - _LONGEST_DAY,
                               "hi": hi, "keys": keys}
     used = sorted(w for w in weeks if lo <= w[0] and w[1] <= hi)
     if used or weeks_form:
@@ -496,8 +485,14 @@ def key_visitors_series(conn: psycopg.Connection[Any], domain: str, tz: str, dim
             end = ends[written, start] = days.next_start(written, start)
         if end > lo:
             found.append((start, end, sketch))
-    buckets = [estimate([s for start, end, s in found if start < b and end > a], DIM_LG_K)
-               for a, b in pairwise(bounds)]
+    by_start = sorted(range(len(found)), key=lambda i: found[i][0])
+    starts = [found[i][0] for i in by_start]
+    buckets = []
+    for a, b in pairwise(bounds):
+        # a day overlapping [a, b) starts in [a - 2 days, b); its rows are merged in the order fetched, the order of
+        # the bucket's own query (a union's estimate can depend on the order of its sketches)
+        rows = sorted(by_start[bisect_left(starts, a - _LONGEST_DAY):bisect_left(starts, b)])
+        buckets.append(estimate([found[i][2] for i in rows if found[i][1] > a], DIM_LG_K))
     return buckets, estimate([s for _, _, s in found], DIM_LG_K)
 
 

@@ -291,6 +291,12 @@ def test_summary_has_visitors_and_percentiles_and_series_per_bucket(api, servers
                                                               "to": (hour + timedelta(hours=1)).isoformat()})
     assert visitors.status_code == 200, visitors.json
     assert [b["count"] for b in visitors.json["buckets"]] == [0, 5] and visitors.json["total"] == 5
+    days = {"from": (floor(now, 86400) - DAY).isoformat(), "to": (floor(now, 86400) + DAY).isoformat()}
+    for filters in ({}, {"filter": "page:/v"}):  # the daily sketches; under a filter, the value's
+        daily = get(api, site, "visitors", granularity="1d", **filters, **days).json
+        assert daily["tier"] == "1d" and [b["count"] for b in daily["buckets"]] == [0, 5] and daily["total"] == 5
+    other = get(api, site, "visitors", granularity="1d", filter="page:/other", **days).json
+    assert [b["count"] for b in other["buckets"]] == [0, 0] and other["total"] == 0
     quarter = get(api, site, "visitors", granularity="15m")
     assert quarter.status_code == 400 and "quarter hour" in quarter.json["error"]["message"]
 

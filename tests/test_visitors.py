@@ -443,6 +443,8 @@ def test_a_values_series_from_one_fetch_is_each_buckets_own_answer(db, domain):
         groups.append(("1d", domain, "UTC", BASE + i * DAY, "", "", people))
     add(db, groups)
     for bounds in ([BASE + i * DAY for i in range(8)],
+                   [BASE + 2 * DAY + i * DAY for i in range(4)],  # rows of the 2 days before lo: not counted
+                   [BASE + 3 * DAY + 6 * HOUR, BASE + 4 * DAY + 6 * HOUR, BASE + 6 * DAY],
                    [BASE + 5 * HOUR + i * 12 * HOUR for i in range(13)],
                    [BASE - DAY, BASE + 2 * DAY + 7 * HOUR, BASE + 4 * DAY, BASE + 9 * DAY]):
         for zone in ("UTC", nepal):

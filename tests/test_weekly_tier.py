@@ -128,3 +128,16 @@ def test_weeks_are_whole_local_weeks_and_follow_the_daily_tier():
     assert keep["rollup_dim_1w"] == keep["visitors_dim_1w"] == keep["compacted_weeks"] == keep["rollup_dim_1d"] == 800
     # partitioned by year like the daily tier; not among the tables whose partitions the sink ensures every batch
     assert set(WEEK_TABLES) <= set(TABLES) and not set(WEEK_TABLES) & set(TIER_TABLES["1d"])
+
+
+def test_adjacent_weeks_are_read_as_one_piece_and_a_week_not_current_splits_them():
+    """The page breakdown reads a run of adjacent current weeks as one range of rollup_dim_1w (planned and scanned
+    once); a week left out (stale: read from its days) splits the run. The answers: the tests above."""
+    from oltp.breakdown import _runs_of_weeks
+
+    monday, week = datetime(2026, 10, 5, tzinfo=UTC), 7 * DAY
+    weeks = [(monday + i * week, monday + (i + 1) * week) for i in (5, 4, 2, 1, 0)]
+    runs = _runs_of_weeks(weeks)
+    assert [(r.tier, r.lo, r.hi) for r in runs] == [("1w", monday, monday + 3 * week),
+                                                     ("1w", monday + 4 * week, monday + 6 * week)]
+    assert _runs_of_weeks([]) == []

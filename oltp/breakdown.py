@@ -198,8 +198,9 @@ def visitors(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> B
     need = q.offset + q.limit
     best: dict[str, int] = {}
     i, cap, settled = 0, max(MAX_VISITOR_KEYS, 2 * need), not order
+    first = 2 * need if _first_round_may_settle(order, need) else cap
     while i < min(len(order), cap):
-        keys = [k for k, _ in order[i:(2 * need if i == 0 else cap)]]
+        keys = [k for k, _ in order[i:(first if i == 0 else cap)]]
         best.update(vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, keys, weeks))
         i += len(keys)
         settled = _settled(best, order, i, need)
@@ -213,6 +214,14 @@ def visitors(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> B
                      "their visitors, or their events where none is kept); a value not counted could have more "
                      "visitors than the last row")
     return Breakdown("1d", lo, hi, total, rows, notes)
+
+
+def _first_round_may_settle(order: list[tuple[str, int]], need: int) -> bool:
+    """Whether merging the first 2 x `need` keys could settle the search. It cannot when the need-th bound is no
+    higher than the next key's: the need-th best count is at most that bound (within the estimate's error), and
+    must exceed the next key's. Then the keys up to the cap are merged in one round (one query instead of two,
+    each of which scans the range's index entries of every key; the same keys, so the same answer)."""
+    return len(order) <= 2 * need or order[need - 1][1] > order[2 * need][1]
 
 
 def _settled(best: dict[str, int], order: list[tuple[str, int]], i: int, need: int) -> bool:

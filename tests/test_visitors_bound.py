@@ -232,6 +232,24 @@ def test_the_search_stops_after_the_first_keys_where_events_could_not_stop_it(db
     assert sum(len(c or ()) for c in fetched) == breakdown.MAX_VISITOR_KEYS and got.notes
 
 
+def test_where_the_first_round_cannot_settle_the_keys_up_to_the_cap_are_merged_in_one(db, fetched):
+    """200 pages with the same 30 people both days (the breakdown bench's shape): every bound is 60, so the 10th
+    best count (30) can never exceed the 21st key's bound and the first round of 20 keys could not settle. The
+    keys up to the cap are merged in one fetch instead of 20 then 108: the same keys, the same rows."""
+    domain = _domain()
+    people = [f"v{j}" for j in range(30)]
+    _put(db, domain, {f"/p{i:03d}": {0: people, 1: people} for i in range(200)})
+    q = _query(domain, 0, 2)
+    fetched.clear()
+    got = _answer(db, q)
+    assert [len(c or ()) for c in fetched] == [breakdown.MAX_VISITOR_KEYS]
+    assert [(r.key, r.count) for r in got.rows] == [(f"/p{i:03d}", 30) for i in range(10)] == _brute(db, q)
+    assert got.notes  # 200 values, 128 merged: said so
+    assert breakdown._first_round_may_settle([("a", 9), ("b", 5), ("c", 5)], 1)  # 9 > 5: it may
+    assert not breakdown._first_round_may_settle([("a", 5), ("b", 5), ("c", 5)], 1)
+    assert breakdown._first_round_may_settle([("a", 5), ("b", 5)], 1)  # every key in the first round
+
+
 def test_a_value_with_few_events_but_many_visitors_is_found(db, fetched):
     """/loyal has the most events (one visitor, 500 views a day), /crowd few events but the most visitors: ranked
     by bound, /crowd is tried first, and the loyal one's bound (1) settles it at once."""

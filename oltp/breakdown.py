@@ -10,6 +10,7 @@ bound of their visitors first and stops as soon as no other value can rank highe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -137,8 +138,9 @@ def _with_weeks(conn: psycopg.Connection, domain: str, tz: str, pieces: list[Spa
 
 
 def _runs_of_weeks(weeks: list[tuple[datetime, datetime]]) -> list[Span]:
-    """Adjacent weeks as one '1w' piece: rows of a zone's weeks start only at its week starts, so [first start,
-    last end) selects exactly theirs, and one piece plans and scans once instead of once a week (13 for 90 days)."""
+    """Adjacent weeks as one '1w' piece: a piece selects bucket_start in [lo, hi), and the union of adjacent
+    half-open ranges is one, so the rows are the same; one piece plans and scans once instead of once a week (13 for
+    90 days). A week left out (not current: read from its days) splits the run."""
     runs: list[Span] = []
     for a, b in sorted(weeks):
         if runs and runs[-1].hi == a:
@@ -196,16 +198,11 @@ def visitors(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> B
         return Breakdown("1d", lo, hi, total, rows)
     order = _bounded_keys(conn, q, daily, lo, hi, weeks)
     need = q.offset + q.limit
-    best: dict[str, int] = {}
-    i, cap, settled = 0, max(MAX_VISITOR_KEYS, 2 * need), not order
-    first = 2 * need if _first_round_may_settle(order, need) else cap
-    while i < min(len(order), cap):
-        keys = [k for k, _ in order[i:(first if i == 0 else cap)]]
-        best.update(vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, keys, weeks))
-        i += len(keys)
-        settled = _settled(best, order, i, need)
-        if settled:
-            break
+
+    def merged(keys: list[str]) -> dict[str, int]:
+        return vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, keys, weeks)
+
+    best, i, settled = _search(merged, order, need)
     ordered = sorted(((k, v) for k, v in best.items() if v > 0), key=lambda kv: (-kv[1], kv[0]))
     rows = [BreakdownRow(k, v) for k, v in ordered[q.offset:need]]
     notes = []
@@ -216,12 +213,36 @@ def visitors(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> B
     return Breakdown("1d", lo, hi, total, rows, notes)
 
 
+def _search(merged: Callable[[list[str]], dict[str, int]], order: list[tuple[str, int]],
+            need: int) -> tuple[dict[str, int], int, bool]:
+    """The visitors search (see `visitors`): (counts of the keys merged, how many keys were tried, settled).
+
+    Two rounds, 2 x `need` keys then the rest up to the cap, each one fetch that scans the range's index entries of
+    every key. Where the first round is unlikely to settle (`_first_round_may_settle`), both are made in one fetch,
+    and the first round's verdict is then taken on its own keys, so the answer is the two rounds' either way."""
+    cap, small = max(MAX_VISITOR_KEYS, 2 * need), 2 * need
+    best: dict[str, int] = {}
+    i, settled = 0, not order
+    first = small if _first_round_may_settle(order, need) else cap
+    while i < min(len(order), cap):
+        keys = [k for k, _ in order[i:(first if i == 0 else cap)]]
+        best.update(merged(keys))
+        if i == 0 and len(keys) > small:  # both rounds in one fetch: would the first have settled?
+            early = {k: best[k] for k, _ in order[:small] if k in best}
+            if _settled(early, order, small, need):
+                return early, small, True
+        i += len(keys)
+        settled = _settled(best, order, i, need)
+        if settled:
+            break
+    return best, i, settled
+
+
 def _first_round_may_settle(order: list[tuple[str, int]], need: int) -> bool:
-    """Whether merging the first 2 x `need` keys could settle the search. It cannot when the need-th bound is no
-    higher than the next key's: the need-th best count is at most that bound (within the estimate's error), and
-    must exceed the next key's. Then the keys up to the cap are merged in one round (one query instead of two,
-    each of which scans the range's index entries of every key; the same keys, so the same answer)."""
-    return len(order) <= 2 * need or order[need - 1][1] > order[2 * need][1]
+    """Whether merging the first 2 x `need` keys is likely to settle the search: not when the need-th bound is no
+    higher than the next key's (flat bounds, as where the same people come every day). The need-th best count is at
+    most its bound, so it then settles only on an exact tie at the bound or an estimate above its bound."""
+    return need < 1 or len(order) <= 2 * need or order[need - 1][1] > order[2 * need][1]
 
 
 def _settled(best: dict[str, int], order: list[tuple[str, int]], i: int, need: int) -> bool:

@@ -250,6 +250,26 @@ def test_where_the_first_round_cannot_settle_the_keys_up_to_the_cap_are_merged_i
     assert breakdown._first_round_may_settle([("a", 5), ("b", 5)], 1)  # every key in the first round
 
 
+def test_one_fetch_for_both_rounds_answers_as_the_two_rounds_when_an_estimate_passes_its_bound(db, fetched):
+    """40 pages, each 1,000 different people on one day: every bound is 1,000 (flat), so both rounds are made in one
+    fetch. Some estimates are above 1,000 (HLL's error): the first round, the first 6 keys, would have settled on
+    them, and the answer is that round's, not the top 3 of all 40."""
+    domain = _domain()
+    # visitor names whose estimates show it
+    _put(db, domain, {f"/p{i:02d}": {0: [f"d{i}-{j}" for j in range(1000)]} for i in range(40)})
+    q = _query(domain, 0, 1, limit=3)
+    lo, hi = breakdown.covering_days("UTC", q.lo, q.hi)
+    first = vis.visitors_by_key(db, domain, "UTC", "page", lo, hi, [f"/p{i:02d}" for i in range(6)])
+    ranked = sorted(first.items(), key=lambda kv: (-kv[1], kv[0]))
+    assert ranked[2][1] > 1000  # the first round settles: its third count is above every untried bound
+    everyone = sorted(vis.visitors_by_key(db, domain, "UTC", "page", lo, hi).items(), key=lambda kv: (-kv[1], kv[0]))
+    assert everyone[:3] != ranked[:3]  # and merging all 40 would rank others first
+    fetched.clear()
+    got = _answer(db, q)
+    assert [len(c or ()) for c in fetched] == [40]
+    assert [(r.key, r.count) for r in got.rows] == ranked[:3] and got.notes == []
+
+
 def test_a_value_with_few_events_but_many_visitors_is_found(db, fetched):
     """/loyal has the most events (one visitor, 500 views a day), /crowd few events but the most visitors: ranked
     by bound, /crowd is tried first, and the loyal one's bound (1) settles it at once."""

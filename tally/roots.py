@@ -441,7 +441,9 @@ def build_analyst_server(settings: Settings) -> Flask:
                            deadline_s=settings.sql_deadline_s, overrun_grace_s=settings.sql_overrun_grace_s)
     slots = QuerySlots(lambda: new_client(settings.clickhouse_dsn), settings.sql_max_concurrent)
     own_host = (urlsplit(settings.analyst_url).hostname or "127.0.0.1").lower()
-    return create_analyst_app(config, slots, record, (*settings.allowed_hosts, own_host))
+    app = create_analyst_app(config, slots, record, (*settings.allowed_hosts, own_host))
+    app.extensions["tally_audit_pool"] = pool  # for an embedding process to close (the tests' servers do)
+    return app
 
 
 def require_secret(settings: Settings, who: str) -> str:

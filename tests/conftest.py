@@ -116,7 +116,17 @@ def start_analyst_server(servers: Servers, **env: str):
     settings = Settings.from_env({"TALLY_PG_DSN": servers.pg_dsn, "TALLY_CLICKHOUSE_DSN": servers.chdb_dsn,
                                   "TALLY_SECRET": SECRET, "TALLY_ANALYST_URL": url,
                                   "TALLY_SQL_OVERRUN_GRACE_S": "300", **env})
-    server = serve_in_thread(build_analyst_server(settings), port)
+    app = build_analyst_server(settings)
+    server = serve_in_thread(app, port)
+    close = server.close
+
+    def close_with_pool() -> None:
+        """Its audit pool too: one left to the garbage collector could be collected in one of its own threads,
+        whose __del__ cannot join itself (PytestUnraisableExceptionWarning)."""
+        close()
+        app.extensions["tally_audit_pool"].close()
+
+    server.close = close_with_pool
     wait_until(lambda: tcp_open("127.0.0.1", port), what="analyst server", timeout=10)
     return url, server
 

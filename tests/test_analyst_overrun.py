@@ -134,6 +134,7 @@ def test_the_grace_is_a_setting_with_a_floor_of_30_s(make_settings):
     assert Settings.from_env({**base, "TALLY_SQL_MAX_EXECUTION_S": "120"}).sql_overrun_grace_s == 120.0
     assert Settings.from_env({**base, "TALLY_SQL_OVERRUN_GRACE_S": "5"}).sql_overrun_grace_s == 5.0
     app = build_analyst_server(make_settings(TALLY_SQL_OVERRUN_GRACE_S="7"))
+    app.extensions["tally_audit_pool"].close()  # not left to the garbage collector (ConnectionPool.__del__)
     assert app.extensions["tally_watchdog"].overrun_grace_s == 7.0
     assert app.config["TALLY_ANALYST"].overrun_grace == 7.0
 

@@ -289,7 +289,9 @@ def test_the_relay_timeout_is_the_servers_deadline_plus_a_margin(make_settings):
         assert api.extensions["tally_backends"].analyst.timeout_s == settings.sql_relay_timeout_s
     finally:
         api.extensions["tally_backends"].rollups.pool.close()
-    config = build_analyst_server(settings).config["TALLY_ANALYST"]
+    analyst = build_analyst_server(settings)
+    analyst.extensions["tally_audit_pool"].close()  # not left to the garbage collector (ConnectionPool.__del__)
+    config = analyst.config["TALLY_ANALYST"]
     assert config.deadline == settings.sql_deadline_s and config.wait_s == SQL_SLOT_WAIT_S
 
 

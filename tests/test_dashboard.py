@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -43,8 +44,14 @@ def chart(page) -> dict:
 
 
 def api_series(base: str, token: str, domain: str, metric: str, params: dict) -> dict:
-    resp = requests.get(f"{base}/api/v1/domains/{domain}/{metric}", params=params,
-                        headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    """The API's answer, asked with the page's token: a 429 (the page used the token's per-second budget) is
+    waited out as the dashboard waits it out."""
+    for _ in range(4):
+        resp = requests.get(f"{base}/api/v1/domains/{domain}/{metric}", params=params,
+                            headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        if resp.status_code != 429:
+            break
+        time.sleep(float(resp.headers.get("Retry-After", "1")))
     assert resp.status_code == 200, resp.text
     return resp.json()
 

@@ -10,12 +10,14 @@ TALLY_UPDATE_SCREENSHOT=1 also writes docs/img/dashboard-1280.png and docs/img/d
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import psycopg
@@ -150,11 +152,15 @@ def browser():
         yield browser
 
 
-def open_dashboard(stack: Stack, browser, width: int, height: int, query: str = "", fake_clock: bool = False):
+def open_dashboard(stack: Stack, browser, width: int, height: int, query: str = "", fake_clock: bool = False,
+                   route: tuple[str, Any] | None = None):
     """A new context at this size, logged in (POST /login, the form's request, with this page's origin),
-    then the dashboard of the test's domain; every request and page error recorded on the stack."""
+    then the dashboard of the test's domain; every request and page error recorded on the stack. `route`:
+    (URL glob, handler) installed on the page before it opens."""
     context = browser.new_context(viewport={"width": width, "height": height})
     page = context.new_page()
+    if route:
+        page.route(*route)
     if fake_clock:
         page.clock.install()
     page.on("pageerror", lambda exc: stack.problems.append(f"page error: {exc}"))
@@ -421,5 +427,34 @@ def test_live_card_refreshes_every_15_seconds(stack, browser):
         assert again["ticks"][-1] - again["ticks"][-2] == 15_000
         assert again["shown"] == "3" == str(stack.api(again["live"]["urls"]["pageviews"])["total"])
         assert stack.foreign == [] and stack.problems == [], "\n".join(stack.problems)
+    finally:
+        context.close()
+
+
+def test_a_429_is_waited_out_as_its_retry_after_says_not_shown(stack, browser):
+    """The token's per-second budget (TALLY_API_RATE_LIMIT) can run out when views change quickly: the dashboard
+    waits the answer's Retry-After and asks again, instead of showing an error (the end-to-end test once failed
+    on its empty state that way). Here the first summary answer is a 429."""
+    asked: list[str] = []
+
+    def first_refused(route) -> None:
+        asked.append(route.request.url)
+        if len(asked) == 1:
+            route.fulfill(status=429, headers={"Retry-After": "1", "Content-Type": "application/json"},
+                          body=json.dumps({"error": {"code": "rate_limited", "message": "rate limit exceeded",
+                                                     "retry_after_s": 1}}))
+        else:
+            route.continue_()
+
+    context, page = open_dashboard(stack, browser, 1280, 800, route=("**/api/v1/domains/*/summary?*", first_refused))
+    try:
+        assert len(asked) == 2 and asked[0] == asked[1], asked
+        assert page.inner_text("#error") == ""
+        assert_cards_and_chart_are_the_api(stack, page)
+        # the one refused, seen once (its answer, and the browser's console line for it)
+        assert sorted(stack.problems) == sorted([f"429 {asked[0]}", "console error: Failed to load resource: the "
+                                                 "server responded with a status of 429 (Too Many Requests)"]), \
+            "\n".join(stack.problems)
+        stack.problems.clear()
     finally:
         context.close()

@@ -21,9 +21,21 @@ const regionNames = Intl.DisplayNames ? new Intl.DisplayNames(["en"], {type: "re
 export const $ = (id) => document.getElementById(id);
 
 // GET a JSON answer of the API with the session cookie; an error carries the answer's status and code. A 401
-// (the session expired, its token was revoked) goes to the login page, keeping the domain. `signal` aborts it.
+// (the session expired, its token was revoked) goes to the login page, keeping the domain. A 429 (the token's
+// per-second budget: quick view changes, several tabs) is waited out as its Retry-After says, up to
+// RATE_RETRIES times, instead of showing an error. `signal` aborts it, waits included.
+const RATE_RETRIES = 3;
+const RATE_WAIT_MAX_S = 5;
+
 export async function getJSON(path, signal) {
-  const res = await fetch(path, {credentials: "same-origin", headers: {"Accept": "application/json"}, signal});
+  let res;
+  for (let attempt = 0; ; attempt++) {
+    res = await fetch(path, {credentials: "same-origin", headers: {"Accept": "application/json"}, signal});
+    if (res.status !== 429 || attempt >= RATE_RETRIES) break;
+    const told = await res.json().catch(() => ({}));
+    const after = Number(res.headers.get("Retry-After")) || (told.error && told.error.retry_after_s) || 1;
+    await pause(Math.min(RATE_WAIT_MAX_S, after) * 1000, signal);
+  }
   if (res.status === 401) {
     const domain = new URLSearchParams(location.search).get("domain") || "";
     location.assign(`/login?domain=${encodeURIComponent(domain)}`);
@@ -37,6 +49,15 @@ export async function getJSON(path, signal) {
     throw err;
   }
   return body;
+}
+
+function pause(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const aborted = () => reject(signal.reason || new DOMException("aborted", "AbortError"));
+    if (signal && signal.aborted) { aborted(); return; }
+    const timer = setTimeout(resolve, ms);
+    if (signal) signal.addEventListener("abort", () => { clearTimeout(timer); aborted(); }, {once: true});
+  });
 }
 
 // A query string that keeps ':' and '/' readable (filters name pages), everything else encoded.

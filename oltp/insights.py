@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from itertools import pairwise
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -98,8 +99,9 @@ class Insights:
                   daily: DailyZone, notes: list[str]) -> tuple[int | None, int | None]:
         tz = daily.registered_tz
         if not filters:
-            return (vis.visitors_total(conn, domain, tz, window.start, window.end),
-                    vis.visitors_total(conn, domain, tz, window.previous_start, window.start))
+            now, before = vis.visitors_of_ranges(
+                conn, domain, [(window.start, window.end), (window.previous_start, window.start)], daily)
+            return now, before
         if len(filters) > 1:
             notes.append(FILTERED_VISITORS_NOTE)
             return None, None
@@ -163,8 +165,7 @@ class Insights:
             values, total = vis.visitors_series_and_total(conn, domain, tz.key, tier, starts, lo, hi, daily)
             return tier, values, total
         if "1h" in tiers:  # days of another zone on whole hours: each merged from its hours
-            values = [vis.visitors_total(conn, domain, daily.registered_tz, a, b)
-                      for a, b in zip(starts, bounds[1:], strict=True)]
-            return "1h", values, vis.visitors_total(conn, domain, daily.registered_tz, lo, hi)
+            found = vis.visitors_of_ranges(conn, domain, [*pairwise(bounds), (lo, hi)], daily)
+            return "1h", found[:-1], found[-1]
         raise QueryError(f"in {tz.key} these buckets do not start on whole UTC hours; visitors are kept "
                          "per hour: pick another time zone or granularity")

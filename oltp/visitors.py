@@ -360,8 +360,17 @@ def visitors_total(conn: psycopg.Connection[Any], domain: str, tz: str, lo: date
 
     `tz` (the caller's zone) does not change the answer: the daily sketches serve wherever a whole day of the
     zone they were written in lies in the range, whatever the zone of the caller's buckets."""
-    _check(lo, hi)
-    return _estimate_ranges(conn, domain, [(lo, hi)])[0]
+    return visitors_of_ranges(conn, domain, [(lo, hi)])[0]
+
+
+def visitors_of_ranges(conn: psycopg.Connection[Any], domain: str, ranges: Sequence[tuple[datetime, datetime]],
+                       daily: DailyZone | None = None) -> list[int]:
+    """`visitors_total` of each range, from one read of the domain's daily zone and one fetch of the sketches
+    they need (a day or hour shared by several ranges is read once). `daily`: the domain's, if the caller has
+    read it (else read here)."""
+    for lo, hi in ranges:
+        _check(lo, hi)
+    return _estimate_ranges(conn, domain, list(ranges), daily) if ranges else []
 
 
 def _series_ranges(tz: str, tier: str, starts: list[datetime]) -> list[tuple[datetime, datetime]]:
@@ -389,8 +398,7 @@ def visitors_series_and_total(conn: psycopg.Connection[Any], domain: str, tz: st
     """`visitors_series` and `visitors_total` of [lo, hi) (the series' whole range), from one fetch of sketches:
     the range's days are the buckets' days, read once instead of twice. `daily`: the domain's, if the caller has
     read it (else read here)."""
-    _check(lo, hi)
-    found = _estimate_ranges(conn, domain, [*_series_ranges(tz, tier, starts), (lo, hi)], daily)
+    found = visitors_of_ranges(conn, domain, [*_series_ranges(tz, tier, starts), (lo, hi)], daily)
     return found[:-1], found[-1]
 
 

@@ -297,6 +297,9 @@ def test_summary_has_visitors_and_percentiles_and_series_per_bucket(api, servers
         assert daily["tier"] == "1d" and [b["count"] for b in daily["buckets"]] == [0, 5] and daily["total"] == 5
     other = get(api, site, "visitors", granularity="1d", filter="page:/other", **days).json
     assert [b["count"] for b in other["buckets"]] == [0, 0] and other["total"] == 0
+    # days of another zone (on whole UTC hours): each merged from its hours, the total from the same fetch
+    berlin = get(api, site, "visitors", granularity="1d", tz="Europe/Berlin", **days).json
+    assert berlin["tier"] == "1h" and sum(b["count"] for b in berlin["buckets"]) == 5 and berlin["total"] == 5
     quarter = get(api, site, "visitors", granularity="15m")
     assert quarter.status_code == 400 and "quarter hour" in quarter.json["error"]["message"]
 

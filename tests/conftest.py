@@ -88,12 +88,23 @@ def serve_in_thread(app, port: int, threads: int = 6):
     import waitress
 
     server = waitress.create_server(app, host="127.0.0.1", port=port, threads=threads)
-    threading.Thread(target=server.run, daemon=True).start()
+    closing = threading.Event()
+
+    def run() -> None:
+        try:
+            server.run()
+        except OSError:  # its loop's select() on the sockets close() just closed (EBADF): the server is done
+            if not closing.is_set():
+                raise
+
+    threading.Thread(target=run, daemon=True).start()
     close = server.close
 
     def close_after_requests() -> None:
         """waitress's close() leaves its request threads running: one that ended later wrote to the closed
-        trigger (EBADF) and logged that to pytest's closed streams. Let them end first (up to 10 s)."""
+        trigger (EBADF) and logged that to pytest's closed streams. Let them end first (up to 10 s). Its
+        loop thread, still in select() on the sockets being closed, may then fail with EBADF: expected."""
+        closing.set()
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=10)
         close()
 

@@ -8,12 +8,13 @@ import signal
 import threading
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from core.config import LOADER_GROUP, ROLLUP_GROUP, ConfigError, Settings
 
 if TYPE_CHECKING:
+    import psycopg
     from flask import Flask
     from kafka import KafkaConsumer, KafkaProducer
 
@@ -371,6 +372,13 @@ def with_rewinds(loop: ConsumerLoop, dsn: str, group: str, *, reread_floor_days:
     return loop
 
 
+def _without_parallel_workers(conn: psycopg.Connection[Any]) -> None:
+    """A customer query reads one domain's rows: no parallel workers for it (ADR 63). A session setting, committed,
+    so it outlives every later transaction of the connection, rolled back or not."""
+    conn.execute("SET max_parallel_workers_per_gather = 0")
+    conn.commit()
+
+
 def build_api(settings: Settings) -> Flask:
     """The API: PostgreSQL for rollups and tokens; analyst SQL relayed to the analyst server (no ClickHouse here)."""
     from psycopg_pool import ConnectionPool
@@ -386,7 +394,7 @@ def build_api(settings: Settings) -> Flask:
     ensure_pg(dsn)
     # prepare_threshold=None: no server-side prepared statements, so PostgreSQL plans every customer
     # query for its own range instead of switching to a generic plan after a few executions.
-    pool = ConnectionPool(dsn, min_size=1, max_size=8, open=True,
+    pool = ConnectionPool(dsn, min_size=1, max_size=8, open=True, configure=_without_parallel_workers,
                           kwargs={"connect_timeout": 5, "prepare_threshold": None})
     # the relay's timeout and the analyst server's deadline come from the same setting (ADR 32)
     analyst = AnalystService(settings.analyst_url, internal_token(secret), timeout_s=settings.sql_relay_timeout_s)

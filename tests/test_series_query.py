@@ -437,3 +437,25 @@ def test_a_default_connection_would_prepare_the_series_query(servers, long_histo
         run_mixed_shapes(conn, long_history)
         (prepared,), = conn.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%width_bucket%'")
         assert prepared >= 1  # the 15-minute and hourly series queries, each run six times
+
+
+def test_the_api_pool_runs_queries_without_parallel_workers(make_settings, servers):
+    """A customer query reads one domain's rows: on a small host, starting parallel workers cost the 90-day visitors
+    breakdown's bounds ~4 ms more than they saved, and under load they take the cores the pipeline needs (ADR 63).
+    The setting holds on every connection of the pool, also after a failed statement rolled its transaction back."""
+    from tally.roots import build_api
+
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as plain:  # the check can fail: the server's default
+        assert plain.execute("SHOW max_parallel_workers_per_gather").fetchone() != ("0",)
+    app = build_api(make_settings())
+    pool = app.extensions["tally_backends"].rollups.pool
+    try:
+        with pool.connection() as a, pool.connection() as b:
+            for conn in (a, b):
+                assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone() == ("0",)
+        with pytest.raises(psycopg.errors.DivisionByZero), pool.connection() as conn:
+            conn.execute("SELECT 1 / 0")
+        with pool.connection() as conn:
+            assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone() == ("0",)
+    finally:
+        pool.close()

@@ -263,7 +263,12 @@ def _serve(app: WSGIApp, host: str, port: int, *, threads: int, limits: Connecti
 
     server = create_server(app, host, port, threads=threads, limits=limits)
     signals = stop_on_signals()
-    threading.Thread(target=lambda: (signals.wait(), server.close()), daemon=True).start()
+
+    def stop_when_signalled() -> None:
+        signals.wait()
+        server.close()  # running requests end (up to its grace), then run() returns
+
+    threading.Thread(target=stop_when_signalled, daemon=True).start()
     try:
         server.run()
     except (OSError, ValueError):

@@ -28,12 +28,20 @@ slowloris that sends one byte every few seconds is never timed out. `BoundedServ
   and start as the address's running ones end, oldest first. So one address holds at most a quarter
   of the threads, whatever its requests do.
 
+Stopping (`Server.close()`, on SIGTERM/SIGINT): new connections are refused at once (the listening sockets
+close) and no connection reads another request; requests already received run to their end and are answered,
+then their connections close; idle ones close at once. Requests still running `grace_s` (10 s) after the stop
+began are cut (their connections reset). Then the threads stop and `run()` returns. waitress's own close() of a
+single listening socket closed it and its trigger but left the connections: a client asking every second on a
+kept-alive connection kept the server running (and logged EBADF for every answer).
+
 The client address is the TCP peer: behind a reverse proxy every connection comes from the proxy, so
 set `max_per_client` to 0 there (the proxy bounds clients; see README, production).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import resource
 import socket
@@ -44,9 +52,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
-from waitress.server import MultiSocketServer, TcpWSGIServer
+from waitress.server import TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher
 
 from core import net
@@ -55,6 +64,7 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]  # PEP
 
 log = logging.getLogger(__name__)
 ACCEPT_BATCH = 128  # connections accepted per loop turn at most
+STOP_GRACE_S = 10.0  # a stop lets running requests end for this long, then cuts them
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +144,7 @@ class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress ships no type hin
     # channel must not be registered: poll would answer POLLNVAL for its number, and a connection
     # accepted in the same turn may get that number and be closed in its place.
     def readable(self) -> bool:
-        return not self.aborted and bool(super().readable())
+        return not self.aborted and self.server.tracker.stop_by is None and bool(super().readable())
 
     def writable(self) -> bool:
         return not self.aborted and bool(super().writable())
@@ -231,6 +241,12 @@ class _Tracker:
         self.closing: set[_Channel] = set()  # marked to close by us, not yet closed
         self.closed = 0  # since the last log line
         self.next_log = 0.0
+        self.stop_by: float | None = None  # time.monotonic() past which a stopping server cuts running requests
+        self.stopped = False  # the loop has ended (its triggers are closed)
+
+    def channels(self) -> list[_Channel]:
+        with self.lock:
+            return [c for group in self.by_client.values() for c in group]
 
     def add(self, channel: _Channel) -> None:
         with self.lock:
@@ -316,6 +332,18 @@ class BoundedServer(TcpWSGIServer):  # type: ignore[misc]  # waitress ships no t
                 continue
             self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
 
+    def readable(self) -> bool:
+        return self.tracker.stop_by is None and bool(super().readable())
+
+    def pull_trigger(self) -> None:
+        """Wake the loop (task threads do, after writing). A request cut by a stop may end after the loop has
+        ended and closed the trigger: nothing is left to wake then."""
+        try:
+            super().pull_trigger()
+        except OSError as exc:
+            if not (self.tracker.stopped and exc.errno == errno.EBADF):
+                raise
+
     def forget(self, channel: _Channel) -> None:
         self.tracker.remove(channel)
 
@@ -367,7 +395,7 @@ def raise_fd_limit(wanted: int) -> int:
 
 
 def create_server(app: WSGIApp, host: str, port: int, *, threads: int,
-                  limits: ConnectionLimits = ConnectionLimits()) -> BoundedServer | Any:
+                  limits: ConnectionLimits = ConnectionLimits()) -> Server:
     """A bounded waitress server for `app` on host:port (every address `host` resolves to); call
     `.run()`, and `.close()` from another thread to stop it."""
     descriptors = raise_fd_limit(limits.max_connections + 256)  # + the app's own files, pools, logs
@@ -382,8 +410,55 @@ def create_server(app: WSGIApp, host: str, port: int, *, threads: int,
     dispatcher.set_thread_count(adj.threads)
     tracker = _Tracker(limits, limits.running_cap(threads))
     socket_map: dict[int, Any] = {}
-    servers = [BoundedServer(app, socket_map, tracker, dispatcher=dispatcher, adj=adj, sockinfo=sockinfo)
-               for sockinfo in adj.listen]
-    if len(servers) == 1:
-        return servers[0]
-    return MultiSocketServer(socket_map, adj, [(s.effective_host, s.effective_port) for s in servers], dispatcher)
+    listeners = [BoundedServer(app, socket_map, tracker, dispatcher=dispatcher, adj=adj, sockinfo=sockinfo)
+                 for sockinfo in adj.listen]
+    return Server(listeners, socket_map, dispatcher, tracker, adj.asyncore_loop_timeout)
+
+
+class Server:
+    """The listening sockets of one host:port (one per address it resolves to), their connections, one event loop
+    and one thread pool. `run()` serves until a `close()` from another thread has stopped it (module doc)."""
+
+    def __init__(self, listeners: list[BoundedServer], socket_map: dict[int, Any], dispatcher: ThreadedTaskDispatcher,
+                 tracker: _Tracker, poll_s: float) -> None:
+        self.listeners, self.map, self.dispatcher, self.tracker = listeners, socket_map, dispatcher, tracker
+        self.poll_s = poll_s
+        self.effective_port = listeners[0].effective_port
+
+    def run(self) -> None:
+        try:
+            while not self.tracker.stopped:
+                wasyncore.poll2(self.poll_s, self.map)
+                if self.tracker.stop_by is not None:
+                    self._stop_step()
+        finally:
+            self.tracker.stopped = True
+            wasyncore.close_all(self.map, ignore_all=True)  # the triggers, and anything a failure left open
+
+    def close(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop, from any thread: see the module doc. Returns at once; `run()` returns once stopped."""
+        with self.tracker.lock:
+            if self.tracker.stop_by is None:
+                self.tracker.stop_by = time.monotonic() + grace_s
+        self.listeners[0].pull_trigger()  # the loop takes the first step now, not after its poll's timeout
+
+    def _stop_step(self) -> None:
+        """One loop turn of a stop: no more listening; close the connections with nothing running; past the grace,
+        reset the rest; once none is left, stop the threads and end the loop."""
+        assert self.tracker.stop_by is not None
+        for listener in self.listeners:
+            if listener.accepting:
+                wasyncore.dispatcher.close(listener)  # the socket only: its trigger is still needed
+        late = time.monotonic() >= self.tracker.stop_by
+        running = 0
+        for channel in self.tracker.channels():
+            if late:
+                running += bool(channel.requests)
+                channel.abort()
+            elif channel.evictable and not channel.total_outbufs_len:
+                channel.handle_close()
+        if running:
+            log.warning("stopping: cut %d request(s) still running after the stop's grace", running)
+        if not self.tracker.channels():
+            self.dispatcher.shutdown(cancel_pending=True, timeout=1.0)
+            self.tracker.stopped = True

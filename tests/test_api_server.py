@@ -88,9 +88,10 @@ def tally_api(servers, tmp_path) -> Iterator:
         wait_until(lambda: tcp_open("127.0.0.1", port), what="tally api", timeout=60, proc=proc, log_path=log)
         return port
 
+    start.procs = procs  # type: ignore[attr-defined]
     yield start
     for proc in procs:  # told to stop; one still relaying big answers queued behind the per-address gate
-        proc.terminate()  # finishes them first (20 s and more), which no test here is about: not waited for
+        proc.terminate()  # lets them run for the stop's grace (10 s), which no test here is about: not waited for
     for proc in procs:
         try:
             proc.wait(timeout=3)
@@ -457,3 +458,124 @@ def test_a_copied_cookie_is_refused_after_logout_over_http(tally_api, servers):
     assert request("POST", "/logout", Cookie=cookie, Origin=origin).status == 303
     assert request("GET", "/api/v1/domains/hard.test/summary?last=1h", Cookie=cookie).status == 401
     assert request("GET", "/api/v1/no-such-route", Cookie=cookie).status == 401
+
+
+# --- stopping (SIGTERM, `tally up` stopping): in-flight requests end, keep-alive clients do not hold it -------------
+
+class KeepAsking:
+    """A client on one kept-alive connection asking GET /x every 50 ms until the server closes it (or 60 s)."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.answers = 0
+        self.ended_by: BaseException | None = None
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                self.conn.request("GET", "/x")
+                self.conn.getresponse().read()
+                self.answers += 1
+                time.sleep(0.05)
+        except (OSError, http.client.HTTPException) as exc:  # closed by the server: what a stop should do
+            self.ended_by = exc
+
+
+def run_server(app, grace_s: float | None = None, **limits: int):
+    """(server, the thread running it, port): create_server's server in a thread of this process."""
+    port = free_port()
+    server = create_server(app, "127.0.0.1", port, threads=4, limits=ConnectionLimits(**limits))
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    wait_until(lambda: tcp_open("127.0.0.1", port), what="server", timeout=10)
+    return server, loop, port
+
+
+def no_servicing_errors(caplog) -> bool:
+    return not [r for r in caplog.records if "Exception when servicing" in r.getMessage()]
+
+
+def test_a_stop_ends_the_server_while_a_kept_alive_client_keeps_asking(caplog):
+    """waitress's close() of one listening socket closed it and its trigger but left the connections: a client
+    asking every 50 ms kept the server's loop running (each answer then logged EBADF from the closed trigger)."""
+    server, loop, port = run_server(SlowApp())
+    client = KeepAsking(port)
+    wait_until(lambda: client.answers >= 3, what="answers before the stop", timeout=10)
+    server.close()
+    loop.join(30)
+    assert not loop.is_alive(), "the server still runs while a kept-alive client asks"
+    client.thread.join(10)
+    assert client.ended_by is not None  # its connection was closed, not answered for 60 s
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert no_servicing_errors(caplog)
+
+
+def test_a_request_running_when_the_stop_begins_is_answered_and_new_connections_are_refused():
+    app = SlowApp()
+    server, loop, port = run_server(app)
+    busy = connect(port)
+    busy.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    time.sleep(0.3)  # (it is running: the app waits for release)
+    server.close(grace_s=30)
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_until(refused, what="new connections refused once stopping", timeout=10)
+    assert loop.is_alive()  # waiting for the running request
+    app.release.set()
+    answer = b""
+    while not answer.endswith(b"ok"):
+        chunk = busy.recv(1024)
+        assert chunk, f"closed before the answer: {answer!r}"
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert wait_closed(busy, 10)  # then closed (kept alive no more)
+    loop.join(10)
+    assert not loop.is_alive()
+
+
+def test_a_request_that_outlives_the_grace_is_cut_and_the_server_ends(caplog):
+    app = SlowApp()
+    server, loop, port = run_server(app)
+    busy = connect(port)
+    busy.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    time.sleep(0.3)
+    server.close(grace_s=0.5)
+    loop.join(10)
+    assert not loop.is_alive() and not app.release.is_set()  # ended while the app still held its request
+    assert wait_closed(busy, 5)
+    try:
+        assert busy.recv(1024) == b""  # no answer came
+    except OSError:
+        pass  # reset: no answer either
+    app.release.set()  # the abandoned request ends now: its thread finds the server stopped, quietly
+    time.sleep(0.5)
+    assert no_servicing_errors(caplog)
+
+
+def test_tally_api_stops_on_sigterm_while_a_kept_alive_client_keeps_asking(tally_api, tmp_path):
+    """The bug as found: a soak's probe kept `tally api` running ~60 s after SIGTERM, logging EBADF every second,
+    until `tally up` killed it."""
+    port = tally_api()
+    client = KeepAsking(port)
+    wait_until(lambda: client.answers >= 3, what="answers before the stop", timeout=10)
+    proc = tally_api.procs[-1]
+    proc.terminate()
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        code = None
+    assert code == 0, "tally api still runs 30 s after SIGTERM while a kept-alive client asks"
+    client.thread.join(10)
+    assert client.ended_by is not None
+    logs = "".join(f.read_text() for f in (tmp_path / "logs").glob("*"))
+    assert "Exception when servicing" not in logs and "Bad file descriptor" not in logs

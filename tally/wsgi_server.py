@@ -30,8 +30,10 @@ slowloris that sends one byte every few seconds is never timed out. `BoundedServ
 
 Stopping (`Server.close()`, on SIGTERM/SIGINT): new connections are refused at once (the listening sockets
 close) and no connection reads another request; requests already received run to their end and are answered,
-then their connections close; idle ones close at once. Requests still running `grace_s` (10 s) after the stop
-began are cut (their connections reset). Then the threads stop and `run()` returns. waitress's own close() of a
+then their connections close; idle ones close at once. One whose client sent more meanwhile is shut on our side
+and read (and dropped) until the client closes, at most 2 s: closed with unread input, the kernel would reset it
+and drop the unsent tail of the last answer. Requests still running `grace_s` (10 s) after the stop began are
+cut (their connections reset). Then the threads stop and `run()` returns. waitress's own close() of a
 single listening socket closed it and its trigger but left the connections: a client asking every second on a
 kept-alive connection kept the server running (and logged EBADF for every answer).
 
@@ -41,7 +43,6 @@ set `max_per_client` to 0 there (the proxy bounds clients; see README, productio
 
 from __future__ import annotations
 
-import errno
 import logging
 import resource
 import socket
@@ -65,6 +66,7 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]  # PEP
 log = logging.getLogger(__name__)
 ACCEPT_BATCH = 128  # connections accepted per loop turn at most
 STOP_GRACE_S = 10.0  # a stop lets running requests end for this long, then cuts them
+DRAIN_S = 2.0  # a stopping connection that had unread input is read (and dropped) this long at most, then closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,8 @@ class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress ships no type hin
     slot = False  # holds one of its address's running slots (_TaskGate)
     pass_on = False  # its next request takes that slot over when the current one ends
     aborted = False  # closed by abort()
+    draining = False  # stopping: our side is shut, what the client still sends is read and dropped (Server)
+    drain_by = 0.0  # time.monotonic() when a draining connection is closed even if its client never closes
 
     def __init__(self, server: BoundedServer, sock: socket.socket, addr: Any, adj: Adjustments,
                  map: dict[int, Any] | None = None) -> None:
@@ -103,6 +107,8 @@ class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress ships no type hin
         server.admit(self)
 
     def received(self, data: bytes) -> bool:
+        if self.draining:
+            return True  # dropped: the stop answers no new request
         before = self.request
         done: bool = super().received(data)
         if self.request is not None and self.request is not before:  # a request began in this data
@@ -132,6 +138,8 @@ class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress ships no type hin
         it never is while the client does not read), with a reset that frees the kernel's send buffer.
         handle_close() sets connected = False and notifies outbuf_lock: a task thread waiting for the
         output to drain wakes, its write raises ClientDisconnected, and waitress closes the app's iterable."""
+        if self.socket is None:  # already closed (e.g. on a task thread since the caller looked)
+            return
         try:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         except OSError:
@@ -139,11 +147,33 @@ class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress ships no type hin
         self.aborted = True
         self.handle_close()
 
+    def close_gently(self, by: float) -> None:
+        """Stopping, nothing running or unsent: close. A close() with unread input would make the kernel reset the
+        connection and drop whatever of the last answer it had not sent yet: then shut our side instead (the
+        client reads its answers, then end of file) and read and drop what it sends until it closes, or `by`."""
+        if not self._has_input():
+            self.handle_close()
+            return
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:  # the peer is gone already
+            self.handle_close()
+            return
+        self.draining, self.drain_by = True, by
+
+    def _has_input(self) -> bool:
+        try:
+            return bool(self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))  # b"": end of file, none
+        except OSError:  # BlockingIOError: nothing; anything else: nothing a close could lose
+            return False
+
     # abort() runs in maintenance, from a listener's readable() while the loop registers the descriptors
     # of a snapshot of the map (listeners come first, so before any channel of that turn). A closed
     # channel must not be registered: poll would answer POLLNVAL for its number, and a connection
     # accepted in the same turn may get that number and be closed in its place.
     def readable(self) -> bool:
+        if self.draining:
+            return not self.aborted
         return not self.aborted and self.server.tracker.stop_by is None and bool(super().readable())
 
     def writable(self) -> bool:
@@ -242,7 +272,8 @@ class _Tracker:
         self.closed = 0  # since the last log line
         self.next_log = 0.0
         self.stop_by: float | None = None  # time.monotonic() past which a stopping server cuts running requests
-        self.stopped = False  # the loop has ended (its triggers are closed)
+        self.stopped = False  # the loop has ended: its triggers are closed (set under trigger_lock)
+        self.trigger_lock = threading.Lock()
 
     def channels(self) -> list[_Channel]:
         with self.lock:
@@ -336,13 +367,11 @@ class BoundedServer(TcpWSGIServer):  # type: ignore[misc]  # waitress ships no t
         return self.tracker.stop_by is None and bool(super().readable())
 
     def pull_trigger(self) -> None:
-        """Wake the loop (task threads do, after writing). A request cut by a stop may end after the loop has
-        ended and closed the trigger: nothing is left to wake then."""
-        try:
-            super().pull_trigger()
-        except OSError as exc:
-            if not (self.tracker.stopped and exc.errno == errno.EBADF):
-                raise
+        """Wake the loop (task threads do, after writing). Once the loop has ended, its trigger is closed and its
+        descriptor number may belong to another file: nothing is written then."""
+        with self.tracker.trigger_lock:
+            if not self.tracker.stopped:
+                super().pull_trigger()
 
     def forget(self, channel: _Channel) -> None:
         self.tracker.remove(channel)
@@ -424,41 +453,57 @@ class Server:
         self.listeners, self.map, self.dispatcher, self.tracker = listeners, socket_map, dispatcher, tracker
         self.poll_s = poll_s
         self.effective_port = listeners[0].effective_port
+        self._done = False  # the stop is complete: every connection closed, the threads stopped
 
     def run(self) -> None:
         try:
-            while not self.tracker.stopped:
+            while not self._done:
                 wasyncore.poll2(self.poll_s, self.map)
                 if self.tracker.stop_by is not None:
                     self._stop_step()
         finally:
-            self.tracker.stopped = True
-            wasyncore.close_all(self.map, ignore_all=True)  # the triggers, and anything a failure left open
+            if not self._done:  # left by an error: the threads are stopped all the same
+                self.dispatcher.shutdown(cancel_pending=True, timeout=0)
+            with self.tracker.trigger_lock:
+                self.tracker.stopped = True
+            wasyncore.close_all(self.map, ignore_all=True)  # the triggers, and anything an error left open
 
     def close(self, grace_s: float = STOP_GRACE_S) -> None:
-        """Stop, from any thread: see the module doc. Returns at once; `run()` returns once stopped."""
+        """Stop, from any thread: see the module doc. Returns at once; `run()` returns once stopped. A second
+        call may shorten the grace, never lengthen it."""
         with self.tracker.lock:
-            if self.tracker.stop_by is None:
-                self.tracker.stop_by = time.monotonic() + grace_s
+            by = time.monotonic() + grace_s
+            self.tracker.stop_by = by if self.tracker.stop_by is None else min(self.tracker.stop_by, by)
         self.listeners[0].pull_trigger()  # the loop takes the first step now, not after its poll's timeout
 
     def _stop_step(self) -> None:
-        """One loop turn of a stop: no more listening; close the connections with nothing running; past the grace,
-        reset the rest; once none is left, stop the threads and end the loop."""
+        """One loop turn of a stop (after the poll, so nothing closed here is in the turn's snapshot): no more
+        listening; connections with nothing running or unsent close (`close_gently`); past the grace, or when the
+        client has read nothing of its answer for request_timeout_s, they are reset; once none is left, the threads stop
+        and the loop ends."""
         assert self.tracker.stop_by is not None
         for listener in self.listeners:
             if listener.accepting:
                 wasyncore.dispatcher.close(listener)  # the socket only: its trigger is still needed
-        late = time.monotonic() >= self.tracker.stop_by
-        running = 0
+        now = time.monotonic()
+        late, stuck = now >= self.tracker.stop_by, now - self.tracker.limits.request_timeout_s
+        cut = 0
         for channel in self.tracker.channels():
-            if late:
-                running += bool(channel.requests)
-                channel.abort()
-            elif channel.evictable and not channel.total_outbufs_len:
-                channel.handle_close()
-        if running:
-            log.warning("stopping: cut %d request(s) still running after the stop's grace", running)
+            try:
+                if late:
+                    cut += bool(channel.requests)
+                    channel.abort()
+                elif channel.draining:
+                    if now >= channel.drain_by:
+                        channel.handle_close()
+                elif not channel.requests and not channel.total_outbufs_len:
+                    channel.close_gently(min(now + DRAIN_S, self.tracker.stop_by))
+                elif not channel.requests and channel.send_progress < stuck:
+                    channel.abort()  # its client reads nothing (as the maintenance sweep would)
+            except Exception:  # one connection's failure must not keep the others (or the threads) from stopping
+                log.exception("stopping: closing a connection failed")
+        if cut:
+            log.warning("stopping: cut %d request(s) still running after the stop's grace", cut)
         if not self.tracker.channels():
             self.dispatcher.shutdown(cancel_pending=True, timeout=1.0)
-            self.tracker.stopped = True
+            self._done = True

@@ -261,14 +261,22 @@ def test_one_address_runs_at_most_a_quarter_of_the_threads(tally_api, big_answer
 # --- the mechanics, on a tiny app ------------------------------------------------------------------
 
 class SlowApp:
-    """/slow waits until `release` is set; anything else answers at once."""
+    """/slow waits until `release` is set (`running` says one runs); /slowbig then answers 8 MiB; anything else
+    answers at once."""
+
+    BIG = 8 << 20
 
     def __init__(self) -> None:
         self.release = threading.Event()
+        self.running = threading.Event()
 
     def __call__(self, environ, start_response):
-        if environ["PATH_INFO"] == "/slow":
+        if environ["PATH_INFO"] in ("/slow", "/slowbig"):
+            self.running.set()
             self.release.wait(20)
+        if environ["PATH_INFO"] == "/slowbig":
+            start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(self.BIG))])
+            return [b"x" * self.BIG]
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
         return [b"ok"]
 
@@ -484,7 +492,7 @@ class KeepAsking:
             self.ended_by = exc
 
 
-def run_server(app, grace_s: float | None = None, **limits: int):
+def run_server(app, **limits: int):
     """(server, the thread running it, port): create_server's server in a thread of this process."""
     port = free_port()
     server = create_server(app, "127.0.0.1", port, threads=4, limits=ConnectionLimits(**limits))
@@ -519,7 +527,7 @@ def test_a_request_running_when_the_stop_begins_is_answered_and_new_connections_
     server, loop, port = run_server(app)
     busy = connect(port)
     busy.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-    time.sleep(0.3)  # (it is running: the app waits for release)
+    assert app.running.wait(10)
     server.close(grace_s=30)
 
     def refused() -> bool:
@@ -548,18 +556,47 @@ def test_a_request_that_outlives_the_grace_is_cut_and_the_server_ends(caplog):
     server, loop, port = run_server(app)
     busy = connect(port)
     busy.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-    time.sleep(0.3)
+    assert app.running.wait(10)
     server.close(grace_s=0.5)
     loop.join(10)
     assert not loop.is_alive() and not app.release.is_set()  # ended while the app still held its request
+    assert any("cut 1 request(s)" in r.getMessage() for r in caplog.records)
     assert wait_closed(busy, 5)
     try:
         assert busy.recv(1024) == b""  # no answer came
     except OSError:
         pass  # reset: no answer either
     app.release.set()  # the abandoned request ends now: its thread finds the server stopped, quietly
-    time.sleep(0.5)
+    wait_until(lambda: not server.dispatcher.threads, what="the cut request's thread to end", timeout=10)
     assert no_servicing_errors(caplog)
+
+
+def test_an_answer_is_delivered_whole_when_the_client_had_sent_more_before_the_stop():
+    """A client that sends its next request while one runs, after the stop began: the stop answers the running one
+    and reads no more. Closing a socket with unread input makes the kernel reset it and drop the unsent tail of the
+    answer, so the server shuts its side first, drains what the client sent, then closes."""
+    app = SlowApp()
+    server, loop, port = run_server(app)
+    client = connect(port)
+    client.sendall(b"GET /slowbig HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert app.running.wait(10)
+    server.close(grace_s=30)
+    time.sleep(0.5)  # the loop has taken the stop's first step: nothing more is read
+    client.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")  # unread: the stop answers no new request
+    app.release.set()
+    time.sleep(0.5)  # the answer fills the socket's buffers; then the client reads it, slowly
+    received = b""
+    client.settimeout(10)
+    while True:
+        chunk = client.recv(1 << 16)  # a reset (the bug) raises ConnectionResetError here
+        if not chunk:
+            break
+        received += chunk
+        time.sleep(0.002)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(body) == SlowApp.BIG  # whole, and the late request unanswered
+    loop.join(10)
+    assert not loop.is_alive()
 
 
 def test_tally_api_stops_on_sigterm_while_a_kept_alive_client_keeps_asking(tally_api, tmp_path):

@@ -30,6 +30,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -301,6 +302,9 @@ def run(args: argparse.Namespace, work: Path, report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
+    # SIGTERM ends the run as Ctrl-C does: the stack is stopped and the load processes end with it (the default
+    # action killed this process alone and left them sending to a dead stack, skewing whatever ran next)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     given = argv if argv is not None else sys.argv[1:]
     report: dict[str, Any] = {"command": " ".join(["python -m bench.soak", *given]),
                               "quick": args.quick, "machine": machine(), "tree": str(args.tree)}

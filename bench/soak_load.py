@@ -20,6 +20,8 @@ from typing import Any
 
 import orjson
 
+from infra.processes import die_with_parent
+
 BATCH = 50
 UA = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 PAGES = 200
@@ -135,6 +137,7 @@ def generator(index: int, host: str, port: int, sites: dict[str, str], threads: 
               reports: Any, stop: Any) -> None:
     """A generator process: `threads` senders sharing this process's `rate` (a shared double, events/s,
     already divided among the processes); a report on `reports` every second until `stop` is set."""
+    die_with_parent()  # a bench killed outright leaves no generator sending behind it
     lock, halt = threading.Lock(), threading.Event()
     shared = _Share(rate, threads)
     tally = Tally()

@@ -22,6 +22,7 @@ from typing import Any
 
 from bench.soak_report import assign_seen
 from bench.soak_stack import Stack, ch_sizes, pg_sizes, rss_sample, spool_bytes
+from infra.processes import die_with_parent
 
 MARK = "mark.soak.test"
 
@@ -171,11 +172,13 @@ def _floor_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> l
 def _floor_server(port: int) -> None:
     import waitress
 
+    die_with_parent()
     waitress.serve(_floor_app, host="127.0.0.1", port=port, threads=4, _quiet=True)
 
 
 def _api_probe_process(base: str, token: str, domain: str, period: float, floor_port: int, out: Any,
                        halt: Any) -> None:
+    die_with_parent()
     # the floor on a kept-alive connection reopened after a failure, as the API's
     api, floor = Http(base, token), Http(f"http://127.0.0.1:{floor_port}", token)
     turn, batch, sent = [0], [], time.monotonic()

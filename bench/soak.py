@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     # SIGTERM ends the run as Ctrl-C does: the stack is stopped and the load processes end with it (the default
     # action killed this process alone and left them sending to a dead stack, skewing whatever ran next)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     given = argv if argv is not None else sys.argv[1:]
     report: dict[str, Any] = {"command": " ".join(["python -m bench.soak", *given]),
                               "quick": args.quick, "machine": machine(), "tree": str(args.tree)}
@@ -319,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     write(report, args.out, "soak-quick" if args.quick else "soak")
     ok = rep.verdict_ok(report.get("verdict", []))
     return 0 if ok else 1
+
+
+def _exit_on_sigterm(*_: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short (the stack's stop)
+    sys.exit(143)
 
 
 def children_cpu_s() -> float:

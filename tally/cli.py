@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -247,17 +247,20 @@ def cmd_analyst_server(settings: Settings, args: argparse.Namespace) -> int:
     cmd_reconcile.start_schedule(settings, stop)  # TALLY_RECONCILE_INTERVAL_S; results in reconcile_runs (ADR 20)
     # It listens where TALLY_ANALYST_URL points (loopback by default), not on TALLY_BIND_HOST: only the API calls it.
     url = urlsplit(settings.analyst_url)
+    # the loader starts draining as the signal arrives, beside the requests' grace, not after it: both within
+    # the 40 s `tally up` gives a process to stop
     _serve(app, url.hostname or "127.0.0.1", url.port or settings.analyst_port,
-           threads=settings.sql_max_concurrent + 4, limits=_analyst_limits())
+           threads=settings.sql_max_concurrent + 4, limits=_analyst_limits(), on_signal=stop.set)
     if loader_thread is not None:
         stop.set()
         loader_thread.join(timeout=30)  # it drains what is left on the topic first
     return 0
 
 
-def _serve(app: WSGIApp, host: str, port: int, *, threads: int, limits: ConnectionLimits) -> None:
+def _serve(app: WSGIApp, host: str, port: int, *, threads: int, limits: ConnectionLimits,
+           on_signal: Callable[[], None] | None = None) -> None:
     """Serve a WSGI app under waitress, bounded against idle and slow clients (tally/wsgi_server.py,
-    ADR 35), until SIGTERM/SIGINT."""
+    ADR 35), until SIGTERM/SIGINT. `on_signal` runs as the signal arrives, while running requests end."""
     from tally.roots import stop_on_signals
     from tally.wsgi_server import create_server
 
@@ -266,6 +269,8 @@ def _serve(app: WSGIApp, host: str, port: int, *, threads: int, limits: Connecti
 
     def stop_when_signalled() -> None:
         signals.wait()
+        if on_signal is not None:
+            on_signal()
         server.close()  # running requests end (up to its grace), then run() returns
 
     threading.Thread(target=stop_when_signalled, daemon=True).start()

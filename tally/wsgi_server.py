@@ -138,11 +138,12 @@ class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress ships no type hin
         it never is while the client does not read), with a reset that frees the kernel's send buffer.
         handle_close() sets connected = False and notifies outbuf_lock: a task thread waiting for the
         output to drain wakes, its write raises ClientDisconnected, and waitress closes the app's iterable."""
-        if self.socket is None:  # already closed (e.g. on a task thread since the caller looked)
+        sock = self.socket  # read once: a task thread may close the channel meanwhile (it becomes None)
+        if sock is None:
             return
         try:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        except OSError:  # (a socket closed since: nothing to reset)
             pass
         self.aborted = True
         self.handle_close()
@@ -151,19 +152,23 @@ class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress ships no type hin
         """Stopping, nothing running or unsent: close. A close() with unread input would make the kernel reset the
         connection and drop whatever of the last answer it had not sent yet: then shut our side instead (the
         client reads its answers, then end of file) and read and drop what it sends until it closes, or `by`."""
-        if not self._has_input():
+        sock = self.socket  # read once, as in abort()
+        if sock is None:
+            return
+        if not self._has_input(sock):
             self.handle_close()
             return
         try:
-            self.socket.shutdown(socket.SHUT_WR)
+            sock.shutdown(socket.SHUT_WR)
         except OSError:  # the peer is gone already
             self.handle_close()
             return
         self.draining, self.drain_by = True, by
 
-    def _has_input(self) -> bool:
+    @staticmethod
+    def _has_input(sock: socket.socket) -> bool:
         try:
-            return bool(self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))  # b"": end of file, none
+            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))  # b"": end of file, none
         except OSError:  # BlockingIOError: nothing; anything else: nothing a close could lose
             return False
 
@@ -177,7 +182,9 @@ class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress ships no type hin
         return not self.aborted and self.server.tracker.stop_by is None and bool(super().readable())
 
     def writable(self) -> bool:
-        return not self.aborted and bool(super().writable())
+        # draining: nothing is left to send, and waitress would close on a will_close set before the stop (a shut
+        # socket always polls writable), with the unread input this drain is there to read first
+        return not self.aborted and not self.draining and bool(super().writable())
 
     def del_channel(self, map: dict[int, Any] | None = None) -> None:
         super().del_channel(map)
@@ -496,10 +503,10 @@ class Server:
                 elif channel.draining:
                     if now >= channel.drain_by:
                         channel.handle_close()
+                elif channel.total_outbufs_len and channel.send_progress < stuck:
+                    channel.abort()  # its client reads nothing of its answer (as the maintenance sweep would)
                 elif not channel.requests and not channel.total_outbufs_len:
                     channel.close_gently(min(now + DRAIN_S, self.tracker.stop_by))
-                elif not channel.requests and channel.send_progress < stuck:
-                    channel.abort()  # its client reads nothing (as the maintenance sweep would)
             except Exception:  # one connection's failure must not keep the others (or the threads) from stopping
                 log.exception("stopping: closing a connection failed")
         if cut:

@@ -502,6 +502,16 @@ def run_server(app, **limits: int):
     return server, loop, port
 
 
+def slow_request_running():
+    """(app, server, loop thread, port, client socket): a server with one /slow request running."""
+    app = SlowApp()
+    server, loop, port = run_server(app)
+    busy = connect(port)
+    busy.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert app.running.wait(10)
+    return app, server, loop, port, busy
+
+
 def no_servicing_errors(caplog) -> bool:
     return not [r for r in caplog.records if "Exception when servicing" in r.getMessage()]
 
@@ -523,11 +533,7 @@ def test_a_stop_ends_the_server_while_a_kept_alive_client_keeps_asking(caplog):
 
 
 def test_a_request_running_when_the_stop_begins_is_answered_and_new_connections_are_refused():
-    app = SlowApp()
-    server, loop, port = run_server(app)
-    busy = connect(port)
-    busy.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert app.running.wait(10)
+    app, server, loop, port, busy = slow_request_running()
     server.close(grace_s=30)
 
     def refused() -> bool:
@@ -552,11 +558,7 @@ def test_a_request_running_when_the_stop_begins_is_answered_and_new_connections_
 
 
 def test_a_request_that_outlives_the_grace_is_cut_and_the_server_ends(caplog):
-    app = SlowApp()
-    server, loop, port = run_server(app)
-    busy = connect(port)
-    busy.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert app.running.wait(10)
+    app, server, loop, port, busy = slow_request_running()
     server.close(grace_s=0.5)
     loop.join(10)
     assert not loop.is_alive() and not app.release.is_set()  # ended while the app still held its request

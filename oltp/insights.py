@@ -30,6 +30,7 @@ from oltp.queries import (
     Totals,
     aligned_tiers,
     bucket_bounds,
+    daily_zone,
 )
 from oltp.ranges import range_bins, range_totals
 from oltp.spans import check_retention, earliest_cutoff, spans, tier_label
@@ -72,7 +73,7 @@ class Insights:
 
     def breakdown(self, q: BreakdownQuery, now: datetime) -> Breakdown:
         with self.reader.pool.connection() as conn:
-            daily = self.reader._daily_zone(conn, q.domain)
+            daily = daily_zone(conn, q.domain)
             self._check(conn, q.domain, q.lo, q.hi, daily, now)
             return visitors(conn, q, daily) if q.metric == "visitors" else counts(conn, q, daily)
 
@@ -81,7 +82,7 @@ class Insights:
         """Visitors (current and previous period), percentiles (when asked, unfiltered only) and, under
         filters, the filtered totals of both periods."""
         with self.reader.pool.connection() as conn:
-            daily = self.reader._daily_zone(conn, domain)
+            daily = daily_zone(conn, domain)
             notes: list[str] = []
             tier, current, previous = None, None, None
             if filters:
@@ -142,7 +143,7 @@ class Insights:
             raise QueryError(FILTERED_VISITORS_NOTE.replace(": null", ""))
         bounds = bucket_bounds(start, end, granularity, tz)
         with self.reader.pool.connection() as conn:
-            daily = self.reader._daily_zone(conn, domain)
+            daily = daily_zone(conn, domain)
             tier, values, total = self._visitor_buckets(conn, domain, bounds, granularity, tz, filters, daily)
         rows = {i: (v, 0, Decimal("0.000000")) for i, v in enumerate(values, start=1)}
         return Series(tier, self.reader._buckets(bounds, granularity, rows)), total

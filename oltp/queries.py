@@ -369,7 +369,7 @@ class RollupReader:
         bounds = bucket_bounds(start, end, granularity, tz)
         now = now or datetime.now(UTC)
         with self.pool.connection() as conn:
-            daily = self._daily_zone(conn, domain) if granularity == "1d" else None
+            daily = daily_zone(conn, domain) if granularity == "1d" else None
             if tier is None:
                 tier = self._route(conn, domain, bounds, granularity, tz, daily, now, start, end)
             elif tier not in aligned_tiers(bounds, granularity, tz.key, daily):
@@ -417,7 +417,7 @@ class RollupReader:
     def daily_zone(self, domain: str) -> DailyZone:
         """Which zone the daily tier holds the domain's days in, and from when (see DailyZone)."""
         with self.pool.connection() as conn:
-            return self._daily_zone(conn, domain)
+            return daily_zone(conn, domain)
 
     def is_registered(self, domain: str) -> bool:
         """Whether the domain is in the sites registry."""
@@ -432,16 +432,12 @@ class RollupReader:
         row = conn.execute(_COUNTED_BEFORE, {"domain": domain, "cutoff": cutoff}).fetchone()
         return bool(row and row[0])
 
-    @staticmethod
-    def _daily_zone(conn: psycopg.Connection, domain: str) -> DailyZone:
-        return daily_zone(conn, domain)
-
     def _alternatives(self, conn: psycopg.Connection, domain: str, start: datetime, end: datetime,
                       granularity: str, tz: ZoneInfo, now: datetime) -> list[str]:
         """The coarser granularities that could answer [start, end) in the same zone; failing those,
         daily buckets in the site's registered zone (as "1d&tz=<zone>")."""
         out = []
-        daily = self._daily_zone(conn, domain)
+        daily = daily_zone(conn, domain)
         for g in GRANULARITIES[GRANULARITIES.index(granularity) + 1:]:
             try:
                 choose_tier(bucket_bounds(start, end, g, tz), g, tz.key, daily, self.retention, now)

@@ -82,33 +82,27 @@ def platform_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 
 
 def serve_in_thread(app, port: int, threads: int = 6):
-    """A real waitress server for `app` on 127.0.0.1:`port`, in a daemon thread; returns it (call .close())."""
+    """A real server for `app` on 127.0.0.1:`port`: tally.wsgi_server's, as `tally api` runs it, without a
+    per-client bound (every test client, a browser's many connections included, is 127.0.0.1). Its loop runs in a
+    daemon thread; returns the Server, whose close() stops it (5 s of grace for running requests) and waits for
+    that thread to end."""
     import threading
 
-    import waitress
+    from tally.wsgi_server import ConnectionLimits, create_server
 
-    server = waitress.create_server(app, host="127.0.0.1", port=port, threads=threads)
-    closing = threading.Event()
+    server = create_server(app, "127.0.0.1", port, threads=threads, limits=ConnectionLimits(max_per_client=0))
+    thread = threading.Thread(target=server.run, name=f"serve_in_thread:{port}", daemon=True)
+    thread.start()
+    stop = server.close
 
-    def run() -> None:
-        try:
-            server.run()
-        except OSError:  # its loop's select() on the sockets close() just closed (EBADF): the server is done
-            if not closing.is_set():
-                raise
+    def close(grace_s: float = 5.0) -> None:
+        """Stop it and wait for its loop to end (within the grace and 1 s for its threads, as the Server stops)."""
+        stop(grace_s)
+        thread.join(grace_s + 15)
+        if thread.is_alive():
+            raise AssertionError(f"the server on port {port} did not stop within {grace_s + 15} s of close()")
 
-    threading.Thread(target=run, daemon=True).start()
-    close = server.close
-
-    def close_after_requests() -> None:
-        """waitress's close() leaves its request threads running: one that ended later wrote to the closed
-        trigger (EBADF) and logged that to pytest's closed streams. Let them end first (up to 10 s). Its
-        loop thread, still in select() on the sockets being closed, may then fail with EBADF: expected."""
-        closing.set()
-        server.task_dispatcher.shutdown(cancel_pending=True, timeout=10)
-        close()
-
-    server.close = close_after_requests
+    server.close = close
     return server
 
 

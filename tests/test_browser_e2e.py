@@ -204,7 +204,7 @@ def test_tag_events_reach_both_stores_exactly_once(browser, run_factory, failure
     try:
         page.goto(run.url)
         assert page.evaluate("location.hostname") == run.domain
-        page.wait_for_function("window.tally && window.tally.l === 1")
+        page.wait_for_function("() => window.tally && window.tally.l === 1")
         if failure is None:
             until(page, "the load page view", lambda: len(ids()) == 1)
         page.evaluate("history.pushState({}, '', '/shop/a')")

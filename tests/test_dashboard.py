@@ -153,7 +153,7 @@ def test_dashboard_end_to_end(settings, domain, browser, tmp_path):
             assert "Visitors cannot be charted" in page.inner_text("#caption")
             assert page.locator("#empty").is_hidden()
             # The ingestion panel shows the status endpoint's numbers (accepted by arrival time, refusals).
-            page.wait_for_function("document.getElementById('ingestion-status').dataset.status !== 'loading'")
+            page.wait_for_function("() => document.getElementById('ingestion-status').dataset.status !== 'loading'")
             st = page.evaluate(f"() => fetch('/api/v1/domains/{domain}/status').then(r => r.json())")
             assert page.locator("#ingestion-status").get_attribute("data-status") == "ok"
             cells = page.evaluate("() => [...document.querySelectorAll('#ingestion-table tbody tr')]"

@@ -165,3 +165,15 @@ def test_a_crashed_worker_fails_its_test_once_and_the_rest_of_its_module_still_r
     summary = done.stdout.strip().splitlines()[-1]
     assert "1 failed, 8 passed" in summary, done.stdout + done.stderr
     assert "FAILED test_crash.py::test_crash" in done.stdout and done.stdout.count("node down") == 1  # not run again
+
+
+def test_browser_waits_are_functions_not_strings_the_pages_csp_would_eval():
+    """Playwright evaluates a bare-expression `wait_for_function` again with eval() on each later poll, which the
+    dashboard's `script-src 'self'` refuses (EvalError) whenever the condition is not true at the first check: a
+    flake that shows only when a panel is slow. Every wait is an arrow function (evaluated once)."""
+    import re
+
+    bare = [f"{p.name}:{i}" for p in sorted(Path(__file__).parent.glob("test_*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"wait_for_function\(\s*f?[\"'](?!\(\) =>|\(\w*\) =>)", line)]
+    assert bare == []

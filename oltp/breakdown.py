@@ -69,20 +69,22 @@ class BreakdownQuery:
 
 
 def _piece_sql(s: Span, i: int, q: BreakdownQuery, cube: bool) -> tuple[str, dict[str, object]]:
-    """One span's rows as (key, events, value_sum) for a UNION ALL; column names from DIMENSIONS only."""
+    """One span's rows as (key, events, value_sum) for a UNION ALL, negated for a subtracted span (`sign` -1);
+    column names from DIMENSIONS only."""
     assert q.dimension in DIMENSIONS
     params: dict[str, object] = {f"lo{i}": s.lo, f"hi{i}": s.hi}
     where = f"r.domain = %(domain)s AND r.bucket_start >= %(lo{i})s AND r.bucket_start < %(hi{i})s" \
             " AND r.event_type = ANY(%(types)s)"
     if s.tier in ("1d", "1w"):
         where += " AND r.tz = %(tz)s"
+    sums = "r.events, r.value_sum" if s.sign > 0 else "-r.events AS events, -r.value_sum AS value_sum"
     if cube:
         extra, fparams = cube_where(q.filters)
         params.update(fparams)
-        return (f"SELECT r.{q.dimension} AS key, r.events, r.value_sum FROM rollup_cube_{s.tier} r "
+        return (f"SELECT r.{q.dimension} AS key, {sums} FROM rollup_cube_{s.tier} r "
                 f"WHERE {where}{extra}"), params
     extra = " AND r.key = %(fkey)s" if q.filters else ""
-    return (f"SELECT r.key, r.events, r.value_sum FROM rollup_dim_{s.tier} r "
+    return (f"SELECT r.key, {sums} FROM rollup_dim_{s.tier} r "
             f"WHERE {where} AND r.dimension = %(dim)s{extra}"), params
 
 
@@ -96,7 +98,7 @@ def _counts_sql(pieces: list[Span], q: BreakdownQuery, cube: bool, order: str) -
     sql = f"""
     SELECT key, events, value_sum, sum(events) OVER ()::bigint, sum(value_sum) OVER ()::numeric(24, 6)
     FROM (SELECT key, sum(events)::bigint AS events, coalesce(sum(value_sum), 0)::numeric(24, 6) AS value_sum
-          FROM ({inner}) x GROUP BY key) g
+          FROM ({inner}) x GROUP BY key HAVING sum(events) > 0) g
     ORDER BY {order} DESC, key LIMIT %(limit)s OFFSET %(offset)s"""
     return sql, params
 
@@ -104,9 +106,8 @@ def _counts_sql(pieces: list[Span], q: BreakdownQuery, cube: bool, order: str) -
 def counts(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> Breakdown:
     """pageviews / impressions / value per key over [q.lo, q.hi) (see the module doc)."""
     cube = q.uses_cube()
-    pieces = spans(q.lo, q.hi, daily, hourly_only=cube)
-    if not cube:
-        pieces = _with_weeks(conn, q.domain, daily.registered_tz, pieces)
+    spanned = spans(q.lo, q.hi, daily, hourly_only=cube)
+    pieces = spanned if cube else _with_weeks(conn, q.domain, daily.registered_tz, spanned)
     order = "value_sum" if q.metric == "value" else "events"
     sql, params = _counts_sql(pieces, q, cube, order)
     params.update({"domain": q.domain, "tz": daily.registered_tz, "types": TYPES[q.metric], "dim": q.dimension,
@@ -117,23 +118,30 @@ def counts(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> Bre
     first = found[0] if found else _first_row(conn, pieces, q, cube, params)
     total: int | Decimal = (Decimal("0.000000") if value else 0) if first is None else first[4 if value else 3]
     notes = []
-    if cube and (pieces[0].lo != q.lo or pieces[-1].hi != q.hi):
+    lo, hi = spanned[0].lo, spanned[-1].hi
+    if cube and (lo != q.lo or hi != q.hi):
         notes.append("combined filters are answered from the hourly and daily tiers: the range counted is the "
                      "UTC hours covering the one asked")
-    return Breakdown(_label(pieces), pieces[0].lo, pieces[-1].hi, total, rows, notes)
+    return Breakdown(_label(pieces), lo, hi, total, rows, notes)
 
 
 def _with_weeks(conn: psycopg.Connection, domain: str, tz: str, pieces: list[Span]) -> list[Span]:
-    """The daily piece's whole local weeks whose pre-merged rows are current (oltp/weekly.py) as '1w' pieces
-    (rollup_dim_1w: one row per key and week instead of seven), its other days still '1d'."""
+    """The daily piece's local weeks whose pre-merged rows are current (oltp/weekly.py) as '1w' pieces
+    (rollup_dim_1w: one row per key and week instead of seven), its other days still '1d'. A week holding an edge
+    of the piece is used when fewer of its days lie outside the piece than inside: the week is read whole and the
+    days outside subtracted (`sign` -1); the daily rows are the ones read one heap page each, the weekly ones are
+    written together (ADR 61's addendum)."""
     out: list[Span] = []
     for s in pieces:
-        weeks = weekly.valid_weeks(conn, domain, tz, s.lo, s.hi, "counts") if s.tier == "1d" else []
+        found = weekly.valid_weeks(conn, domain, tz, s.lo, s.hi, "counts", overlapping=True) if s.tier == "1d" else []
+        weeks = [(a, b) for a, b in found if min(b, s.hi) - max(a, s.lo) > (b - a) / 2]
         if not weeks:
             out.append(s)
             continue
-        days = [Span("1d", a, b) for a, b in weekly.gaps(s.lo, s.hi, weeks)]
-        out.extend(sorted(_runs_of_weeks(weeks) + days, key=lambda p: p.lo))
+        covered = [(max(a, s.lo), min(b, s.hi)) for a, b in weeks]
+        days = [Span("1d", a, b) for a, b in weekly.gaps(s.lo, s.hi, covered)]
+        outside = [Span("1d", a, b, -1) for w in weeks for a, b in weekly.gaps(w[0], w[1], [(s.lo, s.hi)])]
+        out.extend(sorted(_runs_of_weeks(weeks) + days + outside, key=lambda p: (p.lo, p.sign)))
     return out
 
 

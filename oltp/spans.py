@@ -22,9 +22,10 @@ DAY_S = 86400
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    tier: str  # 15m, 1h or 1d
+    tier: str  # 15m, 1h or 1d (1w: oltp/breakdown.py's pre-merged weeks)
     lo: datetime
     hi: datetime
+    sign: int = 1  # -1: rows subtracted (a pre-merged week's days outside the range: oltp/breakdown.py)
 
 
 def _ts(t: datetime) -> int:

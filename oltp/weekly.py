@@ -3,9 +3,12 @@
 A 90-day breakdown summed ~90 daily rows per value (`rollup_dim_1d`) and merged ~90 daily sketches per value
 (`visitors_dim_1d`); a closed local week (Monday to Monday in the site's zone) is kept pre-merged in
 `rollup_dim_1w` / `visitors_dim_1w` (migration 0013), so the same range reads ~13 weekly rows and the days at its
-edges.
+edges. The open week's closed days (from its Monday to the last day that ended CLOSED_AFTER ago) are kept the same
+way, as a shorter span from the same Monday (its `compacted_weeks.bucket_end` says where it ends), replaced as the
+week goes on: the days a range ending now reads are today's, not the whole week's (ADR 61's second addendum). Below,
+"week" means either.
 
-Written only here, by a background pass over CLOSED weeks (`compact_closed_weeks`, run with the hourly partition
+Written only here, by a background pass over closed days (`compact_closed_weeks`, run with the hourly partition
 maintenance of the rollup worker), never by the rollup sink's batch statement. The weekly
 rows are a copy, not a move: the daily rows stay (a range may cut a week). Each compaction records, in the same
 transaction, the week's **signature**: the row versions (`xmin`) of `rollup_1d` and of `visitors_1d` for the domain,
@@ -44,7 +47,7 @@ gaps = week_gaps  # [lo, hi) less some weeks (shared with oltp.visitors)
 
 Week = tuple[datetime, datetime]  # [first local day start, the next week's first day start)
 
-CLOSED_AFTER = timedelta(days=1)  # a week is compacted once it ended at least this long ago (fewer re-compactions)
+CLOSED_AFTER = timedelta(hours=1)  # a day is compacted (into its week) once it ended at least this long ago
 MAX_DAYS_BACK = 400  # how far back a pass looks when the daily tier is kept forever (the API's longest range)
 
 # The signature of a table's rows of one (domain, zone, week): their days and row versions.
@@ -60,33 +63,41 @@ def _sig_of(table: str, week: str) -> str:
             f" AND s.bucket_start >= {lo} AND s.bucket_start < {hi})")
 
 
-def weeks_in(tz: str, lo: datetime, hi: datetime) -> list[Week]:
-    """The whole local weeks (Monday 00:00 to Monday 00:00 in `tz`) inside [lo, hi), oldest first."""
+def weeks_in(tz: str, lo: datetime, hi: datetime, *, prefix: bool = False) -> list[Week]:
+    """The whole local weeks (Monday 00:00 to Monday 00:00 in `tz`) inside [lo, hi), oldest first; with `prefix`,
+    also the whole local days after the last of them that start a week and end by `hi` (its first days: the open
+    week's closed days), as a shorter span from that Monday."""
     if hi <= lo:
         return []
-    span = DayStarts().span(tz, lo, hi)
+    ends = [t for t in DayStarts().span(tz, lo, hi) if t <= hi]  # the day starts of [lo, hi], and the one before
     z = zone(tz)
     out = []
-    for i, start in enumerate(span):
-        if i + 7 < len(span) and start >= lo and span[i + 7] <= hi and start.astimezone(z).weekday() == 0:
-            out.append((start, span[i + 7]))
+    for i, start in enumerate(ends):
+        if start >= lo and start.astimezone(z).weekday() == 0:
+            j = min(i + 7, len(ends) - 1)
+            if j == i + 7 or (prefix and j > i):
+                out.append((start, ends[j]))
     return out
 
 
 def valid_weeks(conn: psycopg.Connection[Any], domain: str, tz: str, lo: datetime, hi: datetime,
-                kind: str) -> list[Week]:
-    """The compacted weeks inside [lo, hi) of (domain, tz) whose `kind` ('counts' or 'visitors') signature still
-    holds: their weekly rows equal the sums / unions of the current daily rows."""
+                kind: str, *, overlapping: bool = False) -> list[Week]:
+    """The compacted weeks (and open weeks' first days) inside [lo, hi) of (domain, tz) whose `kind` ('counts' or
+    'visitors') signature still holds: their weekly rows equal the sums / unions of the current daily rows. With
+    `overlapping`, also those that hold only part of [lo, hi) (a range starting or ending mid-week)."""
     if hi - lo < timedelta(days=7) - timedelta(hours=1):  # no whole week fits (a week is 167 to 169 hours)
         return []
-    # a short range: ask only when a week that can be compacted (closed CLOSED_AFTER ago) fits in it
-    if hi - lo < timedelta(days=14) and not weeks_in(tz, lo, min(hi, datetime.now(UTC) - CLOSED_AFTER)):
+    first = lo - timedelta(days=8) if overlapping else lo  # a week starts at most 7 days (and a clock change) before
+    # a short range: ask only when something that can be compacted (ended CLOSED_AFTER ago) fits in it
+    if hi - lo < timedelta(days=14) and not weeks_in(tz, first, min(hi, datetime.now(UTC) - CLOSED_AFTER),
+                                                     prefix=True):
         return []
     sig = _sig_of(_SOURCES[kind], "c.bucket_start,c.bucket_end")
+    within = "c.bucket_end > %(lo)s AND c.bucket_start < %(hi)s" if overlapping else "c.bucket_end <= %(hi)s"
     rows = conn.execute(
         f"SELECT c.bucket_start, c.bucket_end FROM compacted_weeks c WHERE c.domain = %(domain)s AND c.tz = %(tz)s"
-        f" AND c.bucket_start >= %(lo)s AND c.bucket_end <= %(hi)s AND c.{kind}_sig = {sig} ORDER BY 1",
-        {"domain": domain, "tz": tz, "lo": lo, "hi": hi}).fetchall()
+        f" AND c.bucket_start >= %(first)s AND {within} AND c.{kind}_sig = {sig} ORDER BY 1",
+        {"domain": domain, "tz": tz, "first": first, "lo": lo, "hi": hi}).fetchall()
     return [(a, b) for a, b in rows]
 
 
@@ -194,9 +205,9 @@ def _merge_sketches(conn: psycopg.Connection[Any], params: dict[str, Any]) -> in
 def compact_closed_weeks(conn: psycopg.Connection[Any], now: datetime, *, keep_days: int = 0,
                          domain: str | None = None) -> CompactionPass:
     """One background pass: for every registered domain whose daily tier is written in its zone (or `domain`), the
-    closed weeks (ended at least CLOSED_AFTER before `now`) within the daily tier's retention (`keep_days`, 0 =
-    kept forever: the last MAX_DAYS_BACK days) whose weekly rows are missing or stale are compacted, one transaction
-    per domain. `conn` must be in autocommit mode."""
+    closed weeks and the open week's closed days (ended at least CLOSED_AFTER before `now`) within the daily tier's
+    retention (`keep_days`, 0 = kept forever: the last MAX_DAYS_BACK days) whose weekly rows are missing or stale
+    are compacted, one transaction per domain. `conn` must be in autocommit mode."""
     back = keep_days if 0 < keep_days < MAX_DAYS_BACK else MAX_DAYS_BACK
     lo, hi = now - timedelta(days=back), now - CLOSED_AFTER
     found = conn.execute(
@@ -208,7 +219,7 @@ def compact_closed_weeks(conn: psycopg.Connection[Any], now: datetime, *, keep_d
     for d, tz in found:
         weeks = weeks_by_zone.get(tz)
         if weeks is None:
-            weeks = weeks_by_zone[tz] = weeks_in(tz, lo.astimezone(UTC), hi.astimezone(UTC))
+            weeks = weeks_by_zone[tz] = weeks_in(tz, lo.astimezone(UTC), hi.astimezone(UTC), prefix=True)
         due = due_weeks(conn, d, tz, weeks)
         if due:
             rows, sk = compact_weeks(conn, d, tz, due)

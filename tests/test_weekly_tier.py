@@ -141,3 +141,92 @@ def test_adjacent_weeks_are_read_as_one_piece_and_a_week_not_current_splits_them
     assert [(r.tier, r.lo, r.hi) for r in runs] == [("1w", monday, monday + 3 * week),
                                                      ("1w", monday + 4 * week, monday + 6 * week)]
     assert _runs_of_weeks([]) == []
+
+
+def test_the_open_weeks_closed_days_are_a_span_of_their_own():
+    """`weeks_in(prefix=True)`: after the whole weeks, the days of the next week that end by `hi` (from its Monday),
+    which a pass compacts as one span: the open week's closed days (ADR 61's addendum)."""
+    lo, hi = datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 10, 22, tzinfo=UTC)
+    whole = weekly.weeks_in("Asia/Kathmandu", lo, hi)
+    found = weekly.weeks_in("Asia/Kathmandu", lo, hi, prefix=True)
+    assert found[:-1] == whole and len(whole) == 2
+    assert [a.isoformat() for a in found[-1]] == ["2026-10-18T18:15:00+00:00", "2026-10-21T18:15:00+00:00"]
+    monday = datetime(2026, 10, 19, tzinfo=UTC)
+    assert weekly.weeks_in("UTC", lo, monday, prefix=True) == weekly.weeks_in("UTC", lo, monday)  # no day yet
+    assert weekly.weeks_in("UTC", lo, monday + DAY, prefix=True)[-1] == (monday, monday + DAY)
+
+
+def _answer(api, domain: str, lo: datetime, hi: datetime, metric: str) -> tuple[object, ...]:
+    r = tab.get(api, domain, "breakdown", dimension="page", metric=metric, limit=50,
+                **{"from": lo.isoformat(), "to": hi.isoformat()})
+    assert r.status_code == 200, r.get_json()
+    body = r.get_json()
+    return body["total"], body["tier"], body["from"], body["to"], [(x["key"], x["count"]) for x in body["rows"]]
+
+
+def _pieces(dsn: str, domain: str, lo: datetime, hi: datetime) -> list:
+    from oltp.breakdown import _with_weeks
+    from oltp.spans import Span
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return _with_weeks(conn, domain, "UTC", [Span("1d", lo, hi)])
+
+
+def test_ranges_cutting_weeks_and_the_open_weeks_days_answer_as_the_days(api, servers, site):
+    """The open week's closed days are compacted as one span and grow a day at a time; a range that holds most of a
+    compacted span but not all of it reads the span and subtracts the days outside it. Every answer equals the
+    one from the days alone (before any compaction), a value seen only on a subtracted day included, and the
+    totals equal a count of the events put."""
+    now = datetime.now(UTC)
+    events = _events(now, 40, 300, 5)
+    monday = tab.floor(now, 86400) - (now.weekday() + 14) * DAY  # a Monday two to three weeks back (UTC)
+    events.append(tab.ev(monday - 14 * DAY + timedelta(hours=3), "/only-that-monday", visitor="v-x"))
+    _put(servers.pg_dsn, site, events)
+    hour = timedelta(hours=1)
+    ranges = [(monday - s * DAY, monday + e * DAY + hour) for s in (10, 12) for e in (1, 2, 3, 4)]
+    ranges.append((monday - 14 * DAY, monday + 3 * DAY))  # from the value's own Monday
+    metrics = ("pageviews", "value", "visitors")
+    from_days = {(r, m): _answer(api, site, *r, m) for r in ranges for m in metrics}
+    for lo, hi in ranges:
+        assert from_days[(lo, hi), "pageviews"][0] == sum(1 for e in events if lo <= e["ts"] < hi)
+    assert "/only-that-monday" in dict(from_days[ranges[-1], "pageviews"][4])  # type: ignore[arg-type]
+
+    thursday = monday + 3 * DAY + weekly.CLOSED_AFTER  # Monday to Wednesday closed, the week open
+    _compact(servers.pg_dsn, site, thursday)
+    spans = _valid(servers.pg_dsn, site, now, "counts")
+    assert spans[-1] == (monday, monday + 3 * DAY) and spans == _valid(servers.pg_dsn, site, now, "visitors")
+    assert {(r, m): _answer(api, site, *r, m) for r in ranges for m in metrics} == from_days
+
+    _compact(servers.pg_dsn, site, thursday + DAY)  # a day later: the span grows by Thursday
+    assert _valid(servers.pg_dsn, site, now, "counts")[-1] == (monday, monday + 4 * DAY)
+    assert {(r, m): _answer(api, site, *r, m) for r in ranges for m in metrics} == from_days
+    # from a Wednesday: the week before read whole, its Monday and Tuesday subtracted (and the value seen only on
+    # its Monday absent: above); to a Thursday: the open week's span (to Friday) read, Thursday's rows subtracted
+    pieces = _pieces(servers.pg_dsn, site, monday - 12 * DAY, monday + 3 * DAY)
+    subtracted = [(p.lo, p.hi) for p in pieces if p.sign < 0]
+    assert subtracted == [(monday - 14 * DAY, monday - 12 * DAY), (monday + 3 * DAY, monday + 4 * DAY)], pieces
+    assert all(p.tier == "1d" for p in pieces if p.sign < 0)
+    # a span mostly outside the range is not used: its days are read
+    mostly_outside = _pieces(servers.pg_dsn, site, monday - 10 * DAY, monday - 7 * DAY)
+    assert all(p.sign > 0 and p.tier == "1d" for p in mostly_outside)
+
+    from oltp.breakdown import BreakdownQuery, counts
+    from oltp.queries import daily_zone
+    from oltp.spans import spans
+
+    def daily_piece(lo: datetime, hi: datetime, daily) -> tuple[datetime, datetime]:
+        return next((s.lo, s.hi) for s in spans(lo, hi, daily) if s.tier == "1d")
+
+    rng, quarter = random.Random(17), timedelta(minutes=15)  # random ranges of 7 to 30 days against a count
+    cut = 0
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:  # (the API would rate-limit this many)
+        daily = daily_zone(conn, site)
+        for _ in range(40):
+            lo = monday - 24 * DAY + rng.randrange(20 * 96) * quarter
+            hi = min(lo + rng.randrange(7 * 96, 30 * 96) * quarter, tab.floor(now, 900))
+            found = counts(conn, BreakdownQuery(site, "page", "pageviews", lo, hi, limit=50), daily)
+            pages = [e["page"] for e in events if lo <= e["ts"] < hi]
+            assert {r.key: r.count for r in found.rows} == {p: pages.count(p) for p in set(pages)}, (lo, hi)
+            assert found.total == len(pages)
+            cut += any(p.sign < 0 for p in _pieces(servers.pg_dsn, site, *daily_piece(lo, hi, daily)))
+    assert cut >= 10  # most ranges cut a compacted span somewhere

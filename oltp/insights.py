@@ -72,7 +72,12 @@ class Insights:
             check_retention(pieces, self.reader.retention, now, self.reader._counted_before(conn, domain, cutoff))
 
     def breakdown(self, q: BreakdownQuery, now: datetime) -> Breakdown:
+        """One snapshot for all its statements (a read-only repeatable-read transaction): a breakdown first asks
+        which pre-merged weeks still hold (oltp/weekly.py), then reads them and the other days; under read committed
+        a pass committing between the two could replace the open week's span by a longer one, whose rows the
+        second statement would read beside the days it adds (counted twice)."""
         with self.reader.pool.connection() as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             daily = daily_zone(conn, q.domain)
             self._check(conn, q.domain, q.lo, q.hi, daily, now)
             return visitors(conn, q, daily) if q.metric == "visitors" else counts(conn, q, daily)

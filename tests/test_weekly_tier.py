@@ -25,13 +25,14 @@ DAY = timedelta(days=1)
 PAGES = [f"/w{i}" for i in range(12)]
 
 
-def _events(now: datetime, days: int, n: int, seed: int) -> list[dict]:
+def _events(now: datetime, days: int, n: int, seed: int, valued: bool = False) -> list[dict]:
     rng = random.Random(seed)
     start = tab.floor(now, 86400) - days * DAY
     out = []
-    for _ in range(n):
+    for i in range(n):
         ts = start + timedelta(seconds=rng.randrange(days * 86400))
-        out.append(tab.ev(ts, rng.choice(PAGES), visitor=f"v{rng.randrange(60)}", country=rng.choice("ABC")))
+        value = {"value": round(rng.uniform(0, 50), 2)} if valued and i % 2 else {}
+        out.append(tab.ev(ts, rng.choice(PAGES), visitor=f"v{rng.randrange(60)}", country=rng.choice("ABC"), **value))
     return out
 
 
@@ -72,8 +73,10 @@ def test_breakdowns_answer_the_same_from_weeks_as_from_days(api, servers, site):
     assert done.compacted >= 4 and done.dim_rows > 0 and done.sketches > 0, done
     weeks = _valid(servers.pg_dsn, site, now, "counts")
     assert len(weeks) >= 4 and weeks == _valid(servers.pg_dsn, site, now, "visitors")
-    for a, b in weeks:
-        assert a.astimezone(UTC).weekday() == 0 and b - a == 7 * DAY and b <= now - weekly.CLOSED_AFTER
+    for i, (a, b) in enumerate(weeks):  # whole weeks, and the open week's closed days (any day but a Monday)
+        assert a.astimezone(UTC).weekday() == 0 and b <= now - weekly.CLOSED_AFTER
+        last_day = tab.floor(now - weekly.CLOSED_AFTER, 86400)
+        assert b - a == 7 * DAY or (i == len(weeks) - 1 and b - a < 7 * DAY and b == last_day)
     assert _answers(api, site) == before
     again = _compact(servers.pg_dsn, site, now)  # nothing changed: nothing to do
     assert again.compacted == 0
@@ -178,7 +181,7 @@ def test_ranges_cutting_weeks_and_the_open_weeks_days_answer_as_the_days(api, se
     one from the days alone (before any compaction), a value seen only on a subtracted day included, and the
     totals equal a count of the events put."""
     now = datetime.now(UTC)
-    events = _events(now, 40, 300, 5)
+    events = _events(now, 40, 300, 5, valued=True)
     monday = tab.floor(now, 86400) - (now.weekday() + 14) * DAY  # a Monday two to three weeks back (UTC)
     events.append(tab.ev(monday - 14 * DAY + timedelta(hours=3), "/only-that-monday", visitor="v-x"))
     _put(servers.pg_dsn, site, events)
@@ -206,9 +209,11 @@ def test_ranges_cutting_weeks_and_the_open_weeks_days_answer_as_the_days(api, se
     subtracted = [(p.lo, p.hi) for p in pieces if p.sign < 0]
     assert subtracted == [(monday - 14 * DAY, monday - 12 * DAY), (monday + 3 * DAY, monday + 4 * DAY)], pieces
     assert all(p.tier == "1d" for p in pieces if p.sign < 0)
-    # a span mostly outside the range is not used: its days are read
-    mostly_outside = _pieces(servers.pg_dsn, site, monday - 10 * DAY, monday - 7 * DAY)
-    assert all(p.sign > 0 and p.tier == "1d" for p in mostly_outside)
+    # a span mostly outside the range is not used: its days are read (from a Friday: 3 of its 7 days)
+    mostly_outside = _pieces(servers.pg_dsn, site, monday - 10 * DAY, monday - 2 * DAY)
+    assert [(p.tier, p.lo, p.hi, p.sign) for p in mostly_outside] == [
+        ("1d", monday - 10 * DAY, monday - 7 * DAY, 1), ("1w", monday - 7 * DAY, monday, 1),
+        ("1d", monday - 2 * DAY, monday, -1)]
 
     from oltp.breakdown import BreakdownQuery, counts
     from oltp.queries import daily_zone
@@ -230,3 +235,86 @@ def test_ranges_cutting_weeks_and_the_open_weeks_days_answer_as_the_days(api, se
             assert found.total == len(pages)
             cut += any(p.sign < 0 for p in _pieces(servers.pg_dsn, site, *daily_piece(lo, hi, daily)))
     assert cut >= 10  # most ranges cut a compacted span somewhere
+
+
+def test_a_visitors_breakdowns_total_reads_each_weeks_total_sketch_or_its_days(api, servers, site):
+    """The range's total of a visitors breakdown unions each compacted week's total sketch (visitors_1d's days
+    merged, kept by the pass) instead of its days: the same answer as `visitors_total`, the week's row is what is
+    read, and a week compacted without one (by a version before it was kept) is read from its days."""
+    from datasketches import hll_sketch
+
+    from oltp import visitors as vis
+    from oltp.breakdown import covering_days
+    from oltp.queries import daily_zone
+
+    now = datetime.now(UTC)
+    week = weekly.weeks_in("UTC", now - 30 * DAY, now)[1]
+    someone = tab.ev(week[0] + DAY, "/w1", visitor="seen-that-week-only")
+    _put(servers.pg_dsn, site, [*_events(now, 40, 400, 6), someone])
+    _compact(servers.pg_dsn, site, now)
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+        daily = daily_zone(conn, site)
+
+        def both(days: int) -> tuple[int, int]:
+            lo, hi = covering_days("UTC", now - days * DAY, now)
+            weeks = weekly.valid_weeks(conn, site, "UTC", lo, hi, "visitors")
+            assert len(weeks) >= days // 7 - 1
+            return vis.visitors_total_with_weeks(conn, site, daily, lo, hi, weeks), vis.visitors_total(
+                conn, site, "UTC", lo, hi)
+
+        for days in (7, 20, 30, 45):
+            with_weeks, from_days = both(days)
+            assert with_weeks == from_days > 0, days
+        assert week in weekly.valid_weeks(conn, site, "UTC", now - 30 * DAY, now, "visitors")
+        empty = hll_sketch(vis.TOTAL_LG_K, vis.HLL_TYPE).serialize_compact()
+        changed = conn.execute("UPDATE visitors_dim_1w SET sketch = %s WHERE domain = %s AND dimension = ''"
+                               " AND key = '' AND bucket_start = %s", (empty, site, week[0])).rowcount
+        assert changed == 1
+        with_weeks, from_days = both(45)
+        assert with_weeks < from_days  # the week's row is read, not its days
+        conn.execute("DELETE FROM visitors_dim_1w WHERE domain = %s AND dimension = '' AND bucket_start = %s",
+                     (site, week[0]))
+        assert both(45)[0] == from_days  # no total kept for it: its days are read
+        assert _compact(servers.pg_dsn, site, now).compacted == 1  # the next pass gives it one
+        assert conn.execute("SELECT count(*) FROM visitors_dim_1w WHERE domain = %s AND dimension = ''"
+                            " AND bucket_start = %s", (site, week[0])).fetchone() == (1,)
+        assert both(45)[0] == from_days
+
+
+@pytest.mark.parametrize("between", ["a pass grows the open week's span", "a late event on a subtracted day"])
+def test_what_commits_between_a_breakdowns_check_and_its_read_changes_nothing_it_counts(
+        api, servers, site, monkeypatch, between):
+    """The interleavings forced: a breakdown has found its spans current (the open week's [Monday, Friday), the range
+    ending Thursday 02:00 so Thursday is subtracted), then, before it reads the rows, a pass commits the longer
+    [Monday, Saturday) under the same key, or an event for Thursday is stored. Read committed, the read would take
+    the new span's rows (Friday in them) and Friday's daily rows again, or subtract a Thursday row the span does not
+    hold; the breakdown's one snapshot (Insights.breakdown) reads what its check saw."""
+    from oltp import breakdown
+
+    now = datetime.now(UTC)
+    events = _events(now, 40, 300, 7)
+    _put(servers.pg_dsn, site, events)
+    monday = tab.floor(now, 86400) - (now.weekday() + 14) * DAY
+    friday = monday + 4 * DAY + weekly.CLOSED_AFTER
+    _compact(servers.pg_dsn, site, friday)
+    lo, hi = monday - 12 * DAY, monday + (3 * DAY if "late" in between else 5 * DAY) + timedelta(hours=2)
+    expected = sum(1 for e in events if lo <= e["ts"] < hi)
+    checked, done = breakdown.weekly.valid_weeks, []
+
+    def check_then_commit(*args, **kw):
+        found = checked(*args, **kw)
+        if not done:  # in its own connection, between the check and the read
+            if "late" in between:
+                _put(servers.pg_dsn, site, [tab.ev(monday + 3 * DAY + timedelta(hours=5), "/w1", visitor="late")])
+                done.append("stored")
+            else:
+                done.append(_compact(servers.pg_dsn, site, friday + DAY).compacted)
+        return found
+
+    assert any(p.sign < 0 for p in _pieces(servers.pg_dsn, site, lo, tab.floor(hi, 86400)))
+    monkeypatch.setattr(breakdown.weekly, "valid_weeks", check_then_commit)
+    total, *_ = _answer(api, site, lo, hi, "pageviews")
+    assert done in (["stored"], [1]), done  # it did commit meanwhile
+    assert total == expected
+    monkeypatch.undo()
+    assert _answer(api, site, lo, hi, "pageviews")[0] == expected

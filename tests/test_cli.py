@@ -281,7 +281,12 @@ def test_ctrl_c_ends_quietly_with_130(tmp_path):
         accepted.set()
 
     threading.Thread(target=accept, daemon=True).start()
-    proc = subprocess.Popen([TALLY, "sql", "SELECT 1", "--api-url", f"http://127.0.0.1:{port}"],
+    # as from a terminal: SIGINT at its default (a suite started in the background, `make test &`, has it ignored,
+    # which exec keeps, and a Python started so never turns Ctrl-C into KeyboardInterrupt)
+    with_ctrl_c = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL);"
+                   " os.execv(sys.argv[1], sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", with_ctrl_c, TALLY, "sql", "SELECT 1",
+                             "--api-url", f"http://127.0.0.1:{port}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=clean_env(TALLY_HOME=str(tmp_path), TALLY_TOKEN="x" * 40))
     try:

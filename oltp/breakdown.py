@@ -6,6 +6,10 @@ several tiers at once (oltp/spans.py). Visitors come from the per-key HLL sketch
 (oltp/visitors.py), which are kept per local day: a visitors breakdown covers the site's local days
 covering the range, and says so in its `lo`/`hi`; it merges the sketches of the values with the highest upper
 bound of their visitors first and stops as soon as no other value can rank higher (ADR 62).
+
+`counts` and `visitors` check which pre-merged weeks hold, then read them, in separate statements: call them inside
+one snapshot (a read-only repeatable-read transaction, as `oltp.insights.Insights.breakdown` does), or an answer can
+count a day twice or miss one (oltp/weekly.py's module doc).
 """
 
 from __future__ import annotations
@@ -198,8 +202,8 @@ def visitors(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> B
                          "takes only a filter on the dimension it breaks down")
     lo, hi = covering_days(daily.registered_tz, q.lo, q.hi)
     tz = daily.registered_tz
+    total = vis.visitors_total(conn, q.domain, tz, lo, hi)
     weeks = weekly.valid_weeks(conn, q.domain, tz, lo, hi, "visitors")
-    total = vis.visitors_total_with_weeks(conn, q.domain, daily, lo, hi, weeks)
     if q.filters:
         found = vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, [q.filters[0].key], weeks)
         rows = [BreakdownRow(k, v) for k, v in found.items() if v > 0][q.offset:q.offset + q.limit]

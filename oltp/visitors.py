@@ -44,8 +44,6 @@ TOTAL_LG_K = 14  # domain totals (1h, 1d): relative standard error 1.04 / sqrt(2
 DIM_LG_K = 12    # per dimension value (1d): 1.6 %, at most ~2.1 KiB a sketch (ADR 47)
 HLL_TYPE = tgt_hll_type.HLL_4
 HOUR = timedelta(hours=1)
-# (dimension, key) of a week's total sketch in visitors_dim_1w (oltp/weekly.py): no dimension is named ''
-WEEK_TOTAL = ("", "")
 _LONGEST_DAY = timedelta(days=2)  # no local day since 1970 is longer (the reads' `lo - 2 days` rests on it too)
 
 COMPACT_AT = 16  # rows of one key (partial sketches) after which the writer merges them into one
@@ -363,29 +361,6 @@ def visitors_total(conn: psycopg.Connection[Any], domain: str, tz: str, lo: date
     `tz` (the caller's zone) does not change the answer: the daily sketches serve wherever a whole day of the
     zone they were written in lies in the range, whatever the zone of the caller's buckets."""
     return visitors_of_ranges(conn, domain, [(lo, hi)])[0]
-
-
-def visitors_total_with_weeks(conn: psycopg.Connection[Any], domain: str, daily: DailyZone, lo: datetime,
-                              hi: datetime, weeks: Sequence[tuple[datetime, datetime]]) -> int:
-    """`visitors_total` of [lo, hi), the days of `weeks` (spans of the site's zone whose visitors signature holds:
-    `oltp.weekly.valid_weeks`) read as their weeks' total sketches: the same union of the same daily sketches, from
-    one row a week. Only weeks whose every day `visitors_total` would read from the daily tier are used."""
-    _check(lo, hi)
-    plan_days, hours = plan_range(lo, hi, daily, _SpanWindow(lo, hi))
-    if not plan_days or daily.written_tz != daily.registered_tz:
-        return visitors_of_ranges(conn, domain, [(lo, hi)], daily)[0]
-    tz = daily.registered_tz
-    first, end = plan_days[0], DayStarts().next_start(tz, plan_days[-1])
-    inside = [a for a, b in weeks if first <= a and b <= end]
-    totals = dict(conn.execute(  # a week compacted before its total was kept has none: its days are read
-        "SELECT bucket_start, sketch FROM visitors_dim_1w WHERE domain = %s AND tz = %s AND dimension = %s"
-        " AND key = %s AND bucket_start = ANY(%s)", (domain, tz, *WEEK_TOTAL, inside), binary=True).fetchall()
-        if inside else [])
-    used = [(a, b) for a, b in weeks if a in totals]
-    days = [d for d in plan_days if not any(a <= d < b for a, b in used)]
-    by_day, by_hour = _fetch(conn, domain, tz, days, hours)
-    return estimate([s for d in days for s in by_day.get(d, ())] + [s for h in hours for s in by_hour.get(h, ())]
-                    + list(totals.values()))
 
 
 def visitors_of_ranges(conn: psycopg.Connection[Any], domain: str, ranges: Sequence[tuple[datetime, datetime]],

@@ -24,8 +24,7 @@ not hold: the open week's span is replaced under the same key by a longer one, a
 rows of its days outside subtracted (tests/test_weekly_tier.py forces both interleavings). Merging a key's partial
 sketches (`oltp.visitors.compact`) changes no union and touches no `visitors_1d` row of another key; merging
 `visitors_1d`'s own rows changes the signature (the week is then read from its days until compacted again: slower,
-never wrong). The pass also keeps each week's total sketch (visitors_1d's days merged) for the visitors breakdown's
-total.
+never wrong).
 
 A compaction is one transaction per domain that takes the week's signature first, then replaces its weekly rows by
 the sums / unions of the daily rows (read committed: each later statement sees at least what the signature saw; if
@@ -45,7 +44,7 @@ from datasketches import hll_sketch, hll_union
 
 from oltp.partitions import WEEK_TABLES, ensure_partitions
 from oltp.tiers import DayStarts, zone
-from oltp.visitors import DIM_LG_K, HLL_TYPE, TOTAL_LG_K, WEEK_TOTAL, bound_sum, bytea_array, text_array, week_gaps
+from oltp.visitors import DIM_LG_K, HLL_TYPE, bound_sum, bytea_array, text_array, week_gaps
 
 gaps = week_gaps  # [lo, hi) less some weeks (shared with oltp.visitors)
 
@@ -120,9 +119,7 @@ def _week_params(weeks: list[Week]) -> dict[str, Any]:
 
 
 _CURRENT = f"""
-SELECT w.lo, {_sig_of("rollup_1d", "w.lo,w.hi")}, {_sig_of("visitors_1d", "w.lo,w.hi")}, c.counts_sig, c.visitors_sig,
-       EXISTS (SELECT 1 FROM visitors_dim_1w t WHERE t.domain = %(domain)s AND t.tz = %(tz)s AND t.dimension = ''
-               AND t.key = '' AND t.bucket_start = w.lo)
+SELECT w.lo, {_sig_of("rollup_1d", "w.lo,w.hi")}, {_sig_of("visitors_1d", "w.lo,w.hi")}, c.counts_sig, c.visitors_sig
 FROM unnest(%(los)s::timestamptz[], %(his)s::timestamptz[]) AS w(lo, hi)
 LEFT JOIN compacted_weeks c ON c.domain = %(domain)s AND c.tz = %(tz)s AND c.bucket_start = w.lo
 """
@@ -130,15 +127,13 @@ _EMPTY = "d41d8cd98f00b204e9800998ecf8427e"  # md5(''): no row
 
 
 def due_weeks(conn: psycopg.Connection[Any], domain: str, tz: str, weeks: list[Week]) -> list[Week]:
-    """The weeks whose weekly rows are missing or stale (and that hold any row), or that have visitors but no total
-    sketch (compacted by a version before the totals were kept)."""
+    """The weeks whose weekly rows are missing or stale (and that hold any row)."""
     if not weeks:
         return []
     ends = dict(weeks)
     rows = conn.execute(_CURRENT, {"domain": domain, "tz": tz, **_week_params(weeks)}).fetchall()
-    return sorted((lo, ends[lo]) for lo, counts, vis, old_counts, old_vis, total in rows
-                  if ((counts, vis) != (old_counts, old_vis) or (vis != _EMPTY and not total))
-                  and (counts, vis) != (_EMPTY, _EMPTY))
+    return sorted((lo, ends[lo]) for lo, counts, vis, old_counts, old_vis in rows
+                  if (counts, vis) != (old_counts, old_vis) and (counts, vis) != (_EMPTY, _EMPTY))
 
 
 _SUM_DIMS = """
@@ -157,11 +152,6 @@ _PUT_SKETCHES = """
 INSERT INTO visitors_dim_1w (domain, tz, dimension, bucket_start, key, sketch, n)
 SELECT %(domain)s, %(tz)s, d, w, k, s, n FROM unnest(%(dims)s::text[], %(weeks)s::timestamptz[], %(keys)s::text[],
                                                      %(sketches)s::bytea[], %(ns)s::bigint[]) AS u(d, w, k, s, n)
-"""
-_DAY_TOTALS = """
-SELECT w.lo, v.sketch
-FROM unnest(%(los)s::timestamptz[], %(his)s::timestamptz[]) AS w(lo, hi)
-JOIN visitors_1d v ON v.domain = %(domain)s AND v.tz = %(tz)s AND v.bucket_start >= w.lo AND v.bucket_start < w.hi
 """
 _RECORD = """
 INSERT INTO compacted_weeks (domain, tz, bucket_start, bucket_end, counts_sig, visitors_sig)
@@ -186,7 +176,6 @@ def compact_weeks(conn: psycopg.Connection[Any], domain: str, tz: str, weeks: li
                          " AND bucket_start = ANY(%(los)s::timestamptz[])", params)
         dim_rows = conn.execute(_SUM_DIMS, params).rowcount
         sketches = _merge_sketches(conn, params)
-        _merge_totals(conn, params)
         conn.execute(_RECORD, {**params, "counts": [sigs[a][0] for a, _ in weeks],
                                "vis": [sigs[a][1] for a, _ in weeks]})
     return dim_rows, sketches
@@ -214,26 +203,6 @@ def _merge_sketches(conn: psycopg.Connection[Any], params: dict[str, Any]) -> in
                                                           for k in keys]),
                                  "ns": [bound_sum(bounds[k]) for k in keys]})
     return len(keys)
-
-
-def _merge_totals(conn: psycopg.Connection[Any], params: dict[str, Any]) -> None:
-    """The weeks' total sketches (visitors_1d's days merged) as visitors_dim_1w rows keyed WEEK_TOTAL (n NULL): a
-    visitors breakdown's total reads them instead of the days (`oltp.visitors.visitors_total_with_weeks`)."""
-    unions: dict[datetime, hll_union] = {}
-    for week, sketch in conn.execute(_DAY_TOTALS, params, binary=True):
-        union = unions.get(week)
-        if union is None:
-            union = unions[week] = hll_union(TOTAL_LG_K)
-        union.update(hll_sketch.deserialize(bytes(sketch)))
-    if unions:
-        weeks = list(unions)
-        dimension, key = WEEK_TOTAL
-        conn.execute(_PUT_SKETCHES, {"domain": params["domain"], "tz": params["tz"],
-                                     "dims": text_array([dimension] * len(weeks)), "weeks": weeks,
-                                     "keys": text_array([key] * len(weeks)),
-                                     "sketches": bytea_array([unions[w].get_result(HLL_TYPE).serialize_compact()
-                                                              for w in weeks]),
-                                     "ns": [None] * len(weeks)})
 
 
 def compact_closed_weeks(conn: psycopg.Connection[Any], now: datetime, *, keep_days: int = 0,

@@ -237,50 +237,6 @@ def test_ranges_cutting_weeks_and_the_open_weeks_days_answer_as_the_days(api, se
     assert cut >= 10  # most ranges cut a compacted span somewhere
 
 
-def test_a_visitors_breakdowns_total_reads_each_weeks_total_sketch_or_its_days(api, servers, site):
-    """The range's total of a visitors breakdown unions each compacted week's total sketch (visitors_1d's days
-    merged, kept by the pass) instead of its days: the same answer as `visitors_total`, the week's row is what is
-    read, and a week compacted without one (by a version before it was kept) is read from its days."""
-    from datasketches import hll_sketch
-
-    from oltp import visitors as vis
-    from oltp.breakdown import covering_days
-    from oltp.queries import daily_zone
-
-    now = datetime.now(UTC)
-    week = weekly.weeks_in("UTC", now - 30 * DAY, now)[1]
-    someone = tab.ev(week[0] + DAY, "/w1", visitor="seen-that-week-only")
-    _put(servers.pg_dsn, site, [*_events(now, 40, 400, 6), someone])
-    _compact(servers.pg_dsn, site, now)
-    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
-        daily = daily_zone(conn, site)
-
-        def both(days: int) -> tuple[int, int]:
-            lo, hi = covering_days("UTC", now - days * DAY, now)
-            weeks = weekly.valid_weeks(conn, site, "UTC", lo, hi, "visitors")
-            assert len(weeks) >= days // 7 - 1
-            return vis.visitors_total_with_weeks(conn, site, daily, lo, hi, weeks), vis.visitors_total(
-                conn, site, "UTC", lo, hi)
-
-        for days in (7, 20, 30, 45):
-            with_weeks, from_days = both(days)
-            assert with_weeks == from_days > 0, days
-        assert week in weekly.valid_weeks(conn, site, "UTC", now - 30 * DAY, now, "visitors")
-        empty = hll_sketch(vis.TOTAL_LG_K, vis.HLL_TYPE).serialize_compact()
-        changed = conn.execute("UPDATE visitors_dim_1w SET sketch = %s WHERE domain = %s AND dimension = ''"
-                               " AND key = '' AND bucket_start = %s", (empty, site, week[0])).rowcount
-        assert changed == 1
-        with_weeks, from_days = both(45)
-        assert with_weeks < from_days  # the week's row is read, not its days
-        conn.execute("DELETE FROM visitors_dim_1w WHERE domain = %s AND dimension = '' AND bucket_start = %s",
-                     (site, week[0]))
-        assert both(45)[0] == from_days  # no total kept for it: its days are read
-        assert _compact(servers.pg_dsn, site, now).compacted == 1  # the next pass gives it one
-        assert conn.execute("SELECT count(*) FROM visitors_dim_1w WHERE domain = %s AND dimension = ''"
-                            " AND bucket_start = %s", (site, week[0])).fetchone() == (1,)
-        assert both(45)[0] == from_days
-
-
 @pytest.mark.parametrize("between", ["a pass grows the open week's span", "a late event on a subtracted day"])
 def test_what_commits_between_a_breakdowns_check_and_its_read_changes_nothing_it_counts(
         api, servers, site, monkeypatch, between):

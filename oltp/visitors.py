@@ -413,7 +413,11 @@ WHERE v.domain = %(domain)s AND v.dimension = %(dimension)s
                AND bucket_start >= %(lo)s AND bucket_start < %(hi)s)
   AND v.bucket_start >= %(lo)s AND v.bucket_start < %(hi)s
   AND (%(keys)s::text[] IS NULL OR v.key = ANY(%(keys)s::text[]))
+ORDER BY 2, 1, 4
 """
+# ORDER BY: a key's rows in one order whatever their places on disk (a union of sketches still holding lists of
+# visitors estimates with HIP, which depends on the order they come in: `_fetch`): by day, zone and bytes (a week's
+# row, with no day, last). By day first, not by key: sorting text under a collation costs more (~1 ms of 2,400 rows).
 
 # The same with some whole weeks of `tz` (the site's zone) read pre-merged from visitors_dim_1w (oltp/weekly.py):
 # the days of `tz` outside them (the gaps), the days of any other zone written in the range, and the weeks.
@@ -435,7 +439,8 @@ SELECT {week} FROM visitors_dim_1w w
 WHERE w.domain = %(domain)s AND w.tz = %(tz)s AND w.dimension = %(dimension)s
   AND w.bucket_start = ANY(%(weeks)s::timestamptz[]) AND (%(keys)s::text[] IS NULL OR w.key = ANY(%(keys)s::text[]))
 """
-_BY_KEY_WEEKS = _ROWS_WITH_WEEKS.format(day="v.tz, v.bucket_start, v.key, v.sketch", week="w.tz, NULL, w.key, w.sketch")
+_BY_KEY_WEEKS = _ROWS_WITH_WEEKS.format(day="v.tz, v.bucket_start, v.key, v.sketch",
+                                        week="w.tz, NULL, w.key, w.sketch") + "ORDER BY 2 NULLS LAST, 1, 4\n"
 
 
 def _rows_params(domain: str, tz: str, dimension: str, lo: datetime, hi: datetime, keys: list[str] | None,

@@ -481,3 +481,33 @@ def test_a_total_is_the_same_whatever_order_the_rows_lie_on_disk(db, domain):
         estimates[f"read {name}"] = visitors_total(db, domain, "UTC", hour, hour + HOUR)
     assert estimates["union forward"] != estimates["union reversed"], estimates  # the order matters here
     assert estimates["read forward"] == estimates["read reversed"], estimates
+
+
+def test_a_values_visitors_are_the_same_whatever_order_its_rows_lie_on_disk(db, domain):
+    """The same for one value's partial rows of one day (`visitors_by_key`, the breakdowns' rows)."""
+    from oltp.visitors import DIM_LG_K
+
+    day = BASE + 2 * DAY
+    parts = []
+    for i in range(7):
+        s = hll_sketch(DIM_LG_K, HLL_TYPE)
+        for v in keys(f"page-part{i}", 120):
+            s.update(v)
+        parts.append(s.serialize_compact())
+    total = hll_sketch(TOTAL_LG_K, HLL_TYPE)
+    total.update("someone")
+    db.execute("INSERT INTO visitors_1d (domain, tz, bucket_start, sketch) VALUES (%s, 'UTC', %s, %s)",
+               (domain, day, total.serialize_compact()))
+    estimates = {}
+    for name, order in (("forward", parts), ("reversed", parts[::-1])):
+        union = hll_union(DIM_LG_K)
+        for p in order:
+            union.update(hll_sketch.deserialize(p))
+        estimates[f"union {name}"] = round(union.get_estimate())
+        db.execute("DELETE FROM visitors_dim_1d WHERE domain = %s", (domain,))
+        for p in order:
+            db.execute("INSERT INTO visitors_dim_1d (domain, tz, dimension, bucket_start, key, sketch)"
+                       " VALUES (%s, 'UTC', 'page', %s, '/a', %s)", (domain, day, p))
+        estimates[f"read {name}"] = visitors_by_key(db, domain, "UTC", "page", day, day + DAY)["/a"]
+    assert estimates["union forward"] != estimates["union reversed"], estimates  # the order matters here
+    assert estimates["read forward"] == estimates["read reversed"], estimates

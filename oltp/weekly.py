@@ -147,7 +147,10 @@ _DIM_SKETCHES = """
 SELECT w.lo, v.dimension, v.key, v.sketch, v.n
 FROM unnest(%(los)s::timestamptz[], %(his)s::timestamptz[]) AS w(lo, hi)
 JOIN visitors_dim_1d v ON v.domain = %(domain)s AND v.tz = %(tz)s AND v.bucket_start >= w.lo AND v.bucket_start < w.hi
+ORDER BY v.bucket_start, v.sketch
 """
+# ORDER BY: a union's result keeps the HIP state of the order its sketches came in (and its estimate with it): the
+# same days give the same weekly sketch whatever their places on disk (as oltp/visitors.py's reads).
 _PUT_SKETCHES = """
 INSERT INTO visitors_dim_1w (domain, tz, dimension, bucket_start, key, sketch, n)
 SELECT %(domain)s, %(tz)s, d, w, k, s, n FROM unnest(%(dims)s::text[], %(weeks)s::timestamptz[], %(keys)s::text[],

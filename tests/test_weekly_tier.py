@@ -274,3 +274,37 @@ def test_what_commits_between_a_breakdowns_check_and_its_read_changes_nothing_it
     assert total == expected
     monkeypatch.undo()
     assert _answer(api, site, lo, hi, "pageviews")[0] == expected
+
+
+def test_a_weeks_sketch_is_the_same_whatever_order_its_days_lie_on_disk(servers, site):
+    """A union's result keeps the HIP state of the order its sketches came in: the compaction reads a value's days
+    in one order, so the same days written in two orders make the same weekly sketch."""
+    from datasketches import hll_sketch
+
+    from oltp.visitors import DIM_LG_K, HLL_TYPE, TOTAL_LG_K
+
+    monday = tab.floor(datetime.now(UTC), 86400) - (datetime.now(UTC).weekday() + 14) * DAY
+    days = [monday + i * DAY for i in range(7)]
+    sketches = []
+    for i in range(7):
+        s = hll_sketch(DIM_LG_K, HLL_TYPE)
+        for v in range(100):
+            s.update(f"day{i}-{v}")
+        sketches.append(s.serialize_compact())
+    total = hll_sketch(TOTAL_LG_K, HLL_TYPE)
+    total.update("someone")
+    made = []
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+        for setting in ("enable_indexscan", "enable_indexonlyscan", "enable_bitmapscan"):  # rows in heap order, as a
+            conn.execute(f"SET {setting} = off")  # plan on a bigger table may read them
+        for order in (range(7), reversed(range(7))):
+            for table in ("visitors_dim_1d", "visitors_1d", "visitors_dim_1w", "compacted_weeks"):
+                conn.execute(f"DELETE FROM {table} WHERE domain = %s", (site,))
+            for i in order:
+                conn.execute("INSERT INTO visitors_1d (domain, tz, bucket_start, sketch) VALUES (%s, 'UTC', %s, %s)",
+                             (site, days[i], total.serialize_compact()))
+                conn.execute("INSERT INTO visitors_dim_1d (domain, tz, dimension, bucket_start, key, sketch, n)"
+                             " VALUES (%s, 'UTC', 'page', %s, '/a', %s, 100)", (site, days[i], sketches[i]))
+            assert weekly.compact_weeks(conn, site, "UTC", [(monday, monday + 7 * DAY)]) == (0, 1)
+            made.append(conn.execute("SELECT sketch FROM visitors_dim_1w WHERE domain = %s", (site,)).fetchone())
+    assert made[0] == made[1]

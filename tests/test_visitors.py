@@ -458,29 +458,44 @@ def test_a_values_series_from_one_fetch_is_each_buckets_own_answer(db, domain):
         key_visitors_series(db, domain, "UTC", "url", "/a", [BASE, BASE + DAY])
 
 
+def _in_two_orders(lg_k: int, prefix: str, visitors: int, write, read) -> dict[str, int]:
+    """Seven sketches of `visitors` each, written (`write(sketch)`, after the domain's rows are deleted by the caller's
+    `write(None)`) forward then reversed and read back (`read()`), beside their unions merged in each order."""
+    parts = []
+    for i in range(7):
+        s = hll_sketch(lg_k, HLL_TYPE)
+        for v in keys(f"{prefix}{i}", visitors):
+            s.update(v)
+        parts.append(s.serialize_compact())
+    estimates = {}
+    for name, order in (("forward", parts), ("reversed", parts[::-1])):
+        union = hll_union(lg_k)
+        for p in order:
+            union.update(hll_sketch.deserialize(p))
+        estimates[f"union {name}"] = round(union.get_estimate())
+        write(None)
+        for p in order:
+            write(p)
+        estimates[f"read {name}"] = read()
+    assert estimates["union forward"] != estimates["union reversed"], estimates  # the order matters here
+    return estimates
+
+
 def test_a_total_is_the_same_whatever_order_the_rows_lie_on_disk(db, domain):
     """A union of sketches that still hold lists of visitors estimates with HIP, which depends on the order they
     come in. A bucket's partial rows (`add_visitors` appends one per batch) are read in one order whatever their
     places on disk: the same seven rows of one hour, written in two orders, answer the same."""
     hour = BASE + 5 * HOUR
-    parts = []
-    for i in range(7):
-        s = hll_sketch(TOTAL_LG_K, HLL_TYPE)
-        for v in keys(f"part{i}", 300):
-            s.update(v)
-        parts.append(s.serialize_compact())
-    estimates = {}
-    for name, order in (("forward", parts), ("reversed", parts[::-1])):
-        union = hll_union(TOTAL_LG_K)
-        for p in order:
-            union.update(hll_sketch.deserialize(p))
-        estimates[f"union {name}"] = round(union.get_estimate())
-        db.execute("DELETE FROM visitors_1h WHERE domain = %s", (domain,))
-        for p in order:
-            db.execute("INSERT INTO visitors_1h (domain, bucket_start, sketch) VALUES (%s, %s, %s)", (domain, hour, p))
-        estimates[f"read {name}"] = visitors_total(db, domain, "UTC", hour, hour + HOUR)
-    assert estimates["union forward"] != estimates["union reversed"], estimates  # the order matters here
-    assert estimates["read forward"] == estimates["read reversed"], estimates
+
+    def write(sketch: bytes | None) -> None:
+        if sketch is None:
+            db.execute("DELETE FROM visitors_1h WHERE domain = %s", (domain,))
+        else:
+            db.execute("INSERT INTO visitors_1h (domain, bucket_start, sketch) VALUES (%s, %s, %s)",
+                       (domain, hour, sketch))
+
+    found = _in_two_orders(TOTAL_LG_K, "part", 300, write, lambda: visitors_total(db, domain, "UTC", hour, hour + HOUR))
+    assert found["read forward"] == found["read reversed"], found
 
 
 def test_a_values_visitors_are_the_same_whatever_order_its_rows_lie_on_disk(db, domain):
@@ -488,26 +503,18 @@ def test_a_values_visitors_are_the_same_whatever_order_its_rows_lie_on_disk(db, 
     from oltp.visitors import DIM_LG_K
 
     day = BASE + 2 * DAY
-    parts = []
-    for i in range(7):
-        s = hll_sketch(DIM_LG_K, HLL_TYPE)
-        for v in keys(f"page-part{i}", 120):
-            s.update(v)
-        parts.append(s.serialize_compact())
     total = hll_sketch(TOTAL_LG_K, HLL_TYPE)
     total.update("someone")
     db.execute("INSERT INTO visitors_1d (domain, tz, bucket_start, sketch) VALUES (%s, 'UTC', %s, %s)",
                (domain, day, total.serialize_compact()))
-    estimates = {}
-    for name, order in (("forward", parts), ("reversed", parts[::-1])):
-        union = hll_union(DIM_LG_K)
-        for p in order:
-            union.update(hll_sketch.deserialize(p))
-        estimates[f"union {name}"] = round(union.get_estimate())
-        db.execute("DELETE FROM visitors_dim_1d WHERE domain = %s", (domain,))
-        for p in order:
+
+    def write(sketch: bytes | None) -> None:
+        if sketch is None:
+            db.execute("DELETE FROM visitors_dim_1d WHERE domain = %s", (domain,))
+        else:
             db.execute("INSERT INTO visitors_dim_1d (domain, tz, dimension, bucket_start, key, sketch)"
-                       " VALUES (%s, 'UTC', 'page', %s, '/a', %s)", (domain, day, p))
-        estimates[f"read {name}"] = visitors_by_key(db, domain, "UTC", "page", day, day + DAY)["/a"]
-    assert estimates["union forward"] != estimates["union reversed"], estimates  # the order matters here
-    assert estimates["read forward"] == estimates["read reversed"], estimates
+                       " VALUES (%s, 'UTC', 'page', %s, '/a', %s)", (domain, day, sketch))
+
+    found = _in_two_orders(DIM_LG_K, "page-part", 120, write,
+                           lambda: visitors_by_key(db, domain, "UTC", "page", day, day + DAY)["/a"])
+    assert found["read forward"] == found["read reversed"], found

@@ -232,7 +232,7 @@ def compact(cur: psycopg.Cursor[Any], keys: list[list[tuple[Any, ...]]]) -> None
     merged: Rows = [[], [], []]
     for (t, i), rows in sorted(taken.items()):
         union = hll_union(_TABLES[t][3])
-        for s, _ in rows:
+        for s, _ in sorted(rows, key=lambda r: r[0]):  # the readers' order (`in_order`), not the DELETE's
             union.update(hll_sketch.deserialize(s))
         merged[t].append((*keys[t][i], union.get_result(HLL_TYPE).serialize_compact(), bound_sum(n for _, n in rows)))
     if any(merged):
@@ -295,24 +295,34 @@ def plan_range(lo: datetime, hi: datetime, daily: DailyZone, days: _Spans) -> tu
 
 def _fetch(conn: psycopg.Connection[Any], domain: str, tz: str | None, day_starts: Iterable[datetime],
            hours: Iterable[datetime]) -> tuple[dict[datetime, list[bytes]], dict[datetime, list[bytes]]]:
-    """The sketch rows (a key may have several, see `add_visitors`) of these days (in `tz`) and hours, in one order
-    whatever the rows' places on disk: a union of sketches still holding lists of visitors estimates with HIP, which
-    depends on the order they come in (seven partial rows of one hour, 300 visitors each: 2,110 one way, 2,104 the
-    other). The days and hours themselves are merged in the order of the plan."""
+    """The sketch rows (a key may have several, see `add_visitors`) of these days (in `tz`) and hours, each bucket's
+    in one order (`in_order`) whatever the rows' places on disk. The days and hours themselves are merged in the
+    order of the plan."""
     days_wanted, hours_wanted = sorted(set(day_starts)), sorted(set(hours))
     daily: dict[datetime, list[bytes]] = {}
     hourly: dict[datetime, list[bytes]] = {}
     if days_wanted:
         for start, sketch in conn.execute("SELECT bucket_start, sketch FROM visitors_1d WHERE domain = %s"
-                                          " AND tz = %s AND bucket_start = ANY(%s) ORDER BY bucket_start, sketch",
-                                          (domain, tz, days_wanted), binary=True):
+                                          " AND tz = %s AND bucket_start = ANY(%s)", (domain, tz, days_wanted),
+                                          binary=True):
             daily.setdefault(start, []).append(sketch)
     if hours_wanted:
         for start, sketch in conn.execute("SELECT bucket_start, sketch FROM visitors_1h WHERE domain = %s"
-                                          " AND bucket_start = ANY(%s) ORDER BY bucket_start, sketch",
-                                          (domain, hours_wanted), binary=True):
+                                          " AND bucket_start = ANY(%s)", (domain, hours_wanted), binary=True):
             hourly.setdefault(start, []).append(sketch)
+    for found in (*daily.values(), *hourly.values()):
+        in_order(found)
     return daily, hourly
+
+
+def in_order(sketches: list[Any]) -> list[Any]:
+    """Sketches to merge (or tuples starting with one), sorted in place by their bytes: one order whatever their
+    places on disk, for any subset the same relative order. A union of sketches still holding lists of visitors
+    estimates with HIP, which depends on the order they come in, and its result keeps that state (seven partial
+    rows of one hour, 300 visitors each: 2,110 one way, 2,104 the other; ADR 47's addendum). Sorted here, by
+    memcmp: PostgreSQL, asked to, decompressed each stored sketch per comparison (25x slower on 84,000 rows)."""
+    sketches.sort()
+    return sketches
 
 
 def estimate(sketches: Sequence[bytes], lg_k: int = TOTAL_LG_K) -> int:
@@ -413,11 +423,7 @@ WHERE v.domain = %(domain)s AND v.dimension = %(dimension)s
                AND bucket_start >= %(lo)s AND bucket_start < %(hi)s)
   AND v.bucket_start >= %(lo)s AND v.bucket_start < %(hi)s
   AND (%(keys)s::text[] IS NULL OR v.key = ANY(%(keys)s::text[]))
-ORDER BY 2, 1, 4
 """
-# ORDER BY: a key's rows in one order whatever their places on disk (a union of sketches still holding lists of
-# visitors estimates with HIP, which depends on the order they come in: `_fetch`): by day, zone and bytes (a week's
-# row, with no day, last). By day first, not by key: sorting text under a collation costs more (~1 ms of 2,400 rows).
 
 # The same with some whole weeks of `tz` (the site's zone) read pre-merged from visitors_dim_1w (oltp/weekly.py):
 # the days of `tz` outside them (the gaps), the days of any other zone written in the range, and the weeks.
@@ -439,8 +445,7 @@ SELECT {week} FROM visitors_dim_1w w
 WHERE w.domain = %(domain)s AND w.tz = %(tz)s AND w.dimension = %(dimension)s
   AND w.bucket_start = ANY(%(weeks)s::timestamptz[]) AND (%(keys)s::text[] IS NULL OR w.key = ANY(%(keys)s::text[]))
 """
-_BY_KEY_WEEKS = _ROWS_WITH_WEEKS.format(day="v.tz, v.bucket_start, v.key, v.sketch",
-                                        week="w.tz, NULL, w.key, w.sketch") + "ORDER BY 2 NULLS LAST, 1, 4\n"
+_BY_KEY_WEEKS = _ROWS_WITH_WEEKS.format(day="v.tz, v.bucket_start, v.key, v.sketch", week="w.tz, NULL, w.key, w.sketch")
 
 
 def _rows_params(domain: str, tz: str, dimension: str, lo: datetime, hi: datetime, keys: list[str] | None,
@@ -466,7 +471,8 @@ def visitors_by_key(conn: psycopg.Connection[Any], domain: str, tz: str, dimensi
     site's zone then; after a zone change both zones' days, a union counting each visitor once). `keys`
     limits the answer to those values (a page of a breakdown: much less to merge). Values without visitors
     are absent. `weeks`: whole local weeks of `tz` inside [lo, hi) whose pre-merged sketches are current
-    (`oltp.weekly.valid_weeks`): read from visitors_dim_1w instead of their days (same answer, fewer rows)."""
+    (`oltp.weekly.valid_weeks`): read from visitors_dim_1w instead of their days (the same union, fewer rows;
+    its estimate may differ within the sketch's error, ADR 47's addendum)."""
     _check(lo, hi)
     params, used = _rows_params(domain, tz, dimension, lo, hi, keys, weeks, weeks_form=False)
     rows = conn.execute(_BY_KEY_WEEKS if used else _BY_KEY, params, binary=True).fetchall()
@@ -481,7 +487,7 @@ def visitors_by_key(conn: psycopg.Connection[Any], domain: str, tz: str, dimensi
             end = ends[written, start] = days.next_start(written, start)
         if end > lo:
             per_key.setdefault(key, []).append(sketch)
-    return {key: estimate(sketches, DIM_LG_K) for key, sketches in per_key.items()}
+    return {key: estimate(in_order(sketches), DIM_LG_K) for key, sketches in per_key.items()}
 
 
 def key_visitors_series(conn: psycopg.Connection[Any], domain: str, tz: str, dimension: str, key: str,
@@ -495,19 +501,20 @@ def key_visitors_series(conn: psycopg.Connection[Any], domain: str, tz: str, dim
         _check(a, b)
     params, _ = _rows_params(domain, tz, dimension, lo, hi, [key], (), weeks_form=False)
     days, ends = DayStarts(), dict[tuple[str, datetime], datetime]()
-    found: list[tuple[datetime, datetime, bytes]] = []
+    kept: list[tuple[bytes, datetime, datetime]] = []
     for written, start, _, sketch in conn.execute(_BY_KEY, params, binary=True).fetchall():
         end = ends.get((written, start))
         if end is None:
             end = ends[written, start] = days.next_start(written, start)
         if end > lo:
-            found.append((start, end, sketch))
+            kept.append((sketch, start, end))
+    found = [(start, end, sketch) for sketch, start, end in in_order(kept)]  # visitors_by_key's order: by bytes
     by_start = sorted(range(len(found)), key=lambda i: found[i][0])
     starts = [found[i][0] for i in by_start]
     buckets = []
     for a, b in pairwise(bounds):
-        # a day overlapping [a, b) starts in [a - 2 days, b); its rows are merged in the order fetched, the order of
-        # the bucket's own query (a union's estimate can depend on the order of its sketches)
+        # a day overlapping [a, b) starts in [a - 2 days, b); its rows are merged in `found`'s order, the bucket's own
+        # query's (a union's estimate can depend on the order of its sketches)
         rows = sorted(by_start[bisect_left(starts, a - _LONGEST_DAY):bisect_left(starts, b)])
         buckets.append(estimate([found[i][2] for i in rows if found[i][1] > a], DIM_LG_K))
     return buckets, estimate([s for _, _, s in found], DIM_LG_K)
@@ -597,9 +604,9 @@ def rebuild_visitors(conn: psycopg.Connection[Any], source: VisitorSource, lo: d
                 got.dims.setdefault((d, tz, day, dimension, key), set()).add(visitor)
     _delete_range(conn, lo_h, hi_h, spans, zones, domain, {d for d, *_ in got.daily})
     dims = _capped(conn, got.dims, cap)
-    groups: list[VisitorGroup] = [("1h", d, "", t, "", "", list(v)) for (d, t), v in got.hourly.items()]
-    groups += [("1d", d, tz, t, "", "", list(v)) for (d, tz, t), v in got.daily.items()]
-    groups += [("1d", d, tz, t, dim, k, list(v)) for (d, tz, dim, t, k), v in dims.items()]
+    groups: list[VisitorGroup] = [("1h", d, "", t, "", "", sorted(v)) for (d, t), v in got.hourly.items()]
+    groups += [("1d", d, tz, t, "", "", sorted(v)) for (d, tz, t), v in got.daily.items()]
+    groups += [("1d", d, tz, t, dim, k, sorted(v)) for (d, tz, dim, t, k), v in dims.items()]
     with conn.cursor() as cur:
         add_visitors(cur, groups)
     return len(groups)

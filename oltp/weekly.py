@@ -44,7 +44,7 @@ from datasketches import hll_sketch, hll_union
 
 from oltp.partitions import WEEK_TABLES, ensure_partitions
 from oltp.tiers import DayStarts, zone
-from oltp.visitors import DIM_LG_K, HLL_TYPE, bound_sum, bytea_array, text_array, week_gaps
+from oltp.visitors import DIM_LG_K, HLL_TYPE, bound_sum, bytea_array, in_order, text_array, week_gaps
 
 gaps = week_gaps  # [lo, hi) less some weeks (shared with oltp.visitors)
 
@@ -147,10 +147,7 @@ _DIM_SKETCHES = """
 SELECT w.lo, v.dimension, v.key, v.sketch, v.n
 FROM unnest(%(los)s::timestamptz[], %(his)s::timestamptz[]) AS w(lo, hi)
 JOIN visitors_dim_1d v ON v.domain = %(domain)s AND v.tz = %(tz)s AND v.bucket_start >= w.lo AND v.bucket_start < w.hi
-ORDER BY v.bucket_start, v.sketch
 """
-# ORDER BY: a union's result keeps the HIP state of the order its sketches came in (and its estimate with it): the
-# same days give the same weekly sketch whatever their places on disk (as oltp/visitors.py's reads).
 _PUT_SKETCHES = """
 INSERT INTO visitors_dim_1w (domain, tz, dimension, bucket_start, key, sketch, n)
 SELECT %(domain)s, %(tz)s, d, w, k, s, n FROM unnest(%(dims)s::text[], %(weeks)s::timestamptz[], %(keys)s::text[],
@@ -185,17 +182,19 @@ def compact_weeks(conn: psycopg.Connection[Any], domain: str, tz: str, weeks: li
 
 
 def _merge_sketches(conn: psycopg.Connection[Any], params: dict[str, Any]) -> int:
-    """visitors_dim_1w's rows of the weeks: per key the union of its days' sketches, and as its `n` (ADR 62) the sum
-    of their n (an upper bound of the week's distinct visitors; NULL when a day's is unknown)."""
-    unions: dict[tuple[datetime, str, str], hll_union] = {}
+    """visitors_dim_1w's rows of the weeks: per key the union of its days' sketches, merged in one order (a union's
+    result keeps the HIP state of the order its sketches came in: `oltp.visitors.in_order`), and as its `n` (ADR 62)
+    the sum of their n (an upper bound of the week's distinct visitors; NULL when a day's is unknown)."""
+    days: dict[tuple[datetime, str, str], list[bytes]] = {}
     bounds: dict[tuple[datetime, str, str], list[int | None]] = {}
     for week, dimension, key, sketch, n in conn.execute(_DIM_SKETCHES, params, binary=True):
-        union = unions.get((week, dimension, key))
-        if union is None:
-            union = unions[week, dimension, key] = hll_union(DIM_LG_K)
-            bounds[week, dimension, key] = []
-        union.update(hll_sketch.deserialize(bytes(sketch)))
-        bounds[week, dimension, key].append(n)
+        days.setdefault((week, dimension, key), []).append(bytes(sketch))
+        bounds.setdefault((week, dimension, key), []).append(n)
+    unions: dict[tuple[datetime, str, str], hll_union] = {}
+    for group, sketches in days.items():
+        union = unions[group] = hll_union(DIM_LG_K)
+        for sketch in in_order(sketches):
+            union.update(hll_sketch.deserialize(sketch))
     if not unions:
         return 0
     keys = list(unions)

@@ -518,3 +518,48 @@ def test_a_values_visitors_are_the_same_whatever_order_its_rows_lie_on_disk(db, 
     found = _in_two_orders(DIM_LG_K, "page-part", 120, write,
                            lambda: visitors_by_key(db, domain, "UTC", "page", day, day + DAY)["/a"])
     assert found["read forward"] == found["read reversed"], found
+
+
+def test_a_days_partial_rows_and_a_values_weeks_are_merged_in_one_order_too(db, domain):
+    """The same for the daily totals (a range of whole days of the daily tier) and for a value's pre-merged weeks
+    (oltp/weekly.py; each week one row, in whichever order the index or the heap gives them)."""
+    from oltp.visitors import DIM_LG_K, visitors_of_ranges
+
+    day = BASE + 3 * DAY
+    daily = DailyZone("UTC", "UTC", BASE - 10 * DAY)
+
+    def write_day(sketch: bytes | None) -> None:
+        if sketch is None:
+            db.execute("DELETE FROM visitors_1d WHERE domain = %s", (domain,))
+        else:
+            db.execute("INSERT INTO visitors_1d (domain, tz, bucket_start, sketch) VALUES (%s, 'UTC', %s, %s)",
+                       (domain, day, sketch))
+
+    found = _in_two_orders(TOTAL_LG_K, "day-part", 300, write_day,
+                           lambda: visitors_of_ranges(db, domain, [(day, day + DAY)], daily)[0])
+    assert found["read forward"] == found["read reversed"], found
+
+    monday = BASE - 70 * DAY - (BASE - 70 * DAY).weekday() * DAY
+    weeks = [(monday + i * 7 * DAY, monday + (i + 1) * 7 * DAY) for i in range(7)]
+    written: list[bytes] = []
+
+    def write_week(sketch: bytes | None) -> None:  # the i-th sketch written into the i-th week
+        if sketch is None:
+            db.execute("DELETE FROM visitors_dim_1w WHERE domain = %s", (domain,))
+            written.clear()
+        else:
+            db.execute("INSERT INTO visitors_dim_1w (domain, tz, dimension, bucket_start, key, sketch)"
+                       " VALUES (%s, 'UTC', 'page', %s, '/a', %s)", (domain, weeks[len(written)][0], sketch))
+            written.append(sketch)
+
+    ensure_partitions_for_weeks(db, weeks)
+    found = _in_two_orders(DIM_LG_K, "week-part", 120, write_week, lambda: visitors_by_key(
+        db, domain, "UTC", "page", weeks[0][0], weeks[-1][1], weeks=weeks)["/a"])
+    assert found["read forward"] == found["read reversed"], found
+
+
+def ensure_partitions_for_weeks(conn: psycopg.Connection, weeks: list[tuple[datetime, datetime]]) -> None:
+    from oltp.partitions import ensure_partitions
+
+    for table in ("visitors_dim_1w", "visitors_dim_1d", "visitors_1d"):
+        ensure_partitions(conn, table, weeks[0][0], weeks[-1][1])

@@ -458,9 +458,10 @@ def test_a_values_series_from_one_fetch_is_each_buckets_own_answer(db, domain):
         key_visitors_series(db, domain, "UTC", "url", "/a", [BASE, BASE + DAY])
 
 
-def _in_two_orders(lg_k: int, prefix: str, visitors: int, write, read) -> dict[str, int]:
-    """Seven sketches of `visitors` each, written (`write(sketch)`, after the domain's rows are deleted by the caller's
-    `write(None)`) forward then reversed and read back (`read()`), beside their unions merged in each order."""
+def _in_two_orders(db, domain: str, table: str, lg_k: int, prefix: str, visitors: int, insert, read) -> None:
+    """Seven sketches of `visitors` each, put into `table` (`insert(i, sketch)`: the i-th written) forward, then,
+    the domain's rows deleted, reversed: `read()` answers the same both times, though their unions merged in each
+    order differ."""
     parts = []
     for i in range(7):
         s = hll_sketch(lg_k, HLL_TYPE)
@@ -473,12 +474,12 @@ def _in_two_orders(lg_k: int, prefix: str, visitors: int, write, read) -> dict[s
         for p in order:
             union.update(hll_sketch.deserialize(p))
         estimates[f"union {name}"] = round(union.get_estimate())
-        write(None)
-        for p in order:
-            write(p)
+        db.execute(f"DELETE FROM {table} WHERE domain = %s", (domain,))
+        for i, p in enumerate(order):
+            insert(i, p)
         estimates[f"read {name}"] = read()
     assert estimates["union forward"] != estimates["union reversed"], estimates  # the order matters here
-    return estimates
+    assert estimates["read forward"] == estimates["read reversed"], estimates
 
 
 def test_a_total_is_the_same_whatever_order_the_rows_lie_on_disk(db, domain):
@@ -486,16 +487,16 @@ def test_a_total_is_the_same_whatever_order_the_rows_lie_on_disk(db, domain):
     come in. A bucket's partial rows (`add_visitors` appends one per batch) are read in one order whatever their
     places on disk: the same seven rows of one hour, written in two orders, answer the same."""
     hour = BASE + 5 * HOUR
+    _in_two_orders(db, domain, "visitors_1h", TOTAL_LG_K, "part", 300, lambda i, p: db.execute(
+        "INSERT INTO visitors_1h (domain, bucket_start, sketch) VALUES (%s, %s, %s)", (domain, hour, p)),
+        lambda: visitors_total(db, domain, "UTC", hour, hour + HOUR))
 
-    def write(sketch: bytes | None) -> None:
-        if sketch is None:
-            db.execute("DELETE FROM visitors_1h WHERE domain = %s", (domain,))
-        else:
-            db.execute("INSERT INTO visitors_1h (domain, bucket_start, sketch) VALUES (%s, %s, %s)",
-                       (domain, hour, sketch))
 
-    found = _in_two_orders(TOTAL_LG_K, "part", 300, write, lambda: visitors_total(db, domain, "UTC", hour, hour + HOUR))
-    assert found["read forward"] == found["read reversed"], found
+def _one_day_row(db, domain: str, day: datetime) -> None:
+    total = hll_sketch(TOTAL_LG_K, HLL_TYPE)
+    total.update("someone")
+    db.execute("INSERT INTO visitors_1d (domain, tz, bucket_start, sketch) VALUES (%s, 'UTC', %s, %s)",
+               (domain, day, total.serialize_compact()))
 
 
 def test_a_values_visitors_are_the_same_whatever_order_its_rows_lie_on_disk(db, domain):
@@ -503,21 +504,11 @@ def test_a_values_visitors_are_the_same_whatever_order_its_rows_lie_on_disk(db, 
     from oltp.visitors import DIM_LG_K
 
     day = BASE + 2 * DAY
-    total = hll_sketch(TOTAL_LG_K, HLL_TYPE)
-    total.update("someone")
-    db.execute("INSERT INTO visitors_1d (domain, tz, bucket_start, sketch) VALUES (%s, 'UTC', %s, %s)",
-               (domain, day, total.serialize_compact()))
-
-    def write(sketch: bytes | None) -> None:
-        if sketch is None:
-            db.execute("DELETE FROM visitors_dim_1d WHERE domain = %s", (domain,))
-        else:
-            db.execute("INSERT INTO visitors_dim_1d (domain, tz, dimension, bucket_start, key, sketch)"
-                       " VALUES (%s, 'UTC', 'page', %s, '/a', %s)", (domain, day, sketch))
-
-    found = _in_two_orders(DIM_LG_K, "page-part", 120, write,
-                           lambda: visitors_by_key(db, domain, "UTC", "page", day, day + DAY)["/a"])
-    assert found["read forward"] == found["read reversed"], found
+    _one_day_row(db, domain, day)
+    _in_two_orders(db, domain, "visitors_dim_1d", DIM_LG_K, "page-part", 120, lambda i, p: db.execute(
+        "INSERT INTO visitors_dim_1d (domain, tz, dimension, bucket_start, key, sketch)"
+        " VALUES (%s, 'UTC', 'page', %s, '/a', %s)", (domain, day, p)),
+        lambda: visitors_by_key(db, domain, "UTC", "page", day, day + DAY)["/a"])
 
 
 def test_a_days_partial_rows_and_a_values_weeks_are_merged_in_one_order_too(db, domain):
@@ -527,35 +518,17 @@ def test_a_days_partial_rows_and_a_values_weeks_are_merged_in_one_order_too(db, 
 
     day = BASE + 3 * DAY
     daily = DailyZone("UTC", "UTC", BASE - 10 * DAY)
-
-    def write_day(sketch: bytes | None) -> None:
-        if sketch is None:
-            db.execute("DELETE FROM visitors_1d WHERE domain = %s", (domain,))
-        else:
-            db.execute("INSERT INTO visitors_1d (domain, tz, bucket_start, sketch) VALUES (%s, 'UTC', %s, %s)",
-                       (domain, day, sketch))
-
-    found = _in_two_orders(TOTAL_LG_K, "day-part", 300, write_day,
-                           lambda: visitors_of_ranges(db, domain, [(day, day + DAY)], daily)[0])
-    assert found["read forward"] == found["read reversed"], found
+    _in_two_orders(db, domain, "visitors_1d", TOTAL_LG_K, "day-part", 300, lambda i, p: db.execute(
+        "INSERT INTO visitors_1d (domain, tz, bucket_start, sketch) VALUES (%s, 'UTC', %s, %s)", (domain, day, p)),
+        lambda: visitors_of_ranges(db, domain, [(day, day + DAY)], daily)[0])
 
     monday = BASE - 70 * DAY - (BASE - 70 * DAY).weekday() * DAY
     weeks = [(monday + i * 7 * DAY, monday + (i + 1) * 7 * DAY) for i in range(7)]
-    written: list[bytes] = []
-
-    def write_week(sketch: bytes | None) -> None:  # the i-th sketch written into the i-th week
-        if sketch is None:
-            db.execute("DELETE FROM visitors_dim_1w WHERE domain = %s", (domain,))
-            written.clear()
-        else:
-            db.execute("INSERT INTO visitors_dim_1w (domain, tz, dimension, bucket_start, key, sketch)"
-                       " VALUES (%s, 'UTC', 'page', %s, '/a', %s)", (domain, weeks[len(written)][0], sketch))
-            written.append(sketch)
-
     ensure_partitions_for_weeks(db, weeks)
-    found = _in_two_orders(DIM_LG_K, "week-part", 120, write_week, lambda: visitors_by_key(
-        db, domain, "UTC", "page", weeks[0][0], weeks[-1][1], weeks=weeks)["/a"])
-    assert found["read forward"] == found["read reversed"], found
+    _in_two_orders(db, domain, "visitors_dim_1w", DIM_LG_K, "week-part", 120, lambda i, p: db.execute(
+        "INSERT INTO visitors_dim_1w (domain, tz, dimension, bucket_start, key, sketch)"
+        " VALUES (%s, 'UTC', 'page', %s, '/a', %s)", (domain, weeks[i][0], p)),
+        lambda: visitors_by_key(db, domain, "UTC", "page", weeks[0][0], weeks[-1][1], weeks=weeks)["/a"])
 
 
 def ensure_partitions_for_weeks(conn: psycopg.Connection, weeks: list[tuple[datetime, datetime]]) -> None:

@@ -75,7 +75,8 @@ class Insights:
         """One snapshot for all its statements (a read-only repeatable-read transaction): a breakdown first asks
         which pre-merged weeks still hold (oltp/weekly.py), then reads them and the other days; under read committed
         a pass committing between the two could replace the open week's span by a longer one, whose rows the
-        second statement would read beside the days it adds (counted twice)."""
+        second statement would read beside the days it adds (counted twice), and a late event on a day subtracted
+        from a week would be subtracted without being in the week (oltp/weekly.py's module doc)."""
         with self.reader.pool.connection() as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             daily = daily_zone(conn, q.domain)

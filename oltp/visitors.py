@@ -232,7 +232,7 @@ def compact(cur: psycopg.Cursor[Any], keys: list[list[tuple[Any, ...]]]) -> None
     merged: Rows = [[], [], []]
     for (t, i), rows in sorted(taken.items()):
         union = hll_union(_TABLES[t][3])
-        for s, _ in sorted(rows, key=lambda r: r[0]):  # the readers' order (`in_order`), not the DELETE's
+        for s in in_order([s for s, _ in rows]):  # the readers' order, not the DELETE's
             union.update(hll_sketch.deserialize(s))
         merged[t].append((*keys[t][i], union.get_result(HLL_TYPE).serialize_compact(), bound_sum(n for _, n in rows)))
     if any(merged):

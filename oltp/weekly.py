@@ -170,7 +170,7 @@ def compact_weeks(conn: psycopg.Connection[Any], domain: str, tz: str, weeks: li
         ensure_partitions(conn, table, weeks[0][0], weeks[-1][0])
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('tally.weekly'), hashtext(%s))", (domain,))
-        sigs = {lo: (c, v) for lo, c, v, *_ in conn.execute(_CURRENT, params).fetchall()}
+        sigs = {lo: (c, v) for lo, c, v, _, _ in conn.execute(_CURRENT, params).fetchall()}
         for table in ("rollup_dim_1w", "visitors_dim_1w", "compacted_weeks"):
             conn.execute(f"DELETE FROM {table} WHERE domain = %(domain)s AND tz = %(tz)s"
                          " AND bucket_start = ANY(%(los)s::timestamptz[])", params)

@@ -12,7 +12,8 @@ core/urls.py) and its domain, once, in the collector, so that both stores get th
   names one, else lower-cased); else the referrer's family (`FAMILY_HOSTS`, `FAMILY_BRANDS`,
   `ANDROID_APPS`); else its registrable domain (public suffix list incl. its private section, the
   snapshot bundled with tldextract: never the network, never a cache file). None without a referrer
-  and for a self-referral (the referrer's registrable domain is the event domain's).
+  and for a self-referral (the referrer's registrable domain is the event domain's, or the page URL's own
+  host's: a page on localhost or a staging host that names its site with `data-domain`).
 
 All are pure functions of their arguments, cached per argument tuple: in a site's traffic the same pages
 and referrers repeat, so `enrich` (what `core.event.event_from_hit` calls per event) is one cache lookup
@@ -123,12 +124,16 @@ def enrich(url: str, referrer: str | None, domain: str,
     """(page, source, utm_medium, utm_campaign) of an event with this stored url, referrer and domain;
     `keep`: the site's own `--keep-query` names (`UrlRule.page_keep`)."""
     if "?" not in url and "#" not in url and "@" not in url:  # the commonest page URL: no query to read
-        start = url.find("/", url.find("//") + 2)
+        host_at = url.find("//") + 2
+        start = url.find("/", host_at)
         page = _cut_page(url[start:MAX_PAGE + start]) if start >= 0 else "/"
-        return page, None if referrer is None else source_of(referrer, domain, None), None, None
-    path, query = _split(url)
+        if referrer is None:
+            return page, None, None, None
+        return page, source_of(referrer, domain, None, url[host_at:start] if start >= 0 else url[host_at:]), None, None
+    m = _URL_RE.match(url)
+    netloc, path, query = (m.group(2), m.group(3), m.group(4)) if m else ("", "", None)
     utm_source, medium, campaign = _campaign(query)
-    source = None if referrer is None and utm_source is None else source_of(referrer, domain, utm_source)
+    source = None if referrer is None and utm_source is None else source_of(referrer, domain, utm_source, netloc)
     return _page(path, query, keep), source, medium, campaign
 
 
@@ -194,8 +199,9 @@ def _tag(raw: str | None, limit: int) -> str | None:
 
 
 @lru_cache(maxsize=4096)  # referrers of other sites are stored as origins: few distinct ones
-def source_of(referrer: str | None, domain: str, utm_source: str | None) -> str | None:
-    """The event's traffic source name (see the module docstring and docs/sources.md)."""
+def source_of(referrer: str | None, domain: str, utm_source: str | None, page_netloc: str = "") -> str | None:
+    """The event's traffic source name (see the module docstring and docs/sources.md). `page_netloc`: the page
+    URL's `host[:port]`, which differs from `domain` on a page that names its site with `data-domain`."""
     if utm_source is not None:
         utm = " ".join(_CONTROL_RE.sub(" ", _INVISIBLE_RE.sub("", utm_source.lower())).split())
         if utm:
@@ -211,8 +217,8 @@ def source_of(referrer: str | None, domain: str, utm_source: str | None) -> str 
     if not host:
         return None
     site = registrable_domain(host)
-    if site == registrable_domain(domain):
-        return None  # a self-referral: a page of the same site
+    if site == registrable_domain(domain) or page_netloc and site == registrable_domain(_host(page_netloc)):
+        return None  # a self-referral: a page of the same site, or of the host the page is on (data-domain)
     return family_of_host(host) or _unreserved(site[:MAX_SOURCE])
 
 

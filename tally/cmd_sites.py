@@ -56,6 +56,9 @@ def register(sub: SubParsers) -> None:
                                         "worker's share of it")
     show.add_argument("domain")
     show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.add_argument("--tag", action="store_true",
+                      help="print only the site's page tag, with data-domain (it counts for the site on any host: "
+                           "localhost, staging)")
     show.set_defaults(func=cmd_show)
 
     rotate = cmds.add_parser("rotate-secret", help="give a site a new secret (the old one stops working)")
@@ -128,10 +131,13 @@ def collector_url(settings: Settings) -> str:
     return str(url) if url else f"http://{settings.bind_host}:{settings.collector_port}"
 
 
-def tag_snippet(settings: Settings, site_key: str, keep_query: tuple[str, ...] = (), raw_urls: bool = False) -> str:
-    """The page tag; with the site's URL rule, so the tag keeps what the collector keeps (core/urls.py)."""
+def tag_snippet(settings: Settings, site_key: str, keep_query: tuple[str, ...] = (), raw_urls: bool = False,
+                domain: str | None = None) -> str:
+    """The page tag; with the site's URL rule, so the tag keeps what the collector keeps (core/urls.py), and with
+    `domain` as its data-domain (events count for that site whatever host the page is on)."""
     attrs = (' data-raw-urls="true"' if raw_urls
              else f' data-keep-query="{",".join(keep_query)}"' if keep_query else "")
+    attrs += f' data-domain="{domain}"' if domain else ""
     return f'<script defer src="{collector_url(settings)}/tag.js" data-site="{site_key}"{attrs}></script>'
 
 
@@ -302,6 +308,9 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         site = sites.get(dsn, args.domain)
         if site is None:
             return _fail(f"{sites.check_domain(args.domain)} is not registered (see `tally sites list`)")
+        if args.tag:
+            print(tag_snippet(settings, site.site_key, site.keep_query, site.raw_urls, site.domain))
+            return 0
         row = {**site.public_dict(), "limit": limit_shares(settings, site.rate_per_s, site.burst)}
         if args.json:
             print(json.dumps(row))

@@ -105,7 +105,7 @@ class Banner:
         if self.domains is None:
             return where, _line("sites", "could not be listed (see the log; tally sites list)")
         return where, (_line("sites", "none registered yet; register one with")
-                       + _line("", "tally sites add example.org --origin https://example.org"))
+                       + _line("", "tally sites add example.com --tz Europe/Berlin --origin https://example.com"))
 
     def text(self) -> str:
         if self.admin_token:

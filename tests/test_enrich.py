@@ -149,6 +149,21 @@ def test_registrable_domains_and_self_referrals(referrer: str | None, domain: st
     assert source is None or len(source) <= ev.MAX_SOURCE
 
 
+@pytest.mark.parametrize(("url", "referrer", "source"), [
+    # a page that names its site with data-domain: a link between its own pages is no source, whatever its host
+    ("http://localhost:8000/b", "http://localhost:8000/a", None),
+    ("http://127.0.0.1:8000/b?x=1", "http://127.0.0.1:8000/", None),  # the slow path (a query to read)
+    ("http://[::1]:8000/b", "http://[::1]:8000/a", None),
+    ("https://staging.example.net/b", "https://www.example.net/", None),  # the page host's registrable domain
+    ("http://localhost:8000", "http://localhost:8000/a", None),  # no path
+    ("http://localhost:8000/", "https://news.ycombinator.com/", "Hacker News"),  # other sites keep their names
+    ("http://localhost:8000/", "http://127.0.0.1:8000/", "127.0.0.1"),  # another host than the page's
+    ("https://staging.example.net/?utm_source=hn", "https://staging.example.net/", "Hacker News"),
+])
+def test_a_referrer_on_the_pages_own_host_is_a_self_referral(url: str, referrer: str, source: str | None) -> None:
+    assert enrich(url, referrer, "shop.test")[1] == source
+
+
 @pytest.mark.parametrize(("utm", "source"), [
     ("google", "Google"), ("Google", "Google"), (" NEWSLETTER  weekly ", "newsletter weekly"),
     ("news.ycombinator.com", "Hacker News"), ("hn", "Hacker News"), ("Hacker News", "Hacker News"),

@@ -152,6 +152,17 @@ def test_cli_add_prints_key_secret_and_tag(dsn, domain, tmp_path):
     assert f"/collect?site={site.site_key}" in out.stdout
 
 
+def test_cli_show_tag_prints_the_tag_with_data_domain_and_the_url_rule(dsn, domain, tmp_path):
+    assert tally(dsn, tmp_path, "add", domain, "--keep-query", "ref").returncode == 0
+    out = tally(dsn, tmp_path, "show", domain, "--tag")
+    assert out.returncode == 0, out.stderr
+    key = sites.get(dsn, domain).site_key
+    assert out.stdout == (f'<script defer src="http://127.0.0.1:8700/tag.js" data-site="{key}" data-keep-query="ref"'
+                          f' data-domain="{domain}"></script>\n')
+    missing = tally(dsn, tmp_path, "show", "nowhere-" + domain, "--tag")
+    assert missing.returncode == 1 and "not registered" in missing.stderr and not missing.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (("add", "{d}", "--tz", "Nowhere/Land"), "time zone"),
     (("add", "{d}", "--origin", "ftp://x.example.com"), "origin"),

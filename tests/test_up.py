@@ -242,7 +242,8 @@ def test_the_banner_shows_registered_sites_only(tmp_path):
     from tally.cmd_up import Banner
 
     none = Banner("http://127.0.0.1:1", "http://127.0.0.1:2", "logs", tmp_path / "admin-token", None, ()).text()
-    assert "example.com" not in none and "none registered yet" in none and "tally sites add" in none
+    assert "?domain=" not in none and "none registered yet" in none  # no dashboard of a site not registered
+    assert "tally sites add example.com --tz Europe/Berlin --origin https://example.com" in none  # as README's
     assert "http://127.0.0.1:2/api/v1/domains\n" in none
     assert f"admin token in {tmp_path / 'admin-token'}" in " ".join(none.split())
     many = tuple(f"s{i}.example.net" for i in range(7))

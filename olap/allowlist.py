@@ -46,6 +46,7 @@ from typing import Any
 from olap.ch_settings import FORWARDED, LOWERED
 from olap.client import connect
 from olap.params import ParamsError, check_param_name, parse_params
+from olap.structure import StructureError, check_structure
 
 # Tables analysts read, inside settings.clickhouse_database.
 ANALYST_TABLES = frozenset({"events", "sites", "countries"})
@@ -519,6 +520,8 @@ class _Walker:
             if key in ("type", "name", "alias"):
                 continue
             if key == "arguments":
+                if name == "values":
+                    check_values_structure(value)
                 # CTE names are not passed in: whether ClickHouse resolves them inside table
                 # function arguments is not something to rely on.
                 self.expr(value, frozenset())
@@ -825,6 +828,27 @@ def check_aggregate_name(text: str, functions: FunctionTable, where: str) -> Non
         raise Refused(f"aggregate function {name} ({where}) is not allowed in analyst SQL")
     if parameters is not None and not _PLAIN_PARAMETERS.fullmatch(parameters):
         raise Refused(f"{where}: the parameters of {name} must be plain number or string literals")
+
+
+def check_values_structure(arguments: Any) -> None:
+    """`values(structure, rows...)`: ClickHouse reads a first argument that is a string literal (a query parameter
+    becomes one) as a column list whose declarations may carry expressions (`ALIAS file(...)`) it evaluates, so that
+    argument must be a literal, and as a string a plain structure (olap/structure.py)."""
+    children = arguments.get("children") if isinstance(arguments, dict) else None
+    if not isinstance(children, list) or len(children) < 2:
+        return  # values(rows): no structure
+    first = children[0]
+    if not isinstance(first, dict) or first.get("type") == "QueryParameter":
+        raise Refused("values(): the first argument cannot be a query parameter (ClickHouse would read it as the "
+                      "column structure); write the structure in the query, e.g. values('a UInt8, b String', ...)")
+    value = first.get("value") if first.get("type") == "Literal" else None
+    if isinstance(value, dict) and value.get("field_type") == "String":
+        try:
+            check_structure(str(value.get("value")))
+        except StructureError as exc:
+            raise Refused(f"values(): the structure {str(value.get('value'))[:80]!r} is not a plain list of column "
+                          f"names and types ({exc}); defaults, aliases, codecs and other column clauses are not "
+                          "allowed") from None
 
 
 def check_literal(node: dict[str, Any], functions: FunctionTable) -> None:

@@ -119,6 +119,44 @@ def test_every_allowlisted_table_function_works(ch, sql, rows):
     assert name in TABLE_FUNCTIONS
 
 
+# values() reads a string first argument as a column list whose declarations ClickHouse evaluates: a security
+# review read the server's files with `b String ALIAS file('...')` (olap/structure.py)
+@pytest.mark.parametrize("structure", [
+    "a UInt8, b String ALIAS file('/etc/hostname')", "a UInt8, b String ALIAS hostName()",
+    "a UInt8, b String DEFAULT hostName()", "a UInt8, b String MATERIALIZED hostName()",
+    "a UInt8, b String EPHEMERAL hostName()", "a UInt8 CODEC(ZSTD)", "a UInt8 TTL now()", "a UInt8 COMMENT 'x'",
+    "a UInt8 NOT NULL", "a UInt8, b Tuple(x String) ALIAS tuple(getSetting('max_threads'))",
+    "a UInt8, b String  alias  file('/etc/hostname')",
+])
+def test_a_values_structure_with_column_clauses_is_refused(ch, structure):
+    quoted = structure.replace("'", "''")
+    for sql in (f"SELECT * FROM values('{quoted}', 1)",
+                f"SELECT count() FROM numbers((SELECT count() FROM values('{quoted}', 1)))"):
+        assert "values(): the structure" in refused(ch, sql), sql
+    refused(ch, f"SELECT * FROM values((('{quoted}')), 1)")  # refused too (its parse tree does not round-trip)
+
+
+def test_a_values_structure_cannot_come_from_a_query_parameter(ch):
+    for sql, words in (("SELECT b FROM values({s:String}, 1)", "query parameter"),
+                       ("SELECT b FROM values(({s:String}), 1)", "")):  # refused as not round-tripping
+        with pytest.raises(AnalystQueryError) as info:
+            prepare(ch, sql, DB, {"s": "a UInt8, b String ALIAS hostName()"})
+        assert info.value.code == "refused" and words in info.value.message
+    # a parameter among the rows, or values() with rows only, still works
+    assert run_query(ch, "SELECT * FROM values('a UInt8', {n:UInt8})", LIMITS, params={"n": "7"}).rows == [[7]]
+    assert run_query(ch, "SELECT * FROM values({s:String})", LIMITS, params={"s": "x"}).rows == [["x"]]
+
+
+@pytest.mark.parametrize("structure, rows", [
+    ("d DateTime64(3, 'UTC'), e Enum8('a' = 1, 'b' = -2)", "(0, 'b')"),
+    ("t Tuple(a String, b Array(UInt8)), m Map(String, UInt64)", "(('x', [1]), map('k', 2))"),
+    ("`x` LowCardinality(Nullable(String)), y Decimal(10, 2)", "('v', 1.5)"),
+])
+def test_a_values_structure_of_names_and_types_works(ch, structure, rows):
+    quoted = structure.replace("'", "''")
+    assert len(run_query(ch, f"SELECT * FROM values('{quoted}', {rows})", LIMITS).rows) == 1
+
+
 def test_the_parametrised_cases_cover_the_whole_table_function_allowlist():
     covered = {"numbers", "numbers_mt", "generateSeries", "generate_series", "values"}
     assert covered == TABLE_FUNCTIONS

@@ -1,0 +1,104 @@
+"""The column structure an analyst may give `values()`: column names and plain types, nothing else.
+
+`values('a UInt8, b String', (1, 'x'))` reads its first argument as a column list, the one of a CREATE TABLE:
+ClickHouse evaluates what a column declaration may carry (`ALIAS`, `DEFAULT`, `MATERIALIZED`, `EPHEMERAL`,
+`CODEC`, `TTL`, ...), so `b String ALIAS file('...')` would run any function past the function allowlist (a
+security review read the server's files this way). A structure is accepted only when it is a comma-separated
+list of `name Type` where a type is a name with optional parenthesised arguments: types, `name Type` (Tuple,
+Nested), numbers, single-quoted strings without escapes, and `'text' = number` (Enum). The aggregate function
+types a structure may hold are checked as every string literal's are (olap/allowlist.py `check_literal`).
+"""
+
+from __future__ import annotations
+
+import re
+
+_TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|(`[A-Za-z_][A-Za-z0-9_]*`)|(-?[0-9]+(?:\.[0-9]+)?)|('[^'\\]*')|([(),=])")
+MAX_STRUCTURE = 4000  # characters
+MAX_DEPTH = 16
+
+
+class StructureError(ValueError):
+    """The text is not a plain column structure (the message says where)."""
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    """(kind, text) pairs: name, number, string or punctuation; StructureError on anything else."""
+    out, at = [], 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at == len(text):
+            return out
+        m = _TOKEN.match(text, at)
+        if m is None:
+            raise StructureError(f"unexpected {text[at:at + 20]!r}")
+        group = m.lastindex or 0
+        out.append((("", "name", "name", "number", "string", "punct")[group], m.group(group)))
+        at = m.end()
+
+
+class _Parser:
+    def __init__(self, tokens: list[tuple[str, str]]) -> None:
+        self.tokens, self.i = tokens, 0
+
+    def peek(self, offset: int = 0) -> tuple[str, str] | None:
+        j = self.i + offset
+        return self.tokens[j] if j < len(self.tokens) else None
+
+    def take(self, kind: str, text: str | None = None) -> str:
+        token = self.peek()
+        if token is None or token[0] != kind or text is not None and token[1] != text:
+            found = "the end" if token is None else repr(token[1])
+            raise StructureError(f"expected {repr(text) if text else 'a ' + kind}, found {found}")
+        self.i += 1
+        return token[1]
+
+    def columns(self) -> None:
+        while True:
+            self.take("name")
+            self.type(0)
+            if self.peek() is None:
+                return
+            self.take("punct", ",")
+
+    def type(self, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise StructureError("types nested too deep")
+        self.take("name")
+        if self.peek() == ("punct", "("):
+            self.i += 1
+            if self.peek() != ("punct", ")"):
+                self.argument(depth + 1)
+                while self.peek() == ("punct", ","):
+                    self.i += 1
+                    self.argument(depth + 1)
+            self.take("punct", ")")
+
+    def argument(self, depth: int) -> None:
+        token = self.peek()
+        if token is None:
+            raise StructureError("unclosed '('")
+        kind = token[0]
+        if kind == "number":
+            self.i += 1
+        elif kind == "string":
+            self.i += 1
+            if self.peek() == ("punct", "="):  # Enum8('a' = 1)
+                self.i += 1
+                self.take("number")
+        elif kind == "name" and (self.peek(1) or ("", ""))[0] == "name":  # Tuple(a String)
+            self.i += 1
+            self.type(depth)
+        else:
+            self.type(depth)
+
+
+def check_structure(text: str) -> None:
+    """Raise StructureError unless `text` is a plain column structure (module doc)."""
+    if len(text) > MAX_STRUCTURE:
+        raise StructureError(f"longer than {MAX_STRUCTURE} characters")
+    tokens = _tokens(text)
+    if not tokens:
+        raise StructureError("empty")
+    _Parser(tokens).columns()

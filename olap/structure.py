@@ -24,7 +24,8 @@ class StructureError(ValueError):
 
 def _tokens(text: str) -> list[tuple[str, str]]:
     """(kind, text) pairs: name, number, string or punctuation; StructureError on anything else."""
-    out, at = [], 0
+    out: list[tuple[str, str]] = []
+    at = 0
     while True:
         while at < len(text) and text[at].isspace():
             at += 1

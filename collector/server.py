@@ -15,6 +15,7 @@ master exits with status 1 (its supervisor restarts it with backoff); a worker *
 
 from __future__ import annotations
 
+import resource
 import time
 from typing import Any
 
@@ -27,6 +28,12 @@ from core.config import Settings
 TARGETS = {"wsgi": ("collector.wsgi:create_app_from_env", Interfaces.WSGI),
            "rsgi": ("collector.rsgi:create_app_from_env", Interfaces.RSGI)}
 FAILED_START_S = 5.5  # granian's own window: a worker exiting by itself sooner after its spawn is a crash loop
+BACKLOG = 2048  # the listening socket's queue of connections not accepted yet
+# Connections a worker holds open at once (granian's `backpressure`; its default, BACKLOG // workers, let ~2,100
+# sockets that never send a byte take a 2-worker collector off the air: an attack review). granian 2.8.7 has no
+# idle timeout for a socket that sends nothing and no per-address cap: the reverse proxy bounds clients in
+# production (README "Production: behind a reverse proxy"); this only raises the bar without one.
+MAX_CONNECTIONS_PER_WORKER = 16_384
 WORKERS_KILL_TIMEOUT_S = 10  # a worker that does not stop within this (SIGSTOPped, hung) is killed at shutdown
 
 
@@ -64,6 +71,10 @@ def serve(settings: Settings, host: str, port: int, workers: int, *, interface: 
     """Run granian until it is stopped. `interface`: "rsgi" or "wsgi" (default: TALLY_COLLECTOR_INTERFACE,
     itself rsgi by default); `options`: further Granian arguments (the bench tries some)."""
     target, kind = TARGETS[interface or settings.collector_interface]
+    options.setdefault("backpressure", MAX_CONNECTIONS_PER_WORKER)
+    if kind == Interfaces.WSGI:  # granian's WSGI threads default to backpressure / 2: keep them what they were
+        options.setdefault("blocking_threads", max(1, BACKLOG // max(1, workers) // 2))
+    _raise_open_files_limit(2 * MAX_CONNECTIONS_PER_WORKER)
     CollectorServer(
         target,
         factory=True,
@@ -71,9 +82,21 @@ def serve(settings: Settings, host: str, port: int, workers: int, *, interface: 
         address=host,
         port=port,
         workers=workers,
-        backlog=2048,
+        backlog=BACKLOG,
         respawn_failed_workers=True,
         workers_kill_timeout=WORKERS_KILL_TIMEOUT_S,
         log_access=False,
         **options,  # type: ignore[arg-type]  # whatever the bench tries
     ).serve()
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    """Raise this process's soft limit of open files towards `wanted` (at most the hard limit): each connection is a
+    file, and the workers inherit the limit. A limit that cannot be raised is left as it is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass

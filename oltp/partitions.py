@@ -107,7 +107,9 @@ TIER_TABLES: dict[str, tuple[str, ...]] = {
 }
 # The closed weeks pre-merged from the daily tier by a background pass (ADR 61): kept as long as the daily tier, but
 # not in TIER_TABLES, whose partitions the rollup sink ensures every batch (it never writes these; the pass does).
-WEEK_TABLES = ("rollup_dim_1w", "visitors_dim_1w", "compacted_weeks")
+# compacted_weeks first: retention drops in this order, and a week recorded as compacted must never be read while
+# its rows are already gone (a review: a week starting on 31 December with no row that day keeps its signature).
+WEEK_TABLES = ("compacted_weeks", "rollup_dim_1w", "visitors_dim_1w")
 
 
 @dataclass(frozen=True)

@@ -217,9 +217,9 @@ def rederive(conn: psycopg.Connection, lo: datetime, hi: datetime, domain: str |
     """Recompute rollup_1h and rollup_1d from rollup_15m for [lo, hi) (one domain, or all), inside the
     caller's transaction (nothing is committed here).
 
-    The range is widened to whole UTC hours for rollup_1h and to whole local days of each domain's
-    registered zone for rollup_1d; the rows of both tiers in the widened ranges are replaced by sums
-    of the rollup_15m rows there, so rollup_15m must be complete for them (it is what is trusted).
+    The range is widened to whole UTC hours for rollup_1h and to the whole local days (of each domain's
+    registered zone) overlapping those hours for rollup_1d; the rows of both tiers in the widened ranges are
+    replaced by sums of the rollup_15m rows there, so rollup_15m must be complete for them (it is what is trusted).
     Daily rows under a zone other than the domain's registered one are left alone. When the widened
     days reach the day from which the domain's daily rows are complete in that zone, that day moves
     back to the start of the range (and a domain without daily rows yet becomes complete from it if
@@ -261,7 +261,10 @@ def rederive(conn: psycopg.Connection, lo: datetime, hi: datetime, domain: str |
         by_zone.setdefault(zone(tz).key, []).append(d)
     days = DayStarts()
     for tz, domains in sorted(by_zone.items()):
-        starts = days.span(tz, lo, hi)
+        # the local days of the whole UTC hours around [lo, hi), as oltp/rebuild_dims.py and rebuild_visitors take
+        # them: a day whose dimension rows a rebuild rewrites gets a new rollup_1d row, hence a new signature for
+        # the week holding it (oltp/weekly.py); in a zone whose days start off the hour the two differ by a day
+        starts = days.span(tz, lo_h, hi_h)
         lo_d, hi_d = starts[0], starts[-1]
         _ensure(conn, "rollup_1d", lo_d, hi_d)
         params = {"tz": tz, "domains": sorted(domains), "lo": lo_d, "hi": hi_d, "starts": starts[:-1]}

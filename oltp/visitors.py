@@ -580,7 +580,7 @@ def rebuild_visitors(conn: psycopg.Connection[Any], source: VisitorSource, lo: d
     again later changes nothing: the union is idempotent). Returns the sketches written.
 
     Like `oltp.tiers.rederive`: the hours are widened to whole UTC hours, the days to the whole local days of
-    each domain's registered zone that overlap [lo, hi) (ClickHouse is asked for that wider range); days kept
+    each domain's registered zone that overlap those hours (ClickHouse is asked for that wider range); days kept
     under another zone are left alone. A dimension value keeps its key where the daily rollup by dimension
     (`rollup_dim_1d`, rebuilt first) has it; the others of that day are '(other)'; a day without any such row
     (before the rollups by dimension existed) admits its `cap` values with the most visitors."""
@@ -588,7 +588,7 @@ def rebuild_visitors(conn: psycopg.Connection[Any], source: VisitorSource, lo: d
     lo_h, hi_h = _floor_hour(lo), _ceil_hour(hi)
     zones = {d: zone(tz).key for d, tz in conn.execute("SELECT domain, tz FROM sites").fetchall()}
     days = DayStarts()
-    spans = {tz: days.span(tz, lo, hi) for tz in {*zones.values(), "UTC"}}
+    spans = {tz: days.span(tz, lo_h, hi_h) for tz in {*zones.values(), "UTC"}}  # rederive's and rebuild_dims' days
     wide_lo = min(lo_h, *(s[0] for s in spans.values()))
     wide_hi = max(hi_h, *(s[-1] for s in spans.values()))
     got = _Rebuilt()

@@ -129,6 +129,8 @@ def test_weeks_are_whole_local_weeks_and_follow_the_daily_tier():
     from core.config import Settings
     keep = keep_days_from(Settings.from_env({"TALLY_RETENTION_1D_DAYS": "800"}))
     assert keep["rollup_dim_1w"] == keep["visitors_dim_1w"] == keep["compacted_weeks"] == keep["rollup_dim_1d"] == 800
+    order = list(keep)  # retention drops in this order: a week's record goes before its rows
+    assert order.index("compacted_weeks") < min(order.index("rollup_dim_1w"), order.index("visitors_dim_1w"))
     # partitioned by year like the daily tier; not among the tables whose partitions the sink ensures every batch
     assert set(WEEK_TABLES) <= set(TABLES) and not set(WEEK_TABLES) & set(TIER_TABLES["1d"])
 

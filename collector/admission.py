@@ -24,6 +24,7 @@ without Flask, and the Flask routes read what they need from the `Intake` afterw
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from collector.body import BodyError, parse_events
-from collector.edge import origin_allowed
+from collector.edge import origin_allowed, request_origin
 from collector.geo import CountryOf, country_of
 from collector.refusals import NOBODY, SENDERS, SITES, Blame, RefusalLedger, key_owners
 from collector.registry import SiteRegistry, Snapshot
@@ -66,6 +67,27 @@ def offending(value: object) -> str:
     text = value if isinstance(value, str) else repr(value)
     text = text[:REFUSAL_VALUE_MAX]
     return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
+# What a refused event's domain may be shown as: a host name or an address (IP literals, ports, upper case and
+# underscores are what a site owner needs to see); anything else is free text a sender chose.
+_HOST_LIKE = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
+
+
+def offending_domain(value: object) -> str:
+    """A refused event's domain as its site's panel shows it: as sent when it looks like a host name or an address,
+    else a note of what it was, so that the public site key cannot put free text on the owner's dashboard (an
+    attack review sent `Visit https://evil.example now`)."""
+    return offending(value) if isinstance(value, str) and _HOST_LIKE.fullmatch(value) else "(not a host name)"
+
+
+def offending_origin(value: str | None) -> str:
+    """A refused request's `Origin` as its site's panel shows it: normalised (`scheme://host[:port]`), `null`, or a
+    note that it was not an origin (free text, as in offending_domain)."""
+    if value is not None and value.strip() == "null":
+        return "null"
+    origin = request_origin(value)
+    return offending(origin) if origin is not None else "(not an origin)"
 
 
 INTERNAL_ERROR = Refusal(500, "internal_error", "unexpected error; it was logged")  # never counted
@@ -151,7 +173,7 @@ def drop_foreign_origin(adm: Admission, intake: Intake) -> Refusal | None:
             return Refusal(403, "origin_not_allowed", f"event {index}: origin {origin!r} is not registered for "
                            f"{site.domain} (`tally sites add --origin`)", {
                                "index": index, "field": "Origin", "origin": origin, "domain": site.domain},
-                           blame=SENDERS, noted=(site.domain, offending(intake.origin)))
+                           blame=SENDERS, noted=(site.domain, offending_origin(intake.origin)))
     if known == len(intake.items):  # every event's site registered it: every answer is the page's to read
         intake.cors = intake.cors_origin
     return None
@@ -180,7 +202,7 @@ def put_events(adm: Admission, intake: Intake) -> Refusal | None:
             event = event_from_hit(item, ctx, limits, visitor_key, classify,
                                    site.url_rule if site is not None else None)
         except EventError as exc:
-            noted = (site.domain, offending(item.get("domain"))) if site is not None and exc.field == "domain" \
+            noted = (site.domain, offending_domain(item.get("domain"))) if site is not None and exc.field == "domain" \
                 and isinstance(item, dict) else None  # e.g. an IP literal: the tag needs data-domain
             return Refusal(400, "invalid_event", f"event {index}: {exc}", {"index": index, **exc.as_dict()},
                            blame=SENDERS, noted=noted)
@@ -200,7 +222,7 @@ def _unkeyed(index: int, key: object, site: Site | None, domain: str) -> Refusal
                        {"index": index, "field": "site"}, blame=SENDERS)
     return Refusal(403, "site_mismatch", f"event {index}: the site key is not for domain {domain} (domains match "
                    "exactly; register www. names separately)", {"index": index, "field": "site", "domain": domain},
-                   blame=SENDERS, noted=(site.domain, offending(domain)))
+                   blame=SENDERS, noted=(site.domain, offending_domain(domain)))
 
 
 def drop_over_limit(adm: Admission, intake: Intake) -> Refusal | None:

@@ -46,8 +46,9 @@ MAX_UTM = 128  # utm_medium / utm_campaign
 VISITOR_LEN = 32  # hex digits of `visitor_key`
 HASH_LEN = 32  # hex digits of `event_hash`
 
-_DOMAIN_RE = re.compile(rf"^(?=.{{1,{MAX_DOMAIN}}}$)([a-z0-9](?:[a-z0-9-]{{0,61}}[a-z0-9])?)"
-                        r"(\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
+# \Z, not $: `$` also matches before a final newline ('bob.test\n' was a valid host name: an attack review)
+_DOMAIN_RE = re.compile(rf"^(?=.{{1,{MAX_DOMAIN}}}\Z)([a-z0-9](?:[a-z0-9-]{{0,61}}[a-z0-9])?)"
+                        r"(\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*\Z")
 _MAX_ID = 128
 _MAX_VALUE = Decimal("1000000000")
 _VALUE_QUANTUM = Decimal("0.000001")

@@ -59,6 +59,13 @@ def test_ip_literals_are_not_domains(domain):
     assert info.value.field == "domain"
 
 
+@pytest.mark.parametrize("domain", ["bob.test\n.", "bob.\ntest", "bob.test\n.."])
+def test_a_newline_inside_a_domain_is_refused(domain):  # `$` matched before a final newline: an attack review
+    with pytest.raises(EventError) as info:
+        normalize_domain(domain)
+    assert info.value.field == "domain"
+
+
 @pytest.mark.parametrize("domain", ["example.com", "123.example.com", "1a.example.com", "localhost",
                                     "xn--bcher-kva.example"])
 def test_host_names_with_digits_are_fine(domain):

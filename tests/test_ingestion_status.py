@@ -172,7 +172,7 @@ def test_a_sites_refusals_name_the_offending_domain_or_origin(pipeline, domain):
         == (403, "site_mismatch")
     assert code(collector.post("/collect", json={**ev, "domain": "staging." + domain}, query_string=q)) \
         == (403, "site_mismatch")
-    long_origin = "http://" + "a" * 250 + ".example"
+    long_origin = "http://" + ".".join(["a" * 60] * 4) + ".example"  # a valid origin of 258 characters
     assert code(collector.post("/collect", json=ev, query_string=q, headers={"Origin": long_origin})) \
         == (403, "origin_not_allowed")
     assert len(app.extensions["tally_refusals"].values()[(domain, "origin_not_allowed")]) == 200  # cut
@@ -237,11 +237,38 @@ def test_old_count_records_decode_without_a_value():
 
 
 def test_offending_values_are_printable_and_cut():
-    from collector.admission import offending
+    from collector.admission import offending, offending_domain, offending_origin
 
     assert offending("a\x00b\nc") == "a?b?c"
     assert offending("é" * 300) == "é" * 200
     assert offending(12) == "12"
+    # what a stranger holding the public site key sends cannot become free text on the owner's panel
+    for sent, shown in (("127.0.0.1", "127.0.0.1"), ("[::1]:8000", "[::1]:8000"), ("Staging_1.Example.com",
+                        "Staging_1.Example.com"), ("Visit https://evil.example now", "(not a host name)"),
+                        ("bob.test\n", "(not a host name)"), ("", "(not a host name)"), (12, "(not a host name)")):
+        assert offending_domain(sent) == shown, sent
+    for sent, shown in (("http://localhost:8000", "http://localhost:8000"), ("https://a.example:443", "https://a.example"),
+                        ("null", "null"), ("IMPORTANT: tally support - log in at https://x.example", "(not an origin)"),
+                        ("garbage", "(not an origin)"), (None, "(not an origin)")):
+        assert offending_origin(sent) == shown, sent
+
+
+def test_a_stranger_cannot_write_text_into_a_sites_refused_values(pipeline, domain):  # noqa: F811
+    from oltp import sites
+
+    sites.add(pipeline.settings.pg_dsn, domain, origins=["https://" + domain])
+    ev = {"domain": domain, "url": f"https://{domain}/", "type": "pageview"}
+    pipeline.post(ev)
+    key = pipeline.site_query(ev)["site"]
+    collector = pipeline.collector
+    phishing = "IMPORTANT: your site key leaked, log in at https://tally-support.example"
+    assert collector.post("/collect", json=ev, query_string={"site": key},
+                          headers={"Origin": phishing}).status_code == 403
+    assert collector.post("/collect", json={**ev, "domain": "Visit https://evil.example now"},
+                          query_string={"site": key}).status_code == 400
+    values = collector.application.extensions["tally_refusals"].values()
+    assert values[(domain, "origin_not_allowed")] == "(not an origin)"
+    assert values[(domain, "invalid_event")] == "(not a host name)"
 
 
 def test_a_capped_site_sees_which_dimension_hit_the_cap_and_what_went_to_other(pipeline, domain):  # noqa: F811

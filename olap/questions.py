@@ -81,10 +81,11 @@ WHERE e.type = 'impression' AND e.ts >= now() - INTERVAL 7 DAY""",
         "Top 10 pages across all sites by unique visitors yesterday",
         "A page is a path on one site (`domain`, `page`); yesterday is the previous calendar day in UTC; unique "
         "visitors are exact (`uniqExact(visitor)`; the visitor key rotates daily, so a day is its natural span). "
-        "Ties are broken by domain, then page.",
+        "Bots are not visitors (as on the dashboard): they have a visitor key too, so they are left out by "
+        "`device`. Ties are broken by domain, then page.",
         """SELECT e.domain AS domain, e.page AS page, uniqExact(e.visitor) AS visitors
 FROM tally.events AS e
-WHERE toDate(e.ts) = toDate(now('UTC')) - 1
+WHERE toDate(e.ts) = toDate(now('UTC')) - 1 AND coalesce(e.device, '') != 'bot'
 GROUP BY domain, page
 ORDER BY visitors DESC, domain, page
 LIMIT 10""",

@@ -51,6 +51,7 @@ AGENTS = (
     "Safari/537.36",
     "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 "
     "Safari/605.1.15",
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",  # a bot: no visitor
 )
 ACCOUNTS = ("Acme Inc.", "Globex", "Initech", None)  # a site without an account: its events group under NULL
 PAGES = ("/", "/", "/", "/pricing", "/pricing", "/blog/a", "/docs", "/docs/start", "/cart", "/about")
@@ -203,7 +204,7 @@ def _top_pages_yesterday(sent: list[Sent], now: datetime) -> list[tuple]:
     yesterday = (now - timedelta(days=1)).date()
     visitors: dict[tuple[str, str], set[tuple[str, str]]] = defaultdict(set)
     for e in sent:
-        if e.ts.date() == yesterday:
+        if e.ts.date() == yesterday and classify_user_agent(e.agent)[2] != "bot":
             visitors[(e.domain, e.page)].add((e.address, e.agent))  # the visitor key: address and agent, per day
     rows = [(domain, page, len(v)) for (domain, page), v in visitors.items()]
     return sorted(rows, key=lambda r: (-r[2], r[0], r[1]))[:10]

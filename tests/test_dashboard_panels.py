@@ -274,6 +274,7 @@ def test_every_panel_is_the_api_and_a_row_click_filters_everything(stack, browse
             shutil.copy(stack.shots / "dashboard-1280.png", ROOT / "docs" / "img" / "dashboard-1280.png")
 
         # A click on Germany filters every panel, the cards and the chart; the URL and a chip say so.
+        assert page.get_attribute('#panel-country tr[data-key="DE"] .row-key', "title") == "filter by country: Germany"
         page.click('#panel-country tr[data-key="DE"] .row-key')
         wait_settled(page, "window.tally.view.filters.length === 1")
         assert url_filters(page) == ["country:DE"]
@@ -287,6 +288,13 @@ def test_every_panel_is_the_api_and_a_row_click_filters_everything(stack, browse
         assert (filtered["summary"]["metrics"]["pageviews"]["total"]
                 < figures["summary"]["metrics"]["pageviews"]["total"])
         assert [key for key, *_ in after["country"]] == ["DE"]
+        # filtered, visitors are counted per day and the other panels per hour: each note has a mark of its own
+        marked = page.evaluate("""() => [...document.querySelectorAll('.panel.breakdown th[data-note]')].map(
+            th => [th.dataset.note, th.textContent.split(' ').pop()])""")
+        marks = {note: {m for n, m in marked if n == note} for note, _ in marked}
+        assert len(marks) == 2 and sorted(len(m) for m in marks.values()) == [1, 1], marked
+        assert sorted(m for (m,) in marks.values()) == ["*", "**"]
+        assert all(f"{m} {note}" in page.inner_text("#panels-note") for note, (m,) in marks.items())
 
         # A second filter (a page) narrows further; Back undoes one click at a time, Forward redoes it.
         page.click('#panel-page tr[data-key="/pricing"] .row-key')

@@ -51,7 +51,7 @@ export function breakdownPanels(ctx) {
       button.disabled = true;
       button.title = `${row.key} (a value holding ",<dimension>:" cannot be a filter)`;
     } else {
-      button.title = `filter by ${dimension}: ${row.key}`;
+      button.title = `filter by ${dimension}: ${button.textContent}`;
       button.addEventListener("click", () => navigate({filters: withFilter(state.view.filters, dimension, row.key)}));
     }
     keyCell.appendChild(button);
@@ -71,7 +71,7 @@ export function breakdownPanels(ctx) {
       const th = document.createElement("th");
       th.textContent = text;
       if (cls) th.className = cls;
-      if (cls && note) { th.title = note; th.textContent += " *"; }
+      if (cls && note) { th.title = note; th.dataset.note = note; th.textContent += " *"; }  // marked in loadPanels
       head.appendChild(th);
     }
     const top = Math.max(...data.rows.map((r) => Number(r.count)), 0);
@@ -110,8 +110,13 @@ export function breakdownPanels(ctx) {
     for (const panel of document.querySelectorAll(".panel.breakdown")) panel.dataset.status = "loading";
     await Promise.all(DIMENSIONS.map((d) => loadPanel(d, params, seq)));
     if (seq !== state.loads) return;
-    const notes = new Set(DIMENSIONS.map((d) => state.panels[d] && state.panels[d].note).filter(Boolean));
-    document.getElementById("panels-note").textContent = [...notes].map((n) => `* ${n}`).join(" ");
+    // one mark per distinct note (*, **, ...): a filtered view can count visitors and combinations differently
+    const notes = [...new Set(DIMENSIONS.map((d) => state.panels[d] && state.panels[d].note).filter(Boolean))];
+    const mark = (note) => "*".repeat(notes.indexOf(note) + 1);
+    for (const th of document.querySelectorAll(".panel.breakdown th[data-note]")) {
+      th.textContent = `${th.textContent.replace(/ \*+$/, "")} ${mark(th.dataset.note)}`;
+    }
+    document.getElementById("panels-note").textContent = notes.map((n) => `${mark(n)} ${n}`).join(" ");
     for (const panel of document.querySelectorAll(".panel.breakdown")) {
       const dims = [...panel.querySelectorAll(".tab-body")].map((b) => b.dataset.dimension);
       panel.dataset.status = dims.every((d) => state.panels[d] && state.panels[d].status === 200) ? "ready" : "missing";

@@ -520,11 +520,11 @@ class _Walker:
             if key in ("type", "name", "alias"):
                 continue
             if key == "arguments":
-                if name == "values":
-                    check_values_structure(value)
                 # CTE names are not passed in: whether ClickHouse resolves them inside table
                 # function arguments is not something to rely on.
                 self.expr(value, frozenset())
+                if name == "values":
+                    check_values_structure(value)
             else:
                 self._unknown(node, key)
 
@@ -833,15 +833,20 @@ def check_aggregate_name(text: str, functions: FunctionTable, where: str) -> Non
 def check_values_structure(arguments: Any) -> None:
     """`values(structure, rows...)`: ClickHouse reads a first argument that is a string literal (a query parameter
     becomes one) as a column list whose declarations may carry expressions (`ALIAS file(...)`) it evaluates, so that
-    argument must be a literal, and as a string a plain structure (olap/structure.py)."""
+    argument must be a literal (or a tuple()/array() row), and as a string a plain structure (olap/structure.py): a name
+    there is read as the string of the alias it names (`WITH '...' AS s ... values(s, 1)`: a second review)."""
     children = arguments.get("children") if isinstance(arguments, dict) else None
     if not isinstance(children, list) or len(children) < 2:
         return  # values(rows): no structure
     first = children[0]
-    if not isinstance(first, dict) or first.get("type") == "QueryParameter":
-        raise Refused("values(): the first argument cannot be a query parameter (ClickHouse would read it as the "
-                      "column structure); write the structure in the query, e.g. values('a UInt8, b String', ...)")
-    value = first.get("value") if first.get("type") == "Literal" else None
+    kind = first.get("type") if isinstance(first, dict) else None
+    if kind == "Function" and first.get("name") in ("tuple", "array"):
+        return  # a row: (1, now()) or [1, 2]
+    if kind != "Literal":  # a name ClickHouse resolves to an alias's string first, a parameter, a call, a subquery
+        raise Refused("values(): with rows after it, the first argument must be a literal row or a column structure "
+                      "written as a string in the query (ClickHouse reads a string there as the structure), e.g. "
+                      "values('a UInt8, b String', (1, 'x'))")
+    value = first.get("value")
     if isinstance(value, dict) and value.get("field_type") == "String":
         try:
             check_structure(str(value.get("value")))

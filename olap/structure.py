@@ -4,10 +4,10 @@
 ClickHouse evaluates what a column declaration may carry (`ALIAS`, `DEFAULT`, `MATERIALIZED`, `EPHEMERAL`,
 `CODEC`, `TTL`, ...), so `b String ALIAS file('...')` would run any function past the function allowlist (a
 security review read the server's files this way). A structure is accepted only when it is a comma-separated
-list of `name Type` where a type is a name with optional parenthesised arguments: types, `name Type` (Tuple,
-Nested), numbers, single-quoted strings without escapes, and `'text' = number` (Enum). The aggregate function
-types a structure may hold are checked as every string literal's are (olap/allowlist.py `check_literal`).
-"""
+list of `name Type` where a type is one of ClickHouse's data type names with optional parenthesised arguments:
+types, `name Type` (Tuple, Nested), numbers, single-quoted strings without escapes, and `'text' = number` (Enum).
+The aggregate function types a structure may hold are checked as every string literal's are (olap/allowlist.py
+`check_literal`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,28 @@ import re
 _TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|(`[A-Za-z_][A-Za-z0-9_]*`)|(-?[0-9]+(?:\.[0-9]+)?)|('[^'\\]*')|([(),=])")
 MAX_STRUCTURE = 4000  # characters
 MAX_DEPTH = 16
+
+# The one-word data type names of ClickHouse's `system.data_type_families` (tests/test_analyst.py checks them against
+# the server under test): a type must be one. In a column declaration the type is optional, so any other word in
+# its place is read as a column clause (`b ALIAS(file(...))` or `b alias(...)`: a second review).
+TYPE_NAMES = frozenset({
+    "AggregateFunction", "Array", "BFloat16", "Dynamic", "Enum16", "Enum8", "FixedString", "Float32", "Float64",
+    "GEOMETRY", "Geometry", "IPv4", "IPv6", "Int128", "Int16", "Int256", "Int32", "Int64", "Int8", "IntervalDay",
+    "IntervalHour", "IntervalMicrosecond", "IntervalMillisecond", "IntervalMinute", "IntervalMonth",
+    "IntervalNanosecond", "IntervalQuarter", "IntervalSecond", "IntervalWeek", "IntervalYear", "LineString",
+    "LowCardinality", "Map", "MultiLineString", "MultiPoint", "MultiPolygon", "Nested", "Nothing", "Nullable",
+    "Point", "Polygon", "QBit", "Ring", "SimpleAggregateFunction", "String", "Tuple", "UInt128", "UInt16",
+    "UInt256", "UInt32", "UInt64", "UInt8", "UUID", "Variant",
+})
+TYPE_NAMES_ANY_CASE = frozenset({  # lower-cased: ClickHouse reads these in any case
+    "bigint", "binary", "bit", "blob", "bool", "boolean", "byte", "bytea", "char", "character", "clob", "date",
+    "date32", "datetime", "datetime32", "datetime64", "dec", "decimal", "decimal128", "decimal256", "decimal32",
+    "decimal64", "double", "enum", "fixed", "float", "inet4", "inet6", "int", "int1", "integer", "json", "longblob",
+    "longtext", "mediumblob", "mediumint", "mediumtext", "nchar", "numeric", "nvarchar", "real", "set", "signed",
+    "single", "smallint", "text", "time", "time64", "timestamp", "tinyblob", "tinyint", "tinytext", "unsigned",
+    "varbinary", "varchar", "varchar2", "year",
+})
+_AGGREGATE_TYPES = frozenset({"AggregateFunction", "SimpleAggregateFunction"})  # their first argument: a function
 
 
 class StructureError(ValueError):
@@ -66,14 +88,32 @@ class _Parser:
     def type(self, depth: int) -> None:
         if depth > MAX_DEPTH:
             raise StructureError("types nested too deep")
+        name = self.take("name")
+        if name not in TYPE_NAMES and name.lower() not in TYPE_NAMES_ANY_CASE:
+            raise StructureError(f"{name!r} is not a ClickHouse data type")
+        if self.peek() == ("punct", "("):
+            self.i += 1
+            if name in _AGGREGATE_TYPES:  # AggregateFunction(quantiles(0.5, 0.9), UInt64): the name is checked by
+                self.function()  # olap/allowlist.py check_aggregate_types, as in every string literal
+            elif self.peek() != ("punct", ")"):
+                self.argument(depth + 1)
+            while self.peek() == ("punct", ","):
+                self.i += 1
+                self.argument(depth + 1)
+            self.take("punct", ")")
+
+    def function(self) -> None:
+        """An aggregate function's name, with parameters that are numbers or strings."""
         self.take("name")
         if self.peek() == ("punct", "("):
             self.i += 1
-            if self.peek() != ("punct", ")"):
-                self.argument(depth + 1)
-                while self.peek() == ("punct", ","):
+            while self.peek() != ("punct", ")"):
+                token = self.peek()
+                if token is None or token[0] not in ("number", "string"):
+                    raise StructureError("an aggregate function's parameters must be numbers or strings")
+                self.i += 1
+                if self.peek() == ("punct", ","):
                     self.i += 1
-                    self.argument(depth + 1)
             self.take("punct", ")")
 
     def argument(self, depth: int) -> None:

@@ -127,6 +127,10 @@ def test_every_allowlisted_table_function_works(ch, sql, rows):
     "a UInt8, b String EPHEMERAL hostName()", "a UInt8 CODEC(ZSTD)", "a UInt8 TTL now()", "a UInt8 COMMENT 'x'",
     "a UInt8 NOT NULL", "a UInt8, b Tuple(x String) ALIAS tuple(getSetting('max_threads'))",
     "a UInt8, b String  alias  file('/etc/hostname')",
+    # no type: ClickHouse reads the word in its place as the clause (a second review)
+    "a UInt8, b ALIAS(file('/etc/hostname'))", "a UInt8, b alias(tuple(hostName(), currentUser()))",
+    "a UInt8, b DEFAULT(hostName())", "a UInt8, b Nullable(ALIAS(hostName()))", "a UInt8, b Tuple(x ALIAS(1))",
+    "a UInt8, b UInt8(hostName())", "a UInt8, b Array(ALIAS(1))",
 ])
 def test_a_values_structure_with_column_clauses_is_refused(ch, structure):
     quoted = structure.replace("'", "''")
@@ -136,12 +140,20 @@ def test_a_values_structure_with_column_clauses_is_refused(ch, structure):
     refused(ch, f"SELECT * FROM values((('{quoted}')), 1)")  # refused too (its parse tree does not round-trip)
 
 
-def test_a_values_structure_cannot_come_from_a_query_parameter(ch):
-    for sql, words in (("SELECT b FROM values({s:String}, 1)", "query parameter"),
-                       ("SELECT b FROM values(({s:String}), 1)", "")):  # refused as not round-tripping
+def test_a_values_structure_cannot_come_from_a_query_parameter_or_an_alias(ch):
+    evil = "a UInt8, b ALIAS hostName()"
+    for sql, words in (("SELECT b FROM values({s:String}, 1)", "values(): with rows after it"),
+                       ("SELECT b FROM values(({s:String}), 1)", ""),  # refused as not round-tripping
+                       # a name is read as the string of the alias it names (a second review)
+                       ("WITH {s:String} AS s SELECT b FROM values(s, 1)", "values(): with rows after it"),
+                       ("SELECT {s:String} AS s, b FROM values(s, 1)", "values(): with rows after it"),
+                       (f"WITH '{evil}' AS s SELECT b FROM values(s, 1)", "values(): with rows after it"),
+                       (f"SELECT '{evil}' AS s, b FROM values(s, 1)", "values(): with rows after it"),
+                       (f"SELECT b FROM values(toString('{evil}'), 1)", "values(): with rows after it"),
+                       (f"SELECT b FROM values((SELECT '{evil}'), 1)", "")):
         with pytest.raises(AnalystQueryError) as info:
-            prepare(ch, sql, DB, {"s": "a UInt8, b String ALIAS hostName()"})
-        assert info.value.code == "refused" and words in info.value.message
+            prepare(ch, sql, DB, {"s": evil})
+        assert info.value.code == "refused" and words in info.value.message, (sql, info.value.message)
     # a parameter among the rows, or values() with rows only, still works
     assert run_query(ch, "SELECT * FROM values('a UInt8', {n:UInt8})", LIMITS, params={"n": "7"}).rows == [[7]]
     assert run_query(ch, "SELECT * FROM values({s:String})", LIMITS, params={"s": "x"}).rows == [["x"]]
@@ -155,6 +167,18 @@ def test_a_values_structure_cannot_come_from_a_query_parameter(ch):
 def test_a_values_structure_of_names_and_types_works(ch, structure, rows):
     quoted = structure.replace("'", "''")
     assert len(run_query(ch, f"SELECT * FROM values('{quoted}', {rows})", LIMITS).rows) == 1
+    assert run_query(ch, "SELECT * FROM values(tuple(1, 'x'), (2, 'y'))", LIMITS).rows == [[1, "x"], [2, "y"]]
+
+
+def test_the_structures_type_names_are_clickhouses(ch):
+    from olap.structure import TYPE_NAMES, TYPE_NAMES_ANY_CASE
+
+    families = ch.query("SELECT name, case_insensitive FROM system.data_type_families WHERE position(name, ' ') = 0")
+    exact = {n for n, ci in families.result_rows if not ci}
+    any_case = {n.lower() for n, ci in families.result_rows if ci}
+    assert TYPE_NAMES == exact and TYPE_NAMES_ANY_CASE == any_case
+    assert not {"alias", "default", "materialized", "ephemeral", "codec", "ttl", "comment"} & (
+        {n.lower() for n in TYPE_NAMES} | TYPE_NAMES_ANY_CASE)
 
 
 def test_the_parametrised_cases_cover_the_whole_table_function_allowlist():

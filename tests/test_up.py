@@ -140,12 +140,12 @@ def test_events_accepted_just_before_a_stop_are_counted_after_a_restart(tmp_path
                TALLY_CONSUMER_SESSION_TIMEOUT_MS="2000")
     domain = "restart.example.com"
     proc, first_banner = start_up(env)
-    token = admin_token(tmp_path / "home")
-    assert token in first_banner
-    # No site yet: the banner says how to register one, and shows no dashboard of a domain that is not registered.
-    assert "tally sites add" in first_banner and "?domain=" not in first_banner, first_banner
-    assert "RuntimeDirWarning" not in first_banner, first_banner
-    try:
+    try:  # every check inside: a failed one still stops the platform (one left a whole stack running)
+        token = admin_token(tmp_path / "home")
+        assert token in first_banner
+        # No site yet: the banner says how to register one, and shows no dashboard of a domain not registered.
+        assert "tally sites add" in first_banner and "?domain=" not in first_banner, first_banner
+        assert "RuntimeDirWarning" not in first_banner, first_banner
         added = subprocess.run([sys.executable, "-m", "tally.cli", "sites", "add", domain, "--json"], env=env,
                                capture_output=True, text=True, timeout=60)
         assert added.returncode == 0, added.stderr
@@ -171,11 +171,12 @@ def test_events_accepted_just_before_a_stop_are_counted_after_a_restart(tmp_path
     assert proc.returncode == 0, out
 
     proc, banner = start_up(env)
-    assert f"/?domain={domain}" in banner and "tally sites add" not in banner, banner  # the registered site
-    # Later starts reuse the token and print only where it is.
-    assert admin_token(tmp_path / "home") == token
-    assert token not in banner and f"admin token in {tmp_path / 'home' / 'admin-token'}" in " ".join(banner.split())
     try:
+        assert f"/?domain={domain}" in banner and "tally sites add" not in banner, banner  # the registered site
+        # Later starts reuse the token and print only where it is.
+        assert admin_token(tmp_path / "home") == token
+        assert token not in banner
+        assert f"admin token in {tmp_path / 'home' / 'admin-token'}" in " ".join(banner.split())
         url = f"http://127.0.0.1:{api_port}/api/v1/domains/{domain}/impressions?granularity=1h"
         refused_without_token(url)
         deadline, total = time.monotonic() + 30, None

@@ -82,6 +82,26 @@ def catalog_function(name: str) -> str | None:
 # them under readonly = 1 (they need CREATE TEMPORARY TABLE), and `SELECT 0 FROM numbers(n)` does
 # the same.
 TABLE_FUNCTIONS = frozenset({"numbers", "numbers_mt", "generateSeries", "generate_series", "values"})
+# Every table function of ClickHouse (system.table_functions; tests/test_analyst.py compares): inside a table
+# function's arguments ClickHouse runs a call of one of these names as a table function, so an allowed scalar
+# function of the same name (`format`) there read files (a third review: `numbers(format(Values, ...))`).
+ALL_TABLE_FUNCTIONS = frozenset({
+    "SQLStandardValues", "arrowstream", "azureBlobStorage", "azureBlobStorageCluster", "bigquery", "cluster",
+    "clusterAllReplicas", "cosn", "deltaLake", "deltaLakeAzure", "deltaLakeAzureCluster", "deltaLakeCluster",
+    "deltaLakeLocal", "deltaLakeS3", "deltaLakeS3Cluster", "dictionary", "eval", "executable", "file", "fileCluster",
+    "filesystem", "format", "fuzzJSON", "fuzzQuery", "gcs", "generateRandom", "generateSeries", "generate_series",
+    "hdfs", "hdfsCluster", "hudi", "hudiCluster", "iceberg", "icebergAzure", "icebergAzureCluster", "icebergCluster",
+    "icebergHDFS", "icebergHDFSCluster", "icebergLocal", "icebergLocalCluster", "icebergS3", "icebergS3Cluster",
+    "input", "jdbc", "loop", "merge", "mergeTreeAnalyzeIndexes", "mergeTreeAnalyzeIndexesUUID",
+    "mergeTreeCodecBlockCounts", "mergeTreeIndex", "mergeTreeProjection", "mergeTreeTextIndex", "mongodb", "mysql",
+    "null", "numbers", "numbers_mt", "odbc", "oss", "paimon", "paimonAzure", "paimonAzureCluster", "paimonCluster",
+    "paimonHDFS", "paimonHDFSCluster", "paimonLocal", "paimonS3", "paimonS3Cluster", "postgresql", "primes",
+    "prometheusQuery", "prometheusQueryRange", "python", "redis", "remote", "remoteSecure", "s3", "s3Cluster",
+    "sqlite", "timeSeriesData", "timeSeriesMetricFamilies", "timeSeriesMetrics", "timeSeriesSamples",
+    "timeSeriesSelector", "timeSeriesTags", "url", "urlCluster", "values", "view", "viewExplain", "viewIfPermitted",
+    "ytsaurus", "zeros", "zeros_mt",
+})
+_ALL_TABLE_FUNCTIONS_ANY_CASE = frozenset(n.lower() for n in ALL_TABLE_FUNCTIONS)
 
 # Function nodes the parser makes from syntax, which system.functions does not list.
 SYNTAX_FUNCTIONS = frozenset({"lambda", "exists", "grouping"})
@@ -523,6 +543,7 @@ class _Walker:
                 # CTE names are not passed in: whether ClickHouse resolves them inside table
                 # function arguments is not something to rely on.
                 self.expr(value, frozenset())
+                refuse_table_function_calls(name, value)
                 if name == "values":
                     check_values_structure(value)
             else:
@@ -828,6 +849,23 @@ def check_aggregate_name(text: str, functions: FunctionTable, where: str) -> Non
         raise Refused(f"aggregate function {name} ({where}) is not allowed in analyst SQL")
     if parameters is not None and not _PLAIN_PARAMETERS.fullmatch(parameters):
         raise Refused(f"{where}: the parameters of {name} must be plain number or string literals")
+
+
+def refuse_table_function_calls(outer: str, node: Any) -> None:
+    """Raise Refused for a call, in a table function's arguments (outside subqueries, which are checked as queries),
+    whose name is a table function's (ALL_TABLE_FUNCTIONS, in any case): ClickHouse runs it as one there."""
+    if isinstance(node, list):
+        for child in node:
+            refuse_table_function_calls(outer, child)
+        return
+    if not isinstance(node, dict) or node.get("type") in ("SelectWithUnionQuery", "SelectQuery", "Subquery"):
+        return
+    name = node.get("name")
+    if node.get("type") == "Function" and isinstance(name, str) and name.lower() in _ALL_TABLE_FUNCTIONS_ANY_CASE:
+        raise Refused(f"{outer}(): a call of {name} in its arguments would run as the table function {name}; "
+                      f"compute that value in a subquery, e.g. {outer}((SELECT ...))")
+    for value in node.values():
+        refuse_table_function_calls(outer, value)
 
 
 def check_values_structure(arguments: Any) -> None:

@@ -170,6 +170,24 @@ def test_a_values_structure_of_names_and_types_works(ch, structure, rows):
     assert run_query(ch, "SELECT * FROM values(tuple(1, 'x'), (2, 'y'))", LIMITS).rows == [[1, "x"], [2, "y"]]
 
 
+@pytest.mark.parametrize("sql, words", [
+    ("SELECT * FROM numbers(format(Values, 'a String', '(toUInt8(hostName()))'))", "would run as the table function"),
+    ("SELECT * FROM numbers(1 + length(format(Values, 'a String', '(1)')))", "would run as the table function"),
+    ("SELECT * FROM generate_series(1, format(JSONEachRow, 'a String', '{}'))", "would run as the table function"),
+    ("SELECT * FROM values(1, format('{}', 1))", "would run as the table function"),
+    ("SELECT * FROM numbers(FORMAT(Values, 'a String', '(1)'))", "function FORMAT is not allowed"),
+])
+def test_a_table_function_name_inside_a_table_functions_arguments_is_refused(ch, sql, words):
+    # ClickHouse runs it as the table function (a third review read files this way under readonly = 2)
+    assert words in refused(ch, sql)
+    assert run_query(ch, "SELECT format('{}-{}', 'a', 'b')", LIMITS).rows == [["a-b"]]  # elsewhere, as before
+
+
+def test_the_table_function_names_are_clickhouses(ch):
+    assert allowlist.ALL_TABLE_FUNCTIONS == {r[0] for r in ch.query("SELECT name FROM system.table_functions")
+                                             .result_rows}
+
+
 def test_the_structures_type_names_are_clickhouses(ch):
     from olap.structure import TYPE_NAMES, TYPE_NAMES_ANY_CASE
 

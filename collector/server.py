@@ -71,10 +71,15 @@ def serve(settings: Settings, host: str, port: int, workers: int, *, interface: 
     """Run granian until it is stopped. `interface`: "rsgi" or "wsgi" (default: TALLY_COLLECTOR_INTERFACE,
     itself rsgi by default); `options`: further Granian arguments (the bench tries some)."""
     target, kind = TARGETS[interface or settings.collector_interface]
-    options.setdefault("backpressure", MAX_CONNECTIONS_PER_WORKER)
+    files = _open_files_limit()  # importing granian raised the soft limit to the hard one
+    per_worker = max(64, min(MAX_CONNECTIONS_PER_WORKER, files - 256))  # a connection is a file; some for the rest
+    if per_worker < MAX_CONNECTIONS_PER_WORKER:
+        granian_log.warning(f"the open-files limit is {files}: each collector worker holds at most {per_worker} "
+                            f"connections (raise `ulimit -n` to {2 * MAX_CONNECTIONS_PER_WORKER} for "
+                            f"{MAX_CONNECTIONS_PER_WORKER})")
+    options.setdefault("backpressure", per_worker)
     if kind == Interfaces.WSGI:  # granian's WSGI threads default to backpressure / 2: keep them what they were
         options.setdefault("blocking_threads", max(1, BACKLOG // max(1, workers) // 2))
-    _raise_open_files_limit(2 * MAX_CONNECTIONS_PER_WORKER)
     CollectorServer(
         target,
         factory=True,
@@ -90,13 +95,7 @@ def serve(settings: Settings, host: str, port: int, workers: int, *, interface: 
     ).serve()
 
 
-def _raise_open_files_limit(wanted: int) -> None:
-    """Raise this process's soft limit of open files towards `wanted` (at most the hard limit): each connection is a
-    file, and the workers inherit the limit. A limit that cannot be raised is left as it is."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass
+def _open_files_limit() -> int:
+    """The soft limit of open files the workers inherit (a large number when unlimited)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 30 if soft == resource.RLIM_INFINITY else soft

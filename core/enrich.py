@@ -217,7 +217,7 @@ def source_of(referrer: str | None, domain: str, utm_source: str | None, page_ne
     if not host:
         return None
     site = registrable_domain(host)
-    if site == registrable_domain(domain) or page_netloc and site == registrable_domain(_host(page_netloc)):
+    if site == registrable_domain(domain) or (page_netloc and site == registrable_domain(_host(page_netloc))):
         return None  # a self-referral: a page of the same site, or of the host the page is on (data-domain)
     return family_of_host(host) or _unreserved(site[:MAX_SOURCE])
 

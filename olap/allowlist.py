@@ -19,7 +19,9 @@ is not allowed:
   at curated views (ADR 51);
 - `currentDatabase()`, `displayName()` and `currentUser()` (CATALOG_FUNCTIONS), without arguments: olap/catalog.py
   answers them; `getSetting('<name>')` for GETSETTING_NAMES, named by a literal;
-- table functions are `TABLE_FUNCTIONS` only;
+- table functions are `TABLE_FUNCTIONS` only; in their arguments no call is named like a table function
+  (`ALL_TABLE_FUNCTIONS` and the server's own: ClickHouse runs it as one there), and `values()`'s first argument,
+  when rows follow, is a literal or a tuple()/array() row, a string one a plain structure (olap/structure.py);
 - every function (also `APPLY(f)` column transformers) is allowed by the reviewed table in
   `olap/allowed_functions.py`, which `python -m olap.allowlist --write` generates from
   `system.functions` with the rules below; aggregate combinators (`sumIf`, `uniqState`,
@@ -101,7 +103,16 @@ ALL_TABLE_FUNCTIONS = frozenset({
     "timeSeriesSelector", "timeSeriesTags", "url", "urlCluster", "values", "view", "viewExplain", "viewIfPermitted",
     "ytsaurus", "zeros", "zeros_mt",
 })
-_ALL_TABLE_FUNCTIONS_ANY_CASE = frozenset(n.lower() for n in ALL_TABLE_FUNCTIONS)
+_ALL_TABLE_FUNCTIONS_ANY_CASE = {n.lower() for n in ALL_TABLE_FUNCTIONS}  # and the server's (learn_table_functions)
+
+
+def learn_table_functions(client: Any) -> int:
+    """Add the server's own table function names (a newer ClickHouse may have more than ALL_TABLE_FUNCTIONS) to those
+    refused inside a table function's arguments; returns how many were new. Raises what the client raises."""
+    names = {str(r[0]).lower() for r in client.query("SELECT name FROM system.table_functions").result_rows}
+    new = names - _ALL_TABLE_FUNCTIONS_ANY_CASE
+    _ALL_TABLE_FUNCTIONS_ANY_CASE.update(new)
+    return len(new)
 
 # Function nodes the parser makes from syntax, which system.functions does not list.
 SYNTAX_FUNCTIONS = frozenset({"lambda", "exists", "grouping"})
@@ -874,7 +885,9 @@ def check_values_structure(arguments: Any) -> None:
     argument must be a literal (or a tuple()/array() row), and as a string a plain structure (olap/structure.py): a name
     there is read as the string of the alias it names (`WITH '...' AS s ... values(s, 1)`: a second review)."""
     children = arguments.get("children") if isinstance(arguments, dict) else None
-    if not isinstance(children, list) or len(children) < 2:
+    if not isinstance(children, list):
+        raise Refused("values(): its arguments could not be checked")
+    if len(children) < 2:
         return  # values(rows): no structure
     first = children[0]
     kind = first.get("type") if isinstance(first, dict) else None
@@ -889,9 +902,10 @@ def check_values_structure(arguments: Any) -> None:
         try:
             check_structure(str(value.get("value")))
         except StructureError as exc:
-            raise Refused(f"values(): the structure {str(value.get('value'))[:80]!r} is not a plain list of column "
-                          f"names and types ({exc}); defaults, aliases, codecs and other column clauses are not "
-                          "allowed") from None
+            raise Refused(f"values(): with rows after it, ClickHouse reads the string {str(value.get('value'))[:80]!r} "
+                          f"as the column structure, and it is not a plain list of column names and types ({exc}). "
+                          "Name the columns first, as in values('c String', 'Germany', 'France'); defaults, aliases, "
+                          "codecs and other column clauses are not allowed") from None
 
 
 def check_literal(node: dict[str, Any], functions: FunctionTable) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import re
 
-_TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|(`[A-Za-z_][A-Za-z0-9_]*`)|(-?[0-9]+(?:\.[0-9]+)?)|('[^'\\]*')|([(),=])")
+_TOKEN = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*|`[A-Za-z_][A-Za-z0-9_]*`)|(?P<number>-?[0-9]+(?:\.[0-9]+)?)"
+                    r"|(?P<string>'[^'\\]*')|(?P<punct>[(),=])")
 MAX_STRUCTURE = 4000  # characters
 MAX_DEPTH = 16
 
@@ -56,18 +57,24 @@ def _tokens(text: str) -> list[tuple[str, str]]:
         m = _TOKEN.match(text, at)
         if m is None:
             raise StructureError(f"unexpected {text[at:at + 20]!r}")
-        group = m.lastindex or 0
-        out.append((("", "name", "name", "number", "string", "punct")[group], m.group(group)))
+        kind = m.lastgroup or ""
+        out.append((kind, m.group(kind)))
         at = m.end()
 
 
 class _Parser:
+    """Recursive descent over the tokens: `columns` reads the whole structure or raises StructureError."""
+
     def __init__(self, tokens: list[tuple[str, str]]) -> None:
         self.tokens, self.i = tokens, 0
 
     def peek(self, offset: int = 0) -> tuple[str, str] | None:
         j = self.i + offset
         return self.tokens[j] if j < len(self.tokens) else None
+
+    def peek_kind(self) -> str | None:
+        token = self.peek()
+        return token[0] if token else None
 
     def take(self, kind: str, text: str | None = None) -> str:
         token = self.peek()
@@ -80,12 +87,12 @@ class _Parser:
     def columns(self) -> None:
         while True:
             self.take("name")
-            self.type(0)
+            self.a_type(0)
             if self.peek() is None:
                 return
             self.take("punct", ",")
 
-    def type(self, depth: int) -> None:
+    def a_type(self, depth: int) -> None:
         if depth > MAX_DEPTH:
             raise StructureError("types nested too deep")
         name = self.take("name")
@@ -93,8 +100,11 @@ class _Parser:
             raise StructureError(f"{name!r} is not a ClickHouse data type")
         if self.peek() == ("punct", "("):
             self.i += 1
-            if name in _AGGREGATE_TYPES:  # AggregateFunction(quantiles(0.5, 0.9), UInt64): the name is checked by
-                self.function()  # olap/allowlist.py check_aggregate_types, as in every string literal
+            if name in _AGGREGATE_TYPES:  # AggregateFunction([version,] quantiles(0.5, 0.9), UInt64): the name is
+                if self.peek_kind() == "number":  # checked by olap/allowlist.py check_aggregate_types, as in every
+                    self.i += 1  # string literal
+                    self.take("punct", ",")
+                self.function()
             elif self.peek() != ("punct", ")"):
                 self.argument(depth + 1)
             while self.peek() == ("punct", ","):
@@ -130,9 +140,9 @@ class _Parser:
                 self.take("number")
         elif kind == "name" and (self.peek(1) or ("", ""))[0] == "name":  # Tuple(a String)
             self.i += 1
-            self.type(depth)
+            self.a_type(depth)
         else:
-            self.type(depth)
+            self.a_type(depth)
 
 
 def check_structure(text: str) -> None:

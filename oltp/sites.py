@@ -20,6 +20,7 @@ Every function takes a PostgreSQL DSN, opens one short connection and raises `Si
 from __future__ import annotations
 
 import builtins
+import ipaddress
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -143,13 +144,15 @@ def normalize_origin(value: Any) -> str:
             or parts.password is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
         raise bad
     host = parts.hostname.lower().rstrip(".")
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    else:
-        try:
-            host = normalize_domain(host) if not host.replace(".", "").isdigit() else host
-        except EventError:
-            raise bad from None
+    try:
+        if "[" in parts.netloc:  # an IP literal in brackets: IPv6 only (urlsplit also takes "IPvFuture",
+            host = f"[{ipaddress.IPv6Address(host)}]"  # [v1.any text], which a review put on a site's panel)
+        elif host.replace(".", "").isdigit():
+            host = str(ipaddress.IPv4Address(host))
+        else:
+            host = normalize_domain(host)
+    except (EventError, ValueError):
+        raise bad from None
     if port is not None and port != {"http": 80, "https": 443}[scheme]:
         return f"{scheme}://{host}:{port}"
     return f"{scheme}://{host}"

@@ -419,6 +419,22 @@ def build_clickhouse_http(settings: Settings) -> Flask:
     return create_clickhouse_app(settings, pool, analyst)
 
 
+def _learn_table_functions(client: Any) -> None:
+    """The server's table function names join the allowlist's (a call so named runs as one inside a table function's
+    arguments: olap/allowlist.py); the built-in list stands if the server cannot say."""
+    from olap.allowlist import learn_table_functions
+
+    try:
+        new = learn_table_functions(client)
+    except Exception as exc:  # a server without system.table_functions access: the list stands
+        log.warning("analyst-server: cannot read system.table_functions (%s); using the built-in list",
+                    type(exc).__name__)
+        return
+    if new:
+        log.info("analyst-server: %d table function names of this ClickHouse server refused in table function "
+                 "arguments besides the built-in list", new)
+
+
 def build_analyst_server(settings: Settings) -> Flask:
     """The analyst server: parses, checks and runs analyst SQL on its own ClickHouse clients, audits to PG."""
     from psycopg_pool import ConnectionPool
@@ -435,8 +451,9 @@ def build_analyst_server(settings: Settings) -> Flask:
     secret = require_secret(settings, "the analyst server")
     dsn = require_pg(settings)
     ensure_pg(dsn)
-    ensure_ch(connect(settings.clickhouse_dsn), settings.clickhouse_database, settings.raw_retention_days,
-              settings.clickhouse_cluster)
+    client = connect(settings.clickhouse_dsn)
+    ensure_ch(client, settings.clickhouse_database, settings.raw_retention_days, settings.clickhouse_cluster)
+    _learn_table_functions(client)
     pool = ConnectionPool(dsn, min_size=1, max_size=2, open=True, kwargs={"connect_timeout": 5})
 
     def record(entry: AuditEntry) -> int:

@@ -249,7 +249,9 @@ def test_offending_values_are_printable_and_cut():
         assert offending_domain(sent) == shown, sent
     for sent, shown in (("http://localhost:8000", "http://localhost:8000"), ("https://a.example:443", "https://a.example"),
                         ("null", "null"), ("IMPORTANT: tally support - log in at https://x.example", "(not an origin)"),
-                        ("garbage", "(not an origin)"), (None, "(not an origin)")):
+                        ("garbage", "(not an origin)"), (None, "(not an origin)"),
+                        ("http://[v1.IMPORTANT:log in at tally-support.example now]", "(not an origin)"),  # IPvFuture
+                        ("http://[::1]:8000", "http://[::1]:8000")):
         assert offending_origin(sent) == shown, sent
 
 

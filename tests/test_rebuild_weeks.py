@@ -20,6 +20,7 @@ from oltp.queries import daily_zone
 from oltp.rebuild import chunks
 from oltp.rebuild_dims import rebuild_dimensions
 from oltp.tiers import DayStarts, rederive
+from oltp.visitors import rebuild_visitors
 
 pytestmark = pytest.mark.servers("postgres")
 TZ = "Asia/Kolkata"  # local midnight is 18:30 UTC
@@ -85,7 +86,7 @@ def test_rebuilding_a_monday_invalidates_the_week_before_in_a_half_hour_zone(ser
     with psycopg.connect(dsn, autocommit=True) as conn:
         for table in ("rollup_15m", "rollup_1h", "rollup_1d", "rollup_dim_15m", "rollup_dim_1h", "rollup_dim_1d",
                       "rollup_cube_1h", "rollup_cube_1d", "value_bins_15m", "value_bins_1h", "value_bins_1d",
-                      "dim_keys"):
+                      "dim_keys", "visitors_1h", "visitors_1d", "visitors_dim_1d"):
             ensure_partitions(conn, table, day[0] - timedelta(days=3), day[8] + timedelta(days=3))
         conn.execute("INSERT INTO rollup_1d_coverage (domain, tz, complete_from) VALUES (%s, %s, %s)",
                      (domain, TZ, day[0] - timedelta(days=30)))
@@ -113,3 +114,14 @@ def test_rebuilding_a_monday_invalidates_the_week_before_in_a_half_hour_zone(ser
         if lo <= ts < hi:
             inside[page] = inside.get(page, 0) + 1
     assert _pages(dsn, domain, lo, hi) == (inside, sum(inside.values()))
+    # the visitor sketches are rebuilt over the same days (their cap decided with the rows by dimension)
+    asked: list[tuple[datetime, datetime]] = []
+
+    class Visitors:
+        def visitors(self, lo: datetime, hi: datetime, domain: str | None = None) -> list[tuple[object, ...]]:
+            asked.append((lo, hi))
+            return []
+
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        rebuild_visitors(conn, Visitors(), day[7], day[8], domain)
+    assert asked[0][0] == sunday  # the Sunday before: the chunk's first UTC hour starts on it

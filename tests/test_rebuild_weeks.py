@@ -124,4 +124,5 @@ def test_rebuilding_a_monday_invalidates_the_week_before_in_a_half_hour_zone(ser
 
     with psycopg.connect(dsn) as conn, conn.transaction():
         rebuild_visitors(conn, Visitors(), day[7], day[8], domain)
-    assert asked[0][0] == sunday  # the Sunday before: the chunk's first UTC hour starts on it
+    # from the Sunday before (the chunk's first UTC hour lies in it), or earlier for other sites' zones in the database
+    assert asked[0][0] <= sunday

@@ -114,12 +114,17 @@ def test_worker_kills_with_pauses_leave_the_master_serving(servers, tmp_path, do
         answered = [post(port, key, domain) for _ in range(10)]
         assert answered == [202] * 10
     finally:
-        master.send_signal(signal.SIGTERM)
-        try:
-            master.wait(30)
-        except subprocess.TimeoutExpired:
-            master.kill()
-            master.wait(5)
+        stop_master(master)
+
+
+def stop_master(master: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if the collector has not stopped within 30 s."""
+    master.send_signal(signal.SIGTERM)
+    try:
+        master.wait(30)
+    except subprocess.TimeoutExpired:
+        master.kill()
+        master.wait(5)
 
 
 def test_a_worker_that_cannot_start_still_ends_the_master(servers, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 from infra.processes import free_port
 from oltp import sites
 from tests.conftest import SECRET
-from tests.test_collector_churn import post, serves_within
+from tests.test_collector_churn import post, serves_within, stop_master
 
 IDLE = 2600  # above granian's default of BACKLOG // workers connections per worker, for 1 worker or 2
 
@@ -56,9 +55,4 @@ def test_thousands_of_idle_sockets_leave_the_collector_serving(servers, tmp_path
     finally:
         for s in idle:
             s.close()
-        master.send_signal(signal.SIGTERM)
-        try:
-            master.wait(30)
-        except subprocess.TimeoutExpired:
-            master.kill()
-            master.wait(5)
+        stop_master(master)

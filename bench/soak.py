@@ -238,6 +238,7 @@ def phase_summary(rec: Record, name: str, a: float, b: float, drain: float, rate
                 "poll_ms": {s: rep.pct([ms for t, ms in rec.polls[s] if a <= t <= b], 99) for s in ("pg", "ch")},
                 "rss": rep.rss_table(rec.rss, a, b, warmup), "rss_private": rep.rss_table(rec.private, a, b, warmup),
                 "cpu": rep.cpu_per_event(rec.cpu, rec.load, a, b),
+                "cpu_series": rep.cpu_series(rec.cpu, rec.load, a, b, 5 * width),
                 "disk": rep.disk_summary(rec.disk, rec.load, a, b + drain + 30)}
 
 

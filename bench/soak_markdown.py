@@ -31,6 +31,7 @@ def render(report: dict[str, Any], chart: str) -> str:
     if phase:
         lines += phase_lines(phase)
         lines += cpu_lines(phase.get("cpu", []))
+        lines += cpu_series_lines(phase.get("cpu_series", []))
         lines += rss_lines(phase)
         lines += disk_lines(phase.get("disk", {}))
     lines += verdict_lines(report.get("verdict", []))
@@ -111,6 +112,17 @@ def cpu_lines(rows: list[dict[str, Any]]) -> list[str]:
               num(r["share"] * 100, 0, " %")) for r in rows]
     return [f"CPU per accepted event by role ({num(rows[0]['events'])} events; from /proc):", "",
             *table(("role", "CPU s", "µs per event", "events per core-second", "share of the stack"), cells), ""]
+
+
+def cpu_series_lines(series: list[dict[str, Any]]) -> list[str]:
+    """CPU per accepted event of each role, window by window: which role's cost rises over the run."""
+    if not series:
+        return []
+    roles = list(series[0]["us_per_event"])
+    rows = [(num(w["start"]), *(num(w["us_per_event"].get(r), 1) for r in roles)) for w in series]
+    return ["CPU per accepted event by role over time (µs per event; windows of "
+            f"{num(series[1]['start'] - series[0]['start']) if len(series) > 1 else '-'} s):", "",
+            *table(("from s", *roles), rows), ""]
 
 
 def rss_lines(p: dict[str, Any]) -> list[str]:

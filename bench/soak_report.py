@@ -356,3 +356,17 @@ def cpu_per_event(samples: Sequence[tuple[float, Mapping[str, float]]], reports:
     return [{"role": r, "cpu_s": s, "us_per_event": s / events * 1e6 if events else None,
              "events_per_core_s": events / s if s > 0 else None, "share": s / total, "events": events}
             for r, s in sorted(used.items(), key=lambda kv: -kv[1])]
+
+
+def cpu_series(samples: Sequence[tuple[float, Mapping[str, float]]], reports: Sequence[tuple[float, Any]],
+               a: float, b: float, width: float) -> list[dict[str, Any]]:
+    """CPU per accepted event of each role in consecutive windows of `width` seconds over [a, b]: a role whose
+    cost per event rises over the run is what a latency drift at a steady rate points to."""
+    out = []
+    t = a
+    while t + width / 2 <= b:
+        rows = cpu_per_event(samples, reports, t, min(t + width, b))
+        if rows and rows[0]["events"]:
+            out.append({"start": t - a, "us_per_event": {r["role"]: r["us_per_event"] for r in rows}})
+        t += width
+    return out

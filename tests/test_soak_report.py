@@ -215,6 +215,22 @@ def test_cpu_per_event_by_role_from_per_process_cpu_samples():
     assert rep.cpu_per_event([], reports, 0.0, 10.0) == []
 
 
+def test_cpu_series_shows_a_role_whose_cost_per_event_rises():
+    from bench.soak_markdown import cpu_series_lines
+
+    reports = [(float(t), Tally(acked={"d": 1000})) for t in range(1, 21)]  # 1,000 events a second
+    samples = [(float(t), {"tansu-v0.6 broker 5": 0.01 * t * t, "tally shipper 6": 0.01 * t}) for t in range(21)]
+    series = rep.cpu_series(samples, reports, 0.0, 20.0, 10.0)
+    assert [w["start"] for w in series] == [0.0, 10.0]
+    broker = [w["us_per_event"]["broker (tansu)"] for w in series]
+    shipper = [w["us_per_event"]["tally shipper"] for w in series]
+    assert broker[1] == pytest.approx(3 * broker[0])  # (4 - 1) vs (1 - 0) CPU s over the same events
+    assert shipper[0] == pytest.approx(shipper[1])
+    text = "\n".join(cpu_series_lines(series))
+    assert "windows of 10 s" in text and "| 10 |" in text and "broker (tansu)" in text
+    assert cpu_series_lines([]) == []
+
+
 def test_the_banner_of_tally_up_gives_every_collector_and_the_api():
     from types import SimpleNamespace
 

@@ -126,6 +126,11 @@ class Settings:
         "TALLY_KAFKA_RECORD_BYTES", 256 * 1024, Integer(1024, 768 * 1024, size=True),
         "bytes of events per Kafka record at most (below the producer's 1 MiB request limit and the "
         "broker's message size); an event bigger than this travels alone")
+    broker_recycle_records: int = setting(
+        "TALLY_BROKER_RECYCLE_RECORDS", 10_000, Integer(0, 10_000_000),
+        "`tally up` only: restart the embedded broker (memory storage) once a partition holds this many "
+        "records and both consumer groups are near the end; its fetches slow with every batch it holds, "
+        "and the spool ships again what it held (ADR 64). `0` = never")
     # PostgreSQL. `None` means "start embedded PostgreSQL under home". May carry a password: never printed.
     pg_dsn: str | None = setting(
         "TALLY_PG_DSN", None, Dsn(("postgresql", "postgres")), "PostgreSQL, `postgresql://user@host:port/db`",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.processes import StartupError, tail
+from infra.processes import StartupError, stop, tail
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,14 @@ class Supervisor:
                     self._crashed(child, child.proc.returncode, now)
             elif now >= child.restart_at:
                 self._restart(child)
+
+    def recycle(self, name: str, why: str) -> None:
+        """Stop `name` and start it again now, on purpose: not a crash (no backoff, `crashes` unchanged); a
+        failed start is one, and is retried with the usual backoff. Unknown names raise KeyError."""
+        child = self.children[name]
+        log.warning("recycling %s: %s", name, why)
+        stop(child.proc, timeout=10)
+        self._restart(child)
 
     def _restart(self, child: Child) -> None:
         log.warning("restarting %s (restart %d)", child.name, child.restarts + 1)

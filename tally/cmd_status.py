@@ -418,7 +418,7 @@ def _age(value: datetime | None, now: datetime) -> float | None:
     return round(max(0.0, (now - value).total_seconds()), 1) if value else None
 
 
-def _lag(store: str, probe: dict[str, Any] | None, broker: dict[str, Any], topic: str) -> dict[str, Any]:
+def lag_of(store: str, probe: dict[str, Any] | None, broker: dict[str, Any], topic: str) -> dict[str, Any]:
     out: dict[str, Any] = {"store": store, "state": UNKNOWN, "total": None, "partitions": {}, "detail": None}
     if broker.get("state") != UP or not broker.get("end_offsets"):
         out["detail"] = "broker end offsets unknown"
@@ -551,8 +551,8 @@ def collect(settings: Settings, *, timeout_s: float = 5.0) -> dict[str, Any]:
         "processes": processes,
         "spool": spool,
         "broker": {k: broker.get(k) for k in ("state", "bootstrap", "topic", "topic_id", "end_offsets", "detail")},
-        "lag": {ROLLUP_GROUP: _lag("postgresql", pg, broker, t.topic),
-                LOADER_GROUP: _lag("clickhouse", ch, broker, t.topic)},
+        "lag": {ROLLUP_GROUP: lag_of("postgresql", pg, broker, t.topic),
+                LOADER_GROUP: lag_of("clickhouse", ch, broker, t.topic)},
         "stores": {"postgresql": _store(pg, now), "clickhouse": _store(ch, now)},
     }
     if t.hosts is not None:  # a down host's collector or shipper is down in `processes` too: not ok below

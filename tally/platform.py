@@ -35,6 +35,7 @@ from infra.processes import StartupError, free_port, spawn, stop, stop_all, wait
 from infra.stack import EmbeddedStack, load_or_create_secret
 from infra.supervisor import UP, Child, Supervisor
 from tally import topology
+from tally.broker_recycle import BrokerRecycler, status_probe
 from tally.roots import METRICS_DIR, MULTIPROC_ENV, forget_metrics_of, reset_metrics_dir
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Platform:
         self.stack = EmbeddedStack(settings.home, durable=durable)
         self.supervisor = Supervisor(backoff_s=settings.supervisor_backoff_s, on_change=self._changed)
         self.settings: Settings | None = None
+        self.recycler: BrokerRecycler | None = None  # the embedded broker's (ADR 64), once started
         self._stopping = threading.Event()
         # The admin token in $TALLY_HOME/admin-token (0600); True when this start minted it.
         self.admin_token: str | None = None
@@ -139,6 +141,7 @@ class Platform:
                 what = "analyst server" if name == "analyst" else name
                 wait_until(functools.partial(_http_ok, url), what=what, timeout=timeout, log_path=self._log(name),
                            proc=self.children[name])
+            self.recycler = BrokerRecycler(self.settings.broker_recycle_records, status_probe(self.settings))
         except BaseException:
             self.stop()
             raise
@@ -259,8 +262,18 @@ class Platform:
 
         while not stop_event.wait(0.25):
             self.supervisor.check()
+            self._recycle_broker_if_due()
             if self.topology.hosts > 1:
                 apply_requests(self)
+
+    def _recycle_broker_if_due(self) -> None:
+        """Restart the embedded broker when its check said so (tally/broker_recycle.py), on this thread."""
+        if self.recycler is None or self._stopping.is_set():
+            return
+        self.recycler.maybe_check()
+        why = self.recycler.take_due()
+        if why is not None and "broker" not in self.supervisor.held:
+            self.supervisor.recycle("broker", why)
 
     def stop(self) -> None:
         """Stop in pipeline order (topology.STOP_ROLES): what was accepted is spooled, shipped and consumed

@@ -93,19 +93,19 @@ def send_events(collector: str, site_key: str) -> None:
 
 
 def test_lag_is_end_minus_stored_in_the_same_incarnation_only():
-    from tally.cmd_status import _lag
+    from tally.cmd_status import lag_of
 
     broker = {"state": "up", "topic_id": "new", "end_offsets": {"0": 10, "1": 5, "2": 7}}
     probe = {"state": "up", "offsets": {0: {"next_offset": 4, "topic_id": "new"},   # behind by 6
                                         1: {"next_offset": 9, "topic_id": "old"},   # another incarnation: all 5
                                         2: {"next_offset": 8, "topic_id": "new"}}}  # past tansu's end: 0
-    lag = _lag("postgresql", probe, broker, "tally.events")
+    lag = lag_of("postgresql", probe, broker, "tally.events")
     assert lag["state"] == "ok" and lag["total"] == 11
     assert lag["partitions"] == {"0": {"end_offset": 10, "stored_offset": 4, "lag": 6},
                                  "1": {"end_offset": 5, "stored_offset": 0, "lag": 5},
                                  "2": {"end_offset": 7, "stored_offset": 8, "lag": 0}}
-    assert _lag("postgresql", probe, {"state": "down", "end_offsets": {}}, "t")["state"] == "unknown"
-    assert _lag("clickhouse", {"state": "unknown"}, broker, "t")["total"] is None
+    assert lag_of("postgresql", probe, {"state": "down", "end_offsets": {}}, "t")["state"] == "unknown"
+    assert lag_of("clickhouse", {"state": "unknown"}, broker, "t")["total"] is None
 
 
 def test_spool_backlog_counts_sealed_open_retained_and_quarantined(tmp_path):

@@ -1,0 +1,159 @@
+"""The embedded broker is recycled before its memory storage slows fetches to a stop (ADR 64).
+
+The rule (`recycle_verdict`) and its timing (`BrokerRecycler`) alone; `Supervisor.recycle` with real child
+processes; and a real `tally up` with a low threshold, recycled while events flow: every accepted event in
+PostgreSQL and in ClickHouse once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from infra.supervisor import Supervisor
+from tally.broker_recycle import MAX_LAG_SHARE, BrokerRecycler, recycle_verdict
+from tests.test_broker_restart import Stack, wait_pid_change
+
+UP = {"state": "up", "end_offsets": {"0": 120, "1": 9_000, "2": 10_000, "3": 4}}
+
+
+def lags(pg: int | None = 0, ch: int | None = 0) -> dict[str, dict[str, object]]:
+    def one(total: int | None) -> dict[str, object]:
+        return {"state": "ok", "total": total} if total is not None else {"state": "unknown", "detail": "down"}
+    return {"tally-rollup": one(pg), "tally-loader": one(ch)}
+
+
+def test_under_the_limit_or_off_nothing_is_asked():
+    assert recycle_verdict(UP, None, 10_001) == (False, "partition 2 holds 10,000 records, under 10,001")
+    assert recycle_verdict(UP, lags(), 0) == (False, "recycling is off")
+    assert recycle_verdict({"state": "down", "end_offsets": {}}, lags(), 10)[0] is False
+
+
+def test_over_the_limit_the_groups_lag_decides():
+    due, why = recycle_verdict(UP, None, 10_000)
+    assert not due and why.endswith("not known yet") and "partition 2 holds 10,000 records" in why
+    assert recycle_verdict(UP, lags(0, 0), 10_000) == (
+        True, "partition 2 holds 10,000 records (TALLY_BROKER_RECYCLE_RECORDS=10,000)")
+    most = int(10_000 * MAX_LAG_SHARE)
+    assert recycle_verdict(UP, lags(most, most), 10_000)[0] is True
+    due, why = recycle_verdict(UP, lags(0, most + 1), 10_000)
+    assert not due and f"tally-loader is {most + 1:,} records behind" in why
+    due, why = recycle_verdict(UP, lags(None, 0), 10_000)  # the loader's offsets unreadable: no recycle
+    assert not due and "tally-rollup's stored offsets are unknown (down)" in why
+
+
+class Probe:
+    def __init__(self, broker: dict, lag: dict | None) -> None:
+        self.broker, self.lag, self.asked = broker, lag, []
+        self.done = threading.Event()
+
+    def __call__(self, ask_lags: bool):
+        self.asked.append(ask_lags)
+        self.done.set()
+        return self.broker, (self.lag if ask_lags else None)
+
+
+def run_check(recycler: BrokerRecycler, probe: Probe) -> None:
+    probe.done.clear()
+    recycler.maybe_check()
+    assert probe.done.wait(5)
+    with recycler._busy:  # the check thread has finished
+        pass
+
+
+def test_the_recycler_checks_every_interval_and_hands_the_reason_over_once():
+    now = [0.0]
+    probe = Probe(UP, lags())
+    recycler = BrokerRecycler(10_000, probe, every_s=15, clock=lambda: now[0])
+    recycler.maybe_check()
+    assert probe.asked == []  # not before the first interval
+    now[0] = 15
+    run_check(recycler, probe)
+    assert probe.asked == [False, True]
+    assert recycler.take_due() == "partition 2 holds 10,000 records (TALLY_BROKER_RECYCLE_RECORDS=10,000)"
+    assert recycler.take_due() is None
+    recycler.maybe_check()  # the next check waits another interval
+    assert probe.asked == [False, True]
+
+
+def test_a_lagging_group_holds_the_recycle_and_under_the_limit_the_lags_are_not_asked():
+    now = [15.0]
+    lagging = Probe(UP, lags(pg=5_000))
+    recycler = BrokerRecycler(10_000, lagging, every_s=15, clock=lambda: now[0] - 15)
+    now[0] = 30
+    run_check(recycler, lagging)
+    assert recycler.take_due() is None
+    small = Probe({"state": "up", "end_offsets": {"0": 3}}, lags())
+    recycler = BrokerRecycler(10_000, small, every_s=0, clock=time.monotonic)
+    run_check(recycler, small)
+    assert small.asked == [False] and recycler.take_due() is None
+
+
+def test_supervisor_recycle_restarts_at_once_without_counting_a_crash():
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        return started[-1]
+
+    sup = Supervisor(backoff_s=5.0)
+    sup.add("broker", start, None)
+    try:
+        sup.recycle("broker", "a test")
+        assert len(started) == 2 and started[0].poll() is not None and started[1].poll() is None
+        child = sup.children["broker"]
+        assert (child.proc, child.restarts, child.crashes, child.restart_at) == (started[1], 1, 0, None)
+        sup.check()
+        assert sup.describe()["broker"]["state"] == "up" and len(started) == 2
+        with pytest.raises(KeyError):
+            sup.recycle("nobody", "a test")
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_tally_up_recycles_its_broker_under_load_and_every_event_is_stored_once(tmp_path):
+    domain = "recycle.example.com"
+    stack = Stack(tmp_path)
+    stack.env.update(TALLY_BROKER_RECYCLE_RECORDS="20", TALLY_SITE_RATE_PER_S="100000")
+    try:
+        stack.up()
+        stack.add_site(domain)
+        broker = stack.pids()["broker"]
+        for start in range(0, 300, 10):  # one record (at least) per post: over 20 records in the domain's partition
+            stack.post(domain, range(start, start + 10))
+            time.sleep(0.05)
+        stack.wait_for("PostgreSQL", lambda: stack.pg_total(domain), 300)
+        stack.wait_for("ClickHouse", lambda: stack.ch_count(domain), 300)
+        recycled = wait_pid_change(stack, "broker", broker, timeout_s=90)  # checked every 15 s
+        flowing, sent = threading.Event(), [300]
+
+        def load() -> None:  # until the broker was recycled again, while these flow
+            while not flowing.is_set() and sent[0] < 3_000:
+                stack.post(domain, range(sent[0], sent[0] + 10))
+                sent[0] += 10
+                time.sleep(0.05)
+
+        sender = threading.Thread(target=load)
+        sender.start()
+        try:
+            wait_pid_change(stack, "broker", recycled, timeout_s=90)
+        finally:
+            flowing.set()
+            sender.join(120)
+        stack.wait_for("PostgreSQL after the recycles", lambda: stack.pg_total(domain), sent[0])
+        stack.wait_for("ClickHouse after the recycles", lambda: stack.ch_count(domain), sent[0])
+        log = "".join(stack.output) + stack.log_tails()
+        assert "recycling broker: partition" in log and "TALLY_BROKER_RECYCLE_RECORDS=20" in log
+    finally:
+        if stack.proc is not None and stack.proc.poll() is None:
+            try:
+                stack.down()
+            except subprocess.TimeoutExpired:
+                stack.kill_all()

@@ -76,13 +76,24 @@ def _in(names: Iterable[str]) -> str:
     return f"({', '.join(_literal(n) for n in sorted(names))})"
 
 
+# Ends every view body that filters: a LIMIT (far above any row count the views can have) is a barrier ClickHouse
+# cannot push a predicate through, since filtering before a LIMIT changes what the LIMIT keeps. Without it an
+# analyst's WHERE over a view is pushed down and evaluated, with the view's own WHERE, on the rows the view drops:
+# an expression that can fail (`throwIf(name = 'x')`, `intDiv(1, ...)`) then answers whether a hidden table,
+# column or database (or its engine) exists. With it, the analyst's WHERE only ever sees the view's rows. Checked
+# on ClickHouse 24.8 (old and new analyzer, enable_optimize_predicate_expression and optimize_move_to_prewhere on
+# and off) and chDB's 26.9; a `SETTINGS enable_optimize_predicate_expression = 0` or `query_plan_filter_push_down
+# = 0` in the view body, a CTE, ORDER BY or HAVING do not stop the push-down (ADR 51, addendum).
+_BARRIER = " LIMIT 1000000000"
+
+
 def _view_bodies(db: str) -> dict[str, str]:
     """Name -> the SELECT of each curated view, for the analyst database `db`."""
     tables, none = _in(ANALYST_TABLES), "CAST([] AS Array(String))"
     allowed = (name for name, entry in function_table().functions.items() if entry[0] == "allow")
     return {
         "databases": "SELECT name, engine, '' AS data_path, '' AS metadata_path, uuid, engine_full, comment, "
-                     f"is_external, name AS database FROM system.databases WHERE name = {_literal(db)}",
+                     f"is_external, name AS database FROM system.databases WHERE name = {_literal(db)}{_BARRIER}",
         "tables": "SELECT database, name, uuid, engine, is_temporary, "
                   f"{none} AS data_paths, '' AS metadata_path, metadata_modification_time, {none} AS "
                   f"dependencies_database, {none} AS dependencies_table, create_table_query, engine_full, as_select, "
@@ -90,21 +101,21 @@ def _view_bodies(db: str) -> dict[str, str]:
                   "total_bytes_uncompressed, parts, active_parts, total_marks, lifetime_rows, lifetime_bytes, comment, "
                   f"has_own_data, {none} AS loading_dependencies_database, {none} AS loading_dependencies_table, "
                   f"{none} AS loading_dependent_database, {none} AS loading_dependent_table, name AS table "
-                  f"FROM system.tables WHERE database = {_literal(db)} AND name IN {tables}",
+                  f"FROM system.tables WHERE database = {_literal(db)} AND name IN {tables}{_BARRIER}",
         "columns": "SELECT database, table, name, type, position, default_kind, default_expression, "
                    "data_compressed_bytes, data_uncompressed_bytes, marks_bytes, comment, is_in_partition_key, "
                    "is_in_sorting_key, is_in_primary_key, is_in_sampling_key, compression_codec, "
                    "character_octet_length, numeric_precision, numeric_precision_radix, numeric_scale, "
                    f"datetime_precision, name AS column FROM system.columns WHERE database = {_literal(db)} "
-                   f"AND table IN {tables}",
+                   f"AND table IN {tables}{_BARRIER}",
         # At their defaults, changeable: what a client may send (the endpoint checks the values).
         "settings": "SELECT name, default AS value, toUInt8(0) AS changed, description, min, max, "
                     "toUInt8(0) AS readonly, type, default, alias_for, is_obsolete "
-                    f"FROM system.settings WHERE name IN {_in(CLIENT_SETTINGS)}",
+                    f"FROM system.settings WHERE name IN {_in(CLIENT_SETTINGS)}{_BARRIER}",
         "functions": "SELECT name, is_aggregate, case_insensitive, alias_to, '' AS create_query, origin, description, "
                      "syntax, arguments, parameters, returned_value, examples, introduced_in, categories "
-                     f"FROM system.functions WHERE name IN {_in(allowed)}",
-        "one": "SELECT dummy FROM system.one",
+                     f"FROM system.functions WHERE name IN {_in(allowed)}{_BARRIER}",
+        "one": "SELECT dummy FROM system.one",  # one row, none hidden: no barrier needed
     }
 
 

@@ -270,6 +270,88 @@ def test_nothing_outside_the_analyst_tables_is_shown(ch):
     assert rows(ch, "SELECT count() FROM system.settings WHERE name LIKE 'max%' OR name LIKE '%password%'") == [[0]]
 
 
+# An analyst's WHERE over a view must not be evaluated on the rows the view drops: an expression that can fail
+# would then tell a hidden name from one that does not exist (the error oracle of the ADR 51 addendum).
+# (view, column, a name that exists but is hidden, a name that exists nowhere)
+HIDDEN = [
+    ("tables", "name", "consumer_offsets", "no_such_table"),
+    ("tables", "name", "schema_migrations", "no_such_table"),
+    ("tables", "database", "tally_catalog", "no_such_db"),
+    ("tables", "database", "system", "no_such_db"),
+    ("columns", "table", "schema_migrations", "no_such_table"),
+    ("columns", "table", "consumer_offsets", "no_such_table"),
+    ("columns", "database", "system", "no_such_db"),
+    ("databases", "name", "tally_catalog", "no_such_db"),
+    ("databases", "name", "system", "no_such_db"),
+    ("settings", "name", "max_threads", "no_such_setting"),
+    ("functions", "name", "hostName", "noSuchFunction"),
+]
+PROBES = ["throwIf({c} = '{v}')", "intDiv(1, toUInt8({c} != '{v}')) = 1", "throwIf({c} = '{v}' AND 1 / 0 > 0)"]
+
+
+def _outcome(ch, sql: str) -> tuple:
+    try:
+        return "ok", run_query(ch, sql).rows
+    except AnalystQueryError as error:
+        return "error", error.code, error.ch_code
+
+
+@pytest.mark.parametrize(("view", "column", "hidden", "missing"), HIDDEN)
+@pytest.mark.parametrize("probe", PROBES)
+def test_a_failing_where_does_not_tell_hidden_names_from_missing_ones(ch, view, column, hidden, missing, probe):
+    assert hidden not in {r[0] for r in rows(ch, f"SELECT {column} FROM system.{view}")}  # hidden indeed
+    answers = [_outcome(ch, f"SELECT count() FROM system.{view} WHERE {probe.format(c=column, v=name)}")
+               for name in (hidden, missing)]
+    assert answers[0] == answers[1] and answers[0][0] == "ok", answers
+
+
+@pytest.mark.parametrize(("view", "where"), [
+    ("tables", "name = 'consumer_offsets' AND engine = 'ReplacingMergeTree'"),
+    ("tables", "name = 'consumer_offsets' AND engine_full LIKE '%ORDER BY%'"),
+    ("tables", "name = 'schema_migrations' AND create_table_query LIKE '%version%'"),
+    ("columns", "table = 'schema_migrations' AND name = 'version'"),
+    ("databases", "name = 'tally_catalog' AND engine != ''"),
+])
+def test_a_failing_where_reads_nothing_of_a_hidden_row(ch, view, where):
+    """What the view shows of its own rows (engine, engine_full, the DDL) is not read of the rows it hides."""
+    assert rows(ch, f"SELECT count() FROM system.{view} WHERE throwIf({where})") == [[0]]
+
+
+def test_the_views_still_answer_what_they_show(ch):
+    assert rows(ch, "SELECT count() FROM system.tables WHERE name = 'events'") == [[1]]
+    assert rows(ch, "SELECT count() FROM system.tables WHERE throwIf(name = 'no_such_table')") == [[0]]
+    assert rows(ch, "SELECT count() FROM system.tables WHERE intDiv(1, toUInt8(name != 'no_such_table')) = 1") == \
+        [[len(ANALYST_TABLES)]]
+    assert rows(ch, "SELECT engine FROM system.tables WHERE name = 'events' AND engine LIKE '%MergeTree'")
+    assert rows(ch, "SELECT count() > 0 FROM system.columns WHERE table = 'events'") == [[1]]
+    assert rows(ch, "SELECT name FROM system.databases WHERE name = 'tally'") == [[DB]]
+    assert rows(ch, "SELECT count() FROM system.settings WHERE name = 'limit'") == [[1]]
+    assert rows(ch, "SELECT count() FROM system.functions WHERE name = 'throwIf'") == [[1]]
+    message = ""
+    try:
+        run_query(ch, "SELECT count() FROM system.tables WHERE throwIf(name = 'events')")
+    except AnalystQueryError as error:
+        message = error.message
+    assert "throwIf" in message  # a failing WHERE still fails on a row the view shows
+
+
+def test_the_error_oracle_through_the_endpoint(endpoint):  # noqa: F811
+    """The reviewer's queries on the ClickHouse-compatible endpoint: a hidden name answers as a missing one."""
+    for template, hidden, missing in [
+        ("SELECT count() FROM system.tables WHERE throwIf(name = '{}')", "consumer_offsets", "no_such_table"),
+        ("SELECT count() FROM system.tables WHERE throwIf(name = '{}' AND engine = 'ReplacingMergeTree')",
+         "consumer_offsets", "no_such_table"),
+        ("SELECT count() FROM system.tables WHERE intDiv(1, toUInt8(name != '{}')) = 1", "consumer_offsets",
+         "no_such_table"),
+        ("SELECT count() FROM system.columns WHERE throwIf(table = '{}')", "schema_migrations", "no_such_table"),
+        ("SELECT count() FROM system.databases WHERE throwIf(name = '{}')", "tally_catalog", "no_such_db"),
+    ]:
+        answers = [request(endpoint, "POST", "/", template.format(name).encode(), basic(endpoint.analyst))
+                   for name in (hidden, missing)]
+        (status, _, body), (other_status, _, other_body) = answers
+        assert (status, body) == (other_status, other_body) and status == 200, (template, answers)
+
+
 def test_what_runs_names_the_catalog_views_never_system(ch):
     text = prepare(ch, "SELECT t.name, system.tables.database FROM system.tables AS t WHERE 1 IN system.one", DB,
                    system_catalog=True)
@@ -322,6 +404,39 @@ def test_migration_4_creates_the_views_and_ensure_schema_replaces_a_stale_one(ch
         assert 4 not in schema.ensure_schema(ch, db)  # applied already, yet the view is made current again
         names = {r[0] for r in ch.query(f"SELECT name FROM {db}_catalog.tables").result_rows}
         assert names == ANALYST_TABLES
+    finally:
+        ch.command(f"DROP DATABASE IF EXISTS {db}")
+        ch.command(f"DROP DATABASE IF EXISTS {db}_catalog")
+
+
+def test_ensure_current_replaces_views_made_before_the_push_down_barrier(ch):
+    """A database whose views predate the barrier (their bodies without it, their COMMENT the fingerprint of
+    those bodies) gets every view that filters replaced at the next start, and the oracle is closed there."""
+    db = f"cat_{uuid.uuid4().hex[:8]}"
+    try:
+        schema.ensure_schema(ch, db)
+        bodies = catalog._view_bodies(db)
+        before = {name: body.removesuffix(catalog._BARRIER) for name, body in bodies.items()}
+        barred = sorted(name for name in bodies if before[name] != bodies[name])
+        assert barred == ["columns", "databases", "functions", "settings", "tables"]
+
+        def made_before() -> None:
+            for name, body in before.items():
+                ch.command(catalog._create(db, name, body))
+
+        made_before()
+        leak = "SELECT count() FROM system.tables WHERE throwIf(name = 'consumer_offsets')"
+        with pytest.raises(AnalystQueryError):
+            run_query(ch, leak, database=db)  # the oracle, on the views made before
+        assert catalog.ensure_current(ch, db) == barred
+        made_before()
+        assert 4 not in schema.ensure_schema(ch, db)  # the next start (migration 4 applied already) replaces them
+        assert catalog.ensure_current(ch, db) == []
+        comments = dict(ch.query("SELECT name, comment FROM system.tables WHERE database = {d:String}",
+                                 parameters={"d": f"{db}_catalog"}).result_rows)
+        assert comments == {name: catalog._fingerprint(body) for name, body in bodies.items()}
+        assert run_query(ch, leak, database=db).rows == [[0]]
+        assert run_query(ch, "SELECT count() FROM system.tables WHERE name = 'events'", database=db).rows == [[1]]
     finally:
         ch.command(f"DROP DATABASE IF EXISTS {db}")
         ch.command(f"DROP DATABASE IF EXISTS {db}_catalog")

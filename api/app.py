@@ -11,7 +11,7 @@ routes raise are registered once, here, by api/errors.py.
 
 from __future__ import annotations
 
-from flask import Flask
+from flask import Flask, Response, request
 
 from api import customers, dashboard, ops, sql
 from api.auth import install_auth
@@ -28,7 +28,11 @@ __all__ = ["Backends", "create_app"]
 def create_app(settings: Settings, backends: Backends) -> Flask:
     app = Flask(__name__)
     app.config["TALLY"] = settings
-    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024  # tally/wsgi_server.py refuses bodies past it (+ 64 KiB) unread
+    # The request line and headers, bounded by tally/wsgi_server.py (431 beyond; ADR 35, "request sizes"). The
+    # longest URL the dashboard builds carries its filters (a page is stored as at most 1,000 bytes of UTF-8: 3 KB
+    # percent-encoded; the other dimensions 64 characters) and is sent again as the Referer: well under 32 KiB.
+    app.config["TALLY_MAX_HEADER_BYTES"] = 32 * 1024
     app.extensions[EXTENSION] = backends
     if not settings.secret:
         raise ValueError("the API needs TALLY_SECRET (it keys the dashboard's session cookies)")
@@ -41,4 +45,14 @@ def create_app(settings: Settings, backends: Backends) -> Flask:
     install_metrics(app)  # GET /metrics (allowlisted networks) and requests by route and status
     install_json_errors(app)
     install_error_handlers(app)
+    app.after_request(_api_headers)
     return app
+
+
+def _api_headers(resp: Response) -> Response:
+    """Answers under /api/ (JSON, CSV, relayed analyst results, errors included) are never stored by a cache
+    and never content-sniffed; a Cache-Control a route set itself stands. The pages set their own (dashboard.py)."""
+    if request.path.startswith("/api/"):
+        resp.headers.setdefault("Cache-Control", "no-store")
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return resp

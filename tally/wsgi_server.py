@@ -39,6 +39,13 @@ kept-alive connection kept the server running (and logged EBADF for every answer
 
 The client address is the TCP peer: behind a reverse proxy every connection comes from the proxy, so
 set `max_per_client` to 0 there (the proxy bounds clients; see README, production).
+
+Request sizes (ADR 35, "request sizes"): waitress reads a whole request (a body past 512 KiB into a temporary
+file) before the app runs, so the app's own checks (token, `MAX_CONTENT_LENGTH`) come after the bytes are held.
+`create_server` therefore bounds the body at the app's `MAX_CONTENT_LENGTH` plus `BODY_MARGIN` (a body just over
+the app's limit still gets the app's own 413): a larger Content-Length is answered 413 as its headers end, none
+of the body read; a chunked body is cut with a 413 once that much has arrived. The request line and headers are
+bounded at the app's `TALLY_MAX_HEADER_BYTES` (a 431 beyond), by default waitress's 256 KiB.
 """
 
 from __future__ import annotations
@@ -67,6 +74,12 @@ log = logging.getLogger(__name__)
 ACCEPT_BATCH = 128  # connections accepted per loop turn at most
 STOP_GRACE_S = 10.0  # a stop lets running requests end for this long, then cuts them
 DRAIN_S = 2.0  # a stopping connection that had unread input is read (and dropped) this long at most, then closed
+BODY_MARGIN = 64 * 1024  # over the app's MAX_CONTENT_LENGTH: a body just over it still gets the app's own 413
+DEFAULT_MAX_BODY = 1024 * 1024  # an app that declares no MAX_CONTENT_LENGTH (plus the margin)
+# The request line and headers, unless the app's config names a bound (HEADER_BOUND_KEY): waitress's default,
+# which the ClickHouse-compatible endpoint's URLs need (query parameters of up to 16 KiB each, ADR 53).
+DEFAULT_MAX_HEADER = 256 * 1024
+HEADER_BOUND_KEY = "TALLY_MAX_HEADER_BYTES"  # an app's config key (a string: api/ may not import tally/)
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,10 +443,23 @@ def raise_fd_limit(wanted: int) -> int:
     return soft
 
 
+def request_bounds(app: WSGIApp) -> tuple[int, int]:
+    """(body, request line and headers) bounds in bytes for `app`'s requests, from its config when it is a Flask
+    app: its MAX_CONTENT_LENGTH (DEFAULT_MAX_BODY if it declares none) plus BODY_MARGIN, and its
+    TALLY_MAX_HEADER_BYTES (DEFAULT_MAX_HEADER if none)."""
+    config = getattr(app, "config", None) or {}
+    declared = config.get("MAX_CONTENT_LENGTH")
+    body = (DEFAULT_MAX_BODY if declared is None else int(declared)) + BODY_MARGIN
+    return body, int(config.get(HEADER_BOUND_KEY) or DEFAULT_MAX_HEADER)
+
+
 def create_server(app: WSGIApp, host: str, port: int, *, threads: int,
-                  limits: ConnectionLimits = ConnectionLimits()) -> Server:
+                  limits: ConnectionLimits = ConnectionLimits(), max_body: int | None = None,
+                  max_header: int | None = None) -> Server:
     """A bounded waitress server for `app` on host:port (every address `host` resolves to); call
-    `.run()`, and `.close()` from another thread to stop it."""
+    `.run()`, and `.close()` from another thread to stop it. `max_body` and `max_header` (bytes) default to
+    `request_bounds(app)`: a request over either is answered 413 or 431 before the app sees it."""
+    body_bound, header_bound = request_bounds(app)
     descriptors = raise_fd_limit(limits.max_connections + 256)  # + the app's own files, pools, logs
     if descriptors < limits.max_connections + 64:
         log.warning("RLIMIT_NOFILE is %d, too low for %d connections; raise the hard limit (ulimit -n)",
@@ -441,7 +467,10 @@ def create_server(app: WSGIApp, host: str, port: int, *, threads: int,
     adj = Adjustments(
         host=host, port=port, threads=threads,
         connection_limit=limits.max_connections + 32,  # waitress's own stop: never reached while we evict
-        channel_timeout=limits.idle_timeout_s, cleanup_interval=1, asyncore_use_poll=True, backlog=2048)
+        channel_timeout=limits.idle_timeout_s, cleanup_interval=1, asyncore_use_poll=True, backlog=2048,
+        # waitress refuses a Content-Length >= this before reading any of the body (default: 1 GiB, spooled to /tmp)
+        max_request_body_size=body_bound if max_body is None else max_body,
+        max_request_header_size=header_bound if max_header is None else max_header)
     dispatcher = ThreadedTaskDispatcher()
     dispatcher.set_thread_count(adj.threads)
     tracker = _Tracker(limits, limits.running_cap(threads))

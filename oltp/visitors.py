@@ -45,6 +45,8 @@ DIM_LG_K = 12    # per dimension value (1d): 1.6 %, at most ~2.1 KiB a sketch (A
 HLL_TYPE = tgt_hll_type.HLL_4
 HOUR = timedelta(hours=1)
 _LONGEST_DAY = timedelta(days=2)  # no local day since 1970 is longer (the reads' `lo - 2 days` rests on it too)
+_TICK = timedelta(microseconds=1)  # timestamptz's resolution: [t, t + 1 µs) holds t alone
+_EPOCH, _ZERO = datetime(1970, 1, 1, tzinfo=UTC), timedelta(0)
 
 COMPACT_AT = 16  # rows of one key (partial sketches) after which the writer merges them into one
 
@@ -271,14 +273,13 @@ def _check(lo: datetime, hi: datetime) -> None:
         raise ValueError("visitors: 'hi' must be after 'lo'")
 
 
-def plan_range(lo: datetime, hi: datetime, daily: DailyZone, days: _Spans) -> tuple[list[datetime], list[datetime]]:
-    """Which sketches answer [lo, hi), widened to whole UTC hours: (visitors_1d day starts, visitors_1h hours).
+Run = tuple[datetime, datetime]  # [a, b): whole UTC hours (hourly sketches) or local days (daily sketches)
 
-    The daily sketches of the zone they are written in serve the whole days inside the (widened) range from the day the
-    daily tier is complete (`DailyZone.complete_from`), and only while that zone is the site's registered one
-    (after a zone change, hours answer: ADR 19's rule); hourly sketches cover the rest of [lo, hi). Where a day
-    does not start on a UTC hour (+05:30), an edge hour overlaps the day: harmless, a union counts a visitor
-    once. A range that is exactly whole days (a daily bucket) needs no hour at all."""
+
+def _plan(lo: datetime, hi: datetime, daily: DailyZone, days: _Spans) -> tuple[list[datetime], list[Run]]:
+    """`plan_range` with its hours as runs [a, b) of whole UTC hours (at most two, none empty), not one by one: a
+    13-year series of days of another zone is ~120,000 hours, which cost far more to list and to send than the
+    sketches that exist (none before the hourly tier's retention)."""
     lo_h, hi_h = _floor_hour(lo), _ceil_hour(hi)
     written = daily.written_tz
     if written is not None and written == daily.registered_tz:
@@ -287,32 +288,103 @@ def plan_range(lo: datetime, hi: datetime, daily: DailyZone, days: _Spans) -> tu
         whole = [(a, b) for a, b in pairwise(span) if a >= start and b <= hi_h]
         if whole:
             first, end = whole[0][0], whole[-1][1]
-            head = _hours(lo_h, _ceil_hour(first)) if lo < first else []
-            tail = _hours(_floor_hour(end), hi_h) if end < hi else []
+            head = [(lo_h, _ceil_hour(first))] if lo < first else []
+            tail = [(_floor_hour(end), hi_h)] if end < hi else []
             return [a for a, _ in whole], head + tail
-    return [], _hours(lo_h, hi_h)
+    return [], [(lo_h, hi_h)]
+
+
+def plan_range(lo: datetime, hi: datetime, daily: DailyZone, days: _Spans) -> tuple[list[datetime], list[datetime]]:
+    """Which sketches answer [lo, hi), widened to whole UTC hours: (visitors_1d day starts, visitors_1h hours).
+
+    The daily sketches of the zone they are written in serve the whole days inside the (widened) range from the day the
+    daily tier is complete (`DailyZone.complete_from`), and only while that zone is the site's registered one
+    (after a zone change, hours answer: ADR 19's rule); hourly sketches cover the rest of [lo, hi). Where a day
+    does not start on a UTC hour (+05:30), an edge hour overlaps the day: harmless, a union counts a visitor
+    once. A range that is exactly whole days (a daily bucket) needs no hour at all. (The reads use `_plan`, the
+    same with the hours as runs.)"""
+    day_starts, runs = _plan(lo, hi, daily, days)
+    return day_starts, [h for a, b in runs for h in _hours(a, b)]
+
+
+def _merged(runs: Iterable[Run]) -> tuple[list[datetime], list[datetime]]:
+    """The union of these runs as disjoint sorted runs, (starts, ends): what `_fetch` sends (a series' runs touch
+    one another: one run; never one element per hour or day)."""
+    los: list[datetime] = []
+    his: list[datetime] = []
+    for a, b in sorted(runs):
+        if his and a <= his[-1]:
+            his[-1] = max(his[-1], b)
+        else:
+            los.append(a)
+            his.append(b)
+    return los, his
+
+
+# Rows inside some runs [lo, hi): one index range scan of (domain, bucket_start) per run, whatever the statistics
+# (the lateral subquery, kept apart by OFFSET 0, takes its run's bounds as parameters: run-time partition pruning).
+_DAYS_IN = """
+SELECT r.bucket_start, r.sketch FROM unnest(%(lo)s::timestamptz[], %(hi)s::timestamptz[]) AS g(lo, hi)
+CROSS JOIN LATERAL (SELECT v.bucket_start, v.sketch FROM visitors_1d v WHERE v.domain = %(domain)s AND v.tz = %(tz)s
+                    AND v.bucket_start >= g.lo AND v.bucket_start < g.hi OFFSET 0) r
+"""
+_HOURS_IN = """
+SELECT r.bucket_start, r.sketch FROM unnest(%(lo)s::timestamptz[], %(hi)s::timestamptz[]) AS g(lo, hi)
+CROSS JOIN LATERAL (SELECT v.bucket_start, v.sketch FROM visitors_1h v WHERE v.domain = %(domain)s
+                    AND v.bucket_start >= g.lo AND v.bucket_start < g.hi OFFSET 0) r
+"""
+
+
+class _Hourly:
+    """The hourly rows `_fetch` found, sorted by (hour, sketch bytes): the sketches of a run of hours are a slice,
+    in the order the hours one by one gave (each hour's rows `in_order`, the hours ascending)."""
+
+    def __init__(self, rows: list[tuple[datetime, bytes]]) -> None:
+        rows.sort()
+        self._starts = [t for t, _ in rows]
+        self._sketches = [s for _, s in rows]
+
+    def of(self, runs: Iterable[Run]) -> list[bytes]:
+        out: list[bytes] = []
+        for a, b in runs:
+            out += self._sketches[bisect_left(self._starts, a):bisect_left(self._starts, b)]
+        return out
 
 
 def _fetch(conn: psycopg.Connection[Any], domain: str, tz: str | None, day_starts: Iterable[datetime],
-           hours: Iterable[datetime]) -> tuple[dict[datetime, list[bytes]], dict[datetime, list[bytes]]]:
-    """The sketch rows (a key may have several, see `add_visitors`) of these days (in `tz`) and hours, each bucket's
-    in one order (`in_order`) whatever the rows' places on disk. The days and hours themselves are merged in the
-    order of the plan."""
-    days_wanted, hours_wanted = sorted(set(day_starts)), sorted(set(hours))
+           hour_runs: Iterable[Run]) -> tuple[dict[datetime, list[bytes]], _Hourly]:
+    """The sketch rows (a key may have several, see `add_visitors`) of these days (in `tz`) and runs of hours, each
+    bucket's in one order (`in_order`) whatever the rows' places on disk. The days and hours themselves are merged in
+    the order of the plan. Both are read by runs [a, b) (the days': from one day to the last of those that follow
+    it less than a longest day apart), never one parameter per day or hour; a row at a time that is not one of
+    these days, or not a whole UTC hour, is left out (as an exact match of each left it out)."""
+    wanted = set(day_starts)
     daily: dict[datetime, list[bytes]] = {}
-    hourly: dict[datetime, list[bytes]] = {}
-    if days_wanted:
-        for start, sketch in conn.execute("SELECT bucket_start, sketch FROM visitors_1d WHERE domain = %s"
-                                          " AND tz = %s AND bucket_start = ANY(%s)", (domain, tz, days_wanted),
-                                          binary=True):
-            daily.setdefault(start, []).append(sketch)
-    if hours_wanted:
-        for start, sketch in conn.execute("SELECT bucket_start, sketch FROM visitors_1h WHERE domain = %s"
-                                          " AND bucket_start = ANY(%s)", (domain, hours_wanted), binary=True):
-            hourly.setdefault(start, []).append(sketch)
-    for found in (*daily.values(), *hourly.values()):
+    hourly: list[tuple[datetime, bytes]] = []
+    if wanted:
+        lo, hi = _merged(_day_runs(sorted(wanted)))
+        for start, sketch in conn.execute(_DAYS_IN, {"domain": domain, "tz": tz, "lo": lo, "hi": hi}, binary=True):
+            if start in wanted:
+                daily.setdefault(start, []).append(sketch)
+    lo, hi = _merged(hour_runs)
+    if lo:
+        for start, sketch in conn.execute(_HOURS_IN, {"domain": domain, "lo": lo, "hi": hi}, binary=True):
+            if (start - _EPOCH) % HOUR == _ZERO:
+                hourly.append((start, sketch))
+    for found in daily.values():
         in_order(found)
-    return daily, hourly
+    return daily, _Hourly(hourly)
+
+
+def _day_runs(starts: list[datetime]) -> list[Run]:
+    """Sorted day starts as runs: consecutive starts (at most a longest day apart) in one [first, last + 1 µs)."""
+    runs: list[Run] = []
+    for t in starts:
+        if runs and t - runs[-1][1] < _LONGEST_DAY:
+            runs[-1] = (runs[-1][0], t + _TICK)
+        else:
+            runs.append((t, t + _TICK))
+    return runs
 
 
 def in_order(sketches: list[Any]) -> list[Any]:
@@ -362,11 +434,10 @@ def _estimate_ranges(conn: psycopg.Connection[Any], domain: str, ranges: list[tu
                      daily: DailyZone | None = None) -> list[int]:
     daily = daily or daily_zone(conn, domain)
     days = _SpanWindow(min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
-    plans = [plan_range(lo, hi, daily, days) for lo, hi in ranges]
+    plans = [_plan(lo, hi, daily, days) for lo, hi in ranges]
     by_day, by_hour = _fetch(conn, domain, daily.written_tz, (d for p in plans for d in p[0]),
-                             (h for p in plans for h in p[1]))
-    return [estimate([s for d in p[0] for s in by_day.get(d, ())] + [s for h in p[1] for s in by_hour.get(h, ())])
-            for p in plans]
+                             (r for p in plans for r in p[1]))
+    return [estimate([s for d in p[0] for s in by_day.get(d, ())] + by_hour.of(p[1])) for p in plans]
 
 
 def visitors_total(conn: psycopg.Connection[Any], domain: str, tz: str, lo: datetime, hi: datetime) -> int:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
+from typing import Any
 
 import psycopg
 import pytest
 from datasketches import hll_sketch, hll_union
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from oltp import sites
 from oltp.partitions import TABLES, TIER_TABLES, keep_days_from
@@ -24,6 +28,7 @@ from oltp.visitors import (
     plan_range,
     rebuild_visitors,
     visitors_by_key,
+    visitors_of_ranges,
     visitors_series,
     visitors_total,
 )
@@ -536,3 +541,159 @@ def ensure_partitions_for_weeks(conn: psycopg.Connection, weeks: list[tuple[date
 
     for table in ("visitors_dim_1w", "visitors_dim_1d", "visitors_1d"):
         ensure_partitions(conn, table, weeks[0][0], weeks[-1][1])
+
+
+# ------------------------------------------------------------------ long ranges: runs of hours, not every hour
+# A daily series in a zone other than the site's merges each day from its 24 hours: 13 years of such days were
+# ~120,000 hours listed and sent as one `= ANY(array)` parameter (1.2 s of CPU for a domain without a row). The
+# sketches are now read by runs of hours (and days): the same rows, the same answers, a few parameters.
+
+FALL = datetime(2026, 10, 20, tzinfo=UTC)  # 15 days of data around Berlin's (Oct 25) and New York's (Nov 1) DST ends
+DATA_DAYS = 15
+
+
+def _old_answers(conn: psycopg.Connection, domain: str, ranges: list[tuple[datetime, datetime]],
+                 daily: DailyZone) -> list[int]:
+    """The reads as they were before runs (the oracle): every day and hour of each plan, matched one by one."""
+    from oltp.visitors import estimate
+
+    plans = [plan_range(lo, hi, daily, DayStarts()) for lo, hi in ranges]
+    days, hours = sorted({d for p in plans for d in p[0]}), sorted({h for p in plans for h in p[1]})
+    by_day: dict[datetime, list[bytes]] = {}
+    by_hour: dict[datetime, list[bytes]] = {}
+    if days:
+        for start, sketch in conn.execute("SELECT bucket_start, sketch FROM visitors_1d WHERE domain = %s AND tz = %s"
+                                          " AND bucket_start = ANY(%s)", (domain, daily.written_tz, days), binary=True):
+            by_day.setdefault(start, []).append(sketch)
+    if hours:
+        for start, sketch in conn.execute("SELECT bucket_start, sketch FROM visitors_1h WHERE domain = %s"
+                                          " AND bucket_start = ANY(%s)", (domain, hours), binary=True):
+            by_hour.setdefault(start, []).append(sketch)
+    return [estimate([s for d in p[0] for s in sorted(by_day.get(d, []))]
+                     + [s for h in p[1] for s in sorted(by_hour.get(h, []))]) for p in plans]
+
+
+@pytest.fixture(scope="module")
+def fall(servers: Any) -> Iterator[tuple[psycopg.Connection, dict[str, str]]]:
+    """Two sites with 15 days of hourly sketches (1-3 partial rows an hour, some hours of thousands of visitors:
+    HLL mode, where the order of a union matters) and their daily sketches: Europe/Berlin and Asia/Kolkata (days
+    at 18:30 UTC); plus a row of each table that no plan names (off the hour, off the day starts)."""
+    import random
+
+    rnd = random.Random(47)
+    out: dict[str, str] = {}
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+        ensure_tier_partitions(conn, FALL - 3 * DAY, FALL + (DATA_DAYS + 3) * DAY)
+        for tz in ("Europe/Berlin", "Asia/Kolkata"):
+            domain = f"f{uuid.uuid4().hex[:10]}.example.com"
+            sites.add(servers.pg_dsn, domain, tz=tz)
+            starts, groups = DayStarts(), []
+            for h in range(DATA_DAYS * 24):
+                hour = FALL + h * HOUR
+                if rnd.random() < 0.2:
+                    continue  # an hour without a visitor
+                n = 3000 if rnd.random() < 0.05 else rnd.randint(1, 60)
+                people = keys(f"p{rnd.randint(0, 40)}-", n)  # visitors coming back in other hours and days
+                for part in range(rnd.randint(1, 3)):
+                    batch = people[part::3]
+                    groups += [("1h", domain, "", hour, "", "", batch),
+                               ("1d", domain, tz, starts.start(tz, hour), "", "", batch)]
+            add(conn, groups)
+            one = hll_sketch(TOTAL_LG_K, HLL_TYPE)
+            one.update("stray")
+            conn.execute("INSERT INTO visitors_1h (domain, bucket_start, sketch) VALUES (%s, %s, %s)",
+                         (domain, FALL + 30 * HOUR + timedelta(minutes=30), one.serialize_compact()))
+            conn.execute("INSERT INTO visitors_1d (domain, tz, bucket_start, sketch) VALUES (%s, %s, %s, %s)",
+                         (domain, tz, FALL + 2 * DAY + 7 * HOUR, one.serialize_compact()))
+            out[tz] = domain
+        yield conn, out
+
+
+def _dailies(tz: str) -> list[DailyZone]:
+    """The site's daily tier complete throughout, complete from a day inside the data, not yet written, and
+    written in another zone (after a zone change: hours answer)."""
+    return [DailyZone(tz, tz, datetime(1970, 1, 1, tzinfo=UTC)), DailyZone(tz, tz, FALL + 6 * DAY + 5 * HOUR),
+            DailyZone(tz, None, None), DailyZone(tz, "UTC", datetime(1970, 1, 1, tzinfo=UTC))]
+
+
+def _series(lo: datetime, hi: datetime, granularity: str, zone: str) -> list[tuple[datetime, datetime]]:
+    """What Insights asks for a series: each bucket and the whole range."""
+    from zoneinfo import ZoneInfo
+
+    from oltp.queries import bucket_bounds
+
+    bounds = bucket_bounds(lo, hi, granularity, ZoneInfo(zone))
+    return [*pairwise(bounds), (bounds[0], bounds[-1])]
+
+
+SERIES_CASES = [  # (zone of the buckets, from, to, granularity)
+    ("UTC", FALL - 2 * DAY, FALL + (DATA_DAYS + 2) * DAY, "1d"),  # Berlin's days from UTC hours, past the data
+    ("America/New_York", FALL, FALL + DATA_DAYS * DAY, "1d"),  # a 25-hour day (Nov 1)
+    ("Europe/Berlin", FALL, FALL + DATA_DAYS * DAY, "1d"),  # the site's own zone: its 25-hour Oct 25
+    ("Asia/Kolkata", FALL, FALL + DATA_DAYS * DAY, "1d"),  # days at 18:30 UTC: edge hours overlap the days
+    ("Asia/Tokyo", FALL + 3 * DAY + 5 * HOUR, FALL + 9 * DAY, "1d"),
+    ("UTC", FALL + 4 * DAY + 7 * HOUR, FALL + 5 * DAY + 10 * HOUR, "1h"),
+    ("Europe/Berlin", FALL + 4 * DAY, FALL + 6 * DAY, "1h"),  # the hour Berlin lives twice
+]
+
+
+@pytest.mark.parametrize("zone, lo, hi, granularity", SERIES_CASES)
+def test_series_read_by_runs_answer_as_every_hour_matched_did(fall: Any, zone: str, lo: datetime, hi: datetime,
+                                                              granularity: str) -> None:
+    conn, domains = fall
+    ranges = _series(lo, hi, granularity, zone)
+    for tz, domain in domains.items():
+        for daily in _dailies(tz):
+            found = visitors_of_ranges(conn, domain, ranges, daily)
+            assert found == _old_answers(conn, domain, ranges, daily), (tz, daily)
+            assert found[-1] > 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_any_ranges_read_by_runs_answer_as_every_hour_matched_did(fall: Any, data: st.DataObject) -> None:
+    """Random ranges on quarter hours around the data (several at once: runs that touch, overlap or lie apart)."""
+    conn, domains = fall
+    quarter = timedelta(minutes=15)
+    edge = st.integers(min_value=-2 * 96, max_value=(DATA_DAYS + 2) * 96)
+    pairs = data.draw(st.lists(st.tuples(edge, st.integers(min_value=1, max_value=10 * 96)), min_size=1, max_size=4))
+    ranges = [(FALL + a * quarter, FALL + (a + n) * quarter) for a, n in pairs]
+    tz = data.draw(st.sampled_from(sorted(domains)))
+    daily = data.draw(st.sampled_from(_dailies(tz)))
+    assert visitors_of_ranges(conn, domains[tz], ranges, daily) == _old_answers(conn, domains[tz], ranges, daily)
+
+
+@pytest.mark.servers("postgres")
+def test_a_13_year_series_of_another_zones_days_sends_a_few_parameters(make_settings: Any, servers: Any, domain: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attack's request (daily UTC buckets from 2000 to 2013 on a Berlin site, ~4,990 days of 24 hours): every
+    statement's parameters stay a few values (the hours were one 120,000-element array), and the answer is the
+    same zeros."""
+    from oltp import tokens
+    from tally.roots import build_api
+
+    sites.add(servers.pg_dsn, domain, tz="Europe/Berlin")
+    app = build_api(make_settings())
+    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
+        _, token = tokens.create(conn, "admin", name="test_visitors")
+    client = app.test_client()
+    sent: list[int] = []
+    execute = psycopg.Connection.execute
+
+    def spy(self: psycopg.Connection, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        values = params.values() if isinstance(params, dict) else params or ()
+        sent.append(sum(len(v) if isinstance(v, list | tuple) else 1 for v in values))
+        return execute(self, query, params, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", spy)
+    try:
+        got = client.get(f"/api/v1/domains/{domain}/visitors?granularity=1d&tz=UTC&from=2000-01-01T00:00:00Z"
+                         "&to=2013-09-01T00:00:00Z", headers={"Authorization": f"Bearer {token}"})
+    finally:
+        monkeypatch.undo()
+        app.extensions["tally_backends"].rollups.pool.close()
+    assert got.status_code == 200, got.get_json()
+    body = got.get_json()
+    assert body["tier"] == "1h" and len(body["buckets"]) > 4900
+    assert body["total"] == 0 and {b["count"] for b in body["buckets"]} == {0}
+    assert sent and max(sent) <= 8, sent

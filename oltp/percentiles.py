@@ -31,9 +31,16 @@ def bin_value(k: int) -> float:
 
 def parse_percentiles(text: str) -> tuple[float, ...]:
     """'50,95,99' -> (50.0, 95.0, 99.0): integers or decimals in (0, 100), at most MAX_PERCENTILES, no
-    repeats, in the order given. Raises PercentileError naming the bad one."""
+    repeats, in the order given. Raises PercentileError naming the bad one.
+
+    The count is checked on the raw comma-separated parts before any is converted (a repeat counts too), and
+    repeats are found with a set: a 250 KB list of numbers is refused at once, not after parsing every one."""
+    parts = text.split(",", MAX_PERCENTILES)  # at most MAX_PERCENTILES + 1 parts: the last holds any rest
+    if len(parts) > MAX_PERCENTILES:
+        raise PercentileError(f"at most {MAX_PERCENTILES} percentiles")
     out: list[float] = []
-    for part in text.split(","):
+    seen: set[float] = set()
+    for part in parts:
         part = part.strip()
         try:
             p = float(part)
@@ -41,10 +48,9 @@ def parse_percentiles(text: str) -> tuple[float, ...]:
             raise PercentileError(f"percentile {part[:20]!r} is not a number") from None
         if not (0 < p < 100) or not math.isfinite(p):
             raise PercentileError(f"percentile {part[:20]!r} must lie strictly between 0 and 100")
-        if p not in out:
+        if p not in seen:
+            seen.add(p)
             out.append(p)
-    if len(out) > MAX_PERCENTILES:
-        raise PercentileError(f"at most {MAX_PERCENTILES} percentiles")
     return tuple(out)
 
 

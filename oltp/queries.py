@@ -49,6 +49,13 @@ _SCAN_S = 6 * 3600
 # Buckets are computed from this far before `from` and after `to`, so the bucket holding `from`
 # and the first boundary at or after `to` are always inside the window (a bucket is < 2 days).
 _MARGIN_S = 3 * 86400
+# A range of at most MAX_BUCKETS buckets lasts at most MAX_BUCKETS nominal steps plus what the clock moved back
+# inside it: over every zone of the tz database, 1970-2100, no quarter-hour bucket is longer than 15 minutes,
+# no MAX_BUCKETS hours exceed nominal by more than 30 minutes (Lord Howe, Caracas 2007), and no MAX_BUCKETS
+# days by more than 7 h (Antarctica/Vostok went back 7 h in 1994; a DST zone: 1 h). Two days of slack cover
+# these with room for any future change; a longer range is refused before any bucket is computed (the old
+# check, 2 x MAX_BUCKETS steps, let 27-year daily ranges scan every zone year before refusing them).
+_RANGE_SLACK_S = 2 * 86400
 
 
 class QueryError(ValueError):
@@ -240,7 +247,7 @@ def bucket_bounds(start: datetime, end: datetime, granularity: str, tz: ZoneInfo
         raise QueryError("'from' and 'to' must lie between 1970-01-01T00:00:00Z and 9001-01-01T00:00:00Z")
     step = NOMINAL_S[granularity]
     too_many = f"the range spans more than {MAX_BUCKETS} buckets; pick a coarser granularity"
-    if (end - start).total_seconds() > 2 * step * (MAX_BUCKETS + 1):  # every bucket is shorter than 2 steps
+    if (end - start).total_seconds() > step * MAX_BUCKETS + _RANGE_SLACK_S:  # before any zone is scanned
         raise QueryError(too_many)
     t0 = int(start.timestamp() // 1)
     t1 = -int(-end.timestamp() // 1)  # ceil: a boundary at or after `end`

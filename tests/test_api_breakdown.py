@@ -136,6 +136,38 @@ def test_percentiles_follow_the_ddsketch_rank_rule_within_one_percent():
             parse_percentiles(bad)
 
 
+def _counting_float(monkeypatch) -> list[str]:
+    """Count oltp.percentiles' conversions of a part to a number (a module global shadows the builtin)."""
+    from oltp import percentiles
+
+    calls: list[str] = []
+
+    def counting(text: str) -> float:
+        calls.append(text)
+        return float(text)
+
+    monkeypatch.setattr(percentiles, "float", counting, raising=False)
+    return calls
+
+
+def test_too_many_percentiles_are_refused_before_any_is_parsed(monkeypatch):
+    """Attack review: 38,000 values took 7.9 s of CPU (each parsed, then `not in` a list) before the count was
+    checked. The count is now checked on the raw parts, repeats included, before any is converted."""
+    from oltp.percentiles import MAX_PERCENTILES, PercentileError
+
+    calls = _counting_float(monkeypatch)
+    for text in (",".join(f"{i / 1000:g}" for i in range(1, 100_001)),  # 100,000 values, ~600 KB
+                 ",".join(["50"] * (MAX_PERCENTILES + 1)),  # 11 repeats of one: 11 given, refused too
+                 ",".join(str(i) for i in range(1, MAX_PERCENTILES + 2)) + ",abc"):
+        with pytest.raises(PercentileError, match=f"^at most {MAX_PERCENTILES} percentiles$"):
+            parse_percentiles(text)
+    assert calls == []
+    ten = ",".join(str(i) for i in range(1, MAX_PERCENTILES + 1))
+    assert parse_percentiles(ten) == tuple(float(i) for i in range(1, MAX_PERCENTILES + 1))
+    assert parse_percentiles(" 99,50, 99.0,5e1,1e1") == (99.0, 50.0, 10.0)  # repeats dropped, first order kept
+    assert len(calls) == MAX_PERCENTILES + 5
+
+
 def test_a_range_is_cut_into_the_coarsest_pieces_that_cover_it_exactly():
     lo, hi = datetime(2026, 11, 2, 10, 15, tzinfo=UTC), datetime(2026, 11, 5, 3, 45, tzinfo=UTC)
     found = spans(lo, hi, DailyZone("UTC", "UTC", datetime(1970, 1, 1, tzinfo=UTC)))
@@ -438,6 +470,29 @@ def test_breakdowns_of_events_put_through_the_pipeline(make_settings, domain):
         assert summary["metrics"]["impressions"]["percentiles"]["p50"] == pytest.approx(3, abs=0.1)
     finally:
         pipeline.close()
+
+
+def test_oversized_percentiles_and_ranges_are_refused_before_any_work(api, site, monkeypatch):
+    """Attack review, against the routes: a 250 KB `percentiles` list is a 400 before one value is parsed, and a
+    27-year daily range at year 6543 is a 400 before the zone's clock changes or any bucket is computed."""
+    from oltp import queries
+
+    floats = _counting_float(monkeypatch)
+    scans: list[tuple] = []
+    real = queries._boundaries
+    monkeypatch.setattr(queries, "_boundaries", lambda *a: scans.append(a) or real(*a))
+    many = ",".join(f"{i / 1000:g}" for i in range(1, 38_001))
+    for path, extra in (("summary", {"last": "24h"}), ("impressions", {})):
+        resp = get(api, site, path, percentiles=many, **extra)
+        error = resp.json["error"]
+        assert resp.status_code == 400 and (error["code"], error["message"]) == (
+            "invalid_percentiles", "at most 10 percentiles"), resp.json
+    assert floats == []
+    resp = get(api, site, "impressions", granularity="1d", tz="America/Santiago",
+               **{"from": "6543-01-01T00:00:00Z", "to": "6570-04-01T00:00:00Z"})
+    assert resp.status_code == 400 and resp.json["error"]["code"] == "invalid_range", resp.json
+    assert "the range spans more than 5000 buckets" in resp.json["error"]["message"]
+    assert scans == []
 
 
 def test_review_findings_on_the_breakdown_inputs_are_refused_or_defused(api, servers, site):

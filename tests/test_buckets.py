@@ -1,7 +1,7 @@
 """Bucket boundaries (pure logic): quarter hours, odd offsets, DST days, limits."""
 
 from datetime import UTC as FIXED_UTC
-from datetime import datetime
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -185,3 +185,75 @@ def test_the_per_year_cached_changes_of_any_window_are_the_zones_own_transitions
         for b, before, after in found:
             assert before == datetime.fromtimestamp(b - 1, tz).utcoffset().total_seconds()
             assert after == datetime.fromtimestamp(b, tz).utcoffset().total_seconds()
+
+
+# ---- refusing a range too long for MAX_BUCKETS before any bucket is computed (attack review) ----------------
+
+def _counting_boundaries(monkeypatch):
+    """Replace oltp.queries._boundaries (the zone scan and bucket rule) with a counting pass-through."""
+    from oltp import queries
+
+    calls = []
+    real = queries._boundaries
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(queries, "_boundaries", counting)
+    return calls
+
+
+@pytest.mark.parametrize("key, granularity, start, end", [
+    # The review's request: 27 years of days at year 6543 (a fresh year every time: no cache helps) - it used to
+    # scan the zone for every one of those years before counting the buckets.
+    ("America/Santiago", "1d", utc(6543, 1, 1), utc(6570, 4, 1)),
+    ("America/Santiago", "1d", utc(2026, 1, 1), utc(2026, 1, 1) + timedelta(days=MAX_BUCKETS + 2, seconds=1)),
+    ("Europe/Berlin", "1h", utc(2026, 1, 1), utc(2026, 1, 1) + timedelta(hours=MAX_BUCKETS + 48, seconds=1)),
+    ("Australia/Lord_Howe", "15m", utc(2026, 1, 1),
+     utc(2026, 1, 1) + timedelta(minutes=15 * MAX_BUCKETS + 48 * 60, seconds=1)),
+    ("UTC", "1d", utc(1970, 1, 1), utc(9001, 1, 1)),
+])
+def test_a_range_too_long_for_max_buckets_is_refused_before_any_bucket_is_computed(monkeypatch, key, granularity,
+                                                                                   start, end):
+    calls = _counting_boundaries(monkeypatch)
+    with pytest.raises(QueryError, match=f"the range spans more than {MAX_BUCKETS} buckets"):
+        bucket_bounds(start, end, granularity, ZoneInfo(key))
+    assert calls == []
+
+
+def _longest_window(tz, granularity, lo, hi):
+    """The MAX_BUCKETS consecutive buckets of `granularity` in `tz` between lo and hi that last longest:
+    (first bound, last bound)."""
+    from oltp.queries import NOMINAL_S, boundaries
+
+    found = boundaries(tz, int(lo.timestamp()), int(hi.timestamp()), NOMINAL_S[granularity])
+    i = max(range(len(found) - MAX_BUCKETS), key=lambda i: found[i + MAX_BUCKETS] - found[i])
+    return (datetime.fromtimestamp(found[i], FIXED_UTC), datetime.fromtimestamp(found[i + MAX_BUCKETS], FIXED_UTC))
+
+
+@pytest.mark.parametrize("key, granularity, lo, hi", [
+    ("America/Santiago", "1d", utc(2000, 1, 1), utc(2030, 1, 1)),  # DST days: 23 and 25 h
+    ("Europe/Berlin", "1d", utc(2000, 1, 1), utc(2030, 1, 1)),
+    ("Antarctica/Vostok", "1d", utc(1975, 1, 1), utc(2000, 1, 1)),  # a 31-hour day in 1994 (+07 -> -00)
+    ("Antarctica/Rothera", "1d", utc(1970, 1, 1), utc(1995, 1, 1)),  # -00 -> -03 in 1976
+    ("Australia/Lord_Howe", "1h", utc(2026, 1, 1), utc(2027, 1, 1)),  # a 90-minute hour every April
+    ("America/Caracas", "1h", utc(2007, 6, 1), utc(2008, 6, 1)),  # -04 -> -04:30 in 2007
+    ("Europe/Berlin", "15m", utc(2026, 10, 1), utc(2026, 12, 1)),  # a repeated hour: 4 more quarters
+])
+def test_exactly_max_buckets_are_kept_where_the_clock_moves_back(monkeypatch, key, granularity, lo, hi):
+    """The cheap length check refuses nothing the bucket count keeps: the longest MAX_BUCKETS buckets of zones
+    whose clock moved back (longer than MAX_BUCKETS nominal steps) are answered, one second more is not."""
+    from oltp.queries import _RANGE_SLACK_S, NOMINAL_S
+
+    tz = ZoneInfo(key)
+    start, end = _longest_window(tz, granularity, lo, hi)
+    nominal = timedelta(seconds=NOMINAL_S[granularity] * MAX_BUCKETS)
+    if granularity != "15m":  # no quarter hour is ever longer than 15 minutes: the window is exactly nominal
+        assert end - start > nominal, (key, end - start - nominal)
+    assert end - start <= nominal + timedelta(seconds=_RANGE_SLACK_S)
+    bounds = bucket_bounds(start, end, granularity, tz)
+    assert len(bounds) == MAX_BUCKETS + 1 and (bounds[0], bounds[-1]) == (start, end)
+    assert len(bucket_bounds(start + timedelta(seconds=1), end, granularity, tz)) == MAX_BUCKETS + 1
+    with pytest.raises(QueryError, match=f"more than {MAX_BUCKETS} buckets"):
+        bucket_bounds(start, end + timedelta(seconds=1), granularity, tz)

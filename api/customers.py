@@ -16,7 +16,7 @@ from flask import Blueprint, Response, current_app, request
 
 from api import insights
 from api.auth import allow, current_principal
-from api.backends import backends
+from api.backends import Backends, backends
 from api.errors import ApiError, install_range_handlers
 from api.params import (
     decimal_text,
@@ -191,7 +191,8 @@ def domain_status(domain: str) -> Response:
         For the last hour and the last 24 hours, by the UTC quarter hour events arrived in (the current one
         included): events accepted, events the collectors refused by reason, bots, late events (arrived more
         than 5 minutes after their quarter hour); when the newest event arrived; when each store was last
-        written. Tells "no traffic" from "the tag is broken": refusals show why events did not count, with
+        written (by any site's events: null for a customer token). Tells "no traffic" from "the tag is
+        broken": refusals show why events did not count, with
         the most recent offending value of the reasons fixed in the tag (`refused_values`: the domain an
         event named, the page origin), and `origins` lists the site's registered page origins.
       tags: [customers]
@@ -223,9 +224,18 @@ def domain_status(domain: str) -> Response:
         "capped": [{"dimension": c.dimension, "day_start": c.day_start.isoformat(), "other_events": c.events}
                    for c in status.capped],
         "last_event_at": iso(status.last_event_at),
-        "freshness": {"customer_store_written_at": iso(status.customer_store_written_at),
-                      "analyst_store_written_at": found.analyst.loader_written_at()},
+        "freshness": _freshness(status.customer_store_written_at, found),
     })
+
+
+def _freshness(rollups_written_at: datetime | None, found: Backends) -> dict[str, str | None]:
+    """When each store was last written: by any site's events, so a customer token gets nulls (with few sites,
+    these times would tell one customer when another's site has traffic; attack review)."""
+    principal = current_principal()
+    if principal is None or principal.role == "customer":
+        return {"customer_store_written_at": None, "analyst_store_written_at": None}
+    return {"customer_store_written_at": iso(rollups_written_at),
+            "analyst_store_written_at": found.analyst.loader_written_at()}
 
 
 SERIES_FORMATS = ("json", "csv")

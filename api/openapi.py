@@ -243,10 +243,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "freshness": {
                 "type": "object",
                 "properties": {
-                    "customer_store_written_at": {"type": ["string", "null"], "format": "date-time",
-                                                  "description": "the rollup worker's last write to PostgreSQL"},
-                    "analyst_store_written_at": {"type": ["string", "null"], "format": "date-time",
-                                                 "description": "the loader's last write to ClickHouse"},
+                    "customer_store_written_at": {
+                        "type": ["string", "null"], "format": "date-time",
+                        "description": "the rollup worker's last write to PostgreSQL (any site's events; null for a "
+                                       "customer token)"},
+                    "analyst_store_written_at": {
+                        "type": ["string", "null"], "format": "date-time",
+                        "description": "the loader's last write to ClickHouse (any site's events; null for a "
+                                       "customer token)"},
                 },
                 "required": ["customer_store_written_at", "analyst_store_written_at"],
                 "additionalProperties": False,

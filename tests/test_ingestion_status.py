@@ -81,9 +81,32 @@ def test_status_of_a_quiet_domain_and_refusals(pipeline, domain):  # noqa: F811
     assert body["origins"] == []  # registered, no origin yet
     assert body["last_event_at"] is None
     assert set(body["freshness"]) == {"customer_store_written_at", "analyst_store_written_at"}
-    bad = pipeline.api.get(f"/api/v1/domains/{domain}/status?last=1h", headers=pipeline.api_headers)
-    assert bad.status_code == 400 and bad.json["error"]["code"] == "unknown_parameter"
-    assert pipeline.api.get(f"/api/v1/domains/{domain}/status").status_code == 401
+
+
+def test_a_customer_token_gets_no_store_write_times(pipeline, domain, monkeypatch):  # noqa: F811
+    """They are every site's: with few sites, one customer would learn when another's site has traffic."""
+    import dataclasses
+
+    import api.customers
+    from tests.test_analyst_server import make_token
+
+    pipeline.post({"domain": domain, "url": f"https://{domain}/", "type": "pageview"})  # registers the site
+    pipeline.ship()
+    pipeline.drain()
+    written = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    real = api.customers.ingestion_status
+    monkeypatch.setattr(api.customers, "ingestion_status", lambda *a: dataclasses.replace(
+        real(*a), customer_store_written_at=written))
+    analyst = pipeline.api.application.extensions["tally_backends"].analyst
+    monkeypatch.setattr(analyst, "loader_written_at", lambda: "2026-01-02T03:04:06+00:00")
+    admin = status(pipeline, domain)
+    assert admin["freshness"] == {"customer_store_written_at": written.isoformat(),
+                                  "analyst_store_written_at": "2026-01-02T03:04:06+00:00"}
+    token = make_token(pipeline.settings.pg_dsn, "customer", (domain,))
+    resp = pipeline.api.get(f"/api/v1/domains/{domain}/status", headers={"Authorization": f"Bearer {token}"})
+    assert resp.status_code == 200, resp.data
+    assert resp.json["freshness"] == {"customer_store_written_at": None, "analyst_store_written_at": None}
+    assert resp.json["last_event_at"] == admin["last_event_at"] is not None  # their own site's facts stay
 
 
 def test_a_spool_that_refuses_the_counts_keeps_them_for_the_next_flush(pipeline, domain, monkeypatch):  # noqa: F811

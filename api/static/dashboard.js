@@ -573,8 +573,12 @@ async function loadStatus(domain, tz) {
     return tr;
   }));
   const when = (t) => (t ? fmtTime(Date.parse(t) / 1000, tz) : "never");
-  $("ingestion-facts").textContent = `last event ${when(s.last_event_at)}; customer store written ` +
-    `${when(s.freshness.customer_store_written_at)}, analyst store written ${when(s.freshness.analyst_store_written_at)}`;
+  const f = s.freshness;  // null for a customer token: the stores' write times are every site's
+  const stores = f.customer_store_written_at || f.analyst_store_written_at
+    ? `; customer store written ${when(f.customer_store_written_at)}, analyst store written ` +
+      when(f.analyst_store_written_at)
+    : "";
+  $("ingestion-facts").textContent = `last event ${when(s.last_event_at)}${stores}`;
   panel.dataset.status = d.accepted || d.refused_total ? "ok" : "quiet";
   showOrigins(domain, s.origins);
 }

@@ -146,6 +146,7 @@ PLATFORM_LANES = {
     # order: test_platform_hardening and test_status share one `tally up` (tests/platform_stack.py), the crash
     # loop first, and it stops before test_topology starts its own.
     "tests/test_chaos.py": "platform-1", "tests/test_up.py": "platform-1", "tests/test_broker_restart.py": "platform-1",
+    "tests/test_broker_recycle.py": "platform-1",
     "tests/test_platform_hardening.py": "platform-2", "tests/test_status.py": "platform-2",
     "tests/test_topology.py": "platform-2",
 }

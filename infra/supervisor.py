@@ -43,6 +43,7 @@ class Child:
     restart_at: float | None = None  # clock time of the scheduled restart, while it is down
     backoff_s: float | None = None  # the wait before that restart
     restarts: int = 0
+    recycles: int = 0  # restarts on purpose (`Supervisor.recycle`), not counted in `restarts`
     last_code: int | None = None
 
     @property
@@ -127,13 +128,33 @@ class Supervisor:
             elif now >= child.restart_at:
                 self._restart(child)
 
-    def recycle(self, name: str, why: str) -> None:
-        """Stop `name` and start it again now, on purpose: not a crash (no backoff, `crashes` unchanged); a
-        failed start is one, and is retried with the usual backoff. Unknown names raise KeyError."""
+    def recycle(self, name: str, why: str, *, pid: int | None = None) -> bool:
+        """Stop `name` and start it again now, on purpose (a restart that is not a crash: no backoff, `restarts`
+        unchanged, `recycles` counted); only while it is up, not held, and (given `pid`) still that process: a
+        child that died meanwhile is the crash path's. A failed start is a crash (backoff, reported down).
+        Returns whether it was recycled. Unknown names raise KeyError."""
         child = self.children[name]
+        if (name in self.held or child.restart_at is not None or child.proc is None or child.proc.poll() is not None
+                or (pid is not None and child.proc.pid != pid)):
+            log.info("not recycling %s: it is not the running process the decision was about", name)
+            return False
         log.warning("recycling %s: %s", name, why)
         stop(child.proc, timeout=10)
-        self._restart(child)
+        now = self.clock()
+        if child.started_at is not None and now - child.started_at >= self.stable_s:
+            child.crashes = 0  # it had been up a while: a failed start now is a new incident, not a loop
+        try:
+            child.proc = child.start()
+        except Exception as exc:  # as in _restart: a failed start, never the end of supervision
+            log.error("%s failed to start after recycling: %s", name, exc,
+                      exc_info=not isinstance(exc, (StartupError, OSError)))
+            child.proc, child.started_at = None, None
+            self._crashed(child, None, self.clock(), already_logged=True)
+            return True
+        child.started_at = self.clock()
+        child.recycles += 1
+        self._changed(child)
+        return True
 
     def _restart(self, child: Child) -> None:
         log.warning("restarting %s (restart %d)", child.name, child.restarts + 1)

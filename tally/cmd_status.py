@@ -449,7 +449,7 @@ def _http_names(t: Targets) -> list[str]:
     return [name for name in t.urls if name not in ("collector", "api")]
 
 
-def _spools(t: Targets) -> dict[str, Path]:
+def spools_of(t: Targets) -> dict[str, Path]:
     """Probe name -> spool directory: `spool`, or one `spool:cI` per collector host."""
     if t.hosts is None:
         return {"spool": t.spool_dir}
@@ -461,7 +461,7 @@ def _probes(t: Targets, each: float) -> dict[str, Callable[[], dict[str, Any]]]:
     probes: dict[str, Callable[[], dict[str, Any]]] = {
         f"http:{name}": functools.partial(probe_ping if name in PING_COMPONENTS else probe_http, t.urls[name], each)
         for name in _http_names(t)}
-    for name, spool_dir in _spools(t).items():
+    for name, spool_dir in spools_of(t).items():
         probes[name] = functools.partial(probe_spool, spool_dir)
     probes["broker"] = lambda: probe_broker(t.bootstrap, t.topic, each)
     probes["postgresql"] = lambda: probe_postgres(t.pg_dsn, t.topic, each)
@@ -539,7 +539,7 @@ def collect(settings: Settings, *, timeout_s: float = 5.0) -> dict[str, Any]:
         ch["state"] = UNKNOWN
     spools = {name.removeprefix("spool:"): result.got[name] or {**_empty_spool(spool_dir), "state": DOWN,
                                                                 "detail": f"no answer within {timeout_s:g}s"}
-              for name, spool_dir in _spools(t).items()}  # "spool", or per host: "c1", "c2", ...
+              for name, spool_dir in spools_of(t).items()}  # "spool", or per host: "c1", "c2", ...
     processes = {name: _process(name, t, result, broker, pg) for name in _names(t)}
     spool = spools["spool"] if t.hosts is None else status_hosts.total_spool(spools)
     report: dict[str, Any] = {

@@ -141,7 +141,8 @@ class Platform:
                 what = "analyst server" if name == "analyst" else name
                 wait_until(functools.partial(_http_ok, url), what=what, timeout=timeout, log_path=self._log(name),
                            proc=self.children[name])
-            self.recycler = BrokerRecycler(self.settings.broker_recycle_records, status_probe(self.settings))
+            self.recycler = BrokerRecycler(self.settings.broker_recycle_records, status_probe(self.settings),
+                                           retain_bytes=self.settings.spool_retain_bytes)
         except BaseException:
             self.stop()
             raise
@@ -270,10 +271,11 @@ class Platform:
         """Restart the embedded broker when its check said so (tally/broker_recycle.py), on this thread."""
         if self.recycler is None or self._stopping.is_set():
             return
-        self.recycler.maybe_check()
-        why = self.recycler.take_due()
-        if why is not None and "broker" not in self.supervisor.held:
-            self.supervisor.recycle("broker", why)
+        broker = self.supervisor.proc("broker")
+        self.recycler.maybe_check(broker.pid if broker is not None else None)
+        due = self.recycler.take_due()
+        if due is not None:
+            self.supervisor.recycle("broker", due[1], pid=due[0])
 
     def stop(self) -> None:
         """Stop in pipeline order (topology.STOP_ROLES): what was accepted is spooled, shipped and consumed

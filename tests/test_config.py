@@ -82,7 +82,8 @@ def test_cli_names_missing_required_setting(tmp_path):
 
 DEFAULTS = {
     "kafka_bootstrap": None, "topic": "tally.events", "partitions": 4, "replication_factor": 1, "pg_dsn": None,
-    "clickhouse_database": "tally", "clickhouse_cluster": None, "record_events": 250, "record_bytes": 262144, "broker_recycle_records": 10_000,
+    "clickhouse_database": "tally", "clickhouse_cluster": None, "record_events": 250, "record_bytes": 262144,
+    "broker_recycle_records": 10_000,
     "secret": None, "bind_host": "127.0.0.1",
     "collector_port": 8700,
     "api_port": 8701, "clickhouse_http_port": 8703, "collector_workers": 2, "max_body_bytes": 262144,

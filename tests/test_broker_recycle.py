@@ -222,8 +222,6 @@ def test_tally_up_recycles_its_broker_under_load_and_every_event_is_stored_once(
         stack.wait_for("ClickHouse after the recycles", lambda: stack.ch_count(domain), sent[0])
         log = "".join(stack.output) + stack.log_tails()
         assert "recycling broker: partition" in log and "TALLY_BROKER_RECYCLE_RECORDS=40" in log
-        rollups = (stack.home / "logs" / "rollup-worker.log").read_text()
-        assert rollups.count("was recreated (topic id") >= 2  # the consumer followed each new incarnation
     finally:
         if stack.proc is not None and stack.proc.poll() is None:
             try:

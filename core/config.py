@@ -127,10 +127,11 @@ class Settings:
         "bytes of events per Kafka record at most (below the producer's 1 MiB request limit and the "
         "broker's message size); an event bigger than this travels alone")
     broker_recycle_records: int = setting(
-        "TALLY_BROKER_RECYCLE_RECORDS", 10_000, Integer(0, 10_000_000),
+        "TALLY_BROKER_RECYCLE_RECORDS", 10_000, Integer(0, 15_000),
         "`tally up` only: restart the embedded broker (memory storage) once a partition holds this many "
         "records and both consumer groups are near the end; its fetches slow with every batch it holds, "
-        "and the spool ships again what it held (ADR 64). `0` = never")
+        "and the spool ships again what it held (ADR 64). `0` = never; at most 15,000, so that the recycle "
+        "forced at 3 times it comes before tansu's fetches stop (~60,000 batches)")
     # PostgreSQL. `None` means "start embedded PostgreSQL under home". May carry a password: never printed.
     pg_dsn: str | None = setting(
         "TALLY_PG_DSN", None, Dsn(("postgresql", "postgres")), "PostgreSQL, `postgresql://user@host:port/db`",

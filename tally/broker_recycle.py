@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 15.0
 MAX_LAG_SHARE = 0.25  # a group may be this share of the threshold behind the end, in records, and still recycle
-FORCE_FACTOR = 4  # at this many times the threshold, recycle whatever the lag (below tansu's ~60,000-batch cliff)
+FORCE_FACTOR = 3  # at this many times the threshold, recycle whatever the lag (below tansu's ~60,000-batch cliff,
+# which comes earlier on a busy machine: the listing's deadline is wall-clock time)
 PROBE_TIMEOUT_S = 5.0
 QUIET_LOG_S = 60.0
 FORCED = "recycled anyway"

@@ -53,6 +53,7 @@ def test_valid_production_values():
     ("TALLY_SUPERVISOR_BACKOFF_S", "0", "out of range"),
     ("TALLY_SUPERVISOR_BACKOFF_S", "soon", "not a number"),
     ("TALLY_BROKER_RECYCLE_RECORDS", "-1", "out of range"),
+    ("TALLY_BROKER_RECYCLE_RECORDS", "15001", "out of range"),
 ])
 def test_bad_values_name_the_variable(variable, value, words):
     with pytest.raises(ConfigError) as info:

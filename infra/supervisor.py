@@ -143,33 +143,30 @@ class Supervisor:
         now = self.clock()
         if child.started_at is not None and now - child.started_at >= self.stable_s:
             child.crashes = 0  # it had been up a while: a failed start now is a new incident, not a loop
-        try:
-            child.proc = child.start()
-        except Exception as exc:  # as in _restart: a failed start, never the end of supervision
-            log.error("%s failed to start after recycling: %s", name, exc,
-                      exc_info=not isinstance(exc, (StartupError, OSError)))
-            child.proc, child.started_at = None, None
-            self._crashed(child, None, self.clock(), already_logged=True)
-            return True
-        child.started_at = self.clock()
-        child.recycles += 1
-        self._changed(child)
+        if self._start(child):
+            child.recycles += 1
+            self._changed(child)
         return True
 
     def _restart(self, child: Child) -> None:
         log.warning("restarting %s (restart %d)", child.name, child.restarts + 1)
+        if self._start(child):
+            child.restart_at = None
+            child.restarts += 1
+            self._changed(child)
+
+    def _start(self, child: Child) -> bool:
+        """Start `child` again; whether it started. A failed start (StartupError, OSError, a timeout, a bug) is a
+        crash, never the end of supervision."""
         try:
             child.proc = child.start()
-        except Exception as exc:  # StartupError, OSError, a timeout, a bug: a failed start, never the end of
-            # supervision
+        except Exception as exc:
             log.error("%s failed to start: %s", child.name, exc, exc_info=not isinstance(exc, (StartupError, OSError)))
             child.proc, child.started_at = None, None  # no uptime: the backoff keeps growing
             self._crashed(child, None, self.clock(), already_logged=True)
-            return
-        child.restart_at = None
+            return False
         child.started_at = self.clock()
-        child.restarts += 1
-        self._changed(child)
+        return True
 
     def _crashed(self, child: Child, code: int | None, now: float, *, already_logged: bool = False) -> None:
         if child.started_at is not None and now - child.started_at >= self.stable_s:

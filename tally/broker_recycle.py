@@ -57,10 +57,12 @@ def recycle_verdict(broker: Mapping[str, Any], lags: Mapping[str, Mapping[str, A
     end_offsets); `lags`: its lag per group (state "ok" with a total, or unknown with a detail), None when not
     asked yet (the end offsets alone decide that asking is needed); `spools`: its spool probes (retained_bytes)
     and `retain_bytes` the byte cap (0: none). Pure."""
-    ends = {str(p): int(e) for p, e in (broker.get("end_offsets") or {}).items()}
-    if limit <= 0 or broker.get("state") != "up" or not ends:
-        return False, "the broker's end offsets are unknown" if limit > 0 else "recycling is off"
-    partition, fullest = max(ends.items(), key=lambda kv: (kv[1], kv[0]))
+    if limit <= 0:
+        return False, "recycling is off"
+    found = _fullest(broker)
+    if found is None:
+        return False, "the broker's end offsets are unknown"
+    partition, fullest = found
     if fullest < limit:
         return False, f"partition {partition} holds {fullest:,} records, under {limit:,}"
     held = f"partition {partition} holds {fullest:,} records (TALLY_BROKER_RECYCLE_RECORDS={limit:,})"
@@ -73,6 +75,20 @@ def recycle_verdict(broker: Mapping[str, Any], lags: Mapping[str, Mapping[str, A
         return True, (f"{held}, {FORCE_FACTOR} times the threshold, although {wait}: {FORCED} before its "
                       "fetches return nothing; what that group had not read is lost where the spool evicted it")
     return False, f"{held}, but {wait}"
+
+
+def _fullest(broker: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(partition, end offset) of the partition holding the most records, None when the probe has no end offsets."""
+    ends = {str(p): int(e) for p, e in (broker.get("end_offsets") or {}).items()}
+    if broker.get("state") != "up" or not ends:
+        return None
+    return max(ends.items(), key=lambda kv: (kv[1], kv[0]))
+
+
+def over_limit(broker: Mapping[str, Any], limit: int) -> bool:
+    """Whether a partition holds `limit` records or more: what makes a check ask the groups' lag and the spools."""
+    found = _fullest(broker)
+    return limit > 0 and found is not None and found[1] >= limit
 
 
 def _reason_to_wait(lags: Mapping[str, Mapping[str, Any]], most: int, spools: Mapping[str, Mapping[str, Any]],
@@ -131,18 +147,19 @@ class BrokerRecycler:
 
     def _check(self, pid: int) -> None:
         try:
-            due, why = recycle_verdict(self.probe(False).broker, None, self.limit)
-            if not due and why.endswith("not known yet"):
-                found = self.probe(True)
-                due, why = recycle_verdict(found.broker, found.lags, self.limit, found.spools, self.retain_bytes)
-                if not due and self.clock() - self._last_log >= QUIET_LOG_S:
+            if not over_limit(self.probe(False).broker, self.limit):
+                return
+            found = self.probe(True)
+            due, why = recycle_verdict(found.broker, found.lags, self.limit, found.spools, self.retain_bytes)
+            if not due:
+                if self.clock() - self._last_log >= QUIET_LOG_S:
                     self._last_log = self.clock()
                     log.warning("embedded broker not recycled yet: %s", why)
-            if due and FORCED in why:
+                return
+            if FORCED in why:
                 log.error("embedded broker: %s", why)
-            if due:
-                with self._lock:
-                    self._due = (pid, why)
+            with self._lock:
+                self._due = (pid, why)
         except Exception:
             log.exception("checking whether the embedded broker is due for a restart failed")
         finally:

@@ -162,12 +162,15 @@ class _Appended:
     """Partial rows this process appended per key since it last merged that key (thread-safe). Only decides when
     to merge: a key holds at most COMPACT_AT rows per process that writes it (a domain's events go to one Kafka
     partition, so usually one), plus those left by a process that stopped. Forgotten when it grows past
-    MAX_KEYS (those keys are merged later than they could be, never wrongly)."""
+    MAX_KEYS (those keys are merged later than they could be, never wrongly). A key is counted under its hash (an
+    int, 88 bytes an entry with the dict's share, against 373 for the tuple of fresh strings a batch decodes:
+    44 MB at MAX_KEYS instead of 187): two keys sharing a 64-bit hash would only share a count, and one of them
+    be merged sooner or later than it could be."""
 
     MAX_KEYS = 500_000
 
     def __init__(self) -> None:
-        self._counts: dict[tuple[int, tuple[Any, ...]], int] = {}
+        self._counts: dict[int, int] = {}
         self._lock = threading.Lock()
 
     def due(self, rows: Rows) -> list[list[tuple[Any, ...]]]:
@@ -180,10 +183,10 @@ class _Appended:
             for t, table_rows in enumerate(rows):
                 width = len(_TABLES[t][1])
                 for row in table_rows:
-                    k = (t, row[:width])
+                    k = hash((t, row[:width]))
                     n = counts.get(k)
                     # a key seen first starts at a point of its own: keys written together merge in different batches
-                    n = (hash(k) % COMPACT_AT if n is None else n) + 1
+                    n = (k % COMPACT_AT if n is None else n) + 1
                     if n >= COMPACT_AT:
                         due[t].append(row[:width])
                         n = 0

@@ -117,3 +117,28 @@ def test_a_streaming_process_keeps_no_heap_of_freed_large_buffers():
     untuned, tuned = heap_free_after_buffers("default"), heap_free_after_buffers("tuned")
     assert untuned > 4 * 2**20  # the premise: glibc's default keeps the freed buffers' space (10.5 MiB here)
     assert tuned < 512 * 1024, (tuned, untuned)
+
+
+def test_the_rollup_workers_merge_counts_hold_an_int_per_key_and_forget_past_their_cap():
+    """The visitor sketches' merge counts (oltp.visitors._Appended, ADR 47) live as long as the rollup worker: one
+    entry per (domain, zone, dimension, day, value) written, up to MAX_KEYS. Each is an int keyed by an int (the
+    key tuple of fresh strings cost 4x as much: 187 MB at the cap), past the cap they are forgotten, and a key's
+    COMPACT_AT-th row is still due once."""
+    from datetime import UTC, datetime
+
+    from oltp.visitors import COMPACT_AT, _Appended
+
+    day = datetime(2026, 12, 7, tzinfo=UTC)
+    appended = _Appended()
+    appended.MAX_KEYS = 1_000
+
+    def row(i: int) -> tuple:  # a visitors_dim_1d row as add_visitors gathers it: key columns, sketch, n
+        return (f"d{i % 7}.example.com", "UTC", "page", day, f"/p/{i}", b"sketch", 1)
+
+    due = [appended.due([[], [], [row(0)]])[2] for _ in range(3 * COMPACT_AT)]
+    assert sum(len(d) for d in due) == 3  # every COMPACT_AT-th row of the key: due, and counted afresh
+    assert all(d == [row(0)[:5]] for d in due if d)
+    for i in range(1, 2_500):
+        appended.due([[], [], [row(i)]])
+    assert 0 < len(appended._counts) <= appended.MAX_KEYS + 1
+    assert all(type(k) is int and type(n) is int for k, n in appended._counts.items())

@@ -55,6 +55,13 @@ def say(msg: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("TALLY_") or not name[6:].replace("_", "").isalnum() or not name.isupper():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TALLY_NAME=VALUE")
+    return name, value
+
+
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=None, help="soak length (default 30; 2 with --quick)")
@@ -71,6 +78,9 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS, help="where soak.md, soak.json, soak.png go")
     p.add_argument("--tree", type=Path, default=ROOT, help="source tree the stack runs from (default this one)")
     p.add_argument("--up-args", default="", help="extra arguments for `tally up`, e.g. '--hosts 2'")
+    p.add_argument("--set", action="append", default=[], metavar="TALLY_NAME=VALUE", type=_setting,
+                   help="a setting for the stack (repeatable), e.g. TALLY_BROKER_RECYCLE_RECORDS=2000; the shell's "
+                        "own TALLY_* variables are never passed on")
     args = p.parse_args(argv)
     if args.minutes is None:
         args.minutes = 2.0 if args.quick else 30.0
@@ -266,7 +276,7 @@ def run_phases(rec: Record, fleet: Fleet, stack: Stack, args: argparse.Namespace
 
 
 def run(args: argparse.Namespace, work: Path, report: dict[str, Any]) -> None:
-    stack = Stack(work, args.tree.resolve(), args.up_args.split())
+    stack = Stack(work, args.tree.resolve(), args.up_args.split(), dict(args.set))
     stop, fleet = threading.Event(), None
     try:
         stack.wait_up()

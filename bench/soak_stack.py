@@ -29,12 +29,13 @@ LIMITS = {"TALLY_SITE_RATE_PER_S": "10000000", "TALLY_SITE_BURST": "100000000", 
 class Stack:
     """`tally up` in a child process group (from `tree`, a source checkout, default this one), and the CLI."""
 
-    def __init__(self, work: Path, tree: Path, up_args: list[str]) -> None:
+    def __init__(self, work: Path, tree: Path, up_args: list[str], settings: dict[str, str] | None = None) -> None:
         self.home, self.tree = work / "home", tree
         ports = {name: free_port() for name in ("COLLECTOR", "API", "ANALYST", "CLICKHOUSE_HTTP")}
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
         self.env.update({f"TALLY_{k}_PORT": str(v) for k, v in ports.items()}, TALLY_HOME=str(self.home), **LIMITS)
         self.env["PYTHONPATH"] = str(tree)
+        self.env.update(settings or {})  # `bench.soak --set`: the stack's own TALLY_* settings, last
         self.log_path = work / "up.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "up", *up_args], env=self.env, cwd=tree,

@@ -257,3 +257,13 @@ def test_the_api_summary_gives_each_endpoint_its_own_percentiles():
     assert (api["n"], api["failed"]) == (4, 1) and api["by_endpoint"]["floor"]["p99_ms"] == 2.0
     assert api["by_endpoint"]["breakdown"] == {"n": 1, "p50_ms": 90.0, "p99_ms": 90.0}
     assert api["by_endpoint"]["summary"]["n"] == 2 and api["by_endpoint"]["summary"]["p99_ms"] <= 7.0
+
+
+def test_soak_settings_are_tally_settings_given_as_name_equals_value():
+    from bench.soak import arguments
+
+    args = arguments(["--rate", "100", "--set", "TALLY_BROKER_RECYCLE_RECORDS=600", "--set", "TALLY_X_Y=a=b"])
+    assert dict(args.set) == {"TALLY_BROKER_RECYCLE_RECORDS": "600", "TALLY_X_Y": "a=b"}
+    for bad in ("BROKER=1", "TALLY_BROKER", "tally_x=1", "TALLY_A B=1", "TALLY_=1"):
+        with pytest.raises(SystemExit):
+            arguments(["--set", bad])

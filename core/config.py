@@ -328,6 +328,12 @@ class Settings:
         "server logs it at CRITICAL and exits with code 75 to be restarted (ADR 32)")
     consumer_session_timeout_ms: int = setting(
         "TALLY_CONSUMER_SESSION_TIMEOUT_MS", 6000, Integer(1000, 300_000), "consumer-group session timeout")
+    consumer_write_interval_ms: int = setting(
+        "TALLY_CONSUMER_WRITE_INTERVAL_MS", 0, Integer(0, 10_000),
+        "the rollup worker and the loader start a store write at most this often per consumer loop (a full batch "
+        "goes at once): what arrives meanwhile joins the next write, so a busy pipeline pays each write's fixed "
+        "cost (a commit; a ClickHouse part and its merges) less often, and a record may wait this long more "
+        "before it is visible. `0` = write as soon as the last write is done, for the freshest answers (ADR 65)")
     rollup_consumers: int = setting(
         "TALLY_ROLLUP_CONSUMERS", 2, Integer(1, 16),
         "consumer loops in one rollup worker (members of its group, each with its own PostgreSQL writer; "

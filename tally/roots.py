@@ -246,7 +246,8 @@ def build_rollup_loop(settings: Settings, group: str = ROLLUP_GROUP, *,
     new_consumer = worker_consumer_factory(settings, bootstrap, group)
     # Re-read events older than the dedup window (less a day of margin) are not counted again (ADR 23).
     return with_rewinds(ConsumerLoop(new_consumer(), RollupSink(dsn, group, dimension_cap=settings.dimension_cap),
-                                     settings.topic, consumer_factory=new_consumer), dsn, group,
+                                     settings.topic, consumer_factory=new_consumer,
+                                     min_write_interval_s=settings.consumer_write_interval_ms / 1000), dsn, group,
                         reread_floor_days=max(1, settings.dedup_window_days - 1))
 
 
@@ -317,7 +318,8 @@ def build_loader_loop(settings: Settings, group: str = LOADER_GROUP) -> Consumer
     ensure_schema(client, settings.clickhouse_database, settings.raw_retention_days, settings.clickhouse_cluster)
     new_consumer = worker_consumer_factory(settings, bootstrap, group)
     sink = LoaderSink(client, settings.clickhouse_database, group, distributed=settings.clickhouse_cluster is not None)
-    loop = ConsumerLoop(new_consumer(), sink, settings.topic, consumer_factory=new_consumer)
+    loop = ConsumerLoop(new_consumer(), sink, settings.topic, consumer_factory=new_consumer,
+                        min_write_interval_s=settings.consumer_write_interval_ms / 1000)
     try:
         dsn = require_pg(settings)
     except ConfigError:

@@ -108,3 +108,63 @@ def test_a_new_consumer_that_cannot_be_made_leaves_the_old_one_in_place():
     assert loop.consumer is consumer and loop.rebuilds == 0 and loop.failures == 0
     sink.gate.set()
     loop.writer.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_write_starts_at_most_once_per_interval_and_what_comes_meanwhile_joins_the_next():
+    """TALLY_CONSUMER_WRITE_INTERVAL_MS (ADR 65): an idle writer still waits until the interval since the last
+    write's start is over; a full batch goes at once; the poll comes back when the interval ends; an empty poll
+    within it keeps the records; `drain` stores everything before it returns."""
+    sink, clock = GatedSink(), Clock()
+    sink.gate.set()  # writes finish at once: only the interval holds records back
+    consumer = ScriptedConsumer([{TP: [record(0), record(1)]}, {TP: [record(2), record(3), record(4)]}, {},
+                                 {TP: [record(5)]}, {}], sink)
+    loop = consumer.loop = ConsumerLoop(consumer, sink, "t", max_batch=6, min_write_interval_s=0.25)
+    loop.writer.clock = clock
+    try:
+        assert loop.step(timeout_ms=500) == 2  # the first write starts at once
+        loop.writer.in_flight[1].result(timeout=30)
+        clock.now += 0.125  # (binary fractions: the sums are exact)
+        assert loop.step(timeout_ms=500) == 3  # the writer is idle, but 0.125 s after the last start: held
+        assert sink.started == [2] and len(loop.writer.gathering) == 3
+        clock.now += 0.0625
+        assert loop.step(timeout_ms=500) == 0  # an empty poll within the interval keeps them
+        assert consumer.calls[2] == (63, 3)  # that poll waited for the rest of the interval (62.5 ms), not 500 ms
+        assert sink.started == [2] and len(loop.writer.gathering) == 3
+        clock.now += 0.0625
+        assert loop.step(timeout_ms=500) == 1  # interval over: the held 3 start before the poll; 1 more held
+        loop.writer.in_flight[1].result(timeout=30)
+        assert sink.started == [2, 3] and len(loop.writer.gathering) == 1
+        loop.writer.add(_batch_of(5))  # with the 1 held: a full batch (max_batch 6) goes within the interval
+        loop.finish()
+        assert sink.started == [2, 3, 6]
+        assert loop.stored_events == 11
+    finally:
+        sink.gate.set()
+        loop.settle()
+
+
+def _batch_of(n: int):
+    from workers.consumer import decode
+
+    return decode("t", "", {TP: [record(100 + i) for i in range(n)]})
+
+
+def test_drain_stores_what_the_interval_still_held():
+    sink, clock = GatedSink(), Clock()
+    sink.gate.set()
+    consumer = ScriptedConsumer([{TP: [record(0)]}, {TP: [record(1), record(2)]}], sink)
+    consumer.end_offsets = lambda tps: {tp: 3 for tp in tps}
+    consumer.position = lambda tp: 3
+    loop = consumer.loop = ConsumerLoop(consumer, sink, "t", min_write_interval_s=3600)
+    loop.writer.clock = clock
+    consumer.subscribe = lambda topics, listener=None: None
+    assert loop.drain(timeout_s=30, idle_polls=2, poll_ms=1) == 3
+    assert sink.started == [1, 2] and loop.stored_events == 3

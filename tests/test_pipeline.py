@@ -276,3 +276,18 @@ def test_a_recreated_topic_is_read_from_its_start_not_from_old_offsets(pipeline,
     assert pipeline.rollups.topic_id not in ("", old_topic_id)
     assert pipeline.impressions(domain, at(60), datetime.now(UTC), metric="pageviews")["total"] == 14
     assert pipeline.sql(f"SELECT count() FROM tally.events WHERE domain = '{domain}'") == [[14]]
+
+
+@pytest.mark.servers("postgres", "broker", "chdb")
+def test_the_write_interval_setting_reaches_both_workers_loops(make_settings):
+    """TALLY_CONSUMER_WRITE_INTERVAL_MS (ADR 65) is what the composition roots give each loop's writer; 0 by
+    default (a write as soon as the last one is done)."""
+    for value, seconds in (("750", 0.75), (None, 0.0)):
+        settings = make_settings(**({"TALLY_CONSUMER_WRITE_INTERVAL_MS": value} if value else {}))
+        loops = [build_rollup_loop(settings, group=f"r-{uuid.uuid4().hex[:8]}"),
+                 build_loader_loop(settings, group=f"l-{uuid.uuid4().hex[:8]}")]
+        try:
+            assert [loop.writer.min_interval_s for loop in loops] == [seconds, seconds]
+        finally:
+            for loop in loops:
+                loop.close()

@@ -7,6 +7,7 @@ with the same reasons, and a store failure in the middle of pipelined writes sto
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -212,6 +213,49 @@ def test_a_store_failure_amid_pipelined_writes_stores_every_event_once(pipeline,
     assert client.command(f"SELECT uniqExact(url) FROM tally.events WHERE domain = '{domain}'") == n
     offsets = sink.sink.committed(settings.topic, loop.topic_id, list(range(settings.partitions)))
     assert sum(offsets.values()) == n
+
+
+def test_a_write_interval_holds_what_arrives_for_the_next_write_and_stores_every_event_once(pipeline, domain,
+                                                                                            settings):
+    """TALLY_CONSUMER_WRITE_INTERVAL_MS (ADR 65), against the broker and ClickHouse: records that arrive while the
+    interval runs join the next write, write starts are at least the interval apart, a store failure amid them
+    rewinds as without it, and every event is stored once."""
+    n, interval = 300, 0.4
+    pipeline.post([{"domain": domain, "url": f"https://{domain}/{i}"} for i in range(n)])
+    pipeline.shipper.record_events = 1  # one event a record, 7-record polls: without the interval, many writes
+    pipeline.ship()
+    client = connect(settings.clickhouse_dsn)
+    sink = FlakySink(LoaderSink(client, settings.clickhouse_database, f"loader-{uuid.uuid4().hex[:8]}"))
+    consumer = make_consumer(settings.kafka_bootstrap, sink.sink.group, session_timeout_ms=2000, max_poll_records=7)
+    loop = ConsumerLoop(consumer, sink, settings.topic, max_backoff_s=0.2, min_write_interval_s=interval)
+    starts: list[float] = []
+    original = sink.write
+
+    def timed_write(batch):
+        starts.append(time.monotonic())
+        original(batch)
+        if sink.writes == 1:  # the store goes away for a moment after its first write
+            sink.down = True
+            threading.Timer(0.5, lambda: setattr(sink, "down", False)).start()
+
+    sink.write = timed_write
+    stop = threading.Event()
+    worker = threading.Thread(target=loop.run, args=(stop,))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while loop.stored_events < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert loop.failures >= 1
+    assert client.command(f"SELECT count() FROM tally.events FINAL WHERE domain = '{domain}'") == n
+    assert sum(sink.sink.committed(settings.topic, loop.topic_id, list(range(settings.partitions))).values()) == n
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert gaps and min(gaps) >= interval * 0.95, gaps  # (a rewind's re-read waits for the interval too)
+    assert len(starts) <= 12, len(starts)  # 300 one-event records, 7 a poll: ~43 polls, a few writes
 
 
 @pytest.fixture()

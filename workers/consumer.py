@@ -24,6 +24,7 @@ a `Rewinder` (workers/rewind.py). What it needs of a store is the `Sink` Protoco
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -151,7 +152,8 @@ class ConsumerLoop:
 
     def __init__(self, consumer: KafkaConsumer, sink: Sink, topic: str, *,
                  max_backoff_s: float = 10.0, pipelined: bool = True, max_batch: int = MAX_BATCH,
-                 consumer_factory: Callable[[], KafkaConsumer] | None = None) -> None:
+                 consumer_factory: Callable[[], KafkaConsumer] | None = None,
+                 min_write_interval_s: float = 0.0) -> None:
         self.consumer = consumer
         # Makes a consumer like `consumer`, for a member kafka-python cannot bring back (coordinator_stall.py).
         self.consumer_factory = consumer_factory
@@ -161,7 +163,8 @@ class ConsumerLoop:
         self.max_backoff_s = max_backoff_s
         self.failures = 0
         self.needs_seek = False  # a write failed or an assignment could not be seeked: seek to stored
-        self.writer = PipelinedWriter(sink, pipelined=pipelined, max_batch=max_batch)
+        self.writer = PipelinedWriter(sink, pipelined=pipelined, max_batch=max_batch,
+                                      min_interval_s=min_write_interval_s)
         self.watch = IncarnationWatch(topic)
         self.partition_watch = PartitionWatch(topic)  # the partitions the group was joined for (ADR 60)
         self.stall_watch = StallWatch(sink.name)  # a member kafka-python left rebalancing (coordinator_stall.py)
@@ -248,22 +251,31 @@ class ConsumerLoop:
         # Gathered while the writer was busy, and the writer is free now: store it before this poll
         # blocks (up to timeout_ms when the topic is quiet), not after.
         writer.hand_over_if_free()
-        # Holding records for a busy writer: come back soon to hand them over, rather than block in a
-        # poll of a quiet topic for the whole timeout while the writer finishes and idles.
-        records = self.consumer.poll(
-            timeout_ms=timeout_ms if writer.gathering is None else min(timeout_ms, GATHER_POLL_MS))
+        records = self.consumer.poll(timeout_ms=self._poll_ms(timeout_ms))
         self.lag.report(self.consumer)
         if self.needs_seek:  # assigned during this poll while the store was down: re-seek first
             writer.drop_gathered()
             writer.finish()
             return 0
         if not records:
-            writer.flush()
+            if writer.gathering is None or writer.wait_s() <= 0:  # else held until the interval is over
+                writer.flush()
             return 0
         batch = decode(self.topic, self.topic_id, records) if self.rewinder is None else \
             self.rewinder.decode(decode, self.topic, self.topic_id, records)
         writer.add(batch)
         return len(batch)
+
+    def _poll_ms(self, timeout_ms: int) -> int:
+        """The poll's timeout. Holding records for a busy writer: come back soon to hand them over, rather than
+        block in a poll of a quiet topic for the whole timeout while the writer finishes and idles; for an idle
+        writer within its interval, come back when the interval ends (a poll returns early if records come)."""
+        writer = self.writer
+        if writer.gathering is None:
+            return timeout_ms
+        if writer.busy:
+            return min(timeout_ms, GATHER_POLL_MS)
+        return max(1, min(timeout_ms, math.ceil(round(writer.wait_s() * 1000, 6))))
 
     def _positioned(self, timeout_ms: int) -> bool:
         """Seek where a failure, an unseeked assignment or a new topic incarnation asks for it. False
@@ -346,10 +358,11 @@ class ConsumerLoop:
         deadline = time.monotonic() + timeout_s
         handled = idle = 0
         while time.monotonic() < deadline:
-            n = self.step(timeout_ms=poll_ms)  # an empty poll also waits for the write in flight
+            n = self.step(timeout_ms=poll_ms)  # an empty poll waits for the write in flight (if none is held)
             handled += n
             idle = idle + 1 if n == 0 and self.consumer.assignment() else 0
             if idle >= idle_polls and self._at_end():
+                self.flush()  # what an interval still held (ADR 65)
                 return handled
         self.flush()
         raise TimeoutError(f"{self.sink.name}: not drained after {timeout_s}s ({handled} records handled)")

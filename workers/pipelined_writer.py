@@ -1,8 +1,9 @@
 """The consumer loop's writer: one write in flight, the next batch gathered meanwhile (ADR 14, ADR 27).
 
 Like Arroyo's run-task-in-threads step with one slot: `add` merges decoded batches into the one being
-gathered and hands it to a single writer thread when that thread is free (or the batch reached
-`max_batch` records, or pipelining is off), so a slower store gets bigger, cheaper batches. Batches
+gathered and hands it to a single writer thread when that thread is free and the last write started at
+least `min_interval_s` ago (or the batch reached `max_batch` records, or pipelining is off), so a slower
+store gets bigger, cheaper batches, and a busy one at most a write per interval (ADR 65). Batches
 are stored in log order, each with its own offsets (`Sink.write`), through `write_isolating`: the
 records the store refuses for good are set aside with the sink's own rule (`Sink.is_permanent`).
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from core import metrics
@@ -28,10 +30,16 @@ log = logging.getLogger(__name__)
 class PipelinedWriter:
     """Stores a sink's batches from one writer thread, one at a time, while the caller gathers the next."""
 
-    def __init__(self, sink: Sink, *, pipelined: bool = True, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, sink: Sink, *, pipelined: bool = True, max_batch: int = MAX_BATCH, min_interval_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.sink = sink
         self.pipelined = pipelined  # False: every batch is stored before `add` returns
         self.max_batch = max_batch  # records per write at most (bounds memory with max_poll_records)
+        # A write starts at most this often (from the start of the one before) unless the batch is full: each
+        # store write costs a fixed part (a transaction and its commit; a ClickHouse part and its merges).
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self._last_start = float("-inf")
         self.stored_events = 0
         self.stored_rejects = 0
         self.gathering: Batch | None = None  # polled and decoded, not yet handed to the writer thread
@@ -43,19 +51,28 @@ class PipelinedWriter:
         """A write is in flight and not finished yet."""
         return self.in_flight is not None and not self.in_flight[1].done()
 
+    def wait_s(self) -> float:
+        """Seconds until the next write may start by the interval (0: now; the writer may still be busy)."""
+        return max(0.0, self._last_start + self.min_interval_s - self.clock())
+
+    @property
+    def free(self) -> bool:
+        """No write in flight, and the interval since the last one started is over."""
+        return not self.busy and self.wait_s() <= 0
+
     def add(self, batch: Batch) -> None:
-        """Gather `batch` after what is held; hand it all over unless the writer is busy (and the held
-        batch is below `max_batch`, and pipelining is on)."""
+        """Gather `batch` after what is held; hand it all over if the writer is `free`, or the held batch
+        reached `max_batch`, or pipelining is off."""
         if self.gathering is None:
             self.gathering = batch
         else:
             self.gathering.merge(batch)
-        if not self.busy or len(self.gathering) >= self.max_batch or not self.pipelined:
+        if self.free or len(self.gathering) >= self.max_batch or not self.pipelined:
             self.hand_over()
 
     def hand_over_if_free(self) -> None:
-        """Records gathered while the writer was busy go to it now that it is free."""
-        if self.gathering is not None and not self.busy:
+        """Records gathered while the writer was busy (or within the interval) go to it once it is `free`."""
+        if self.gathering is not None and self.free:
             self.hand_over()
 
     def drop_gathered(self) -> None:
@@ -69,6 +86,7 @@ class PipelinedWriter:
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.sink.name}-writer")
+        self._last_start = self.clock()
         self.in_flight = (batch, self._executor.submit(self.write, batch))
         if not self.pipelined:
             self.finish()

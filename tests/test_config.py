@@ -93,7 +93,7 @@ DEFAULTS = {
     "max_future_skew_s": 300, "max_past_age_s": 604800, "spool_segment_bytes": 4194304,
     "spool_segment_age_s": 1.0, "sql_max_execution_s": 30, "sql_max_memory_bytes": 536870912,
     "sql_max_result_rows": 10000, "sql_max_result_bytes": 67108864, "sql_max_concurrent": 2,
-    "sql_max_threads": 1, "consumer_session_timeout_ms": 6000, "rollup_consumers": 2,
+    "sql_max_threads": 1, "consumer_session_timeout_ms": 6000, "consumer_write_interval_ms": 0, "rollup_consumers": 2,
     "allowed_hosts": ("localhost", "127.0.0.1", "::1"), "api_rate_limit": "1200/minute;100/second",
     "analyst_port": 8702, "analyst_url": "http://127.0.0.1:8702", "site_rate_per_s": 1000.0,
     "site_burst": 20000, "registry_refresh_s": 2.0, "cli_token": None, "spool_retain_s": 3600.0,

@@ -284,7 +284,7 @@ def test_the_write_interval_setting_reaches_both_workers_loops(make_settings):
     default (a write as soon as the last one is done)."""
     for value, seconds in (("750", 0.75), (None, 0.0)):
         settings = make_settings(**({"TALLY_CONSUMER_WRITE_INTERVAL_MS": value} if value else {}))
-        loops = [build_rollup_loop(settings, group=f"r-{uuid.uuid4().hex[:8]}"),
+        loops = [build_rollup_loop(settings, group=f"r-{uuid.uuid4().hex[:8]}", maintenance=False),
                  build_loader_loop(settings, group=f"l-{uuid.uuid4().hex[:8]}")]
         try:
             assert [loop.writer.min_interval_s for loop in loops] == [seconds, seconds]

@@ -10,10 +10,12 @@ Writes are pipelined one deep (ADR 14): while one writer thread stores batch N
 (in order, one at a time, each with its own offsets), the loop polls and
 decodes what follows, merging polls into the next batch while the writer is
 busy (up to `max_batch` records), so a slower store gets bigger, cheaper
-batches. A failed write is reported by the next step, which drops what it
-holds and rewinds to the stored offsets; a rebalance or a rewind first waits
-for the write in flight and drops what was not handed over; an empty poll
-(and so the end of a drain) stores everything first.
+batches; with a write interval (ADR 65) what arrives within it waits for the
+next write. A failed write is reported by the next step, which drops what it
+holds and rewinds to the stored offsets; a rebalance (at the revocation) or a
+rewind first waits for the write in flight and drops what was not handed over;
+an empty poll stores everything first unless an interval holds it, and the end
+of a drain always does.
 
 The loop composes small parts: `PipelinedWriter` (workers/pipelined_writer.py: the writer thread,
 gathering, isolation of refused records), `IncarnationWatch` (workers/incarnation.py: the topic id the
@@ -60,8 +62,12 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # Let the write in flight finish before another consumer reads the stored offsets. If it
-        # failed, the next step reports it and rewinds.
+        # failed, the next step reports it and rewinds. What was gathered is dropped now, not at the next
+        # assignment (which kafka-python may deliver several polls later): written in between, it would be
+        # stored for partitions another member may already read (held records are routine with a write
+        # interval, ADR 65). Also on a lost member: kafka-python's on_partitions_lost comes here.
         self.loop.settle()
+        self.loop.writer.drop_gathered()
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.loop.partition_watch.on_assigned(self.loop.consumer, sorted(tp.partition for tp in assigned))

@@ -19,6 +19,8 @@ background pass would have done; `--no-weeks` leaves them out, to compare. visit
 the sink writes it (ADR 62) and the table is vacuumed (all-visible, as autovacuum leaves closed days). Note the
 pages' visitors: the same 3, 12 or 40 people every day (~55 a page over any week, ~25 events a day), so no bound
 summed over days can stop the visitors breakdown's search early: it merges MAX_VISITOR_KEYS values (ADR 62).
+`--skewed` gives the heavy domains' pages visitors as a real site has them instead: page p ~300 / p^0.8 new people
+a day (a few pages take most visitors), so the bound settles the ranking after the first fetch.
 
 Shapes (target p99 <= 20 ms each): breakdown of pages by page views and by visitors over last=7d and
 last=90d; visitors series 7 days hourly and 90 days daily, and 90 days daily under a page filter; filtered
@@ -104,7 +106,8 @@ def _keys_sql(heavy_pages: int, light_pages: int) -> str:
             f"UNION ALL SELECT x.*, h FROM ({others}) x CROSS JOIN (VALUES (true), (false)) v(h)")
 
 
-def load(dsn: str, count: int, now: datetime, quick: bool, covering: bool = False, weeks: bool = True) -> float:
+def load(dsn: str, count: int, now: datetime, quick: bool, covering: bool = False, weeks: bool = True,
+         skewed: bool = False) -> float:
     """Sites and every issue-17 table for `count` domains (the first HEAVY are heavy), then (`weeks`) the closed
     weeks compacted as the rollup worker's background pass does (ADR 61); seconds taken."""
     from oltp.partitions import ensure_partitions
@@ -124,7 +127,7 @@ def load(dsn: str, count: int, now: datetime, quick: bool, covering: bool = Fals
                      " SELECT d, %s, '1970-01-01Z' FROM unnest(%s::text[]) d", (ZONE, names))
         _load_dims(conn, names, heavy, now, days, quick)
         _load_rest(conn, names, heavy, now, days)
-        _load_sketches(conn, names, heavy, hour, days, quick)
+        _load_sketches(conn, names, heavy, hour, days, quick, skewed)
         for ddl in COVERING if covering else ():
             conn.execute(ddl)
         if weeks:
@@ -216,8 +219,15 @@ def _load_rest(conn: psycopg.Connection, names: list[str], heavy: list[str], now
                  {"zone": ZONE, "heavy": heavy, "days": days})
 
 
+def _skewed_pages(days: int) -> tuple[list[list[bytes]], list[int]]:
+    """`--skewed`: page p's visitors of a day are new people, ~300 / p^0.8 of them (a few pages take most visitors,
+    as on a real site): [page][day] sketches (the same for every heavy domain) and each page's daily count."""
+    sizes = [max(1, round(300 / p ** 0.8)) for p in range(1, 1001)]
+    return [[_sketch(n, 12, p * 1000 + i) for i in range(days)] for p, n in enumerate(sizes, 1)], sizes
+
+
 def _load_sketches(conn: psycopg.Connection, names: list[str], heavy: list[str], hour: datetime,
-                   days: list[datetime], quick: bool) -> None:
+                   days: list[datetime], quick: bool, skewed: bool = False) -> None:
     """visitors_1h (8 days), visitors_1d (90 days) and visitors_dim_1d (every page and country a day)."""
     big_day = [_sketch(2000, 14, s) for s in range(3)]
     big_hour = [_sketch(150, 14, s) for s in range(3)]
@@ -235,6 +245,7 @@ def _load_sketches(conn: psycopg.Connection, names: list[str], heavy: list[str],
         for d in names:
             for i, g in enumerate(days):
                 copy.write_row((d, ZONE, g, (big_day if d in heavy else small)[i % 3]))
+    zipf, zipf_sizes = _skewed_pages(len(days)) if skewed else ([], [])
     # n: the visitors put in the sketch, as the rollup sink writes it (ADR 62)
     dim_copy = "COPY visitors_dim_1d (domain, tz, dimension, bucket_start, key, sketch, n) FROM STDIN"
     with conn.cursor().copy(dim_copy) as copy:
@@ -242,7 +253,10 @@ def _load_sketches(conn: psycopg.Connection, names: list[str], heavy: list[str],
             is_heavy = d in heavy
             for i, g in enumerate(days):
                 for p in range(1, 1001 if is_heavy else (2 if quick else 6)):
-                    copy.write_row((d, ZONE, "page", g, f"/p{p}", page[(p + i) % 3], sizes[(p + i) % 3]))
+                    if is_heavy and skewed:
+                        copy.write_row((d, ZONE, "page", g, f"/p{p}", zipf[p - 1][i], zipf_sizes[p - 1]))
+                    else:
+                        copy.write_row((d, ZONE, "page", g, f"/p{p}", page[(p + i) % 3], sizes[(p + i) % 3]))
                 if is_heavy:
                     for c in range(1, 11):
                         copy.write_row((d, ZONE, "country", g, f"C{c}", country[c % 3], 400))
@@ -277,19 +291,20 @@ def measure(apis: dict[str, Api], tokens: dict[str, dict[str, str]], n: int, rng
 
 
 def run(work: Path, postgres_dsn: str, create_database: Any, quick: bool, covering: bool = False,
-        weeks: bool = True) -> dict[str, Any]:
+        weeks: bool = True, skewed: bool = False) -> dict[str, Any]:
     """Load both databases, start an API on each, measure; the results (also printed)."""
     from oltp.schema import ensure_schema
 
     now = datetime.now(UTC)
     rng = random.Random(17)
-    results: dict[str, Any] = {"quick": quick, "covering_indexes": covering, "weeks": weeks, "heavy_domains": HEAVY,
+    results: dict[str, Any] = {"quick": quick, "covering_indexes": covering, "weeks": weeks, "skewed": skewed,
+                               "heavy_domains": HEAVY,
                                "started_at": now.isoformat()}
     apis, tokens = {}, {}
     for db, count in (("1k", 1000), ("4k", 4000)):
         dsn = create_database(postgres_dsn, f"bench17_{db}")
         ensure_schema(dsn)
-        results[f"load_{db}_s"] = round(load(dsn, count, now, quick, covering, weeks), 1)
+        results[f"load_{db}_s"] = round(load(dsn, count, now, quick, covering, weeks, skewed), 1)
         tokens[db] = customer_tokens(dsn, [domain_name(i) for i in range(HEAVY)])
         apis[db] = Api(work / f"api17-{db}", dsn)
     try:

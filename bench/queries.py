@@ -212,12 +212,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure the issue-17 routes instead: breakdowns, visitors, filters (bench/breakdowns.py)")
     parser.add_argument("--covering", action="store_true",
                         help="with --breakdowns: add the covering indexes proposed in ADR 48 first")
+    parser.add_argument("--skewed", action="store_true",
+                        help="with --breakdowns: the heavy domains' pages get Zipf-like daily visitors (new people "
+                             "each day) instead of the same few every day, the case no visitor bound can prune")
     parser.add_argument("--no-weeks", action="store_true",
                         help="with --breakdowns: leave the closed weeks uncompacted (ADR 61), to compare")
     args = parser.parse_args(argv)
     quick = args.quick
     if args.breakdowns:
-        return breakdowns_main(quick, args.covering, not args.no_weeks)
+        return breakdowns_main(quick, args.covering, not args.no_weeks, args.skewed)
     days_15m = 3 if quick else 30
     n = 300 if quick else 1000
     n_mixed = 3000 if quick else 10000
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def breakdowns_main(quick: bool, covering: bool = False, weeks: bool = True) -> int:
+def breakdowns_main(quick: bool, covering: bool = False, weeks: bool = True, skewed: bool = False) -> int:
     """`--breakdowns`: bench/breakdowns.py on its own embedded PostgreSQL; results in bench/results/breakdowns.json."""
     from bench import breakdowns
     from infra.postgres import EmbeddedPostgres
@@ -296,8 +299,8 @@ def breakdowns_main(quick: bool, covering: bool = False, weeks: bool = True) -> 
         postgres = EmbeddedPostgres(work / "pg" / "data", durable=False)
         cleanup.callback(postgres.stop)
         postgres.start()
-        results = breakdowns.run(work, postgres.dsn, create_database, quick, covering, weeks)
-    out = RESULTS.parent / "breakdowns.json"
+        results = breakdowns.run(work, postgres.dsn, create_database, quick, covering, weeks, skewed)
+    out = RESULTS.parent / ("breakdowns-skewed.json" if skewed else "breakdowns.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     say(f"[bench] results in {out}")

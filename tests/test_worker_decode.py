@@ -178,6 +178,21 @@ class FlakySink:
         self.sink.close()
 
 
+def run_until_stored(loop: ConsumerLoop, n: int, timeout_s: float = 60) -> None:
+    """Run `loop` in a thread as a worker does until it stored `n` events (or the timeout), then stop it."""
+    stop = threading.Event()
+    worker = threading.Thread(target=loop.run, args=(stop,))
+    worker.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while loop.stored_events < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    assert not worker.is_alive()
+
+
 def test_a_store_failure_amid_pipelined_writes_stores_every_event_once(pipeline, domain, settings):
     n = 400
     pipeline.post([{"domain": domain, "url": f"https://{domain}/{i}"} for i in range(n)])
@@ -196,17 +211,7 @@ def test_a_store_failure_amid_pipelined_writes_stores_every_event_once(pipeline,
             threading.Timer(1.0, lambda: setattr(sink, "down", False)).start()
 
     sink.write = write_then_fail
-    stop = threading.Event()
-    worker = threading.Thread(target=loop.run, args=(stop,))
-    worker.start()
-    try:
-        deadline = time.monotonic() + 60
-        while loop.stored_events < n and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        worker.join(timeout=60)
-    assert not worker.is_alive()
+    run_until_stored(loop, n)
     assert loop.failures >= 1
     assert loop.stored_events >= n  # some batches were written twice (a replay after the failure) ...
     assert client.command(f"SELECT count() FROM tally.events FINAL WHERE domain = '{domain}'") == n  # ... seen once
@@ -245,17 +250,7 @@ def test_a_write_interval_holds_what_arrives_for_the_next_write_and_stores_every
             starts.append(loop.writer._last_start)
 
     sink.write, loop.writer.hand_over = write_then_fail_once, noted_hand_over
-    stop = threading.Event()
-    worker = threading.Thread(target=loop.run, args=(stop,))
-    worker.start()
-    try:
-        deadline = time.monotonic() + 60
-        while loop.stored_events < n and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        worker.join(timeout=60)
-    assert not worker.is_alive()
+    run_until_stored(loop, n)
     assert loop.failures >= 1
     assert client.command(f"SELECT count() FROM tally.events FINAL WHERE domain = '{domain}'") == n
     assert sum(sink.sink.committed(settings.topic, loop.topic_id, list(range(settings.partitions))).values()) == n

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -115,57 +116,54 @@ def test_a_lagging_group_holds_the_recycle_and_under_the_limit_the_lags_are_not_
     assert small.asked == [False] and recycler.take_due() is None
 
 
+@pytest.fixture()
+def started() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The processes a test's supervisor started (by `sleeper`), killed when the test ends."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
 def sleeper(started: list) -> subprocess.Popen[bytes]:
     started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
     return started[-1]
 
 
-def test_supervisor_recycle_restarts_at_once_and_is_not_a_crash():
-    started: list[subprocess.Popen[bytes]] = []
+def test_supervisor_recycle_restarts_at_once_and_is_not_a_crash(started):
     sup = Supervisor(backoff_s=5.0)
     sup.add("broker", lambda: sleeper(started), None)
-    try:
-        first = started[0]
-        assert sup.recycle("broker", "a test", pid=first.pid) is True
-        assert len(started) == 2 and first.poll() is not None and started[1].poll() is None
-        child = sup.children["broker"]
-        assert (child.proc, child.restarts, child.recycles, child.crashes, child.restart_at) == (
-            started[1], 0, 1, 0, None)
-        sup.check()
-        assert sup.describe()["broker"]["state"] == "up" and len(started) == 2
-        with pytest.raises(KeyError):
-            sup.recycle("nobody", "a test")
-    finally:
-        for proc in started:
-            proc.kill()
-            proc.wait()
+    first = started[0]
+    assert sup.recycle("broker", "a test", pid=first.pid) is True
+    assert len(started) == 2 and first.poll() is not None and started[1].poll() is None
+    child = sup.children["broker"]
+    assert (child.proc, child.restarts, child.recycles, child.crashes, child.restart_at) == (
+        started[1], 0, 1, 0, None)
+    sup.check()
+    assert sup.describe()["broker"]["state"] == "up" and len(started) == 2
+    with pytest.raises(KeyError):
+        sup.recycle("nobody", "a test")
 
 
-def test_a_stale_verdict_recycles_nothing():
+def test_a_stale_verdict_recycles_nothing(started):
     """The process the check was about died meanwhile: its restart is the crash path's (with its backoff)."""
-    started: list[subprocess.Popen[bytes]] = []
     sup = Supervisor(backoff_s=30.0)
     sup.add("broker", lambda: sleeper(started), None)
-    try:
-        old = started[0]
-        assert sup.recycle("broker", "stale", pid=old.pid + 100_000) is False  # another process
-        old.kill()
-        old.wait()
-        assert sup.recycle("broker", "dead") is False  # died, not yet noticed
-        sup.check()  # noticed: down, restart scheduled in 30 s
-        assert sup.children["broker"].restart_at is not None
-        assert sup.recycle("broker", "waiting out its backoff") is False
-        sup.hold("broker")
-        assert sup.recycle("broker", "held") is False
-        assert len(started) == 1
-    finally:
-        for proc in started:
-            proc.kill()
-            proc.wait()
+    old = started[0]
+    assert sup.recycle("broker", "stale", pid=old.pid + 100_000) is False  # another process
+    old.kill()
+    old.wait()
+    assert sup.recycle("broker", "dead") is False  # died, not yet noticed
+    sup.check()  # noticed: down, restart scheduled in 30 s
+    assert sup.children["broker"].restart_at is not None
+    assert sup.recycle("broker", "waiting out its backoff") is False
+    sup.hold("broker")
+    assert sup.recycle("broker", "held") is False
+    assert len(started) == 1
 
 
-def test_a_failed_start_after_a_recycle_is_a_crash_with_its_backoff():
-    started: list[subprocess.Popen[bytes]] = []
+def test_a_failed_start_after_a_recycle_is_a_crash_with_its_backoff(started):
     fail = [False]
 
     def start() -> subprocess.Popen[bytes]:
@@ -175,16 +173,11 @@ def test_a_failed_start_after_a_recycle_is_a_crash_with_its_backoff():
 
     sup = Supervisor(backoff_s=30.0)
     sup.add("broker", start, None)
-    try:
-        fail[0] = True
-        assert sup.recycle("broker", "a test") is True
-        child = sup.children["broker"]
-        assert child.proc is None and child.crashes == 1 and child.restart_at is not None
-        assert sup.describe()["broker"]["state"] == "down"
-    finally:
-        for proc in started:
-            proc.kill()
-            proc.wait()
+    fail[0] = True
+    assert sup.recycle("broker", "a test") is True
+    child = sup.children["broker"]
+    assert child.proc is None and child.crashes == 1 and child.restart_at is not None
+    assert sup.describe()["broker"]["state"] == "down"
 
 
 @pytest.mark.slow

@@ -356,6 +356,18 @@ visitors_dim_1w = Table(
     Column("sketch", LargeBinary, nullable=False),
     Column("n", BigInteger),  # the sum of its days' n (an upper bound); NULL: unknown (migration 0014, ADR 62)
     PrimaryKeyConstraint("domain", "tz", "dimension", "bucket_start", "key"),
+    # the ranking's bounds index-only (migration 0016): n without the wide heap row
+    Index("visitors_dim_1w_bound", "domain", "tz", "dimension", "bucket_start", "key", postgresql_include=["n"]),
+    postgresql_partition_by="RANGE (bucket_start)",
+)
+
+visitors_1w = Table(  # the union of a compacted week's visitors_1d sketches (migration 0016)
+    "visitors_1w", metadata,
+    Column("domain", Text, nullable=False),
+    Column("tz", Text, nullable=False),
+    Column("bucket_start", _tz(), nullable=False),  # the week's first local day start
+    Column("sketch", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("domain", "tz", "bucket_start"),
     postgresql_partition_by="RANGE (bucket_start)",
 )
 

@@ -29,9 +29,12 @@ def _partition_of_today(conn: psycopg.Connection, today: datetime) -> str:
     return name
 
 
-def _heap_fetches(conn: psycopg.Connection, domain: str, today: datetime) -> tuple[int, set[str]]:
-    """The ranking statement (visitor_bounds's) for today, index scans preferred: (heap fetches, scan node types)."""
-    params, _ = vis._rows_params(domain, "UTC", "page", today, today + DAY, None, (), weeks_form=True)
+def _heap_fetches(conn: psycopg.Connection, domain: str, today: datetime, week: datetime | None = None,
+                  table: str = "visitors_dim_1d") -> tuple[int, set[str]]:
+    """The ranking statement (visitor_bounds's) for today, or for the compacted `week` read from visitors_dim_1w,
+    index scans preferred: (heap fetches, scan node types of `table`)."""
+    lo, hi, weeks = (today, today + DAY, ()) if week is None else (week, week + 7 * DAY, [(week, week + 7 * DAY)])
+    params, _ = vis._rows_params(domain, "UTC", "page", lo, hi, None, weeks, weeks_form=True)
     with conn.transaction():
         conn.execute("SET LOCAL enable_seqscan = off")
         conn.execute("SET LOCAL enable_bitmapscan = off")
@@ -42,8 +45,8 @@ def _heap_fetches(conn: psycopg.Connection, domain: str, today: datetime) -> tup
         node = todo.pop()
         nodes.append(node)
         todo.extend(node.get("Plans", []))
-    scans = {n["Node Type"] for n in nodes if n.get("Relation Name", "").startswith("visitors_dim_1d")}
-    return sum(n.get("Heap Fetches", 0) for n in nodes), scans
+    scans = {n["Node Type"] for n in nodes if n.get("Relation Name", "").startswith(table)}
+    return sum(n.get("Heap Fetches", 0) for n in nodes if n.get("Relation Name", "").startswith(table)), scans
 
 
 def _pages(conn: psycopg.Connection, table: str) -> tuple[int, int]:
@@ -78,6 +81,9 @@ def test_the_maintenance_pass_leaves_the_ranking_scan_no_heap_row_to_read(fresh_
         fetches, scans = _heap_fetches(conn, domain, today)
         assert scans == {"Index Only Scan"} and fetches >= 2000  # written since the last VACUUM: every row read
         assert _pages(conn, part)[1] == 0
+        week = _compacted_week(conn, domain, today)
+        fetches, scans = _heap_fetches(conn, domain, today, week, "visitors_dim_1w")
+        assert scans == {"Index Only Scan"} and fetches >= 500  # the weeks' bounds (migration 0016), not yet vacuumed
         conn.execute("CREATE TABLE settle_probe (a int) WITH (autovacuum_enabled = off)")
         conn.execute("INSERT INTO settle_probe VALUES (1)")
         wait_until(lambda: _settled(conn), what="a committed row that VACUUM may mark all-visible", timeout=60)
@@ -89,6 +95,27 @@ def test_the_maintenance_pass_leaves_the_ranking_scan_no_heap_row_to_read(fresh_
         assert pages > 0 and visible == pages
         assert _heap_fetches(conn, domain, today) == (0, {"Index Only Scan"})
         assert sum(vis.visitor_bounds(conn, domain, "UTC", "page", today, today + DAY).values()) == 6000
+        assert _heap_fetches(conn, domain, today, week, "visitors_dim_1w") == (0, {"Index Only Scan"})
+        assert sum(vis.visitor_bounds(conn, domain, "UTC", "page", week, week + 7 * DAY,
+                                      [(week, week + 7 * DAY)]).values()) == 1000
+
+
+def _compacted_week(conn: psycopg.Connection, domain: str, today: datetime) -> datetime:
+    """A closed week two weeks back with 500 values on its Monday, compacted (visitors_dim_1w), its partitions kept
+    from autovacuum (only the pass may vacuum them): the week's Monday."""
+    from oltp import weekly
+    from oltp.tiers import ensure_tier_partitions
+
+    monday = today - (today.weekday() + 14) * DAY
+    ensure_tier_partitions(conn, monday, monday + DAY)
+    with conn.transaction(), conn.cursor() as cur:
+        vis.add_visitors(cur, [("1d", domain, "UTC", monday, "", "", ["w0", "w1"])]
+                         + [("1d", domain, "UTC", monday, "page", f"/w{i}", ["w0", "w1"]) for i in range(500)])
+    weekly.compact_weeks(conn, domain, "UTC", [(monday, monday + 7 * DAY)])
+    for (name,) in conn.execute("SELECT inhrelid::regclass::text FROM pg_inherits"
+                                " WHERE inhparent = 'visitors_dim_1w'::regclass").fetchall():
+        conn.execute(f"ALTER TABLE {name} SET (autovacuum_enabled = off)")
+    return monday
 
 
 def test_vacuum_refuses_a_connection_inside_transactions(servers):

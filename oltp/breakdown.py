@@ -232,7 +232,7 @@ def _search(merged: Callable[[list[str]], dict[str, int]], order: list[tuple[str
     Two rounds, 2 x `need` keys then the rest up to the cap, each one fetch that scans the range's index entries of
     every key. Where the first round is unlikely to settle (`_first_round_may_settle`), both are made in one fetch,
     and the first round's verdict is then taken on its own keys, so the answer is the two rounds' either way."""
-    cap, small = max(MAX_VISITOR_KEYS, 2 * need), 2 * need
+    cap, small = _cap(need), 2 * need
     best: dict[str, int] = {}
     i, settled = 0, not order
     first = small if _first_round_may_settle(order, need) else cap
@@ -248,6 +248,11 @@ def _search(merged: Callable[[list[str]], dict[str, int]], order: list[tuple[str
         if settled:
             break
     return best, i, settled
+
+
+def _cap(need: int) -> int:
+    """How many keys the search merges at most, for `need` rows (offset + limit)."""
+    return max(MAX_VISITOR_KEYS, 2 * need)
 
 
 def _first_round_may_settle(order: list[tuple[str, int]], need: int) -> bool:
@@ -271,16 +276,22 @@ def _settled(best: dict[str, int], order: list[tuple[str, int]], i: int, need: i
 
 def _bounded_keys(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone, lo: datetime, hi: datetime,
                   weeks: list[weekly.Week]) -> list[tuple[str, int]]:
-    """Every key with a sketch over [lo, hi) and an upper bound of its visitors there, highest first (then by key):
+    """The keys with a sketch over [lo, hi) and an upper bound of their visitors there, highest first (then by key):
     the sum of its sketch rows' `n` (ADR 62); where one is unknown (rows written before migration 0014) its events
-    of both types, which a key's visitors never exceed (then both bounds are known for every key: the lower one)."""
-    bounds = vis.visitor_bounds(conn, q.domain, daily.registered_tz, q.dimension, lo, hi, weeks)
-    events = dict(_events_by_key(conn, q, daily, lo, hi)) if None in bounds.values() else {}
+    of both types, which a key's visitors never exceed (then both bounds are known for every key: the lower one).
+    Only the first cap + 1 (`_cap`): the search merges at most the cap and looks at the next key's bound; where
+    every bound is known (the statement lists unknown ones first) the database ranks and sends only those."""
+    tz, first = daily.registered_tz, _cap(q.offset + q.limit) + 1
+    bounds = vis.visitor_bounds(conn, q.domain, tz, q.dimension, lo, hi, weeks, limit=first)
+    if None not in bounds.values():
+        return [(key, bound) for key, bound in bounds.items() if bound is not None]  # (all of them)
+    bounds = vis.visitor_bounds(conn, q.domain, tz, q.dimension, lo, hi, weeks)
+    events = dict(_events_by_key(conn, q, daily, lo, hi))
     out = []
     for key, bound in bounds.items():
         known = [b for b in (bound, events.get(key)) if b is not None]
         out.append((key, min(known) if known else _UNBOUNDED))
-    return sorted(out, key=lambda kb: (-kb[1], kb[0]))
+    return sorted(out, key=lambda kb: (-kb[1], kb[0]))[:first]
 
 
 def _events_by_key(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone, lo: datetime,

@@ -637,15 +637,22 @@ _BOUNDS = ("SELECT x.key, sum(x.n)::bigint, bool_or(x.n IS NULL) FROM ("
            + _ROWS_WITH_WEEKS.format(day="v.key, v.n", week="w.key, w.n") + ") x GROUP BY x.key")
 
 
+# The same, highest first: the values with an unknown n, then by bound descending, then by key in code point order
+# (Python's str order, whatever the database's collation), the first %(limit)s only.
+_TOP_BOUNDS = (_BOUNDS + " ORDER BY bool_or(x.n IS NULL) DESC, sum(x.n) DESC, x.key COLLATE \"C\""
+               " LIMIT %(limit)s")
+
+
 def visitor_bounds(conn: psycopg.Connection[Any], domain: str, tz: str, dimension: str, lo: datetime, hi: datetime,
-                   weeks: Sequence[tuple[datetime, datetime]] = ()) -> dict[str, int | None]:
+                   weeks: Sequence[tuple[datetime, datetime]] = (), limit: int | None = None) -> dict[str, int | None]:
     """Per value of `dimension` with a sketch row in the days `visitors_by_key` merges for the same arguments, an
     upper bound of its distinct visitors there: the sum of its rows' `n` (one statement, an index-only scan of
     visitors_dim_1d_key where the visibility map allows); None where a row's n is unknown (written before
-    migration 0014)."""
+    migration 0014). With `limit`: only the first `limit` values, in the order of `_TOP_BOUNDS` (those with an
+    unknown bound first: when the first has a known one, every value has), and the dict in that order."""
     _check(lo, hi)
     params, _ = _rows_params(domain, tz, dimension, lo, hi, None, weeks, weeks_form=True)
-    rows = conn.execute(_BOUNDS, params).fetchall()
+    rows = conn.execute(_BOUNDS if limit is None else _TOP_BOUNDS, {**params, "limit": limit}).fetchall()
     return {key: None if unknown else int(total) for key, total, unknown in rows}
 
 

@@ -299,6 +299,31 @@ def test_ties_at_the_last_row_are_broken_by_key_as_the_brute_force_does(db, fetc
     assert fetched == [["/y", "/z"], ["/a"]]
 
 
+def test_the_database_sends_only_the_first_keys_in_the_searchs_order(db, fetched):
+    """The ranking statement returns only the first cap + 1 keys, ordered as the search reads them: bound
+    descending, then key by code point as Python compares str (COLLATE "C": this build has no other collation to
+    show a database's own order differing), values with an unknown bound first. 140 '/a' values and 10 '/B' values
+    of one visitor each, two '/z' values of two: the first rows are the '/z' then the '/B' ones, as the brute
+    force ranks them, from the first cap + 1 keys."""
+    domain = _domain()
+    keys = [f"/a{i:03d}" for i in range(140)] + [f"/B{i:03d}" for i in range(10)]
+    _put(db, domain, {**{k: {0: [f"{k}-v"]} for k in keys}, "/z1": {0: ["z", "y"]}, "/z0": {0: ["z", "x"]}})
+    q = _query(domain, 0, 1, limit=4)
+    want = [("/z0", 2), ("/z1", 2), ("/B000", 1), ("/B001", 1)]
+    assert _brute(db, q) == want
+    fetched.clear()
+    assert [(r.key, r.count) for r in _answer(db, q).rows] == want
+    full = vis.visitor_bounds(db, domain, "UTC", "page", BASE, BASE + DAY)
+    ranked = sorted(full.items(), key=lambda kb: (-(kb[1] or 0), kb[0]))
+    top = vis.visitor_bounds(db, domain, "UTC", "page", BASE, BASE + DAY, limit=breakdown.MAX_VISITOR_KEYS + 1)
+    assert list(top.items()) == ranked[:breakdown.MAX_VISITOR_KEYS + 1] and len(full) == 152
+    assert [len(c or ()) for c in fetched] == [breakdown.MAX_VISITOR_KEYS]  # flat bounds: the cap at once
+    db.execute("UPDATE visitors_dim_1d SET n = NULL WHERE domain = %s AND key = '/a139'", (domain,))
+    assert list(vis.visitor_bounds(db, domain, "UTC", "page", BASE, BASE + DAY, limit=2).items()) == [
+        ("/a139", None), ("/z0", 2)]
+    assert [(r.key, r.count) for r in _answer(db, q).rows] == want  # its events bound it (1), as before
+
+
 def _day_sets(draw, keys: int) -> dict[str, dict[int, list[str]]]:
     out = {}
     for k in range(keys):

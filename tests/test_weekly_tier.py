@@ -335,7 +335,8 @@ def test_a_current_weeks_total_visitors_are_read_from_its_pre_merged_sketch_and_
     """The compaction keeps each week's union of its visitors_1d sketches (visitors_1w, migration 0016); a visitors
     breakdown's `total` reads it while the week's signature holds, and the days once it does not. Shown by a
     weekly sketch changed behind the compaction's back (two visitors no day has): counted while the week is
-    current, gone once a late event makes it stale, and the week's row rebuilt by the next pass."""
+    current, gone once a late event makes it stale, and the week's row rebuilt by the next pass; not read where the
+    weeks stand for fewer than WEEKS_SAVE_DAYS days."""
     from datasketches import hll_sketch, hll_union
 
     from oltp.visitors import HLL_TYPE, TOTAL_LG_K, estimate
@@ -355,6 +356,7 @@ def test_a_current_weeks_total_visitors_are_read_from_its_pre_merged_sketch_and_
     assert _answer(api, site, lo, hi, "visitors")[0] == total_from_days
 
     week = weeks[1][0]
+    one_week = _answer(api, site, week, week + 8 * DAY, "visitors")[0]  # a week stands for too few days: not read
     union = hll_union(TOTAL_LG_K)
     union.update(hll_sketch.deserialize(_week_total(servers.pg_dsn, site, week)))
     for ghost in ("ghost-a", "ghost-b"):
@@ -363,6 +365,7 @@ def test_a_current_weeks_total_visitors_are_read_from_its_pre_merged_sketch_and_
         conn.execute("UPDATE visitors_1w SET sketch = %s WHERE domain = %s AND bucket_start = %s",
                      (union.get_result(HLL_TYPE).serialize_compact(), site, week))
     assert _answer(api, site, lo, hi, "visitors")[0] == total_from_days + 2  # the week's row is what is read
+    assert _answer(api, site, week, week + 8 * DAY, "visitors")[0] == one_week  # (visitors.WEEKS_SAVE_DAYS)
 
     _put(servers.pg_dsn, site, [tab.ev(week + timedelta(hours=30), "/late", visitor="someone-new")])
     assert _answer(api, site, lo, hi, "visitors")[0] == total_from_days + 1  # stale: its days, the late one in them

@@ -202,8 +202,8 @@ def visitors(conn: psycopg.Connection, q: BreakdownQuery, daily: DailyZone) -> B
                          "takes only a filter on the dimension it breaks down")
     lo, hi = covering_days(daily.registered_tz, q.lo, q.hi)
     tz = daily.registered_tz
+    total = vis.visitors_total(conn, q.domain, tz, lo, hi, daily)
     weeks = weekly.valid_weeks(conn, q.domain, tz, lo, hi, "visitors")
-    total = vis.visitors_total(conn, q.domain, tz, lo, hi, weeks, daily)
     if q.filters:
         found = vis.visitors_by_key(conn, q.domain, tz, q.dimension, lo, hi, [q.filters[0].key], weeks)
         rows = [BreakdownRow(k, v) for k, v in found.items() if v > 0][q.offset:q.offset + q.limit]

@@ -98,7 +98,6 @@ TABLES: dict[str, tuple[str, Granularity]] = {
     "rollup_dim_1w": ("bucket_start", YEAR),
     "visitors_dim_1w": ("bucket_start", YEAR),
     "compacted_weeks": ("bucket_start", YEAR),
-    "visitors_1w": ("bucket_start", YEAR),  # the weeks' domain totals (migration 0016)
 }
 # Each tier's tables besides rollup_<tier> (same period, same retention).
 TIER_TABLES: dict[str, tuple[str, ...]] = {
@@ -110,7 +109,7 @@ TIER_TABLES: dict[str, tuple[str, ...]] = {
 # not in TIER_TABLES, whose partitions the rollup sink ensures every batch (it never writes these; the pass does).
 # compacted_weeks first: retention drops in this order, and a week recorded as compacted must never be read while
 # its rows are already gone (a review: a week starting on 31 December with no row that day keeps its signature).
-WEEK_TABLES = ("compacted_weeks", "rollup_dim_1w", "visitors_dim_1w", "visitors_1w")
+WEEK_TABLES = ("compacted_weeks", "rollup_dim_1w", "visitors_dim_1w")
 
 
 @dataclass(frozen=True)

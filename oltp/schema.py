@@ -361,16 +361,6 @@ visitors_dim_1w = Table(
     postgresql_partition_by="RANGE (bucket_start)",
 )
 
-visitors_1w = Table(  # the union of a compacted week's visitors_1d sketches (migration 0016)
-    "visitors_1w", metadata,
-    Column("domain", Text, nullable=False),
-    Column("tz", Text, nullable=False),
-    Column("bucket_start", _tz(), nullable=False),  # the week's first local day start
-    Column("sketch", LargeBinary, nullable=False),
-    PrimaryKeyConstraint("domain", "tz", "bucket_start"),
-    postgresql_partition_by="RANGE (bucket_start)",
-)
-
 compacted_weeks = Table(
     "compacted_weeks", metadata,
     Column("domain", Text, nullable=False),

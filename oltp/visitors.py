@@ -444,53 +444,13 @@ def _estimate_ranges(conn: psycopg.Connection[Any], domain: str, ranges: list[tu
 
 
 def visitors_total(conn: psycopg.Connection[Any], domain: str, tz: str, lo: datetime, hi: datetime,
-                   weeks: Sequence[tuple[datetime, datetime]] = (), daily: DailyZone | None = None) -> int:
+                   daily: DailyZone | None = None) -> int:
     """Distinct visitors in [lo, hi) widened to whole UTC hours (`plan_range`); 0 when no sketch.
 
     `tz` (the caller's zone) does not change the answer: the daily sketches serve wherever a whole day of the
-    zone they were written in lies in the range, whatever the zone of the caller's buckets. `weeks`: compacted
-    weeks of the site's zone whose `visitors` signature holds (`oltp.weekly.valid_weeks`), read within the same
-    snapshot: a week all of whose days the plan reads from the daily tier is read as its one pre-merged sketch
-    (visitors_1w, migration 0016) instead (the same union; its estimate may differ within the sketch's error, as
-    `visitors_by_key`'s weeks). `daily`: the domain's, if the caller has read it (else read here)."""
-    if not weeks:
-        return visitors_of_ranges(conn, domain, [(lo, hi)], daily)[0]
-    _check(lo, hi)
-    daily = daily or daily_zone(conn, domain)
-    days = _SpanWindow(lo, hi)
-    day_starts, hour_runs = _plan(lo, hi, daily, days)
-    used, rest = _weeks_read_whole(day_starts, weeks, daily, days)
-    by_day, by_hour = _fetch(conn, domain, daily.written_tz, rest, hour_runs)
-    found = [s for d in rest for s in by_day.get(d, ())] + by_hour.of(hour_runs)
-    if used:
-        rows = conn.execute(_WEEK_TOTALS, {"domain": domain, "tz": daily.written_tz, "weeks": used},
-                            binary=True).fetchall()
-        found = [s for _, s in sorted(rows)] + found
-    return estimate(found)
-
-
-WEEKS_SAVE_DAYS = 14  # `visitors_total` reads the weeks' totals only where they stand for this many days or more
-_WEEK_TOTALS = "SELECT bucket_start, sketch FROM visitors_1w WHERE domain = %(domain)s AND tz = %(tz)s" \
-               " AND bucket_start = ANY(%(weeks)s::timestamptz[])"
-
-
-def _weeks_read_whole(day_starts: list[datetime], weeks: Sequence[tuple[datetime, datetime]], daily: DailyZone,
-                      days: _Spans) -> tuple[list[datetime], list[datetime]]:
-    """(the weeks whose every day is among `day_starts`, the day starts of none of them). Weeks are of the site's
-    zone: none serves while the daily tier is written in another (`_plan` then reads hours only). Unless they stand
-    for at least WEEKS_SAVE_DAYS days, none: their statement is one more round trip, which costs more than reading
-    a week of daily sketches with the others (measured: 1.4 against 0.9 ms for a 7-day range)."""
-    if daily.written_tz is None or daily.written_tz != daily.registered_tz:
-        return [], day_starts
-    wanted, used = set(day_starts), []
-    for a, b in sorted(weeks):
-        inside = [t for t in days.span(daily.written_tz, a, b) if a <= t < b]
-        if inside and wanted.issuperset(inside):
-            used.append(a)
-            wanted.difference_update(inside)
-    if len(day_starts) - len(wanted) < WEEKS_SAVE_DAYS:
-        return [], day_starts
-    return used, [t for t in day_starts if t in wanted]
+    zone they were written in lies in the range, whatever the zone of the caller's buckets. `daily`: the domain's,
+    if the caller has read it (else read here)."""
+    return visitors_of_ranges(conn, domain, [(lo, hi)], daily)[0]
 
 
 def visitors_of_ranges(conn: psycopg.Connection[Any], domain: str, ranges: Sequence[tuple[datetime, datetime]],

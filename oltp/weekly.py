@@ -1,13 +1,12 @@
 """Closed local weeks of the daily tier, pre-merged for the breakdowns (issue 17 §3 latency, ADR 61).
 
 A 90-day breakdown summed ~90 daily rows per value (`rollup_dim_1d`) and merged ~90 daily sketches per value
-(`visitors_dim_1d`); a closed local week (Monday to Monday in the site's zone) is kept pre-merged in `rollup_dim_1w`
-/ `visitors_dim_1w` (migration 0013), so the same range reads ~13 weekly rows and the days at its edges. The week's
-domain visitors (the union of its `visitors_1d` sketches, a breakdown's `total`) are kept the same way in
-`visitors_1w` (migration 0016), under the same signature. The open week's closed days (from its Monday to the last
-day that ended CLOSED_AFTER ago) are kept the same way, as a shorter span from the same Monday (its
-`compacted_weeks.bucket_end` says where it ends), replaced as the week goes on: the days a range ending now reads
-are today's, not the whole week's (ADR 61's second addendum). Below, "week" means either.
+(`visitors_dim_1d`); a closed local week (Monday to Monday in the site's zone) is kept pre-merged in
+`rollup_dim_1w` / `visitors_dim_1w` (migration 0013), so the same range reads ~13 weekly rows and the days at its
+edges. The open week's closed days (from its Monday to the last day that ended CLOSED_AFTER ago) are kept the same
+way, as a shorter span from the same Monday (its `compacted_weeks.bucket_end` says where it ends), replaced as the
+week goes on: the days a range ending now reads are today's, not the whole week's (ADR 61's second addendum). Below,
+"week" means either.
 
 Written only here, by a background pass over closed days (`compact_closed_weeks`, run with the hourly partition
 maintenance of the rollup worker), never by the rollup sink's batch statement. The weekly
@@ -45,7 +44,7 @@ from datasketches import hll_sketch, hll_union
 
 from oltp.partitions import WEEK_TABLES, ensure_partitions
 from oltp.tiers import DayStarts, zone
-from oltp.visitors import DIM_LG_K, HLL_TYPE, TOTAL_LG_K, bound_sum, bytea_array, in_order, text_array, week_gaps
+from oltp.visitors import DIM_LG_K, HLL_TYPE, bound_sum, bytea_array, in_order, text_array, week_gaps
 
 gaps = week_gaps  # [lo, hi) less some weeks (shared with oltp.visitors)
 
@@ -172,12 +171,11 @@ def compact_weeks(conn: psycopg.Connection[Any], domain: str, tz: str, weeks: li
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('tally.weekly'), hashtext(%s))", (domain,))
         sigs = {lo: (c, v) for lo, c, v, _, _ in conn.execute(_CURRENT, params).fetchall()}
-        for table in ("rollup_dim_1w", "visitors_dim_1w", "visitors_1w", "compacted_weeks"):
+        for table in ("rollup_dim_1w", "visitors_dim_1w", "compacted_weeks"):
             conn.execute(f"DELETE FROM {table} WHERE domain = %(domain)s AND tz = %(tz)s"
                          " AND bucket_start = ANY(%(los)s::timestamptz[])", params)
         dim_rows = conn.execute(_SUM_DIMS, params).rowcount
         sketches = _merge_sketches(conn, params)
-        _merge_totals(conn, params)
         conn.execute(_RECORD, {**params, "counts": [sigs[a][0] for a, _ in weeks],
                                "vis": [sigs[a][1] for a, _ in weeks]})
     return dim_rows, sketches
@@ -207,38 +205,6 @@ def _merge_sketches(conn: psycopg.Connection[Any], params: dict[str, Any]) -> in
                                                           for k in keys]),
                                  "ns": [bound_sum(bounds[k]) for k in keys]})
     return len(keys)
-
-
-_TOTALS = """
-SELECT w.lo, v.sketch FROM unnest(%(los)s::timestamptz[], %(his)s::timestamptz[]) AS w(lo, hi)
-JOIN visitors_1d v ON v.domain = %(domain)s AND v.tz = %(tz)s AND v.bucket_start >= w.lo AND v.bucket_start < w.hi
-"""
-_PUT_TOTALS = """
-INSERT INTO visitors_1w (domain, tz, bucket_start, sketch)
-SELECT %(domain)s, %(tz)s, w, s FROM unnest(%(weeks)s::timestamptz[], %(sketches)s::bytea[]) AS u(w, s)
-"""
-
-
-def _merge_totals(conn: psycopg.Connection[Any], params: dict[str, Any]) -> int:
-    """visitors_1w's rows of the weeks (migration 0016): per week the union of its visitors_1d sketches (the rows
-    its `visitors` signature covers), merged in one order (`in_order`). A week without a visitors_1d row gets none:
-    a reader takes a missing row of a week whose signature holds as no visitor (the migration cleared the weeks
-    compacted before it)."""
-    days: dict[datetime, list[bytes]] = {}
-    for week, sketch in conn.execute(_TOTALS, params, binary=True):
-        days.setdefault(week, []).append(bytes(sketch))
-    if not days:
-        return 0
-    weeks = sorted(days)
-    merged = []
-    for week in weeks:
-        union = hll_union(TOTAL_LG_K)
-        for sketch in in_order(days[week]):
-            union.update(hll_sketch.deserialize(sketch))
-        merged.append(union.get_result(HLL_TYPE).serialize_compact())
-    conn.execute(_PUT_TOTALS, {"domain": params["domain"], "tz": params["tz"], "weeks": weeks,
-                               "sketches": bytea_array(merged)})
-    return len(weeks)
 
 
 def compact_closed_weeks(conn: psycopg.Connection[Any], now: datetime, *, keep_days: int = 0,

@@ -318,10 +318,14 @@ def test_the_database_sends_only_the_first_keys_in_the_searchs_order(db, fetched
     top = vis.visitor_bounds(db, domain, "UTC", "page", BASE, BASE + DAY, limit=breakdown.MAX_VISITOR_KEYS + 1)
     assert list(top.items()) == ranked[:breakdown.MAX_VISITOR_KEYS + 1] and len(full) == 152
     assert [len(c or ()) for c in fetched] == [breakdown.MAX_VISITOR_KEYS]  # flat bounds: the cap at once
+    lo, hi = breakdown.covering_days("UTC", q.lo, q.hi)
+    daily = vis.daily_zone(db, domain)
+    assert breakdown._bounded_keys(db, q, daily, lo, hi, []) == ranked[:breakdown._cap(4) + 1]  # 129 of 152
     db.execute("UPDATE visitors_dim_1d SET n = NULL WHERE domain = %s AND key = '/a139'", (domain,))
     assert list(vis.visitor_bounds(db, domain, "UTC", "page", BASE, BASE + DAY, limit=2).items()) == [
         ("/a139", None), ("/z0", 2)]
     assert [(r.key, r.count) for r in _answer(db, q).rows] == want  # its events bound it (1), as before
+    assert breakdown._bounded_keys(db, q, daily, lo, hi, []) == ranked[:breakdown._cap(4) + 1]  # (the same)
 
 
 def _day_sets(draw, keys: int) -> dict[str, dict[int, list[str]]]:

@@ -323,63 +323,10 @@ def test_a_weeks_sketch_is_the_same_whatever_order_its_days_lie_on_disk(servers,
     assert unions[0] != unions[1]
 
 
-def _week_total(dsn: str, domain: str, week: datetime) -> bytes | None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT sketch FROM visitors_1w WHERE domain = %s AND bucket_start = %s",
-                           (domain, week)).fetchone()
-        return None if row is None else bytes(row[0])
 
-
-def test_a_current_weeks_total_visitors_are_read_from_its_pre_merged_sketch_and_a_stale_ones_from_its_days(
-        api, servers, site):
-    """The compaction keeps each week's union of its visitors_1d sketches (visitors_1w, migration 0016); a visitors
-    breakdown's `total` reads it while the week's signature holds, and the days once it does not. Shown by a
-    weekly sketch changed behind the compaction's back (two visitors no day has): counted while the week is
-    current, gone once a late event makes it stale, and the week's row rebuilt by the next pass; not read where the
-    weeks stand for fewer than WEEKS_SAVE_DAYS days."""
-    from datasketches import hll_sketch, hll_union
-
-    from oltp.visitors import HLL_TYPE, TOTAL_LG_K, estimate
-
-    now = datetime.now(UTC)
-    _put(servers.pg_dsn, site, _events(now, 36, 200, 11))
-    lo, hi = tab.floor(now, 86400) - 30 * DAY, tab.floor(now, 86400)
-    total_from_days = _answer(api, site, lo, hi, "visitors")[0]
-    _compact(servers.pg_dsn, site, now)
-    weeks = [w for w in _valid(servers.pg_dsn, site, now, "visitors") if lo <= w[0] and w[1] <= hi]
-    assert len(weeks) >= 3
-    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
-        for a, b in weeks:  # each week's row: the union of its days
-            days = [bytes(s) for (s,) in conn.execute("SELECT sketch FROM visitors_1d WHERE domain = %s"
-                                                      " AND bucket_start >= %s AND bucket_start < %s", (site, a, b))]
-            assert estimate([_week_total(servers.pg_dsn, site, a)]) == estimate(days) > 0
-    assert _answer(api, site, lo, hi, "visitors")[0] == total_from_days
-
-    week = weeks[1][0]
-    one_week = _answer(api, site, week, week + 8 * DAY, "visitors")[0]  # a week stands for too few days: not read
-    union = hll_union(TOTAL_LG_K)
-    union.update(hll_sketch.deserialize(_week_total(servers.pg_dsn, site, week)))
-    for ghost in ("ghost-a", "ghost-b"):
-        union.update(ghost)
-    with psycopg.connect(servers.pg_dsn, autocommit=True) as conn:
-        conn.execute("UPDATE visitors_1w SET sketch = %s WHERE domain = %s AND bucket_start = %s",
-                     (union.get_result(HLL_TYPE).serialize_compact(), site, week))
-    assert _answer(api, site, lo, hi, "visitors")[0] == total_from_days + 2  # the week's row is what is read
-    assert _answer(api, site, week, week + 8 * DAY, "visitors")[0] == one_week  # (visitors.WEEKS_SAVE_DAYS)
-
-    _put(servers.pg_dsn, site, [tab.ev(week + timedelta(hours=30), "/late", visitor="someone-new")])
-    assert _answer(api, site, lo, hi, "visitors")[0] == total_from_days + 1  # stale: its days, the late one in them
-    assert _compact(servers.pg_dsn, site, now).compacted == 1
-    assert (week, week + 7 * DAY) in _valid(servers.pg_dsn, site, now, "visitors")
-    assert _answer(api, site, lo, hi, "visitors")[0] == total_from_days + 1
-    assert estimate([_week_total(servers.pg_dsn, site, week)]) == estimate([union.get_result(HLL_TYPE)
-                                                                             .serialize_compact()]) - 1
-
-
-def test_0016_forgets_the_weeks_compacted_without_a_total_and_adds_the_table_and_the_index(fresh_dsn):  # noqa: F811
-    """A week compacted before 0016 has no visitors_1w row, and a reader takes a current week's missing row for no
-    visitor: the upgrade deletes every compacted_weeks row (the next pass compacts them again, with their totals).
-    The downgrade drops the table and the index; upgrading again matches `metadata`."""
+def test_0016_adds_the_weekly_bounds_index_and_keeps_every_compacted_week(fresh_dsn):  # noqa: F811
+    """0016 adds visitors_dim_1w_bound (INCLUDE (n)) and changes no row: a week compacted before it stays current.
+    The downgrade drops the index; upgrading again matches `metadata`."""
     from oltp.schema import ensure_schema
 
     ensure_schema(fresh_dsn, "0015")
@@ -392,14 +339,14 @@ def test_0016_forgets_the_weeks_compacted_without_a_total_and_adds_the_table_and
     assert schema_diff(fresh_dsn) == []
 
     def found(conn: psycopg.Connection) -> tuple[object, ...]:
-        return conn.execute("SELECT (SELECT count(*) FROM compacted_weeks), to_regclass('visitors_1w') IS NOT NULL,"
+        return conn.execute("SELECT (SELECT count(*) FROM compacted_weeks),"
                             " (SELECT indexdef FROM pg_indexes WHERE indexname = 'visitors_dim_1w_bound')").fetchone()
 
     with psycopg.connect(fresh_dsn) as conn:
-        count, table, index = found(conn)
-        assert count == 0 and table and "INCLUDE (n)" in index
+        count, index = found(conn)
+        assert count == 1 and "(domain, tz, dimension, bucket_start, key) INCLUDE (n)" in index
     downgrade(fresh_dsn, "0015")
     with psycopg.connect(fresh_dsn) as conn:
-        assert found(conn) == (0, False, None)
+        assert found(conn) == (1, None)
     ensure_schema(fresh_dsn)
     assert schema_diff(fresh_dsn) == []

@@ -71,9 +71,7 @@ def test_the_maintenance_pass_leaves_the_ranking_scan_no_heap_row_to_read(fresh_
     settings = Settings.from_env({"TALLY_PG_DSN": fresh_dsn})
     partition_maintenance_pass(settings, fresh_dsn)  # today's partitions, as the worker makes them at its start
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
-        for (name,) in conn.execute("SELECT inhrelid::regclass::text FROM pg_inherits"
-                                    " WHERE inhparent = 'visitors_dim_1d'::regclass").fetchall():
-            conn.execute(f"ALTER TABLE {name} SET (autovacuum_enabled = off)")  # only the pass may vacuum them
+        _autovacuum_off(conn, "visitors_dim_1d")
         with conn.transaction(), conn.cursor() as cur:
             vis.add_visitors(cur, [("1d", domain, "UTC", today, "page", f"/p{i}", [f"v{i}-{j}" for j in range(3)])
                                    for i in range(2000)])
@@ -102,20 +100,27 @@ def test_the_maintenance_pass_leaves_the_ranking_scan_no_heap_row_to_read(fresh_
 
 def _compacted_week(conn: psycopg.Connection, domain: str, today: datetime) -> datetime:
     """A closed week two weeks back with 500 values on its Monday, compacted (visitors_dim_1w), its partitions kept
-    from autovacuum (only the pass may vacuum them): the week's Monday."""
+    from autovacuum (only the pass may vacuum them) before the compaction writes them: the week's Monday."""
     from oltp import weekly
+    from oltp.partitions import ensure_partitions
     from oltp.tiers import ensure_tier_partitions
 
     monday = today - (today.weekday() + 14) * DAY
     ensure_tier_partitions(conn, monday, monday + DAY)
+    ensure_partitions(conn, "visitors_dim_1w", monday, monday)
+    _autovacuum_off(conn, "visitors_dim_1w")
     with conn.transaction(), conn.cursor() as cur:
         vis.add_visitors(cur, [("1d", domain, "UTC", monday, "", "", ["w0", "w1"])]
                          + [("1d", domain, "UTC", monday, "page", f"/w{i}", ["w0", "w1"]) for i in range(500)])
     weekly.compact_weeks(conn, domain, "UTC", [(monday, monday + 7 * DAY)])
-    for (name,) in conn.execute("SELECT inhrelid::regclass::text FROM pg_inherits"
-                                " WHERE inhparent = 'visitors_dim_1w'::regclass").fetchall():
-        conn.execute(f"ALTER TABLE {name} SET (autovacuum_enabled = off)")
     return monday
+
+
+def _autovacuum_off(conn: psycopg.Connection, table: str) -> None:
+    """Every partition of `table` left to the maintenance pass's VACUUM alone."""
+    for (name,) in conn.execute("SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = %s::regclass",
+                                (table,)).fetchall():
+        conn.execute(f"ALTER TABLE {name} SET (autovacuum_enabled = off)")
 
 
 def test_vacuum_refuses_a_connection_inside_transactions(servers):
